@@ -1,0 +1,3 @@
+from moeflow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""Hugging Face checkpoint folders: config.json, (sharded) safetensors read lazily, tokenizer, generation config.
+
+`load(spec, ...)` is the one entry point: a folder path, or `synthetic:NAME` for random weights built in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from moeflow import MoeflowError
+from moeflow.config import ModelConfig, parse_dtype
+from moeflow.experts.store import ExpertStore
+from moeflow.models import get_architecture
+from moeflow.models.base import EXPERT_PARTS, Architecture
+from moeflow.models.layers import MoeTransformer
+from moeflow.tokenizer import TextTokenizer
+
+PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar when loading more than this
+
+
+@dataclass
+class Checkpoint:
+    """A model ready to run: the module tree (every weight but the experts) and the expert store."""
+
+    name: str
+    arch: type[Architecture]
+    cfg: ModelConfig
+    model: MoeTransformer
+    store: ExpertStore
+    tokenizer: TextTokenizer
+    generation: dict = field(default_factory=dict)  # generation_config.json
+    synthetic: bool = False
+
+    @property
+    def eos_ids(self) -> list[int]:
+        ids = list(self.cfg.eos_token_ids)
+        gen = self.generation.get("eos_token_id")
+        for i in gen if isinstance(gen, list) else [gen]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+        return ids or self.tokenizer.eos_ids
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise MoeflowError(f"model folder {path} does not exist")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise MoeflowError(f"{path} has no config.json; is it a Hugging Face checkpoint folder?")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise MoeflowError(f"{cfg_file} is not valid JSON: {e}") from None
+
+
+def tensor_index(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        return {name: path / f for name, f in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise MoeflowError(f"{path} holds no .safetensors weights")
+    out = {}
+    for f in files:
+        with open_safetensors(f) as st:
+            out.update({name: f for name in st.keys()})
+    return out
+
+
+def open_safetensors(f: Path):
+    if not f.exists():
+        raise MoeflowError(f"missing weights file {f} (named in model.safetensors.index.json)")
+    try:
+        return safe_open(str(f), framework="pt")  # memory-mapped: tensors are read when asked for
+    except Exception as e:  # SafetensorError is not importable in every version
+        raise MoeflowError(f"corrupt safetensors file {f}: {e}") from None
+
+
+class TensorReader:
+    """Reads published tensors by name across shards, checking names and shapes."""
+
+    def __init__(self, path: Path, stack: ExitStack):
+        self.path, self.index, self.stack, self.files = path, tensor_index(path), stack, {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in self.index:
+            raise MoeflowError(f"checkpoint {self.path} lacks tensor {name!r}")
+        f = self.index[name]
+        if f not in self.files:
+            self.files[f] = self.stack.enter_context(open_safetensors(f))
+        sl = self.files[f].get_slice(name)
+        found = tuple(sl.get_shape())
+        if found != tuple(shape):
+            raise MoeflowError(f"tensor {name!r} has shape {list(found)}, expected {list(shape)}")
+        if sl.get_dtype() not in ("BF16", "F16", "F32"):
+            raise MoeflowError(f"tensor {name!r} is {sl.get_dtype()}; moeflow reads bf16, fp16 and fp32")
+        return self.files[f].get_tensor(name)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig, device: torch.device | None = None) -> torch.dtype:
+    """`auto`: bf16 on a GPU, the checkpoint's own dtype on the CPU."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device is not None and device.type == "cuda" else parse_dtype(cfg.torch_dtype)
+    return parse_dtype(dtype)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MoeflowError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise MoeflowError(f"unsupported device {str(device)!r}; use cpu or cuda")
+    return device
+
+
+def check_fits(name: str, arch: type[Architecture], cfg: ModelConfig, dtype: torch.dtype,
+               device: torch.device, expert_device: torch.device) -> None:
+    """Refuse, with the numbers, a model whose weights cannot fit the GPU, before allocating anything."""
+    if device.type != "cuda" and expert_device.type != "cuda":
+        return
+    with torch.device("meta"):
+        model = arch.build(cfg, None)
+    dense = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    experts = len(cfg.moe_layers) * cfg.num_experts * cfg.expert_bytes(dtype)
+    need = (dense if device.type == "cuda" else 0) + (experts if expert_device.type == "cuda" else 0)
+    free, total = torch.cuda.mem_get_info(device if device.type == "cuda" else expert_device)
+    if need > free - (1 << 30):  # keep 1 GiB for the KV cache and activations
+        raise MoeflowError(f"{name} needs {need / 2**30:.1f} GiB of weights on the GPU but only "
+                           f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB is free; run it with --device cpu")
+
+
+def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         expert_device: str | torch.device | None = None, progress: bool | None = None) -> Checkpoint:
+    """Load a model: non-expert weights on `device`, the expert store on `expert_device` (default: same)."""
+    from moeflow.experts.local import LocalExperts
+
+    spec = str(spec)
+    if spec.startswith("synthetic:"):
+        from moeflow.synthetic import build_synthetic
+        return build_synthetic(spec.removeprefix("synthetic:"), device, dtype, expert_device)
+    path = Path(spec).expanduser()
+    hf = read_config(path)
+    arch = get_architecture(hf.get("model_type"))
+    cfg = arch.config(hf)
+    device = resolve_device(device)
+    expert_device = resolve_device(expert_device or device)
+    dtype = resolve_dtype(dtype, cfg, device)
+    check_fits(path.name, arch, cfg, dtype, device, expert_device)
+    tokenizer = TextTokenizer.from_dir(path)
+    store = ExpertStore(cfg, dtype, expert_device)
+    with torch.device("meta"):
+        model = arch.build(cfg, LocalExperts(store))
+    with ExitStack() as stack:
+        reader = TensorReader(path, stack)
+        params = dict(model.named_parameters())  # tied weights appear once
+        total = sum(p.numel() for p in params.values()) * dtype.itemsize + store.nbytes
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}",
+                   disable=not progress if progress is not None else total < PROGRESS_MIN_BYTES)
+        state = {}
+        for name, p in params.items():
+            state[name] = reader.get(arch.hf_name(name), tuple(p.shape)).to(device, dtype)
+            bar.update(p.numel() * dtype.itemsize)
+        model.load_state_dict(state, strict=False, assign=True)  # every parameter is in `state`
+        model.tie_weights()
+        for layer in store.layers:
+            for e in range(cfg.num_experts):
+                for part in EXPERT_PARTS:
+                    dst = store.part(layer, e, part)
+                    dst.copy_(reader.get(arch.expert_name(layer, e, part), tuple(dst.shape)))
+                    bar.update(dst.numel() * dtype.itemsize)
+        bar.close()
+    gen_file = path / "generation_config.json"
+    generation = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+    return Checkpoint(path.name, arch, cfg, model.eval(), store, tokenizer, generation)

@@ -1,0 +1,89 @@
+"""Typed, frozen configuration: ModelConfig is what the model code needs, whatever the architecture."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moeflow import MoeflowError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+          "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise MoeflowError(f"unsupported dtype {name!r}; choose one of bf16, fp16, fp32")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    expert_intermediate_size: int      # FFN width of one routed expert
+    norm_topk_prob: bool               # renormalize the top-k gate probabilities to sum to one
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    dense_intermediate_size: int = 0   # FFN width of the dense layers (Qwen3 mlp_only_layers)
+    dense_layers: tuple[int, ...] = ()  # layers with a dense MLP instead of experts
+    qk_norm: bool = False              # RMSNorm on each query/key head (Qwen3)
+    attention_bias: bool = False
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if i not in self.dense_layers]
+
+    @property
+    def expert_numel(self) -> int:
+        """Elements of one expert: gate and up [I, H] each, down [H, I]."""
+        return 3 * self.expert_intermediate_size * self.hidden_size
+
+    def expert_bytes(self, dtype: torch.dtype) -> int:
+        return self.expert_numel * dtype.itemsize
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype.itemsize
+
+
+def rope_theta_from_hf(hf: dict) -> float:
+    """Read RoPE settings in both the transformers 4 (`rope_theta`) and 5 (`rope_parameters`) layouts."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise MoeflowError(f"unsupported RoPE type {rope_type!r} in config.json; moeflow supports 'default'")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def eos_ids_from(*values) -> tuple[int, ...]:
+    ids: list[int] = []
+    for v in values:
+        for i in (v if isinstance(v, list) else [v]):
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return tuple(ids)
+
+
+def require(hf: dict, *keys: str):
+    missing = [k for k in keys if k not in hf]
+    if missing:
+        raise MoeflowError(f"config.json lacks {', '.join(missing)} (model_type {hf.get('model_type')!r})")
+    return [hf[k] for k in keys]

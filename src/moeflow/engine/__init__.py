@@ -1,0 +1,1 @@
+"""Sequences, KV cache, sampling and the LLMEngine (add_request / step / generate / stream)."""

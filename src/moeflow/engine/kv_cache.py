@@ -1,0 +1,36 @@
+"""A slot KV cache: each running sequence owns one slot of `max_len` positions in every layer."""
+
+from __future__ import annotations
+
+import torch
+
+from moeflow import MoeflowError
+from moeflow.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, max_seqs: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.max_seqs, self.max_len = max_seqs, max_len
+        shape = (max_seqs, max_len, cfg.num_key_value_heads, cfg.head_dim)  # [S, T, Hkv, D]
+        try:
+            self.layers = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+                           for _ in range(cfg.num_hidden_layers)]
+        except torch.OutOfMemoryError:
+            need = cfg.kv_bytes_per_token(dtype) * max_seqs * max_len
+            raise MoeflowError(f"no room for a KV cache of {max_seqs} x {max_len} tokens ({need / 2**30:.1f} GiB) "
+                               f"on {device}") from None
+        self.free = list(range(max_seqs - 1, -1, -1))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.layers)
+
+    def allocate(self) -> int | None:
+        return self.free.pop() if self.free else None
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layers[layer]

@@ -1,0 +1,186 @@
+"""LLMEngine: add_request / step / generate / stream over a loaded Checkpoint.
+
+Every step runs all running sequences in one forward pass, each with the tokens it has not cached yet
+(the whole prompt on its first step, then one token), so new requests join a running batch at once.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from moeflow import MoeflowError
+from moeflow.checkpoint import Checkpoint
+from moeflow.engine.kv_cache import KVCache
+from moeflow.engine.sampler import sample
+from moeflow.engine.sequence import SamplingParams, Sequence, Status
+from moeflow.models.layers import AttnBatch
+from moeflow.tokenizer import TextTokenizer
+
+Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed step of one request: the new text and the request's figures so far."""
+
+    seq_id: int
+    text: str                 # text produced by this step (may be empty while a character is incomplete)
+    token: int
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS or stop string) or "length"
+    prompt_tokens: int
+    generation_tokens: int
+    ttft_s: float             # arrival to first token
+    prefill_tps: float        # prompt tokens / time of the step that processed them
+    decode_tps: float         # tokens after the first / time since the first
+    peak_memory: int          # bytes: GPU memory allocated on CUDA, resident set size on the CPU
+
+
+def encode_prompt(tokenizer: TextTokenizer, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        return tokenizer.apply_chat_template(prompt)
+    return list(prompt)
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class LLMEngine:
+    def __init__(self, ck: Checkpoint, max_seqs: int = 8, max_len: int | None = None):
+        self.ck, self.model, self.tokenizer = ck, ck.model, ck.tokenizer
+        p = next(self.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        ctx = ck.cfg.max_position_embeddings
+        self.max_len = min(max_len or ctx, ctx)
+        self.cache = KVCache(ck.cfg, max_seqs, self.max_len, self.dtype, self.device)
+        self.eos = set(ck.eos_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    # -- requests ------------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams = SamplingParams()) -> Sequence:
+        ids = self.encode(prompt)
+        if not ids:
+            raise MoeflowError("the prompt is empty")
+        if len(ids) >= self.max_len:
+            raise MoeflowError(f"the prompt has {len(ids)} tokens; the context holds {self.max_len} "
+                               f"(model limit {self.ck.cfg.max_position_embeddings})")
+        if bad := [i for i in ids if not 0 <= i < self.ck.cfg.vocab_size]:
+            raise MoeflowError(f"token id {bad[0]} is outside the vocabulary (size {self.ck.cfg.vocab_size})")
+        seq = Sequence(ids, params, self.tokenizer)
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a request (e.g. its client went away) and free its cache slot."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self._retire(seq)
+        if not seq.finished:
+            seq.finish("abort")
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ------------------------------------------------------------------------------------
+    def step(self) -> list[GenerationResponse]:
+        self._admit()
+        if not self.running:
+            return []
+        seqs = list(self.running)
+        tokens = sample(self._forward(seqs), seqs)
+        return [self._postprocess(s, t) for s, t in zip(seqs, tokens)]
+
+    def _admit(self) -> None:
+        while self.waiting and (slot := self.cache.allocate()) is not None:
+            seq = self.waiting.popleft()
+            seq.slot, seq.status, seq.t_start = slot, Status.RUNNING, time.perf_counter()
+            self.running.append(seq)
+
+    @torch.inference_mode()
+    def _forward(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
+        """Run every sequence's uncached tokens; logits of each sequence's last token [B, V] (or all, [N, V])."""
+        new = [s.new_tokens for s in seqs]
+        q_lens = [len(t) for t in new]
+        batch = AttnBatch.build([s.slot for s in seqs], [s.num_cached for s in seqs], q_lens, self.device,
+                                self.ck.cfg.sliding_window)
+        tokens = torch.tensor([t for ts in new for t in ts], device=self.device)  # [N]
+        hidden = self.model(tokens, batch, self.cache)                             # [N, H]
+        for s, n in zip(seqs, q_lens):
+            s.num_cached += n
+        if not all_logits:
+            hidden = hidden[torch.tensor(q_lens, device=self.device).cumsum(0) - 1]  # [B, H]
+        return self.model.logits(hidden)
+
+    def _postprocess(self, seq: Sequence, token: int) -> GenerationResponse:
+        now = time.perf_counter()
+        if not seq.output_ids:
+            seq.t_first = now
+        eos = token in self.eos and not seq.params.ignore_eos
+        text = "" if eos else seq.append(token)
+        if eos:
+            seq.output_ids.append(token)
+            seq.finish("stop")
+        elif not seq.finished and (len(seq.output_ids) >= seq.params.max_new_tokens
+                                   or seq.num_tokens >= self.max_len):
+            seq.finish("length")
+        if seq.finished:
+            text += seq.flush()
+            self._retire(seq)
+        return self._response(seq, token, text)
+
+    def _retire(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.cache.release(seq.slot)
+
+    def _response(self, seq: Sequence, token: int, text: str) -> GenerationResponse:
+        end = seq.t_end if seq.finished else time.perf_counter()
+        n_out = len(seq.output_ids)
+        return GenerationResponse(
+            seq_id=seq.id, text=text, token=token, finished=seq.finished, finish_reason=seq.finish_reason,
+            prompt_tokens=len(seq.prompt_ids), generation_tokens=n_out, ttft_s=seq.t_first - seq.t_arrival,
+            prefill_tps=len(seq.prompt_ids) / max(seq.t_first - seq.t_start, 1e-9),
+            decode_tps=(n_out - 1) / (end - seq.t_first) if n_out > 1 and end > seq.t_first else 0.0,
+            peak_memory=peak_memory(self.device))
+
+    # -- conveniences --------------------------------------------------------------------------------
+    def stream(self, prompt: Prompt, params: SamplingParams = SamplingParams()) -> Iterator[GenerationResponse]:
+        seq = self.add_request(prompt, params)
+        while not seq.finished:
+            for r in self.step():
+                if r.seq_id == seq.id:
+                    yield r
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams = SamplingParams()) -> list[Sequence]:
+        seqs = [self.add_request(p, params) for p in prompts]
+        while self.has_unfinished:
+            self.step()
+        return seqs
+
+    def prefill_logits(self, prompts: list[Prompt]) -> list[torch.Tensor]:
+        """Logits of every prompt position [T_i, V] (for parity checks); leaves the cache free."""
+        seqs = [Sequence(self.encode(p), SamplingParams(), self.tokenizer) for p in prompts]
+        for s in seqs:
+            s.slot = self.cache.allocate()
+        try:
+            logits = self._forward(seqs, all_logits=True)
+        finally:
+            for s in seqs:
+                self.cache.release(s.slot)
+        return list(logits.split([len(s.prompt_ids) for s in seqs]))

@@ -1,0 +1,1 @@
+"""Where expert weights live and run."""

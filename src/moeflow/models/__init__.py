@@ -1,0 +1,22 @@
+"""Architectures by `model_type`; adding one is one new file that registers itself here."""
+
+from __future__ import annotations
+
+from moeflow import MoeflowError
+from moeflow.models.base import Architecture
+
+ARCHITECTURES: dict[str, type[Architecture]] = {}
+
+
+def register(cls: type[Architecture]) -> type[Architecture]:
+    ARCHITECTURES[cls.model_type] = cls
+    return cls
+
+
+def get_architecture(model_type: str | None) -> type[Architecture]:
+    if model_type not in ARCHITECTURES:
+        raise MoeflowError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[model_type]
+
+
+from moeflow.models import mixtral, qwen3_moe  # noqa: E402,F401  (registration)

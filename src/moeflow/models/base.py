@@ -1,0 +1,39 @@
+"""What an architecture file provides: the config mapping and the published tensor names."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from moeflow.config import ModelConfig
+from moeflow.models.layers import ExpertBackend, MoeTransformer
+
+EXPERT_PARTS = ("gate", "up", "down")  # order of the three matrices inside one expert's block
+
+
+class Architecture(ABC):
+    model_type: str
+    hf_class: str  # the transformers class that reads the same checkpoint, for config.json "architectures"
+
+    @staticmethod
+    @abstractmethod
+    def config(hf: dict) -> ModelConfig:
+        """Keep the fields moeflow uses from a Hugging Face config.json dict."""
+
+    @staticmethod
+    @abstractmethod
+    def hf_config(cfg: ModelConfig) -> dict:
+        """The inverse, for writing synthetic checkpoints that transformers can load."""
+
+    @staticmethod
+    @abstractmethod
+    def expert_name(layer: int, expert: int, part: str) -> str:
+        """Published tensor name of one routed expert's gate, up or down matrix."""
+
+    @staticmethod
+    def hf_name(name: str) -> str:
+        """Published tensor name of a MoeTransformer parameter (checkpoint renaming lives here, per model)."""
+        return name if name.startswith("lm_head") else "model." + name
+
+    @staticmethod
+    def build(cfg: ModelConfig, experts: ExpertBackend) -> MoeTransformer:
+        return MoeTransformer(cfg, experts)

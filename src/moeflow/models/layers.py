@@ -1,0 +1,223 @@
+"""The decoder both supported architectures share: attention over a slot KV cache, RMSNorm, RoPE, router.
+
+Legend: N = packed tokens of the batch, B = sequences, Tq = longest new run, Tk = longest context,
+H = hidden, Hq/Hkv = query/key-value heads, D = head dim, E = experts, K = experts per token.
+Tokens of all sequences are packed into one [N, H] tensor so that norms, projections and experts never
+see padding; only attention pads, per sequence, to [B, Tq].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeflow.config import ModelConfig
+
+
+class ExpertBackend(Protocol):
+    """Runs the routed experts of one MoE layer; where the weights live is the backend's business."""
+
+    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class AttnBatch:
+    """Where each packed token sits: which cache slot, which position, which row of the padded query."""
+
+    slots: torch.Tensor      # [B] cache slot of each sequence
+    tok_seq: torch.Tensor    # [N] sequence index of each token
+    tok_row: torch.Tensor    # [N] index of the token within its sequence's new run
+    positions: torch.Tensor  # [N] absolute position of each token
+    mask: torch.Tensor       # [B, 1, Tq, Tk] True where a query may attend
+    kv_len: int              # Tk
+    q_len: int               # Tq
+    slot_range: tuple[int, int] | None  # slots form [a, b): read the cache as a view, not a gather
+
+    @classmethod
+    def build(cls, slots: list[int], starts: list[int], q_lens: list[int], device: torch.device,
+              sliding_window: int | None = None) -> AttnBatch:
+        """starts[b] tokens of sequence b are already cached; q_lens[b] new ones follow them."""
+        B = len(slots)
+        tok_seq = torch.repeat_interleave(torch.arange(B), torch.tensor(q_lens))
+        tok_row = torch.cat([torch.arange(n) for n in q_lens])
+        positions = tok_row + torch.tensor(starts)[tok_seq]
+        q_len, kv_len = max(q_lens), max(s + n for s, n in zip(starts, q_lens))
+        q_pos = torch.tensor(starts)[:, None] + torch.arange(q_len)[None, :]  # [B, Tq]
+        k_pos = torch.arange(kv_len)
+        mask = k_pos[None, None, :] <= q_pos[:, :, None]                        # causal, [B, Tq, Tk]
+        if sliding_window is not None:
+            mask &= q_pos[:, :, None] - k_pos[None, None, :] < sliding_window
+        contiguous = slots == list(range(slots[0], slots[0] + B))
+        return cls(
+            slots=torch.tensor(slots, device=device), tok_seq=tok_seq.to(device), tok_row=tok_row.to(device),
+            positions=positions.to(device), mask=mask[:, None].to(device), kv_len=kv_len, q_len=q_len,
+            slot_range=(slots[0], slots[0] + B) if contiguous else None)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32, cast back before the weight: the order transformers uses, so bf16 matches.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables from positions. The frequencies are computed on the CPU, as transformers does, and
+    cached per device rather than kept as a buffer, so a model built on the meta device needs no fix-up."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta, self._inv_freq = head_dim, theta, {}
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        dev, D = positions.device, self.head_dim
+        if dev not in self._inv_freq:
+            self._inv_freq[dev] = (1.0 / (self.theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))).to(dev)
+        freqs = positions[:, None].float() * self._inv_freq[dev][None, :]  # [N, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                              # [N, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, D]; cos, sin [N, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, D, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=bias)
+        self.k_proj = nn.Linear(H, self.n_kv * D, bias=bias)
+        self.v_proj = nn.Linear(H, self.n_kv * D, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttnBatch,
+                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        N, D = x.shape[0], self.head_dim
+        q = self.q_proj(x).view(N, self.n_heads, D)  # [N, Hq, D]
+        k = self.k_proj(x).view(N, self.n_kv, D)     # [N, Hkv, D]
+        v = self.v_proj(x).view(N, self.n_kv, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotate(q, *rope), rotate(k, *rope)
+
+        k_cache, v_cache = kv                        # [slots, max_len, Hkv, D]
+        tok_slot = batch.slots[batch.tok_seq]
+        k_cache[tok_slot, batch.positions] = k
+        v_cache[tok_slot, batch.positions] = v
+        if batch.slot_range is not None:
+            a, b = batch.slot_range
+            K, V = k_cache[a:b, :batch.kv_len], v_cache[a:b, :batch.kv_len]  # views: no copy
+        else:
+            K, V = k_cache[batch.slots, :batch.kv_len], v_cache[batch.slots, :batch.kv_len]
+
+        B = batch.slots.shape[0]
+        Q = q.new_zeros(B, batch.q_len, self.n_heads, D)                     # [B, Tq, Hq, D]
+        Q[batch.tok_seq, batch.tok_row] = q
+        O = F.scaled_dot_product_attention(
+            Q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2), attn_mask=batch.mask,
+            enable_gqa=self.n_heads != self.n_kv)                             # [B, Hq, Tq, D]
+        o = O.transpose(1, 2)[batch.tok_seq, batch.tok_row]                  # [N, Hq, D]
+        return self.o_proj(o.reshape(N, self.n_heads * D))
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts in fp32, then top-k; both Mixtral and Qwen3 route this way."""
+    probs = torch.softmax(logits.float(), dim=-1)  # [N, E]
+    weights, ids = torch.topk(probs, k, dim=-1)    # [N, K]
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights
+
+
+class SparseMoe(nn.Module):
+    """Router plus a handle to the expert backend (a plain object, so it is not part of the module tree)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, experts: ExpertBackend):
+        super().__init__()
+        self.layer, self.top_k, self.renormalize = layer, cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = route(self.gate(x), self.top_k, self.renormalize)  # [N, K] each
+        return self.experts(self.layer, x, ids, weights)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, experts: ExpertBackend):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if layer in cfg.dense_layers:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size)
+        else:
+            self.mlp = SparseMoe(cfg, layer, experts)
+
+    def forward(self, x, rope, batch: AttnBatch, kv) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, batch, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MoeTransformer(nn.Module):
+    """Decoder-only MoE language model over packed tokens. Holds every weight except the routed experts."""
+
+    def __init__(self, cfg: ModelConfig, experts: ExpertBackend):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, tokens: torch.Tensor, batch: AttnBatch, kv_cache) -> torch.Tensor:
+        """tokens [N] -> final hidden states [N, H]; kv_cache[i] is layer i's (k, v)."""
+        x = self.embed_tokens(tokens)
+        rope = self.rotary(batch.positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, batch, kv_cache[i])
+        return self.norm(x)
+
+    def set_experts(self, experts: ExpertBackend) -> None:
+        """Swap the expert backend (e.g. from all-local to offloaded) without touching the weights."""
+        for m in self.modules():
+            if isinstance(m, SparseMoe):
+                m.experts = experts
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [N, V]
