@@ -59,6 +59,21 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from moeflow.bench.generate import bench_generate, print_result, save
+    from moeflow.checkpoint import load
+
+    results = []
+    for model in args.model:
+        ck = load(model, device=args.device, dtype=args.dtype, progress=None)
+        results.append(bench_generate(ck, args.prompt_len, args.new_tokens, args.runs))
+        print_result(results[-1])
+        del ck
+    if args.out:
+        save(results, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeflow", description=__doc__)
     p.add_argument("--version", action="version", version=f"moeflow {__version__}")
@@ -81,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=int, help="context length to reserve (default: prompt + new tokens)")
     g.set_defaults(func=cmd_generate)
 
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bg = bsub.add_parser("generate", help="prefill and decode speed of one request, against the bound")
+    bg.add_argument("--model", action="append", default=[], help="repeatable (default: the embedded default)")
+    bg.add_argument("--device", default="cpu")
+    bg.add_argument("--dtype", default="auto")
+    bg.add_argument("--prompt-len", type=int, default=512)
+    bg.add_argument("--new-tokens", type=int, default=128)
+    bg.add_argument("--runs", type=int, default=3)
+    bg.add_argument("--out", help="write the results as JSON here")
+    bg.set_defaults(func=cmd_bench)
+
     s = sub.add_parser("synth", help="write random weights of a published shape as a Hugging Face folder")
     s.add_argument("name", help="mixtral-8x7b, qwen3-30b-a3b, tiny-mixtral or tiny-qwen3")
     s.add_argument("--out", required=True)
@@ -100,6 +127,8 @@ def check_args(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "bench", None) == "generate" and not args.model:
+        args.model = [DEFAULT_MODEL]
     try:
         check_args(args)
         return args.func(args)

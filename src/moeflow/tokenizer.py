@@ -109,6 +109,8 @@ def synthetic_tokenizer(vocab_size: int, specials: dict[str, int], bos: str | No
 
     Merges are generated, not trained: letters pair up into 2-, 3-, 4-... character tokens."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size < len(alphabet) + len(specials):
+        raise MoeflowError(f"a byte-level tokenizer needs a vocabulary of at least {len(alphabet) + len(specials)}")
     vocab: dict[str, int] = dict(specials)
     free = (i for i in range(vocab_size) if i not in specials.values())
     for ch in alphabet:

@@ -1,0 +1,1 @@
+"""Benchmarks: workloads, ceilings measured in the same run, JSON results."""

@@ -1,0 +1,39 @@
+"""Hardware ceilings measured on the running machine, so that every figure can be set against a bound."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def _time(fn, device: torch.device, repeats: int = 10) -> float:
+    """Median seconds of fn() after a warm-up; synchronizes around each call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def memory_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a large copy, counting bytes read plus bytes written (GPU) or a read-only sum (CPU)."""
+    src = torch.randn(nbytes // 4, device=device)
+    if device.type == "cuda":
+        dst = torch.empty_like(src)
+        return 2 * nbytes / _time(lambda: dst.copy_(src), device)
+    return nbytes / _time(lambda: src.sum(), device, repeats=5)
+
+
+def matmul_rate(device: torch.device, n: int = 8192, dtype=torch.bfloat16) -> float:
+    """FLOP/s of an n x n x n matrix product on random data."""
+    if device.type != "cuda":
+        n = 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / _time(lambda: a @ b, device)
