@@ -16,19 +16,25 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
 @torch.inference_mode()
 def test_bf16_parity_on_gpu(hf_checkpoint, model_type):
+    """bf16 tolerance = transformers' own bf16 error: both are measured against transformers in fp32."""
     path, hf = hf_checkpoint(model_type)
-    hf = hf.to("cuda", torch.bfloat16)
     ck = load(path, device="cuda")  # auto dtype on cuda: bf16
     assert ck.store.data.dtype == torch.bfloat16 and ck.store.data.is_cuda
     eng = LLMEngine(ck, max_seqs=2, max_len=128)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 310, (40,), generator=g).tolist()
-    ours = eng.prefill_logits([ids])[0]
-    ref = hf(torch.tensor([ids], device="cuda")).logits[0].float()
-    rel = float((ours - ref).norm() / ref.norm())
-    assert rel < 3e-2, rel                                   # bf16: ~1e-2 expected
-    agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert agree > 0.9, agree
+    x = torch.tensor([ids], device="cuda")
+    ref32 = hf.to("cuda")(x).logits[0].double()
+    ref16 = hf.to(torch.bfloat16)(x).logits[0].double()
+    ours = eng.prefill_logits([ids])[0].double()
+
+    def rel(a):
+        return float((a - ref32).norm() / ref32.norm())
+
+    assert rel(ours) < max(1.5 * rel(ref16), 5e-3), (rel(ours), rel(ref16))
+    agree = (ours.argmax(-1) == ref32.argmax(-1)).float().mean().item()
+    agree_hf = (ref16.argmax(-1) == ref32.argmax(-1)).float().mean().item()
+    assert agree >= agree_hf - 0.05, (agree, agree_hf)
 
 
 @torch.inference_mode()
@@ -52,3 +58,22 @@ def test_whole_model_on_gpu_generates_like_cpu_fp32():
     gpu = LLMEngine(load("synthetic:tiny-mixtral", device="cuda", dtype="fp32"), max_seqs=1,
                     max_len=64).generate([prompt], params)[0]
     assert gpu.output_ids == cpu.output_ids
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-mixtral"])
+@torch.inference_mode()
+def test_cuda_graph_decode_matches_eager(name):
+    """Teacher-forced: both engines see the same tokens; their logits agree at every step."""
+    ck = load(f"synthetic:{name}", device="cuda", dtype="bf16")
+    engines = [LLMEngine(ck, max_seqs=1, max_len=96, cuda_graphs=g) for g in (False, True)]
+    seqs = [e.add_request("Graphs replay the same kernels", SamplingParams(max_new_tokens=64)) for e in engines]
+    for e in engines:
+        e._admit()
+    logits = [e._forward([s]) for e, s in zip(engines, seqs)]  # prefill (eager in both)
+    for _ in range(40):
+        token = int(logits[0].argmax())
+        for s in seqs:
+            s.output_ids.append(token)
+        logits = [e._forward([s]) for e, s in zip(engines, seqs)]
+        assert float((logits[1] - logits[0]).norm() / logits[0].norm()) < 2e-2
+    assert engines[1].graphs and not engines[0].graphs

@@ -13,8 +13,9 @@ class KVCache:
                  device: torch.device | str):
         self.max_seqs, self.max_len = max_seqs, max_len
         shape = (max_seqs, max_len, cfg.num_key_value_heads, cfg.head_dim)  # [S, T, Hkv, D]
+        # Zeros, not empty: masked positions still enter attn @ V, and 0 x NaN from stale memory is NaN.
         try:
-            self.layers = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+            self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                            for _ in range(cfg.num_hidden_layers)]
         except torch.OutOfMemoryError:
             need = cfg.kv_bytes_per_token(dtype) * max_seqs * max_len

@@ -16,6 +16,7 @@ import torch
 
 from moeflow import MoeflowError
 from moeflow.checkpoint import Checkpoint
+from moeflow.engine.cuda_graph import DecodeGraph, graphs_possible
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.sampler import sample
 from moeflow.engine.sequence import SamplingParams, Sequence, Status
@@ -57,7 +58,7 @@ def peak_memory(device: torch.device) -> int:
 
 
 class LLMEngine:
-    def __init__(self, ck: Checkpoint, max_seqs: int = 8, max_len: int | None = None):
+    def __init__(self, ck: Checkpoint, max_seqs: int = 8, max_len: int | None = None, cuda_graphs: bool = True):
         self.ck, self.model, self.tokenizer = ck, ck.model, ck.tokenizer
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -67,6 +68,8 @@ class LLMEngine:
         self.eos = set(ck.eos_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.cuda_graphs = cuda_graphs
+        self.graphs: dict[int, DecodeGraph] = {}  # slot -> captured decode step
 
     # -- requests ------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -118,6 +121,14 @@ class LLMEngine:
         """Run every sequence's uncached tokens; logits of each sequence's last token [B, V] (or all, [N, V])."""
         new = [s.new_tokens for s in seqs]
         q_lens = [len(t) for t in new]
+        if len(seqs) == 1 and q_lens == [1] and not all_logits and self._graphs_on():
+            (s,) = seqs
+            if s.slot not in self.graphs:
+                self.graphs[s.slot] = DecodeGraph(self.model, self.cache, s.slot, self.max_len,
+                                                  self.ck.cfg.sliding_window)
+            logits = self.graphs[s.slot](new[0][0], s.num_cached)
+            s.num_cached += 1
+            return logits
         batch = AttnBatch.build([s.slot for s in seqs], [s.num_cached for s in seqs], q_lens, self.device,
                                 self.ck.cfg.sliding_window)
         tokens = torch.tensor([t for ts in new for t in ts], device=self.device)  # [N]
@@ -127,6 +138,9 @@ class LLMEngine:
         if not all_logits:
             hidden = hidden[torch.tensor(q_lens, device=self.device).cumsum(0) - 1]  # [B, H]
         return self.model.logits(hidden)
+
+    def _graphs_on(self) -> bool:
+        return self.cuda_graphs and graphs_possible(self.model)
 
     def _postprocess(self, seq: Sequence, token: int) -> GenerationResponse:
         now = time.perf_counter()

@@ -32,7 +32,9 @@ def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     N, K = topk_ids.shape
     flat = topk_ids.flatten()
     order = torch.argsort(flat, stable=True)                                  # [N*K] grouped by expert
-    offs = torch.bincount(flat, minlength=gate_up.shape[0]).cumsum(0).to(torch.int32)  # [E] group ends
+    # scatter_add, not bincount: bincount syncs with the host on CUDA to size its output
+    counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device)
+    offs = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
     tok = order // K
     h = torch._grouped_mm(x[tok], gate_up.transpose(1, 2), offs=offs)        # [N*K, 2I]
     gate, up = h.chunk(2, dim=-1)
@@ -51,6 +53,12 @@ class LocalExperts:
 
     def __init__(self, store: ExpertStore, grouped: bool | None = None):
         self.store, self.grouped = store, grouped  # grouped: None = where supported
+
+    @property
+    def graph_safe(self) -> bool:
+        """True when a forward pass makes no host sync (so it can be captured in a CUDA graph)."""
+        d = self.store.data
+        return self.grouped is not False and d.is_cuda and d.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
