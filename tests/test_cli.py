@@ -138,6 +138,11 @@ def test_synth_folder_runs_the_same_in_transformers(synth_dir):
                       do_sample=False, max_new_tokens=8)
     assert seq.output_ids == ref[0, len(ids):].tolist()
     assert len(seq.output_ids) >= 1
+    # greedy tokens of random weights are a coarse check: the logits must agree too
+    ours = LLMEngine(ck, max_seqs=1, max_len=128).prefill_logits([ids])[0]
+    theirs = hf(torch.tensor([ids])).logits[0]
+    assert ours.shape == theirs.shape
+    assert float((ours.double() - theirs.double()).norm() / theirs.double().norm()) < 1e-4
 
 
 def test_synth_tokenizer_matches_transformers(synth_dir):
@@ -217,3 +222,11 @@ def test_bad_flag_values(capsys, flags, named):
     assert out == ""
     assert err.startswith("moeflow: error: ") and err.count("\n") == 1, err
     assert named in err
+
+
+def test_synth_out_is_a_file(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    assert main(["synth", "tiny-mixtral", "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a folder" in err[0] and "Traceback" not in err[0]

@@ -20,9 +20,9 @@ def test_bf16_parity_on_gpu(hf_checkpoint, model_type):
     path, hf = hf_checkpoint(model_type)
     ck = load(path, device="cuda")  # auto dtype on cuda: bf16
     assert ck.store.data.dtype == torch.bfloat16 and ck.store.data.is_cuda
-    eng = LLMEngine(ck, max_seqs=2, max_len=128)
+    eng = LLMEngine(ck, max_seqs=2, max_len=256)
     g = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, 310, (40,), generator=g).tolist()
+    ids = torch.randint(3, 310, (200,), generator=g).tolist()  # many positions: argmax agreement is a rate
     x = torch.tensor([ids], device="cuda")
     ref32 = hf.to("cuda")(x).logits[0].double()
     ref16 = hf.to(torch.bfloat16)(x).logits[0].double()
@@ -70,10 +70,14 @@ def test_cuda_graph_decode_matches_eager(name):
     for e in engines:
         e._admit()
     logits = [e._forward([s]) for e, s in zip(engines, seqs)]  # prefill (eager in both)
+    agree = 0
     for _ in range(40):
         token = int(logits[0].argmax())
+        agree += token == int(logits[1].argmax())
         for s in seqs:
             s.output_ids.append(token)
         logits = [e._forward([s]) for e, s in zip(engines, seqs)]
-        assert float((logits[1] - logits[0]).norm() / logits[0].norm()) < 2e-2
+        # bf16 through different attention kernels: a few percent; a wrong position or mask is O(1)
+        assert float((logits[1] - logits[0]).norm() / logits[0].norm()) < 5e-2
+    assert agree >= 36
     assert engines[1].graphs and not engines[0].graphs

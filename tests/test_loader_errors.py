@@ -377,17 +377,13 @@ def test_sharded_checkpoint_round_trip(hf_checkpoint, tmp_path, model_type):
     assert torch.equal(a, b)
 
 
-# -- known gaps: these inputs still escape as tracebacks (strict xfail: they flip once fixed) ------------
-@pytest.mark.xfail(raises=AttributeError, strict=True,
-                   reason="checkpoint.read_config returns a non-dict JSON value; arch lookup calls hf.get")
+# -- inputs that once escaped as tracebacks --------------------------------------------------------------
 def test_config_json_not_an_object(mixtral):
     (mixtral / "config.json").write_text("[1, 2, 3]")
     with pytest.raises(MoeflowError, match=r"config\.json"):
         load(mixtral)
 
 
-@pytest.mark.xfail(raises=json.JSONDecodeError, strict=True,
-                   reason="checkpoint.tensor_index parses model.safetensors.index.json without a MoeflowError")
 def test_index_not_valid_json(sharded):
     path, _ = sharded
     (path / "model.safetensors.index.json").write_text('{"weight_map": {')
@@ -395,14 +391,10 @@ def test_index_not_valid_json(sharded):
         load(path)
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="checkpoint.resolve_device lets torch.device('gpu') raise a RuntimeError")
 def test_unknown_device_name(mixtral, capsys):
     assert cli_error(capsys, "generate", "--model", str(mixtral), "--device", "gpu")
 
 
-@pytest.mark.xfail(strict=True, reason="config.rope_theta_from_hf prefers rope_parameters over rope_scaling; "
-                                       "transformers 5 applies the rope_scaling (YaRN) in this config")
 def test_yarn_rope_scaling_beside_default_rope_parameters(mixtral):
     edit_config(mixtral, lambda cfg: cfg.update(
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}))

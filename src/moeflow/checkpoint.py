@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from moeflow import MoeflowError
-from moeflow.config import ModelConfig, parse_dtype
+from moeflow.config import ModelConfig, parse_dtype, read_json
 from moeflow.experts.store import ExpertStore
 from moeflow.models import get_architecture
 from moeflow.models.base import EXPERT_PARTS, Architecture
@@ -58,17 +57,14 @@ def read_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise MoeflowError(f"{path} has no config.json; is it a Hugging Face checkpoint folder?")
-    try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise MoeflowError(f"{cfg_file} is not valid JSON: {e}") from None
+    return read_json(cfg_file)
 
 
 def tensor_index(path: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_json(index).get("weight_map", {})
         return {name: path / f for name, f in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -118,7 +114,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig, device: tor
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise MoeflowError(f"unsupported device {str(device)!r}; use cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MoeflowError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
     if device.type not in ("cpu", "cuda"):
@@ -183,5 +182,5 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torc
                     bar.update(dst.numel() * dtype.itemsize)
         bar.close()
     gen_file = path / "generation_config.json"
-    generation = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+    generation = read_json(gen_file) if gen_file.exists() else {}
     return Checkpoint(path.name, arch, cfg, model.eval(), store, tokenizer, generation)

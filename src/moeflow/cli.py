@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import fields
 
 from moeflow import MoeflowError, __version__
@@ -22,11 +23,10 @@ def cmd_generate(args) -> int:
     from moeflow.checkpoint import load
     from moeflow.engine.llm_engine import LLMEngine, encode_prompt
 
-    model = args.model or DEFAULT_MODEL
-    if model.startswith("synthetic:"):
-        print(f"moeflow: {model} has random weights (no trained model is embedded yet): expect gibberish",
+    ck = load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, progress=None)
+    if ck.synthetic:
+        print(f"moeflow: {ck.name} has random weights (no trained model is embedded yet): expect gibberish",
               file=sys.stderr)
-    ck = load(model, device=args.device, dtype=args.dtype, progress=None)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     prompt = args.prompt
@@ -53,8 +53,11 @@ def cmd_synth(args) -> int:
 
     from moeflow.synthetic import build_synthetic, write_checkpoint
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MoeflowError(f"--out {out} exists and is not a folder")
     ck = build_synthetic(args.name.removeprefix("synthetic:"), dtype=args.dtype)
-    write_checkpoint(ck, Path(args.out))
+    write_checkpoint(ck, out)
     print(f"wrote {ck.name} ({_gib(ck.store.nbytes + ck.dense_bytes)}) to {args.out}")
     return 0
 
@@ -65,8 +68,10 @@ def cmd_bench(args) -> int:
 
     results = []
     for model in args.model:
+        t = time.perf_counter()
         ck = load(model, device=args.device, dtype=args.dtype, progress=None)
-        results.append(bench_generate(ck, args.prompt_len, args.new_tokens, args.runs))
+        load_s = time.perf_counter() - t
+        results.append(bench_generate(ck, args.prompt_len, args.new_tokens, args.runs) | {"load_s": load_s})
         print_result(results[-1])
         del ck
     if args.out:

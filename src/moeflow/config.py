@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -67,9 +69,10 @@ def rope_theta_from_hf(hf: dict) -> float:
     """Read RoPE settings in both the transformers 4 (`rope_theta`) and 5 (`rope_parameters`) layouts."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise MoeflowError(f"unsupported RoPE type {rope_type!r} in config.json; moeflow supports 'default'")
+    # Either field may carry a scaling type (transformers honours rope_scaling beside rope_parameters).
+    for rope_type in (params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
+        if rope_type not in (None, "default"):
+            raise MoeflowError(f"unsupported RoPE type {rope_type!r} in config.json; moeflow supports 'default'")
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
@@ -87,3 +90,14 @@ def require(hf: dict, *keys: str):
     if missing:
         raise MoeflowError(f"config.json lacks {', '.join(missing)} (model_type {hf.get('model_type')!r})")
     return [hf[k] for k in keys]
+
+
+def read_json(f: Path) -> dict:
+    """A JSON object from a checkpoint file, or a MoeflowError naming the file."""
+    try:
+        value = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoeflowError(f"{f} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise MoeflowError(f"{f} must hold a JSON object, not {type(value).__name__}")
+    return value

@@ -12,6 +12,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from moeflow import MoeflowError
+from moeflow.config import read_json
 
 
 def _raise(message):
@@ -34,9 +35,7 @@ class TextTokenizer:
             tok = Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as e:  # the tokenizers library raises plain Exception subclasses
             raise MoeflowError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
-        config = {}
-        if (path / "tokenizer_config.json").exists():
-            config = json.loads((path / "tokenizer_config.json").read_text())
+        config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
         if (path / "chat_template.jinja").exists():  # transformers 5 saves the template beside the config
             config["chat_template"] = (path / "chat_template.jinja").read_text()
         return cls(tok, config)

@@ -21,7 +21,7 @@ from moeflow.engine.sequence import SamplingParams
 
 
 def host_info(device: torch.device) -> dict:
-    info = {"host": platform.node(), "cpu_count": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"host": platform.node(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -76,7 +76,8 @@ def print_result(r: dict) -> None:
           f"{r['ceilings']['memory_GB_s']:.0f} GB/s)\n"
           f"  prefill {r['prefill_tok_s']:8.1f} tok/s   bound {r['prefill_bound_tok_s']:8.1f}  "
           f"({r['prefill_fraction_of_bound']:.0%}; matmul {r['ceilings']['matmul_TFLOP_s']:.0f} TFLOP/s)  "
-          f"TTFT {r['ttft_s'] * 1000:.0f} ms   peak memory {r['peak_memory_gib']:.1f} GiB")
+          f"TTFT {r['ttft_s'] * 1000:.0f} ms   peak memory {r['peak_memory_gib']:.1f} GiB"
+          + (f"   load {r['load_s']:.1f} s" if "load_s" in r else ""))
 
 
 def save(results: list[dict], path: str) -> None:

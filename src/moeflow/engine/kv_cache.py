@@ -15,7 +15,7 @@ class KVCache:
         shape = (max_seqs, max_len, cfg.num_key_value_heads, cfg.head_dim)  # [S, T, Hkv, D]
         # Zeros, not empty: masked positions still enter attn @ V, and 0 x NaN from stale memory is NaN.
         try:
-            self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            self.layers = [tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
                            for _ in range(cfg.num_hidden_layers)]
         except torch.OutOfMemoryError:
             need = cfg.kv_bytes_per_token(dtype) * max_seqs * max_len
