@@ -55,7 +55,7 @@ class ModelConfig:
 
     @property
     def expert_numel(self) -> int:
-        """Elements of one expert: gate and up [I, H] each, down [H, I]."""
+        """Elements of one expert: gate, up and down (stored transposed), [I, H] each."""
         return 3 * self.expert_intermediate_size * self.hidden_size
 
     def expert_bytes(self, dtype: torch.dtype) -> int:

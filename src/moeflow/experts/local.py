@@ -8,10 +8,16 @@ import torch.nn.functional as F
 from moeflow.experts.store import ExpertStore
 
 
-def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """One expert on its tokens: x [n, H], gate_up [2I, H], down [H, I] -> [n, H]."""
+def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+    """One expert on its tokens: x [n, H], gate_up [2I, H], down_t [I, H] -> [n, H]."""
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
-    return F.linear(F.silu(gate) * up, down)
+    return (F.silu(gate) * up) @ down_t
+
+
+def partial_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+    """Rows r0:r1 of an expert's intermediate dimension: x [n, H], gate/up/down_t [r, H] -> [n, H].
+    The partial outputs of disjoint row ranges sum to the expert's output."""
+    return (F.silu(F.linear(x, gate)) * F.linear(x, up)) @ down_t
 
 
 def group_by_expert(topk_ids: torch.Tensor, num_experts: int):
@@ -25,10 +31,10 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int):
 
 
 def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                    gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+                    gate_up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
     """All experts of a layer in two grouped GEMMs and no host sync (CUDA bf16).
 
-    x [N, H], gate_up [E, 2I, H], down [E, H, I] -> [N, H]."""
+    x [N, H], gate_up [E, 2I, H], down_t [E, I, H] -> [N, H]."""
     N, K = topk_ids.shape
     flat = topk_ids.flatten()
     order = torch.argsort(flat, stable=True)                                  # [N*K] grouped by expert
@@ -38,7 +44,7 @@ def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     tok = order // K
     h = torch._grouped_mm(x[tok], gate_up.transpose(1, 2), offs=offs)        # [N*K, 2I]
     gate, up = h.chunk(2, dim=-1)
-    y = torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offs)  # [N*K, H]
+    y = torch._grouped_mm(F.silu(gate) * up, down_t, offs=offs)              # [N*K, H]
     out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, tok, y.float() * topk_weights.flatten()[order, None].float())
     return out.to(x.dtype)
@@ -63,9 +69,9 @@ class LocalExperts:
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         N, K = topk_ids.shape
-        gate_up, down = self.store.gate_up(layer), self.store.down(layer)  # [E, 2I, H], [E, H, I]
+        gate_up, down_t = self.store.gate_up(layer), self.store.down_t(layer)  # [E, 2I, H], [E, I, H]
         if self.grouped or (self.grouped is None and can_group(x)):
-            return grouped_experts(x, topk_ids, topk_weights, gate_up, down)
+            return grouped_experts(x, topk_ids, topk_weights, gate_up, down_t)
         order, counts = group_by_expert(topk_ids, gate_up.shape[0])
         out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)  # fp32 accumulation
         flat_w = topk_weights.flatten()
@@ -76,6 +82,6 @@ class LocalExperts:
             idx = order[start:start + n]
             start += n
             tok = idx // K
-            y = expert_ffn(x[tok], gate_up[e], down[e])                  # [n, H]
+            y = expert_ffn(x[tok], gate_up[e], down_t[e])                # [n, H]
             out.index_add_(0, tok, y.float() * flat_w[idx, None].float())
         return out.to(x.dtype)

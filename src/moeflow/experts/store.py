@@ -2,7 +2,9 @@
 
 One block per expert means copying an expert to another device is one transfer, and one big
 allocation can be pinned at once (per-expert pinned tensors waste memory to power-of-two rounding).
-Block layout: [gate (I x H) | up (I x H) | down (H x I)], so gate and up form one fused [2I, H] matrix.
+Block layout: [gate (I x H) | up (I x H) | down^T (I x H)]. The down projection is stored transposed so
+that a range of intermediate rows r0:r1 of an expert is three contiguous runs: part of an expert can be
+copied to the GPU while the CPU computes the rest (the partial outputs add up).
 """
 
 from __future__ import annotations
@@ -21,27 +23,51 @@ class ExpertStore:
         shape = (len(self.layers), cfg.num_experts, cfg.expert_numel)
         self.data = torch.empty(shape, dtype=dtype, device=device) if data is None else data  # [L, E, 3IH]
         assert tuple(self.data.shape) == shape, (tuple(self.data.shape), shape)
+        self.pinned = False
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
-    def part_shape(self, part: str) -> tuple[int, int]:
-        I, H = self.cfg.expert_intermediate_size, self.cfg.hidden_size
-        return (H, I) if part == "down" else (I, H)
+    @property
+    def expert_bytes(self) -> int:
+        return self.cfg.expert_numel * self.data.element_size()
+
+    def block(self, layer: int, expert: int) -> torch.Tensor:
+        """[3IH] the whole expert: what one copy moves."""
+        return self.data[self.slot[layer], expert]
 
     def part(self, layer: int, expert: int, part: str) -> torch.Tensor:
-        """A view of one matrix of one expert, in the published [out, in] orientation."""
-        n = self.cfg.expert_intermediate_size * self.cfg.hidden_size
+        """A view of one matrix of one expert in the published [out, in] orientation (down: a transposed view)."""
+        I, H = self.cfg.expert_intermediate_size, self.cfg.hidden_size
         i = EXPERT_PARTS.index(part)
-        return self.data[self.slot[layer], expert, i * n:(i + 1) * n].view(self.part_shape(part))
+        m = self.data[self.slot[layer], expert, i * I * H:(i + 1) * I * H].view(I, H)
+        return m.t() if part == "down" else m
 
     def gate_up(self, layer: int) -> torch.Tensor:
         """[E, 2I, H] view of one layer's fused gate and up projections."""
         I, H = self.cfg.expert_intermediate_size, self.cfg.hidden_size
         return self.data[self.slot[layer], :, :2 * I * H].view(-1, 2 * I, H)
 
-    def down(self, layer: int) -> torch.Tensor:
-        """[E, H, I] view of one layer's down projections."""
+    def down_t(self, layer: int) -> torch.Tensor:
+        """[E, I, H] view of one layer's down projections, transposed."""
         I, H = self.cfg.expert_intermediate_size, self.cfg.hidden_size
-        return self.data[self.slot[layer], :, 2 * I * H:].view(-1, H, I)
+        return self.data[self.slot[layer], :, 2 * I * H:].view(-1, I, H)
+
+    def pin(self) -> None:
+        """Page-lock the whole store in place (cudaHostRegister) so copies from it run asynchronously at full
+        PCIe speed; one registration of the big tensor, not one pinned allocation per expert."""
+        if self.pinned or self.data.device.type != "cpu" or not torch.cuda.is_available():
+            return
+        err = int(torch.cuda.cudart().cudaHostRegister(self.data.data_ptr(), self.nbytes, 0))
+        if err != 0:
+            raise RuntimeError(f"cudaHostRegister of {self.nbytes / 2**30:.1f} GiB failed with CUDA error {err}")
+        self.pinned = True
+
+
+def expert_rows(block: torch.Tensor, inter: int, r0: int, r1: int) -> tuple[torch.Tensor, ...]:
+    """Rows r0:r1 of the intermediate dimension of one expert block [3IH] (or [S, 3IH] slots' row of one):
+    (gate, up, down_t), each [r1-r0, H] and contiguous."""
+    H = block.shape[-1] // (3 * inter)
+    m = block.view(3, inter, H)
+    return m[0, r0:r1], m[1, r0:r1], m[2, r0:r1]
