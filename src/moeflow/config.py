@@ -101,3 +101,28 @@ def read_json(f: Path) -> dict:
     if not isinstance(value, dict):
         raise MoeflowError(f"{f} must hold a JSON object, not {type(value).__name__}")
     return value
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24G' (binary), '24GB' (decimal), '512MiB', '1000000' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise MoeflowError(f"cannot read the size {text!r}; write e.g. 24GiB, 512MiB or 24GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """The latency regime: experts in host memory, the GPU capped at `gpu_memory` bytes."""
+
+    gpu_memory: int
+    policy: str = "auto"
+    placement: str | None = None      # JSON from `moeflow profile-experts`
+    routing_trace: str | None = None  # replay a recorded routing (benchmarks)
+    eviction: str = "lru"

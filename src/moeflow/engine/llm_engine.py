@@ -16,6 +16,7 @@ import torch
 
 from moeflow import MoeflowError
 from moeflow.checkpoint import Checkpoint
+from moeflow.config import OffloadConfig
 from moeflow.engine.cuda_graph import DecodeGraph, graphs_possible
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.sampler import sample
@@ -41,6 +42,7 @@ class GenerationResponse:
     prefill_tps: float        # prompt tokens / time of the step that processed them
     decode_tps: float         # tokens after the first / time since the first
     peak_memory: int          # bytes: GPU memory allocated on CUDA, resident set size on the CPU
+    experts: dict | None = None  # offloading figures so far (hit rate, bytes copied, CPU/GPU shares)
 
 
 def encode_prompt(tokenizer: TextTokenizer, prompt: Prompt) -> list[int]:
@@ -58,7 +60,8 @@ def peak_memory(device: torch.device) -> int:
 
 
 class LLMEngine:
-    def __init__(self, ck: Checkpoint, max_seqs: int = 8, max_len: int | None = None, cuda_graphs: bool = True):
+    def __init__(self, ck: Checkpoint, max_seqs: int = 8, max_len: int | None = None, cuda_graphs: bool = True,
+                 offload: OffloadConfig | None = None):
         self.ck, self.model, self.tokenizer = ck, ck.model, ck.tokenizer
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -70,6 +73,10 @@ class LLMEngine:
         self.running: list[Sequence] = []
         self.cuda_graphs = cuda_graphs
         self.graphs: dict[int, DecodeGraph] = {}  # slot -> captured decode step
+        self.budget = None
+        if offload is not None:
+            from moeflow.engine.offload import attach_offload
+            self.budget = attach_offload(ck, offload, self.cache.nbytes, self.max_len)
 
     # -- requests ------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -171,7 +178,11 @@ class LLMEngine:
             prompt_tokens=len(seq.prompt_ids), generation_tokens=n_out, ttft_s=seq.t_first - seq.t_arrival,
             prefill_tps=len(seq.prompt_ids) / max(seq.t_first - seq.t_start, 1e-9),
             decode_tps=(n_out - 1) / (end - seq.t_first) if n_out > 1 and end > seq.t_first else 0.0,
-            peak_memory=peak_memory(self.device))
+            peak_memory=peak_memory(self.device), experts=self.expert_stats())
+
+    def expert_stats(self) -> dict | None:
+        stats = getattr(self.model.experts, "stats", None)
+        return stats.as_dict() if stats is not None else None
 
     # -- conveniences --------------------------------------------------------------------------------
     def stream(self, prompt: Prompt, params: SamplingParams = SamplingParams()) -> Iterator[GenerationResponse]:

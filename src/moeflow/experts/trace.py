@@ -1,0 +1,102 @@
+"""Recorded real routing, replayed in place of the router's choice (benchmarks on synthetic weights).
+
+Formats (see ../shared/data/README.md):
+- .jsonl, one line per (token, layer): {"problem_id", "token_idx", "layer", "experts", "gating_probs"};
+  tokens missing a layer are dropped.
+- .npz with `experts` [T, L, K] (and `offsets`): ids only; each chosen expert then weighs 1/K.
+Legend: T = recorded tokens, L = MoE layers, K = experts per token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moeflow import MoeflowError
+from moeflow.config import ModelConfig
+
+
+@dataclass
+class RoutingTrace:
+    ids: torch.Tensor             # [T, L, K] int64
+    weights: torch.Tensor | None  # [T, L, K] float32, or None when not recorded
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.ids.shape)
+
+    def check(self, cfg: ModelConfig) -> None:
+        T, L, K = self.shape
+        want = (len(cfg.moe_layers), cfg.num_experts_per_tok)
+        top = int(self.ids.max()) + 1
+        if (L, K) != want or top > cfg.num_experts:
+            raise MoeflowError(f"routing trace {self.name} has {L} MoE layers, top-{K}, expert ids up to {top - 1}; "
+                               f"the model has {want[0]} MoE layers, top-{want[1]}, {cfg.num_experts} experts")
+
+    def counts(self, num_experts: int) -> torch.Tensor:
+        """[L, E] selections per expert, for a placement profile."""
+        T, L, K = self.shape
+        c = torch.zeros(L, num_experts, dtype=torch.float64)
+        for layer in range(L):
+            c[layer] = torch.bincount(self.ids[:, layer].flatten(), minlength=num_experts).double()
+        return c
+
+
+def load_trace(path: str | Path) -> RoutingTrace:
+    path = Path(path)
+    if not path.is_file():
+        raise MoeflowError(f"routing trace {path} does not exist")
+    try:
+        if path.suffix == ".npz":
+            ids = torch.from_numpy(np.load(path)["experts"].astype(np.int64))
+            if ids.dim() != 3:
+                raise ValueError(f"`experts` has shape {tuple(ids.shape)}, expected [tokens, layers, k]")
+            return RoutingTrace(ids, None, path.name)
+        return _load_jsonl(path)
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise MoeflowError(f"routing trace {path} could not be read: {e}") from None
+
+
+def _load_jsonl(path: Path) -> RoutingTrace:
+    rows: dict[tuple, dict[int, dict]] = defaultdict(dict)  # (problem, token) -> layer -> row
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows[(r.get("dataset"), r["problem_id"], r["token_idx"])][int(r["layer"])] = r
+    if not rows:
+        raise ValueError("no records")
+    L = max(len(v) for v in rows.values())
+    complete = [rows[k] for k in sorted(rows, key=lambda k: (str(k[0]), k[1], k[2])) if len(rows[k]) == L]
+    ids = torch.tensor([[r[layer]["experts"] for layer in range(L)] for r in complete], dtype=torch.int64)
+    w = torch.tensor([[r[layer]["gating_probs"] for layer in range(L)] for r in complete], dtype=torch.float32)
+    return RoutingTrace(ids, w, path.name)
+
+
+class TraceRouting:
+    """Expert backend wrapper: each call of layer l takes the next N recorded tokens' routing of layer l
+    (wrapping around), so prefill and decode walk the trace in order."""
+
+    graph_safe = False
+
+    def __init__(self, inner, trace: RoutingTrace, cfg: ModelConfig):
+        trace.check(cfg)
+        self.inner, self.trace = inner, trace
+        self.slot = {layer: i for i, layer in enumerate(cfg.moe_layers)}
+        self.cursor = [0] * len(cfg.moe_layers)
+        self.stats = getattr(inner, "stats", None)
+
+    def __call__(self, layer, x, topk_ids, topk_weights):
+        N, K = topk_ids.shape
+        li, T = self.slot[layer], self.trace.shape[0]
+        rows = torch.arange(self.cursor[li], self.cursor[li] + N) % T
+        self.cursor[li] = (self.cursor[li] + N) % T
+        ids = self.trace.ids[rows, li].to(topk_ids.device)                        # [N, K]
+        w = (self.trace.weights[rows, li] if self.trace.weights is not None
+             else torch.full((N, K), 1.0 / K)).to(topk_weights.device, topk_weights.dtype)
+        return self.inner(layer, x, ids, w)

@@ -1,0 +1,1 @@
+"""Measured hardware costs and the performance model built on them."""

@@ -1,0 +1,89 @@
+"""What one expert costs on each path, measured on the running machine (the latency planner's inputs).
+
+Legend: n = tokens routed to the expert, f = fraction of the expert's intermediate rows.
+CPU and GPU times are piecewise linear in n between measured points (proportional beyond the last);
+a part of an expert costs its fraction of the whole, since the work and the bytes both scale with f.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+TOKEN_POINTS = (1, 4, 16, 64, 256)
+
+
+def _interp(points: tuple[int, ...], times: tuple[float, ...], n: int) -> float:
+    if n <= points[0]:
+        return times[0]
+    if n >= points[-1]:
+        return times[-1] * n / points[-1]
+    i = bisect_left(points, n)
+    a, b = points[i - 1], points[i]
+    return times[i - 1] + (times[i] - times[i - 1]) * (n - a) / (b - a)
+
+
+@dataclass(frozen=True)
+class ExpertCosts:
+    """Seconds for one whole expert: on the CPU, copied host->GPU, and on the GPU, by token count."""
+
+    tokens: tuple[int, ...]    # the token counts measured
+    cpu_s: tuple[float, ...]   # CPU expert FFN at each count
+    gpu_s: tuple[float, ...]   # GPU expert FFN at each count
+    copy_s: float              # one whole expert host -> GPU
+    copy_latency_s: float = 0.0  # fixed cost of one transfer (a partial expert takes three)
+    cpu_call_s: float = 0.0    # fixed cost of handing work to the CPU worker and collecting it
+
+    def cpu(self, n: int, f: float = 1.0) -> float:
+        return _interp(self.tokens, self.cpu_s, n) * f
+
+    def gpu(self, n: int, f: float = 1.0) -> float:
+        return _interp(self.tokens, self.gpu_s, n) * f
+
+    def copy(self, f: float = 1.0) -> float:
+        return self.copy_s * f + (self.copy_latency_s * 2 if 0 < f < 1 else 0.0)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _median_s(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden: int, n_blocks: int,
+                  slot: torch.Tensor, cpu_ffn: Callable, gpu_ffn: Callable, repeats: int = 3) -> ExpertCosts:
+    """Time the three paths on real expert blocks.
+
+    host_block(i) -> [3IH] the i-th host expert (rotated through so the CPU reads from memory, not cache);
+    slot [3IH] a free expert slot on the fast device; cpu_ffn/gpu_ffn(x, block) run one whole expert."""
+    dev = slot.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    dtype = slot.dtype
+    turn = iter(range(1 << 30))
+
+    def next_block():
+        return host_block(next(turn) % n_blocks)
+
+    cpu_s, gpu_s = [], []
+    for n in TOKEN_POINTS:
+        xc = torch.randn(n, hidden, dtype=dtype)
+        cpu_s.append(_median_s(lambda: cpu_ffn(xc, next_block()), lambda: None, repeats))
+        xg = xc.to(dev)
+        gpu_s.append(_median_s(lambda: gpu_ffn(xg, slot), sync, repeats))
+    copy_s = _median_s(lambda: slot.copy_(next_block(), non_blocking=True), sync, repeats)
+    small = slot[:hidden]
+    latency = _median_s(lambda: small.copy_(host_block(0)[:hidden], non_blocking=True), sync, repeats)
+    return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(gpu_s), copy_s, latency)

@@ -1,0 +1,47 @@
+"""moeflow's rule: resident experts by popularity; each layer's misses are shared between the CPU and the
+copy engine so both finish together, from costs measured on this machine (at most one expert is split).
+
+With the CPU path costing c_e and the copy path p_e (copy plus GPU compute) for expert e, experts are taken
+in order of c_e / p_e: the cheapest on the CPU (few tokens) go to the CPU until its load would pass the copy
+path's; the expert at the boundary is split by rows so that both paths end at the same time.
+"""
+
+from __future__ import annotations
+
+from moeflow.policy.base import OffloadPolicy, SlotSplit
+
+SPLIT_STEPS = 32  # a split falls on a multiple of I/32 rows: few, large transfers
+
+
+class AutoPolicy(OffloadPolicy):
+    name = "auto"
+    needs_costs = True
+
+    def split(self, slots, layers, experts, top_k):
+        cache = min(experts, max(slots // 2, min(top_k, slots)))  # room to copy a whole layer's experts
+        return SlotSplit(resident=slots - cache, cache=cache)
+
+    def plan(self, misses, costs, inter, max_copies):
+        if not misses:
+            return {}
+        c = {e: costs.cpu(n) + costs.cpu_call_s / len(misses) for e, n in misses.items()}
+        p = {e: costs.copy() + costs.gpu(n) for e, n in misses.items()}
+        order = sorted(misses, key=lambda e: c[e] / p[e])
+        cpu_load, copy_load = 0.0, sum(p.values())
+        rows = {}
+        for e in order:
+            copy_load -= p[e]
+            if cpu_load + c[e] <= copy_load:  # the whole expert fits on the CPU before copies end
+                rows[e], cpu_load = inter, cpu_load + c[e]
+                continue
+            # Split e: the CPU takes fraction f with cpu_load + f c = copy_load + (1 - f) p.
+            f = min(max((copy_load + p[e] - cpu_load) / (c[e] + p[e]), 0.0), 1.0)
+            step = max(inter // SPLIT_STEPS, 1)
+            rows[e] = min(round(f * inter / step) * step, inter)
+            rows.update({rest: 0 for rest in order[order.index(e) + 1:]})
+            break
+        # The slots bound how many experts can be copied in this layer: the rest go to the CPU.
+        copied = [e for e in order if rows[e] < inter]
+        for e in copied[max_copies:]:
+            rows[e] = inter
+        return rows

@@ -1,0 +1,44 @@
+"""What an offloading policy decides: how the GPU's expert slots are used, and where each missing expert runs.
+
+Legend: S = expert slots the GPU budget holds, L = MoE layers, E = experts per layer, I = intermediate rows.
+A plan maps each missing expert of a layer to the number of its intermediate rows the CPU computes:
+I = all on the CPU, 0 = its weights copied to the GPU, in between = split (the GPU copies the rest).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from moeflow.perf.costs import ExpertCosts
+
+
+@dataclass(frozen=True)
+class SlotSplit:
+    resident: int            # slots pinned to the most popular experts for the whole run
+    cache: int               # slots for copied experts, under the eviction policy
+    per_layer: bool = False  # cache partitioned per layer (mixtral-offloading) instead of shared
+    keep_copies: bool = True  # a copied expert stays cached; False: the slot is scratch (Fiddler)
+
+
+class OffloadPolicy(ABC):
+    name: str
+    needs_costs = False  # plans from measured costs (the backend measures them at start)
+
+    def min_slots(self, layers: int, experts: int, top_k: int) -> int:
+        """Fewest slots the policy can run with (room to copy one token's experts of a layer)."""
+        return top_k
+
+    @abstractmethod
+    def split(self, slots: int, layers: int, experts: int, top_k: int) -> SlotSplit:
+        """How to use the S slots; may raise MoeflowError when S cannot work for this policy."""
+
+    @abstractmethod
+    def plan(self, misses: dict[int, int], costs: ExpertCosts, inter: int, max_copies: int) -> dict[int, int]:
+        """misses: expert -> tokens routed to it (its weights are not on the GPU).
+        Returns expert -> intermediate rows computed on the CPU (0..inter). At most max_copies experts may
+        have rows copied (the slots available in this layer)."""
+
+
+def all_cpu(misses: dict[int, int], inter: int) -> dict[int, int]:
+    return {e: inter for e in misses}

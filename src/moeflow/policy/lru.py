@@ -1,0 +1,16 @@
+"""mixtral-offloading's rule: no CPU compute; every miss is copied into a per-layer LRU cache of experts."""
+
+from __future__ import annotations
+
+from moeflow.policy.base import OffloadPolicy, SlotSplit
+
+
+class LruPolicy(OffloadPolicy):
+    name = "lru"
+
+    def split(self, slots, layers, experts, top_k):
+        return SlotSplit(resident=0, cache=slots, per_layer=True)
+
+    def plan(self, misses, costs, inter, max_copies):
+        # More misses than free slots: the executor reuses a slot once its last expert is done.
+        return {e: 0 for e in misses}

@@ -1,0 +1,68 @@
+"""Which experts stay resident: a popularity profile per (MoE layer, expert), from a routing trace or from
+running prompts through the model, saved as JSON for `--placement`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeflow import MoeflowError
+from moeflow.config import ModelConfig
+
+
+@dataclass
+class Placement:
+    model: str
+    counts: torch.Tensor  # [L, E] selections of each expert of each MoE layer
+
+    def check(self, model: str, cfg: ModelConfig) -> None:
+        L, E = len(cfg.moe_layers), cfg.num_experts
+        if tuple(self.counts.shape) != (L, E):
+            raise MoeflowError(f"the placement file is for {self.model} ({self.counts.shape[0]} MoE layers x "
+                               f"{self.counts.shape[1]} experts) but {model} has {L} x {E}")
+
+    def resident(self, n: int) -> list[tuple[int, int]]:
+        """The n most used experts over all layers (ties: lower layer, then lower expert)."""
+        L, E = self.counts.shape
+        order = sorted(range(L * E), key=lambda i: (-float(self.counts.view(-1)[i]), i))
+        return [(i // E, i % E) for i in order[:n]]
+
+    def save(self, path: str | Path) -> None:
+        L, E = self.counts.shape
+        Path(path).write_text(json.dumps({"model": self.model, "moe_layers": L, "experts": E,
+                                          "counts": self.counts.tolist()}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Placement:
+        try:
+            d = json.loads(Path(path).read_text())
+            counts = torch.tensor(d["counts"], dtype=torch.float64)
+            assert counts.dim() == 2
+            return cls(str(d["model"]), counts)
+        except FileNotFoundError:
+            raise MoeflowError(f"placement file {path} does not exist") from None
+        except (ValueError, KeyError, TypeError, AssertionError) as e:
+            raise MoeflowError(f"placement file {path} is not a moeflow placement ({e})") from None
+
+
+def even_resident(n: int, layers: int, experts: int) -> list[tuple[int, int]]:
+    """No profile: spread n resident experts evenly over the layers (experts 0, 1, ... of each)."""
+    return [(i % layers, i // layers) for i in range(min(n, layers * experts))]
+
+
+class RoutingRecorder:
+    """Expert backend wrapper that counts the experts the router picks (for `profile-experts`)."""
+
+    graph_safe = False
+
+    def __init__(self, inner, cfg: ModelConfig):
+        self.inner, self.slot = inner, {layer: i for i, layer in enumerate(cfg.moe_layers)}
+        self.counts = torch.zeros(len(cfg.moe_layers), cfg.num_experts, dtype=torch.float64)
+
+    def __call__(self, layer, x, topk_ids, topk_weights):
+        ids = topk_ids.flatten().cpu()
+        self.counts[self.slot[layer]] += torch.bincount(ids, minlength=self.counts.shape[1]).double()
+        return self.inner(layer, x, topk_ids, topk_weights)

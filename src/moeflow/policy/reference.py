@@ -1,0 +1,31 @@
+"""The two references: every expert on the GPU, or every expert on the CPU (non-expert weights on the GPU)."""
+
+from __future__ import annotations
+
+from moeflow.policy.base import OffloadPolicy, SlotSplit, all_cpu
+
+
+class GpuPolicy(OffloadPolicy):
+    name = "gpu"
+
+    def min_slots(self, layers, experts, top_k):
+        return layers * experts
+
+    def split(self, slots, layers, experts, top_k):
+        return SlotSplit(resident=layers * experts, cache=0)
+
+    def plan(self, misses, costs, inter, max_copies):
+        raise AssertionError("policy gpu never misses")
+
+
+class CpuPolicy(OffloadPolicy):
+    name = "cpu"
+
+    def min_slots(self, layers, experts, top_k):
+        return 0
+
+    def split(self, slots, layers, experts, top_k):
+        return SlotSplit(resident=0, cache=0)
+
+    def plan(self, misses, costs, inter, max_copies):
+        return all_cpu(misses, inter)

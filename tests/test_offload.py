@@ -1,0 +1,208 @@
+"""The latency regime on the CPU as both tiers: every policy gives the all-local tokens; budget, eviction,
+planner and trace replay behave."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeflow import MoeflowError
+from moeflow.checkpoint import load
+from moeflow.config import OffloadConfig, parse_size
+from moeflow.engine.llm_engine import LLMEngine
+from moeflow.engine.offload import workspace_bytes
+from moeflow.engine.sequence import SamplingParams
+from moeflow.experts.offload import SlotCache
+from moeflow.experts.trace import TraceRouting, load_trace
+from moeflow.perf.costs import ExpertCosts
+from moeflow.policy import POLICIES, get_policy
+from moeflow.policy.base import SlotSplit
+from moeflow.policy.placement import Placement
+
+MAX_LEN, N_NEW = 64, 16
+GREEDY = SamplingParams(max_new_tokens=N_NEW, ignore_eos=True)
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
+
+
+def prompts(seed=0, lengths=(13, 5)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 310, (n,), generator=g).tolist() for n in lengths]
+
+
+def budget_for(ck, slots: int, max_seqs: int = 2) -> int:
+    """A GPU budget that leaves exactly `slots` expert slots (what attach_offload computes)."""
+    kv = ck.cfg.kv_bytes_per_token(ck.store.data.dtype) * max_seqs * MAX_LEN
+    fixed = ck.dense_bytes + kv + workspace_bytes(ck.cfg, MAX_LEN, ck.store.data.element_size())
+    return fixed + slots * ck.store.expert_bytes
+
+
+def run(path, offload=None, costs=None, max_seqs=2):
+    ck = load(path, device="cpu", expert_device="cpu")
+    if offload is not None:
+        offload = OffloadConfig(budget_for(ck, offload.pop("slots"), max_seqs), **offload)
+    engine = LLMEngine(ck, max_seqs=max_seqs, max_len=MAX_LEN, offload=offload)
+    if costs is not None:
+        engine.model.experts.costs = costs
+    seqs = engine.generate(prompts(), GREEDY)
+    return [s.output_ids for s in seqs], engine
+
+
+def costs_table(cpu_per_token: float, copy: float) -> ExpertCosts:
+    pts = (1, 4, 16, 64, 256)
+    return ExpertCosts(pts, tuple(cpu_per_token * n for n in pts), tuple(1e-5 for _ in pts), copy)
+
+
+@pytest.fixture(params=["mixtral", "qwen3_moe"])
+def ckpt(request, hf_checkpoint):
+    return hf_checkpoint(request.param)[0]
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_policy_gives_the_local_tokens(ckpt, policy):
+    want, _ = run(ckpt)
+    ck = load(ckpt)
+    slots = len(ck.cfg.moe_layers) * ck.cfg.num_experts if policy == "gpu" else 5
+    got, engine = run(ckpt, {"slots": slots, "policy": policy})
+    assert got == want
+    stats = engine.model.experts.stats
+    assert stats.lookups > 0
+    if policy == "gpu":
+        assert stats.hit_rate == 1.0
+    if policy == "cpu":
+        assert stats.hits == 0 and stats.bytes_h2d == 0 and stats.cpu_experts > 0
+    if policy == "lru":
+        assert stats.cpu_experts == 0 and stats.copied_experts > 0
+
+
+@pytest.mark.parametrize("cpu_per_token,copy", [(1.0, 1.0), (1.0, 2.5), (1e-3, 1.0), (1.0, 1e-3)])
+def test_auto_splits_and_hand_made_costs_keep_the_tokens(ckpt, cpu_per_token, copy):
+    """Equal costs force experts to be split by rows between CPU and copy: the sum must be exact."""
+    want, _ = run(ckpt)
+    got, engine = run(ckpt, {"slots": 4, "policy": "auto"}, costs=costs_table(cpu_per_token, copy))
+    assert got == want
+    s = engine.model.experts.stats
+    if cpu_per_token == copy:
+        assert 0 < s.cpu_experts and 0 < s.copied_experts
+
+
+def test_auto_measures_costs_on_this_machine(ckpt):
+    _, engine = run(ckpt, {"slots": 4, "policy": "auto"})
+    c = engine.model.experts.costs
+    assert all(t > 0 for t in c.cpu_s + c.gpu_s) and c.copy_s > 0 and c.cpu_call_s > 0
+
+
+def test_trace_replay_gives_the_same_tokens_for_every_policy(ckpt, tmp_path):
+    ck = load(ckpt)
+    L, E, K = len(ck.cfg.moe_layers), ck.cfg.num_experts, ck.cfg.num_experts_per_tok
+    g = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(40 * L)]).view(40, L, K)
+    f = tmp_path / "trace.npz"
+    import numpy as np
+    np.savez(f, experts=ids.numpy().astype(np.uint8), offsets=np.array([0, 40]))
+    outs = {p: run(ckpt, {"slots": 4, "policy": p, "routing_trace": str(f)})[0] for p in ("auto", "cpu", "lru")}
+    assert outs["auto"] == outs["cpu"] == outs["lru"]
+
+
+def test_trace_replay_feeds_the_recorded_experts(tmp_path):
+    lines = [{"dataset": "d", "problem_id": 0, "token_idx": t, "layer": layer, "experts": [t % 4, (t + 1) % 4],
+              "gating_probs": [0.75, 0.25]} for t in range(5) for layer in range(2)]
+    lines.append({"dataset": "d", "problem_id": 0, "token_idx": 5, "layer": 0, "experts": [0, 1],
+                  "gating_probs": [0.5, 0.5]})  # incomplete token: dropped
+    f = tmp_path / "t.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in lines))
+    trace = load_trace(f)
+    assert trace.shape == (5, 2, 2)
+    seen = []
+    cfg = type("C", (), {"moe_layers": [0, 1], "num_experts_per_tok": 2, "num_experts": 4})()
+    router = TraceRouting(lambda layer, x, i, w: seen.append((layer, i.tolist(), w.tolist())), trace, cfg)
+    x = torch.zeros(3, 8)
+    router(1, x, torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2))
+    router(1, x[:1], torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2))
+    assert seen[0][1] == [[0, 1], [1, 2], [2, 3]] and seen[0][2][0] == [0.75, 0.25]
+    assert seen[1][1] == [[3, 0]]  # the cursor moved on by 3
+
+
+@pytest.mark.skipif(not (DATA / "mixtral-8x7b-instruct.humaneval.jsonl").exists(), reason="real trace absent")
+def test_real_mixtral_trace_loads():
+    trace = load_trace(DATA / "mixtral-8x7b-instruct.humaneval.jsonl")
+    T, L, K = trace.shape
+    assert (L, K) == (32, 2) and T > 300 and int(trace.ids.max()) == 7
+    reuse = (trace.ids[1:, :, :, None] == trace.ids[:-1, :, None, :]).any(-1).float().mean()
+    assert 0.3 < float(reuse) < 0.5  # the README's 40%
+
+
+def test_trace_for_another_model_is_refused(ckpt, tmp_path):
+    import numpy as np
+    f = tmp_path / "trace.npz"
+    np.savez(f, experts=np.zeros((4, 26, 6), np.uint8))
+    with pytest.raises(MoeflowError, match="26 MoE layers, top-6"):
+        run(ckpt, {"slots": 4, "routing_trace": str(f)})
+
+
+def test_budget_holds_at_most_its_slots(ckpt):
+    for slots in (3, 7):
+        _, engine = run(ckpt, {"slots": slots, "policy": "auto"})
+        backend = engine.model.experts
+        assert backend.slots.shape[0] == slots
+        assert len(backend.cache.where) <= slots
+        assert engine.budget["slots"] == slots
+
+
+def test_budget_too_small_names_the_numbers(ckpt):
+    ck = load(ckpt)
+    with pytest.raises(MoeflowError, match=r"too small .* non-expert weights .* need at least"):
+        LLMEngine(ck, max_seqs=2, max_len=MAX_LEN, offload=OffloadConfig(budget_for(ck, 1), policy="auto"))
+    ck = load(ckpt)
+    with pytest.raises(MoeflowError, match="policy gpu"):
+        LLMEngine(ck, max_seqs=2, max_len=MAX_LEN, offload=OffloadConfig(budget_for(ck, 5), policy="gpu"))
+
+
+def test_placement_keeps_the_most_used_and_refuses_another_model(ckpt, tmp_path):
+    ck = load(ckpt)
+    L, E = len(ck.cfg.moe_layers), ck.cfg.num_experts
+    counts = torch.zeros(L, E, dtype=torch.float64)
+    counts[1, 3], counts[0, 5], counts[2, 0] = 9, 7, 5
+    f = tmp_path / "placement.json"
+    Placement("x", counts).save(f)
+    # fiddler keeps top_k scratch slots; the two others hold the two most used experts
+    _, engine = run(ckpt, {"slots": ck.cfg.num_experts_per_tok + 2, "policy": "fiddler", "placement": str(f)})
+    assert engine.model.experts.cache.resident == {(1, 3), (0, 5)}
+    Placement("other", torch.zeros(L + 1, E)).save(f)
+    with pytest.raises(MoeflowError, match="placement file is for other"):
+        run(ckpt, {"slots": 4, "placement": str(f)})
+
+
+def test_lru_eviction_order_and_protection():
+    cache = SlotCache([], SlotSplit(resident=0, cache=2), layers=1)
+    a, b, c = (0, 1), (0, 2), (0, 3)
+    sa, sb = cache.take(a, set(), keep=True), cache.take(b, set(), keep=True)
+    assert cache.lookup(a) == sa          # a is now the most recent
+    assert cache.take(c, set(), keep=True) == sb and cache.lookup(b) is None
+    assert cache.take(b, protect={a}, keep=True) == cache.where[b] and cache.lookup(c) is None
+    per_layer = SlotCache([], SlotSplit(resident=0, cache=4, per_layer=True), layers=2)
+    assert per_layer.capacity(0) == per_layer.capacity(1) == 2
+
+
+def test_planner_choices_on_hand_made_costs():
+    auto, fiddler, I = get_policy("auto"), get_policy("fiddler"), 1024
+    slow_copy = costs_table(cpu_per_token=1e-3, copy=10e-3)  # one token: CPU 1 ms, copy 10 ms
+    # One token: the CPU takes most rows, and the copy engine the rest, so both end together (1 ms vs 10).
+    assert 0.85 * I <= auto.plan({3: 1}, slow_copy, I, 8)[3] < I
+    assert auto.plan({3: 256}, slow_copy, I, 8)[3] <= 0.05 * I               # many tokens: mostly copied
+    assert auto.plan({3: 256}, costs_table(1.0, 1e-3), I, 8) == {3: 0}        # copying nearly free: all copied
+    rows = auto.plan({1: 1, 2: 1, 3: 200}, slow_copy, I, 8)
+    assert rows[1] == rows[2] == I and rows[3] < I                           # few on CPU, the big one copied
+    even = costs_table(cpu_per_token=5e-3, copy=5e-3)
+    split = auto.plan({0: 1, 1: 1}, even, I, 8)
+    assert sorted(split.values()) == [0, I] or 0 < min(split.values()) < I    # both paths busy
+    assert I in auto.plan({0: 300, 1: 300}, slow_copy, I, max_copies=1).values()  # the slots bound the copies
+    assert fiddler.plan({0: 3, 1: 40}, slow_copy, I, 8) == {0: I, 1: 0}        # the published threshold
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * 2**30 and parse_size("24GB") == 24 * 10**9 and parse_size("512M") == 2**29
+    with pytest.raises(MoeflowError, match="cannot read the size"):
+        parse_size("lots")
