@@ -6,6 +6,9 @@ import argparse
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
+
+from tqdm import tqdm
 
 from moeflow import MoeflowError, __version__
 from moeflow.engine.sequence import SamplingParams
@@ -23,7 +26,9 @@ def cmd_generate(args) -> int:
     from moeflow.checkpoint import load
     from moeflow.engine.llm_engine import LLMEngine, encode_prompt
 
-    ck = load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, progress=None)
+    offload = _offload_config(args)
+    ck = load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, progress=None,
+              expert_device="cpu" if offload else None)
     if ck.synthetic:
         print(f"moeflow: {ck.name} has random weights (no trained model is embedded yet): expect gibberish",
               file=sys.stderr)
@@ -34,7 +39,8 @@ def cmd_generate(args) -> int:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
                  [{"role": "user", "content": args.prompt}]
     n_prompt = len(encode_prompt(ck.tokenizer, prompt))
-    engine = LLMEngine(ck, max_seqs=1, max_len=args.max_len or max(n_prompt + args.max_new_tokens + 1, 256))
+    engine = LLMEngine(ck, max_seqs=1, max_len=args.max_len or max(n_prompt + args.max_new_tokens + 1, 256),
+                       offload=offload)
     last = None
     for last in engine.stream(prompt, params):
         sys.stdout.write(last.text)
@@ -43,9 +49,25 @@ def cmd_generate(args) -> int:
     print(f"[{ck.name} on {engine.device.type} | prompt {last.prompt_tokens} tok | "
           f"prefill {last.prefill_tps:.1f} tok/s | decode {last.decode_tps:.1f} tok/s "
           f"({last.generation_tokens} tok, {last.finish_reason}) | TTFT {last.ttft_s * 1000:.0f} ms | "
-          f"peak {'GPU' if engine.device.type == 'cuda' else 'host'} memory {_gib(last.peak_memory)}]",
-          file=sys.stderr)
+          f"peak {'GPU' if engine.device.type == 'cuda' else 'host'} memory {_gib(last.peak_memory)}"
+          + (_expert_figures(last.experts, last.generation_tokens) if last.experts else "") + "]", file=sys.stderr)
     return 0
+
+
+def _offload_config(args):
+    from moeflow.config import OffloadConfig, parse_size
+
+    if args.gpu_memory is None:
+        for flag in ("policy", "placement", "routing_trace"):
+            if getattr(args, flag) not in (None, "auto"):
+                raise MoeflowError(f"--{flag.replace('_', '-')} needs --gpu-memory (the offloading engine)")
+        return None
+    return OffloadConfig(parse_size(args.gpu_memory), args.policy, args.placement, args.routing_trace)
+
+
+def _expert_figures(e: dict, tokens: int) -> str:
+    return (f" | experts: hit rate {e['hit_rate']:.0%}, CPU {e['cpu_experts'] / max(e['lookups'], 1):.0%}, "
+            f"copied {e['copied_experts'] / max(e['lookups'], 1):.0%}, {e['bytes_h2d'] / 2**30:.2f} GiB to the GPU")
 
 
 def cmd_synth(args) -> int:
@@ -79,6 +101,115 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_profile_experts(args) -> int:
+    from moeflow.policy.placement import Placement
+
+    if bool(args.prompts) == bool(args.trace):
+        raise MoeflowError("give one of --prompts FILE or --trace FILE")
+    if args.trace:
+        from moeflow.checkpoint import get_architecture, read_config
+        from moeflow.experts.trace import load_trace
+        from moeflow.synthetic import PRESETS
+
+        name = args.model or DEFAULT_MODEL
+        hf = PRESETS[name.removeprefix("synthetic:")] if name.startswith("synthetic:") else read_config(Path(name))
+        cfg = get_architecture(hf.get("model_type")).config(hf)
+        trace = load_trace(args.trace)
+        trace.check(cfg)
+        placement = Placement(name, trace.counts(cfg.num_experts))
+    else:
+        from moeflow.bench.prompts import read_prompts
+        from moeflow.checkpoint import load
+        from moeflow.engine.llm_engine import LLMEngine
+        from moeflow.policy.placement import RoutingRecorder
+
+        ck = load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype)
+        recorder = RoutingRecorder(ck.model.experts, ck.cfg)
+        ck.model.set_experts(recorder)
+        engine = LLMEngine(ck, max_seqs=1, max_len=args.max_len, cuda_graphs=False)
+        for p in tqdm(read_prompts(args.prompts), desc="profiling", unit="prompt"):
+            ids = engine.encode([{"role": "user", "content": p}])[: args.max_len - args.max_new_tokens - 1]
+            list(engine.stream(ids, SamplingParams(max_new_tokens=args.max_new_tokens)))
+        placement = Placement(ck.name, recorder.counts)
+    placement.save(args.out)
+    top = placement.counts.sum(1, keepdim=True)
+    share = float((placement.counts.sort(1, descending=True).values[:, :1] / top.clamp(min=1)).mean())
+    print(f"wrote {args.out}: {int(placement.counts.sum())} selections over {placement.counts.shape[0]} MoE layers; "
+          f"the most used expert of a layer takes {share:.0%} of its selections on average")
+    return 0
+
+
+def cmd_bench_latency(args) -> int:
+    from moeflow.bench.latency import accelerate_baseline, ceilings, print_rows, run_policy, save
+    from moeflow.bench.prompts import read_prompts
+    from moeflow.checkpoint import load, resolve_device
+    from moeflow.config import OffloadConfig, parse_size
+    from moeflow.engine.llm_engine import encode_prompt
+    from moeflow.perf.costs import ExpertCosts
+
+    device = resolve_device(args.device)
+    t = time.perf_counter()
+    ck = load(args.model, device=device, dtype=args.dtype, expert_device="cpu", progress=True)
+    load_s, t = time.perf_counter() - t, time.perf_counter()
+    ck.store.pin()
+    pin_s = time.perf_counter() - t
+    ceil = ceilings(device)
+    print(f"{ck.name}: built/loaded in {load_s:.1f} s, pinned in {pin_s:.1f} s; CPU read "
+          f"{ceil['cpu_read_bw'] / 1e9:.0f} GB/s, host->device {ceil['h2d_bw'] / 1e9:.0f} GB/s, "
+          f"device memory {ceil['gpu_bw'] / 1e9:.0f} GB/s", flush=True)
+    texts = read_prompts(args.prompts) if args.prompts else [DEFAULT_PROMPT]
+    prompt = encode_prompt(ck.tokenizer, [{"role": "user", "content": texts[0]}])
+    long = [t for p in texts for t in encode_prompt(ck.tokenizer, p)]
+    ttft_prompt = (long * (args.ttft_len // max(len(long), 1) + 1))[: args.ttft_len]
+    rows, costs = [], None
+    print_rows([], header=True)
+    for budget in [parse_size(b) for b in args.budgets.split(",")]:
+        for trace in [None] + args.routing_trace:
+            for policy in args.policies.split(","):
+                oc = OffloadConfig(budget, policy, args.placement if trace is None else args.trace_placement, trace)
+                try:
+                    r = run_policy(ck, oc, prompt, ttft_prompt, args.new_tokens, ceil, costs)
+                except MoeflowError as e:
+                    r = {"policy": policy, "gpu_memory_gib": budget / 2**30, "routing": trace or "native",
+                         "error": str(e)}
+                    print(f"{policy} at {budget / 2**30:.0f} GiB: {e}", flush=True)
+                if costs is None and r.get("costs"):
+                    costs = ExpertCosts(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["costs"].items()})
+                rows.append(r)
+                if "error" not in r:
+                    print_rows([r])
+        if args.baseline_tokens and device.type == "cuda":
+            try:
+                rows.append(accelerate_baseline(ck, budget, prompt, args.baseline_tokens))
+                print_rows([rows[-1]])
+            except Exception as e:  # the baseline is someone else's code: record its failure, keep going
+                rows.append({"policy": "transformers+accelerate", "gpu_memory_gib": budget / 2**30,
+                             "error": f"{type(e).__name__}: {e}"})
+                print(f"transformers+accelerate failed: {e}", flush=True)
+    meta = {"model": ck.name, "device": torch_device_name(device), "load_s": load_s, "pin_s": pin_s,
+            "ceilings": ceil, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+    if args.out:
+        save(meta, rows, args.out)
+    return 0
+
+
+def torch_device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _add_offload_flags(g) -> None:
+    from moeflow.policy import POLICIES
+
+    g.add_argument("--gpu-memory", help="cap on GPU memory, e.g. 24GiB: experts stay in host memory and run on "
+                   "the CPU or are copied in as the policy decides")
+    g.add_argument("--policy", default="auto", choices=sorted(POLICIES), help="offloading policy (default auto)")
+    g.add_argument("--placement", help="resident experts from `moeflow profile-experts` (default: even split)")
+    g.add_argument("--routing-trace", help="benchmarks: replay a recorded routing instead of the router's")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeflow", description=__doc__)
     p.add_argument("--version", action="version", version=f"moeflow {__version__}")
@@ -99,7 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, the checkpoint's on cpu), bf16, fp16, fp32")
     g.add_argument("--max-len", type=int, help="context length to reserve (default: prompt + new tokens)")
+    _add_offload_flags(g)
     g.set_defaults(func=cmd_generate)
+
+    pe = sub.add_parser("profile-experts", help="count how often each expert is used, for --placement")
+    pe.add_argument("--model", help=f"checkpoint folder or synthetic:NAME (default: {DEFAULT_MODEL})")
+    pe.add_argument("--prompts", help="prompt file (JSONL with turns/text/prompt, or one prompt per line)")
+    pe.add_argument("--trace", help="a recorded routing trace instead of prompts")
+    pe.add_argument("--out", required=True, help="placement JSON to write")
+    pe.add_argument("--max-new-tokens", type=int, default=32)
+    pe.add_argument("--max-len", type=int, default=1024)
+    pe.add_argument("--device", default="cpu")
+    pe.add_argument("--dtype", default="auto")
+    pe.set_defaults(func=cmd_profile_experts)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -112,6 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--runs", type=int, default=3)
     bg.add_argument("--out", help="write the results as JSON here")
     bg.set_defaults(func=cmd_bench)
+
+    bl = bsub.add_parser("latency", help="one request, experts offloaded: every policy against the bound")
+    bl.add_argument("--model", default="synthetic:mixtral-8x7b")
+    bl.add_argument("--device", default="cuda")
+    bl.add_argument("--dtype", default="auto")
+    bl.add_argument("--budgets", default="24GiB,76GiB", help="comma-separated GPU budgets")
+    bl.add_argument("--policies", default="auto,fiddler,lru")
+    bl.add_argument("--prompts", help="prompt file; the first prompt is decoded, all of them fill the TTFT prompt")
+    bl.add_argument("--new-tokens", type=int, default=128)
+    bl.add_argument("--ttft-len", type=int, default=512, help="prompt length of the TTFT measurement")
+    bl.add_argument("--routing-trace", action="append", default=[], help="also replay this trace (repeatable)")
+    bl.add_argument("--placement", help="placement for native routing")
+    bl.add_argument("--trace-placement", help="placement for the trace runs")
+    bl.add_argument("--baseline-tokens", type=int, default=0,
+                    help="also run transformers + accelerate for this many new tokens (GPU only; 0 = skip)")
+    bl.add_argument("--out", help="write the results as JSON here")
+    bl.set_defaults(func=cmd_bench_latency)
 
     s = sub.add_parser("synth", help="write random weights of a published shape as a Hugging Face folder")
     s.add_argument("name", help="mixtral-8x7b, qwen3-30b-a3b, tiny-mixtral or tiny-qwen3")

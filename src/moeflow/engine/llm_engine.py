@@ -61,7 +61,7 @@ def peak_memory(device: torch.device) -> int:
 
 class LLMEngine:
     def __init__(self, ck: Checkpoint, max_seqs: int = 8, max_len: int | None = None, cuda_graphs: bool = True,
-                 offload: OffloadConfig | None = None):
+                 offload: OffloadConfig | None = None, expert_costs=None):
         self.ck, self.model, self.tokenizer = ck, ck.model, ck.tokenizer
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -76,7 +76,7 @@ class LLMEngine:
         self.budget = None
         if offload is not None:
             from moeflow.engine.offload import attach_offload
-            self.budget = attach_offload(ck, offload, self.cache.nbytes, self.max_len)
+            self.budget = attach_offload(ck, offload, self.cache.nbytes, self.max_len, expert_costs)
 
     # -- requests ------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:

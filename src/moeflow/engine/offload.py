@@ -15,6 +15,7 @@ from moeflow.checkpoint import Checkpoint
 from moeflow.config import ModelConfig, OffloadConfig
 from moeflow.experts.offload import OffloadedExperts
 from moeflow.experts.trace import TraceRouting, load_trace
+from moeflow.perf.costs import ExpertCosts
 from moeflow.policy import get_policy
 from moeflow.policy.placement import Placement, even_resident
 
@@ -34,7 +35,8 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens: int) -> dict:
+def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens: int,
+                   costs: ExpertCosts | None = None) -> dict:
     """Build the offloaded expert backend into ck.model; returns the budget's breakdown."""
     cfg, store = ck.cfg, ck.store
     device = next(ck.model.parameters()).device
@@ -63,7 +65,7 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
         store.pin()
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, oc.gpu_memory / total), device)
-    backend = OffloadedExperts(store, device, policy, split, resident, eviction=oc.eviction)
+    backend = OffloadedExperts(store, device, policy, split, resident, costs=costs, eviction=oc.eviction)
     if oc.routing_trace:
         backend = TraceRouting(backend, load_trace(oc.routing_trace), cfg)
     ck.model.set_experts(backend)

@@ -1,0 +1,144 @@
+"""`moeflow bench latency`: one request at a time with experts offloaded, each policy side by side, against
+the run's own physical bound and against transformers + accelerate on the same weights.
+
+The bound of a run (REFERENCE.md §4): per decode token, the weights of the experts that were not on the GPU
+when used must cross the CPU's memory bus or PCIe, both at once: miss_bytes / (B_cpu + B_h2d); plus the
+GPU's own time to read the non-expert weights and the experts it holds at its memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from moeflow.bench.ceilings import _time, memory_bandwidth
+from moeflow.checkpoint import Checkpoint
+from moeflow.config import OffloadConfig
+from moeflow.engine.llm_engine import LLMEngine
+from moeflow.engine.sequence import SamplingParams
+from moeflow.experts.local import LocalExperts
+
+
+def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s from pinned host memory to the device (host to host on the CPU)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return nbytes / _time(lambda: dst.copy_(src, non_blocking=True), device, repeats=5)
+
+
+def ceilings(device: torch.device) -> dict:
+    return {"cpu_read_bw": memory_bandwidth(torch.device("cpu")), "h2d_bw": h2d_bandwidth(device),
+            "gpu_bw": memory_bandwidth(device) / 2 if device.type == "cuda" else memory_bandwidth(device)}
+
+
+def _snapshot(engine: LLMEngine) -> dict:
+    return engine.expert_stats() or {}
+
+
+def _delta(a: dict, b: dict) -> dict:
+    return {k: b[k] - a[k] for k in b if k != "hit_rate"}
+
+
+def run_policy(ck: Checkpoint, oc: OffloadConfig, prompt: list[int], ttft_prompt: list[int], new_tokens: int,
+               ceil: dict, costs=None) -> dict:
+    dev = next(ck.model.parameters()).device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    max_len = max(len(prompt) + new_tokens, len(ttft_prompt) + 1) + 1
+    engine = LLMEngine(ck, max_seqs=1, max_len=max_len, offload=oc, expert_costs=costs)
+    backend = getattr(engine.model.experts, "inner", engine.model.experts)
+    try:
+        last = list(engine.stream(ttft_prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)))[-1]
+        ttft = last.ttft_s
+        seq = engine.add_request(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+        engine.step()                                           # prefill and the first token
+        s0, t0 = _snapshot(engine), time.perf_counter()
+        while not seq.finished:
+            engine.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        dt, d = time.perf_counter() - t0, _delta(s0, _snapshot(engine))
+        n = new_tokens - 1
+        eb = ck.store.expert_bytes
+        gpu_s = (ck.dense_bytes - ck.model.embed_tokens.weight.nbytes + d["hits"] * eb / n) / ceil["gpu_bw"]
+        bound_s = d["miss_bytes"] / n / (ceil["cpu_read_bw"] + ceil["h2d_bw"]) + gpu_s
+        lookups = max(d["lookups"], 1)
+        return {
+            "policy": oc.policy, "gpu_memory_gib": oc.gpu_memory / 2**30,
+            "routing": Path(oc.routing_trace).name if oc.routing_trace else "native",
+            "decode_tps": n / dt, "ttft_s": ttft, "ttft_prompt_tokens": len(ttft_prompt),
+            "hit_rate": d["hits"] / lookups, "h2d_bytes_per_token": d["bytes_h2d"] / n,
+            "share_cpu": d["cpu_experts"] / lookups, "share_gpu_resident": d["resident_hits"] / lookups,
+            "share_gpu_cached": (d["hits"] - d["resident_hits"]) / lookups,
+            "share_gpu_copied": d["copied_experts"] / lookups,
+            "bound_tps": 1 / bound_s, "fraction_of_bound": (n / dt) * bound_s,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+            "budget": engine.budget, "costs": backend.costs.as_dict() if backend.costs else None,
+        }
+    finally:
+        backend.close()
+        ck.model.set_experts(LocalExperts(ck.store))
+        del engine, backend
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+
+
+def accelerate_baseline(ck: Checkpoint, gpu_memory: int, prompt: list[int], new_tokens: int) -> dict:
+    """transformers' MixtralForCausalLM with accelerate's device_map='auto' under the same max_memory,
+    on the same weights (experts shared with moeflow's store, not copied)."""
+    import transformers
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    hf_cfg = transformers.AutoConfig.for_model(**ck.arch.hf_config(ck.cfg))
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=ck.store.data.dtype)
+    state = {ck.arch.hf_name(n): p.detach().cpu() for n, p in ck.model.named_parameters()}
+    for i, layer in enumerate(ck.store.layers):
+        pre = f"model.layers.{layer}.mlp.experts."
+        state[pre + "gate_up_proj"] = ck.store.gate_up(layer)
+        state[pre + "down_proj"] = ck.store.down_t(layer).transpose(1, 2)
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"baseline weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    hf.tie_weights()
+    device_map = infer_auto_device_map(hf, max_memory={0: gpu_memory, "cpu": 1 << 40},
+                                       no_split_module_classes=hf._no_split_modules)
+    hf = dispatch_model(hf.eval(), device_map)
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.inference_mode():
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, do_sample=False)
+        ttft = time.perf_counter() - t
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+        total = time.perf_counter() - t
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"policy": "transformers+accelerate", "gpu_memory_gib": gpu_memory / 2**30, "routing": "native",
+            "decode_tps": (new_tokens - 1) / max(total - ttft, 1e-9), "ttft_s": ttft,
+            "ttft_prompt_tokens": len(prompt), "new_tokens": new_tokens}
+
+
+def print_rows(rows: list[dict], header: bool = False) -> None:
+    head = f"{'policy':<24}{'GiB':>5} {'routing':<22}{'tok/s':>7}{'TTFT s':>8}{'hit':>6}{'cpu':>6}{'copy':>6}" \
+           f"{'bound':>7}{'of bound':>9}{'peak GiB':>9}"
+    if header:
+        print(head)
+    for r in rows:
+        f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
+        peak = f"{r['peak_gpu_bytes'] / 2**30:.1f}" if r.get("peak_gpu_bytes") else "-"
+        print(f"{r['policy']:<24}{r['gpu_memory_gib']:>5.0f} {r['routing'][:21]:<22}{f('decode_tps', '.2f'):>7}"
+              f"{f('ttft_s', '.2f'):>8}{f('hit_rate', '.2f'):>6}{f('share_cpu', '.2f'):>6}"
+              f"{f('share_gpu_copied', '.2f'):>6}{f('bound_tps', '.2f'):>8}{f('fraction_of_bound', '.2f'):>9}{peak:>9}",
+              flush=True)
+
+
+def save(meta: dict, rows: list[dict], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(meta | {"rows": rows}, indent=2, default=str))

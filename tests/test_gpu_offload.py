@@ -1,0 +1,99 @@
+"""On a CUDA GPU: the latency regime gives the all-GPU tokens, stays under its budget, and overlaps the CPU,
+the copy engine and the GPU."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from moeflow.checkpoint import load
+from moeflow.config import OffloadConfig
+from moeflow.engine.llm_engine import LLMEngine
+from moeflow.engine.offload import workspace_bytes
+from moeflow.engine.sequence import SamplingParams
+from moeflow.experts.offload import OffloadedExperts
+from moeflow.experts.store import ExpertStore
+from moeflow.models import get_architecture
+from moeflow.policy import POLICIES, get_policy
+
+pytestmark = pytest.mark.gpu
+MAX_LEN = 64
+
+
+def budget_for(ck, slots: int, max_seqs: int = 2) -> int:
+    kv = ck.cfg.kv_bytes_per_token(ck.store.data.dtype) * max_seqs * MAX_LEN
+    return ck.dense_bytes + kv + workspace_bytes(ck.cfg, MAX_LEN, ck.store.data.element_size()) + \
+        slots * ck.store.expert_bytes
+
+
+def tokens(path, dtype, offload_slots=None, policy="auto"):
+    ck = load(path, device="cuda", dtype=dtype, expert_device="cpu" if offload_slots is not None else None)
+    oc = OffloadConfig(budget_for(ck, offload_slots), policy) if offload_slots is not None else None
+    engine = LLMEngine(ck, max_seqs=2, max_len=MAX_LEN, offload=oc)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 310, (n,), generator=g).tolist() for n in (17, 6)]
+    out = [s.output_ids for s in engine.generate(prompts, SamplingParams(max_new_tokens=16, ignore_eos=True))]
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    return out, engine
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_policies_give_the_all_gpu_tokens(hf_checkpoint, model_type, policy):
+    path, _ = hf_checkpoint(model_type)
+    want, _ = tokens(path, "fp32")
+    ck = load(path)
+    slots = len(ck.cfg.moe_layers) * ck.cfg.num_experts if policy == "gpu" else 5
+    got, engine = tokens(path, "fp32", slots, policy)
+    assert got == want
+    assert engine.model.experts.stats.lookups > 0
+
+
+def test_peak_gpu_memory_stays_under_the_budget():
+    ck = load("synthetic:tiny-mixtral", device="cuda", dtype="bf16", expert_device="cpu")
+    budget = budget_for(ck, 6, max_seqs=1)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    engine = LLMEngine(ck, max_seqs=1, max_len=MAX_LEN, offload=OffloadConfig(budget, "auto"))
+    list(engine.stream(list(range(3, 40)), SamplingParams(max_new_tokens=20, ignore_eos=True)))
+    peak = torch.cuda.max_memory_allocated() - base + ck.dense_bytes
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    assert peak <= budget, (peak, budget)
+    assert engine.model.experts.stats.bytes_h2d > 0
+
+
+@torch.inference_mode()
+def test_cpu_copy_and_gpu_overlap():
+    """One expert on the CPU and one copied take less time together than one after the other."""
+    hf = {"model_type": "mixtral", "vocab_size": 128, "hidden_size": 2048, "intermediate_size": 5632,
+          "num_hidden_layers": 1, "num_attention_heads": 16, "num_key_value_heads": 8, "num_local_experts": 8,
+          "num_experts_per_tok": 2, "max_position_embeddings": 128}
+    cfg = get_architecture("mixtral").config(hf)
+    store = ExpertStore(cfg, torch.bfloat16, "cpu")
+    store.data.normal_(0, 0.02)
+    store.pin()
+    policy = get_policy("fiddler")  # 1 token -> CPU, 12 tokens -> copied (not cached: copied every call)
+    backend = OffloadedExperts(store, torch.device("cuda"), policy, policy.split(4, 1, 8, 2), [(0, 7), (0, 6)])
+    A, B, C = 0, 1, 7
+
+    def timed(ids):
+        ids = torch.tensor(ids, device="cuda")
+        x = torch.randn(ids.shape[0], 2048, device="cuda", dtype=torch.bfloat16)
+        w = torch.full(ids.shape, 0.5, device="cuda")
+        backend(0, x, ids, w)
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            backend(0, x, ids, w)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[2]
+
+    cpu_only = timed([[A, C]])                           # A: 1 token on the CPU, C resident
+    copy_only = timed([[B, C]] * 12)                     # B: 12 tokens, copied
+    both = timed([[A, B]] + [[B, C]] * 11)
+    assert both < 0.85 * (cpu_only + copy_only), (both, cpu_only, copy_only)
