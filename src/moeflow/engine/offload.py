@@ -20,6 +20,7 @@ from moeflow.policy import get_policy
 from moeflow.policy.placement import Placement, even_resident
 
 WORKSPACE_FIXED = 256 << 20  # allocator slack, cuBLAS workspace, small buffers
+CPU_THREADS = torch.get_num_threads()  # PyTorch's default: the physical cores
 
 
 def workspace_bytes(cfg: ModelConfig, step_tokens: int, itemsize: int) -> int:
@@ -62,6 +63,9 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
     else:
         resident = even_resident(split.resident, L, E)
     if device.type == "cuda":
+        # One core stays with the thread that drives the GPU: a CPU expert split over all cores waits for
+        # its slowest thread, and that thread would share a core with the driver.
+        torch.set_num_threads(max(CPU_THREADS - 1, 1))
         store.pin()
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, oc.gpu_memory / total), device)

@@ -104,6 +104,7 @@ class OffloadedExperts:
             self.slots[i].copy_(host.data[l, e], non_blocking=True)
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._arrived = torch.cuda.Event(blocking=True) if self.cuda else None
         self.slot_free: dict[int, torch.cuda.Event] = {}  # slot -> event after its last compute
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-cpu-experts")
         self.stats = OffloadStats()
@@ -122,7 +123,7 @@ class OffloadedExperts:
             return partial_ffn(x, gate, up, down_t)
 
         costs = measure_costs(lambda i: self.host.data[i // E % L, i % E], I, self.hidden, min(L * E, 16),
-                              scratch, ffn, ffn)
+                              scratch, ffn, ffn, copy_stream=self.copy_stream)
         t0 = time.perf_counter()
         for _ in range(20):
             self.pool.submit(lambda: None).result()
@@ -137,7 +138,8 @@ class OffloadedExperts:
         # One sync per layer: the routing (and the activations, for the CPU) come to the host.
         ids_h, w_h, x_h = (t.to("cpu", non_blocking=True) for t in (topk_ids, topk_weights, x))
         if self.cuda:
-            torch.cuda.current_stream(self.device).synchronize()
+            self._arrived.record()
+            self._arrived.synchronize()  # a blocking wait: a spinning one would take a core from the CPU experts
         order_h = torch.argsort(ids_h.flatten(), stable=True)                  # [N*K] grouped by expert
         counts = torch.bincount(ids_h.flatten(), minlength=self.E).tolist()
         starts = [0]

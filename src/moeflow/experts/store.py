@@ -2,9 +2,11 @@
 
 One block per expert means copying an expert to another device is one transfer, and one big
 allocation can be pinned at once (per-expert pinned tensors waste memory to power-of-two rounding).
-Block layout: [gate (I x H) | up (I x H) | down^T (I x H)]. The down projection is stored transposed so
-that a range of intermediate rows r0:r1 of an expert is three contiguous runs: part of an expert can be
-copied to the GPU while the CPU computes the rest (the partial outputs add up).
+Block layout: [gate (I x H) | up (I x H) | down]. In host memory, down is stored transposed (I x H) so that a
+range of intermediate rows r0:r1 of an expert is three contiguous runs: part of an expert can be copied to
+the GPU while the CPU computes the rest (the partial outputs add up). A store on the GPU keeps down as
+published (H x I): the grouped GEMM wants its second operand column-major (with a row-major one PyTorch
+falls back to a per-group loop that reads the group sizes on the host, which a CUDA graph then freezes).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class ExpertStore:
         shape = (len(self.layers), cfg.num_experts, cfg.expert_numel)
         self.data = torch.empty(shape, dtype=dtype, device=device) if data is None else data  # [L, E, 3IH]
         assert tuple(self.data.shape) == shape, (tuple(self.data.shape), shape)
+        self.down_transposed = self.data.device.type == "cpu"
         self.pinned = False
 
     @property
@@ -41,8 +44,10 @@ class ExpertStore:
         """A view of one matrix of one expert in the published [out, in] orientation (down: a transposed view)."""
         I, H = self.cfg.expert_intermediate_size, self.cfg.hidden_size
         i = EXPERT_PARTS.index(part)
-        m = self.data[self.slot[layer], expert, i * I * H:(i + 1) * I * H].view(I, H)
-        return m.t() if part == "down" else m
+        flat = self.data[self.slot[layer], expert, i * I * H:(i + 1) * I * H]
+        if part != "down":
+            return flat.view(I, H)
+        return flat.view(I, H).t() if self.down_transposed else flat.view(H, I)
 
     def gate_up(self, layer: int) -> torch.Tensor:
         """[E, 2I, H] view of one layer's fused gate and up projections."""
@@ -50,9 +55,11 @@ class ExpertStore:
         return self.data[self.slot[layer], :, :2 * I * H].view(-1, 2 * I, H)
 
     def down_t(self, layer: int) -> torch.Tensor:
-        """[E, I, H] view of one layer's down projections, transposed."""
+        """[E, I, H] view of one layer's down projections, transposed (row-major on the host, column-major on
+        the GPU)."""
         I, H = self.cfg.expert_intermediate_size, self.cfg.hidden_size
-        return self.data[self.slot[layer], :, 2 * I * H:].view(-1, I, H)
+        d = self.data[self.slot[layer], :, 2 * I * H:]
+        return d.view(-1, I, H) if self.down_transposed else d.view(-1, H, I).transpose(1, 2)
 
     def pin(self) -> None:
         """Page-lock the whole store in place (cudaHostRegister) so copies from it run asynchronously at full
@@ -66,7 +73,7 @@ class ExpertStore:
 
 
 def expert_rows(block: torch.Tensor, inter: int, r0: int, r1: int) -> tuple[torch.Tensor, ...]:
-    """Rows r0:r1 of the intermediate dimension of one expert block [3IH] (or [S, 3IH] slots' row of one):
+    """Rows r0:r1 of the intermediate dimension of one expert block [3IH] in the host layout (down transposed):
     (gate, up, down_t), each [r1-r0, H] and contiguous."""
     H = block.shape[-1] // (3 * inter)
     m = block.view(3, inter, H)
