@@ -194,11 +194,11 @@ class Attention(nn.Module):
         """No KV cache: the packed tokens are B rows of Tq (AttnBatch.full). -> [N, Hq, D]"""
         T = batch.q_len
         B = q.shape[0] // T
+        # K/V heads repeated rather than enable_gqa: every SDPA backend takes equal head counts, backward included
+        k, v = (t.repeat_interleave(self.n_heads // self.n_kv, dim=1) for t in (k, v))  # [N, Hq, D]
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, Hq, T, D]
         with sdpa_backends(q.device):
-            O = F.scaled_dot_product_attention(
-                q.view(B, T, -1, self.head_dim).transpose(1, 2), k.view(B, T, -1, self.head_dim).transpose(1, 2),
-                v.view(B, T, -1, self.head_dim).transpose(1, 2), attn_mask=batch.mask, is_causal=batch.causal,
-                enable_gqa=self.n_heads != self.n_kv)                          # [B, Hq, T, D]
+            O = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, is_causal=batch.causal)
         return O.transpose(1, 2).reshape(B * T, self.n_heads, self.head_dim)
 
     def _single(self, q, k, v, k_cache, v_cache, batch: AttnBatch) -> torch.Tensor:
