@@ -5,7 +5,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test clean
+PYDOC ?= /usr/share/doc/python3.11/html/_sources
+
+.PHONY: run test clean corpus
 
 $(BIN)/python:
 	$(PY) -m venv --system-site-packages $(VENV)
@@ -24,6 +26,14 @@ run: $(VENV)/.run-deps
 
 test: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The demo model's training corpus (the Python docs' reStructuredText sources, Debian package python3.11-doc),
+# copied into the git-ignored .carry/ so that it can travel to a GPU host that has neither the package nor a network.
+corpus: .carry/pydoc
+
+.carry/pydoc:
+	@test -d $(PYDOC) || { echo "no $(PYDOC): apt-get install python3.11-doc, or make corpus PYDOC=DIR"; exit 1; }
+	mkdir -p $@.tmp && cp -r $(PYDOC)/. $@.tmp/ && mv $@.tmp $@
 
 clean:
 	rm -rf $(VENV) src/*.egg-info

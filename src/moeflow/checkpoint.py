@@ -1,6 +1,7 @@
 """Hugging Face checkpoint folders: config.json, (sharded) safetensors read lazily, tokenizer, generation config.
 
-`load(spec, ...)` is the one entry point: a folder path, or `synthetic:NAME` for random weights built in memory.
+`load(spec, ...)` is the one entry point: a folder path, `builtin:NAME` for a trained model shipped inside the
+package (src/moeflow/data/NAME), or `synthetic:NAME` for random weights built in memory.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from moeflow.models.layers import MoeTransformer
 from moeflow.tokenizer import TextTokenizer
 
 PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar when loading more than this
+BUILTIN_DIR = Path(__file__).parent / "data"  # trained models shipped as package data, by name
 
 
 @dataclass
@@ -150,7 +152,7 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     if spec.startswith("synthetic:"):
         from moeflow.synthetic import build_synthetic
         return build_synthetic(spec.removeprefix("synthetic:"), device, dtype, expert_device)
-    path = Path(spec).expanduser()
+    path = builtin_path(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else Path(spec).expanduser()
     hf = read_config(path)
     arch = get_architecture(hf.get("model_type"))
     cfg = arch.config(hf)
@@ -183,4 +185,14 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torc
         bar.close()
     gen_file = path / "generation_config.json"
     generation = read_json(gen_file) if gen_file.exists() else {}
-    return Checkpoint(path.name, arch, cfg, model.eval(), store, tokenizer, generation)
+    name = spec if spec.startswith("builtin:") else path.name
+    return Checkpoint(name, arch, cfg, model.eval(), store, tokenizer, generation)
+
+
+def builtin_path(name: str) -> Path:
+    path = BUILTIN_DIR / name
+    if not (path / "config.json").exists():
+        shipped = sorted(p.parent.name for p in BUILTIN_DIR.glob("*/config.json")) if BUILTIN_DIR.is_dir() else []
+        raise MoeflowError(f"no built-in model {name!r} in this install (looked in {path}); "
+                           f"shipped: {', '.join(shipped) or 'none'}")
+    return path

@@ -1,4 +1,4 @@
-"""The `moeflow` command: generate | synth (more subcommands arrive with their issues)."""
+"""The `moeflow` command: generate | synth | bench generate | train-demo."""
 
 from __future__ import annotations
 
@@ -210,6 +210,25 @@ def _add_offload_flags(g) -> None:
     g.add_argument("--routing-trace", help="benchmarks: replay a recorded routing instead of the router's")
 
 
+def cmd_train_demo(args) -> int:
+    from dataclasses import replace
+
+    import torch
+
+    from moeflow.train.demo import SIZES, train
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MoeflowError(f"--out {out} exists and is not a folder")
+    overrides = {k: v for k in TRAIN_FLAGS if (v := getattr(args, k)) is not None}
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    train(replace(SIZES[args.size], **overrides), Path(args.corpus), out, args.minutes, args.seed, device)
+    return 0
+
+
+TRAIN_FLAGS = {"epochs": float, "steps": int, "batch_size": int, "lr": float, "dropout": float, "aux_coef": float}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeflow", description=__doc__)
     p.add_argument("--version", action="version", version=f"moeflow {__version__}")
@@ -278,6 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--dtype", default="auto")
     s.set_defaults(func=cmd_synth)
+
+    from moeflow.train.demo import SIZES
+    t = sub.add_parser("train-demo", help="train the embedded demo model (a small Mixtral) on a text corpus")
+    t.add_argument("--corpus", required=True, help="folder of .txt/.rst/.md files (e.g. the Python docs sources)")
+    t.add_argument("--out", required=True, help="folder to write the Hugging Face checkpoint into")
+    t.add_argument("--size", default="demo", choices=list(SIZES), help="demo (GPU, minutes), tiny (CPU), test")
+    t.add_argument("--minutes", type=float, default=7.0, help="wall-clock limit on training; export follows")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", help="cuda or cpu (default: cuda where available)")
+    for name, typ in TRAIN_FLAGS.items():
+        t.add_argument(f"--{name.replace('_', '-')}", type=typ,
+                       help=f"default: {getattr(SIZES['demo'], name)} (--size demo)")
+    t.set_defaults(func=cmd_train_demo)
     return p
 
 

@@ -50,6 +50,27 @@ def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     return out.to(x.dtype)
 
 
+def looped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                   gate_up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+    """Each selected expert on its tokens, one after the other (any device and dtype; one host sync).
+
+    x [N, H], gate_up [E, 2I, H], down_t [E, I, H] -> [N, H]."""
+    N, K = topk_ids.shape
+    order, counts = group_by_expert(topk_ids, gate_up.shape[0])
+    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)  # fp32 accumulation
+    flat_w = topk_weights.flatten()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        idx = order[start:start + n]
+        start += n
+        tok = idx // K
+        y = expert_ffn(x[tok], gate_up[e], down_t[e])                # [n, H]
+        out.index_add_(0, tok, y.float() * flat_w[idx, None].float())
+    return out.to(x.dtype)
+
+
 def can_group(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
@@ -68,20 +89,7 @@ class LocalExperts:
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
-        N, K = topk_ids.shape
         gate_up, down_t = self.store.gate_up(layer), self.store.down_t(layer)  # [E, 2I, H], [E, I, H]
         if self.grouped or (self.grouped is None and can_group(x)):
             return grouped_experts(x, topk_ids, topk_weights, gate_up, down_t)
-        order, counts = group_by_expert(topk_ids, gate_up.shape[0])
-        out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)  # fp32 accumulation
-        flat_w = topk_weights.flatten()
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = order[start:start + n]
-            start += n
-            tok = idx // K
-            y = expert_ffn(x[tok], gate_up[e], down_t[e])                # [n, H]
-            out.index_add_(0, tok, y.float() * flat_w[idx, None].float())
-        return out.to(x.dtype)
+        return looped_experts(x, topk_ids, topk_weights, gate_up, down_t)

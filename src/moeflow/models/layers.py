@@ -3,7 +3,8 @@
 Legend: N = packed tokens of the batch, B = sequences, Tq = longest new run, Tk = longest context,
 H = hidden, Hq/Hkv = query/key-value heads, D = head dim, E = experts, K = experts per token.
 Tokens of all sequences are packed into one [N, H] tensor so that norms, projections and experts never
-see padding; only attention pads, per sequence, to [B, Tq].
+see padding; only attention pads, per sequence, to [B, Tq]. Without a KV cache (training, scoring) the
+packed tokens are B full rows of Tq tokens (AttnBatch.full) and attention runs on them directly.
 """
 
 from __future__ import annotations
@@ -70,6 +71,19 @@ class AttnBatch:
                    causal=causal, kv_len=kv_len, q_len=q_len,
                    slot_range=(slots[0], slots[0] + B) if contiguous else None,
                    single=(slots[0], starts[0]) if B == 1 else None)
+
+    @classmethod
+    def full(cls, B: int, T: int, device: torch.device, sliding_window: int | None = None) -> AttnBatch:
+        """B sequences of T tokens from position 0 and no KV cache (training, scoring): the packed tokens
+        are the [B, T] batch in row-major order."""
+        rows = torch.arange(T, device=device)
+        mask = None
+        if sliding_window is not None and T > sliding_window:
+            d = rows[:, None] - rows[None, :]                                    # [Tq, Tk] query - key
+            mask = ((d >= 0) & (d < sliding_window))[None, None]
+        seqs = torch.arange(B, device=device)
+        return cls(slots=seqs, tok_seq=seqs.repeat_interleave(T), tok_row=rows.repeat(B), positions=rows.repeat(B),
+                   mask=mask, causal=mask is None, kv_len=T, q_len=T, slot_range=None)
 
     @classmethod
     def graph_decode(cls, slot: int, positions: torch.Tensor, max_len: int,
@@ -143,7 +157,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttnBatch,
-                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         N, D = x.shape[0], self.head_dim
         q = self.q_proj(x).view(N, self.n_heads, D)  # [N, Hq, D]
         k = self.k_proj(x).view(N, self.n_kv, D)     # [N, Hkv, D]
@@ -152,6 +166,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, *rope), rotate(k, *rope)
 
+        if kv is None:
+            return self.o_proj(self._uncached(q, k, v, batch).reshape(N, self.n_heads * D))
         k_cache, v_cache = kv                        # [slots, max_len, Hkv, D]
         if batch.single is not None:
             return self.o_proj(self._single(q, k, v, k_cache, v_cache, batch).reshape(N, self.n_heads * D))
@@ -174,6 +190,16 @@ class Attention(nn.Module):
         o = O.transpose(1, 2)[batch.tok_seq, batch.tok_row]                  # [N, Hq, D]
         return self.o_proj(o.reshape(N, self.n_heads * D))
 
+    def _uncached(self, q, k, v, batch: AttnBatch) -> torch.Tensor:
+        """No KV cache: the packed tokens are B rows of Tq (AttnBatch.full). -> [N, Hq, D]"""
+        T = batch.q_len
+        B = q.shape[0] // T
+        # K/V heads repeated rather than enable_gqa: every SDPA backend takes equal head counts, backward included
+        k, v = (t.repeat_interleave(self.n_heads // self.n_kv, dim=1) for t in (k, v))  # [N, Hq, D]
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, Hq, T, D]
+        with sdpa_backends(q.device):
+            O = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, is_causal=batch.causal)
+        return O.transpose(1, 2).reshape(B * T, self.n_heads, self.head_dim)
 
     def _single(self, q, k, v, k_cache, v_cache, batch: AttnBatch) -> torch.Tensor:
         """One sequence: cache writes are slices and the query needs no padding. -> [N, Hq, D]"""
@@ -256,12 +282,13 @@ class MoeTransformer(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, tokens: torch.Tensor, batch: AttnBatch, kv_cache) -> torch.Tensor:
-        """tokens [N] -> final hidden states [N, H]; kv_cache[i] is layer i's (k, v)."""
+    def forward(self, tokens: torch.Tensor, batch: AttnBatch, kv_cache=None) -> torch.Tensor:
+        """tokens [N] -> final hidden states [N, H]; kv_cache[i] is layer i's (k, v); None: no cache, and
+        `batch` is an AttnBatch.full."""
         x = self.embed_tokens(tokens)
         rope = self.rotary(batch.positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, batch, kv_cache[i])
+            x = layer(x, rope, batch, None if kv_cache is None else kv_cache[i])
         return self.norm(x)
 
     def set_experts(self, experts: ExpertBackend) -> None:
