@@ -400,3 +400,22 @@ def test_yarn_rope_scaling_beside_default_rope_parameters(mixtral):
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}))
     with pytest.raises(MoeflowError, match=r"RoPE"):
         load(mixtral)
+
+
+def test_expert_store_moves_between_layouts():
+    """The host store keeps down transposed, a GPU store as published; moving a store keeps every matrix."""
+    from moeflow.experts.store import ExpertStore
+    from moeflow.synthetic import build_synthetic
+
+    ck = build_synthetic("tiny-qwen3")
+    assert ck.store.down_transposed and not ExpertStore(ck.cfg, torch.float32, "meta").down_transposed
+    gpu_like = ExpertStore(ck.cfg, ck.store.data.dtype, "cpu", down_transposed=False)
+    for layer in ck.store.layers:
+        gpu_like.gate_up(layer).copy_(ck.store.gate_up(layer))
+        gpu_like.down_t(layer).copy_(ck.store.down_t(layer))
+    assert not torch.equal(gpu_like.data, ck.store.data)  # the layouts do differ
+    back = gpu_like.to("cpu")
+    for layer in ck.store.layers:
+        for e in (0, ck.cfg.num_experts - 1):
+            for part in ("gate", "up", "down"):
+                assert torch.equal(back.part(layer, e, part), ck.store.part(layer, e, part))

@@ -19,13 +19,13 @@ from moeflow.models.base import EXPERT_PARTS
 
 class ExpertStore:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 data: torch.Tensor | None = None):
+                 data: torch.Tensor | None = None, down_transposed: bool | None = None):
         self.cfg, self.layers = cfg, cfg.moe_layers
         self.slot = {layer: i for i, layer in enumerate(self.layers)}  # model layer -> row of data
         shape = (len(self.layers), cfg.num_experts, cfg.expert_numel)
         self.data = torch.empty(shape, dtype=dtype, device=device) if data is None else data  # [L, E, 3IH]
         assert tuple(self.data.shape) == shape, (tuple(self.data.shape), shape)
-        self.down_transposed = self.data.device.type == "cpu"
+        self.down_transposed = self.data.device.type == "cpu" if down_transposed is None else down_transposed
         self.pinned = False
 
     @property
@@ -60,6 +60,14 @@ class ExpertStore:
         I, H = self.cfg.expert_intermediate_size, self.cfg.hidden_size
         d = self.data[self.slot[layer], :, 2 * I * H:]
         return d.view(-1, I, H) if self.down_transposed else d.view(-1, H, I).transpose(1, 2)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ExpertStore:
+        """A copy on `device`, in that device's layout."""
+        out = ExpertStore(self.cfg, dtype or self.data.dtype, device)
+        for layer in self.layers:
+            out.gate_up(layer).copy_(self.gate_up(layer))
+            out.down_t(layer).copy_(self.down_t(layer))
+        return out
 
     def pin(self) -> None:
         """Page-lock the whole store in place (cudaHostRegister) so copies from it run asynchronously at full

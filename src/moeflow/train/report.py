@@ -15,7 +15,6 @@ from moeflow.checkpoint import Checkpoint, load
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
 from moeflow.experts.local import LocalExperts
-from moeflow.experts.store import ExpertStore
 from moeflow.models import get_architecture
 from moeflow.models.layers import AttnBatch, MoeTransformer
 from moeflow.synthetic import write_checkpoint
@@ -58,7 +57,7 @@ def export(trainee, tokenizer: TextTokenizer, out: Path) -> None:
     """Write a Trainee's weights as a bf16 Hugging Face Mixtral folder."""
     cfg = trainee.cfg
     arch = get_architecture(cfg.model_type)
-    store = ExpertStore(cfg, torch.bfloat16, "cpu", data=trainee.experts.detach().to("cpu", torch.bfloat16))
+    store = trainee.store.to("cpu", torch.bfloat16)  # the host layout differs from the GPU's (down transposed)
     with torch.device("meta"):
         model = arch.build(cfg, LocalExperts(store))
     state = {k: v.detach().to("cpu", torch.bfloat16) for k, v in trainee.model.state_dict().items()}
