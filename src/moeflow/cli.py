@@ -13,7 +13,7 @@ from tqdm import tqdm
 from moeflow import MoeflowError, __version__
 from moeflow.engine.sequence import SamplingParams
 
-DEFAULT_MODEL = "synthetic:tiny-mixtral"  # the embedded default: needs no download
+DEFAULT_MODEL = "builtin:pydoc-moe"  # the embedded default: a small Mixtral trained on the Python docs, shipped
 DEFAULT_PROMPT = "Explain in one paragraph why mixture-of-experts models are cheap to run."
 _SP = {f.name: f.default for f in fields(SamplingParams)}
 
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt, streaming it")
-    g.add_argument("--model", help=f"checkpoint folder or synthetic:NAME (default: {DEFAULT_MODEL})")
+    g.add_argument("--model", help=f"checkpoint folder, builtin:NAME or synthetic:NAME (default: {DEFAULT_MODEL})")
     g.add_argument("--prompt", default=DEFAULT_PROMPT)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     g.add_argument("--system", help="system message (with --chat)")
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     pe = sub.add_parser("profile-experts", help="count how often each expert is used, for --placement")
-    pe.add_argument("--model", help=f"checkpoint folder or synthetic:NAME (default: {DEFAULT_MODEL})")
+    pe.add_argument("--model", help=f"checkpoint folder, builtin:NAME or synthetic:NAME (default: {DEFAULT_MODEL})")
     pe.add_argument("--prompts", help="prompt file (JSONL with turns/text/prompt, or one prompt per line)")
     pe.add_argument("--trace", help="a recorded routing trace instead of prompts")
     pe.add_argument("--out", required=True, help="placement JSON to write")

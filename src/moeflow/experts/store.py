@@ -11,6 +11,8 @@ falls back to a per-group loop that reads the group sizes on the host, which a C
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from moeflow.config import ModelConfig
@@ -70,14 +72,25 @@ class ExpertStore:
         return out
 
     def pin(self) -> None:
-        """Page-lock the whole store in place (cudaHostRegister) so copies from it run asynchronously at full
-        PCIe speed; one registration of the big tensor, not one pinned allocation per expert."""
+        """Page-lock the store so copies from it run asynchronously at full PCIe speed. A big store is
+        registered in place (cudaHostRegister: one registration, no second copy, none of the pinned allocator's
+        power-of-two rounding) and unregistered when the store goes; a small one (which may share pages with
+        other tensors, and a page can be registered only once) is copied into pinned memory instead."""
         if self.pinned or self.data.device.type != "cpu" or not torch.cuda.is_available():
             return
-        err = int(torch.cuda.cudart().cudaHostRegister(self.data.data_ptr(), self.nbytes, 0))
-        if err != 0:
-            raise RuntimeError(f"cudaHostRegister of {self.nbytes / 2**30:.1f} GiB failed with CUDA error {err}")
+        if self.nbytes < PIN_IN_PLACE_BYTES:
+            self.data = self.data.pin_memory()
+        else:
+            cudart, ptr = torch.cuda.cudart(), self.data.data_ptr()
+            err = int(cudart.cudaHostRegister(ptr, self.nbytes, 0))
+            if err != 0:
+                raise RuntimeError(f"cudaHostRegister of {self.nbytes / 2**30:.1f} GiB failed with CUDA error {err}")
+            # the memory may be freed and reused by the next store: a page stays registered until unregistered
+            weakref.finalize(self.data, cudart.cudaHostUnregister, ptr)
         self.pinned = True
+
+
+PIN_IN_PLACE_BYTES = 256 * 2**20
 
 
 def expert_rows(block: torch.Tensor, inter: int, r0: int, r1: int) -> tuple[torch.Tensor, ...]:
