@@ -23,8 +23,9 @@ shipped = pytest.mark.skipif(not (FOLDER / "model.safetensors").exists(),
                              reason=f"the trained demo model is not in {FOLDER} yet (README: the demo model)")
 
 PROMPT = "The :mod:`json` module"
-GREEDY = "\n================================\n\n.. module:: json\n   :synopsis: A module-level interface to the :mod:`json`"
 # the first 24 greedy tokens' text in fp32 on a CPU, recorded when the weights were committed
+GREEDY = "\n================================\n\n.. module:: json\n   :synopsis: A module-level interface to the " \
+         ":mod:`json`"
 # Documentation-style text the model was not trained on (written for this test), for the routing figures.
 TEXT = """\
 :mod:`queue` --- A synchronized queue class
