@@ -77,6 +77,9 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompt: list[int], ttft_prompt
             "share_gpu_copied": d["copied_experts"] / lookups,
             "bound_tps": 1 / bound_s, "fraction_of_bound": (n / dt) * bound_s,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+            # per decode token (ms): the whole step, inside the expert backend, the parts of that
+            "ms_per_token": {"step": dt / n * 1e3, "outside_experts": (dt - d["backend_s"]) / n * 1e3,
+                             **{k[:-2]: d[k] / n * 1e3 for k in ("backend_s", "sync_s", "cpu_s", "cpu_wait_s")}},
             "budget": engine.budget, "costs": backend.costs.as_dict() if backend.costs else None,
         }
     finally:
@@ -138,6 +141,8 @@ def print_rows(rows: list[dict], header: bool = False) -> None:
               f"{f('ttft_s', '.2f'):>8}{f('hit_rate', '.2f'):>6}{f('share_cpu', '.2f'):>6}"
               f"{f('share_gpu_copied', '.2f'):>6}{f('bound_tps', '.2f'):>8}{f('fraction_of_bound', '.2f'):>9}{peak:>9}",
               flush=True)
+        if r.get("ms_per_token"):
+            print("    ms/token: " + ", ".join(f"{k} {v:.1f}" for k, v in r["ms_per_token"].items()), flush=True)
 
 
 def save(meta: dict, rows: list[dict], path: str | Path) -> None:

@@ -37,6 +37,12 @@ class OffloadStats:
     copied_experts: float = 0.0
     bytes_h2d: int = 0        # expert weights copied host -> GPU
     miss_bytes: int = 0       # weights of the experts that were not on the GPU when needed
+    # where the host's time goes (seconds): in the backend in all, waiting for the GPU at the per-layer sync,
+    # the CPU worker busy on experts, and waiting for that worker once the GPU's share is launched
+    backend_s: float = 0.0
+    sync_s: float = 0.0
+    cpu_s: float = 0.0
+    cpu_wait_s: float = 0.0
 
     @property
     def hit_rate(self) -> float:
@@ -135,11 +141,13 @@ class OffloadedExperts:
                  topk_weights: torch.Tensor) -> torch.Tensor:
         N, K = topk_ids.shape
         l, I = self.host.slot[layer], self.inter
+        s, t_in = self.stats, time.perf_counter()
         # One sync per layer: the routing (and the activations, for the CPU) come to the host.
         ids_h, w_h, x_h = (t.to("cpu", non_blocking=True) for t in (topk_ids, topk_weights, x))
         if self.cuda:
             self._arrived.record()
             self._arrived.synchronize()  # a blocking wait: a spinning one would take a core from the CPU experts
+        s.sync_s += time.perf_counter() - t_in
         order_h = torch.argsort(ids_h.flatten(), stable=True)                  # [N*K] grouped by expert
         counts = torch.bincount(ids_h.flatten(), minlength=self.E).tolist()
         starts = [0]
@@ -156,7 +164,7 @@ class OffloadedExperts:
             if r > 0:
                 idx = order_h[starts[e]:starts[e + 1]]
                 cpu_jobs.append((e, r, idx // K, w_h.flatten()[idx]))
-        future = self.pool.submit(self._cpu_part, l, x_h, cpu_jobs) if cpu_jobs else None
+        future = self.pool.submit(self._timed_cpu_part, l, x_h, cpu_jobs) if cpu_jobs else None
 
         # Copies on the copy stream; the GPU computes the experts already there, then each copy as it lands.
         # A slot reused within this layer (more copies than slots) first gets its current expert computed.
@@ -178,15 +186,17 @@ class OffloadedExperts:
         for slot, job in pending.items():
             self._compute(out, x, order, w_flat, starts, K, slot, *job)
         if future is not None:
+            t = time.perf_counter()
             out += future.result().to(self.device, non_blocking=True)
+            s.cpu_wait_s += time.perf_counter() - t
 
-        s = self.stats
         s.lookups += len(experts)
         s.hits += len(experts) - len(misses)
         s.resident_hits += sum(1 for e in experts if (l, e) in self.cache.resident)
         s.cpu_experts += sum(r / I for r in rows.values())
         s.copied_experts += sum((I - r) / I for r in rows.values())
         s.miss_bytes += len(misses) * self.host.expert_bytes
+        s.backend_s += time.perf_counter() - t_in
         return out.to(x.dtype)
 
     def _compute(self, out, x, order, w_flat, starts, K, slot, e, r, ready) -> None:
@@ -215,6 +225,12 @@ class OffloadedExperts:
                 for d, s in zip(expert_rows(dst, I, r, I), expert_rows(src, I, r, I)):
                     d.copy_(s, non_blocking=True)
             return self.copy_stream.record_event() if self.cuda else None
+
+    def _timed_cpu_part(self, l: int, x: torch.Tensor, jobs) -> torch.Tensor:
+        t = time.perf_counter()
+        out = self._cpu_part(l, x, jobs)
+        self.stats.cpu_s += time.perf_counter() - t
+        return out
 
     def _cpu_part(self, l: int, x: torch.Tensor, jobs) -> torch.Tensor:
         """Rows 0:r of each job's expert on the CPU, weighted and summed: [N, H] fp32 (pinned when a GPU waits)."""
