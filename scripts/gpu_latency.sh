@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On the GPU host, one call: the offloading tests, then `moeflow bench latency` stages (results under $OUT).
+# Needs .carry/data with mt_bench.jsonl, the Mixtral routing trace and a placement made from it:
+#   moeflow profile-experts --model synthetic:mixtral-8x7b --trace .carry/data/mixtral-8x7b-instruct.humaneval.jsonl \
+#       --out .carry/data/mixtral-trace-placement.json
+# Usage: bash scripts/gpu_latency.sh STAGE...   with stages
+#   tests      the GPU tests (tests/test_gpu*.py, and the CPU-kernel tests)
+#   mixtral24  Mixtral-8x7B at 24 GiB: auto, fiddler, lru; native routing and the trace replayed
+#   mixtral76  the same at 76 GiB
+#   baseline   transformers + accelerate at 24 GiB (BASELINE_TOKENS new tokens, default 8)
+#   qwen16     Qwen3-30B-A3B at 16 GiB, native routing
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+D=.carry/data
+NEW=${NEW_TOKENS:-128}
+mixtral() {  # budget, extra args
+  python3 -m moeflow bench latency --model synthetic:mixtral-8x7b --budgets "$1" --policies "${POLICIES:-auto,fiddler,lru}" \
+    --prompts $D/mt_bench.jsonl --routing-trace $D/mixtral-8x7b-instruct.humaneval.jsonl \
+    --trace-placement $D/mixtral-trace-placement.json --new-tokens "$NEW" "${@:2}" 2>&1 | tee "$OUT/latency-mixtral-$1.log"
+}
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_offload.py \
+             $(ls tests/test_cpu_experts.py 2>/dev/null) 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    mixtral24) mixtral 24GiB --out "$OUT/latency-mixtral-24GiB.json" ;;
+    mixtral76) mixtral 76GiB --out "$OUT/latency-mixtral-76GiB.json" ;;
+    baseline) python3 -m moeflow bench latency --model synthetic:mixtral-8x7b --budgets 24GiB --policies auto \
+                --prompts $D/mt_bench.jsonl --new-tokens 16 --baseline-tokens "${BASELINE_TOKENS:-8}" \
+                --out "$OUT/latency-baseline.json" 2>&1 | tee "$OUT/latency-baseline.log" ;;
+    qwen16) python3 -m moeflow bench latency --model synthetic:qwen3-30b-a3b --budgets 16GiB \
+              --policies "${POLICIES:-auto,fiddler,lru}" --prompts $D/mt_bench.jsonl --new-tokens "$NEW" \
+              --out "$OUT/latency-qwen3-16GiB.json" 2>&1 | tee "$OUT/latency-qwen3-16GiB.log" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
