@@ -51,6 +51,26 @@ def test_policies_give_the_all_gpu_tokens(hf_checkpoint, model_type, policy):
     assert engine.model.experts.stats.lookups > 0
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_piecewise_graphs_give_the_eager_tokens(hf_checkpoint, model_type):
+    """Offloaded decode replays one CUDA graph per stretch between MoE layers; it gives the eager tokens and
+    counts each expert lookup once per step (the capture's warm-up runs no experts)."""
+    from moeflow.engine.cuda_graph import PiecewiseDecodeGraph
+
+    path, _ = hf_checkpoint(model_type)
+    runs = []
+    for graphs in (False, True):
+        ck = load(path, device="cuda", dtype="fp32", expert_device="cpu")
+        engine = LLMEngine(ck, max_seqs=1, max_len=MAX_LEN, cuda_graphs=graphs,
+                           offload=OffloadConfig(budget_for(ck, 5, max_seqs=1), "auto"))
+        (seq,) = engine.generate([list(range(5, 22))], SamplingParams(max_new_tokens=16, ignore_eos=True))
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        runs.append((seq.output_ids, engine.model.experts.stats.lookups, engine.graphs))
+    (eager, n_eager, _), (graphed, n_graphed, g) = runs
+    assert graphed == eager and n_graphed == n_eager
+    assert g and all(isinstance(v, PiecewiseDecodeGraph) for v in g.values())
+
+
 def test_peak_gpu_memory_stays_under_the_budget():
     ck = load("synthetic:tiny-mixtral", device="cuda", dtype="bf16", expert_device="cpu")
     budget = budget_for(ck, 6, max_seqs=1)

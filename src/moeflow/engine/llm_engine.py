@@ -17,7 +17,7 @@ import torch
 from moeflow import MoeflowError
 from moeflow.checkpoint import Checkpoint
 from moeflow.config import OffloadConfig
-from moeflow.engine.cuda_graph import DecodeGraph, graphs_possible
+from moeflow.engine.cuda_graph import DecodeGraph, PiecewiseDecodeGraph, graphs_possible
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.sampler import sample
 from moeflow.engine.sequence import SamplingParams, Sequence, Status
@@ -131,8 +131,8 @@ class LLMEngine:
         if len(seqs) == 1 and q_lens == [1] and not all_logits and self._graphs_on():
             (s,) = seqs
             if s.slot not in self.graphs:
-                self.graphs[s.slot] = DecodeGraph(self.model, self.cache, s.slot, self.max_len,
-                                                  self.ck.cfg.sliding_window)
+                kind = DecodeGraph if graphs_possible(self.model) else PiecewiseDecodeGraph
+                self.graphs[s.slot] = kind(self.model, self.cache, s.slot, self.max_len, self.ck.cfg.sliding_window)
             logits = self.graphs[s.slot](new[0][0], s.num_cached)
             s.num_cached += 1
             return logits
@@ -147,7 +147,7 @@ class LLMEngine:
         return self.model.logits(hidden)
 
     def _graphs_on(self) -> bool:
-        return self.cuda_graphs and graphs_possible(self.model)
+        return self.cuda_graphs and self.device.type == "cuda"
 
     def _postprocess(self, seq: Sequence, token: int) -> GenerationResponse:
         now = time.perf_counter()
