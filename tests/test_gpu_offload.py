@@ -22,6 +22,13 @@ pytestmark = pytest.mark.gpu
 MAX_LEN = 64
 
 
+@pytest.fixture(autouse=True)
+def whole_gpu_after():
+    """An offloaded engine caps the process's GPU memory at its budget; the next test starts uncapped."""
+    yield
+    torch.cuda.set_per_process_memory_fraction(1.0)
+
+
 def budget_for(ck, slots: int, max_seqs: int = 2) -> int:
     kv = ck.cfg.kv_bytes_per_token(ck.store.data.dtype) * max_seqs * MAX_LEN
     return ck.dense_bytes + kv + workspace_bytes(ck.cfg, MAX_LEN, ck.store.data.element_size()) + \

@@ -419,3 +419,17 @@ def test_expert_store_moves_between_layouts():
         for e in (0, ck.cfg.num_experts - 1):
             for part in ("gate", "up", "down"):
                 assert torch.equal(back.part(layer, e, part), ck.store.part(layer, e, part))
+
+
+def test_synthetic_experts_do_not_depend_on_the_store_layout():
+    """The GPU keeps down as published, the host transposed: a synthetic model must be the same model on both."""
+    from moeflow.experts.store import ExpertStore
+    from moeflow.synthetic import RandomFiller, build_synthetic, fill_store
+
+    ck = build_synthetic("tiny-qwen3")
+    published = ExpertStore(ck.cfg, ck.store.data.dtype, "cpu", down_transposed=False)
+    fill_store(RandomFiller("cpu", published.data.dtype, 1, published.data.numel()), published)
+    assert not torch.equal(published.data, ck.store.data)  # the memory differs ...
+    for layer in ck.store.layers:                          # ... the matrices do not
+        assert torch.equal(published.gate_up(layer), ck.store.gate_up(layer))
+        assert torch.equal(published.down_t(layer), ck.store.down_t(layer))

@@ -39,13 +39,14 @@ def budget_for(ck, slots: int, max_seqs: int = 2) -> int:
     return fixed + slots * ck.store.expert_bytes
 
 
-def run(path, offload=None, costs=None, max_seqs=2):
+def run(path, offload=None, costs=None, max_seqs=2, calibrate=False):
     ck = load(path, device="cpu", expert_device="cpu")
     if offload is not None:
         offload = OffloadConfig(budget_for(ck, offload.pop("slots"), max_seqs), **offload)
     engine = LLMEngine(ck, max_seqs=max_seqs, max_len=MAX_LEN, offload=offload)
     if costs is not None:
         engine.model.experts.costs = costs
+        engine.model.experts.calibrate = calibrate  # hand-made costs stay as made
     seqs = engine.generate(prompts(), GREEDY)
     return [s.output_ids for s in seqs], engine
 
@@ -86,6 +87,16 @@ def test_auto_splits_and_hand_made_costs_keep_the_tokens(ckpt, cpu_per_token, co
     s = engine.model.experts.stats
     if cpu_per_token == copy:
         assert 0 < s.cpu_experts and 0 < s.copied_experts
+
+
+def test_auto_corrects_its_cpu_costs_by_what_it_observes(ckpt):
+    """Costs that claim a CPU 1000x faster than this one: the observed CPU time scales them up (to the clamp),
+    and the tokens do not change."""
+    want, _ = run(ckpt)
+    got, engine = run(ckpt, {"slots": 4, "policy": "auto"}, costs=costs_table(1e-9, 1.0), calibrate=True)
+    assert got == want
+    backend = engine.model.experts
+    assert backend.stats.cpu_experts > 0 and backend.cpu_scale > 3.0
 
 
 def test_auto_measures_costs_on_this_machine(ckpt):

@@ -68,6 +68,22 @@ class RandomFiller:
             i += n
 
 
+def fill_store(filler: RandomFiller, store: ExpertStore) -> None:
+    """Random experts, the same values whatever the device: drawn in the host layout (down transposed) and,
+    for a store that keeps down as published, transposed into place."""
+    I, H = store.cfg.expert_intermediate_size, store.cfg.hidden_size
+    tmp = None if store.down_transposed else torch.empty_like(store.data[0, 0])  # [3IH]
+    for layer in store.layers:
+        for e in range(store.cfg.num_experts):
+            block = store.block(layer, e)
+            if tmp is None:
+                filler.fill(block)
+                continue
+            filler.fill(tmp)
+            block[:2 * I * H].copy_(tmp[:2 * I * H])
+            block[2 * I * H:].view(H, I).copy_(tmp[2 * I * H:].view(I, H).t())
+
+
 def _tokenizer_for(hf: dict):
     if hf["model_type"] == "mixtral":
         return synthetic_tokenizer(hf["vocab_size"], _MIXTRAL_SPECIALS, "<s>", "</s>", MIXTRAL_TEMPLATE)
@@ -94,9 +110,7 @@ def build_synthetic(name: str, device="cpu", dtype=None, expert_device=None, see
     with torch.no_grad():
         for pname, p in model.named_parameters():
             p.fill_(1.0) if pname.endswith("norm.weight") else filler.fill(p)
-        if expert_device != device:
-            filler = RandomFiller(expert_device, dtype, seed + 1, store.data.numel())
-        filler.fill(store.data)
+        fill_store(RandomFiller(expert_device, dtype, seed + 1, store.data.numel()), store)
     model.tie_weights()
     return Checkpoint(f"synthetic:{name}", arch, cfg, model.eval(), store, _tokenizer_for(hf),
                       {"bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id")},

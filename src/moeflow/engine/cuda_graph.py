@@ -21,17 +21,18 @@ class DecodeGraph:
         # Capture at the last position: the warm-up runs write K/V there, and every step writes its own
         # position before any step reads it.
         self.position = torch.full((1,), max_len - 1, dtype=torch.long, device=dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
+        # warm-up and capture on one side stream: cuBLAS keeps a workspace per stream, allocated at first use
+        self.stream = torch.cuda.Stream(dev)
+        self.stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(self.stream):
             for _ in range(2):  # warm-up: lazy initialization must not happen during capture
                 self._step()
-        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.current_stream(dev).wait_stream(self.stream)
         self._capture(dev)
 
     def _capture(self, dev: torch.device) -> None:
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=self.stream):
             self.logits = self._step()  # [1, V]
 
     def _step(self) -> torch.Tensor:
@@ -87,11 +88,9 @@ class PiecewiseDecodeGraph(DecodeGraph):
             model.set_experts(self.experts)
 
     def _capture(self, dev: torch.device) -> None:
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
         torch.cuda.synchronize(dev)
         self.capturing = True
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(self.stream):
             self.graphs.append(torch.cuda.CUDAGraph())
             self.graphs[-1].capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
@@ -99,7 +98,7 @@ class PiecewiseDecodeGraph(DecodeGraph):
             finally:
                 self.graphs[-1].capture_end()
                 self.capturing = False
-        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.current_stream(dev).wait_stream(self.stream)
 
     def __call__(self, token: int, position: int) -> torch.Tensor:
         self.token.fill_(token)

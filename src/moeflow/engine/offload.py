@@ -19,7 +19,7 @@ from moeflow.perf.costs import ExpertCosts
 from moeflow.policy import get_policy
 from moeflow.policy.placement import Placement, even_resident
 
-WORKSPACE_FIXED = 256 << 20  # allocator slack, cuBLAS workspace, small buffers
+WORKSPACE_FIXED = 384 << 20  # allocator slack, cuBLAS workspaces (one per stream), CUDA-graph pools, small buffers
 CPU_THREADS = torch.get_num_threads()  # PyTorch's default: the physical cores
 
 

@@ -26,6 +26,8 @@ from moeflow.policy.base import OffloadPolicy, SlotSplit
 from moeflow.policy.eviction import EVICTION
 
 Key = tuple[int, int]
+CPU_SCALE_SMOOTHING = 0.2      # weight of the newest layer in the CPU-speed correction
+CPU_SCALE_RANGE = (0.25, 4.0)  # one odd layer (a page fault, a preempted thread) moves it at most this far
 
 
 @dataclass
@@ -115,6 +117,9 @@ class OffloadedExperts:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-cpu-experts")
         self.stats = OffloadStats()
         self.costs = costs
+        # observed / predicted CPU time, smoothed: the CPU's speed beside the copies and the GPU driver thread
+        # is what the plan needs, and it differs from a measurement taken alone
+        self.cpu_scale, self.calibrate = 1.0, True
         if costs is None and policy.needs_costs:
             self.costs = self.measure_costs()
 
@@ -156,7 +161,8 @@ class OffloadedExperts:
         experts = [e for e in range(self.E) if counts[e]]
         found = {e: self.cache.lookup((l, e)) for e in experts}
         misses = {e: counts[e] for e in experts if found[e] is None}
-        rows = self.policy.plan(misses, self.costs, I, self.cache.capacity(l)) if misses else {}
+        costs = self.costs.scaled(self.cpu_scale) if self.costs is not None else None
+        rows = self.policy.plan(misses, costs, I, self.cache.capacity(l)) if misses else {}
 
         # The CPU's share starts first: it is usually the longest.
         cpu_jobs = []
@@ -229,7 +235,12 @@ class OffloadedExperts:
     def _timed_cpu_part(self, l: int, x: torch.Tensor, jobs) -> torch.Tensor:
         t = time.perf_counter()
         out = self._cpu_part(l, x, jobs)
-        self.stats.cpu_s += time.perf_counter() - t
+        dt = time.perf_counter() - t
+        self.stats.cpu_s += dt
+        if self.costs is not None and self.calibrate:
+            predicted = sum(self.costs.cpu(len(tok), r / self.inter) for _, r, tok, _ in jobs)
+            ratio = min(max(dt / max(predicted, 1e-9), CPU_SCALE_RANGE[0]), CPU_SCALE_RANGE[1])
+            self.cpu_scale += CPU_SCALE_SMOOTHING * (ratio - self.cpu_scale)
         return out
 
     def _cpu_part(self, l: int, x: torch.Tensor, jobs) -> torch.Tensor:

@@ -12,7 +12,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -48,6 +48,10 @@ class ExpertCosts:
 
     def copy(self, f: float = 1.0) -> float:
         return self.copy_s * f + (self.copy_latency_s * 2 if 0 < f < 1 else 0.0)
+
+    def scaled(self, cpu: float) -> ExpertCosts:
+        """The same costs with the CPU's times multiplied by `cpu` (a correction observed while running)."""
+        return replace(self, cpu_s=tuple(t * cpu for t in self.cpu_s))
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
