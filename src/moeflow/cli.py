@@ -107,13 +107,10 @@ def cmd_profile_experts(args) -> int:
     if bool(args.prompts) == bool(args.trace):
         raise MoeflowError("give one of --prompts FILE or --trace FILE")
     if args.trace:
-        from moeflow.checkpoint import get_architecture, read_config
+        from moeflow.checkpoint import read_model_config
         from moeflow.experts.trace import load_trace
-        from moeflow.synthetic import PRESETS
 
-        name = args.model or DEFAULT_MODEL
-        hf = PRESETS[name.removeprefix("synthetic:")] if name.startswith("synthetic:") else read_config(Path(name))
-        cfg = get_architecture(hf.get("model_type")).config(hf)
+        name, cfg = read_model_config(args.model or DEFAULT_MODEL)
         trace = load_trace(args.trace)
         trace.check(cfg)
         placement = Placement(name, trace.counts(cfg.num_experts))
@@ -192,6 +189,46 @@ def cmd_bench_latency(args) -> int:
     if args.out:
         save(meta, rows, args.out)
     return 0
+
+
+def cmd_profile(args) -> int:
+    from moeflow.checkpoint import read_model_config
+    from moeflow.perf.profile import QUICK, Sizes, get_profile, profile_path
+
+    name, cfg = read_model_config(args.model)
+    profile, how = get_profile(cfg, args.device, args.refresh, sizes=QUICK if args.quick else Sizes())
+    if args.out:
+        profile.save(args.out)
+    print_profile(profile, cfg)
+    where = args.out or profile_path(profile.device_name)
+    print(f"{how} ({profile.source}); {'written to' if args.out else 'cached in'} {where}")
+    if not profile.has_gpu:
+        print("no GPU visible: the CPU side only was profiled; `moeflow plan` needs a GPU profile "
+              "(--profile FILE from a GPU host, or the built-in reference)")
+    return 0
+
+
+def print_profile(p, cfg=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{p.host}: {p.cpu_model} ({p.cpu_threads} threads) + {p.gpu_name or 'no GPU'}")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    rows = [("CPU memory read", f"{p.cpu_read_bw / 1e9:.1f} GB/s"), ("CPU matmul", f"{p.cpu_flops / 1e9:.0f} GFLOP/s")]
+    if p.has_gpu:
+        rows += [("host -> GPU (pinned)", f"{p.h2d_bw / 1e9:.1f} GB/s, {p.h2d_latency_s * 1e6:.0f} us"),
+                 ("GPU -> host (pinned)", f"{p.d2h_bw / 1e9:.1f} GB/s, {p.d2h_latency_s * 1e6:.0f} us"),
+                 ("GPU memory", f"{p.gpu_bw / 1e9:.0f} GB/s"), ("GPU bf16 matmul", f"{p.gpu_flops / 1e12:.0f} TFLOP/s")]
+    rows.append(("layer overhead", f"{p.layer_overhead_s * 1e3:.3f} ms"))
+    for key, e in p.experts.items():
+        ms = lambda v: "/".join(f"{x * 1e3:.2f}" for x in v)  # noqa: E731
+        rows.append((f"expert {key} CPU ms @ {'/'.join(map(str, e['tokens']))} tok", ms(e["cpu_s"])))
+        if p.has_gpu:
+            rows += [(f"expert {key} GPU ms", ms(e["gpu_s"])), (f"expert {key} copy", f"{e['copy_s'] * 1e3:.2f} ms")]
+    for r in rows:
+        t.add_row(*r)
+    Console().print(t)
 
 
 def torch_device_name(device) -> str:
@@ -291,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also run transformers + accelerate for this many new tokens (GPU only; 0 = skip)")
     bl.add_argument("--out", help="write the results as JSON here")
     bl.set_defaults(func=cmd_bench_latency)
+
+    pr = sub.add_parser("profile", help="measure this machine once (cached): bandwidths, expert times, links")
+    pr.add_argument("--model", default="synthetic:mixtral-8x7b", help="whose expert shape to time")
+    pr.add_argument("--device", default="cuda", help="cuda (the CPU side only where no GPU is visible) or cpu")
+    pr.add_argument("--refresh", action="store_true", help="measure again even if a cached profile exists")
+    pr.add_argument("--out", help="also write the profile JSON here")
+    pr.add_argument("--quick", action="store_true", help="tiny sizes (tests, smoke runs): rough figures")
+    pr.set_defaults(func=cmd_profile)
 
     s = sub.add_parser("synth", help="write random weights of a published shape as a Hugging Face folder")
     s.add_argument("name", help="mixtral-8x7b, qwen3-30b-a3b, tiny-mixtral or tiny-qwen3")
