@@ -214,6 +214,16 @@ def cached_profile(device_name: str | None = None) -> HardwareProfile | None:
     return p
 
 
+def profiled_costs(cfg: ModelConfig, dtype, device) -> ExpertCosts | None:
+    """The engine's costs from this machine's cached profile, if it measured cfg's expert shape on this GPU."""
+    import torch
+
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    dtype_name = str(dtype).removeprefix("torch.")
+    p = cached_profile(name)
+    return p.expert_costs(cfg, dtype_name) if p is not None and p.has_shape(cfg, dtype_name) else None
+
+
 # -- measuring -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Sizes:
