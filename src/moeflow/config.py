@@ -76,8 +76,10 @@ class ModelConfig:
         layers = sum(self.layer_dense_numel(i) for i in range(self.num_hidden_layers))
         return self.vocab_size * self.hidden_size + layers + self.hidden_size + head
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype.itemsize
+    def kv_bytes_per_token(self, dtype: torch.dtype | int) -> int:
+        """K and V of one token over all layers; dtype may be given as bytes per element."""
+        itemsize = dtype if isinstance(dtype, int) else dtype.itemsize
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
 
 
 def rope_theta_from_hf(hf: dict) -> float:
