@@ -259,7 +259,7 @@ def cmd_plan(args) -> int:
     name, cfg = read_model_config(args.model)
     budget = parse_size(args.gpu_memory)
     profile, said = _plan_profile(args, cfg)
-    con = Console(width=max(Console().width, 140))
+    con = Console(width=max(Console().width, 140), soft_wrap=True)
     con.print(f"{name} with --gpu-memory {_gib(budget)}; {said}")
     if not profile.has_shape(cfg):
         con.print(f"(expert times for {cfg.hidden_size}x{cfg.expert_intermediate_size} scaled from the shape the "

@@ -46,6 +46,11 @@ def cpu_expert_ffn(inter: int) -> Callable:
     return ffn
 
 
+def _plain(costs: ExpertCosts) -> dict:
+    """ExpertCosts as JSON holds it (lists, not tuples), so a profile equals its reloaded self."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in costs.as_dict().items()}
+
+
 def shape_key(cfg: ModelConfig, dtype_name: str = "bfloat16") -> str:
     return f"{cfg.hidden_size}x{cfg.expert_intermediate_size}:{dtype_name}"
 
@@ -162,7 +167,7 @@ def reference_profile() -> HardwareProfile:
         gpu_name="NVIDIA H100 80GB HBM3", gpu_memory=80 << 30, gpu_bw=3.0e12, gpu_flops=800e12,
         h2d_bw=54e9, h2d_latency_s=16e-6, d2h_bw=50e9, d2h_latency_s=16e-6,
         layer_overhead_s=(37e-3 - 3.2e9 / 3.0e12) / 32,
-        experts={"4096x14336:bfloat16": mixtral.as_dict()},
+        experts={"4096x14336:bfloat16": _plain(mixtral)},
         source="built-in reference: the H100 host of REFERENCE.md §3 (measured 2026-11-22), not this machine")
 
 
@@ -318,7 +323,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             for _ in range(20):
                 pool.submit(lambda: None).result()
             call = (time.perf_counter() - t0) / 20
-        expert = replace(costs, cpu_call_s=call).as_dict()
+        expert = _plain(replace(costs, cpu_call_s=call))
         blocks = None  # free the pool before the link measurements
         bar.update()
         if base:
