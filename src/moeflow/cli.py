@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import fields
@@ -151,6 +152,11 @@ def cmd_bench_latency(args) -> int:
     ck.store.pin()
     pin_s = time.perf_counter() - t
     ceil = ceilings(device)
+    profile = None
+    if device.type == "cuda":  # the timing model's predictions go beside each measurement
+        from moeflow.perf.profile import get_profile
+
+        profile = get_profile(ck.cfg, "cuda", dtype_name=str(ck.store.data.dtype).removeprefix("torch."))[0]
     print(f"{ck.name}: built/loaded in {load_s:.1f} s, pinned in {pin_s:.1f} s; CPU read "
           f"{ceil['cpu_read_bw'] / 1e9:.0f} GB/s, host->device {ceil['h2d_bw'] / 1e9:.0f} GB/s, "
           f"device memory {ceil['gpu_bw'] / 1e9:.0f} GB/s", flush=True)
@@ -165,7 +171,7 @@ def cmd_bench_latency(args) -> int:
             for policy in args.policies.split(","):
                 oc = OffloadConfig(budget, policy, args.placement if trace is None else args.trace_placement, trace)
                 try:
-                    r = run_policy(ck, oc, prompt, ttft_prompt, args.new_tokens, ceil, costs)
+                    r = run_policy(ck, oc, prompt, ttft_prompt, args.new_tokens, ceil, costs, profile)
                 except MoeflowError as e:
                     r = {"policy": policy, "gpu_memory_gib": budget / 2**30, "routing": trace or "native",
                          "error": str(e)}
@@ -325,6 +331,27 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_bench_accuracy(args) -> int:
+    from moeflow.bench.accuracy import accuracy_rows, load_results, plot, print_table
+    from moeflow.checkpoint import read_model_config
+
+    results = load_results(args.results)
+    _, cfg = read_model_config(args.model or results.get("model", "synthetic:mixtral-8x7b"))
+    profile, said = _plan_profile(args, cfg)
+    rows = accuracy_rows(results, profile, cfg)
+    if not rows:
+        raise MoeflowError(f"{args.results} holds no measured rows to compare")
+    if any("predicted_decode_tps" not in r for r in results["rows"] if "error" not in r):
+        print(f"rows without predictions are predicted here from {said}")
+    print_table(rows)
+    if args.plot:
+        plot(rows, args.plot, f"{results.get('model', '')} on {results.get('device', '')}")
+        print(f"wrote {args.plot}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def torch_device_name(device) -> str:
     import torch
 
@@ -444,6 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--host-memory", help="host memory the throughput plan may use (default: 90%% of the profile's)")
     pl.add_argument("--roofline", help="write the hierarchical roofline PNG here")
     pl.set_defaults(func=cmd_plan)
+
+    ba = bsub.add_parser("model-accuracy", help="the timing model's predictions against a `bench latency` JSON")
+    ba.add_argument("--results", required=True, help="JSON written by `moeflow bench latency --out`")
+    ba.add_argument("--plot", help="write the predicted-vs-measured PNG here")
+    ba.add_argument("--out", help="write the compared rows as JSON here")
+    ba.add_argument("--model", help="model whose config to use (default: the one the results name)")
+    ba.add_argument("--profile", help="hardware profile for rows without predictions (default: this machine's, "
+                    "else the built-in reference)")
+    ba.set_defaults(func=cmd_bench_accuracy)
 
     s = sub.add_parser("synth", help="write random weights of a published shape as a Hugging Face folder")
     s.add_argument("name", help="mixtral-8x7b, qwen3-30b-a3b, tiny-mixtral or tiny-qwen3")
