@@ -258,3 +258,25 @@ def test_plan_cli_errors(tmp_path, capsys):
     cpu_only.save(tmp_path / "cpu.json")
     assert main(["plan", "--gpu-memory", "24GiB", "--profile", str(tmp_path / "cpu.json")]) == 2
     assert "without a GPU" in capsys.readouterr().err
+
+
+def test_model_accuracy_cli(tmp_path, capsys):
+    ref = tmp_path / "ref.json"
+    reference_profile().save(ref)
+    rows = [{"policy": p, "gpu_memory_gib": 24, "routing": "native", "decode_tps": tps, "ttft_s": 1.0,
+             "ttft_prompt_tokens": 512, "hit_rate": 0.2} for p, tps in (("auto", 3.97), ("fiddler", 2.12))]
+    rows.append({"policy": "lru", "gpu_memory_gib": 24, "decode_tps": 2.8, "hit_rate": 0.2, "ttft_s": 2.0,
+                 "predicted_decode_tps": 2.5, "predicted_ttft_s": 1.5, "predicted_binding": "PCIe"})
+    rows.append({"policy": "gpu", "gpu_memory_gib": 24, "error": "too small"})
+    results = tmp_path / "latency.json"
+    results.write_text(json.dumps({"model": "synthetic:mixtral-8x7b", "new_tokens": 128, "rows": rows}))
+    out_json, png = tmp_path / "acc.json", tmp_path / "acc.png"
+    assert main(["bench", "model-accuracy", "--results", str(results), "--profile", str(ref), "--plot", str(png),
+                 "--out", str(out_json)]) == 0
+    got = json.loads(out_json.read_text())
+    assert [r["policy"] for r in got] == ["auto", "fiddler", "lru"]
+    assert got[2]["decode_error"] == pytest.approx(2.5 / 2.8 - 1)  # carried predictions are used as they are
+    assert all(abs(r["decode_error"]) < 0.5 for r in got)
+    assert "decode within 20%" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    assert png.exists()
