@@ -207,7 +207,7 @@ def cmd_profile(args) -> int:
         profile.save(args.out)
     print_profile(profile, cfg)
     where = args.out or profile_path(profile.device_name)
-    print(f"{how} ({profile.source}); {'written to' if args.out else 'cached in'} {where}")
+    print(f"{how}: {profile.source}; {'written to' if args.out else 'cached in'} {where}")
     if not profile.has_gpu:
         print("no GPU visible: the CPU side only was profiled; `moeflow plan` needs a GPU profile "
               "(--profile FILE from a GPU host, or the built-in reference)")
@@ -221,7 +221,7 @@ def print_profile(p, cfg=None) -> None:
     t = Table(title=f"{p.host}: {p.cpu_model} ({p.cpu_threads} threads) + {p.gpu_name or 'no GPU'}")
     t.add_column("figure")
     t.add_column("value", justify="right")
-    rows = [("CPU memory read", f"{p.cpu_read_bw / 1e9:.1f} GB/s"), ("CPU matmul", f"{p.cpu_flops / 1e9:.0f} GFLOP/s")]
+    rows = [("CPU memory read", f"{p.cpu_read_bw / 1e9:.1f} GB/s"), ("CPU matmul", f"{p.cpu_flops / 1e9:.1f} GFLOP/s")]
     if p.has_gpu:
         rows += [("host -> GPU (pinned)", f"{p.h2d_bw / 1e9:.1f} GB/s, {p.h2d_latency_s * 1e6:.0f} us"),
                  ("GPU -> host (pinned)", f"{p.d2h_bw / 1e9:.1f} GB/s, {p.d2h_latency_s * 1e6:.0f} us"),

@@ -298,7 +298,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
 
         step("CPU expert")
         H, I = cfg.hidden_size, cfg.expert_intermediate_size
-        n_blocks = max(2, min(16, -(-sizes.expert_pool_bytes // cfg.expert_bytes(dtype))))
+        n_blocks = max(2, min(256, -(-sizes.expert_pool_bytes // cfg.expert_bytes(dtype))))
         blocks = torch.empty(n_blocks, cfg.expert_numel, dtype=dtype, pin_memory=cuda)  # [B, 3IH]
         RandomFiller(torch.device("cpu"), dtype, numel=blocks.numel()).fill(blocks)
         ffn = cpu_expert_ffn(I)
@@ -308,6 +308,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             slot = torch.empty(cfg.expert_numel, dtype=dtype, device=dev)
             costs = measure_costs(lambda i: blocks[i], I, H, n_blocks, slot, ffn, ffn, repeats=sizes.repeats,
                                   copy_stream=torch.cuda.Stream(dev))
+            slot = None
         else:
             turn = iter(range(1 << 30))
             cpu_s = []
@@ -354,7 +355,9 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             figures |= {"gpu_name": torch.cuda.get_device_name(dev), "gpu_memory": props.total_memory}
             bar.update()
         step("layer overhead")
-        figures["layer_overhead_s"] = _layer_overhead(dev, sync)
+        if cuda:
+            torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
+        figures["layer_overhead_s"] = _layer_overhead(dev, 8 if sizes.repeats < 3 else 32)
         bar.update()
     finally:
         torch.set_num_threads(threads)
@@ -366,20 +369,36 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         **figures)
 
 
-def _layer_overhead(dev, sync) -> float:
-    """A proxy for the host-side cost of one offloaded layer: the routing brought to the host (one sync)
-    and the ~40 small launches of a decoder layer with its expert plan."""
+def _layer_overhead(dev, steps: int) -> float:
+    """The host-side cost of one offloaded layer, as the engine pays it: decode steps of the tiny synthetic
+    Mixtral with every expert in a slot (policy gpu), whose GPU work is negligible, over its layers. It holds
+    the per-layer sync for routing, the planning and every launch of a decoder layer."""
     import torch
 
-    x = torch.randn(1, 64, device=dev)
+    from moeflow.config import OffloadConfig
+    from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.engine.sequence import SamplingParams
+    from moeflow.synthetic import build_synthetic
 
-    def layer():
-        y = x
-        for _ in range(40):
-            y = y * 1.0001
-        y.to("cpu", non_blocking=False)
-
-    return _median(layer, sync, 10)
+    cuda = dev.type == "cuda"
+    ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None, expert_device="cpu")
+    engine = LLMEngine(ck, max_seqs=1, max_len=steps + 16, offload=OffloadConfig(8 << 30, "gpu"))
+    try:
+        seq = engine.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
+        engine.step()
+        engine.step()  # prefill, then one warm-up decode step
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        dt = time.perf_counter() - t
+        assert not seq.finished or seq.output_ids
+        return dt / steps / ck.cfg.num_hidden_layers
+    finally:
+        engine.model.experts.close()
+        if cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0, dev)
 
 
 def _host_memory() -> int:
