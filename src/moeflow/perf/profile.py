@@ -399,6 +399,9 @@ def _layer_overhead(dev, steps: int) -> float:
         engine.model.experts.close()
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, dev)
+            if ck.store.pinned:  # unregister before the memory is freed: a later registration may reuse the range
+                torch.cuda.synchronize(dev)
+                torch.cuda.cudart().cudaHostUnregister(ck.store.data.data_ptr())
 
 
 def _host_memory() -> int:
