@@ -36,6 +36,11 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 def cpu_expert_ffn(inter: int) -> Callable:
     """The engine's CPU expert path on one host block: ffn(x [n, H], block [3IH]) -> [n, H].
     When the native kernel lands (moeflow.experts.cpu), switch it here and in CPU_BACKEND."""
+    return torch_expert_ffn(inter)
+
+
+def torch_expert_ffn(inter: int) -> Callable:
+    """One whole expert block through PyTorch (the GPU path, and today's CPU path)."""
     from moeflow.experts.local import partial_ffn
     from moeflow.experts.store import expert_rows
 
@@ -259,9 +264,11 @@ def _median(fn, sync, repeats: int) -> float:
 
 
 def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "bfloat16", sizes: Sizes = Sizes(),
-                    progress: bool = True, base: HardwareProfile | None = None) -> HardwareProfile:
+                    progress: bool = True, base: HardwareProfile | None = None,
+                    cpu_ffn: Callable | None = None) -> HardwareProfile:
     """Measure this machine for cfg's expert shape. With `base` (a cached profile of this machine), only the
-    expert shape is measured and added to it."""
+    expert shape is measured and added to it. cpu_ffn(x, block) times another CPU expert kernel than the
+    engine's (default: cpu_expert_ffn)."""
     import torch
     from tqdm import tqdm
 
@@ -301,12 +308,12 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         n_blocks = max(2, min(256, -(-sizes.expert_pool_bytes // cfg.expert_bytes(dtype))))
         blocks = torch.empty(n_blocks, cfg.expert_numel, dtype=dtype, pin_memory=cuda)  # [B, 3IH]
         RandomFiller(torch.device("cpu"), dtype, numel=blocks.numel()).fill(blocks)
-        ffn = cpu_expert_ffn(I)
+        ffn = cpu_ffn or cpu_expert_ffn(I)
         if cuda:
             from moeflow.perf.costs import measure_costs
 
             slot = torch.empty(cfg.expert_numel, dtype=dtype, device=dev)
-            costs = measure_costs(lambda i: blocks[i], I, H, n_blocks, slot, ffn, ffn, repeats=sizes.repeats,
+            costs = measure_costs(lambda i: blocks[i], I, H, n_blocks, slot, ffn, torch_expert_ffn(I), sizes.repeats,
                                   copy_stream=torch.cuda.Stream(dev))
             slot = None
         else:
