@@ -280,3 +280,14 @@ def test_model_accuracy_cli(tmp_path, capsys):
     assert "decode within 20%" in capsys.readouterr().out
     pytest.importorskip("matplotlib")
     assert png.exists()
+
+
+def test_bench_latency_prediction_fields():
+    from moeflow.bench.latency import predicted
+    from moeflow.checkpoint import load
+    from moeflow.config import OffloadConfig
+
+    ck = load("synthetic:tiny-mixtral", expert_device="cpu")
+    d = predicted(ck, OffloadConfig(1 * GiB, "auto"), reference_profile(), 0.5, 32, 16)
+    assert d["predicted_decode_tps"] > 0 and d["predicted_ttft_s"] > 0 and d["predicted_binding"]
+    assert predicted(ck, OffloadConfig(1 * GiB, "auto"), None, 0.5, 32, 16) == {}
