@@ -143,6 +143,22 @@ def check_fits(name: str, arch: type[Architecture], cfg: ModelConfig, dtype: tor
                            f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB is free; run it with --device cpu")
 
 
+def read_model_config(spec: str | Path) -> tuple[str, ModelConfig]:
+    """(name, ModelConfig) of a folder, builtin:NAME or synthetic:NAME from its config alone: no weights read."""
+    spec = str(spec)
+    if spec.startswith("synthetic:"):
+        from moeflow.synthetic import PRESETS
+
+        name = spec.removeprefix("synthetic:")
+        if name not in PRESETS:
+            raise MoeflowError(f"unknown synthetic model {name!r}; choose one of {', '.join(PRESETS)}")
+        hf = PRESETS[name]
+    else:
+        hf = read_config(builtin_path(spec.removeprefix("builtin:")) if spec.startswith("builtin:")
+                         else Path(spec).expanduser())
+    return spec, get_architecture(hf.get("model_type")).config(hf)
+
+
 def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          expert_device: str | torch.device | None = None, progress: bool | None = None) -> Checkpoint:
     """Load a model: non-expert weights on `device`, the expert store on `expert_device` (default: same)."""

@@ -61,8 +61,25 @@ class ModelConfig:
     def expert_bytes(self, dtype: torch.dtype) -> int:
         return self.expert_numel * dtype.itemsize
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype.itemsize
+    def layer_dense_numel(self, layer: int) -> int:
+        """Non-expert weights of one decoder layer: attention, norms, and the router or the dense MLP."""
+        H, D, bias = self.hidden_size, self.head_dim, self.attention_bias
+        q, kv = self.num_attention_heads * D, self.num_key_value_heads * D
+        attn = H * (q + 2 * kv) + q * H + (q + 2 * kv + H if bias else 0) + (2 * D if self.qk_norm else 0)
+        mlp = 3 * H * self.dense_intermediate_size if layer in self.dense_layers else H * self.num_experts
+        return attn + 2 * H + mlp
+
+    @property
+    def dense_numel(self) -> int:
+        """Every weight but the routed experts (what Checkpoint.dense_bytes counts), from the config alone."""
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        layers = sum(self.layer_dense_numel(i) for i in range(self.num_hidden_layers))
+        return self.vocab_size * self.hidden_size + layers + self.hidden_size + head
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | int) -> int:
+        """K and V of one token over all layers; dtype may be given as bytes per element."""
+        itemsize = dtype if isinstance(dtype, int) else dtype.itemsize
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
 
 
 def rope_theta_from_hf(hf: dict) -> float:

@@ -43,8 +43,23 @@ def _delta(a: dict, b: dict) -> dict:
     return {k: b[k] - a[k] for k in b if k != "hit_rate"}
 
 
+def predicted(ck: Checkpoint, oc: OffloadConfig, profile, hit_rate: float, ttft_len: int, new_tokens: int,
+              costs=None) -> dict:
+    """The timing model's figures for this run (perf/model.py), at the run's measured hit rate."""
+    if profile is None:
+        return {}
+    from moeflow.perf.model import predict_latency
+
+    p = predict_latency(ck.cfg, profile, oc.gpu_memory, oc.policy, hit_rate, ttft_len, new_tokens, ck.name,
+                        str(ck.store.data.dtype).removeprefix("torch."), costs)
+    if p.error:
+        return {"predicted_error": p.error}
+    return {"predicted_decode_tps": p.decode_tps, "predicted_ttft_s": p.ttft_s, "predicted_binding": p.binding,
+            "predicted_bound_tps": p.bound_tps, "profile_source": profile.source}
+
+
 def run_policy(ck: Checkpoint, oc: OffloadConfig, prompt: list[int], ttft_prompt: list[int], new_tokens: int,
-               ceil: dict, costs=None) -> dict:
+               ceil: dict, costs=None, profile=None) -> dict:
     dev = next(ck.model.parameters()).device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -81,7 +96,7 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompt: list[int], ttft_prompt
             "ms_per_token": {"step": dt / n * 1e3, "outside_experts": (dt - d["backend_s"]) / n * 1e3,
                              **{k[:-2]: d[k] / n * 1e3 for k in ("backend_s", "sync_s", "cpu_s", "cpu_wait_s")}},
             "budget": engine.budget, "costs": backend.costs.as_dict() if backend.costs else None,
-        }
+        } | predicted(ck, oc, profile, d["hits"] / lookups, len(ttft_prompt), new_tokens, backend.costs)
     finally:
         backend.close()
         ck.model.set_experts(LocalExperts(ck.store))

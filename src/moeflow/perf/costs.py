@@ -13,8 +13,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the cost model itself needs no torch; only measuring does
+    import torch
 
 TOKEN_POINTS = (1, 4, 16, 64, 256)
 
@@ -56,6 +58,16 @@ class ExpertCosts:
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ExpertCosts:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    @classmethod
+    def from_profile(cls, profile, cfg, dtype_name: str = "bfloat16") -> ExpertCosts:
+        """The costs of cfg's expert shape from a HardwareProfile (perf/profile.py): measured when the profile
+        holds that shape, otherwise scaled from the nearest shape it holds."""
+        return profile.expert_costs(cfg, dtype_name)
+
 
 def _median_s(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
     fn()
@@ -77,6 +89,8 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
 
     host_block(i) -> [3IH] the i-th host expert (rotated through so the CPU reads from memory, not cache);
     slot [3IH] a free expert slot on the fast device; cpu_ffn/gpu_ffn(x, block) run one whole expert."""
+    import torch
+
     dev = slot.device
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     dtype = slot.dtype

@@ -1,0 +1,107 @@
+"""`moeflow bench model-accuracy`: the timing model (perf/model.py) against a `bench latency` JSON.
+
+Rows that carry predicted figures (bench latency on a GPU host adds them) are compared as they are; rows
+without are predicted here from the run's own budget, policy, measured hit rate and measured expert costs,
+with the given hardware profile. Target: predictions within 20% of measurements.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moeflow import MoeflowError
+from moeflow.perf.costs import ExpertCosts
+
+TARGET = 0.20
+
+
+def accuracy_rows(results: dict, profile, cfg) -> list[dict]:
+    from moeflow.perf.model import predict_latency
+
+    out = []
+    for r in results.get("rows", []):
+        if "error" in r or r.get("decode_tps") is None or "hit_rate" not in r:
+            continue
+        pred = {k: r.get(k) for k in ("predicted_decode_tps", "predicted_ttft_s", "predicted_binding")}
+        if pred["predicted_decode_tps"] is None:
+            costs = ExpertCosts.from_dict(r["costs"]) if r.get("costs") else None
+            budget = r.get("budget", {}).get("gpu_memory") or int(r["gpu_memory_gib"] * 2**30)
+            p = predict_latency(cfg, profile, budget, r["policy"], r["hit_rate"], r.get("ttft_prompt_tokens", 512),
+                                results.get("new_tokens", 128), results.get("model", "model"), costs=costs)
+            if p.error:
+                continue
+            pred = {"predicted_decode_tps": p.decode_tps, "predicted_ttft_s": p.ttft_s,
+                    "predicted_binding": p.binding}
+        row = {"policy": r["policy"], "gpu_memory_gib": r["gpu_memory_gib"], "routing": r.get("routing", "native"),
+               "hit_rate": r["hit_rate"], "decode_tps": r["decode_tps"], "ttft_s": r.get("ttft_s")} | pred
+        row["decode_error"] = row["predicted_decode_tps"] / row["decode_tps"] - 1
+        if row["ttft_s"] and row["predicted_ttft_s"]:
+            row["ttft_error"] = row["predicted_ttft_s"] / row["ttft_s"] - 1
+        out.append(row)
+    return out
+
+
+def load_results(path: str | Path) -> dict:
+    try:
+        d = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MoeflowError(f"results file {path} does not exist") from None
+    except ValueError as e:
+        raise MoeflowError(f"{path} is not JSON ({e})") from None
+    if not isinstance(d, dict) or "rows" not in d:
+        raise MoeflowError(f"{path} is not a `moeflow bench latency` result (no rows)")
+    return d
+
+
+def print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"timing model vs measurement (target: within {TARGET:.0%})")
+    for col in ("policy", "GiB", "routing", "hit", "decode tok/s", "predicted", "error", "TTFT s", "predicted",
+                "error", "binds"):
+        t.add_column(col, justify="left" if col in ("policy", "routing", "binds") else "right")
+    for r in rows:
+        def err(k):
+            v = r.get(k)
+            return "-" if v is None else f"[{'green' if abs(v) <= TARGET else 'red'}]{v:+.0%}[/]"
+        t.add_row(r["policy"], f"{r['gpu_memory_gib']:.0f}", r["routing"][:20], f"{r['hit_rate']:.0%}",
+                  f"{r['decode_tps']:.2f}", f"{r['predicted_decode_tps']:.2f}", err("decode_error"),
+                  f"{r['ttft_s']:.2f}" if r.get("ttft_s") else "-",
+                  f"{r['predicted_ttft_s']:.2f}" if r.get("predicted_ttft_s") else "-", err("ttft_error"),
+                  r.get("predicted_binding") or "-")
+    Console(width=140).print(t)
+    within = sum(abs(r["decode_error"]) <= TARGET for r in rows)
+    print(f"decode within {TARGET:.0%}: {within} of {len(rows)}")
+
+
+def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MoeflowError("the plot needs matplotlib (pip install matplotlib)") from None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, (m, p, label) in zip(axes, [("decode_tps", "predicted_decode_tps", "decode tok/s"),
+                                        ("ttft_s", "predicted_ttft_s", "TTFT s")]):
+        pts = [(r[m], r[p], r["policy"]) for r in rows if r.get(m) and r.get(p)]
+        if not pts:
+            continue
+        hi = max(max(a, b) for a, b, _ in pts) * 1.2
+        ax.plot([0, hi], [0, hi], "k-", lw=0.8)
+        ax.fill_between([0, hi], [0, hi * (1 - TARGET)], [0, hi * (1 + TARGET)], color="gray", alpha=0.15,
+                        label=f"±{TARGET:.0%}")
+        for policy in sorted({x[2] for x in pts}):
+            xs = [(a, b) for a, b, q in pts if q == policy]
+            ax.plot([a for a, _ in xs], [b for _, b in xs], "o", label=policy)
+        ax.set_xlabel(f"measured {label}")
+        ax.set_ylabel(f"predicted {label}")
+        ax.set_xlim(0, hi)
+        ax.set_ylim(0, hi)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "timing model accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

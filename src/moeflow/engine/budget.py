@@ -1,0 +1,63 @@
+"""The GPU budget of the latency regime shared out, as a pure function (the engine and the planner both use it).
+
+The budget covers what moeflow allocates on the GPU: non-expert weights, the KV cache, a workspace for
+activations, and the expert slots, which get whatever is left. (The CUDA context, ~0.5 GiB, is outside it.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from moeflow import MoeflowError
+from moeflow.config import ModelConfig
+from moeflow.policy.base import OffloadPolicy, SlotSplit
+
+WORKSPACE_FIXED = 384 << 20  # allocator slack, cuBLAS workspaces (one per stream), CUDA-graph pools, small buffers
+
+
+def workspace_bytes(cfg: ModelConfig, step_tokens: int, itemsize: int) -> int:
+    """Activations of one step of `step_tokens` tokens: hidden-sized buffers, one expert's intermediate
+    activations, attention projections, fp32 accumulators (a generous per-token count)."""
+    H, I = cfg.hidden_size, cfg.expert_intermediate_size
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    per_token = itemsize * (16 * H + 4 * I + 2 * qkv) + 4 * 4 * H + 4 * cfg.vocab_size // 64
+    return WORKSPACE_FIXED + step_tokens * per_token
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class Budget:
+    gpu_memory: int
+    dense_bytes: int
+    kv_bytes: int
+    workspace_bytes: int
+    expert_bytes: int
+    slots: int          # expert slots the rest holds
+    split: SlotSplit    # how the policy uses them
+
+    @property
+    def fixed(self) -> int:
+        return self.dense_bytes + self.kv_bytes + self.workspace_bytes
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "split"} | asdict(self.split)
+
+
+def share_budget(name: str, cfg: ModelConfig, policy: OffloadPolicy, gpu_memory: int, dense_bytes: int,
+                 expert_bytes: int, kv_bytes: int, step_tokens: int, itemsize: int) -> Budget:
+    """Slots for the experts once the rest is paid for; MoeflowError with the figures when too few."""
+    L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok
+    work = workspace_bytes(cfg, step_tokens, itemsize)
+    fixed = dense_bytes + kv_bytes + work
+    slots = max(gpu_memory - fixed, 0) // expert_bytes
+    need = policy.min_slots(L, E, K)
+    if slots < need:
+        short = fixed + need * expert_bytes - gpu_memory
+        raise MoeflowError(
+            f"--gpu-memory {gib(gpu_memory)} is too small for {name} with policy {policy.name}: non-expert "
+            f"weights {gib(dense_bytes)} + KV cache {gib(kv_bytes)} + workspace {gib(work)} + {need} expert slot(s) "
+            f"of {gib(expert_bytes)} need at least {gib(fixed + need * expert_bytes)} ({gib(short)} more)")
+    return Budget(gpu_memory, dense_bytes, kv_bytes, work, expert_bytes, slots, policy.split(slots, L, E, K))

@@ -1,0 +1,323 @@
+"""Per-layer timing models of the two regimes, as pure functions of (ModelConfig, HardwareProfile, budget,
+workload): what `moeflow plan` predicts and `bench latency` sets beside its measurements.
+
+Latency regime (one request; experts/offload.py): a layer runs its non-expert part on the GPU, then the routed
+experts: those in a GPU slot on the GPU, the missing ones as the policy plans them (policy/*.py, the same
+code): on the CPU, copied in, or split. The CPU, the copy engine and the GPU overlap; the GPU computes a
+copied expert once it lands. Layer time = non-expert GPU time + max(CPU work, copies then their GPU work,
+GPU work on hits) + the host-side overhead of an offloaded layer (sync, planning, launches).
+Expected misses come from a hit rate, or from a popularity profile (counts [L, E] as in policy/placement.py):
+resident experts are the most popular; in decode, cached slots are counted as holding each layer's next most
+popular experts (an optimistic steady state); in prefill only resident experts hit (every expert of every
+layer is used, so the cache churns).
+
+Throughput regime (MoE-Lightning's CGOPipe; REFERENCE.md §1): per layer T = max(T_h2d, T_d2h, T_cpu, T_gpu,
+T_host) for a batch of N sequences in micro-batches of mu, a fraction r_w of the expert weights and r_c of
+the KV cache on the GPU, attention on the CPU (KV in host memory, Q/K/V cross PCIe) or on the GPU.
+
+Legend: L = MoE layers, E = experts, K = experts per token, H = hidden, I = expert FFN width, P = prompt
+tokens, G = generated tokens, b = bytes per weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from moeflow.config import ModelConfig
+from moeflow.engine.budget import Budget, share_budget
+from moeflow.perf.costs import ExpertCosts
+from moeflow.perf.profile import HardwareProfile
+from moeflow.policy import get_policy
+from moeflow.policy.placement import even_resident
+
+RESOURCES = ("CPU memory bus", "PCIe", "GPU", "host overhead")
+
+
+# -- latency regime ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerTime:
+    cpu: float     # CPU expert work (memory-bound at small batches)
+    copy: float    # host -> GPU copies of expert weights
+    gpu: float     # non-expert part + expert compute on the GPU
+    overhead: float
+    total: float
+
+    def scaled(self, w: float) -> LayerTime:
+        return LayerTime(*(getattr(self, k) * w for k in ("cpu", "copy", "gpu", "overhead", "total")))
+
+    def __add__(self, o: LayerTime) -> LayerTime:
+        return LayerTime(*(getattr(self, k) + getattr(o, k) for k in ("cpu", "copy", "gpu", "overhead", "total")))
+
+
+ZERO = LayerTime(0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], hit_tokens: list[int],
+               max_copies: int, dense_s: float, overhead_s: float, link_latency_s: float = 0.0) -> LayerTime:
+    """One MoE layer: misses expert -> tokens (not on the GPU), hit_tokens the tokens of each expert that is."""
+    rows = policy.plan(misses, costs, inter, max_copies) if misses else {}
+    cpu = sum(costs.cpu(misses[e], r / inter) for e, r in rows.items() if r > 0)
+    if cpu:
+        cpu += costs.cpu_call_s + 2 * link_latency_s  # hand-off, activations there and back
+    gpu_end = dense_s + sum(costs.gpu(n) for n in hit_tokens)
+    copy_end = dense_s  # copies start once the routing is known, after the non-expert part
+    gpu_work = gpu_end
+    for e, r in rows.items():
+        if r < inter:
+            f = (inter - r) / inter
+            copy_end += costs.copy(f)
+            g = costs.gpu(misses[e], f)
+            gpu_end, gpu_work = max(gpu_end, copy_end) + g, gpu_work + g
+    total = max(dense_s + cpu, gpu_end) + overhead_s
+    return LayerTime(cpu, copy_end - dense_s, gpu_work, overhead_s, total)
+
+
+def _binom(k: int, n: int, p: float) -> float:
+    return math.comb(n, k) * p**k * (1 - p) ** (n - k)
+
+
+def _top_mass(shares: list[float], n: float) -> float:
+    """Popularity mass of the n most popular experts of a layer (n may be fractional)."""
+    s = sorted(shares, reverse=True)
+    whole = min(int(n), len(s))
+    return sum(s[:whole]) + (s[whole] * (n - whole) if whole < len(s) else 0.0)
+
+
+def gpu_experts(cfg: ModelConfig, budget: Budget, counts=None) -> list[set[int]]:
+    """Resident experts per MoE layer: the most popular overall (Placement.resident), else an even split."""
+    L, E = len(cfg.moe_layers), cfg.num_experts
+    n = min(budget.split.resident, L * E)
+    if counts is None:
+        keys = even_resident(n, L, E)
+    else:
+        flat = [(-float(counts[i // E][i % E]), i) for i in range(L * E)]
+        keys = [(i // E, i % E) for _, i in sorted(flat)[:n]]
+    out = [set() for _ in range(L)]
+    for layer, e in keys:
+        out[layer].add(e)
+    return out
+
+
+def _shares(cfg: ModelConfig, counts, layer: int) -> list[float]:
+    E = cfg.num_experts
+    if counts is None:
+        return [1 / E] * E
+    row = [float(c) for c in counts[layer]]
+    total = sum(row)
+    return [c / total for c in row] if total else [1 / E] * E
+
+
+@dataclass(frozen=True)
+class LatencyPrediction:
+    policy: str
+    decode_tps: float = 0.0
+    ttft_s: float = 0.0
+    hit_rate: float = 0.0            # decode, expected
+    token: LayerTime = ZERO          # one decode token, summed over layers
+    binding: str = ""                # the resource with the largest share of a decode token's time
+    bound_tps: float = 0.0           # REFERENCE.md §4: misses over CPU bus + PCIe at once, plus the GPU's own time
+    budget: dict = field(default_factory=dict)
+    error: str | None = None         # the policy cannot run at this budget
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("policy", "decode_tps", "ttft_s", "hit_rate", "binding", "bound_tps",
+                                           "budget", "error")}
+        return d | {"token_" + k: getattr(self.token, k) for k in ("cpu", "copy", "gpu", "overhead", "total")}
+
+
+def binding_of(t: LayerTime) -> str:
+    terms = {"CPU memory bus": t.cpu, "PCIe": t.copy, "GPU": t.gpu, "host overhead": t.overhead}
+    return max(terms, key=terms.get)
+
+
+def dense_gpu_s(cfg: ModelConfig, profile: HardwareProfile, layer: int, tokens: int, ctx: int, b: int,
+                causal_prefill: bool = False) -> float:
+    """Non-expert part of one layer on the GPU: its weights read once, its FLOPs, and attention over the KV."""
+    numel = cfg.layer_dense_numel(layer)
+    kv_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * b
+    attn_flops = 4 * cfg.num_attention_heads * cfg.head_dim * (tokens * tokens / 2 if causal_prefill else tokens * ctx)
+    nbytes = numel * b + kv_layer * ctx
+    return max(nbytes / profile.gpu_bw, (2 * tokens * numel + attn_flops) / profile.gpu_flops)
+
+
+def head_gpu_s(cfg: ModelConfig, profile: HardwareProfile, b: int) -> float:
+    return cfg.vocab_size * cfg.hidden_size * b / profile.gpu_bw
+
+
+def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, policy: str,
+                    hit_rate_or_placement=None, prompt_len: int = 512, gen_len: int = 128, name: str = "model",
+                    dtype_name: str = "bfloat16", costs: ExpertCosts | None = None) -> LatencyPrediction:
+    """Decode tok/s and TTFT of one request under `policy` with a GPU budget of `budget` bytes.
+
+    hit_rate_or_placement: None (derived from the slots, uniform routing), a float (the share of decode
+    lookups found on the GPU, as measured), or counts [L, E] (a placement's popularity profile)."""
+    from moeflow import MoeflowError
+
+    b = 2 if dtype_name in ("bfloat16", "float16") else 4
+    pol = get_policy(policy)
+    L, K, I = len(cfg.moe_layers), cfg.num_experts_per_tok, cfg.expert_intermediate_size
+    max_len = prompt_len + gen_len + 1
+    try:
+        bud = share_budget(name, cfg, pol, budget, cfg.dense_numel * b, cfg.expert_numel * b,
+                           cfg.kv_bytes_per_token(b) * max_len, max_len, b)
+    except MoeflowError as e:
+        return LatencyPrediction(policy, error=str(e))
+    costs = costs or profile.expert_costs(cfg, dtype_name)
+    split = bud.split
+    counts = hit_rate_or_placement if isinstance(hit_rate_or_placement, (list, tuple)) or \
+        hasattr(hit_rate_or_placement, "tolist") else None
+    if counts is not None and hasattr(counts, "tolist"):
+        counts = counts.tolist()
+    fixed_hit = hit_rate_or_placement if isinstance(hit_rate_or_placement, (int, float)) else None
+    resident = gpu_experts(cfg, bud, counts)
+    per_layer_cache = (split.cache / L) if split.keep_copies else 0.0
+    ctx = prompt_len + gen_len // 2
+    lat = profile.h2d_latency_s
+
+    max_copies = max(int(split.cache // L if split.per_layer else split.cache), 1 if split.cache else 0)
+
+    token, ttft, hits = ZERO, 0.0, 0.0
+    for li, layer in enumerate(cfg.moe_layers):
+        shares = _shares(cfg, counts, li)
+        res = resident[li]
+        if policy == "gpu":
+            h = 1.0
+        elif policy == "cpu":
+            h = 0.0
+        elif fixed_hit is not None:
+            h = float(fixed_hit)
+        else:
+            h = min(sum(shares[e] for e in res) + _top_mass([s for e, s in enumerate(shares) if e not in res],
+                                                             per_layer_cache), 1.0)
+        hits += h / L
+        # Decode: K experts, each missing with probability 1 - h (one token each).
+        dense = dense_gpu_s(cfg, profile, layer, 1, ctx, b)
+        for m in range(K + 1):
+            p = _binom(m, K, 1 - h)
+            if p < 1e-9:
+                continue
+            t = layer_time(pol, costs, I, {e: 1 for e in range(m)}, [1] * (K - m), max_copies,
+                           dense, profile.layer_overhead_s, lat)
+            token = token + t.scaled(p)
+        # Prefill: every expert gets its share of the P*K selections; only resident experts hit.
+        n_tok = {e: round(prompt_len * K * s) for e, s in enumerate(shares)}
+        if policy == "gpu":
+            misses, hit_tokens = {}, [n for n in n_tok.values() if n]
+        elif policy == "cpu":
+            misses, hit_tokens = {e: n for e, n in n_tok.items() if n}, []
+        else:
+            misses = {e: n for e, n in n_tok.items() if n and e not in res}
+            hit_tokens = [n for e, n in n_tok.items() if n and e in res]
+        ttft += layer_time(pol, costs, I, misses, hit_tokens, max_copies, dense_gpu_s(
+            cfg, profile, layer, prompt_len, prompt_len, b, causal_prefill=True), profile.layer_overhead_s, lat).total
+    for layer in cfg.dense_layers:
+        d = dense_gpu_s(cfg, profile, layer, 1, ctx, b)
+        token = token + LayerTime(0, 0, d, 0, d)
+        ttft += dense_gpu_s(cfg, profile, layer, prompt_len, prompt_len, b, causal_prefill=True)
+    head = head_gpu_s(cfg, profile, b)
+    token = token + LayerTime(0, 0, head, 0, head)
+    ttft += head
+    # The bound: the missed weights cross the CPU's bus and PCIe at once; the GPU reads what it holds.
+    miss_bytes = (1 - hits) * L * K * cfg.expert_numel * b
+    gpu_s = (cfg.dense_numel - cfg.vocab_size * cfg.hidden_size) * b / profile.gpu_bw + \
+        hits * L * K * cfg.expert_numel * b / profile.gpu_bw
+    bound_s = miss_bytes / (profile.cpu_read_bw + profile.h2d_bw) + gpu_s
+    return LatencyPrediction(policy, 1 / token.total, ttft, hits, token, binding_of(token), 1 / bound_s,
+                             bud.as_dict())
+
+
+# -- throughput regime ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ThroughputPolicy:
+    N: int              # sequences in the batch
+    mu: int             # micro-batch
+    r_w: float          # fraction of the expert weights on the GPU
+    r_c: float          # fraction of the KV cache on the GPU (0 with attention on the CPU)
+    attn_gpu: bool      # attention on the GPU (else on the CPU over a host KV cache)
+
+
+@dataclass(frozen=True)
+class ThroughputPrediction:
+    policy: ThroughputPolicy
+    tokens_per_s: float   # generated tokens over prefill + decode time
+    decode_tps: float     # generated tokens per second of decode alone
+    prefill_s: float
+    layer_s: float        # one decode layer
+    terms: dict           # resource -> seconds of one decode layer
+    binding: str
+    gpu_bytes: int
+    host_bytes: int
+
+    def as_dict(self) -> dict:
+        return {"N": self.policy.N, "mu": self.policy.mu, "r_w": self.policy.r_w, "r_c": self.policy.r_c,
+                "attention": "gpu" if self.policy.attn_gpu else "cpu", "tokens_per_s": self.tokens_per_s,
+                "decode_tps": self.decode_tps, "prefill_s": self.prefill_s, "layer_s": self.layer_s,
+                "binding": self.binding, "gpu_bytes": self.gpu_bytes, "host_bytes": self.host_bytes} | \
+            {"T_" + k: v for k, v in self.terms.items()}
+
+
+PREFILL_CHUNK = 8192  # prompt tokens per prefill pass (weights stream once per pass)
+
+
+def throughput_memory(cfg: ModelConfig, pol: ThroughputPolicy, prompt_len: int, gen_len: int,
+                      b: int = 2) -> tuple[int, int]:
+    """(GPU bytes, host bytes) the policy needs."""
+    from moeflow.engine.budget import workspace_bytes
+
+    L, E = len(cfg.moe_layers), cfg.num_experts
+    w_layer = E * cfg.expert_numel * b
+    kv = pol.N * (prompt_len + gen_len) * cfg.kv_bytes_per_token(b)
+    stream = 0 if pol.r_w >= 1 else 2 * math.ceil(w_layer * (1 - pol.r_w))  # double buffer of one layer
+    kv_stage = 0 if (not pol.attn_gpu or pol.r_c >= 1) else \
+        2 * pol.N * (prompt_len + gen_len) * cfg.kv_bytes_per_token(b) // cfg.num_hidden_layers
+    step = max(pol.mu, min(pol.N * prompt_len, PREFILL_CHUNK))
+    gpu = cfg.dense_numel * b + int(pol.r_w * L * w_layer) + int(pol.r_c * kv) + stream + kv_stage + \
+        workspace_bytes(cfg, step, b)
+    host = L * w_layer + int((1 - pol.r_c) * kv)
+    return gpu, host
+
+
+def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: ThroughputPolicy, prompt_len: int,
+                       gen_len: int, b: int = 2) -> ThroughputPrediction:
+    L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok
+    H, I, heads, D = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_attention_heads, cfg.head_dim
+    qkv = (heads + 2 * cfg.num_key_value_heads) * D
+    kv_tok = 2 * cfg.num_key_value_heads * D * b            # one token's K and V in one layer
+    w_layer = E * cfg.expert_numel * b
+    dense = cfg.layer_dense_numel(cfg.moe_layers[0])
+    N, mu = pol.N, pol.mu
+    n_mb = math.ceil(N / mu)
+    ctx = prompt_len + gen_len / 2                           # average context over the generation
+    # Decode, one MoE layer.
+    h2d = w_layer * (1 - pol.r_w) + (N * heads * D * b if not pol.attn_gpu else N * ctx * kv_tok * (1 - pol.r_c))
+    d2h = N * qkv * b if not pol.attn_gpu else N * kv_tok * (1 - pol.r_c)
+    attn_flops, attn_bytes = 4 * ctx * heads * D, ctx * kv_tok  # per sequence
+    used = E * (1 - (1 - K / E) ** mu)                       # experts a micro-batch touches
+    gpu_flops = 2 * mu * dense + 6 * mu * K * H * I + (mu * attn_flops if pol.attn_gpu else 0)
+    gpu_bytes = dense * b + used * cfg.expert_numel * b + 2 * mu * K * (H + I) * b + \
+        (mu * attn_bytes if pol.attn_gpu else 0)
+    terms = {
+        "PCIe": max(h2d / profile.h2d_bw + n_mb * profile.h2d_latency_s, d2h / profile.d2h_bw),
+        "CPU memory bus": 0.0 if pol.attn_gpu else
+        N * max(attn_flops / profile.cpu_flops, attn_bytes / profile.cpu_read_bw),
+        "GPU": n_mb * max(gpu_flops / profile.gpu_flops, gpu_bytes / profile.gpu_bw),
+        "host overhead": n_mb * profile.layer_overhead_s,
+    }
+    layer_s = max(terms.values())
+    dense_layers = sum(n_mb * max(2 * mu * cfg.layer_dense_numel(i) / profile.gpu_flops,
+                                  cfg.layer_dense_numel(i) * b / profile.gpu_bw) for i in cfg.dense_layers)
+    step_s = L * layer_s + dense_layers + N * cfg.vocab_size * H * 2 / profile.gpu_flops + \
+        cfg.vocab_size * H * b / profile.gpu_bw
+    # Prefill: the whole batch layer by layer in passes of PREFILL_CHUNK tokens, weights streamed per pass.
+    tokens = N * prompt_len
+    passes = math.ceil(tokens / PREFILL_CHUNK)
+    pf_gpu = tokens * (2 * dense + 6 * K * H * I) + N * 2 * prompt_len**2 * heads * D
+    pf_layer = max(passes * w_layer * (1 - pol.r_w) / profile.h2d_bw,
+                   tokens * kv_tok * (1 - pol.r_c) / profile.d2h_bw,
+                   pf_gpu / profile.gpu_flops + passes * (dense * b + E * cfg.expert_numel * b) / profile.gpu_bw)
+    prefill_s = cfg.num_hidden_layers * pf_layer
+    gpu_need, host_need = throughput_memory(cfg, pol, prompt_len, gen_len, b)
+    total = prefill_s + gen_len * step_s
+    return ThroughputPrediction(pol, N * gen_len / total, N / step_s, prefill_s, layer_s, terms,
+                                max(terms, key=terms.get), gpu_need, host_need)

@@ -1,0 +1,431 @@
+"""HardwareProfile: the running machine measured once (`moeflow profile`) and cached per host and device.
+
+Every figure the planner and the engine's cost model need: CPU memory read bandwidth and matmul rate, the
+CPU expert FFN by token count (with the CPU expert kernel the engine runs), host<->GPU bandwidth and latency
+from pinned memory, GPU memory bandwidth, GPU expert FFN by token count, GPU bf16 matmul rate, and the
+host-side cost of one offloaded layer. Expert timings are kept per expert shape ("HxI:dtype").
+
+The cache: `$MOEFLOW_CACHE_DIR`, else `$XDG_CACHE_HOME/moeflow`, else `~/.cache/moeflow`; one file per
+host and device, `profile-<host>-<device>.json`, which also records the CPU model and the CPU expert
+backend: a file measured on another CPU or with another kernel is measured again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from moeflow import MoeflowError
+from moeflow.config import ModelConfig
+from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts
+
+PROFILE_VERSION = 1
+CPU_BACKEND = "torch"  # the CPU expert kernel the engine runs: experts/local.py partial_ffn (see cpu_expert_ffn)
+CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert call (scaling between shapes)
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def cpu_expert_ffn(inter: int) -> Callable:
+    """The engine's CPU expert path on one host block: ffn(x [n, H], block [3IH]) -> [n, H].
+    When the native kernel lands (moeflow.experts.cpu), switch it here and in CPU_BACKEND."""
+    return torch_expert_ffn(inter)
+
+
+def torch_expert_ffn(inter: int) -> Callable:
+    """One whole expert block through PyTorch (the GPU path, and today's CPU path)."""
+    from moeflow.experts.local import partial_ffn
+    from moeflow.experts.store import expert_rows
+
+    def ffn(x, block):
+        gate, up, down_t = expert_rows(block, inter, 0, inter)
+        return partial_ffn(x, gate, up, down_t)
+
+    return ffn
+
+
+def _plain(costs: ExpertCosts) -> dict:
+    """ExpertCosts as JSON holds it (lists, not tuples), so a profile equals its reloaded self."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in costs.as_dict().items()}
+
+
+def shape_key(cfg: ModelConfig, dtype_name: str = "bfloat16") -> str:
+    return f"{cfg.hidden_size}x{cfg.expert_intermediate_size}:{dtype_name}"
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Rates in bytes/s and FLOP/s, times in seconds, sizes in bytes. GPU fields are 0 without a GPU."""
+
+    host: str
+    cpu_model: str
+    cpu_threads: int
+    host_memory: int
+    cpu_read_bw: float           # CPU memory read, all threads
+    cpu_flops: float             # CPU matmul rate (bf16)
+    gpu_name: str | None = None
+    gpu_memory: int = 0
+    gpu_bw: float = 0.0          # GPU memory traffic (read + write) of a large copy
+    gpu_flops: float = 0.0       # GPU bf16 matmul rate
+    h2d_bw: float = 0.0          # pinned host -> GPU
+    h2d_latency_s: float = 0.0   # one small transfer
+    d2h_bw: float = 0.0
+    d2h_latency_s: float = 0.0
+    layer_overhead_s: float = 0.0  # host-side cost of one offloaded layer (sync, planning, launches)
+    cpu_backend: str = CPU_BACKEND
+    experts: dict = field(default_factory=dict)  # shape_key -> ExpertCosts.as_dict() (gpu_s = cpu_s without GPU)
+    source: str = ""             # "measured <date>" or where the figures come from
+    version: int = PROFILE_VERSION
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpu_name)
+
+    @property
+    def device_name(self) -> str:
+        return self.gpu_name or "cpu"
+
+    # -- JSON ----------------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HardwareProfile:
+        if d.get("version") != PROFILE_VERSION:
+            raise MoeflowError(f"hardware profile version {d.get('version')!r}; this moeflow reads version "
+                               f"{PROFILE_VERSION} (run `moeflow profile --refresh`)")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def load(cls, path: str | Path) -> HardwareProfile:
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls.from_dict(d)
+        except FileNotFoundError:
+            raise MoeflowError(f"hardware profile {path} does not exist") from None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise MoeflowError(f"{path} is not a moeflow hardware profile ({e})") from None
+
+    # -- expert costs --------------------------------------------------------------------------------
+    def has_shape(self, cfg: ModelConfig, dtype_name: str = "bfloat16") -> bool:
+        return shape_key(cfg, dtype_name) in self.experts
+
+    def expert_costs(self, cfg: ModelConfig, dtype_name: str = "bfloat16") -> ExpertCosts:
+        """ExpertCosts for cfg's expert shape: as measured, or scaled from the nearest measured shape (work and
+        bytes of an expert both grow with H x I at a given token count), or from the rates alone."""
+        key = shape_key(cfg, dtype_name)
+        nbytes = cfg.expert_numel * DTYPE_BYTES.get(dtype_name, 2)
+        copy_s = self.h2d_latency_s + nbytes / self.h2d_bw if self.has_gpu else 0.0
+        if key in self.experts:
+            return ExpertCosts.from_dict(self.experts[key])
+        size = cfg.hidden_size * cfg.expert_intermediate_size
+        if self.experts:
+            def ratio(k):
+                h, i = k.split(":")[0].split("x")
+                return int(h) * int(i) / size
+            near = min(self.experts, key=lambda k: abs(math.log(ratio(k))))
+            ref, r = ExpertCosts.from_dict(self.experts[near]), 1 / ratio(near)
+            cpu = tuple(CPU_CALL_FLOOR_S + max(t - CPU_CALL_FLOOR_S, 0.0) * r for t in ref.cpu_s)
+            gpu = tuple(GPU_CALL_FLOOR_S + max(t - GPU_CALL_FLOOR_S, 0.0) * r for t in ref.gpu_s)
+            return replace(ref, cpu_s=cpu, gpu_s=gpu if self.has_gpu else cpu, copy_s=copy_s,
+                           copy_latency_s=self.h2d_latency_s)
+        # Nothing measured for any shape: the roofline (the CPU reads at half its ceiling in bf16, as measured).
+        flops = [6 * n * size for n in TOKEN_POINTS]
+        cpu = tuple(CPU_CALL_FLOOR_S + max(nbytes / (0.5 * self.cpu_read_bw), f / self.cpu_flops) for f in flops)
+        gpu = tuple(GPU_CALL_FLOOR_S + max(nbytes / self.gpu_bw, f / self.gpu_flops) for f in flops) \
+            if self.has_gpu else cpu
+        return ExpertCosts(TOKEN_POINTS, cpu, gpu, copy_s, self.h2d_latency_s)
+
+
+# -- the built-in reference: the benchmark host of REFERENCE.md §3 -----------------------------------------
+def reference_profile() -> HardwareProfile:
+    """The H100 host measured 2026-11-22 (REFERENCE.md §3). Expert times are the engine's own side-by-side
+    measurement at 1 token (CPU 7.4 ms, copy 6.6 ms, GPU 0.19 ms) with the curve of §3 (1/16/64/256 tokens:
+    7.0/5.7/7.9/27 ms) scaled to it; 4096 tokens on the CPU is extrapolated. GPU memory bandwidth is not in
+    §3: 3.0 TB/s is assumed (HBM3 nominal 3.35). The layer overhead is the lead's ~37 ms per token of
+    non-expert time over 32 layers, less the ~1 ms the GPU needs to read the 3.2 GB of dense weights."""
+    s = 7.4 / 7.0
+    mixtral = ExpertCosts(
+        tokens=(1, 16, 64, 256, 4096),
+        cpu_s=tuple(t * 1e-3 * s for t in (7.0, 5.7, 7.9, 27.0, 27.0 * 16)),
+        gpu_s=(0.19e-3, 0.19e-3, 0.20e-3, 0.21e-3, 2.2e-3),
+        copy_s=6.6e-3, copy_latency_s=16e-6, cpu_call_s=30e-6)
+    return HardwareProfile(
+        host="reference-h100", cpu_model="Intel Xeon, 16 cores, AVX512-BF16 + AMX-BF16 (REFERENCE.md §3)",
+        cpu_threads=16, host_memory=128 << 30, cpu_read_bw=99e9,
+        cpu_flops=6 * 256 * 4096 * 14336 / 27e-3,  # the bf16 expert at 256 tokens: 3.3 TFLOP/s
+        gpu_name="NVIDIA H100 80GB HBM3", gpu_memory=80 << 30, gpu_bw=3.0e12, gpu_flops=800e12,
+        h2d_bw=54e9, h2d_latency_s=16e-6, d2h_bw=50e9, d2h_latency_s=16e-6,
+        layer_overhead_s=(37e-3 - 3.2e9 / 3.0e12) / 32,
+        experts={"4096x14336:bfloat16": _plain(mixtral)},
+        source="built-in reference: the H100 host of REFERENCE.md §3 (measured 2026-11-22), not this machine")
+
+
+# -- the cache -------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    if d := os.environ.get("MOEFLOW_CACHE_DIR"):
+        return Path(d)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeflow"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", s).strip("-") or "unknown"
+
+
+def profile_path(device_name: str, host: str | None = None) -> Path:
+    return cache_dir() / f"profile-{_slug(host or socket.gethostname())}-{_slug(device_name)}.json"
+
+
+def local_device_name(device: str = "cuda") -> str:
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
+def cached_profile(device_name: str | None = None) -> HardwareProfile | None:
+    """This machine's cached profile for the device, or None (missing, stale version, other CPU or kernel)."""
+    device_name = device_name or local_device_name()
+    path = profile_path(device_name)
+    if not path.exists():
+        return None
+    try:
+        p = HardwareProfile.load(path)
+    except MoeflowError:
+        return None
+    if p.cpu_model != cpu_model() or p.cpu_backend != CPU_BACKEND or p.device_name != device_name:
+        return None
+    return p
+
+
+def profiled_costs(cfg: ModelConfig, dtype, device) -> ExpertCosts | None:
+    """The engine's costs from this machine's cached profile, if it measured cfg's expert shape on this GPU."""
+    import torch
+
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    dtype_name = str(dtype).removeprefix("torch.")
+    p = cached_profile(name)
+    return p.expert_costs(cfg, dtype_name) if p is not None and p.has_shape(cfg, dtype_name) else None
+
+
+# -- measuring -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sizes:
+    """How much each measurement moves: `full` for a real profile, `quick` for tests and smoke runs."""
+
+    mem_bytes: int = 1 << 30
+    link_bytes: int = 256 << 20
+    matmul_n: int = 8192
+    cpu_matmul_n: int = 2048
+    expert_pool_bytes: int = 1 << 30  # host expert blocks rotated through, so the CPU reads from memory
+    repeats: int = 3
+
+
+QUICK = Sizes(mem_bytes=8 << 20, link_bytes=4 << 20, matmul_n=256, cpu_matmul_n=128, expert_pool_bytes=4 << 20,
+              repeats=1)
+
+
+def _median(fn, sync, repeats: int) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(max(repeats, 1)):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "bfloat16", sizes: Sizes = Sizes(),
+                    progress: bool = True, base: HardwareProfile | None = None,
+                    cpu_ffn: Callable | None = None) -> HardwareProfile:
+    """Measure this machine for cfg's expert shape. With `base` (a cached profile of this machine), only the
+    expert shape is measured and added to it. cpu_ffn(x, block) times another CPU expert kernel than the
+    engine's (default: cpu_expert_ffn)."""
+    import torch
+    from tqdm import tqdm
+
+    from moeflow.bench.ceilings import memory_bandwidth
+    from moeflow.config import parse_dtype
+    from moeflow.engine.offload import CPU_THREADS
+    from moeflow.synthetic import RandomFiller
+
+    cuda = device != "cpu" and torch.cuda.is_available()
+    dev = torch.device(device if cuda else "cpu")
+    dtype = parse_dtype(dtype_name)
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    steps = ["CPU expert"] if base else \
+        ["CPU memory", "CPU matmul", "CPU expert"] + (["links", "GPU memory", "GPU matmul"] if cuda else []) + \
+        ["layer overhead"]
+    bar = tqdm(total=len(steps), desc="profiling", unit="step", disable=not progress)
+    figures: dict = {}
+    threads = torch.get_num_threads()
+    if cuda:  # measured as the engine runs: one core left to the thread that drives the GPU
+        torch.set_num_threads(max(CPU_THREADS - 1, 1))
+    try:
+        def step(name):
+            bar.set_postfix_str(name)
+
+        if not base:
+            step("CPU memory")
+            figures["cpu_read_bw"] = memory_bandwidth(torch.device("cpu"), sizes.mem_bytes)
+            bar.update()
+            step("CPU matmul")
+            n = sizes.cpu_matmul_n
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            figures["cpu_flops"] = 2 * n**3 / _median(lambda: a @ b, lambda: None, sizes.repeats)
+            bar.update()
+
+        step("CPU expert")
+        H, I = cfg.hidden_size, cfg.expert_intermediate_size
+        n_blocks = max(2, min(256, -(-sizes.expert_pool_bytes // cfg.expert_bytes(dtype))))
+        blocks = torch.empty(n_blocks, cfg.expert_numel, dtype=dtype, pin_memory=cuda)  # [B, 3IH]
+        RandomFiller(torch.device("cpu"), dtype, numel=blocks.numel()).fill(blocks)
+        ffn = cpu_ffn or cpu_expert_ffn(I)
+        if cuda:
+            from moeflow.perf.costs import measure_costs
+
+            slot = torch.empty(cfg.expert_numel, dtype=dtype, device=dev)
+            costs = measure_costs(lambda i: blocks[i], I, H, n_blocks, slot, ffn, torch_expert_ffn(I), sizes.repeats,
+                                  copy_stream=torch.cuda.Stream(dev))
+            slot = None
+        else:
+            turn = iter(range(1 << 30))
+            cpu_s = []
+            for n in TOKEN_POINTS:
+                x = torch.randn(n, H, dtype=dtype)
+                cpu_s.append(_median(lambda: ffn(x, blocks[next(turn) % n_blocks]), lambda: None, sizes.repeats))
+            costs = ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(lambda: None).result()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                pool.submit(lambda: None).result()
+            call = (time.perf_counter() - t0) / 20
+        expert = _plain(replace(costs, cpu_call_s=call))
+        blocks = None  # free the pool before the link measurements
+        bar.update()
+        if base:
+            bar.close()
+            return replace(base, experts=base.experts | {shape_key(cfg, dtype_name): expert})
+
+        if cuda:
+            step("links")
+            nb = sizes.link_bytes
+            host = torch.empty(nb, dtype=torch.uint8, pin_memory=True)
+            gpu = torch.empty(nb, dtype=torch.uint8, device=dev)
+            figures["h2d_bw"] = nb / _median(lambda: gpu.copy_(host, non_blocking=True), sync, sizes.repeats + 2)
+            figures["d2h_bw"] = nb / _median(lambda: host.copy_(gpu, non_blocking=True), sync, sizes.repeats + 2)
+            figures["h2d_latency_s"] = _median(lambda: gpu[:4096].copy_(host[:4096], non_blocking=True), sync, 20)
+            figures["d2h_latency_s"] = _median(lambda: host[:4096].copy_(gpu[:4096], non_blocking=True), sync, 20)
+            del host, gpu
+            bar.update()
+            step("GPU memory")
+            figures["gpu_bw"] = memory_bandwidth(dev, sizes.mem_bytes)
+            bar.update()
+            step("GPU matmul")
+            n = sizes.matmul_n
+            a = torch.randn(n, n, dtype=torch.bfloat16, device=dev)
+            b = torch.randn(n, n, dtype=torch.bfloat16, device=dev)
+            figures["gpu_flops"] = 2 * n**3 / _median(lambda: a @ b, sync, sizes.repeats + 2)
+            del a, b
+            props = torch.cuda.get_device_properties(dev)
+            figures |= {"gpu_name": torch.cuda.get_device_name(dev), "gpu_memory": props.total_memory}
+            bar.update()
+        step("layer overhead")
+        if cuda:
+            torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
+        figures["layer_overhead_s"] = _layer_overhead(dev, 8 if sizes.repeats < 3 else 32)
+        bar.update()
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+    return HardwareProfile(
+        host=socket.gethostname(), cpu_model=cpu_model(), cpu_threads=os.cpu_count() or 1,
+        host_memory=_host_memory(), experts={shape_key(cfg, dtype_name): expert},
+        source=f"measured {time.strftime('%Y-%m-%d %H:%M')}" + ("" if sizes == Sizes() else " (quick sizes)"),
+        **figures)
+
+
+def _layer_overhead(dev, steps: int) -> float:
+    """The host-side cost of one offloaded layer, as the engine pays it: decode steps of the tiny synthetic
+    Mixtral with every expert in a slot (policy gpu), whose GPU work is negligible, over its layers. It holds
+    the per-layer sync for routing, the planning and every launch of a decoder layer."""
+    import torch
+
+    from moeflow.config import OffloadConfig
+    from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.engine.sequence import SamplingParams
+    from moeflow.synthetic import build_synthetic
+
+    cuda = dev.type == "cuda"
+    ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None, expert_device="cpu")
+    engine = LLMEngine(ck, max_seqs=1, max_len=steps + 16, offload=OffloadConfig(8 << 30, "gpu"))
+    try:
+        seq = engine.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
+        engine.step()
+        engine.step()  # prefill, then one warm-up decode step
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        dt = time.perf_counter() - t
+        assert not seq.finished or seq.output_ids
+        return dt / steps / ck.cfg.num_hidden_layers
+    finally:
+        engine.model.experts.close()
+        if cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+            if ck.store.pinned:  # unregister before the memory is freed: a later registration may reuse the range
+                torch.cuda.synchronize(dev)
+                torch.cuda.cudart().cudaHostUnregister(ck.store.data.data_ptr())
+
+
+def _host_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def get_profile(cfg: ModelConfig, device: str = "cuda", refresh: bool = False, dtype_name: str = "bfloat16",
+                sizes: Sizes = Sizes(), progress: bool = True) -> tuple[HardwareProfile, str]:
+    """This machine's profile for cfg's shape: from the cache, measuring (and caching) what is missing.
+    Returns (profile, what happened: "cached" | "measured" | "added shape")."""
+    name = local_device_name(device)
+    cached = None if refresh else cached_profile(name)
+    if cached is not None and cached.has_shape(cfg, dtype_name):
+        return cached, "cached"
+    profile = measure_profile(cfg, device, dtype_name, sizes, progress, base=cached)
+    profile.save(profile_path(name))
+    return profile, "added shape" if cached is not None else "measured"

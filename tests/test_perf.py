@@ -1,0 +1,293 @@
+"""The performance model: hardware profile and its cache, roofline, timing models, search, `moeflow plan`.
+Hand-made profiles with hand-computed answers; no GPU, seconds."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moeflow import MoeflowError
+from moeflow.checkpoint import read_model_config
+from moeflow.cli import main
+from moeflow.perf import profile as prof
+from moeflow.perf.costs import ExpertCosts
+from moeflow.perf.model import ThroughputPolicy, layer_time, predict_latency, predict_throughput, throughput_memory
+from moeflow.perf.profile import HardwareProfile, reference_profile
+from moeflow.perf.roofline import attainable, expert_ffn
+from moeflow.perf.search import copy_threshold, search_latency, search_throughput
+from moeflow.policy import get_policy
+
+GiB = 1 << 30
+MIXTRAL = read_model_config("synthetic:mixtral-8x7b")[1]
+QWEN = read_model_config("synthetic:qwen3-30b-a3b")[1]
+TINY = read_model_config("synthetic:tiny-mixtral")[1]
+MS = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def flat_costs(cpu=10 * MS, copy=2 * MS, gpu=1 * MS) -> ExpertCosts:
+    pts = (1, 4, 16, 64, 256)
+    return ExpertCosts(pts, (cpu,) * 5, (gpu,) * 5, copy)
+
+
+def toy_profile(**kw) -> HardwareProfile:
+    base = dict(host="toy", cpu_model="toy", cpu_threads=1, host_memory=1 << 40, cpu_read_bw=1e9, cpu_flops=1e12,
+                gpu_name="toy-gpu", gpu_memory=80 * GiB, gpu_bw=1e12, gpu_flops=1e15, h2d_bw=1e9, d2h_bw=1e9)
+    return HardwareProfile(**(base | kw))
+
+
+# -- latency regime: one layer, by hand -------------------------------------------------------------------
+def test_layer_link_bound():
+    # lru copies both misses: copy 2 ms each, each computed (1 ms) once it lands, after 0.5 ms of attention.
+    t = layer_time(get_policy("lru"), flat_costs(), 512, {0: 1, 1: 1}, [], 8, 0.5 * MS, 0.1 * MS)
+    assert t.copy == pytest.approx(4 * MS) and t.cpu == 0
+    assert t.total == pytest.approx((0.5 + 2 + 2 + 1 + 0.1) * MS)  # the second copy ends at 4.5, computed by 5.5
+
+
+def test_layer_cpu_bound():
+    t = layer_time(get_policy("fiddler"), flat_costs(), 512, {0: 1, 1: 1}, [1], 8, 0.5 * MS, 0.1 * MS)
+    assert t.cpu == pytest.approx(20 * MS) and t.copy == 0
+    assert t.total == pytest.approx((0.5 + 20 + 0.1) * MS)
+
+
+def test_layer_gpu_bound():
+    t = layer_time(get_policy("gpu"), flat_costs(), 512, {}, [1, 1], 8, 0.5 * MS, 0.1 * MS)
+    assert t.gpu == pytest.approx(2.5 * MS) and t.total == pytest.approx(2.6 * MS)
+
+
+def test_auto_balances_cpu_and_copy():
+    # Two misses, CPU 10 ms, copy+GPU 3 ms each: auto splits one expert so both paths end together.
+    costs = flat_costs()
+    t = layer_time(get_policy("auto"), costs, 512, {0: 1, 1: 1}, [], 8, 0.0, 0.0)
+    assert t.total < 6 * MS  # better than copying both (2+2+1 plus waits) or computing both on the CPU (20)
+    assert t.cpu > 0 and t.copy > 0
+
+
+def test_predict_latency_cpu_policy_by_hand():
+    # policy cpu: every one of the K=2 experts of each of the 4 layers on the CPU at 10 ms; overhead 1 ms/layer;
+    # the GPU's part is its weights over 1 TB/s.
+    p = toy_profile(layer_overhead_s=1 * MS)
+    costs = flat_costs()
+    pred = predict_latency(TINY, p, 1 * GiB, "cpu", None, 16, 16, costs=costs)
+    dense = sum(TINY.layer_dense_numel(i) * 2 + 2 * 4 * 32 * 2 * 24 for i in range(4)) / 1e12
+    head = TINY.vocab_size * TINY.hidden_size * 2 / 1e12
+    want = 4 * (20 * MS + 1 * MS) + dense + head
+    assert pred.token.total == pytest.approx(want, rel=1e-6)
+    assert pred.decode_tps == pytest.approx(1 / want, rel=1e-6)
+    assert pred.binding == "CPU memory bus"
+
+
+# -- throughput regime, by hand -----------------------------------------------------------------------------
+# tiny-mixtral: H 256, I 512, E 8, K 2, 8 heads, 4 KV heads, D 32, 4 layers; N 4 in micro-batches of 2,
+# prompt 96 + 64 generated: average context 128.
+W_E = 8 * 3 * 256 * 512 * 2  # one layer's experts, bytes
+
+
+def test_throughput_link_bound():
+    pol = ThroughputPolicy(N=4, mu=2, r_w=0.0, r_c=0.0, attn_gpu=False)
+    t = predict_throughput(TINY, toy_profile(), pol, 96, 64)
+    assert t.terms["PCIe"] == pytest.approx((W_E + 4 * 8 * 32 * 2) / 1e9)  # experts + attention outputs back
+    assert t.binding == "PCIe" and t.layer_s == t.terms["PCIe"]
+
+
+def test_throughput_cpu_bound():
+    pol = ThroughputPolicy(N=4, mu=2, r_w=0.0, r_c=0.0, attn_gpu=False)
+    t = predict_throughput(TINY, toy_profile(cpu_read_bw=1e6), pol, 96, 64)
+    kv_read = 128 * 2 * 4 * 32 * 2  # one sequence's K and V of one layer
+    assert t.terms["CPU memory bus"] == pytest.approx(4 * kv_read / 1e6)
+    assert t.binding == "CPU memory bus"
+
+
+def test_throughput_gpu_bound():
+    pol = ThroughputPolicy(N=4, mu=2, r_w=1.0, r_c=0.0, attn_gpu=False)
+    t = predict_throughput(TINY, toy_profile(gpu_bw=1e6), pol, 96, 64)
+    dense = 256 * (256 + 2 * 128) + 256 * 256 + 2 * 256 + 256 * 8  # Q K V O, two norms, router
+    used = 8 * (1 - (1 - 2 / 8) ** 2)  # experts two tokens touch
+    per_mb = dense * 2 + used * 3 * 256 * 512 * 2 + 2 * 2 * 2 * (256 + 512) * 2
+    assert t.terms["GPU"] == pytest.approx(2 * per_mb / 1e6)
+    assert t.binding == "GPU"
+
+
+def test_hrm_expert_intensity_and_attainable():
+    N, H, I, K, E = 64, MIXTRAL.hidden_size, MIXTRAL.expert_intermediate_size, 2, 8
+    k = expert_ffn(MIXTRAL, N, experts=E)
+    assert k.intensity() == pytest.approx(6 * N * H * I * K / (2 * N * H + 2 * N * I + 6 * H * I * E))
+    p = reference_profile()
+    assert attainable(k, "GPU", "GPU", p) == pytest.approx(min(p.gpu_flops, p.gpu_bw * k.intensity()))
+    assert attainable(k, "GPU", "CPU", p) == pytest.approx(p.h2d_bw * k.link_intensity())  # the link binds
+
+
+# -- monotonicity -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["auto", "fiddler", "lru"])
+def test_more_budget_never_slower(policy):
+    p = reference_profile()
+    tps = [predict_latency(MIXTRAL, p, gb * GiB, policy).decode_tps for gb in range(8, 90, 4)]
+    assert all(b >= a - 1e-9 for a, b in zip(tps, tps[1:])), tps
+
+
+@pytest.mark.parametrize("policy", ["auto", "fiddler", "lru"])
+def test_higher_hit_rate_never_slower(policy):
+    p = reference_profile()
+    tps = [predict_latency(QWEN, p, 16 * GiB, policy, h / 10).decode_tps for h in range(11)]
+    assert all(b >= a - 1e-9 for a, b in zip(tps, tps[1:])), tps
+
+
+def test_placement_raises_hit_rate():
+    L, E = len(MIXTRAL.moe_layers), MIXTRAL.num_experts
+    skewed = [[100.0 if e < 2 else 1.0 for e in range(E)] for _ in range(L)]
+    p = reference_profile()
+    uniform = predict_latency(MIXTRAL, p, 24 * GiB, "auto")
+    placed = predict_latency(MIXTRAL, p, 24 * GiB, "auto", torch.tensor(skewed))
+    assert placed.hit_rate > uniform.hit_rate and placed.decode_tps > uniform.decode_tps
+
+
+# -- search -------------------------------------------------------------------------------------------------
+def test_search_latency_plan():
+    plan = search_latency(MIXTRAL, reference_profile(), 24 * GiB)
+    assert plan.policy == "auto"
+    assert plan.predictions["gpu"].error and "too small" in plan.predictions["gpu"].error
+    b = plan.best.budget
+    assert b["dense_bytes"] + b["kv_bytes"] + b["workspace_bytes"] + b["slots"] * b["expert_bytes"] <= 24 * GiB
+    assert len(plan.resident) == b["resident"]
+
+
+def test_copy_threshold():
+    pts = (1, 4, 16, 64, 256)
+    costs = ExpertCosts(pts, tuple(n * MS for n in pts), (0.5 * MS,) * 5, 10 * MS)  # CPU 1 ms/token, copy 10.5
+    assert copy_threshold(costs) == 11
+    assert copy_threshold(flat_costs(cpu=1 * MS)) is None
+
+
+@pytest.mark.parametrize("gb", [24, 76])
+def test_search_throughput_feasible(gb):
+    p = reference_profile()
+    best = search_throughput(MIXTRAL, p, gb * GiB, 128, 128)
+    gpu, host = throughput_memory(MIXTRAL, best.policy, 128, 128)
+    assert gpu <= gb * GiB and host <= p.host_memory
+    assert best.tokens_per_s > 0 and 0 <= best.policy.r_w <= 1
+
+
+def test_infeasible_inputs_say_what_does_not_fit():
+    p = reference_profile()
+    with pytest.raises(MoeflowError, match="short by"):
+        search_latency(MIXTRAL, p, 2 * GiB)
+    with pytest.raises(MoeflowError, match="host memory.*short by"):
+        search_throughput(MIXTRAL, p, 24 * GiB, 128, 128, host_memory=64 * GiB)
+    with pytest.raises(MoeflowError, match="short by"):
+        search_throughput(MIXTRAL, p, 3 * GiB, 128, 128)
+
+
+# -- config without weights -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [MIXTRAL, QWEN, replace(QWEN, dense_layers=(0, 3), dense_intermediate_size=6144,
+                                                        tie_word_embeddings=True, attention_bias=True)])
+def test_dense_numel_matches_the_model(cfg):
+    from moeflow.models import get_architecture
+
+    with torch.device("meta"):
+        model = get_architecture(cfg.model_type).build(cfg, None)
+    assert cfg.dense_numel == sum(p.numel() for p in model.parameters())
+
+
+# -- profile and its cache ------------------------------------------------------------------------------------
+def test_profile_cache_and_refresh(cache):
+    p, how = prof.get_profile(TINY, "cpu", sizes=prof.QUICK, progress=False)
+    assert how == "measured" and not p.has_gpu and p.has_shape(TINY)
+    path = prof.profile_path("cpu")
+    assert path.parent == cache and path.exists()
+    assert HardwareProfile.load(path) == p
+    assert prof.get_profile(TINY, "cpu", sizes=prof.QUICK, progress=False) == (p, "cached")
+    q, how = prof.get_profile(QWEN.__class__(**{**TINY.__dict__, "expert_intermediate_size": 128}), "cpu",
+                              sizes=prof.QUICK, progress=False)
+    assert how == "added shape" and len(q.experts) == 2
+    r, how = prof.get_profile(TINY, "cpu", refresh=True, sizes=prof.QUICK, progress=False)
+    assert how == "measured" and len(r.experts) == 1
+    # another CPU model, or another version, is not this machine's profile
+    d = json.loads(path.read_text())
+    path.write_text(json.dumps(d | {"cpu_model": "elsewhere"}))
+    assert prof.cached_profile("cpu") is None
+    path.write_text(json.dumps(d | {"version": 0}))
+    with pytest.raises(MoeflowError, match="version"):
+        HardwareProfile.load(path)
+
+
+def test_costs_from_profile():
+    ref = reference_profile()
+    c = ExpertCosts.from_profile(ref, MIXTRAL)
+    assert c.cpu(1) == pytest.approx(7.4 * MS) and c.copy() == pytest.approx(6.6 * MS)
+    q = ExpertCosts.from_profile(ref, QWEN)  # scaled: a Qwen3 expert is 1/37 of a Mixtral one
+    assert q.cpu(1) < c.cpu(1) / 20 and q.copy() == pytest.approx(16e-6 + QWEN.expert_numel * 2 / 54e9)
+
+
+def test_profile_cli_cpu_only(capsys):
+    assert main(["profile", "--model", "synthetic:tiny-mixtral", "--device", "cpu", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU memory read" in out and "measured" in out
+    assert main(["profile", "--model", "synthetic:tiny-mixtral", "--device", "cpu", "--quick"]) == 0
+    assert "cached" in capsys.readouterr().out
+
+
+# -- moeflow plan ---------------------------------------------------------------------------------------------
+def test_plan_cli_end_to_end(tmp_path, capsys):
+    png, ref = tmp_path / "roof.png", tmp_path / "ref.json"
+    reference_profile().save(ref)
+    args = ["plan", "--model", "synthetic:mixtral-8x7b", "--gpu-memory", "24GiB", "--roofline", str(png)]
+    assert main(args + ["--profile", str(ref)]) == 0
+    out = capsys.readouterr().out
+    assert "auto" in out and "fiddler" in out and "lru" in out
+    assert "Binding resource of auto: CPU memory bus" in out
+    assert "bound by PCIe" in out  # the throughput plan streams experts over PCIe at 24 GiB
+    if not torch.cuda.is_available():
+        assert main(args) == 0
+        assert "reference profile" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    assert png.exists() and png.stat().st_size > 10_000
+
+
+def test_plan_cli_errors(tmp_path, capsys):
+    assert main(["plan", "--model", "synthetic:mixtral-8x7b", "--gpu-memory", "2GiB", "--workload", "latency"]) == 2
+    assert "short by" in capsys.readouterr().err
+    cpu_only = toy_profile(gpu_name=None)
+    cpu_only.save(tmp_path / "cpu.json")
+    assert main(["plan", "--gpu-memory", "24GiB", "--profile", str(tmp_path / "cpu.json")]) == 2
+    assert "without a GPU" in capsys.readouterr().err
+
+
+def test_model_accuracy_cli(tmp_path, capsys):
+    ref = tmp_path / "ref.json"
+    reference_profile().save(ref)
+    rows = [{"policy": p, "gpu_memory_gib": 24, "routing": "native", "decode_tps": tps, "ttft_s": 1.0,
+             "ttft_prompt_tokens": 512, "hit_rate": 0.2} for p, tps in (("auto", 3.97), ("fiddler", 2.12))]
+    rows.append({"policy": "lru", "gpu_memory_gib": 24, "decode_tps": 2.8, "hit_rate": 0.2, "ttft_s": 2.0,
+                 "predicted_decode_tps": 2.5, "predicted_ttft_s": 1.5, "predicted_binding": "PCIe"})
+    rows.append({"policy": "gpu", "gpu_memory_gib": 24, "error": "too small"})
+    results = tmp_path / "latency.json"
+    results.write_text(json.dumps({"model": "synthetic:mixtral-8x7b", "new_tokens": 128, "rows": rows}))
+    out_json, png = tmp_path / "acc.json", tmp_path / "acc.png"
+    assert main(["bench", "model-accuracy", "--results", str(results), "--profile", str(ref), "--plot", str(png),
+                 "--out", str(out_json)]) == 0
+    got = json.loads(out_json.read_text())
+    assert [r["policy"] for r in got] == ["auto", "fiddler", "lru"]
+    assert got[2]["decode_error"] == pytest.approx(2.5 / 2.8 - 1)  # carried predictions are used as they are
+    assert all(abs(r["decode_error"]) < 0.5 for r in got)
+    assert "decode within 20%" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    assert png.exists()
+
+
+def test_bench_latency_prediction_fields():
+    from moeflow.bench.latency import predicted
+    from moeflow.checkpoint import load
+    from moeflow.config import OffloadConfig
+
+    ck = load("synthetic:tiny-mixtral", expert_device="cpu")
+    d = predicted(ck, OffloadConfig(1 * GiB, "auto"), reference_profile(), 0.5, 32, 16)
+    assert d["predicted_decode_tps"] > 0 and d["predicted_ttft_s"] > 0 and d["predicted_binding"]
+    assert predicted(ck, OffloadConfig(1 * GiB, "auto"), None, 0.5, 32, 16) == {}
