@@ -57,8 +57,9 @@ class ChatSession:
         return seq.text
 
 
-def chat_loop(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.stdout,
-              err: TextIO = sys.stderr) -> int:
+def chat_loop(session: ChatSession, inp: TextIO | None = None, out: TextIO | None = None,
+              err: TextIO | None = None) -> int:
+    inp, out, err = inp or sys.stdin, out or sys.stdout, err or sys.stderr
     interactive = inp.isatty()
     if interactive:
         print(HELP, file=err)

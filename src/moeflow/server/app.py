@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeflow import MoeflowError
-from moeflow.engine.llm_engine import GenerationResponse, LLMEngine
+from moeflow.engine.llm_engine import LLMEngine
 from moeflow.server.metrics import ServerMetrics
 from moeflow.server.protocol import (APIError, ChatRequest, CompletionRequest, Reply, check_supported,
                                      error_body, sampling_params)
@@ -168,9 +168,18 @@ async def _generate(serving: Serving, body, request: Request, chat: bool):
         return StreamingResponse(_sse(serving, worker, job, events, reply, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
-        text = []
+        text, check_at = [], time.monotonic() + POLL_S
         while True:
-            event = await _next_event(events, request)
+            try:
+                event = await asyncio.wait_for(events.get(), POLL_S)
+            except TimeoutError:
+                event = None
+            if time.monotonic() >= check_at:  # tokens may never pause: check on a clock, not on silence
+                check_at = time.monotonic() + POLL_S
+                if await request.is_disconnected():
+                    raise ClientGone()
+            if event is None:
+                continue
             if isinstance(event, EngineFailure):
                 raise APIError(500, str(event))
             text.append(event.text)
@@ -183,15 +192,6 @@ async def _generate(serving: Serving, body, request: Request, chat: bool):
 
 class ClientGone(Exception):
     pass
-
-
-async def _next_event(events: asyncio.Queue, request: Request) -> GenerationResponse | EngineFailure:
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), POLL_S)
-        except TimeoutError:
-            if await request.is_disconnected():
-                raise ClientGone() from None
 
 
 def _data(obj) -> str:

@@ -25,7 +25,7 @@ class ServerMetrics:
         self.running = Gauge("moeflow_num_requests_running", "sequences in the running batch", registry=r)
         self.waiting = Gauge("moeflow_num_requests_waiting", "requests queued for a KV slot", registry=r)
         self.worker = None
-        r.register(_ExpertCollector(self))
+        r.register(_EngineCollector(self))
 
     def attach(self, worker) -> None:
         """Read the running/waiting counts from the engine worker at scrape time."""
@@ -48,15 +48,20 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-class _ExpertCollector:
-    """Expert-offloading figures (`engine.expert_stats()`), read when scraped; absent without offloading."""
+class _EngineCollector:
+    """Engine figures read when scraped: steps and batch sizes; expert offloading (`engine.expert_stats()`)."""
 
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
 
     def collect(self):
         worker = self.metrics.worker
-        stats = worker.engine.expert_stats() if worker is not None else None
+        if worker is None:
+            return
+        yield CounterMetricFamily("moeflow_engine_steps", "engine steps (one forward pass each)", worker.steps)
+        yield CounterMetricFamily("moeflow_engine_step_sequences", "sequences run, summed over steps "
+                                  "(divided by the steps: the mean batch)", worker.step_seqs)
+        stats = worker.engine.expert_stats()
         if not stats:
             return
         yield GaugeMetricFamily("moeflow_expert_hit_rate", "selected experts found on the GPU", stats["hit_rate"])

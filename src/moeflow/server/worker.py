@@ -40,6 +40,7 @@ class EngineWorker:
         self._cancels: list[Request] = []
         self._by_seq: dict[int, Request] = {}
         self.active = 0  # submitted and not yet finished
+        self.steps = self.step_seqs = 0  # engine steps run, and the sequences they ran (mean batch = ratio)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="moeflow-engine", daemon=True)
 
@@ -117,6 +118,8 @@ class EngineWorker:
                 self.engine.abort(req.seq)
                 self._fail(req, f"the engine failed: {type(e).__name__}: {e}")
             return
+        self.steps += 1
+        self.step_seqs += len(responses)
         for r in responses:
             req = self._by_seq.get(r.seq_id)
             if req is None:
