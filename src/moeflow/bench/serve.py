@@ -136,7 +136,8 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
 
 # -- a run -----------------------------------------------------------------------------------------------
 async def run(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int | None,
-              rate: float | None, ignore_eos: bool, seed: int = 0) -> tuple[list[Result], float]:
+              rate: float | None, ignore_eos: bool, seed: int = 0,
+              time_limit: float | None = None) -> tuple[list[Result], float]:
     import httpx
 
     gate = asyncio.Semaphore(concurrency) if concurrency else None
@@ -155,8 +156,14 @@ async def run(url: str, model: str, prompts: list[str], max_tokens: int, concurr
             tasks.append(asyncio.create_task(send(p)))
             if rate:
                 await asyncio.sleep(rng.expovariate(rate))
-        results = await asyncio.gather(*tasks)
-        return results, time.perf_counter() - t0
+        left = None if time_limit is None else max(time_limit - (time.perf_counter() - t0), 0.0)
+        done, pending = await asyncio.wait(tasks, timeout=left) if tasks else (set(), set())
+        for t in pending:  # cancelled: the client closes the stream, the server aborts the request
+            t.cancel()
+        duration = time.perf_counter() - t0
+        results = [t.result() if t in done else Result(error=f"unfinished after --time-limit {time_limit:g} s")
+                   for t in tasks]
+        return results, duration
 
 
 def _dist(values: list[float]) -> dict:
@@ -226,6 +233,7 @@ def add_flags(p) -> None:
     p.add_argument("--max-prompt-chars", type=int, default=MAX_CHARS, help="skip longer prompts")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
+    p.add_argument("--time-limit", type=float, help="seconds; requests unfinished by then count as failed")
     p.add_argument("--export-prompts", metavar="FILE", help="write the prompts as JSONL and exit (no server needed)")
     p.add_argument("--out", help="write the results as JSON here")
 
@@ -242,9 +250,10 @@ def main(args) -> int:
     model = args.model or server_model(url)
     concurrency = args.concurrency or (None if args.rate else 1)
     results, duration = asyncio.run(run(url, model, prompts, args.max_tokens, concurrency, args.rate,
-                                        args.ignore_eos, args.seed))
+                                        args.ignore_eos, args.seed, args.time_limit))
     summary = {"url": url, "model": model, "concurrency": concurrency, "rate": args.rate,
                "num_prompts": len(prompts), "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos,
+               "time_limit": args.time_limit,
                "date": time.strftime("%Y-%m-%d %H:%M:%S")} | summarize(results, duration)
     print_summary(summary)
     if args.out:
