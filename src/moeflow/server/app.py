@@ -48,9 +48,10 @@ class Serving:
             engine = self.load_fn()
         except BaseException as e:  # noqa: BLE001 - reported by /health and the CLI
             self.error = str(e) if isinstance(e, MoeflowError) else f"{type(e).__name__}: {e}"
-            log.error("loading %s failed: %s", self.model_name, self.error)
-            if self.on_load_error:
+            if self.on_load_error:  # the CLI reports it and stops
                 self.on_load_error(e)
+            else:
+                log.error("loading %s failed: %s", self.model_name, self.error)
             return
         worker = EngineWorker(engine, self.max_queue).start()
         self.metrics.attach(worker)
