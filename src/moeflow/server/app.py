@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeflow import MoeflowError
@@ -149,7 +150,7 @@ async def _generate(serving: Serving, body, request: Request, chat: bool):
     worker = serving.ready_worker()
     serving.check_model(body.model)
     check_supported(body)
-    ids = _encode(worker.engine, body, chat)
+    ids = await asyncio.to_thread(_encode, worker.engine, body, chat)  # a long prompt must not stall the loop
     params = sampling_params(body, _max_tokens(body, chat, len(ids), worker.engine.max_len))
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -166,8 +167,10 @@ async def _generate(serving: Serving, body, request: Request, chat: bool):
     reply = Reply(chat, serving.model_name)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        # The background cancel covers a client gone before the stream started (its finally never runs).
         return StreamingResponse(_sse(serving, worker, job, events, reply, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(worker.cancel, job))
     try:
         text, check_at = [], time.monotonic() + POLL_S
         while True:
