@@ -180,6 +180,14 @@ def test_eight_concurrent_clients_get_the_sequential_outputs(live, client):
     assert batch > 2, f"mean batch {batch:.2f}: the requests did not share decode steps"
 
 
+def test_chat_content_parts_and_max_completion_tokens(live, reference):
+    body = {"model": MODEL, "temperature": 0, "max_completion_tokens": 5,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": PROMPTS[6]}]}]}
+    r = httpx.post(f"{live.url}/v1/chat/completions", json=body).json()
+    text, n, _ = reference(chat(PROMPTS[6]), n=5)
+    assert r["choices"][0]["message"]["content"] == text and r["usage"]["completion_tokens"] == n
+
+
 # -- errors ----------------------------------------------------------------------------------------------
 def error_of(resp) -> dict:
     body = resp.json()
@@ -236,7 +244,8 @@ BODIES = st.tuples(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6),
                    st.sampled_from([3, None]), st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=BODIES)
 def test_fuzzed_bodies_never_get_a_500(live, case):
     body, cap, path = case
