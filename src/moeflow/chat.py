@@ -64,11 +64,14 @@ def chat_loop(session: ChatSession, inp: TextIO | None = None, out: TextIO | Non
     if interactive:
         print(HELP, file=err)
     while True:
-        if interactive:
-            out.write(">>> ")
-            out.flush()
         try:
-            line = inp.readline()
+            if interactive:  # input() gives line editing and history where readline is available
+                try:
+                    line = input(">>> ") + "\n"
+                except EOFError:
+                    line = ""
+            else:
+                line = inp.readline()
         except KeyboardInterrupt:
             out.write("\n")
             continue

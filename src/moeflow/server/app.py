@@ -93,6 +93,8 @@ def create_app(load: Callable[[], LLMEngine], model_name: str, max_queue: int = 
         if serving.worker is None:
             return JSONResponse({"status": "failed" if serving.error else "loading", "error": serving.error},
                                 status_code=503)
+        if not serving.worker.alive:
+            return JSONResponse({"status": "failed", "error": "the engine thread has stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -72,6 +72,10 @@ class EngineWorker:
                 self._cv.notify()
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def num_running(self) -> int:
         return len(self.engine.running)
 
