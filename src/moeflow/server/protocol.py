@@ -97,9 +97,9 @@ UNSUPPORTED = {
 def check_supported(req: _Request) -> None:
     fields = dict(req.model_extra or {}) | {"n": req.n}
     for name, neutral in UNSUPPORTED.items():
-        if name in fields and not any(fields[name] == v and type(fields[name]) is type(v) or fields[name] is v
-                                      for v in neutral):
-            raise APIError(400, f"`{name}` is not supported by this server (got {fields[name]!r})", param=name)
+        value = fields.get(name)
+        if not any(value == v and type(value) is type(v) for v in neutral):  # type too: True is not 1
+            raise APIError(400, f"`{name}` is not supported by this server (got {value!r})", param=name)
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
