@@ -1,4 +1,4 @@
-"""The `moeflow` command: generate | profile | plan | synth | bench | train-demo."""
+"""The `moeflow` command: generate | chat | serve | profile | plan | profile-experts | synth | train-demo | bench."""
 
 from __future__ import annotations
 
@@ -69,6 +69,52 @@ def _offload_config(args):
 def _expert_figures(e: dict, tokens: int) -> str:
     return (f" | experts: hit rate {e['hit_rate']:.0%}, CPU {e['cpu_experts'] / max(e['lookups'], 1):.0%}, "
             f"copied {e['copied_experts'] / max(e['lookups'], 1):.0%}, {e['bytes_h2d'] / 2**30:.2f} GiB to the GPU")
+
+
+def _load_engine(args, max_seqs: int, max_len: int):
+    """The engine of `serve` and `chat`: the model on --device (cuda where available), offloaded with --gpu-memory."""
+    import torch
+
+    from moeflow.checkpoint import load
+    from moeflow.engine.llm_engine import LLMEngine
+
+    offload = _offload_config(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ck = load(args.model or DEFAULT_MODEL, device=device, dtype=args.dtype, progress=None,
+              expert_device="cpu" if offload else None)
+    if ck.synthetic:
+        print(f"moeflow: {ck.name} has random weights: expect gibberish", file=sys.stderr)
+    return LLMEngine(ck, max_seqs=max_seqs, max_len=min(max_len, ck.cfg.max_position_embeddings), offload=offload)
+
+
+def cmd_serve(args) -> int:
+    from moeflow.server import run_server
+
+    for flag in ("max_running", "max_context", "port"):
+        if getattr(args, flag) < 1:
+            raise MoeflowError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.max_queue < 0:
+        raise MoeflowError("--max-queue must be at least 0")
+    name = args.served_model_name or args.model or DEFAULT_MODEL
+    return run_server(lambda: _load_engine(args, args.max_running, args.max_context), name, args.host, args.port,
+                      args.max_queue, args.log_level)
+
+
+def cmd_chat(args) -> int:
+    from moeflow.chat import ChatSession, chat_loop
+
+    engine = _load_engine(args, 1, args.max_context)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    if params.max_new_tokens >= engine.max_len:
+        raise MoeflowError(f"--max-new-tokens must be below the context ({engine.max_len})")
+    return chat_loop(ChatSession(engine, params, args.system))
+
+
+def cmd_bench_serve(args) -> int:
+    from moeflow.bench.serve import main as bench_serve
+
+    return bench_serve(args)
 
 
 def cmd_synth(args) -> int:
@@ -368,6 +414,12 @@ def _add_offload_flags(g) -> None:
     g.add_argument("--routing-trace", help="benchmarks: replay a recorded routing instead of the router's")
 
 
+def _add_device_flags(g) -> None:
+    g.add_argument("--device", help="cpu or cuda (default: cuda where available)")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, the checkpoint's on cpu), bf16, fp16, fp32")
+    _add_offload_flags(g)
+
+
 def cmd_train_demo(args) -> int:
     from dataclasses import replace
 
@@ -409,6 +461,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=int, help="context length to reserve (default: prompt + new tokens)")
     _add_offload_flags(g)
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="chat in the terminal (streamed; /reset, /exit)")
+    c.add_argument("--model", help=f"checkpoint folder, builtin:NAME or synthetic:NAME (default: {DEFAULT_MODEL})")
+    c.add_argument("--system", help="system message")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--top-k", type=int, default=_SP["top_k"])
+    c.add_argument("--seed", type=int, default=_SP["seed"])
+    c.add_argument("--max-context", type=int, default=4096, help="tokens of conversation kept (oldest turns drop)")
+    _add_device_flags(c)
+    c.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, streaming, metrics)")
+    sv.add_argument("--model", help=f"checkpoint folder, builtin:NAME or synthetic:NAME (default: {DEFAULT_MODEL})")
+    sv.add_argument("--served-model-name", help="the model's name in the API (default: --model)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-running", type=int, default=8, help="sequences decoded together (KV cache slots)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond: HTTP 429")
+    sv.add_argument("--max-context", type=int, default=4096, help="prompt + generated tokens per request")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_device_flags(sv)
+    sv.set_defaults(func=cmd_serve)
 
     pe = sub.add_parser("profile-experts", help="count how often each expert is used, for --placement")
     pe.add_argument("--model", help=f"checkpoint folder, builtin:NAME or synthetic:NAME (default: {DEFAULT_MODEL})")
@@ -481,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "else the built-in reference)")
     ba.set_defaults(func=cmd_bench_accuracy)
 
+    bs = bsub.add_parser("serve", help="drive a running server with ShareGPT prompts (TTFT, TPOT, ITL, throughput)")
+    from moeflow.bench.serve import add_flags
+    add_flags(bs)
+    bs.set_defaults(func=cmd_bench_serve)
+
     s = sub.add_parser("synth", help="write random weights of a published shape as a Hugging Face folder")
     s.add_argument("name", help="mixtral-8x7b, qwen3-30b-a3b, tiny-mixtral or tiny-qwen3")
     s.add_argument("--out", required=True)
@@ -503,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    for name in ("max_new_tokens", "max_len"):
+    for name in ("max_new_tokens", "max_len", "max_context", "max_running", "num_prompts", "max_tokens"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise MoeflowError(f"--{name.replace('_', '-')} must be at least 1")

@@ -118,10 +118,17 @@ class LLMEngine:
         return [self._postprocess(s, t) for s, t in zip(seqs, tokens)]
 
     def _admit(self) -> None:
-        while self.waiting and (slot := self.cache.allocate()) is not None:
+        # A step runs at most max_len tokens (the activation workspace is sized for that), unless a lone
+        # prompt needs the step to itself; prompts that do not fit wait, in arrival order.
+        room = self.max_len - len(self.running)
+        while self.waiting and self.cache.free:
+            n = len(self.waiting[0].new_tokens)
+            if n > room and self.running:
+                break
             seq = self.waiting.popleft()
-            seq.slot, seq.status, seq.t_start = slot, Status.RUNNING, time.perf_counter()
+            seq.slot, seq.status, seq.t_start = self.cache.allocate(), Status.RUNNING, time.perf_counter()
             self.running.append(seq)
+            room -= n
 
     @torch.inference_mode()
     def _forward(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:

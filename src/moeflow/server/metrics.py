@@ -1,0 +1,71 @@
+"""Prometheus metrics of one server (its own registry, so that several servers can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from moeflow.engine.llm_engine import GenerationResponse
+
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServerMetrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("moeflow_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.ttft = Histogram("moeflow_time_to_first_token_seconds", "arrival to first token", buckets=_LATENCY,
+                              registry=r)
+        self.tpot = Histogram("moeflow_time_per_output_token_seconds", "decode time per token after the first",
+                              buckets=_LATENCY, registry=r)
+        self.prompt_tokens = Counter("moeflow_prompt_tokens", "prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("moeflow_generation_tokens", "tokens generated", registry=r)
+        self.running = Gauge("moeflow_num_requests_running", "sequences in the running batch", registry=r)
+        self.waiting = Gauge("moeflow_num_requests_waiting", "requests queued for a KV slot", registry=r)
+        self.worker = None
+        r.register(_EngineCollector(self))
+
+    def attach(self, worker) -> None:
+        """Read the running/waiting counts from the engine worker at scrape time."""
+        self.worker = worker
+        self.running.set_function(lambda: worker.num_running)
+        self.waiting.set_function(lambda: worker.num_waiting)
+
+    def count(self, path: str, status: int) -> None:
+        self.requests.labels(path if path in ENDPOINTS else "other", str(status)).inc()
+
+    def finished(self, r: GenerationResponse) -> None:
+        self.prompt_tokens.inc(r.prompt_tokens)
+        self.generation_tokens.inc(r.generation_tokens)
+        if r.generation_tokens:
+            self.ttft.observe(r.ttft_s)
+        if r.decode_tps > 0:
+            self.tpot.observe(1.0 / r.decode_tps)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """Engine figures read when scraped: steps and batch sizes; expert offloading (`engine.expert_stats()`)."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        worker = self.metrics.worker
+        if worker is None:
+            return
+        yield CounterMetricFamily("moeflow_engine_steps", "engine steps (one forward pass each)", worker.steps)
+        yield CounterMetricFamily("moeflow_engine_step_sequences", "sequences run, summed over steps "
+                                  "(divided by the steps: the mean batch)", worker.step_seqs)
+        stats = worker.engine.expert_stats()
+        if not stats:
+            return
+        yield GaugeMetricFamily("moeflow_expert_hit_rate", "selected experts found on the GPU", stats["hit_rate"])
+        yield CounterMetricFamily("moeflow_expert_lookups", "experts selected (per layer call)", stats["lookups"])
+        yield CounterMetricFamily("moeflow_expert_bytes_copied_to_gpu", "expert weights copied host to GPU",
+                                  stats["bytes_h2d"])
+        yield CounterMetricFamily("moeflow_expert_cpu_experts", "experts computed on the CPU", stats["cpu_experts"])
