@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cpuid.h>
@@ -144,6 +145,9 @@ struct Job {
     const float* w;                 // [n] routing weights
     const void* x;                  // the job's tokens: fp32 [n, H], bf16 [n, H], or AMX-packed (see amx)
     void* act;                      // silu(gate) * up: fp32 [n, R] or, for AMX, bf16 [16 * groups, Rp]
+    bool tiles;                     // AMX tiles (else the vector kernel)
+    bool fused;                     // down by rows, into per-thread sums, in the gate/up pass
+    size_t poff;                    // fused: offset of the job's [n, H] sums in each thread's buffer
 };
 
 static inline int groups16(int n) { return (n + 15) / 16; }
@@ -182,6 +186,19 @@ static void down_scalar(const Job& j, int c0, int c1, int H, float* acc, float* 
     }
     for (int t = 0; t < j.n; ++t)
         for (int c = 0; c < cw; ++c) out[(size_t)j.tok[t] * H + c0 + c] += j.w[t] * acc[(size_t)t * cw + c];
+}
+
+// Rows r0:r1 of down_t (full width, one contiguous run) into this thread's sums acc [n, H].
+static void down_rows_scalar(const Job& j, int r0, int r1, int H, float* acc) {
+    const float* act = (const float*)j.act;
+    for (int r = r0; r < r1; ++r) {
+        const bf16* d = j.down + (size_t)r * H;
+        for (int t = 0; t < j.n; ++t) {
+            float a = act[(size_t)t * j.R + r];
+            float* at = acc + (size_t)t * H;
+            for (int c = 0; c < H; ++c) at[c] += a * bf2f(d[c]);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -289,6 +306,48 @@ TGT_AVX2 static void down_avx2(const Job& j, int c0, int c1, int H, float* acc, 
     }
 }
 
+// Four rows at a time, widened into an L1 buffer, then added into each token's sums.
+TGT_AVX2 static void down_rows_avx2(const Job& j, int r0, int r1, int H, float* acc) {
+    const float* act = (const float*)j.act;
+    alignas(64) float wt[4][256];
+    for (int rb = r0; rb < r1; rb += 16) {  // 16 rows (L2) x 256 columns (the tokens' sums stay in L1)
+        const int re = std::min(r1, rb + 16);
+        for (int c0 = 0; c0 < H; c0 += 256) {
+            const int cw = std::min(256, H - c0), cv = cw & ~7;
+            for (int r = rb; r < re; r += 4) {
+                const int nr = std::min(4, re - r);
+                for (int k = 0; k < 4; ++k) {
+                    if (k >= nr) {
+                        std::memset(wt[k], 0, sizeof(float) * cw);
+                        continue;
+                    }
+                    const bf16* d = j.down + (size_t)(r + k) * H + c0;
+                    if (c0 + 256 < H)
+                        for (int c = 0; c < 256 && c0 + 256 + c < H; c += 32) _mm_prefetch((const char*)(d + 256 + c), _MM_HINT_T0);
+                    for (int c = 0; c < cv; c += 8) _mm256_store_ps(wt[k] + c, load8_bf16(d + c));
+                    for (int c = cv; c < cw; ++c) wt[k][c] = bf2f(d[c]);
+                }
+                for (int t = 0; t < j.n; ++t) {
+                    const float* a = act + (size_t)t * j.R + r;
+                    float a0 = a[0], a1 = nr > 1 ? a[1] : 0.f, a2 = nr > 2 ? a[2] : 0.f, a3 = nr > 3 ? a[3] : 0.f;
+                    __m256 b0 = _mm256_set1_ps(a0), b1 = _mm256_set1_ps(a1), b2 = _mm256_set1_ps(a2), b3 = _mm256_set1_ps(a3);
+                    float* at = acc + (size_t)t * H + c0;
+                    for (int c = 0; c < cv; c += 8) {
+                        __m256 s = _mm256_loadu_ps(at + c);
+                        s = _mm256_fmadd_ps(b0, _mm256_load_ps(wt[0] + c), s);
+                        s = _mm256_fmadd_ps(b1, _mm256_load_ps(wt[1] + c), s);
+                        s = _mm256_fmadd_ps(b2, _mm256_load_ps(wt[2] + c), s);
+                        s = _mm256_fmadd_ps(b3, _mm256_load_ps(wt[3] + c), s);
+                        _mm256_storeu_ps(at + c, s);
+                    }
+                    for (int c = cv; c < cw; ++c)
+                        at[c] += a0 * wt[0][c] + a1 * wt[1][c] + a2 * wt[2][c] + a3 * wt[3][c];
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // AVX512-BF16: gate/up by vdpbf16ps on bf16 tokens (pairs of H summed in fp32); down as AVX2, 16 wide.
 
@@ -379,6 +438,47 @@ TGT_AVX512 static void down_avx512(const Job& j, int c0, int c1, int H, float* a
     }
 }
 
+TGT_AVX512 static void down_rows_avx512(const Job& j, int r0, int r1, int H, float* acc) {
+    const float* act = (const float*)j.act;
+    alignas(64) float wt[4][256];
+    for (int rb = r0; rb < r1; rb += 16) {  // 16 rows (L2) x 256 columns (the tokens' sums stay in L1)
+        const int re = std::min(r1, rb + 16);
+        for (int c0 = 0; c0 < H; c0 += 256) {
+            const int cw = std::min(256, H - c0), cv = cw & ~15;
+            for (int r = rb; r < re; r += 4) {
+                const int nr = std::min(4, re - r);
+                for (int k = 0; k < 4; ++k) {
+                    if (k >= nr) {
+                        std::memset(wt[k], 0, sizeof(float) * cw);
+                        continue;
+                    }
+                    const bf16* d = j.down + (size_t)(r + k) * H + c0;
+                    if (c0 + 256 < H)
+                        for (int c = 0; c < 256 && c0 + 256 + c < H; c += 32) _mm_prefetch((const char*)(d + 256 + c), _MM_HINT_T0);
+                    for (int c = 0; c < cv; c += 16) _mm512_store_ps(wt[k] + c, load16_bf16(d + c));
+                    for (int c = cv; c < cw; ++c) wt[k][c] = bf2f(d[c]);
+                }
+                for (int t = 0; t < j.n; ++t) {
+                    const float* a = act + (size_t)t * j.R + r;
+                    float a0 = a[0], a1 = nr > 1 ? a[1] : 0.f, a2 = nr > 2 ? a[2] : 0.f, a3 = nr > 3 ? a[3] : 0.f;
+                    __m512 b0 = _mm512_set1_ps(a0), b1 = _mm512_set1_ps(a1), b2 = _mm512_set1_ps(a2), b3 = _mm512_set1_ps(a3);
+                    float* at = acc + (size_t)t * H + c0;
+                    for (int c = 0; c < cv; c += 16) {
+                        __m512 s = _mm512_loadu_ps(at + c);
+                        s = _mm512_fmadd_ps(b0, _mm512_load_ps(wt[0] + c), s);
+                        s = _mm512_fmadd_ps(b1, _mm512_load_ps(wt[1] + c), s);
+                        s = _mm512_fmadd_ps(b2, _mm512_load_ps(wt[2] + c), s);
+                        s = _mm512_fmadd_ps(b3, _mm512_load_ps(wt[3] + c), s);
+                        _mm512_storeu_ps(at + c, s);
+                    }
+                    for (int c = cv; c < cw; ++c)
+                        at[c] += a0 * wt[0][c] + a1 * wt[1][c] + a2 * wt[2][c] + a3 * wt[3][c];
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // AMX: the same tiling twice, once on the hardware tiles and once with the tile ops emulated in scalar
 // code, so the blocking and packing logic runs (and is tested) on any CPU.
@@ -460,9 +560,16 @@ struct Scratch {
 
 static std::mutex g_call;
 static Pool g_pool;
-static std::vector<Scratch> g_thread_acc;
+static std::vector<Scratch> g_thread_acc;   // down by columns: [n, 256] sums
+static std::vector<Scratch> g_thread_priv;  // fused down: each thread's [n, H] sums of every job
 
 static inline size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+static double g_phase_s[3];  // the last call: preparation, gate/up, down (seconds)
+
+static inline double now_s() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 extern "C" {
 
@@ -470,26 +577,32 @@ int moe_features() { return cpu_features(); }
 
 int moe_amx_ready() { return (cpu_features() & 4) && amx_permitted(); }
 
-// Runs every job of one layer: out[tok, :] += w * expert_rows(r0:r1)(x[tok]). Returns the threads used
-// (>= 1), or -1 for an unknown kernel, -2 for a kernel this CPU cannot run.
+void moe_last_phases(double* s) { std::memcpy(s, g_phase_s, sizeof(g_phase_s)); }
+
+// Runs every job of one layer: out[tok, :] += w * expert_rows(r0:r1)(x[tok]). AMX (and its emulation)
+// tiles the jobs of at least amx_min_tokens tokens; the rest take the vector path (AVX-512 beside AMX,
+// scalar beside the emulation). Returns the threads used (>= 1), or -1 for an unknown kernel, -2 for a
+// kernel this CPU cannot run. The vector path fuses down into the gate/up pass while the per-thread sums
+// take at most fused_max_bytes.
 int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, int H, int I, const float* x, int N,
                 int n_jobs, const int32_t* job_expert, const int32_t* job_r0, const int32_t* job_r1,
-                const int32_t* job_off, const int32_t* tok, const float* tok_w, float* out) {
+                const int32_t* job_off, const int32_t* tok, const float* tok_w, float* out, int amx_min_tokens,
+                int64_t fused_max_bytes) {
     (void)N;
-    (void)I;
     if (kernel < 0 || kernel > AMX_EMU) return -1;
     int feat = cpu_features();
-    if ((kernel == AVX2 && !(feat & 1)) || (kernel == AVX512 && !(feat & 2))) return -2;
+    if ((kernel == AVX2 && !(feat & 1)) || ((kernel == AVX512 || kernel == AMX) && !(feat & 2))) return -2;
     if (kernel == AMX && !((feat & 4) && amx_permitted())) return -2;
-    if ((kernel == AMX || kernel == AMX_EMU) && H % 64 != 0) kernel = kernel == AMX ? AVX512 : SCALAR;
-    const bool amx = kernel == AMX || kernel == AMX_EMU;
+    const bool amx = (kernel == AMX || kernel == AMX_EMU) && H % 64 == 0;
+    const int vec = kernel == AMX ? AVX512 : kernel == AMX_EMU ? SCALAR : kernel;  // the vector path
     threads = std::max(threads, 1);
     std::lock_guard<std::mutex> lock(g_call);
+    double t0 = now_s();
 
     // Layout of the scratch: per job, the gathered (or packed) tokens, then the activations.
     std::vector<Job> jobs;
     std::vector<size_t> xoff, aoff;
-    size_t total = 0;
+    size_t total = 0, priv = 0;
     int max_n = 0;
     for (int k = 0; k < n_jobs; ++k) {
         int n = job_off[k + 1] - job_off[k], r0 = job_r0[k], r1 = job_r1[k];
@@ -502,9 +615,15 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
         j.n = n, j.R = r1 - r0, j.Rp = (j.R + 31) / 32 * 32;
         j.tok = tok + job_off[k];
         j.w = tok_w + job_off[k];
-        size_t xs = amx ? (size_t)groups16(n) * 16 * H * 2
-                        : (size_t)n * H * (kernel == AVX512 ? 2 : 4);
-        size_t as = amx ? (size_t)groups16(n) * 16 * j.Rp * 2 : (size_t)n * j.R * 4;
+        j.tiles = amx && n >= amx_min_tokens;
+        j.fused = false;
+        j.poff = 0;
+        if (!j.tiles) {
+            j.poff = priv;
+            priv += (size_t)n * H;
+        }
+        size_t xs = j.tiles ? (size_t)groups16(n) * 16 * H * 2 : (size_t)n * H * (vec == AVX512 ? 2 : 4);
+        size_t as = j.tiles ? (size_t)groups16(n) * 16 * j.Rp * 2 : (size_t)n * j.R * 4;
         xoff.push_back(total);
         total += align64(xs);
         aoff.push_back(total);
@@ -513,16 +632,20 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
         max_n = std::max(max_n, n);
     }
     if (jobs.empty()) return 1;
+    // Few tokens: each thread adds its rows of down_t into its own [n, H] sums while the rows are hot, and
+    // a reduction follows (contiguous reads of whole rows). Many tokens: down by column chunks instead.
+    const bool fused = (int64_t)(priv * sizeof(float) * threads) <= fused_max_bytes;
+    for (Job& j : jobs) j.fused = fused && !j.tiles;
     static Scratch scratch;
     char* base = scratch.get(total);
     for (size_t k = 0; k < jobs.size(); ++k) {
         Job& j = jobs[k];
         j.x = base + xoff[k];
         j.act = base + aoff[k];
-        if (amx) {
+        if (j.tiles) {
             std::memset(j.act, 0, (size_t)groups16(j.n) * 16 * j.Rp * 2);
             amx_emu::pack_tokens(x, j.tok, j.n, H, (uint32_t*)(base + xoff[k]));
-        } else if (kernel == AVX512) {
+        } else if (vec == AVX512) {
             bf16* xb = (bf16*)(base + xoff[k]);
             for (int t = 0; t < j.n; ++t)
                 for (int h = 0; h < H; ++h) xb[(size_t)t * H + h] = f2bf(x[(size_t)j.tok[t] * H + h]);
@@ -539,56 +662,97 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
         for (int r = 0; r < jobs[k].R; r += 16) {
             blk_job.push_back((int)k);
             blk_row.push_back(r);
-            cost.push_back(cost.back() + 16 + jobs[k].n);
+            cost.push_back(cost.back() + 16 + jobs[k].n * (jobs[k].fused ? 1.5 : 1.0));
         }
     const int nb = (int)blk_job.size();
     const int ta = std::min(threads, nb);
+    if ((int)g_thread_priv.size() < ta) g_thread_priv.resize(ta);
+    std::vector<int> touched_lo(ta, 1 << 30), touched_hi(ta, -1);  // fused jobs each thread summed
     auto phase_a = [&](int id, int nt) {
         double lo = cost.back() * id / nt, hi = cost.back() * (id + 1) / nt;
         int b0 = (int)(std::lower_bound(cost.begin(), cost.end(), lo) - cost.begin());
         int b1 = (int)(std::lower_bound(cost.begin(), cost.end(), hi) - cost.begin());
         if (id == nt - 1) b1 = nb;
-        if (amx && kernel == AMX) amx_hw::begin();
+        float* sums = fused ? (float*)g_thread_priv[id].get(priv * sizeof(float)) : nullptr;
+        bool tiles_on = false;
         for (int b = b0; b < b1;) {  // consecutive blocks of one job go in one call
             int k = blk_job[b], e = b;
             while (e < b1 && blk_job[e] == k) ++e;
             const Job& j = jobs[k];
             int r0 = blk_row[b], r1 = std::min(j.R, blk_row[e - 1] + 16);
-            switch (kernel) {
-                case SCALAR: gateup_scalar(j, r0, r1, H); break;
-                case AVX2: gateup_avx2(j, r0, r1, H); break;
-                case AVX512: gateup_avx512(j, r0, r1, H); break;
-                case AMX: amx_hw::gateup(j, r0, r1, H); break;
-                default: amx_emu::gateup(j, r0, r1, H);
+            if (j.tiles) {
+                if (kernel == AMX && !tiles_on) amx_hw::begin(), tiles_on = true;
+                if (kernel == AMX) amx_hw::gateup(j, r0, r1, H);
+                else amx_emu::gateup(j, r0, r1, H);
+            } else {
+                switch (vec) {
+                    case SCALAR: gateup_scalar(j, r0, r1, H); break;
+                    case AVX2: gateup_avx2(j, r0, r1, H); break;
+                    default: gateup_avx512(j, r0, r1, H);
+                }
+            }
+            if (j.fused) {
+                float* acc = sums + j.poff;
+                if (touched_hi[id] < k) std::memset(acc, 0, sizeof(float) * (size_t)j.n * H);
+                touched_lo[id] = std::min(touched_lo[id], k);
+                touched_hi[id] = k;
+                switch (vec) {
+                    case SCALAR: down_rows_scalar(j, r0, r1, H, acc); break;
+                    case AVX2: down_rows_avx2(j, r0, r1, H, acc); break;
+                    default: down_rows_avx512(j, r0, r1, H, acc);
+                }
             }
             b = e;
         }
-        if (amx && kernel == AMX) amx_hw::end();
+        if (tiles_on) amx_hw::end();
     };
+    double t1 = now_s();
     g_pool.run(ta, phase_a);
+    double t2 = now_s();
 
-    // Phase B: column chunks of 64 (the AMX blocking; also keeps threads on separate cache lines).
+    // Phase B: column chunks of 64 (the AMX blocking; also keeps threads on separate cache lines): the
+    // fused jobs' per-thread sums reduced, the others' down projections.
     const int unit = 64, units = (H + unit - 1) / unit;
     const int tb = std::min(threads, units);
     if ((int)g_thread_acc.size() < tb) g_thread_acc.resize(tb);
-    for (int t = 0; t < tb; ++t) g_thread_acc[t].get(sizeof(float) * (size_t)max_n * 256);
+    for (int t = 0; t < tb; ++t) g_thread_acc[t].get(sizeof(float) * std::max((size_t)max_n * 256, (size_t)H));
     auto phase_b = [&](int id, int nt) {
         int c0 = std::min(H, units * id / nt * unit), c1 = std::min(H, units * (id + 1) / nt * unit);
+        if (c0 >= c1) return;
         float* acc = (float*)g_thread_acc[id].get(0);
-        if (amx && kernel == AMX) amx_hw::begin();
-        for (int c = c0; c < c1; c += 256) {
-            int ce = std::min(c1, c + 256);
-            for (const Job& j : jobs) switch (kernel) {
-                    case SCALAR: down_scalar(j, c, ce, H, acc, out); break;
-                    case AVX2: down_avx2(j, c, ce, H, acc, out); break;
-                    case AVX512: down_avx512(j, c, ce, H, acc, out); break;
-                    case AMX: amx_hw::down(j, c, ce, H, out); break;
-                    default: amx_emu::down(j, c, ce, H, out);
+        bool tiles_on = false;
+        for (size_t k = 0; k < jobs.size(); ++k) {
+            const Job& j = jobs[k];
+            if (j.fused) {
+                for (int t = 0; t < j.n; ++t) {
+                    float* o = out + (size_t)j.tok[t] * H;
+                    for (int c = c0; c < c1; ++c) acc[c - c0] = 0;
+                    for (int p = 0; p < ta; ++p) {
+                        if (touched_lo[p] > (int)k || touched_hi[p] < (int)k) continue;
+                        const float* src = (const float*)g_thread_priv[p].get(0) + j.poff + (size_t)t * H;
+                        for (int c = c0; c < c1; ++c) acc[c - c0] += src[c];
+                    }
+                    for (int c = c0; c < c1; ++c) o[c] += j.w[t] * acc[c - c0];
                 }
+            } else if (j.tiles) {
+                if (kernel == AMX && !tiles_on) amx_hw::begin(), tiles_on = true;
+                if (kernel == AMX) amx_hw::down(j, c0, c1, H, out);
+                else amx_emu::down(j, c0, c1, H, out);
+            } else {
+                for (int c = c0; c < c1; c += 256) {
+                    int ce = std::min(c1, c + 256);
+                    switch (vec) {
+                        case SCALAR: down_scalar(j, c, ce, H, acc, out); break;
+                        case AVX2: down_avx2(j, c, ce, H, acc, out); break;
+                        default: down_avx512(j, c, ce, H, acc, out);
+                    }
+                }
+            }
         }
-        if (amx && kernel == AMX) amx_hw::end();
+        if (tiles_on) amx_hw::end();
     };
     g_pool.run(tb, phase_b);
+    g_phase_s[0] = t1 - t0, g_phase_s[1] = t2 - t1, g_phase_s[2] = now_s() - t2;
     return std::max(ta, tb);
 }
 

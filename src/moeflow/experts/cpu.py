@@ -2,7 +2,8 @@
 with PyTorch where the kernel cannot be built or the store is not bf16.
 
 Env: MOEFLOW_CPU_KERNEL = auto | torch | scalar | avx2 | avx512 | amx | amx-emu (auto: the fastest this
-CPU runs); MOEFLOW_CPU_THREADS (default: the physical cores this process may use).
+CPU runs); MOEFLOW_CPU_THREADS (default: the physical cores this process may use); MOEFLOW_AMX_MIN_TOKENS
+(amx: the fewest tokens of an expert that go to the tiles, default 16).
 Legend: N = tokens, K = experts per token, H = hidden, I = intermediate rows, E = experts.
 """
 
@@ -84,6 +85,9 @@ class CpuExperts:
                                f"{', '.join(sorted(self.native.features)) or 'none of avx2, avx512, amx'})")
         else:
             self.kernel = name
+        # AMX pays from about 16 tokens per expert (AVX512-BF16 below); the emulation tiles every job (tests)
+        self.amx_min_tokens = int(os.environ.get("MOEFLOW_AMX_MIN_TOKENS", 16 if self.kernel == "amx" else 1))
+        self.fused_max_bytes = 64 << 20  # per-thread sums of the one-pass down path, all threads together
         self.threads_used = 0  # as reported by the last native call
 
     def uses_native(self, data: torch.Tensor) -> bool:
@@ -111,7 +115,7 @@ class CpuExperts:
         xf = x.to(torch.float32).contiguous()
         e, r0, r1 = (ints[:, i].contiguous() for i in range(3))
         self.threads_used = self.native.run(self.kernel, self.threads, data, H, I, xf, N, e, r0, r1, off, tok, w,
-                                            out)
+                                            out, self.amx_min_tokens, self.fused_max_bytes)
         return out
 
     def layer(self, data: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor

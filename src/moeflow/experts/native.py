@@ -69,10 +69,11 @@ class NativeKernel:
         self.path = path
         self.lib = lib = ctypes.CDLL(str(path))
         p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        lib.moe_experts.argtypes = [i, i, p, i64, i, i, p, i, i, p, p, p, p, p, p, p]
+        lib.moe_experts.argtypes = [i, i, p, i64, i, i, p, i, i, p, p, p, p, p, p, p, i, i64]
         lib.moe_experts.restype = i
         lib.moe_features.restype = i
         lib.moe_amx_ready.restype = i
+        lib.moe_last_phases.argtypes = [p]
         bits = lib.moe_features()
         self.features = {name for bit, name in ((1, "avx2"), (2, "avx512"), (4, "amx")) if bits & bit}
         self._amx_ready: bool | None = None
@@ -91,15 +92,25 @@ class NativeKernel:
         return next(k for k in ("amx", "avx512", "avx2", "scalar") if self.can_run(k))
 
     def run(self, kernel: str, threads: int, data, hidden: int, inter: int, x, n_tokens: int, job_expert,
-            job_r0, job_r1, job_off, tok, tok_w, out) -> int:
-        """One layer's jobs (int32/fp32 CPU tensors, see cpu.py); returns the threads used."""
+            job_r0, job_r1, job_off, tok, tok_w, out, amx_min_tokens: int = 16,
+            fused_max_bytes: int = 64 << 20) -> int:
+        """One layer's jobs (int32/fp32 CPU tensors, see cpu.py); returns the threads used. With amx (and
+        amx-emu), jobs of fewer than amx_min_tokens tokens take the vector path, which adds down_t rows into
+        per-thread sums in the gate/up pass while those take at most fused_max_bytes (else down by columns)."""
         n = self.lib.moe_experts(KERNELS[kernel], threads, data.data_ptr(), data.stride(0), hidden, inter,
                                  x.data_ptr(), n_tokens, job_expert.numel(), job_expert.data_ptr(),
                                  job_r0.data_ptr(), job_r1.data_ptr(), job_off.data_ptr(), tok.data_ptr(),
-                                 tok_w.data_ptr(), out.data_ptr())
+                                 tok_w.data_ptr(), out.data_ptr(), amx_min_tokens, fused_max_bytes)
         if n < 0:
             raise RuntimeError(f"native CPU kernel {kernel} refused the call ({n})")
         return n
+
+
+    def last_phases(self) -> tuple[float, float, float]:
+        """Seconds of the last call's phases: preparation, gate/up, down."""
+        s = (ctypes.c_double * 3)()
+        self.lib.moe_last_phases(s)
+        return tuple(s)
 
 
 def load() -> NativeKernel | None:
