@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from moeflow.bench.ceilings import memory_bandwidth
-from moeflow.experts.cpu import CpuExperts, Job
+from moeflow.experts.cpu import CpuExperts
 from moeflow.experts.native import cpu_flags
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -59,13 +59,13 @@ def random_pool(shape: Shape, seed: int = 0) -> torch.Tensor:
 def time_layer(ce: CpuExperts, data: torch.Tensor, shape: Shape, n: int, reps: int) -> float:
     """Median seconds of one layer call (K experts, n tokens each), rotating through the pool."""
     x = torch.randn(n, shape.hidden).bfloat16()
-    tok, w = torch.arange(n), torch.full((n,), 1.0 / shape.top_k)
+    w = torch.full((n, shape.top_k), 1.0 / shape.top_k)
     turn, times = 0, []
     for i in range(reps + 1):
-        jobs = [Job((turn + k) % shape.pool, tok, w) for k in range(shape.top_k)]
+        ids = (torch.arange(turn, turn + shape.top_k) % shape.pool).expand(n, -1)  # every token, the same K
         turn += shape.top_k
         t = time.perf_counter()
-        ce(data, x, jobs)
+        ce.layer(data, x, ids, w)
         if i:  # the first call warms up
             times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]

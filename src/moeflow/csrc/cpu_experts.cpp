@@ -522,7 +522,7 @@ static bool os_saves(uint64_t mask) {
     return ((((uint64_t)hi << 32) | lo) & mask) == mask;
 }
 
-static int cpu_features() {  // bit 0 avx2+fma, 1 avx512-bf16, 2 amx-bf16
+static int detect_features() {  // bit 0 avx2+fma, 1 avx512-bf16, 2 amx-bf16
     unsigned a, b, c, d;
     if (__get_cpuid_max(0, nullptr) < 7) return 0;
     __cpuid_count(7, 0, a, b, c, d);
@@ -533,8 +533,14 @@ static int cpu_features() {  // bit 0 avx2+fma, 1 avx512-bf16, 2 amx-bf16
     int f = 0;
     bool ymm = os_saves(0x6), zmm = os_saves(0xe6);
     if ((b7 & (1u << 5)) && (c & (1u << 12)) && ymm) f |= 1;
-    if ((b7 & (1u << 16)) && (b7 & (1u << 30)) && (a71 & (1u << 5)) && zmm) f |= 2;
+    const unsigned avx512 = (1u << 16) | (1u << 17) | (1u << 30) | (1u << 31);  // F, DQ, BW, VL
+    if ((b7 & avx512) == avx512 && (a71 & (1u << 5)) && zmm) f |= 2;
     if ((d7 & (1u << 22)) && (d7 & (1u << 24)) && (f & 2) && os_saves(0x60000ull | 0xe6)) f |= 4;
+    return f;
+}
+
+static int cpu_features() {  // cpuid is slow under a hypervisor (a VM exit): once per process
+    static const int f = detect_features();
     return f;
 }
 
@@ -754,6 +760,32 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
     g_pool.run(tb, phase_b);
     g_phase_s[0] = t1 - t0, g_phase_s[1] = t2 - t1, g_phase_s[2] = now_s() - t2;
     return std::max(ta, tb);
+}
+
+// The same from a router's choice: ids [N, K] int64 (an id outside 0..E-1 is skipped), weights [N, K] fp32.
+// Groups the (token, slot) pairs by expert here, so a layer costs Python one call.
+int moe_experts_topk(int kernel, int threads, const bf16* w, int64_t expert_stride, int H, int I, const float* x,
+                     int N, int K, int E, const int64_t* ids, const float* weights, float* out, int amx_min_tokens,
+                     int64_t fused_max_bytes) {
+    std::vector<int32_t> count(E + 1, 0), job_expert, job_r0, job_r1, job_off{0}, tok(N * K);
+    std::vector<float> tok_w(N * K);
+    for (int i = 0; i < N * K; ++i)
+        if (ids[i] >= 0 && ids[i] < E) ++count[ids[i] + 1];
+    for (int e = 0; e < E; ++e) {
+        if (count[e + 1]) {
+            job_expert.push_back(e), job_r0.push_back(0), job_r1.push_back(I);
+            job_off.push_back(job_off.back() + count[e + 1]);
+        }
+        count[e + 1] += count[e];  // now: where expert e's pairs start
+    }
+    for (int i = 0; i < N * K; ++i)
+        if (ids[i] >= 0 && ids[i] < E) {
+            int at = count[ids[i]]++;
+            tok[at] = i / K, tok_w[at] = weights[i];
+        }
+    return moe_experts(kernel, threads, w, expert_stride, H, I, x, N, (int)job_expert.size(), job_expert.data(),
+                       job_r0.data(), job_r1.data(), job_off.data(), tok.data(), tok_w.data(), out, amx_min_tokens,
+                       fused_max_bytes);
 }
 
 }  // extern "C"

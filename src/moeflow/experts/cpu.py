@@ -107,21 +107,30 @@ class CpuExperts:
         if not self.uses_native(data) or not out.is_contiguous() or out.dtype != torch.float32:
             return self._torch(data, x, jobs, out, I)
         assert data.stride(1) == 1 and data.device.type == "cpu", "data must be a [E, 3IH] view of the host store"
-        counts = [len(j.tok) for j in jobs]
-        ints = torch.tensor([[j.expert, j.r0, I if j.r1 is None else j.r1] for j in jobs], dtype=torch.int32)
-        off = torch.tensor([0] + counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        offs = [0]
+        for j in jobs:
+            offs.append(offs[-1] + len(j.tok))
+        meta = torch.tensor([j.expert for j in jobs] + [j.r0 for j in jobs] +
+                            [I if j.r1 is None else j.r1 for j in jobs] + offs, dtype=torch.int32)
         tok = torch.cat([j.tok for j in jobs]).to(torch.int32)
         w = torch.cat([j.w.reshape(-1) for j in jobs]).to(torch.float32)
-        xf = x.to(torch.float32).contiguous()
-        e, r0, r1 = (ints[:, i].contiguous() for i in range(3))
-        self.threads_used = self.native.run(self.kernel, self.threads, data, H, I, xf, N, e, r0, r1, off, tok, w,
-                                            out, self.amx_min_tokens, self.fused_max_bytes)
+        self.threads_used = self.native.run(self.kernel, self.threads, data, H, I, x.to(torch.float32).contiguous(),
+                                            N, meta, tok, w, out, self.amx_min_tokens, self.fused_max_bytes)
         return out
 
     def layer(self, data: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
               ) -> torch.Tensor:
-        """Every selected expert of a layer: [N, H] fp32."""
-        return self(data, x, jobs_from_topk(topk_ids, topk_weights, data.shape[0]))
+        """Every selected expert of a layer: [N, H] fp32. The native path groups by expert in C: one call."""
+        if not self.uses_native(data) or data.stride(1) != 1:
+            return self(data, x, jobs_from_topk(topk_ids, topk_weights, data.shape[0]))
+        N, H = x.shape
+        out = torch.zeros(N, H, dtype=torch.float32)
+        if N:
+            self.threads_used = self.native.run_topk(
+                self.kernel, self.threads, data, H, data.shape[1] // (3 * H), x.to(torch.float32).contiguous(),
+                topk_ids.to(torch.int64).contiguous(), topk_weights.to(torch.float32).contiguous(), out,
+                self.amx_min_tokens, self.fused_max_bytes)
+        return out
 
     @staticmethod
     def _torch(data, x, jobs, out, I):

@@ -71,6 +71,8 @@ class NativeKernel:
         p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         lib.moe_experts.argtypes = [i, i, p, i64, i, i, p, i, i, p, p, p, p, p, p, p, i, i64]
         lib.moe_experts.restype = i
+        lib.moe_experts_topk.argtypes = [i, i, p, i64, i, i, p, i, i, i, p, p, p, i, i64]
+        lib.moe_experts_topk.restype = i
         lib.moe_features.restype = i
         lib.moe_amx_ready.restype = i
         lib.moe_last_phases.argtypes = [p]
@@ -91,20 +93,33 @@ class NativeKernel:
     def best(self) -> str:
         return next(k for k in ("amx", "avx512", "avx2", "scalar") if self.can_run(k))
 
-    def run(self, kernel: str, threads: int, data, hidden: int, inter: int, x, n_tokens: int, job_expert,
-            job_r0, job_r1, job_off, tok, tok_w, out, amx_min_tokens: int = 16,
-            fused_max_bytes: int = 64 << 20) -> int:
-        """One layer's jobs (int32/fp32 CPU tensors, see cpu.py); returns the threads used. With amx (and
-        amx-emu), jobs of fewer than amx_min_tokens tokens take the vector path, which adds down_t rows into
-        per-thread sums in the gate/up pass while those take at most fused_max_bytes (else down by columns)."""
+    def run(self, kernel: str, threads: int, data, hidden: int, inter: int, x, n_tokens: int, meta, tok, tok_w, out,
+            amx_min_tokens: int = 16, fused_max_bytes: int = 64 << 20) -> int:
+        """One layer's J jobs; returns the threads used. meta: int32 [4J + 1] = experts, r0s, r1s, and the
+        J + 1 offsets of each job's tokens in tok (int32, rows of x) and tok_w (fp32); x, out [N, H] fp32.
+        With amx (and amx-emu), jobs of fewer than amx_min_tokens tokens take the vector path, which adds
+        down_t rows into per-thread sums in the gate/up pass while those take at most fused_max_bytes (else
+        down by columns)."""
+        J = (meta.numel() - 1) // 4
+        m = meta.data_ptr()
         n = self.lib.moe_experts(KERNELS[kernel], threads, data.data_ptr(), data.stride(0), hidden, inter,
-                                 x.data_ptr(), n_tokens, job_expert.numel(), job_expert.data_ptr(),
-                                 job_r0.data_ptr(), job_r1.data_ptr(), job_off.data_ptr(), tok.data_ptr(),
+                                 x.data_ptr(), n_tokens, J, m, m + 4 * J, m + 8 * J, m + 12 * J, tok.data_ptr(),
                                  tok_w.data_ptr(), out.data_ptr(), amx_min_tokens, fused_max_bytes)
         if n < 0:
             raise RuntimeError(f"native CPU kernel {kernel} refused the call ({n})")
         return n
 
+    def run_topk(self, kernel: str, threads: int, data, hidden: int, inter: int, x, topk_ids, topk_weights, out,
+                 amx_min_tokens: int = 16, fused_max_bytes: int = 64 << 20) -> int:
+        """Every selected expert of a layer, grouped by expert in C: topk_ids [N, K] int64, topk_weights
+        [N, K] fp32, x [N, H] fp32, out [N, H] fp32 (all contiguous)."""
+        N, K = topk_ids.shape
+        n = self.lib.moe_experts_topk(KERNELS[kernel], threads, data.data_ptr(), data.stride(0), hidden, inter,
+                                      x.data_ptr(), N, K, data.shape[0], topk_ids.data_ptr(),
+                                      topk_weights.data_ptr(), out.data_ptr(), amx_min_tokens, fused_max_bytes)
+        if n < 0:
+            raise RuntimeError(f"native CPU kernel {kernel} refused the call ({n})")
+        return n
 
     def last_phases(self) -> tuple[float, float, float]:
         """Seconds of the last call's phases: preparation, gate/up, down."""
