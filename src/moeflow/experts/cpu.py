@@ -36,9 +36,10 @@ def physical_cores() -> int:
     return max(len(cores), 1)
 
 
-def default_threads() -> int:
+def default_threads(reserve: int = 0) -> int:
+    """MOEFLOW_CPU_THREADS if set, else the physical cores less `reserve` (at least 1)."""
     env = os.environ.get("MOEFLOW_CPU_THREADS")
-    return max(int(env), 1) if env else physical_cores()
+    return max(int(env), 1) if env else max(physical_cores() - reserve, 1)
 
 
 @dataclass

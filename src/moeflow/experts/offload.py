@@ -109,7 +109,7 @@ class OffloadedExperts:
         self.slot_free: dict[int, torch.cuda.Event] = {}  # slot -> event after its last compute
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-cpu-experts")
         # The CPU kernel's own threads; one core stays with the thread that drives the GPU.
-        self.cpu = CpuExperts(threads=max(default_threads() - 1, 1) if self.cuda else None)
+        self.cpu = CpuExperts(threads=default_threads(reserve=1 if self.cuda else 0))
         self.stats = OffloadStats()
         self.costs = costs
         if costs is None and policy.needs_costs:
