@@ -323,15 +323,16 @@ TGT_AVX2 static void down_rows_avx2(const Job& j, int r0, int r1, int H, float* 
                         continue;
                     }
                     const bf16* d = j.down + (size_t)(r + k) * H + c0;
-                    if (c0 + 256 < H)
-                        for (int c = 0; c < 256 && c0 + 256 + c < H; c += 32) _mm_prefetch((const char*)(d + 256 + c), _MM_HINT_T0);
+                    for (int c = 256; c < 512 && c0 + c < H; c += 32)  // this row's next chunk
+                        _mm_prefetch((const char*)(d + c), _MM_HINT_T0);
                     for (int c = 0; c < cv; c += 8) _mm256_store_ps(wt[k] + c, load8_bf16(d + c));
                     for (int c = cv; c < cw; ++c) wt[k][c] = bf2f(d[c]);
                 }
                 for (int t = 0; t < j.n; ++t) {
                     const float* a = act + (size_t)t * j.R + r;
                     float a0 = a[0], a1 = nr > 1 ? a[1] : 0.f, a2 = nr > 2 ? a[2] : 0.f, a3 = nr > 3 ? a[3] : 0.f;
-                    __m256 b0 = _mm256_set1_ps(a0), b1 = _mm256_set1_ps(a1), b2 = _mm256_set1_ps(a2), b3 = _mm256_set1_ps(a3);
+                    __m256 b0 = _mm256_set1_ps(a0), b1 = _mm256_set1_ps(a1);
+                    __m256 b2 = _mm256_set1_ps(a2), b3 = _mm256_set1_ps(a3);
                     float* at = acc + (size_t)t * H + c0;
                     for (int c = 0; c < cv; c += 8) {
                         __m256 s = _mm256_loadu_ps(at + c);
@@ -454,15 +455,16 @@ TGT_AVX512 static void down_rows_avx512(const Job& j, int r0, int r1, int H, flo
                         continue;
                     }
                     const bf16* d = j.down + (size_t)(r + k) * H + c0;
-                    if (c0 + 256 < H)
-                        for (int c = 0; c < 256 && c0 + 256 + c < H; c += 32) _mm_prefetch((const char*)(d + 256 + c), _MM_HINT_T0);
+                    for (int c = 256; c < 512 && c0 + c < H; c += 32)  // this row's next chunk
+                        _mm_prefetch((const char*)(d + c), _MM_HINT_T0);
                     for (int c = 0; c < cv; c += 16) _mm512_store_ps(wt[k] + c, load16_bf16(d + c));
                     for (int c = cv; c < cw; ++c) wt[k][c] = bf2f(d[c]);
                 }
                 for (int t = 0; t < j.n; ++t) {
                     const float* a = act + (size_t)t * j.R + r;
                     float a0 = a[0], a1 = nr > 1 ? a[1] : 0.f, a2 = nr > 2 ? a[2] : 0.f, a3 = nr > 3 ? a[3] : 0.f;
-                    __m512 b0 = _mm512_set1_ps(a0), b1 = _mm512_set1_ps(a1), b2 = _mm512_set1_ps(a2), b3 = _mm512_set1_ps(a3);
+                    __m512 b0 = _mm512_set1_ps(a0), b1 = _mm512_set1_ps(a1);
+                    __m512 b2 = _mm512_set1_ps(a2), b3 = _mm512_set1_ps(a3);
                     float* at = acc + (size_t)t * H + c0;
                     for (int c = 0; c < cv; c += 16) {
                         __m512 s = _mm512_loadu_ps(at + c);
