@@ -56,8 +56,9 @@ def random_pool(shape: Shape, seed: int = 0) -> torch.Tensor:
     return data
 
 
-def time_layer(ce: CpuExperts, data: torch.Tensor, shape: Shape, n: int, reps: int) -> float:
-    """Median seconds of one layer call (K experts, n tokens each), rotating through the pool."""
+def time_layer(ce: CpuExperts, data: torch.Tensor, shape: Shape, n: int, reps: int) -> tuple[float, list]:
+    """Median seconds of one layer call (K experts, n tokens each), rotating through the pool, and the native
+    kernel's phases (preparation, gate/up, down) in that call."""
     x = torch.randn(n, shape.hidden).bfloat16()
     w = torch.full((n, shape.top_k), 1.0 / shape.top_k)
     turn, times = 0, []
@@ -67,7 +68,8 @@ def time_layer(ce: CpuExperts, data: torch.Tensor, shape: Shape, n: int, reps: i
         t = time.perf_counter()
         ce.layer(data, x, ids, w)
         if i:  # the first call warms up
-            times.append(time.perf_counter() - t)
+            phases = list(ce.native.last_phases()) if ce.uses_native(data) else []
+            times.append((time.perf_counter() - t, phases))
     return sorted(times)[len(times) // 2]
 
 
@@ -98,13 +100,14 @@ def bench_cpu_experts(shapes: list[str], tokens: list[int], reps: int, threads: 
             for n in tokens:
                 if name == "torch" and n > torch_max_tokens:
                     continue
-                t = time_layer(ce, data, shape, n, reps)
+                t, phases = time_layer(ce, data, shape, n, reps)
                 K, nbytes = shape.top_k, shape.top_k * shape.expert_bytes
                 rows.append({"shape": shape.name, "backend": name, "tokens_per_expert": n, "experts": K,
                              "ms_layer": t * 1e3, "ms_expert": t * 1e3 / K, "gbps": nbytes / t / 1e9,
                              "tflops": 2 * 3 * shape.hidden * shape.inter * n * K / t / 1e12,
                              "frac_ceiling": nbytes / ceiling / t,
-                             "overhead_us_per_expert": (t - nbytes / ceiling) / K * 1e6})
+                             "overhead_us_per_expert": (t - nbytes / ceiling) / K * 1e6,
+                             "phases_ms": [p * 1e3 for p in phases]})  # preparation, gate/up, down
                 print_row(rows[-1])
         del data
     return {"meta": meta, "rows": rows}
@@ -123,11 +126,11 @@ def _cpu_model() -> str:
 def print_row(r: dict | None) -> None:
     if r is None:
         print(f"{'shape':14s} {'backend':16s} {'tok/exp':>7s} {'ms/layer':>9s} {'ms/exp':>8s} {'GB/s':>7s} "
-              f"{'TFLOP/s':>8s} {'ceiling':>7s} {'ovh us/exp':>10s}")
+              f"{'TFLOP/s':>8s} {'ceiling':>7s} {'ovh us/exp':>10s}  phases ms (prep / gate-up / down)")
         return
     print(f"{r['shape']:14s} {r['backend']:16s} {r['tokens_per_expert']:7d} {r['ms_layer']:9.2f} "
           f"{r['ms_expert']:8.2f} {r['gbps']:7.1f} {r['tflops']:8.3f} {r['frac_ceiling']:7.0%} "
-          f"{r['overhead_us_per_expert']:10.0f}", flush=True)
+          f"{r['overhead_us_per_expert']:10.0f}  " + " / ".join(f"{p:.2f}" for p in r["phases_ms"]), flush=True)
 
 
 def save(result: dict, path: str | Path) -> None:
