@@ -311,8 +311,11 @@ TGT_AVX2 static void down_avx2(const Job& j, int c0, int c1, int H, float* acc, 
 TGT_AVX2 static void down_rows_avx2(const Job& j, int r0, int r1, int H, float* acc) {
     const float* act = (const float*)j.act;
     alignas(64) float wt[4][256];
-    for (int rb = r0; rb < r1; rb += 16) {  // 16 rows (L2) x 256 columns (the tokens' sums stay in L1)
-        const int re = std::min(r1, rb + 16);
+    // Blocks of 4 rows read each row whole (few streams); with many tokens, blocks of 16 rows (in L2) x 256
+    // columns keep the tokens' sums of a chunk in L1.
+    const int rows = (size_t)j.n * H * sizeof(float) <= ((size_t)64 << 10) ? 4 : 16;
+    for (int rb = r0; rb < r1; rb += rows) {
+        const int re = std::min(r1, rb + rows);
         for (int c0 = 0; c0 < H; c0 += 256) {
             const int cw = std::min(256, H - c0), cv = cw & ~7;
             for (int r = rb; r < re; r += 4) {
@@ -443,8 +446,11 @@ TGT_AVX512 static void down_avx512(const Job& j, int c0, int c1, int H, float* a
 TGT_AVX512 static void down_rows_avx512(const Job& j, int r0, int r1, int H, float* acc) {
     const float* act = (const float*)j.act;
     alignas(64) float wt[4][256];
-    for (int rb = r0; rb < r1; rb += 16) {  // 16 rows (L2) x 256 columns (the tokens' sums stay in L1)
-        const int re = std::min(r1, rb + 16);
+    // Blocks of 4 rows read each row whole (few streams); with many tokens, blocks of 16 rows (in L2) x 256
+    // columns keep the tokens' sums of a chunk in L1.
+    const int rows = (size_t)j.n * H * sizeof(float) <= ((size_t)64 << 10) ? 4 : 16;
+    for (int rb = r0; rb < r1; rb += rows) {
+        const int re = std::min(r1, rb + rows);
         for (int c0 = 0; c0 < H; c0 += 256) {
             const int cw = std::min(256, H - c0), cv = cw & ~15;
             for (int r = rb; r < re; r += 4) {
