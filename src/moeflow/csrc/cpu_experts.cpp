@@ -242,12 +242,63 @@ TGT_AVX2 static inline void gateup_avx2_tile(const float* x, const bf16* g, cons
     }
 }
 
+// Same on fp32 weights (a row widened once, then reused by every block of tokens): 2 * NT accumulators.
+template <int NT>
+TGT_AVX2 static inline void gateup_avx2_tile_f32(const float* x, const float* g, const float* u, int H, float* sg,
+                                                 float* su) {
+    __m256 ag[NT], au[NT];
+    for (int t = 0; t < NT; ++t) ag[t] = au[t] = _mm256_setzero_ps();
+    const int hv = H & ~7;
+    for (int h = 0; h < hv; h += 8) {
+        __m256 wg = _mm256_load_ps(g + h), wu = _mm256_load_ps(u + h);
+        for (int t = 0; t < NT; ++t) {
+            __m256 xv = _mm256_loadu_ps(x + (size_t)t * H + h);
+            ag[t] = _mm256_fmadd_ps(xv, wg, ag[t]);
+            au[t] = _mm256_fmadd_ps(xv, wu, au[t]);
+        }
+    }
+    for (int t = 0; t < NT; ++t) {
+        sg[t] = hsum8(ag[t]);
+        su[t] = hsum8(au[t]);
+        for (int k = hv; k < H; ++k) {
+            sg[t] += x[(size_t)t * H + k] * g[k];
+            su[t] += x[(size_t)t * H + k] * u[k];
+        }
+    }
+}
+
 TGT_AVX2 static void gateup_avx2(const Job& j, int b0, int b1, int H) {
     const float* x = (const float*)j.x;
     float* act = (float*)j.act;
-    float sg[4], su[4];
+    float sg[6], su[6];
+    static thread_local std::vector<float> wide;  // more than 4 tokens: the row pair in fp32
+    if (j.n > 4 && wide.size() < 2 * (size_t)H + 16) wide.resize(2 * (size_t)H + 16);
+    float* gf = (float*)(((uintptr_t)wide.data() + 31) & ~(uintptr_t)31);
+    float* uf = gf + ((H + 7) & ~7);
     for (int r = b0; r < b1; ++r) {
         const bf16 *g = j.gate + (size_t)r * H, *u = j.up + (size_t)r * H;
+        if (j.n > 4) {
+            const int hv = H & ~7;
+            for (int h = 0; h < hv; h += 8) {
+                _mm256_store_ps(gf + h, load8_bf16(g + h));
+                _mm256_store_ps(uf + h, load8_bf16(u + h));
+            }
+            for (int h = hv; h < H; ++h) gf[h] = bf2f(g[h]), uf[h] = bf2f(u[h]);
+            for (int t = 0; t < j.n; t += 6) {
+                const int nt = std::min(6, j.n - t);
+                const float* xt = x + (size_t)t * H;
+                switch (nt) {
+                    case 6: gateup_avx2_tile_f32<6>(xt, gf, uf, H, sg, su); break;
+                    case 5: gateup_avx2_tile_f32<5>(xt, gf, uf, H, sg, su); break;
+                    case 4: gateup_avx2_tile_f32<4>(xt, gf, uf, H, sg, su); break;
+                    case 3: gateup_avx2_tile_f32<3>(xt, gf, uf, H, sg, su); break;
+                    case 2: gateup_avx2_tile_f32<2>(xt, gf, uf, H, sg, su); break;
+                    default: gateup_avx2_tile_f32<1>(xt, gf, uf, H, sg, su);
+                }
+                for (int k = 0; k < nt; ++k) act[(size_t)(t + k) * j.R + r] = silu(sg[k]) * su[k];
+            }
+            continue;
+        }
         for (int t = 0; t < j.n; t += 4) {
             int nt = std::min(4, j.n - t);
             const float* xt = x + (size_t)t * H;
