@@ -137,7 +137,12 @@ def load() -> NativeKernel | None:
                 raise RuntimeError(f"no C++ compiler {cxx!r}")
             lib = _library_path(cxx)
             if not lib.exists():
-                _build(cxx, lib)
+                try:
+                    _build(cxx, lib)
+                except PermissionError:  # a read-only home: build in the temporary folder
+                    lib = Path(tempfile.gettempdir()) / "moeflow-ext" / lib.name
+                    if not lib.exists():
+                        _build(cxx, lib)
             _loaded[cxx] = NativeKernel(lib)
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             warnings.warn(f"moeflow: the native CPU expert kernel is unavailable ({e}); using PyTorch",
