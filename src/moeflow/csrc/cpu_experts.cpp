@@ -217,24 +217,40 @@ TGT_AVX2 static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// NT tokens against one gate row and one up row: 2 * NT accumulators, each weight vector loaded once.
+// NT tokens against one gate row and one up row: 2 * NT accumulators, each weight vector loaded once. Few
+// tokens: U = 2 sets of accumulators, so the sums are not one chain of dependent FMAs (latency-bound).
 template <int NT>
 TGT_AVX2 static inline void gateup_avx2_tile(const float* x, const bf16* g, const bf16* u, int H, float* sg,
                                              float* su) {
-    __m256 ag[NT], au[NT];
-    for (int t = 0; t < NT; ++t) ag[t] = au[t] = _mm256_setzero_ps();
+    constexpr int U = NT <= 2 ? 2 : 1;
+    __m256 ag[U][NT], au[U][NT];
+    for (int k = 0; k < U; ++k)
+        for (int t = 0; t < NT; ++t) ag[k][t] = au[k][t] = _mm256_setzero_ps();
     int h = 0;
+    for (; h + 8 * U <= H; h += 8 * U)
+        for (int k = 0; k < U; ++k) {
+            __m256 wg = load8_bf16(g + h + 8 * k), wu = load8_bf16(u + h + 8 * k);
+            for (int t = 0; t < NT; ++t) {
+                __m256 xv = _mm256_loadu_ps(x + (size_t)t * H + h + 8 * k);
+                ag[k][t] = _mm256_fmadd_ps(xv, wg, ag[k][t]);
+                au[k][t] = _mm256_fmadd_ps(xv, wu, au[k][t]);
+            }
+        }
     for (; h + 8 <= H; h += 8) {
         __m256 wg = load8_bf16(g + h), wu = load8_bf16(u + h);
         for (int t = 0; t < NT; ++t) {
             __m256 xv = _mm256_loadu_ps(x + (size_t)t * H + h);
-            ag[t] = _mm256_fmadd_ps(xv, wg, ag[t]);
-            au[t] = _mm256_fmadd_ps(xv, wu, au[t]);
+            ag[0][t] = _mm256_fmadd_ps(xv, wg, ag[0][t]);
+            au[0][t] = _mm256_fmadd_ps(xv, wu, au[0][t]);
         }
     }
     for (int t = 0; t < NT; ++t) {
-        sg[t] = hsum8(ag[t]);
-        su[t] = hsum8(au[t]);
+        for (int k = 1; k < U; ++k) {
+            ag[0][t] = _mm256_add_ps(ag[0][t], ag[k][t]);
+            au[0][t] = _mm256_add_ps(au[0][t], au[k][t]);
+        }
+        sg[t] = hsum8(ag[0][t]);
+        su[t] = hsum8(au[0][t]);
         for (int k = h; k < H; ++k) {
             sg[t] += x[(size_t)t * H + k] * bf2f(g[k]);
             su[t] += x[(size_t)t * H + k] * bf2f(u[k]);
@@ -410,21 +426,30 @@ TGT_AVX2 static void down_rows_avx2(const Job& j, int r0, int r1, int H, float* 
 template <int NT>
 TGT_AVX512 static inline void gateup_avx512_tile(const bf16* x, const bf16* g, const bf16* u, int H, float* sg,
                                                  float* su) {
-    __m512 ag[NT], au[NT];
-    for (int t = 0; t < NT; ++t) ag[t] = au[t] = _mm512_setzero_ps();
-    for (int h = 0; h < H; h += 32) {
-        __mmask32 m = H - h >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (H - h)) - 1);
-        __m512bh wg = (__m512bh)_mm512_maskz_loadu_epi16(m, g + h);
-        __m512bh wu = (__m512bh)_mm512_maskz_loadu_epi16(m, u + h);
-        for (int t = 0; t < NT; ++t) {
-            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + (size_t)t * H + h);
-            ag[t] = _mm512_dpbf16_ps(ag[t], xv, wg);
-            au[t] = _mm512_dpbf16_ps(au[t], xv, wu);
+    constexpr int U = NT <= 2 ? 2 : 1;  // as in AVX2: two chains of dependent dot products for few tokens
+    __m512 ag[U][NT], au[U][NT];
+    for (int k = 0; k < U; ++k)
+        for (int t = 0; t < NT; ++t) ag[k][t] = au[k][t] = _mm512_setzero_ps();
+    for (int h = 0; h < H; h += 32 * U)
+        for (int k = 0; k < U; ++k) {
+            const int left = H - h - 32 * k;
+            if (left <= 0) break;
+            __mmask32 m = left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1);
+            __m512bh wg = (__m512bh)_mm512_maskz_loadu_epi16(m, g + h + 32 * k);
+            __m512bh wu = (__m512bh)_mm512_maskz_loadu_epi16(m, u + h + 32 * k);
+            for (int t = 0; t < NT; ++t) {
+                __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + (size_t)t * H + h + 32 * k);
+                ag[k][t] = _mm512_dpbf16_ps(ag[k][t], xv, wg);
+                au[k][t] = _mm512_dpbf16_ps(au[k][t], xv, wu);
+            }
         }
-    }
     for (int t = 0; t < NT; ++t) {
-        sg[t] = _mm512_reduce_add_ps(ag[t]);
-        su[t] = _mm512_reduce_add_ps(au[t]);
+        for (int k = 1; k < U; ++k) {
+            ag[0][t] = _mm512_add_ps(ag[0][t], ag[k][t]);
+            au[0][t] = _mm512_add_ps(au[0][t], au[k][t]);
+        }
+        sg[t] = _mm512_reduce_add_ps(ag[0][t]);
+        su[t] = _mm512_reduce_add_ps(au[0][t]);
     }
 }
 
