@@ -4,6 +4,7 @@ the measured memory-read ceiling, by tokens per expert, at published expert shap
 A call is one layer: K experts, each on the same n tokens (decode: n = 1). Successive calls take the next
 K experts of a pool larger than 1 GB, so the weights come from memory, not the last-level cache.
 Per-expert overhead: (layer time - K x expert bytes / ceiling) / K, what a call costs beyond streaming.
+Where AMX runs, AVX512-BF16 is measured too (MOEFLOW_AMX_MIN_TOKENS moves the crossover between them).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def bench_cpu_experts(shapes: list[str], tokens: list[int], reps: int, threads: 
     print(f"CPU read ceiling {ceiling / 1e9:.1f} GB/s; native kernel {native.kernel} on {native.threads} threads; "
           f"PyTorch on {torch.get_num_threads()} threads")
     backends = [("native:" + native.kernel, native)] if native.kernel != "torch" else []
+    if native.kernel == "amx":  # the vector path beside it: where the tiles start to pay
+        backends.append(("native:avx512", CpuExperts(threads=threads, kernel="avx512")))
     backends.append(("torch", CpuExperts(kernel="torch")))
     rows = []
     print_row(None)
