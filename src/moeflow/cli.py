@@ -205,7 +205,10 @@ def cmd_bench_cpu_experts(args) -> int:
     if args.out:
         save(result, args.out)
     if args.plot:
-        plot(result, args.plot)
+        try:
+            plot(result, args.plot)
+        except ImportError:
+            print("matplotlib is not installed: no plot", file=sys.stderr)
     return 0
 
 
