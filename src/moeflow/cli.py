@@ -395,6 +395,22 @@ def cmd_bench_accuracy(args) -> int:
         print(f"wrote {args.plot}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
+
+def cmd_bench_cpu_experts(args) -> int:
+    from moeflow.bench.cpu_experts import SHAPES, bench_cpu_experts, plot, save
+
+    shapes = args.shapes.split(",")
+    if unknown := [s for s in shapes if s not in SHAPES]:
+        raise MoeflowError(f"--shapes: unknown {', '.join(unknown)} (known: {', '.join(SHAPES)})")
+    result = bench_cpu_experts(shapes, [int(t) for t in args.tokens.split(",")], args.reps, args.threads,
+                               args.kernel, args.torch_max_tokens)
+    if args.out:
+        save(result, args.out)
+    if args.plot:
+        try:
+            plot(result, args.plot)
+        except ImportError:
+            print("matplotlib is not installed: no plot", file=sys.stderr)
     return 0
 
 
@@ -561,6 +577,18 @@ def build_parser() -> argparse.ArgumentParser:
     from moeflow.bench.serve import add_flags
     add_flags(bs)
     bs.set_defaults(func=cmd_bench_serve)
+
+    bc = bsub.add_parser("cpu-experts", help="a layer's experts on the CPU: native kernel and PyTorch against "
+                         "the memory-read ceiling")
+    bc.add_argument("--shapes", default="mixtral,qwen3", help="comma-separated: mixtral, qwen3")
+    bc.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256", help="tokens per expert, comma-separated")
+    bc.add_argument("--reps", type=int, default=10)
+    bc.add_argument("--threads", type=int, help="kernel (and PyTorch) threads (default: the physical cores)")
+    bc.add_argument("--kernel", default=None, help="native path (default: MOEFLOW_CPU_KERNEL or auto)")
+    bc.add_argument("--torch-max-tokens", type=int, default=256, help="skip PyTorch above this many tokens")
+    bc.add_argument("--out", help="write the results as JSON here")
+    bc.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
+    bc.set_defaults(func=cmd_bench_cpu_experts)
 
     s = sub.add_parser("synth", help="write random weights of a published shape as a Hugging Face folder")
     s.add_argument("name", help="mixtral-8x7b, qwen3-30b-a3b, tiny-mixtral or tiny-qwen3")

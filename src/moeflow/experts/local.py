@@ -1,4 +1,5 @@
-"""The reference expert backend: every expert computed on the device that holds the store."""
+"""The reference expert backend: every expert computed on the device that holds the store (a bf16 host store:
+by the native CPU kernel, experts/cpu.py)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ class LocalExperts:
 
     def __init__(self, store: ExpertStore, grouped: bool | None = None):
         self.store, self.grouped = store, grouped  # grouped: None = where supported
+        self.cpu = None  # CpuExperts: the native kernel, made at the first call on a bf16 host store
 
     @property
     def graph_safe(self) -> bool:
@@ -89,6 +91,14 @@ class LocalExperts:
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
+        d = self.store.data
+        if d.device.type == "cpu" and d.dtype == torch.bfloat16 and self.store.down_transposed:
+            if self.cpu is None:
+                from moeflow.experts.cpu import CpuExperts  # cpu.py builds on this module
+
+                self.cpu = CpuExperts()
+            if self.cpu.uses_native(d):
+                return self.cpu.layer(d[self.store.slot[layer]], x, topk_ids, topk_weights).to(x.dtype)
         gate_up, down_t = self.store.gate_up(layer), self.store.down_t(layer)  # [E, 2I, H], [E, I, H]
         if self.grouped or (self.grouped is None and can_group(x)):
             return grouped_experts(x, topk_ids, topk_weights, gate_up, down_t)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moeflow.experts.cpu import CpuExperts, Job, default_threads
 from moeflow.experts.local import partial_ffn
 from moeflow.experts.store import ExpertStore, expert_rows
 from moeflow.perf.costs import ExpertCosts, measure_costs
@@ -115,6 +116,8 @@ class OffloadedExperts:
         self._arrived = torch.cuda.Event(blocking=True) if self.cuda else None
         self.slot_free: dict[int, torch.cuda.Event] = {}  # slot -> event after its last compute
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-cpu-experts")
+        # The CPU kernel's own threads; one core stays with the thread that drives the GPU.
+        self.cpu = CpuExperts(threads=default_threads(reserve=1 if self.cuda else 0))
         self.stats = OffloadStats()
         self.costs = costs
         # observed / predicted CPU time, smoothed: the CPU's speed beside the copies and the GPU driver thread
@@ -133,8 +136,12 @@ class OffloadedExperts:
             gate, up, down_t = expert_rows(block, I, 0, I)
             return partial_ffn(x, gate, up, down_t)
 
+        def cpu_ffn(x, block):  # the backend _cpu_part uses
+            n = x.shape[0]
+            return self.cpu(block.view(1, -1), x, [Job(0, torch.arange(n), torch.ones(n))])
+
         costs = measure_costs(lambda i: self.host.data[i // E % L, i % E], I, self.hidden, min(L * E, 16),
-                              scratch, ffn, ffn, copy_stream=self.copy_stream)
+                              scratch, cpu_ffn, ffn, copy_stream=self.copy_stream)
         t0 = time.perf_counter()
         for _ in range(20):
             self.pool.submit(lambda: None).result()
@@ -246,11 +253,7 @@ class OffloadedExperts:
     def _cpu_part(self, l: int, x: torch.Tensor, jobs) -> torch.Tensor:
         """Rows 0:r of each job's expert on the CPU, weighted and summed: [N, H] fp32 (pinned when a GPU waits)."""
         out = torch.zeros(x.shape[0], self.hidden, dtype=torch.float32, pin_memory=self.cuda)
-        for e, r, tok, w in jobs:
-            gate, up, down_t = expert_rows(self.host.data[l, e], self.inter, 0, r)
-            y = partial_ffn(x[tok], gate, up, down_t)
-            out.index_add_(0, tok, y.float() * w[:, None].float())
-        return out
+        return self.cpu(self.host.data[l], x, [Job(e, tok, w, 0, r) for e, r, tok, w in jobs], out)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -1,0 +1,171 @@
+"""`moeflow bench cpu-experts`: one MoE layer's experts on the CPU (native kernel and PyTorch bf16) against
+the measured memory-read ceiling, by tokens per expert, at published expert shapes with random weights.
+
+A call is one layer: K experts, each on the same n tokens (decode: n = 1). Successive calls take the next
+K experts of a pool larger than 1 GB, so the weights come from memory, not the last-level cache.
+Per-expert overhead: (layer time - K x expert bytes / ceiling) / K, what a call costs beyond streaming.
+Where AMX runs, AVX512-BF16 is measured too (MOEFLOW_AMX_MIN_TOKENS moves the crossover between them).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from moeflow.bench.ceilings import memory_bandwidth
+from moeflow.experts.cpu import CpuExperts
+from moeflow.experts.native import cpu_flags
+
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    inter: int
+    top_k: int
+    pool: int  # experts allocated (rotated through)
+
+    @property
+    def expert_bytes(self) -> int:
+        return 3 * self.hidden * self.inter * 2
+
+
+SHAPES = {
+    "mixtral": Shape("mixtral-8x7b", 4096, 14336, 2, 4),       # 4 x 352 MB
+    "qwen3": Shape("qwen3-30b-a3b", 2048, 768, 8, 128),        # one layer: 128 x 9.4 MB
+}
+
+
+def random_pool(shape: Shape, seed: int = 0) -> torch.Tensor:
+    """[pool, 3IH] bf16, tiled from one random block (fast to make; values like trained weights')."""
+    g = torch.Generator().manual_seed(seed)
+    numel = 3 * shape.hidden * shape.inter
+    block = (torch.randn(1 << 22, generator=g) / shape.hidden**0.5).bfloat16()
+    data = torch.empty(shape.pool, numel, dtype=torch.bfloat16)
+    flat = data.view(-1)
+    for s in range(0, flat.numel(), block.numel()):
+        n = min(block.numel(), flat.numel() - s)
+        flat[s:s + n].copy_(block[:n])
+    return data
+
+
+def time_layer(ce: CpuExperts, data: torch.Tensor, shape: Shape, n: int, reps: int) -> tuple[float, list]:
+    """Median seconds of one layer call (K experts, n tokens each), rotating through the pool, and the native
+    kernel's phases (preparation, gate/up, down) in that call."""
+    x = torch.randn(n, shape.hidden).bfloat16()
+    w = torch.full((n, shape.top_k), 1.0 / shape.top_k)
+    turn, times = 0, []
+    for i in range(reps + 1):
+        ids = (torch.arange(turn, turn + shape.top_k) % shape.pool).expand(n, -1)  # every token, the same K
+        turn += shape.top_k
+        t = time.perf_counter()
+        ce.layer(data, x, ids, w)
+        if i:  # the first call warms up
+            phases = list(ce.native.last_phases()) if ce.uses_native(data) else []
+            times.append((time.perf_counter() - t, phases))
+    return sorted(times)[len(times) // 2]
+
+
+def bench_cpu_experts(shapes: list[str], tokens: list[int], reps: int, threads: int | None, kernel: str = "auto",
+                      torch_max_tokens: int = 256) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    native = CpuExperts(threads=threads, kernel=kernel)
+    if native.kernel == "torch":
+        print("moeflow: no native kernel here (see the warning above): only PyTorch is measured")
+    ceiling = memory_bandwidth(torch.device("cpu"))
+    flags = cpu_flags()
+    meta = {"host": platform.node(), "cpu": _cpu_model(), "kernel": native.kernel, "threads": native.threads,
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu_read_gbps": ceiling / 1e9, "flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16",
+                                                                    "amx_tile", "amx_bf16"}),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    print(f"CPU read ceiling {ceiling / 1e9:.1f} GB/s; native kernel {native.kernel} on {native.threads} threads; "
+          f"PyTorch on {torch.get_num_threads()} threads")
+    backends = [("native:" + native.kernel, native)] if native.kernel != "torch" else []
+    if native.kernel == "amx":  # the vector path beside it: where the tiles start to pay
+        backends.append(("native:avx512", CpuExperts(threads=threads, kernel="avx512")))
+    backends.append(("torch", CpuExperts(kernel="torch")))
+    rows = []
+    print_row(None)
+    for key in shapes:
+        shape = SHAPES[key]
+        data = random_pool(shape)
+        for name, ce in backends:
+            for n in tokens:
+                if name == "torch" and n > torch_max_tokens:
+                    continue
+                t, phases = time_layer(ce, data, shape, n, reps)
+                K, nbytes = shape.top_k, shape.top_k * shape.expert_bytes
+                rows.append({"shape": shape.name, "backend": name, "tokens_per_expert": n, "experts": K,
+                             "ms_layer": t * 1e3, "ms_expert": t * 1e3 / K, "gbps": nbytes / t / 1e9,
+                             "tflops": 2 * 3 * shape.hidden * shape.inter * n * K / t / 1e12,
+                             "frac_ceiling": nbytes / ceiling / t,
+                             "overhead_us_per_expert": (t - nbytes / ceiling) / K * 1e6,
+                             "phases_ms": [p * 1e3 for p in phases]})  # preparation, gate/up, down
+                print_row(rows[-1])
+        del data
+    return {"meta": meta, "rows": rows}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def print_row(r: dict | None) -> None:
+    if r is None:
+        print(f"{'shape':14s} {'backend':16s} {'tok/exp':>7s} {'ms/layer':>9s} {'ms/exp':>8s} {'GB/s':>7s} "
+              f"{'TFLOP/s':>8s} {'ceiling':>7s} {'ovh us/exp':>10s}  phases ms (prep / gate-up / down)")
+        return
+    print(f"{r['shape']:14s} {r['backend']:16s} {r['tokens_per_expert']:7d} {r['ms_layer']:9.2f} "
+          f"{r['ms_expert']:8.2f} {r['gbps']:7.1f} {r['tflops']:8.3f} {r['frac_ceiling']:7.0%} "
+          f"{r['overhead_us_per_expert']:10.0f}  " + " / ".join(f"{p:.2f}" for p in r["phases_ms"]), flush=True)
+
+
+def save(result: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1))
+
+
+def plot(result: dict, path: str | Path) -> None:
+    """GB/s of weights and TFLOP/s by tokens per expert, one row of plots per shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, ceiling = result["rows"], result["meta"]["cpu_read_gbps"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 3.6 * len(shapes)), squeeze=False)
+    for (ax_bw, ax_fl), shape in zip(axes, shapes):
+        for backend in dict.fromkeys(r["backend"] for r in rows):
+            sel = [r for r in rows if r["shape"] == shape and r["backend"] == backend]
+            n = [r["tokens_per_expert"] for r in sel]
+            ax_bw.plot(n, [r["gbps"] for r in sel], "o-", label=backend)
+            ax_fl.plot(n, [r["tflops"] for r in sel], "o-", label=backend)
+        ax_bw.axhline(ceiling, color="gray", ls="--", label=f"memory read {ceiling:.0f} GB/s")
+        for ax, label in ((ax_bw, "GB/s of weights"), (ax_fl, "TFLOP/s")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("tokens per expert")
+            ax.set_ylabel(label)
+            ax.set_title(shape)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    m = result["meta"]
+    fig.suptitle(f"{m['cpu']}: {m['kernel']} on {m['threads']} threads", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

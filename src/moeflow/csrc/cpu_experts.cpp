@@ -1,0 +1,876 @@
+// One MoE layer's routed experts on the CPU: bf16 weights, fp32 accumulation, bandwidth-first.
+//
+// A call gets a list of jobs (expert, its tokens and weights, intermediate rows r0:r1) and runs two
+// parallel phases on its own thread pool:
+//   A  gate/up: row blocks of all jobs split over threads by cost; each block streams its gate and up rows
+//      once for all of the job's tokens and writes act = silu(gate) * up.
+//   B  down: H split into column chunks (multiples of 64 columns, so no two threads share a cache line of
+//      the output); each thread streams its columns of down_t for every job and adds w * act @ down_t
+//      into out. No reduction across threads is needed.
+// Host layout of an expert block: [gate (I x H) | up (I x H) | down_t (I x H)], all row-major, so a
+// row range is three contiguous runs.
+//
+// Kernels (chosen per call): 0 scalar, 1 AVX2+FMA (bf16 -> fp32 by a 16-bit shift), 2 AVX512-BF16
+// (vdpbf16ps for gate/up), 3 AMX-BF16 tiles, 4 the AMX tiling with the tile ops emulated in scalar code
+// (tests only). Everything ISA-specific carries a target attribute and is dispatched at run time, so the
+// file builds with plain -O3 on any x86-64 compiler that knows the intrinsics.
+//
+// Legend: n = tokens of a job, R = rows of a job (r1 - r0), Rp = R rounded up to 32, H = hidden.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cpuid.h>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <sys/syscall.h>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+typedef uint16_t bf16;
+
+#define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+
+enum Kernel { SCALAR = 0, AVX2 = 1, AVX512 = 2, AMX = 3, AMX_EMU = 4 };
+
+static inline float bf2f(bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f2bf(float f) {  // round to nearest even, as PyTorch does
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+static inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+static inline void cpu_relax() {
+#if defined(__x86_64__)
+    _mm_pause();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Thread pool: the calling thread is worker 0; workers spin briefly for the next call, then sleep (a longer
+// spin would take the cores from PyTorch's threads between layers).
+
+class Pool {
+  public:
+    ~Pool() {
+        {
+            std::lock_guard<std::mutex> lk(m_);
+            stop_ = true;
+            gen_.fetch_add(1);
+        }
+        cv_.notify_all();
+        for (auto& t : workers_) t.join();
+    }
+
+    void run(int n, const std::function<void(int, int)>& f) {
+        if (n <= 1) {
+            f(0, 1);
+            return;
+        }
+        while ((int)workers_.size() < n - 1) {
+            int id = (int)workers_.size() + 1;
+            workers_.emplace_back([this, id] { loop(id); });
+        }
+        {
+            std::lock_guard<std::mutex> lk(m_);
+            task_ = &f;
+            active_ = n;
+            pending_.store(n - 1);
+            gen_.fetch_add(1);
+        }
+        cv_.notify_all();
+        f(0, n);
+        for (int spin = 0; pending_.load() != 0 && spin < 200000; ++spin) cpu_relax();
+        if (pending_.load() != 0) {
+            std::unique_lock<std::mutex> lk(m_);
+            done_.wait(lk, [this] { return pending_.load() == 0; });
+        }
+    }
+
+  private:
+    void loop(int id) {
+        uint64_t seen = 0;
+        for (;;) {
+            for (int spin = 0; gen_.load() == seen && spin < 256; ++spin) cpu_relax();  // ~10-40 us: phase B follows A
+            if (gen_.load() == seen) {
+                std::unique_lock<std::mutex> lk(m_);
+                cv_.wait(lk, [&] { return gen_.load() != seen; });
+            }
+            seen = gen_.load();
+            if (stop_) return;
+            if (id >= active_) continue;
+            (*task_)(id, active_);
+            if (pending_.fetch_sub(1) == 1) {
+                std::lock_guard<std::mutex> lk(m_);
+                done_.notify_one();
+            }
+        }
+    }
+
+    std::vector<std::thread> workers_;
+    std::mutex m_;
+    std::condition_variable cv_, done_;
+    std::atomic<uint64_t> gen_{0};
+    std::atomic<int> pending_{0};
+    const std::function<void(int, int)>* task_ = nullptr;
+    int active_ = 0;
+    bool stop_ = false;
+};
+
+// ---------------------------------------------------------------------------------------------------
+// One job as the kernels see it.
+
+struct Job {
+    const bf16 *gate, *up, *down;  // row r0 of each matrix; rows are H apart
+    int n, R, Rp;                   // tokens, rows, rows padded to 32
+    const int32_t* tok;             // [n] rows of out
+    const float* w;                 // [n] routing weights
+    const void* x;                  // the job's tokens: fp32 [n, H], bf16 [n, H], or AMX-packed (see amx)
+    void* act;                      // silu(gate) * up: fp32 [n, R] or, for AMX, bf16 [16 * groups, Rp]
+    bool tiles;                     // AMX tiles (else the vector kernel)
+    bool fused;                     // down by rows, into per-thread sums, in the gate/up pass
+    size_t poff;                    // fused: offset of the job's [n, H] sums in each thread's buffer
+};
+
+static inline int groups16(int n) { return (n + 15) / 16; }
+
+// ---------------------------------------------------------------------------------------------------
+// Scalar (reference and any-CPU fallback).
+
+static void gateup_scalar(const Job& j, int b0, int b1, int H) {
+    const float* x = (const float*)j.x;
+    float* act = (float*)j.act;
+    for (int r = b0; r < b1; ++r) {
+        const bf16 *g = j.gate + (size_t)r * H, *u = j.up + (size_t)r * H;
+        for (int t = 0; t < j.n; ++t) {
+            const float* xt = x + (size_t)t * H;
+            float sg = 0, su = 0;
+            for (int h = 0; h < H; ++h) {
+                sg += xt[h] * bf2f(g[h]);
+                su += xt[h] * bf2f(u[h]);
+            }
+            act[(size_t)t * j.R + r] = silu(sg) * su;
+        }
+    }
+}
+
+static void down_scalar(const Job& j, int c0, int c1, int H, float* acc, float* out) {
+    const float* act = (const float*)j.act;
+    int cw = c1 - c0;
+    std::memset(acc, 0, sizeof(float) * (size_t)j.n * cw);
+    for (int r = 0; r < j.R; ++r) {
+        const bf16* d = j.down + (size_t)r * H + c0;
+        for (int t = 0; t < j.n; ++t) {
+            float a = act[(size_t)t * j.R + r];
+            float* at = acc + (size_t)t * cw;
+            for (int c = 0; c < cw; ++c) at[c] += a * bf2f(d[c]);
+        }
+    }
+    for (int t = 0; t < j.n; ++t)
+        for (int c = 0; c < cw; ++c) out[(size_t)j.tok[t] * H + c0 + c] += j.w[t] * acc[(size_t)t * cw + c];
+}
+
+// Rows r0:r1 of down_t (full width, one contiguous run) into this thread's sums acc [n, H].
+static void down_rows_scalar(const Job& j, int r0, int r1, int H, float* acc) {
+    const float* act = (const float*)j.act;
+    for (int r = r0; r < r1; ++r) {
+        const bf16* d = j.down + (size_t)r * H;
+        for (int t = 0; t < j.n; ++t) {
+            float a = act[(size_t)t * j.R + r];
+            float* at = acc + (size_t)t * H;
+            for (int c = 0; c < H; ++c) at[c] += a * bf2f(d[c]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// AVX2 + FMA: weights widened to fp32 by a shift, tokens in fp32.
+
+TGT_AVX2 static inline __m256 load8_bf16(const bf16* p) {
+    __m128i v = _mm_loadu_si128((const __m128i*)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+TGT_AVX2 static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// NT tokens against one gate row and one up row: 2 * NT accumulators, each weight vector loaded once. Few
+// tokens: U = 2 sets of accumulators, so the sums are not one chain of dependent FMAs (latency-bound).
+template <int NT>
+TGT_AVX2 static inline void gateup_avx2_tile(const float* x, const bf16* g, const bf16* u, int H, float* sg,
+                                             float* su) {
+    constexpr int U = NT <= 2 ? 2 : 1;
+    __m256 ag[U][NT], au[U][NT];
+    for (int k = 0; k < U; ++k)
+        for (int t = 0; t < NT; ++t) ag[k][t] = au[k][t] = _mm256_setzero_ps();
+    int h = 0;
+    for (; h + 8 * U <= H; h += 8 * U)
+        for (int k = 0; k < U; ++k) {
+            __m256 wg = load8_bf16(g + h + 8 * k), wu = load8_bf16(u + h + 8 * k);
+            for (int t = 0; t < NT; ++t) {
+                __m256 xv = _mm256_loadu_ps(x + (size_t)t * H + h + 8 * k);
+                ag[k][t] = _mm256_fmadd_ps(xv, wg, ag[k][t]);
+                au[k][t] = _mm256_fmadd_ps(xv, wu, au[k][t]);
+            }
+        }
+    for (; h + 8 <= H; h += 8) {
+        __m256 wg = load8_bf16(g + h), wu = load8_bf16(u + h);
+        for (int t = 0; t < NT; ++t) {
+            __m256 xv = _mm256_loadu_ps(x + (size_t)t * H + h);
+            ag[0][t] = _mm256_fmadd_ps(xv, wg, ag[0][t]);
+            au[0][t] = _mm256_fmadd_ps(xv, wu, au[0][t]);
+        }
+    }
+    for (int t = 0; t < NT; ++t) {
+        for (int k = 1; k < U; ++k) {
+            ag[0][t] = _mm256_add_ps(ag[0][t], ag[k][t]);
+            au[0][t] = _mm256_add_ps(au[0][t], au[k][t]);
+        }
+        sg[t] = hsum8(ag[0][t]);
+        su[t] = hsum8(au[0][t]);
+        for (int k = h; k < H; ++k) {
+            sg[t] += x[(size_t)t * H + k] * bf2f(g[k]);
+            su[t] += x[(size_t)t * H + k] * bf2f(u[k]);
+        }
+    }
+}
+
+// Same on fp32 weights (a row widened once, then reused by every block of tokens): 2 * NT accumulators.
+template <int NT>
+TGT_AVX2 static inline void gateup_avx2_tile_f32(const float* x, const float* g, const float* u, int H, float* sg,
+                                                 float* su) {
+    __m256 ag[NT], au[NT];
+    for (int t = 0; t < NT; ++t) ag[t] = au[t] = _mm256_setzero_ps();
+    const int hv = H & ~7;
+    for (int h = 0; h < hv; h += 8) {
+        __m256 wg = _mm256_load_ps(g + h), wu = _mm256_load_ps(u + h);
+        for (int t = 0; t < NT; ++t) {
+            __m256 xv = _mm256_loadu_ps(x + (size_t)t * H + h);
+            ag[t] = _mm256_fmadd_ps(xv, wg, ag[t]);
+            au[t] = _mm256_fmadd_ps(xv, wu, au[t]);
+        }
+    }
+    for (int t = 0; t < NT; ++t) {
+        sg[t] = hsum8(ag[t]);
+        su[t] = hsum8(au[t]);
+        for (int k = hv; k < H; ++k) {
+            sg[t] += x[(size_t)t * H + k] * g[k];
+            su[t] += x[(size_t)t * H + k] * u[k];
+        }
+    }
+}
+
+TGT_AVX2 static void gateup_avx2(const Job& j, int b0, int b1, int H) {
+    const float* x = (const float*)j.x;
+    float* act = (float*)j.act;
+    float sg[6], su[6];
+    static thread_local std::vector<float> wide;  // more than 4 tokens: the row pair in fp32
+    if (j.n > 4 && wide.size() < 2 * (size_t)H + 16) wide.resize(2 * (size_t)H + 16);
+    float* gf = (float*)(((uintptr_t)wide.data() + 31) & ~(uintptr_t)31);
+    float* uf = gf + ((H + 7) & ~7);
+    for (int r = b0; r < b1; ++r) {
+        const bf16 *g = j.gate + (size_t)r * H, *u = j.up + (size_t)r * H;
+        if (j.n > 4) {
+            const int hv = H & ~7;
+            for (int h = 0; h < hv; h += 8) {
+                _mm256_store_ps(gf + h, load8_bf16(g + h));
+                _mm256_store_ps(uf + h, load8_bf16(u + h));
+            }
+            for (int h = hv; h < H; ++h) gf[h] = bf2f(g[h]), uf[h] = bf2f(u[h]);
+            for (int t = 0; t < j.n; t += 6) {
+                const int nt = std::min(6, j.n - t);
+                const float* xt = x + (size_t)t * H;
+                switch (nt) {
+                    case 6: gateup_avx2_tile_f32<6>(xt, gf, uf, H, sg, su); break;
+                    case 5: gateup_avx2_tile_f32<5>(xt, gf, uf, H, sg, su); break;
+                    case 4: gateup_avx2_tile_f32<4>(xt, gf, uf, H, sg, su); break;
+                    case 3: gateup_avx2_tile_f32<3>(xt, gf, uf, H, sg, su); break;
+                    case 2: gateup_avx2_tile_f32<2>(xt, gf, uf, H, sg, su); break;
+                    default: gateup_avx2_tile_f32<1>(xt, gf, uf, H, sg, su);
+                }
+                for (int k = 0; k < nt; ++k) act[(size_t)(t + k) * j.R + r] = silu(sg[k]) * su[k];
+            }
+            continue;
+        }
+        for (int t = 0; t < j.n; t += 4) {
+            int nt = std::min(4, j.n - t);
+            const float* xt = x + (size_t)t * H;
+            switch (nt) {
+                case 4: gateup_avx2_tile<4>(xt, g, u, H, sg, su); break;
+                case 3: gateup_avx2_tile<3>(xt, g, u, H, sg, su); break;
+                case 2: gateup_avx2_tile<2>(xt, g, u, H, sg, su); break;
+                default: gateup_avx2_tile<1>(xt, g, u, H, sg, su);
+            }
+            for (int k = 0; k < nt; ++k) act[(size_t)(t + k) * j.R + r] = silu(sg[k]) * su[k];
+        }
+    }
+}
+
+// Four rows of down_t at a time are widened into an L1 buffer, then added into every token's accumulator.
+TGT_AVX2 static void down_avx2(const Job& j, int c0, int c1, int H, float* acc, float* out) {
+    const float* act = (const float*)j.act;
+    const int cw = c1 - c0, cv = cw & ~7;
+    alignas(64) float wt[4][256];
+    std::memset(acc, 0, sizeof(float) * (size_t)j.n * cw);
+    for (int r = 0; r < j.R; r += 4) {
+        int nr = std::min(4, j.R - r);
+        for (int k = 0; k < 4; ++k) {
+            if (k < nr) {
+                const bf16* d = j.down + (size_t)(r + k) * H + c0;
+                _mm_prefetch((const char*)(d + 8 * (size_t)H), _MM_HINT_T0);
+                for (int c = 0; c < cv; c += 8) _mm256_store_ps(wt[k] + c, load8_bf16(d + c));
+                for (int c = cv; c < cw; ++c) wt[k][c] = bf2f(d[c]);
+            } else {
+                std::memset(wt[k], 0, sizeof(float) * cw);
+            }
+        }
+        for (int t = 0; t < j.n; ++t) {
+            const float* a = act + (size_t)t * j.R + r;
+            float a0 = a[0], a1 = nr > 1 ? a[1] : 0.f, a2 = nr > 2 ? a[2] : 0.f, a3 = nr > 3 ? a[3] : 0.f;
+            __m256 b0 = _mm256_set1_ps(a0), b1 = _mm256_set1_ps(a1), b2 = _mm256_set1_ps(a2),
+                   b3 = _mm256_set1_ps(a3);
+            float* at = acc + (size_t)t * cw;
+            for (int c = 0; c < cv; c += 8) {
+                __m256 s = _mm256_loadu_ps(at + c);
+                s = _mm256_fmadd_ps(b0, _mm256_load_ps(wt[0] + c), s);
+                s = _mm256_fmadd_ps(b1, _mm256_load_ps(wt[1] + c), s);
+                s = _mm256_fmadd_ps(b2, _mm256_load_ps(wt[2] + c), s);
+                s = _mm256_fmadd_ps(b3, _mm256_load_ps(wt[3] + c), s);
+                _mm256_storeu_ps(at + c, s);
+            }
+            for (int c = cv; c < cw; ++c) at[c] += a0 * wt[0][c] + a1 * wt[1][c] + a2 * wt[2][c] + a3 * wt[3][c];
+        }
+    }
+    for (int t = 0; t < j.n; ++t) {
+        float* o = out + (size_t)j.tok[t] * H + c0;
+        const float* at = acc + (size_t)t * cw;
+        __m256 wv = _mm256_set1_ps(j.w[t]);
+        for (int c = 0; c < cv; c += 8)
+            _mm256_storeu_ps(o + c, _mm256_fmadd_ps(wv, _mm256_loadu_ps(at + c), _mm256_loadu_ps(o + c)));
+        for (int c = cv; c < cw; ++c) o[c] += j.w[t] * at[c];
+    }
+}
+
+// Four rows at a time, widened into an L1 buffer, then added into each token's sums.
+TGT_AVX2 static void down_rows_avx2(const Job& j, int r0, int r1, int H, float* acc) {
+    const float* act = (const float*)j.act;
+    alignas(64) float wt[4][256];
+    // Blocks of 4 rows read each row whole (few streams); with many tokens, blocks of 16 rows (in L2) x 256
+    // columns keep the tokens' sums of a chunk in L1.
+    const int rows = (size_t)j.n * H * sizeof(float) <= ((size_t)64 << 10) ? 4 : 16;
+    for (int rb = r0; rb < r1; rb += rows) {
+        const int re = std::min(r1, rb + rows);
+        for (int c0 = 0; c0 < H; c0 += 256) {
+            const int cw = std::min(256, H - c0), cv = cw & ~7;
+            for (int r = rb; r < re; r += 4) {
+                const int nr = std::min(4, re - r);
+                for (int k = 0; k < 4; ++k) {
+                    if (k >= nr) {
+                        std::memset(wt[k], 0, sizeof(float) * cw);
+                        continue;
+                    }
+                    const bf16* d = j.down + (size_t)(r + k) * H + c0;
+                    for (int c = 256; c < 512 && c0 + c < H; c += 32)  // this row's next chunk
+                        _mm_prefetch((const char*)(d + c), _MM_HINT_T0);
+                    for (int c = 0; c < cv; c += 8) _mm256_store_ps(wt[k] + c, load8_bf16(d + c));
+                    for (int c = cv; c < cw; ++c) wt[k][c] = bf2f(d[c]);
+                }
+                for (int t = 0; t < j.n; ++t) {
+                    const float* a = act + (size_t)t * j.R + r;
+                    float a0 = a[0], a1 = nr > 1 ? a[1] : 0.f, a2 = nr > 2 ? a[2] : 0.f, a3 = nr > 3 ? a[3] : 0.f;
+                    __m256 b0 = _mm256_set1_ps(a0), b1 = _mm256_set1_ps(a1);
+                    __m256 b2 = _mm256_set1_ps(a2), b3 = _mm256_set1_ps(a3);
+                    float* at = acc + (size_t)t * H + c0;
+                    for (int c = 0; c < cv; c += 8) {
+                        __m256 s = _mm256_loadu_ps(at + c);
+                        s = _mm256_fmadd_ps(b0, _mm256_load_ps(wt[0] + c), s);
+                        s = _mm256_fmadd_ps(b1, _mm256_load_ps(wt[1] + c), s);
+                        s = _mm256_fmadd_ps(b2, _mm256_load_ps(wt[2] + c), s);
+                        s = _mm256_fmadd_ps(b3, _mm256_load_ps(wt[3] + c), s);
+                        _mm256_storeu_ps(at + c, s);
+                    }
+                    for (int c = cv; c < cw; ++c)
+                        at[c] += a0 * wt[0][c] + a1 * wt[1][c] + a2 * wt[2][c] + a3 * wt[3][c];
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// AVX512-BF16: gate/up by vdpbf16ps on bf16 tokens (pairs of H summed in fp32); down as AVX2, 16 wide.
+
+template <int NT>
+TGT_AVX512 static inline void gateup_avx512_tile(const bf16* x, const bf16* g, const bf16* u, int H, float* sg,
+                                                 float* su) {
+    constexpr int U = NT <= 2 ? 2 : 1;  // as in AVX2: two chains of dependent dot products for few tokens
+    __m512 ag[U][NT], au[U][NT];
+    for (int k = 0; k < U; ++k)
+        for (int t = 0; t < NT; ++t) ag[k][t] = au[k][t] = _mm512_setzero_ps();
+    for (int h = 0; h < H; h += 32 * U)
+        for (int k = 0; k < U; ++k) {
+            const int left = H - h - 32 * k;
+            if (left <= 0) break;
+            __mmask32 m = left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1);
+            __m512bh wg = (__m512bh)_mm512_maskz_loadu_epi16(m, g + h + 32 * k);
+            __m512bh wu = (__m512bh)_mm512_maskz_loadu_epi16(m, u + h + 32 * k);
+            for (int t = 0; t < NT; ++t) {
+                __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + (size_t)t * H + h + 32 * k);
+                ag[k][t] = _mm512_dpbf16_ps(ag[k][t], xv, wg);
+                au[k][t] = _mm512_dpbf16_ps(au[k][t], xv, wu);
+            }
+        }
+    for (int t = 0; t < NT; ++t) {
+        for (int k = 1; k < U; ++k) {
+            ag[0][t] = _mm512_add_ps(ag[0][t], ag[k][t]);
+            au[0][t] = _mm512_add_ps(au[0][t], au[k][t]);
+        }
+        sg[t] = _mm512_reduce_add_ps(ag[0][t]);
+        su[t] = _mm512_reduce_add_ps(au[0][t]);
+    }
+}
+
+TGT_AVX512 static void gateup_avx512(const Job& j, int b0, int b1, int H) {
+    const bf16* x = (const bf16*)j.x;
+    float* act = (float*)j.act;
+    float sg[4], su[4];
+    for (int r = b0; r < b1; ++r) {
+        const bf16 *g = j.gate + (size_t)r * H, *u = j.up + (size_t)r * H;
+        for (int t = 0; t < j.n; t += 4) {
+            int nt = std::min(4, j.n - t);
+            const bf16* xt = x + (size_t)t * H;
+            switch (nt) {
+                case 4: gateup_avx512_tile<4>(xt, g, u, H, sg, su); break;
+                case 3: gateup_avx512_tile<3>(xt, g, u, H, sg, su); break;
+                case 2: gateup_avx512_tile<2>(xt, g, u, H, sg, su); break;
+                default: gateup_avx512_tile<1>(xt, g, u, H, sg, su);
+            }
+            for (int k = 0; k < nt; ++k) act[(size_t)(t + k) * j.R + r] = silu(sg[k]) * su[k];
+        }
+    }
+}
+
+TGT_AVX512 static inline __m512 load16_bf16(const bf16* p) {
+    __m256i v = _mm256_loadu_si256((const __m256i*)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+TGT_AVX512 static void down_avx512(const Job& j, int c0, int c1, int H, float* acc, float* out) {
+    const float* act = (const float*)j.act;
+    const int cw = c1 - c0, cv = cw & ~15;
+    alignas(64) float wt[4][256];
+    std::memset(acc, 0, sizeof(float) * (size_t)j.n * cw);
+    for (int r = 0; r < j.R; r += 4) {
+        int nr = std::min(4, j.R - r);
+        for (int k = 0; k < 4; ++k) {
+            if (k < nr) {
+                const bf16* d = j.down + (size_t)(r + k) * H + c0;
+                for (int c = 0; c < cw; c += 32) _mm_prefetch((const char*)(d + 8 * (size_t)H + c), _MM_HINT_T0);
+                for (int c = 0; c < cv; c += 16) _mm512_store_ps(wt[k] + c, load16_bf16(d + c));
+                for (int c = cv; c < cw; ++c) wt[k][c] = bf2f(d[c]);
+            } else {
+                std::memset(wt[k], 0, sizeof(float) * cw);
+            }
+        }
+        for (int t = 0; t < j.n; ++t) {
+            const float* a = act + (size_t)t * j.R + r;
+            float a0 = a[0], a1 = nr > 1 ? a[1] : 0.f, a2 = nr > 2 ? a[2] : 0.f, a3 = nr > 3 ? a[3] : 0.f;
+            __m512 b0 = _mm512_set1_ps(a0), b1 = _mm512_set1_ps(a1), b2 = _mm512_set1_ps(a2),
+                   b3 = _mm512_set1_ps(a3);
+            float* at = acc + (size_t)t * cw;
+            for (int c = 0; c < cv; c += 16) {
+                __m512 s = _mm512_loadu_ps(at + c);
+                s = _mm512_fmadd_ps(b0, _mm512_load_ps(wt[0] + c), s);
+                s = _mm512_fmadd_ps(b1, _mm512_load_ps(wt[1] + c), s);
+                s = _mm512_fmadd_ps(b2, _mm512_load_ps(wt[2] + c), s);
+                s = _mm512_fmadd_ps(b3, _mm512_load_ps(wt[3] + c), s);
+                _mm512_storeu_ps(at + c, s);
+            }
+            for (int c = cv; c < cw; ++c) at[c] += a0 * wt[0][c] + a1 * wt[1][c] + a2 * wt[2][c] + a3 * wt[3][c];
+        }
+    }
+    for (int t = 0; t < j.n; ++t) {
+        float* o = out + (size_t)j.tok[t] * H + c0;
+        const float* at = acc + (size_t)t * cw;
+        for (int c = 0; c < cw; ++c) o[c] += j.w[t] * at[c];
+    }
+}
+
+TGT_AVX512 static void down_rows_avx512(const Job& j, int r0, int r1, int H, float* acc) {
+    const float* act = (const float*)j.act;
+    alignas(64) float wt[4][256];
+    // Blocks of 4 rows read each row whole (few streams); with many tokens, blocks of 16 rows (in L2) x 256
+    // columns keep the tokens' sums of a chunk in L1.
+    const int rows = (size_t)j.n * H * sizeof(float) <= ((size_t)64 << 10) ? 4 : 16;
+    for (int rb = r0; rb < r1; rb += rows) {
+        const int re = std::min(r1, rb + rows);
+        for (int c0 = 0; c0 < H; c0 += 256) {
+            const int cw = std::min(256, H - c0), cv = cw & ~15;
+            for (int r = rb; r < re; r += 4) {
+                const int nr = std::min(4, re - r);
+                for (int k = 0; k < 4; ++k) {
+                    if (k >= nr) {
+                        std::memset(wt[k], 0, sizeof(float) * cw);
+                        continue;
+                    }
+                    const bf16* d = j.down + (size_t)(r + k) * H + c0;
+                    for (int c = 256; c < 512 && c0 + c < H; c += 32)  // this row's next chunk
+                        _mm_prefetch((const char*)(d + c), _MM_HINT_T0);
+                    for (int c = 0; c < cv; c += 16) _mm512_store_ps(wt[k] + c, load16_bf16(d + c));
+                    for (int c = cv; c < cw; ++c) wt[k][c] = bf2f(d[c]);
+                }
+                for (int t = 0; t < j.n; ++t) {
+                    const float* a = act + (size_t)t * j.R + r;
+                    float a0 = a[0], a1 = nr > 1 ? a[1] : 0.f, a2 = nr > 2 ? a[2] : 0.f, a3 = nr > 3 ? a[3] : 0.f;
+                    __m512 b0 = _mm512_set1_ps(a0), b1 = _mm512_set1_ps(a1);
+                    __m512 b2 = _mm512_set1_ps(a2), b3 = _mm512_set1_ps(a3);
+                    float* at = acc + (size_t)t * H + c0;
+                    for (int c = 0; c < cv; c += 16) {
+                        __m512 s = _mm512_loadu_ps(at + c);
+                        s = _mm512_fmadd_ps(b0, _mm512_load_ps(wt[0] + c), s);
+                        s = _mm512_fmadd_ps(b1, _mm512_load_ps(wt[1] + c), s);
+                        s = _mm512_fmadd_ps(b2, _mm512_load_ps(wt[2] + c), s);
+                        s = _mm512_fmadd_ps(b3, _mm512_load_ps(wt[3] + c), s);
+                        _mm512_storeu_ps(at + c, s);
+                    }
+                    for (int c = cv; c < cw; ++c)
+                        at[c] += a0 * wt[0][c] + a1 * wt[1][c] + a2 * wt[2][c] + a3 * wt[3][c];
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// AMX: the same tiling twice, once on the hardware tiles and once with the tile ops emulated in scalar
+// code, so the blocking and packing logic runs (and is tested) on any CPU.
+
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+static TileConfig full_tiles() {  // every tile 16 rows x 64 bytes
+    TileConfig c;
+    for (int i = 0; i < 8; ++i) c.colsb[i] = 64, c.rows[i] = 16;
+    return c;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
+#define AMX_NS amx_hw
+#define AMX_HW 1
+#include "cpu_experts_amx.inc"
+#undef AMX_HW
+#undef AMX_NS
+#pragma GCC pop_options
+
+#define AMX_NS amx_emu
+#define AMX_HW 0
+#include "cpu_experts_amx.inc"
+#undef AMX_HW
+#undef AMX_NS
+
+// ---------------------------------------------------------------------------------------------------
+// CPU features and AMX permission.
+
+static bool os_saves(uint64_t mask) {
+    unsigned a, b, c, d;
+    __cpuid(1, a, b, c, d);
+    if (!(c & (1u << 27))) return false;  // OSXSAVE
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((((uint64_t)hi << 32) | lo) & mask) == mask;
+}
+
+static int detect_features() {  // bit 0 avx2+fma, 1 avx512-bf16, 2 amx-bf16
+    unsigned a, b, c, d;
+    if (__get_cpuid_max(0, nullptr) < 7) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    unsigned b7 = b, d7 = d;
+    __cpuid_count(7, 1, a, b, c, d);
+    unsigned a71 = a;
+    __cpuid(1, a, b, c, d);
+    int f = 0;
+    bool ymm = os_saves(0x6), zmm = os_saves(0xe6);
+    if ((b7 & (1u << 5)) && (c & (1u << 12)) && ymm) f |= 1;
+    const unsigned avx512 = (1u << 16) | (1u << 17) | (1u << 30) | (1u << 31);  // F, DQ, BW, VL
+    if ((b7 & avx512) == avx512 && (a71 & (1u << 5)) && zmm) f |= 2;
+    if ((d7 & (1u << 22)) && (d7 & (1u << 24)) && (f & 2) && os_saves(0x60000ull | 0xe6)) f |= 4;
+    return f;
+}
+
+static int cpu_features() {  // cpuid is slow under a hypervisor (a VM exit): once per process
+    static const int f = detect_features();
+    return f;
+}
+
+static int amx_permitted() {  // the kernel hands out tile data state only on request, once per process
+    static int ok = -1;
+    if (ok < 0) {
+        const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+        ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    }
+    return ok;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The call.
+
+struct Scratch {
+    std::vector<char> buf;
+    char* get(size_t n) {
+        if (buf.size() < n + 64) buf.resize(n + 64);
+        return (char*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
+    }
+};
+
+static std::mutex g_call;
+static Pool g_pool;
+static std::vector<Scratch> g_thread_acc;   // down by columns: [n, 256] sums
+static std::vector<Scratch> g_thread_priv;  // fused down: each thread's [n, H] sums of every job
+
+static inline size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+static double g_phase_s[3];  // the last call: preparation, gate/up, down (seconds)
+
+static inline double now_s() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+extern "C" {
+
+int moe_features() { return cpu_features(); }
+
+int moe_amx_ready() { return (cpu_features() & 4) && amx_permitted(); }
+
+void moe_last_phases(double* s) { std::memcpy(s, g_phase_s, sizeof(g_phase_s)); }
+
+// Runs every job of one layer: out[tok, :] += w * expert_rows(r0:r1)(x[tok]). AMX (and its emulation)
+// tiles the jobs of at least amx_min_tokens tokens; the rest take the vector path (AVX-512 beside AMX,
+// scalar beside the emulation). Returns the threads used (>= 1), or -1 for an unknown kernel, -2 for a
+// kernel this CPU cannot run. The vector path fuses down into the gate/up pass while the per-thread sums
+// take at most fused_max_bytes.
+int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, int H, int I, const float* x, int N,
+                int n_jobs, const int32_t* job_expert, const int32_t* job_r0, const int32_t* job_r1,
+                const int32_t* job_off, const int32_t* tok, const float* tok_w, float* out, int amx_min_tokens,
+                int64_t fused_max_bytes) {
+    (void)N;
+    if (kernel < 0 || kernel > AMX_EMU) return -1;
+    int feat = cpu_features();
+    if ((kernel == AVX2 && !(feat & 1)) || ((kernel == AVX512 || kernel == AMX) && !(feat & 2))) return -2;
+    if (kernel == AMX && !((feat & 4) && amx_permitted())) return -2;
+    const bool amx = (kernel == AMX || kernel == AMX_EMU) && H % 64 == 0;
+    const int vec = kernel == AMX ? AVX512 : kernel == AMX_EMU ? SCALAR : kernel;  // the vector path
+    threads = std::max(threads, 1);
+    std::lock_guard<std::mutex> lock(g_call);
+    double t0 = now_s();
+
+    // Layout of the scratch: per job, the gathered (or packed) tokens, then the activations.
+    std::vector<Job> jobs;
+    std::vector<size_t> xoff, aoff;
+    size_t total = 0, priv = 0;
+    int max_n = 0;
+    for (int k = 0; k < n_jobs; ++k) {
+        int n = job_off[k + 1] - job_off[k], r0 = job_r0[k], r1 = job_r1[k];
+        if (n <= 0 || r1 <= r0) continue;
+        Job j;
+        const bf16* block = w + expert_stride * job_expert[k];
+        j.gate = block + (size_t)r0 * H;
+        j.up = block + (size_t)I * H + (size_t)r0 * H;
+        j.down = block + 2 * (size_t)I * H + (size_t)r0 * H;
+        j.n = n, j.R = r1 - r0, j.Rp = (j.R + 31) / 32 * 32;
+        j.tok = tok + job_off[k];
+        j.w = tok_w + job_off[k];
+        j.tiles = amx && n >= amx_min_tokens;
+        j.fused = false;
+        j.poff = 0;
+        if (!j.tiles) {
+            j.poff = priv;
+            priv += (size_t)n * H;
+        }
+        size_t xs = j.tiles ? (size_t)groups16(n) * 16 * H * 2 : (size_t)n * H * (vec == AVX512 ? 2 : 4);
+        size_t as = j.tiles ? (size_t)groups16(n) * 16 * j.Rp * 2 : (size_t)n * j.R * 4;
+        xoff.push_back(total);
+        total += align64(xs);
+        aoff.push_back(total);
+        total += align64(as);
+        jobs.push_back(j);
+        max_n = std::max(max_n, n);
+    }
+    if (jobs.empty()) return 1;
+    // Few tokens: each thread adds its rows of down_t into its own [n, H] sums while the rows are hot, and
+    // a reduction follows (contiguous reads of whole rows). Many tokens: down by column chunks instead.
+    const bool fused = (int64_t)(priv * sizeof(float) * threads) <= fused_max_bytes;
+    for (Job& j : jobs) j.fused = fused && !j.tiles;
+    static Scratch scratch;
+    char* base = scratch.get(total);
+    for (size_t k = 0; k < jobs.size(); ++k) {
+        Job& j = jobs[k];
+        j.x = base + xoff[k];
+        j.act = base + aoff[k];
+        if (j.tiles) {
+            std::memset(j.act, 0, (size_t)groups16(j.n) * 16 * j.Rp * 2);
+            amx_emu::pack_tokens(x, j.tok, j.n, H, (uint32_t*)(base + xoff[k]));
+        } else if (vec == AVX512) {
+            bf16* xb = (bf16*)(base + xoff[k]);
+            for (int t = 0; t < j.n; ++t)
+                for (int h = 0; h < H; ++h) xb[(size_t)t * H + h] = f2bf(x[(size_t)j.tok[t] * H + h]);
+        } else {
+            float* xf = (float*)(base + xoff[k]);
+            for (int t = 0; t < j.n; ++t) std::memcpy(xf + (size_t)t * H, x + (size_t)j.tok[t] * H, 4 * (size_t)H);
+        }
+    }
+
+    // Phase A: row blocks of 16 (one AMX tile of rows), weighted by bytes plus compute, split evenly.
+    std::vector<int> blk_job, blk_row;
+    std::vector<double> cost{0};
+    for (size_t k = 0; k < jobs.size(); ++k)
+        for (int r = 0; r < jobs[k].R; r += 16) {
+            blk_job.push_back((int)k);
+            blk_row.push_back(r);
+            cost.push_back(cost.back() + 16 + jobs[k].n * (jobs[k].fused ? 1.5 : 1.0));
+        }
+    const int nb = (int)blk_job.size();
+    const int ta = std::min(threads, nb);
+    if ((int)g_thread_priv.size() < ta) g_thread_priv.resize(ta);
+    std::vector<int> touched_lo(ta, 1 << 30), touched_hi(ta, -1);  // fused jobs each thread summed
+    auto phase_a = [&](int id, int nt) {
+        double lo = cost.back() * id / nt, hi = cost.back() * (id + 1) / nt;
+        int b0 = (int)(std::lower_bound(cost.begin(), cost.end(), lo) - cost.begin());
+        int b1 = (int)(std::lower_bound(cost.begin(), cost.end(), hi) - cost.begin());
+        if (id == nt - 1) b1 = nb;
+        float* sums = fused ? (float*)g_thread_priv[id].get(priv * sizeof(float)) : nullptr;
+        bool tiles_on = false;
+        for (int b = b0; b < b1;) {  // consecutive blocks of one job go in one call
+            int k = blk_job[b], e = b;
+            while (e < b1 && blk_job[e] == k) ++e;
+            const Job& j = jobs[k];
+            int r0 = blk_row[b], r1 = std::min(j.R, blk_row[e - 1] + 16);
+            if (j.tiles) {
+                if (kernel == AMX && !tiles_on) amx_hw::begin(), tiles_on = true;
+                if (kernel == AMX) amx_hw::gateup(j, r0, r1, H);
+                else amx_emu::gateup(j, r0, r1, H);
+            } else {
+                switch (vec) {
+                    case SCALAR: gateup_scalar(j, r0, r1, H); break;
+                    case AVX2: gateup_avx2(j, r0, r1, H); break;
+                    default: gateup_avx512(j, r0, r1, H);
+                }
+            }
+            if (j.fused) {
+                float* acc = sums + j.poff;
+                if (touched_hi[id] < k) std::memset(acc, 0, sizeof(float) * (size_t)j.n * H);
+                touched_lo[id] = std::min(touched_lo[id], k);
+                touched_hi[id] = k;
+                switch (vec) {
+                    case SCALAR: down_rows_scalar(j, r0, r1, H, acc); break;
+                    case AVX2: down_rows_avx2(j, r0, r1, H, acc); break;
+                    default: down_rows_avx512(j, r0, r1, H, acc);
+                }
+            }
+            b = e;
+        }
+        if (tiles_on) amx_hw::end();
+    };
+    double t1 = now_s();
+    g_pool.run(ta, phase_a);
+    double t2 = now_s();
+
+    // Phase B: column chunks of 64 (the AMX blocking; also keeps threads on separate cache lines): the
+    // fused jobs' per-thread sums reduced, the others' down projections.
+    const int unit = 64, units = (H + unit - 1) / unit;
+    const int tb = std::min(threads, units);
+    if ((int)g_thread_acc.size() < tb) g_thread_acc.resize(tb);
+    for (int t = 0; t < tb; ++t) g_thread_acc[t].get(sizeof(float) * std::max((size_t)max_n * 256, (size_t)H));
+    auto phase_b = [&](int id, int nt) {
+        int c0 = std::min(H, units * id / nt * unit), c1 = std::min(H, units * (id + 1) / nt * unit);
+        if (c0 >= c1) return;
+        float* acc = (float*)g_thread_acc[id].get(0);
+        bool tiles_on = false;
+        for (size_t k = 0; k < jobs.size(); ++k) {
+            const Job& j = jobs[k];
+            if (j.fused) {
+                for (int t = 0; t < j.n; ++t) {
+                    float* o = out + (size_t)j.tok[t] * H;
+                    for (int c = c0; c < c1; ++c) acc[c - c0] = 0;
+                    for (int p = 0; p < ta; ++p) {
+                        if (touched_lo[p] > (int)k || touched_hi[p] < (int)k) continue;
+                        const float* src = (const float*)g_thread_priv[p].get(0) + j.poff + (size_t)t * H;
+                        for (int c = c0; c < c1; ++c) acc[c - c0] += src[c];
+                    }
+                    for (int c = c0; c < c1; ++c) o[c] += j.w[t] * acc[c - c0];
+                }
+            } else if (j.tiles) {
+                if (kernel == AMX && !tiles_on) amx_hw::begin(), tiles_on = true;
+                if (kernel == AMX) amx_hw::down(j, c0, c1, H, out);
+                else amx_emu::down(j, c0, c1, H, out);
+            } else {
+                for (int c = c0; c < c1; c += 256) {
+                    int ce = std::min(c1, c + 256);
+                    switch (vec) {
+                        case SCALAR: down_scalar(j, c, ce, H, acc, out); break;
+                        case AVX2: down_avx2(j, c, ce, H, acc, out); break;
+                        default: down_avx512(j, c, ce, H, acc, out);
+                    }
+                }
+            }
+        }
+        if (tiles_on) amx_hw::end();
+    };
+    g_pool.run(tb, phase_b);
+    g_phase_s[0] = t1 - t0, g_phase_s[1] = t2 - t1, g_phase_s[2] = now_s() - t2;
+    return std::max(ta, tb);
+}
+
+// The same from a router's choice: ids [N, K] int64 (an id outside 0..E-1 is skipped), weights [N, K] fp32.
+// Groups the (token, slot) pairs by expert here, so a layer costs Python one call.
+int moe_experts_topk(int kernel, int threads, const bf16* w, int64_t expert_stride, int H, int I, const float* x,
+                     int N, int K, int E, const int64_t* ids, const float* weights, float* out, int amx_min_tokens,
+                     int64_t fused_max_bytes) {
+    std::vector<int32_t> count(E + 1, 0), job_expert, job_r0, job_r1, job_off{0}, tok(N * K);
+    std::vector<float> tok_w(N * K);
+    for (int i = 0; i < N * K; ++i)
+        if (ids[i] >= 0 && ids[i] < E) ++count[ids[i] + 1];
+    for (int e = 0; e < E; ++e) {
+        if (count[e + 1]) {
+            job_expert.push_back(e), job_r0.push_back(0), job_r1.push_back(I);
+            job_off.push_back(job_off.back() + count[e + 1]);
+        }
+        count[e + 1] += count[e];  // now: where expert e's pairs start
+    }
+    for (int i = 0; i < N * K; ++i)
+        if (ids[i] >= 0 && ids[i] < E) {
+            int at = count[ids[i]]++;
+            tok[at] = i / K, tok_w[at] = weights[i];
+        }
+    return moe_experts(kernel, threads, w, expert_stride, H, I, x, N, (int)job_expert.size(), job_expert.data(),
+                       job_r0.data(), job_r1.data(), job_off.data(), tok.data(), tok_w.data(), out, amx_min_tokens,
+                       fused_max_bytes);
+}
+
+}  // extern "C"

@@ -1,0 +1,144 @@
+"""Experts on the CPU: one call per layer runs every (expert, tokens, rows) job with the native kernel, or
+with PyTorch where the kernel cannot be built or the store is not bf16.
+
+Env: MOEFLOW_CPU_KERNEL = auto | torch | scalar | avx2 | avx512 | amx | amx-emu (auto: the fastest this
+CPU runs); MOEFLOW_CPU_THREADS (default: the physical cores this process may use); MOEFLOW_AMX_MIN_TOKENS
+(amx: the fewest tokens of an expert that go to the tiles, default 16).
+Legend: N = tokens, K = experts per token, H = hidden, I = intermediate rows, E = experts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeflow import MoeflowError
+from moeflow.experts.local import partial_ffn
+from moeflow.experts.native import KERNELS, NativeKernel, load
+from moeflow.experts.store import expert_rows
+
+
+def physical_cores() -> int:
+    """Cores (not SMT siblings) among the CPUs this process may run on."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        try:
+            topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+            cores.add((topo / "physical_package_id").read_text().strip() + "/" +
+                      (topo / "core_cpus_list" if (topo / "core_cpus_list").exists()
+                       else topo / "thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(len(cores), 1)
+
+
+def default_threads(reserve: int = 0) -> int:
+    """MOEFLOW_CPU_THREADS if set, else the physical cores less `reserve` (at least 1)."""
+    env = os.environ.get("MOEFLOW_CPU_THREADS")
+    return max(int(env), 1) if env else max(physical_cores() - reserve, 1)
+
+
+@dataclass
+class Job:
+    """Rows r0:r1 of expert e for the tokens tok (row indices of x), weighted by w."""
+
+    expert: int
+    tok: torch.Tensor   # [n] int
+    w: torch.Tensor     # [n]
+    r0: int = 0
+    r1: int | None = None  # None = all rows
+
+
+def jobs_from_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> list[Job]:
+    """Every selected expert of a layer, whole, on its tokens."""
+    K = topk_ids.shape[1]
+    flat = topk_ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    w = topk_weights.flatten()[order]
+    jobs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            jobs.append(Job(e, order[start:start + n] // K, w[start:start + n]))
+            start += n
+    return jobs
+
+
+class CpuExperts:
+    """Runs one layer's expert jobs on the CPU. kernel: a name of MOEFLOW_CPU_KERNEL (default: that env)."""
+
+    def __init__(self, threads: int | None = None, kernel: str | None = None):
+        self.threads = threads or default_threads()
+        name = kernel or os.environ.get("MOEFLOW_CPU_KERNEL", "auto")
+        if name not in ("auto", "torch", *KERNELS):
+            raise MoeflowError(f"MOEFLOW_CPU_KERNEL={name}: choose auto, torch or one of {', '.join(KERNELS)}")
+        self.native: NativeKernel | None = None if name == "torch" else load()
+        if self.native is None:
+            self.kernel = "torch"
+        elif name == "auto":
+            self.kernel = self.native.best()
+        elif not self.native.can_run(name):
+            raise MoeflowError(f"MOEFLOW_CPU_KERNEL={name}: this CPU cannot run it (it has "
+                               f"{', '.join(sorted(self.native.features)) or 'none of avx2, avx512, amx'})")
+        else:
+            self.kernel = name
+        # AMX pays from about 16 tokens per expert (AVX512-BF16 below); the emulation tiles every job (tests)
+        self.amx_min_tokens = int(os.environ.get("MOEFLOW_AMX_MIN_TOKENS", 16 if self.kernel == "amx" else 1))
+        self.fused_max_bytes = 64 << 20  # per-thread sums of the one-pass down path, all threads together
+        self.threads_used = 0  # as reported by the last native call
+
+    def uses_native(self, data: torch.Tensor) -> bool:
+        return self.native is not None and self.kernel != "torch" and data.dtype == torch.bfloat16
+
+    def __call__(self, data: torch.Tensor, x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """data [E, 3IH] one layer of the host store; x [N, H]; adds every job into out [N, H] fp32 (new if
+        None) and returns it."""
+        N, H = x.shape
+        I = data.shape[1] // (3 * H)
+        if out is None:
+            out = torch.zeros(N, H, dtype=torch.float32)
+        jobs = [j for j in jobs if len(j.tok) and (I if j.r1 is None else j.r1) > j.r0]
+        if not jobs:
+            return out
+        if not self.uses_native(data) or not out.is_contiguous() or out.dtype != torch.float32:
+            return self._torch(data, x, jobs, out, I)
+        assert data.stride(1) == 1 and data.device.type == "cpu", "data must be a [E, 3IH] view of the host store"
+        offs = [0]
+        for j in jobs:
+            offs.append(offs[-1] + len(j.tok))
+        meta = torch.tensor([j.expert for j in jobs] + [j.r0 for j in jobs] +
+                            [I if j.r1 is None else j.r1 for j in jobs] + offs, dtype=torch.int32)
+        tok = torch.cat([j.tok for j in jobs]).to(torch.int32)
+        w = torch.cat([j.w.reshape(-1) for j in jobs]).to(torch.float32)
+        self.threads_used = self.native.run(self.kernel, self.threads, data, H, I, x.to(torch.float32).contiguous(),
+                                            N, meta, tok, w, out, self.amx_min_tokens, self.fused_max_bytes)
+        return out
+
+    def layer(self, data: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+              ) -> torch.Tensor:
+        """Every selected expert of a layer: [N, H] fp32. The native path groups by expert in C: one call."""
+        if not self.uses_native(data) or data.stride(1) != 1:
+            return self(data, x, jobs_from_topk(topk_ids, topk_weights, data.shape[0]))
+        N, H = x.shape
+        out = torch.zeros(N, H, dtype=torch.float32)
+        if N:
+            self.threads_used = self.native.run_topk(
+                self.kernel, self.threads, data, H, data.shape[1] // (3 * H), x.to(torch.float32).contiguous(),
+                topk_ids.to(torch.int64).contiguous(), topk_weights.to(torch.float32).contiguous(), out,
+                self.amx_min_tokens, self.fused_max_bytes)
+        return out
+
+    @staticmethod
+    def _torch(data, x, jobs, out, I):
+        xd = x.to(data.dtype)
+        for j in jobs:
+            gate, up, down_t = expert_rows(data[j.expert], I, j.r0, I if j.r1 is None else j.r1)
+            tok = j.tok.long()
+            y = partial_ffn(xd[tok], gate, up, down_t)
+            out.index_add_(0, tok, y.float() * j.w.reshape(-1, 1).float())
+        return out

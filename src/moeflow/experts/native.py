@@ -1,0 +1,151 @@
+"""The native CPU expert kernel (csrc/cpu_experts.cpp): built with the system C++ compiler on first use,
+cached, loaded with ctypes. A ctypes call releases the GIL, so it runs beside the thread driving the GPU.
+
+Where no compiler works, `load()` warns once and returns None; callers then use the PyTorch path.
+Env: CXX (compiler, default g++), MOEFLOW_CACHE (default ~/.cache/moeflow), MOEFLOW_CPU_KERNEL (see cpu.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "csrc"
+SOURCES = ("cpu_experts.cpp", "cpu_experts_amx.inc")
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
+KERNELS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3, "amx-emu": 4}  # the kernel numbers of the .cpp
+
+_loaded: dict[str, NativeKernel | None] = {}  # by compiler
+
+
+def cpu_flags() -> set[str]:
+    """The flags line of /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOEFLOW_CACHE", Path.home() / ".cache" / "moeflow")) / "ext"
+
+
+def _library_path(cxx: str) -> Path:
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((SRC / name).read_bytes())
+    h.update(" ".join((cxx, *FLAGS, *sorted(cpu_flags()))).encode())
+    return cache_dir() / f"cpu_experts-{h.hexdigest()[:16]}.so"
+
+
+def _build(cxx: str, lib: Path) -> None:
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)  # built aside, then renamed: builds can race
+    os.close(fd)
+    try:
+        r = subprocess.run([cxx, *FLAGS, str(SRC / SOURCES[0]), "-o", tmp], capture_output=True, text=True,
+                           timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {(r.stderr or r.stdout).strip()[-800:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class NativeKernel:
+    """ctypes binding of cpu_experts.cpp's C interface."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lib = lib = ctypes.CDLL(str(path))
+        p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        lib.moe_experts.argtypes = [i, i, p, i64, i, i, p, i, i, p, p, p, p, p, p, p, i, i64]
+        lib.moe_experts.restype = i
+        lib.moe_experts_topk.argtypes = [i, i, p, i64, i, i, p, i, i, i, p, p, p, i, i64]
+        lib.moe_experts_topk.restype = i
+        lib.moe_features.restype = i
+        lib.moe_amx_ready.restype = i
+        lib.moe_last_phases.argtypes = [p]
+        bits = lib.moe_features()
+        self.features = {name for bit, name in ((1, "avx2"), (2, "avx512"), (4, "amx")) if bits & bit}
+        self._amx_ready: bool | None = None
+
+    def can_run(self, kernel: str) -> bool:
+        """Whether this CPU (and OS) runs `kernel`; AMX also needs the OS to grant the tile state."""
+        if kernel in ("scalar", "amx-emu"):
+            return True
+        if kernel == "amx":
+            if self._amx_ready is None:
+                self._amx_ready = "amx" in self.features and bool(self.lib.moe_amx_ready())
+            return self._amx_ready
+        return kernel in self.features
+
+    def best(self) -> str:
+        return next(k for k in ("amx", "avx512", "avx2", "scalar") if self.can_run(k))
+
+    def run(self, kernel: str, threads: int, data, hidden: int, inter: int, x, n_tokens: int, meta, tok, tok_w, out,
+            amx_min_tokens: int = 16, fused_max_bytes: int = 64 << 20) -> int:
+        """One layer's J jobs; returns the threads used. meta: int32 [4J + 1] = experts, r0s, r1s, and the
+        J + 1 offsets of each job's tokens in tok (int32, rows of x) and tok_w (fp32); x, out [N, H] fp32.
+        With amx (and amx-emu), jobs of fewer than amx_min_tokens tokens take the vector path, which adds
+        down_t rows into per-thread sums in the gate/up pass while those take at most fused_max_bytes (else
+        down by columns)."""
+        J = (meta.numel() - 1) // 4
+        m = meta.data_ptr()
+        n = self.lib.moe_experts(KERNELS[kernel], threads, data.data_ptr(), data.stride(0), hidden, inter,
+                                 x.data_ptr(), n_tokens, J, m, m + 4 * J, m + 8 * J, m + 12 * J, tok.data_ptr(),
+                                 tok_w.data_ptr(), out.data_ptr(), amx_min_tokens, fused_max_bytes)
+        if n < 0:
+            raise RuntimeError(f"native CPU kernel {kernel} refused the call ({n})")
+        return n
+
+    def run_topk(self, kernel: str, threads: int, data, hidden: int, inter: int, x, topk_ids, topk_weights, out,
+                 amx_min_tokens: int = 16, fused_max_bytes: int = 64 << 20) -> int:
+        """Every selected expert of a layer, grouped by expert in C: topk_ids [N, K] int64, topk_weights
+        [N, K] fp32, x [N, H] fp32, out [N, H] fp32 (all contiguous)."""
+        N, K = topk_ids.shape
+        n = self.lib.moe_experts_topk(KERNELS[kernel], threads, data.data_ptr(), data.stride(0), hidden, inter,
+                                      x.data_ptr(), N, K, data.shape[0], topk_ids.data_ptr(),
+                                      topk_weights.data_ptr(), out.data_ptr(), amx_min_tokens, fused_max_bytes)
+        if n < 0:
+            raise RuntimeError(f"native CPU kernel {kernel} refused the call ({n})")
+        return n
+
+    def last_phases(self) -> tuple[float, float, float]:
+        """Seconds of the last call's phases: preparation, gate/up, down."""
+        s = (ctypes.c_double * 3)()
+        self.lib.moe_last_phases(s)
+        return tuple(s)
+
+
+def load() -> NativeKernel | None:
+    """The kernel library, built if needed; None (with one warning) where it cannot be built or loaded."""
+    cxx = os.environ.get("CXX", "g++")
+    if cxx not in _loaded:
+        try:
+            if shutil.which(cxx) is None:
+                raise RuntimeError(f"no C++ compiler {cxx!r}")
+            lib = _library_path(cxx)
+            if not lib.exists():
+                try:
+                    _build(cxx, lib)
+                except PermissionError:  # a read-only home: build in the temporary folder
+                    lib = Path(tempfile.gettempdir()) / "moeflow-ext" / lib.name
+                    if not lib.exists():
+                        _build(cxx, lib)
+            _loaded[cxx] = NativeKernel(lib)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            warnings.warn(f"moeflow: the native CPU expert kernel is unavailable ({e}); using PyTorch",
+                          RuntimeWarning, stacklevel=2)
+            _loaded[cxx] = None
+    return _loaded[cxx]

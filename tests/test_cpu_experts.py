@@ -1,0 +1,185 @@
+"""The CPU expert kernels against an fp32 reference: every path this CPU runs (MOEFLOW_CPU_KERNEL), token
+counts, row ranges, thread counts, and the fallback when no compiler works."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from moeflow.experts import native
+from moeflow.experts.cpu import CpuExperts, Job, jobs_from_topk, physical_cores
+from moeflow.experts.local import partial_ffn
+from moeflow.experts.store import expert_rows
+
+LIB = native.load()
+HERE = ["torch"] + ([k for k in native.KERNELS if LIB.can_run(k)] if LIB else [])
+HARDWARE = ["avx512", "amx"]  # paths that need the CPU flags
+EXACT = {"scalar", "avx2"}  # fp32 tokens and activations: only the summation order differs
+
+
+def weights(E, H, I, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(1 << 30, ())))
+    return (torch.randn(E, 3 * I * H, generator=g) / H**0.5).bfloat16(), g
+
+
+def reference(data, x, jobs, I):
+    """fp32 on the same bf16 weights."""
+    out = torch.zeros(x.shape[0], x.shape[1])
+    for j in jobs:
+        gate, up, down_t = (m.float() for m in expert_rows(data[j.expert], I, j.r0, I if j.r1 is None else j.r1))
+        out.index_add_(0, j.tok.long(), partial_ffn(x.float()[j.tok.long()], gate, up, down_t) * j.w[:, None])
+    return out
+
+
+def check(got, want, kernel):
+    if want.numel() == 0:
+        assert got.shape == want.shape
+        return
+    tol = (1e-4 if kernel in EXACT else 3e-2) * max(want.abs().max().item(), 1e-3)
+    assert (got - want).abs().max().item() <= tol, (kernel, (got - want).abs().max().item(), tol)
+
+
+def routed(N, E, K, g):
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)]) if N else torch.zeros(0, K).long()
+    return ids, torch.rand(N, K, generator=g)
+
+
+@pytest.mark.parametrize("kernel", HERE)
+@pytest.mark.parametrize("N,H,I,E,K", [(1, 128, 96, 6, 2), (5, 128, 48, 8, 3), (67, 64, 80, 4, 2),
+                                       (9, 76, 40, 5, 5), (0, 128, 96, 6, 2)])
+def test_layer_matches_fp32(monkeypatch, kernel, N, H, I, E, K):
+    monkeypatch.setenv("MOEFLOW_CPU_KERNEL", kernel)
+    data, g = weights(E, H, I)
+    x = torch.randn(N, H, generator=g).bfloat16()
+    ids, w = routed(N, E, K, g)
+    ce = CpuExperts(threads=2)
+    assert ce.kernel == kernel
+    got = ce.layer(data, x, ids, w)
+    assert got.shape == (N, H) and got.dtype == torch.float32
+    check(got, reference(data, x, jobs_from_topk(ids, w, E), I), kernel)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kernel", HERE)
+def test_row_ranges_add_up_and_out_accumulates(kernel, fused):
+    H, I, E = 128, 112, 3
+    data, g = weights(E, H, I)
+    x = torch.randn(21, H, generator=g)  # fp32 tokens are accepted too
+    tok = [torch.tensor([0, 3, 4, 20]), torch.arange(21), torch.tensor([7])]  # uneven tokens per expert
+    ws = [torch.rand(len(t), generator=g) for t in tok]
+    whole = [Job(e, tok[e], ws[e]) for e in range(E)]
+    split = [Job(e, tok[e], ws[e], r0, r1) for e in range(E) for r0, r1 in ((0, 5), (5, 37), (37, 64), (64, I))]
+    ce = CpuExperts(threads=2, kernel=kernel)
+    if not fused:  # down by column chunks, as with many tokens
+        ce.fused_max_bytes = 0
+    base = torch.randn(21, H, generator=g)
+    got = ce(data, x, split, base.clone())
+    check(got - base, reference(data, x, whole, I), kernel)
+    check(ce(data, x, whole), reference(data, x, whole, I), kernel)
+
+
+@pytest.mark.parametrize("kernel", HERE)
+def test_all_experts_and_none(kernel):
+    H, I, E = 64, 32, 4
+    data, g = weights(E, H, I)
+    x = torch.randn(3, H, generator=g).bfloat16()
+    ids, w = routed(3, E, E, g)
+    ce = CpuExperts(threads=2, kernel=kernel)
+    check(ce.layer(data, x, ids, w), reference(data, x, jobs_from_topk(ids, w, E), I), kernel)
+    assert torch.equal(ce(data, x, []), torch.zeros(3, H))
+    assert torch.equal(ce(data, x, [Job(1, torch.tensor([0]), torch.ones(1), 8, 8)]), torch.zeros(3, H))
+
+
+@pytest.mark.skipif(LIB is None, reason="no native kernel here")
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kernel", [k for k in HERE if k != "torch"])
+def test_thread_count_is_honoured(kernel, fused):
+    H, I, E = 256, 256, 4
+    data, g = weights(E, H, I)
+    x = torch.randn(4, H, generator=g).bfloat16()
+    ids, w = routed(4, E, 2, g)
+    one, two = CpuExperts(threads=1, kernel=kernel), CpuExperts(threads=2, kernel=kernel)
+    if not fused:
+        one.fused_max_bytes = two.fused_max_bytes = 0
+    a, b = one.layer(data, x, ids, w), two.layer(data, x, ids, w)
+    assert (one.threads_used, two.threads_used) == (1, 2)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # only the order of the per-thread sums differs
+
+
+def test_threads_default_and_env(monkeypatch):
+    assert 1 <= physical_cores() <= (os.cpu_count() or 1)
+    monkeypatch.delenv("MOEFLOW_CPU_THREADS", raising=False)
+    assert CpuExperts().threads == physical_cores()
+    monkeypatch.setenv("MOEFLOW_CPU_THREADS", "1")
+    assert CpuExperts().threads == 1
+
+
+@pytest.mark.parametrize("kernel,amx_min", [("avx512", "16"), ("amx", "16"), ("amx", "1"), ("amx-emu", "4")])
+def test_vector_and_tile_jobs_mixed(monkeypatch, kernel, amx_min):
+    """AVX512-BF16 and AMX run where the CPU has them (the GPU host), skipped elsewhere; with AMX, jobs of
+    fewer than MOEFLOW_AMX_MIN_TOKENS tokens take the vector path in the same call."""
+    if kernel not in HERE:
+        pytest.skip(f"this CPU cannot run {kernel} (flags: avx512_bf16 / amx_bf16, amx_tile)")
+    monkeypatch.setenv("MOEFLOW_AMX_MIN_TOKENS", amx_min)
+    H, I, E = 512, 320, 4
+    data, g = weights(E, H, I)
+    for N in (1, 3, 16, 40, 90):
+        x = torch.randn(N, H, generator=g).bfloat16()
+        ids, w = routed(N, E, 2, g)
+        ce = CpuExperts(kernel=kernel)
+        check(ce.layer(data, x, ids, w), reference(data, x, jobs_from_topk(ids, w, E), I), kernel)
+
+
+def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "/bin/false")
+    monkeypatch.setenv("MOEFLOW_CACHE", str(tmp_path))
+    monkeypatch.delenv("MOEFLOW_CPU_KERNEL", raising=False)
+    monkeypatch.setattr(native, "_loaded", {})
+    with pytest.warns(RuntimeWarning, match="native CPU expert kernel is unavailable"):
+        ce = CpuExperts()
+    assert ce.kernel == "torch" and ce.native is None
+    data, g = weights(3, 64, 32)
+    x = torch.randn(2, 64, generator=g).bfloat16()
+    ids, w = routed(2, 3, 2, g)
+    check(ce.layer(data, x, ids, w), reference(data, x, jobs_from_topk(ids, w, 3), 32), "torch")
+    monkeypatch.setenv("CXX", "no-such-compiler-moeflow")
+    with pytest.warns(RuntimeWarning):
+        assert native.load() is None
+
+
+def test_unknown_or_unavailable_kernel_is_refused(monkeypatch):
+    from moeflow import MoeflowError
+
+    with pytest.raises(MoeflowError, match="choose"):
+        CpuExperts(kernel="sse9")
+    missing = [k for k in HARDWARE if k not in HERE]
+    if LIB is not None and missing:
+        with pytest.raises(MoeflowError, match="cannot run"):
+            CpuExperts(kernel=missing[0])
+
+
+@pytest.mark.skipif(LIB is None, reason="no native kernel here")
+def test_bf16_host_store_runs_the_kernel_locally_and_offloaded():
+    """`generate --device cpu` of a bf16 model and the offloading engine's CPU part both run the kernel: with
+    every expert on the CPU (policy cpu) they compute the same sums, so the greedy tokens are identical."""
+    from moeflow.checkpoint import load
+    from moeflow.config import OffloadConfig
+    from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.engine.offload import workspace_bytes
+    from moeflow.engine.sequence import SamplingParams
+
+    params, prompt, max_len = SamplingParams(max_new_tokens=8, ignore_eos=True), list(range(3, 20)), 64
+    ck = load("synthetic:tiny-mixtral", dtype="bf16")
+    (want,) = LLMEngine(ck, max_seqs=1, max_len=max_len).generate([prompt], params)
+    assert ck.model.experts.cpu.uses_native(ck.store.data) and ck.model.experts.cpu.threads_used >= 1
+
+    ck = load("synthetic:tiny-mixtral", dtype="bf16", expert_device="cpu")
+    kv = ck.cfg.kv_bytes_per_token(ck.store.data.dtype) * max_len
+    budget = ck.dense_bytes + kv + workspace_bytes(ck.cfg, max_len, 2) + 2 * ck.store.expert_bytes
+    engine = LLMEngine(ck, max_seqs=1, max_len=max_len, offload=OffloadConfig(budget, "cpu"))
+    (got,) = engine.generate([prompt], params)
+    experts = engine.model.experts
+    assert experts.stats.cpu_experts > 0 and experts.cpu.threads_used >= 1
+    assert got.output_ids == want.output_ids
