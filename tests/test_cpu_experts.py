@@ -183,3 +183,18 @@ def test_bf16_host_store_runs_the_kernel_locally_and_offloaded():
     experts = engine.model.experts
     assert experts.stats.cpu_experts > 0 and experts.cpu.threads_used >= 1
     assert got.output_ids == want.output_ids
+
+
+@pytest.mark.skipif(LIB is None, reason="the native kernel does not build here")
+@pytest.mark.parametrize("N", [1, 3, 12])
+def test_jobs_with_many_tokens_go_to_pytorch(monkeypatch, N):
+    """MOEFLOW_CPU_TORCH_FROM: jobs with at least that many tokens take PyTorch, the rest the kernel, in one
+    call; the sum is the same."""
+    monkeypatch.delenv("MOEFLOW_CPU_KERNEL", raising=False)
+    monkeypatch.setenv("MOEFLOW_CPU_TORCH_FROM", "4")
+    data, g = weights(6, 64, 48)
+    x = torch.randn(N, 64, generator=g).bfloat16()
+    ids, w = routed(N, 6, 2, g)
+    ce = CpuExperts(threads=2)
+    assert ce.torch_from_tokens == 4 and ce.kernel != "torch"
+    check(ce.layer(data, x, ids, w), reference(data, x, jobs_from_topk(ids, w, 6), 48), "torch")

@@ -88,6 +88,12 @@ class CpuExperts:
             self.kernel = name
         # AMX pays from about 16 tokens per expert (AVX512-BF16 below); the emulation tiles every job (tests)
         self.amx_min_tokens = int(os.environ.get("MOEFLOW_AMX_MIN_TOKENS", 16 if self.kernel == "amx" else 1))
+        # Measured on the H200 host (Xeon with AMX, docs/benchmarks.md): PyTorch's bf16 matmul (oneDNN on AMX) reads a
+        # Mixtral expert at ~53 GB/s whatever the token count up to 16, the native kernel at 88 GB/s at 1 token but
+        # 47 GB/s at 8 and 1.4 TFLOP/s at 64 against PyTorch's 2.0: jobs with this many tokens go to PyTorch where
+        # the CPU has AMX (without it, PyTorch's bf16 path is far slower than the kernel at every count).
+        default_from = "8" if self.native is not None and "amx" in self.native.features else "0"
+        self.torch_from_tokens = int(os.environ.get("MOEFLOW_CPU_TORCH_FROM", default_from)) if name == "auto" else 0
         self.fused_max_bytes = 64 << 20  # per-thread sums of the one-pass down path, all threads together
         self.threads_used = 0  # as reported by the last native call
 
@@ -107,6 +113,13 @@ class CpuExperts:
             return out
         if not self.uses_native(data) or not out.is_contiguous() or out.dtype != torch.float32:
             return self._torch(data, x, jobs, out, I)
+        if self.torch_from_tokens:
+            big = [j for j in jobs if len(j.tok) >= self.torch_from_tokens]
+            if big:
+                self._torch(data, x, big, out, I)
+                jobs = [j for j in jobs if len(j.tok) < self.torch_from_tokens]
+                if not jobs:
+                    return out
         assert data.stride(1) == 1 and data.device.type == "cpu", "data must be a [E, 3IH] view of the host store"
         offs = [0]
         for j in jobs:
@@ -122,7 +135,8 @@ class CpuExperts:
     def layer(self, data: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
               ) -> torch.Tensor:
         """Every selected expert of a layer: [N, H] fp32. The native path groups by expert in C: one call."""
-        if not self.uses_native(data) or data.stride(1) != 1:
+        if not self.uses_native(data) or data.stride(1) != 1 or (self.torch_from_tokens and
+                                                                 x.shape[0] >= self.torch_from_tokens):
             return self(data, x, jobs_from_topk(topk_ids, topk_weights, data.shape[0]))
         N, H = x.shape
         out = torch.zeros(N, H, dtype=torch.float32)

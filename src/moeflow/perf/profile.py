@@ -405,10 +405,8 @@ def _layer_overhead(dev, steps: int) -> float:
     finally:
         engine.model.experts.close()
         if cuda:
-            torch.cuda.set_per_process_memory_fraction(1.0, dev)
-            if ck.store.pinned:  # unregister before the memory is freed: a later registration may reuse the range
-                torch.cuda.synchronize(dev)
-                torch.cuda.cudart().cudaHostUnregister(ck.store.data.data_ptr())
+            torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device() if dev.index is None
+                                                       else dev.index)
 
 
 def _host_memory() -> int:
