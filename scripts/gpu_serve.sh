@@ -35,8 +35,10 @@ done
 echo "server ready after $(( $(date +%s) - T0 )) s"
 
 # prompts per level: K at concurrency 1, 2K at 4, 4K at 16; each level is cut off after its time limit
+LEVELS=${LEVELS:-1 4 16}  # concurrency levels to run
 for spec in "1 $K 90" "4 $((2 * K)) 100" "16 $((4 * K)) 120"; do
   set -- $spec
+  [[ " $LEVELS " == *" $1 "* ]] || continue
   python3 -m moeflow bench serve --url "$URL" --concurrency "$1" --num-prompts "$2" --max-tokens "$T" \
     --ignore-eos --prompts $PROMPTS --time-limit "$3" --out "$OUT/serve-${MODEL#synthetic:}-${BUDGET}-c$1.json" 2>&1 | tail -25
 done

@@ -121,10 +121,18 @@ def accelerate_baseline(ck: Checkpoint, gpu_memory: int, prompt: list[int], new_
         pre = f"model.layers.{layer}.mlp.experts."
         state[pre + "gate_up_proj"] = ck.store.gate_up(layer)
         state[pre + "down_proj"] = ck.store.down_t(layer).transpose(1, 2)
+    expected = set(hf.state_dict())
+    # transformers 5 renamed Mixtral's block_sparse_moe to mlp (it converts checkpoints at load time)
+    state = {k if k in expected else k.replace(".block_sparse_moe.", ".mlp."): v for k, v in state.items()}
     missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise RuntimeError(f"baseline weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
     hf.tie_weights()
+    # buffers that are not in a state dict (RoPE's inverse frequencies) are still on the meta device
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config)
+    left = [n for n, b in hf.named_buffers() if b.is_meta]
+    if left:
+        raise RuntimeError(f"baseline buffers left unset: {left[:3]}")
     device_map = infer_auto_device_map(hf, max_memory={0: gpu_memory, "cpu": 1 << 40},
                                        no_split_module_classes=hf._no_split_modules)
     hf = dispatch_model(hf.eval(), device_map)

@@ -50,7 +50,10 @@ def share_budget(name: str, cfg: ModelConfig, policy: OffloadPolicy, gpu_memory:
                  expert_bytes: int, kv_bytes: int, step_tokens: int, itemsize: int) -> Budget:
     """Slots for the experts once the rest is paid for; MoeflowError with the figures when too few."""
     L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok
-    work = workspace_bytes(cfg, step_tokens, itemsize)
+    # A batched step gathers one layer's K and V of every running sequence (SDPA may widen them to the query
+    # heads); one sequence reads its cache in place.
+    gqa = cfg.num_attention_heads // cfg.num_key_value_heads
+    work = workspace_bytes(cfg, step_tokens, itemsize) + kv_bytes // cfg.num_hidden_layers * (1 + gqa)
     fixed = dense_bytes + kv_bytes + work
     slots = max(gpu_memory - fixed, 0) // expert_bytes
     need = policy.min_slots(L, E, K)

@@ -14,8 +14,11 @@ from moeflow.models.layers import AttnBatch, MoeTransformer
 
 
 class DecodeGraph:
-    def __init__(self, model: MoeTransformer, cache, slot: int, max_len: int, sliding_window: int | None):
+    def __init__(self, model: MoeTransformer, cache, slot: int, max_len: int, sliding_window: int | None,
+                 pool=None):
         self.model, self.cache, self.slot, self.max_len, self.window = model, cache, slot, max_len, sliding_window
+        # one memory pool for all of an engine's graphs (they never replay at once): their temporaries share it
+        self.pool = pool
         dev = next(model.parameters()).device
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
         # Capture at the last position: the warm-up runs write K/V there, and every step writes its own
@@ -32,7 +35,7 @@ class DecodeGraph:
 
     def _capture(self, dev: torch.device) -> None:
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=self.stream):
+        with torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream):
             self.logits = self._step()  # [1, V]
 
     def _step(self) -> torch.Tensor:
@@ -76,14 +79,14 @@ class PiecewiseDecodeGraph(DecodeGraph):
     that sync with the host (offloading): everything but the experts replays from graphs, and the experts
     run eagerly in between. Saves the ~40 launches of attention, norms and router per layer."""
 
-    def __init__(self, model: MoeTransformer, cache, slot: int, max_len: int, sliding_window: int | None):
+    def __init__(self, model: MoeTransformer, cache, slot: int, max_len: int, sliding_window: int | None,
+                 pool=None):
         self.experts, self.capturing = model.experts, False
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.breaks: list[tuple] = []  # (layer, x, ids, weights, out) per MoE layer, in order
-        self.pool = torch.cuda.graph_pool_handle()
         model.set_experts(_Break(self))
         try:
-            super().__init__(model, cache, slot, max_len, sliding_window)
+            super().__init__(model, cache, slot, max_len, sliding_window, pool or torch.cuda.graph_pool_handle())
         finally:
             model.set_experts(self.experts)
 

@@ -73,6 +73,7 @@ class LLMEngine:
         self.running: list[Sequence] = []
         self.cuda_graphs = cuda_graphs
         self.graphs: dict[int, DecodeGraph] = {}  # slot -> captured decode step
+        self.graph_pool = None
         self.budget = None
         if offload is not None:
             from moeflow.engine.offload import attach_offload
@@ -139,7 +140,9 @@ class LLMEngine:
             (s,) = seqs
             if s.slot not in self.graphs:
                 kind = DecodeGraph if graphs_possible(self.model) else PiecewiseDecodeGraph
-                self.graphs[s.slot] = kind(self.model, self.cache, s.slot, self.max_len, self.ck.cfg.sliding_window)
+                self.graph_pool = self.graph_pool or torch.cuda.graph_pool_handle()
+                self.graphs[s.slot] = kind(self.model, self.cache, s.slot, self.max_len, self.ck.cfg.sliding_window,
+                                           self.graph_pool)
             logits = self.graphs[s.slot](new[0][0], s.num_cached)
             s.num_cached += 1
             return logits

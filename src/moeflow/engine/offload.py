@@ -44,6 +44,7 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
         torch.set_num_threads(max(CPU_THREADS - 1, 1))
         store.pin()
         total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.empty_cache()  # memory cached from earlier work would count against the cap
         torch.cuda.set_per_process_memory_fraction(min(1.0, oc.gpu_memory / total), device)
     if costs is None and policy.needs_costs and device.type == "cuda":
         # One source of truth: this machine's cached profile (`moeflow profile`) when it holds this expert
