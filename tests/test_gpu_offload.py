@@ -11,7 +11,7 @@ import torch
 from moeflow.checkpoint import load
 from moeflow.config import OffloadConfig
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.offload import workspace_bytes
+from moeflow.engine.budget import step_workspace
 from moeflow.engine.sequence import SamplingParams
 from moeflow.experts.offload import OffloadedExperts
 from moeflow.experts.store import ExpertStore
@@ -31,7 +31,7 @@ def whole_gpu_after():
 
 def budget_for(ck, slots: int, max_seqs: int = 2) -> int:
     kv = ck.cfg.kv_bytes_per_token(ck.store.data.dtype) * max_seqs * MAX_LEN
-    return ck.dense_bytes + kv + workspace_bytes(ck.cfg, MAX_LEN, ck.store.data.element_size()) + \
+    return ck.dense_bytes + kv + step_workspace(ck.cfg, kv, MAX_LEN, ck.store.data.element_size(), max_seqs) + \
         slots * ck.store.expert_bytes
 
 

@@ -13,7 +13,7 @@ from moeflow import MoeflowError
 from moeflow.checkpoint import load
 from moeflow.config import OffloadConfig, parse_size
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.offload import workspace_bytes
+from moeflow.engine.budget import step_workspace
 from moeflow.engine.sequence import SamplingParams
 from moeflow.experts.offload import SlotCache
 from moeflow.experts.trace import TraceRouting, load_trace
@@ -35,7 +35,7 @@ def prompts(seed=0, lengths=(13, 5)):
 def budget_for(ck, slots: int, max_seqs: int = 2) -> int:
     """A GPU budget that leaves exactly `slots` expert slots (what attach_offload computes)."""
     kv = ck.cfg.kv_bytes_per_token(ck.store.data.dtype) * max_seqs * MAX_LEN
-    fixed = ck.dense_bytes + kv + workspace_bytes(ck.cfg, MAX_LEN, ck.store.data.element_size())
+    fixed = ck.dense_bytes + kv + step_workspace(ck.cfg, kv, MAX_LEN, ck.store.data.element_size(), max_seqs)
     return fixed + slots * ck.store.expert_bytes
 
 

@@ -395,6 +395,8 @@ def cmd_bench_accuracy(args) -> int:
         print(f"wrote {args.plot}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
+    return 0
+
 
 def cmd_bench_cpu_experts(args) -> int:
     from moeflow.bench.cpu_experts import SHAPES, bench_cpu_experts, plot, save

@@ -24,6 +24,20 @@ def workspace_bytes(cfg: ModelConfig, step_tokens: int, itemsize: int) -> int:
     return WORKSPACE_FIXED + step_tokens * per_token
 
 
+def step_workspace(cfg: ModelConfig, kv_bytes: int, step_tokens: int, itemsize: int, max_seqs: int = 1) -> int:
+    """The workspace of an engine with max_seqs KV slots (kv_bytes in all) and steps of up to step_tokens."""
+    work = workspace_bytes(cfg, step_tokens, itemsize)
+    if max_seqs > 1:
+        # A batched step gathers one layer's K and V of every running sequence (SDPA may widen them to the
+        # query heads) and, with padding masks, may materialize the fp32 scores and probabilities of up to
+        # step_tokens queries against max_len keys per head. A lone sequence reads its cache in place.
+        gqa = cfg.num_attention_heads // cfg.num_key_value_heads
+        max_len = kv_bytes // max(cfg.kv_bytes_per_token(itemsize) * max_seqs, 1)
+        work += kv_bytes // cfg.num_hidden_layers * (1 + gqa)
+        work += step_tokens * cfg.num_attention_heads * max_len * 4 * 2
+    return work
+
+
 def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -47,13 +61,12 @@ class Budget:
 
 
 def share_budget(name: str, cfg: ModelConfig, policy: OffloadPolicy, gpu_memory: int, dense_bytes: int,
-                 expert_bytes: int, kv_bytes: int, step_tokens: int, itemsize: int) -> Budget:
-    """Slots for the experts once the rest is paid for; MoeflowError with the figures when too few."""
+                 expert_bytes: int, kv_bytes: int, step_tokens: int, itemsize: int, max_seqs: int = 1,
+                 held_bytes: int = 0) -> Budget:
+    """Slots for the experts once the rest is paid for; MoeflowError with the figures when too few.
+    held_bytes: GPU memory the allocator already holds beyond the weights and the KV cache (fragments)."""
     L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok
-    # A batched step gathers one layer's K and V of every running sequence (SDPA may widen them to the query
-    # heads); one sequence reads its cache in place.
-    gqa = cfg.num_attention_heads // cfg.num_key_value_heads
-    work = workspace_bytes(cfg, step_tokens, itemsize) + kv_bytes // cfg.num_hidden_layers * (1 + gqa)
+    work = step_workspace(cfg, kv_bytes, step_tokens, itemsize, max_seqs) + held_bytes
     fixed = dense_bytes + kv_bytes + work
     slots = max(gpu_memory - fixed, 0) // expert_bytes
     need = policy.min_slots(L, E, K)

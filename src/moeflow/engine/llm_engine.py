@@ -77,7 +77,7 @@ class LLMEngine:
         self.budget = None
         if offload is not None:
             from moeflow.engine.offload import attach_offload
-            self.budget = attach_offload(ck, offload, self.cache.nbytes, self.max_len, expert_costs)
+            self.budget = attach_offload(ck, offload, self.cache.nbytes, self.max_len, expert_costs, max_seqs)
 
     # -- requests ------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:

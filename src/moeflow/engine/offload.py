@@ -22,15 +22,20 @@ CPU_THREADS = torch.get_num_threads()  # PyTorch's default: the physical cores
 
 
 def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens: int,
-                   costs: ExpertCosts | None = None) -> dict:
+                   costs: ExpertCosts | None = None, max_seqs: int = 1) -> dict:
     """Build the offloaded expert backend into ck.model; returns the budget's breakdown."""
     cfg, store = ck.cfg, ck.store
     device = next(ck.model.parameters()).device
     if store.data.device.type != "cpu":
         raise MoeflowError("offloading needs the experts in host memory (load with expert_device='cpu')")
     policy = get_policy(oc.policy)
+    held = 0
+    if device.type == "cuda":
+        # The cap below counts what the allocator holds, fragments of earlier work included: budget for them.
+        torch.cuda.empty_cache()
+        held = max(torch.cuda.memory_reserved(device) - ck.dense_bytes - kv_bytes, 0)
     budget = share_budget(ck.name, cfg, policy, oc.gpu_memory, ck.dense_bytes, store.expert_bytes, kv_bytes,
-                          step_tokens, store.data.element_size())
+                          step_tokens, store.data.element_size(), max_seqs, held)
     split = budget.split
     if oc.placement:
         placement = Placement.load(oc.placement)
@@ -44,7 +49,6 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
         torch.set_num_threads(max(CPU_THREADS - 1, 1))
         store.pin()
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.empty_cache()  # memory cached from earlier work would count against the cap
         torch.cuda.set_per_process_memory_fraction(min(1.0, oc.gpu_memory / total), device)
     if costs is None and policy.needs_costs and device.type == "cuda":
         # One source of truth: this machine's cached profile (`moeflow profile`) when it holds this expert

@@ -28,15 +28,25 @@ from moeflow.config import ModelConfig
 from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts
 
 PROFILE_VERSION = 1
-CPU_BACKEND = "torch"  # the CPU expert kernel the engine runs: experts/local.py partial_ffn (see cpu_expert_ffn)
+CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
 CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert call (scaling between shapes)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def cpu_expert_ffn(inter: int) -> Callable:
-    """The engine's CPU expert path on one host block: ffn(x [n, H], block [3IH]) -> [n, H].
-    When the native kernel lands (moeflow.experts.cpu), switch it here and in CPU_BACKEND."""
-    return torch_expert_ffn(inter)
+    """The engine's CPU expert path on one host block: ffn(x [n, H], block [3IH]) -> [n, H], with the threads
+    the offloaded engine gives it (one core left to the thread that drives the GPU)."""
+    import torch
+
+    from moeflow.experts.cpu import CpuExperts, Job, default_threads
+
+    cpu = CpuExperts(threads=default_threads(reserve=1 if torch.cuda.is_available() else 0))
+
+    def ffn(x, block):
+        n = x.shape[0]
+        return cpu(block.view(1, -1), x, [Job(0, torch.arange(n), torch.ones(n))])
+
+    return ffn
 
 
 def torch_expert_ffn(inter: int) -> Callable:
