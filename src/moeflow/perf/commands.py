@@ -1,0 +1,164 @@
+"""The commands that read the machine and predict: `moeflow profile`, `moeflow plan`, `moeflow bench model-accuracy`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moeflow import MoeflowError
+from moeflow.engine.budget import gib as _gib
+
+
+def cmd_profile(args) -> int:
+    from moeflow.checkpoint import read_model_config
+    from moeflow.perf.profile import QUICK, Sizes, get_profile, profile_path
+
+    name, cfg = read_model_config(args.model)
+    profile, how = get_profile(cfg, args.device, args.refresh, sizes=QUICK if args.quick else Sizes())
+    if args.out:
+        profile.save(args.out)
+    print_profile(profile, cfg)
+    where = args.out or profile_path(profile.device_name)
+    print(f"{how}: {profile.source}; {'written to' if args.out else 'cached in'} {where}")
+    if not profile.has_gpu:
+        print("no GPU visible: the CPU side only was profiled; `moeflow plan` needs a GPU profile "
+              "(--profile FILE from a GPU host, or the built-in reference)")
+    return 0
+
+
+def print_profile(p, cfg=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{p.host}: {p.cpu_model} ({p.cpu_threads} threads) + {p.gpu_name or 'no GPU'}")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    rows = [("CPU memory read", f"{p.cpu_read_bw / 1e9:.1f} GB/s"), ("CPU matmul", f"{p.cpu_flops / 1e9:.1f} GFLOP/s")]
+    if p.has_gpu:
+        rows += [("host -> GPU (pinned)", f"{p.h2d_bw / 1e9:.1f} GB/s, {p.h2d_latency_s * 1e6:.0f} us"),
+                 ("GPU -> host (pinned)", f"{p.d2h_bw / 1e9:.1f} GB/s, {p.d2h_latency_s * 1e6:.0f} us"),
+                 ("GPU memory", f"{p.gpu_bw / 1e9:.0f} GB/s"), ("GPU bf16 matmul", f"{p.gpu_flops / 1e12:.0f} TFLOP/s")]
+    rows.append(("layer overhead", f"{p.layer_overhead_s * 1e3:.3f} ms"))
+    for key, e in p.experts.items():
+        ms = lambda v: "/".join(f"{x * 1e3:.2f}" for x in v)  # noqa: E731
+        rows.append((f"expert {key} CPU ms @ {'/'.join(map(str, e['tokens']))} tok", ms(e["cpu_s"])))
+        if p.has_gpu:
+            rows += [(f"expert {key} GPU ms", ms(e["gpu_s"])), (f"expert {key} copy", f"{e['copy_s'] * 1e3:.2f} ms")]
+    for r in rows:
+        t.add_row(*r)
+    Console().print(t)
+
+
+def _plan_profile(args, cfg):
+    """--profile FILE, else this machine's cached (or freshly measured) GPU profile, else the reference."""
+    from moeflow.perf.profile import HardwareProfile, get_profile, local_device_name, reference_profile
+
+    if args.profile:
+        p = HardwareProfile.load(args.profile)
+        if not p.has_gpu:
+            raise MoeflowError(f"{args.profile} was measured without a GPU; plan needs GPU figures (measure on a "
+                               "GPU host, or leave --profile out for the built-in reference)")
+        return p, f"profile {args.profile} ({p.host}, {p.source})"
+    if local_device_name("cuda") != "cpu":
+        p, how = get_profile(cfg, "cuda")
+        return p, f"this machine's profile ({how}, {p.source})"
+    return reference_profile(), "no GPU here and no --profile: the built-in reference profile of the H100 host " \
+                                "(REFERENCE.md §3), not this machine"
+
+
+def cmd_plan(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from moeflow.checkpoint import read_model_config
+    from moeflow.config import parse_size
+    from moeflow.perf.search import search_latency, search_throughput
+
+    name, cfg = read_model_config(args.model)
+    budget = parse_size(args.gpu_memory)
+    profile, said = _plan_profile(args, cfg)
+    con = Console(width=max(Console().width, 140), soft_wrap=True)
+    con.print(f"{name} with --gpu-memory {_gib(budget)}; {said}")
+    if not profile.has_shape(cfg):
+        con.print(f"(expert times for {cfg.hidden_size}x{cfg.expert_intermediate_size} scaled from the shape the "
+                  "profile measured)")
+    hit = args.hit_rate
+    if args.placement:
+        from moeflow.policy.placement import Placement
+
+        placement = Placement.load(args.placement)
+        placement.check(name, cfg)
+        hit = placement.counts.tolist()
+    if args.workload in ("latency", "both"):
+        plan = search_latency(cfg, profile, budget, args.prompt_len, args.gen_len, hit, name)
+        t = Table(title=f"latency regime: one request, {args.prompt_len}-token prompt (predicted)")
+        for col in ("policy", "decode tok/s", "TTFT s", "hit rate", "CPU ms/tok", "copy ms/tok", "GPU ms/tok",
+                    "overhead ms/tok", "binds", "bound tok/s"):
+            t.add_column(col, justify="left" if col in ("policy", "binds") else "right")
+        for p in plan.predictions.values():
+            if p.error:
+                t.add_row(p.policy, "-", "-", "-", "-", "-", "-", "-", "does not fit", "-")
+                continue
+            k = p.token
+            t.add_row(p.policy + (" *" if p.policy == plan.policy else ""), f"{p.decode_tps:.2f}", f"{p.ttft_s:.2f}",
+                      f"{p.hit_rate:.0%}", *(f"{v * 1e3:.1f}" for v in (k.cpu, k.copy, k.gpu, k.overhead)),
+                      p.binding, f"{p.bound_tps:.2f}")
+        con.print(t)
+        for p in plan.predictions.values():
+            if p.error:
+                con.print(f"{p.policy}: {p.error}")
+        best = plan.best
+        thr = plan.copy_threshold
+        con.print(f"bound {best.bound_tps:.2f} tok/s at a {best.hit_rate:.0%} hit rate: the missing experts' weights "
+                  f"cross the CPU memory bus ({profile.cpu_read_bw / 1e9:.0f} GB/s) and PCIe "
+                  f"({profile.h2d_bw / 1e9:.0f} GB/s) at once. Binding resource of {best.policy}: {best.binding}.")
+        b = best.budget
+        con.print(f"plan: policy {plan.policy}; {b['slots']} expert slots ({b['resident']} resident, {b['cache']} "
+                  f"cache) after {_gib(b['dense_bytes'])} non-expert weights, {_gib(b['kv_bytes'])} KV, "
+                  f"{_gib(b['workspace_bytes'])} workspace; copying an expert beats the CPU from "
+                  + (f"{thr} token(s) routed to it" if thr else "no token count (the CPU always wins)")
+                  + (f"; resident: {', '.join(f'{layer}:{e}' for layer, e in plan.resident[:12])}"
+                     f"{' ...' if len(plan.resident) > 12 else ''}" if args.placement else ""))
+    if args.workload in ("throughput", "both"):
+        host = parse_size(args.host_memory) if args.host_memory else None
+        tp = search_throughput(cfg, profile, budget, args.prompt_len, args.gen_len, host, name)
+        d = tp.as_dict()
+        t = Table(title=f"throughput regime: batches of {args.prompt_len}-token prompts, {args.gen_len} new tokens "
+                  "(best plan found)")
+        for col in ("N", "mu", "r_w", "r_c", "attention", "tok/s", "decode tok/s", "prefill s", "PCIe ms",
+                    "CPU ms", "GPU ms", "binds"):
+            t.add_column(col, justify="right")
+        t.add_row(str(d["N"]), str(d["mu"]), f"{d['r_w']:.2f}", f"{d['r_c']:.2f}", d["attention"],
+                  f"{d['tokens_per_s']:.0f}", f"{d['decode_tps']:.0f}", f"{d['prefill_s']:.1f}",
+                  *(f"{tp.terms[k] * 1e3:.1f}" for k in ("PCIe", "CPU memory bus", "GPU")), tp.binding)
+        con.print(t)
+        con.print(f"per decode layer: T = max(PCIe, CPU, GPU, host) = {tp.layer_s * 1e3:.1f} ms, bound by "
+                  f"{tp.binding}; GPU {_gib(tp.gpu_bytes)} of {_gib(budget)}, host {_gib(tp.host_bytes)}")
+    if args.roofline:
+        from moeflow.perf.roofline import draw, standard_kernels
+
+        draw(profile, standard_kernels(cfg, args.prompt_len, args.prompt_len + args.gen_len),
+             args.roofline, f"{name} on {profile.host} ({profile.gpu_name})")
+        con.print(f"wrote {args.roofline}")
+    return 0
+
+
+def cmd_bench_accuracy(args) -> int:
+    from moeflow.bench.accuracy import accuracy_rows, load_results, plot, print_table
+    from moeflow.checkpoint import read_model_config
+
+    results = load_results(args.results)
+    _, cfg = read_model_config(args.model or results.get("model", "synthetic:mixtral-8x7b"))
+    profile, said = _plan_profile(args, cfg)
+    rows = accuracy_rows(results, profile, cfg)
+    if not rows:
+        raise MoeflowError(f"{args.results} holds no measured rows to compare")
+    if any("predicted_decode_tps" not in r for r in results["rows"] if "error" not in r):
+        print(f"rows without predictions are predicted here from {said}")
+    print_table(rows)
+    if args.plot:
+        plot(rows, args.plot, f"{results.get('model', '')} on {results.get('device', '')}")
+        print(f"wrote {args.plot}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    return 0
