@@ -21,6 +21,7 @@ import torch
 from moeflow.bench.ceilings import memory_bandwidth
 from moeflow.experts.cpu import CpuExperts
 from moeflow.experts.native import cpu_flags
+from moeflow.perf.profile import cpu_model
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -83,7 +84,7 @@ def bench_cpu_experts(shapes: list[str], tokens: list[int], reps: int, threads: 
         print("moeflow: no native kernel here (see the warning above): only PyTorch is measured")
     ceiling = memory_bandwidth(torch.device("cpu"))
     flags = cpu_flags()
-    meta = {"host": platform.node(), "cpu": _cpu_model(), "kernel": native.kernel, "threads": native.threads,
+    meta = {"host": platform.node(), "cpu": cpu_model(), "kernel": native.kernel, "threads": native.threads,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu_read_gbps": ceiling / 1e9, "flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16",
                                                                     "amx_tile", "amx_bf16"}),
@@ -114,16 +115,6 @@ def bench_cpu_experts(shapes: list[str], tokens: list[int], reps: int, threads: 
                 print_row(rows[-1])
         del data
     return {"meta": meta, "rows": rows}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def print_row(r: dict | None) -> None:
