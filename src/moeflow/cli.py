@@ -16,7 +16,7 @@ from moeflow.engine.sequence import SamplingParams
 from moeflow.perf.commands import cmd_bench_accuracy, cmd_plan, cmd_profile
 
 DEFAULT_MODEL = "builtin:pydoc-moe"  # the embedded default: a small Mixtral trained on the Python docs, shipped
-DEFAULT_PROMPT = "Explain in one paragraph why mixture-of-experts models are cheap to run."
+DEFAULT_PROMPT = "The :mod:`json` module"  # the embedded default continues Python documentation
 _SP = {f.name: f.default for f in fields(SamplingParams)}
 
 
