@@ -91,3 +91,16 @@ def test_cuda_graph_decode_matches_eager(name):
         assert float((logits[1] - logits[0]).norm() / logits[0].norm()) < 5e-2
     assert agree >= 36
     assert engines[1].graphs and not engines[0].graphs
+
+
+def test_concurrent_host_read_measures_both_rates():
+    """The CPU's read rate and the copy rate while both run: positive, and neither above what the host
+    reached alone by more than measurement noise."""
+    from moeflow.bench.ceilings import concurrent_host_read, memory_bandwidth
+    from moeflow.bench.latency import h2d_bandwidth
+
+    dev = torch.device("cuda")
+    both = concurrent_host_read(dev, nbytes=256 << 20, copies=4)
+    alone_cpu, alone_h2d = memory_bandwidth(torch.device("cpu"), 256 << 20), h2d_bandwidth(dev, 256 << 20)
+    assert 0 < both["cpu_read_bw_concurrent"] < 1.5 * alone_cpu
+    assert 0 < both["h2d_bw_concurrent"] < 1.5 * alone_h2d

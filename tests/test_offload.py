@@ -171,6 +171,16 @@ def test_budget_too_small_names_the_numbers(ckpt):
         LLMEngine(ck, max_seqs=2, max_len=MAX_LEN, offload=OffloadConfig(budget_for(ck, 5), policy="gpu"))
 
 
+def test_lru_needs_a_slot_per_layer(ckpt):
+    """lru's cache is per layer: fewer slots than MoE layers is a clear error, not a layer with nowhere to copy."""
+    ck = load(ckpt)
+    L = len(ck.cfg.moe_layers)
+    with pytest.raises(MoeflowError, match=rf"policy lru: .* {L} expert slot\(s\)"):
+        LLMEngine(ck, max_seqs=2, max_len=MAX_LEN, offload=OffloadConfig(budget_for(ck, L - 1), policy="lru"))
+    got, _ = run(ckpt, {"slots": L, "policy": "lru"})
+    assert got == run(ckpt)[0]
+
+
 def test_placement_keeps_the_most_used_and_refuses_another_model(ckpt, tmp_path):
     ck = load(ckpt)
     L, E = len(ck.cfg.moe_layers), ck.cfg.num_experts

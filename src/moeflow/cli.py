@@ -203,6 +203,9 @@ def cmd_bench_latency(args) -> int:
     print(f"{ck.name}: built/loaded in {load_s:.1f} s, pinned in {pin_s:.1f} s; CPU read "
           f"{ceil['cpu_read_bw'] / 1e9:.0f} GB/s, host->device {ceil['h2d_bw'] / 1e9:.0f} GB/s, "
           f"device memory {ceil['gpu_bw'] / 1e9:.0f} GB/s", flush=True)
+    if "h2d_bw_concurrent" in ceil:
+        print(f"both at once: CPU read {ceil['cpu_read_bw_concurrent'] / 1e9:.0f} GB/s + host->device "
+              f"{ceil['h2d_bw_concurrent'] / 1e9:.0f} GB/s", flush=True)
     texts = read_prompts(args.prompts) if args.prompts else [DEFAULT_PROMPT]
     prompt = encode_prompt(ck.tokenizer, [{"role": "user", "content": texts[0]}])
     long = [t for p in texts for t in encode_prompt(ck.tokenizer, p)]

@@ -37,3 +37,32 @@ def matmul_rate(device: torch.device, n: int = 8192, dtype=torch.bfloat16) -> fl
         n = 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / _time(lambda: a @ b, device)
+
+
+def concurrent_host_read(device: torch.device, nbytes: int = 1 << 30, copies: int = 8) -> dict:
+    """The CPU's memory read rate and the pinned host->device copy rate while both run at once: both draw
+    on host memory, so together they may get less than the sum of their rates alone (what the latency
+    regime's bound assumes). {} without a GPU."""
+    if device.type != "cuda":
+        return {}
+    src = torch.randn(nbytes // 4)
+    pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    src.sum()
+    dst.copy_(pinned, non_blocking=True)  # warm-up of both
+    torch.cuda.synchronize(device)
+    with torch.cuda.stream(stream):
+        start.record()
+        for _ in range(copies):
+            dst.copy_(pinned, non_blocking=True)
+        end.record()
+    reads, t = 0, time.perf_counter()
+    while reads == 0 or not end.query():  # the CPU reads for as long as the copies run
+        src.sum()
+        reads += 1
+    cpu_s = time.perf_counter() - t
+    end.synchronize()
+    return {"cpu_read_bw_concurrent": reads * nbytes / cpu_s,
+            "h2d_bw_concurrent": copies * nbytes / (start.elapsed_time(end) / 1e3)}

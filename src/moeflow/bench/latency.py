@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from moeflow.bench.ceilings import _time, memory_bandwidth
+from moeflow.bench.ceilings import _time, concurrent_host_read, memory_bandwidth
 from moeflow.checkpoint import Checkpoint
 from moeflow.config import OffloadConfig
 from moeflow.engine.llm_engine import LLMEngine
@@ -31,8 +31,13 @@ def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 
 def ceilings(device: torch.device) -> dict:
-    return {"cpu_read_bw": memory_bandwidth(torch.device("cpu")), "h2d_bw": h2d_bandwidth(device),
-            "gpu_bw": memory_bandwidth(device) / 2 if device.type == "cuda" else memory_bandwidth(device)}
+    c = {"cpu_read_bw": memory_bandwidth(torch.device("cpu")), "h2d_bw": h2d_bandwidth(device),
+         "gpu_bw": memory_bandwidth(device) / 2 if device.type == "cuda" else memory_bandwidth(device)}
+    try:
+        c |= concurrent_host_read(device)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # a figure beside the bound: report, go on
+        print(f"concurrent CPU read + copy not measured: {e}", flush=True)
+    return c
 
 
 def _snapshot(engine: LLMEngine) -> dict:
@@ -81,6 +86,9 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompt: list[int], ttft_prompt
         eb = ck.store.expert_bytes
         gpu_s = (ck.dense_bytes - ck.model.embed_tokens.weight.nbytes + d["hits"] * eb / n) / ceil["gpu_bw"]
         bound_s = d["miss_bytes"] / n / (ceil["cpu_read_bw"] + ceil["h2d_bw"]) + gpu_s
+        # the same with the rates the CPU and the copy engine get while both draw on host memory
+        shared = ceil.get("cpu_read_bw_concurrent", 0) + ceil.get("h2d_bw_concurrent", 0)
+        shared_s = d["miss_bytes"] / n / shared + gpu_s if shared else None
         lookups = max(d["lookups"], 1)
         return {
             "policy": oc.policy, "gpu_memory_gib": oc.gpu_memory / 2**30,
@@ -91,6 +99,8 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompt: list[int], ttft_prompt
             "share_gpu_cached": (d["hits"] - d["resident_hits"]) / lookups,
             "share_gpu_copied": d["copied_experts"] / lookups,
             "bound_tps": 1 / bound_s, "fraction_of_bound": (n / dt) * bound_s,
+            "shared_bound_tps": 1 / shared_s if shared_s else None,
+            "fraction_of_shared_bound": (n / dt) * shared_s if shared_s else None,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
             # per decode token (ms): the whole step, inside the expert backend, the parts of that
             "ms_per_token": {"step": dt / n * 1e3, "outside_experts": (dt - d["backend_s"]) / n * 1e3,
@@ -164,6 +174,9 @@ def print_rows(rows: list[dict], header: bool = False) -> None:
               f"{f('ttft_s', '.2f'):>8}{f('hit_rate', '.2f'):>6}{f('share_cpu', '.2f'):>6}"
               f"{f('share_gpu_copied', '.2f'):>6}{f('bound_tps', '.2f'):>8}{f('fraction_of_bound', '.2f'):>9}{peak:>9}",
               flush=True)
+        if r.get("shared_bound_tps"):
+            print(f"    bound with the host memory shared by CPU and copies: {r['shared_bound_tps']:.2f} tok/s "
+                  f"({r['fraction_of_shared_bound']:.2f} of it)", flush=True)
         if r.get("ms_per_token"):
             print("    ms/token: " + ", ".join(f"{k} {v:.1f}" for k, v in r["ms_per_token"].items()), flush=True)
 

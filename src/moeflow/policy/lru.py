@@ -8,6 +8,9 @@ from moeflow.policy.base import OffloadPolicy, SlotSplit
 class LruPolicy(OffloadPolicy):
     name = "lru"
 
+    def min_slots(self, layers, experts, top_k):
+        return layers  # each layer's cache needs a slot of its own
+
     def split(self, slots, layers, experts, top_k):
         return SlotSplit(resident=0, cache=slots, per_layer=True)
 
