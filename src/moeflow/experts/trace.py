@@ -90,13 +90,22 @@ class TraceRouting:
         self.slot = {layer: i for i, layer in enumerate(cfg.moe_layers)}
         self.cursor = [0] * len(cfg.moe_layers)
         self.stats = getattr(inner, "stats", None)
+        self._on: dict = {}  # (device, dtype) -> the trace's ids [T, L, K] and weights there
+
+    def _trace_on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole trace on the device, once: a copy from pageable host memory each layer would make the
+        host wait for the GPU (and count as time outside the experts)."""
+        key = (device, dtype)
+        if key not in self._on:
+            T, L, K = self.trace.shape
+            w = self.trace.weights if self.trace.weights is not None else torch.full((T, L, K), 1.0 / K)
+            self._on[key] = (self.trace.ids.to(device), w.to(device, dtype))
+        return self._on[key]
 
     def __call__(self, layer, x, topk_ids, topk_weights):
         N, K = topk_ids.shape
         li, T = self.slot[layer], self.trace.shape[0]
-        rows = torch.arange(self.cursor[li], self.cursor[li] + N) % T
+        ids_all, w_all = self._trace_on(topk_ids.device, topk_weights.dtype)
+        rows = torch.arange(self.cursor[li], self.cursor[li] + N, device=topk_ids.device) % T
         self.cursor[li] = (self.cursor[li] + N) % T
-        ids = self.trace.ids[rows, li].to(topk_ids.device)                        # [N, K]
-        w = (self.trace.weights[rows, li] if self.trace.weights is not None
-             else torch.full((N, K), 1.0 / K)).to(topk_weights.device, topk_weights.dtype)
-        return self.inner(layer, x, ids, w)
+        return self.inner(layer, x, ids_all[rows, li], w_all[rows, li])               # [N, K] each
