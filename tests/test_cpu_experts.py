@@ -167,7 +167,7 @@ def test_bf16_host_store_runs_the_kernel_locally_and_offloaded():
     from moeflow.checkpoint import load
     from moeflow.config import OffloadConfig
     from moeflow.engine.llm_engine import LLMEngine
-    from moeflow.engine.offload import workspace_bytes
+    from moeflow.engine.budget import workspace_bytes
     from moeflow.engine.sequence import SamplingParams
 
     params, prompt, max_len = SamplingParams(max_new_tokens=8, ignore_eos=True), list(range(3, 20)), 64

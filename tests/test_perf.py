@@ -220,9 +220,9 @@ def test_profile_cache_and_refresh(cache):
 
 def test_costs_from_profile():
     ref = reference_profile()
-    c = ExpertCosts.from_profile(ref, MIXTRAL)
+    c = ref.expert_costs(MIXTRAL)
     assert c.cpu(1) == pytest.approx(7.4 * MS) and c.copy() == pytest.approx(6.6 * MS)
-    q = ExpertCosts.from_profile(ref, QWEN)  # scaled: a Qwen3 expert is 1/37 of a Mixtral one
+    q = ref.expert_costs(QWEN)  # scaled: a Qwen3 expert is 1/37 of a Mixtral one
     assert q.cpu(1) < c.cpu(1) / 20 and q.copy() == pytest.approx(16e-6 + QWEN.expert_numel * 2 / 54e9)
 
 

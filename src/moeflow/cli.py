@@ -223,7 +223,7 @@ def cmd_bench_latency(args) -> int:
                          "error": str(e)}
                     print(f"{policy} at {budget / 2**30:.0f} GiB: {e}", flush=True)
                 if costs is None and r.get("costs"):
-                    costs = ExpertCosts(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["costs"].items()})
+                    costs = ExpertCosts.from_dict(r["costs"])
                 rows.append(r)
                 if "error" not in r:
                     print_rows([r])

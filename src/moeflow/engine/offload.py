@@ -11,7 +11,7 @@ import torch
 from moeflow import MoeflowError
 from moeflow.checkpoint import Checkpoint
 from moeflow.config import OffloadConfig
-from moeflow.engine.budget import share_budget, workspace_bytes  # noqa: F401 (workspace_bytes: re-exported)
+from moeflow.engine.budget import share_budget
 from moeflow.experts.offload import OffloadedExperts
 from moeflow.experts.trace import TraceRouting, load_trace
 from moeflow.perf.costs import ExpertCosts

@@ -62,18 +62,13 @@ class ExpertCosts:
     def from_dict(cls, d: dict) -> ExpertCosts:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
 
-    @classmethod
-    def from_profile(cls, profile, cfg, dtype_name: str = "bfloat16") -> ExpertCosts:
-        """The costs of cfg's expert shape from a HardwareProfile (perf/profile.py): measured when the profile
-        holds that shape, otherwise scaled from the nearest shape it holds."""
-        return profile.expert_costs(cfg, dtype_name)
 
-
-def _median_s(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
+def median_s(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
+    """Median seconds of fn() over `repeats` calls (at least one) after a warm-up; sync() ends each call."""
     fn()
     sync()
     times = []
-    for _ in range(repeats):
+    for _ in range(max(repeats, 1)):
         t = time.perf_counter()
         fn()
         sync()
@@ -111,12 +106,12 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
     cpu_s, gpu_s = [], []
     for n in TOKEN_POINTS:
         xc = torch.randn(n, hidden, dtype=dtype)
-        cpu_s.append(_median_s(lambda: cpu_beside_copy(xc), lambda: None, repeats))
+        cpu_s.append(median_s(lambda: cpu_beside_copy(xc), lambda: None, repeats))
         sync()
         xg = xc.to(dev)
-        gpu_s.append(_median_s(lambda: gpu_ffn(xg, slot), sync, repeats))
+        gpu_s.append(median_s(lambda: gpu_ffn(xg, slot), sync, repeats))
     if copy_stream is None:
-        copy_s = _median_s(copy_in, sync, repeats)
+        copy_s = median_s(copy_in, sync, repeats)
     else:  # timed on the copy engine with events, while the CPU computes an expert beside it
         x1, times = torch.randn(1, hidden, dtype=dtype), []
         with ThreadPoolExecutor(1) as pool:
@@ -131,5 +126,5 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
                 times.append(start.elapsed_time(end) / 1e3)
         copy_s = sorted(times[1:])[repeats // 2]
     small = slot[:hidden]
-    latency = _median_s(lambda: small.copy_(host_block(0)[:hidden], non_blocking=True), sync, repeats)
+    latency = median_s(lambda: small.copy_(host_block(0)[:hidden], non_blocking=True), sync, repeats)
     return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(gpu_s), copy_s, latency)

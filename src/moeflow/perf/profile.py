@@ -25,7 +25,7 @@ from pathlib import Path
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
-from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts
+from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, median_s
 
 PROFILE_VERSION = 1
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
@@ -261,18 +261,6 @@ QUICK = Sizes(mem_bytes=8 << 20, link_bytes=4 << 20, matmul_n=256, cpu_matmul_n=
               repeats=1)
 
 
-def _median(fn, sync, repeats: int) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(max(repeats, 1)):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
-
-
 def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "bfloat16", sizes: Sizes = Sizes(),
                     progress: bool = True, base: HardwareProfile | None = None,
                     cpu_ffn: Callable | None = None) -> HardwareProfile:
@@ -310,7 +298,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             step("CPU matmul")
             n = sizes.cpu_matmul_n
             a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            figures["cpu_flops"] = 2 * n**3 / _median(lambda: a @ b, lambda: None, sizes.repeats)
+            figures["cpu_flops"] = 2 * n**3 / median_s(lambda: a @ b, lambda: None, sizes.repeats)
             bar.update()
 
         step("CPU expert")
@@ -331,7 +319,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             cpu_s = []
             for n in TOKEN_POINTS:
                 x = torch.randn(n, H, dtype=dtype)
-                cpu_s.append(_median(lambda: ffn(x, blocks[next(turn) % n_blocks]), lambda: None, sizes.repeats))
+                cpu_s.append(median_s(lambda: ffn(x, blocks[next(turn) % n_blocks]), lambda: None, sizes.repeats))
             costs = ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0)
         from concurrent.futures import ThreadPoolExecutor
 
@@ -353,10 +341,10 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             nb = sizes.link_bytes
             host = torch.empty(nb, dtype=torch.uint8, pin_memory=True)
             gpu = torch.empty(nb, dtype=torch.uint8, device=dev)
-            figures["h2d_bw"] = nb / _median(lambda: gpu.copy_(host, non_blocking=True), sync, sizes.repeats + 2)
-            figures["d2h_bw"] = nb / _median(lambda: host.copy_(gpu, non_blocking=True), sync, sizes.repeats + 2)
-            figures["h2d_latency_s"] = _median(lambda: gpu[:4096].copy_(host[:4096], non_blocking=True), sync, 20)
-            figures["d2h_latency_s"] = _median(lambda: host[:4096].copy_(gpu[:4096], non_blocking=True), sync, 20)
+            figures["h2d_bw"] = nb / median_s(lambda: gpu.copy_(host, non_blocking=True), sync, sizes.repeats + 2)
+            figures["d2h_bw"] = nb / median_s(lambda: host.copy_(gpu, non_blocking=True), sync, sizes.repeats + 2)
+            figures["h2d_latency_s"] = median_s(lambda: gpu[:4096].copy_(host[:4096], non_blocking=True), sync, 20)
+            figures["d2h_latency_s"] = median_s(lambda: host[:4096].copy_(gpu[:4096], non_blocking=True), sync, 20)
             del host, gpu
             bar.update()
             step("GPU memory")
@@ -366,7 +354,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             n = sizes.matmul_n
             a = torch.randn(n, n, dtype=torch.bfloat16, device=dev)
             b = torch.randn(n, n, dtype=torch.bfloat16, device=dev)
-            figures["gpu_flops"] = 2 * n**3 / _median(lambda: a @ b, sync, sizes.repeats + 2)
+            figures["gpu_flops"] = 2 * n**3 / median_s(lambda: a @ b, sync, sizes.repeats + 2)
             del a, b
             props = torch.cuda.get_device_properties(dev)
             figures |= {"gpu_name": torch.cuda.get_device_name(dev), "gpu_memory": props.total_memory}
