@@ -21,15 +21,10 @@ _SP = {f.name: f.default for f in fields(SamplingParams)}
 
 
 def cmd_generate(args) -> int:
-    from moeflow.checkpoint import load
     from moeflow.engine.llm_engine import LLMEngine, encode_prompt
 
     offload = _offload_config(args)
-    ck = load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, progress=None,
-              expert_device="cpu" if offload else None)
-    if ck.synthetic:
-        print(f"moeflow: {ck.name} has random weights (no trained model is embedded yet): expect gibberish",
-              file=sys.stderr)
+    ck = _load_checkpoint(args, args.device, offload)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     prompt = args.prompt
@@ -63,6 +58,17 @@ def _offload_config(args):
     return OffloadConfig(parse_size(args.gpu_memory), args.policy, args.placement, args.routing_trace)
 
 
+def _load_checkpoint(args, device, offload):
+    """--model (default: the embedded one) on `device`; its experts in host memory when offloading."""
+    from moeflow.checkpoint import load
+
+    ck = load(args.model or DEFAULT_MODEL, device=device, dtype=args.dtype, progress=None,
+              expert_device="cpu" if offload else None)
+    if ck.synthetic:
+        print(f"moeflow: {ck.name} has random weights: expect gibberish", file=sys.stderr)
+    return ck
+
+
 def _expert_figures(e: dict, tokens: int) -> str:
     return (f" | experts: hit rate {e['hit_rate']:.0%}, CPU {e['cpu_experts'] / max(e['lookups'], 1):.0%}, "
             f"copied {e['copied_experts'] / max(e['lookups'], 1):.0%}, {e['bytes_h2d'] / 2**30:.2f} GiB to the GPU")
@@ -72,15 +78,10 @@ def _load_engine(args, max_seqs: int, max_len: int):
     """The engine of `serve` and `chat`: the model on --device (cuda where available), offloaded with --gpu-memory."""
     import torch
 
-    from moeflow.checkpoint import load
     from moeflow.engine.llm_engine import LLMEngine
 
     offload = _offload_config(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ck = load(args.model or DEFAULT_MODEL, device=device, dtype=args.dtype, progress=None,
-              expert_device="cpu" if offload else None)
-    if ck.synthetic:
-        print(f"moeflow: {ck.name} has random weights: expect gibberish", file=sys.stderr)
+    ck = _load_checkpoint(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"), offload)
     return LLMEngine(ck, max_seqs=max_seqs, max_len=min(max_len, ck.cfg.max_position_embeddings), offload=offload)
 
 
