@@ -132,6 +132,11 @@ class CpuExperts:
                                             N, meta, tok, w, out, self.amx_min_tokens, self.fused_max_bytes)
         return out
 
+    def expert(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """One whole expert (block [3IH] in the host layout) on all of x [n, H]: [n, H] fp32."""
+        n = x.shape[0]
+        return self(block.view(1, -1), x, [Job(0, torch.arange(n), torch.ones(n))])
+
     def layer(self, data: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
               ) -> torch.Tensor:
         """Every selected expert of a layer: [N, H] fp32. The native path groups by expert in C: one call."""

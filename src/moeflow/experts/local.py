@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeflow.experts.store import ExpertStore
+from moeflow.experts.store import ExpertStore, expert_rows
 
 
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
@@ -19,6 +19,14 @@ def partial_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_t: t
     """Rows r0:r1 of an expert's intermediate dimension: x [n, H], gate/up/down_t [r, H] -> [n, H].
     The partial outputs of disjoint row ranges sum to the expert's output."""
     return (F.silu(F.linear(x, gate)) * F.linear(x, up)) @ down_t
+
+
+def block_ffn(inter: int):
+    """ffn(x [n, H], block [3IH] in the host layout) -> [n, H]: one whole expert through PyTorch."""
+    def ffn(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        return partial_ffn(x, *expert_rows(block, inter, 0, inter))
+
+    return ffn
 
 
 def group_by_expert(topk_ids: torch.Tensor, num_experts: int):

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from moeflow.experts.cpu import CpuExperts, Job, default_threads
-from moeflow.experts.local import partial_ffn
+from moeflow.experts.local import block_ffn, partial_ffn
 from moeflow.experts.store import ExpertStore, expert_rows
 from moeflow.perf.costs import ExpertCosts, measure_costs
 from moeflow.policy.base import OffloadPolicy, SlotSplit
@@ -130,18 +130,8 @@ class OffloadedExperts:
     def measure_costs(self) -> ExpertCosts:
         L, E = self.host.data.shape[:2]
         scratch = torch.empty_like(self.slots[0]) if not self.split.cache else self.slots[-1]
-        I = self.inter
-
-        def ffn(x, block):
-            gate, up, down_t = expert_rows(block, I, 0, I)
-            return partial_ffn(x, gate, up, down_t)
-
-        def cpu_ffn(x, block):  # the backend _cpu_part uses
-            n = x.shape[0]
-            return self.cpu(block.view(1, -1), x, [Job(0, torch.arange(n), torch.ones(n))])
-
-        costs = measure_costs(lambda i: self.host.data[i // E % L, i % E], I, self.hidden, min(L * E, 16),
-                              scratch, cpu_ffn, ffn, copy_stream=self.copy_stream)
+        costs = measure_costs(lambda i: self.host.data[i // E % L, i % E], self.inter, self.hidden, min(L * E, 16),
+                              scratch, self.cpu.expert, block_ffn(self.inter), copy_stream=self.copy_stream)
         t0 = time.perf_counter()
         for _ in range(20):
             self.pool.submit(lambda: None).result()

@@ -33,32 +33,14 @@ CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert ca
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
-def cpu_expert_ffn(inter: int) -> Callable:
-    """The engine's CPU expert path on one host block: ffn(x [n, H], block [3IH]) -> [n, H], with the threads
+def cpu_expert_ffn() -> Callable:
+    """The engine's CPU expert path on one host block, ffn(x [n, H], block [3IH]) -> [n, H], with the threads
     the offloaded engine gives it (one core left to the thread that drives the GPU)."""
     import torch
 
-    from moeflow.experts.cpu import CpuExperts, Job, default_threads
+    from moeflow.experts.cpu import CpuExperts, default_threads
 
-    cpu = CpuExperts(threads=default_threads(reserve=1 if torch.cuda.is_available() else 0))
-
-    def ffn(x, block):
-        n = x.shape[0]
-        return cpu(block.view(1, -1), x, [Job(0, torch.arange(n), torch.ones(n))])
-
-    return ffn
-
-
-def torch_expert_ffn(inter: int) -> Callable:
-    """One whole expert block through PyTorch (the GPU path, and today's CPU path)."""
-    from moeflow.experts.local import partial_ffn
-    from moeflow.experts.store import expert_rows
-
-    def ffn(x, block):
-        gate, up, down_t = expert_rows(block, inter, 0, inter)
-        return partial_ffn(x, gate, up, down_t)
-
-    return ffn
+    return CpuExperts(threads=default_threads(reserve=1 if torch.cuda.is_available() else 0)).expert
 
 
 def _plain(costs: ExpertCosts) -> dict:
@@ -273,6 +255,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
     from moeflow.bench.ceilings import memory_bandwidth
     from moeflow.config import parse_dtype
     from moeflow.engine.offload import CPU_THREADS
+    from moeflow.experts.local import block_ffn
     from moeflow.synthetic import RandomFiller
 
     cuda = device != "cpu" and torch.cuda.is_available()
@@ -306,12 +289,12 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         n_blocks = max(2, min(256, -(-sizes.expert_pool_bytes // cfg.expert_bytes(dtype))))
         blocks = torch.empty(n_blocks, cfg.expert_numel, dtype=dtype, pin_memory=cuda)  # [B, 3IH]
         RandomFiller(torch.device("cpu"), dtype, numel=blocks.numel()).fill(blocks)
-        ffn = cpu_ffn or cpu_expert_ffn(I)
+        ffn = cpu_ffn or cpu_expert_ffn()
         if cuda:
             from moeflow.perf.costs import measure_costs
 
             slot = torch.empty(cfg.expert_numel, dtype=dtype, device=dev)
-            costs = measure_costs(lambda i: blocks[i], I, H, n_blocks, slot, ffn, torch_expert_ffn(I), sizes.repeats,
+            costs = measure_costs(lambda i: blocks[i], I, H, n_blocks, slot, ffn, block_ffn(I), sizes.repeats,
                                   copy_stream=torch.cuda.Stream(dev))
             slot = None
         else:
