@@ -121,13 +121,13 @@ def create_app(load: Callable[[], LLMEngine], model_name: str, max_queue: int = 
 def _encode(engine: LLMEngine, body: CompletionRequest | ChatRequest, chat: bool) -> list[int]:
     try:
         if chat:
-            return engine.tokenizer.apply_chat_template([m.as_dict() for m in body.messages])
+            return engine.encode([m.as_dict() for m in body.messages])  # messages: at least one (protocol)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
                 raise APIError(400, "one prompt per request: batched prompts are not supported", param="prompt")
             prompt = prompt[0]
-        ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = engine.encode(prompt)
     except MoeflowError as e:
         raise APIError(400, str(e), param="messages" if chat else "prompt") from None
     vocab = engine.ck.cfg.vocab_size
