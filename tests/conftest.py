@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moeflow.engine.budget import step_workspace
 from moeflow.synthetic import _tokenizer_for
 
 TINY = {
@@ -18,6 +19,14 @@ TINY = {
                       num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, max_position_embeddings=512,
                       bos_token_id=317, eos_token_id=319, initializer_range=0.1),
 }
+
+
+def budget_for(ck, slots: int, max_seqs: int = 2, max_len: int = 64) -> int:
+    """A GPU budget that leaves exactly `slots` expert slots for an engine of max_seqs x max_len (what
+    attach_offload computes)."""
+    kv = ck.cfg.kv_bytes_per_token(ck.store.data.dtype) * max_seqs * max_len
+    fixed = ck.dense_bytes + kv + step_workspace(ck.cfg, kv, max_len, ck.store.data.element_size(), max_seqs)
+    return fixed + slots * ck.store.expert_bytes
 
 
 def pytest_collection_modifyitems(config, items):

@@ -164,10 +164,11 @@ def test_unknown_or_unavailable_kernel_is_refused(monkeypatch):
 def test_bf16_host_store_runs_the_kernel_locally_and_offloaded():
     """`generate --device cpu` of a bf16 model and the offloading engine's CPU part both run the kernel: with
     every expert on the CPU (policy cpu) they compute the same sums, so the greedy tokens are identical."""
+    from conftest import budget_for
+
     from moeflow.checkpoint import load
     from moeflow.config import OffloadConfig
     from moeflow.engine.llm_engine import LLMEngine
-    from moeflow.engine.budget import workspace_bytes
     from moeflow.engine.sequence import SamplingParams
 
     params, prompt, max_len = SamplingParams(max_new_tokens=8, ignore_eos=True), list(range(3, 20)), 64
@@ -176,8 +177,7 @@ def test_bf16_host_store_runs_the_kernel_locally_and_offloaded():
     assert ck.model.experts.cpu.uses_native(ck.store.data) and ck.model.experts.cpu.threads_used >= 1
 
     ck = load("synthetic:tiny-mixtral", dtype="bf16", expert_device="cpu")
-    kv = ck.cfg.kv_bytes_per_token(ck.store.data.dtype) * max_len
-    budget = ck.dense_bytes + kv + workspace_bytes(ck.cfg, max_len, 2) + 2 * ck.store.expert_bytes
+    budget = budget_for(ck, 2, max_seqs=1, max_len=max_len)
     engine = LLMEngine(ck, max_seqs=1, max_len=max_len, offload=OffloadConfig(budget, "cpu"))
     (got,) = engine.generate([prompt], params)
     experts = engine.model.experts

@@ -8,10 +8,11 @@ import time
 import pytest
 import torch
 
+from conftest import budget_for
+
 from moeflow.checkpoint import load
 from moeflow.config import OffloadConfig
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.budget import step_workspace
 from moeflow.engine.sequence import SamplingParams
 from moeflow.experts.offload import OffloadedExperts
 from moeflow.experts.store import ExpertStore
@@ -27,12 +28,6 @@ def whole_gpu_after():
     """An offloaded engine caps the process's GPU memory at its budget; the next test starts uncapped."""
     yield
     torch.cuda.set_per_process_memory_fraction(1.0)
-
-
-def budget_for(ck, slots: int, max_seqs: int = 2) -> int:
-    kv = ck.cfg.kv_bytes_per_token(ck.store.data.dtype) * max_seqs * MAX_LEN
-    return ck.dense_bytes + kv + step_workspace(ck.cfg, kv, MAX_LEN, ck.store.data.element_size(), max_seqs) + \
-        slots * ck.store.expert_bytes
 
 
 def tokens(path, dtype, offload_slots=None, policy="auto"):

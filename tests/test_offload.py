@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from moeflow import MoeflowError
+from conftest import budget_for
+
 from moeflow.checkpoint import load
 from moeflow.config import OffloadConfig, parse_size
 from moeflow.engine.llm_engine import LLMEngine
-from moeflow.engine.budget import step_workspace
 from moeflow.engine.sequence import SamplingParams
 from moeflow.experts.offload import SlotCache
 from moeflow.experts.trace import TraceRouting, load_trace
@@ -30,13 +31,6 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
 def prompts(seed=0, lengths=(13, 5)):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 310, (n,), generator=g).tolist() for n in lengths]
-
-
-def budget_for(ck, slots: int, max_seqs: int = 2) -> int:
-    """A GPU budget that leaves exactly `slots` expert slots (what attach_offload computes)."""
-    kv = ck.cfg.kv_bytes_per_token(ck.store.data.dtype) * max_seqs * MAX_LEN
-    fixed = ck.dense_bytes + kv + step_workspace(ck.cfg, kv, MAX_LEN, ck.store.data.element_size(), max_seqs)
-    return fixed + slots * ck.store.expert_bytes
 
 
 def run(path, offload=None, costs=None, max_seqs=2, calibrate=False):
