@@ -119,3 +119,41 @@ def test_cpu_copy_and_gpu_overlap():
     copy_only = timed([[B, C]] * 12)                     # B: 12 tokens, copied
     both = timed([[A, B]] + [[B, C]] * 11)
     assert both < 0.85 * (cpu_only + copy_only), (both, cpu_only, copy_only)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("policy", ["auto", "lru", "fiddler"])
+def test_grouped_slots_match_the_local_experts_in_bf16(policy):
+    """bf16 on the GPU runs the experts in slots by grouped GEMMs, a split expert through its zeroed gate rows,
+    and reuses slots within a layer when copies outnumber them: the layer output matches LocalExperts'."""
+    from moeflow.experts.local import LocalExperts
+    from moeflow.perf.costs import ExpertCosts
+
+    hf = {"model_type": "mixtral", "vocab_size": 128, "hidden_size": 256, "intermediate_size": 512,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8,
+          "num_experts_per_tok": 2, "max_position_embeddings": 128}
+    cfg = get_architecture("mixtral").config(hf)
+    store = ExpertStore(cfg, torch.bfloat16, "cpu")
+    store.data.normal_(0, 0.05)
+    store.pin()
+    pol = get_policy(policy)
+    pts = (1, 4, 16, 64, 256)
+    even = ExpertCosts(pts, tuple(1e-3 * n for n in pts), tuple(1e-6 for _ in pts), 1e-3)  # CPU = copy: splits
+    split = pol.split(4, 2, 8, 2)
+    resident = [(0, 7), (1, 6), (0, 5), (1, 4)][:split.resident]
+    backend = OffloadedExperts(store, torch.device("cuda"), pol, split, resident, costs=even)
+    backend.calibrate = False
+    assert backend.grouped
+    local = LocalExperts(store.to("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n in (1, 3, 40):  # 40 tokens select every expert: more copies than cache slots
+        for layer in (0, 1):
+            x = torch.randn(n, 256, device="cuda", dtype=torch.bfloat16, generator=g)
+            ids = torch.stack([torch.randperm(8, device="cuda", generator=g)[:2] for _ in range(n)])
+            w = torch.softmax(torch.randn(n, 2, device="cuda", generator=g), -1)
+            want = local(layer, x, ids, w).float()
+            got = backend(layer, x, ids, w).float()
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    backend.close()
+    if policy == "auto":
+        assert 0 < backend.stats.cpu_experts and 0 < backend.stats.copied_experts

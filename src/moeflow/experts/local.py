@@ -39,6 +39,15 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int):
     return order, counts
 
 
+def grouped_ffn(x: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x grouped by expert through their experts in two grouped GEMMs (CUDA bf16).
+
+    x [M, H] sorted by group, gate_up [G, 2I, H], down_t [G, I, H], offs [G] int32 cumulative rows -> [M, H]."""
+    h = torch._grouped_mm(x, gate_up.transpose(1, 2), offs=offs)             # [M, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(gate) * up, down_t, offs=offs)
+
+
 def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                     gate_up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
     """All experts of a layer in two grouped GEMMs and no host sync (CUDA bf16).
@@ -51,9 +60,7 @@ def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device)
     offs = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
     tok = order // K
-    h = torch._grouped_mm(x[tok], gate_up.transpose(1, 2), offs=offs)        # [N*K, 2I]
-    gate, up = h.chunk(2, dim=-1)
-    y = torch._grouped_mm(F.silu(gate) * up, down_t, offs=offs)              # [N*K, H]
+    y = grouped_ffn(x[tok], gate_up, down_t, offs)                            # [N*K, H]
     out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, tok, y.float() * topk_weights.flatten()[order, None].float())
     return out.to(x.dtype)

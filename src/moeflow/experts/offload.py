@@ -13,6 +13,7 @@ with l the MoE layer's row in the store.
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -20,15 +21,21 @@ from dataclasses import asdict, dataclass
 import torch
 
 from moeflow.experts.cpu import CpuExperts, Job, default_threads
-from moeflow.experts.local import block_ffn, partial_ffn
+from moeflow.experts.local import block_ffn, can_group, grouped_ffn, partial_ffn
 from moeflow.experts.store import ExpertStore, expert_rows
 from moeflow.perf.costs import ExpertCosts, measure_costs
 from moeflow.policy.base import OffloadPolicy, SlotSplit
 from moeflow.policy.eviction import EVICTION
 
 Key = tuple[int, int]
-CPU_SCALE_SMOOTHING = 0.2      # weight of the newest layer in the CPU-speed correction
-CPU_SCALE_RANGE = (0.25, 4.0)  # one odd layer (a page fault, a preempted thread) moves it at most this far
+SCALE_SMOOTHING = 0.2      # weight of the newest layer in the CPU- and copy-speed corrections
+SCALE_RANGE = (0.25, 4.0)  # one odd layer (a page fault, a preempted thread) moves them at most this far
+
+
+def smoothed(scale: float, observed: float, predicted: float) -> float:
+    """The correction `scale` moved towards observed / predicted (clamped to SCALE_RANGE)."""
+    ratio = min(max(observed / max(predicted, 1e-9), SCALE_RANGE[0]), SCALE_RANGE[1])
+    return scale + SCALE_SMOOTHING * (ratio - scale)
 
 
 @dataclass
@@ -41,9 +48,12 @@ class OffloadStats:
     bytes_h2d: int = 0        # expert weights copied host -> GPU
     miss_bytes: int = 0       # weights of the experts that were not on the GPU when needed
     # where the host's time goes (seconds): in the backend in all, waiting for the GPU at the per-layer sync,
-    # the CPU worker busy on experts, and waiting for that worker once the GPU's share is launched
+    # planning (sync to CPU work handed over), launching the GPU's share (copies and compute), the CPU worker
+    # busy on experts, and waiting for that worker once the GPU's share is launched
     backend_s: float = 0.0
     sync_s: float = 0.0
+    plan_s: float = 0.0
+    launch_s: float = 0.0
     cpu_s: float = 0.0
     cpu_wait_s: float = 0.0
 
@@ -107,22 +117,30 @@ class OffloadedExperts:
         cfg = host.cfg
         self.inter, self.hidden, self.E = cfg.expert_intermediate_size, cfg.hidden_size, cfg.num_experts
         n_slots = len(resident) + split.cache
-        self.slots = torch.empty(n_slots, cfg.expert_numel, dtype=host.data.dtype, device=self.device)  # [S, 3IH]
+        # zeros, not empty: a split expert's slot keeps stale rows that must be finite (see _run_wave)
+        self.slots = torch.zeros(n_slots, cfg.expert_numel, dtype=host.data.dtype, device=self.device)  # [S, 3IH]
+        I, H = self.inter, self.hidden
+        self.slot_gate_up = self.slots[:, :2 * I * H].view(n_slots, 2 * I, H)   # views for the grouped GEMMs
+        self.slot_down_t = self.slots[:, 2 * I * H:].view(n_slots, I, H)
+        self.grouped = can_group(self.slots)
         self.cache = SlotCache(resident, split, len(host.layers), eviction)
         for i, (l, e) in enumerate(resident):
             self.slots[i].copy_(host.data[l, e], non_blocking=True)
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self._arrived = torch.cuda.Event(blocking=True) if self.cuda else None
+        # a spinning wait (the driver's, without the GIL): this thread has a core of its own (the CPU kernel
+        # leaves one), and a sleeping wait wakes tens of microseconds late, every layer
+        self._arrived = torch.cuda.Event() if self.cuda else None
         self.slot_free: dict[int, torch.cuda.Event] = {}  # slot -> event after its last compute
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-cpu-experts")
         # The CPU kernel's own threads; one core stays with the thread that drives the GPU.
         self.cpu = CpuExperts(threads=default_threads(reserve=1 if self.cuda else 0))
         self.stats = OffloadStats()
         self.costs = costs
-        # observed / predicted CPU time, smoothed: the CPU's speed beside the copies and the GPU driver thread
-        # is what the plan needs, and it differs from a measurement taken alone
-        self.cpu_scale, self.calibrate = 1.0, True
+        # observed / predicted CPU and copy times, smoothed: their speeds while both draw on host memory and
+        # beside the GPU driver thread are what the plan needs, and they differ from measurements taken alone
+        self.cpu_scale, self.copy_scale, self.calibrate = 1.0, 1.0, True
+        self._copy_timing: tuple | None = None  # (start, end events, predicted s) of the last layer's copies
         if costs is None and policy.needs_costs:
             self.costs = self.measure_costs()
 
@@ -148,48 +166,58 @@ class OffloadedExperts:
         ids_h, w_h, x_h = (t.to("cpu", non_blocking=True) for t in (topk_ids, topk_weights, x))
         if self.cuda:
             self._arrived.record()
-            self._arrived.synchronize()  # a blocking wait: a spinning one would take a core from the CPU experts
-        s.sync_s += time.perf_counter() - t_in
-        order_h = torch.argsort(ids_h.flatten(), stable=True)                  # [N*K] grouped by expert
-        counts = torch.bincount(ids_h.flatten(), minlength=self.E).tolist()
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
-        experts = [e for e in range(self.E) if counts[e]]
+            self._arrived.synchronize()
+        s_sync = time.perf_counter() - t_in
+        s.sync_s += s_sync
+        self._observe_copies()
+        # Plain Python for the bookkeeping: PyTorch's CPU ops would wake its thread pool beside the CPU experts.
+        entries: dict[int, list[int]] = {}  # expert -> its flat (token, k) indices, in order
+        for i, e in enumerate(ids_h.flatten().tolist()):
+            entries.setdefault(e, []).append(i)
+        experts = sorted(entries)
         found = {e: self.cache.lookup((l, e)) for e in experts}
-        misses = {e: counts[e] for e in experts if found[e] is None}
-        costs = self.costs.scaled(self.cpu_scale) if self.costs is not None else None
+        misses = {e: len(entries[e]) for e in experts if found[e] is None}
+        costs = self.costs.scaled(self.cpu_scale, self.copy_scale) if self.costs is not None else None
         rows = self.policy.plan(misses, costs, I, self.cache.capacity(l)) if misses else {}
 
         # The CPU's share starts first: it is usually the longest.
-        cpu_jobs = []
-        for e, r in rows.items():
-            if r > 0:
-                idx = order_h[starts[e]:starts[e + 1]]
-                cpu_jobs.append((e, r, idx // K, w_h.flatten()[idx]))
-        future = self.pool.submit(self._timed_cpu_part, l, x_h, cpu_jobs) if cpu_jobs else None
+        cpu_jobs = [(e, r, entries[e]) for e, r in rows.items() if r > 0]
+        future = self.pool.submit(self._timed_cpu_part, l, x_h, w_h, K, cpu_jobs) if cpu_jobs else None
+        t_plan = time.perf_counter()
+        s.plan_s += t_plan - t_in - s_sync
 
-        # Copies on the copy stream; the GPU computes the experts already there, then each copy as it lands.
-        # A slot reused within this layer (more copies than slots) first gets its current expert computed.
-        order = torch.argsort(topk_ids.flatten(), stable=True)                 # same grouping, on the device
-        w_flat = topk_weights.flatten()
+        # Copies on the copy stream; the GPU computes the experts already there at once, then the copied ones
+        # once they land, each group of experts in one pass (waves). A slot reused within this layer (more
+        # copies than slots) first gets the wave holding it computed.
         out = torch.zeros(N, self.hidden, dtype=torch.float32, device=self.device)
-        pending = {found[e]: (e, 0, None) for e in experts if found[e] is not None}  # slot -> (e, row0, ready)
+        w_flat = topk_weights.flatten()
+        here = {found[e]: (entries[e], None) for e in experts if found[e] is not None}
         protect = {(l, e) for e in experts if found[e] is not None}
-        for e, r in rows.items():
-            if r == I:
-                continue
+        copies = {e: r for e, r in rows.items() if r < I}
+        timing = self._start_copy_timing(copies, costs)
+        wave: dict[int, tuple[list[int], torch.cuda.Event | None]] = {}  # slot -> (entries, arrival)
+        for e, r in copies.items():
             key = (l, e)
-            slot = self.cache.take(key, protect, keep=r == 0 and self.split.keep_copies, busy=set(pending))
-            if slot in pending:
-                self._compute(out, x, order, w_flat, starts, K, slot, *pending.pop(slot))
+            slot = self.cache.take(key, protect, keep=r == 0 and self.split.keep_copies, busy=set(wave) | set(here))
+            if slot in here:  # the layer's cache group is full of its own experts
+                self._run_wave(out, x, w_flat, K, here)
+                here = {}
+            if slot in wave:
+                self._run_wave(out, x, w_flat, K, wave)
+                wave = {}
             protect.add(key)
-            pending[slot] = (e, r, self._copy_in(slot, l, e, r))
+            wave[slot] = (entries[e], self._copy_in(slot, l, e, r))
             self.stats.bytes_h2d += (I - r) * 3 * self.hidden * self.slots.element_size()
-        for slot, job in pending.items():
-            self._compute(out, x, order, w_flat, starts, K, slot, *job)
+        if timing is not None:
+            timing[1].record(self.copy_stream)
+            self._copy_timing = timing
+        if here:
+            self._run_wave(out, x, w_flat, K, here)
+        if wave:
+            self._run_wave(out, x, w_flat, K, wave)
+        t = time.perf_counter()
+        s.launch_s += t - t_plan
         if future is not None:
-            t = time.perf_counter()
             out += future.result().to(self.device, non_blocking=True)
             s.cpu_wait_s += time.perf_counter() - t
 
@@ -202,20 +230,39 @@ class OffloadedExperts:
         s.backend_s += time.perf_counter() - t_in
         return out.to(x.dtype)
 
-    def _compute(self, out, x, order, w_flat, starts, K, slot, e, r, ready) -> None:
-        """Rows r:I of expert e from `slot` on the fast device, weighted, into out [N, H] fp32."""
+    def _run_wave(self, out: torch.Tensor, x: torch.Tensor, w_flat: torch.Tensor, K: int,
+                  wave: dict[int, tuple[list[int], torch.cuda.Event | None]]) -> None:
+        """The experts in these slots on their entries (flat (token, k) indices), weighted, into out [N, H] fp32,
+        once each slot's copy has landed. A slot holding rows r:I of a split expert has gate rows 0:r zeroed,
+        so the whole expert's FFN there is the part's (silu(0) = 0)."""
         stream = torch.cuda.current_stream(self.device) if self.cuda else None
-        if ready is not None:
-            stream.wait_event(ready)
-        idx = order[starts[e]:starts[e + 1]]
-        gate, up, down_t = expert_rows(self.slots[slot], self.inter, r, self.inter)
-        y = partial_ffn(x[idx // K], gate, up, down_t)                           # [n, H]
-        out.index_add_(0, idx // K, y.float() * w_flat[idx, None].float())
+        for _, ready in wave.values():
+            if ready is not None:
+                stream.wait_event(ready)
+        order = sorted(wave)
+        if self.grouped:
+            # all slots in one grouped GEMM pair: entries sorted by slot, offs = cumulative entries per slot
+            ent, counts = [], [0] * self.slots.shape[0]
+            for slot in order:
+                ent += wave[slot][0]
+                counts[slot] = len(wave[slot][0])
+            offs = list(accumulate(counts))
+            meta = torch.tensor(ent + offs, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
+            idx, offs_d = meta[:len(ent)].long(), meta[len(ent):]
+            y = grouped_ffn(x[idx // K], self.slot_gate_up, self.slot_down_t, offs_d)    # [M, H]
+            out.index_add_(0, idx // K, y.float() * w_flat[idx, None].float())
+        else:
+            for slot in order:
+                idx = torch.tensor(wave[slot][0], device=self.device)
+                y = partial_ffn(x[idx // K], *expert_rows(self.slots[slot], self.inter, 0, self.inter))
+                out.index_add_(0, idx // K, y.float() * w_flat[idx, None].float())
         if stream is not None:
-            self.slot_free[slot] = stream.record_event()
+            free = stream.record_event()
+            self.slot_free.update(dict.fromkeys(order, free))
 
     def _copy_in(self, slot: int, l: int, e: int, r: int) -> torch.cuda.Event | None:
-        """Rows r:I of expert (l, e) into `slot`: one transfer for a whole expert, three for a part."""
+        """Rows r:I of expert (l, e) into `slot`: one transfer for a whole expert, three for a part (whose gate
+        rows 0:r are zeroed, see _run_wave)."""
         src, dst = self.host.data[l, e], self.slots[slot]
         ctx = torch.cuda.stream(self.copy_stream) if self.cuda else nullcontext()
         with ctx:
@@ -227,23 +274,47 @@ class OffloadedExperts:
                 I = self.inter
                 for d, s in zip(expert_rows(dst, I, r, I), expert_rows(src, I, r, I)):
                     d.copy_(s, non_blocking=True)
+                expert_rows(dst, I, 0, r)[0].zero_()
             return self.copy_stream.record_event() if self.cuda else None
 
-    def _timed_cpu_part(self, l: int, x: torch.Tensor, jobs) -> torch.Tensor:
+    def _timed_cpu_part(self, l: int, x: torch.Tensor, w: torch.Tensor, K: int, jobs) -> torch.Tensor:
         t = time.perf_counter()
-        out = self._cpu_part(l, x, jobs)
+        out = self._cpu_part(l, x, w, K, jobs)
         dt = time.perf_counter() - t
         self.stats.cpu_s += dt
         if self.costs is not None and self.calibrate:
-            predicted = sum(self.costs.cpu(len(tok), r / self.inter) for _, r, tok, _ in jobs)
-            ratio = min(max(dt / max(predicted, 1e-9), CPU_SCALE_RANGE[0]), CPU_SCALE_RANGE[1])
-            self.cpu_scale += CPU_SCALE_SMOOTHING * (ratio - self.cpu_scale)
+            predicted = sum(self.costs.cpu(len(ent), r / self.inter) for _, r, ent in jobs)
+            self.cpu_scale = smoothed(self.cpu_scale, dt, predicted)
         return out
 
-    def _cpu_part(self, l: int, x: torch.Tensor, jobs) -> torch.Tensor:
-        """Rows 0:r of each job's expert on the CPU, weighted and summed: [N, H] fp32 (pinned when a GPU waits)."""
+    def _cpu_part(self, l: int, x: torch.Tensor, w: torch.Tensor, K: int, jobs) -> torch.Tensor:
+        """Rows 0:r of each job's expert on the CPU, weighted and summed: [N, H] fp32 (pinned when a GPU waits).
+        jobs: (expert, r, flat (token, k) indices); w [N, K] the routing weights."""
         out = torch.zeros(x.shape[0], self.hidden, dtype=torch.float32, pin_memory=self.cuda)
-        return self.cpu(self.host.data[l], x, [Job(e, tok, w, 0, r) for e, r, tok, w in jobs], out)
+        w_flat, cpu_jobs = w.flatten(), []
+        for e, r, ent in jobs:
+            idx = torch.tensor(ent)
+            cpu_jobs.append(Job(e, idx // K, w_flat[idx], 0, r))
+        return self.cpu(self.host.data[l], x, cpu_jobs, out)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+    def _start_copy_timing(self, copies: dict[int, int], costs: ExpertCosts | None) -> tuple | None:
+        """Events around this layer's copies on the copy stream, read at the next layer's sync (by then they
+        have completed, so reading them costs no wait)."""
+        if not (self.cuda and copies and costs is not None and self.calibrate):
+            return None
+        predicted = sum(costs.copy((self.inter - r) / self.inter) for r in copies.values()) / self.copy_scale
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(self.copy_stream)
+        return start, end, predicted
+
+    def _observe_copies(self) -> None:
+        if self._copy_timing is None:
+            return
+        start, end, predicted = self._copy_timing
+        self._copy_timing = None
+        if end.query():
+            self.copy_scale = smoothed(self.copy_scale, start.elapsed_time(end) / 1e3, predicted)
+

@@ -51,9 +51,10 @@ class ExpertCosts:
     def copy(self, f: float = 1.0) -> float:
         return self.copy_s * f + (self.copy_latency_s * 2 if 0 < f < 1 else 0.0)
 
-    def scaled(self, cpu: float) -> ExpertCosts:
-        """The same costs with the CPU's times multiplied by `cpu` (a correction observed while running)."""
-        return replace(self, cpu_s=tuple(t * cpu for t in self.cpu_s))
+    def scaled(self, cpu: float, copy: float = 1.0) -> ExpertCosts:
+        """The same costs with the CPU's times multiplied by `cpu` and the copy's by `copy` (corrections
+        observed while running)."""
+        return replace(self, cpu_s=tuple(t * cpu for t in self.cpu_s), copy_s=self.copy_s * copy)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
