@@ -6,6 +6,8 @@ one for the model's expert shape, else they are measured at start.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from moeflow import MoeflowError
@@ -31,7 +33,9 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
     policy = get_policy(oc.policy)
     held = 0
     if device.type == "cuda":
-        # The cap below counts what the allocator holds, fragments of earlier work included: budget for them.
+        # The cap below counts what the allocator holds, fragments of earlier work included: budget for them,
+        # once the garbage of earlier work (an engine no longer referenced) is collected and given back.
+        gc.collect()
         torch.cuda.empty_cache()
         held = max(torch.cuda.memory_reserved(device) - ck.dense_bytes - kv_bytes, 0)
     budget = share_budget(ck.name, cfg, policy, oc.gpu_memory, ck.dense_bytes, store.expert_bytes, kv_bytes,
