@@ -1,7 +1,7 @@
 // One MoE layer's routed experts on the CPU: bf16 weights, fp32 accumulation, bandwidth-first.
 //
-// A call gets a list of jobs (expert, its tokens and weights, intermediate rows r0:r1) and runs two
-// parallel phases on its own thread pool:
+// A call gets a list of jobs (expert, its tokens and weights, intermediate rows r0:r1) and runs, on its own
+// thread pool, a preparation of the tokens (gathered, converted or packed per job) and two parallel phases:
 //   A  gate/up: row blocks of all jobs split over threads by cost; each block streams its gate and up rows
 //      once for all of the job's tokens and writes act = silu(gate) * up.
 //   B  down: H split into column chunks (multiples of 64 columns, so no two threads share a cache line of
@@ -33,6 +33,7 @@
 #include <sys/syscall.h>
 #include <thread>
 #include <unistd.h>
+#include <utility>
 #include <vector>
 
 typedef uint16_t bf16;
@@ -141,8 +142,8 @@ struct Job {
     int n, R, Rp;                   // tokens, rows, rows padded to 32
     const int32_t* tok;             // [n] rows of out
     const float* w;                 // [n] routing weights
-    const void* x;                  // the job's tokens: fp32 [n, H], bf16 [n, H], or AMX-packed (see amx)
-    void* act;                      // silu(gate) * up: fp32 [n, R] or, for AMX, bf16 [16 * groups, Rp]
+    const void* x;                  // the job's tokens: fp32 [n, H], bf16 [n, H], or AMX-packed (pack_tokens)
+    void* act;                      // silu(gate) * up: fp32 [n, R] or, for AMX, bf16 tiles (pack_tokens)
     bool tiles;                     // AMX tiles (else the vector kernel)
     bool fused;                     // down by rows, into per-thread sums, in the gate/up pass
     size_t poff;                    // fused: offset of the job's [n, H] sums in each thread's buffer
@@ -236,6 +237,39 @@ static TileConfig full_tiles() {  // every tile 16 rows x 64 bytes
     return c;
 }
 
+// The AMX blocking, in k-steps of 32 (moe_experts' amx_* arguments). Per-thread buffers, in KiB:
+// gate/up 2 * gu_tiles * (gu_steps + groups), down (DOWN_COLS / 16) * (down_steps + groups).
+struct AmxBlocking {
+    int down_steps;  // down: k-steps (32 rows of down_t) repacked per chunk
+    int gu_steps;    // gate/up: k-steps (32 of H) copied per slice
+    int gu_tiles;    // gate/up: row tiles (16 rows) per block
+};
+static const int DOWN_COLS = 256;  // down: columns per chunk (a thread's columns: Mixtral's H / 16 threads)
+
+static size_t amx_scratch_bytes(const AmxBlocking& b, int groups) {
+    const size_t gu = (size_t)2 * b.gu_tiles * (b.gu_steps + groups);
+    const size_t down = (size_t)(DOWN_COLS / 16) * (b.down_steps + groups);
+    return std::max(gu, down) * 1024;
+}
+
+// Layouts of a tiled job (tiles of 1 KiB): packed tokens [groups][H / 32][16 pairs][16 tokens] bf16 pairs (B of
+// gate/up); act [groups][Rp / 32][16 tokens][32 rows] bf16 (A of down).
+// Tokens 16g:16g + 16 of the job (rows tok of x [N, H] fp32) into its packed tokens; missing tokens are zeros.
+static void pack_tokens(const Job& j, const float* x, int g, int H) {
+    const int KS = H / 32;
+    uint32_t* o = (uint32_t*)j.x + (size_t)g * KS * 256;
+    for (int k = 0; k < KS; ++k, o += 256)
+        for (int t = 0; t < 16; ++t) {
+            const int tt = g * 16 + t;
+            if (tt >= j.n) {
+                for (int p = 0; p < 16; ++p) o[p * 16 + t] = 0;
+                continue;
+            }
+            const float* xr = x + (size_t)j.tok[tt] * H + k * 32;  // 32 contiguous floats into a 1 KiB tile
+            for (int p = 0; p < 16; ++p) o[p * 16 + t] = (uint32_t)f2bf(xr[2 * p]) | ((uint32_t)f2bf(xr[2 * p + 1]) << 16);
+        }
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
 #define AMX_NS amx_hw
@@ -309,6 +343,7 @@ static std::mutex g_call;
 static Pool g_pool;
 static std::vector<Scratch> g_thread_acc;   // down by columns: [n, 256] sums
 static std::vector<Scratch> g_thread_priv;  // fused down: each thread's [n, H] sums of every job
+static std::vector<Scratch> g_thread_tiles; // AMX: each thread's weight tiles and sums (amx_scratch_bytes)
 
 static inline size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
@@ -330,11 +365,12 @@ void moe_last_phases(double* s) { std::memcpy(s, g_phase_s, sizeof(g_phase_s)); 
 // tiles the jobs of at least amx_min_tokens tokens; the rest take the vector path (AVX-512 beside AMX,
 // scalar beside the emulation). Returns the threads used (>= 1), or -1 for an unknown kernel, -2 for a
 // kernel this CPU cannot run. The vector path fuses down into the gate/up pass while the per-thread sums
-// take at most fused_max_bytes.
+// take at most fused_max_bytes. The AMX blocking (AmxBlocking): amx_down_rows rows of down_t per chunk,
+// amx_gu_hidden of H per gate/up slice, amx_gu_rows rows per gate/up block (rounded down to 32, 32, 16).
 int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, int H, int I, const float* x, int N,
                 int n_jobs, const int32_t* job_expert, const int32_t* job_r0, const int32_t* job_r1,
                 const int32_t* job_off, const int32_t* tok, const float* tok_w, float* out, int amx_min_tokens,
-                int64_t fused_max_bytes) {
+                int64_t fused_max_bytes, int amx_down_rows, int amx_gu_hidden, int amx_gu_rows) {
     (void)N;
     if (kernel < 0 || kernel > AMX_EMU) return -1;
     int feat = cpu_features();
@@ -350,7 +386,7 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
     std::vector<Job> jobs;
     std::vector<size_t> xoff, aoff;
     size_t total = 0, priv = 0;
-    int max_n = 0;
+    int max_n = 0, max_tile_groups = 0;
     for (int k = 0; k < n_jobs; ++k) {
         int n = job_off[k + 1] - job_off[k], r0 = job_r0[k], r1 = job_r1[k];
         if (n <= 0 || r1 <= r0) continue;
@@ -377,30 +413,50 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
         total += align64(as);
         jobs.push_back(j);
         max_n = std::max(max_n, n);
+        if (j.tiles) max_tile_groups = std::max(max_tile_groups, groups16(n));
     }
     if (jobs.empty()) return 1;
     // Few tokens: each thread adds its rows of down_t into its own [n, H] sums while the rows are hot, and
     // a reduction follows (contiguous reads of whole rows). Many tokens: down by column chunks instead.
     const bool fused = (int64_t)(priv * sizeof(float) * threads) <= fused_max_bytes;
     for (Job& j : jobs) j.fused = fused && !j.tiles;
+    const AmxBlocking bk{std::clamp(amx_down_rows / 32, 1, (I + 31) / 32), std::clamp(amx_gu_hidden / 32, 1, H / 32),
+                         std::clamp(amx_gu_rows / 16, 1, 16)};
+    const size_t tile_bytes = max_tile_groups ? amx_scratch_bytes(bk, max_tile_groups) : 0;
+    if ((int)g_thread_tiles.size() < threads) g_thread_tiles.resize(threads);
+
+    // Preparation by (job, group of 16 tokens): the tokens gathered (fp32), converted (bf16, for AVX-512) or
+    // packed (tiles). gate/up writes act by whole 16-row tiles, which leaves a tiled job's 16 rows past R
+    // unwritten where R % 32 is in 1..16: its last act tile is zeroed here (down multiplies it by zero rows).
     static Scratch scratch;
     char* base = scratch.get(total);
+    std::vector<std::pair<int, int>> pu;  // (job, group)
+    size_t elems = 0;
     for (size_t k = 0; k < jobs.size(); ++k) {
-        Job& j = jobs[k];
-        j.x = base + xoff[k];
-        j.act = base + aoff[k];
-        if (j.tiles) {
-            std::memset(j.act, 0, (size_t)groups16(j.n) * 16 * j.Rp * 2);
-            amx_emu::pack_tokens(x, j.tok, j.n, H, (uint32_t*)(base + xoff[k]));
-        } else if (vec == AVX512) {
-            bf16* xb = (bf16*)(base + xoff[k]);
-            for (int t = 0; t < j.n; ++t)
-                for (int h = 0; h < H; ++h) xb[(size_t)t * H + h] = f2bf(x[(size_t)j.tok[t] * H + h]);
-        } else {
-            float* xf = (float*)(base + xoff[k]);
-            for (int t = 0; t < j.n; ++t) std::memcpy(xf + (size_t)t * H, x + (size_t)j.tok[t] * H, 4 * (size_t)H);
-        }
+        jobs[k].x = base + xoff[k];
+        jobs[k].act = base + aoff[k];
+        for (int g = 0; g < groups16(jobs[k].n); ++g) pu.emplace_back((int)k, g);
+        elems += (size_t)jobs[k].n * H;
     }
+    auto prep = [&](int id, int nt) {
+        for (size_t u = pu.size() * id / nt; u < pu.size() * (id + 1) / nt; ++u) {
+            const Job& j = jobs[pu[u].first];
+            const int g = pu[u].second, te = std::min(j.n, g * 16 + 16);
+            if (j.tiles) {
+                pack_tokens(j, x, g, H);
+                if (j.R % 32) std::memset((bf16*)j.act + ((size_t)(g + 1) * (j.Rp / 32) - 1) * 512, 0, 1024);
+            } else if (vec == AVX512) {
+                bf16* xb = (bf16*)j.x;
+                for (int t = g * 16; t < te; ++t)
+                    for (int h = 0; h < H; ++h) xb[(size_t)t * H + h] = f2bf(x[(size_t)j.tok[t] * H + h]);
+            } else {
+                float* xf = (float*)j.x;
+                for (int t = g * 16; t < te; ++t)
+                    std::memcpy(xf + (size_t)t * H, x + (size_t)j.tok[t] * H, 4 * (size_t)H);
+            }
+        }
+    };
+    g_pool.run(elems >= (1 << 16) ? std::min(threads, (int)pu.size()) : 1, prep);  // below: cheaper than a wake-up
 
     // Phase A: row blocks of 16 (one AMX tile of rows), weighted by bytes plus compute, split evenly.
     std::vector<int> blk_job, blk_row;
@@ -421,6 +477,7 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
         int b1 = (int)(std::lower_bound(cost.begin(), cost.end(), hi) - cost.begin());
         if (id == nt - 1) b1 = nb;
         float* sums = fused ? (float*)g_thread_priv[id].get(priv * sizeof(float)) : nullptr;
+        char* tbuf = tile_bytes ? g_thread_tiles[id].get(tile_bytes) : nullptr;
         bool tiles_on = false;
         for (int b = b0; b < b1;) {  // consecutive blocks of one job go in one call
             int k = blk_job[b], e = b;
@@ -429,8 +486,8 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
             int r0 = blk_row[b], r1 = std::min(j.R, blk_row[e - 1] + 16);
             if (j.tiles) {
                 if (kernel == AMX && !tiles_on) amx_hw::begin(), tiles_on = true;
-                if (kernel == AMX) amx_hw::gateup(j, r0, r1, H);
-                else amx_emu::gateup(j, r0, r1, H);
+                if (kernel == AMX) amx_hw::gateup(j, r0, r1, H, bk, tbuf);
+                else amx_emu::gateup(j, r0, r1, H, bk, tbuf);
             } else {
                 switch (vec) {
                     case SCALAR: gateup_scalar(j, r0, r1, H); break;
@@ -467,6 +524,7 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
         int c0 = std::min(H, units * id / nt * unit), c1 = std::min(H, units * (id + 1) / nt * unit);
         if (c0 >= c1) return;
         float* acc = (float*)g_thread_acc[id].get(0);
+        char* tbuf = tile_bytes ? g_thread_tiles[id].get(tile_bytes) : nullptr;
         bool tiles_on = false;
         for (size_t k = 0; k < jobs.size(); ++k) {
             const Job& j = jobs[k];
@@ -483,8 +541,8 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
                 }
             } else if (j.tiles) {
                 if (kernel == AMX && !tiles_on) amx_hw::begin(), tiles_on = true;
-                if (kernel == AMX) amx_hw::down(j, c0, c1, H, out);
-                else amx_emu::down(j, c0, c1, H, out);
+                if (kernel == AMX) amx_hw::down(j, c0, c1, H, out, bk, tbuf);
+                else amx_emu::down(j, c0, c1, H, out, bk, tbuf);
             } else {
                 for (int c = c0; c < c1; c += 256) {
                     int ce = std::min(c1, c + 256);
@@ -507,7 +565,7 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
 // Groups the (token, slot) pairs by expert here, so a layer costs Python one call.
 int moe_experts_topk(int kernel, int threads, const bf16* w, int64_t expert_stride, int H, int I, const float* x,
                      int N, int K, int E, const int64_t* ids, const float* weights, float* out, int amx_min_tokens,
-                     int64_t fused_max_bytes) {
+                     int64_t fused_max_bytes, int amx_down_rows, int amx_gu_hidden, int amx_gu_rows) {
     std::vector<int32_t> count(E + 1, 0), job_expert, job_r0, job_r1, job_off{0}, tok(N * K);
     std::vector<float> tok_w(N * K);
     for (int i = 0; i < N * K; ++i)
@@ -526,7 +584,7 @@ int moe_experts_topk(int kernel, int threads, const bf16* w, int64_t expert_stri
         }
     return moe_experts(kernel, threads, w, expert_stride, H, I, x, N, (int)job_expert.size(), job_expert.data(),
                        job_r0.data(), job_r1.data(), job_off.data(), tok.data(), tok_w.data(), out, amx_min_tokens,
-                       fused_max_bytes);
+                       fused_max_bytes, amx_down_rows, amx_gu_hidden, amx_gu_rows);
 }
 
 }  // extern "C"
