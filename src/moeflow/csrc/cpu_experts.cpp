@@ -266,7 +266,8 @@ static void pack_tokens(const Job& j, const float* x, int g, int H) {
                 continue;
             }
             const float* xr = x + (size_t)j.tok[tt] * H + k * 32;  // 32 contiguous floats into a 1 KiB tile
-            for (int p = 0; p < 16; ++p) o[p * 16 + t] = (uint32_t)f2bf(xr[2 * p]) | ((uint32_t)f2bf(xr[2 * p + 1]) << 16);
+            for (int p = 0; p < 16; ++p)
+                o[p * 16 + t] = (uint32_t)f2bf(xr[2 * p]) | ((uint32_t)f2bf(xr[2 * p + 1]) << 16);
         }
 }
 
