@@ -421,8 +421,8 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
     // a reduction follows (contiguous reads of whole rows). Many tokens: down by column chunks instead.
     const bool fused = (int64_t)(priv * sizeof(float) * threads) <= fused_max_bytes;
     for (Job& j : jobs) j.fused = fused && !j.tiles;
-    const AmxBlocking bk{std::clamp(amx_down_rows / 32, 1, (I + 31) / 32), std::clamp(amx_gu_hidden / 32, 1, H / 32),
-                         std::clamp(amx_gu_rows / 16, 1, 16)};
+    const AmxBlocking bk{std::clamp(amx_down_rows / 32, 1, (I + 31) / 32),
+                         std::clamp(amx_gu_hidden / 32, 1, std::max(1, H / 32)), std::clamp(amx_gu_rows / 16, 1, 16)};
     const size_t tile_bytes = max_tile_groups ? amx_scratch_bytes(bk, max_tile_groups) : 0;
     if ((int)g_thread_tiles.size() < threads) g_thread_tiles.resize(threads);
 
