@@ -132,6 +132,41 @@ def test_vector_and_tile_jobs_mixed(monkeypatch, kernel, amx_min):
         check(ce.layer(data, x, ids, w), reference(data, x, jobs_from_topk(ids, w, E), I), kernel)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kernel", ["amx-emu", "amx"])
+def test_amx_blocking_moves_no_sum(kernel, threads):
+    """The AMX blocking (rows of down_t per chunk, of H per gate/up slice, rows per gate/up block) only decides
+    where the fp32 sums wait between chunks, not their order: every blocking gives the same bits. Sizes give
+    several chunks and slices with partial last ones, 256-column blocks with a partial one (640 columns per
+    thread, or 320), odd and partial token groups, row ranges that are not multiples of a chunk, and R % 32
+    of 8, 16 and 24 (a 16-row half tile past R that gate/up never writes)."""
+    if kernel not in HERE:
+        pytest.skip(f"this CPU cannot run {kernel} (flags: amx_bf16, amx_tile)")
+    H, I = 640, 232
+    data, g = weights(2, H, I)
+    x = torch.randn(50, H, generator=g)
+    tok = [torch.randperm(50, generator=g)[:40], torch.arange(50), torch.tensor([3, 7, 11] * 5 + [1, 2])]
+    ws = [torch.rand(len(t), generator=g) for t in tok]
+    jobs = [Job(0, tok[0], ws[0]), Job(1, tok[1], ws[1], 0, 80), Job(1, tok[2], ws[2], 80, I)]
+    ce = CpuExperts(threads=threads, kernel=kernel)
+    # NaN left in the scratch (the next call's activations lie where these tokens were packed) must not leak:
+    # the activation rows past R, multiplied by zero rows of down_t, are zeroed, not assumed clean.
+    ce(data, torch.full_like(x, float("nan")), [Job(1, tok[1], ws[1])])
+    outs = []
+    for blocking in (native.AMX_BLOCKING, (64, 96, 32), (32, 32, 16), (96, 4096, 256)):
+        ce.amx_blocking = blocking
+        outs.append(ce(data, x, jobs))
+    check(outs[0], reference(data, x, jobs, I), kernel)
+    for got in outs[1:]:
+        assert torch.equal(got, outs[0])
+
+
+def test_amx_blocking_from_env(monkeypatch):
+    monkeypatch.setenv("MOEFLOW_AMX_DOWN_ROWS", "256")
+    monkeypatch.setenv("MOEFLOW_AMX_GU_ROWS", "32")
+    assert CpuExperts(kernel="torch").amx_blocking == (256, native.AMX_BLOCKING[1], 32)
+
+
 def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "/bin/false")
     monkeypatch.setenv("MOEFLOW_CACHE", str(tmp_path))

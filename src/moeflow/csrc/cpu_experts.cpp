@@ -1,7 +1,7 @@
 // One MoE layer's routed experts on the CPU: bf16 weights, fp32 accumulation, bandwidth-first.
 //
-// A call gets a list of jobs (expert, its tokens and weights, intermediate rows r0:r1) and runs two
-// parallel phases on its own thread pool:
+// A call gets a list of jobs (expert, its tokens and weights, intermediate rows r0:r1) and runs, on its own
+// thread pool, a preparation of the tokens (gathered, converted or packed per job) and two parallel phases:
 //   A  gate/up: row blocks of all jobs split over threads by cost; each block streams its gate and up rows
 //      once for all of the job's tokens and writes act = silu(gate) * up.
 //   B  down: H split into column chunks (multiples of 64 columns, so no two threads share a cache line of
@@ -12,8 +12,8 @@
 //
 // Kernels (chosen per call): 0 scalar, 1 AVX2+FMA (bf16 -> fp32 by a 16-bit shift), 2 AVX512-BF16
 // (vdpbf16ps for gate/up), 3 AMX-BF16 tiles, 4 the AMX tiling with the tile ops emulated in scalar code
-// (tests only). Everything ISA-specific carries a target attribute and is dispatched at run time, so the
-// file builds with plain -O3 on any x86-64 compiler that knows the intrinsics.
+// (tests only). Everything ISA-specific is compiled under a target pragma and dispatched at run time, so
+// the file builds with plain -O3 on any x86-64 compiler that knows the intrinsics.
 //
 // Legend: n = tokens of a job, R = rows of a job (r1 - r0), Rp = R rounded up to 32, H = hidden.
 
@@ -33,12 +33,10 @@
 #include <sys/syscall.h>
 #include <thread>
 #include <unistd.h>
+#include <utility>
 #include <vector>
 
 typedef uint16_t bf16;
-
-#define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
 
 enum Kernel { SCALAR = 0, AVX2 = 1, AVX512 = 2, AMX = 3, AMX_EMU = 4 };
 
@@ -144,8 +142,8 @@ struct Job {
     int n, R, Rp;                   // tokens, rows, rows padded to 32
     const int32_t* tok;             // [n] rows of out
     const float* w;                 // [n] routing weights
-    const void* x;                  // the job's tokens: fp32 [n, H], bf16 [n, H], or AMX-packed (see amx)
-    void* act;                      // silu(gate) * up: fp32 [n, R] or, for AMX, bf16 [16 * groups, Rp]
+    const void* x;                  // the job's tokens: fp32 [n, H], bf16 [n, H], or AMX-packed (pack_tokens)
+    void* act;                      // silu(gate) * up: fp32 [n, R] or, for AMX, bf16 tiles (pack_tokens)
     bool tiles;                     // AMX tiles (else the vector kernel)
     bool fused;                     // down by rows, into per-thread sums, in the gate/up pass
     size_t poff;                    // fused: offset of the job's [n, H] sums in each thread's buffer
@@ -203,366 +201,25 @@ static void down_rows_scalar(const Job& j, int r0, int r1, int H, float* acc) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// AVX2 + FMA: weights widened to fp32 by a shift, tokens in fp32.
+// AVX2 and AVX512-BF16 (cpu_experts_vec.inc, once per vector width).
 
-TGT_AVX2 static inline __m256 load8_bf16(const bf16* p) {
-    __m128i v = _mm_loadu_si128((const __m128i*)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define VEC_NS avx2
+#define VEC_W 8
+#include "cpu_experts_vec.inc"
+#undef VEC_W
+#undef VEC_NS
+#pragma GCC pop_options
 
-TGT_AVX2 static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-// NT tokens against one gate row and one up row: 2 * NT accumulators, each weight vector loaded once. Few
-// tokens: U = 2 sets of accumulators, so the sums are not one chain of dependent FMAs (latency-bound).
-template <int NT>
-TGT_AVX2 static inline void gateup_avx2_tile(const float* x, const bf16* g, const bf16* u, int H, float* sg,
-                                             float* su) {
-    constexpr int U = NT <= 2 ? 2 : 1;
-    __m256 ag[U][NT], au[U][NT];
-    for (int k = 0; k < U; ++k)
-        for (int t = 0; t < NT; ++t) ag[k][t] = au[k][t] = _mm256_setzero_ps();
-    int h = 0;
-    for (; h + 8 * U <= H; h += 8 * U)
-        for (int k = 0; k < U; ++k) {
-            __m256 wg = load8_bf16(g + h + 8 * k), wu = load8_bf16(u + h + 8 * k);
-            for (int t = 0; t < NT; ++t) {
-                __m256 xv = _mm256_loadu_ps(x + (size_t)t * H + h + 8 * k);
-                ag[k][t] = _mm256_fmadd_ps(xv, wg, ag[k][t]);
-                au[k][t] = _mm256_fmadd_ps(xv, wu, au[k][t]);
-            }
-        }
-    for (; h + 8 <= H; h += 8) {
-        __m256 wg = load8_bf16(g + h), wu = load8_bf16(u + h);
-        for (int t = 0; t < NT; ++t) {
-            __m256 xv = _mm256_loadu_ps(x + (size_t)t * H + h);
-            ag[0][t] = _mm256_fmadd_ps(xv, wg, ag[0][t]);
-            au[0][t] = _mm256_fmadd_ps(xv, wu, au[0][t]);
-        }
-    }
-    for (int t = 0; t < NT; ++t) {
-        for (int k = 1; k < U; ++k) {
-            ag[0][t] = _mm256_add_ps(ag[0][t], ag[k][t]);
-            au[0][t] = _mm256_add_ps(au[0][t], au[k][t]);
-        }
-        sg[t] = hsum8(ag[0][t]);
-        su[t] = hsum8(au[0][t]);
-        for (int k = h; k < H; ++k) {
-            sg[t] += x[(size_t)t * H + k] * bf2f(g[k]);
-            su[t] += x[(size_t)t * H + k] * bf2f(u[k]);
-        }
-    }
-}
-
-// Same on fp32 weights (a row widened once, then reused by every block of tokens): 2 * NT accumulators.
-template <int NT>
-TGT_AVX2 static inline void gateup_avx2_tile_f32(const float* x, const float* g, const float* u, int H, float* sg,
-                                                 float* su) {
-    __m256 ag[NT], au[NT];
-    for (int t = 0; t < NT; ++t) ag[t] = au[t] = _mm256_setzero_ps();
-    const int hv = H & ~7;
-    for (int h = 0; h < hv; h += 8) {
-        __m256 wg = _mm256_load_ps(g + h), wu = _mm256_load_ps(u + h);
-        for (int t = 0; t < NT; ++t) {
-            __m256 xv = _mm256_loadu_ps(x + (size_t)t * H + h);
-            ag[t] = _mm256_fmadd_ps(xv, wg, ag[t]);
-            au[t] = _mm256_fmadd_ps(xv, wu, au[t]);
-        }
-    }
-    for (int t = 0; t < NT; ++t) {
-        sg[t] = hsum8(ag[t]);
-        su[t] = hsum8(au[t]);
-        for (int k = hv; k < H; ++k) {
-            sg[t] += x[(size_t)t * H + k] * g[k];
-            su[t] += x[(size_t)t * H + k] * u[k];
-        }
-    }
-}
-
-TGT_AVX2 static void gateup_avx2(const Job& j, int b0, int b1, int H) {
-    const float* x = (const float*)j.x;
-    float* act = (float*)j.act;
-    float sg[6], su[6];
-    static thread_local std::vector<float> wide;  // more than 4 tokens: the row pair in fp32
-    if (j.n > 4 && wide.size() < 2 * (size_t)H + 16) wide.resize(2 * (size_t)H + 16);
-    float* gf = (float*)(((uintptr_t)wide.data() + 31) & ~(uintptr_t)31);
-    float* uf = gf + ((H + 7) & ~7);
-    for (int r = b0; r < b1; ++r) {
-        const bf16 *g = j.gate + (size_t)r * H, *u = j.up + (size_t)r * H;
-        if (j.n > 4) {
-            const int hv = H & ~7;
-            for (int h = 0; h < hv; h += 8) {
-                _mm256_store_ps(gf + h, load8_bf16(g + h));
-                _mm256_store_ps(uf + h, load8_bf16(u + h));
-            }
-            for (int h = hv; h < H; ++h) gf[h] = bf2f(g[h]), uf[h] = bf2f(u[h]);
-            for (int t = 0; t < j.n; t += 6) {
-                const int nt = std::min(6, j.n - t);
-                const float* xt = x + (size_t)t * H;
-                switch (nt) {
-                    case 6: gateup_avx2_tile_f32<6>(xt, gf, uf, H, sg, su); break;
-                    case 5: gateup_avx2_tile_f32<5>(xt, gf, uf, H, sg, su); break;
-                    case 4: gateup_avx2_tile_f32<4>(xt, gf, uf, H, sg, su); break;
-                    case 3: gateup_avx2_tile_f32<3>(xt, gf, uf, H, sg, su); break;
-                    case 2: gateup_avx2_tile_f32<2>(xt, gf, uf, H, sg, su); break;
-                    default: gateup_avx2_tile_f32<1>(xt, gf, uf, H, sg, su);
-                }
-                for (int k = 0; k < nt; ++k) act[(size_t)(t + k) * j.R + r] = silu(sg[k]) * su[k];
-            }
-            continue;
-        }
-        for (int t = 0; t < j.n; t += 4) {
-            int nt = std::min(4, j.n - t);
-            const float* xt = x + (size_t)t * H;
-            switch (nt) {
-                case 4: gateup_avx2_tile<4>(xt, g, u, H, sg, su); break;
-                case 3: gateup_avx2_tile<3>(xt, g, u, H, sg, su); break;
-                case 2: gateup_avx2_tile<2>(xt, g, u, H, sg, su); break;
-                default: gateup_avx2_tile<1>(xt, g, u, H, sg, su);
-            }
-            for (int k = 0; k < nt; ++k) act[(size_t)(t + k) * j.R + r] = silu(sg[k]) * su[k];
-        }
-    }
-}
-
-// Four rows of down_t at a time are widened into an L1 buffer, then added into every token's accumulator.
-TGT_AVX2 static void down_avx2(const Job& j, int c0, int c1, int H, float* acc, float* out) {
-    const float* act = (const float*)j.act;
-    const int cw = c1 - c0, cv = cw & ~7;
-    alignas(64) float wt[4][256];
-    std::memset(acc, 0, sizeof(float) * (size_t)j.n * cw);
-    for (int r = 0; r < j.R; r += 4) {
-        int nr = std::min(4, j.R - r);
-        for (int k = 0; k < 4; ++k) {
-            if (k < nr) {
-                const bf16* d = j.down + (size_t)(r + k) * H + c0;
-                _mm_prefetch((const char*)(d + 8 * (size_t)H), _MM_HINT_T0);
-                for (int c = 0; c < cv; c += 8) _mm256_store_ps(wt[k] + c, load8_bf16(d + c));
-                for (int c = cv; c < cw; ++c) wt[k][c] = bf2f(d[c]);
-            } else {
-                std::memset(wt[k], 0, sizeof(float) * cw);
-            }
-        }
-        for (int t = 0; t < j.n; ++t) {
-            const float* a = act + (size_t)t * j.R + r;
-            float a0 = a[0], a1 = nr > 1 ? a[1] : 0.f, a2 = nr > 2 ? a[2] : 0.f, a3 = nr > 3 ? a[3] : 0.f;
-            __m256 b0 = _mm256_set1_ps(a0), b1 = _mm256_set1_ps(a1), b2 = _mm256_set1_ps(a2),
-                   b3 = _mm256_set1_ps(a3);
-            float* at = acc + (size_t)t * cw;
-            for (int c = 0; c < cv; c += 8) {
-                __m256 s = _mm256_loadu_ps(at + c);
-                s = _mm256_fmadd_ps(b0, _mm256_load_ps(wt[0] + c), s);
-                s = _mm256_fmadd_ps(b1, _mm256_load_ps(wt[1] + c), s);
-                s = _mm256_fmadd_ps(b2, _mm256_load_ps(wt[2] + c), s);
-                s = _mm256_fmadd_ps(b3, _mm256_load_ps(wt[3] + c), s);
-                _mm256_storeu_ps(at + c, s);
-            }
-            for (int c = cv; c < cw; ++c) at[c] += a0 * wt[0][c] + a1 * wt[1][c] + a2 * wt[2][c] + a3 * wt[3][c];
-        }
-    }
-    for (int t = 0; t < j.n; ++t) {
-        float* o = out + (size_t)j.tok[t] * H + c0;
-        const float* at = acc + (size_t)t * cw;
-        __m256 wv = _mm256_set1_ps(j.w[t]);
-        for (int c = 0; c < cv; c += 8)
-            _mm256_storeu_ps(o + c, _mm256_fmadd_ps(wv, _mm256_loadu_ps(at + c), _mm256_loadu_ps(o + c)));
-        for (int c = cv; c < cw; ++c) o[c] += j.w[t] * at[c];
-    }
-}
-
-// Four rows at a time, widened into an L1 buffer, then added into each token's sums.
-TGT_AVX2 static void down_rows_avx2(const Job& j, int r0, int r1, int H, float* acc) {
-    const float* act = (const float*)j.act;
-    alignas(64) float wt[4][256];
-    // Blocks of 4 rows read each row whole (few streams); with many tokens, blocks of 16 rows (in L2) x 256
-    // columns keep the tokens' sums of a chunk in L1.
-    const int rows = (size_t)j.n * H * sizeof(float) <= ((size_t)64 << 10) ? 4 : 16;
-    for (int rb = r0; rb < r1; rb += rows) {
-        const int re = std::min(r1, rb + rows);
-        for (int c0 = 0; c0 < H; c0 += 256) {
-            const int cw = std::min(256, H - c0), cv = cw & ~7;
-            for (int r = rb; r < re; r += 4) {
-                const int nr = std::min(4, re - r);
-                for (int k = 0; k < 4; ++k) {
-                    if (k >= nr) {
-                        std::memset(wt[k], 0, sizeof(float) * cw);
-                        continue;
-                    }
-                    const bf16* d = j.down + (size_t)(r + k) * H + c0;
-                    for (int c = 256; c < 512 && c0 + c < H; c += 32)  // this row's next chunk
-                        _mm_prefetch((const char*)(d + c), _MM_HINT_T0);
-                    for (int c = 0; c < cv; c += 8) _mm256_store_ps(wt[k] + c, load8_bf16(d + c));
-                    for (int c = cv; c < cw; ++c) wt[k][c] = bf2f(d[c]);
-                }
-                for (int t = 0; t < j.n; ++t) {
-                    const float* a = act + (size_t)t * j.R + r;
-                    float a0 = a[0], a1 = nr > 1 ? a[1] : 0.f, a2 = nr > 2 ? a[2] : 0.f, a3 = nr > 3 ? a[3] : 0.f;
-                    __m256 b0 = _mm256_set1_ps(a0), b1 = _mm256_set1_ps(a1);
-                    __m256 b2 = _mm256_set1_ps(a2), b3 = _mm256_set1_ps(a3);
-                    float* at = acc + (size_t)t * H + c0;
-                    for (int c = 0; c < cv; c += 8) {
-                        __m256 s = _mm256_loadu_ps(at + c);
-                        s = _mm256_fmadd_ps(b0, _mm256_load_ps(wt[0] + c), s);
-                        s = _mm256_fmadd_ps(b1, _mm256_load_ps(wt[1] + c), s);
-                        s = _mm256_fmadd_ps(b2, _mm256_load_ps(wt[2] + c), s);
-                        s = _mm256_fmadd_ps(b3, _mm256_load_ps(wt[3] + c), s);
-                        _mm256_storeu_ps(at + c, s);
-                    }
-                    for (int c = cv; c < cw; ++c)
-                        at[c] += a0 * wt[0][c] + a1 * wt[1][c] + a2 * wt[2][c] + a3 * wt[3][c];
-                }
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------
-// AVX512-BF16: gate/up by vdpbf16ps on bf16 tokens (pairs of H summed in fp32); down as AVX2, 16 wide.
-
-template <int NT>
-TGT_AVX512 static inline void gateup_avx512_tile(const bf16* x, const bf16* g, const bf16* u, int H, float* sg,
-                                                 float* su) {
-    constexpr int U = NT <= 2 ? 2 : 1;  // as in AVX2: two chains of dependent dot products for few tokens
-    __m512 ag[U][NT], au[U][NT];
-    for (int k = 0; k < U; ++k)
-        for (int t = 0; t < NT; ++t) ag[k][t] = au[k][t] = _mm512_setzero_ps();
-    for (int h = 0; h < H; h += 32 * U)
-        for (int k = 0; k < U; ++k) {
-            const int left = H - h - 32 * k;
-            if (left <= 0) break;
-            __mmask32 m = left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1);
-            __m512bh wg = (__m512bh)_mm512_maskz_loadu_epi16(m, g + h + 32 * k);
-            __m512bh wu = (__m512bh)_mm512_maskz_loadu_epi16(m, u + h + 32 * k);
-            for (int t = 0; t < NT; ++t) {
-                __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + (size_t)t * H + h + 32 * k);
-                ag[k][t] = _mm512_dpbf16_ps(ag[k][t], xv, wg);
-                au[k][t] = _mm512_dpbf16_ps(au[k][t], xv, wu);
-            }
-        }
-    for (int t = 0; t < NT; ++t) {
-        for (int k = 1; k < U; ++k) {
-            ag[0][t] = _mm512_add_ps(ag[0][t], ag[k][t]);
-            au[0][t] = _mm512_add_ps(au[0][t], au[k][t]);
-        }
-        sg[t] = _mm512_reduce_add_ps(ag[0][t]);
-        su[t] = _mm512_reduce_add_ps(au[0][t]);
-    }
-}
-
-TGT_AVX512 static void gateup_avx512(const Job& j, int b0, int b1, int H) {
-    const bf16* x = (const bf16*)j.x;
-    float* act = (float*)j.act;
-    float sg[4], su[4];
-    for (int r = b0; r < b1; ++r) {
-        const bf16 *g = j.gate + (size_t)r * H, *u = j.up + (size_t)r * H;
-        for (int t = 0; t < j.n; t += 4) {
-            int nt = std::min(4, j.n - t);
-            const bf16* xt = x + (size_t)t * H;
-            switch (nt) {
-                case 4: gateup_avx512_tile<4>(xt, g, u, H, sg, su); break;
-                case 3: gateup_avx512_tile<3>(xt, g, u, H, sg, su); break;
-                case 2: gateup_avx512_tile<2>(xt, g, u, H, sg, su); break;
-                default: gateup_avx512_tile<1>(xt, g, u, H, sg, su);
-            }
-            for (int k = 0; k < nt; ++k) act[(size_t)(t + k) * j.R + r] = silu(sg[k]) * su[k];
-        }
-    }
-}
-
-TGT_AVX512 static inline __m512 load16_bf16(const bf16* p) {
-    __m256i v = _mm256_loadu_si256((const __m256i*)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-TGT_AVX512 static void down_avx512(const Job& j, int c0, int c1, int H, float* acc, float* out) {
-    const float* act = (const float*)j.act;
-    const int cw = c1 - c0, cv = cw & ~15;
-    alignas(64) float wt[4][256];
-    std::memset(acc, 0, sizeof(float) * (size_t)j.n * cw);
-    for (int r = 0; r < j.R; r += 4) {
-        int nr = std::min(4, j.R - r);
-        for (int k = 0; k < 4; ++k) {
-            if (k < nr) {
-                const bf16* d = j.down + (size_t)(r + k) * H + c0;
-                for (int c = 0; c < cw; c += 32) _mm_prefetch((const char*)(d + 8 * (size_t)H + c), _MM_HINT_T0);
-                for (int c = 0; c < cv; c += 16) _mm512_store_ps(wt[k] + c, load16_bf16(d + c));
-                for (int c = cv; c < cw; ++c) wt[k][c] = bf2f(d[c]);
-            } else {
-                std::memset(wt[k], 0, sizeof(float) * cw);
-            }
-        }
-        for (int t = 0; t < j.n; ++t) {
-            const float* a = act + (size_t)t * j.R + r;
-            float a0 = a[0], a1 = nr > 1 ? a[1] : 0.f, a2 = nr > 2 ? a[2] : 0.f, a3 = nr > 3 ? a[3] : 0.f;
-            __m512 b0 = _mm512_set1_ps(a0), b1 = _mm512_set1_ps(a1), b2 = _mm512_set1_ps(a2),
-                   b3 = _mm512_set1_ps(a3);
-            float* at = acc + (size_t)t * cw;
-            for (int c = 0; c < cv; c += 16) {
-                __m512 s = _mm512_loadu_ps(at + c);
-                s = _mm512_fmadd_ps(b0, _mm512_load_ps(wt[0] + c), s);
-                s = _mm512_fmadd_ps(b1, _mm512_load_ps(wt[1] + c), s);
-                s = _mm512_fmadd_ps(b2, _mm512_load_ps(wt[2] + c), s);
-                s = _mm512_fmadd_ps(b3, _mm512_load_ps(wt[3] + c), s);
-                _mm512_storeu_ps(at + c, s);
-            }
-            for (int c = cv; c < cw; ++c) at[c] += a0 * wt[0][c] + a1 * wt[1][c] + a2 * wt[2][c] + a3 * wt[3][c];
-        }
-    }
-    for (int t = 0; t < j.n; ++t) {
-        float* o = out + (size_t)j.tok[t] * H + c0;
-        const float* at = acc + (size_t)t * cw;
-        for (int c = 0; c < cw; ++c) o[c] += j.w[t] * at[c];
-    }
-}
-
-TGT_AVX512 static void down_rows_avx512(const Job& j, int r0, int r1, int H, float* acc) {
-    const float* act = (const float*)j.act;
-    alignas(64) float wt[4][256];
-    // Blocks of 4 rows read each row whole (few streams); with many tokens, blocks of 16 rows (in L2) x 256
-    // columns keep the tokens' sums of a chunk in L1.
-    const int rows = (size_t)j.n * H * sizeof(float) <= ((size_t)64 << 10) ? 4 : 16;
-    for (int rb = r0; rb < r1; rb += rows) {
-        const int re = std::min(r1, rb + rows);
-        for (int c0 = 0; c0 < H; c0 += 256) {
-            const int cw = std::min(256, H - c0), cv = cw & ~15;
-            for (int r = rb; r < re; r += 4) {
-                const int nr = std::min(4, re - r);
-                for (int k = 0; k < 4; ++k) {
-                    if (k >= nr) {
-                        std::memset(wt[k], 0, sizeof(float) * cw);
-                        continue;
-                    }
-                    const bf16* d = j.down + (size_t)(r + k) * H + c0;
-                    for (int c = 256; c < 512 && c0 + c < H; c += 32)  // this row's next chunk
-                        _mm_prefetch((const char*)(d + c), _MM_HINT_T0);
-                    for (int c = 0; c < cv; c += 16) _mm512_store_ps(wt[k] + c, load16_bf16(d + c));
-                    for (int c = cv; c < cw; ++c) wt[k][c] = bf2f(d[c]);
-                }
-                for (int t = 0; t < j.n; ++t) {
-                    const float* a = act + (size_t)t * j.R + r;
-                    float a0 = a[0], a1 = nr > 1 ? a[1] : 0.f, a2 = nr > 2 ? a[2] : 0.f, a3 = nr > 3 ? a[3] : 0.f;
-                    __m512 b0 = _mm512_set1_ps(a0), b1 = _mm512_set1_ps(a1);
-                    __m512 b2 = _mm512_set1_ps(a2), b3 = _mm512_set1_ps(a3);
-                    float* at = acc + (size_t)t * H + c0;
-                    for (int c = 0; c < cv; c += 16) {
-                        __m512 s = _mm512_loadu_ps(at + c);
-                        s = _mm512_fmadd_ps(b0, _mm512_load_ps(wt[0] + c), s);
-                        s = _mm512_fmadd_ps(b1, _mm512_load_ps(wt[1] + c), s);
-                        s = _mm512_fmadd_ps(b2, _mm512_load_ps(wt[2] + c), s);
-                        s = _mm512_fmadd_ps(b3, _mm512_load_ps(wt[3] + c), s);
-                        _mm512_storeu_ps(at + c, s);
-                    }
-                    for (int c = cv; c < cw; ++c)
-                        at[c] += a0 * wt[0][c] + a1 * wt[1][c] + a2 * wt[2][c] + a3 * wt[3][c];
-                }
-            }
-        }
-    }
-}
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
+#define VEC_NS avx512
+#define VEC_W 16
+#include "cpu_experts_vec.inc"
+#undef VEC_W
+#undef VEC_NS
+#pragma GCC pop_options
 
 // ---------------------------------------------------------------------------------------------------
 // AMX: the same tiling twice, once on the hardware tiles and once with the tile ops emulated in scalar
@@ -578,6 +235,40 @@ static TileConfig full_tiles() {  // every tile 16 rows x 64 bytes
     TileConfig c;
     for (int i = 0; i < 8; ++i) c.colsb[i] = 64, c.rows[i] = 16;
     return c;
+}
+
+// The AMX blocking, in k-steps of 32 (moe_experts' amx_* arguments). Per-thread buffers, in KiB:
+// gate/up 2 * gu_tiles * (gu_steps + groups), down (DOWN_COLS / 16) * (down_steps + groups).
+struct AmxBlocking {
+    int down_steps;  // down: k-steps (32 rows of down_t) repacked per chunk
+    int gu_steps;    // gate/up: k-steps (32 of H) copied per slice
+    int gu_tiles;    // gate/up: row tiles (16 rows) per block
+};
+static const int DOWN_COLS = 256;  // down: columns per chunk (a thread's columns: Mixtral's H / 16 threads)
+
+static size_t amx_scratch_bytes(const AmxBlocking& b, int groups) {
+    const size_t gu = (size_t)2 * b.gu_tiles * (b.gu_steps + groups);
+    const size_t down = (size_t)(DOWN_COLS / 16) * (b.down_steps + groups);
+    return std::max(gu, down) * 1024;
+}
+
+// Layouts of a tiled job (tiles of 1 KiB): packed tokens [groups][H / 32][16 pairs][16 tokens] bf16 pairs (B of
+// gate/up); act [groups][Rp / 32][16 tokens][32 rows] bf16 (A of down).
+// Tokens 16g:16g + 16 of the job (rows tok of x [N, H] fp32) into its packed tokens; missing tokens are zeros.
+static void pack_tokens(const Job& j, const float* x, int g, int H) {
+    const int KS = H / 32;
+    uint32_t* o = (uint32_t*)j.x + (size_t)g * KS * 256;
+    for (int k = 0; k < KS; ++k, o += 256)
+        for (int t = 0; t < 16; ++t) {
+            const int tt = g * 16 + t;
+            if (tt >= j.n) {
+                for (int p = 0; p < 16; ++p) o[p * 16 + t] = 0;
+                continue;
+            }
+            const float* xr = x + (size_t)j.tok[tt] * H + k * 32;  // 32 contiguous floats into a 1 KiB tile
+            for (int p = 0; p < 16; ++p)
+                o[p * 16 + t] = (uint32_t)f2bf(xr[2 * p]) | ((uint32_t)f2bf(xr[2 * p + 1]) << 16);
+        }
 }
 
 #pragma GCC push_options
@@ -653,6 +344,7 @@ static std::mutex g_call;
 static Pool g_pool;
 static std::vector<Scratch> g_thread_acc;   // down by columns: [n, 256] sums
 static std::vector<Scratch> g_thread_priv;  // fused down: each thread's [n, H] sums of every job
+static std::vector<Scratch> g_thread_tiles; // AMX: each thread's weight tiles and sums (amx_scratch_bytes)
 
 static inline size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
@@ -674,11 +366,12 @@ void moe_last_phases(double* s) { std::memcpy(s, g_phase_s, sizeof(g_phase_s)); 
 // tiles the jobs of at least amx_min_tokens tokens; the rest take the vector path (AVX-512 beside AMX,
 // scalar beside the emulation). Returns the threads used (>= 1), or -1 for an unknown kernel, -2 for a
 // kernel this CPU cannot run. The vector path fuses down into the gate/up pass while the per-thread sums
-// take at most fused_max_bytes.
+// take at most fused_max_bytes. The AMX blocking (AmxBlocking): amx_down_rows rows of down_t per chunk,
+// amx_gu_hidden of H per gate/up slice, amx_gu_rows rows per gate/up block (rounded down to 32, 32, 16).
 int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, int H, int I, const float* x, int N,
                 int n_jobs, const int32_t* job_expert, const int32_t* job_r0, const int32_t* job_r1,
                 const int32_t* job_off, const int32_t* tok, const float* tok_w, float* out, int amx_min_tokens,
-                int64_t fused_max_bytes) {
+                int64_t fused_max_bytes, int amx_down_rows, int amx_gu_hidden, int amx_gu_rows) {
     (void)N;
     if (kernel < 0 || kernel > AMX_EMU) return -1;
     int feat = cpu_features();
@@ -694,7 +387,7 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
     std::vector<Job> jobs;
     std::vector<size_t> xoff, aoff;
     size_t total = 0, priv = 0;
-    int max_n = 0;
+    int max_n = 0, max_tile_groups = 0;
     for (int k = 0; k < n_jobs; ++k) {
         int n = job_off[k + 1] - job_off[k], r0 = job_r0[k], r1 = job_r1[k];
         if (n <= 0 || r1 <= r0) continue;
@@ -721,30 +414,50 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
         total += align64(as);
         jobs.push_back(j);
         max_n = std::max(max_n, n);
+        if (j.tiles) max_tile_groups = std::max(max_tile_groups, groups16(n));
     }
     if (jobs.empty()) return 1;
     // Few tokens: each thread adds its rows of down_t into its own [n, H] sums while the rows are hot, and
     // a reduction follows (contiguous reads of whole rows). Many tokens: down by column chunks instead.
     const bool fused = (int64_t)(priv * sizeof(float) * threads) <= fused_max_bytes;
     for (Job& j : jobs) j.fused = fused && !j.tiles;
+    const AmxBlocking bk{std::clamp(amx_down_rows / 32, 1, (I + 31) / 32),
+                         std::clamp(amx_gu_hidden / 32, 1, std::max(1, H / 32)), std::clamp(amx_gu_rows / 16, 1, 16)};
+    const size_t tile_bytes = max_tile_groups ? amx_scratch_bytes(bk, max_tile_groups) : 0;
+    if ((int)g_thread_tiles.size() < threads) g_thread_tiles.resize(threads);
+
+    // Preparation by (job, group of 16 tokens): the tokens gathered (fp32), converted (bf16, for AVX-512) or
+    // packed (tiles). gate/up writes act by whole 16-row tiles, which leaves a tiled job's 16 rows past R
+    // unwritten where R % 32 is in 1..16: its last act tile is zeroed here (down multiplies it by zero rows).
     static Scratch scratch;
     char* base = scratch.get(total);
+    std::vector<std::pair<int, int>> pu;  // (job, group)
+    size_t elems = 0;
     for (size_t k = 0; k < jobs.size(); ++k) {
-        Job& j = jobs[k];
-        j.x = base + xoff[k];
-        j.act = base + aoff[k];
-        if (j.tiles) {
-            std::memset(j.act, 0, (size_t)groups16(j.n) * 16 * j.Rp * 2);
-            amx_emu::pack_tokens(x, j.tok, j.n, H, (uint32_t*)(base + xoff[k]));
-        } else if (vec == AVX512) {
-            bf16* xb = (bf16*)(base + xoff[k]);
-            for (int t = 0; t < j.n; ++t)
-                for (int h = 0; h < H; ++h) xb[(size_t)t * H + h] = f2bf(x[(size_t)j.tok[t] * H + h]);
-        } else {
-            float* xf = (float*)(base + xoff[k]);
-            for (int t = 0; t < j.n; ++t) std::memcpy(xf + (size_t)t * H, x + (size_t)j.tok[t] * H, 4 * (size_t)H);
-        }
+        jobs[k].x = base + xoff[k];
+        jobs[k].act = base + aoff[k];
+        for (int g = 0; g < groups16(jobs[k].n); ++g) pu.emplace_back((int)k, g);
+        elems += (size_t)jobs[k].n * H;
     }
+    auto prep = [&](int id, int nt) {
+        for (size_t u = pu.size() * id / nt; u < pu.size() * (id + 1) / nt; ++u) {
+            const Job& j = jobs[pu[u].first];
+            const int g = pu[u].second, te = std::min(j.n, g * 16 + 16);
+            if (j.tiles) {
+                pack_tokens(j, x, g, H);
+                if (j.R % 32) std::memset((bf16*)j.act + ((size_t)(g + 1) * (j.Rp / 32) - 1) * 512, 0, 1024);
+            } else if (vec == AVX512) {
+                bf16* xb = (bf16*)j.x;
+                for (int t = g * 16; t < te; ++t)
+                    for (int h = 0; h < H; ++h) xb[(size_t)t * H + h] = f2bf(x[(size_t)j.tok[t] * H + h]);
+            } else {
+                float* xf = (float*)j.x;
+                for (int t = g * 16; t < te; ++t)
+                    std::memcpy(xf + (size_t)t * H, x + (size_t)j.tok[t] * H, 4 * (size_t)H);
+            }
+        }
+    };
+    g_pool.run(elems >= (1 << 16) ? std::min(threads, (int)pu.size()) : 1, prep);  // below: cheaper than a wake-up
 
     // Phase A: row blocks of 16 (one AMX tile of rows), weighted by bytes plus compute, split evenly.
     std::vector<int> blk_job, blk_row;
@@ -765,6 +478,7 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
         int b1 = (int)(std::lower_bound(cost.begin(), cost.end(), hi) - cost.begin());
         if (id == nt - 1) b1 = nb;
         float* sums = fused ? (float*)g_thread_priv[id].get(priv * sizeof(float)) : nullptr;
+        char* tbuf = tile_bytes ? g_thread_tiles[id].get(tile_bytes) : nullptr;
         bool tiles_on = false;
         for (int b = b0; b < b1;) {  // consecutive blocks of one job go in one call
             int k = blk_job[b], e = b;
@@ -773,13 +487,13 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
             int r0 = blk_row[b], r1 = std::min(j.R, blk_row[e - 1] + 16);
             if (j.tiles) {
                 if (kernel == AMX && !tiles_on) amx_hw::begin(), tiles_on = true;
-                if (kernel == AMX) amx_hw::gateup(j, r0, r1, H);
-                else amx_emu::gateup(j, r0, r1, H);
+                if (kernel == AMX) amx_hw::gateup(j, r0, r1, H, bk, tbuf);
+                else amx_emu::gateup(j, r0, r1, H, bk, tbuf);
             } else {
                 switch (vec) {
                     case SCALAR: gateup_scalar(j, r0, r1, H); break;
-                    case AVX2: gateup_avx2(j, r0, r1, H); break;
-                    default: gateup_avx512(j, r0, r1, H);
+                    case AVX2: avx2::gateup(j, r0, r1, H); break;
+                    default: avx512::gateup(j, r0, r1, H);
                 }
             }
             if (j.fused) {
@@ -789,8 +503,8 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
                 touched_hi[id] = k;
                 switch (vec) {
                     case SCALAR: down_rows_scalar(j, r0, r1, H, acc); break;
-                    case AVX2: down_rows_avx2(j, r0, r1, H, acc); break;
-                    default: down_rows_avx512(j, r0, r1, H, acc);
+                    case AVX2: avx2::down_rows(j, r0, r1, H, acc); break;
+                    default: avx512::down_rows(j, r0, r1, H, acc);
                 }
             }
             b = e;
@@ -811,6 +525,7 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
         int c0 = std::min(H, units * id / nt * unit), c1 = std::min(H, units * (id + 1) / nt * unit);
         if (c0 >= c1) return;
         float* acc = (float*)g_thread_acc[id].get(0);
+        char* tbuf = tile_bytes ? g_thread_tiles[id].get(tile_bytes) : nullptr;
         bool tiles_on = false;
         for (size_t k = 0; k < jobs.size(); ++k) {
             const Job& j = jobs[k];
@@ -827,15 +542,15 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
                 }
             } else if (j.tiles) {
                 if (kernel == AMX && !tiles_on) amx_hw::begin(), tiles_on = true;
-                if (kernel == AMX) amx_hw::down(j, c0, c1, H, out);
-                else amx_emu::down(j, c0, c1, H, out);
+                if (kernel == AMX) amx_hw::down(j, c0, c1, H, out, bk, tbuf);
+                else amx_emu::down(j, c0, c1, H, out, bk, tbuf);
             } else {
                 for (int c = c0; c < c1; c += 256) {
                     int ce = std::min(c1, c + 256);
                     switch (vec) {
                         case SCALAR: down_scalar(j, c, ce, H, acc, out); break;
-                        case AVX2: down_avx2(j, c, ce, H, acc, out); break;
-                        default: down_avx512(j, c, ce, H, acc, out);
+                        case AVX2: avx2::down(j, c, ce, H, acc, out); break;
+                        default: avx512::down(j, c, ce, H, acc, out);
                     }
                 }
             }
@@ -851,7 +566,7 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
 // Groups the (token, slot) pairs by expert here, so a layer costs Python one call.
 int moe_experts_topk(int kernel, int threads, const bf16* w, int64_t expert_stride, int H, int I, const float* x,
                      int N, int K, int E, const int64_t* ids, const float* weights, float* out, int amx_min_tokens,
-                     int64_t fused_max_bytes) {
+                     int64_t fused_max_bytes, int amx_down_rows, int amx_gu_hidden, int amx_gu_rows) {
     std::vector<int32_t> count(E + 1, 0), job_expert, job_r0, job_r1, job_off{0}, tok(N * K);
     std::vector<float> tok_w(N * K);
     for (int i = 0; i < N * K; ++i)
@@ -870,7 +585,7 @@ int moe_experts_topk(int kernel, int threads, const bf16* w, int64_t expert_stri
         }
     return moe_experts(kernel, threads, w, expert_stride, H, I, x, N, (int)job_expert.size(), job_expert.data(),
                        job_r0.data(), job_r1.data(), job_off.data(), tok.data(), tok_w.data(), out, amx_min_tokens,
-                       fused_max_bytes);
+                       fused_max_bytes, amx_down_rows, amx_gu_hidden, amx_gu_rows);
 }
 
 }  // extern "C"

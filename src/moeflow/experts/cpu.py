@@ -3,7 +3,10 @@ with PyTorch where the kernel cannot be built or the store is not bf16.
 
 Env: MOEFLOW_CPU_KERNEL = auto | torch | scalar | avx2 | avx512 | amx | amx-emu (auto: the fastest this
 CPU runs); MOEFLOW_CPU_THREADS (default: the physical cores this process may use); MOEFLOW_AMX_MIN_TOKENS
-(amx: the fewest tokens of an expert that go to the tiles, default 16).
+(amx: the fewest tokens of an expert that go to the tiles, default 16). Tuning of the AMX blocking (defaults
+in native.AMX_BLOCKING): MOEFLOW_AMX_DOWN_ROWS (rows of down_t repacked per chunk, a multiple of 32),
+MOEFLOW_AMX_GU_HIDDEN (of H per gate/up slice, a multiple of 32), MOEFLOW_AMX_GU_ROWS (gate/up rows per
+block, a multiple of 16).
 Legend: N = tokens, K = experts per token, H = hidden, I = intermediate rows, E = experts.
 """
 
@@ -17,7 +20,7 @@ import torch
 
 from moeflow import MoeflowError
 from moeflow.experts.local import partial_ffn
-from moeflow.experts.native import KERNELS, NativeKernel, load
+from moeflow.experts.native import AMX_BLOCKING, KERNELS, NativeKernel, load
 from moeflow.experts.store import expert_rows
 
 
@@ -95,6 +98,8 @@ class CpuExperts:
         default_from = "8" if self.native is not None and "amx" in self.native.features else "0"
         self.torch_from_tokens = int(os.environ.get("MOEFLOW_CPU_TORCH_FROM", default_from)) if name == "auto" else 0
         self.fused_max_bytes = 64 << 20  # per-thread sums of the one-pass down path, all threads together
+        self.amx_blocking = tuple(int(os.environ.get(f"MOEFLOW_AMX_{k}", d))
+                                  for k, d in zip(("DOWN_ROWS", "GU_HIDDEN", "GU_ROWS"), AMX_BLOCKING))
         self.threads_used = 0  # as reported by the last native call
 
     def uses_native(self, data: torch.Tensor) -> bool:
@@ -129,7 +134,8 @@ class CpuExperts:
         tok = torch.cat([j.tok for j in jobs]).to(torch.int32)
         w = torch.cat([j.w.reshape(-1) for j in jobs]).to(torch.float32)
         self.threads_used = self.native.run(self.kernel, self.threads, data, H, I, x.to(torch.float32).contiguous(),
-                                            N, meta, tok, w, out, self.amx_min_tokens, self.fused_max_bytes)
+                                            N, meta, tok, w, out, self.amx_min_tokens, self.fused_max_bytes,
+                                            self.amx_blocking)
         return out
 
     def expert(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
@@ -149,7 +155,7 @@ class CpuExperts:
             self.threads_used = self.native.run_topk(
                 self.kernel, self.threads, data, H, data.shape[1] // (3 * H), x.to(torch.float32).contiguous(),
                 topk_ids.to(torch.int64).contiguous(), topk_weights.to(torch.float32).contiguous(), out,
-                self.amx_min_tokens, self.fused_max_bytes)
+                self.amx_min_tokens, self.fused_max_bytes, self.amx_blocking)
         return out
 
     @staticmethod

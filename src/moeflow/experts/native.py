@@ -17,9 +17,11 @@ import warnings
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "csrc"
-SOURCES = ("cpu_experts.cpp", "cpu_experts_amx.inc")
+SOURCES = ("cpu_experts.cpp", "cpu_experts_vec.inc", "cpu_experts_amx.inc")  # the .inc files are included by the .cpp
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
 KERNELS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3, "amx-emu": 4}  # the kernel numbers of the .cpp
+# The AMX blocking: rows of down_t repacked per chunk, of H per gate/up slice, rows per gate/up block (L2-sized)
+AMX_BLOCKING = (512, 512, 64)
 
 _loaded: dict[str, NativeKernel | None] = {}  # by compiler
 
@@ -69,9 +71,9 @@ class NativeKernel:
         self.path = path
         self.lib = lib = ctypes.CDLL(str(path))
         p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        lib.moe_experts.argtypes = [i, i, p, i64, i, i, p, i, i, p, p, p, p, p, p, p, i, i64]
+        lib.moe_experts.argtypes = [i, i, p, i64, i, i, p, i, i, p, p, p, p, p, p, p, i, i64, i, i, i]
         lib.moe_experts.restype = i
-        lib.moe_experts_topk.argtypes = [i, i, p, i64, i, i, p, i, i, i, p, p, p, i, i64]
+        lib.moe_experts_topk.argtypes = [i, i, p, i64, i, i, p, i, i, i, p, p, p, i, i64, i, i, i]
         lib.moe_experts_topk.restype = i
         lib.moe_features.restype = i
         lib.moe_amx_ready.restype = i
@@ -94,29 +96,32 @@ class NativeKernel:
         return next(k for k in ("amx", "avx512", "avx2", "scalar") if self.can_run(k))
 
     def run(self, kernel: str, threads: int, data, hidden: int, inter: int, x, n_tokens: int, meta, tok, tok_w, out,
-            amx_min_tokens: int = 16, fused_max_bytes: int = 64 << 20) -> int:
+            amx_min_tokens: int = 16, fused_max_bytes: int = 64 << 20,
+            amx_blocking: tuple[int, int, int] = AMX_BLOCKING) -> int:
         """One layer's J jobs; returns the threads used. meta: int32 [4J + 1] = experts, r0s, r1s, and the
         J + 1 offsets of each job's tokens in tok (int32, rows of x) and tok_w (fp32); x, out [N, H] fp32.
         With amx (and amx-emu), jobs of fewer than amx_min_tokens tokens take the vector path, which adds
         down_t rows into per-thread sums in the gate/up pass while those take at most fused_max_bytes (else
-        down by columns)."""
+        down by columns). amx_blocking: see AMX_BLOCKING."""
         J = (meta.numel() - 1) // 4
         m = meta.data_ptr()
         n = self.lib.moe_experts(KERNELS[kernel], threads, data.data_ptr(), data.stride(0), hidden, inter,
                                  x.data_ptr(), n_tokens, J, m, m + 4 * J, m + 8 * J, m + 12 * J, tok.data_ptr(),
-                                 tok_w.data_ptr(), out.data_ptr(), amx_min_tokens, fused_max_bytes)
+                                 tok_w.data_ptr(), out.data_ptr(), amx_min_tokens, fused_max_bytes, *amx_blocking)
         if n < 0:
             raise RuntimeError(f"native CPU kernel {kernel} refused the call ({n})")
         return n
 
     def run_topk(self, kernel: str, threads: int, data, hidden: int, inter: int, x, topk_ids, topk_weights, out,
-                 amx_min_tokens: int = 16, fused_max_bytes: int = 64 << 20) -> int:
+                 amx_min_tokens: int = 16, fused_max_bytes: int = 64 << 20,
+                 amx_blocking: tuple[int, int, int] = AMX_BLOCKING) -> int:
         """Every selected expert of a layer, grouped by expert in C: topk_ids [N, K] int64, topk_weights
         [N, K] fp32, x [N, H] fp32, out [N, H] fp32 (all contiguous)."""
         N, K = topk_ids.shape
         n = self.lib.moe_experts_topk(KERNELS[kernel], threads, data.data_ptr(), data.stride(0), hidden, inter,
                                       x.data_ptr(), N, K, data.shape[0], topk_ids.data_ptr(),
-                                      topk_weights.data_ptr(), out.data_ptr(), amx_min_tokens, fused_max_bytes)
+                                      topk_weights.data_ptr(), out.data_ptr(), amx_min_tokens, fused_max_bytes,
+                                      *amx_blocking)
         if n < 0:
             raise RuntimeError(f"native CPU kernel {kernel} refused the call ({n})")
         return n
