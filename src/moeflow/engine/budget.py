@@ -61,12 +61,10 @@ class Budget:
 
 
 def share_budget(name: str, cfg: ModelConfig, policy: OffloadPolicy, gpu_memory: int, dense_bytes: int,
-                 expert_bytes: int, kv_bytes: int, step_tokens: int, itemsize: int, max_seqs: int = 1,
-                 held_bytes: int = 0) -> Budget:
-    """Slots for the experts once the rest is paid for; MoeflowError with the figures when too few.
-    held_bytes: GPU memory the allocator already holds beyond the weights and the KV cache (fragments)."""
+                 expert_bytes: int, kv_bytes: int, step_tokens: int, itemsize: int, max_seqs: int = 1) -> Budget:
+    """Slots for the experts once the rest is paid for; MoeflowError with the figures when too few."""
     L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok
-    work = step_workspace(cfg, kv_bytes, step_tokens, itemsize, max_seqs) + held_bytes
+    work = step_workspace(cfg, kv_bytes, step_tokens, itemsize, max_seqs)
     fixed = dense_bytes + kv_bytes + work
     slots = max(gpu_memory - fixed, 0) // expert_bytes
     need = policy.min_slots(L, E, K)

@@ -33,13 +33,14 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
     policy = get_policy(oc.policy)
     held = 0
     if device.type == "cuda":
-        # The cap below counts what the allocator holds, fragments of earlier work included: budget for them,
-        # once the garbage of earlier work (an engine no longer referenced) is collected and given back.
+        # The allocator's cap below counts the whole process. What it already holds beyond this model's weights
+        # and KV cache (other tensors, fragments of earlier work that cannot be given back) is not the budget's:
+        # the cap is raised by it, once the garbage of earlier work is collected and given back.
         gc.collect()
         torch.cuda.empty_cache()
         held = max(torch.cuda.memory_reserved(device) - ck.dense_bytes - kv_bytes, 0)
     budget = share_budget(ck.name, cfg, policy, oc.gpu_memory, ck.dense_bytes, store.expert_bytes, kv_bytes,
-                          step_tokens, store.data.element_size(), max_seqs, held)
+                          step_tokens, store.data.element_size(), max_seqs)
     split = budget.split
     if oc.placement:
         placement = Placement.load(oc.placement)
@@ -53,7 +54,7 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
         torch.set_num_threads(max(CPU_THREADS - 1, 1))
         store.pin()
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, oc.gpu_memory / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (oc.gpu_memory + held) / total), device)
     if costs is None and policy.needs_costs and device.type == "cuda":
         # One source of truth: this machine's cached profile (`moeflow profile`) when it holds this expert
         # shape; otherwise the backend measures its costs at start, as before.
