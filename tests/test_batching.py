@@ -46,3 +46,20 @@ def test_a_step_runs_at_most_max_len_tokens(ck):
     while eng.has_unfinished:
         eng.step()
     assert all(s.output_ids == seqs[0].output_ids for s in seqs)
+
+
+def test_padded_batch_stays_within_max_len(ck):
+    """A batched step pads every sequence to the longest: three decoding sequences and a 20-token prompt
+    would pad to 4 x 20 > 64 tokens, so the prompt waits until fewer sequences run."""
+    eng = LLMEngine(ck, max_seqs=4, max_len=64)
+    short = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    for _ in range(3):
+        eng.add_request(list(range(10, 14)), short)
+    eng.step()
+    assert len(eng.running) == 3
+    late = eng.add_request(list(range(10, 30)), SamplingParams(max_new_tokens=2, ignore_eos=True))
+    eng.step()
+    assert late in eng.waiting
+    while eng.has_unfinished:
+        eng.step()
+    assert late.finished and len(late.output_ids) == 2

@@ -30,6 +30,10 @@ from moeflow.policy.eviction import EVICTION
 Key = tuple[int, int]
 SCALE_SMOOTHING = 0.2      # weight of the newest layer in the CPU- and copy-speed corrections
 SCALE_RANGE = (0.25, 4.0)  # one odd layer (a page fault, a preempted thread) moves them at most this far
+# Waves of up to this many (token, expert) entries run as grouped GEMMs: those hold every entry's intermediate
+# activations at once, where the workspace counts one expert's; larger (prefill) waves go slot by slot, where
+# the launches cost nothing beside the matmuls.
+GROUPED_MAX_ENTRIES = 64
 
 
 def smoothed(scale: float, observed: float, predicted: float) -> float:
@@ -240,7 +244,7 @@ class OffloadedExperts:
             if ready is not None:
                 stream.wait_event(ready)
         order = sorted(wave)
-        if self.grouped:
+        if self.grouped and sum(len(ent) for ent, _ in wave.values()) <= GROUPED_MAX_ENTRIES:
             # all slots in one grouped GEMM pair: entries sorted by slot, offs = cumulative entries per slot
             ent, counts = [], [0] * self.slots.shape[0]
             for slot in order:
