@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from moeflow.checkpoint import load
 from moeflow.engine.llm_engine import LLMEngine
@@ -48,18 +49,22 @@ def test_a_step_runs_at_most_max_len_tokens(ck):
     assert all(s.output_ids == seqs[0].output_ids for s in seqs)
 
 
-def test_padded_batch_stays_within_max_len(ck):
-    """A batched step pads every sequence to the longest: three decoding sequences and a 20-token prompt
-    would pad to 4 x 20 > 64 tokens, so the prompt waits until fewer sequences run."""
+def test_a_prompt_beside_decoding_sequences_attends_on_its_own(ck):
+    """A prompt joining three decoding sequences runs in the same step without padding them to its length
+    (AttnBatch.ragged), and every sequence gives the tokens it gives alone."""
+    from moeflow.models.layers import AttnBatch
+
+    b = AttnBatch.build([0, 1, 2, 3], [7, 7, 7, 0], [1, 1, 1, 20], torch.device("cpu"))
+    assert b.ragged == ((0, 7, 1), (1, 7, 1), (2, 7, 1), (3, 0, 20)) and b.mask is None
+    p = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    prompts = [list(range(10, 14)), list(range(20, 24)), list(range(30, 34)), list(range(40, 60))]
+    alone = [LLMEngine(ck, max_seqs=1, max_len=64).generate([x], p)[0].output_ids for x in prompts]
     eng = LLMEngine(ck, max_seqs=4, max_len=64)
-    short = SamplingParams(max_new_tokens=3, ignore_eos=True)
-    for _ in range(3):
-        eng.add_request(list(range(10, 14)), short)
+    seqs = [eng.add_request(x, p) for x in prompts[:3]]
     eng.step()
-    assert len(eng.running) == 3
-    late = eng.add_request(list(range(10, 30)), SamplingParams(max_new_tokens=2, ignore_eos=True))
+    seqs.append(eng.add_request(prompts[3], p))
     eng.step()
-    assert late in eng.waiting
+    assert len(eng.running) == 4 and not eng.waiting
     while eng.has_unfinished:
         eng.step()
-    assert late.finished and len(late.output_ids) == 2
+    assert [s.output_ids for s in seqs] == alone

@@ -120,17 +120,17 @@ class LLMEngine:
 
     def _admit(self) -> None:
         # A step runs at most max_len tokens (the activation workspace is sized for that), unless a lone
-        # prompt needs the step to itself; prompts that do not fit wait, in arrival order. A batched step pads
-        # every sequence to the longest one, so the padded size (sequences x longest) is what must fit.
-        rows = [len(s.new_tokens) for s in self.running]
+        # prompt needs the step to itself; prompts that do not fit wait, in arrival order. (A prompt beside
+        # other sequences attends on its own, AttnBatch.ragged: nothing is padded to the longest.)
+        room = self.max_len - len(self.running)
         while self.waiting and self.cache.free:
             n = len(self.waiting[0].new_tokens)
-            if rows and (len(rows) + 1) * max(rows + [n]) > self.max_len:
+            if n > room and self.running:
                 break
             seq = self.waiting.popleft()
             seq.slot, seq.status, seq.t_start = self.cache.allocate(), Status.RUNNING, time.perf_counter()
             self.running.append(seq)
-            rows.append(n)
+            room -= n
 
     @torch.inference_mode()
     def _forward(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:

@@ -42,6 +42,10 @@ class AttnBatch:
     q_len: int               # Tq
     slot_range: tuple[int, int] | None  # slots form [a, b): read the cache as a view, not a gather
     single: tuple[int, int] | None = None  # (slot, start) when the batch is one sequence at a known start
+    # (slot, start, new tokens) of each sequence when a prompt runs beside others: each attends on its own,
+    # instead of every sequence padded to the longest (B x Tq x Tk scores); with the sliding window
+    ragged: tuple[tuple[int, int, int], ...] | None = None
+    window: int | None = None
 
     @classmethod
     def build(cls, slots: list[int], starts: list[int], q_lens: list[int], device: torch.device,
@@ -52,10 +56,12 @@ class AttnBatch:
         tok_row = torch.cat([torch.arange(n) for n in q_lens])
         positions = tok_row + torch.tensor(starts)[tok_seq]
         q_len, kv_len = max(q_lens), max(s + n for s, n in zip(starts, q_lens))
-        mask, causal = None, False
+        mask, causal, ragged = None, False, None
         window_binds = sliding_window is not None and kv_len > sliding_window
         if B == 1 and not window_binds and (q_len == 1 or starts[0] == 0):
             causal = q_len > 1  # one sequence: decode sees everything, a fresh prompt is plain causal
+        elif B > 1 and q_len > 1 and all(s == 0 or n == 1 for s, n in zip(starts, q_lens)):
+            ragged = tuple(zip(slots, starts, q_lens))
         else:
             q_pos = torch.tensor(starts)[:, None] + torch.arange(q_len)[None, :]  # [B, Tq]
             k_pos = torch.arange(kv_len)
@@ -70,7 +76,7 @@ class AttnBatch:
         return cls(slots=slots_t, tok_seq=tok_seq, tok_row=tok_row, positions=positions, mask=mask,
                    causal=causal, kv_len=kv_len, q_len=q_len,
                    slot_range=(slots[0], slots[0] + B) if contiguous else None,
-                   single=(slots[0], starts[0]) if B == 1 else None)
+                   single=(slots[0], starts[0]) if B == 1 else None, ragged=ragged, window=sliding_window)
 
     @classmethod
     def full(cls, B: int, T: int, device: torch.device, sliding_window: int | None = None) -> AttnBatch:
@@ -171,6 +177,8 @@ class Attention(nn.Module):
         k_cache, v_cache = kv                        # [slots, max_len, Hkv, D]
         if batch.single is not None:
             return self.o_proj(self._single(q, k, v, k_cache, v_cache, batch).reshape(N, self.n_heads * D))
+        if batch.ragged is not None:
+            return self.o_proj(self._ragged(q, k, v, k_cache, v_cache, batch).reshape(N, self.n_heads * D))
         tok_slot = batch.slots[batch.tok_seq]
         k_cache[tok_slot, batch.positions] = k
         v_cache[tok_slot, batch.positions] = v
@@ -204,13 +212,33 @@ class Attention(nn.Module):
     def _single(self, q, k, v, k_cache, v_cache, batch: AttnBatch) -> torch.Tensor:
         """One sequence: cache writes are slices and the query needs no padding. -> [N, Hq, D]"""
         slot, start = batch.single
-        k_cache[slot, start:start + q.shape[0]] = k
-        v_cache[slot, start:start + q.shape[0]] = v
-        K, V = k_cache[slot, :batch.kv_len], v_cache[slot, :batch.kv_len]  # [Tk, Hkv, D] views
+        mask = batch.mask[0] if batch.mask is not None else None
+        return self._one(q, k, v, k_cache, v_cache, slot, start, mask, batch.causal)
+
+    def _ragged(self, q, k, v, k_cache, v_cache, batch: AttnBatch) -> torch.Tensor:
+        """Each sequence on its own (a prompt from position 0, or one decode token). -> [N, Hq, D]"""
+        out, o = [], 0
+        for slot, start, n in batch.ragged:
+            mask, causal, w = None, n > 1, batch.window
+            if w is not None and start + n > w:  # the window binds: causal and within w, as a mask
+                q_pos = torch.arange(start, start + n, device=q.device)[:, None]
+                k_pos = torch.arange(start + n, device=q.device)[None, :]
+                mask, causal = ((k_pos <= q_pos) & (q_pos - k_pos < w))[None], False  # [1, n, Tk]
+            out.append(self._one(q[o:o + n], k[o:o + n], v[o:o + n], k_cache, v_cache, slot, start, mask, causal))
+            o += n
+        return torch.cat(out)
+
+    def _one(self, q, k, v, k_cache, v_cache, slot: int, start: int, mask, causal: bool) -> torch.Tensor:
+        """n new tokens of the sequence in `slot` from position `start`: written to the cache, attending to it
+        (slices and views, no padding). q [n, Hq, D], k/v [n, Hkv, D], mask [1, n, Tk] or None -> [n, Hq, D]"""
+        end = start + q.shape[0]
+        k_cache[slot, start:end] = k
+        v_cache[slot, start:end] = v
+        K, V = k_cache[slot, :end], v_cache[slot, :end]  # [Tk, Hkv, D] views
         with sdpa_backends(q.device):
             O = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None], K.transpose(0, 1)[None], V.transpose(0, 1)[None],
-                attn_mask=batch.mask, is_causal=batch.causal, enable_gqa=self.n_heads != self.n_kv)
+                attn_mask=mask if mask is None else mask[None], is_causal=causal, enable_gqa=self.n_heads != self.n_kv)
         return O[0].transpose(0, 1)
 
 
