@@ -134,6 +134,15 @@ def test_more_budget_never_slower(policy):
 
 
 @pytest.mark.parametrize("policy", ["auto", "fiddler", "lru"])
+def test_more_budget_never_slower_ttft(policy):
+    """TTFT of a warm engine: more slots hold more of each layer's experts, resident or cached."""
+    p = reference_profile()
+    ttft = [predict_latency(MIXTRAL, p, gb * GiB, policy).ttft_s for gb in range(24, 90, 8)]
+    assert all(b <= a + 1e-9 for a, b in zip(ttft, ttft[1:])), ttft
+    assert ttft[-1] < 0.7 * ttft[0], ttft  # lru too: its cache holds most of a layer at 80 GiB
+
+
+@pytest.mark.parametrize("policy", ["auto", "fiddler", "lru"])
 def test_higher_hit_rate_never_slower(policy):
     p = reference_profile()
     tps = [predict_latency(QWEN, p, 16 * GiB, policy, h / 10).decode_tps for h in range(11)]

@@ -8,8 +8,9 @@ copied expert once it lands. Layer time = non-expert GPU time + max(CPU work, co
 GPU work on hits) + the host-side overhead of an offloaded layer (sync, planning, launches).
 Expected misses come from a hit rate, or from a popularity profile (counts [L, E] as in policy/placement.py):
 resident experts are the most popular; in decode, cached slots are counted as holding each layer's next most
-popular experts (an optimistic steady state); in prefill only resident experts hit (every expert of every
-layer is used, so the cache churns).
+popular experts (an optimistic steady state); in prefill resident experts hit, and so do as many of each
+layer's other experts as its share of the cache slots holds (a warm engine: every expert of every layer is
+used, so the cache holds whichever came last; `bench latency` times TTFT after a warm-up request).
 
 Throughput regime (MoE-Lightning's CGOPipe; REFERENCE.md §1): per layer T = max(T_h2d, T_d2h, T_cpu, T_gpu,
 T_host) for a batch of N sequences in micro-batches of mu, a fraction r_w of the expert weights and r_c of
@@ -207,8 +208,10 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
         elif policy == "cpu":
             misses, hit_tokens = {e: n for e, n in n_tok.items() if n}, []
         else:
-            misses = {e: n for e, n in n_tok.items() if n and e not in res}
-            hit_tokens = [n for e, n in n_tok.items() if n and e in res]
+            others = sorted((e for e, n in n_tok.items() if n and e not in res), key=lambda e: -n_tok[e])
+            there = res | set(others[:int(per_layer_cache)])
+            misses = {e: n for e, n in n_tok.items() if n and e not in there}
+            hit_tokens = [n for e, n in n_tok.items() if n and e in there]
         ttft += layer_time(pol, costs, I, misses, hit_tokens, max_copies, dense_gpu_s(
             cfg, profile, layer, prompt_len, prompt_len, b, causal_prefill=True), profile.layer_overhead_s, lat).total
     for layer in cfg.dense_layers:
