@@ -87,16 +87,21 @@ def test_peak_gpu_memory_stays_under_the_budget():
     assert engine.model.experts.stats.bytes_h2d > 0
 
 
+def pinned_store(hidden: int, inter: int, layers: int, std: float) -> ExpertStore:
+    """A Mixtral-shaped bf16 expert store (8 experts, top-2) of random weights in pinned host memory."""
+    hf = {"model_type": "mixtral", "vocab_size": 128, "hidden_size": hidden, "intermediate_size": inter,
+          "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 8, "num_local_experts": 8,
+          "num_experts_per_tok": 2, "max_position_embeddings": 128}
+    store = ExpertStore(get_architecture("mixtral").config(hf), torch.bfloat16, "cpu")
+    store.data.normal_(0, std)
+    store.pin()
+    return store
+
+
 @torch.inference_mode()
 def test_cpu_copy_and_gpu_overlap():
     """One expert on the CPU and one copied take less time together than one after the other."""
-    hf = {"model_type": "mixtral", "vocab_size": 128, "hidden_size": 2048, "intermediate_size": 5632,
-          "num_hidden_layers": 1, "num_attention_heads": 16, "num_key_value_heads": 8, "num_local_experts": 8,
-          "num_experts_per_tok": 2, "max_position_embeddings": 128}
-    cfg = get_architecture("mixtral").config(hf)
-    store = ExpertStore(cfg, torch.bfloat16, "cpu")
-    store.data.normal_(0, 0.02)
-    store.pin()
+    store = pinned_store(hidden=2048, inter=5632, layers=1, std=0.02)
     policy = get_policy("fiddler")  # 1 token -> CPU, 12 tokens -> copied (not cached: copied every call)
     backend = OffloadedExperts(store, torch.device("cuda"), policy, policy.split(4, 1, 8, 2), [(0, 7), (0, 6)])
     A, B, C = 0, 1, 7
@@ -129,13 +134,7 @@ def test_grouped_slots_match_the_local_experts_in_bf16(policy):
     from moeflow.experts.local import LocalExperts
     from moeflow.perf.costs import ExpertCosts
 
-    hf = {"model_type": "mixtral", "vocab_size": 128, "hidden_size": 256, "intermediate_size": 512,
-          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8,
-          "num_experts_per_tok": 2, "max_position_embeddings": 128}
-    cfg = get_architecture("mixtral").config(hf)
-    store = ExpertStore(cfg, torch.bfloat16, "cpu")
-    store.data.normal_(0, 0.05)
-    store.pin()
+    store = pinned_store(hidden=256, inter=512, layers=2, std=0.05)
     pol = get_policy(policy)
     pts = (1, 4, 16, 64, 256)
     even = ExpertCosts(pts, tuple(1e-3 * n for n in pts), tuple(1e-6 for _ in pts), 1e-3)  # CPU = copy: splits
