@@ -63,3 +63,54 @@ def hf_checkpoint(tmp_path):
         return path, save_hf_checkpoint(path, model_type, **overrides)
 
     return make
+
+
+def mixtral_store(hidden: int, inter: int, layers: int, std: float, pin: bool = False):
+    """A Mixtral-shaped bf16 expert store (8 experts, top-2) of random weights in host memory."""
+    from moeflow.experts.store import ExpertStore
+    from moeflow.models import get_architecture
+
+    hf = {"model_type": "mixtral", "vocab_size": 128, "hidden_size": hidden, "intermediate_size": inter,
+          "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 8, "num_local_experts": 8,
+          "num_experts_per_tok": 2, "max_position_embeddings": 128}
+    store = ExpertStore(get_architecture("mixtral").config(hf), torch.bfloat16, "cpu")
+    store.data.normal_(0, std)
+    if pin:
+        store.pin()
+    return store
+
+
+@torch.inference_mode()
+def check_slot_waves(device: str, policy: str, grouped: bool | None):
+    """One OffloadedExperts layer call per case gives LocalExperts' output (bf16 tolerance): experts already in
+    slots and each wave of copies in one pass (grouped GEMMs where `grouped`, None: where supported), a split
+    expert through its zeroed gate rows (equal CPU and copy costs force splits), slots reused within a layer
+    (40 tokens select every expert: more copies than cache slots). Returns the backend's stats."""
+    from moeflow.experts.local import LocalExperts
+    from moeflow.experts.offload import OffloadedExperts
+    from moeflow.perf.costs import ExpertCosts
+    from moeflow.policy import get_policy
+
+    store = mixtral_store(hidden=256, inter=512, layers=2, std=0.05, pin=device == "cuda")
+    pol = get_policy(policy)
+    pts = (1, 4, 16, 64, 256)
+    even = ExpertCosts(pts, tuple(1e-3 * n for n in pts), tuple(1e-6 for _ in pts), 1e-3)
+    split = pol.split(4, 2, 8, 2)
+    resident = [(0, 7), (1, 6), (0, 5), (1, 4)][:split.resident]
+    backend = OffloadedExperts(store, torch.device(device), pol, split, resident, costs=even)
+    backend.calibrate = False
+    if grouped is not None:
+        backend.grouped = grouped
+    assert backend.grouped == (grouped if grouped is not None else device == "cuda")
+    local = LocalExperts(store.to(device))
+    g = torch.Generator(device=device).manual_seed(0)
+    for n in (1, 3, 40):
+        for layer in (0, 1):
+            x = torch.randn(n, 256, device=device, dtype=torch.bfloat16, generator=g)
+            ids = torch.stack([torch.randperm(8, device=device, generator=g)[:2] for _ in range(n)])
+            w = torch.softmax(torch.randn(n, 2, device=device, generator=g), -1)
+            want = local(layer, x, ids, w).float()
+            got = backend(layer, x, ids, w).float()
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    backend.close()
+    return backend.stats

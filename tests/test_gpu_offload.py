@@ -8,15 +8,13 @@ import time
 import pytest
 import torch
 
-from conftest import budget_for
+from conftest import budget_for, check_slot_waves, mixtral_store
 
 from moeflow.checkpoint import load
 from moeflow.config import OffloadConfig
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
 from moeflow.experts.offload import OffloadedExperts
-from moeflow.experts.store import ExpertStore
-from moeflow.models import get_architecture
 from moeflow.policy import POLICIES, get_policy
 
 pytestmark = pytest.mark.gpu
@@ -87,21 +85,10 @@ def test_peak_gpu_memory_stays_under_the_budget():
     assert engine.model.experts.stats.bytes_h2d > 0
 
 
-def pinned_store(hidden: int, inter: int, layers: int, std: float) -> ExpertStore:
-    """A Mixtral-shaped bf16 expert store (8 experts, top-2) of random weights in pinned host memory."""
-    hf = {"model_type": "mixtral", "vocab_size": 128, "hidden_size": hidden, "intermediate_size": inter,
-          "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 8, "num_local_experts": 8,
-          "num_experts_per_tok": 2, "max_position_embeddings": 128}
-    store = ExpertStore(get_architecture("mixtral").config(hf), torch.bfloat16, "cpu")
-    store.data.normal_(0, std)
-    store.pin()
-    return store
-
-
 @torch.inference_mode()
 def test_cpu_copy_and_gpu_overlap():
     """One expert on the CPU and one copied take less time together than one after the other."""
-    store = pinned_store(hidden=2048, inter=5632, layers=1, std=0.02)
+    store = mixtral_store(hidden=2048, inter=5632, layers=1, std=0.02, pin=True)
     policy = get_policy("fiddler")  # 1 token -> CPU, 12 tokens -> copied (not cached: copied every call)
     backend = OffloadedExperts(store, torch.device("cuda"), policy, policy.split(4, 1, 8, 2), [(0, 7), (0, 6)])
     A, B, C = 0, 1, 7
@@ -126,33 +113,9 @@ def test_cpu_copy_and_gpu_overlap():
     assert both < 0.85 * (cpu_only + copy_only), (both, cpu_only, copy_only)
 
 
-@torch.inference_mode()
 @pytest.mark.parametrize("policy", ["auto", "lru", "fiddler"])
 def test_grouped_slots_match_the_local_experts_in_bf16(policy):
-    """bf16 on the GPU runs the experts in slots by grouped GEMMs, a split expert through its zeroed gate rows,
-    and reuses slots within a layer when copies outnumber them: the layer output matches LocalExperts'."""
-    from moeflow.experts.local import LocalExperts
-    from moeflow.perf.costs import ExpertCosts
-
-    store = pinned_store(hidden=256, inter=512, layers=2, std=0.05)
-    pol = get_policy(policy)
-    pts = (1, 4, 16, 64, 256)
-    even = ExpertCosts(pts, tuple(1e-3 * n for n in pts), tuple(1e-6 for _ in pts), 1e-3)  # CPU = copy: splits
-    split = pol.split(4, 2, 8, 2)
-    resident = [(0, 7), (1, 6), (0, 5), (1, 4)][:split.resident]
-    backend = OffloadedExperts(store, torch.device("cuda"), pol, split, resident, costs=even)
-    backend.calibrate = False
-    assert backend.grouped
-    local = LocalExperts(store.to("cuda"))
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for n in (1, 3, 40):  # 40 tokens select every expert: more copies than cache slots
-        for layer in (0, 1):
-            x = torch.randn(n, 256, device="cuda", dtype=torch.bfloat16, generator=g)
-            ids = torch.stack([torch.randperm(8, device="cuda", generator=g)[:2] for _ in range(n)])
-            w = torch.softmax(torch.randn(n, 2, device="cuda", generator=g), -1)
-            want = local(layer, x, ids, w).float()
-            got = backend(layer, x, ids, w).float()
-            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
-    backend.close()
+    """bf16 on the GPU runs the experts in slots by grouped GEMMs (see check_slot_waves)."""
+    stats = check_slot_waves("cuda", policy, grouped=None)
     if policy == "auto":
-        assert 0 < backend.stats.cpu_experts and 0 < backend.stats.copied_experts
+        assert 0 < stats.cpu_experts and 0 < stats.copied_experts

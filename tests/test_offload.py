@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moeflow import MoeflowError
-from conftest import budget_for
+from conftest import budget_for, check_slot_waves
 
 from moeflow.checkpoint import load
 from moeflow.config import OffloadConfig, parse_size
@@ -222,3 +222,19 @@ def test_parse_size():
     assert parse_size("24GiB") == 24 * 2**30 and parse_size("24GB") == 24 * 10**9 and parse_size("512M") == 2**29
     with pytest.raises(MoeflowError, match="cannot read the size"):
         parse_size("lots")
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("policy", ["auto", "lru", "fiddler"])
+def test_slot_waves_match_the_local_experts_in_bf16(policy, grouped):
+    """The GPU's share of a layer run in waves over the slots, here with the CPU as the fast device: grouped
+    GEMMs (forced on, where this PyTorch has them on the CPU) or slot by slot."""
+    if grouped:
+        try:
+            torch._grouped_mm(torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(1, 16, 16, dtype=torch.bfloat16),
+                              offs=torch.tensor([2], dtype=torch.int32))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            pytest.skip("this PyTorch has no grouped GEMM on the CPU")
+    stats = check_slot_waves("cpu", policy, grouped)
+    if policy == "auto":
+        assert 0 < stats.cpu_experts and 0 < stats.copied_experts

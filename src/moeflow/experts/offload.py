@@ -251,7 +251,8 @@ class OffloadedExperts:
                 ent += wave[slot][0]
                 counts[slot] = len(wave[slot][0])
             offs = list(accumulate(counts))
-            meta = torch.tensor(ent + offs, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
+            meta = torch.tensor(ent + offs, dtype=torch.int32)
+            meta = (meta.pin_memory() if self.cuda else meta).to(self.device, non_blocking=True)
             idx, offs_d = meta[:len(ent)].long(), meta[len(ent):]
             y = grouped_ffn(x[idx // K], self.slot_gate_up, self.slot_down_t, offs_d)    # [M, H]
             out.index_add_(0, idx // K, y.float() * w_flat[idx, None].float())
