@@ -85,6 +85,18 @@ def test_predict_latency_cpu_policy_by_hand():
     assert pred.binding == "CPU memory bus"
 
 
+def test_bound_takes_the_shared_host_rate_where_measured():
+    """The bound's missed bytes cross host memory at the rate CPU reads and copies get together: with that
+    rate at half the sum of the separate ones, the miss part of a token's bound doubles."""
+    p = toy_profile()
+    apart = predict_latency(TINY, p, 1 * GiB, "cpu", 0.0, 16, 16, costs=flat_costs())
+    shared = predict_latency(TINY, replace(p, host_read_bw_shared=(p.cpu_read_bw + p.h2d_bw) / 2), 1 * GiB, "cpu",
+                             0.0, 16, 16, costs=flat_costs())
+    miss = 4 * 2 * TINY.expert_numel * 2 / (p.cpu_read_bw + p.h2d_bw)  # all 4 layers' 2 experts missed
+    assert 1 / shared.bound_tps - 1 / apart.bound_tps == pytest.approx(miss, rel=1e-6)
+    assert shared.decode_tps == apart.decode_tps  # the timing comes from the costs, not the bound
+
+
 # -- throughput regime, by hand -----------------------------------------------------------------------------
 # tiny-mixtral: H 256, I 512, E 8, K 2, 8 heads, 4 KV heads, D 32, 4 layers; N 4 in micro-batches of 2,
 # prompt 96 + 64 generated: average context 128.

@@ -37,6 +37,8 @@ def print_profile(p, cfg=None) -> None:
     if p.has_gpu:
         rows += [("host -> GPU (pinned)", f"{p.h2d_bw / 1e9:.1f} GB/s, {p.h2d_latency_s * 1e6:.0f} us"),
                  ("GPU -> host (pinned)", f"{p.d2h_bw / 1e9:.1f} GB/s, {p.d2h_latency_s * 1e6:.0f} us"),
+                 ("CPU read + host -> GPU at once", f"{p.host_read_bw_shared / 1e9:.1f} GB/s"
+                  if p.host_read_bw_shared else "not measured"),
                  ("GPU memory", f"{p.gpu_bw / 1e9:.0f} GB/s"), ("GPU bf16 matmul", f"{p.gpu_flops / 1e12:.0f} TFLOP/s")]
     rows.append(("layer overhead", f"{p.layer_overhead_s * 1e3:.3f} ms"))
     for key, e in p.experts.items():
@@ -109,9 +111,12 @@ def cmd_plan(args) -> int:
                 con.print(f"{p.policy}: {p.error}")
         best = plan.best
         thr = plan.copy_threshold
+        shared = (f"{profile.host_read_bw_shared / 1e9:.0f} GB/s together, as measured while both run"
+                  if profile.host_read_bw_shared else "their sum; `moeflow profile --refresh` measures them at once")
         con.print(f"bound {best.bound_tps:.2f} tok/s at a {best.hit_rate:.0%} hit rate: the missing experts' weights "
                   f"cross the CPU memory bus ({profile.cpu_read_bw / 1e9:.0f} GB/s) and PCIe "
-                  f"({profile.h2d_bw / 1e9:.0f} GB/s) at once. Binding resource of {best.policy}: {best.binding}.")
+                  f"({profile.h2d_bw / 1e9:.0f} GB/s) at once ({shared}). Binding resource of {best.policy}: "
+                  f"{best.binding}.")
         b = best.budget
         con.print(f"plan: policy {plan.policy}; {b['slots']} expert slots ({b['resident']} resident, {b['cache']} "
                   f"cache) after {_gib(b['dense_bytes'])} non-expert weights, {_gib(b['kv_bytes'])} KV, "

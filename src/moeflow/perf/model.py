@@ -142,6 +142,11 @@ def dense_gpu_s(cfg: ModelConfig, profile: HardwareProfile, layer: int, tokens: 
     return max(nbytes / profile.gpu_bw, (2 * tokens * numel + attn_flops) / profile.gpu_flops)
 
 
+def host_read_bw(profile: HardwareProfile) -> float:
+    """Bytes/s host memory gives the CPU's expert reads and the copies to the GPU together."""
+    return profile.host_read_bw_shared or profile.cpu_read_bw + profile.h2d_bw
+
+
 def head_gpu_s(cfg: ModelConfig, profile: HardwareProfile, b: int) -> float:
     return cfg.vocab_size * cfg.hidden_size * b / profile.gpu_bw
 
@@ -221,11 +226,12 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
     head = head_gpu_s(cfg, profile, b)
     token = token + LayerTime(0, 0, head, 0, head)
     ttft += head
-    # The bound: the missed weights cross the CPU's bus and PCIe at once; the GPU reads what it holds.
+    # The bound: the missed weights cross the CPU's bus and PCIe at once, at the rate the two get together
+    # (they share host memory) where the profile measured it; the GPU reads what it holds.
     miss_bytes = (1 - hits) * L * K * cfg.expert_numel * b
     gpu_s = (cfg.dense_numel - cfg.vocab_size * cfg.hidden_size) * b / profile.gpu_bw + \
         hits * L * K * cfg.expert_numel * b / profile.gpu_bw
-    bound_s = miss_bytes / (profile.cpu_read_bw + profile.h2d_bw) + gpu_s
+    bound_s = miss_bytes / host_read_bw(profile) + gpu_s
     return LatencyPrediction(policy, 1 / token.total, ttft, hits, token, binding_of(token), 1 / bound_s,
                              bud.as_dict())
 

@@ -70,6 +70,8 @@ class HardwareProfile:
     h2d_latency_s: float = 0.0   # one small transfer
     d2h_bw: float = 0.0
     d2h_latency_s: float = 0.0
+    host_read_bw_shared: float = 0.0  # CPU reads + host -> GPU copies while both run (they share host memory);
+                                      # 0: not measured (the bound then takes the sum of the two rates)
     layer_overhead_s: float = 0.0  # host-side cost of one offloaded layer (sync, planning, launches)
     cpu_backend: str = CPU_BACKEND
     experts: dict = field(default_factory=dict)  # shape_key -> ExpertCosts.as_dict() (gpu_s = cpu_s without GPU)
@@ -252,7 +254,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
     import torch
     from tqdm import tqdm
 
-    from moeflow.bench.ceilings import memory_bandwidth
+    from moeflow.bench.ceilings import concurrent_host_read, memory_bandwidth
     from moeflow.config import parse_dtype
     from moeflow.engine.offload import CPU_THREADS
     from moeflow.experts.local import block_ffn
@@ -329,6 +331,8 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             figures["h2d_latency_s"] = median_s(lambda: gpu[:4096].copy_(host[:4096], non_blocking=True), sync, 20)
             figures["d2h_latency_s"] = median_s(lambda: host[:4096].copy_(gpu[:4096], non_blocking=True), sync, 20)
             del host, gpu
+            both = concurrent_host_read(dev, sizes.mem_bytes)
+            figures["host_read_bw_shared"] = both["cpu_read_bw_concurrent"] + both["h2d_bw_concurrent"]
             bar.update()
             step("GPU memory")
             figures["gpu_bw"] = memory_bandwidth(dev, sizes.mem_bytes)
