@@ -13,10 +13,10 @@ with l the MoE layer's row in the store.
 from __future__ import annotations
 
 import time
-from itertools import accumulate
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 
 import torch
 
