@@ -194,7 +194,7 @@ class OffloadedExperts:
         # once they land, each group of experts in one pass (waves). A slot reused within this layer (more
         # copies than slots) first gets the wave holding it computed.
         out = torch.zeros(N, self.hidden, dtype=torch.float32, device=self.device)
-        w_flat = topk_weights.flatten()
+        w_flat = topk_weights.flatten().float()  # fp32 already where the router made them (layers.route)
         here = {found[e]: (entries[e], None) for e in experts if found[e] is not None}
         protect = {(l, e) for e in experts if found[e] is not None}
         copies = {e: r for e, r in rows.items() if r < I}
@@ -254,13 +254,15 @@ class OffloadedExperts:
             meta = torch.tensor(ent + offs, dtype=torch.int32)
             meta = (meta.pin_memory() if self.cuda else meta).to(self.device, non_blocking=True)
             idx, offs_d = meta[:len(ent)].long(), meta[len(ent):]
-            y = grouped_ffn(x[idx // K], self.slot_gate_up, self.slot_down_t, offs_d)    # [M, H]
-            out.index_add_(0, idx // K, y.float() * w_flat[idx, None].float())
+            tok = idx // K
+            y = grouped_ffn(x[tok], self.slot_gate_up, self.slot_down_t, offs_d)         # [M, H]
+            out.index_add_(0, tok, torch.mul(y, w_flat[idx, None]))  # the weights are fp32: so is the product
         else:
             for slot in order:
                 idx = torch.tensor(wave[slot][0], device=self.device)
-                y = partial_ffn(x[idx // K], *expert_rows(self.slots[slot], self.inter, 0, self.inter))
-                out.index_add_(0, idx // K, y.float() * w_flat[idx, None].float())
+                tok = idx // K
+                y = partial_ffn(x[tok], *expert_rows(self.slots[slot], self.inter, 0, self.inter))
+                out.index_add_(0, tok, torch.mul(y, w_flat[idx, None]))
         if stream is not None:
             free = stream.record_event()
             self.slot_free.update(dict.fromkeys(order, free))
