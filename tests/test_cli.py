@@ -233,3 +233,13 @@ def test_synth_out_is_a_file(tmp_path, capsys):
     assert main(["synth", "tiny-mixtral", "--out", str(target)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a folder" in err[0] and "Traceback" not in err[0]
+
+
+@pytest.mark.parametrize("user", [None, "300000"])
+def test_import_shortens_openmp_spinning_unless_the_user_set_it(user):
+    """Imported before torch, moeflow sets libgomp's spin count (PyTorch's idle OpenMP threads would spin beside
+    the CPU expert kernel's); a value the user set stays."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | ({"GOMP_SPINCOUNT": user} if user else {})
+    got = subprocess.run([sys.executable, "-c", "import moeflow, os; print(os.environ['GOMP_SPINCOUNT'])"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert got == (user or "10000")
