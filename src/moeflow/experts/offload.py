@@ -244,25 +244,24 @@ class OffloadedExperts:
             if ready is not None:
                 stream.wait_event(ready)
         order = sorted(wave)
-        if self.grouped and sum(len(ent) for ent, _ in wave.values()) <= GROUPED_MAX_ENTRIES:
-            # all slots in one grouped GEMM pair: entries sorted by slot, offs = cumulative entries per slot
-            ent, counts = [], [0] * self.slots.shape[0]
-            for slot in order:
-                ent += wave[slot][0]
-                counts[slot] = len(wave[slot][0])
-            offs = list(accumulate(counts))
-            meta = torch.tensor(ent + offs, dtype=torch.int32)
-            meta = (meta.pin_memory() if self.cuda else meta).to(self.device, non_blocking=True)
-            idx, offs_d = meta[:len(ent)].long(), meta[len(ent):]
-            tok = idx // K
+        # one transfer for the wave: entries sorted by slot, then offs = cumulative entries per slot
+        ent, counts = [], [0] * self.slots.shape[0]
+        for slot in order:
+            ent += wave[slot][0]
+            counts[slot] = len(wave[slot][0])
+        offs = list(accumulate(counts))
+        meta = torch.tensor(ent + offs, dtype=torch.int32)
+        meta = (meta.pin_memory() if self.cuda else meta).to(self.device, non_blocking=True)
+        idx, offs_d = meta[:len(ent)].long(), meta[len(ent):]
+        tok = idx // K
+        if self.grouped and len(ent) <= GROUPED_MAX_ENTRIES:
             y = grouped_ffn(x[tok], self.slot_gate_up, self.slot_down_t, offs_d)         # [M, H]
             out.index_add_(0, tok, torch.mul(y, w_flat[idx, None]))  # the weights are fp32: so is the product
         else:
             for slot in order:
-                idx = torch.tensor(wave[slot][0], device=self.device)
-                tok = idx // K
-                y = partial_ffn(x[tok], *expert_rows(self.slots[slot], self.inter, 0, self.inter))
-                out.index_add_(0, tok, torch.mul(y, w_flat[idx, None]))
+                a, b = offs[slot] - counts[slot], offs[slot]
+                y = partial_ffn(x[tok[a:b]], *expert_rows(self.slots[slot], self.inter, 0, self.inter))
+                out.index_add_(0, tok[a:b], torch.mul(y, w_flat[idx[a:b], None]))
         if stream is not None:
             free = stream.record_event()
             self.slot_free.update(dict.fromkeys(order, free))
