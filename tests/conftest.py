@@ -100,8 +100,8 @@ def check_slot_waves(device: str, policy: str, grouped: bool | None):
     backend = OffloadedExperts(store, torch.device(device), pol, split, resident, costs=even)
     backend.calibrate = False
     if grouped is not None:
-        backend.grouped = grouped
-    assert backend.grouped == (grouped if grouped is not None else device == "cuda")
+        backend.waves.grouped = grouped
+    assert backend.waves.grouped == (grouped if grouped is not None else device == "cuda")
     local = LocalExperts(store.to(device))
     g = torch.Generator(device=device).manual_seed(0)
     for n in (1, 3, 40):

@@ -80,7 +80,7 @@ def bench_cpu_experts(shapes: list[str], tokens: list[int], reps: int, threads: 
     if threads:
         torch.set_num_threads(threads)
     native = CpuExperts(threads=threads, kernel=kernel)
-    native.torch_from_tokens = 0  # the kernel at every count (auto hands jobs of 8+ tokens to PyTorch beside AMX)
+    native.torch_from_tokens = 0  # the kernel at every count (MOEFLOW_CPU_TORCH_FROM may hand big jobs to PyTorch)
     if native.kernel == "torch":
         print("moeflow: no native kernel here (see the warning above): only PyTorch is measured")
     ceiling = memory_bandwidth(torch.device("cpu"))

@@ -77,7 +77,8 @@ class LLMEngine:
         self.budget = None
         if offload is not None:
             from moeflow.engine.offload import attach_offload
-            self.budget = attach_offload(ck, offload, self.cache.nbytes, self.max_len, expert_costs, max_seqs)
+            self.budget = attach_offload(ck, offload, self.cache.nbytes, self.max_len, expert_costs, max_seqs,
+                                         graphs=cuda_graphs)
 
     # -- requests ------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:

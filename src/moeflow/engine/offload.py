@@ -24,8 +24,9 @@ CPU_THREADS = torch.get_num_threads()  # PyTorch's default: the physical cores
 
 
 def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens: int,
-                   costs: ExpertCosts | None = None, max_seqs: int = 1) -> dict:
-    """Build the offloaded expert backend into ck.model; returns the budget's breakdown."""
+                   costs: ExpertCosts | None = None, max_seqs: int = 1, graphs: bool = True) -> dict:
+    """Build the offloaded expert backend into ck.model; returns the budget's breakdown. graphs: decode's
+    small waves of GPU experts replay CUDA graphs."""
     cfg, store = ck.cfg, ck.store
     device = next(ck.model.parameters()).device
     if store.data.device.type != "cpu":
@@ -61,7 +62,8 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
         from moeflow.perf.profile import profiled_costs
 
         costs = profiled_costs(cfg, store.data.dtype, device)
-    backend = OffloadedExperts(store, device, policy, split, resident, costs=costs, eviction=oc.eviction)
+    backend = OffloadedExperts(store, device, policy, split, resident, costs=costs, eviction=oc.eviction,
+                               graphs=graphs)
     if oc.routing_trace:
         backend = TraceRouting(backend, load_trace(oc.routing_trace), cfg)
     ck.model.set_experts(backend)

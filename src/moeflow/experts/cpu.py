@@ -3,7 +3,8 @@ with PyTorch where the kernel cannot be built or the store is not bf16.
 
 Env: MOEFLOW_CPU_KERNEL = auto | torch | scalar | avx2 | avx512 | amx | amx-emu (auto: the fastest this
 CPU runs); MOEFLOW_CPU_THREADS (default: the physical cores this process may use); MOEFLOW_AMX_MIN_TOKENS
-(amx: the fewest tokens of an expert that go to the tiles, default 16). Tuning of the AMX blocking (defaults
+(amx: the fewest tokens of an expert that go to the tiles, default 16), MOEFLOW_CPU_TORCH_FROM (jobs of this many
+tokens or more go to PyTorch; default 0, none). Tuning of the AMX blocking (defaults
 in native.AMX_BLOCKING): MOEFLOW_AMX_DOWN_ROWS (rows of down_t repacked per chunk, a multiple of 32),
 MOEFLOW_AMX_GU_HIDDEN (of H per gate/up slice, a multiple of 32), MOEFLOW_AMX_GU_ROWS (gate/up rows per
 block, a multiple of 16).
@@ -16,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from moeflow import MoeflowError
@@ -47,11 +49,11 @@ def default_threads(reserve: int = 0) -> int:
 
 @dataclass
 class Job:
-    """Rows r0:r1 of expert e for the tokens tok (row indices of x), weighted by w."""
+    """Rows r0:r1 of expert e for the tokens tok (row indices of x), weighted by w (tensors or lists)."""
 
     expert: int
-    tok: torch.Tensor   # [n] int
-    w: torch.Tensor     # [n]
+    tok: torch.Tensor | list[int]   # [n]
+    w: torch.Tensor | list[float]   # [n]
     r0: int = 0
     r1: int | None = None  # None = all rows
 
@@ -91,12 +93,10 @@ class CpuExperts:
             self.kernel = name
         # AMX pays from about 16 tokens per expert (AVX512-BF16 below); the emulation tiles every job (tests)
         self.amx_min_tokens = int(os.environ.get("MOEFLOW_AMX_MIN_TOKENS", 16 if self.kernel == "amx" else 1))
-        # Measured on the H200 host (Xeon with AMX, docs/benchmarks.md): PyTorch's bf16 matmul (oneDNN on AMX) reads a
-        # Mixtral expert at ~53 GB/s whatever the token count up to 16, the native kernel at 88 GB/s at 1 token but
-        # 47 GB/s at 8 and 1.4 TFLOP/s at 64 against PyTorch's 2.0: jobs with this many tokens go to PyTorch where
-        # the CPU has AMX (without it, PyTorch's bf16 path is far slower than the kernel at every count).
-        default_from = "8" if self.native is not None and "amx" in self.native.features else "0"
-        self.torch_from_tokens = int(os.environ.get("MOEFLOW_CPU_TORCH_FROM", default_from)) if name == "auto" else 0
+        # Jobs of this many tokens or more go to PyTorch (0: none). Measured on the H200 host (docs/benchmarks.md,
+        # 2026-12-01 third run): the native kernel is at least as fast as PyTorch's bf16 path (oneDNN, on AMX)
+        # at every count from 1 to 256 tokens per expert, so none do by default.
+        self.torch_from_tokens = int(os.environ.get("MOEFLOW_CPU_TORCH_FROM", "0")) if name == "auto" else 0
         self.fused_max_bytes = 64 << 20  # per-thread sums of the one-pass down path, all threads together
         self.amx_blocking = tuple(int(os.environ.get(f"MOEFLOW_AMX_{k}", d))
                                   for k, d in zip(("DOWN_ROWS", "GU_HIDDEN", "GU_ROWS"), AMX_BLOCKING))
@@ -129,10 +129,11 @@ class CpuExperts:
         offs = [0]
         for j in jobs:
             offs.append(offs[-1] + len(j.tok))
-        meta = torch.tensor([j.expert for j in jobs] + [j.r0 for j in jobs] +
-                            [I if j.r1 is None else j.r1 for j in jobs] + offs, dtype=torch.int32)
-        tok = torch.cat([j.tok for j in jobs]).to(torch.int32)
-        w = torch.cat([j.w.reshape(-1) for j in jobs]).to(torch.float32)
+        # numpy, not PyTorch ops: this runs beside the thread that drives the GPU, once per layer
+        meta = torch.from_numpy(np.array([j.expert for j in jobs] + [j.r0 for j in jobs] +
+                                         [I if j.r1 is None else j.r1 for j in jobs] + offs, dtype=np.int32))
+        tok = torch.from_numpy(np.concatenate([_array(j.tok, torch.int32) for j in jobs]))
+        w = torch.from_numpy(np.concatenate([_array(j.w, torch.float32).reshape(-1) for j in jobs]))
         self.threads_used = self.native.run(self.kernel, self.threads, data, H, I, x.to(torch.float32).contiguous(),
                                             N, meta, tok, w, out, self.amx_min_tokens, self.fused_max_bytes,
                                             self.amx_blocking)
@@ -163,7 +164,17 @@ class CpuExperts:
         xd = x.to(data.dtype)
         for j in jobs:
             gate, up, down_t = expert_rows(data[j.expert], I, j.r0, I if j.r1 is None else j.r1)
-            tok = j.tok.long()
+            tok = torch.as_tensor(j.tok).long()
             y = partial_ffn(xd[tok], gate, up, down_t)
-            out.index_add_(0, tok, y.float() * j.w.reshape(-1, 1).float())
+            out.index_add_(0, tok, y.float() * torch.as_tensor(j.w).reshape(-1, 1).float())
         return out
+
+
+_NP = {torch.int32: np.int32, torch.float32: np.float32}
+
+
+def _array(v: torch.Tensor | list, dtype: torch.dtype) -> np.ndarray:
+    """A job's tokens or weights as a numpy array of this dtype (int32 or float32)."""
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype).numpy()
+    return np.asarray(v, dtype=_NP[dtype])

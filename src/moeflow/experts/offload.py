@@ -16,13 +16,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from itertools import accumulate
 
 import torch
 
 from moeflow.experts.cpu import CpuExperts, Job, default_threads
-from moeflow.experts.local import block_ffn, can_group, grouped_ffn, partial_ffn
+from moeflow.experts.local import block_ffn
 from moeflow.experts.store import ExpertStore, expert_rows
+from moeflow.experts.waves import Wave, Waves
 from moeflow.perf.costs import ExpertCosts, measure_costs
 from moeflow.policy.base import OffloadPolicy, SlotSplit
 from moeflow.policy.eviction import EVICTION
@@ -30,10 +30,6 @@ from moeflow.policy.eviction import EVICTION
 Key = tuple[int, int]
 SCALE_SMOOTHING = 0.2      # weight of the newest layer in the CPU- and copy-speed corrections
 SCALE_RANGE = (0.25, 4.0)  # one odd layer (a page fault, a preempted thread) moves them at most this far
-# Waves of up to this many (token, expert) entries run as grouped GEMMs: those hold every entry's intermediate
-# activations at once, where the workspace counts one expert's; larger (prefill) waves go slot by slot, where
-# the launches cost nothing beside the matmuls.
-GROUPED_MAX_ENTRIES = 64
 
 
 def smoothed(scale: float, observed: float, predicted: float) -> float:
@@ -116,17 +112,15 @@ class OffloadedExperts:
     graph_safe = False  # it syncs with the host every layer to plan
 
     def __init__(self, host: ExpertStore, device: torch.device, policy: OffloadPolicy, split: SlotSplit,
-                 resident: list[Key], costs: ExpertCosts | None = None, eviction: str = "lru"):
+                 resident: list[Key], costs: ExpertCosts | None = None, eviction: str = "lru",
+                 graphs: bool = True):
         self.host, self.device, self.policy, self.split = host, torch.device(device), policy, split
         cfg = host.cfg
         self.inter, self.hidden, self.E = cfg.expert_intermediate_size, cfg.hidden_size, cfg.num_experts
         n_slots = len(resident) + split.cache
-        # zeros, not empty: a split expert's slot keeps stale rows that must be finite (see _run_wave)
+        # zeros, not empty: a split expert's slot keeps stale rows that must be finite (see Waves.run)
         self.slots = torch.zeros(n_slots, cfg.expert_numel, dtype=host.data.dtype, device=self.device)  # [S, 3IH]
-        I, H = self.inter, self.hidden
-        self.slot_gate_up = self.slots[:, :2 * I * H].view(n_slots, 2 * I, H)   # views for the grouped GEMMs
-        self.slot_down_t = self.slots[:, 2 * I * H:].view(n_slots, I, H)
-        self.grouped = can_group(self.slots)
+        self.waves = Waves(self.slots, self.inter, graphs)
         self.cache = SlotCache(resident, split, len(host.layers), eviction)
         for i, (l, e) in enumerate(resident):
             self.slots[i].copy_(host.data[l, e], non_blocking=True)
@@ -135,7 +129,8 @@ class OffloadedExperts:
         # a spinning wait (the driver's, without the GIL): this thread has a core of its own (the CPU kernel
         # leaves one), and a sleeping wait wakes tens of microseconds late, every layer
         self._arrived = torch.cuda.Event() if self.cuda else None
-        self.slot_free: dict[int, torch.cuda.Event] = {}  # slot -> event after its last compute
+        # pinned host buffers, reused by every layer: the routing and activations in, the CPU's share out
+        self._host: dict[str, torch.Tensor] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-cpu-experts")
         # The CPU kernel's own threads; one core stays with the thread that drives the GPU.
         self.cpu = CpuExperts(threads=default_threads(reserve=1 if self.cuda else 0))
@@ -167,7 +162,7 @@ class OffloadedExperts:
         l, I = self.host.slot[layer], self.inter
         s, t_in = self.stats, time.perf_counter()
         # One sync per layer: the routing (and the activations, for the CPU) come to the host.
-        ids_h, w_h, x_h = (t.to("cpu", non_blocking=True) for t in (topk_ids, topk_weights, x))
+        ids_h, w_h, x_h = (self._to_host(name, t) for name, t in (("ids", topk_ids), ("w", topk_weights), ("x", x)))
         if self.cuda:
             self._arrived.record()
             self._arrived.synchronize()
@@ -186,28 +181,28 @@ class OffloadedExperts:
 
         # The CPU's share starts first: it is usually the longest.
         cpu_jobs = [(e, r, entries[e]) for e, r in rows.items() if r > 0]
-        future = self.pool.submit(self._timed_cpu_part, l, x_h, w_h, K, cpu_jobs) if cpu_jobs else None
+        future = (self.pool.submit(self._timed_cpu_part, l, x_h, w_h.flatten().tolist(), K, cpu_jobs)
+                  if cpu_jobs else None)
         t_plan = time.perf_counter()
         s.plan_s += t_plan - t_in - s_sync
 
         # Copies on the copy stream; the GPU computes the experts already there at once, then the copied ones
         # once they land, each group of experts in one pass (waves). A slot reused within this layer (more
         # copies than slots) first gets the wave holding it computed.
-        out = torch.zeros(N, self.hidden, dtype=torch.float32, device=self.device)
-        w_flat = topk_weights.flatten().float()  # fp32 already where the router made them (layers.route)
-        here = {found[e]: (entries[e], None) for e in experts if found[e] is not None}
+        out = self.waves.begin(x, topk_weights)  # [N, H] fp32
+        here: Wave = {found[e]: (entries[e], None) for e in experts if found[e] is not None}
         protect = {(l, e) for e in experts if found[e] is not None}
         copies = {e: r for e, r in rows.items() if r < I}
         timing = self._start_copy_timing(copies, costs)
-        wave: dict[int, tuple[list[int], torch.cuda.Event | None]] = {}  # slot -> (entries, arrival)
+        wave: Wave = {}
         for e, r in copies.items():
             key = (l, e)
             slot = self.cache.take(key, protect, keep=r == 0 and self.split.keep_copies, busy=set(wave) | set(here))
             if slot in here:  # the layer's cache group is full of its own experts
-                self._run_wave(out, x, w_flat, K, here)
+                self.waves.run(here)
                 here = {}
             if slot in wave:
-                self._run_wave(out, x, w_flat, K, wave)
+                self.waves.run(wave)
                 wave = {}
             protect.add(key)
             wave[slot] = (entries[e], self._copy_in(slot, l, e, r))
@@ -216,9 +211,9 @@ class OffloadedExperts:
             timing[1].record(self.copy_stream)
             self._copy_timing = timing
         if here:
-            self._run_wave(out, x, w_flat, K, here)
+            self.waves.run(here)
         if wave:
-            self._run_wave(out, x, w_flat, K, wave)
+            self.waves.run(wave)
         t = time.perf_counter()
         s.launch_s += t - t_plan
         if future is not None:
@@ -232,48 +227,16 @@ class OffloadedExperts:
         s.copied_experts += sum((I - r) / I for r in rows.values())
         s.miss_bytes += len(misses) * self.host.expert_bytes
         s.backend_s += time.perf_counter() - t_in
-        return out.to(x.dtype)
-
-    def _run_wave(self, out: torch.Tensor, x: torch.Tensor, w_flat: torch.Tensor, K: int,
-                  wave: dict[int, tuple[list[int], torch.cuda.Event | None]]) -> None:
-        """The experts in these slots on their entries (flat (token, k) indices), weighted, into out [N, H] fp32,
-        once each slot's copy has landed. A slot holding rows r:I of a split expert has gate rows 0:r zeroed,
-        so the whole expert's FFN there is the part's (silu(0) = 0)."""
-        stream = torch.cuda.current_stream(self.device) if self.cuda else None
-        for _, ready in wave.values():
-            if ready is not None:
-                stream.wait_event(ready)
-        order = sorted(wave)
-        # one transfer for the wave: entries sorted by slot, then offs = cumulative entries per slot
-        ent, counts = [], [0] * self.slots.shape[0]
-        for slot in order:
-            ent += wave[slot][0]
-            counts[slot] = len(wave[slot][0])
-        offs = list(accumulate(counts))
-        meta = torch.tensor(ent + offs, dtype=torch.int32)
-        meta = (meta.pin_memory() if self.cuda else meta).to(self.device, non_blocking=True)
-        idx, offs_d = meta[:len(ent)].long(), meta[len(ent):]
-        tok = idx // K
-        if self.grouped and len(ent) <= GROUPED_MAX_ENTRIES:
-            y = grouped_ffn(x[tok], self.slot_gate_up, self.slot_down_t, offs_d)         # [M, H]
-            out.index_add_(0, tok, torch.mul(y, w_flat[idx, None]))  # the weights are fp32: so is the product
-        else:
-            for slot in order:
-                a, b = offs[slot] - counts[slot], offs[slot]
-                y = partial_ffn(x[tok[a:b]], *expert_rows(self.slots[slot], self.inter, 0, self.inter))
-                out.index_add_(0, tok[a:b], torch.mul(y, w_flat[idx[a:b], None]))
-        if stream is not None:
-            free = stream.record_event()
-            self.slot_free.update(dict.fromkeys(order, free))
+        return out.to(x.dtype, copy=True)  # out may be the wave graphs' buffer, which the next layer reuses
 
     def _copy_in(self, slot: int, l: int, e: int, r: int) -> torch.cuda.Event | None:
         """Rows r:I of expert (l, e) into `slot`: one transfer for a whole expert, three for a part (whose gate
-        rows 0:r are zeroed, see _run_wave)."""
+        rows 0:r are zeroed, see Waves.run)."""
         src, dst = self.host.data[l, e], self.slots[slot]
         ctx = torch.cuda.stream(self.copy_stream) if self.cuda else nullcontext()
         with ctx:
-            if self.cuda and slot in self.slot_free:
-                self.copy_stream.wait_event(self.slot_free[slot])
+            if self.cuda and slot in self.waves.slot_free:
+                self.copy_stream.wait_event(self.waves.slot_free[slot])
             if r == 0:
                 dst.copy_(src, non_blocking=True)
             else:
@@ -283,7 +246,7 @@ class OffloadedExperts:
                 expert_rows(dst, I, 0, r)[0].zero_()
             return self.copy_stream.record_event() if self.cuda else None
 
-    def _timed_cpu_part(self, l: int, x: torch.Tensor, w: torch.Tensor, K: int, jobs) -> torch.Tensor:
+    def _timed_cpu_part(self, l: int, x: torch.Tensor, w: list[float], K: int, jobs) -> torch.Tensor:
         t = time.perf_counter()
         out = self._cpu_part(l, x, w, K, jobs)
         dt = time.perf_counter() - t
@@ -293,15 +256,34 @@ class OffloadedExperts:
             self.cpu_scale = smoothed(self.cpu_scale, dt, predicted)
         return out
 
-    def _cpu_part(self, l: int, x: torch.Tensor, w: torch.Tensor, K: int, jobs) -> torch.Tensor:
+    def _cpu_part(self, l: int, x: torch.Tensor, w: list[float], K: int, jobs) -> torch.Tensor:
         """Rows 0:r of each job's expert on the CPU, weighted and summed: [N, H] fp32 (pinned when a GPU waits).
-        jobs: (expert, r, flat (token, k) indices); w [N, K] the routing weights."""
-        out = torch.zeros(x.shape[0], self.hidden, dtype=torch.float32, pin_memory=self.cuda)
-        w_flat, cpu_jobs = w.flatten(), []
-        for e, r, ent in jobs:
-            idx = torch.tensor(ent)
-            cpu_jobs.append(Job(e, idx // K, w_flat[idx], 0, r))
+        jobs: (expert, r, flat (token, k) indices); w: the routing weights [N * K], flat. Plain Python up to the
+        kernel: each PyTorch op here would cost tens of microseconds beside the GPU driver thread."""
+        out = self._host_buffer("cpu_out", (x.shape[0], self.hidden), torch.float32)
+        out.zero_()
+        cpu_jobs = [Job(e, [i // K for i in ent], [w[i] for i in ent], 0, r) for e, r, ent in jobs]
         return self.cpu(self.host.data[l], x, cpu_jobs, out)
+
+    def _host_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A reused host buffer of this shape (pinned with a GPU). A layer's buffers are free again at the next
+        layer: by then its copies out of them are done and its CPU work returned."""
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._host.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._host[name] = torch.empty(max(n, 2 * (buf.numel() if buf is not None else 0)), dtype=dtype,
+                                                 pin_memory=self.cuda)
+        return buf[:n].view(shape)
+
+    def _to_host(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """t on the host: itself without a GPU, else copied (asynchronously) into its reused pinned buffer."""
+        if not self.cuda:
+            return t
+        buf = self._host_buffer(name, tuple(t.shape), t.dtype)
+        buf.copy_(t, non_blocking=True)
+        return buf
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -1,0 +1,171 @@
+"""The GPU's share of an offloaded layer, in waves: the experts in a set of slots on their entries, in one pass.
+
+A wave runs as two grouped GEMMs over the slots (CUDA bf16), or slot by slot (other devices and dtypes, and waves
+too large for the grouped path's workspace). Small waves (decode) replay a CUDA graph captured once per shape:
+an eager wave is about ten launches, at 25-40 us of host time each on the H200 host, several times the GPU's own
+work; a graph is one.
+
+Legend: N = tokens, K = experts per token, H = hidden, I = intermediate rows, S = slots, M = a wave's entries
+(flat (token, k) indices into the layer's routing).
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+
+import torch
+
+from moeflow.experts.local import can_group, grouped_ffn, partial_ffn
+from moeflow.experts.store import expert_rows
+
+# Waves of up to this many entries run as grouped GEMMs: those hold every entry's intermediate activations at
+# once, where the workspace counts one expert's; larger (prefill) waves go slot by slot, where the launches
+# cost nothing beside the matmuls.
+GROUPED_MAX_ENTRIES = 64
+# Layers of up to this many entries (N * K: decode, small batches) replay graphs, one per (N, K, M) shape, at
+# most GRAPH_MAX_SHAPES of them (others run eagerly).
+GRAPH_MAX_ENTRIES = 16
+GRAPH_MAX_SHAPES = 64
+
+Wave = dict[int, tuple[list[int], "torch.cuda.Event | None"]]  # slot -> (entries, arrival of its copy)
+
+
+def wave_ops(out: torch.Tensor, x: torch.Tensor, w_flat: torch.Tensor, meta: torch.Tensor, M: int, K: int,
+             gate_up: torch.Tensor, down_t: torch.Tensor) -> None:
+    """out [N, H] fp32 += each entry's expert on its token, weighted. meta [M + S] int32: the entries sorted by
+    slot, then the cumulative entries per slot; gate_up [S, 2I, H], down_t [S, I, H] the slots' views."""
+    idx = meta[:M].long()
+    tok = idx // K
+    y = grouped_ffn(x[tok], gate_up, down_t, meta[M:])                        # [M, H]
+    out.index_add_(0, tok, torch.mul(y, w_flat[idx, None]))  # the weights are fp32: so is the product
+
+
+class Waves:
+    """Runs a layer's waves over the expert slots [S, 3IH] and keeps, per slot, the event after its last use
+    (a copy into the slot waits for it)."""
+
+    def __init__(self, slots: torch.Tensor, inter: int, graphs: bool = True):
+        S, H = slots.shape[0], slots.shape[1] // (3 * inter)
+        self.slots, self.inter, self.hidden = slots, inter, H
+        self.gate_up = slots[:, :2 * inter * H].view(S, 2 * inter, H)   # views for the grouped GEMMs
+        self.down_t = slots[:, 2 * inter * H:].view(S, inter, H)
+        self.grouped = can_group(slots)
+        self.cuda = slots.is_cuda
+        self.graphs_on = graphs and self.cuda
+        self.slot_free: dict[int, torch.cuda.Event] = {}
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+        # Pinned staging of each wave's meta: the k-th wave of a layer takes buffer k. The next layer's host sync
+        # finds every copy out of them done, so they are free again by then.
+        self._stage: list[torch.Tensor] = []
+        self._waves = 0
+        self._layer: tuple | None = None  # (x, weights, out, K, static, staged) of the layer being run
+        if self.graphs_on:
+            n = GRAPH_MAX_ENTRIES
+            dev = slots.device
+            # the graphs' inputs and output live here; a layer copies its x and weights in at its first wave
+            self.x_s = torch.zeros(n, H, dtype=slots.dtype, device=dev)
+            self.w_s = torch.zeros(n, dtype=torch.float32, device=dev)
+            self.out_s = torch.zeros(n, H, dtype=torch.float32, device=dev)
+            self.meta_s = torch.zeros(n + S, dtype=torch.int32, device=dev)
+            self.pool = torch.cuda.graph_pool_handle()  # the wave graphs' own: their temporaries die inside them
+            self.capture_stream = torch.cuda.Stream(dev)
+
+    def begin(self, x: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """A layer starts: x [N, H], topk_weights [N, K]. Returns its fp32 accumulator [N, H], zeroed."""
+        N, K = topk_weights.shape
+        self._waves = 0
+        static = self.grouped and self.graphs_on and N * K <= GRAPH_MAX_ENTRIES
+        if static:
+            out = self.out_s[:N]
+            out.zero_()
+        else:
+            out = torch.zeros(N, self.hidden, dtype=torch.float32, device=x.device)
+        self._layer = (x, topk_weights, out, K, static, False)
+        return out
+
+    def run(self, wave: Wave) -> None:
+        """The experts in these slots on their entries, weighted, into the layer's accumulator, once each slot's
+        copy has landed. A slot holding rows r:I of a split expert has gate rows 0:r zeroed, so the whole
+        expert's FFN there is the part's (silu(0) = 0)."""
+        x, weights, out, K, static, staged = self._layer
+        stream = torch.cuda.current_stream(self.slots.device) if self.cuda else None
+        for _, ready in wave.values():
+            if ready is not None:
+                stream.wait_event(ready)
+        order = sorted(wave)
+        # entries sorted by slot, then offs = cumulative entries per slot: one transfer for the wave
+        ent, counts = [], [0] * self.slots.shape[0]
+        for slot in order:
+            ent += wave[slot][0]
+            counts[slot] = len(wave[slot][0])
+        offs = list(accumulate(counts))
+        M = len(ent)
+        if static:
+            if not staged:  # the layer's inputs into the graphs' buffers, at its first wave
+                N = x.shape[0]
+                self.x_s[:N].copy_(x)
+                self.w_s[:N * K].copy_(weights.flatten())
+                self._layer = (x, weights, out, K, static, True)
+            meta = self.meta_s[:M + len(offs)]
+            meta.copy_(self._staged(ent + offs), non_blocking=True)
+            self._replay(x.shape[0], K, M)
+        else:
+            meta = self._staged(ent + offs)
+            meta = meta.to(self.slots.device, non_blocking=True) if self.cuda else meta
+            w_flat = weights.flatten().float()  # fp32 already where the router made them (layers.route)
+            if self.grouped and M <= GROUPED_MAX_ENTRIES:
+                wave_ops(out, x, w_flat, meta, M, K, self.gate_up, self.down_t)
+            else:
+                idx = meta[:M].long()
+                tok = idx // K
+                for slot in order:
+                    a, b = offs[slot] - counts[slot], offs[slot]
+                    y = partial_ffn(x[tok[a:b]], *expert_rows(self.slots[slot], self.inter, 0, self.inter))
+                    out.index_add_(0, tok[a:b], torch.mul(y, w_flat[idx[a:b], None]))
+        if stream is not None:
+            free = stream.record_event()
+            self.slot_free.update(dict.fromkeys(order, free))
+
+    def _staged(self, values: list[int]) -> torch.Tensor:
+        """values as an int32 host tensor: pinned (this layer's next staging buffer) when a GPU reads it."""
+        if not self.cuda:
+            return torch.tensor(values, dtype=torch.int32)
+        k, n = self._waves, len(values)
+        self._waves += 1
+        if k == len(self._stage):
+            self._stage.append(torch.empty(0, dtype=torch.int32))
+        if self._stage[k].numel() < n:
+            self._stage[k] = torch.empty(max(n, 2 * self._stage[k].numel(), 256), dtype=torch.int32,
+                                         pin_memory=True)
+        buf = self._stage[k][:n]
+        buf.numpy()[:] = values  # numpy, not a PyTorch op: no dispatch on the path to the GPU
+        return buf
+
+    def _replay(self, N: int, K: int, M: int) -> None:
+        key = (N, K, M)
+        graph = self.graphs.get(key)
+        args = (self.x_s[:N], self.w_s[:N * K], self.meta_s[:M + self.slots.shape[0]], M, K, self.gate_up,
+                self.down_t)
+        if graph is None and len(self.graphs) >= GRAPH_MAX_SHAPES:
+            wave_ops(self.out_s[:N], *args)
+            return
+        if graph is None:
+            graph = self.graphs[key] = self._capture(N, args)
+        graph.replay()
+
+    def _capture(self, N: int, args: tuple) -> torch.cuda.CUDAGraph:
+        """A graph of wave_ops into out_s[:N], captured on a side stream. The warm-up before it (lazy
+        initialization must not happen during capture) writes into a scratch output: the wave itself runs at the
+        replay that follows. capture_begin, not torch.cuda.graph: that one syncs the device and collects garbage."""
+        stream, dev = self.capture_stream, self.slots.device
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            wave_ops(torch.zeros_like(self.out_s[:N]), *args)
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                wave_ops(self.out_s[:N], *args)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        return graph
