@@ -224,11 +224,17 @@ def test_parse_size():
         parse_size("lots")
 
 
+@pytest.mark.parametrize("max_groups", [None, 3])
 @pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("policy", ["auto", "lru", "fiddler"])
-def test_slot_waves_match_the_local_experts_in_bf16(policy, grouped):
+def test_slot_waves_match_the_local_experts_in_bf16(policy, grouped, max_groups, monkeypatch):
     """The GPU's share of a layer run in waves over the slots, here with the CPU as the fast device: grouped
-    GEMMs (forced on, where this PyTorch has them on the CPU) or slot by slot."""
+    GEMMs (forced on, where this PyTorch has them on the CPU) or slot by slot; with max_groups, the slots go in
+    chunks of that many (a grouped GEMM takes at most 1024 groups), a wave in one pass per chunk."""
+    if max_groups:
+        from moeflow.experts import waves
+
+        monkeypatch.setattr(waves, "MAX_GROUPS", max_groups)
     if grouped:
         try:
             torch._grouped_mm(torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(1, 16, 16, dtype=torch.bfloat16),

@@ -22,10 +22,13 @@ from moeflow.experts.store import expert_rows
 # once, where the workspace counts one expert's; larger (prefill) waves go slot by slot, where the launches
 # cost nothing beside the matmuls.
 GROUPED_MAX_ENTRIES = 64
-# Layers of up to this many entries (N * K: decode, small batches) replay graphs, one per (N, K, M) shape, at
+# Layers of up to this many entries (N * K: decode, small batches) replay graphs, one per (N, K, M, chunk), at
 # most GRAPH_MAX_SHAPES of them (others run eagerly).
 GRAPH_MAX_ENTRIES = 16
 GRAPH_MAX_SHAPES = 64
+# PyTorch's grouped GEMM takes at most this many groups: the slots go in chunks of it (Qwen3-30B-A3B at 16 GiB
+# has ~1,400 slots), a wave in one pass per chunk it touches.
+MAX_GROUPS = 1024
 
 Wave = dict[int, tuple[list[int], "torch.cuda.Event | None"]]  # slot -> (entries, arrival of its copy)
 
@@ -53,7 +56,7 @@ class Waves:
         self.cuda = slots.is_cuda
         self.graphs_on = graphs and self.cuda
         self.slot_free: dict[int, torch.cuda.Event] = {}
-        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int, int, int], torch.cuda.CUDAGraph] = {}  # (N, K, M, chunk) -> graph
         # Pinned staging of each wave's meta: the k-th wave of a layer takes buffer k. The next layer's host sync
         # finds every copy out of them done, so they are free again by then.
         self._stage: list[torch.Tensor] = []
@@ -66,7 +69,7 @@ class Waves:
             self.x_s = torch.zeros(n, H, dtype=slots.dtype, device=dev)
             self.w_s = torch.zeros(n, dtype=torch.float32, device=dev)
             self.out_s = torch.zeros(n, H, dtype=torch.float32, device=dev)
-            self.meta_s = torch.zeros(n + S, dtype=torch.int32, device=dev)
+            self.meta_s = torch.zeros(n + min(S, MAX_GROUPS), dtype=torch.int32, device=dev)
             self.pool = torch.cuda.graph_pool_handle()  # the wave graphs' own: their temporaries die inside them
             self.capture_stream = torch.cuda.Stream(dev)
 
@@ -92,39 +95,46 @@ class Waves:
         for _, ready in wave.values():
             if ready is not None:
                 stream.wait_event(ready)
+        if static and not staged:  # the layer's inputs into the graphs' buffers, at its first wave
+            N = x.shape[0]
+            self.x_s[:N].copy_(x)
+            self.w_s[:N * K].copy_(weights.flatten())
+            self._layer = (x, weights, out, K, static, True)
         order = sorted(wave)
-        # entries sorted by slot, then offs = cumulative entries per slot: one transfer for the wave
-        ent, counts = [], [0] * self.slots.shape[0]
-        for slot in order:
-            ent += wave[slot][0]
-            counts[slot] = len(wave[slot][0])
-        offs = list(accumulate(counts))
-        M = len(ent)
-        if static:
-            if not staged:  # the layer's inputs into the graphs' buffers, at its first wave
-                N = x.shape[0]
-                self.x_s[:N].copy_(x)
-                self.w_s[:N * K].copy_(weights.flatten())
-                self._layer = (x, weights, out, K, static, True)
-            meta = self.meta_s[:M + len(offs)]
-            meta.copy_(self._staged(ent + offs), non_blocking=True)
-            self._replay(x.shape[0], K, M)
-        else:
-            meta = self._staged(ent + offs)
-            meta = meta.to(self.slots.device, non_blocking=True) if self.cuda else meta
-            w_flat = weights.flatten().float()  # fp32 already where the router made them (layers.route)
-            if self.grouped and M <= GROUPED_MAX_ENTRIES:
-                wave_ops(out, x, w_flat, meta, M, K, self.gate_up, self.down_t)
-            else:
-                idx = meta[:M].long()
-                tok = idx // K
-                for slot in order:
-                    a, b = offs[slot] - counts[slot], offs[slot]
-                    y = partial_ffn(x[tok[a:b]], *expert_rows(self.slots[slot], self.inter, 0, self.inter))
-                    out.index_add_(0, tok[a:b], torch.mul(y, w_flat[idx[a:b], None]))
+        for c0 in sorted({slot // MAX_GROUPS * MAX_GROUPS for slot in order}):
+            self._run_chunk(c0, [slot for slot in order if c0 <= slot < c0 + MAX_GROUPS], wave)
         if stream is not None:
             free = stream.record_event()
             self.slot_free.update(dict.fromkeys(order, free))
+
+    def _run_chunk(self, c0: int, order: list[int], wave: Wave) -> None:
+        """The wave's slots in c0 : c0 + MAX_GROUPS (sorted): one grouped pass, or slot by slot."""
+        x, weights, out, K, static, _ = self._layer
+        G = min(MAX_GROUPS, self.slots.shape[0] - c0)
+        # entries sorted by slot, then offs = cumulative entries per slot of the chunk: one transfer
+        ent, counts = [], [0] * G
+        for slot in order:
+            ent += wave[slot][0]
+            counts[slot - c0] = len(wave[slot][0])
+        offs = list(accumulate(counts))
+        M = len(ent)
+        if static:
+            meta = self.meta_s[:M + G]
+            meta.copy_(self._staged(ent + offs), non_blocking=True)
+            self._replay(x.shape[0], K, M, c0)
+            return
+        meta = self._staged(ent + offs)
+        meta = meta.to(self.slots.device, non_blocking=True) if self.cuda else meta
+        w_flat = weights.flatten().float()  # fp32 already where the router made them (layers.route)
+        if self.grouped and M <= GROUPED_MAX_ENTRIES:
+            wave_ops(out, x, w_flat, meta, M, K, self.gate_up[c0:c0 + G], self.down_t[c0:c0 + G])
+            return
+        idx = meta[:M].long()
+        tok = idx // K
+        for slot in order:
+            a, b = offs[slot - c0] - counts[slot - c0], offs[slot - c0]
+            y = partial_ffn(x[tok[a:b]], *expert_rows(self.slots[slot], self.inter, 0, self.inter))
+            out.index_add_(0, tok[a:b], torch.mul(y, w_flat[idx[a:b], None]))
 
     def _staged(self, values: list[int]) -> torch.Tensor:
         """values as an int32 host tensor: pinned (this layer's next staging buffer) when a GPU reads it."""
@@ -141,11 +151,12 @@ class Waves:
         buf.numpy()[:] = values  # numpy, not a PyTorch op: no dispatch on the path to the GPU
         return buf
 
-    def _replay(self, N: int, K: int, M: int) -> None:
-        key = (N, K, M)
+    def _replay(self, N: int, K: int, M: int, c0: int) -> None:
+        key = (N, K, M, c0)
         graph = self.graphs.get(key)
-        args = (self.x_s[:N], self.w_s[:N * K], self.meta_s[:M + self.slots.shape[0]], M, K, self.gate_up,
-                self.down_t)
+        G = min(MAX_GROUPS, self.slots.shape[0] - c0)
+        args = (self.x_s[:N], self.w_s[:N * K], self.meta_s[:M + G], M, K, self.gate_up[c0:c0 + G],
+                self.down_t[c0:c0 + G])
         if graph is None and len(self.graphs) >= GRAPH_MAX_SHAPES:
             wave_ops(self.out_s[:N], *args)
             return
