@@ -3,7 +3,8 @@
 # Needs .carry/data with mt_bench.jsonl, the Mixtral routing trace and a placement made from it:
 #   moeflow profile-experts --model synthetic:mixtral-8x7b --trace .carry/data/mixtral-8x7b-instruct.humaneval.jsonl \
 #       --out .carry/data/mixtral-trace-placement.json
-# Usage: bash scripts/gpu_latency.sh STAGE...   with stages
+# Usage: [NEW_TOKENS=128] [RUNS=1] bash scripts/gpu_latency.sh STAGE...   (RUNS: decode runs per row, median)
+# with stages
 #   tests      the GPU tests (tests/test_gpu*.py, and the CPU-kernel tests)
 #   mixtral24  Mixtral-8x7B at 24 GiB: auto, fiddler, lru; native routing and the trace replayed
 #   mixtral76  the same at 76 GiB
@@ -20,7 +21,7 @@ NEW=${NEW_TOKENS:-128}
 mixtral() {  # budget, extra args
   python3 -m moeflow bench latency --model synthetic:mixtral-8x7b --budgets "$1" --policies "${POLICIES:-auto,fiddler,lru}" \
     --prompts $D/mt_bench.jsonl --routing-trace $D/mixtral-8x7b-instruct.humaneval.jsonl \
-    --trace-placement $D/mixtral-trace-placement.json --new-tokens "$NEW" "${@:2}" 2>&1 | tee "$OUT/latency-mixtral-$1.log"
+    --trace-placement $D/mixtral-trace-placement.json --new-tokens "$NEW" --runs "${RUNS:-1}" "${@:2}" 2>&1 | tee "$OUT/latency-mixtral-$1.log"
 }
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
@@ -33,7 +34,7 @@ for stage in "$@"; do
                 --prompts $D/mt_bench.jsonl --new-tokens 16 --baseline-tokens "${BASELINE_TOKENS:-8}" \
                 --out "$OUT/latency-baseline.json" 2>&1 | tee "$OUT/latency-baseline.log" ;;
     qwen16) python3 -m moeflow bench latency --model synthetic:qwen3-30b-a3b --budgets 16GiB \
-              --policies "${POLICIES:-auto,fiddler,lru}" --prompts $D/mt_bench.jsonl --new-tokens "$NEW" \
+              --policies "${POLICIES:-auto,fiddler,lru}" --prompts $D/mt_bench.jsonl --new-tokens "$NEW" --runs "${RUNS:-1}" \
               --out "$OUT/latency-qwen3-16GiB.json" 2>&1 | tee "$OUT/latency-qwen3-16GiB.log" ;;
     profile) python3 scripts/profile_decode.py synthetic:mixtral-8x7b --gpu-memory 76GiB,24GiB --policy auto \
                --steps 16 > "$OUT/profile.txt" 2>&1

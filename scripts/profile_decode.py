@@ -63,7 +63,7 @@ else:
     prompt = list(range(100, 140))
     for budget in a.gpu_memory.split(","):
         oc = OffloadConfig(parse_size(budget), a.policy, None, a.routing_trace)
-        r = run_policy(ck, oc, prompt, list(range(100, 612)), a.steps * 2, ceil)
+        r = run_policy(ck, oc, [prompt], list(range(100, 612)), a.steps * 2, ceil)
         print_rows([r], header=True)
         print("allocator:", r["allocator_during_decode"], "costs:", r["costs"], flush=True)
         eng = LLMEngine(ck, max_seqs=1, max_len=256, offload=oc)

@@ -244,3 +244,31 @@ def test_slot_waves_match_the_local_experts_in_bf16(policy, grouped, max_groups,
     stats = check_slot_waves("cpu", policy, grouped)
     if policy == "auto":
         assert 0 < stats.cpu_experts and 0 < stats.copied_experts
+
+
+def test_bench_latency_decodes_each_prompt_and_reports_the_median(tmp_path, monkeypatch, capsys):
+    """`moeflow bench latency` with the CPU as both tiers: --runs decodes that many prompts per row, in turn; the
+    row's decode_tps is their median, and one row that fails is recorded while the others run."""
+    import json
+    import statistics
+
+    import moeflow.bench.latency as bench
+    from moeflow.cli import main
+
+    # the 1 GiB bandwidth measurements are not what this test is about
+    monkeypatch.setattr(bench, "ceilings", lambda device: {"cpu_read_bw": 1e10, "h2d_bw": 1e10, "gpu_bw": 1e10})
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a short one\nthe second prompt is a little longer\nthird\n")
+    out = tmp_path / "r.json"
+    assert main(["bench", "latency", "--model", "synthetic:tiny-mixtral", "--device", "cpu", "--budgets", "0.4GiB",
+                 "--policies", "auto,lru,nonesuch", "--new-tokens", "4", "--ttft-len", "24", "--runs", "3",
+                 "--prompts", str(prompts), "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["runs"] == 3 and len(set(d["prompt_tokens"])) == 3
+    ok = [r for r in d["rows"] if "error" not in r]
+    assert [r["policy"] for r in ok] == ["auto", "lru"]
+    for r in ok:
+        assert len(r["decode_tps_runs"]) == 3 and r["decode_tps"] == statistics.median(r["decode_tps_runs"])
+        assert r["hit_rate"] > 0 and r["fraction_of_bound"] > 0
+    (bad,) = [r for r in d["rows"] if "error" in r]
+    assert bad["policy"] == "nonesuch" and "nonesuch" in bad["error"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
@@ -208,7 +209,8 @@ def cmd_bench_latency(args) -> int:
         print(f"both at once: CPU read {ceil['cpu_read_bw_concurrent'] / 1e9:.0f} GB/s + host->device "
               f"{ceil['h2d_bw_concurrent'] / 1e9:.0f} GB/s", flush=True)
     texts = read_prompts(args.prompts) if args.prompts else [DEFAULT_PROMPT]
-    prompt = encode_prompt(ck.tokenizer, [{"role": "user", "content": texts[0]}])
+    prompts = [encode_prompt(ck.tokenizer, [{"role": "user", "content": texts[i % len(texts)]}])
+               for i in range(args.runs)]
     long = [t for p in texts for t in encode_prompt(ck.tokenizer, p)]
     ttft_prompt = (long * (args.ttft_len // max(len(long), 1) + 1))[: args.ttft_len]
     rows, costs = [], None
@@ -218,11 +220,14 @@ def cmd_bench_latency(args) -> int:
             for policy in args.policies.split(","):
                 oc = OffloadConfig(budget, policy, args.placement if trace is None else args.trace_placement, trace)
                 try:
-                    r = run_policy(ck, oc, prompt, ttft_prompt, args.new_tokens, ceil, costs, profile)
-                except MoeflowError as e:
+                    r = run_policy(ck, oc, prompts, ttft_prompt, args.new_tokens, ceil, costs, profile)
+                except Exception as e:  # one failed row is recorded; the others still run (device time is scarce)
+                    msg = str(e) if isinstance(e, MoeflowError) else f"{type(e).__name__}: {e}"
+                    if not isinstance(e, MoeflowError):
+                        traceback.print_exc()
                     r = {"policy": policy, "gpu_memory_gib": budget / 2**30, "routing": trace or "native",
-                         "error": str(e)}
-                    print(f"{policy} at {budget / 2**30:.0f} GiB: {e}", flush=True)
+                         "error": msg}
+                    print(f"{policy} at {budget / 2**30:.0f} GiB: {msg}", flush=True)
                 if costs is None and r.get("costs"):
                     costs = ExpertCosts.from_dict(r["costs"])
                 rows.append(r)
@@ -230,14 +235,15 @@ def cmd_bench_latency(args) -> int:
                     print_rows([r])
         if args.baseline_tokens and device.type == "cuda":
             try:
-                rows.append(accelerate_baseline(ck, budget, prompt, args.baseline_tokens))
+                rows.append(accelerate_baseline(ck, budget, prompts[0], args.baseline_tokens))
                 print_rows([rows[-1]])
             except Exception as e:  # the baseline is someone else's code: record its failure, keep going
                 rows.append({"policy": "transformers+accelerate", "gpu_memory_gib": budget / 2**30,
                              "error": f"{type(e).__name__}: {e}"})
                 print(f"transformers+accelerate failed: {e}", flush=True)
     meta = {"model": ck.name, "device": torch_device_name(device), "load_s": load_s, "pin_s": pin_s,
-            "ceilings": ceil, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt),
+            "ceilings": ceil, "new_tokens": args.new_tokens, "runs": args.runs,
+            "prompt_tokens": [len(p) for p in prompts],
             "date": time.strftime("%Y-%m-%d %H:%M")}
     if args.out:
         save(meta, rows, args.out)
@@ -379,8 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--dtype", default="auto")
     bl.add_argument("--budgets", default="24GiB,76GiB", help="comma-separated GPU budgets")
     bl.add_argument("--policies", default="auto,fiddler,lru")
-    bl.add_argument("--prompts", help="prompt file; the first prompt is decoded, all of them fill the TTFT prompt")
+    bl.add_argument("--prompts", help="prompt file: the first --runs prompts are decoded in turn, all of them fill "
+                    "the TTFT prompt")
     bl.add_argument("--new-tokens", type=int, default=128)
+    bl.add_argument("--runs", type=int, default=1, help="decode runs per configuration (median reported)")
     bl.add_argument("--ttft-len", type=int, default=512, help="prompt length of the TTFT measurement")
     bl.add_argument("--routing-trace", action="append", default=[], help="also replay this trace (repeatable)")
     bl.add_argument("--placement", help="placement for native routing")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def _delta(a: dict, b: dict) -> dict:
     return {k: b[k] - a[k] for k in b if k != "hit_rate"}
 
 
+def _add(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0) + v for k, v in b.items()}
+
+
 def predicted(ck: Checkpoint, oc: OffloadConfig, profile, hit_rate: float, ttft_len: int, new_tokens: int,
               costs=None) -> dict:
     """The timing model's figures for this run (perf/model.py), at the run's measured hit rate."""
@@ -75,12 +80,14 @@ def predicted(ck: Checkpoint, oc: OffloadConfig, profile, hit_rate: float, ttft_
             "predicted_bound_tps": p.bound_tps, "profile_source": profile.source}
 
 
-def run_policy(ck: Checkpoint, oc: OffloadConfig, prompt: list[int], ttft_prompt: list[int], new_tokens: int,
-               ceil: dict, costs=None, profile=None) -> dict:
+def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft_prompt: list[int],
+               new_tokens: int, ceil: dict, costs=None, profile=None) -> dict:
+    """One engine under this offload config: TTFT of ttft_prompt, then each prompt decoded for new_tokens in
+    turn. decode_tps is the median of those runs; the other figures count all of them together."""
     dev = next(ck.model.parameters()).device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    max_len = max(len(prompt) + new_tokens, len(ttft_prompt) + 1) + 1
+    max_len = max(max(len(p) for p in prompts) + new_tokens, len(ttft_prompt) + 1) + 1
     engine = LLMEngine(ck, max_seqs=1, max_len=max_len, offload=oc, expert_costs=costs)
     backend = getattr(engine.model.experts, "inner", engine.model.experts)
     try:
@@ -89,16 +96,21 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompt: list[int], ttft_prompt
         list(engine.stream(ttft_prompt[:16], SamplingParams(max_new_tokens=2, ignore_eos=True)))
         last = list(engine.stream(ttft_prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)))[-1]
         ttft = last.ttft_s
-        seq = engine.add_request(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-        engine.step()                                           # prefill and the first token
-        s0, a0, t0 = _snapshot(engine), _allocator(dev), time.perf_counter()
-        while not seq.finished:
-            engine.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        dt, d = time.perf_counter() - t0, _delta(s0, _snapshot(engine))
-        allocs = _delta(a0, _allocator(dev))
-        n = new_tokens - 1
+        dt, d, allocs, tps = 0.0, {}, {}, []
+        for prompt in prompts:
+            seq = engine.add_request(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+            engine.step()                                           # prefill and the first token
+            s0, a0, t0 = _snapshot(engine), _allocator(dev), time.perf_counter()
+            while not seq.finished:
+                engine.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t = time.perf_counter() - t0
+            tps.append((new_tokens - 1) / t)
+            dt += t
+            d = _add(d, _delta(s0, _snapshot(engine)))
+            allocs = _add(allocs, _delta(a0, _allocator(dev)))
+        n = (new_tokens - 1) * len(prompts)
         eb = ck.store.expert_bytes
         gpu_s = (ck.dense_bytes - ck.model.embed_tokens.weight.nbytes + d["hits"] * eb / n) / ceil["gpu_bw"]
         bound_s = d["miss_bytes"] / n / (ceil["cpu_read_bw"] + ceil["h2d_bw"]) + gpu_s
@@ -109,14 +121,15 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompt: list[int], ttft_prompt
         return {
             "policy": oc.policy, "gpu_memory_gib": oc.gpu_memory / 2**30,
             "routing": Path(oc.routing_trace).name if oc.routing_trace else "native",
-            "decode_tps": n / dt, "ttft_s": ttft, "ttft_prompt_tokens": len(ttft_prompt),
+            "decode_tps": statistics.median(tps), "decode_tps_runs": tps, "ttft_s": ttft,
+            "ttft_prompt_tokens": len(ttft_prompt),
             "hit_rate": d["hits"] / lookups, "h2d_bytes_per_token": d["bytes_h2d"] / n,
             "share_cpu": d["cpu_experts"] / lookups, "share_gpu_resident": d["resident_hits"] / lookups,
             "share_gpu_cached": (d["hits"] - d["resident_hits"]) / lookups,
             "share_gpu_copied": d["copied_experts"] / lookups,
-            "bound_tps": 1 / bound_s, "fraction_of_bound": (n / dt) * bound_s,
+            "bound_tps": 1 / bound_s, "fraction_of_bound": statistics.median(tps) * bound_s,
             "shared_bound_tps": 1 / shared_s if shared_s else None,
-            "fraction_of_shared_bound": (n / dt) * shared_s if shared_s else None,
+            "fraction_of_shared_bound": statistics.median(tps) * shared_s if shared_s else None,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
             # per decode token (ms): the whole step, inside the expert backend, the parts of that
             "ms_per_token": {"step": dt / n * 1e3, "outside_experts": (dt - d["backend_s"]) / n * 1e3,

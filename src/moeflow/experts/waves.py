@@ -26,9 +26,9 @@ GROUPED_MAX_ENTRIES = 64
 # most GRAPH_MAX_SHAPES of them (others run eagerly).
 GRAPH_MAX_ENTRIES = 16
 GRAPH_MAX_SHAPES = 64
-# PyTorch's grouped GEMM takes at most this many groups: the slots go in chunks of it (Qwen3-30B-A3B at 16 GiB
+# PyTorch's grouped GEMM takes fewer than 1024 groups: the slots go in chunks of 1023 (Qwen3-30B-A3B at 16 GiB
 # has ~1,400 slots), a wave in one pass per chunk it touches.
-MAX_GROUPS = 1024
+MAX_GROUPS = 1023
 
 Wave = dict[int, tuple[list[int], "torch.cuda.Event | None"]]  # slot -> (entries, arrival of its copy)
 
