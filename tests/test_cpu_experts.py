@@ -233,3 +233,20 @@ def test_jobs_with_many_tokens_go_to_pytorch(monkeypatch, N):
     ce = CpuExperts(threads=2)
     assert ce.torch_from_tokens == 4 and ce.kernel != "torch"
     check(ce.layer(data, x, ids, w), reference(data, x, jobs_from_topk(ids, w, 6), 48), "torch")
+
+
+def test_the_kernels_own_reads_set_the_cpu_read_ceiling(monkeypatch):
+    """The CPU's read ceiling is the faster of PyTorch's sum and the kernel's streaming reads (a ceiling below
+    what the kernel reaches would not be one)."""
+    from moeflow.bench import ceilings
+    from moeflow.experts.native import load
+
+    kernel = load()
+    if kernel is None:
+        pytest.skip("the native kernel cannot be built here")
+    rate = kernel.read_bw(2, torch.randn(1 << 22))
+    assert 1e8 < rate < 1e13  # bytes/s: 100 MB/s to 10 TB/s
+    monkeypatch.setattr(ceilings, "native_read_bw", lambda src: 1e15)
+    assert ceilings.memory_bandwidth(torch.device("cpu"), 1 << 22) == 1e15
+    monkeypatch.setattr(ceilings, "native_read_bw", lambda src: 0.0)
+    assert 0 < ceilings.memory_bandwidth(torch.device("cpu"), 1 << 22) < 1e15

@@ -354,6 +354,14 @@ static inline double now_s() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// Streaming reads, scalar (avx2::read and avx512::read are the vector ones): the read ceiling the kernel is
+// held against (moe_read).
+static uint64_t read64(const char* p, size_t n) {
+    uint64_t acc = 0, v;
+    for (size_t i = 0; i + 8 <= n; i += 8) std::memcpy(&v, p + i, 8), acc ^= v;
+    return acc;
+}
+
 extern "C" {
 
 int moe_features() { return cpu_features(); }
@@ -361,6 +369,25 @@ int moe_features() { return cpu_features(); }
 int moe_amx_ready() { return (cpu_features() & 4) && amx_permitted(); }
 
 void moe_last_phases(double* s) { std::memcpy(s, g_phase_s, sizeof(g_phase_s)); }
+
+// Seconds of each of `reps` passes of `threads` threads reading p[0:bytes] (a slice each) into secs.
+void moe_read(int threads, const char* p, int64_t bytes, int reps, double* secs) {
+    std::lock_guard<std::mutex> lock(g_call);
+    const int feat = cpu_features();
+    std::vector<double> sink(std::max(threads, 1));  // a value of what each thread read, so the loads stay
+    auto pass = [&](int id, int nt) {
+        const size_t a = (size_t)bytes * id / nt / 64 * 64, e = (size_t)bytes * (id + 1) / nt / 64 * 64;
+        sink[id] = (feat & 2) ? avx512::read(p + a, e - a) : (feat & 1) ? avx2::read(p + a, e - a)
+                                                           : (double)read64(p + a, e - a);
+    };
+    for (int r = 0; r < reps; ++r) {
+        double t = now_s();
+        g_pool.run(std::max(threads, 1), pass);
+        secs[r] = now_s() - t;
+    }
+    static volatile double keep;
+    keep = sink[0];
+}
 
 // Runs every job of one layer: out[tok, :] += w * expert_rows(r0:r1)(x[tok]). AMX (and its emulation)
 // tiles the jobs of at least amx_min_tokens tokens; the rest take the vector path (AVX-512 beside AMX,

@@ -78,6 +78,7 @@ class NativeKernel:
         lib.moe_features.restype = i
         lib.moe_amx_ready.restype = i
         lib.moe_last_phases.argtypes = [p]
+        lib.moe_read.argtypes = [i, p, i64, i, p]
         bits = lib.moe_features()
         self.features = {name for bit, name in ((1, "avx2"), (2, "avx512"), (4, "amx")) if bits & bit}
         self._amx_ready: bool | None = None
@@ -131,6 +132,13 @@ class NativeKernel:
         s = (ctypes.c_double * 3)()
         self.lib.moe_last_phases(s)
         return tuple(s)
+
+    def read_bw(self, threads: int, data, reps: int = 5) -> float:
+        """Bytes/s (median of reps) of `threads` threads streaming the contiguous CPU tensor `data` with the
+        kernel's widest loads: the memory-read ceiling of its weight streaming."""
+        s = (ctypes.c_double * reps)()
+        self.lib.moe_read(threads, data.data_ptr(), data.numel() * data.element_size(), reps, s)
+        return data.numel() * data.element_size() / sorted(s)[reps // 2]
 
 
 def load() -> NativeKernel | None:
