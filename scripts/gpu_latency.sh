@@ -12,6 +12,9 @@
 #   qwen16     Qwen3-30B-A3B at 16 GiB, native routing
 #   profile    Mixtral-8x7B, auto at 76 and 24 GiB: the bench's figures and a torch.profiler table of the host's time
 #   kernel     `bench cpu-experts` (Mixtral and Qwen3 shapes, 1-256 tokens per expert)
+#   spin       Mixtral-8x7B at 76 GiB, auto, native and trace, 64 tokens: the kernel pool's idle spin
+#              (MOEFLOW_POOL_SPIN) at its default and long enough to last between layers
+#   amx        the AMX blocking (MOEFLOW_AMX_DOWN_ROWS / GU_HIDDEN / GU_ROWS) at 16-256 tokens, Mixtral shape
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -41,6 +44,17 @@ for stage in "$@"; do
              grep -E "ms/token|tok/s|^auto|cpu_scale|bound" "$OUT/profile.txt" ;;
     kernel) python3 -m moeflow bench cpu-experts --reps 10 --out "$OUT/cpu_experts.json" --plot "$OUT/cpu_experts.png" \
               > "$OUT/cpu_experts.txt" 2>&1; tail -42 "$OUT/cpu_experts.txt" ;;
+    spin) for n in 256 200000; do
+            MOEFLOW_POOL_SPIN=$n POLICIES=auto NEW=64 mixtral 76GiB --out "$OUT/latency-76GiB-spin$n.json"
+            mv "$OUT/latency-mixtral-76GiB.log" "$OUT/latency-76GiB-spin$n.log"
+          done ;;
+    amx) for b in "512 512 64" "256 512 64" "1024 512 64" "512 1024 64" "512 256 64" "512 512 32"; do
+           set -- $b
+           echo "down rows $1, gate/up hidden $2, gate/up rows $3"
+           MOEFLOW_AMX_DOWN_ROWS=$1 MOEFLOW_AMX_GU_HIDDEN=$2 MOEFLOW_AMX_GU_ROWS=$3 python3 -m moeflow bench \
+             cpu-experts --shapes mixtral --tokens 16,64,256 --kernel amx --torch-max-tokens 0 --reps 5 \
+             --out "$OUT/amx-$1-$2-$3.json" 2>&1 | grep native:amx
+         done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -250,3 +250,30 @@ def test_the_kernels_own_reads_set_the_cpu_read_ceiling(monkeypatch):
     assert ceilings.memory_bandwidth(torch.device("cpu"), 1 << 22) == 1e15
     monkeypatch.setattr(ceilings, "native_read_bw", lambda src: 0.0)
     assert 0 < ceilings.memory_bandwidth(torch.device("cpu"), 1 << 22) < 1e15
+
+
+@pytest.mark.skipif(LIB is None, reason="no native kernel here")
+@pytest.mark.parametrize("spin", ["0", "100000"])
+def test_pool_spin_from_env_keeps_the_results(spin):
+    """MOEFLOW_POOL_SPIN sets how long the pool's workers spin before they sleep (read once per process, so a
+    fresh one): with none, every phase wakes them from sleep; with a long one, they never sleep between calls.
+    Either way each call of a layer gives the fp32 reference, call after call."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from moeflow.experts.cpu import CpuExperts, jobs_from_topk
+from test_cpu_experts import check, reference, routed, weights
+data, g = weights(6, 128, 96, seed=1)
+ce = CpuExperts(threads=3)
+for n in (1, 4, 9, 1):
+    x = torch.randn(n, 128, generator=g).bfloat16()
+    ids, w = routed(n, 6, 2, g)
+    check(ce.layer(data, x, ids, w), reference(data, x, jobs_from_topk(ids, w, 6), 96), ce.kernel)
+print("ok", ce.threads_used)
+"""
+    here = os.path.dirname(__file__)
+    env = os.environ | {"MOEFLOW_POOL_SPIN": spin, "PYTHONPATH": os.pathsep.join([here, *sys.path])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["ok", "3"], r.stderr[-2000:]

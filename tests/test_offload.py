@@ -270,5 +270,7 @@ def test_bench_latency_decodes_each_prompt_and_reports_the_median(tmp_path, monk
     for r in ok:
         assert len(r["decode_tps_runs"]) == 3 and r["decode_tps"] == statistics.median(r["decode_tps_runs"])
         assert r["hit_rate"] > 0 and r["fraction_of_bound"] > 0
+        ms = r["ms_per_token"]
+        assert 0 <= ms["cpu_kernel"] <= ms["cpu"] <= ms["backend"] <= ms["step"]  # nested timers
     (bad,) = [r for r in d["rows"] if "error" in r]
     assert bad["policy"] == "nonesuch" and "nonesuch" in bad["error"]

@@ -45,7 +45,8 @@ def _snapshot(engine: LLMEngine) -> dict:
     return engine.expert_stats() or {}
 
 
-TIMERS = ("backend_s", "sync_s", "plan_s", "launch_s", "cpu_s", "cpu_wait_s")  # OffloadStats' host timers
+# OffloadStats' host timers
+TIMERS = ("backend_s", "sync_s", "plan_s", "launch_s", "cpu_s", "cpu_kernel_s", "cpu_wait_s")
 
 
 def _allocator(dev: torch.device) -> dict:

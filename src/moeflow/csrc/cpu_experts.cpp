@@ -65,7 +65,16 @@ static inline void cpu_relax() {
 
 // ---------------------------------------------------------------------------------------------------
 // Thread pool: the calling thread is worker 0; workers spin briefly for the next call, then sleep (a longer
-// spin would take the cores from PyTorch's threads between layers).
+// spin would take the cores from PyTorch's threads between layers). MOEFLOW_POOL_SPIN: the pause iterations
+// of that spin (default 256, ~10-40 us).
+
+static int pool_spin() {
+    static const int n = [] {
+        const char* e = std::getenv("MOEFLOW_POOL_SPIN");
+        return e ? std::max(std::atoi(e), 0) : 256;
+    }();
+    return n;
+}
 
 class Pool {
   public:
@@ -107,8 +116,9 @@ class Pool {
   private:
     void loop(int id) {
         uint64_t seen = 0;
+        const int limit = pool_spin();
         for (;;) {
-            for (int spin = 0; gen_.load() == seen && spin < 256; ++spin) cpu_relax();  // ~10-40 us: phase B follows A
+            for (int spin = 0; gen_.load() == seen && spin < limit; ++spin) cpu_relax();  // phase B follows A
             if (gen_.load() == seen) {
                 std::unique_lock<std::mutex> lk(m_);
                 cv_.wait(lk, [&] { return gen_.load() != seen; });

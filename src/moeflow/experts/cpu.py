@@ -4,7 +4,8 @@ with PyTorch where the kernel cannot be built or the store is not bf16.
 Env: MOEFLOW_CPU_KERNEL = auto | torch | scalar | avx2 | avx512 | amx | amx-emu (auto: the fastest this
 CPU runs); MOEFLOW_CPU_THREADS (default: the physical cores this process may use); MOEFLOW_AMX_MIN_TOKENS
 (amx: the fewest tokens of an expert that go to the tiles, default 16), MOEFLOW_CPU_TORCH_FROM (jobs of this many
-tokens or more go to PyTorch; default 0, none). Tuning of the AMX blocking (defaults
+tokens or more go to PyTorch; default 0, none), MOEFLOW_POOL_SPIN (pause iterations the kernel's idle
+threads spin before they sleep, default 256). Tuning of the AMX blocking (defaults
 in native.AMX_BLOCKING): MOEFLOW_AMX_DOWN_ROWS (rows of down_t repacked per chunk, a multiple of 32),
 MOEFLOW_AMX_GU_HIDDEN (of H per gate/up slice, a multiple of 32), MOEFLOW_AMX_GU_ROWS (gate/up rows per
 block, a multiple of 16).
@@ -101,6 +102,7 @@ class CpuExperts:
         self.amx_blocking = tuple(int(os.environ.get(f"MOEFLOW_AMX_{k}", d))
                                   for k, d in zip(("DOWN_ROWS", "GU_HIDDEN", "GU_ROWS"), AMX_BLOCKING))
         self.threads_used = 0  # as reported by the last native call
+        self.kernel_s = 0.0    # seconds inside the native kernel in the last call (0: it did not run)
 
     def uses_native(self, data: torch.Tensor) -> bool:
         return self.native is not None and self.kernel != "torch" and data.dtype == torch.bfloat16
@@ -114,6 +116,7 @@ class CpuExperts:
         if out is None:
             out = torch.zeros(N, H, dtype=torch.float32)
         jobs = [j for j in jobs if len(j.tok) and (I if j.r1 is None else j.r1) > j.r0]
+        self.kernel_s = 0.0
         if not jobs:
             return out
         if not self.uses_native(data) or not out.is_contiguous() or out.dtype != torch.float32:
@@ -137,6 +140,7 @@ class CpuExperts:
         self.threads_used = self.native.run(self.kernel, self.threads, data, H, I, x.to(torch.float32).contiguous(),
                                             N, meta, tok, w, out, self.amx_min_tokens, self.fused_max_bytes,
                                             self.amx_blocking)
+        self.kernel_s = sum(self.native.last_phases())
         return out
 
     def expert(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:

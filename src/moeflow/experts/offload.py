@@ -49,12 +49,14 @@ class OffloadStats:
     miss_bytes: int = 0       # weights of the experts that were not on the GPU when needed
     # where the host's time goes (seconds): in the backend in all, waiting for the GPU at the per-layer sync,
     # planning (sync to CPU work handed over), launching the GPU's share (copies and compute), the CPU worker
-    # busy on experts, and waiting for that worker once the GPU's share is launched
+    # busy on experts (of which inside the native kernel), and waiting for that worker once the GPU's share is
+    # launched
     backend_s: float = 0.0
     sync_s: float = 0.0
     plan_s: float = 0.0
     launch_s: float = 0.0
     cpu_s: float = 0.0
+    cpu_kernel_s: float = 0.0
     cpu_wait_s: float = 0.0
 
     @property
@@ -251,6 +253,7 @@ class OffloadedExperts:
         out = self._cpu_part(l, x, w, K, jobs)
         dt = time.perf_counter() - t
         self.stats.cpu_s += dt
+        self.stats.cpu_kernel_s += self.cpu.kernel_s
         if self.costs is not None and self.calibrate:
             predicted = sum(self.costs.cpu(len(ent), r / self.inter) for _, r, ent in jobs)
             self.cpu_scale = smoothed(self.cpu_scale, dt, predicted)
