@@ -64,85 +64,9 @@ static inline void cpu_relax() {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Thread pool: the calling thread is worker 0; workers spin briefly for the next call, then sleep (a longer
-// spin would take the cores from PyTorch's threads between layers). MOEFLOW_POOL_SPIN: the pause iterations
-// of that spin (default 256, ~10-40 us).
+// Thread pool (cpu_experts_pool.inc): the calling thread is worker 0.
 
-static int pool_spin() {
-    static const int n = [] {
-        const char* e = std::getenv("MOEFLOW_POOL_SPIN");
-        return e ? std::max(std::atoi(e), 0) : 256;
-    }();
-    return n;
-}
-
-class Pool {
-  public:
-    ~Pool() {
-        {
-            std::lock_guard<std::mutex> lk(m_);
-            stop_ = true;
-            gen_.fetch_add(1);
-        }
-        cv_.notify_all();
-        for (auto& t : workers_) t.join();
-    }
-
-    void run(int n, const std::function<void(int, int)>& f) {
-        if (n <= 1) {
-            f(0, 1);
-            return;
-        }
-        while ((int)workers_.size() < n - 1) {
-            int id = (int)workers_.size() + 1;
-            workers_.emplace_back([this, id] { loop(id); });
-        }
-        {
-            std::lock_guard<std::mutex> lk(m_);
-            task_ = &f;
-            active_ = n;
-            pending_.store(n - 1);
-            gen_.fetch_add(1);
-        }
-        cv_.notify_all();
-        f(0, n);
-        for (int spin = 0; pending_.load() != 0 && spin < 200000; ++spin) cpu_relax();
-        if (pending_.load() != 0) {
-            std::unique_lock<std::mutex> lk(m_);
-            done_.wait(lk, [this] { return pending_.load() == 0; });
-        }
-    }
-
-  private:
-    void loop(int id) {
-        uint64_t seen = 0;
-        const int limit = pool_spin();
-        for (;;) {
-            for (int spin = 0; gen_.load() == seen && spin < limit; ++spin) cpu_relax();  // phase B follows A
-            if (gen_.load() == seen) {
-                std::unique_lock<std::mutex> lk(m_);
-                cv_.wait(lk, [&] { return gen_.load() != seen; });
-            }
-            seen = gen_.load();
-            if (stop_) return;
-            if (id >= active_) continue;
-            (*task_)(id, active_);
-            if (pending_.fetch_sub(1) == 1) {
-                std::lock_guard<std::mutex> lk(m_);
-                done_.notify_one();
-            }
-        }
-    }
-
-    std::vector<std::thread> workers_;
-    std::mutex m_;
-    std::condition_variable cv_, done_;
-    std::atomic<uint64_t> gen_{0};
-    std::atomic<int> pending_{0};
-    const std::function<void(int, int)>* task_ = nullptr;
-    int active_ = 0;
-    bool stop_ = false;
-};
+#include "cpu_experts_pool.inc"
 
 // ---------------------------------------------------------------------------------------------------
 // One job as the kernels see it.
