@@ -21,7 +21,7 @@ import torch
 
 from moeflow.experts.cpu import CpuExperts, Job, default_threads
 from moeflow.experts.local import block_ffn
-from moeflow.experts.store import ExpertStore, expert_rows
+from moeflow.experts.store import ExpertStore, HostBuffers, expert_rows
 from moeflow.experts.waves import Wave, Waves
 from moeflow.perf.costs import ExpertCosts, measure_costs
 from moeflow.policy.base import OffloadPolicy, SlotSplit
@@ -132,7 +132,7 @@ class OffloadedExperts:
         # leaves one), and a sleeping wait wakes tens of microseconds late, every layer
         self._arrived = torch.cuda.Event() if self.cuda else None
         # pinned host buffers, reused by every layer: the routing and activations in, the CPU's share out
-        self._host: dict[str, torch.Tensor] = {}
+        self._host = HostBuffers(pinned=self.cuda)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-cpu-experts")
         # The CPU kernel's own threads; one core stays with the thread that drives the GPU.
         self.cpu = CpuExperts(threads=default_threads(reserve=1 if self.cuda else 0))
@@ -263,28 +263,18 @@ class OffloadedExperts:
         """Rows 0:r of each job's expert on the CPU, weighted and summed: [N, H] fp32 (pinned when a GPU waits).
         jobs: (expert, r, flat (token, k) indices); w: the routing weights [N * K], flat. Plain Python up to the
         kernel: each PyTorch op here would cost tens of microseconds beside the GPU driver thread."""
-        out = self._host_buffer("cpu_out", (x.shape[0], self.hidden), torch.float32)
+        out = self._host.get("cpu_out", (x.shape[0], self.hidden), torch.float32)
         out.zero_()
         cpu_jobs = [Job(e, [i // K for i in ent], [w[i] for i in ent], 0, r) for e, r, ent in jobs]
         return self.cpu(self.host.data[l], x, cpu_jobs, out)
 
-    def _host_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A reused host buffer of this shape (pinned with a GPU). A layer's buffers are free again at the next
-        layer: by then its copies out of them are done and its CPU work returned."""
-        n = 1
-        for d in shape:
-            n *= d
-        buf = self._host.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = self._host[name] = torch.empty(max(n, 2 * (buf.numel() if buf is not None else 0)), dtype=dtype,
-                                                 pin_memory=self.cuda)
-        return buf[:n].view(shape)
-
     def _to_host(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """t on the host: itself without a GPU, else copied (asynchronously) into its reused pinned buffer."""
+        """t on the host: itself without a GPU, else copied (asynchronously) into its reused pinned buffer. A
+        layer's buffers are free again at the next layer: by then its copies out of them are done and its CPU
+        work returned."""
         if not self.cuda:
             return t
-        buf = self._host_buffer(name, tuple(t.shape), t.dtype)
+        buf = self._host.get(name, tuple(t.shape), t.dtype)
         buf.copy_(t, non_blocking=True)
         return buf
 

@@ -11,6 +11,7 @@ falls back to a per-group loop that reads the group sizes on the host, which a C
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -91,6 +92,22 @@ class ExpertStore:
 
 
 PIN_IN_PLACE_BYTES = 256 * 2**20
+
+
+class HostBuffers:
+    """Host tensors reused by key, grown on demand; pinned where a GPU copies to or from them (asynchronously:
+    the caller keeps a buffer until those copies are done)."""
+
+    def __init__(self, pinned: bool):
+        self.pinned, self._bufs = pinned, {}
+
+    def get(self, key, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            grown = max(n, 2 * buf.numel() if buf is not None else 0)
+            buf = self._bufs[key] = torch.empty(grown, dtype=dtype, pin_memory=self.pinned)
+        return buf[:n].view(shape)
 
 
 def expert_rows(block: torch.Tensor, inter: int, r0: int, r1: int) -> tuple[torch.Tensor, ...]:

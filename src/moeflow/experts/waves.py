@@ -16,7 +16,7 @@ from itertools import accumulate
 import torch
 
 from moeflow.experts.local import can_group, grouped_ffn, partial_ffn
-from moeflow.experts.store import expert_rows
+from moeflow.experts.store import HostBuffers, expert_rows
 
 # Waves of up to this many entries run as grouped GEMMs: those hold every entry's intermediate activations at
 # once, where the workspace counts one expert's; larger (prefill) waves go slot by slot, where the launches
@@ -57,11 +57,12 @@ class Waves:
         self.graphs_on = graphs and self.cuda
         self.slot_free: dict[int, torch.cuda.Event] = {}
         self.graphs: dict[tuple[int, int, int, int], torch.cuda.CUDAGraph] = {}  # (N, K, M, chunk) -> graph
-        # Pinned staging of each wave's meta: the k-th wave of a layer takes buffer k. The next layer's host sync
-        # finds every copy out of them done, so they are free again by then.
-        self._stage: list[torch.Tensor] = []
+        # Staging of each wave's meta (pinned with a GPU): the k-th wave of a layer takes buffer k. The next
+        # layer's host sync finds every copy out of them done, so they are free again by then.
+        self._stage = HostBuffers(pinned=self.cuda)
         self._waves = 0
-        self._layer: tuple | None = None  # (x, weights, out, K, static, staged) of the layer being run
+        # (x, weights: [N, K] or, eager, flat fp32 [N * K], out, K, static, staged) of the layer being run
+        self._layer: tuple | None = None
         if self.graphs_on:
             n = GRAPH_MAX_ENTRIES
             dev = slots.device
@@ -83,6 +84,7 @@ class Waves:
             out.zero_()
         else:
             out = torch.zeros(N, self.hidden, dtype=torch.float32, device=x.device)
+            topk_weights = topk_weights.flatten().float()  # fp32 already where the router made them (layers.route)
         self._layer = (x, topk_weights, out, K, static, False)
         return out
 
@@ -109,7 +111,7 @@ class Waves:
 
     def _run_chunk(self, c0: int, order: list[int], wave: Wave) -> None:
         """The wave's slots in c0 : c0 + MAX_GROUPS (sorted): one grouped pass, or slot by slot."""
-        x, weights, out, K, static, _ = self._layer
+        x, w_flat, out, K, static, _ = self._layer
         G = min(MAX_GROUPS, self.slots.shape[0] - c0)
         # entries sorted by slot, then offs = cumulative entries per slot of the chunk: one transfer
         ent, counts = [], [0] * G
@@ -125,7 +127,6 @@ class Waves:
             return
         meta = self._staged(ent + offs)
         meta = meta.to(self.slots.device, non_blocking=True) if self.cuda else meta
-        w_flat = weights.flatten().float()  # fp32 already where the router made them (layers.route)
         if self.grouped and M <= GROUPED_MAX_ENTRIES:
             wave_ops(out, x, w_flat, meta, M, K, self.gate_up[c0:c0 + G], self.down_t[c0:c0 + G])
             return
@@ -137,17 +138,9 @@ class Waves:
             out.index_add_(0, tok[a:b], torch.mul(y, w_flat[idx[a:b], None]))
 
     def _staged(self, values: list[int]) -> torch.Tensor:
-        """values as an int32 host tensor: pinned (this layer's next staging buffer) when a GPU reads it."""
-        if not self.cuda:
-            return torch.tensor(values, dtype=torch.int32)
-        k, n = self._waves, len(values)
+        """values as an int32 host tensor: this layer's next staging buffer (pinned when a GPU reads it)."""
+        buf = self._stage.get(self._waves, (len(values),), torch.int32)
         self._waves += 1
-        if k == len(self._stage):
-            self._stage.append(torch.empty(0, dtype=torch.int32))
-        if self._stage[k].numel() < n:
-            self._stage[k] = torch.empty(max(n, 2 * self._stage[k].numel(), 256), dtype=torch.int32,
-                                         pin_memory=True)
-        buf = self._stage[k][:n]
         buf.numpy()[:] = values  # numpy, not a PyTorch op: no dispatch on the path to the GPU
         return buf
 
