@@ -3,7 +3,7 @@
 # Needs .carry/data with mt_bench.jsonl, the Mixtral routing trace and a placement made from it:
 #   moeflow profile-experts --model synthetic:mixtral-8x7b --trace .carry/data/mixtral-8x7b-instruct.humaneval.jsonl \
 #       --out .carry/data/mixtral-trace-placement.json
-# Usage: [NEW_TOKENS=128] [RUNS=1] bash scripts/gpu_latency.sh STAGE...   (RUNS: decode runs per row, median)
+# Usage: [NEW_TOKENS=128] [RUNS=1] [ROUTING=native] [AMX_SWEEP='R H G,...'] bash scripts/gpu_latency.sh STAGE...   (RUNS: decode runs per row, median)
 # with stages
 #   tests      the GPU tests (tests/test_gpu*.py, and the CPU-kernel tests)
 #   mixtral24  Mixtral-8x7B at 24 GiB: auto, fiddler, lru; native routing and the trace replayed
@@ -23,8 +23,8 @@ D=.carry/data
 NEW=${NEW_TOKENS:-128}
 mixtral() {  # budget, extra args
   python3 -m moeflow bench latency --model synthetic:mixtral-8x7b --budgets "$1" --policies "${POLICIES:-auto,fiddler,lru}" \
-    --prompts $D/mt_bench.jsonl --routing-trace $D/mixtral-8x7b-instruct.humaneval.jsonl \
-    --trace-placement $D/mixtral-trace-placement.json --new-tokens "$NEW" --runs "${RUNS:-1}" "${@:2}" 2>&1 | tee "$OUT/latency-mixtral-$1.log"
+    --prompts $D/mt_bench.jsonl $([ "${ROUTING:-both}" = native ] || echo "--routing-trace $D/mixtral-8x7b-instruct.humaneval.jsonl \
+    --trace-placement $D/mixtral-trace-placement.json") --new-tokens "$NEW" --runs "${RUNS:-1}" "${@:2}" 2>&1 | tee "$OUT/latency-mixtral-$1.log"
 }
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
@@ -48,7 +48,8 @@ for stage in "$@"; do
             MOEFLOW_POOL_SPIN=$n POLICIES=auto NEW=64 mixtral 76GiB --out "$OUT/latency-76GiB-spin$n.json"
             mv "$OUT/latency-mixtral-76GiB.log" "$OUT/latency-76GiB-spin$n.log"
           done ;;
-    amx) for b in "512 512 64" "256 512 64" "1024 512 64" "512 1024 64" "512 256 64" "512 512 32"; do
+    amx) IFS=, read -ra sweep <<< "${AMX_SWEEP:-256 512 32,512 512 64,128 512 32,256 512 16,256 1024 32,256 256 32}"
+         for b in "${sweep[@]}"; do
            set -- $b
            echo "down rows $1, gate/up hidden $2, gate/up rows $3"
            MOEFLOW_AMX_DOWN_ROWS=$1 MOEFLOW_AMX_GU_HIDDEN=$2 MOEFLOW_AMX_GU_ROWS=$3 python3 -m moeflow bench \

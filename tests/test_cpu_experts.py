@@ -162,9 +162,9 @@ def test_amx_blocking_moves_no_sum(kernel, threads):
 
 
 def test_amx_blocking_from_env(monkeypatch):
-    monkeypatch.setenv("MOEFLOW_AMX_DOWN_ROWS", "256")
-    monkeypatch.setenv("MOEFLOW_AMX_GU_ROWS", "32")
-    assert CpuExperts(kernel="torch").amx_blocking == (256, native.AMX_BLOCKING[1], 32)
+    monkeypatch.setenv("MOEFLOW_AMX_DOWN_ROWS", "1024")
+    monkeypatch.setenv("MOEFLOW_AMX_GU_ROWS", "64")
+    assert CpuExperts(kernel="torch").amx_blocking == (1024, native.AMX_BLOCKING[1], 64)
 
 
 def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path):

@@ -21,7 +21,7 @@ from moeflow.experts.trace import TraceRouting, load_trace
 from moeflow.perf.costs import ExpertCosts
 from moeflow.policy import POLICIES, get_policy
 from moeflow.policy.base import SlotSplit
-from moeflow.policy.placement import Placement
+from moeflow.policy.placement import Placement, even_resident
 
 MAX_LEN, N_NEW = 64, 16
 GREEDY = SamplingParams(max_new_tokens=N_NEW, ignore_eos=True)
@@ -201,6 +201,53 @@ def test_lru_eviction_order_and_protection():
     assert per_layer.capacity(0) == per_layer.capacity(1) == 2
 
 
+def test_decayed_use_keeps_the_popular_and_follows_reuse():
+    from moeflow.policy.eviction import DecayedUse
+
+    d = DecayedUse(half_life=4)
+    popular, rare, new = (0, 0), (0, 1), (0, 2)
+    d.seed(popular, 0.9)
+    d.seed(rare, 0.05)
+    d.hold(popular)
+    d.hold(rare)
+    assert d.victim({popular, rare}, set()) == rare
+    assert d.victim({popular, rare}, {rare}) == popular     # protected: the other one
+    assert d.victim({popular}, {popular}) == popular          # all protected: one anyway
+    d.touch(new)
+    assert d.admits(new, rare) and not d.admits(new, popular)  # one use beats the rare one only
+    for _ in range(40):                                        # popular unused for ten half-lives,
+        d.tick()                                               # new used every step
+        d.touch(new)
+    assert d.admits(new, popular)
+    for _ in range(3000):  # stale heap entries are dropped: the heap stays small and the order right
+        d.touch(rare)
+    assert len(d.heap) <= 4 * len(d.held) + 1025 and d.victim({popular, rare}, set()) == popular
+
+
+def test_adaptive_slots_replace_the_least_used_resident():
+    a, b, c = (0, 0), (0, 1), (1, 0)
+    cache = SlotCache([a, b], SlotSplit(resident=2, cache=1, adaptive=True), layers=2, eviction="decay",
+                      prior={a: 0.9, b: 0.01})
+    assert cache.lookup(c) is None
+    # c, used once, is worth more than b (seeded rare: 0.24 uses in its window): it takes b's slot
+    assert cache.take(c, protect={a}, keep=True) == 1 and cache.lookup(c) == 1 and cache.lookup(b) is None
+    # b now scores below c and a: its copy goes to the scratch slot and is not kept
+    assert cache.take(b, protect=set(), keep=True) == 2 and cache.lookup(b) is None
+    # a split expert (keep=False) never takes a held slot
+    assert cache.take((1, 5), protect=set(), keep=False) == 2
+
+
+def test_auto_adapts_its_residents_and_keeps_the_tokens(hf_checkpoint):
+    """Qwen3-MoE (top-4 of 16): whole copies happen, some replace residents; tokens as all-local."""
+    path = hf_checkpoint("qwen3_moe")[0]
+    want, _ = run(path)
+    got, engine = run(path, {"slots": 6, "policy": "auto"}, costs=costs_table(1.0, 1e-3))
+    backend = engine.model.experts
+    assert got == want and backend.split.adaptive
+    start = set(even_resident(backend.split.resident, len(backend.host.layers), backend.E))
+    assert set(backend.cache.where) != start and len(backend.cache.where) == backend.split.resident
+
+
 def test_planner_choices_on_hand_made_costs():
     auto, fiddler, I = get_policy("auto"), get_policy("fiddler"), 1024
     slow_copy = costs_table(cpu_per_token=1e-3, copy=10e-3)  # one token: CPU 1 ms, copy 10 ms
@@ -210,9 +257,12 @@ def test_planner_choices_on_hand_made_costs():
     assert auto.plan({3: 256}, costs_table(1.0, 1e-3), I, 8) == {3: 0}        # copying nearly free: all copied
     rows = auto.plan({1: 1, 2: 1, 3: 200}, slow_copy, I, 8)
     assert rows[1] == rows[2] == I and rows[3] < I                           # few on CPU, the big one copied
-    even = costs_table(cpu_per_token=5e-3, copy=5e-3)
-    split = auto.plan({0: 1, 1: 1}, even, I, 8)
-    assert sorted(split.values()) == [0, I] or 0 < min(split.values()) < I    # both paths busy
+    near = costs_table(cpu_per_token=6.5e-3, copy=6.8e-3)
+    # Two misses, one per path: whole experts (the copy can stay cached) cost 2% more than a split; one miss:
+    # a split halves the layer, so it stays split.
+    assert sorted(auto.plan({0: 1, 1: 1}, near, I, 8).values()) == [0, I]
+    assert 0 < auto.plan({0: 1}, near, I, 8)[0] < I
+    assert 0 < auto.plan({0: 1, 1: 1}, costs_table(cpu_per_token=3e-3, copy=6.8e-3), I, 8)[1] < I
     # more copies than cache slots: still copied (the backend reuses a slot once its expert is computed)
     assert all(r < I / 4 for r in auto.plan({0: 300, 1: 300}, slow_copy, I, max_copies=1).values())
     assert fiddler.plan({0: 3, 1: 40}, slow_copy, I, 8) == {0: I, 1: 0}        # the published threshold

@@ -142,4 +142,4 @@ class OffloadConfig:
     policy: str = "auto"
     placement: str | None = None      # JSON from `moeflow profile-experts`
     routing_trace: str | None = None  # replay a recorded routing (benchmarks)
-    eviction: str = "lru"
+    eviction: str | None = None       # the cache's eviction policy; None: the offloading policy's own

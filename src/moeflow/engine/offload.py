@@ -18,7 +18,7 @@ from moeflow.experts.offload import OffloadedExperts
 from moeflow.experts.trace import TraceRouting, load_trace
 from moeflow.perf.costs import ExpertCosts
 from moeflow.policy import get_policy
-from moeflow.policy.placement import Placement, even_resident
+from moeflow.policy.placement import Placement, even_rates, even_resident
 
 CPU_THREADS = torch.get_num_threads()  # PyTorch's default: the physical cores
 
@@ -47,8 +47,10 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
         placement = Placement.load(oc.placement)
         placement.check(ck.name, cfg)
         resident = placement.resident(split.resident)
+        prior = placement.rates(cfg.num_experts_per_tok)
     else:
         resident = even_resident(split.resident, len(cfg.moe_layers), cfg.num_experts)
+        prior = even_rates(len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok)
     if device.type == "cuda":
         # One core stays with the thread that drives the GPU: a CPU expert split over all cores waits for
         # its slowest thread, and that thread would share a core with the driver.
@@ -63,7 +65,7 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
 
         costs = profiled_costs(cfg, store.data.dtype, device)
     backend = OffloadedExperts(store, device, policy, split, resident, costs=costs, eviction=oc.eviction,
-                               graphs=graphs)
+                               graphs=graphs, prior=prior)
     if oc.routing_trace:
         backend = TraceRouting(backend, load_trace(oc.routing_trace), cfg)
     ck.model.set_experts(backend)

@@ -68,22 +68,39 @@ class OffloadStats:
 
 
 class SlotCache:
-    """Which expert each GPU slot holds. Resident slots never change; cache slots follow the eviction policy,
-    in one shared group or one group per layer."""
+    """Which expert each GPU slot holds. Resident slots never change (unless the split is adaptive); cache
+    slots follow the eviction policy, in one shared group or one group per layer.
 
-    def __init__(self, resident: list[Key], split: SlotSplit, layers: int, eviction: str = "lru"):
+    Adaptive: every selected expert counts as used, every held expert is a candidate, and a copied expert
+    takes the lowest-ranked one's slot when the eviction policy admits it (else it goes to a scratch slot).
+    prior: (l, e) -> uses per step from a popularity profile, the eviction policy's starting point."""
+
+    def __init__(self, resident: list[Key], split: SlotSplit, layers: int, eviction: str = "lru",
+                 prior: dict[Key, float] | None = None):
+        if split.adaptive and split.per_layer:
+            raise ValueError("an adaptive split shares its scratch slots: per_layer must be off")
         self.where: dict[Key, int] = {k: i for i, k in enumerate(resident)}
-        self.resident = set(resident)
+        self.adaptive = split.adaptive
+        self.resident = set(resident)  # adaptive: those of them still held
         self.keep = split.keep_copies
         cache = list(range(len(resident), len(resident) + split.cache))
         self.groups = ({g: cache[g::layers] for g in range(layers)} if split.per_layer else {None: cache})
         self.holder: dict[int, Key | None] = dict.fromkeys(cache)
         self.per_layer = split.per_layer
         self.eviction = EVICTION[eviction]()
+        for key, rate in (prior or {}).items():
+            self.eviction.seed(key, rate)
+        if self.adaptive:
+            for key in resident:
+                self.eviction.hold(key)
+
+    def tick(self) -> None:
+        """A step (one token of decode) has passed: the eviction policy's clock."""
+        self.eviction.tick()
 
     def lookup(self, key: Key) -> int | None:
         slot = self.where.get(key)
-        if slot is not None and key not in self.resident:
+        if self.adaptive or (slot is not None and key not in self.resident):
             self.eviction.touch(key)
         return slot
 
@@ -93,6 +110,8 @@ class SlotCache:
     def take(self, key: Key, protect: set[Key], keep: bool, busy: set[int] = frozenset()) -> int:
         """A slot for `key` (about to be copied in), evicting if the group is full. Free slots not `busy`
         (in use in this layer) come first."""
+        if self.adaptive:
+            return self._take_adaptive(key, protect, keep, busy)
         slots = self.groups[key[0] if self.per_layer else None]
         free = sorted((s for s in slots if self.holder[s] is None), key=lambda s: s in busy)
         if free:
@@ -104,9 +123,20 @@ class SlotCache:
         self.holder[slot] = key if keep else None
         if keep:
             self.where[key] = slot
+            self.eviction.hold(key)
             self.eviction.touch(key)
         return slot
 
+    def _take_adaptive(self, key: Key, protect: set[Key], keep: bool, busy: set[int]) -> int:
+        victim = self.eviction.victim(self.where.keys(), protect) if keep and self.where else None
+        if victim is not None and victim not in protect and self.eviction.admits(key, victim):
+            slot = self.where.pop(victim)
+            self.eviction.remove(victim)
+            self.resident.discard(victim)
+            self.where[key] = slot
+            self.eviction.hold(key)
+            return slot
+        return sorted(self.groups[None], key=lambda s: s in busy)[0]  # scratch
 
 class OffloadedExperts:
     """The expert backend of the latency regime."""
@@ -114,8 +144,8 @@ class OffloadedExperts:
     graph_safe = False  # it syncs with the host every layer to plan
 
     def __init__(self, host: ExpertStore, device: torch.device, policy: OffloadPolicy, split: SlotSplit,
-                 resident: list[Key], costs: ExpertCosts | None = None, eviction: str = "lru",
-                 graphs: bool = True):
+                 resident: list[Key], costs: ExpertCosts | None = None, eviction: str | None = None,
+                 graphs: bool = True, prior: dict[Key, float] | None = None):
         self.host, self.device, self.policy, self.split = host, torch.device(device), policy, split
         cfg = host.cfg
         self.inter, self.hidden, self.E = cfg.expert_intermediate_size, cfg.hidden_size, cfg.num_experts
@@ -123,7 +153,7 @@ class OffloadedExperts:
         # zeros, not empty: a split expert's slot keeps stale rows that must be finite (see Waves.run)
         self.slots = torch.zeros(n_slots, cfg.expert_numel, dtype=host.data.dtype, device=self.device)  # [S, 3IH]
         self.waves = Waves(self.slots, self.inter, graphs)
-        self.cache = SlotCache(resident, split, len(host.layers), eviction)
+        self.cache = SlotCache(resident, split, len(host.layers), eviction or policy.eviction, prior)
         for i, (l, e) in enumerate(resident):
             self.slots[i].copy_(host.data[l, e], non_blocking=True)
         self.cuda = self.device.type == "cuda"
@@ -171,6 +201,8 @@ class OffloadedExperts:
         s_sync = time.perf_counter() - t_in
         s.sync_s += s_sync
         self._observe_copies()
+        if l == 0:
+            self.cache.tick()
         # Plain Python for the bookkeeping: PyTorch's CPU ops would wake its thread pool beside the CPU experts.
         entries: dict[int, list[int]] = {}  # expert -> its flat (token, k) indices, in order
         for i, e in enumerate(ids_h.flatten().tolist()):

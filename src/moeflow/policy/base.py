@@ -19,11 +19,15 @@ class SlotSplit:
     cache: int               # slots for copied experts, under the eviction policy
     per_layer: bool = False  # cache partitioned per layer (mixtral-offloading) instead of shared
     keep_copies: bool = True  # a copied expert stays cached; False: the slot is scratch (Fiddler)
+    # the resident slots follow use: a whole copied expert takes the slot of the held expert the eviction
+    # policy ranks lowest, when it admits it; the cache slots are then scratch for the others
+    adaptive: bool = False
 
 
 class OffloadPolicy(ABC):
     name: str
     needs_costs = False  # plans from measured costs (the backend measures them at start)
+    eviction = "lru"     # the eviction policy of its cache (policy/eviction.py)
 
     def min_slots(self, layers: int, experts: int, top_k: int) -> int:
         """Fewest slots the policy can run with (room to copy one token's experts of a layer)."""

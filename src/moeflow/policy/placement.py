@@ -30,6 +30,13 @@ class Placement:
         order = sorted(range(L * E), key=lambda i: (-float(self.counts.view(-1)[i]), i))
         return [(i // E, i % E) for i in order[:n]]
 
+    def rates(self, top_k: int) -> dict[tuple[int, int], float]:
+        """(l, e) -> how often expert e of MoE layer l is picked per token (layer l's selections / top_k
+        tokens)."""
+        tokens = self.counts.sum(dim=1, keepdim=True).clamp(min=1) / top_k  # [L, 1]
+        r = (self.counts / tokens).tolist()
+        return {(li, e): v for li, row in enumerate(r) for e, v in enumerate(row)}
+
     def save(self, path: str | Path) -> None:
         L, E = self.counts.shape
         Path(path).write_text(json.dumps({"model": self.model, "moe_layers": L, "experts": E,
@@ -46,6 +53,11 @@ class Placement:
             raise MoeflowError(f"placement file {path} does not exist") from None
         except (ValueError, KeyError, TypeError, AssertionError) as e:
             raise MoeflowError(f"placement file {path} is not a moeflow placement ({e})") from None
+
+
+def even_rates(layers: int, experts: int, top_k: int) -> dict[tuple[int, int], float]:
+    """No profile: every expert picked as often (top_k / experts per token)."""
+    return {(li, e): top_k / experts for li in range(layers) for e in range(experts)}
 
 
 def even_resident(n: int, layers: int, experts: int) -> list[tuple[int, int]]:
