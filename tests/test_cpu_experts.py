@@ -277,3 +277,13 @@ print("ok", ce.threads_used)
     env = os.environ | {"MOEFLOW_POOL_SPIN": spin, "PYTHONPATH": os.pathsep.join([here, *sys.path])}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.split() == ["ok", "3"], r.stderr[-2000:]
+
+
+def test_many_runs_the_next_experts_in_one_call():
+    data, g = weights(4, 64, 32)
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    ce = CpuExperts()
+    fn = ce.many(2, data)
+    for first in (0, 2, 0):  # rotates through the blocks, two at a time
+        want = ce.expert(x, data[first]) + ce.expert(x, data[first + 1])
+        torch.testing.assert_close(fn(x), want, rtol=1e-5, atol=1e-5)

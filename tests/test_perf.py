@@ -13,7 +13,7 @@ from moeflow import MoeflowError
 from moeflow.checkpoint import read_model_config
 from moeflow.cli import main
 from moeflow.perf import profile as prof
-from moeflow.perf.costs import ExpertCosts
+from moeflow.perf.costs import ExpertCosts, fixed_part
 from moeflow.perf.model import ThroughputPolicy, layer_time, predict_latency, predict_throughput, throughput_memory
 from moeflow.perf.profile import HardwareProfile, reference_profile
 from moeflow.perf.roofline import attainable, expert_ffn
@@ -61,6 +61,17 @@ def test_layer_cpu_bound():
 def test_layer_gpu_bound():
     t = layer_time(get_policy("gpu"), flat_costs(), 512, {}, [1, 1], 8, 0.5 * MS, 0.1 * MS)
     assert t.gpu == pytest.approx(2.5 * MS) and t.total == pytest.approx(2.6 * MS)
+
+
+def test_a_cpu_call_pays_its_fixed_part_once():
+    # 1 ms for an expert alone, of which 0.6 is the call's fixed part: three in one call take 0.6 + 3 x 0.4
+    costs = replace(flat_costs(cpu=1 * MS), cpu_fixed_s=0.6 * MS, cpu_call_s=0.05 * MS)
+    assert costs.cpu_each(1) == pytest.approx(0.4 * MS) and costs.cpu_call() == pytest.approx(0.65 * MS)
+    t = layer_time(get_policy("fiddler"), costs, 512, {0: 1, 1: 1, 2: 1}, [], 8, 0.5 * MS, 0.1 * MS)
+    assert t.cpu == pytest.approx((0.65 + 1.2) * MS) and t.total == pytest.approx((0.5 + 1.85 + 0.1) * MS)
+    assert costs.scaled(2.0).cpu_fixed_s == pytest.approx(1.2 * MS)  # a correction scales both parts
+    assert fixed_part(1.0, 0.6 + 4 * 0.4, 4) == pytest.approx(0.6)  # t1 = c + e, t4 = c + 4e
+    assert fixed_part(1.0, 5.0, 4) == 0.0 and fixed_part(1.0, 0.5, 4) == 1.0  # clamped to [0, t1]
 
 
 def test_auto_balances_cpu_and_copy():

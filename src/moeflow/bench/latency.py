@@ -46,7 +46,7 @@ def _snapshot(engine: LLMEngine) -> dict:
 
 
 # OffloadStats' host timers
-TIMERS = ("backend_s", "sync_s", "plan_s", "launch_s", "cpu_s", "cpu_kernel_s", "cpu_wait_s")
+TIMERS = ("backend_s", "sync_s", "plan_s", "launch_s", "cpu_s", "cpu_kernel_s", "cpu_wait_s", "cpu_start_s")
 
 
 def _allocator(dev: torch.device) -> dict:

@@ -15,6 +15,7 @@ Legend: N = tokens, K = experts per token, H = hidden, I = intermediate rows, E 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +148,18 @@ class CpuExperts:
         """One whole expert (block [3IH] in the host layout) on all of x [n, H]: [n, H] fp32."""
         n = x.shape[0]
         return self(block.view(1, -1), x, [Job(0, torch.arange(n), torch.ones(n))])
+
+    def many(self, m: int, data: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """fn(x [n, H]): m whole experts of data [B, 3IH] on all of x in one call, the next m each call
+        (rotating through data, so they are read from memory): for measuring a call's fixed part."""
+        turn = iter(range(1 << 62))
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            i = next(turn) % max(data.shape[0] // m, 1) * m
+            n = x.shape[0]
+            return self(data[i:i + m], x, [Job(e, list(range(n)), [1.0] * n) for e in range(min(m, data.shape[0]))])
+
+        return fn
 
     def layer(self, data: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
               ) -> torch.Tensor:

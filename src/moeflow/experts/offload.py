@@ -50,7 +50,7 @@ class OffloadStats:
     # where the host's time goes (seconds): in the backend in all, waiting for the GPU at the per-layer sync,
     # planning (sync to CPU work handed over), launching the GPU's share (copies and compute), the CPU worker
     # busy on experts (of which inside the native kernel), and waiting for that worker once the GPU's share is
-    # launched
+    # launched; cpu_start: from handing the CPU's share over to the worker starting on it (the GIL, a wake-up)
     backend_s: float = 0.0
     sync_s: float = 0.0
     plan_s: float = 0.0
@@ -58,6 +58,7 @@ class OffloadStats:
     cpu_s: float = 0.0
     cpu_kernel_s: float = 0.0
     cpu_wait_s: float = 0.0
+    cpu_start_s: float = 0.0
 
     @property
     def hit_rate(self) -> float:
@@ -179,8 +180,10 @@ class OffloadedExperts:
     def measure_costs(self) -> ExpertCosts:
         L, E = self.host.data.shape[:2]
         scratch = torch.empty_like(self.slots[0]) if not self.split.cache else self.slots[-1]
+        many = (4, self.cpu.many(4, self.host.data.view(L * E, -1))) if L * E >= 8 else None
         costs = measure_costs(lambda i: self.host.data[i // E % L, i % E], self.inter, self.hidden, min(L * E, 16),
-                              scratch, self.cpu.expert, block_ffn(self.inter), copy_stream=self.copy_stream)
+                              scratch, self.cpu.expert, block_ffn(self.inter), copy_stream=self.copy_stream,
+                              cpu_many=many)
         t0 = time.perf_counter()
         for _ in range(20):
             self.pool.submit(lambda: None).result()
@@ -215,8 +218,8 @@ class OffloadedExperts:
 
         # The CPU's share starts first: it is usually the longest.
         cpu_jobs = [(e, r, entries[e]) for e, r in rows.items() if r > 0]
-        future = (self.pool.submit(self._timed_cpu_part, l, x_h, w_h.flatten().tolist(), K, cpu_jobs)
-                  if cpu_jobs else None)
+        future = (self.pool.submit(self._timed_cpu_part, l, x_h, w_h.flatten().tolist(), K, cpu_jobs,
+                                   time.perf_counter()) if cpu_jobs else None)
         t_plan = time.perf_counter()
         s.plan_s += t_plan - t_in - s_sync
 
@@ -280,14 +283,17 @@ class OffloadedExperts:
                 expert_rows(dst, I, 0, r)[0].zero_()
             return self.copy_stream.record_event() if self.cuda else None
 
-    def _timed_cpu_part(self, l: int, x: torch.Tensor, w: list[float], K: int, jobs) -> torch.Tensor:
+    def _timed_cpu_part(self, l: int, x: torch.Tensor, w: list[float], K: int, jobs, t_submit: float
+                        ) -> torch.Tensor:
         t = time.perf_counter()
+        self.stats.cpu_start_s += t - t_submit
         out = self._cpu_part(l, x, w, K, jobs)
         dt = time.perf_counter() - t
         self.stats.cpu_s += dt
         self.stats.cpu_kernel_s += self.cpu.kernel_s
         if self.costs is not None and self.calibrate:
-            predicted = sum(self.costs.cpu(len(ent), r / self.inter) for _, r, ent in jobs)
+            predicted = self.costs.cpu_fixed_s + sum(self.costs.cpu_each(len(ent), r / self.inter)
+                                                     for _, r, ent in jobs)
             self.cpu_scale = smoothed(self.cpu_scale, dt, predicted)
         return out
 

@@ -1,8 +1,10 @@
 """What one expert costs on each path, measured on the running machine (the latency planner's inputs).
 
-Legend: n = tokens routed to the expert, f = fraction of the expert's intermediate rows.
+Legend: n = tokens routed to the expert, f = fraction of the expert's intermediate rows, m = experts in a call.
 CPU and GPU times are piecewise linear in n between measured points (proportional beyond the last);
 a part of an expert costs its fraction of the whole, since the work and the bytes both scale with f.
+A CPU call of m experts costs its fixed part (the kernel's thread pool and preparation) once, and each expert
+its time alone less that part: for small experts (Qwen3's take ~0.2 ms) the fixed part is most of one alone.
 """
 
 from __future__ import annotations
@@ -41,9 +43,19 @@ class ExpertCosts:
     copy_s: float              # one whole expert host -> GPU
     copy_latency_s: float = 0.0  # fixed cost of one transfer (a partial expert takes three)
     cpu_call_s: float = 0.0    # fixed cost of handing work to the CPU worker and collecting it
+    cpu_fixed_s: float = 0.0   # of each cpu_s, the kernel call's fixed part (paid once per call of m experts)
 
     def cpu(self, n: int, f: float = 1.0) -> float:
+        """One expert alone (or its fraction f) on the CPU."""
         return _interp(self.tokens, self.cpu_s, n) * f
+
+    def cpu_each(self, n: int, f: float = 1.0) -> float:
+        """One expert (or its fraction f) within a call of several: its time alone less the call's fixed part."""
+        return max(_interp(self.tokens, self.cpu_s, n) - self.cpu_fixed_s, 0.0) * f
+
+    def cpu_call(self) -> float:
+        """Once per CPU call: handing the work over and back, and the kernel's fixed part."""
+        return self.cpu_call_s + self.cpu_fixed_s
 
     def gpu(self, n: int, f: float = 1.0) -> float:
         return _interp(self.tokens, self.gpu_s, n) * f
@@ -54,7 +66,8 @@ class ExpertCosts:
     def scaled(self, cpu: float, copy: float = 1.0) -> ExpertCosts:
         """The same costs with the CPU's times multiplied by `cpu` and the copy's by `copy` (corrections
         observed while running)."""
-        return replace(self, cpu_s=tuple(t * cpu for t in self.cpu_s), copy_s=self.copy_s * copy)
+        return replace(self, cpu_s=tuple(t * cpu for t in self.cpu_s), cpu_fixed_s=self.cpu_fixed_s * cpu,
+                       copy_s=self.copy_s * copy)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -77,14 +90,22 @@ def median_s(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -
     return sorted(times)[len(times) // 2]
 
 
+def fixed_part(t1: float, tm: float, m: int) -> float:
+    """The fixed part of a call, from one expert alone (t1) and m in one call (tm): t1 = c + e, tm = c + m e."""
+    return min(max((m * t1 - tm) / (m - 1), 0.0), t1) if m > 1 else 0.0
+
+
 def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden: int, n_blocks: int,
                   slot: torch.Tensor, cpu_ffn: Callable, gpu_ffn: Callable, repeats: int = 3,
-                  copy_stream: torch.cuda.Stream | None = None) -> ExpertCosts:
+                  copy_stream: torch.cuda.Stream | None = None,
+                  cpu_many: tuple[int, Callable[[torch.Tensor], object]] | None = None) -> ExpertCosts:
     """Time the three paths on real expert blocks, as they run in the engine: the CPU path while a copy is
     under way (both read host memory) and the copy while the CPU computes.
 
     host_block(i) -> [3IH] the i-th host expert (rotated through so the CPU reads from memory, not cache);
-    slot [3IH] a free expert slot on the fast device; cpu_ffn/gpu_ffn(x, block) run one whole expert."""
+    slot [3IH] a free expert slot on the fast device; cpu_ffn/gpu_ffn(x, block) run one whole expert;
+    cpu_many = (m, fn): fn(x) runs m other experts on x in one CPU call (each call other ones), which gives
+    the call's fixed part."""
     import torch
 
     dev = slot.device
@@ -128,4 +149,16 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
         copy_s = sorted(times[1:])[repeats // 2]
     small = slot[:hidden]
     latency = median_s(lambda: small.copy_(host_block(0)[:hidden], non_blocking=True), sync, repeats)
-    return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(gpu_s), copy_s, latency)
+    fixed = 0.0
+    if cpu_many is not None:
+        m, fn = cpu_many
+        x1 = torch.randn(1, hidden, dtype=dtype)
+
+        def many_beside_copy():
+            if copy_stream is not None:
+                copy_in()
+            fn(x1)
+
+        fixed = fixed_part(cpu_s[0], median_s(many_beside_copy, lambda: None, repeats), m)
+        sync()
+    return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(gpu_s), copy_s, latency, cpu_fixed_s=fixed)

@@ -58,9 +58,10 @@ def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], h
                max_copies: int, dense_s: float, overhead_s: float, link_latency_s: float = 0.0) -> LayerTime:
     """One MoE layer: misses expert -> tokens (not on the GPU), hit_tokens the tokens of each expert that is."""
     rows = policy.plan(misses, costs, inter, max_copies) if misses else {}
-    cpu = sum(costs.cpu(misses[e], r / inter) for e, r in rows.items() if r > 0)
-    if cpu:
-        cpu += costs.cpu_call_s + 2 * link_latency_s  # hand-off, activations there and back
+    on_cpu = [e for e, r in rows.items() if r > 0]
+    cpu = sum(costs.cpu_each(misses[e], rows[e] / inter) for e in on_cpu)
+    if on_cpu:
+        cpu += costs.cpu_call() + 2 * link_latency_s  # hand-off and kernel call, activations there and back
     gpu_end = dense_s + sum(costs.gpu(n) for n in hit_tokens)
     copy_end = dense_s  # copies start once the routing is known, after the non-expert part
     gpu_work = gpu_end

@@ -25,22 +25,28 @@ from pathlib import Path
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
-from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, median_s
+from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, fixed_part, median_s
 
 PROFILE_VERSION = 1
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
 CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert call (scaling between shapes)
+MANY = 4  # experts in the one-call CPU measurement that separates a call's fixed part
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
-def cpu_expert_ffn() -> Callable:
-    """The engine's CPU expert path on one host block, ffn(x [n, H], block [3IH]) -> [n, H], with the threads
-    the offloaded engine gives it (one core left to the thread that drives the GPU)."""
+def engine_cpu_experts():
+    """The engine's CPU expert backend (experts/cpu.py CpuExperts) with the threads the offloaded engine gives
+    it (one core left to the thread that drives the GPU)."""
     import torch
 
     from moeflow.experts.cpu import CpuExperts, default_threads
 
-    return CpuExperts(threads=default_threads(reserve=1 if torch.cuda.is_available() else 0)).expert
+    return CpuExperts(threads=default_threads(reserve=1 if torch.cuda.is_available() else 0))
+
+
+def cpu_expert_ffn() -> Callable:
+    """The engine's CPU expert path on one host block, ffn(x [n, H], block [3IH]) -> [n, H]."""
+    return engine_cpu_experts().expert
 
 
 def _plain(costs: ExpertCosts) -> dict:
@@ -134,7 +140,8 @@ class HardwareProfile:
                 return int(h) * int(i) / size
             near = min(self.experts, key=lambda k: abs(math.log(ratio(k))))
             ref, r = ExpertCosts.from_dict(self.experts[near]), 1 / ratio(near)
-            cpu = tuple(CPU_CALL_FLOOR_S + max(t - CPU_CALL_FLOOR_S, 0.0) * r for t in ref.cpu_s)
+            floor = ref.cpu_fixed_s or CPU_CALL_FLOOR_S  # a call's fixed part does not grow with the shape
+            cpu = tuple(floor + max(t - floor, 0.0) * r for t in ref.cpu_s)
             gpu = tuple(GPU_CALL_FLOOR_S + max(t - GPU_CALL_FLOOR_S, 0.0) * r for t in ref.gpu_s)
             return replace(ref, cpu_s=cpu, gpu_s=gpu if self.has_gpu else cpu, copy_s=copy_s,
                            copy_latency_s=self.h2d_latency_s)
@@ -291,13 +298,16 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         n_blocks = max(2, min(256, -(-sizes.expert_pool_bytes // cfg.expert_bytes(dtype))))
         blocks = torch.empty(n_blocks, cfg.expert_numel, dtype=dtype, pin_memory=cuda)  # [B, 3IH]
         RandomFiller(torch.device("cpu"), dtype, numel=blocks.numel()).fill(blocks)
-        ffn = cpu_ffn or cpu_expert_ffn()
+        engine_cpu = None if cpu_ffn else engine_cpu_experts()
+        ffn = cpu_ffn or engine_cpu.expert
+        # the fixed part of a call: MANY experts in one call against one alone (the engine's kernel only)
+        many = (MANY, engine_cpu.many(MANY, blocks)) if engine_cpu and n_blocks >= 2 * MANY else None
         if cuda:
             from moeflow.perf.costs import measure_costs
 
             slot = torch.empty(cfg.expert_numel, dtype=dtype, device=dev)
             costs = measure_costs(lambda i: blocks[i], I, H, n_blocks, slot, ffn, block_ffn(I), sizes.repeats,
-                                  copy_stream=torch.cuda.Stream(dev))
+                                  copy_stream=torch.cuda.Stream(dev), cpu_many=many)
             slot = None
         else:
             turn = iter(range(1 << 30))
@@ -305,7 +315,10 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             for n in TOKEN_POINTS:
                 x = torch.randn(n, H, dtype=dtype)
                 cpu_s.append(median_s(lambda: ffn(x, blocks[next(turn) % n_blocks]), lambda: None, sizes.repeats))
-            costs = ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0)
+            x1 = torch.randn(1, H, dtype=dtype)
+            fixed = fixed_part(cpu_s[0], median_s(lambda: many[1](x1), lambda: None, sizes.repeats), MANY) \
+                if many else 0.0
+            costs = ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0, cpu_fixed_s=fixed)
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1) as pool:

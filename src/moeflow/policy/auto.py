@@ -36,7 +36,7 @@ class AutoPolicy(OffloadPolicy):
     def plan(self, misses, costs, inter, max_copies):
         if not misses:
             return {}
-        c = {e: costs.cpu(n) + costs.cpu_call_s / len(misses) for e, n in misses.items()}
+        c = {e: costs.cpu_each(n) + costs.cpu_call() / len(misses) for e, n in misses.items()}
         p = {e: costs.copy() + costs.gpu(n) for e, n in misses.items()}
         order = sorted(misses, key=lambda e: c[e] / p[e])
         cpu_load, copy_load = 0.0, sum(p.values())
