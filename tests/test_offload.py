@@ -322,5 +322,8 @@ def test_bench_latency_decodes_each_prompt_and_reports_the_median(tmp_path, monk
         assert r["hit_rate"] > 0 and r["fraction_of_bound"] > 0
         ms = r["ms_per_token"]
         assert 0 <= ms["cpu_kernel"] <= ms["cpu"] <= ms["backend"] <= ms["step"]  # nested timers
+        pre = r["prefill"]  # the TTFT prompt's breakdown: its backend time within the TTFT
+        assert 0 < pre["ms"]["backend"] <= pre["ms"]["ttft"] and pre["hit_rate"] >= 0
+        assert r["policy"] != "lru" or (pre["cpu_experts"] == 0 and pre["copied_experts"] > 0)
     (bad,) = [r for r in d["rows"] if "error" in r]
     assert bad["policy"] == "nonesuch" and "nonesuch" in bad["error"]

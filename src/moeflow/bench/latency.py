@@ -95,8 +95,14 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
         # A short request first: the first prefill of a fresh engine pays one-time costs (the kernels' first
         # launches, the pinned staging buffers, the CPU pool's start) that a server pays once, not per request.
         list(engine.stream(ttft_prompt[:16], SamplingParams(max_new_tokens=2, ignore_eos=True)))
+        p0 = _snapshot(engine)
         last = list(engine.stream(ttft_prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)))[-1]
         ttft = last.ttft_s
+        pd = _delta(p0, _snapshot(engine)) if p0 else {}
+        # where the TTFT prompt's time went in the expert backend (ms), and its experts' paths
+        prefill = ({"ms": {"ttft": ttft * 1e3, **{k[:-2]: pd[k] * 1e3 for k in TIMERS}},
+                    "cpu_experts": pd["cpu_experts"], "copied_experts": pd["copied_experts"],
+                    "hit_rate": pd["hits"] / max(pd["lookups"], 1)} if pd else None)
         dt, d, allocs, tps = 0.0, {}, {}, []
         for prompt in prompts:
             seq = engine.add_request(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
@@ -135,7 +141,7 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
             # per decode token (ms): the whole step, inside the expert backend, the parts of that
             "ms_per_token": {"step": dt / n * 1e3, "outside_experts": (dt - d["backend_s"]) / n * 1e3,
                              **{k[:-2]: d[k] / n * 1e3 for k in TIMERS}},
-            "allocator_during_decode": allocs,
+            "allocator_during_decode": allocs, "prefill": prefill,
             "budget": engine.budget, "costs": backend.costs.as_dict() if backend.costs else None,
         } | predicted(ck, oc, profile, d["hits"] / lookups, len(ttft_prompt), new_tokens, backend.costs)
     finally:
@@ -210,6 +216,10 @@ def print_rows(rows: list[dict], header: bool = False) -> None:
                   f"({r['fraction_of_shared_bound']:.2f} of it)", flush=True)
         if r.get("ms_per_token"):
             print("    ms/token: " + ", ".join(f"{k} {v:.1f}" for k, v in r["ms_per_token"].items()), flush=True)
+        if r.get("prefill"):
+            p = r["prefill"]
+            print("    prefill ms: " + ", ".join(f"{k} {v:.1f}" for k, v in p["ms"].items()) +
+                  f"; experts on CPU {p['cpu_experts']:.1f}, copied {p['copied_experts']:.1f}", flush=True)
 
 
 def save(meta: dict, rows: list[dict], path: str | Path) -> None:
