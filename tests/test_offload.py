@@ -4,6 +4,7 @@ planner and trace replay behave."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from moeflow.checkpoint import load
 from moeflow.config import OffloadConfig, parse_size
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
-from moeflow.experts.offload import SlotCache
+from moeflow.experts.offload import BIG_JOB, SlotCache
 from moeflow.experts.trace import TraceRouting, load_trace
 from moeflow.perf.costs import ExpertCosts
 from moeflow.policy import POLICIES, get_policy
@@ -91,6 +92,14 @@ def test_auto_corrects_its_cpu_costs_by_what_it_observes(ckpt):
     assert got == want
     backend = engine.model.experts
     assert backend.stats.cpu_experts > 0 and backend.cpu_scale > 3.0
+    # decode's correction is its own: CPU work of 16+ tokens per expert (prefill, AMX) has another
+    backend.cpu_scales = [1.0, 1.0]
+    x = torch.randn(2 * BIG_JOB, backend.hidden, dtype=backend.host.data.dtype)
+    w = [0.5] * (4 * BIG_JOB)
+    backend._timed_cpu_part(0, x, w, 2, [(0, backend.inter, [0])], time.perf_counter())          # 1 token
+    assert backend.cpu_scales[0] > 1.0 and backend.cpu_scales[1] == 1.0
+    backend._timed_cpu_part(0, x, w, 2, [(1, backend.inter, list(range(0, 2 * BIG_JOB, 2)))], time.perf_counter())
+    assert backend.cpu_scales[1] > 1.0
 
 
 def test_auto_measures_costs_on_this_machine(ckpt):

@@ -30,6 +30,13 @@ from moeflow.policy.eviction import EVICTION
 Key = tuple[int, int]
 SCALE_SMOOTHING = 0.2      # weight of the newest layer in the CPU- and copy-speed corrections
 SCALE_RANGE = (0.25, 4.0)  # one odd layer (a page fault, a preempted thread) moves them at most this far
+BIG_JOB = 16  # tokens: from about here a CPU expert is compute-bound (AMX), below it reads its weights; the
+              # CPU correction is kept apart for the two, so decode's does not steer prefill's plan
+
+
+def regime(tokens: int) -> int:
+    """Which CPU correction a layer's CPU work takes: 0 below BIG_JOB tokens for its largest expert, else 1."""
+    return int(tokens >= BIG_JOB)
 
 
 def smoothed(scale: float, observed: float, predicted: float) -> float:
@@ -171,10 +178,15 @@ class OffloadedExperts:
         self.costs = costs
         # observed / predicted CPU and copy times, smoothed: their speeds while both draw on host memory and
         # beside the GPU driver thread are what the plan needs, and they differ from measurements taken alone
-        self.cpu_scale, self.copy_scale, self.calibrate = 1.0, 1.0, True
+        self.cpu_scales, self.copy_scale, self.calibrate = [1.0, 1.0], 1.0, True  # CPU: by regime()
         self._copy_timing: tuple | None = None  # (start, end events, predicted s) of the last layer's copies
         if costs is None and policy.needs_costs:
             self.costs = self.measure_costs()
+
+    @property
+    def cpu_scale(self) -> float:
+        """The CPU correction of decode-sized work (regime 0)."""
+        return self.cpu_scales[0]
 
     # -- costs ---------------------------------------------------------------------------------------
     def measure_costs(self) -> ExpertCosts:
@@ -213,7 +225,8 @@ class OffloadedExperts:
         experts = sorted(entries)
         found = {e: self.cache.lookup((l, e)) for e in experts}
         misses = {e: len(entries[e]) for e in experts if found[e] is None}
-        costs = self.costs.scaled(self.cpu_scale, self.copy_scale) if self.costs is not None else None
+        costs = (self.costs.scaled(self.cpu_scales[regime(max(misses.values(), default=0))], self.copy_scale)
+                 if self.costs is not None else None)
         rows = self.policy.plan(misses, costs, I, self.cache.capacity(l)) if misses else {}
 
         # The CPU's share starts first: it is usually the longest.
@@ -294,7 +307,8 @@ class OffloadedExperts:
         if self.costs is not None and self.calibrate:
             predicted = self.costs.cpu_fixed_s + sum(self.costs.cpu_each(len(ent), r / self.inter)
                                                      for _, r, ent in jobs)
-            self.cpu_scale = smoothed(self.cpu_scale, dt, predicted)
+            k = regime(max(len(ent) for _, _, ent in jobs))
+            self.cpu_scales[k] = smoothed(self.cpu_scales[k], dt, predicted)
         return out
 
     def _cpu_part(self, l: int, x: torch.Tensor, w: list[float], K: int, jobs) -> torch.Tensor:
