@@ -6,10 +6,11 @@ rest, so residency is judged on routing it was not made from.
 
   python scripts/replay_cache.py 62 220 --trace .carry/data/mixtral-8x7b-instruct.humaneval.jsonl
   python scripts/replay_cache.py 100 400 --trace ../shared/data/traces/deepseek-v2-lite-chat.dev.npz
-      [--static] [--cache N] [--half-life H] [--tokens T]     (from the repo root, PYTHONPATH=src)
+      [--static] [--no-whole] [--cache N] [--half-life H] [--tokens T]     (from the repo root, PYTHONPATH=src)
 
---static: auto's resident slots fixed (the split before they adapted); --cache N: N cache slots, the rest
-resident."""
+--static: auto's resident slots fixed and its cache under LRU (as before they adapted); --no-whole: the planner
+splits the boundary expert even where a whole one costs at most 5% more; --cache N: N cache slots, the rest
+resident. docs/benchmarks.md (2026-12-02) compares --static --no-whole, --no-whole and the default."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from moeflow.engine.sequence import SamplingParams
 from moeflow.experts.trace import RoutingTrace, TraceRouting, load_trace
 from moeflow.perf.costs import ExpertCosts
 from moeflow.policy import eviction
+from moeflow.policy import auto
 from moeflow.policy.auto import AutoPolicy
 from moeflow.policy.placement import Placement
 
@@ -88,6 +90,7 @@ def main() -> None:
     p.add_argument("--trace", default=".carry/data/mixtral-8x7b-instruct.humaneval.jsonl")
     p.add_argument("--profile", type=float, default=0.5, help="share of the trace that makes the profile")
     p.add_argument("--static", action="store_true", help="resident slots fixed, the cache under LRU")
+    p.add_argument("--no-whole", action="store_true", help="always split the boundary expert")
     p.add_argument("--cache", type=int, help="cache slots instead of auto's own split")
     p.add_argument("--half-life", type=float, help="of the decayed-use eviction, in tokens")
     p.add_argument("--tokens", type=int, default=299)
@@ -103,6 +106,8 @@ def main() -> None:
     AutoPolicy.split = split
     if args.static:
         AutoPolicy.eviction = "lru"
+    if args.no_whole:
+        auto.WHOLE_SLACK = -1.0
     if args.half_life:
         eviction.DecayedUse.__init__.__defaults__ = (args.half_life,)
     for s in args.slots:
