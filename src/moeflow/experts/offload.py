@@ -192,7 +192,7 @@ class OffloadedExperts:
     def measure_costs(self) -> ExpertCosts:
         L, E = self.host.data.shape[:2]
         scratch = torch.empty_like(self.slots[0]) if not self.split.cache else self.slots[-1]
-        many = (4, self.cpu.many(4, self.host.data.view(L * E, -1))) if L * E >= 8 else None
+        many = (4, self.cpu.many(4, self.host.data[0])) if E >= 8 else None  # layer 0's experts, 4 at a time
         costs = measure_costs(lambda i: self.host.data[i // E % L, i % E], self.inter, self.hidden, min(L * E, 16),
                               scratch, self.cpu.expert, block_ffn(self.inter), copy_stream=self.copy_stream,
                               cpu_many=many)
