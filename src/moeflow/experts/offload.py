@@ -146,6 +146,7 @@ class SlotCache:
             return slot
         return sorted(self.groups[None], key=lambda s: s in busy)[0]  # scratch
 
+
 class OffloadedExperts:
     """The expert backend of the latency regime."""
 

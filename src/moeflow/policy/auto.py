@@ -13,8 +13,9 @@ from moeflow.policy.base import OffloadPolicy, SlotSplit
 SPLIT_STEPS = 32  # a split falls on a multiple of I/32 rows: few, large transfers
 # A whole expert instead of a split one when the layer then takes at most this much longer: a whole copy can
 # stay cached (a split one cannot) and is one transfer instead of three. Replaying real routing (Mixtral,
-# DeepSeek-V2-Lite) with a held-out profile, this moved 7-17% fewer expert bytes per token at the cost of at
-# most 5% on a layer with no reuse to gain.
+# DeepSeek-V2-Lite) with a held-out profile, this and the adaptive residents together moved 7-23% fewer expert
+# bytes per token than fixed residents (docs/benchmarks.md, 2026-12-02), at most 5% more time on a layer with
+# no reuse to gain.
 WHOLE_SLACK = 0.05
 
 
