@@ -250,6 +250,18 @@ def test_profile_cache_and_refresh(cache):
         HardwareProfile.load(path)
 
 
+def test_profile_measures_a_cpu_calls_fixed_part(monkeypatch):
+    """With room for 2 x 4 experts in the pool, the CPU expert step also times 4 in one call: the call's fixed
+    part comes from that, between 0 and the time of one expert alone."""
+    seen = []
+    monkeypatch.setattr(prof, "fixed_part", lambda t1, tm, m: seen.append((t1, tm, m)) or fixed_part(t1, tm, m))
+    sizes = replace(prof.QUICK, expert_pool_bytes=16 * TINY.expert_bytes(torch.bfloat16))
+    c = prof.measure_profile(TINY, "cpu", sizes=sizes, progress=False).expert_costs(TINY)
+    (t1, tm, m), = seen
+    assert m == prof.MANY and t1 == c.cpu_s[0] and tm > 0
+    assert c.cpu_fixed_s == fixed_part(t1, tm, m) and 0.0 <= c.cpu_fixed_s <= c.cpu_s[0]
+
+
 def test_costs_from_profile():
     ref = reference_profile()
     c = ref.expert_costs(MIXTRAL)
