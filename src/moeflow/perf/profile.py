@@ -30,7 +30,7 @@ from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, fixed_part, median_s
 PROFILE_VERSION = 1
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
 CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert call (scaling between shapes)
-MANY = 4  # experts in the one-call CPU measurement that separates a call's fixed part
+MANY = 4  # experts (at most) in the one-call CPU measurement that separates a call's fixed part
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -300,8 +300,10 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         RandomFiller(torch.device("cpu"), dtype, numel=blocks.numel()).fill(blocks)
         engine_cpu = None if cpu_ffn else engine_cpu_experts()
         ffn = cpu_ffn or engine_cpu.expert
-        # the fixed part of a call: MANY experts in one call against one alone (the engine's kernel only)
-        many = (MANY, engine_cpu.many(MANY, blocks)) if engine_cpu and n_blocks >= 2 * MANY else None
+        # the fixed part of a call: m experts in one call against one alone (the engine's kernel only); a big
+        # expert's pool holds few blocks (Mixtral: 3 of 352 MB), but m of them outgrow the caches anyway
+        m = min(MANY, n_blocks - 1)
+        many = (m, engine_cpu.many(m, blocks)) if engine_cpu and m >= 2 else None
         if cuda:
             from moeflow.perf.costs import measure_costs
 
@@ -316,7 +318,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
                 x = torch.randn(n, H, dtype=dtype)
                 cpu_s.append(median_s(lambda: ffn(x, blocks[next(turn) % n_blocks]), lambda: None, sizes.repeats))
             x1 = torch.randn(1, H, dtype=dtype)
-            fixed = fixed_part(cpu_s[0], median_s(lambda: many[1](x1), lambda: None, sizes.repeats), MANY) \
+            fixed = fixed_part(cpu_s[0], median_s(lambda: many[1](x1), lambda: None, sizes.repeats), m) \
                 if many else 0.0
             costs = ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0, cpu_fixed_s=fixed)
         from concurrent.futures import ThreadPoolExecutor
