@@ -109,7 +109,7 @@ def main() -> None:
     if args.no_whole:
         auto.WHOLE_SLACK = -1.0
     if args.half_life:
-        eviction.DecayedUse.__init__.__defaults__ = (args.half_life,)
+        eviction.HALF_LIFE = args.half_life
     for s in args.slots:
         r = replay(args.trace, s, args.tokens, args.profile)
         print(f"{s} slots ({r['split'].resident} resident, {r['split'].cache} cache, adaptive "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -23,7 +23,7 @@ from moeflow.experts.cpu import CpuExperts, Job, default_threads
 from moeflow.experts.local import block_ffn
 from moeflow.experts.store import ExpertStore, HostBuffers, expert_rows
 from moeflow.experts.waves import Wave, Waves
-from moeflow.perf.costs import ExpertCosts, measure_costs
+from moeflow.perf.costs import ExpertCosts, handoff_s, measure_costs
 from moeflow.policy.base import OffloadPolicy, SlotSplit
 from moeflow.policy.eviction import EVICTION
 
@@ -90,7 +90,6 @@ class SlotCache:
         self.where: dict[Key, int] = {k: i for i, k in enumerate(resident)}
         self.adaptive = split.adaptive
         self.resident = set(resident)  # adaptive: those of them still held
-        self.keep = split.keep_copies
         cache = list(range(len(resident), len(resident) + split.cache))
         self.groups = ({g: cache[g::layers] for g in range(layers)} if split.per_layer else {None: cache})
         self.holder: dict[int, Key | None] = dict.fromkeys(cache)
@@ -197,11 +196,7 @@ class OffloadedExperts:
         costs = measure_costs(lambda i: self.host.data[i // E % L, i % E], self.inter, self.hidden, min(L * E, 16),
                               scratch, self.cpu.expert, block_ffn(self.inter), copy_stream=self.copy_stream,
                               cpu_many=many)
-        t0 = time.perf_counter()
-        for _ in range(20):
-            self.pool.submit(lambda: None).result()
-        call = (time.perf_counter() - t0) / 20  # handing work to the CPU thread and back
-        return ExpertCosts(**(costs.as_dict() | {"cpu_call_s": call}))
+        return replace(costs, cpu_call_s=handoff_s(self.pool))
 
     # -- one layer -----------------------------------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,

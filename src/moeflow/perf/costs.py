@@ -90,6 +90,15 @@ def median_s(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -
     return sorted(times)[len(times) // 2]
 
 
+def handoff_s(pool: ThreadPoolExecutor, n: int = 20) -> float:
+    """Seconds to hand a no-op to the pool's thread and get it back (after one warm-up): a CPU call's hand-off."""
+    pool.submit(lambda: None).result()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        pool.submit(lambda: None).result()
+    return (time.perf_counter() - t0) / n
+
+
 def fixed_part(t1: float, tm: float, m: int) -> float:
     """The fixed part of a call, from one expert alone (t1) and m in one call (tm): t1 = c + e, tm = c + m e."""
     return min(max((m * t1 - tm) / (m - 1), 0.0), t1) if m > 1 else 0.0

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
-from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, fixed_part, median_s
+from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, fixed_part, handoff_s, median_s
 
 PROFILE_VERSION = 1
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
@@ -324,11 +324,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1) as pool:
-            pool.submit(lambda: None).result()
-            t0 = time.perf_counter()
-            for _ in range(20):
-                pool.submit(lambda: None).result()
-            call = (time.perf_counter() - t0) / 20
+            call = handoff_s(pool)
         expert = _plain(replace(costs, cpu_call_s=call))
         blocks = None  # free the pool before the link measurements
         bar.update()

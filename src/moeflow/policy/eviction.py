@@ -58,6 +58,9 @@ class LRU(EvictionPolicy):
         return (free or in_order or [None])[0]
 
 
+HALF_LIFE = 16.0  # steps; 4 and 64 moved about as many expert bytes in the replays (docs/benchmarks.md)
+
+
 class DecayedUse(EvictionPolicy):
     """Uses counted with exponential decay (half-life in steps), seeded by a popularity prior: the least used
     lately goes, and a newcomer stays only if it is used more than the one it would replace. It keeps popular
@@ -68,8 +71,8 @@ class DecayedUse(EvictionPolicy):
 
     name = "decay"
 
-    def __init__(self, half_life: float = 16.0):
-        self.half_life, self.t = half_life, 0
+    def __init__(self, half_life: float | None = None):
+        self.half_life, self.t = half_life or HALF_LIFE, 0
         self.level: dict[Hashable, float] = {}
         self.heap: list[tuple[float, int, Hashable]] = []  # (level, tie-break, key), held keys
         self.held: set = set()
