@@ -12,8 +12,11 @@
 #   qwen16     Qwen3-30B-A3B at 16 GiB, native routing
 #   profile    Mixtral-8x7B, auto at 76 and 24 GiB: the bench's figures and a torch.profiler table of the host's time
 #   kernel     `bench cpu-experts` (Mixtral and Qwen3 shapes, 1-256 tokens per expert)
-#   spin       Mixtral-8x7B at 76 GiB, auto, native and trace, 64 tokens: the kernel pool's idle spin
-#              (MOEFLOW_POOL_SPIN) at its default and long enough to last between layers
+#   spin       Mixtral-8x7B at SPIN_BUDGET (default 24GiB), auto, native routing, 64 tokens, for each "SPIN THP"
+#              of SPINS (default "256 0,200000 0,200000 1"): the kernel pool's idle spin (MOEFLOW_POOL_SPIN,
+#              200000 lasts between layers) and PyTorch's huge pages for the store (THP_MEM_ALLOC_ENABLE)
+#   memory     scripts/host_memory.py at the pool's default spin and at 200000: the CPU kernel and the copies
+#              on plain / huge-page memory, before and after page-locking, and the threads' wake-up
 #   amx        the AMX blocking (MOEFLOW_AMX_DOWN_ROWS / GU_HIDDEN / GU_ROWS) at 16-256 tokens, Mixtral shape
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -44,10 +47,20 @@ for stage in "$@"; do
              grep -E "ms/token|tok/s|^auto|cpu_scale|bound" "$OUT/profile.txt" ;;
     kernel) python3 -m moeflow bench cpu-experts --reps 10 --out "$OUT/cpu_experts.json" --plot "$OUT/cpu_experts.png" \
               > "$OUT/cpu_experts.txt" 2>&1; tail -42 "$OUT/cpu_experts.txt" ;;
-    spin) for n in 256 200000; do
-            MOEFLOW_POOL_SPIN=$n POLICIES=auto NEW=64 mixtral 76GiB --out "$OUT/latency-76GiB-spin$n.json"
-            mv "$OUT/latency-mixtral-76GiB.log" "$OUT/latency-76GiB-spin$n.log"
-          done ;;
+    spin) B=${SPIN_BUDGET:-24GiB}
+          IFS=, read -ra spins <<< "${SPINS:-256 0,200000 0,200000 1}"
+          for c in "${spins[@]}"; do
+            set -- $c
+            echo "spin $1, huge pages $2"
+            if [ "$2" = 1 ]; then export THP_MEM_ALLOC_ENABLE=1; else unset THP_MEM_ALLOC_ENABLE; fi
+            MOEFLOW_POOL_SPIN=$1 POLICIES=auto NEW=64 ROUTING=native mixtral "$B" \
+              --out "$OUT/latency-$B-spin$1-thp$2.json" | grep -E "^auto|ms/token|prefill ms"
+            rm -f "$OUT/latency-mixtral-$B.log"
+          done
+          unset THP_MEM_ALLOC_ENABLE ;;
+    memory) for n in 256 200000; do
+              MOEFLOW_POOL_SPIN=$n python3 scripts/host_memory.py --out "$OUT/host-memory-spin$n.json" 2>&1 | tail -5
+            done ;;
     amx) IFS=, read -ra sweep <<< "${AMX_SWEEP:-256 512 32,512 512 64,128 512 32,256 512 16,256 1024 32,256 256 32}"
          for b in "${sweep[@]}"; do
            set -- $b

@@ -237,6 +237,11 @@ def test_adaptive_slots_replace_the_least_used_resident():
     a, b, c = (0, 0), (0, 1), (1, 0)
     cache = SlotCache([a, b], SlotSplit(resident=2, cache=1, adaptive=True), layers=2, eviction="decay",
                       prior={a: 0.9, b: 0.01})
+    # a broad step (a prompt: every expert can be selected) neither counts uses nor keeps copies
+    cache.begin(0, broad=True)
+    assert cache.lookup(c) is None and cache.eviction.score(c) == 0
+    assert cache.take(c, protect={a}, keep=True) == 2 and cache.lookup(b) == 1
+    cache.begin(0, broad=False)
     assert cache.lookup(c) is None
     # c, used once, is worth more than b (seeded rare: 0.24 uses in its window): it takes b's slot
     assert cache.take(c, protect={a}, keep=True) == 1 and cache.lookup(c) == 1 and cache.lookup(b) is None
