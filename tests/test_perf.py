@@ -13,7 +13,8 @@ from moeflow import MoeflowError
 from moeflow.checkpoint import read_model_config
 from moeflow.cli import main
 from moeflow.perf import profile as prof
-from moeflow.perf.costs import ExpertCosts, fixed_part
+from moeflow.perf import costs as costs_mod
+from moeflow.perf.costs import ExpertCosts, fixed_part, paired_s
 from moeflow.perf.model import ThroughputPolicy, layer_time, predict_latency, predict_throughput, throughput_memory
 from moeflow.perf.profile import HardwareProfile, reference_profile
 from moeflow.perf.roofline import attainable, expert_ffn
@@ -72,6 +73,23 @@ def test_a_cpu_call_pays_its_fixed_part_once():
     assert costs.scaled(2.0).cpu_fixed_s == pytest.approx(1.2 * MS)  # a correction scales both parts
     assert fixed_part(1.0, 0.6 + 4 * 0.4, 4) == pytest.approx(0.6)  # t1 = c + e, t4 = c + 4e
     assert fixed_part(1.0, 5.0, 4) == 0.0 and fixed_part(1.0, 0.5, 4) == 1.0  # clamped to [0, t1]
+
+
+def test_paired_timing_takes_turns(monkeypatch):
+    """The one-expert and m-expert calls are timed in turns, so a machine that slows down midway slows both."""
+    clock, calls = [0.0], []
+    monkeypatch.setattr(costs_mod.time, "perf_counter", lambda: clock[0])
+
+    def work(name, s):
+        def fn():
+            calls.append(name)
+            clock[0] += s * (3 if len(calls) > 6 else 1)  # the machine gets 3x slower after 6 calls
+        return fn
+
+    ta, tb = paired_s(work("a", 1.0), work("b", 1.6), 5)
+    assert calls == ["a", "b"] * 6                    # a warm-up of each, then turns
+    assert tb / ta == pytest.approx(1.6)              # medians of calls from the same half
+    assert fixed_part(ta, tb, 2) == pytest.approx(0.4 * ta)
 
 
 def test_auto_balances_cpu_and_copy():

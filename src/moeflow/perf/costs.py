@@ -90,6 +90,19 @@ def median_s(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -
     return sorted(times)[len(times) // 2]
 
 
+def paired_s(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds of a() and of b(), timed in turns (after a warm-up of each), so that a drift of the
+    machine's speed during the measurement affects both alike: their difference is what is wanted."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(max(repeats, 1)):
+        for fn, times in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return sorted(ta)[len(ta) // 2], sorted(tb)[len(tb) // 2]
+
+
 def handoff_s(pool: ThreadPoolExecutor, n: int = 20) -> float:
     """Seconds to hand a no-op to the pool's thread and get it back (after one warm-up): a CPU call's hand-off."""
     pool.submit(lambda: None).result()
@@ -105,7 +118,7 @@ def fixed_part(t1: float, tm: float, m: int) -> float:
 
 
 def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden: int, n_blocks: int,
-                  slot: torch.Tensor, cpu_ffn: Callable, gpu_ffn: Callable, repeats: int = 3,
+                  slot: torch.Tensor, cpu_ffn: Callable, gpu_ffn: Callable, repeats: int = 5,
                   copy_stream: torch.cuda.Stream | None = None,
                   cpu_many: tuple[int, Callable[[torch.Tensor], object]] | None = None) -> ExpertCosts:
     """Time the three paths on real expert blocks, as they run in the engine: the CPU path while a copy is
@@ -168,6 +181,8 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
                 copy_in()
             fn(x1)
 
-        fixed = fixed_part(cpu_s[0], median_s(many_beside_copy, lambda: None, repeats), m)
+        # one expert alone again, in turns with m in one call: the fixed part is a small difference of the two
+        cpu_s[0], tm = paired_s(lambda: cpu_beside_copy(x1), many_beside_copy, repeats)
+        fixed = fixed_part(cpu_s[0], tm, m)
         sync()
     return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(gpu_s), copy_s, latency, cpu_fixed_s=fixed)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
-from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, fixed_part, handoff_s, median_s
+from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, fixed_part, handoff_s, median_s, paired_s
 
 PROFILE_VERSION = 1
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
@@ -245,7 +245,7 @@ class Sizes:
     matmul_n: int = 8192
     cpu_matmul_n: int = 2048
     expert_pool_bytes: int = 1 << 30  # host expert blocks rotated through, so the CPU reads from memory
-    repeats: int = 3
+    repeats: int = 5
 
 
 QUICK = Sizes(mem_bytes=8 << 20, link_bytes=4 << 20, matmul_n=256, cpu_matmul_n=128, expert_pool_bytes=4 << 20,
@@ -317,9 +317,11 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             for n in TOKEN_POINTS:
                 x = torch.randn(n, H, dtype=dtype)
                 cpu_s.append(median_s(lambda: ffn(x, blocks[next(turn) % n_blocks]), lambda: None, sizes.repeats))
-            x1 = torch.randn(1, H, dtype=dtype)
-            fixed = fixed_part(cpu_s[0], median_s(lambda: many[1](x1), lambda: None, sizes.repeats), m) \
-                if many else 0.0
+            x1, fixed = torch.randn(1, H, dtype=dtype), 0.0
+            if many:  # as measure_costs: one alone and m in one call, in turns
+                cpu_s[0], tm = paired_s(lambda: ffn(x1, blocks[next(turn) % n_blocks]), lambda: many[1](x1),
+                                        sizes.repeats)
+                fixed = fixed_part(cpu_s[0], tm, m)
             costs = ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0, cpu_fixed_s=fixed)
         from concurrent.futures import ThreadPoolExecutor
 
