@@ -96,9 +96,10 @@ def test_auto_corrects_its_cpu_costs_by_what_it_observes(ckpt):
     backend.cpu_scales = [1.0, 1.0]
     x = torch.randn(2 * BIG_JOB, backend.hidden, dtype=backend.host.data.dtype)
     w = [0.5] * (4 * BIG_JOB)
-    backend._timed_cpu_part(0, x, w, 2, [(0, backend.inter, [0])], time.perf_counter())          # 1 token
+    backend._timed_cpu_part(0, x, w, 2, [(0, backend.inter, [0])], False, time.perf_counter())          # 1 token
     assert backend.cpu_scales[0] > 1.0 and backend.cpu_scales[1] == 1.0
-    backend._timed_cpu_part(0, x, w, 2, [(1, backend.inter, list(range(0, 2 * BIG_JOB, 2)))], time.perf_counter())
+    backend._timed_cpu_part(0, x, w, 2, [(1, backend.inter, list(range(0, 2 * BIG_JOB, 2)))], False,
+                            time.perf_counter())
     assert backend.cpu_scales[1] > 1.0
 
 

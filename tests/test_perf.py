@@ -75,6 +75,17 @@ def test_a_cpu_call_pays_its_fixed_part_once():
     assert fixed_part(1.0, 5.0, 4) == 0.0 and fixed_part(1.0, 0.5, 4) == 1.0  # clamped to [0, t1]
 
 
+def test_the_cpu_reads_faster_in_a_layer_that_copies_nothing():
+    # CPU 10 ms per expert beside copies, 8 ms alone (cpu_alone 0.8); copy + GPU 3 ms
+    costs = replace(flat_costs(), cpu_alone=0.8)
+    fiddler = layer_time(get_policy("fiddler"), costs, 512, {0: 1}, [], 8, 0.0, 0.0)  # one miss: CPU, no copy
+    assert fiddler.copy == 0 and fiddler.cpu == pytest.approx(8 * MS)
+    auto = layer_time(get_policy("auto"), costs, 512, {0: 1, 1: 1}, [], 8, 0.0, 0.0)  # copies: CPU beside them
+    on_cpu = sum(get_policy("auto").plan({0: 1, 1: 1}, costs, 512, 8).values()) / 512  # experts' worth
+    assert auto.copy > 0 and auto.cpu == pytest.approx(on_cpu * 10 * MS)
+    assert costs.cpu_work([], False) == 0.0
+
+
 def test_paired_timing_takes_turns(monkeypatch):
     """The one-expert and m-expert calls are timed in turns, so a machine that slows down midway slows both."""
     clock, calls = [0.0], []

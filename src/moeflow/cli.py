@@ -183,6 +183,8 @@ def cmd_profile_experts(args) -> int:
 
 
 def cmd_bench_latency(args) -> int:
+    from dataclasses import asdict
+
     from moeflow.bench.latency import accelerate_baseline, ceilings, print_rows, run_policy, save
     from moeflow.bench.prompts import read_prompts
     from moeflow.checkpoint import load, resolve_device
@@ -245,6 +247,8 @@ def cmd_bench_latency(args) -> int:
             "ceilings": ceil, "new_tokens": args.new_tokens, "runs": args.runs,
             "prompt_tokens": [len(p) for p in prompts],
             "date": time.strftime("%Y-%m-%d %H:%M")}
+    if profile is not None:  # what the predictions came from: `bench model-accuracy --repredict` reuses it
+        meta["profile"] = asdict(profile)
     if args.out:
         save(meta, rows, args.out)
     return 0
@@ -425,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--plot", help="write the predicted-vs-measured PNG here")
     ba.add_argument("--out", help="write the compared rows as JSON here")
     ba.add_argument("--model", help="model whose config to use (default: the one the results name)")
+    ba.add_argument("--repredict", action="store_true",
+                    help="predict every row again with this moeflow's timing model (from the run's own hardware "
+                         "profile where the results hold one), instead of comparing the predictions stored in it")
     ba.add_argument("--profile", help="hardware profile for rows without predictions (default: this machine's, "
                     "else the built-in reference)")
     ba.set_defaults(func=cmd_bench_accuracy)

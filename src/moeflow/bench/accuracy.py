@@ -1,8 +1,9 @@
 """`moeflow bench model-accuracy`: the timing model (perf/model.py) against a `bench latency` JSON.
 
 Rows that carry predicted figures (bench latency on a GPU host adds them) are compared as they are; rows
-without are predicted here from the run's own budget, policy, measured hit rate and measured expert costs,
-with the given hardware profile. Target: predictions within 20% of measurements.
+without, or every row with --repredict, are predicted here from the run's own budget, policy, measured hit
+rate and measured expert costs, with the run's hardware profile (stored in the results since 2026-12-02) or
+the given one. Target: predictions within 20% of measurements.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from moeflow.perf.costs import ExpertCosts
 TARGET = 0.20
 
 
-def accuracy_rows(results: dict, profile, cfg) -> list[dict]:
+def accuracy_rows(results: dict, profile, cfg, repredict: bool = False) -> list[dict]:
+    """Measured against predicted, per row: the row's stored predictions, or (without them, or with
+    repredict) this moeflow's model on the row's budget, policy, hit rate and expert costs."""
     from moeflow.perf.model import predict_latency
 
     out = []
@@ -24,7 +27,7 @@ def accuracy_rows(results: dict, profile, cfg) -> list[dict]:
         if "error" in r or r.get("decode_tps") is None or "hit_rate" not in r:
             continue
         pred = {k: r.get(k) for k in ("predicted_decode_tps", "predicted_ttft_s", "predicted_binding")}
-        if pred["predicted_decode_tps"] is None:
+        if pred["predicted_decode_tps"] is None or repredict:
             costs = ExpertCosts.from_dict(r["costs"]) if r.get("costs") else None
             budget = r.get("budget", {}).get("gpu_memory") or int(r["gpu_memory_gib"] * 2**30)
             p = predict_latency(cfg, profile, budget, r["policy"], r["hit_rate"], r.get("ttft_prompt_tokens", 512),

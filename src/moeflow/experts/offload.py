@@ -233,7 +233,7 @@ class OffloadedExperts:
         # The CPU's share starts first: it is usually the longest.
         cpu_jobs = [(e, r, entries[e]) for e, r in rows.items() if r > 0]
         future = (self.pool.submit(self._timed_cpu_part, l, x_h, w_h.flatten().tolist(), K, cpu_jobs,
-                                   time.perf_counter()) if cpu_jobs else None)
+                                   any(r < I for r in rows.values()), time.perf_counter()) if cpu_jobs else None)
         t_plan = time.perf_counter()
         s.plan_s += t_plan - t_in - s_sync
 
@@ -297,8 +297,8 @@ class OffloadedExperts:
                 expert_rows(dst, I, 0, r)[0].zero_()
             return self.copy_stream.record_event() if self.cuda else None
 
-    def _timed_cpu_part(self, l: int, x: torch.Tensor, w: list[float], K: int, jobs, t_submit: float
-                        ) -> torch.Tensor:
+    def _timed_cpu_part(self, l: int, x: torch.Tensor, w: list[float], K: int, jobs, beside_copies: bool,
+                        t_submit: float) -> torch.Tensor:
         t = time.perf_counter()
         self.stats.cpu_start_s += t - t_submit
         out = self._cpu_part(l, x, w, K, jobs)
@@ -306,8 +306,7 @@ class OffloadedExperts:
         self.stats.cpu_s += dt
         self.stats.cpu_kernel_s += self.cpu.kernel_s
         if self.costs is not None and self.calibrate:
-            predicted = self.costs.cpu_fixed_s + sum(self.costs.cpu_each(len(ent), r / self.inter)
-                                                     for _, r, ent in jobs)
+            predicted = self.costs.cpu_work([(len(ent), r / self.inter) for _, r, ent in jobs], beside_copies)
             k = regime(max(len(ent) for _, _, ent in jobs))
             self.cpu_scales[k] = smoothed(self.cpu_scales[k], dt, predicted)
         return out

@@ -152,13 +152,21 @@ def cmd_bench_accuracy(args) -> int:
     from moeflow.bench.accuracy import accuracy_rows, load_results, plot, print_table
     from moeflow.checkpoint import read_model_config
 
+    from moeflow.perf.profile import HardwareProfile
+
     results = load_results(args.results)
     _, cfg = read_model_config(args.model or results.get("model", "synthetic:mixtral-8x7b"))
-    profile, said = _plan_profile(args, cfg)
-    rows = accuracy_rows(results, profile, cfg)
+    if results.get("profile") and not args.profile:
+        profile = HardwareProfile.from_dict(results["profile"])
+        said = f"the run's own profile ({profile.host}, {profile.source})"
+    else:
+        profile, said = _plan_profile(args, cfg)
+    rows = accuracy_rows(results, profile, cfg, args.repredict)
     if not rows:
         raise MoeflowError(f"{args.results} holds no measured rows to compare")
-    if any("predicted_decode_tps" not in r for r in results["rows"] if "error" not in r):
+    if args.repredict:
+        print(f"every row predicted here, from {said}")
+    elif any("predicted_decode_tps" not in r for r in results["rows"] if "error" not in r):
         print(f"rows without predictions are predicted here from {said}")
     print_table(rows)
     if args.plot:

@@ -44,6 +44,7 @@ class ExpertCosts:
     copy_latency_s: float = 0.0  # fixed cost of one transfer (a partial expert takes three)
     cpu_call_s: float = 0.0    # fixed cost of handing work to the CPU worker and collecting it
     cpu_fixed_s: float = 0.0   # of each cpu_s, the kernel call's fixed part (paid once per call of m experts)
+    cpu_alone: float = 1.0     # CPU time with no copy beside it, as a fraction of cpu_s (measured at 1 token)
 
     def cpu(self, n: int, f: float = 1.0) -> float:
         """One expert alone (or its fraction f) on the CPU."""
@@ -52,6 +53,12 @@ class ExpertCosts:
     def cpu_each(self, n: int, f: float = 1.0) -> float:
         """One expert (or its fraction f) within a call of several: its time alone less the call's fixed part."""
         return max(_interp(self.tokens, self.cpu_s, n) - self.cpu_fixed_s, 0.0) * f
+
+    def cpu_work(self, jobs: list[tuple[int, float]], beside_copies: bool) -> float:
+        """A CPU call's kernel time for jobs (tokens n, fraction f): its fixed part once, each job's own part,
+        at the speed the CPU reads beside copies (cpu_s) or alone. Without the hand-off (cpu_call_s)."""
+        t = self.cpu_fixed_s + sum(self.cpu_each(n, f) for n, f in jobs) if jobs else 0.0
+        return t if beside_copies else t * self.cpu_alone
 
     def cpu_call(self) -> float:
         """Once per CPU call: handing the work over and back, and the kernel's fixed part."""
@@ -185,4 +192,9 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
         cpu_s[0], tm = paired_s(lambda: cpu_beside_copy(x1), many_beside_copy, repeats)
         fixed = fixed_part(cpu_s[0], tm, m)
         sync()
-    return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(gpu_s), copy_s, latency, cpu_fixed_s=fixed)
+    alone = 1.0
+    if copy_stream is not None:  # one expert with the copy engine idle (a layer that copies nothing)
+        x1 = torch.randn(1, hidden, dtype=dtype)
+        alone = min(median_s(lambda: cpu_ffn(x1, next_block()), lambda: None, repeats) / cpu_s[0], 1.0)
+    return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(gpu_s), copy_s, latency, cpu_fixed_s=fixed,
+                       cpu_alone=alone)

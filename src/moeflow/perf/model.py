@@ -59,9 +59,9 @@ def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], h
     """One MoE layer: misses expert -> tokens (not on the GPU), hit_tokens the tokens of each expert that is."""
     rows = policy.plan(misses, costs, inter, max_copies) if misses else {}
     on_cpu = [e for e, r in rows.items() if r > 0]
-    cpu = sum(costs.cpu_each(misses[e], rows[e] / inter) for e in on_cpu)
+    cpu = costs.cpu_work([(misses[e], rows[e] / inter) for e in on_cpu], any(r < inter for r in rows.values()))
     if on_cpu:
-        cpu += costs.cpu_call() + 2 * link_latency_s  # hand-off and kernel call, activations there and back
+        cpu += costs.cpu_call_s + 2 * link_latency_s  # hand-off, activations there and back
     gpu_end = dense_s + sum(costs.gpu(n) for n in hit_tokens)
     copy_end = dense_s  # copies start once the routing is known, after the non-expert part
     gpu_work = gpu_end
@@ -208,18 +208,20 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
                            dense, profile.layer_overhead_s, lat)
             token = token + t.scaled(p)
         # Prefill: every expert gets its share of the P*K selections; only resident experts hit.
+        # The layer's share of the cache slots, c, holds floor(c) of its other experts, or one more with
+        # probability c - floor(c).
         n_tok = {e: round(prompt_len * K * s) for e, s in enumerate(shares)}
-        if policy == "gpu":
-            misses, hit_tokens = {}, [n for n in n_tok.values() if n]
-        elif policy == "cpu":
-            misses, hit_tokens = {e: n for e, n in n_tok.items() if n}, []
-        else:
-            others = sorted((e for e, n in n_tok.items() if n and e not in res), key=lambda e: -n_tok[e])
-            there = res | set(others[:int(per_layer_cache)])
+        dense = dense_gpu_s(cfg, profile, layer, prompt_len, prompt_len, b, causal_prefill=True)
+        others = sorted((e for e, n in n_tok.items() if n and e not in res), key=lambda e: -n_tok[e])
+        lo = int(per_layer_cache)
+        for held, w in ((lo, 1 - (per_layer_cache - lo)), (lo + 1, per_layer_cache - lo)):
+            if w <= 0:
+                continue
+            there = set(n_tok) if policy == "gpu" else set() if policy == "cpu" else res | set(others[:held])
             misses = {e: n for e, n in n_tok.items() if n and e not in there}
             hit_tokens = [n for e, n in n_tok.items() if n and e in there]
-        ttft += layer_time(pol, costs, I, misses, hit_tokens, max_copies, dense_gpu_s(
-            cfg, profile, layer, prompt_len, prompt_len, b, causal_prefill=True), profile.layer_overhead_s, lat).total
+            ttft += w * layer_time(pol, costs, I, misses, hit_tokens, max_copies, dense, profile.layer_overhead_s,
+                                   lat).total
     for layer in cfg.dense_layers:
         d = dense_gpu_s(cfg, profile, layer, 1, ctx, b)
         token = token + LayerTime(0, 0, d, 0, d)
