@@ -47,10 +47,23 @@ def toy_profile(**kw) -> HardwareProfile:
 
 # -- latency regime: one layer, by hand -------------------------------------------------------------------
 def test_layer_link_bound():
-    # lru copies both misses: copy 2 ms each, each computed (1 ms) once it lands, after 0.5 ms of attention.
-    t = layer_time(get_policy("lru"), flat_costs(), 512, {0: 1, 1: 1}, [], 8, 0.5 * MS, 0.1 * MS)
+    # lru copies both misses: copy 2 ms each after 0.5 ms of attention, then one wave computes both (1 ms each,
+    # of which 0.4 is the wave's fixed part: paid once).
+    costs = replace(flat_costs(), gpu_fixed_s=0.4 * MS)
+    t = layer_time(get_policy("lru"), costs, 512, {0: 1, 1: 1}, [], 8, 0.5 * MS, 0.1 * MS)
     assert t.copy == pytest.approx(4 * MS) and t.cpu == 0
-    assert t.total == pytest.approx((0.5 + 2 + 2 + 1 + 0.1) * MS)  # the second copy ends at 4.5, computed by 5.5
+    assert t.total == pytest.approx((0.5 + 4 + 0.4 + 2 * 0.6 + 0.1) * MS)
+    # one slot for copies: the first is computed (a wave of its own) before the second copy can reuse it
+    one = layer_time(get_policy("lru"), costs, 512, {0: 1, 1: 1}, [], 1, 0.5 * MS, 0.1 * MS)
+    assert one.total == pytest.approx((0.5 + 4 + 1 + 0.1) * MS) and one.gpu == pytest.approx((0.5 + 2) * MS)
+
+
+def test_a_waves_fixed_part_from_the_expert_bytes():
+    # 1 ms for an expert alone, 0.6 of it reading 0.6 GB at 1 TB/s: the other 0.4 is the wave's launches
+    c = flat_costs().with_gpu_bytes(600_000_000, 1e12)
+    assert c.gpu_fixed_s == pytest.approx(0.4 * MS)
+    assert c.gpu_wave([(1, 1.0)] * 8) == pytest.approx((0.4 + 8 * 0.6) * MS) and c.gpu_wave([]) == 0.0
+    assert replace(c, gpu_fixed_s=0.1 * MS).with_gpu_bytes(1, 1e12).gpu_fixed_s == 0.1 * MS  # measured: kept
 
 
 def test_layer_cpu_bound():

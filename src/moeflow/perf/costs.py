@@ -5,6 +5,7 @@ CPU and GPU times are piecewise linear in n between measured points (proportiona
 a part of an expert costs its fraction of the whole, since the work and the bytes both scale with f.
 A CPU call of m experts costs its fixed part (the kernel's thread pool and preparation) once, and each expert
 its time alone less that part: for small experts (Qwen3's take ~0.2 ms) the fixed part is most of one alone.
+A GPU wave (the experts in a set of slots, one pass) likewise pays its launches once.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class ExpertCosts:
     cpu_call_s: float = 0.0    # fixed cost of handing work to the CPU worker and collecting it
     cpu_fixed_s: float = 0.0   # of each cpu_s, the kernel call's fixed part (paid once per call of m experts)
     cpu_alone: float = 1.0     # CPU time with no copy beside it, as a fraction of cpu_s (measured at 1 token)
+    gpu_fixed_s: float = 0.0   # of each gpu_s, a wave's fixed part (its launches; paid once per wave)
 
     def cpu(self, n: int, f: float = 1.0) -> float:
         """One expert alone (or its fraction f) on the CPU."""
@@ -66,6 +68,20 @@ class ExpertCosts:
 
     def gpu(self, n: int, f: float = 1.0) -> float:
         return _interp(self.tokens, self.gpu_s, n) * f
+
+    def gpu_wave(self, jobs: list[tuple[int, float]]) -> float:
+        """One wave of experts on the GPU, jobs (tokens n, fraction f): its fixed part once, each expert's own
+        time less that part."""
+        if not jobs:
+            return 0.0
+        return self.gpu_fixed_s + sum(max(self.gpu(n) - self.gpu_fixed_s, 0.0) * f for n, f in jobs)
+
+    def with_gpu_bytes(self, expert_bytes: int, gpu_bw: float) -> ExpertCosts:
+        """gpu_fixed_s, where not measured, as what one expert alone at 1 token takes beyond reading its
+        weights at gpu_bw (a decode expert is memory-bound: the rest is launching it)."""
+        if self.gpu_fixed_s or not gpu_bw or not self.gpu_s:
+            return self
+        return replace(self, gpu_fixed_s=max(self.gpu_s[0] - expert_bytes / gpu_bw, 0.0))
 
     def copy(self, f: float = 1.0) -> float:
         return self.copy_s * f + (self.copy_latency_s * 2 if 0 < f < 1 else 0.0)

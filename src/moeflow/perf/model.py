@@ -62,15 +62,17 @@ def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], h
     cpu = costs.cpu_work([(misses[e], rows[e] / inter) for e in on_cpu], any(r < inter for r in rows.values()))
     if on_cpu:
         cpu += costs.cpu_call_s + 2 * link_latency_s  # hand-off, activations there and back
-    gpu_end = dense_s + sum(costs.gpu(n) for n in hit_tokens)
-    copy_end = dense_s  # copies start once the routing is known, after the non-expert part
-    gpu_work = gpu_end
-    for e, r in rows.items():
-        if r < inter:
-            f = (inter - r) / inter
-            copy_end += costs.copy(f)
-            g = costs.gpu(misses[e], f)
-            gpu_end, gpu_work = max(gpu_end, copy_end) + g, gpu_work + g
+    # the experts already there in one wave; the copied ones in waves of as many as there are slots for them,
+    # each once its copies have landed (copies start once the routing is known, after the non-expert part)
+    gpu_end = gpu_work = dense_s + costs.gpu_wave([(n, 1.0) for n in hit_tokens])
+    copy_end, wave = dense_s, []
+    copied = [(misses[e], (inter - r) / inter) for e, r in rows.items() if r < inter]
+    for i, (n, f) in enumerate(copied):
+        copy_end += costs.copy(f)
+        wave.append((n, f))
+        if len(wave) == max(max_copies, 1) or i == len(copied) - 1:
+            g = costs.gpu_wave(wave)
+            gpu_end, gpu_work, wave = max(gpu_end, copy_end) + g, gpu_work + g, []
     total = max(dense_s + cpu, gpu_end) + overhead_s
     return LayerTime(cpu, copy_end - dense_s, gpu_work, overhead_s, total)
 
@@ -170,7 +172,7 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
                            cfg.kv_bytes_per_token(b) * max_len, max_len, b)
     except MoeflowError as e:
         return LatencyPrediction(policy, error=str(e))
-    costs = costs or profile.expert_costs(cfg, dtype_name)
+    costs = (costs or profile.expert_costs(cfg, dtype_name)).with_gpu_bytes(cfg.expert_numel * b, profile.gpu_bw)
     split = bud.split
     counts = hit_rate_or_placement if isinstance(hit_rate_or_placement, (list, tuple)) or \
         hasattr(hit_rate_or_placement, "tolist") else None
