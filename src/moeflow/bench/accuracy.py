@@ -31,7 +31,8 @@ def accuracy_rows(results: dict, profile, cfg, repredict: bool = False) -> list[
             costs = ExpertCosts.from_dict(r["costs"]) if r.get("costs") else None
             budget = r.get("budget", {}).get("gpu_memory") or int(r["gpu_memory_gib"] * 2**30)
             p = predict_latency(cfg, profile, budget, r["policy"], r["hit_rate"], r.get("ttft_prompt_tokens", 512),
-                                results.get("new_tokens", 128), results.get("model", "model"), costs=costs)
+                                results.get("new_tokens", 128), results.get("model", "model"), costs=costs,
+                                prefill_hit=(r.get("prefill") or {}).get("hit_rate"), prefill_used=_used(r, cfg))
             if p.error:
                 continue
             pred = {"predicted_decode_tps": p.decode_tps, "predicted_ttft_s": p.ttft_s,
@@ -43,6 +44,15 @@ def accuracy_rows(results: dict, profile, cfg, repredict: bool = False) -> list[
             row["ttft_error"] = row["predicted_ttft_s"] / row["ttft_s"] - 1
         out.append(row)
     return out
+
+
+def _used(r: dict, cfg) -> float | None:
+    """Experts a layer used in the TTFT prompt: recorded, or from its experts on the CPU and copied (the
+    misses) over its miss rate (results before 2026-12-02 03:00)."""
+    pf = r.get("prefill") or {}
+    if "experts_per_layer" in pf or not pf.get("hit_rate", 1) < 1:
+        return pf.get("experts_per_layer")
+    return (pf["cpu_experts"] + pf["copied_experts"]) / (1 - pf["hit_rate"]) / len(cfg.moe_layers)
 
 
 def load_results(path: str | Path) -> dict:

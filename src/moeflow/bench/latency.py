@@ -67,14 +67,14 @@ def _add(a: dict, b: dict) -> dict:
 
 
 def predicted(ck: Checkpoint, oc: OffloadConfig, profile, hit_rate: float, ttft_len: int, new_tokens: int,
-              costs=None) -> dict:
-    """The timing model's figures for this run (perf/model.py), at the run's measured hit rate."""
+              costs=None, prefill_hit: float | None = None, prefill_used: float | None = None) -> dict:
+    """The timing model's figures for this run (perf/model.py), at the run's measured hit rates."""
     if profile is None:
         return {}
     from moeflow.perf.model import predict_latency
 
     p = predict_latency(ck.cfg, profile, oc.gpu_memory, oc.policy, hit_rate, ttft_len, new_tokens, ck.name,
-                        str(ck.store.data.dtype).removeprefix("torch."), costs)
+                        str(ck.store.data.dtype).removeprefix("torch."), costs, prefill_hit, prefill_used)
     if p.error:
         return {"predicted_error": p.error}
     return {"predicted_decode_tps": p.decode_tps, "predicted_ttft_s": p.ttft_s, "predicted_binding": p.binding,
@@ -102,7 +102,8 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
         # where the TTFT prompt's time went in the expert backend (ms), and its experts' paths
         prefill = ({"ms": {"ttft": ttft * 1e3, **{k[:-2]: pd[k] * 1e3 for k in TIMERS}},
                     "cpu_experts": pd["cpu_experts"], "copied_experts": pd["copied_experts"],
-                    "hit_rate": pd["hits"] / max(pd["lookups"], 1)} if pd else None)
+                    "hit_rate": pd["hits"] / max(pd["lookups"], 1),
+                    "experts_per_layer": pd["lookups"] / len(ck.cfg.moe_layers)} if pd else None)
         dt, d, allocs, tps = 0.0, {}, {}, []
         for prompt in prompts:
             seq = engine.add_request(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
@@ -143,7 +144,8 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
                              **{k[:-2]: d[k] / n * 1e3 for k in TIMERS}},
             "allocator_during_decode": allocs, "prefill": prefill,
             "budget": engine.budget, "costs": backend.costs.as_dict() if backend.costs else None,
-        } | predicted(ck, oc, profile, d["hits"] / lookups, len(ttft_prompt), new_tokens, backend.costs)
+        } | predicted(ck, oc, profile, d["hits"] / lookups, len(ttft_prompt), new_tokens, backend.costs,
+                      *((prefill["hit_rate"], prefill["experts_per_layer"]) if prefill else ()))
     finally:
         backend.close()
         ck.model.set_experts(LocalExperts(ck.store))

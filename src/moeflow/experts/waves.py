@@ -17,11 +17,10 @@ import torch
 
 from moeflow.experts.local import can_group, grouped_ffn, partial_ffn
 from moeflow.experts.store import HostBuffers, expert_rows
+from moeflow.perf.costs import GROUPED_MAX_ENTRIES
 
-# Waves of up to this many entries run as grouped GEMMs: those hold every entry's intermediate activations at
-# once, where the workspace counts one expert's; larger (prefill) waves go slot by slot, where the launches
-# cost nothing beside the matmuls.
-GROUPED_MAX_ENTRIES = 64
+# Waves of up to GROUPED_MAX_ENTRIES entries run as grouped GEMMs: those hold every entry's intermediate
+# activations at once, where the workspace counts one expert's; larger (prefill) waves go slot by slot.
 # Layers of up to this many entries (N * K: decode, small batches) replay graphs, one per (N, K, M, chunk), at
 # most GRAPH_MAX_SHAPES of them (others run eagerly).
 GRAPH_MAX_ENTRIES = 16

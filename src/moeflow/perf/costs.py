@@ -22,6 +22,9 @@ if TYPE_CHECKING:  # the cost model itself needs no torch; only measuring does
     import torch
 
 TOKEN_POINTS = (1, 4, 16, 64, 256)
+# Waves of up to this many entries (token, expert pairs) run as grouped GEMMs, one pass with one set of
+# launches; larger (prefill) waves go slot by slot, each expert with its own (experts/waves.py).
+GROUPED_MAX_ENTRIES = 64
 
 
 def _interp(points: tuple[int, ...], times: tuple[float, ...], n: int) -> float:
@@ -71,9 +74,11 @@ class ExpertCosts:
 
     def gpu_wave(self, jobs: list[tuple[int, float]]) -> float:
         """One wave of experts on the GPU, jobs (tokens n, fraction f): its fixed part once, each expert's own
-        time less that part."""
+        time less that part; a wave too large to group, each expert its whole time."""
         if not jobs:
             return 0.0
+        if sum(n for n, _ in jobs) > GROUPED_MAX_ENTRIES:
+            return sum(self.gpu(n, f) for n, f in jobs)
         return self.gpu_fixed_s + sum(max(self.gpu(n) - self.gpu_fixed_s, 0.0) * f for n, f in jobs)
 
     def with_gpu_bytes(self, expert_bytes: int, gpu_bw: float) -> ExpertCosts:
