@@ -23,12 +23,12 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cpuid.h>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <sys/syscall.h>
 #include <thread>
@@ -418,7 +418,7 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
             }
         }
     };
-    g_pool.run(elems >= (1 << 16) ? std::min(threads, (int)pu.size()) : 1, prep);  // below: cheaper than a wake-up
+    g_pool.run(elems >= (1 << 16) ? std::min(threads, (int)pu.size()) : 1, prep, true);  // small: no wake-up
 
     // Phase A: row blocks of 16 (one AMX tile of rows), weighted by bytes plus compute, split evenly.
     std::vector<int> blk_job, blk_row;
@@ -473,7 +473,7 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
         if (tiles_on) amx_hw::end();
     };
     double t1 = now_s();
-    g_pool.run(ta, phase_a);
+    g_pool.run(ta, phase_a, true);
     double t2 = now_s();
 
     // Phase B: column chunks of 64 (the AMX blocking; also keeps threads on separate cache lines): the
