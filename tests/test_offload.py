@@ -4,7 +4,6 @@ planner and trace replay behave."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -96,11 +95,39 @@ def test_auto_corrects_its_cpu_costs_by_what_it_observes(ckpt):
     backend.cpu_scales = [1.0, 1.0]
     x = torch.randn(2 * BIG_JOB, backend.hidden, dtype=backend.host.data.dtype)
     w = [0.5] * (4 * BIG_JOB)
-    backend._timed_cpu_part(0, x, w, 2, [(0, backend.inter, [0])], False, time.perf_counter())          # 1 token
+    def cpu_part(jobs):
+        call = backend._cpu_part(0, x, w, 2, jobs)
+        call.result()
+        assert call.busy_s > 0
+        backend._cpu_done(call, jobs, beside_copies=False)
+
+    cpu_part([(0, backend.inter, [0])])                                                      # 1 token
     assert backend.cpu_scales[0] > 1.0 and backend.cpu_scales[1] == 1.0
-    backend._timed_cpu_part(0, x, w, 2, [(1, backend.inter, list(range(0, 2 * BIG_JOB, 2)))], False,
-                            time.perf_counter())
+    cpu_part([(1, backend.inter, list(range(0, 2 * BIG_JOB, 2)))])                          # 16 tokens
     assert backend.cpu_scales[1] > 1.0
+
+
+def test_the_native_kernel_takes_the_cpu_share_on_its_own_thread(hf_checkpoint):
+    """bf16 experts go to the native kernel, handed over to its own thread (no Python thread, so no wait for
+    the GIL): the layer's output is the PyTorch path's, and the kernel's time is counted."""
+    ck = load(hf_checkpoint("mixtral")[0], device="cpu", dtype="bfloat16", expert_device="cpu")
+    engine = LLMEngine(ck, max_seqs=1, max_len=MAX_LEN, offload=OffloadConfig(budget_for(ck, 2, 1), "cpu"))
+    backend = engine.model.experts
+    if not backend.cpu.uses_native(backend.host.data):
+        pytest.skip("no native CPU kernel on this machine")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, ck.cfg.hidden_size, generator=g).bfloat16()
+    E = ck.cfg.num_experts
+    ids = torch.tensor([[0, 3], [3, E - 1], [E - 2, 0]])
+    w = torch.rand(3, 2, generator=g)
+    layer = ck.cfg.moe_layers[0]
+    with torch.inference_mode():
+        got = backend(layer, x, ids, w).float()
+        assert backend.stats.cpu_kernel_s > 0 and backend.stats.cpu_s > 0
+        backend.cpu.kernel = "torch"
+        want = backend(layer, x, ids, w).float()
+    assert torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    backend.close()
 
 
 def test_auto_measures_costs_on_this_machine(ckpt):

@@ -15,7 +15,9 @@ Legend: N = tokens, K = experts per token, H = hidden, I = intermediate rows, E 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from moeflow import MoeflowError
 from moeflow.experts.local import partial_ffn
 from moeflow.experts.native import AMX_BLOCKING, KERNELS, NativeKernel, load
 from moeflow.experts.store import expert_rows
+from moeflow.perf.costs import handoff_s
 
 
 def physical_cores() -> int:
@@ -47,6 +50,26 @@ def default_threads(reserve: int = 0) -> int:
     """MOEFLOW_CPU_THREADS if set, else the physical cores less `reserve` (at least 1)."""
     env = os.environ.get("MOEFLOW_CPU_THREADS")
     return max(int(env), 1) if env else max(physical_cores() - reserve, 1)
+
+
+class CpuCall:
+    """A CPU call handed over. result() waits for it and returns its output [N, H] fp32; then start_s is the
+    time from the hand-over to the work starting and busy_s the work's own (seconds)."""
+
+    def __init__(self, out: torch.Tensor, wait: Callable[[], tuple[float, float]] | None = None, keep=()):
+        self.out, self._wait, self._keep = out, wait, keep  # keep: what the native call reads until it ends
+        self.start_s = self.busy_s = 0.0
+
+    def result(self) -> torch.Tensor:
+        if self._wait is not None:
+            wait, self._wait = self._wait, None
+            self.start_s, self.busy_s = wait()
+            self._keep = ()
+        return self.out
+
+    def __del__(self):  # dropped unread (an error on the way): the native call must end before its inputs go
+        if self._wait is not None:
+            self.result()
 
 
 @dataclass
@@ -104,6 +127,7 @@ class CpuExperts:
                                   for k, d in zip(("DOWN_ROWS", "GU_HIDDEN", "GU_ROWS"), AMX_BLOCKING))
         self.threads_used = 0  # as reported by the last native call
         self.kernel_s = 0.0    # seconds inside the native kernel in the last call (0: it did not run)
+        self._pool: ThreadPoolExecutor | None = None  # the PyTorch path's worker thread (submit)
 
     def uses_native(self, data: torch.Tensor) -> bool:
         return self.native is not None and self.kernel != "torch" and data.dtype == torch.bfloat16
@@ -112,6 +136,13 @@ class CpuExperts:
                  ) -> torch.Tensor:
         """data [E, 3IH] one layer of the host store; x [N, H]; adds every job into out [N, H] fp32 (new if
         None) and returns it."""
+        return self.submit(data, x, jobs, out, inline=True).result()
+
+    def submit(self, data: torch.Tensor, x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None,
+               spin: int = 0, inline: bool = False) -> CpuCall:
+        """The same, handed over: the native kernel runs on its own thread, so no Python thread waits for the
+        GIL before or after it; the PyTorch path runs on this object's worker thread (or here, inline).
+        spin: pause iterations result() spins before it sleeps (where the caller has a core of its own)."""
         N, H = x.shape
         I = data.shape[1] // (3 * H)
         if out is None:
@@ -119,30 +150,84 @@ class CpuExperts:
         jobs = [j for j in jobs if len(j.tok) and (I if j.r1 is None else j.r1) > j.r0]
         self.kernel_s = 0.0
         if not jobs:
-            return out
-        if not self.uses_native(data) or not out.is_contiguous() or out.dtype != torch.float32:
-            return self._torch(data, x, jobs, out, I)
-        if self.torch_from_tokens:
-            big = [j for j in jobs if len(j.tok) >= self.torch_from_tokens]
-            if big:
-                self._torch(data, x, big, out, I)
-                jobs = [j for j in jobs if len(j.tok) < self.torch_from_tokens]
-                if not jobs:
-                    return out
+            return CpuCall(out)
+        if not self.uses_native(data) or not out.is_contiguous() or out.dtype != torch.float32 or \
+                (self.torch_from_tokens and any(len(j.tok) >= self.torch_from_tokens for j in jobs)):
+            return self._in_thread(lambda: self._mixed(data, x, jobs, out, I), out, inline)
         assert data.stride(1) == 1 and data.device.type == "cpu", "data must be a [E, 3IH] view of the host store"
         offs = [0]
         for j in jobs:
             offs.append(offs[-1] + len(j.tok))
-        # numpy, not PyTorch ops: this runs beside the thread that drives the GPU, once per layer
-        meta = torch.from_numpy(np.array([j.expert for j in jobs] + [j.r0 for j in jobs] +
-                                         [I if j.r1 is None else j.r1 for j in jobs] + offs, dtype=np.int32))
-        tok = torch.from_numpy(np.concatenate([_array(j.tok, torch.int32) for j in jobs]))
-        w = torch.from_numpy(np.concatenate([_array(j.w, torch.float32).reshape(-1) for j in jobs]))
-        self.threads_used = self.native.run(self.kernel, self.threads, data, H, I, x.to(torch.float32).contiguous(),
-                                            N, meta, tok, w, out, self.amx_min_tokens, self.fused_max_bytes,
-                                            self.amx_blocking)
-        self.kernel_s = sum(self.native.last_phases())
-        return out
+        # numpy, not PyTorch ops: this runs on the thread that drives the GPU, once per layer
+        meta = np.array([j.expert for j in jobs] + [j.r0 for j in jobs] +
+                        [I if j.r1 is None else j.r1 for j in jobs] + offs, dtype=np.int32)
+        tok = np.concatenate([_array(j.tok, torch.int32) for j in jobs])
+        w = np.concatenate([_array(j.w, torch.float32).reshape(-1) for j in jobs])
+        xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        args = (self.kernel, self.threads, data, H, I, xf, N, meta, tok, w, out, self.amx_min_tokens,
+                self.fused_max_bytes, self.amx_blocking)
+        if inline:  # on this thread: no hand-over
+            t = time.perf_counter()
+            self.threads_used = self.native.run(*args)
+            self.kernel_s = sum(self.native.last_phases())
+            busy_s = time.perf_counter() - t
+            return CpuCall(out, lambda: (0.0, busy_s))
+        self.native.start(*args)
+
+        def finish() -> tuple[float, float]:
+            self.threads_used, start_s, busy_s = self.native.finish(self.kernel, spin)
+            self.kernel_s = sum(self.native.last_phases())
+            return start_s, busy_s
+
+        return CpuCall(out, finish, keep=(meta, tok, w, xf))
+
+    def handoff_s(self, n: int = 20) -> float:
+        """Seconds to hand a call over and have it back, with no work in it (after one warm-up)."""
+        if self.native is None or self.kernel == "torch":
+            return handoff_s(self._executor())
+        none = torch.zeros(1, 1, dtype=torch.bfloat16)
+        meta, tok, w, x = np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float32), torch.zeros(1, 1)
+        times = []
+        for _ in range(n + 1):
+            t = time.perf_counter()
+            self.native.start(self.kernel, self.threads, none, 1, 1, x, 1, meta, tok, w, x)
+            self.native.finish(self.kernel)
+            times.append(time.perf_counter() - t)
+        return sum(times[1:]) / n
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _mixed(self, data, x, jobs, out, I) -> torch.Tensor:
+        """PyTorch for the jobs it takes (all of them, where the native kernel cannot), the kernel for the rest."""
+        native = self.uses_native(data) and out.is_contiguous() and out.dtype == torch.float32
+        big = [not native or len(j.tok) >= self.torch_from_tokens > 0 for j in jobs]
+        self._torch(data, x, [j for j, b in zip(jobs, big) if b], out, I)
+        rest = [j for j, b in zip(jobs, big) if not b]
+        return self.submit(data, x, rest, out, inline=True).result() if rest else out
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-cpu-experts")
+        return self._pool
+
+    def _in_thread(self, fn: Callable[[], torch.Tensor], out: torch.Tensor, inline: bool) -> CpuCall:
+        """fn on the worker thread (or here), timed as the native calls are, in the caller's inference mode
+        (a thread's own: the caller's tensors may be inference tensors)."""
+        t_submit, mode = time.perf_counter(), torch.is_inference_mode_enabled()
+
+        def timed() -> tuple[float, float]:
+            t = time.perf_counter()
+            with torch.inference_mode(mode):
+                fn()
+            return t - t_submit, time.perf_counter() - t
+
+        if inline:
+            start_s, busy_s = timed()
+            return CpuCall(out, lambda: (start_s, busy_s))
+        return CpuCall(out, self._executor().submit(timed).result)
 
     def expert(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         """One whole expert (block [3IH] in the host layout) on all of x [n, H]: [n, H] fp32."""

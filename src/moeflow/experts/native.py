@@ -18,7 +18,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "csrc"
 SOURCES = ("cpu_experts.cpp", "cpu_experts_pool.inc", "cpu_experts_vec.inc",
-           "cpu_experts_amx.inc")  # the .inc files are included by the .cpp
+           "cpu_experts_amx.inc", "cpu_experts_async.inc")  # the .inc files are included by the .cpp
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
 KERNELS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3, "amx-emu": 4}  # the kernel numbers of the .cpp
 # The AMX blocking: rows of down_t repacked per chunk, of H per gate/up slice, rows per gate/up block (L2-sized).
@@ -76,6 +76,10 @@ class NativeKernel:
         p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         lib.moe_experts.argtypes = [i, i, p, i64, i, i, p, i, i, p, p, p, p, p, p, p, i, i64, i, i, i]
         lib.moe_experts.restype = i
+        lib.moe_experts_start.argtypes = lib.moe_experts.argtypes
+        lib.moe_experts_start.restype = i
+        lib.moe_experts_finish.argtypes = [p, i]
+        lib.moe_experts_finish.restype = i
         lib.moe_experts_topk.argtypes = [i, i, p, i64, i, i, p, i, i, i, p, p, p, i, i64, i, i, i]
         lib.moe_experts_topk.restype = i
         lib.moe_features.restype = i
@@ -99,22 +103,46 @@ class NativeKernel:
     def best(self) -> str:
         return next(k for k in ("amx", "avx512", "avx2", "scalar") if self.can_run(k))
 
+    def _args(self, kernel, threads, data, hidden, inter, x, n_tokens, meta, tok, tok_w, out, amx_min_tokens,
+              fused_max_bytes, amx_blocking) -> tuple:
+        J = (meta.size - 1) // 4
+        m = meta.ctypes.data
+        return (KERNELS[kernel], threads, data.data_ptr(), data.stride(0), hidden, inter, x.data_ptr(), n_tokens, J,
+                m, m + 4 * J, m + 8 * J, m + 12 * J, tok.ctypes.data, tok_w.ctypes.data, out.data_ptr(),
+                amx_min_tokens, fused_max_bytes, *amx_blocking)
+
     def run(self, kernel: str, threads: int, data, hidden: int, inter: int, x, n_tokens: int, meta, tok, tok_w, out,
             amx_min_tokens: int = 16, fused_max_bytes: int = 64 << 20,
             amx_blocking: tuple[int, int, int] = AMX_BLOCKING) -> int:
-        """One layer's J jobs; returns the threads used. meta: int32 [4J + 1] = experts, r0s, r1s, and the
-        J + 1 offsets of each job's tokens in tok (int32, rows of x) and tok_w (fp32); x, out [N, H] fp32.
-        With amx (and amx-emu), jobs of fewer than amx_min_tokens tokens take the vector path, which adds
-        down_t rows into per-thread sums in the gate/up pass while those take at most fused_max_bytes (else
-        down by columns). amx_blocking: see AMX_BLOCKING."""
-        J = (meta.numel() - 1) // 4
-        m = meta.data_ptr()
-        n = self.lib.moe_experts(KERNELS[kernel], threads, data.data_ptr(), data.stride(0), hidden, inter,
-                                 x.data_ptr(), n_tokens, J, m, m + 4 * J, m + 8 * J, m + 12 * J, tok.data_ptr(),
-                                 tok_w.data_ptr(), out.data_ptr(), amx_min_tokens, fused_max_bytes, *amx_blocking)
+        """One layer's J jobs, on this thread (the GIL released); returns the threads used. meta: int32 [4J + 1]
+        = experts, r0s, r1s, and the J + 1 offsets of each job's tokens in tok (int32, rows of x) and tok_w
+        (fp32), all three numpy arrays; x, out [N, H] fp32 tensors. With amx (and amx-emu), jobs of fewer than
+        amx_min_tokens tokens take the vector path, which adds down_t rows into per-thread sums in the gate/up
+        pass while those take at most fused_max_bytes (else down by columns). amx_blocking: see AMX_BLOCKING."""
+        n = self.lib.moe_experts(*self._args(kernel, threads, data, hidden, inter, x, n_tokens, meta, tok, tok_w,
+                                             out, amx_min_tokens, fused_max_bytes, amx_blocking))
         if n < 0:
             raise RuntimeError(f"native CPU kernel {kernel} refused the call ({n})")
         return n
+
+    def start(self, kernel: str, threads: int, data, hidden: int, inter: int, x, n_tokens: int, meta, tok, tok_w,
+              out, amx_min_tokens: int = 16, fused_max_bytes: int = 64 << 20,
+              amx_blocking: tuple[int, int, int] = AMX_BLOCKING) -> None:
+        """run() on the library's own thread: returns at once; finish() waits for it. The arrays must live until
+        then. One call at a time."""
+        r = self.lib.moe_experts_start(*self._args(kernel, threads, data, hidden, inter, x, n_tokens, meta, tok,
+                                                   tok_w, out, amx_min_tokens, fused_max_bytes, amx_blocking))
+        if r < 0:
+            raise RuntimeError("native CPU kernel: a call is already under way")
+
+    def finish(self, kernel: str, spin: int = 0) -> tuple[int, float, float]:
+        """Waits for the call start() handed over (first spinning up to `spin` pauses): (threads used, seconds
+        from the hand-over to its start, seconds it ran)."""
+        t = (ctypes.c_double * 2)()
+        n = self.lib.moe_experts_finish(t, spin)
+        if n < 0:
+            raise RuntimeError(f"native CPU kernel {kernel} refused the call ({n})")
+        return n, t[0], t[1]
 
     def run_topk(self, kernel: str, threads: int, data, hidden: int, inter: int, x, topk_ids, topk_weights, out,
                  amx_min_tokens: int = 16, fused_max_bytes: int = 64 << 20,

@@ -13,23 +13,25 @@ with l the MoE layer's row in the store.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from moeflow.experts.cpu import CpuExperts, Job, default_threads
+from moeflow.experts.cpu import CpuCall, CpuExperts, Job, default_threads
 from moeflow.experts.local import block_ffn
 from moeflow.experts.store import ExpertStore, HostBuffers, expert_rows
 from moeflow.experts.waves import Wave, Waves
-from moeflow.perf.costs import ExpertCosts, handoff_s, measure_costs
+from moeflow.perf.costs import ExpertCosts, measure_costs
 from moeflow.policy.base import OffloadPolicy, SlotSplit
 from moeflow.policy.eviction import EVICTION
 
 Key = tuple[int, int]
 SCALE_SMOOTHING = 0.2      # weight of the newest layer in the CPU- and copy-speed corrections
 SCALE_RANGE = (0.25, 4.0)  # one odd layer (a page fault, a preempted thread) moves them at most this far
+# pause iterations the thread that drives the GPU spins waiting for the CPU's share before it sleeps (it has a
+# core of its own; a sleeping wait wakes tens of microseconds late, every layer)
+WAIT_SPIN = 1 << 18
 BIG_JOB = 16  # tokens: from about here a CPU expert is compute-bound (AMX), below it reads its weights; the
               # CPU correction is kept apart for the two, so decode's does not steer prefill's plan
 
@@ -177,7 +179,6 @@ class OffloadedExperts:
         self._arrived = torch.cuda.Event() if self.cuda else None
         # pinned host buffers, reused by every layer: the routing and activations in, the CPU's share out
         self._host = HostBuffers(pinned=self.cuda)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-cpu-experts")
         # The CPU kernel's own threads; one core stays with the thread that drives the GPU.
         self.cpu = CpuExperts(threads=default_threads(reserve=1 if self.cuda else 0))
         self.stats = OffloadStats()
@@ -202,7 +203,7 @@ class OffloadedExperts:
         costs = measure_costs(lambda i: self.host.data[i // E % L, i % E], self.inter, self.hidden, min(L * E, 16),
                               scratch, self.cpu.expert, block_ffn(self.inter), copy_stream=self.copy_stream,
                               cpu_many=many)
-        return replace(costs, cpu_call_s=handoff_s(self.pool))
+        return replace(costs, cpu_call_s=self.cpu.handoff_s())
 
     # -- one layer -----------------------------------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
@@ -211,7 +212,9 @@ class OffloadedExperts:
         l, I = self.host.slot[layer], self.inter
         s, t_in = self.stats, time.perf_counter()
         # One sync per layer: the routing (and the activations, for the CPU) come to the host.
-        ids_h, w_h, x_h = (self._to_host(name, t) for name, t in (("ids", topk_ids), ("w", topk_weights), ("x", x)))
+        # x in fp32, converted on the GPU: the CPU kernel reads fp32 activations
+        ids_h, w_h, x_h = (self._to_host(name, t) for name, t in (("ids", topk_ids), ("w", topk_weights),
+                                                                  ("x", x.float())))
         if self.cuda:
             self._arrived.record()
             self._arrived.synchronize()
@@ -232,8 +235,7 @@ class OffloadedExperts:
 
         # The CPU's share starts first: it is usually the longest.
         cpu_jobs = [(e, r, entries[e]) for e, r in rows.items() if r > 0]
-        future = (self.pool.submit(self._timed_cpu_part, l, x_h, w_h.flatten().tolist(), K, cpu_jobs,
-                                   any(r < I for r in rows.values()), time.perf_counter()) if cpu_jobs else None)
+        call = self._cpu_part(l, x_h, w_h.flatten().tolist(), K, cpu_jobs) if cpu_jobs else None
         t_plan = time.perf_counter()
         s.plan_s += t_plan - t_in - s_sync
 
@@ -267,9 +269,10 @@ class OffloadedExperts:
             self.waves.run(wave)
         t = time.perf_counter()
         s.launch_s += t - t_plan
-        if future is not None:
-            out += future.result().to(self.device, non_blocking=True)
+        if call is not None:
+            out += call.result().to(self.device, non_blocking=True)
             s.cpu_wait_s += time.perf_counter() - t
+            self._cpu_done(call, cpu_jobs, beside_copies=bool(copies))
 
         s.lookups += len(experts)
         s.hits += len(experts) - len(misses)
@@ -297,28 +300,25 @@ class OffloadedExperts:
                 expert_rows(dst, I, 0, r)[0].zero_()
             return self.copy_stream.record_event() if self.cuda else None
 
-    def _timed_cpu_part(self, l: int, x: torch.Tensor, w: list[float], K: int, jobs, beside_copies: bool,
-                        t_submit: float) -> torch.Tensor:
-        t = time.perf_counter()
-        self.stats.cpu_start_s += t - t_submit
-        out = self._cpu_part(l, x, w, K, jobs)
-        dt = time.perf_counter() - t
-        self.stats.cpu_s += dt
+    def _cpu_done(self, call: CpuCall, jobs, beside_copies: bool) -> None:
+        """The CPU's share of a layer has returned: its times, and the correction of the CPU's costs."""
+        self.stats.cpu_start_s += call.start_s
+        self.stats.cpu_s += call.busy_s
         self.stats.cpu_kernel_s += self.cpu.kernel_s
         if self.costs is not None and self.calibrate:
             predicted = self.costs.cpu_work([(len(ent), r / self.inter) for _, r, ent in jobs], beside_copies)
             k = regime(max(len(ent) for _, _, ent in jobs))
-            self.cpu_scales[k] = smoothed(self.cpu_scales[k], dt, predicted)
-        return out
+            self.cpu_scales[k] = smoothed(self.cpu_scales[k], call.busy_s, predicted)
 
-    def _cpu_part(self, l: int, x: torch.Tensor, w: list[float], K: int, jobs) -> torch.Tensor:
-        """Rows 0:r of each job's expert on the CPU, weighted and summed: [N, H] fp32 (pinned when a GPU waits).
-        jobs: (expert, r, flat (token, k) indices); w: the routing weights [N * K], flat. Plain Python up to the
-        kernel: each PyTorch op here would cost tens of microseconds beside the GPU driver thread."""
+    def _cpu_part(self, l: int, x: torch.Tensor, w: list[float], K: int, jobs) -> CpuCall:
+        """Rows 0:r of each job's expert on the CPU, weighted and summed into [N, H] fp32 (pinned when a GPU
+        waits), handed over. jobs: (expert, r, flat (token, k) indices); w: the routing weights [N * K], flat.
+        Plain Python up to the kernel: each PyTorch op here would cost tens of microseconds beside the GPU
+        driver thread."""
         out = self._host.get("cpu_out", (x.shape[0], self.hidden), torch.float32)
         out.zero_()
         cpu_jobs = [Job(e, [i // K for i in ent], [w[i] for i in ent], 0, r) for e, r, ent in jobs]
-        return self.cpu(self.host.data[l], x, cpu_jobs, out)
+        return self.cpu.submit(self.host.data[l], x, cpu_jobs, out, spin=WAIT_SPIN if self.cuda else 0)
 
     def _to_host(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """t on the host: itself without a GPU, else copied (asynchronously) into its reused pinned buffer. A
@@ -331,7 +331,7 @@ class OffloadedExperts:
         return buf
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.cpu.close()
 
     def _start_copy_timing(self, copies: dict[int, int], costs: ExpertCosts | None) -> tuple | None:
         """Events around this layer's copies on the copy stream, read at the next layer's sync (by then they

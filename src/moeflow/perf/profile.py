@@ -323,10 +323,13 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
                                         sizes.repeats)
                 fixed = fixed_part(cpu_s[0], tm, m)
             costs = ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0, cpu_fixed_s=fixed)
-        from concurrent.futures import ThreadPoolExecutor
+        if engine_cpu is not None:  # the engine's own hand-over (its kernel's thread, or its worker thread)
+            call = engine_cpu.handoff_s()
+        else:
+            from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(1) as pool:
-            call = handoff_s(pool)
+            with ThreadPoolExecutor(1) as pool:
+                call = handoff_s(pool)
         expert = _plain(replace(costs, cpu_call_s=call))
         blocks = None  # free the pool before the link measurements
         bar.update()
