@@ -5,7 +5,7 @@
 #       --out .carry/data/mixtral-trace-placement.json
 # Usage: [NEW_TOKENS=128] [RUNS=1] [ROUTING=native] [AMX_SWEEP='R H G,...'] bash scripts/gpu_latency.sh STAGE...   (RUNS: decode runs per row, median)
 # with stages
-#   tests      the GPU tests (tests/test_gpu*.py, and the CPU-kernel tests)
+#   tests      the GPU tests, the CPU kernel's tests and the offloading tests (the native hand-over, AMX here)
 #   mixtral24  Mixtral-8x7B at 24 GiB: auto, fiddler, lru; native routing and the trace replayed
 #   mixtral76  the same at 76 GiB
 #   baseline   transformers + accelerate at 24 GiB (BASELINE_TOKENS new tokens, default 8)
@@ -15,8 +15,8 @@
 #   spin       Mixtral-8x7B at SPIN_BUDGET (default 24GiB), auto, native routing, 64 tokens, for each "SPIN THP"
 #              of SPINS (default "256 0,200000 0,200000 1"): the kernel pool's idle spin (MOEFLOW_POOL_SPIN,
 #              200000 lasts between layers) and PyTorch's huge pages for the store (THP_MEM_ALLOC_ENABLE)
-#   memory     scripts/host_memory.py at the pool's default spin and at 200000: the CPU kernel and the copies
-#              on plain / huge-page memory, before and after page-locking, and the threads' wake-up
+#   memory     scripts/host_memory.py at each pool spin of MEMORY_SPINS (default "256"): the CPU kernel and the
+#              copies on plain / huge-page memory, before and after page-locking, and the threads' wake-up
 #   amx        the AMX blocking (MOEFLOW_AMX_DOWN_ROWS / GU_HIDDEN / GU_ROWS) at 16-256 tokens, Mixtral shape
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -33,7 +33,7 @@ for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_offload.py \
-             $(ls tests/test_cpu_experts.py 2>/dev/null) 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+             tests/test_cpu_experts.py tests/test_offload.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     mixtral24) mixtral 24GiB --out "$OUT/latency-mixtral-24GiB.json" ;;
     mixtral76) mixtral 76GiB --out "$OUT/latency-mixtral-76GiB.json" ;;
     baseline) python3 -m moeflow bench latency --model synthetic:mixtral-8x7b --budgets 24GiB --policies auto \
@@ -58,7 +58,7 @@ for stage in "$@"; do
             rm -f "$OUT/latency-mixtral-$B.log"
           done
           unset THP_MEM_ALLOC_ENABLE ;;
-    memory) for n in 256 200000; do
+    memory) for n in ${MEMORY_SPINS:-256}; do
               MOEFLOW_POOL_SPIN=$n python3 scripts/host_memory.py --out "$OUT/host-memory-spin$n.json" 2>&1 | tail -5
             done ;;
     amx) IFS=, read -ra sweep <<< "${AMX_SWEEP:-256 512 32,512 512 64,128 512 32,256 512 16,256 1024 32,256 256 32}"
