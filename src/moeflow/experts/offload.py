@@ -211,10 +211,10 @@ class OffloadedExperts:
         N, K = topk_ids.shape
         l, I = self.host.slot[layer], self.inter
         s, t_in = self.stats, time.perf_counter()
-        # One sync per layer: the routing (and the activations, for the CPU) come to the host.
-        # x in fp32, converted on the GPU: the CPU kernel reads fp32 activations
-        ids_h, w_h, x_h = (self._to_host(name, t) for name, t in (("ids", topk_ids), ("w", topk_weights),
-                                                                  ("x", x.float())))
+        # One sync per layer: the routing (and the activations, for the CPU) come to the host; x in fp32,
+        # converted on the GPU: the CPU kernel reads fp32 activations.
+        ids_h, w_h = self._to_host("ids", topk_ids), self._to_host("w", topk_weights)
+        x_h = self._to_host("x", x.float()) if self.policy.uses_cpu else None
         if self.cuda:
             self._arrived.record()
             self._arrived.synchronize()

@@ -27,6 +27,7 @@ class SlotSplit:
 class OffloadPolicy(ABC):
     name: str
     needs_costs = False  # plans from measured costs (the backend measures them at start)
+    uses_cpu = True      # may plan rows on the CPU (else the activations need not come to the host)
     eviction = "lru"     # the eviction policy of its cache (policy/eviction.py)
 
     def min_slots(self, layers: int, experts: int, top_k: int) -> int:

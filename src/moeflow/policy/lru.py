@@ -7,6 +7,7 @@ from moeflow.policy.base import OffloadPolicy, SlotSplit
 
 class LruPolicy(OffloadPolicy):
     name = "lru"
+    uses_cpu = False
 
     def min_slots(self, layers, experts, top_k):
         return layers  # each layer's cache needs a slot of its own

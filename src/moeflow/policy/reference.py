@@ -7,6 +7,7 @@ from moeflow.policy.base import OffloadPolicy, SlotSplit, all_cpu
 
 class GpuPolicy(OffloadPolicy):
     name = "gpu"
+    uses_cpu = False
 
     def min_slots(self, layers, experts, top_k):
         return layers * experts
