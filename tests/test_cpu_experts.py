@@ -287,3 +287,31 @@ def test_many_runs_the_next_experts_in_one_call():
     for first in (0, 2, 0):  # rotates through the blocks, two at a time
         want = ce.expert(x, data[first]) + ce.expert(x, data[first + 1])
         torch.testing.assert_close(fn(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(LIB is None, reason="no native kernel here")
+def test_handed_over_calls_with_changing_thread_counts():
+    """Calls handed to the kernel's own thread (submit) and made here (inline), with thread counts that change
+    between calls and between the phases of one call (the pool releases the workers a phase does not need),
+    and pauses that let every worker fall asleep: each gives the fp32 reference, and an unread call is waited
+    for before its inputs go."""
+    import time
+
+    data, g = weights(6, 128, 96, seed=3)
+    for threads in (2, 5, 3, 8, 1, 4):
+        ce = CpuExperts(threads=threads)
+        for n in (1, 7, 2):
+            x = torch.randn(n, 128, generator=g).bfloat16()
+            ids, w = routed(n, 6, 2, g)
+            jobs = jobs_from_topk(ids, w, 6)
+            call = ce.submit(data, x, jobs)
+            time.sleep(0.002)
+            check(call.result(), reference(data, x, jobs, 96), ce.kernel)
+            assert call.busy_s > 0 and call.start_s >= 0 and ce.kernel_s > 0
+            check(ce(data, x, jobs), reference(data, x, jobs, 96), ce.kernel)
+    big, _ = weights(4, 1024, 2048, seed=4)  # ~50 MB: still running when dropped
+    x = torch.randn(1, 1024, generator=g).bfloat16()
+    jobs = jobs_from_topk(torch.tensor([[0, 3]]), torch.tensor([[0.5, 0.5]]), 4)
+    dropped = ce.submit(big, x, jobs)
+    del dropped  # waits for the kernel, so the next hand-over is accepted (else: "a call is already under way")
+    check(ce.submit(big, x, jobs).result(), reference(big, x, jobs, 2048), ce.kernel)
