@@ -28,7 +28,7 @@ from moeflow import MoeflowError
 from moeflow.experts.local import partial_ffn
 from moeflow.experts.native import AMX_BLOCKING, KERNELS, NativeKernel, load
 from moeflow.experts.store import expert_rows
-from moeflow.perf.costs import handoff_s
+from moeflow.perf.costs import handoff_s, median_s
 
 
 def physical_cores() -> int:
@@ -151,9 +151,9 @@ class CpuExperts:
         self.kernel_s = 0.0
         if not jobs:
             return CpuCall(out)
-        if not self.uses_native(data) or not out.is_contiguous() or out.dtype != torch.float32 or \
-                (self.torch_from_tokens and any(len(j.tok) >= self.torch_from_tokens for j in jobs)):
-            return self._in_thread(lambda: self._mixed(data, x, jobs, out, I), out, inline)
+        native = self.uses_native(data) and out.is_contiguous() and out.dtype == torch.float32
+        if not native or (self.torch_from_tokens and any(len(j.tok) >= self.torch_from_tokens for j in jobs)):
+            return self._in_thread(lambda: self._mixed(data, x, jobs, out, I, native), out, inline)
         assert data.stride(1) == 1 and data.device.type == "cpu", "data must be a [E, 3IH] view of the host store"
         offs = [0]
         for j in jobs:
@@ -187,22 +187,20 @@ class CpuExperts:
             return handoff_s(self._executor())
         none = torch.zeros(1, 1, dtype=torch.bfloat16)
         meta, tok, w, x = np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float32), torch.zeros(1, 1)
-        times = []
-        for _ in range(n + 1):
-            t = time.perf_counter()
+
+        def roundtrip():
             self.native.start(self.kernel, self.threads, none, 1, 1, x, 1, meta, tok, w, x)
             self.native.finish(self.kernel)
-            times.append(time.perf_counter() - t)
-        return sum(times[1:]) / n
+
+        return median_s(roundtrip, lambda: None, n)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def _mixed(self, data, x, jobs, out, I) -> torch.Tensor:
+    def _mixed(self, data, x, jobs, out, I, native: bool) -> torch.Tensor:
         """PyTorch for the jobs it takes (all of them, where the native kernel cannot), the kernel for the rest."""
-        native = self.uses_native(data) and out.is_contiguous() and out.dtype == torch.float32
         big = [not native or len(j.tok) >= self.torch_from_tokens > 0 for j in jobs]
         self._torch(data, x, [j for j, b in zip(jobs, big) if b], out, I)
         rest = [j for j, b in zip(jobs, big) if not b]

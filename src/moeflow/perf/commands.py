@@ -151,7 +151,6 @@ def cmd_plan(args) -> int:
 def cmd_bench_accuracy(args) -> int:
     from moeflow.bench.accuracy import accuracy_rows, load_results, plot, print_table
     from moeflow.checkpoint import read_model_config
-
     from moeflow.perf.profile import HardwareProfile
 
     results = load_results(args.results)
