@@ -315,3 +315,16 @@ def test_handed_over_calls_with_changing_thread_counts():
     dropped = ce.submit(big, x, jobs)
     del dropped  # waits for the kernel, so the next hand-over is accepted (else: "a call is already under way")
     check(ce.submit(big, x, jobs).result(), reference(big, x, jobs, 2048), ce.kernel)
+
+
+def test_bf16_activations_widen_exactly_without_pytorch_ops():
+    from moeflow.experts.cpu import _fp32
+
+    x = torch.randn(6, 9).to(torch.bfloat16)
+    x[0, 0], x[1, 1], x[2, 2], x[3, 3] = float("-inf"), float("nan"), -0.0, -3.0e38
+    for v in (x, x.t(), x[:, 1:5]):  # contiguous, transposed, sliced
+        y = _fp32(v)
+        assert y.dtype == torch.float32 and y.is_contiguous() and y.shape == v.shape
+        assert torch.equal(y.view(torch.int32), v.float().contiguous().view(torch.int32))  # bit for bit
+    f = torch.randn(3, 4)
+    assert _fp32(f) is f

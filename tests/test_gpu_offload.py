@@ -148,3 +148,29 @@ def test_grouped_slots_match_the_local_experts_in_bf16(policy):
     stats = check_slot_waves("cuda", policy, grouped=None)
     if policy == "auto":
         assert 0 < stats.cpu_experts and 0 < stats.copied_experts
+
+
+@torch.inference_mode()
+def test_cpu_fixed_part_is_timed_with_the_copy_engine_idle(monkeypatch):
+    """measure_costs times one expert and m in one call for the CPU call's fixed part with no copy under way
+    (a copy beside one expert's call covers all of it, beside m experts' only part); the per-token CPU times
+    are taken beside copies."""
+    from moeflow.experts.cpu import CpuExperts
+    from moeflow.experts.local import block_ffn
+    from moeflow.perf import costs as C
+
+    H, I, B = 1024, 2816, 6
+    blocks = torch.randn(B, 3 * I * H).to(torch.bfloat16).pin_memory()
+    slot, stream, cpu = torch.empty(3 * I * H, dtype=torch.bfloat16, device="cuda"), torch.cuda.Stream(), CpuExperts()
+    idle, busy = [], []
+
+    def watch(fn, seen):
+        return lambda *a: (seen.append(stream.query()), fn(*a))[1]
+
+    real = C.paired_s
+    monkeypatch.setattr(C, "paired_s", lambda a, b, r: real(watch(a, idle), watch(b, idle), r))
+    costs = C.measure_costs(lambda i: blocks[i], I, H, B, slot, watch(cpu.expert, busy), block_ffn(I), 3,
+                            copy_stream=stream, cpu_many=(2, cpu.many(2, blocks)))
+    assert idle and all(idle)               # the fixed part: nothing on the copy stream
+    assert not all(busy)                    # the per-token times: copies queued beside the CPU
+    assert 0.0 <= costs.cpu_fixed_s <= costs.cpu_s[0] and 0.0 < costs.cpu_alone <= 1.0

@@ -146,7 +146,7 @@ class CpuExperts:
         N, H = x.shape
         I = data.shape[1] // (3 * H)
         if out is None:
-            out = torch.zeros(N, H, dtype=torch.float32)
+            out = _zeros(N, H)
         jobs = [j for j in jobs if len(j.tok) and (I if j.r1 is None else j.r1) > j.r0]
         self.kernel_s = 0.0
         if not jobs:
@@ -163,7 +163,7 @@ class CpuExperts:
                         [I if j.r1 is None else j.r1 for j in jobs] + offs, dtype=np.int32)
         tok = np.concatenate([_array(j.tok, torch.int32) for j in jobs])
         w = np.concatenate([_array(j.w, torch.float32).reshape(-1) for j in jobs])
-        xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        xf = _fp32(x)
         args = (self.kernel, self.threads, data, H, I, xf, N, meta, tok, w, out, self.amx_min_tokens,
                 self.fused_max_bytes, self.amx_blocking)
         if inline:  # on this thread: no hand-over
@@ -251,10 +251,10 @@ class CpuExperts:
                                                                  x.shape[0] >= self.torch_from_tokens):
             return self(data, x, jobs_from_topk(topk_ids, topk_weights, data.shape[0]))
         N, H = x.shape
-        out = torch.zeros(N, H, dtype=torch.float32)
+        out = _zeros(N, H)
         if N:
             self.threads_used = self.native.run_topk(
-                self.kernel, self.threads, data, H, data.shape[1] // (3 * H), x.to(torch.float32).contiguous(),
+                self.kernel, self.threads, data, H, data.shape[1] // (3 * H), _fp32(x),
                 topk_ids.to(torch.int64).contiguous(), topk_weights.to(torch.float32).contiguous(), out,
                 self.amx_min_tokens, self.fused_max_bytes, self.amx_blocking)
         return out
@@ -271,6 +271,23 @@ class CpuExperts:
 
 
 _NP = {torch.int32: np.int32, torch.float32: np.float32}
+
+
+# The kernel's inputs and outputs are made with numpy, not PyTorch ops: a PyTorch op on more than ~32k elements
+# wakes its OpenMP threads, which then spin (GOMP_SPINCOUNT) on the cores the kernel is about to use.
+def _zeros(N: int, H: int) -> torch.Tensor:
+    """[N, H] fp32 zeros."""
+    return torch.from_numpy(np.zeros((N, H), dtype=np.float32))
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """x [N, H] as contiguous fp32: itself, or bf16 widened exactly (its bits are the high half of an fp32)."""
+    if x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    if x.dtype == torch.bfloat16:
+        bits = x.contiguous().view(torch.int16).numpy().astype(np.int32) << 16
+        return torch.from_numpy(bits.view(np.float32))
+    return x.to(torch.float32).contiguous()
 
 
 def _array(v: torch.Tensor | list, dtype: torch.dtype) -> np.ndarray:

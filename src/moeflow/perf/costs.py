@@ -199,23 +199,22 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
         copy_s = sorted(times[1:])[repeats // 2]
     small = slot[:hidden]
     latency = median_s(lambda: small.copy_(host_block(0)[:hidden], non_blocking=True), sync, repeats)
-    fixed = 0.0
+    # One expert alone (the copy engine idle) and, where given, m in one call, timed in turns: the call's fixed
+    # part is a small difference of the two. Neither has a copy beside it: a queued copy would cover all of one
+    # expert's call but only part of m experts', and that difference would pass for a fixed part.
+    sync()
+    x1, fixed = torch.randn(1, hidden, dtype=dtype), 0.0
+    one = lambda: cpu_ffn(x1, next_block())  # noqa: E731
     if cpu_many is not None:
         m, fn = cpu_many
-        x1 = torch.randn(1, hidden, dtype=dtype)
-
-        def many_beside_copy():
-            if copy_stream is not None:
-                copy_in()
-            fn(x1)
-
-        # one expert alone again, in turns with m in one call: the fixed part is a small difference of the two
-        cpu_s[0], tm = paired_s(lambda: cpu_beside_copy(x1), many_beside_copy, repeats)
-        fixed = fixed_part(cpu_s[0], tm, m)
-        sync()
+        t1, tm = paired_s(one, lambda: fn(x1), repeats)
+        fixed = fixed_part(t1, tm, m)
+    else:
+        t1 = median_s(one, lambda: None, repeats)
     alone = 1.0
-    if copy_stream is not None:  # one expert with the copy engine idle (a layer that copies nothing)
-        x1 = torch.randn(1, hidden, dtype=dtype)
-        alone = min(median_s(lambda: cpu_ffn(x1, next_block()), lambda: None, repeats) / cpu_s[0], 1.0)
+    if copy_stream is not None:  # the speed in a layer that copies nothing, as a fraction of beside copies
+        alone = min(t1 / cpu_s[0], 1.0)
+    else:  # no copies: both measure the same; the one timed in turns with the m-expert call goes with it
+        cpu_s[0] = t1
     return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(gpu_s), copy_s, latency, cpu_fixed_s=fixed,
                        cpu_alone=alone)
