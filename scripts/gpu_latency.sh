@@ -17,6 +17,7 @@
 #              200000 lasts between layers) and PyTorch's huge pages for the store (THP_MEM_ALLOC_ENABLE)
 #   memory     scripts/host_memory.py at each pool spin of MEMORY_SPINS (default "256"): the CPU kernel and the
 #              copies on plain / huge-page memory, before and after page-locking, and the threads' wake-up
+#   probe      scripts/cpu_cost_probe.py: one Mixtral expert on the CPU timed the ways the profile and the engine do
 #   amx        the AMX blocking (MOEFLOW_AMX_DOWN_ROWS / GU_HIDDEN / GU_ROWS) at 16-256 tokens, Mixtral shape
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -45,6 +46,7 @@ for stage in "$@"; do
     profile) python3 scripts/profile_decode.py synthetic:mixtral-8x7b --gpu-memory 76GiB,24GiB --policy auto \
                --steps 16 > "$OUT/profile.txt" 2>&1
              grep -E "ms/token|tok/s|^auto|cpu_scale|bound" "$OUT/profile.txt" ;;
+    probe) python3 scripts/cpu_cost_probe.py 2>&1 | tee "$OUT/cpu_cost_probe.txt" ;;
     kernel) python3 -m moeflow bench cpu-experts --reps 10 --out "$OUT/cpu_experts.json" --plot "$OUT/cpu_experts.png" \
               > "$OUT/cpu_experts.txt" 2>&1; tail -42 "$OUT/cpu_experts.txt" ;;
     spin) B=${SPIN_BUDGET:-24GiB}

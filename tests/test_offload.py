@@ -165,6 +165,10 @@ def test_trace_replay_feeds_the_recorded_experts(tmp_path):
     router(1, x[:1], torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2))
     assert seen[0][1] == [[0, 1], [1, 2], [2, 3]] and seen[0][2][0] == [0.75, 0.25]
     assert seen[1][1] == [[3, 0]]  # the cursor moved on by 3
+    router(1, x, torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2))  # rows 4, 0, 1: round the end
+    assert seen[2][1] == [[0, 1], [0, 1], [1, 2]] and seen[2][2][1] == [0.75, 0.25]
+    router(0, x[:1], torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2))  # each layer its own cursor
+    assert seen[3][0] == 0 and seen[3][1] == [[0, 1]]
 
 
 @pytest.mark.skipif(not (DATA / "mixtral-8x7b-instruct.humaneval.jsonl").exists(), reason="real trace absent")

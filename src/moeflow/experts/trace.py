@@ -93,19 +93,24 @@ class TraceRouting:
         self._on: dict = {}  # (device, dtype) -> the trace's ids [T, L, K] and weights there
 
     def _trace_on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole trace on the device, once: a copy from pageable host memory each layer would make the
-        host wait for the GPU (and count as time outside the experts)."""
+        """The whole trace on the device, once, layer-major ([L, T, K]: a layer's next rows are one contiguous
+        slice): a copy from pageable host memory each layer would make the host wait for the GPU (and count as
+        time outside the experts)."""
         key = (device, dtype)
         if key not in self._on:
             T, L, K = self.trace.shape
             w = self.trace.weights if self.trace.weights is not None else torch.full((T, L, K), 1.0 / K)
-            self._on[key] = (self.trace.ids.to(device), w.to(device, dtype))
+            self._on[key] = (self.trace.ids.transpose(0, 1).contiguous().to(device),
+                             w.transpose(0, 1).contiguous().to(device, dtype))
         return self._on[key]
 
     def __call__(self, layer, x, topk_ids, topk_weights):
         N, K = topk_ids.shape
         li, T = self.slot[layer], self.trace.shape[0]
         ids_all, w_all = self._trace_on(topk_ids.device, topk_weights.dtype)
-        rows = torch.arange(self.cursor[li], self.cursor[li] + N, device=topk_ids.device) % T
-        self.cursor[li] = (self.cursor[li] + N) % T
-        return self.inner(layer, x, ids_all[rows, li], w_all[rows, li])               # [N, K] each
+        c = self.cursor[li]
+        self.cursor[li] = (c + N) % T
+        if c + N <= T:  # a slice: no kernel launched (decode replays one row per layer, every layer)
+            return self.inner(layer, x, ids_all[li, c:c + N], w_all[li, c:c + N])
+        rows = torch.arange(c, c + N, device=topk_ids.device) % T  # wrapping round the trace's end
+        return self.inner(layer, x, ids_all[li, rows], w_all[li, rows])               # [N, K] each
