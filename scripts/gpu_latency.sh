@@ -10,7 +10,8 @@
 #   mixtral76  the same at 76 GiB
 #   baseline   transformers + accelerate at 24 GiB (BASELINE_TOKENS new tokens, default 8)
 #   qwen16     Qwen3-30B-A3B at 16 GiB, native routing
-#   profile    Mixtral-8x7B, auto at 76 and 24 GiB: the bench's figures and a torch.profiler table of the host's time
+#   profile    Mixtral-8x7B, PROFILE_POLICY (auto) at PROFILE_BUDGETS (76 and 24 GiB): the bench's figures and
+#              torch.profiler tables of the host's time in decode and in a 512-token prefill
 #   kernel     `bench cpu-experts` (Mixtral and Qwen3 shapes, 1-256 tokens per expert)
 #   spin       Mixtral-8x7B at SPIN_BUDGET (default 24GiB), auto, native routing, 64 tokens, for each "SPIN THP"
 #              of SPINS (default "256 0,200000 0,200000 1"): the kernel pool's idle spin (MOEFLOW_POOL_SPIN,
@@ -43,9 +44,9 @@ for stage in "$@"; do
     qwen16) python3 -m moeflow bench latency --model synthetic:qwen3-30b-a3b --budgets 16GiB \
               --policies "${POLICIES:-auto,fiddler,lru}" --prompts $D/mt_bench.jsonl --new-tokens "$NEW" --runs "${RUNS:-1}" \
               --out "$OUT/latency-qwen3-16GiB.json" 2>&1 | tee "$OUT/latency-qwen3-16GiB.log" ;;
-    profile) python3 scripts/profile_decode.py synthetic:mixtral-8x7b --gpu-memory 76GiB,24GiB --policy auto \
-               --steps 16 > "$OUT/profile.txt" 2>&1
-             grep -E "ms/token|tok/s|^auto|cpu_scale|bound" "$OUT/profile.txt" ;;
+    profile) python3 scripts/profile_decode.py synthetic:mixtral-8x7b --gpu-memory "${PROFILE_BUDGETS:-76GiB,24GiB}" \
+               --policy "${PROFILE_POLICY:-auto}" --steps 16 --prefill 512 > "$OUT/profile.txt" 2>&1
+             grep -E "ms/token|tok/s|^auto|cpu_scale|bound|prefill of" "$OUT/profile.txt" ;;
     probe) python3 scripts/cpu_cost_probe.py 2>&1 | tee "$OUT/cpu_cost_probe.txt" ;;
     kernel) python3 -m moeflow bench cpu-experts --reps 10 --out "$OUT/cpu_experts.json" --plot "$OUT/cpu_experts.png" \
               > "$OUT/cpu_experts.txt" 2>&1; tail -42 "$OUT/cpu_experts.txt" ;;

@@ -4,6 +4,8 @@ All on the GPU:   PYTHONPATH=src python3 scripts/profile_decode.py synthetic:qwe
 Experts offloaded (one load, each budget in turn: the bench's figures, then a torch.profiler table of the host's
 time, where the per-layer planning and launching show):
     PYTHONPATH=src python3 scripts/profile_decode.py synthetic:mixtral-8x7b --gpu-memory 24GiB,76GiB --policy auto
+--prefill N also profiles the prefill of an N-token prompt (after one of the same length, which pays the one-time
+costs of that size), where each layer plans and launches for many tokens.
 """
 
 import argparse
@@ -24,7 +26,21 @@ p.add_argument("--steps", type=int, default=20)
 p.add_argument("--gpu-memory", default="", help="comma-separated budgets: offload the experts")
 p.add_argument("--policy", default="auto")
 p.add_argument("--routing-trace", default=None)
+p.add_argument("--prefill", type=int, default=0, help="also profile the prefill of a prompt of this many tokens")
 a = p.parse_args()
+MAX_LEN = max(256, a.prefill + 8)
+
+
+def profile_prefill(eng: LLMEngine, label: str) -> None:
+    prompt = [100 + i % 1000 for i in range(a.prefill)]
+    list(eng.stream(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        list(eng.stream(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)))
+        torch.cuda.synchronize()
+    print(f"{label}: prefill of {a.prefill} tokens {(time.perf_counter() - t) * 1000:.1f} ms (profiled)", flush=True)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60), flush=True)
 
 
 def profile_steps(eng: LLMEngine, label: str) -> None:
@@ -45,13 +61,15 @@ def profile_steps(eng: LLMEngine, label: str) -> None:
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60), flush=True)
     while not seq.finished:
         eng.step()
+    if a.prefill:
+        profile_prefill(eng, label)
 
 
 if not a.gpu_memory:
     ck = load(a.model, device="cuda")
     if a.grouped >= 0:
         ck.model.set_experts(LocalExperts(ck.store, grouped=bool(a.grouped)))
-    profile_steps(LLMEngine(ck, max_seqs=1, max_len=256), f"{a.model} grouped={a.grouped}")
+    profile_steps(LLMEngine(ck, max_seqs=1, max_len=MAX_LEN), f"{a.model} grouped={a.grouped}")
 else:
     from moeflow.bench.latency import ceilings, print_rows, run_policy
     from moeflow.config import OffloadConfig, parse_size
@@ -66,7 +84,7 @@ else:
         r = run_policy(ck, oc, [prompt], list(range(100, 612)), a.steps * 2, ceil)
         print_rows([r], header=True)
         print("allocator:", r["allocator_during_decode"], "costs:", r["costs"], flush=True)
-        eng = LLMEngine(ck, max_seqs=1, max_len=256, offload=oc)
+        eng = LLMEngine(ck, max_seqs=1, max_len=MAX_LEN, offload=oc)
         backend = getattr(eng.model.experts, "inner", eng.model.experts)
         profile_steps(eng, f"{a.model} {budget} {a.policy}")
         print(f"cpu_scale {backend.cpu_scale:.2f} copy_scale {getattr(backend, 'copy_scale', 1):.2f}", flush=True)
