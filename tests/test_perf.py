@@ -14,7 +14,7 @@ from moeflow.checkpoint import read_model_config
 from moeflow.cli import main
 from moeflow.perf import profile as prof
 from moeflow.perf import costs as costs_mod
-from moeflow.perf.costs import ExpertCosts, fixed_part, paired_s
+from moeflow.perf.costs import ExpertCosts, fixed_part, grouped_passes, paired_s
 from moeflow.perf.model import ThroughputPolicy, layer_time, predict_latency, predict_throughput, throughput_memory
 from moeflow.perf.profile import HardwareProfile, reference_profile
 from moeflow.perf.roofline import attainable, expert_ffn
@@ -226,10 +226,17 @@ def test_measured_prefill_hits_and_experts(policy):
     assert few < ttft[5]
 
 
-def test_a_large_wave_runs_expert_by_expert():
+def test_a_large_wave_runs_in_grouped_passes():
     c = replace(flat_costs(), gpu_fixed_s=0.4 * MS)
-    assert c.gpu_wave([(8, 1.0)] * 8) == pytest.approx((0.4 + 8 * 0.6) * MS)    # 64 entries: grouped, one launch
-    assert c.gpu_wave([(8, 1.0)] * 9) == pytest.approx(9 * 1.0 * MS)            # 72: each expert its own
+    assert c.gpu_wave([(8, 1.0)] * 8) == pytest.approx((0.4 + 8 * 0.6) * MS)    # 64 entries: one pass
+    assert c.gpu_wave([(8, 1.0)] * 9) == pytest.approx((2 * 0.4 + 9 * 0.6) * MS)  # 72 at one token: two
+    assert c.gpu_wave([(8, 1.0)] * 9, tokens=72) == pytest.approx((0.4 + 9 * 0.6) * MS)  # a 72-token step: one
+
+
+def test_grouped_passes_cut_in_order():
+    assert grouped_passes([30, 30, 10, 64, 1], 64) == [[0, 1], [2], [3], [4]]
+    assert grouped_passes([100, 5], 64) == [[0], [1]]   # an expert on more entries than the cap goes alone
+    assert grouped_passes([], 64) == []
 
 
 def test_placement_raises_hit_rate():

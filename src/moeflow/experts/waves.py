@@ -16,10 +16,10 @@ import torch
 
 from moeflow.experts.local import can_group, grouped_ffn, partial_ffn
 from moeflow.experts.store import HostBuffers, expert_rows
-from moeflow.perf.costs import GROUPED_MAX_ENTRIES
+from moeflow.perf.costs import GROUPED_MAX_ENTRIES, grouped_passes
 
-# Waves of up to GROUPED_MAX_ENTRIES entries run as grouped GEMMs: those hold every entry's intermediate
-# activations at once, where the workspace counts one expert's; larger (prefill) waves go slot by slot.
+# Waves run as grouped GEMMs in passes of at most max(GROUPED_MAX_ENTRIES, the step's tokens) entries: a pass
+# holds every entry's intermediate activations at once, and the workspace holds one expert's on every token.
 # Layers of up to this many entries (N * K: decode, small batches) replay graphs, one per (N, K, M, chunk), at
 # most GRAPH_MAX_SHAPES of them (others run eagerly).
 GRAPH_MAX_ENTRIES = 16
@@ -101,14 +101,19 @@ class Waves:
             self.w_s[:N * K].copy_(weights.flatten())
             self._layer = (x, weights, out, K, static, True)
         order = sorted(wave)
+        cap = max(GROUPED_MAX_ENTRIES, x.shape[0])
         for c0 in sorted({slot // MAX_GROUPS * MAX_GROUPS for slot in order}):
-            self._run_chunk(c0, [slot for slot in order if c0 <= slot < c0 + MAX_GROUPS], wave)
+            chunk = [slot for slot in order if c0 <= slot < c0 + MAX_GROUPS]
+            passes = grouped_passes([len(wave[s][0]) for s in chunk], cap) if self.grouped else [range(len(chunk))]
+            for p in passes:
+                self._run_chunk(c0, [chunk[i] for i in p], wave)
         if stream is not None:
             free = stream.record_event()
             self.slot_free.update(dict.fromkeys(order, free))
 
     def _run_chunk(self, c0: int, order: list[int], wave: Wave) -> None:
-        """The wave's slots in c0 : c0 + MAX_GROUPS (sorted): one grouped pass, or slot by slot."""
+        """Some of the wave's slots in c0 : c0 + MAX_GROUPS (sorted): one grouped pass, or (where grouped GEMMs
+        cannot run) slot by slot."""
         x, w_flat, out, K, static, _ = self._layer
         G = min(MAX_GROUPS, self.slots.shape[0] - c0)
         # entries sorted by slot, then offs = cumulative entries per slot of the chunk (G of them: ~1,000 with
@@ -129,7 +134,7 @@ class Waves:
             self._replay(x.shape[0], K, M, c0)
             return
         meta = buf.to(self.slots.device, non_blocking=True) if self.cuda else buf
-        if self.grouped and M <= GROUPED_MAX_ENTRIES:
+        if self.grouped:
             wave_ops(out, x, w_flat, meta, M, K, self.gate_up[c0:c0 + G], self.down_t[c0:c0 + G])
             return
         idx = meta[:M].long()

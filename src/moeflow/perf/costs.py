@@ -5,7 +5,7 @@ CPU and GPU times are piecewise linear in n between measured points (proportiona
 a part of an expert costs its fraction of the whole, since the work and the bytes both scale with f.
 A CPU call of m experts costs its fixed part (the kernel's thread pool and preparation) once, and each expert
 its time alone less that part: for small experts (Qwen3's take ~0.2 ms) the fixed part is most of one alone.
-A GPU wave (the experts in a set of slots, one pass) likewise pays its launches once.
+A GPU wave (the experts in a set of slots, grouped passes) likewise pays its launches once per pass.
 """
 
 from __future__ import annotations
@@ -22,9 +22,25 @@ if TYPE_CHECKING:  # the cost model itself needs no torch; only measuring does
     import torch
 
 TOKEN_POINTS = (1, 4, 16, 64, 256)
-# Waves of up to this many entries (token, expert pairs) run as grouped GEMMs, one pass with one set of
-# launches; larger (prefill) waves go slot by slot, each expert with its own (experts/waves.py).
+# A wave's experts run as grouped GEMMs, one pass with one set of launches, in passes of at most this many
+# entries (token, expert pairs) or the step's tokens, whichever is more: a pass holds all its entries'
+# intermediate activations at once, and the workspace holds those of one expert on every token of the step
+# (experts/waves.py, engine/budget.py).
 GROUPED_MAX_ENTRIES = 64
+
+
+def grouped_passes(sizes: list[int], cap: int) -> list[list[int]]:
+    """Indices of `sizes` in order, cut into consecutive passes of at most `cap` entries (one larger item
+    alone in its pass)."""
+    passes: list[list[int]] = []
+    n = 0
+    for i, m in enumerate(sizes):
+        if not passes or n + m > cap:
+            passes.append([])
+            n = 0
+        passes[-1].append(i)
+        n += m
+    return passes
 
 
 def _interp(points: tuple[int, ...], times: tuple[float, ...], n: int) -> float:
@@ -72,14 +88,12 @@ class ExpertCosts:
     def gpu(self, n: int, f: float = 1.0) -> float:
         return _interp(self.tokens, self.gpu_s, n) * f
 
-    def gpu_wave(self, jobs: list[tuple[int, float]]) -> float:
-        """One wave of experts on the GPU, jobs (tokens n, fraction f): its fixed part once, each expert's own
-        time less that part; a wave too large to group, each expert its whole time."""
-        if not jobs:
-            return 0.0
-        if sum(n for n, _ in jobs) > GROUPED_MAX_ENTRIES:
-            return sum(self.gpu(n, f) for n, f in jobs)
-        return self.gpu_fixed_s + sum(max(self.gpu(n) - self.gpu_fixed_s, 0.0) * f for n, f in jobs)
+    def gpu_wave(self, jobs: list[tuple[int, float]], tokens: int = 1) -> float:
+        """One wave of experts on the GPU, jobs (tokens n, fraction f), in a step of `tokens` tokens: each
+        grouped pass its fixed part once, each expert its own time less that part."""
+        passes = grouped_passes([n for n, _ in jobs], max(GROUPED_MAX_ENTRIES, tokens))
+        return sum(self.gpu_fixed_s + sum(max(self.gpu(jobs[i][0]) - self.gpu_fixed_s, 0.0) * jobs[i][1]
+                                          for i in p) for p in passes)
 
     def with_gpu_bytes(self, expert_bytes: int, gpu_bw: float) -> ExpertCosts:
         """gpu_fixed_s, where not measured, as what one expert alone at 1 token takes beyond reading its

@@ -55,8 +55,10 @@ ZERO = LayerTime(0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], hit_tokens: list[int],
-               max_copies: int, dense_s: float, overhead_s: float, link_latency_s: float = 0.0) -> LayerTime:
-    """One MoE layer: misses expert -> tokens (not on the GPU), hit_tokens the tokens of each expert that is."""
+               max_copies: int, dense_s: float, overhead_s: float, link_latency_s: float = 0.0,
+               tokens: int = 1) -> LayerTime:
+    """One MoE layer of a step of `tokens` tokens: misses expert -> tokens (not on the GPU), hit_tokens the
+    tokens of each expert that is."""
     rows = policy.plan(misses, costs, inter, max_copies) if misses else {}
     on_cpu = [e for e, r in rows.items() if r > 0]
     cpu = costs.cpu_work([(misses[e], rows[e] / inter) for e in on_cpu], any(r < inter for r in rows.values()))
@@ -64,14 +66,14 @@ def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], h
         cpu += costs.cpu_call_s + 2 * link_latency_s  # hand-off, activations there and back
     # the experts already there in one wave; the copied ones in waves of as many as there are slots for them,
     # each once its copies have landed (copies start once the routing is known, after the non-expert part)
-    gpu_end = gpu_work = dense_s + costs.gpu_wave([(n, 1.0) for n in hit_tokens])
+    gpu_end = gpu_work = dense_s + costs.gpu_wave([(n, 1.0) for n in hit_tokens], tokens)
     copy_end, wave = dense_s, []
     copied = [(misses[e], (inter - r) / inter) for e, r in rows.items() if r < inter]
     for i, (n, f) in enumerate(copied):
         copy_end += costs.copy(f)
         wave.append((n, f))
         if len(wave) == max(max_copies, 1) or i == len(copied) - 1:
-            g = costs.gpu_wave(wave)
+            g = costs.gpu_wave(wave, tokens)
             gpu_end, gpu_work, wave = max(gpu_end, copy_end) + g, gpu_work + g, []
     total = max(dense_s + cpu, gpu_end) + overhead_s
     return LayerTime(cpu, copy_end - dense_s, gpu_work, overhead_s, total)
@@ -231,7 +233,7 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
             misses = {e: n for e, n in n_tok.items() if n and e not in there}
             hit_tokens = [n for e, n in n_tok.items() if n and e in there]
             ttft += w * layer_time(pol, costs, I, misses, hit_tokens, max_copies, dense, profile.layer_overhead_s,
-                                   lat).total
+                                   lat, prompt_len).total
     for layer in cfg.dense_layers:
         d = dense_gpu_s(cfg, profile, layer, 1, ctx, b)
         token = token + LayerTime(0, 0, d, 0, d)
