@@ -8,6 +8,7 @@
 #   tests      the GPU tests, the CPU kernel's tests and the offloading tests (the native hand-over, AMX here)
 #   mixtral24  Mixtral-8x7B at 24 GiB: auto, fiddler, lru; native routing and the trace replayed
 #   mixtral76  the same at 76 GiB
+#   mixtral    both budgets in one process (one load of the weights and one profile)
 #   baseline   transformers + accelerate at 24 GiB (BASELINE_TOKENS new tokens, default 8)
 #   qwen16     Qwen3-30B-A3B at 16 GiB, native routing
 #   profile    Mixtral-8x7B, PROFILE_POLICY (auto) at PROFILE_BUDGETS (76 and 24 GiB): the bench's figures and
@@ -29,7 +30,7 @@ NEW=${NEW_TOKENS:-128}
 mixtral() {  # budget, extra args
   python3 -m moeflow bench latency --model synthetic:mixtral-8x7b --budgets "$1" --policies "${POLICIES:-auto,fiddler,lru}" \
     --prompts $D/mt_bench.jsonl $([ "${ROUTING:-both}" = native ] || echo "--routing-trace $D/mixtral-8x7b-instruct.humaneval.jsonl \
-    --trace-placement $D/mixtral-trace-placement.json") --new-tokens "$NEW" --runs "${RUNS:-1}" "${@:2}" 2>&1 | tee "$OUT/latency-mixtral-$1.log"
+    --trace-placement $D/mixtral-trace-placement.json") --new-tokens "$NEW" --runs "${RUNS:-1}" "${@:2}" 2>&1 | tee "$OUT/latency-mixtral-${1//,/-}.log"
 }
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
@@ -38,6 +39,7 @@ for stage in "$@"; do
              tests/test_cpu_experts.py tests/test_offload.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     mixtral24) mixtral 24GiB --out "$OUT/latency-mixtral-24GiB.json" ;;
     mixtral76) mixtral 76GiB --out "$OUT/latency-mixtral-76GiB.json" ;;
+    mixtral) mixtral 24GiB,76GiB --out "$OUT/latency-mixtral-24GiB-76GiB.json" ;;
     baseline) python3 -m moeflow bench latency --model synthetic:mixtral-8x7b --budgets 24GiB --policies auto \
                 --prompts $D/mt_bench.jsonl --new-tokens 16 --baseline-tokens "${BASELINE_TOKENS:-8}" \
                 --out "$OUT/latency-baseline.json" 2>&1 | tee "$OUT/latency-baseline.log" ;;

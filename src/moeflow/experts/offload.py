@@ -229,8 +229,8 @@ class OffloadedExperts:
         experts = sorted(entries)
         found = {e: self.cache.lookup((l, e)) for e in experts}
         misses = {e: len(entries[e]) for e in experts if found[e] is None}
-        costs = (self.costs.scaled(self.cpu_scales[regime(max(misses.values(), default=0))], self.copy_scale)
-                 if self.costs is not None else None)
+        costs = (self.costs.scaled(self.cpu_scales[regime(max(misses.values()))], self.copy_scale)
+                 if self.costs is not None and misses else None)  # a layer with no miss plans nothing
         rows = self.policy.plan(misses, costs, I, self.cache.capacity(l)) if misses else {}
 
         # The CPU's share starts first: it is usually the longest.
