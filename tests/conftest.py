@@ -114,3 +114,31 @@ def check_slot_waves(device: str, policy: str, grouped: bool | None):
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     backend.close()
     return backend.stats
+
+
+def check_grouped_passes(device: str, monkeypatch) -> None:
+    """Every expert in a slot (policy gpu) and 100 tokens: a layer's one wave holds 200 entries, more than the
+    step's 100 tokens that the workspace holds one pass of, so it runs as several grouped passes; the output is
+    LocalExperts'."""
+    from moeflow.experts import waves as W
+    from moeflow.experts.local import LocalExperts
+    from moeflow.experts.offload import OffloadedExperts
+    from moeflow.policy import get_policy
+
+    store = mixtral_store(hidden=256, inter=512, layers=2, std=0.05, pin=device == "cuda")
+    pol = get_policy("gpu")
+    backend = OffloadedExperts(store, torch.device(device), pol, pol.split(16, 2, 8, 2),
+                               [(layer, e) for layer in range(2) for e in range(8)])
+    backend.waves.grouped = True
+    passes, real = [], W.wave_ops
+    monkeypatch.setattr(W, "wave_ops", lambda out, x, w, meta, M, *a: (passes.append(M), real(out, x, w, meta, M, *a)))
+    local = LocalExperts(store.to(device))
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(100, 256, device=device, dtype=torch.bfloat16, generator=g)
+    ids = torch.stack([torch.randperm(8, device=device, generator=g)[:2] for _ in range(100)])
+    w = torch.softmax(torch.randn(100, 2, device=device, generator=g), -1)
+    want = local(1, x, ids, w).float()
+    got = backend(1, x, ids, w).float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    assert len(passes) >= 2 and sum(passes) == 200 and max(passes) <= 100, passes
+    backend.close()

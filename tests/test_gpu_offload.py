@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import budget_for, check_slot_waves, mixtral_store
+from conftest import budget_for, check_grouped_passes, check_slot_waves, mixtral_store
 
 from moeflow.checkpoint import load
 from moeflow.config import OffloadConfig
@@ -176,27 +176,8 @@ def test_cpu_fixed_part_is_timed_with_the_copy_engine_idle(monkeypatch):
     assert 0.0 <= costs.cpu_fixed_s <= costs.cpu_s[0] and 0.0 < costs.cpu_alone <= 1.0
 
 
+
 @torch.inference_mode()
 def test_a_prefill_wave_runs_in_grouped_passes(monkeypatch):
-    """Every expert in a slot (policy gpu) and 100 tokens: a layer's one wave holds 200 entries, more than the
-    step's 100 tokens that the workspace holds one pass of, so it runs as several grouped passes; the output
-    is LocalExperts'."""
-    from moeflow.experts import waves as W
-    from moeflow.experts.local import LocalExperts
-
-    store = mixtral_store(hidden=256, inter=512, layers=2, std=0.05, pin=True)
-    pol = get_policy("gpu")
-    backend = OffloadedExperts(store, torch.device("cuda"), pol, pol.split(16, 2, 8, 2),
-                               [(layer, e) for layer in range(2) for e in range(8)])
-    passes, real = [], W.wave_ops
-    monkeypatch.setattr(W, "wave_ops", lambda out, x, w, meta, M, *a: (passes.append(M), real(out, x, w, meta, M, *a)))
-    local = LocalExperts(store.to("cuda"))
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(100, 256, device="cuda", dtype=torch.bfloat16, generator=g)
-    ids = torch.stack([torch.randperm(8, device="cuda", generator=g)[:2] for _ in range(100)])
-    w = torch.softmax(torch.randn(100, 2, device="cuda", generator=g), -1)
-    want = local(1, x, ids, w).float()
-    got = backend(1, x, ids, w).float()
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
-    assert len(passes) >= 2 and sum(passes) == 200 and max(passes) <= 100, passes
-    backend.close()
+    """A wave of more entries than the step's tokens runs as several grouped passes (see check_grouped_passes)."""
+    check_grouped_passes("cuda", monkeypatch)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moeflow import MoeflowError
-from conftest import budget_for, check_slot_waves
+from conftest import budget_for, check_grouped_passes, check_slot_waves
 
 from moeflow.checkpoint import load
 from moeflow.config import OffloadConfig, parse_size
@@ -340,6 +340,17 @@ def test_slot_waves_match_the_local_experts_in_bf16(policy, grouped, max_groups,
     stats = check_slot_waves("cpu", policy, grouped)
     if policy == "auto":
         assert 0 < stats.cpu_experts and 0 < stats.copied_experts
+
+
+def test_a_prefill_wave_runs_in_grouped_passes(monkeypatch):
+    """A wave of more entries than the step's tokens runs as several grouped passes (see check_grouped_passes),
+    here with PyTorch's grouped GEMM on the CPU."""
+    try:
+        torch._grouped_mm(torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(1, 16, 16, dtype=torch.bfloat16),
+                          offs=torch.tensor([2], dtype=torch.int32))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        pytest.skip("this PyTorch has no grouped GEMM on the CPU")
+    check_grouped_passes("cpu", monkeypatch)
 
 
 def test_bench_latency_decodes_each_prompt_and_reports_the_median(tmp_path, monkeypatch, capsys):
