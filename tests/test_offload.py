@@ -4,6 +4,7 @@ planner and trace replay behave."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -312,6 +313,15 @@ def test_planner_choices_on_hand_made_costs():
     # more copies than cache slots: still copied (the backend reuses a slot once its expert is computed)
     assert all(r < I / 4 for r in auto.plan({0: 300, 1: 300}, slow_copy, I, max_copies=1).values())
     assert fiddler.plan({0: 3, 1: 40}, slow_copy, I, 8) == {0: I, 1: 0}        # the published threshold
+    # Small experts (Qwen3's): a CPU call costs 1 ms of fixed part and 0.2 ms per expert, a copy 0.4 ms. One
+    # miss is copied whole (no sliver of it pays the whole call); with twelve, the CPU takes about 6.4 of them,
+    # the call's part paid once (1 + 0.2 x = 0.41 (12 - x)): both paths end within 0.4 ms of each other.
+    small = replace(costs_table(cpu_per_token=1.2e-3, copy=0.4e-3), cpu_fixed_s=1.0e-3)
+    assert auto.plan({0: 1}, small, I, 8) == {0: 0}
+    rows = auto.plan({e: 1 for e in range(12)}, small, I, 8)
+    on_cpu = sum(r / I for r in rows.values())
+    cpu_s, copy_s = 1.0e-3 + 0.2e-3 * on_cpu, (12 - on_cpu) * (0.4e-3 + 1e-5)
+    assert 5 <= on_cpu <= 8 and abs(cpu_s - copy_s) <= 0.4e-3, (rows, cpu_s, copy_s)
 
 
 def test_parse_size():

@@ -37,24 +37,28 @@ class AutoPolicy(OffloadPolicy):
     def plan(self, misses, costs, inter, max_copies):
         if not misses:
             return {}
-        c = {e: costs.cpu_each(n) + costs.cpu_call() / len(misses) for e, n in misses.items()}
+        # The CPU call's fixed part (hand-over, waking the kernel's threads) is paid once, by the first expert
+        # the CPU takes, whole or in part: for small experts (Qwen3's) it is most of what the CPU costs.
+        call = costs.cpu_call()
+        c = {e: costs.cpu_each(n) for e, n in misses.items()}
         p = {e: costs.copy() + costs.gpu(n) for e, n in misses.items()}
         order = sorted(misses, key=lambda e: c[e] / p[e])
         cpu_load, copy_load = 0.0, sum(p.values())
         rows = {}
         for e in order:
             copy_load -= p[e]
-            if cpu_load + c[e] <= copy_load:  # the whole expert fits on the CPU before copies end
-                rows[e], cpu_load = inter, cpu_load + c[e]
+            base = cpu_load or call  # where the CPU's time would start from with e on it
+            if base + c[e] <= copy_load:  # the whole expert fits on the CPU before copies end
+                rows[e], cpu_load = inter, base + c[e]
                 continue
-            # Split e: the CPU takes fraction f with cpu_load + f c = copy_load + (1 - f) p.
-            f = min(max((copy_load + p[e] - cpu_load) / (c[e] + p[e]), 0.0), 1.0)
+            # Split e: the CPU takes fraction f with base + f c = copy_load + (1 - f) p.
+            f = min(max((copy_load + p[e] - base) / (c[e] + p[e]), 0.0), 1.0)
             step = max(inter // SPLIT_STEPS, 1)
             rows[e] = min(round(f * inter / step) * step, inter)
-            split_s = cpu_load + f * c[e]
+            split_s = max(base + f * c[e] if f > 0 else cpu_load, copy_load + (1 - f) * p[e])
             if max(cpu_load, copy_load + p[e]) <= (1 + WHOLE_SLACK) * split_s:
                 rows[e] = 0  # copied whole
-            elif max(cpu_load + c[e], copy_load) <= (1 + WHOLE_SLACK) * split_s:
+            elif max(base + c[e], copy_load) <= (1 + WHOLE_SLACK) * split_s:
                 rows[e] = inter
             rows.update({rest: 0 for rest in order[order.index(e) + 1:]})
             break
