@@ -95,7 +95,7 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
         # A short request first: the first prefill of a fresh engine pays one-time costs (the kernels' first
         # launches, the pinned staging buffers, the CPU pool's start) that a server pays once, not per request.
         list(engine.stream(ttft_prompt[:16], SamplingParams(max_new_tokens=2, ignore_eos=True)))
-        p0 = _snapshot(engine)
+        p0, pa = _snapshot(engine), _allocator(dev)
         last = list(engine.stream(ttft_prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)))[-1]
         ttft = last.ttft_s
         pd = _delta(p0, _snapshot(engine)) if p0 else {}
@@ -103,7 +103,8 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
         prefill = ({"ms": {"ttft": ttft * 1e3, **{k[:-2]: pd[k] * 1e3 for k in TIMERS}},
                     "cpu_experts": pd["cpu_experts"], "copied_experts": pd["copied_experts"],
                     "hit_rate": pd["hits"] / max(pd["lookups"], 1),
-                    "experts_per_layer": pd["lookups"] / len(ck.cfg.moe_layers)} if pd else None)
+                    "experts_per_layer": pd["lookups"] / len(ck.cfg.moe_layers),
+                    "allocator": _delta(pa, _allocator(dev))} if pd else None)
         dt, d, allocs, tps = 0.0, {}, {}, []
         for prompt in prompts:
             seq = engine.add_request(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
@@ -220,8 +221,10 @@ def print_rows(rows: list[dict], header: bool = False) -> None:
             print("    ms/token: " + ", ".join(f"{k} {v:.1f}" for k, v in r["ms_per_token"].items()), flush=True)
         if r.get("prefill"):
             p = r["prefill"]
+            busy = {k: v for k, v in p.get("allocator", {}).items() if v}  # allocator work inside the prompt
             print("    prefill ms: " + ", ".join(f"{k} {v:.1f}" for k, v in p["ms"].items()) +
-                  f"; experts on CPU {p['cpu_experts']:.1f}, copied {p['copied_experts']:.1f}", flush=True)
+                  f"; experts on CPU {p['cpu_experts']:.1f}, copied {p['copied_experts']:.1f}" +
+                  (f"; allocator {busy}" if busy else ""), flush=True)
 
 
 def save(meta: dict, rows: list[dict], path: str | Path) -> None:
