@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moeflow import MoeflowError
-from conftest import budget_for, check_grouped_passes, check_slot_waves
+from conftest import budget_for, check_grouped_passes, check_slot_waves, mixtral_store
 
 from moeflow.checkpoint import load
 from moeflow.config import OffloadConfig, parse_size
@@ -394,3 +394,32 @@ def test_bench_latency_decodes_each_prompt_and_reports_the_median(tmp_path, monk
         assert r["policy"] != "lru" or (pre["cpu_experts"] == 0 and pre["copied_experts"] > 0)
     (bad,) = [r for r in d["rows"] if "error" in r]
     assert bad["policy"] == "nonesuch" and "nonesuch" in bad["error"]
+
+
+@pytest.mark.parametrize("policy", ["auto", "lru", "fiddler"])
+def test_a_packed_call_matches_the_plain_one(policy):
+    """A decode graph hands the backend its inputs packed (OffloadedExperts.pack: activations where the policy
+    may use the CPU, routing weights, expert ids as fp32): the same outputs and the same plan as the plain
+    call, layer after layer."""
+    from moeflow.experts.offload import OffloadedExperts
+
+    store = mixtral_store(hidden=256, inter=512, layers=2, std=0.05)
+    pol = get_policy(policy)
+    pts = (1, 4, 16, 64, 256)
+    even = ExpertCosts(pts, tuple(1e-3 * n for n in pts), tuple(1e-6 for _ in pts), 1e-3)
+    split = pol.split(4, 2, 8, 2)
+    resident = [(0, 7), (1, 6), (0, 5), (1, 4)][:split.resident]
+    plain, packed = (OffloadedExperts(store, torch.device("cpu"), pol, split, resident, costs=even) for _ in range(2))
+    plain.calibrate = packed.calibrate = False
+    g = torch.Generator().manual_seed(4)
+    for step in range(12):
+        n = 1 if step % 3 else 3
+        x = torch.randn(n, 256, dtype=torch.bfloat16, generator=g)
+        ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(n)])
+        w = torch.softmax(torch.randn(n, 2, generator=g), -1)
+        p = packed.pack(x, ids, w)
+        assert p.dtype == torch.float32 and p.numel() == (n * 256 if pol.uses_cpu else 0) + 2 * n * 2
+        torch.testing.assert_close(packed(step % 2, x, ids, w, p), plain(step % 2, x, ids, w), rtol=0, atol=0)
+    assert packed.stats.cpu_experts == plain.stats.cpu_experts and packed.stats.hits == plain.stats.hits
+    assert (packed.stats.cpu_experts > 0) == (policy != "lru")
+    plain.close(), packed.close()

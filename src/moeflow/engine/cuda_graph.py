@@ -57,7 +57,8 @@ def graphs_possible(model: MoeTransformer) -> bool:
 class _Break:
     """Stands in for the expert backend while a piecewise graph is captured: each MoE layer ends the graph
     being captured and starts the next. Its inputs stay as the ended graph's outputs; the output it returns
-    is a static tensor that the next graph reads and the replay fills."""
+    is a static tensor that the next graph reads and the replay fills. A backend with `pack` has what its call
+    needs on the host packed by the ended graph, so the call makes one transfer (experts/offload.py)."""
 
     def __init__(self, owner: PiecewiseDecodeGraph):
         self.owner = owner
@@ -66,9 +67,11 @@ class _Break:
         o = self.owner
         if not o.capturing:  # warm-up: no experts (their routing, cache and statistics stay untouched)
             return torch.zeros_like(x)
+        pack = getattr(o.experts, "pack", None)
+        packed = pack(x, topk_ids, topk_weights) if pack is not None else None
         o.graphs[-1].capture_end()
         out = torch.empty_like(x)
-        o.breaks.append((layer, x, topk_ids, topk_weights, out))
+        o.breaks.append((layer, x, topk_ids, topk_weights, packed, out))
         o.graphs.append(torch.cuda.CUDAGraph())
         o.graphs[-1].capture_begin(pool=o.pool, capture_error_mode="thread_local")
         return out
@@ -83,7 +86,7 @@ class PiecewiseDecodeGraph(DecodeGraph):
                  pool=None):
         self.experts, self.capturing = model.experts, False
         self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.breaks: list[tuple] = []  # (layer, x, ids, weights, out) per MoE layer, in order
+        self.breaks: list[tuple] = []  # (layer, x, ids, weights, packed or None, out) per MoE layer, in order
         model.set_experts(_Break(self))
         try:
             super().__init__(model, cache, slot, max_len, sliding_window, pool or torch.cuda.graph_pool_handle())
@@ -106,8 +109,8 @@ class PiecewiseDecodeGraph(DecodeGraph):
     def __call__(self, token: int, position: int) -> torch.Tensor:
         self.token.fill_(token)
         self.position.fill_(position)
-        for graph, (layer, x, ids, w, out) in zip(self.graphs, self.breaks):
+        for graph, (layer, x, ids, w, packed, out) in zip(self.graphs, self.breaks):
             graph.replay()
-            out.copy_(self.experts(layer, x, ids, w))
+            out.copy_(self.experts(layer, x, ids, w) if packed is None else self.experts(layer, x, ids, w, packed))
         self.graphs[-1].replay()
         return self.logits

@@ -206,15 +206,29 @@ class OffloadedExperts:
         return replace(costs, cpu_call_s=self.cpu.handoff_s())
 
     # -- one layer -----------------------------------------------------------------------------------
+    def pack(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """What a layer's call needs on the host, in one fp32 vector: [x (policies that may use the CPU), the
+        routing weights, the expert ids (exact in fp32)]. A decode graph computes it in its piece before the
+        layer (engine/cuda_graph.py), so the call makes one transfer where it made a cast and three."""
+        parts = [topk_weights.float().reshape(-1), topk_ids.float().reshape(-1)]
+        return torch.cat([x.float().reshape(-1)] + parts if self.policy.uses_cpu else parts)
+
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> torch.Tensor:
+                 topk_weights: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+        """packed: pack(x, topk_ids, topk_weights), where the caller has it."""
         N, K = topk_ids.shape
         l, I = self.host.slot[layer], self.inter
         s, t_in = self.stats, time.perf_counter()
         # One sync per layer: the routing (and the activations, for the CPU) come to the host; x in fp32,
         # converted on the GPU: the CPU kernel reads fp32 activations.
-        ids_h, w_h = self._to_host("ids", topk_ids), self._to_host("w", topk_weights)
-        x_h = self._to_host("x", x.float()) if self.policy.uses_cpu else None
+        if packed is not None:
+            buf = self._to_host("packed", packed)
+            nx = N * self.hidden if self.policy.uses_cpu else 0
+            x_h = buf[:nx].view(N, self.hidden) if nx else None
+            w_h, ids_h = buf[nx:nx + N * K], buf[nx + N * K:]  # ids as fp32: made ints once read
+        else:
+            ids_h, w_h = self._to_host("ids", topk_ids), self._to_host("w", topk_weights)
+            x_h = self._to_host("x", x.float()) if self.policy.uses_cpu else None
         if self.cuda:
             self._arrived.record()
             self._arrived.synchronize()
@@ -224,7 +238,8 @@ class OffloadedExperts:
         self.cache.begin(l, broad=N * K >= self.E)
         # Plain Python for the bookkeeping: PyTorch's CPU ops would wake its thread pool beside the CPU experts.
         entries: dict[int, list[int]] = {}  # expert -> its flat (token, k) indices, in order
-        for i, e in enumerate(ids_h.flatten().tolist()):
+        ids = ids_h.flatten().tolist()
+        for i, e in enumerate(ids if packed is None else map(int, ids)):
             entries.setdefault(e, []).append(i)
         experts = sorted(entries)
         found = {e: self.cache.lookup((l, e)) for e in experts}
