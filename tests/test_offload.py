@@ -399,8 +399,8 @@ def test_bench_latency_decodes_each_prompt_and_reports_the_median(tmp_path, monk
 @pytest.mark.parametrize("policy", ["auto", "lru", "fiddler"])
 def test_a_packed_call_matches_the_plain_one(policy):
     """A decode graph hands the backend its inputs packed (OffloadedExperts.pack: activations where the policy
-    may use the CPU, routing weights, expert ids as fp32): the same outputs and the same plan as the plain
-    call, layer after layer."""
+    may use the CPU, routing weights, expert ids as fp32) and its static output to write into: the same
+    outputs and the same plan as the plain call, layer after layer."""
     from moeflow.experts.offload import OffloadedExperts
 
     store = mixtral_store(hidden=256, inter=512, layers=2, std=0.05)
@@ -419,7 +419,9 @@ def test_a_packed_call_matches_the_plain_one(policy):
         w = torch.softmax(torch.randn(n, 2, generator=g), -1)
         p = packed.pack(x, ids, w)
         assert p.dtype == torch.float32 and p.numel() == (n * 256 if pol.uses_cpu else 0) + 2 * n * 2
-        torch.testing.assert_close(packed(step % 2, x, ids, w, p), plain(step % 2, x, ids, w), rtol=0, atol=0)
+        dest = torch.full((n, 256), float("nan"), dtype=torch.bfloat16)  # the graph's static output
+        assert packed(step % 2, x, ids, w, p, dest) is dest
+        torch.testing.assert_close(dest, plain(step % 2, x, ids, w), rtol=0, atol=0)
     assert packed.stats.cpu_experts == plain.stats.cpu_experts and packed.stats.hits == plain.stats.hits
     assert (packed.stats.cpu_experts > 0) == (policy != "lru")
     plain.close(), packed.close()

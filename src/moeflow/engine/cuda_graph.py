@@ -58,7 +58,8 @@ class _Break:
     """Stands in for the expert backend while a piecewise graph is captured: each MoE layer ends the graph
     being captured and starts the next. Its inputs stay as the ended graph's outputs; the output it returns
     is a static tensor that the next graph reads and the replay fills. A backend with `pack` has what its call
-    needs on the host packed by the ended graph, so the call makes one transfer (experts/offload.py)."""
+    needs on the host packed by the ended graph, so the call makes one transfer, and writes its result into the
+    static output itself (experts/offload.py)."""
 
     def __init__(self, owner: PiecewiseDecodeGraph):
         self.owner = owner
@@ -111,6 +112,9 @@ class PiecewiseDecodeGraph(DecodeGraph):
         self.position.fill_(position)
         for graph, (layer, x, ids, w, packed, out) in zip(self.graphs, self.breaks):
             graph.replay()
-            out.copy_(self.experts(layer, x, ids, w) if packed is None else self.experts(layer, x, ids, w, packed))
+            if packed is None:
+                out.copy_(self.experts(layer, x, ids, w))
+            else:  # a backend that packs also writes into out itself
+                self.experts(layer, x, ids, w, packed, out)
         self.graphs[-1].replay()
         return self.logits

@@ -213,9 +213,10 @@ class OffloadedExperts:
         parts = [topk_weights.float().reshape(-1), topk_ids.float().reshape(-1)]
         return torch.cat([x.float().reshape(-1)] + parts if self.policy.uses_cpu else parts)
 
-    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
-        """packed: pack(x, topk_ids, topk_weights), where the caller has it."""
+    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 packed: torch.Tensor | None = None, dest: torch.Tensor | None = None) -> torch.Tensor:
+        """packed: pack(x, topk_ids, topk_weights), where the caller has it; dest: where to write the result
+        ([N, H], x's dtype; else a new tensor)."""
         N, K = topk_ids.shape
         l, I = self.host.slot[layer], self.inter
         s, t_in = self.stats, time.perf_counter()
@@ -284,8 +285,9 @@ class OffloadedExperts:
             self.waves.run(wave)
         t = time.perf_counter()
         s.launch_s += t - t_plan
+        cpu_out = None
         if call is not None:
-            out += call.result().to(self.device, non_blocking=True)
+            cpu_out = call.result().to(self.device, non_blocking=True)
             s.cpu_wait_s += time.perf_counter() - t
             self._cpu_done(call, cpu_jobs, beside_copies=bool(copies))
 
@@ -295,8 +297,12 @@ class OffloadedExperts:
         s.cpu_experts += sum(r / I for r in rows.values())
         s.copied_experts += sum((I - r) / I for r in rows.values())
         s.miss_bytes += len(misses) * self.host.expert_bytes
+        if dest is not None:  # one launch where a sum, a cast and the caller's copy were three
+            result = dest.copy_(out) if cpu_out is None else torch.add(out, cpu_out, out=dest)
+        else:  # a new tensor: out may be the wave graphs' buffer, which the next layer reuses
+            result = (out if cpu_out is None else out.add_(cpu_out)).to(x.dtype, copy=True)
         s.backend_s += time.perf_counter() - t_in
-        return out.to(x.dtype, copy=True)  # out may be the wave graphs' buffer, which the next layer reuses
+        return result
 
     def _copy_in(self, slot: int, l: int, e: int, r: int) -> torch.cuda.Event | None:
         """Rows r:I of expert (l, e) into `slot`: one transfer for a whole expert, three for a part (whose gate
