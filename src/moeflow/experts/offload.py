@@ -235,7 +235,6 @@ class OffloadedExperts:
             self._arrived.synchronize()
         s_sync = time.perf_counter() - t_in
         s.sync_s += s_sync
-        self._observe_copies()
         self.cache.begin(l, broad=N * K >= self.E)
         # Plain Python for the bookkeeping: PyTorch's CPU ops would wake its thread pool beside the CPU experts.
         entries: dict[int, list[int]] = {}  # expert -> its flat (token, k) indices, in order
@@ -254,6 +253,7 @@ class OffloadedExperts:
         call = self._cpu_part(l, x_h, w_h.flatten().tolist(), K, cpu_jobs) if cpu_jobs else None
         t_plan = time.perf_counter()
         s.plan_s += t_plan - t_in - s_sync
+        self._observe_copies()  # the last layer's copy time, read once the CPU is under way (its next plan uses it)
 
         # Copies on the copy stream; the GPU computes the experts already there at once, then the copied ones
         # once they land, each group of experts in one pass (waves). A slot reused within this layer (more
