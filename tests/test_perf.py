@@ -12,8 +12,8 @@ import torch
 from moeflow import MoeflowError
 from moeflow.checkpoint import read_model_config
 from moeflow.cli import main
-from moeflow.perf import profile as prof
 from moeflow.perf import costs as costs_mod
+from moeflow.perf import profile as prof
 from moeflow.perf.costs import ExpertCosts, fixed_part, grouped_passes, paired_s
 from moeflow.perf.model import ThroughputPolicy, layer_time, predict_latency, predict_throughput, throughput_memory
 from moeflow.perf.profile import HardwareProfile, reference_profile
@@ -321,7 +321,7 @@ def test_profile_measures_a_cpu_calls_fixed_part(monkeypatch):
     """With room for 2 x 4 experts in the pool, the CPU expert step also times 4 in one call: the call's fixed
     part comes from that, between 0 and the time of one expert alone."""
     seen = []
-    monkeypatch.setattr(prof, "fixed_part", lambda t1, tm, m: seen.append((t1, tm, m)) or fixed_part(t1, tm, m))
+    monkeypatch.setattr(costs_mod, "fixed_part", lambda t1, tm, m: seen.append((t1, tm, m)) or fixed_part(t1, tm, m))
     sizes = replace(prof.QUICK, expert_pool_bytes=16 * TINY.expert_bytes(torch.bfloat16))
     c = prof.measure_profile(TINY, "cpu", sizes=sizes, progress=False).expert_costs(TINY)
     (t1, tm, m), = seen

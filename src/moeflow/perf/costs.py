@@ -146,17 +146,25 @@ def paired_s(a: Callable[[], object], b: Callable[[], object], repeats: int) -> 
 
 
 def handoff_s(pool: ThreadPoolExecutor, n: int = 20) -> float:
-    """Seconds to hand a no-op to the pool's thread and get it back (after one warm-up): a CPU call's hand-off."""
-    pool.submit(lambda: None).result()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        pool.submit(lambda: None).result()
-    return (time.perf_counter() - t0) / n
+    """Seconds to hand a no-op to the pool's thread and get it back (median, after one warm-up): a CPU call's
+    hand-off."""
+    return median_s(lambda: pool.submit(lambda: None).result(), lambda: None, n)
 
 
 def fixed_part(t1: float, tm: float, m: int) -> float:
     """The fixed part of a call, from one expert alone (t1) and m in one call (tm): t1 = c + e, tm = c + m e."""
     return min(max((m * t1 - tm) / (m - 1), 0.0), t1) if m > 1 else 0.0
+
+
+def one_and_fixed(one: Callable[[], object], many: tuple[int, Callable[[], object]] | None,
+                  repeats: int) -> tuple[float, float]:
+    """Median seconds of one() (one expert in a call) and the call's fixed part: with many = (m, fn), fn() runs
+    m experts in one call and the two are timed in turns (paired_s); without, the fixed part is 0."""
+    if many is None:
+        return median_s(one, lambda: None, repeats), 0.0
+    m, fn = many
+    t1, tm = paired_s(one, fn, repeats)
+    return t1, fixed_part(t1, tm, m)
 
 
 def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden: int, n_blocks: int,
@@ -217,14 +225,9 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
     # part is a small difference of the two. Neither has a copy beside it: a queued copy would cover all of one
     # expert's call but only part of m experts', and that difference would pass for a fixed part.
     sync()
-    x1, fixed = torch.randn(1, hidden, dtype=dtype), 0.0
-    one = lambda: cpu_ffn(x1, next_block())  # noqa: E731
-    if cpu_many is not None:
-        m, fn = cpu_many
-        t1, tm = paired_s(one, lambda: fn(x1), repeats)
-        fixed = fixed_part(t1, tm, m)
-    else:
-        t1 = median_s(one, lambda: None, repeats)
+    x1 = torch.randn(1, hidden, dtype=dtype)
+    many = (cpu_many[0], lambda: cpu_many[1](x1)) if cpu_many is not None else None
+    t1, fixed = one_and_fixed(lambda: cpu_ffn(x1, next_block()), many, repeats)
     alone = 1.0
     if copy_stream is not None:  # the speed in a layer that copies nothing, as a fraction of beside copies
         alone = min(t1 / cpu_s[0], 1.0)

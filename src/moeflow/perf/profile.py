@@ -25,7 +25,7 @@ from pathlib import Path
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
-from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, fixed_part, handoff_s, median_s, paired_s
+from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, handoff_s, median_s, one_and_fixed
 
 PROFILE_VERSION = 1
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
@@ -319,9 +319,8 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
                 cpu_s.append(median_s(lambda: ffn(x, blocks[next(turn) % n_blocks]), lambda: None, sizes.repeats))
             x1, fixed = torch.randn(1, H, dtype=dtype), 0.0
             if many:  # as measure_costs: one alone and m in one call, in turns
-                cpu_s[0], tm = paired_s(lambda: ffn(x1, blocks[next(turn) % n_blocks]), lambda: many[1](x1),
-                                        sizes.repeats)
-                fixed = fixed_part(cpu_s[0], tm, m)
+                cpu_s[0], fixed = one_and_fixed(lambda: ffn(x1, blocks[next(turn) % n_blocks]),
+                                                (m, lambda: many[1](x1)), sizes.repeats)
             costs = ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0, cpu_fixed_s=fixed)
         if engine_cpu is not None:  # the engine's own hand-over (its kernel's thread, or its worker thread)
             call = engine_cpu.handoff_s()
