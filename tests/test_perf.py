@@ -99,6 +99,16 @@ def test_the_cpu_reads_faster_in_a_layer_that_copies_nothing():
     assert costs.cpu_work([], False) == 0.0
 
 
+def test_only_the_experts_own_part_reads_faster_alone():
+    # Qwen3-like: 0.56 ms per expert beside copies, 0.42 alone (cpu_alone 0.75), of which 0.32 is the call's
+    # fixed part, which reads no weights: six experts alone take 0.32 + 6 x 0.10, not 0.75 x (0.32 + 6 x 0.24)
+    costs = replace(flat_costs(cpu=0.56 * MS), cpu_fixed_s=0.32 * MS, cpu_alone=0.75)
+    jobs = [(1, 1.0)] * 6
+    assert costs.cpu_work(jobs, False) == pytest.approx((0.32 + 6 * 0.10) * MS)
+    assert costs.cpu_work(jobs, True) == pytest.approx((0.32 + 6 * 0.24) * MS)
+    assert costs.cpu_work([(1, 0.5)], False) == pytest.approx((0.32 + 0.05) * MS)  # half the rows
+
+
 def test_paired_timing_takes_turns(monkeypatch):
     """The one-expert and m-expert calls are timed in turns, so a machine that slows down midway slows both."""
     clock, calls = [0.0], []
