@@ -134,6 +134,35 @@ def test_auto_balances_cpu_and_copy():
     assert t.cpu > 0 and t.copy > 0
 
 
+def test_the_host_waits_for_the_cpu_share_but_not_for_copies():
+    # A prefill layer whose host spends 4 ms beyond the overhead: in series with the CPU's share (the host
+    # waits for it before it launches the rest), beside the copies and the GPU.
+    costs = flat_costs(cpu=10 * MS, copy=2 * MS, gpu=1 * MS)
+    lru = layer_time(get_policy("lru"), costs, 512, {0: 100, 1: 100}, [], 8, 0.0, 0.5 * MS, tokens=512)
+    lru_host = layer_time(get_policy("lru"), costs, 512, {0: 100, 1: 100}, [], 8, 0.0, 0.5 * MS, tokens=512,
+                          host_s=4 * MS)
+    assert lru_host.total == lru.total  # copies 2 + 2 and the GPU's 1 + 1 end after the host's 4 ms
+    cpu = layer_time(get_policy("cpu"), costs, 512, {0: 1}, [], 8, 0.0, 0.5 * MS, tokens=512, host_s=4 * MS)
+    assert cpu.total == pytest.approx((10 + 4 + 0.5) * MS)
+    idle = layer_time(get_policy("lru"), costs, 512, {}, [1], 8, 0.0, 0.5 * MS, tokens=512, host_s=4 * MS)
+    assert idle.total == pytest.approx((4 + 0.5) * MS)  # the host binds a layer with little to do
+
+
+def test_prefill_host_time_between_the_prompts_measured():
+    from moeflow.perf.model import prefill_host_s
+
+    p = toy_profile(layer_overhead_s=1 * MS, prefill_overhead_s=(3 * MS, 7 * MS))  # at 32 and 512 tokens
+    assert prefill_host_s(p, 1) == 0.0 and prefill_host_s(toy_profile(), 512) == 0.0  # decode; not measured
+    assert prefill_host_s(p, 32) == pytest.approx(2 * MS) and prefill_host_s(p, 512) == pytest.approx(6 * MS)
+    assert prefill_host_s(p, 272) == pytest.approx(4 * MS)    # halfway from 32 to 512
+    assert prefill_host_s(p, 992) == pytest.approx(10 * MS)   # the last piece extended
+    assert prefill_host_s(p, 16.5) == pytest.approx(1 * MS)   # halfway from 1 to 32
+    slow = predict_latency(TINY, p, 1 * GiB, "cpu", None, 512, 16, costs=flat_costs())
+    fast = predict_latency(TINY, replace(p, prefill_overhead_s=()), 1 * GiB, "cpu", None, 512, 16, costs=flat_costs())
+    assert slow.ttft_s - fast.ttft_s == pytest.approx(4 * 6 * MS, rel=1e-6)  # 4 layers, all with CPU work
+    assert slow.decode_tps == fast.decode_tps
+
+
 def test_predict_latency_cpu_policy_by_hand():
     # policy cpu: every one of the K=2 experts of each of the 4 layers on the CPU at 10 ms; overhead 1 ms/layer;
     # the GPU's part is its weights over 1 TB/s.

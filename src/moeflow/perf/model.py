@@ -56,9 +56,11 @@ ZERO = LayerTime(0.0, 0.0, 0.0, 0.0, 0.0)
 
 def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], hit_tokens: list[int],
                max_copies: int, dense_s: float, overhead_s: float, link_latency_s: float = 0.0,
-               tokens: int = 1) -> LayerTime:
+               tokens: int = 1, host_s: float = 0.0) -> LayerTime:
     """One MoE layer of a step of `tokens` tokens: misses expert -> tokens (not on the GPU), hit_tokens the
-    tokens of each expert that is."""
+    tokens of each expert that is. host_s: the host's own time in the layer beyond overhead_s (a prefill's eager
+    launches and per-token bookkeeping). It runs beside the GPU and the copies, but not beside the CPU's
+    share: the host waits for that before it launches the rest of the layer and the next one."""
     rows = policy.plan(misses, costs, inter, max_copies) if misses else {}
     on_cpu = [e for e, r in rows.items() if r > 0]
     cpu = costs.cpu_work([(misses[e], rows[e] / inter) for e in on_cpu], any(r < inter for r in rows.values()))
@@ -75,8 +77,8 @@ def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], h
         if len(wave) == max(max_copies, 1) or i == len(copied) - 1:
             g = costs.gpu_wave(wave, tokens)
             gpu_end, gpu_work, wave = max(gpu_end, copy_end) + g, gpu_work + g, []
-    total = max(dense_s + cpu, gpu_end) + overhead_s
-    return LayerTime(cpu, copy_end - dense_s, gpu_work, overhead_s, total)
+    total = max(dense_s + cpu + (host_s if on_cpu else 0.0), gpu_end, host_s) + overhead_s
+    return LayerTime(cpu, copy_end - dense_s, gpu_work, overhead_s + host_s, total)
 
 
 def _binom(k: int, n: int, p: float) -> float:
@@ -152,6 +154,20 @@ def host_read_bw(profile: HardwareProfile) -> float:
     return profile.host_read_bw_shared or profile.cpu_read_bw + profile.h2d_bw
 
 
+def prefill_host_s(profile: HardwareProfile, tokens: int) -> float:
+    """The host's time in an offloaded layer of a `tokens`-token prefill beyond a decode layer's: piecewise
+    linear between the prompts measured (a decode step is one graph, a prefill's launches are eager, and the
+    routing's bookkeeping grows with the tokens), the last piece extended."""
+    from moeflow.perf.profile import PREFILL_TOKENS
+
+    if len(profile.prefill_overhead_s) != len(PREFILL_TOKENS) or tokens <= 1:
+        return 0.0
+    pts = ((1, profile.layer_overhead_s),) + tuple(zip(PREFILL_TOKENS, profile.prefill_overhead_s))
+    i = next((i for i in range(1, len(pts)) if tokens <= pts[i][0]), len(pts) - 1)
+    (a, ta), (b, tb) = pts[i - 1], pts[i]
+    return max(ta + (tb - ta) * (tokens - a) / (b - a) - profile.layer_overhead_s, 0.0)
+
+
 def head_gpu_s(cfg: ModelConfig, profile: HardwareProfile, b: int) -> float:
     return cfg.vocab_size * cfg.hidden_size * b / profile.gpu_bw
 
@@ -223,6 +239,7 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
         mass = sum(shares[e] for e in top) or 1.0
         n_tok = {e: round(prompt_len * K * shares[e] / mass) if e in top else 0 for e in range(len(shares))}
         dense = dense_gpu_s(cfg, profile, layer, prompt_len, prompt_len, b, causal_prefill=True)
+        host = prefill_host_s(profile, prompt_len)
         used = sorted((e for e, n in n_tok.items() if n), key=lambda e: (e not in res, -n_tok[e]))
         held = sum(e in res for e in used) + per_layer_cache if prefill_hit is None else prefill_hit * len(used)
         lo = int(held)
@@ -233,7 +250,7 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
             misses = {e: n for e, n in n_tok.items() if n and e not in there}
             hit_tokens = [n for e, n in n_tok.items() if n and e in there]
             ttft += w * layer_time(pol, costs, I, misses, hit_tokens, max_copies, dense, profile.layer_overhead_s,
-                                   lat, prompt_len).total
+                                   lat, prompt_len, host).total
     for layer in cfg.dense_layers:
         d = dense_gpu_s(cfg, profile, layer, 1, ctx, b)
         token = token + LayerTime(0, 0, d, 0, d)

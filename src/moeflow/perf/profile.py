@@ -30,6 +30,7 @@ from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, handoff_s, median_s, o
 PROFILE_VERSION = 1
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
 CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert call (scaling between shapes)
+PREFILL_TOKENS = (32, 512)  # the prompts whose per-layer host time the profile measures (prefill_overhead_s)
 MANY = 4  # experts (at most) in the one-call CPU measurement that separates a call's fixed part
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -79,6 +80,8 @@ class HardwareProfile:
     host_read_bw_shared: float = 0.0  # CPU reads + host -> GPU copies while both run (they share host memory);
                                       # 0: not measured (the bound then takes the sum of the two rates)
     layer_overhead_s: float = 0.0  # host-side cost of one offloaded layer (sync, planning, launches)
+    prefill_overhead_s: tuple = ()  # the same in prefills of PREFILL_TOKENS tokens (eager launches, the
+                                    # routing's bookkeeping); empty: not measured
     cpu_backend: str = CPU_BACKEND
     experts: dict = field(default_factory=dict)  # shape_key -> ExpertCosts.as_dict() (gpu_s = cpu_s without GPU)
     source: str = ""             # "measured <date>" or where the figures come from
@@ -109,7 +112,7 @@ class HardwareProfile:
             raise MoeflowError(f"hardware profile version {d.get('version')!r}; this moeflow reads version "
                                f"{PROFILE_VERSION} (run `moeflow profile --refresh`)")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
     @classmethod
     def load(cls, path: str | Path) -> HardwareProfile:
@@ -364,7 +367,8 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         step("layer overhead")
         if cuda:
             torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
-        figures["layer_overhead_s"] = _layer_overhead(dev, 8 if sizes.repeats < 3 else 32)
+        figures["layer_overhead_s"], figures["prefill_overhead_s"] = _layer_overhead(dev, 8 if sizes.repeats < 3
+                                                                                     else 32)
         bar.update()
     finally:
         torch.set_num_threads(threads)
@@ -376,10 +380,11 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         **figures)
 
 
-def _layer_overhead(dev, steps: int) -> float:
-    """The host-side cost of one offloaded layer, as the engine pays it: decode steps of the tiny synthetic
-    Mixtral with every expert in a slot (policy gpu), whose GPU work is negligible, over its layers. It holds
-    the per-layer sync for routing, the planning and every launch of a decoder layer."""
+def _layer_overhead(dev, steps: int) -> tuple[float, tuple[float, ...]]:
+    """The host-side cost of one offloaded layer, as the engine pays it, in decode and in a prefill of
+    PREFILL_TOKENS tokens: steps of the tiny synthetic Mixtral with every expert in a slot (policy gpu), whose
+    GPU work is negligible, over its layers. It holds the per-layer sync for routing, the planning and every
+    launch of a decoder layer (a prefill's are eager, and its routing's bookkeeping is per token)."""
     import torch
 
     from moeflow.config import OffloadConfig
@@ -389,7 +394,9 @@ def _layer_overhead(dev, steps: int) -> float:
 
     cuda = dev.type == "cuda"
     ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None, expert_device="cpu")
-    engine = LLMEngine(ck, max_seqs=1, max_len=steps + 16, offload=OffloadConfig(8 << 30, "gpu"))
+    engine = LLMEngine(ck, max_seqs=1, max_len=max(PREFILL_TOKENS) + steps + 16,
+                       offload=OffloadConfig(8 << 30, "gpu"))
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     try:
         seq = engine.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
         engine.step()
@@ -397,11 +404,17 @@ def _layer_overhead(dev, steps: int) -> float:
         t = time.perf_counter()
         for _ in range(steps):
             engine.step()
-        if cuda:
-            torch.cuda.synchronize(dev)
-        dt = time.perf_counter() - t
+        sync()
+        decode = (time.perf_counter() - t) / steps / ck.cfg.num_hidden_layers
         assert not seq.finished or seq.output_ids
-        return dt / steps / ck.cfg.num_hidden_layers
+        if not seq.finished:
+            engine.abort(seq)
+
+        def prompt(n):
+            list(engine.stream([3 + i % 64 for i in range(n)], SamplingParams(max_new_tokens=1, ignore_eos=True)))
+        prefill = tuple(median_s(lambda: prompt(n), sync, 3) / ck.cfg.num_hidden_layers  # after a warm-up
+                        for n in PREFILL_TOKENS)
+        return decode, prefill
     finally:
         engine.model.experts.close()
         if cuda:
