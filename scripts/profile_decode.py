@@ -9,6 +9,9 @@ costs of that size), where each layer plans and launches for many tokens.
 """
 
 import argparse
+import cProfile
+import pstats
+import sys
 import time
 
 import torch
@@ -41,6 +44,14 @@ def profile_prefill(eng: LLMEngine, label: str) -> None:
         torch.cuda.synchronize()
     print(f"{label}: prefill of {a.prefill} tokens {(time.perf_counter() - t) * 1000:.1f} ms (profiled)", flush=True)
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60), flush=True)
+    # the host's Python time by function (cProfile's own cost inflates it: compare the rows with each other)
+    pr = cProfile.Profile()
+    pr.enable()
+    list(eng.stream(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)))
+    torch.cuda.synchronize()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(30)
+    sys.stdout.flush()
 
 
 def profile_steps(eng: LLMEngine, label: str) -> None:

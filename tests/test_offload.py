@@ -40,8 +40,9 @@ def run(path, offload=None, costs=None, max_seqs=2, calibrate=False):
         offload = OffloadConfig(budget_for(ck, offload.pop("slots"), max_seqs), **offload)
     engine = LLMEngine(ck, max_seqs=max_seqs, max_len=MAX_LEN, offload=offload)
     if costs is not None:
-        engine.model.experts.costs = costs
-        engine.model.experts.calibrate = calibrate  # hand-made costs stay as made
+        backend = getattr(engine.model.experts, "inner", engine.model.experts)  # under a trace replay
+        backend.costs = costs
+        backend.calibrate = calibrate  # hand-made costs stay as made
     seqs = engine.generate(prompts(), GREEDY)
     return [s.output_ids for s in seqs], engine
 

@@ -146,6 +146,11 @@ def test_the_host_waits_for_the_cpu_share_but_not_for_copies():
     assert cpu.total == pytest.approx((10 + 4 + 0.5) * MS)
     idle = layer_time(get_policy("lru"), costs, 512, {}, [1], 8, 0.0, 0.5 * MS, tokens=512, host_s=4 * MS)
     assert idle.total == pytest.approx((4 + 0.5) * MS)  # the host binds a layer with little to do
+    # launching each copy takes the host 3 ms: four copies (8 ms on the copy engine) take it 4 + 12 ms
+    slow = replace(costs, copy_launch_s=3 * MS)
+    many = layer_time(get_policy("lru"), slow, 512, {e: 100 for e in range(4)}, [], 8, 0.0, 0.5 * MS, tokens=512,
+                      host_s=4 * MS)
+    assert many.total == pytest.approx((4 + 12 + 0.5) * MS)
 
 
 def test_prefill_host_time_between_the_prompts_measured():

@@ -66,6 +66,7 @@ class ExpertCosts:
     cpu_fixed_s: float = 0.0   # of each cpu_s, the kernel call's fixed part (paid once per call of m experts)
     cpu_alone: float = 1.0     # CPU time with no copy beside it, as a fraction of cpu_s (measured at 1 token)
     gpu_fixed_s: float = 0.0   # of each gpu_s, a wave's fixed part (its launches; paid once per wave)
+    copy_launch_s: float = 0.0  # host time to launch one copy (the transfer and its event)
 
     def cpu(self, n: int, f: float = 1.0) -> float:
         """One expert alone (or its fraction f) on the CPU."""
@@ -227,6 +228,16 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
                 sync()
                 times.append(start.elapsed_time(end) / 1e3)
         copy_s = sorted(times[1:])[repeats // 2]
+    launch_s = 0.0
+    if copy_stream is not None:  # the host's part of a copy: launching it and recording its arrival
+        launches = []
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            copy_in()
+            copy_stream.record_event()
+            launches.append(time.perf_counter() - t)
+            sync()
+        launch_s = sorted(launches[1:])[repeats // 2]
     small = slot[:hidden]
     latency = median_s(lambda: small.copy_(host_block(0)[:hidden], non_blocking=True), sync, repeats)
     # One expert alone (the copy engine idle) and, where given, m in one call, timed in turns: the call's fixed
@@ -242,4 +253,4 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
     else:  # no copies: both measure the same; the one timed in turns with the m-expert call goes with it
         cpu_s[0] = t1
     return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(gpu_s), copy_s, latency, cpu_fixed_s=fixed,
-                       cpu_alone=alone)
+                       cpu_alone=alone, copy_launch_s=launch_s)

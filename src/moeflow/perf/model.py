@@ -60,7 +60,8 @@ def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], h
     """One MoE layer of a step of `tokens` tokens: misses expert -> tokens (not on the GPU), hit_tokens the
     tokens of each expert that is. host_s: the host's own time in the layer beyond overhead_s (a prefill's eager
     launches and per-token bookkeeping). It runs beside the GPU and the copies, but not beside the CPU's
-    share: the host waits for that before it launches the rest of the layer and the next one."""
+    share: the host waits for that before it launches the rest of the layer and the next one. The host also
+    launches the copies one by one (beside the copy engine and the CPU)."""
     rows = policy.plan(misses, costs, inter, max_copies) if misses else {}
     on_cpu = [e for e, r in rows.items() if r > 0]
     cpu = costs.cpu_work([(misses[e], rows[e] / inter) for e in on_cpu], any(r < inter for r in rows.values()))
@@ -77,7 +78,8 @@ def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], h
         if len(wave) == max(max_copies, 1) or i == len(copied) - 1:
             g = costs.gpu_wave(wave, tokens)
             gpu_end, gpu_work, wave = max(gpu_end, copy_end) + g, gpu_work + g, []
-    total = max(dense_s + cpu + (host_s if on_cpu else 0.0), gpu_end, host_s) + overhead_s
+    host = host_s + len(copied) * costs.copy_launch_s
+    total = max(dense_s + cpu + (host_s if on_cpu else 0.0), gpu_end, host) + overhead_s
     return LayerTime(cpu, copy_end - dense_s, gpu_work, overhead_s + host_s, total)
 
 
