@@ -162,6 +162,7 @@ def test_prefill_host_time_between_the_prompts_measured():
     assert prefill_host_s(p, 272) == pytest.approx(4 * MS)    # halfway from 32 to 512
     assert prefill_host_s(p, 992) == pytest.approx(10 * MS)   # the last piece extended
     assert prefill_host_s(p, 16.5) == pytest.approx(1 * MS)   # halfway from 1 to 32
+    assert prefill_host_s(p, 128, top_k=8) == prefill_host_s(p, 512)  # as many routing entries (512 x 2)
     slow = predict_latency(TINY, p, 1 * GiB, "cpu", None, 512, 16, costs=flat_costs())
     fast = predict_latency(TINY, replace(p, prefill_overhead_s=()), 1 * GiB, "cpu", None, 512, 16, costs=flat_costs())
     assert slow.ttft_s - fast.ttft_s == pytest.approx(4 * 6 * MS, rel=1e-6)  # 4 layers, all with CPU work

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import Budget, share_budget
 from moeflow.perf.costs import ExpertCosts
-from moeflow.perf.profile import HardwareProfile
+from moeflow.perf.profile import PREFILL_K, PREFILL_TOKENS, HardwareProfile
 from moeflow.policy import get_policy
 from moeflow.policy.placement import even_resident
 
@@ -156,18 +156,20 @@ def host_read_bw(profile: HardwareProfile) -> float:
     return profile.host_read_bw_shared or profile.cpu_read_bw + profile.h2d_bw
 
 
-def prefill_host_s(profile: HardwareProfile, tokens: int) -> float:
-    """The host's time in an offloaded layer of a `tokens`-token prefill beyond a decode layer's: piecewise
-    linear between the prompts measured (a decode step is one graph, a prefill's launches are eager, and the
-    routing's bookkeeping grows with the tokens), the last piece extended."""
-    from moeflow.perf.profile import PREFILL_TOKENS
-
+def prefill_host_s(profile: HardwareProfile, tokens: int, top_k: int = PREFILL_K) -> float:
+    """The host's time in an offloaded layer of a `tokens`-token prefill with `top_k` experts per token beyond a
+    decode layer's: piecewise linear in the layer's routing entries (tokens x top_k) between the prompts
+    measured, the last piece extended. A decode step is one graph; a prefill's launches are eager, and the
+    routing's bookkeeping and the GPU's grouped passes grow with the entries (Qwen3's 8 per token take ~4x
+    Mixtral's 2 per token)."""
     if len(profile.prefill_overhead_s) != len(PREFILL_TOKENS) or tokens <= 1:
         return 0.0
-    pts = ((1, profile.layer_overhead_s),) + tuple(zip(PREFILL_TOKENS, profile.prefill_overhead_s))
-    i = next((i for i in range(1, len(pts)) if tokens <= pts[i][0]), len(pts) - 1)
+    pts = ((PREFILL_K, profile.layer_overhead_s),) + \
+        tuple((n * PREFILL_K, t) for n, t in zip(PREFILL_TOKENS, profile.prefill_overhead_s))
+    x = tokens * top_k
+    i = next((i for i in range(1, len(pts)) if x <= pts[i][0]), len(pts) - 1)
     (a, ta), (b, tb) = pts[i - 1], pts[i]
-    return max(ta + (tb - ta) * (tokens - a) / (b - a) - profile.layer_overhead_s, 0.0)
+    return max(ta + (tb - ta) * (x - a) / (b - a) - profile.layer_overhead_s, 0.0)
 
 
 def head_gpu_s(cfg: ModelConfig, profile: HardwareProfile, b: int) -> float:
@@ -241,7 +243,7 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
         mass = sum(shares[e] for e in top) or 1.0
         n_tok = {e: round(prompt_len * K * shares[e] / mass) if e in top else 0 for e in range(len(shares))}
         dense = dense_gpu_s(cfg, profile, layer, prompt_len, prompt_len, b, causal_prefill=True)
-        host = prefill_host_s(profile, prompt_len)
+        host = prefill_host_s(profile, prompt_len, K)
         used = sorted((e for e, n in n_tok.items() if n), key=lambda e: (e not in res, -n_tok[e]))
         held = sum(e in res for e in used) + per_layer_cache if prefill_hit is None else prefill_hit * len(used)
         lo = int(held)

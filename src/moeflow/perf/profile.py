@@ -30,7 +30,8 @@ from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, handoff_s, median_s, o
 PROFILE_VERSION = 1
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
 CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert call (scaling between shapes)
-PREFILL_TOKENS = (32, 512)  # the prompts whose per-layer host time the profile measures (prefill_overhead_s)
+PREFILL_TOKENS = (32, 512)  # the prompts whose per-layer host time the profile measures (prefill_overhead_s),
+PREFILL_K = 2               # on the tiny synthetic Mixtral: 2 experts per token
 MANY = 4  # experts (at most) in the one-call CPU measurement that separates a call's fixed part
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -394,6 +395,7 @@ def _layer_overhead(dev, steps: int) -> tuple[float, tuple[float, ...]]:
 
     cuda = dev.type == "cuda"
     ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None, expert_device="cpu")
+    assert ck.cfg.num_experts_per_tok == PREFILL_K
     engine = LLMEngine(ck, max_seqs=1, max_len=max(PREFILL_TOKENS) + steps + 16,
                        offload=OffloadConfig(8 << 30, "gpu"))
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
