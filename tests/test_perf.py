@@ -169,6 +169,34 @@ def test_prefill_host_time_between_the_prompts_measured():
     assert slow.decode_tps == fast.decode_tps
 
 
+def test_the_prompt_shape_spreads_the_prefill_tokens(monkeypatch):
+    """A measured prompt shape (tokens per expert, most used first, averaged over layers) replaces the even
+    spread: fiddler then sends the experts left with few tokens to the CPU."""
+    import moeflow.perf.model as model
+
+    seen = []
+    real = model.layer_time
+    monkeypatch.setattr(model, "layer_time", lambda pol, costs, inter, misses, *a, **k:
+                        seen.append((sorted(misses.values()), k.get("tokens", a[5] if len(a) > 5 else 1)))
+                        or real(pol, costs, inter, misses, *a, **k))
+    p, costs = toy_profile(), flat_costs()
+
+    def prefill_misses(shape):
+        seen.clear()
+        pred = predict_latency(TINY, p, 1 * GiB, "fiddler", 0.0, 64, 16, costs=costs, prefill_hit=0.0,
+                               prefill_shape=shape)
+        return pred, {tuple(m) for m, tokens in seen if tokens == 64}
+
+    even, even_misses = prefill_misses(None)
+    assert even_misses == {(16,) * 8}                     # 64 tokens x 2 experts over 8
+    same, same_misses = prefill_misses([8.0] * 8)        # an even shape (scaled to the prompt): the same
+    assert same_misses == even_misses and same.ttft_s == even.ttft_s
+    skewed, skewed_misses = prefill_misses([20.0, 20.0, 20.0, 2.0, 2.0])
+    assert skewed_misses == {(4, 4, 40, 40, 40)}
+    on_cpu = get_policy("fiddler").plan({0: 40, 1: 40, 2: 40, 3: 4, 4: 4}, costs, 512, 8)
+    assert sorted(on_cpu.values()) == [0, 0, 0, 512, 512] and skewed.ttft_s != even.ttft_s
+
+
 def test_predict_latency_cpu_policy_by_hand():
     # policy cpu: every one of the K=2 experts of each of the 4 layers on the CPU at 10 ms; overhead 1 ms/layer;
     # the GPU's part is its weights over 1 TB/s.

@@ -32,7 +32,8 @@ def accuracy_rows(results: dict, profile, cfg, repredict: bool = False) -> list[
             budget = r.get("budget", {}).get("gpu_memory") or int(r["gpu_memory_gib"] * 2**30)
             p = predict_latency(cfg, profile, budget, r["policy"], r["hit_rate"], r.get("ttft_prompt_tokens", 512),
                                 results.get("new_tokens", 128), results.get("model", "model"), costs=costs,
-                                prefill_hit=(r.get("prefill") or {}).get("hit_rate"), prefill_used=_used(r, cfg))
+                                prefill_hit=(r.get("prefill") or {}).get("hit_rate"), prefill_used=_used(r, cfg),
+                                prefill_shape=(r.get("prefill") or {}).get("tokens_per_expert") or None)
             if p.error:
                 continue
             pred = {"predicted_decode_tps": p.decode_tps, "predicted_ttft_s": p.ttft_s,

@@ -67,14 +67,16 @@ def _add(a: dict, b: dict) -> dict:
 
 
 def predicted(ck: Checkpoint, oc: OffloadConfig, profile, hit_rate: float, ttft_len: int, new_tokens: int,
-              costs=None, prefill_hit: float | None = None, prefill_used: float | None = None) -> dict:
+              costs=None, prefill_hit: float | None = None, prefill_used: float | None = None,
+              prefill_shape: list[float] | None = None) -> dict:
     """The timing model's figures for this run (perf/model.py), at the run's measured hit rates."""
     if profile is None:
         return {}
     from moeflow.perf.model import predict_latency
 
     p = predict_latency(ck.cfg, profile, oc.gpu_memory, oc.policy, hit_rate, ttft_len, new_tokens, ck.name,
-                        str(ck.store.data.dtype).removeprefix("torch."), costs, prefill_hit, prefill_used)
+                        str(ck.store.data.dtype).removeprefix("torch."), costs, prefill_hit, prefill_used,
+                        prefill_shape or None)
     if p.error:
         return {"predicted_error": p.error}
     return {"predicted_decode_tps": p.decode_tps, "predicted_ttft_s": p.ttft_s, "predicted_binding": p.binding,
@@ -96,6 +98,9 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
         # launches, the pinned staging buffers, the CPU pool's start) that a server pays once, not per request.
         list(engine.stream(ttft_prompt[:16], SamplingParams(max_new_tokens=2, ignore_eos=True)))
         p0, pa = _snapshot(engine), _allocator(dev)
+        shape = getattr(backend, "prompt_shape", None)
+        if shape is not None:  # this prompt's routing alone
+            backend.prompt_shape = shape = type(shape)(ck.cfg.num_experts)
         last = list(engine.stream(ttft_prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)))[-1]
         ttft = last.ttft_s
         pd = _delta(p0, _snapshot(engine)) if p0 else {}
@@ -104,6 +109,7 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
                     "cpu_experts": pd["cpu_experts"], "copied_experts": pd["copied_experts"],
                     "hit_rate": pd["hits"] / max(pd["lookups"], 1),
                     "experts_per_layer": pd["lookups"] / len(ck.cfg.moe_layers),
+                    "tokens_per_expert": [round(n, 2) for n in shape.mean()] if shape else [],
                     "allocator": _delta(pa, _allocator(dev))} if pd else None)
         dt, d, allocs, tps = 0.0, {}, {}, []
         for prompt in prompts:
@@ -146,7 +152,8 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
             "allocator_during_decode": allocs, "prefill": prefill,
             "budget": engine.budget, "costs": backend.costs.as_dict() if backend.costs else None,
         } | predicted(ck, oc, profile, d["hits"] / lookups, len(ttft_prompt), new_tokens, backend.costs,
-                      *((prefill["hit_rate"], prefill["experts_per_layer"]) if prefill else ()))
+                      *((prefill["hit_rate"], prefill["experts_per_layer"], prefill["tokens_per_expert"])
+                        if prefill else ()))
     finally:
         backend.close()
         ck.model.set_experts(LocalExperts(ck.store))

@@ -77,6 +77,23 @@ class OffloadStats:
         return asdict(self) | {"hit_rate": self.hit_rate}
 
 
+class PromptShape:
+    """How a prompt's routing entries spread over the experts: per layer of a step of several tokens, the
+    experts' token counts from the most used down, averaged over the layers recorded. The timing model spreads
+    a prompt's tokens this way (a policy that sends an expert with few tokens to the CPU sees them)."""
+
+    def __init__(self, experts: int):
+        self.sums, self.layers = [0.0] * experts, 0
+
+    def add(self, counts: list[int]) -> None:
+        for i, n in enumerate(sorted(counts, reverse=True)):
+            self.sums[i] += n
+        self.layers += 1
+
+    def mean(self) -> list[float]:
+        return [s / self.layers for s in self.sums] if self.layers else []
+
+
 class SlotCache:
     """Which expert each GPU slot holds. Resident slots never change (unless the split is adaptive); cache
     slots follow the eviction policy, in one shared group or one group per layer.
@@ -182,6 +199,7 @@ class OffloadedExperts:
         # The CPU kernel's own threads; one core stays with the thread that drives the GPU.
         self.cpu = CpuExperts(threads=default_threads(reserve=1 if self.cuda else 0))
         self.stats = OffloadStats()
+        self.prompt_shape = PromptShape(self.E)  # the bench replaces it before the prompt it times
         self.costs = costs
         # observed / predicted CPU and copy times, smoothed: their speeds while both draw on host memory and
         # beside the GPU driver thread are what the plan needs, and they differ from measurements taken alone
@@ -242,6 +260,8 @@ class OffloadedExperts:
         for i, e in enumerate(ids if packed is None else map(int, ids)):
             entries.setdefault(e, []).append(i)
         experts = sorted(entries)
+        if N > 1:
+            self.prompt_shape.add([len(v) for v in entries.values()])
         found = {e: self.cache.lookup((l, e)) for e in experts}
         misses = {e: len(entries[e]) for e in experts if found[e] is None}
         costs = (self.costs.scaled(self.cpu_scales[regime(max(misses.values()))], self.copy_scale)

@@ -179,14 +179,16 @@ def head_gpu_s(cfg: ModelConfig, profile: HardwareProfile, b: int) -> float:
 def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, policy: str,
                     hit_rate_or_placement=None, prompt_len: int = 512, gen_len: int = 128, name: str = "model",
                     dtype_name: str = "bfloat16", costs: ExpertCosts | None = None,
-                    prefill_hit: float | None = None, prefill_used: float | None = None) -> LatencyPrediction:
+                    prefill_hit: float | None = None, prefill_used: float | None = None,
+                    prefill_shape: list[float] | None = None) -> LatencyPrediction:
     """Decode tok/s and TTFT of one request under `policy` with a GPU budget of `budget` bytes.
 
     hit_rate_or_placement: None (derived from the slots, uniform routing), a float (the share of decode
     lookups found on the GPU, as measured), or counts [L, E] (a placement's popularity profile).
     prefill_hit, prefill_used: the share of the prompt's experts found on the GPU and how many experts a layer
     used, as measured (default: derived from the slots; every expert): a router that sends a prompt to few
-    experts, which the slots hold, leaves fewer to move."""
+    experts, which the slots hold, leaves fewer to move. prefill_shape: the prompt's tokens per expert in a
+    layer, from the most used down (PromptShape, as measured): a skewed prompt leaves some experts few tokens."""
     from moeflow import MoeflowError
 
     b = 2 if dtype_name in ("bfloat16", "float16") else 4
@@ -235,13 +237,19 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
             t = layer_time(pol, costs, I, {e: 1 for e in range(m)}, [1] * (K - m), max_copies,
                            dense, profile.layer_overhead_s, lat)
             token = token + t.scaled(p)
-        # Prefill: every expert gets its share of the P*K selections. The GPU holds the layer's resident experts
-        # and, in its share of the cache slots c, floor(c) of its most used others or one more with probability
-        # c - floor(c); or, measured, the share prefill_hit of the experts used.
-        top = sorted(range(len(shares)), key=lambda e: -shares[e])[:max(round(prefill_used), 1)] \
-            if prefill_used else range(len(shares))
-        mass = sum(shares[e] for e in top) or 1.0
-        n_tok = {e: round(prompt_len * K * shares[e] / mass) if e in top else 0 for e in range(len(shares))}
+        # Prefill: every expert gets its share of the P*K selections, or, measured, the prompt's tokens per
+        # expert (prefill_shape, from the most used down) go to the experts by popularity. The GPU holds the
+        # layer's resident experts and, in its share of the cache slots c, floor(c) of its most used others or
+        # one more with probability c - floor(c); or, measured, the share prefill_hit of the experts used.
+        by_share = sorted(range(len(shares)), key=lambda e: -shares[e])
+        if prefill_shape:
+            scale = prompt_len * K / (sum(prefill_shape) or 1.0)
+            n_tok = dict.fromkeys(range(len(shares)), 0) | \
+                {e: round(c * scale) for e, c in zip(by_share, prefill_shape)}
+        else:
+            top = by_share[:max(round(prefill_used), 1)] if prefill_used else by_share
+            mass = sum(shares[e] for e in top) or 1.0
+            n_tok = {e: round(prompt_len * K * shares[e] / mass) if e in top else 0 for e in range(len(shares))}
         dense = dense_gpu_s(cfg, profile, layer, prompt_len, prompt_len, b, causal_prefill=True)
         host = prefill_host_s(profile, prompt_len, K)
         used = sorted((e for e, n in n_tok.items() if n), key=lambda e: (e not in res, -n_tok[e]))
