@@ -461,7 +461,10 @@ def test_model_accuracy_cli(tmp_path, capsys):
     assert [r["policy"] for r in got] == ["auto", "fiddler", "lru"]
     assert got[2]["decode_error"] == pytest.approx(2.5 / 2.8 - 1)  # carried predictions are used as they are
     assert all(abs(r["decode_error"]) < 0.5 for r in got)
-    assert "decode within 20%" in capsys.readouterr().out
+    assert got[2]["ttft_error"] == pytest.approx(1.5 / 2.0 - 1)
+    out = capsys.readouterr().out
+    assert "decode within 20%" in out
+    assert f"TTFT within 20%: {sum(abs(r['ttft_error']) <= 0.2 for r in got)} of 3" in out
     pytest.importorskip("matplotlib")
     assert png.exists()
 

@@ -87,7 +87,9 @@ def print_table(rows: list[dict]) -> None:
                   r.get("predicted_binding") or "-")
     Console(width=140).print(t)
     within = sum(abs(r["decode_error"]) <= TARGET for r in rows)
-    print(f"decode within {TARGET:.0%}: {within} of {len(rows)}")
+    timed = [r["ttft_error"] for r in rows if "ttft_error" in r]
+    print(f"decode within {TARGET:.0%}: {within} of {len(rows)}; TTFT within {TARGET:.0%}: "
+          f"{sum(abs(e) <= TARGET for e in timed)} of {len(timed)}")
 
 
 def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
