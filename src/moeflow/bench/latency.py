@@ -99,8 +99,8 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
         list(engine.stream(ttft_prompt[:16], SamplingParams(max_new_tokens=2, ignore_eos=True)))
         p0, pa = _snapshot(engine), _allocator(dev)
         shape = getattr(backend, "prompt_shape", None)
-        if shape is not None:  # this prompt's routing alone
-            backend.prompt_shape = shape = type(shape)(ck.cfg.num_experts)
+        if shape is not None:
+            shape.reset()  # this prompt's routing alone
         last = list(engine.stream(ttft_prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)))[-1]
         ttft = last.ttft_s
         pd = _delta(p0, _snapshot(engine)) if p0 else {}

@@ -85,6 +85,9 @@ class PromptShape:
     def __init__(self, experts: int):
         self.sums, self.layers = [0.0] * experts, 0
 
+    def reset(self) -> None:
+        self.sums, self.layers = [0.0] * len(self.sums), 0
+
     def add(self, counts: list[int]) -> None:
         for i, n in enumerate(sorted(counts, reverse=True)):
             self.sums[i] += n
@@ -199,7 +202,7 @@ class OffloadedExperts:
         # The CPU kernel's own threads; one core stays with the thread that drives the GPU.
         self.cpu = CpuExperts(threads=default_threads(reserve=1 if self.cuda else 0))
         self.stats = OffloadStats()
-        self.prompt_shape = PromptShape(self.E)  # the bench replaces it before the prompt it times
+        self.prompt_shape = PromptShape(self.E)  # the bench resets it before the prompt it times
         self.costs = costs
         # observed / predicted CPU and copy times, smoothed: their speeds while both draw on host memory and
         # beside the GPU driver thread are what the plan needs, and they differ from measurements taken alone

@@ -59,9 +59,9 @@ def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], h
                tokens: int = 1, host_s: float = 0.0) -> LayerTime:
     """One MoE layer of a step of `tokens` tokens: misses expert -> tokens (not on the GPU), hit_tokens the
     tokens of each expert that is. host_s: the host's own time in the layer beyond overhead_s (a prefill's eager
-    launches and per-token bookkeeping). It runs beside the GPU and the copies, but not beside the CPU's
-    share: the host waits for that before it launches the rest of the layer and the next one. The host also
-    launches the copies one by one (beside the copy engine and the CPU)."""
+    launches, its routing's bookkeeping and grouped passes). It runs beside the GPU and the copies, but not
+    beside the CPU's share: the host waits for that before it launches the rest of the layer and the next one.
+    The host also launches the copies one by one (beside the copy engine and the CPU)."""
     rows = policy.plan(misses, costs, inter, max_copies) if misses else {}
     on_cpu = [e for e, r in rows.items() if r > 0]
     cpu = costs.cpu_work([(misses[e], rows[e] / inter) for e in on_cpu], any(r < inter for r in rows.values()))

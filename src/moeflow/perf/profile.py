@@ -30,8 +30,8 @@ from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, handoff_s, median_s, o
 PROFILE_VERSION = 1
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
 CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert call (scaling between shapes)
-PREFILL_TOKENS = (32, 512)  # the prompts whose per-layer host time the profile measures (prefill_overhead_s),
-PREFILL_K = 2               # on the tiny synthetic Mixtral: 2 experts per token
+PREFILL_TOKENS = (32, 512)  # the prompts whose per-layer host time the profile measures (prefill_overhead_s)
+PREFILL_K = 2               # experts per token of the model it measures them on (the tiny synthetic Mixtral)
 MANY = 4  # experts (at most) in the one-call CPU measurement that separates a call's fixed part
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -382,10 +382,10 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
 
 
 def _layer_overhead(dev, steps: int) -> tuple[float, tuple[float, ...]]:
-    """The host-side cost of one offloaded layer, as the engine pays it, in decode and in a prefill of
+    """The host-side cost of one offloaded layer, as the engine pays it, in decode and in prefills of each of
     PREFILL_TOKENS tokens: steps of the tiny synthetic Mixtral with every expert in a slot (policy gpu), whose
     GPU work is negligible, over its layers. It holds the per-layer sync for routing, the planning and every
-    launch of a decoder layer (a prefill's are eager, and its routing's bookkeeping is per token)."""
+    launch of a decoder layer (a prefill's are eager, and its routing's bookkeeping grows with its tokens)."""
     import torch
 
     from moeflow.config import OffloadConfig
