@@ -324,6 +324,37 @@ def test_planner_choices_on_hand_made_costs():
     cpu_s, copy_s = 1.0e-3 + 0.2e-3 * on_cpu, (12 - on_cpu) * (0.4e-3 + 1e-5)
     assert 5 <= on_cpu <= 8 and abs(cpu_s - copy_s) <= 0.4e-3, (rows, cpu_s, copy_s)
 
+    # Qwen3's lone decode miss (CPU call 0.32 ms + 0.24, copy 0.40 + GPU): split, it ends ~14% sooner than a
+    # whole copy; an expert the cache would keep is copied whole, so its next use hits.
+    qwen = replace(costs_table(cpu_per_token=0.56e-3, copy=0.40e-3), cpu_fixed_s=0.32e-3)
+    assert 0 < auto.plan({0: 1}, qwen, I, 8)[0] < I
+    assert auto.plan({0: 1}, qwen, I, 8, keep={0}) == {0: 0} and 0 < auto.plan({0: 1}, qwen, I, 8, keep={1})[0]
+
+
+def test_auto_keeps_a_recurring_split_miss(hf_checkpoint, tmp_path, monkeypatch):
+    """Qwen3-like costs split a lone miss, and a split copy is never kept. A trace that picks experts 0, 1 and 5
+    at every token and layer (residents 0-2): copied whole where the cache would keep it, expert 5 takes unused
+    expert 2's slot and hits from then on; the tokens stay the same."""
+    import numpy as np
+
+    import moeflow.policy.auto as auto_mod
+
+    path = hf_checkpoint("qwen3_moe")[0]
+    ck = load(path)
+    L, K = len(ck.cfg.moe_layers), ck.cfg.num_experts_per_tok
+    f = tmp_path / "trace.npz"
+    np.savez(f, experts=np.tile(np.array([0, 1, 5][:K], np.uint8), (64, L, 1)), offsets=np.array([0, 64]))
+    qwen = replace(costs_table(cpu_per_token=0.56e-3, copy=0.40e-3), cpu_fixed_s=0.32e-3)
+    oc = {"slots": 4 * L, "policy": "auto", "routing_trace": str(f)}  # resident experts 0-2 of each layer
+    want, _ = run(path, dict(oc, policy="cpu"), max_seqs=1)
+    rates = {}
+    for slack in (auto_mod.WHOLE_SLACK, auto_mod.KEEP_SLACK):
+        monkeypatch.setattr(auto_mod, "KEEP_SLACK", slack)
+        got, engine = run(path, dict(oc), costs=qwen, max_seqs=1)
+        assert got == want
+        rates[slack] = engine.model.experts.inner.stats.hit_rate
+    assert rates[auto_mod.WHOLE_SLACK] < 0.7 < 0.9 < rates[auto_mod.KEEP_SLACK], rates
+
 
 def test_parse_size():
     assert parse_size("24GiB") == 24 * 2**30 and parse_size("24GB") == 24 * 10**9 and parse_size("512M") == 2**29

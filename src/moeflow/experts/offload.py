@@ -139,6 +139,13 @@ class SlotCache:
             self.eviction.touch(key)
         return slot
 
+    def admits(self, key: Key, protect: set[Key]) -> bool:
+        """Would `key`, copied in whole now, be kept in a held expert's slot? (An adaptive split, learning.)"""
+        if not (self.adaptive and self.learning) or key in self.where or not self.where:
+            return False
+        victim = self.eviction.victim(self.where.keys(), protect)
+        return victim is not None and victim not in protect and self.eviction.admits(key, victim)
+
     def capacity(self, layer: int) -> int:
         return len(self.groups[layer if self.per_layer else None])
 
@@ -269,7 +276,11 @@ class OffloadedExperts:
         misses = {e: len(entries[e]) for e in experts if found[e] is None}
         costs = (self.costs.scaled(self.cpu_scales[regime(max(misses.values()))], self.copy_scale)
                  if self.costs is not None and misses else None)  # a layer with no miss plans nothing
-        rows = self.policy.plan(misses, costs, I, self.cache.capacity(l)) if misses else {}
+        keep = set()  # misses a whole copy of which the cache would keep (an adaptive split)
+        if misses and self.cache.adaptive and self.cache.learning:
+            held = {(l, e) for e in experts if found[e] is not None}
+            keep = {e for e in misses if self.cache.admits((l, e), held)}
+        rows = self.policy.plan(misses, costs, I, self.cache.capacity(l), keep) if misses else {}
 
         # The CPU's share starts first: it is usually the longest.
         cpu_jobs = [(e, r, entries[e]) for e, r in rows.items() if r > 0]

@@ -8,6 +8,7 @@ I = all on the CPU, 0 = its weights copied to the GPU, in between = split (the G
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from moeflow.perf.costs import ExpertCosts
@@ -39,8 +40,10 @@ class OffloadPolicy(ABC):
         """How to use the S slots; may raise MoeflowError when S cannot work for this policy."""
 
     @abstractmethod
-    def plan(self, misses: dict[int, int], costs: ExpertCosts, inter: int, max_copies: int) -> dict[int, int]:
-        """misses: expert -> tokens routed to it (its weights are not on the GPU).
+    def plan(self, misses: dict[int, int], costs: ExpertCosts, inter: int, max_copies: int,
+             keep: Collection[int] = ()) -> dict[int, int]:
+        """misses: expert -> tokens routed to it (its weights are not on the GPU); keep: those of them the
+        cache would keep if copied whole (its eviction policy ranks them above an expert it holds).
         Returns expert -> intermediate rows computed on the CPU (0..inter). At most max_copies experts may
         have rows copied (the slots available in this layer)."""
 

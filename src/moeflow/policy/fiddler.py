@@ -14,5 +14,5 @@ class FiddlerPolicy(OffloadPolicy):
         scratch = min(top_k, slots)  # placeholders for copies; the rest resident
         return SlotSplit(resident=slots - scratch, cache=scratch, keep_copies=False)
 
-    def plan(self, misses, costs, inter, max_copies):
+    def plan(self, misses, costs, inter, max_copies, keep=()):
         return {e: inter if n < self.threshold else 0 for e, n in misses.items()}

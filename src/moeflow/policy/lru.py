@@ -15,6 +15,6 @@ class LruPolicy(OffloadPolicy):
     def split(self, slots, layers, experts, top_k):
         return SlotSplit(resident=0, cache=slots, per_layer=True)
 
-    def plan(self, misses, costs, inter, max_copies):
+    def plan(self, misses, costs, inter, max_copies, keep=()):
         # More misses than free slots: the executor reuses a slot once its last expert is done.
         return {e: 0 for e in misses}

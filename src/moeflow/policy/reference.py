@@ -15,7 +15,7 @@ class GpuPolicy(OffloadPolicy):
     def split(self, slots, layers, experts, top_k):
         return SlotSplit(resident=layers * experts, cache=0)
 
-    def plan(self, misses, costs, inter, max_copies):
+    def plan(self, misses, costs, inter, max_copies, keep=()):
         raise AssertionError("policy gpu never misses")
 
 
@@ -28,5 +28,5 @@ class CpuPolicy(OffloadPolicy):
     def split(self, slots, layers, experts, top_k):
         return SlotSplit(resident=0, cache=0)
 
-    def plan(self, misses, costs, inter, max_copies):
+    def plan(self, misses, costs, inter, max_copies, keep=()):
         return all_cpu(misses, inter)
