@@ -19,6 +19,8 @@
 #              200000 lasts between layers) and PyTorch's huge pages for the store (THP_MEM_ALLOC_ENABLE)
 #   memory     scripts/host_memory.py at each pool spin of MEMORY_SPINS (default "256"): the CPU kernel and the
 #              copies on plain / huge-page memory, before and after page-locking, and the threads' wake-up
+#   keep       Qwen3-30B-A3B at 16 GiB, auto and fiddler, at each MOEFLOW_KEEP_SLACK of KEEPS (default "0.05 0.25"):
+#              auto copying whole a miss the cache would keep (0.05: only where any whole copy would be)
 #   probe      scripts/cpu_cost_probe.py: one Mixtral expert on the CPU timed the ways the profile and the engine do
 #   amx        the AMX blocking (MOEFLOW_AMX_DOWN_ROWS / GU_HIDDEN / GU_ROWS) at 16-256 tokens, Mixtral shape
 set -uo pipefail
@@ -49,6 +51,12 @@ for stage in "$@"; do
     profile) python3 scripts/profile_decode.py synthetic:mixtral-8x7b --gpu-memory "${PROFILE_BUDGETS:-76GiB,24GiB}" \
                --policy "${PROFILE_POLICY:-auto}" --steps 16 --prefill 512 > "$OUT/profile.txt" 2>&1
              grep -E "ms/token|tok/s|^auto|cpu_scale|bound|prefill of" "$OUT/profile.txt" ;;
+    keep) for k in ${KEEPS:-0.05 0.25}; do
+            echo "keep slack $k"
+            MOEFLOW_KEEP_SLACK=$k python3 -m moeflow bench latency --model synthetic:qwen3-30b-a3b --budgets 16GiB \
+              --policies auto,fiddler --prompts $D/mt_bench.jsonl --new-tokens "$NEW" --runs "${RUNS:-1}" \
+              --out "$OUT/latency-qwen3-16GiB-keep$k.json" 2>&1 | grep -E "^auto|^fiddler|ms/token|prefill ms"
+          done ;;
     probe) python3 scripts/cpu_cost_probe.py 2>&1 | tee "$OUT/cpu_cost_probe.txt" ;;
     kernel) python3 -m moeflow bench cpu-experts --reps 10 --out "$OUT/cpu_experts.json" --plot "$OUT/cpu_experts.png" \
               > "$OUT/cpu_experts.txt" 2>&1; tail -42 "$OUT/cpu_experts.txt" ;;

@@ -6,10 +6,12 @@ rest, so residency is judged on routing it was not made from.
 
   python scripts/replay_cache.py 62 220 --trace .carry/data/mixtral-8x7b-instruct.humaneval.jsonl
   python scripts/replay_cache.py 100 400 --trace ../shared/data/traces/deepseek-v2-lite-chat.dev.npz
-      [--static] [--no-whole] [--cache N] [--half-life H] [--tokens T]     (from the repo root, PYTHONPATH=src)
+      [--static] [--no-whole] [--no-keep] [--cache N] [--half-life H] [--tokens T] [--costs mixtral|qwen3]
+      (from the repo root, PYTHONPATH=src)
 
 --static: auto's resident slots fixed and its cache under LRU (as before they adapted); --no-whole: the planner
-splits the boundary expert even where a whole one costs at most 5% more; --cache N: N cache slots, the rest
+splits the boundary expert even where a whole one costs at most 5% more; --no-keep: also one the cache would
+keep (auto copies it whole at up to 25% more); --cache N: N cache slots, the rest
 resident. docs/benchmarks.md (2026-12-02) compares --static --no-whole, --no-whole and the default."""
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from moeflow.policy.auto import AutoPolicy
 from moeflow.policy.placement import Placement
 
 # the H200 host's costs (docs/benchmarks.md, 2026-12-01): CPU expert beside copies, copy, GPU expert
-COSTS = ExpertCosts((1, 4, 16, 64, 256), (6.5e-3, 7e-3, 9e-3, 12e-3, 45e-3), (2e-4,) * 5, 6.6e-3)
+COSTS = {"mixtral": ExpertCosts((1, 4, 16, 64, 256), (6.5e-3, 7e-3, 9e-3, 12e-3, 45e-3), (2e-4,) * 5, 6.6e-3),
+         # Qwen3-30B-A3B's expert (2048 x 768) on the H200 host, 2026-12-02 05:40: small, mostly a call's fixed part
+         "qwen3": ExpertCosts((1, 4, 16, 64, 256), (0.56e-3, 0.66e-3, 0.77e-3, 0.98e-3, 2.19e-3), (1.6e-4,) * 5,
+                              0.25e-3, cpu_call_s=3e-5, cpu_fixed_s=0.32e-3, cpu_alone=0.75)}
 TINY = dict(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -50,7 +55,7 @@ def preset(trace: RoutingTrace) -> str:
     return f"synthetic:{name}"
 
 
-def replay(trace_path: str, slots: int, tokens: int, profile: float, max_len: int = 64) -> dict:
+def replay(trace_path: str, slots: int, tokens: int, profile: float, costs: ExpertCosts, max_len: int = 64) -> dict:
     trace = load_trace(trace_path)
     T = trace.shape[0]
     t0 = int(T * profile)
@@ -65,7 +70,7 @@ def replay(trace_path: str, slots: int, tokens: int, profile: float, max_len: in
         engine = LLMEngine(ck, max_seqs=1, max_len=max_len,
                            offload=OffloadConfig(budget, "auto", str(Path(d) / "placement.json")))
     backend = engine.model.experts
-    backend.costs, backend.calibrate = COSTS, False
+    backend.costs, backend.calibrate = costs, False
     ck.model.set_experts(TraceRouting(backend, tail, ck.cfg))
     stats, n = None, 0
     while n < tokens:  # sequences of max_len tokens in turn, walking the trace's tail
@@ -94,6 +99,8 @@ def main() -> None:
     p.add_argument("--cache", type=int, help="cache slots instead of auto's own split")
     p.add_argument("--half-life", type=float, help="of the decayed-use eviction, in tokens")
     p.add_argument("--tokens", type=int, default=299)
+    p.add_argument("--costs", choices=sorted(COSTS), default="mixtral", help="the expert costs the planner takes")
+    p.add_argument("--no-keep", action="store_true", help="split a miss the cache would keep, as any other")
     args = p.parse_args()
     own = AutoPolicy.split
 
@@ -108,10 +115,12 @@ def main() -> None:
         AutoPolicy.eviction = "lru"
     if args.no_whole:
         auto.WHOLE_SLACK = -1.0
+    if args.no_keep:
+        auto.KEEP_SLACK = auto.WHOLE_SLACK
     if args.half_life:
         eviction.HALF_LIFE = args.half_life
     for s in args.slots:
-        r = replay(args.trace, s, args.tokens, args.profile)
+        r = replay(args.trace, s, args.tokens, args.profile, COSTS[args.costs])
         print(f"{s} slots ({r['split'].resident} resident, {r['split'].cache} cache, adaptive "
               f"{r['split'].adaptive}): hit rate {r['hit_rate']:.3f}, missed experts per token "
               f"{r['missed_experts_per_token']:.2f} (CPU {r['cpu_per_token']:.2f}, copied "
