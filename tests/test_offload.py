@@ -277,7 +277,10 @@ def test_adaptive_slots_replace_the_least_used_resident():
     assert cache.take(c, protect={a}, keep=True) == 2 and cache.lookup(b) == 1
     cache.begin(0, broad=False)
     assert cache.lookup(c) is None
-    # c, used once, is worth more than b (seeded rare: 0.24 uses in its window): it takes b's slot
+    # c, used once, is worth more than b (seeded rare: 0.24 uses in its window): the planner hears that a whole
+    # copy of c would be kept (keepers), unless every held expert is in use in this layer; and it takes b's slot
+    assert cache.keepers([c], protect={a}) == {c} and cache.keepers([c], protect={a, b}) == set()
+    assert cache.keepers([a], protect=set()) == set()  # held already
     assert cache.take(c, protect={a}, keep=True) == 1 and cache.lookup(c) == 1 and cache.lookup(b) is None
     # b now scores below c and a: its copy goes to the scratch slot and is not kept
     assert cache.take(b, protect=set(), keep=True) == 2 and cache.lookup(b) is None

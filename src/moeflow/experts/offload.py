@@ -139,12 +139,15 @@ class SlotCache:
             self.eviction.touch(key)
         return slot
 
-    def admits(self, key: Key, protect: set[Key]) -> bool:
-        """Would `key`, copied in whole now, be kept in a held expert's slot? (An adaptive split, learning.)"""
-        if not (self.adaptive and self.learning) or key in self.where or not self.where:
-            return False
+    def keepers(self, keys: list[Key], protect: set[Key]) -> set[Key]:
+        """Those of `keys` (not held) that, copied in whole now, would be kept in the slot of the held expert
+        ranked lowest outside `protect` (an adaptive split that is learning)."""
+        if not (self.adaptive and self.learning and self.where):
+            return set()
         victim = self.eviction.victim(self.where.keys(), protect)
-        return victim is not None and victim not in protect and self.eviction.admits(key, victim)
+        if victim is None or victim in protect:
+            return set()
+        return {k for k in keys if k not in self.where and self.eviction.admits(k, victim)}
 
     def capacity(self, layer: int) -> int:
         return len(self.groups[layer if self.per_layer else None])
@@ -276,10 +279,9 @@ class OffloadedExperts:
         misses = {e: len(entries[e]) for e in experts if found[e] is None}
         costs = (self.costs.scaled(self.cpu_scales[regime(max(misses.values()))], self.copy_scale)
                  if self.costs is not None and misses else None)  # a layer with no miss plans nothing
-        keep = set()  # misses a whole copy of which the cache would keep (an adaptive split)
-        if misses and self.cache.adaptive and self.cache.learning:
-            held = {(l, e) for e in experts if found[e] is not None}
-            keep = {e for e in misses if self.cache.admits((l, e), held)}
+        # misses a whole copy of which the cache would keep (an adaptive split)
+        keep = {e for _, e in self.cache.keepers([(l, e) for e in misses],
+                                                 {(l, e) for e in experts if found[e] is not None})} if misses else ()
         rows = self.policy.plan(misses, costs, I, self.cache.capacity(l), keep) if misses else {}
 
         # The CPU's share starts first: it is usually the longest.
