@@ -279,10 +279,11 @@ class OffloadedExperts:
         misses = {e: len(entries[e]) for e in experts if found[e] is None}
         costs = (self.costs.scaled(self.cpu_scales[regime(max(misses.values()))], self.copy_scale)
                  if self.costs is not None and misses else None)  # a layer with no miss plans nothing
-        # misses a whole copy of which the cache would keep (an adaptive split)
-        keep = {e for _, e in self.cache.keepers([(l, e) for e in misses],
-                                                 {(l, e) for e in experts if found[e] is not None})} if misses else ()
-        rows = self.policy.plan(misses, costs, I, self.cache.capacity(l), keep) if misses else {}
+        rows = {}
+        if misses:  # keep: those a whole copy of which the cache would keep (an adaptive split)
+            held = {(l, e) for e in experts if found[e] is not None}
+            keep = {e for _, e in self.cache.keepers([(l, e) for e in misses], held)}
+            rows = self.policy.plan(misses, costs, I, self.cache.capacity(l), keep)
 
         # The CPU's share starts first: it is usually the longest.
         cpu_jobs = [(e, r, entries[e]) for e, r in rows.items() if r > 0]

@@ -72,9 +72,11 @@ class ExpertCosts:
         """One expert alone (or its fraction f) on the CPU."""
         return _interp(self.tokens, self.cpu_s, n) * f
 
-    def cpu_each(self, n: int, f: float = 1.0) -> float:
-        """One expert (or its fraction f) within a call of several: its time alone less the call's fixed part."""
-        return max(_interp(self.tokens, self.cpu_s, n) - self.cpu_fixed_s, 0.0) * f
+    def cpu_each(self, n: int, f: float = 1.0, alone: bool = False) -> float:
+        """One expert (or its fraction f) within a call of several: its time alone less the call's fixed part;
+        beside copies (cpu_s), or with none (cpu_alone of it)."""
+        t = _interp(self.tokens, self.cpu_s, n) * (self.cpu_alone if alone else 1.0)
+        return max(t - self.cpu_fixed_s, 0.0) * f
 
     def cpu_work(self, jobs: list[tuple[int, float]], beside_copies: bool) -> float:
         """A CPU call's kernel time for jobs (tokens n, fraction f): its fixed part once, each job's own part,
@@ -84,11 +86,7 @@ class ExpertCosts:
         experts of a fiddler layer at twice their time."""
         if not jobs:
             return 0.0
-        if beside_copies:
-            return self.cpu_fixed_s + sum(self.cpu_each(n, f) for n, f in jobs)
-        alone = (max(_interp(self.tokens, self.cpu_s, n) * self.cpu_alone - self.cpu_fixed_s, 0.0) * f
-                 for n, f in jobs)
-        return self.cpu_fixed_s + sum(alone)
+        return self.cpu_fixed_s + sum(self.cpu_each(n, f, alone=not beside_copies) for n, f in jobs)
 
     def cpu_call(self) -> float:
         """Once per CPU call: handing the work over and back, and the kernel's fixed part."""
