@@ -136,7 +136,8 @@ def test_vector_and_tile_jobs_mixed(monkeypatch, kernel, amx_min):
 @pytest.mark.parametrize("kernel", ["amx-emu", "amx"])
 def test_amx_blocking_moves_no_sum(kernel, threads):
     """The AMX blocking (rows of down_t per chunk, of H per gate/up slice, rows per gate/up block) only decides
-    where the fp32 sums wait between chunks, not their order: every blocking gives the same bits. Sizes give
+    where the fp32 sums wait between chunks, not their order: every blocking, and every prefetch mode, gives
+    the same bits. Sizes give
     several chunks and slices with partial last ones, 256-column blocks with a partial one (640 columns per
     thread, or 320), odd and partial token groups, row ranges that are not multiples of a chunk, and R % 32
     of 8, 16 and 24 (a 16-row half tile past R that gate/up never writes)."""
@@ -156,6 +157,16 @@ def test_amx_blocking_moves_no_sum(kernel, threads):
     for blocking in (native.AMX_BLOCKING, (64, 96, 32), (32, 32, 16), (96, 4096, 256)):
         ce.amx_blocking = blocking
         outs.append(ce(data, x, jobs))
+    before = ce.native.amx_prefetch()
+    try:
+        for mode in (0, 1):  # the software prefetch only moves reads earlier
+            ce.native.amx_prefetch(mode)
+            assert ce.native.amx_prefetch() == mode
+            for blocking in (native.AMX_BLOCKING, (32, 32, 16)):
+                ce.amx_blocking = blocking
+                outs.append(ce(data, x, jobs))
+    finally:
+        ce.native.amx_prefetch(before)
     check(outs[0], reference(data, x, jobs, I), kernel)
     for got in outs[1:]:
         assert torch.equal(got, outs[0])
@@ -328,3 +339,15 @@ def test_bf16_activations_widen_exactly_without_pytorch_ops():
         assert torch.equal(y.view(torch.int32), v.float().contiguous().view(torch.int32))  # bit for bit
     f = torch.randn(3, 4)
     assert _fp32(f) is f
+
+
+def test_amx_peak_measures_the_tile_units_or_says_none():
+    """moe_amx_peak: FLOP/s of tile products alone, and lower once their operands load from an L2-sized buffer;
+    0 where the CPU has no AMX (no crash, no guess)."""
+    if LIB is None:
+        pytest.skip("no native kernel here")
+    alone, fed = LIB.amx_peak(2, iters=20_000), LIB.amx_peak(2, loads=3, span=1 << 20, iters=20_000)
+    if not LIB.can_run("amx"):
+        assert alone == fed == 0.0
+        return
+    assert 1e11 < alone < 1e15 and 0 < fed < 1.2 * alone

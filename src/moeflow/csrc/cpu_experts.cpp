@@ -205,6 +205,13 @@ static void pack_tokens(const Job& j, const float* x, int g, int H) {
         }
 }
 
+// The AMX path's software prefetch of the next weights: 0 none (the hardware prefetchers alone), 1 a few lines
+// per k-step. MOEFLOW_AMX_PREFETCH at load; moe_amx_prefetch sets it (scripts/amx_ab.py runs both side by side).
+static std::atomic<int> amx_prefetch{[] {
+    const char* e = std::getenv("MOEFLOW_AMX_PREFETCH");
+    return e ? std::clamp(std::atoi(e), 0, 1) : 1;
+}()};
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
 #define AMX_NS amx_hw
@@ -522,6 +529,40 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
     g_pool.run(tb, phase_b);
     g_phase_s[0] = t1 - t0, g_phase_s[1] = t2 - t1, g_phase_s[2] = now_s() - t2;
     return std::max(ta, tb);
+}
+
+// Seconds of `threads` threads each running iters rounds of four tile dot products (32768 flops each), with
+// no operand loads (loads = 0) or four per round from a per-thread buffer of span bytes: the tile unit's peak,
+// and what feeding it from L1 or L2 leaves. -2 where this CPU has no AMX.
+double moe_amx_peak(int threads, int64_t iters, int loads, int64_t span) {
+    if (!((cpu_features() & 4) && amx_permitted())) return -2;
+    std::lock_guard<std::mutex> lock(g_call);
+    threads = std::max(threads, 1);
+    std::vector<std::unique_ptr<char[]>> bufs(threads);
+    const size_t bytes = std::max<size_t>((size_t)span, 4096) + 64;
+    for (auto& b : bufs) {
+        b.reset(new char[bytes]);
+        uint32_t r = 12345;  // random bf16 in about [-2, 2]: the tile unit's power (so clock) follows its data
+        for (size_t i = 0; i + 2 <= bytes; i += 2) {
+            r = r * 1664525u + 1013904223u;
+            const bf16 v = f2bf(((int)(r >> 8) % 4096 - 2048) / 1024.0f);
+            std::memcpy(b.get() + i, &v, 2);
+        }
+    }
+    std::vector<double> sink(threads);
+    auto work = [&](int id, int) {
+        char* p = (char*)(((uintptr_t)bufs[id].get() + 63) & ~(uintptr_t)63);
+        sink[id] = amx_hw::peak(iters, loads, p, bytes - 64);
+    };
+    g_pool.run(threads, work);  // warm-up: wakes the workers and grants the tile state
+    const double t = now_s();
+    g_pool.run(threads, work);
+    return now_s() - t;
+}
+
+// Sets the AMX path's prefetch mode (0 or 1; another value leaves it) and returns the one before.
+int moe_amx_prefetch(int mode) {
+    return mode == 0 || mode == 1 ? amx_prefetch.exchange(mode) : amx_prefetch.load();
 }
 
 // The same from a router's choice: ids [N, K] int64 (an id outside 0..E-1 is skipped), weights [N, K] fp32.

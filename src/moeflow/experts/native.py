@@ -85,6 +85,10 @@ class NativeKernel:
         lib.moe_features.restype = i
         lib.moe_amx_ready.restype = i
         lib.moe_last_phases.argtypes = [p]
+        lib.moe_amx_peak.argtypes = [i, i64, i, i64]
+        lib.moe_amx_peak.restype = ctypes.c_double
+        lib.moe_amx_prefetch.argtypes = [i]
+        lib.moe_amx_prefetch.restype = i
         lib.moe_read.argtypes = [i, p, i64, i, p]
         bits = lib.moe_features()
         self.features = {name for bit, name in ((1, "avx2"), (2, "avx512"), (4, "amx")) if bits & bit}
@@ -157,6 +161,17 @@ class NativeKernel:
         if n < 0:
             raise RuntimeError(f"native CPU kernel {kernel} refused the call ({n})")
         return n
+
+    def amx_prefetch(self, mode: int = -1) -> int:
+        """The AMX path's software prefetch (0 none, 1 a few lines per k-step): sets it where mode is 0 or 1,
+        returns the one before."""
+        return self.lib.moe_amx_prefetch(mode)
+
+    def amx_peak(self, threads: int, loads: int = 0, span: int = 4096, iters: int = 200_000) -> float:
+        """FLOP/s of `threads` threads running tile dot products alone (loads 0) or with four tile loads per
+        four products from a buffer of span bytes each (L1- or L2-sized): the AMX units' ceiling; 0 without AMX."""
+        s = self.lib.moe_amx_peak(threads, iters, loads, span)
+        return threads * iters * 4 * 32768 / s if s > 0 else 0.0
 
     def last_phases(self) -> tuple[float, float, float]:
         """Seconds of the last call's phases: preparation, gate/up, down."""
