@@ -34,7 +34,7 @@ def prompts(seed=0, lengths=(13, 5)):
     return [torch.randint(3, 310, (n,), generator=g).tolist() for n in lengths]
 
 
-def run(path, offload=None, costs=None, max_seqs=2, calibrate=False):
+def run(path, offload=None, costs=None, max_seqs=2, calibrate=False, lengths=(13, 5)):
     ck = load(path, device="cpu", expert_device="cpu")
     if offload is not None:
         offload = OffloadConfig(budget_for(ck, offload.pop("slots"), max_seqs), **offload)
@@ -43,7 +43,7 @@ def run(path, offload=None, costs=None, max_seqs=2, calibrate=False):
         backend = getattr(engine.model.experts, "inner", engine.model.experts)  # under a trace replay
         backend.costs = costs
         backend.calibrate = calibrate  # hand-made costs stay as made
-    seqs = engine.generate(prompts(), GREEDY)
+    seqs = engine.generate(prompts(lengths=lengths), GREEDY)
     return [s.output_ids for s in seqs], engine
 
 
@@ -55,6 +55,37 @@ def costs_table(cpu_per_token: float, copy: float) -> ExpertCosts:
 @pytest.fixture(params=["mixtral", "qwen3_moe"])
 def ckpt(request, hf_checkpoint):
     return hf_checkpoint(request.param)[0]
+
+
+def test_routing_entries_group_alike_in_python_and_numpy():
+    """A layer's entries by expert: plain lists below BULK_ENTRIES, numpy arrays from there (a prompt), the same
+    indices in the same order either way; fp32 ids (a packed transfer) read as ints."""
+    from moeflow.experts.offload import BULK_ENTRIES, group_entries
+
+    for n in (1, 7, BULK_ENTRIES // 2, BULK_ENTRIES, 3 * BULK_ENTRIES + 5):
+        ids = torch.randint(0, 9, (n, 2))
+        want: dict[int, list[int]] = {}
+        for i, e in enumerate(ids.flatten().tolist()):
+            want.setdefault(e, []).append(i)
+        for got in (group_entries(ids), group_entries(ids.float())):
+            assert sorted(got) == sorted(want) and all(list(got[e]) == want[e] for e in want)
+            assert all(isinstance(v, list) == (2 * n < BULK_ENTRIES) for v in got.values())
+
+
+@pytest.mark.parametrize("policy", ["auto", "fiddler", "lru"])
+def test_long_prompts_take_the_bulk_bookkeeping_and_keep_the_tokens(ckpt, policy, monkeypatch):
+    """Prompts whose prefill has more routing entries than BULK_ENTRIES group them with numpy: the CPU's jobs
+    and the GPU's waves get arrays, and the tokens stay those of the all-on-one-device run."""
+    from moeflow.experts.offload import OffloadedExperts
+
+    kinds = set()
+    real = OffloadedExperts._cpu_part
+    monkeypatch.setattr(OffloadedExperts, "_cpu_part", lambda self, l, x, w, K, jobs:
+                        kinds.add(type(jobs[0][2]).__name__) or real(self, l, x, w, K, jobs))
+    want, _ = run(ckpt, lengths=(41, 29))
+    got, _ = run(ckpt, {"slots": 4, "policy": policy}, costs=costs_table(1e-7, 1e-3), lengths=(41, 29))
+    assert got == want
+    assert kinds == (set() if policy == "lru" else {"list", "ndarray"})  # decode's lists, the prompt's arrays
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
@@ -96,7 +127,7 @@ def test_auto_corrects_its_cpu_costs_by_what_it_observes(ckpt):
     # decode's correction is its own: CPU work of 16+ tokens per expert (prefill, AMX) has another
     backend.cpu_scales = [1.0, 1.0]
     x = torch.randn(2 * BIG_JOB, backend.hidden, dtype=backend.host.data.dtype)
-    w = [0.5] * (4 * BIG_JOB)
+    w = torch.full((4 * BIG_JOB,), 0.5)
     def cpu_part(jobs):
         call = backend._cpu_part(0, x, w, 2, jobs)
         call.result()

@@ -163,6 +163,9 @@ def test_prefill_host_time_between_the_prompts_measured():
     assert prefill_host_s(p, 992) == pytest.approx(10 * MS)   # the last piece extended
     assert prefill_host_s(p, 16.5) == pytest.approx(1 * MS)   # halfway from 1 to 32
     assert prefill_host_s(p, 128, top_k=8) == prefill_host_s(p, 512)  # as many routing entries (512 x 2)
+    three = replace(p, prefill_tokens=(32, 512, 2048), prefill_overhead_s=(3 * MS, 7 * MS, 8 * MS))
+    assert prefill_host_s(three, 512, top_k=8) == pytest.approx(7 * MS)  # measured at 2048 x 2 entries
+    assert prefill_host_s(three, 1280) == pytest.approx(6.5 * MS)       # halfway from 512 to 2048
     slow = predict_latency(TINY, p, 1 * GiB, "cpu", None, 512, 16, costs=flat_costs())
     fast = predict_latency(TINY, replace(p, prefill_overhead_s=()), 1 * GiB, "cpu", None, 512, 16, costs=flat_costs())
     assert slow.ttft_s - fast.ttft_s == pytest.approx(4 * 6 * MS, rel=1e-6)  # 4 layers, all with CPU work
@@ -372,6 +375,9 @@ def test_dense_numel_matches_the_model(cfg):
 def test_profile_cache_and_refresh(cache):
     p, how = prof.get_profile(TINY, "cpu", sizes=prof.QUICK, progress=False)
     assert how == "measured" and not p.has_gpu and p.has_shape(TINY)
+    # a prefill's per-layer host time at each prompt measured, named with it (older profiles measured two)
+    assert p.prefill_tokens == prof.PREFILL_TOKENS and len(p.prefill_overhead_s) == len(prof.PREFILL_TOKENS)
+    assert all(t >= 0 for t in p.prefill_overhead_s)
     path = prof.profile_path("cpu")
     assert path.parent == cache and path.exists()
     assert HardwareProfile.load(path) == p

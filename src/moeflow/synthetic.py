@@ -92,10 +92,12 @@ def _tokenizer_for(hf: dict):
     return synthetic_tokenizer(hf["vocab_size"], specials, None, "<|im_end|>", CHATML_TEMPLATE)
 
 
-def build_synthetic(name: str, device="cpu", dtype=None, expert_device=None, seed: int = 0) -> Checkpoint:
+def build_synthetic(name: str, device="cpu", dtype=None, expert_device=None, seed: int = 0,
+                    overrides: dict | None = None) -> Checkpoint:
+    """overrides: config.json fields over the preset's (a tiny model with more layers, for instance)."""
     if name not in PRESETS:
         raise MoeflowError(f"unknown synthetic model {name!r}; choose one of {', '.join(PRESETS)}")
-    hf = PRESETS[name]
+    hf = PRESETS[name] | (overrides or {})
     arch = get_architecture(hf["model_type"])
     cfg = arch.config(hf)
     device = resolve_device(device)

@@ -16,6 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import torch
 
 from moeflow.experts.cpu import CpuCall, CpuExperts, Job, default_threads
@@ -32,6 +33,7 @@ SCALE_RANGE = (0.25, 4.0)  # one odd layer (a page fault, a preempted thread) mo
 # pause iterations the thread that drives the GPU spins waiting for the CPU's share before it sleeps (it has a
 # core of its own; a sleeping wait wakes tens of microseconds late, every layer)
 WAIT_SPIN = 1 << 18
+BULK_ENTRIES = 64  # routing entries (N x K) from which a layer groups them with numpy (plain Python below)
 BIG_JOB = 16  # tokens: from about here a CPU expert is compute-bound (AMX), below it reads its weights; the
               # CPU correction is kept apart for the two, so decode's does not steer prefill's plan
 
@@ -267,11 +269,7 @@ class OffloadedExperts:
         s_sync = time.perf_counter() - t_in
         s.sync_s += s_sync
         self.cache.begin(l, broad=N * K >= self.E)
-        # Plain Python for the bookkeeping: PyTorch's CPU ops would wake its thread pool beside the CPU experts.
-        entries: dict[int, list[int]] = {}  # expert -> its flat (token, k) indices, in order
-        ids = ids_h.flatten().tolist()
-        for i, e in enumerate(ids if packed is None else map(int, ids)):
-            entries.setdefault(e, []).append(i)
+        entries = group_entries(ids_h)  # expert -> its flat (token, k) indices, in order
         experts = sorted(entries)
         if N > 1:
             self.prompt_shape.add([len(v) for v in entries.values()])
@@ -287,7 +285,7 @@ class OffloadedExperts:
 
         # The CPU's share starts first: it is usually the longest.
         cpu_jobs = [(e, r, entries[e]) for e, r in rows.items() if r > 0]
-        call = self._cpu_part(l, x_h, w_h.flatten().tolist(), K, cpu_jobs) if cpu_jobs else None
+        call = self._cpu_part(l, x_h, w_h.flatten(), K, cpu_jobs) if cpu_jobs else None
         t_plan = time.perf_counter()
         s.plan_s += t_plan - t_in - s_sync
         self._observe_copies()  # the last layer's copy time, read once the CPU is under way (its next plan uses it)
@@ -368,14 +366,19 @@ class OffloadedExperts:
             k = regime(max(len(ent) for _, _, ent in jobs))
             self.cpu_scales[k] = smoothed(self.cpu_scales[k], call.busy_s, predicted)
 
-    def _cpu_part(self, l: int, x: torch.Tensor, w: list[float], K: int, jobs) -> CpuCall:
+    def _cpu_part(self, l: int, x: torch.Tensor, w: torch.Tensor, K: int, jobs) -> CpuCall:
         """Rows 0:r of each job's expert on the CPU, weighted and summed into [N, H] fp32 (pinned when a GPU
-        waits), handed over. jobs: (expert, r, flat (token, k) indices); w: the routing weights [N * K], flat.
-        Plain Python up to the kernel: each PyTorch op here would cost tens of microseconds beside the GPU
-        driver thread."""
+        waits), handed over. jobs: (expert, r, flat (token, k) indices: a list, or numpy from group_entries);
+        w: the routing weights [N * K] fp32, flat, on the host. Plain Python or numpy up to the kernel: each
+        PyTorch op here would cost tens of microseconds beside the GPU driver thread."""
         out = self._host.get("cpu_out", (x.shape[0], self.hidden), torch.float32)
         out.zero_()
-        cpu_jobs = [Job(e, [i // K for i in ent], [w[i] for i in ent], 0, r) for e, r, ent in jobs]
+        if isinstance(jobs[0][2], np.ndarray):
+            wf = w.numpy()
+            cpu_jobs = [Job(e, ent // K, wf[ent], 0, r) for e, r, ent in jobs]
+        else:
+            wl = w.tolist()
+            cpu_jobs = [Job(e, [i // K for i in ent], [wl[i] for i in ent], 0, r) for e, r, ent in jobs]
         return self.cpu.submit(self.host.data[l], x, cpu_jobs, out, spin=WAIT_SPIN if self.cuda else 0)
 
     def _to_host(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -409,3 +412,20 @@ class OffloadedExperts:
         if end.query():
             self.copy_scale = smoothed(self.copy_scale, start.elapsed_time(end) / 1e3, predicted)
 
+
+
+def group_entries(ids: torch.Tensor) -> dict[int, list[int] | np.ndarray]:
+    """A layer's routing entries by expert: expert -> its flat (token, k) indices, ascending. ids: [N, K] on the
+    host, ints or (from a packed transfer) exact fp32. No PyTorch ops: they would wake its thread pool beside
+    the CPU experts. Plain Python lists for decode's few entries; numpy arrays for a prompt's thousands (a
+    512-token Qwen3 prompt has 4,096 per layer: ~1 ms of Python each)."""
+    flat = ids.flatten()
+    if flat.numel() < BULK_ENTRIES:
+        entries: dict[int, list[int]] = {}
+        for i, e in enumerate(map(int, flat.tolist())):
+            entries.setdefault(e, []).append(i)
+        return entries
+    a = flat.numpy().astype(np.int64)
+    order = np.argsort(a, kind="stable")
+    experts, starts = np.unique(a[order], return_index=True)
+    return {int(e): idx for e, idx in zip(experts, np.split(order, starts[1:]))}

@@ -118,12 +118,12 @@ class Waves:
         G = min(MAX_GROUPS, self.slots.shape[0] - c0)
         # entries sorted by slot, then offs = cumulative entries per slot of the chunk (G of them: ~1,000 with
         # Qwen3's slots, so numpy, not a Python list): one transfer
-        ent = [i for slot in order for i in wave[slot][0]]
-        M = len(ent)
+        parts = [wave[slot][0] for slot in order]  # lists, or numpy from a prompt's bookkeeping
+        M = sum(len(e) for e in parts)
         buf = self._stage.get(self._waves, (M + G,), torch.int32)
         self._waves += 1
         meta_h = buf.numpy()  # numpy, not PyTorch ops: no dispatch on the path to the GPU
-        meta_h[:M] = ent
+        meta_h[:M] = [i for e in parts for i in e] if isinstance(parts[0], list) else np.concatenate(parts)
         counts = meta_h[M:]
         counts[:] = 0
         counts[np.array(order) - c0] = [len(wave[slot][0]) for slot in order]

@@ -42,10 +42,8 @@ def print_profile(p, cfg=None) -> None:
                  ("GPU memory", f"{p.gpu_bw / 1e9:.0f} GB/s"), ("GPU bf16 matmul", f"{p.gpu_flops / 1e12:.0f} TFLOP/s")]
     rows.append(("layer overhead", f"{p.layer_overhead_s * 1e3:.3f} ms"))
     if p.prefill_overhead_s:
-        from moeflow.perf.profile import PREFILL_TOKENS
-
         rows.append(("layer overhead, prefill", ", ".join(f"{t * 1e3:.3f} ms at {n} tokens"
-                                                          for n, t in zip(PREFILL_TOKENS, p.prefill_overhead_s))))
+                                                          for n, t in zip(p.prefill_tokens, p.prefill_overhead_s))))
     for key, e in p.experts.items():
         ms = lambda v: "/".join(f"{x * 1e3:.2f}" for x in v)  # noqa: E731
         rows.append((f"expert {key} CPU ms @ {'/'.join(map(str, e['tokens']))} tok", ms(e["cpu_s"])))

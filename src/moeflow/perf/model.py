@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import Budget, share_budget
 from moeflow.perf.costs import ExpertCosts
-from moeflow.perf.profile import PREFILL_K, PREFILL_TOKENS, HardwareProfile
+from moeflow.perf.profile import PREFILL_K, HardwareProfile
 from moeflow.policy import get_policy
 from moeflow.policy.placement import even_resident
 
@@ -162,10 +162,10 @@ def prefill_host_s(profile: HardwareProfile, tokens: int, top_k: int = PREFILL_K
     measured, the last piece extended. A decode step is one graph; a prefill's launches are eager, and the
     routing's bookkeeping and the GPU's grouped passes grow with the entries (Qwen3's 8 per token take ~4x
     Mixtral's 2 per token)."""
-    if len(profile.prefill_overhead_s) != len(PREFILL_TOKENS) or tokens <= 1:
+    if len(profile.prefill_overhead_s) != len(profile.prefill_tokens) or tokens <= 1:
         return 0.0
     pts = ((PREFILL_K, profile.layer_overhead_s),) + \
-        tuple((n * PREFILL_K, t) for n, t in zip(PREFILL_TOKENS, profile.prefill_overhead_s))
+        tuple((n * PREFILL_K, t) for n, t in zip(profile.prefill_tokens, profile.prefill_overhead_s))
     x = tokens * top_k
     i = next((i for i in range(1, len(pts)) if x <= pts[i][0]), len(pts) - 1)
     (a, ta), (b, tb) = pts[i - 1], pts[i]

@@ -30,7 +30,8 @@ from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, handoff_s, median_s, o
 PROFILE_VERSION = 1
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
 CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert call (scaling between shapes)
-PREFILL_TOKENS = (32, 512)  # the prompts whose per-layer host time the profile measures (prefill_overhead_s)
+PREFILL_TOKENS = (32, 512, 2048)  # the prompts whose per-layer host time the profile measures (prefill_overhead_s):
+                                  # 2048 x 2 routing entries, as many as a 512-token prompt of Qwen3's 8 per token
 PREFILL_K = 2               # experts per token of the model it measures them on (the tiny synthetic Mixtral)
 MANY = 4  # experts (at most) in the one-call CPU measurement that separates a call's fixed part
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -81,8 +82,9 @@ class HardwareProfile:
     host_read_bw_shared: float = 0.0  # CPU reads + host -> GPU copies while both run (they share host memory);
                                       # 0: not measured (the bound then takes the sum of the two rates)
     layer_overhead_s: float = 0.0  # host-side cost of one offloaded layer (sync, planning, launches)
-    prefill_overhead_s: tuple = ()  # the same in prefills of PREFILL_TOKENS tokens (eager launches, the
+    prefill_overhead_s: tuple = ()  # the same in prefills of prefill_tokens tokens (eager launches, the
                                     # routing's bookkeeping); empty: not measured
+    prefill_tokens: tuple = (32, 512)  # their prompts (profiles before 2026-12-02 07:00 measured these two)
     cpu_backend: str = CPU_BACKEND
     experts: dict = field(default_factory=dict)  # shape_key -> ExpertCosts.as_dict() (gpu_s = cpu_s without GPU)
     source: str = ""             # "measured <date>" or where the figures come from
@@ -370,6 +372,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
         figures["layer_overhead_s"], figures["prefill_overhead_s"] = _layer_overhead(dev, 8 if sizes.repeats < 3
                                                                                      else 32)
+        figures["prefill_tokens"] = PREFILL_TOKENS
         bar.update()
     finally:
         torch.set_num_threads(threads)
@@ -385,7 +388,10 @@ def _layer_overhead(dev, steps: int) -> tuple[float, tuple[float, ...]]:
     """The host-side cost of one offloaded layer, as the engine pays it, in decode and in prefills of each of
     PREFILL_TOKENS tokens: steps of the tiny synthetic Mixtral with every expert in a slot (policy gpu), whose
     GPU work is negligible, over its layers. It holds the per-layer sync for routing, the planning and every
-    launch of a decoder layer (a prefill's are eager, and its routing's bookkeeping grows with its tokens)."""
+    launch of a decoder layer (a prefill's are eager, and its routing's bookkeeping grows with its tokens).
+    A prefill's per-layer time is the slope between the tiny model at 4 and at 12 layers: a step's own host
+    work (the prompt's positions, sampling; it grows with the prompt) would otherwise count a quarter per layer,
+    where a real model spreads it over dozens."""
     import torch
 
     from moeflow.config import OffloadConfig
@@ -394,31 +400,42 @@ def _layer_overhead(dev, steps: int) -> tuple[float, tuple[float, ...]]:
     from moeflow.synthetic import build_synthetic
 
     cuda = dev.type == "cuda"
-    ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None, expert_device="cpu")
-    assert ck.cfg.num_experts_per_tok == PREFILL_K
-    engine = LLMEngine(ck, max_seqs=1, max_len=max(PREFILL_TOKENS) + steps + 16,
-                       offload=OffloadConfig(8 << 30, "gpu"))
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+
+    def engine(layers: int) -> tuple[LLMEngine, int]:
+        ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None,
+                             expert_device="cpu", overrides={"num_hidden_layers": layers})
+        assert ck.cfg.num_experts_per_tok == PREFILL_K
+        return LLMEngine(ck, max_seqs=1, max_len=max(PREFILL_TOKENS) + steps + 16,
+                         offload=OffloadConfig(8 << 30, "gpu")), layers
+
+    def prefills(eng: LLMEngine) -> list[float]:
+        def prompt(n):
+            list(eng.stream([3 + i % 64 for i in range(n)], SamplingParams(max_new_tokens=1, ignore_eos=True)))
+        return [median_s(lambda: prompt(n), sync, 3) for n in PREFILL_TOKENS]  # each after a warm-up
+
+    engines = []
     try:
-        seq = engine.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
-        engine.step()
-        engine.step()  # prefill, then one warm-up decode step
+        engines.append(engine(4))
+        eng, layers = engines[0]
+        seq = eng.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
+        eng.step()
+        eng.step()  # prefill, then one warm-up decode step
         t = time.perf_counter()
         for _ in range(steps):
-            engine.step()
+            eng.step()
         sync()
-        decode = (time.perf_counter() - t) / steps / ck.cfg.num_hidden_layers
+        decode = (time.perf_counter() - t) / steps / layers
         assert not seq.finished or seq.output_ids
         if not seq.finished:
-            engine.abort(seq)
-
-        def prompt(n):
-            list(engine.stream([3 + i % 64 for i in range(n)], SamplingParams(max_new_tokens=1, ignore_eos=True)))
-        prefill = tuple(median_s(lambda: prompt(n), sync, 3) / ck.cfg.num_hidden_layers  # after a warm-up
-                        for n in PREFILL_TOKENS)
-        return decode, prefill
+            eng.abort(seq)
+        few = prefills(eng)
+        engines.append(engine(12))
+        many = prefills(engines[1][0])
+        return decode, tuple(max(b - a, 0.0) / (12 - 4) for a, b in zip(few, many))
     finally:
-        engine.model.experts.close()
+        for eng, _ in engines:
+            eng.model.experts.close()
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device() if dev.index is None
                                                        else dev.index)
