@@ -484,3 +484,13 @@ def test_bench_latency_prediction_fields():
     d = predicted(ck, OffloadConfig(1 * GiB, "auto"), reference_profile(), 0.5, 32, 16)
     assert d["predicted_decode_tps"] > 0 and d["predicted_ttft_s"] > 0 and d["predicted_binding"]
     assert predicted(ck, OffloadConfig(1 * GiB, "auto"), None, 0.5, 32, 16) == {}
+
+
+def test_measured_times_never_fall_with_more_tokens():
+    """A point measured above a later one (noise: 4.1 ms at 1 token, 0.66 at 4 on a busy host) is capped by it;
+    rising series stay as measured."""
+    from moeflow.perf.costs import monotone
+
+    assert monotone([4.1, 0.66, 1.7, 2.1, 5.8]) == [0.66, 0.66, 1.7, 2.1, 5.8]
+    assert monotone([0.19, 0.16, 0.18, 0.17, 0.11]) == [0.11] * 5
+    assert monotone([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0] and monotone([]) == []
