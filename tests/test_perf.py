@@ -375,8 +375,9 @@ def test_dense_numel_matches_the_model(cfg):
 def test_profile_cache_and_refresh(cache):
     p, how = prof.get_profile(TINY, "cpu", sizes=prof.QUICK, progress=False)
     assert how == "measured" and not p.has_gpu and p.has_shape(TINY)
-    # a prefill's per-layer host time at each prompt measured, named with it (older profiles measured two)
-    assert p.prefill_tokens == prof.PREFILL_TOKENS and len(p.prefill_overhead_s) == len(prof.PREFILL_TOKENS)
+    # a prefill's per-layer host time at each prompt measured, named with it (quick sizes and older profiles:
+    # the first two)
+    assert p.prefill_tokens == prof.PREFILL_TOKENS[:2] and len(p.prefill_overhead_s) == 2
     assert all(t >= 0 for t in p.prefill_overhead_s)
     path = prof.profile_path("cpu")
     assert path.parent == cache and path.exists()
@@ -494,3 +495,13 @@ def test_measured_times_never_fall_with_more_tokens():
     assert monotone([4.1, 0.66, 1.7, 2.1, 5.8]) == [0.66, 0.66, 1.7, 2.1, 5.8]
     assert monotone([0.19, 0.16, 0.18, 0.17, 0.11]) == [0.11] * 5
     assert monotone([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0] and monotone([]) == []
+
+
+def test_isotonic_fit_of_the_prefill_points():
+    """Per-layer prefill host times, a difference of two timings, are fitted non-decreasing in the prompt:
+    a falling run becomes its mean, a rising series stays."""
+    from moeflow.perf.profile import isotonic
+
+    assert isotonic([2.32, 3.96, 2.36]) == pytest.approx([2.32, 3.16, 3.16])
+    assert isotonic([5.0, 1.0, 3.0]) == pytest.approx([3.0, 3.0, 3.0])
+    assert isotonic([1.0, 2.0, 2.0, 4.0]) == [1.0, 2.0, 2.0, 4.0] and isotonic([]) == []
