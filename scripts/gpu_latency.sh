@@ -23,12 +23,19 @@
 #              auto copying whole a miss the cache would keep (0.05: only where any whole copy would be)
 #   probe      scripts/cpu_cost_probe.py: one Mixtral expert on the CPU timed the ways the profile and the engine do
 #   amx        the AMX blocking (MOEFLOW_AMX_DOWN_ROWS / GU_HIDDEN / GU_ROWS) at 16-256 tokens, Mixtral shape
+#   ab         scripts/amx_ab.py: the tile units' rate, then the AMX prefetch modes side by side (AB_TOKENS, Mixtral
+#              and Qwen3 shapes)
+# Each latency stage ends with `bench model-accuracy` on its JSON (the run's own predictions): *-accuracy.json/png.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 D=.carry/data
 NEW=${NEW_TOKENS:-128}
+accuracy() {  # a latency JSON -> its accuracy table, JSON and plot beside it
+  [ -f "$1" ] && python3 -m moeflow bench model-accuracy --results "$1" --out "${1%.json}-accuracy.json" \
+    --plot "${1%.json}-accuracy.png" 2>&1 | grep -E "│|within"
+}
 mixtral() {  # budget, extra args
   python3 -m moeflow bench latency --model synthetic:mixtral-8x7b --budgets "$1" --policies "${POLICIES:-auto,fiddler,lru}" \
     --prompts $D/mt_bench.jsonl $([ "${ROUTING:-both}" = native ] || echo "--routing-trace $D/mixtral-8x7b-instruct.humaneval.jsonl \
@@ -39,15 +46,17 @@ for stage in "$@"; do
   case $stage in
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_offload.py \
              tests/test_cpu_experts.py tests/test_offload.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
-    mixtral24) mixtral 24GiB --out "$OUT/latency-mixtral-24GiB.json" ;;
-    mixtral76) mixtral 76GiB --out "$OUT/latency-mixtral-76GiB.json" ;;
-    mixtral) mixtral 24GiB,76GiB --out "$OUT/latency-mixtral-24GiB-76GiB.json" ;;
+    mixtral24) mixtral 24GiB --out "$OUT/latency-mixtral-24GiB.json"; accuracy "$OUT/latency-mixtral-24GiB.json" ;;
+    mixtral76) mixtral 76GiB --out "$OUT/latency-mixtral-76GiB.json"; accuracy "$OUT/latency-mixtral-76GiB.json" ;;
+    mixtral) mixtral 24GiB,76GiB --out "$OUT/latency-mixtral-24GiB-76GiB.json"
+             accuracy "$OUT/latency-mixtral-24GiB-76GiB.json" ;;
     baseline) python3 -m moeflow bench latency --model synthetic:mixtral-8x7b --budgets 24GiB --policies auto \
                 --prompts $D/mt_bench.jsonl --new-tokens 16 --baseline-tokens "${BASELINE_TOKENS:-8}" \
                 --out "$OUT/latency-baseline.json" 2>&1 | tee "$OUT/latency-baseline.log" ;;
     qwen16) python3 -m moeflow bench latency --model synthetic:qwen3-30b-a3b --budgets 16GiB \
               --policies "${POLICIES:-auto,fiddler,lru}" --prompts $D/mt_bench.jsonl --new-tokens "$NEW" --runs "${RUNS:-1}" \
-              --out "$OUT/latency-qwen3-16GiB.json" 2>&1 | tee "$OUT/latency-qwen3-16GiB.log" ;;
+              --out "$OUT/latency-qwen3-16GiB.json" 2>&1 | tee "$OUT/latency-qwen3-16GiB.log"
+            accuracy "$OUT/latency-qwen3-16GiB.json" ;;
     profile) python3 scripts/profile_decode.py synthetic:mixtral-8x7b --gpu-memory "${PROFILE_BUDGETS:-76GiB,24GiB}" \
                --policy "${PROFILE_POLICY:-auto}" --steps 16 --prefill 512 > "$OUT/profile.txt" 2>&1
              grep -E "ms/token|tok/s|^auto|cpu_scale|bound|prefill of" "$OUT/profile.txt" ;;
@@ -82,6 +91,10 @@ for stage in "$@"; do
              cpu-experts --shapes mixtral --tokens 16,64,256 --kernel amx --torch-max-tokens 0 --reps 5 \
              --out "$OUT/amx-$1-$2-$3.json" 2>&1 | grep native:amx
          done ;;
+    ab) for shape in mixtral qwen3; do
+          python3 scripts/amx_ab.py --shape $shape --tokens "${AB_TOKENS:-16,64,256}" --modes 0,1 --reps 21 \
+            --out "$OUT/amx-ab-$shape.json"
+        done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
