@@ -531,9 +531,10 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
     return std::max(ta, tb);
 }
 
-// Seconds of `threads` threads each running iters rounds of four tile dot products (32768 flops each), with
-// no operand loads (loads = 0) or four per round from a per-thread buffer of span bytes: the tile unit's peak,
-// and what feeding it from L1 or L2 leaves. -2 where this CPU has no AMX.
+// Seconds of `threads` threads each running iters rounds of four tile dot products (32768 flops each), their
+// operands loaded from a per-thread buffer of span bytes (L1- or L2-sized): never (loads 0: the tile units'
+// peak), four before the four products (1), in the AMX path's order (2), and with its sums stored and reloaded
+// every 16 rounds (3). -2 where this CPU has no AMX.
 double moe_amx_peak(int threads, int64_t iters, int loads, int64_t span) {
     if (!((cpu_features() & 4) && amx_permitted())) return -2;
     std::lock_guard<std::mutex> lock(g_call);

@@ -168,8 +168,9 @@ class NativeKernel:
         return self.lib.moe_amx_prefetch(mode)
 
     def amx_peak(self, threads: int, loads: int = 0, span: int = 4096, iters: int = 200_000) -> float:
-        """FLOP/s of `threads` threads running tile dot products alone (loads 0) or with four tile loads per
-        four products from a buffer of span bytes each (L1- or L2-sized): the AMX units' ceiling; 0 without AMX."""
+        """FLOP/s of `threads` threads running tile dot products alone (loads 0: the AMX units' ceiling) or fed
+        from a buffer of span bytes each (L1- or L2-sized): four loads per four products (1), in the AMX path's
+        order (2), with its sums stored and reloaded every 16 rounds (3). 0 without AMX."""
         s = self.lib.moe_amx_peak(threads, iters, loads, span)
         return threads * iters * 4 * 32768 / s if s > 0 else 0.0
 

@@ -413,7 +413,6 @@ class OffloadedExperts:
             self.copy_scale = smoothed(self.copy_scale, start.elapsed_time(end) / 1e3, predicted)
 
 
-
 def group_entries(ids: torch.Tensor) -> dict[int, list[int] | np.ndarray]:
     """A layer's routing entries by expert: expert -> its flat (token, k) indices, ascending. ids: [N, K] on the
     host, ints or (from a packed transfer) exact fp32. No PyTorch ops: they would wake its thread pool beside
