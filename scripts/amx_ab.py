@@ -1,9 +1,9 @@
-"""Side by side on one host: the AMX path's software-prefetch modes (moe_amx_prefetch: 0 none, 1 a few lines
-per k-step), interleaved call by call so the host's drift (its read ceiling moved
-85-119 GB/s between runs of one call) hits every mode alike. One call = one Mixtral layer (K experts, n tokens
-each), the next K experts of a >1 GB pool each time.
+"""Side by side on one host: the AMX path's read-ahead modes (moe_amx_prefetch: 0 none, 1 software prefetches
+a few lines per k-step, 2 the next gate/up slice copied into a second tile buffer meanwhile), interleaved call by
+call so the host's drift (its read ceiling moved 85-119 GB/s between runs of one call) hits every mode alike.
+One call = one Mixtral layer (K experts, n tokens each), the next K experts of a >1 GB pool each time.
 
-    PYTHONPATH=src python3 scripts/amx_ab.py --tokens 16,64,256 --modes 0,1 --reps 15 --out ab.json
+    PYTHONPATH=src python3 scripts/amx_ab.py --tokens 16,64,256 --modes 0,1,2 --reps 15 --out ab.json
 
 First the tile units' own rate (moe_amx_peak): dot products alone, then with operand loads from an L1- or L2-sized
 buffer (1: four loads before four products; 2: the kernel's order; 3: also its sums stored and reloaded every 16
@@ -24,7 +24,7 @@ from moeflow.experts.cpu import CpuExperts
 p = argparse.ArgumentParser()
 p.add_argument("--shape", default="mixtral")
 p.add_argument("--tokens", default="16,64,256")
-p.add_argument("--modes", default="0,1")
+p.add_argument("--modes", default="0,1,2")
 p.add_argument("--reps", type=int, default=15)
 p.add_argument("--out")
 a = p.parse_args()

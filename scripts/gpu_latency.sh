@@ -23,7 +23,7 @@
 #              auto copying whole a miss the cache would keep (0.05: only where any whole copy would be)
 #   probe      scripts/cpu_cost_probe.py: one Mixtral expert on the CPU timed the ways the profile and the engine do
 #   amx        the AMX blocking (MOEFLOW_AMX_DOWN_ROWS / GU_HIDDEN / GU_ROWS) at 16-256 tokens, Mixtral shape
-#   ab         scripts/amx_ab.py: the tile units' rate, then the AMX prefetch modes side by side (AB_TOKENS, Mixtral
+#   ab         scripts/amx_ab.py: the tile units' rate, then the AMX read-ahead modes side by side (AB_TOKENS, Mixtral
 #              and Qwen3 shapes)
 # Each latency stage ends with `bench model-accuracy` on its JSON (the run's own predictions): *-accuracy.json/png.
 set -uo pipefail
@@ -92,7 +92,7 @@ for stage in "$@"; do
              --out "$OUT/amx-$1-$2-$3.json" 2>&1 | grep native:amx
          done ;;
     ab) for shape in mixtral qwen3; do
-          python3 scripts/amx_ab.py --shape $shape --tokens "${AB_TOKENS:-16,64,256}" --modes 0,1 --reps 21 \
+          python3 scripts/amx_ab.py --shape $shape --tokens "${AB_TOKENS:-16,64,256}" --modes 0,1,2 --reps 21 \
             --out "$OUT/amx-ab-$shape.json"
         done ;;
     *) echo "unknown stage $stage"; exit 2 ;;

@@ -172,7 +172,7 @@ static TileConfig full_tiles() {  // every tile 16 rows x 64 bytes
 }
 
 // The AMX blocking, in k-steps of 32 (moe_experts' amx_* arguments). Per-thread buffers, in KiB:
-// gate/up 2 * gu_tiles * (gu_steps + groups), down (DOWN_COLS / 16) * (down_steps + groups).
+// gate/up 2 * gu_tiles * (2 * gu_steps + groups) (two weight buffers), down (DOWN_COLS / 16) * (down_steps + groups).
 struct AmxBlocking {
     int down_steps;  // down: k-steps (32 rows of down_t) repacked per chunk
     int gu_steps;    // gate/up: k-steps (32 of H) copied per slice
@@ -181,7 +181,7 @@ struct AmxBlocking {
 static const int DOWN_COLS = 256;  // down: columns per chunk (a thread's columns: Mixtral's H / 16 threads)
 
 static size_t amx_scratch_bytes(const AmxBlocking& b, int groups) {
-    const size_t gu = (size_t)2 * b.gu_tiles * (b.gu_steps + groups);
+    const size_t gu = (size_t)2 * b.gu_tiles * (2 * b.gu_steps + groups);
     const size_t down = (size_t)(DOWN_COLS / 16) * (b.down_steps + groups);
     return std::max(gu, down) * 1024;
 }
@@ -205,11 +205,13 @@ static void pack_tokens(const Job& j, const float* x, int g, int H) {
         }
 }
 
-// The AMX path's software prefetch of the next weights: 0 none (the hardware prefetchers alone), 1 a few lines
-// per k-step. MOEFLOW_AMX_PREFETCH at load; moe_amx_prefetch sets it (scripts/amx_ab.py runs both side by side).
+// How the AMX path reads the next weights ahead: 0 not at all (the hardware prefetchers alone), 1 software
+// prefetches, a few lines per k-step, 2 gate/up copies the next slice into a second tile buffer during this one
+// (down prefetches as 1). MOEFLOW_AMX_PREFETCH at load; moe_amx_prefetch sets it (scripts/amx_ab.py runs the
+// modes side by side).
 static std::atomic<int> amx_prefetch{[] {
     const char* e = std::getenv("MOEFLOW_AMX_PREFETCH");
-    return e ? std::clamp(std::atoi(e), 0, 1) : 1;
+    return e ? std::clamp(std::atoi(e), 0, 2) : 1;
 }()};
 
 #pragma GCC push_options
@@ -561,9 +563,9 @@ double moe_amx_peak(int threads, int64_t iters, int loads, int64_t span) {
     return now_s() - t;
 }
 
-// Sets the AMX path's prefetch mode (0 or 1; another value leaves it) and returns the one before.
+// Sets the AMX path's read-ahead mode (0-2; another value leaves it) and returns the one before.
 int moe_amx_prefetch(int mode) {
-    return mode == 0 || mode == 1 ? amx_prefetch.exchange(mode) : amx_prefetch.load();
+    return mode >= 0 && mode <= 2 ? amx_prefetch.exchange(mode) : amx_prefetch.load();
 }
 
 // The same from a router's choice: ids [N, K] int64 (an id outside 0..E-1 is skipped), weights [N, K] fp32.
