@@ -164,8 +164,8 @@ class NativeKernel:
 
     def amx_prefetch(self, mode: int = -1) -> int:
         """How the AMX path reads the next weights ahead (0 not at all, 1 software prefetches spread over the
-        k-steps, 2 gate/up copies the next slice into a second tile buffer meanwhile): sets it where mode is
-        0-2, returns the one before."""
+        k-steps, 2 the next weights copied (gate/up) or repacked (down) into a second tile buffer meanwhile):
+        sets it where mode is 0-2, returns the one before."""
         return self.lib.moe_amx_prefetch(mode)
 
     def amx_peak(self, threads: int, loads: int = 0, span: int = 4096, iters: int = 200_000) -> float:
