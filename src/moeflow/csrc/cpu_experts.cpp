@@ -546,7 +546,7 @@ double moe_amx_peak(int threads, int64_t iters, int loads, int64_t span) {
     const size_t bytes = std::max<size_t>((size_t)span, 4096) + 64;
     for (auto& b : bufs) {
         b.reset(new char[bytes]);
-        uint32_t r = 12345;  // random bf16 in about [-2, 2]: the tile unit's power (so clock) follows its data
+        uint32_t r = 12345;  // random bf16 in about [-2, 2], as weights are (not one repeated value)
         for (size_t i = 0; i + 2 <= bytes; i += 2) {
             r = r * 1664525u + 1013904223u;
             const bf16 v = f2bf(((int)(r >> 8) % 4096 - 2048) / 1024.0f);

@@ -126,7 +126,7 @@ class Waves:
         meta_h[:M] = [i for e in parts for i in e] if isinstance(parts[0], list) else np.concatenate(parts)
         counts = meta_h[M:]
         counts[:] = 0
-        counts[np.array(order) - c0] = [len(wave[slot][0]) for slot in order]
+        counts[np.array(order) - c0] = [len(e) for e in parts]
         np.cumsum(counts, out=counts)
         if static:
             meta = self.meta_s[:M + G]

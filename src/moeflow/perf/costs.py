@@ -175,7 +175,9 @@ def one_and_fixed(one: Callable[[], object], many: tuple[int, Callable[[], objec
 
 
 def monotone(times: list[float]) -> list[float]:
-    """Each time capped by every later one (times by rising token count)."""
+    """Each time capped by every later one (times by rising token count). Fewer tokens on the same expert never
+    take longer (the same weights, less arithmetic), and noise only adds time: a point above a later one is the
+    host's (a run of 2026-12-02 measured 4.1 ms at 1 token and 0.66 at 4)."""
     out = list(times)
     for i in range(len(out) - 2, -1, -1):
         out[i] = min(out[i], out[i + 1])
@@ -219,10 +221,6 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
         sync()
         xg = xc.to(dev)
         gpu_s.append(median_s(lambda: gpu_ffn(xg, slot), sync, repeats))
-    # fewer tokens on the same expert never take longer (the same weights, less arithmetic): a point above a
-    # later one is the host's noise (a run of 2026-12-02 measured 4.1 ms at 1 token and 0.66 at 4), so each
-    # point is at most the ones after it
-    cpu_s, gpu_s = monotone(cpu_s), monotone(gpu_s)
     if copy_stream is None:
         copy_s = median_s(copy_in, sync, repeats)
     else:  # timed on the copy engine with events, while the CPU computes an expert beside it
@@ -257,10 +255,10 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
     x1 = torch.randn(1, hidden, dtype=dtype)
     many = (cpu_many[0], lambda: cpu_many[1](x1)) if cpu_many is not None else None
     t1, fixed = one_and_fixed(lambda: cpu_ffn(x1, next_block()), many, repeats)
-    alone = 1.0
-    if copy_stream is not None:  # the speed in a layer that copies nothing, as a fraction of beside copies
-        alone = min(t1 / cpu_s[0], 1.0)
-    else:  # no copies: both measure the same; the one timed in turns with the m-expert call goes with it
+    if copy_stream is None:  # no copies: both measure the same; the one timed in turns with the m-expert call
         cpu_s[0] = t1
+    cpu_s, gpu_s = monotone(cpu_s), monotone(gpu_s)
+    # the speed in a layer that copies nothing, as a fraction of beside copies
+    alone = min(t1 / cpu_s[0], 1.0) if copy_stream is not None else 1.0
     return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(gpu_s), copy_s, latency, cpu_fixed_s=fixed,
                        cpu_alone=alone, copy_launch_s=launch_s)
