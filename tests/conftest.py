@@ -130,6 +130,7 @@ def check_grouped_passes(device: str, monkeypatch) -> None:
     backend = OffloadedExperts(store, torch.device(device), pol, pol.split(16, 2, 8, 2),
                                [(layer, e) for layer in range(2) for e in range(8)])
     backend.waves.grouped = True
+    backend.waves.per_token = 1.0  # a workspace with room for one entry per token (real shapes have 1.8-4.5)
     passes, real = [], W.wave_ops
     monkeypatch.setattr(W, "wave_ops", lambda out, x, w, meta, M, *a: (passes.append(M), real(out, x, w, meta, M, *a)))
     local = LocalExperts(store.to(device))

@@ -309,6 +309,26 @@ def test_a_large_wave_runs_in_grouped_passes():
     assert c.gpu_wave([(8, 1.0)] * 9, tokens=72) == pytest.approx((0.4 + 9 * 0.6) * MS)  # a 72-token step: one
 
 
+def test_a_grouped_pass_fits_the_steps_workspace():
+    """The pass cap from the workspace: a pass of grouped_cap(N) entries beside the layer's live tensors never
+    needs more than the workspace of an N-token step, and it is larger where an entry is small (Qwen3's 4,096
+    entries of a 512-token prompt: two passes; they took eight at one entry per token)."""
+    from moeflow.engine.budget import pass_entries_per_token, pass_entry_bytes, workspace_bytes
+    from moeflow.perf.costs import grouped_cap
+
+    for cfg in (MIXTRAL, QWEN):
+        for b in (2, 4):
+            per = pass_entries_per_token(cfg, b)
+            live = b * 4 * cfg.hidden_size + 8 * cfg.hidden_size + 4 * cfg.num_experts
+            for n in (1, 7, 64, 512, 4096):
+                cap = grouped_cap(n, per)
+                assert cap * pass_entry_bytes(cfg, b) + n * live <= workspace_bytes(cfg, n, b), (cfg, b, n)
+    assert len(grouped_passes([32] * 128, grouped_cap(512, pass_entries_per_token(QWEN, 2)))) == 2
+    assert pass_entries_per_token(QWEN, 2) > pass_entries_per_token(MIXTRAL, 2) > 1.0
+    c = replace(flat_costs(), gpu_fixed_s=0.4 * MS, pass_per_token=2.0)
+    assert c.gpu_wave([(8, 1.0)] * 9, tokens=36) == pytest.approx((0.4 + 9 * 0.6) * MS)  # 72 entries, room for 72
+
+
 def test_grouped_passes_cut_in_order():
     assert grouped_passes([30, 30, 10, 64, 1], 64) == [[0, 1], [2], [3], [4]]
     assert grouped_passes([100, 5], 64) == [[0], [1]]   # an expert on more entries than the cap goes alone

@@ -15,13 +15,35 @@ from moeflow.policy.base import OffloadPolicy, SlotSplit
 WORKSPACE_FIXED = 384 << 20  # allocator slack, cuBLAS workspaces (one per stream), CUDA-graph pools, small buffers
 
 
-def workspace_bytes(cfg: ModelConfig, step_tokens: int, itemsize: int) -> int:
-    """Activations of one step of `step_tokens` tokens: hidden-sized buffers, one expert's intermediate
-    activations, attention projections, fp32 accumulators (a generous per-token count)."""
+def workspace_per_token(cfg: ModelConfig, itemsize: int) -> int:
+    """Activations per token of a step: hidden-sized buffers, one expert's intermediate activations, attention
+    projections, fp32 accumulators (a generous count)."""
     H, I = cfg.hidden_size, cfg.expert_intermediate_size
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-    per_token = itemsize * (16 * H + 4 * I + 2 * qkv) + 4 * 4 * H + 4 * cfg.vocab_size // 64
-    return WORKSPACE_FIXED + step_tokens * per_token
+    return itemsize * (16 * H + 4 * I + 2 * qkv) + 4 * 4 * H + 4 * cfg.vocab_size // 64
+
+
+def workspace_bytes(cfg: ModelConfig, step_tokens: int, itemsize: int) -> int:
+    """Activations of one step of `step_tokens` tokens."""
+    return WORKSPACE_FIXED + step_tokens * workspace_per_token(cfg, itemsize)
+
+
+def pass_entry_bytes(cfg: ModelConfig, itemsize: int) -> int:
+    """GPU bytes one routing entry holds at the peak of a grouped pass (experts/waves.py wave_ops): its token's
+    row gathered [H], the gate/up output [2I], SiLU(gate) and the activations [I] each, the expert's output [H],
+    its weighted fp32 copy [H] and two int64 indices."""
+    H, I = cfg.hidden_size, cfg.expert_intermediate_size
+    return itemsize * (2 * H + 4 * I) + 4 * H + 16
+
+
+def pass_entries_per_token(cfg: ModelConfig, itemsize: int) -> float:
+    """Routing entries per token of a step that one grouped pass of the GPU's experts may hold: the workspace's
+    bytes per token less what the layer keeps beside the pass (hidden states in and out, the fp32 accumulator
+    and the CPU's share, the router's logits), over an entry's. At least 1: the workspace always held one
+    expert's activations on every token. Qwen3-30B-A3B: 4.5 (a 512-token prompt's 4,096 entries in two passes
+    instead of eight); Mixtral-8x7B: 1.8."""
+    live = itemsize * 4 * cfg.hidden_size + 4 * 2 * cfg.hidden_size + 4 * cfg.num_experts
+    return max((workspace_per_token(cfg, itemsize) - live) / pass_entry_bytes(cfg, itemsize), 1.0)
 
 
 def step_workspace(cfg: ModelConfig, kv_bytes: int, step_tokens: int, itemsize: int, max_seqs: int = 1) -> int:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
+from moeflow.engine.budget import pass_entries_per_token
 from moeflow.experts.cpu import CpuCall, CpuExperts, Job, default_threads
 from moeflow.experts.local import block_ffn
 from moeflow.experts.store import ExpertStore, HostBuffers, expert_rows
@@ -200,7 +201,7 @@ class OffloadedExperts:
         n_slots = len(resident) + split.cache
         # zeros, not empty: a split expert's slot keeps stale rows that must be finite (see Waves.run)
         self.slots = torch.zeros(n_slots, cfg.expert_numel, dtype=host.data.dtype, device=self.device)  # [S, 3IH]
-        self.waves = Waves(self.slots, self.inter, graphs)
+        self.waves = Waves(self.slots, self.inter, graphs, pass_entries_per_token(cfg, host.data.element_size()))
         self.cache = SlotCache(resident, split, len(host.layers), eviction or policy.eviction, prior)
         for i, (l, e) in enumerate(resident):
             self.slots[i].copy_(host.data[l, e], non_blocking=True)

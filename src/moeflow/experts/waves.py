@@ -16,10 +16,10 @@ import torch
 
 from moeflow.experts.local import can_group, grouped_ffn, partial_ffn
 from moeflow.experts.store import HostBuffers, expert_rows
-from moeflow.perf.costs import GROUPED_MAX_ENTRIES, grouped_passes
+from moeflow.perf.costs import grouped_cap, grouped_passes
 
-# Waves run as grouped GEMMs in passes of at most max(GROUPED_MAX_ENTRIES, the step's tokens) entries: a pass
-# holds every entry's intermediate activations at once, and the workspace holds one expert's on every token.
+# Waves run as grouped GEMMs in passes of at most grouped_cap(the step's tokens, per_token) entries: a pass
+# holds every entry's intermediate activations at once, and the workspace holds per_token entries' per token.
 # Layers of up to this many entries (N * K: decode, small batches) replay graphs, one per (N, K, M, chunk), at
 # most GRAPH_MAX_SHAPES of them (others run eagerly).
 GRAPH_MAX_ENTRIES = 16
@@ -45,9 +45,9 @@ class Waves:
     """Runs a layer's waves over the expert slots [S, 3IH] and keeps, per slot, the event after its last use
     (a copy into the slot waits for it)."""
 
-    def __init__(self, slots: torch.Tensor, inter: int, graphs: bool = True):
+    def __init__(self, slots: torch.Tensor, inter: int, graphs: bool = True, per_token: float = 1.0):
         S, H = slots.shape[0], slots.shape[1] // (3 * inter)
-        self.slots, self.inter, self.hidden = slots, inter, H
+        self.slots, self.inter, self.hidden, self.per_token = slots, inter, H, per_token
         self.gate_up = slots[:, :2 * inter * H].view(S, 2 * inter, H)   # views for the grouped GEMMs
         self.down_t = slots[:, 2 * inter * H:].view(S, inter, H)
         self.grouped = can_group(slots)
@@ -101,7 +101,7 @@ class Waves:
             self.w_s[:N * K].copy_(weights.flatten())
             self._layer = (x, weights, out, K, static, True)
         order = sorted(wave)
-        cap = max(GROUPED_MAX_ENTRIES, x.shape[0])
+        cap = grouped_cap(x.shape[0], self.per_token)
         for c0 in sorted({slot // MAX_GROUPS * MAX_GROUPS for slot in order}):
             chunk = [slot for slot in order if c0 <= slot < c0 + MAX_GROUPS]
             passes = grouped_passes([len(wave[s][0]) for s in chunk], cap) if self.grouped else [range(len(chunk))]

@@ -23,10 +23,15 @@ if TYPE_CHECKING:  # the cost model itself needs no torch; only measuring does
 
 TOKEN_POINTS = (1, 4, 16, 64, 256)
 # A wave's experts run as grouped GEMMs, one pass with one set of launches, in passes of at most this many
-# entries (token, expert pairs) or the step's tokens, whichever is more: a pass holds all its entries'
-# intermediate activations at once, and the workspace holds those of one expert on every token of the step
-# (experts/waves.py, engine/budget.py).
+# entries (token, expert pairs) or what the step's workspace holds, whichever is more: a pass holds all its
+# entries' intermediate activations at once (experts/waves.py, engine/budget.py pass_entries_per_token).
 GROUPED_MAX_ENTRIES = 64
+
+
+def grouped_cap(tokens: int, per_token: float = 1.0) -> int:
+    """Entries one grouped pass may hold in a step of `tokens` tokens, where the workspace has room for
+    `per_token` entries per token."""
+    return max(GROUPED_MAX_ENTRIES, int(tokens * per_token))
 
 
 def grouped_passes(sizes: list[int], cap: int) -> list[list[int]]:
@@ -67,6 +72,7 @@ class ExpertCosts:
     cpu_alone: float = 1.0     # CPU time with no copy beside it, as a fraction of cpu_s (measured at 1 token)
     gpu_fixed_s: float = 0.0   # of each gpu_s, a wave's fixed part (its launches; paid once per wave)
     copy_launch_s: float = 0.0  # host time to launch one copy (the transfer and its event)
+    pass_per_token: float = 1.0  # entries per token of a step one grouped pass holds (the model's, not measured)
 
     def cpu(self, n: int, f: float = 1.0) -> float:
         """One expert alone (or its fraction f) on the CPU."""
@@ -98,7 +104,7 @@ class ExpertCosts:
     def gpu_wave(self, jobs: list[tuple[int, float]], tokens: int = 1) -> float:
         """One wave of experts on the GPU, jobs (tokens n, fraction f), in a step of `tokens` tokens: each
         grouped pass its fixed part once, each expert its own time less that part."""
-        passes = grouped_passes([n for n, _ in jobs], max(GROUPED_MAX_ENTRIES, tokens))
+        passes = grouped_passes([n for n, _ in jobs], grouped_cap(tokens, self.pass_per_token))
         return sum(self.gpu_fixed_s + sum(max(self.gpu(jobs[i][0]) - self.gpu_fixed_s, 0.0) * jobs[i][1]
                                           for i in p) for p in passes)
 

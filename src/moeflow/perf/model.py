@@ -23,10 +23,10 @@ tokens, G = generated tokens, b = bytes per weight.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from moeflow.config import ModelConfig
-from moeflow.engine.budget import Budget, share_budget
+from moeflow.engine.budget import Budget, pass_entries_per_token, share_budget
 from moeflow.perf.costs import ExpertCosts
 from moeflow.perf.profile import PREFILL_K, HardwareProfile
 from moeflow.policy import get_policy
@@ -200,7 +200,9 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
                            cfg.kv_bytes_per_token(b) * max_len, max_len, b)
     except MoeflowError as e:
         return LatencyPrediction(policy, error=str(e))
-    costs = (costs or profile.expert_costs(cfg, dtype_name)).with_gpu_bytes(cfg.expert_numel * b, profile.gpu_bw)
+    costs = replace((costs or profile.expert_costs(cfg, dtype_name)).with_gpu_bytes(cfg.expert_numel * b,
+                                                                                    profile.gpu_bw),
+                    pass_per_token=pass_entries_per_token(cfg, b))
     split = bud.split
     counts = hit_rate_or_placement if isinstance(hit_rate_or_placement, (list, tuple)) or \
         hasattr(hit_rate_or_placement, "tolist") else None
