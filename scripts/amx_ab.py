@@ -1,7 +1,7 @@
-"""Side by side on one host: the AMX path's read-ahead modes (moe_amx_prefetch: 0 none, 1 software prefetches
-a few lines per k-step, 2 the next weights copied (gate/up) or repacked (down) into a second tile buffer
-meanwhile), interleaved call by call so the host's drift (its read ceiling moved 85-119 GB/s between runs of one
-call) hits every mode alike.
+"""Side by side on one host: the AMX path's weight-reading modes (moe_amx_prefetch: 0 weights copied into tiles
+slice by slice, 1 the same with software prefetches of the next slice, a few lines per k-step, 2 as 1 with
+gate/up's tiles loaded straight from the weights), interleaved call by call so the host's drift (its read
+ceiling moved 85-119 GB/s between runs of one call) hits every mode alike.
 One call = one Mixtral layer (K experts, n tokens each), the next K experts of a >1 GB pool each time.
 
     PYTHONPATH=src python3 scripts/amx_ab.py --tokens 16,64,256 --modes 0,1,2 --reps 15 --out ab.json

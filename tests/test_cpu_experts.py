@@ -159,7 +159,7 @@ def test_amx_blocking_moves_no_sum(kernel, threads):
         outs.append(ce(data, x, jobs))
     before = ce.native.amx_prefetch()
     try:
-        for mode in (0, 1, 2):  # reading ahead (prefetched or copied) only moves reads earlier
+        for mode in (0, 1, 2):  # prefetched, or gate/up read in place: the same products in the same order
             ce.native.amx_prefetch(mode)
             assert ce.native.amx_prefetch() == mode
             for blocking in (native.AMX_BLOCKING, (32, 32, 16)):

@@ -172,8 +172,7 @@ static TileConfig full_tiles() {  // every tile 16 rows x 64 bytes
 }
 
 // The AMX blocking, in k-steps of 32 (moe_experts' amx_* arguments). Per-thread buffers, in KiB:
-// gate/up 2 * gu_tiles * (2 * gu_steps + groups), down (DOWN_COLS / 16) * (2 * down_steps + groups) (two weight
-// buffers each, for amx_prefetch 2).
+// gate/up 2 * gu_tiles * (gu_steps + groups), down (DOWN_COLS / 16) * (down_steps + groups).
 struct AmxBlocking {
     int down_steps;  // down: k-steps (32 rows of down_t) repacked per chunk
     int gu_steps;    // gate/up: k-steps (32 of H) copied per slice
@@ -182,8 +181,8 @@ struct AmxBlocking {
 static const int DOWN_COLS = 256;  // down: columns per chunk (a thread's columns: Mixtral's H / 16 threads)
 
 static size_t amx_scratch_bytes(const AmxBlocking& b, int groups) {
-    const size_t gu = (size_t)2 * b.gu_tiles * (2 * b.gu_steps + groups);
-    const size_t down = (size_t)(DOWN_COLS / 16) * (2 * b.down_steps + groups);
+    const size_t gu = (size_t)2 * b.gu_tiles * (b.gu_steps + groups);
+    const size_t down = (size_t)(DOWN_COLS / 16) * (b.down_steps + groups);
     return std::max(gu, down) * 1024;
 }
 
@@ -206,10 +205,11 @@ static void pack_tokens(const Job& j, const float* x, int g, int H) {
         }
 }
 
-// How the AMX path reads the next weights ahead: 0 not at all (the hardware prefetchers alone), 1 software
-// prefetches, a few lines per k-step, 2 the next slice (gate/up) or chunk (down) copied or repacked into a second
-// tile buffer during this one. MOEFLOW_AMX_PREFETCH at load; moe_amx_prefetch sets it (scripts/amx_ab.py runs the
-// modes side by side).
+// How the AMX path reads its weights: 0 copied (gate/up) or repacked (down) into tiles slice by slice, the
+// next slice left to the hardware prefetchers; 1 the same with software prefetches of the next slice, a few
+// lines per k-step; 2 as 1, but gate/up tiles load straight from the weights (strided; no copy). A copy-ahead
+// into a second buffer (2026-12-02) ran at 0.86-0.98x of no prefetch and is gone. MOEFLOW_AMX_PREFETCH at
+// load; moe_amx_prefetch sets it (scripts/amx_ab.py runs the modes side by side).
 static std::atomic<int> amx_prefetch{[] {
     const char* e = std::getenv("MOEFLOW_AMX_PREFETCH");
     return e ? std::clamp(std::atoi(e), 0, 2) : 1;

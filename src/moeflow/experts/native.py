@@ -163,9 +163,9 @@ class NativeKernel:
         return n
 
     def amx_prefetch(self, mode: int = -1) -> int:
-        """How the AMX path reads the next weights ahead (0 not at all, 1 software prefetches spread over the
-        k-steps, 2 the next weights copied (gate/up) or repacked (down) into a second tile buffer meanwhile):
-        sets it where mode is 0-2, returns the one before."""
+        """How the AMX path reads its weights (0 copied into tiles slice by slice, 1 the same with software
+        prefetches of the next slice spread over the k-steps, 2 as 1 with gate/up's tiles loaded straight from
+        the weights, no copy): sets it where mode is 0-2, returns the one before."""
         return self.lib.moe_amx_prefetch(mode)
 
     def amx_peak(self, threads: int, loads: int = 0, span: int = 4096, iters: int = 200_000) -> float:
