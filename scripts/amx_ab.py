@@ -35,6 +35,7 @@ modes = [int(m) for m in a.modes.split(",")]
 ce = CpuExperts(kernel="amx")
 ce.torch_from_tokens = 0
 assert ce.kernel == "amx", f"needs the AMX kernel (got {ce.kernel})"
+default = ce.native.amx_prefetch()  # put back at the end
 turn, result = 0, {"shape": shape.name, "threads": ce.threads, "rows": []}
 peaks = {}
 for threads in (1, ce.threads):
@@ -70,7 +71,7 @@ for n in (int(t) for t in a.tokens.split(",")):
         result["rows"].append(row)
         print(f"tokens {n:4d} mode {m}: {med * 1e3:7.2f} ms/layer, {row['tflops']:.3f} TFLOP/s, "
               f"speed against mode {modes[0]} x{ratio:.3f}", flush=True)
-ce.native.amx_prefetch(1)
+ce.native.amx_prefetch(default)
 if a.out:
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)

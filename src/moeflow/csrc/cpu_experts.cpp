@@ -207,12 +207,14 @@ static void pack_tokens(const Job& j, const float* x, int g, int H) {
 
 // How the AMX path reads its weights: 0 copied (gate/up) or repacked (down) into tiles slice by slice, the
 // next slice left to the hardware prefetchers; 1 the same with software prefetches of the next slice, a few
-// lines per k-step; 2 as 1, but gate/up tiles load straight from the weights (strided; no copy). A copy-ahead
-// into a second buffer (2026-12-02) ran at 0.86-0.98x of no prefetch and is gone. MOEFLOW_AMX_PREFETCH at
+// lines per k-step; 2 (default) as 1, but gate/up tiles load straight from the weights (strided; no copy): 1.23x
+// mode 1 at 16 tokens per Mixtral expert, 1.16x at 64, 1.06x at 256 (Qwen3: 1.09x at 64, 0.98x at 256;
+// scripts/amx_ab.py on the H200 host, 2026-12-02). A copy-ahead into a second buffer ran at 0.86-0.98x of mode 0
+// and is gone. MOEFLOW_AMX_PREFETCH at
 // load; moe_amx_prefetch sets it (scripts/amx_ab.py runs the modes side by side).
 static std::atomic<int> amx_prefetch{[] {
     const char* e = std::getenv("MOEFLOW_AMX_PREFETCH");
-    return e ? std::clamp(std::atoi(e), 0, 2) : 1;
+    return e ? std::clamp(std::atoi(e), 0, 2) : 2;
 }()};
 
 #pragma GCC push_options
