@@ -30,8 +30,6 @@ def print_profile(p, cfg=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from moeflow.perf.profile import PREFILL_K
-
     t = Table(title=f"{p.host}: {p.cpu_model} ({p.cpu_threads} threads) + {p.gpu_name or 'no GPU'}")
     t.add_column("figure")
     t.add_column("value", justify="right")
@@ -46,10 +44,6 @@ def print_profile(p, cfg=None) -> None:
     if p.prefill_overhead_s:
         rows.append(("layer overhead, prefill", ", ".join(f"{t * 1e3:.3f} ms at {n} tokens"
                                                           for n, t in zip(p.prefill_tokens, p.prefill_overhead_s))))
-    for key, over in p.prefill_routing.items():  # "ExK": the tiny model routed as such a model
-        k = int(key.split("x")[1])
-        rows.append((f"... routed {key.replace('x', ' experts, ')} per token", ", ".join(
-            f"{t * 1e3:.3f} ms at {max(n * PREFILL_K // k, 1)} tokens" for n, t in zip(p.prefill_tokens, over))))
     for key, e in p.experts.items():
         ms = lambda v: "/".join(f"{x * 1e3:.2f}" for x in v)  # noqa: E731
         rows.append((f"expert {key} CPU ms @ {'/'.join(map(str, e['tokens']))} tok", ms(e["cpu_s"])))

@@ -156,19 +156,16 @@ def host_read_bw(profile: HardwareProfile) -> float:
     return profile.host_read_bw_shared or profile.cpu_read_bw + profile.h2d_bw
 
 
-def prefill_host_s(profile: HardwareProfile, tokens: int, top_k: int = PREFILL_K, experts: int = 0) -> float:
+def prefill_host_s(profile: HardwareProfile, tokens: int, top_k: int = PREFILL_K) -> float:
     """The host's time in an offloaded layer of a `tokens`-token prefill with `top_k` experts per token beyond a
     decode layer's: piecewise linear in the layer's routing entries (tokens x top_k) between the prompts
     measured, the last piece extended. A decode step is one graph; a prefill's launches are eager, and the
     routing's bookkeeping and the GPU's grouped passes grow with the entries (Qwen3's 8 per token take ~4x
-    Mixtral's 2 per token). Measured at this routing (`experts`, top_k) where the profile has it, else on the
-    tiny model's (PREFILL_ROUTING), which knows nothing of a model's many experts."""
-    measured = profile.prefill_routing.get(f"{experts}x{top_k}")
-    over, k = (measured, top_k) if measured else (profile.prefill_overhead_s, PREFILL_K)
-    if len(over) != len(profile.prefill_tokens) or tokens <= 1:
+    Mixtral's 2 per token)."""
+    if len(profile.prefill_overhead_s) != len(profile.prefill_tokens) or tokens <= 1:
         return 0.0
-    # the prompts' entries: prefill_tokens x PREFILL_K on either model (profile.py measure_profile)
-    pts = ((k, profile.layer_overhead_s),) + tuple((n * PREFILL_K, t) for n, t in zip(profile.prefill_tokens, over))
+    pts = ((PREFILL_K, profile.layer_overhead_s),) + \
+        tuple((n * PREFILL_K, t) for n, t in zip(profile.prefill_tokens, profile.prefill_overhead_s))
     x = tokens * top_k
     i = next((i for i in range(1, len(pts)) if x <= pts[i][0]), len(pts) - 1)
     (a, ta), (b, tb) = pts[i - 1], pts[i]
@@ -256,7 +253,7 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
             mass = sum(shares[e] for e in top) or 1.0
             n_tok = {e: round(prompt_len * K * shares[e] / mass) if e in top else 0 for e in range(len(shares))}
         dense = dense_gpu_s(cfg, profile, layer, prompt_len, prompt_len, b, causal_prefill=True)
-        host = prefill_host_s(profile, prompt_len, K, cfg.num_experts)
+        host = prefill_host_s(profile, prompt_len, K)
         used = sorted((e for e, n in n_tok.items() if n), key=lambda e: (e not in res, -n_tok[e]))
         held = sum(e in res for e in used) + per_layer_cache if prefill_hit is None else prefill_hit * len(used)
         lo = int(held)

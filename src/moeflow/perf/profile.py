@@ -33,7 +33,6 @@ CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert ca
 PREFILL_TOKENS = (32, 512, 2048)  # the prompts whose per-layer host time the profile measures (prefill_overhead_s):
                                   # 2048 x 2 routing entries, as many as a 512-token prompt of Qwen3's 8 per token
 PREFILL_K = 2               # experts per token of the model it measures them on (the tiny synthetic Mixtral)
-PREFILL_ROUTING = (8, PREFILL_K)  # its experts, experts per token; other routings are measured apart
 MANY = 4  # experts (at most) in the one-call CPU measurement that separates a call's fixed part
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -62,10 +61,6 @@ def shape_key(cfg: ModelConfig, dtype_name: str = "bfloat16") -> str:
     return f"{cfg.hidden_size}x{cfg.expert_intermediate_size}:{dtype_name}"
 
 
-def routing_key(cfg: ModelConfig) -> str:
-    return f"{cfg.num_experts}x{cfg.num_experts_per_tok}"
-
-
 @dataclass(frozen=True)
 class HardwareProfile:
     """Rates in bytes/s and FLOP/s, times in seconds, sizes in bytes. GPU fields are 0 without a GPU."""
@@ -90,9 +85,6 @@ class HardwareProfile:
     prefill_overhead_s: tuple = ()  # the same in prefills of prefill_tokens tokens (eager launches, the
                                     # routing's bookkeeping); empty: not measured
     prefill_tokens: tuple = (32, 512)  # their prompts (profiles before 2026-12-02 07:00 measured these two)
-    # routing_key -> the same measured on the tiny model routed as such a model (E experts, K per token), at
-    # prefill_tokens x PREFILL_K / K tokens (as many routing entries); PREFILL_ROUTING's is prefill_overhead_s
-    prefill_routing: dict = field(default_factory=dict)
     cpu_backend: str = CPU_BACKEND
     experts: dict = field(default_factory=dict)  # shape_key -> ExpertCosts.as_dict() (gpu_s = cpu_s without GPU)
     source: str = ""             # "measured <date>" or where the figures come from
@@ -138,11 +130,6 @@ class HardwareProfile:
     # -- expert costs --------------------------------------------------------------------------------
     def has_shape(self, cfg: ModelConfig, dtype_name: str = "bfloat16") -> bool:
         return shape_key(cfg, dtype_name) in self.experts
-
-    def has_routing(self, cfg: ModelConfig) -> bool:
-        """Whether the prefill overhead at cfg's routing is here, or nothing to measure it against is."""
-        return (cfg.num_experts, cfg.num_experts_per_tok) == PREFILL_ROUTING or not self.prefill_overhead_s or \
-            routing_key(cfg) in self.prefill_routing
 
     def expert_costs(self, cfg: ModelConfig, dtype_name: str = "bfloat16") -> ExpertCosts:
         """ExpertCosts for cfg's expert shape: as measured, or scaled from the nearest measured shape (work and
@@ -274,33 +261,27 @@ QUICK = Sizes(mem_bytes=8 << 20, link_bytes=4 << 20, matmul_n=256, cpu_matmul_n=
 def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "bfloat16", sizes: Sizes = Sizes(),
                     progress: bool = True, base: HardwareProfile | None = None,
                     cpu_ffn: Callable | None = None) -> HardwareProfile:
-    """Measure this machine for cfg's expert shape and routing. With `base` (a cached profile of this machine),
-    only what it lacks for cfg is measured and added to it: the expert shape, the prefill overhead at cfg's
-    routing. cpu_ffn(x, block) times another CPU expert kernel than the engine's (default: cpu_expert_ffn)."""
+    """Measure this machine for cfg's expert shape. With `base` (a cached profile of this machine), only the
+    expert shape is measured and added to it. cpu_ffn(x, block) times another CPU expert kernel than the
+    engine's (default: cpu_expert_ffn)."""
     import torch
     from tqdm import tqdm
 
     from moeflow.bench.ceilings import concurrent_host_read, memory_bandwidth
     from moeflow.config import parse_dtype
     from moeflow.engine.offload import CPU_THREADS
+    from moeflow.experts.local import block_ffn
+    from moeflow.synthetic import RandomFiller
 
     cuda = device != "cpu" and torch.cuda.is_available()
     dev = torch.device(device if cuda else "cpu")
     dtype = parse_dtype(dtype_name)
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
-    quick = sizes.repeats < 3
-    prefill_tokens = base.prefill_tokens if base else PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS
-    key, routing = routing_key(cfg), (cfg.num_experts, cfg.num_experts_per_tok)
-    # the tiny model routed as cfg: at each prompt of prefill_tokens, as many routing entries
-    routed = routing != PREFILL_ROUTING and not (base and (key in base.prefill_routing or not base.prefill_overhead_s))
-    routed_tokens = tuple(max(n * PREFILL_K // routing[1], 1) for n in prefill_tokens)
-    new_shape = not (base and base.has_shape(cfg, dtype_name))
-    steps = (["CPU expert"] if new_shape else []) + (["prefill overhead, routed"] if routed else []) if base else \
+    steps = ["CPU expert"] if base else \
         ["CPU memory", "CPU matmul", "CPU expert"] + (["links", "GPU memory", "GPU matmul"] if cuda else []) + \
-        ["layer overhead"] + (["prefill overhead, routed"] if routed else [])
+        ["layer overhead"]
     bar = tqdm(total=len(steps), desc="profiling", unit="step", disable=not progress)
     figures: dict = {}
-    experts = dict(base.experts) if base else {}
     threads = torch.get_num_threads()
     if cuda:  # measured as the engine runs: one core left to the thread that drives the GPU
         torch.set_num_threads(max(CPU_THREADS - 1, 1))
@@ -318,17 +299,48 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             figures["cpu_flops"] = 2 * n**3 / median_s(lambda: a @ b, lambda: None, sizes.repeats)
             bar.update()
 
-        if new_shape:
-            step("CPU expert")
-            experts[shape_key(cfg, dtype_name)] = _measure_expert(cfg, dev, dtype, sizes, cpu_ffn)
-            bar.update()
-        prefill_routing = dict(base.prefill_routing) if base else {}
-        if routed and base:
-            step("prefill overhead, routed")
-            prefill_routing[key] = list(_layer_overhead(dev, 8, routed_tokens, 3 if quick else 5, routing)[1])
-            bar.update()
+        step("CPU expert")
+        H, I = cfg.hidden_size, cfg.expert_intermediate_size
+        n_blocks = max(2, min(256, -(-sizes.expert_pool_bytes // cfg.expert_bytes(dtype))))
+        blocks = torch.empty(n_blocks, cfg.expert_numel, dtype=dtype, pin_memory=cuda)  # [B, 3IH]
+        RandomFiller(torch.device("cpu"), dtype, numel=blocks.numel()).fill(blocks)
+        engine_cpu = None if cpu_ffn else engine_cpu_experts()
+        ffn = cpu_ffn or engine_cpu.expert
+        # the fixed part of a call: m experts in one call against one alone (the engine's kernel only); a big
+        # expert's pool holds few blocks (Mixtral: 3 of 352 MB), but m of them outgrow the caches anyway
+        m = min(MANY, n_blocks - 1)
+        many = (m, engine_cpu.many(m, blocks)) if engine_cpu and m >= 2 else None
+        if cuda:
+            from moeflow.perf.costs import measure_costs
+
+            slot = torch.empty(cfg.expert_numel, dtype=dtype, device=dev)
+            costs = measure_costs(lambda i: blocks[i], I, H, n_blocks, slot, ffn, block_ffn(I), sizes.repeats,
+                                  copy_stream=torch.cuda.Stream(dev), cpu_many=many)
+            slot = None
+        else:
+            turn = iter(range(1 << 30))
+            cpu_s = []
+            for n in TOKEN_POINTS:
+                x = torch.randn(n, H, dtype=dtype)
+                cpu_s.append(median_s(lambda: ffn(x, blocks[next(turn) % n_blocks]), lambda: None, sizes.repeats))
+            x1, fixed = torch.randn(1, H, dtype=dtype), 0.0
+            if many:  # as measure_costs: one alone and m in one call, in turns
+                cpu_s[0], fixed = one_and_fixed(lambda: ffn(x1, blocks[next(turn) % n_blocks]),
+                                                (m, lambda: many[1](x1)), sizes.repeats)
+            costs = ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0, cpu_fixed_s=fixed)
+        if engine_cpu is not None:  # the engine's own hand-over (its kernel's thread, or its worker thread)
+            call = engine_cpu.handoff_s()
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(1) as pool:
+                call = handoff_s(pool)
+        expert = _plain(replace(costs, cpu_call_s=call))
+        blocks = None  # free the pool before the link measurements
+        bar.update()
         if base:
-            return replace(base, experts=experts, prefill_routing=prefill_routing)
+            bar.close()
+            return replace(base, experts=base.experts | {shape_key(cfg, dtype_name): expert})
 
         if cuda:
             step("links")
@@ -358,72 +370,22 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         step("layer overhead")
         if cuda:
             torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
-        figures["prefill_tokens"] = prefill_tokens
+        quick = sizes.repeats < 3
+        figures["prefill_tokens"] = PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS
         figures["layer_overhead_s"], figures["prefill_overhead_s"] = _layer_overhead(
-            dev, 8 if quick else 32, prefill_tokens, 3 if quick else 5)
+            dev, 8 if quick else 32, figures["prefill_tokens"], 3 if quick else 5)
         bar.update()
-        if routed:
-            step("prefill overhead, routed")
-            prefill_routing[key] = list(_layer_overhead(dev, 8, routed_tokens, 3 if quick else 5, routing)[1])
-            bar.update()
     finally:
         torch.set_num_threads(threads)
         bar.close()
     return HardwareProfile(
         host=socket.gethostname(), cpu_model=cpu_model(), cpu_threads=os.cpu_count() or 1,
-        host_memory=_host_memory(), experts=experts, prefill_routing=prefill_routing,
+        host_memory=_host_memory(), experts={shape_key(cfg, dtype_name): expert},
         source=f"measured {time.strftime('%Y-%m-%d %H:%M')}" + ("" if sizes == Sizes() else " (quick sizes)"),
         **figures)
 
 
-def _measure_expert(cfg: ModelConfig, dev, dtype, sizes: Sizes, cpu_ffn: Callable | None) -> dict:
-    """CPU (and, with a GPU, copy and GPU) costs of one expert of cfg's shape, by token count."""
-    import torch
-
-    from moeflow.experts.local import block_ffn
-    from moeflow.synthetic import RandomFiller
-
-    cuda = dev.type == "cuda"
-    H, I = cfg.hidden_size, cfg.expert_intermediate_size
-    n_blocks = max(2, min(256, -(-sizes.expert_pool_bytes // cfg.expert_bytes(dtype))))
-    blocks = torch.empty(n_blocks, cfg.expert_numel, dtype=dtype, pin_memory=cuda)  # [B, 3IH]
-    RandomFiller(torch.device("cpu"), dtype, numel=blocks.numel()).fill(blocks)
-    engine_cpu = None if cpu_ffn else engine_cpu_experts()
-    ffn = cpu_ffn or engine_cpu.expert
-    # the fixed part of a call: m experts in one call against one alone (the engine's kernel only); a big
-    # expert's pool holds few blocks (Mixtral: 3 of 352 MB), but m of them outgrow the caches anyway
-    m = min(MANY, n_blocks - 1)
-    many = (m, engine_cpu.many(m, blocks)) if engine_cpu and m >= 2 else None
-    if cuda:
-        from moeflow.perf.costs import measure_costs
-
-        slot = torch.empty(cfg.expert_numel, dtype=dtype, device=dev)
-        costs = measure_costs(lambda i: blocks[i], I, H, n_blocks, slot, ffn, block_ffn(I), sizes.repeats,
-                              copy_stream=torch.cuda.Stream(dev), cpu_many=many)
-        slot = None
-    else:
-        turn = iter(range(1 << 30))
-        cpu_s = []
-        for n in TOKEN_POINTS:
-            x = torch.randn(n, H, dtype=dtype)
-            cpu_s.append(median_s(lambda: ffn(x, blocks[next(turn) % n_blocks]), lambda: None, sizes.repeats))
-        x1, fixed = torch.randn(1, H, dtype=dtype), 0.0
-        if many:  # as measure_costs: one alone and m in one call, in turns
-            cpu_s[0], fixed = one_and_fixed(lambda: ffn(x1, blocks[next(turn) % n_blocks]),
-                                            (m, lambda: many[1](x1)), sizes.repeats)
-        costs = ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0, cpu_fixed_s=fixed)
-    if engine_cpu is not None:  # the engine's own hand-over (its kernel's thread, or its worker thread)
-        call = engine_cpu.handoff_s()
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(1) as pool:
-            call = handoff_s(pool)
-    return _plain(replace(costs, cpu_call_s=call))  # the pool of blocks goes before the link measurements
-
-
-def _layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int,
-                    routing: tuple[int, int] | None = None) -> tuple[float, tuple[float, ...]]:
+def _layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int) -> tuple[float, tuple[float, ...]]:
     """The host-side cost of one offloaded layer, as the engine pays it, in decode and in prefills of each of
     `tokens` tokens (medians of `repeats`): steps of the tiny synthetic Mixtral with every expert in a slot
     (policy gpu), whose GPU work is negligible, over its layers. It holds the per-layer sync for routing, the
@@ -432,9 +394,7 @@ def _layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int,
     A prefill's per-layer time is the slope between the tiny model at 4 and at 20 layers: a step's own host
     work (the prompt's positions, sampling; it grows with the prompt) would otherwise count a quarter per layer,
     where a real model spreads it over dozens. A difference of two timings is noisy both ways (a run of
-    2026-12-02 gave 3.96 ms at 512 tokens and 2.37 at 2048): the points are fitted non-decreasing in tokens.
-    routing (experts, experts per token): the tiny model routed so instead of PREFILL_ROUTING (a model's many
-    experts cost the host per expert and per grouped pass: Qwen3's 128 experts, 8 per token)."""
+    2026-12-02 gave 3.96 ms at 512 tokens and 2.37 at 2048): the points are fitted non-decreasing in tokens."""
     import torch
 
     from moeflow.config import OffloadConfig
@@ -446,13 +406,11 @@ def _layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int,
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
 
     def engine(layers: int) -> tuple[LLMEngine, int]:
-        E, K = routing or PREFILL_ROUTING
-        max_len = max(tokens) + steps + 16
-        ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None, expert_device="cpu",
-                             overrides={"num_hidden_layers": layers, "num_local_experts": E, "num_experts_per_tok": K,
-                                        "max_position_embeddings": max(max_len, 4096)})
-        budget = max(8 << 30, 2 * ck.store.data.nbytes + (2 << 30))  # every expert in a slot, however many
-        return LLMEngine(ck, max_seqs=1, max_len=max_len, offload=OffloadConfig(budget, "gpu")), layers
+        ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None,
+                             expert_device="cpu", overrides={"num_hidden_layers": layers})
+        assert ck.cfg.num_experts_per_tok == PREFILL_K
+        return LLMEngine(ck, max_seqs=1, max_len=max(tokens) + steps + 16,
+                         offload=OffloadConfig(8 << 30, "gpu")), layers
 
     def prefills(eng: LLMEngine) -> list[float]:
         def prompt(n):
@@ -511,7 +469,7 @@ def get_profile(cfg: ModelConfig, device: str = "cuda", refresh: bool = False, d
     Returns (profile, what happened: "cached" | "measured" | "added shape")."""
     name = local_device_name(device)
     cached = None if refresh else cached_profile(name)
-    if cached is not None and cached.has_shape(cfg, dtype_name) and cached.has_routing(cfg):
+    if cached is not None and cached.has_shape(cfg, dtype_name):
         return cached, "cached"
     profile = measure_profile(cfg, device, dtype_name, sizes, progress, base=cached)
     profile.save(profile_path(name))
