@@ -93,10 +93,11 @@ def bench_cpu_experts(shapes: list[str], tokens: list[int], reps: int, threads: 
     if native.kernel == "amx":  # the tile units' ceiling: products alone, and fed as the kernel feeds them from L2
         meta["amx_peak_tflops"] = native.native.amx_peak(native.threads) / 1e12
         meta["amx_fed_tflops"] = native.native.amx_peak(native.threads, loads=3, span=1 << 20) / 1e12
+        meta["amx_read_mode"] = native.native.amx_prefetch()  # MOEFLOW_AMX_PREFETCH
     print(f"CPU read ceiling {ceiling / 1e9:.1f} GB/s; native kernel {native.kernel} on {native.threads} threads; "
           f"PyTorch on {torch.get_num_threads()} threads" + (
-              f"; AMX {meta['amx_peak_tflops']:.1f} TFLOP/s alone, {meta['amx_fed_tflops']:.1f} fed from L2"
-              if "amx_peak_tflops" in meta else ""))
+              f"; AMX {meta['amx_peak_tflops']:.1f} TFLOP/s alone, {meta['amx_fed_tflops']:.1f} fed from L2, "
+              f"read mode {meta['amx_read_mode']}" if "amx_peak_tflops" in meta else ""))
     backends = [("native:" + native.kernel, native)] if native.kernel != "torch" else []
     if native.kernel == "amx":  # the vector path beside it: where the tiles start to pay
         backends.append(("native:avx512", CpuExperts(threads=threads, kernel="avx512")))
