@@ -184,10 +184,10 @@ def test_the_prompt_shape_spreads_the_prefill_tokens(monkeypatch):
                         or real(pol, costs, inter, misses, *a, **k))
     p, costs = toy_profile(), flat_costs()
 
-    def prefill_misses(shape):
+    def prefill_misses(shape, used=None):
         seen.clear()
         pred = predict_latency(TINY, p, 1 * GiB, "fiddler", 0.0, 64, 16, costs=costs, prefill_hit=0.0,
-                               prefill_shape=shape)
+                               prefill_shape=shape, prefill_used=used)
         return pred, {tuple(m) for m, tokens in seen if tokens == 64}
 
     even, even_misses = prefill_misses(None)
@@ -198,6 +198,11 @@ def test_the_prompt_shape_spreads_the_prefill_tokens(monkeypatch):
     assert skewed_misses == {(4, 4, 40, 40, 40)}
     on_cpu = get_policy("fiddler").plan({0: 40, 1: 40, 2: 40, 3: 4, 4: 4}, costs, 512, 8)
     assert sorted(on_cpu.values()) == [0, 0, 0, 512, 512] and skewed.ttft_s != even.ttft_s
+    # averaged over layers, the ranks past the experts a layer used hold fractions (an expert 7th in some
+    # layers only): the measured experts per layer take the prompt's tokens, not the tail rounded up
+    tail = [20.0, 20.0, 20.0, 2.0, 2.0, 0.6, 0.6, 0.6]
+    assert [len(m) for m in prefill_misses(tail)[1]] == [8]          # three experts too many
+    assert prefill_misses(tail, used=5)[1] == skewed_misses == {(4, 4, 40, 40, 40)}
 
 
 def test_predict_latency_cpu_policy_by_hand():

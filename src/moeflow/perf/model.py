@@ -245,9 +245,12 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
         # one more with probability c - floor(c); or, measured, the share prefill_hit of the experts used.
         by_share = sorted(range(len(shares)), key=lambda e: -shares[e])
         if prefill_shape:
-            scale = prompt_len * K / (sum(prefill_shape) or 1.0)
-            n_tok = dict.fromkeys(range(len(shares)), 0) | \
-                {e: round(c * scale) for e, c in zip(by_share, prefill_shape)}
+            # the shape's ranks averaged over layers have a tail of fractions (an expert ranked 40th in some
+            # layers only): the measured experts per layer take the tokens, else rounding would count that tail
+            # as experts used (Qwen3: ~49 per layer where 29 were)
+            shape = prefill_shape[:max(round(prefill_used), 1)] if prefill_used else prefill_shape
+            scale = prompt_len * K / (sum(shape) or 1.0)
+            n_tok = dict.fromkeys(range(len(shares)), 0) | {e: round(c * scale) for e, c in zip(by_share, shape)}
         else:
             top = by_share[:max(round(prefill_used), 1)] if prefill_used else by_share
             mass = sum(shares[e] for e in top) or 1.0
