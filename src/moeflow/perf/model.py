@@ -215,6 +215,13 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
     lat = profile.h2d_latency_s
 
     max_copies = max(int(split.cache // L if split.per_layer else split.cache), 1 if split.cache else 0)
+    host = prefill_host_s(profile, prompt_len, K)
+    if prefill_shape:
+        # the shape's ranks averaged over layers have a tail of fractions (an expert ranked 40th in some layers
+        # only): the measured experts per layer take the tokens, else rounding would count that tail as experts
+        # used (Qwen3: ~49 per layer where 29 were)
+        shape = prefill_shape[:max(round(prefill_used), 1)] if prefill_used else prefill_shape
+        scale = prompt_len * K / (sum(shape) or 1.0)
 
     token, ttft, hits = ZERO, 0.0, 0.0
     for li, layer in enumerate(cfg.moe_layers):
@@ -245,18 +252,12 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
         # one more with probability c - floor(c); or, measured, the share prefill_hit of the experts used.
         by_share = sorted(range(len(shares)), key=lambda e: -shares[e])
         if prefill_shape:
-            # the shape's ranks averaged over layers have a tail of fractions (an expert ranked 40th in some
-            # layers only): the measured experts per layer take the tokens, else rounding would count that tail
-            # as experts used (Qwen3: ~49 per layer where 29 were)
-            shape = prefill_shape[:max(round(prefill_used), 1)] if prefill_used else prefill_shape
-            scale = prompt_len * K / (sum(shape) or 1.0)
             n_tok = dict.fromkeys(range(len(shares)), 0) | {e: round(c * scale) for e, c in zip(by_share, shape)}
         else:
             top = by_share[:max(round(prefill_used), 1)] if prefill_used else by_share
             mass = sum(shares[e] for e in top) or 1.0
             n_tok = {e: round(prompt_len * K * shares[e] / mass) if e in top else 0 for e in range(len(shares))}
         dense = dense_gpu_s(cfg, profile, layer, prompt_len, prompt_len, b, causal_prefill=True)
-        host = prefill_host_s(profile, prompt_len, K)
         used = sorted((e for e, n in n_tok.items() if n), key=lambda e: (e not in res, -n_tok[e]))
         held = sum(e in res for e in used) + per_layer_cache if prefill_hit is None else prefill_hit * len(used)
         lo = int(held)
