@@ -405,22 +405,22 @@ def _layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int) -> t
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
 
-    def engine(layers: int) -> tuple[LLMEngine, int]:
+    def engine(layers: int) -> LLMEngine:
         ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None,
                              expert_device="cpu", overrides={"num_hidden_layers": layers})
         assert ck.cfg.num_experts_per_tok == PREFILL_K
-        return LLMEngine(ck, max_seqs=1, max_len=max(tokens) + steps + 16,
-                         offload=OffloadConfig(8 << 30, "gpu")), layers
+        return LLMEngine(ck, max_seqs=1, max_len=max(tokens) + steps + 16, offload=OffloadConfig(8 << 30, "gpu"))
 
     def prefills(eng: LLMEngine) -> list[float]:
         def prompt(n):
             list(eng.stream([3 + i % 64 for i in range(n)], SamplingParams(max_new_tokens=1, ignore_eos=True)))
         return [median_s(lambda: prompt(n), sync, repeats) for n in tokens]  # each after a warm-up
 
+    few_layers, many_layers = 4, 20
     engines = []
     try:
-        engines.append(engine(4))
-        eng, layers = engines[0]
+        engines.append(engine(few_layers))
+        eng = engines[0]
         seq = eng.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
         eng.step()
         eng.step()  # prefill, then one warm-up decode step
@@ -428,16 +428,16 @@ def _layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int) -> t
         for _ in range(steps):
             eng.step()
         sync()
-        decode = (time.perf_counter() - t) / steps / layers
+        decode = (time.perf_counter() - t) / steps / few_layers
         assert not seq.finished or seq.output_ids
         if not seq.finished:
             eng.abort(seq)
         few = prefills(eng)
-        engines.append(engine(20))
-        many = prefills(engines[1][0])
-        return decode, tuple(isotonic([max(b - a, 0.0) / (20 - 4) for a, b in zip(few, many)]))
+        engines.append(engine(many_layers))
+        many = prefills(engines[1])
+        return decode, tuple(isotonic([max(b - a, 0.0) / (many_layers - few_layers) for a, b in zip(few, many)]))
     finally:
-        for eng, _ in engines:
+        for eng in engines:
             eng.model.experts.close()
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device() if dev.index is None
