@@ -23,7 +23,7 @@
 #              auto copying whole a miss the cache would keep (0.05: only where any whole copy would be)
 #   probe      scripts/cpu_cost_probe.py: one Mixtral expert on the CPU timed the ways the profile and the engine do
 #   amx        the AMX blocking (MOEFLOW_AMX_DOWN_ROWS / GU_HIDDEN / GU_ROWS) at 16-256 tokens, Mixtral shape
-#   ab         scripts/amx_ab.py: the tile units' rate, then the AMX read-ahead modes side by side (AB_TOKENS, Mixtral
+#   ab         scripts/amx_ab.py: the tile units' rate, then the AMX read modes side by side (AB_TOKENS, Mixtral
 #              and Qwen3 shapes)
 # Each latency stage ends with `bench model-accuracy` on its JSON (the run's own predictions): *-accuracy.json/png.
 set -uo pipefail
