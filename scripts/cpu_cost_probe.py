@@ -36,6 +36,20 @@ def spread(name: str, times: list[float], per: int = 1) -> None:
           f"(ms per expert, {len(ms)} calls)", flush=True)
 
 
+def locked_experts(shape: str, n: int) -> tuple[torch.Tensor, CpuExperts, int, int]:
+    """n random experts of a preset's shape, page-locked where CUDA is (as the engine's store is), and the
+    engine's CPU backend with its threads: (data [n, 3IH] bf16, cpu, H, I)."""
+    cfg = PRESETS[shape]
+    H = cfg["hidden_size"]
+    I = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    data = torch.empty(n, 3 * I * H, dtype=torch.bfloat16)
+    data.normal_(0, 0.02)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        assert int(torch.cuda.cudart().cudaHostRegister(data.data_ptr(), data.numel() * 2, 0)) == 0
+    return data, CpuExperts(threads=default_threads(reserve=1 if cuda else 0)), H, I
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--experts", type=int, default=16)
@@ -44,15 +58,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
-    cfg = PRESETS["mixtral-8x7b"]
-    H, I = cfg["hidden_size"], cfg["intermediate_size"]
-    E, numel = a.experts, 3 * I * H
-    data = torch.empty(E, numel, dtype=torch.bfloat16)
-    data.normal_(0, 0.02)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        assert int(torch.cuda.cudart().cudaHostRegister(data.data_ptr(), data.numel() * 2, 0)) == 0
-    cpu = CpuExperts(threads=default_threads(reserve=1 if cuda else 0))
+    data, cpu, H, I = locked_experts("mixtral-8x7b", a.experts)
+    E, numel, cuda = a.experts, data.shape[1], torch.cuda.is_available()
     print({"kernel": cpu.kernel, "threads": cpu.threads, "torch_threads": torch.get_num_threads(), "experts": E})
     xf, xb = torch.randn(1, H), torch.randn(1, H, dtype=torch.bfloat16)
     turn = iter(range(1 << 30))

@@ -3,7 +3,8 @@
 # Needs .carry/data with mt_bench.jsonl, the Mixtral routing trace and a placement made from it:
 #   moeflow profile-experts --model synthetic:mixtral-8x7b --trace .carry/data/mixtral-8x7b-instruct.humaneval.jsonl \
 #       --out .carry/data/mixtral-trace-placement.json
-# Usage: [NEW_TOKENS=128] [RUNS=1] [ROUTING=native] [AMX_SWEEP='R H G,...'] bash scripts/gpu_latency.sh STAGE...   (RUNS: decode runs per row, median)
+# Usage: [NEW_TOKENS=128] [RUNS=1] [REPEAT=1] [ROUTING=native] [AMX_SWEEP='R H G,...'] bash scripts/gpu_latency.sh STAGE...   (RUNS: decode runs per row, median;
+#   REPEAT: all rows again this many times, in turn; model-accuracy compares medians)
 # with stages
 #   tests      the GPU tests, the CPU kernel's tests and the offloading tests (the native hand-over, AMX here)
 #   mixtral24  Mixtral-8x7B at 24 GiB: auto, fiddler, lru; native routing and the trace replayed
@@ -22,6 +23,8 @@
 #   keep       Qwen3-30B-A3B at 16 GiB, auto and fiddler, at each MOEFLOW_KEEP_SLACK of KEEPS (default "0.05 0.25"):
 #              auto copying whole a miss the cache would keep (0.05: only where any whole copy would be)
 #   probe      scripts/cpu_cost_probe.py: one Mixtral expert on the CPU timed the ways the profile and the engine do
+#   prefillcpu scripts/prefill_cpu_probe.py: m experts of n prompt tokens in one CPU call (a prefill's), Qwen3 and
+#              Mixtral shapes
 #   amx        the AMX blocking (MOEFLOW_AMX_DOWN_ROWS / GU_HIDDEN / GU_ROWS) at 16-256 tokens, Mixtral shape
 #   ab         scripts/amx_ab.py: the tile units' rate, then the AMX read modes side by side (AB_TOKENS, Mixtral
 #              and Qwen3 shapes)
@@ -39,7 +42,7 @@ accuracy() {  # a latency JSON -> its accuracy table, JSON and plot beside it
 mixtral() {  # budget, extra args
   python3 -m moeflow bench latency --model synthetic:mixtral-8x7b --budgets "$1" --policies "${POLICIES:-auto,fiddler,lru}" \
     --prompts $D/mt_bench.jsonl $([ "${ROUTING:-both}" = native ] || echo "--routing-trace $D/mixtral-8x7b-instruct.humaneval.jsonl \
-    --trace-placement $D/mixtral-trace-placement.json") --new-tokens "$NEW" --runs "${RUNS:-1}" "${@:2}" 2>&1 | tee "$OUT/latency-mixtral-${1//,/-}.log"
+    --trace-placement $D/mixtral-trace-placement.json") --new-tokens "$NEW" --runs "${RUNS:-1}" --repeat "${REPEAT:-1}" "${@:2}" 2>&1 | tee "$OUT/latency-mixtral-${1//,/-}.log"
 }
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
@@ -55,7 +58,7 @@ for stage in "$@"; do
                 --out "$OUT/latency-baseline.json" 2>&1 | tee "$OUT/latency-baseline.log" ;;
     qwen16) python3 -m moeflow bench latency --model synthetic:qwen3-30b-a3b --budgets 16GiB \
               --policies "${POLICIES:-auto,fiddler,lru}" --prompts $D/mt_bench.jsonl --new-tokens "$NEW" --runs "${RUNS:-1}" \
-              --out "$OUT/latency-qwen3-16GiB.json" 2>&1 | tee "$OUT/latency-qwen3-16GiB.log"
+              --repeat "${REPEAT:-1}" --out "$OUT/latency-qwen3-16GiB.json" 2>&1 | tee "$OUT/latency-qwen3-16GiB.log"
             accuracy "$OUT/latency-qwen3-16GiB.json" ;;
     profile) python3 scripts/profile_decode.py synthetic:mixtral-8x7b --gpu-memory "${PROFILE_BUDGETS:-76GiB,24GiB}" \
                --policy "${PROFILE_POLICY:-auto}" --steps 16 --prefill 512 > "$OUT/profile.txt" 2>&1
@@ -67,6 +70,10 @@ for stage in "$@"; do
               --out "$OUT/latency-qwen3-16GiB-keep$k.json" 2>&1 | grep -E "^auto|^fiddler|ms/token|prefill ms"
           done ;;
     probe) python3 scripts/cpu_cost_probe.py 2>&1 | tee "$OUT/cpu_cost_probe.txt" ;;
+    prefillcpu) for s in "qwen3-30b-a3b 64" "mixtral-8x7b 12"; do
+                  set -- $s
+                  python3 scripts/prefill_cpu_probe.py --shape "$1" --experts "$2" 2>&1 | tee -a "$OUT/prefill_cpu_probe.txt"
+                done ;;
     kernel) python3 -m moeflow bench cpu-experts --reps 10 --out "$OUT/cpu_experts.json" --plot "$OUT/cpu_experts.png" \
               > "$OUT/cpu_experts.txt" 2>&1; tail -42 "$OUT/cpu_experts.txt" ;;
     spin) B=${SPIN_BUDGET:-24GiB}

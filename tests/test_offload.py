@@ -493,3 +493,31 @@ def test_a_packed_call_matches_the_plain_one(policy):
     assert packed.stats.cpu_experts == plain.stats.cpu_experts and packed.stats.hits == plain.stats.hits
     assert (packed.stats.cpu_experts > 0) == (policy != "lru")
     plain.close(), packed.close()
+
+
+
+def test_bench_latency_repeats_every_row_in_turn(tmp_path, monkeypatch, capsys):
+    """--repeat 2 runs all rows, then all of them again (a slow spell of the host falls on one repetition of each);
+    with --profile each row carries the model's prediction from it, and model-accuracy compares the medians
+    of each configuration's rows. --repeat 0 is refused with a message."""
+    import json
+
+    import moeflow.bench.latency as bench
+    from moeflow.cli import main
+    from moeflow.perf.profile import reference_profile
+
+    monkeypatch.setattr(bench, "ceilings", lambda device: {"cpu_read_bw": 1e10, "h2d_bw": 1e10, "gpu_bw": 1e10})
+    prof, out = tmp_path / "profile.json", tmp_path / "r.json"
+    reference_profile().save(prof)
+    args = ["bench", "latency", "--model", "synthetic:tiny-mixtral", "--device", "cpu", "--budgets", "0.4GiB",
+            "--new-tokens", "3", "--ttft-len", "16", "--profile", str(prof), "--out", str(out)]
+    assert main(args + ["--policies", "lru,nonesuch", "--repeat", "2"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["policy"], r["repeat"]) for r in rows] == [("lru", 0), ("nonesuch", 0), ("lru", 1), ("nonesuch", 1)]
+    assert all(r["predicted_decode_tps"] > 0 and r["predicted_ttft_s"] > 0 for r in rows if "error" not in r)
+    capsys.readouterr()
+    assert main(["bench", "model-accuracy", "--results", str(out), "--out", str(tmp_path / "a.json")]) == 0
+    (acc,) = json.loads((tmp_path / "a.json").read_text())
+    assert acc["runs"] == 2 and acc["decode_range"][0] <= acc["decode_tps"] <= acc["decode_range"][1]
+    assert main(args + ["--repeat", "0"]) == 2
+    assert "--repeat must be at least 1" in capsys.readouterr().err

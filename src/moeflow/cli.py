@@ -185,6 +185,7 @@ def cmd_profile_experts(args) -> int:
 def cmd_bench_latency(args) -> int:
     from dataclasses import asdict
 
+    from moeflow.bench.accuracy import predict_row
     from moeflow.bench.latency import accelerate_baseline, ceilings, print_rows, run_policy, save
     from moeflow.bench.prompts import read_prompts
     from moeflow.checkpoint import load, resolve_device
@@ -192,6 +193,8 @@ def cmd_bench_latency(args) -> int:
     from moeflow.engine.llm_engine import encode_prompt
     from moeflow.perf.costs import ExpertCosts
 
+    if args.runs < 1 or args.repeat < 1:
+        raise MoeflowError(f"--runs and --repeat must be at least 1 (got {args.runs} and {args.repeat})")
     device = resolve_device(args.device)
     t = time.perf_counter()
     ck = load(args.model, device=device, dtype=args.dtype, expert_device="cpu", progress=True)
@@ -200,7 +203,11 @@ def cmd_bench_latency(args) -> int:
     pin_s = time.perf_counter() - t
     ceil = ceilings(device)
     profile = None
-    if device.type == "cuda":  # the timing model's predictions go beside each measurement
+    if args.profile:  # the timing model's predictions go beside each measurement
+        from moeflow.perf.profile import HardwareProfile
+
+        profile = HardwareProfile.load(args.profile)
+    elif device.type == "cuda":
         from moeflow.perf.profile import get_profile
 
         profile = get_profile(ck.cfg, "cuda", dtype_name=str(ck.store.data.dtype).removeprefix("torch."))[0]
@@ -215,40 +222,49 @@ def cmd_bench_latency(args) -> int:
                for i in range(args.runs)]
     long = [t for p in texts for t in encode_prompt(ck.tokenizer, p)]
     ttft_prompt = (long * (args.ttft_len // max(len(long), 1) + 1))[: args.ttft_len]
-    rows, costs = [], None
-    print_rows([], header=True)
-    for budget in [parse_size(b) for b in args.budgets.split(",")]:
-        for trace in [None] + args.routing_trace:
-            for policy in args.policies.split(","):
-                oc = OffloadConfig(budget, policy, args.placement if trace is None else args.trace_placement, trace)
-                try:
-                    r = run_policy(ck, oc, prompts, ttft_prompt, args.new_tokens, ceil, costs, profile)
-                except Exception as e:  # one failed row is recorded; the others still run (device time is scarce)
-                    msg = str(e) if isinstance(e, MoeflowError) else f"{type(e).__name__}: {e}"
-                    if not isinstance(e, MoeflowError):
-                        traceback.print_exc()
-                    r = {"policy": policy, "gpu_memory_gib": budget / 2**30, "routing": trace or "native",
-                         "error": msg}
-                    print(f"{policy} at {budget / 2**30:.0f} GiB: {msg}", flush=True)
-                if costs is None and r.get("costs"):
-                    costs = ExpertCosts.from_dict(r["costs"])
-                rows.append(r)
-                if "error" not in r:
-                    print_rows([r])
-        if args.baseline_tokens and device.type == "cuda":
-            try:
-                rows.append(accelerate_baseline(ck, budget, prompts[0], args.baseline_tokens))
-                print_rows([rows[-1]])
-            except Exception as e:  # the baseline is someone else's code: record its failure, keep going
-                rows.append({"policy": "transformers+accelerate", "gpu_memory_gib": budget / 2**30,
-                             "error": f"{type(e).__name__}: {e}"})
-                print(f"transformers+accelerate failed: {e}", flush=True)
     meta = {"model": ck.name, "device": torch_device_name(device), "load_s": load_s, "pin_s": pin_s,
-            "ceilings": ceil, "new_tokens": args.new_tokens, "runs": args.runs,
+            "ceilings": ceil, "new_tokens": args.new_tokens, "runs": args.runs, "repeat": args.repeat,
             "prompt_tokens": [len(p) for p in prompts],
             "date": time.strftime("%Y-%m-%d %H:%M")}
     if profile is not None:  # what the predictions came from: `bench model-accuracy --repredict` reuses it
         meta["profile"] = asdict(profile)
+    dtype = str(ck.store.data.dtype).removeprefix("torch.")
+    rows, costs = [], None
+    print_rows([], header=True)
+    # --repeat: every row again, in the same order, so that a slow spell of a shared host falls on one
+    # repetition of each configuration rather than on all of one (model-accuracy takes the medians)
+    for rep in range(args.repeat):
+        for budget in [parse_size(b) for b in args.budgets.split(",")]:
+            for trace in [None] + args.routing_trace:
+                for policy in args.policies.split(","):
+                    oc = OffloadConfig(budget, policy, args.placement if trace is None else args.trace_placement,
+                                       trace)
+                    try:
+                        r = run_policy(ck, oc, prompts, ttft_prompt, args.new_tokens, ceil, costs)
+                        if profile is not None:
+                            r |= predict_row(r, ck.cfg, profile, ck.name, args.new_tokens, dtype_name=dtype)
+                    except Exception as e:  # a failed row is recorded; the others still run (device time is scarce)
+                        msg = str(e) if isinstance(e, MoeflowError) else f"{type(e).__name__}: {e}"
+                        if not isinstance(e, MoeflowError):
+                            traceback.print_exc()
+                        r = {"policy": policy, "gpu_memory_gib": budget / 2**30, "routing": trace or "native",
+                             "error": msg}
+                        print(f"{policy} at {budget / 2**30:.0f} GiB: {msg}", flush=True)
+                    if costs is None and r.get("costs"):
+                        costs = ExpertCosts.from_dict(r["costs"])
+                    rows.append(r | {"repeat": rep})
+                    if "error" not in r:
+                        print_rows([r])
+                    if args.out:  # each row as it lands: a run cut short keeps what it measured
+                        save(meta, rows, args.out)
+            if args.baseline_tokens and device.type == "cuda" and rep == 0:
+                try:
+                    rows.append(accelerate_baseline(ck, budget, prompts[0], args.baseline_tokens))
+                    print_rows([rows[-1]])
+                except Exception as e:  # the baseline is someone else's code: record its failure, keep going
+                    rows.append({"policy": "transformers+accelerate", "gpu_memory_gib": budget / 2**30,
+                                 "error": f"{type(e).__name__}: {e}"})
+                    print(f"transformers+accelerate failed: {e}", flush=True)
     if args.out:
         save(meta, rows, args.out)
     return 0
@@ -393,12 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "the TTFT prompt")
     bl.add_argument("--new-tokens", type=int, default=128)
     bl.add_argument("--runs", type=int, default=1, help="decode runs per configuration (median reported)")
+    bl.add_argument("--repeat", type=int, default=1, help="all rows this many times over, in turn (model-accuracy "
+                    "compares the medians per configuration)")
     bl.add_argument("--ttft-len", type=int, default=512, help="prompt length of the TTFT measurement")
     bl.add_argument("--routing-trace", action="append", default=[], help="also replay this trace (repeatable)")
     bl.add_argument("--placement", help="placement for native routing")
     bl.add_argument("--trace-placement", help="placement for the trace runs")
     bl.add_argument("--baseline-tokens", type=int, default=0,
                     help="also run transformers + accelerate for this many new tokens (GPU only; 0 = skip)")
+    bl.add_argument("--profile", help="hardware profile JSON the predictions start from (default on a GPU: this "
+                    "machine's cached one, measured if missing; on a CPU: none, no predictions)")
     bl.add_argument("--out", help="write the results as JSON here")
     bl.set_defaults(func=cmd_bench_latency)
 

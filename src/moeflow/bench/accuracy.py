@@ -3,12 +3,15 @@
 Rows that carry predicted figures (bench latency on a GPU host adds them) are compared as they are; rows
 without, or every row with --repredict, are predicted here from the run's own budget, policy, measured hit
 rate and measured expert costs, with the run's hardware profile (stored in the results since 2026-12-02) or
-the given one. Target: predictions within 20% of measurements.
+the given one. The rows of one configuration (`bench latency --repeat`) are compared by their medians: on a
+shared host the same configuration ran up to 2x apart within minutes. Target: predictions within 20% of
+measurements.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from moeflow import MoeflowError
@@ -18,33 +21,52 @@ TARGET = 0.20
 
 
 def accuracy_rows(results: dict, profile, cfg, repredict: bool = False) -> list[dict]:
-    """Measured against predicted, per row: the row's stored predictions, or (without them, or with
-    repredict) this moeflow's model on the row's budget, policy, hit rate and expert costs."""
-    from moeflow.perf.model import predict_latency
-
-    out = []
+    """Measured against predicted, per configuration (policy, budget, routing): the medians over its rows
+    (`bench latency --repeat`) of the measured figures and of the predictions, each row's own (stored, or
+    without them, or with repredict, this moeflow's model on the row's measurements: predict_row). `runs` counts
+    the rows; decode_range is the lowest and highest measured decode tok/s."""
+    groups: dict[tuple, list[dict]] = {}
     for r in results.get("rows", []):
         if "error" in r or r.get("decode_tps") is None or "hit_rate" not in r:
             continue
         pred = {k: r.get(k) for k in ("predicted_decode_tps", "predicted_ttft_s", "predicted_binding")}
         if pred["predicted_decode_tps"] is None or repredict:
-            costs = ExpertCosts.from_dict(r["costs"]) if r.get("costs") else None
-            budget = r.get("budget", {}).get("gpu_memory") or int(r["gpu_memory_gib"] * 2**30)
-            p = predict_latency(cfg, profile, budget, r["policy"], r["hit_rate"], r.get("ttft_prompt_tokens", 512),
-                                results.get("new_tokens", 128), results.get("model", "model"), costs=costs,
-                                prefill_hit=(r.get("prefill") or {}).get("hit_rate"), prefill_used=_used(r, cfg),
-                                prefill_shape=(r.get("prefill") or {}).get("tokens_per_expert") or None)
-            if p.error:
+            pred = predict_row(r, cfg, profile, results.get("model", "model"), results.get("new_tokens", 128))
+            if "predicted_error" in pred:
                 continue
-            pred = {"predicted_decode_tps": p.decode_tps, "predicted_ttft_s": p.ttft_s,
-                    "predicted_binding": p.binding}
-        row = {"policy": r["policy"], "gpu_memory_gib": r["gpu_memory_gib"], "routing": r.get("routing", "native"),
-               "hit_rate": r["hit_rate"], "decode_tps": r["decode_tps"], "ttft_s": r.get("ttft_s")} | pred
+        key = (r["policy"], r["gpu_memory_gib"], r.get("routing", "native"))
+        groups.setdefault(key, []).append(r | pred)
+    out = []
+    for (policy, gib, routing), rs in groups.items():
+        def med(k):
+            v = [x[k] for x in rs if x.get(k) is not None]
+            return statistics.median(v) if v else None
+        row = {"policy": policy, "gpu_memory_gib": gib, "routing": routing, "runs": len(rs),
+               "decode_range": [min(x["decode_tps"] for x in rs), max(x["decode_tps"] for x in rs)],
+               "predicted_binding": statistics.mode(x.get("predicted_binding") for x in rs)} | \
+            {k: med(k) for k in ("hit_rate", "decode_tps", "ttft_s", "predicted_decode_tps", "predicted_ttft_s")}
         row["decode_error"] = row["predicted_decode_tps"] / row["decode_tps"] - 1
         if row["ttft_s"] and row["predicted_ttft_s"]:
             row["ttft_error"] = row["predicted_ttft_s"] / row["ttft_s"] - 1
         out.append(row)
     return out
+
+
+def predict_row(r: dict, cfg, profile, name: str, new_tokens: int, dtype_name: str = "bfloat16") -> dict:
+    """The timing model's figures for one `bench latency` row, from what the row measured (budget, policy,
+    decode hit rate, expert costs, the prompt's hits, experts per layer and shape) and the profile."""
+    from moeflow.perf.model import predict_latency
+
+    costs = ExpertCosts.from_dict(r["costs"]) if r.get("costs") else None
+    pf = r.get("prefill") or {}
+    budget = r.get("budget", {}).get("gpu_memory") or int(r["gpu_memory_gib"] * 2**30)
+    p = predict_latency(cfg, profile, budget, r["policy"], r["hit_rate"], r.get("ttft_prompt_tokens", 512),
+                        new_tokens, name, dtype_name, costs, pf.get("hit_rate"), _used(r, cfg),
+                        pf.get("tokens_per_expert") or None)
+    if p.error:
+        return {"predicted_error": p.error}
+    return {"predicted_decode_tps": p.decode_tps, "predicted_ttft_s": p.ttft_s, "predicted_binding": p.binding,
+            "predicted_bound_tps": p.bound_tps, "profile_source": profile.source}
 
 
 def _used(r: dict, cfg) -> float | None:
@@ -72,20 +94,22 @@ def print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"timing model vs measurement (target: within {TARGET:.0%})")
-    for col in ("policy", "GiB", "routing", "hit", "decode tok/s", "predicted", "error", "TTFT s", "predicted",
-                "error", "binds"):
+    t = Table(title=f"timing model vs measurement (target: within {TARGET:.0%}; medians of `runs` rows)")
+    for col in ("policy", "GiB", "routing", "runs", "hit", "decode tok/s", "range", "predicted", "error", "TTFT s",
+                "predicted", "error", "binds"):
         t.add_column(col, justify="left" if col in ("policy", "routing", "binds") else "right")
     for r in rows:
         def err(k):
             v = r.get(k)
             return "-" if v is None else f"[{'green' if abs(v) <= TARGET else 'red'}]{v:+.0%}[/]"
-        t.add_row(r["policy"], f"{r['gpu_memory_gib']:.0f}", r["routing"][:20], f"{r['hit_rate']:.0%}",
-                  f"{r['decode_tps']:.2f}", f"{r['predicted_decode_tps']:.2f}", err("decode_error"),
+        lo, hi = r.get("decode_range") or (r["decode_tps"], r["decode_tps"])
+        t.add_row(r["policy"], f"{r['gpu_memory_gib']:.0f}", r["routing"][:20], str(r.get("runs", 1)),
+                  f"{r['hit_rate']:.0%}", f"{r['decode_tps']:.2f}", f"{lo:.1f}-{hi:.1f}",
+                  f"{r['predicted_decode_tps']:.2f}", err("decode_error"),
                   f"{r['ttft_s']:.2f}" if r.get("ttft_s") else "-",
                   f"{r['predicted_ttft_s']:.2f}" if r.get("predicted_ttft_s") else "-", err("ttft_error"),
                   r.get("predicted_binding") or "-")
-    Console(width=140).print(t)
+    Console(width=150).print(t)
     within = sum(abs(r["decode_error"]) <= TARGET for r in rows)
     timed = [r["ttft_error"] for r in rows if "ttft_error" in r]
     print(f"decode within {TARGET:.0%}: {within} of {len(rows)}; TTFT within {TARGET:.0%}: "

@@ -66,25 +66,8 @@ def _add(a: dict, b: dict) -> dict:
     return {k: a.get(k, 0) + v for k, v in b.items()}
 
 
-def predicted(ck: Checkpoint, oc: OffloadConfig, profile, hit_rate: float, ttft_len: int, new_tokens: int,
-              costs=None, prefill_hit: float | None = None, prefill_used: float | None = None,
-              prefill_shape: list[float] | None = None) -> dict:
-    """The timing model's figures for this run (perf/model.py), at the run's measured hit rates."""
-    if profile is None:
-        return {}
-    from moeflow.perf.model import predict_latency
-
-    p = predict_latency(ck.cfg, profile, oc.gpu_memory, oc.policy, hit_rate, ttft_len, new_tokens, ck.name,
-                        str(ck.store.data.dtype).removeprefix("torch."), costs, prefill_hit, prefill_used,
-                        prefill_shape or None)
-    if p.error:
-        return {"predicted_error": p.error}
-    return {"predicted_decode_tps": p.decode_tps, "predicted_ttft_s": p.ttft_s, "predicted_binding": p.binding,
-            "predicted_bound_tps": p.bound_tps, "profile_source": profile.source}
-
-
 def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft_prompt: list[int],
-               new_tokens: int, ceil: dict, costs=None, profile=None) -> dict:
+               new_tokens: int, ceil: dict, costs=None) -> dict:
     """One engine under this offload config: TTFT of ttft_prompt, then each prompt decoded for new_tokens in
     turn. decode_tps is the median of those runs; the other figures count all of them together."""
     dev = next(ck.model.parameters()).device
@@ -151,9 +134,7 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
                              **{k[:-2]: d[k] / n * 1e3 for k in TIMERS}},
             "allocator_during_decode": allocs, "prefill": prefill,
             "budget": engine.budget, "costs": backend.costs.as_dict() if backend.costs else None,
-        } | predicted(ck, oc, profile, d["hits"] / lookups, len(ttft_prompt), new_tokens, backend.costs,
-                      *((prefill["hit_rate"], prefill["experts_per_layer"], prefill["tokens_per_expert"])
-                        if prefill else ()))
+        }
     finally:
         backend.close()
         ck.model.set_experts(LocalExperts(ck.store))

@@ -10,6 +10,7 @@ A GPU wave (the experts in a set of slots, grouped passes) likewise pays its lau
 
 from __future__ import annotations
 
+import statistics
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -72,7 +73,6 @@ class ExpertCosts:
     cpu_alone: float = 1.0     # CPU time with no copy beside it, as a fraction of cpu_s (measured at 1 token)
     gpu_fixed_s: float = 0.0   # of each gpu_s, a wave's fixed part (its launches; paid once per wave)
     copy_launch_s: float = 0.0  # host time to launch one copy (the transfer and its event)
-    pass_per_token: float = 1.0  # entries per token of a step one grouped pass holds (the model's, not measured)
 
     def cpu(self, n: int, f: float = 1.0) -> float:
         """One expert alone (or its fraction f) on the CPU."""
@@ -101,10 +101,11 @@ class ExpertCosts:
     def gpu(self, n: int, f: float = 1.0) -> float:
         return _interp(self.tokens, self.gpu_s, n) * f
 
-    def gpu_wave(self, jobs: list[tuple[int, float]], tokens: int = 1) -> float:
-        """One wave of experts on the GPU, jobs (tokens n, fraction f), in a step of `tokens` tokens: each
-        grouped pass its fixed part once, each expert its own time less that part."""
-        passes = grouped_passes([n for n, _ in jobs], grouped_cap(tokens, self.pass_per_token))
+    def gpu_wave(self, jobs: list[tuple[int, float]], tokens: int = 1, per_token: float = 1.0) -> float:
+        """One wave of experts on the GPU, jobs (tokens n, fraction f), in a step of `tokens` tokens whose
+        workspace holds per_token entries per token in a grouped pass: each pass its fixed part once, each
+        expert its own time less that part."""
+        passes = grouped_passes([n for n, _ in jobs], grouped_cap(tokens, per_token))
         return sum(self.gpu_fixed_s + sum(max(self.gpu(jobs[i][0]) - self.gpu_fixed_s, 0.0) * jobs[i][1]
                                           for i in p) for p in passes)
 
@@ -130,6 +131,21 @@ class ExpertCosts:
     @classmethod
     def from_dict(cls, d: dict) -> ExpertCosts:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def median_costs(measured: list[ExpertCosts]) -> ExpertCosts:
+    """Field by field median of several measurements of the same costs, each point on its own: a slow spell of a
+    shared host during one of them is outvoted (a profile of 2026-12-02 measured a Qwen3 expert at 4 ms for
+    every token count, ten times its time minutes later). Medians of monotone series stay monotone."""
+    first = measured[0]
+    if any(m.tokens != first.tokens for m in measured):
+        raise ValueError(f"costs measured at different token counts: {[m.tokens for m in measured]}")
+
+    def med(k):
+        vals = [getattr(m, k) for m in measured]
+        return tuple(statistics.median(v) for v in zip(*vals)) if isinstance(vals[0], tuple) else \
+            statistics.median(vals)
+    return ExpertCosts(**{k: first.tokens if k == "tokens" else med(k) for k in first.__dataclass_fields__})
 
 
 def median_s(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
@@ -264,6 +280,9 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
     if copy_stream is None:  # no copies: both measure the same; the one timed in turns with the m-expert call
         cpu_s[0] = t1
     cpu_s, gpu_s = monotone(cpu_s), monotone(gpu_s)
+    # a call's fixed part is part of one expert's call: at most that, once a later point has capped it (a run of
+    # 2026-12-02 capped 1 token at 0.44 ms beside a fixed part of 0.55 timed alone)
+    fixed = min(fixed, cpu_s[0])
     # the speed in a layer that copies nothing, as a fraction of beside copies
     alone = min(t1 / cpu_s[0], 1.0) if copy_stream is not None else 1.0
     return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(gpu_s), copy_s, latency, cpu_fixed_s=fixed,

@@ -23,7 +23,7 @@ tokens, G = generated tokens, b = bytes per weight.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import Budget, pass_entries_per_token, share_budget
@@ -56,12 +56,14 @@ ZERO = LayerTime(0.0, 0.0, 0.0, 0.0, 0.0)
 
 def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], hit_tokens: list[int],
                max_copies: int, dense_s: float, overhead_s: float, link_latency_s: float = 0.0,
-               tokens: int = 1, host_s: float = 0.0) -> LayerTime:
+               tokens: int = 1, host_s: float = 0.0, per_token: float = 1.0) -> LayerTime:
     """One MoE layer of a step of `tokens` tokens: misses expert -> tokens (not on the GPU), hit_tokens the
-    tokens of each expert that is. host_s: the host's own time in the layer beyond overhead_s (a prefill's eager
-    launches, its routing's bookkeeping and grouped passes). It runs beside the GPU and the copies, but not
-    beside the CPU's share: the host waits for that before it launches the rest of the layer and the next one.
-    The host also launches the copies one by one (beside the copy engine and the CPU)."""
+    tokens of each expert that is; per_token: routing entries per token a grouped pass holds (the step's
+    workspace, engine/budget.py pass_entries_per_token). host_s: the host's own time in the layer beyond
+    overhead_s (a prefill's eager launches, its routing's bookkeeping and grouped passes). It runs beside the
+    GPU and the copies, but not beside the CPU's share: the host waits for that before it launches the rest of
+    the layer and the next one. The host also launches the copies one by one (beside the copy engine and the
+    CPU)."""
     rows = policy.plan(misses, costs, inter, max_copies) if misses else {}
     on_cpu = [e for e, r in rows.items() if r > 0]
     cpu = costs.cpu_work([(misses[e], rows[e] / inter) for e in on_cpu], any(r < inter for r in rows.values()))
@@ -69,14 +71,14 @@ def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], h
         cpu += costs.cpu_call_s + 2 * link_latency_s  # hand-off, activations there and back
     # the experts already there in one wave; the copied ones in waves of as many as there are slots for them,
     # each once its copies have landed (copies start once the routing is known, after the non-expert part)
-    gpu_end = gpu_work = dense_s + costs.gpu_wave([(n, 1.0) for n in hit_tokens], tokens)
+    gpu_end = gpu_work = dense_s + costs.gpu_wave([(n, 1.0) for n in hit_tokens], tokens, per_token)
     copy_end, wave = dense_s, []
     copied = [(misses[e], (inter - r) / inter) for e, r in rows.items() if r < inter]
     for i, (n, f) in enumerate(copied):
         copy_end += costs.copy(f)
         wave.append((n, f))
         if len(wave) == max(max_copies, 1) or i == len(copied) - 1:
-            g = costs.gpu_wave(wave, tokens)
+            g = costs.gpu_wave(wave, tokens, per_token)
             gpu_end, gpu_work, wave = max(gpu_end, copy_end) + g, gpu_work + g, []
     host = host_s + len(copied) * costs.copy_launch_s
     total = max(dense_s + cpu + (host_s if on_cpu else 0.0), gpu_end, host) + overhead_s
@@ -200,9 +202,8 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
                            cfg.kv_bytes_per_token(b) * max_len, max_len, b)
     except MoeflowError as e:
         return LatencyPrediction(policy, error=str(e))
-    costs = replace((costs or profile.expert_costs(cfg, dtype_name)).with_gpu_bytes(cfg.expert_numel * b,
-                                                                                    profile.gpu_bw),
-                    pass_per_token=pass_entries_per_token(cfg, b))
+    costs = (costs or profile.expert_costs(cfg, dtype_name)).with_gpu_bytes(cfg.expert_numel * b, profile.gpu_bw)
+    per_token = pass_entries_per_token(cfg, b)
     split = bud.split
     counts = hit_rate_or_placement if isinstance(hit_rate_or_placement, (list, tuple)) or \
         hasattr(hit_rate_or_placement, "tolist") else None
@@ -268,7 +269,7 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
             misses = {e: n for e, n in n_tok.items() if n and e not in there}
             hit_tokens = [n for e, n in n_tok.items() if n and e in there]
             ttft += w * layer_time(pol, costs, I, misses, hit_tokens, max_copies, dense, profile.layer_overhead_s,
-                                   lat, prompt_len, host).total
+                                   lat, prompt_len, host, per_token).total
     for layer in cfg.dense_layers:
         d = dense_gpu_s(cfg, profile, layer, 1, ctx, b)
         token = token + LayerTime(0, 0, d, 0, d)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
-from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts, handoff_s, median_s, one_and_fixed
+from moeflow.perf.costs import (TOKEN_POINTS, ExpertCosts, handoff_s, measure_costs, median_costs, median_s,
+                                monotone, one_and_fixed)
 
 PROFILE_VERSION = 1
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
@@ -252,10 +253,11 @@ class Sizes:
     cpu_matmul_n: int = 2048
     expert_pool_bytes: int = 1 << 30  # host expert blocks rotated through, so the CPU reads from memory
     repeats: int = 5
+    rounds: int = 3  # expert-cost measurements, combined point by point by their median
 
 
 QUICK = Sizes(mem_bytes=8 << 20, link_bytes=4 << 20, matmul_n=256, cpu_matmul_n=128, expert_pool_bytes=4 << 20,
-              repeats=1)
+              repeats=1, rounds=1)
 
 
 def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "bfloat16", sizes: Sizes = Sizes(),
@@ -310,15 +312,14 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         # expert's pool holds few blocks (Mixtral: 3 of 352 MB), but m of them outgrow the caches anyway
         m = min(MANY, n_blocks - 1)
         many = (m, engine_cpu.many(m, blocks)) if engine_cpu and m >= 2 else None
-        if cuda:
-            from moeflow.perf.costs import measure_costs
+        turn = iter(range(1 << 30))
+        slot = torch.empty(cfg.expert_numel, dtype=dtype, device=dev) if cuda else None
+        stream = torch.cuda.Stream(dev) if cuda else None
 
-            slot = torch.empty(cfg.expert_numel, dtype=dtype, device=dev)
-            costs = measure_costs(lambda i: blocks[i], I, H, n_blocks, slot, ffn, block_ffn(I), sizes.repeats,
-                                  copy_stream=torch.cuda.Stream(dev), cpu_many=many)
-            slot = None
-        else:
-            turn = iter(range(1 << 30))
+        def costs_once() -> ExpertCosts:
+            if cuda:
+                return measure_costs(lambda i: blocks[i], I, H, n_blocks, slot, ffn, block_ffn(I), sizes.repeats,
+                                     copy_stream=stream, cpu_many=many)
             cpu_s = []
             for n in TOKEN_POINTS:
                 x = torch.randn(n, H, dtype=dtype)
@@ -327,7 +328,12 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             if many:  # as measure_costs: one alone and m in one call, in turns
                 cpu_s[0], fixed = one_and_fixed(lambda: ffn(x1, blocks[next(turn) % n_blocks]),
                                                 (m, lambda: many[1](x1)), sizes.repeats)
-            costs = ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0, cpu_fixed_s=fixed)
+            cpu_s = monotone(cpu_s)  # as measure_costs: noise only adds time; the fixed part within one call
+            return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0, cpu_fixed_s=min(fixed, cpu_s[0]))
+
+        # in rounds, each point's median taken: one slow spell of a shared host is outvoted
+        costs = median_costs([costs_once() for _ in range(max(sizes.rounds, 1))])
+        slot = None
         if engine_cpu is not None:  # the engine's own hand-over (its kernel's thread, or its worker thread)
             call = engine_cpu.handoff_s()
         else:
@@ -372,7 +378,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
         quick = sizes.repeats < 3
         figures["prefill_tokens"] = PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS
-        figures["layer_overhead_s"], figures["prefill_overhead_s"] = _layer_overhead(
+        figures["layer_overhead_s"], figures["prefill_overhead_s"] = layer_overhead(
             dev, 8 if quick else 32, figures["prefill_tokens"], 3 if quick else 5)
         bar.update()
     finally:
@@ -385,7 +391,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         **figures)
 
 
-def _layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int) -> tuple[float, tuple[float, ...]]:
+def layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int) -> tuple[float, tuple[float, ...]]:
     """The host-side cost of one offloaded layer, as the engine pays it, in decode and in prefills of each of
     `tokens` tokens (medians of `repeats`): steps of the tiny synthetic Mixtral with every expert in a slot
     (policy gpu), whose GPU work is negligible, over its layers. It holds the per-layer sync for routing, the
