@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -86,6 +87,8 @@ class HardwareProfile:
     prefill_overhead_s: tuple = ()  # the same in prefills of prefill_tokens tokens (eager launches, the
                                     # routing's bookkeeping); empty: not measured
     prefill_tokens: tuple = (32, 512)  # their prompts (profiles before 2026-12-02 07:00 measured these two)
+    prefill_copy_host_s: float = 0.0    # a prefill layer's host time per copied expert, and per expert used
+    prefill_expert_host_s: float = 0.0  # beyond the tiny model's eight (prefill_host_axes; 0: not measured)
     cpu_backend: str = CPU_BACKEND
     experts: dict = field(default_factory=dict)  # shape_key -> ExpertCosts.as_dict() (gpu_s = cpu_s without GPU)
     source: str = ""             # "measured <date>" or where the figures come from
@@ -380,6 +383,11 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         figures["prefill_tokens"] = PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS
         figures["layer_overhead_s"], figures["prefill_overhead_s"] = layer_overhead(
             dev, 8 if quick else 32, figures["prefill_tokens"], 3 if quick else 5)
+        if not quick:
+            try:  # figures for the model's next step, not yet used: their failure leaves them unmeasured
+                figures["prefill_copy_host_s"], figures["prefill_expert_host_s"] = prefill_host_axes(dev)
+            except (RuntimeError, MoeflowError) as e:
+                print(f"prefill host time per copy and per expert not measured: {e}", file=sys.stderr, flush=True)
         bar.update()
     finally:
         torch.set_num_threads(threads)
@@ -448,6 +456,66 @@ def layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int) -> tu
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device() if dev.index is None
                                                        else dev.index)
+
+
+def prefill_host_axes(dev, tokens: int = 512, repeats: int = 3, wide: int = 64, cache_per_layer: int = 2
+                      ) -> tuple[float, float]:
+    """A prefill layer's host time per copied expert and per expert used beyond the tiny model's eight:
+    layer_overhead's slope (the tiny Mixtral at 4 and 20 layers, a `tokens`-token prompt) under policy lru
+    with `cache_per_layer` slots per layer (most of a layer's experts copied) and routed over `wide` experts
+    (most of them used), each against every expert in a slot, over the copies and the experts used that the
+    engine's stats count. layer_overhead's model holds neither: a Qwen3 layer uses ~29 experts and lru copies
+    ~12 of them, and the engine's prefill layer took 0.8-1.6 ms more host time than it (docs/benchmarks.md,
+    2026-12-02). Recorded in the profile; the timing model does not use them yet."""
+    import torch
+
+    from moeflow.config import OffloadConfig
+    from moeflow.engine.budget import share_budget
+    from moeflow.engine.kv_cache import KVCache
+    from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.engine.sequence import SamplingParams
+    from moeflow.policy import get_policy
+    from moeflow.synthetic import build_synthetic
+
+    cuda = dev.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    prompt = [3 + (i * 7919) % 4000 for i in range(tokens)]
+
+    def per_layer(policy: str, experts: int) -> tuple[float, float, float]:
+        """(seconds, copied experts, experts used) per layer of one prefill: slopes between 4 and 20 layers."""
+        figures = []
+        for layers in (4, 20):
+            ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None,
+                                 expert_device="cpu",
+                                 overrides={"num_hidden_layers": layers, "num_local_experts": experts})
+            mem = 8 << 30
+            if policy == "lru":  # what the rest takes, then cache_per_layer slots per layer
+                item, max_len = ck.store.data.element_size(), tokens + 16
+                kv = KVCache(ck.cfg, 1, max_len, ck.store.data.dtype, dev).nbytes
+                mem = share_budget(ck.name, ck.cfg, get_policy("lru"), mem, ck.dense_bytes, ck.store.expert_bytes,
+                                   kv, max_len, item).fixed + cache_per_layer * layers * ck.store.expert_bytes
+            eng = LLMEngine(ck, max_seqs=1, max_len=tokens + 16, offload=OffloadConfig(mem, policy))
+            try:
+                run = lambda: list(eng.stream(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)))  # noqa: E731
+                s0 = eng.expert_stats()
+                t = median_s(run, sync, repeats)  # after a warm-up: repeats + 1 prompts in the stats
+                s1 = eng.expert_stats()
+                n = (repeats + 1) * layers
+                figures.append((t, (s1["copied_experts"] - s0["copied_experts"]) / n,
+                                (s1["lookups"] - s0["lookups"]) / n))
+            finally:
+                eng.model.experts.close()
+                if cuda:
+                    torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device() if dev.index is None
+                                                               else dev.index)
+        (t4, c4, u4), (t20, c20, u20) = figures
+        return max(t20 - t4, 0.0) / 16, (c4 + c20) / 2, (u4 + u20) / 2
+
+    base, _, used = per_layer("gpu", 8)
+    lru, copies, _ = per_layer("lru", 8)
+    broad, _, used_wide = per_layer("gpu", wide)
+    return (max(lru - base, 0.0) / copies if copies > 0 else 0.0,
+            max(broad - base, 0.0) / (used_wide - used) if used_wide > used else 0.0)
 
 
 def isotonic(values: list[float]) -> list[float]:
