@@ -495,7 +495,6 @@ def test_a_packed_call_matches_the_plain_one(policy):
     plain.close(), packed.close()
 
 
-
 def test_bench_latency_repeats_every_row_in_turn(tmp_path, monkeypatch, capsys):
     """--repeat 2 runs all rows, then all of them again (a slow spell of the host falls on one repetition of each);
     with --profile each row carries the model's prediction from it, and model-accuracy compares the medians

@@ -36,6 +36,7 @@ PREFILL_TOKENS = (32, 512, 2048)  # the prompts whose per-layer host time the pr
                                   # 2048 x 2 routing entries, as many as a 512-token prompt of Qwen3's 8 per token
 PREFILL_K = 2               # experts per token of the model it measures them on (the tiny synthetic Mixtral)
 MANY = 4  # experts (at most) in the one-call CPU measurement that separates a call's fixed part
+FEW_LAYERS, MANY_LAYERS = 4, 20  # the tiny model's depths: their difference gives one layer's host time
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -411,29 +412,19 @@ def layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int) -> tu
     2026-12-02 gave 3.96 ms at 512 tokens and 2.37 at 2048): the points are fitted non-decreasing in tokens."""
     import torch
 
-    from moeflow.config import OffloadConfig
-    from moeflow.engine.llm_engine import LLMEngine
     from moeflow.engine.sequence import SamplingParams
-    from moeflow.synthetic import build_synthetic
 
-    cuda = dev.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    max_len = max(tokens) + steps + 16
 
-    def engine(layers: int) -> LLMEngine:
-        ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None,
-                             expert_device="cpu", overrides={"num_hidden_layers": layers})
-        assert ck.cfg.num_experts_per_tok == PREFILL_K
-        return LLMEngine(ck, max_seqs=1, max_len=max(tokens) + steps + 16, offload=OffloadConfig(8 << 30, "gpu"))
-
-    def prefills(eng: LLMEngine) -> list[float]:
+    def prefills(eng) -> list[float]:
         def prompt(n):
             list(eng.stream([3 + i % 64 for i in range(n)], SamplingParams(max_new_tokens=1, ignore_eos=True)))
         return [median_s(lambda: prompt(n), sync, repeats) for n in tokens]  # each after a warm-up
 
-    few_layers, many_layers = 4, 20
     engines = []
     try:
-        engines.append(engine(few_layers))
+        engines.append(_tiny_engine(dev, FEW_LAYERS, max_len))
         eng = engines[0]
         seq = eng.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
         eng.step()
@@ -442,20 +433,51 @@ def layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int) -> tu
         for _ in range(steps):
             eng.step()
         sync()
-        decode = (time.perf_counter() - t) / steps / few_layers
+        decode = (time.perf_counter() - t) / steps / FEW_LAYERS
         assert not seq.finished or seq.output_ids
         if not seq.finished:
             eng.abort(seq)
         few = prefills(eng)
-        engines.append(engine(many_layers))
+        engines.append(_tiny_engine(dev, MANY_LAYERS, max_len))
         many = prefills(engines[1])
-        return decode, tuple(isotonic([max(b - a, 0.0) / (many_layers - few_layers) for a, b in zip(few, many)]))
+        return decode, tuple(isotonic([max(b - a, 0.0) / (MANY_LAYERS - FEW_LAYERS) for a, b in zip(few, many)]))
     finally:
-        for eng in engines:
-            eng.model.experts.close()
-        if cuda:
-            torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device() if dev.index is None
-                                                       else dev.index)
+        _release(engines, dev)
+
+
+def _tiny_engine(dev, layers: int, max_len: int, policy: str = "gpu", experts: int = 8, cache_per_layer: int = 0):
+    """The tiny synthetic Mixtral (2 experts per token) of `layers` layers and `experts` experts per layer,
+    offloaded under `policy`: every expert in a slot (gpu), or, with cache_per_layer, a budget that leaves that
+    many slots per layer once the rest is paid for."""
+    import torch
+
+    from moeflow.config import OffloadConfig
+    from moeflow.engine.budget import share_budget
+    from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.policy import get_policy
+    from moeflow.synthetic import build_synthetic
+
+    ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None,
+                         expert_device="cpu", overrides={"num_hidden_layers": layers, "num_local_experts": experts})
+    assert ck.cfg.num_experts_per_tok == PREFILL_K
+    mem = 8 << 30
+    if cache_per_layer:
+        item = ck.store.data.element_size()
+        mem = share_budget(ck.name, ck.cfg, get_policy(policy), mem, ck.dense_bytes, ck.store.expert_bytes,
+                           ck.cfg.kv_bytes_per_token(item) * max_len, max_len, item).fixed + \
+            cache_per_layer * layers * ck.store.expert_bytes
+    return LLMEngine(ck, max_seqs=1, max_len=max_len, offload=OffloadConfig(mem, policy))
+
+
+def _release(engines: list, dev) -> None:
+    """Close the tiny engines' backends and lift the allocator's cap that the last one set."""
+    import torch
+
+    for eng in engines:
+        eng.model.experts.close()
+    if dev.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device() if dev.index is None
+                                                   else dev.index)
 
 
 def prefill_host_axes(dev, tokens: int = 512, repeats: int = 3, wide: int = 64, cache_per_layer: int = 2
@@ -469,50 +491,31 @@ def prefill_host_axes(dev, tokens: int = 512, repeats: int = 3, wide: int = 64, 
     2026-12-02). Recorded in the profile; the timing model does not use them yet."""
     import torch
 
-    from moeflow.config import OffloadConfig
-    from moeflow.engine.budget import share_budget
-    from moeflow.engine.kv_cache import KVCache
-    from moeflow.engine.llm_engine import LLMEngine
     from moeflow.engine.sequence import SamplingParams
-    from moeflow.policy import get_policy
-    from moeflow.synthetic import build_synthetic
 
-    cuda = dev.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     prompt = [3 + (i * 7919) % 4000 for i in range(tokens)]
 
-    def per_layer(policy: str, experts: int) -> tuple[float, float, float]:
-        """(seconds, copied experts, experts used) per layer of one prefill: slopes between 4 and 20 layers."""
+    def per_layer(policy: str, experts: int, cache: int = 0) -> tuple[float, float, float]:
+        """(seconds, copied experts, experts used) per layer of one prefill: slopes between the two depths."""
         figures = []
-        for layers in (4, 20):
-            ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None,
-                                 expert_device="cpu",
-                                 overrides={"num_hidden_layers": layers, "num_local_experts": experts})
-            mem = 8 << 30
-            if policy == "lru":  # what the rest takes, then cache_per_layer slots per layer
-                item, max_len = ck.store.data.element_size(), tokens + 16
-                kv = KVCache(ck.cfg, 1, max_len, ck.store.data.dtype, dev).nbytes
-                mem = share_budget(ck.name, ck.cfg, get_policy("lru"), mem, ck.dense_bytes, ck.store.expert_bytes,
-                                   kv, max_len, item).fixed + cache_per_layer * layers * ck.store.expert_bytes
-            eng = LLMEngine(ck, max_seqs=1, max_len=tokens + 16, offload=OffloadConfig(mem, policy))
+        for layers in (FEW_LAYERS, MANY_LAYERS):
+            eng = _tiny_engine(dev, layers, tokens + 16, policy, experts, cache)
             try:
-                run = lambda: list(eng.stream(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)))  # noqa: E731
                 s0 = eng.expert_stats()
-                t = median_s(run, sync, repeats)  # after a warm-up: repeats + 1 prompts in the stats
+                t = median_s(lambda: list(eng.stream(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))),
+                             sync, repeats)  # after a warm-up: repeats + 1 prompts in the stats
                 s1 = eng.expert_stats()
                 n = (repeats + 1) * layers
                 figures.append((t, (s1["copied_experts"] - s0["copied_experts"]) / n,
                                 (s1["lookups"] - s0["lookups"]) / n))
             finally:
-                eng.model.experts.close()
-                if cuda:
-                    torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device() if dev.index is None
-                                                               else dev.index)
+                _release([eng], dev)
         (t4, c4, u4), (t20, c20, u20) = figures
-        return max(t20 - t4, 0.0) / 16, (c4 + c20) / 2, (u4 + u20) / 2
+        return max(t20 - t4, 0.0) / (MANY_LAYERS - FEW_LAYERS), (c4 + c20) / 2, (u4 + u20) / 2
 
     base, _, used = per_layer("gpu", 8)
-    lru, copies, _ = per_layer("lru", 8)
+    lru, copies, _ = per_layer("lru", 8, cache_per_layer)
     broad, _, used_wide = per_layer("gpu", wide)
     return (max(lru - base, 0.0) / copies if copies > 0 else 0.0,
             max(broad - base, 0.0) / (used_wide - used) if used_wide > used else 0.0)
