@@ -60,10 +60,10 @@ def test_layer_link_bound():
 
 def test_a_waves_fixed_part_from_the_expert_bytes():
     # 1 ms for an expert alone, 0.6 of it reading 0.6 GB at 1 TB/s: the other 0.4 is the wave's launches
-    c = flat_costs().with_gpu_bytes(600_000_000, 1e12)
+    c = flat_costs().with_rates(600_000_000, 1e12)
     assert c.gpu_fixed_s == pytest.approx(0.4 * MS)
     assert c.gpu_wave([(1, 1.0)] * 8) == pytest.approx((0.4 + 8 * 0.6) * MS) and c.gpu_wave([]) == 0.0
-    assert replace(c, gpu_fixed_s=0.1 * MS).with_gpu_bytes(1, 1e12).gpu_fixed_s == 0.1 * MS  # measured: kept
+    assert replace(c, gpu_fixed_s=0.1 * MS).with_rates(1, 1e12).gpu_fixed_s == 0.1 * MS  # measured: kept
 
 
 def test_layer_cpu_bound():
@@ -134,23 +134,45 @@ def test_auto_balances_cpu_and_copy():
     assert t.cpu > 0 and t.copy > 0
 
 
-def test_the_host_waits_for_the_cpu_share_but_not_for_copies():
+def test_the_hosts_prefill_time_runs_beside_neither_the_cpu_nor_the_copies():
     # A prefill layer whose host spends 4 ms beyond the overhead: in series with the CPU's share (the host
-    # waits for it before it launches the rest), beside the copies and the GPU.
+    # waits for it before it launches the rest) and with the copies (measured so on the H200 host).
     costs = flat_costs(cpu=10 * MS, copy=2 * MS, gpu=1 * MS)
     lru = layer_time(get_policy("lru"), costs, 512, {0: 100, 1: 100}, [], 8, 0.0, 0.5 * MS, tokens=512)
+    assert lru.total == pytest.approx((2 + 2 + 1 + 1 + 0.5) * MS)  # both copies, then the wave of the two
     lru_host = layer_time(get_policy("lru"), costs, 512, {0: 100, 1: 100}, [], 8, 0.0, 0.5 * MS, tokens=512,
                           host_s=4 * MS)
-    assert lru_host.total == lru.total  # copies 2 + 2 and the GPU's 1 + 1 end after the host's 4 ms
+    assert lru_host.total == pytest.approx(lru.total + 4 * MS)
     cpu = layer_time(get_policy("cpu"), costs, 512, {0: 1}, [], 8, 0.0, 0.5 * MS, tokens=512, host_s=4 * MS)
     assert cpu.total == pytest.approx((10 + 4 + 0.5) * MS)
-    idle = layer_time(get_policy("lru"), costs, 512, {}, [1], 8, 0.0, 0.5 * MS, tokens=512, host_s=4 * MS)
-    assert idle.total == pytest.approx((4 + 0.5) * MS)  # the host binds a layer with little to do
-    # launching each copy takes the host 3 ms: four copies (8 ms on the copy engine) take it 4 + 12 ms
-    slow = replace(costs, copy_launch_s=3 * MS)
+    # launching each copy takes the host 5 ms: four copies (8 ms on the copy engine) take it 20 ms, beside them
+    slow = replace(costs, copy_launch_s=5 * MS)
     many = layer_time(get_policy("lru"), slow, 512, {e: 100 for e in range(4)}, [], 8, 0.0, 0.5 * MS, tokens=512,
                       host_s=4 * MS)
-    assert many.total == pytest.approx((4 + 12 + 0.5) * MS)
+    assert many.total == pytest.approx((20 + 4 + 0.5) * MS)
+
+
+def test_copies_cross_at_their_own_rate_with_no_cpu_work_beside_them():
+    costs = replace(flat_costs(cpu=10 * MS, copy=2 * MS, gpu=1 * MS), copy_alone_s=1 * MS)
+    assert costs.copy() == 2 * MS and costs.copy(alone=True) == 1 * MS and costs.copy(0.5, alone=True) == 0.5 * MS
+    lru = layer_time(get_policy("lru"), costs, 512, {0: 100, 1: 100}, [], 8, 0.0, 0.0, tokens=512)
+    assert lru.copy == pytest.approx(2 * MS)  # two copies alone
+    # fiddler: the 1-token expert on the CPU, the 100-token one copied beside it
+    fid = layer_time(get_policy("fiddler"), costs, 512, {0: 1, 1: 100}, [], 8, 0.0, 0.0, tokens=512)
+    assert fid.copy == pytest.approx(2 * MS)
+    # not measured: the bytes at the link's rate (at most the copy beside the CPU)
+    est = flat_costs(copy=2 * MS).with_rates(1_000_000, 1e12, h2d_bw=1e9)
+    assert est.copy_alone_s == pytest.approx(1 * MS)
+    assert flat_costs(copy=2 * MS).with_rates(5_000_000, 1e12, h2d_bw=1e9).copy_alone_s == 2 * MS
+
+
+def test_a_cpu_calls_fixed_part_leaves_each_expert_the_time_to_read_its_weights():
+    # 10 ms alone, 8 of them the call's fixed part: 2 ms for 5 MB is 2.5 GB/s, where the host reads 1 GB/s
+    c = replace(flat_costs(cpu=10 * MS), cpu_fixed_s=8 * MS).with_rates(5_000_000, 1e12, cpu_read_bw=1e9)
+    assert c.cpu_fixed_s == pytest.approx(5 * MS) and c.cpu_each(1) == pytest.approx(5 * MS)
+    kept = replace(flat_costs(cpu=10 * MS), cpu_fixed_s=4 * MS).with_rates(5_000_000, 1e12, cpu_read_bw=1e9)
+    assert kept.cpu_fixed_s == 4 * MS  # 6 ms of its own: slower than reading, nothing to correct
+    assert kept.with_rates(5_000_000, 1e12, cpu_read_bw=1e9) == kept
 
 
 def test_prefill_host_time_between_the_prompts_measured():

@@ -212,6 +212,7 @@ class OffloadedExperts:
         self._arrived = torch.cuda.Event() if self.cuda else None
         # pinned host buffers, reused by every layer: the routing and activations in, the CPU's share out
         self._host = HostBuffers(pinned=self.cuda)
+        self._cpu_out = ZeroedRows(self.hidden, pinned=self.cuda)
         # The CPU kernel's own threads; one core stays with the thread that drives the GPU.
         self.cpu = CpuExperts(threads=default_threads(reserve=1 if self.cuda else 0))
         self.stats = OffloadStats()
@@ -372,14 +373,15 @@ class OffloadedExperts:
         waits), handed over. jobs: (expert, r, flat (token, k) indices: a list, or numpy from group_entries);
         w: the routing weights [N * K] fp32, flat, on the host. Plain Python or numpy up to the kernel: each
         PyTorch op here would cost tens of microseconds beside the GPU driver thread."""
-        out = self._host.get("cpu_out", (x.shape[0], self.hidden), torch.float32)
-        out.zero_()
         if isinstance(jobs[0][2], np.ndarray):
             wf = w.numpy()
             cpu_jobs = [Job(e, ent // K, wf[ent], 0, r) for e, r, ent in jobs]
+            rows = np.concatenate([j.tok for j in cpu_jobs])
         else:
             wl = w.tolist()
             cpu_jobs = [Job(e, [i // K for i in ent], [wl[i] for i in ent], 0, r) for e, r, ent in jobs]
+            rows = np.array([t for j in cpu_jobs for t in j.tok], dtype=np.int64)
+        out = self._cpu_out.take(x.shape[0], rows)
         return self.cpu.submit(self.host.data[l], x, cpu_jobs, out, spin=WAIT_SPIN if self.cuda else 0)
 
     def _to_host(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -412,6 +414,27 @@ class OffloadedExperts:
         self._copy_timing = None
         if end.query():
             self.copy_scale = smoothed(self.copy_scale, start.elapsed_time(end) / 1e3, predicted)
+
+
+class ZeroedRows:
+    """A reused host buffer [rows, H] fp32 (pinned where a GPU reads it), all zeros but the rows its last user
+    wrote, which the next take() clears: the CPU's share of a layer adds into the rows of its tokens only.
+    Clearing those few rows with numpy replaces zeroing all of them with PyTorch, which cost a decode layer
+    a PyTorch op and a 512-token prefill layer its whole [512, H] beside the kernel's threads."""
+
+    def __init__(self, hidden: int, pinned: bool):
+        self.hidden, self.pinned = hidden, pinned
+        self.buf = torch.zeros(0, hidden)
+        self.dirty = np.zeros(0, np.int64)
+
+    def take(self, n: int, rows: np.ndarray) -> torch.Tensor:
+        """[n, H] of zeros; rows: those the caller will write (row indices < n, repeats allowed)."""
+        if n > self.buf.shape[0]:
+            self.buf = torch.zeros(max(n, 2 * self.buf.shape[0]), self.hidden, pin_memory=self.pinned)
+        elif len(self.dirty):
+            self.buf.numpy()[self.dirty] = 0.0
+        self.dirty = rows
+        return self.buf[:n]
 
 
 def group_entries(ids: torch.Tensor) -> dict[int, list[int] | np.ndarray]:

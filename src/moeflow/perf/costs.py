@@ -73,6 +73,7 @@ class ExpertCosts:
     cpu_alone: float = 1.0     # CPU time with no copy beside it, as a fraction of cpu_s (measured at 1 token)
     gpu_fixed_s: float = 0.0   # of each gpu_s, a wave's fixed part (its launches; paid once per wave)
     copy_launch_s: float = 0.0  # host time to launch one copy (the transfer and its event)
+    copy_alone_s: float = 0.0  # one whole expert host -> GPU with no CPU work beside it (0: not measured)
 
     def cpu(self, n: int, f: float = 1.0) -> float:
         """One expert alone (or its fraction f) on the CPU."""
@@ -109,15 +110,31 @@ class ExpertCosts:
         return sum(self.gpu_fixed_s + sum(max(self.gpu(jobs[i][0]) - self.gpu_fixed_s, 0.0) * jobs[i][1]
                                           for i in p) for p in passes)
 
-    def with_gpu_bytes(self, expert_bytes: int, gpu_bw: float) -> ExpertCosts:
-        """gpu_fixed_s, where not measured, as what one expert alone at 1 token takes beyond reading its
-        weights at gpu_bw (a decode expert is memory-bound: the rest is launching it)."""
-        if self.gpu_fixed_s or not gpu_bw or not self.gpu_s:
-            return self
-        return replace(self, gpu_fixed_s=max(self.gpu_s[0] - expert_bytes / gpu_bw, 0.0))
+    def with_rates(self, expert_bytes: int, gpu_bw: float, cpu_read_bw: float = 0.0, h2d_bw: float = 0.0
+                   ) -> ExpertCosts:
+        """What the measured times leave open, from the machine's rates (bytes/s; 0: unknown):
+        gpu_fixed_s, where not measured, as what one expert alone at 1 token takes beyond reading its weights at
+        gpu_bw (a decode expert is memory-bound: the rest is launching it);
+        copy_alone_s, where not measured (profiles before 2026-12-02 13:00), as its bytes at h2d_bw;
+        cpu_fixed_s at most what leaves an expert's own part (alone, 1 token) the time to read its weights at
+        cpu_read_bw. The fixed part is a small difference of two timings (one expert, four in a call): a
+        profile of 2026-12-02 put a Qwen3 expert's own part at 0.026 ms, 360 GB/s, where the host reads ~100
+        and a probe measured 0.11-0.13 ms per added expert; a fiddler layer's six then came out 25% fast."""
+        c = self
+        if not c.gpu_fixed_s and gpu_bw and c.gpu_s:
+            c = replace(c, gpu_fixed_s=max(c.gpu_s[0] - expert_bytes / gpu_bw, 0.0))
+        if not c.copy_alone_s and h2d_bw and c.copy_s:
+            c = replace(c, copy_alone_s=min(c.copy_s, expert_bytes / h2d_bw + c.copy_latency_s))
+        if cpu_read_bw and c.cpu_s:
+            own = c.cpu_s[0] * c.cpu_alone - c.cpu_fixed_s
+            c = replace(c, cpu_fixed_s=max(c.cpu_fixed_s - max(expert_bytes / cpu_read_bw - own, 0.0), 0.0))
+        return c
 
-    def copy(self, f: float = 1.0) -> float:
-        return self.copy_s * f + (self.copy_latency_s * 2 if 0 < f < 1 else 0.0)
+    def copy(self, f: float = 1.0, alone: bool = False) -> float:
+        """A fraction f of an expert host -> GPU (a part takes three transfers); alone: no CPU work beside it
+        (the two share host memory: a Qwen3 expert crossed in 0.28 ms beside the CPU, 0.17 at the link's rate)."""
+        whole = self.copy_alone_s if alone and self.copy_alone_s else self.copy_s
+        return whole * f + (self.copy_latency_s * 2 if 0 < f < 1 else 0.0)
 
     def scaled(self, cpu: float, copy: float = 1.0) -> ExpertCosts:
         """The same costs with the CPU's times multiplied by `cpu` and the copy's by `copy` (corrections
@@ -243,21 +260,28 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
         sync()
         xg = xc.to(dev)
         gpu_s.append(median_s(lambda: gpu_ffn(xg, slot), sync, repeats))
+    copy_alone_s = 0.0
     if copy_stream is None:
         copy_s = median_s(copy_in, sync, repeats)
-    else:  # timed on the copy engine with events, while the CPU computes an expert beside it
-        x1, times = torch.randn(1, hidden, dtype=dtype), []
-        with ThreadPoolExecutor(1) as pool:
-            for _ in range(repeats + 1):
-                job = pool.submit(cpu_ffn, x1, next_block())
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(copy_stream)
-                copy_in()
-                end.record(copy_stream)
-                job.result()
-                sync()
-                times.append(start.elapsed_time(end) / 1e3)
-        copy_s = sorted(times[1:])[repeats // 2]
+    else:  # timed on the copy engine with events, while the CPU computes an expert beside it, and alone
+        x1 = torch.randn(1, hidden, dtype=dtype)
+
+        def copy_timed(beside: bool) -> float:
+            times = []
+            with ThreadPoolExecutor(1) as pool:
+                for _ in range(repeats + 1):
+                    job = pool.submit(cpu_ffn, x1, next_block()) if beside else None
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record(copy_stream)
+                    copy_in()
+                    end.record(copy_stream)
+                    if job is not None:
+                        job.result()
+                    sync()
+                    times.append(start.elapsed_time(end) / 1e3)
+            return sorted(times[1:])[repeats // 2]
+
+        copy_s, copy_alone_s = copy_timed(beside=True), copy_timed(beside=False)
     launch_s = 0.0
     if copy_stream is not None:  # the host's part of a copy: launching it and recording its arrival
         launches = []
@@ -286,4 +310,4 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
     # the speed in a layer that copies nothing, as a fraction of beside copies
     alone = min(t1 / cpu_s[0], 1.0) if copy_stream is not None else 1.0
     return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(gpu_s), copy_s, latency, cpu_fixed_s=fixed,
-                       cpu_alone=alone, copy_launch_s=launch_s)
+                       cpu_alone=alone, copy_launch_s=launch_s, copy_alone_s=copy_alone_s)

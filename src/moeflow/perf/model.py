@@ -60,10 +60,11 @@ def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], h
     """One MoE layer of a step of `tokens` tokens: misses expert -> tokens (not on the GPU), hit_tokens the
     tokens of each expert that is; per_token: routing entries per token a grouped pass holds (the step's
     workspace, engine/budget.py pass_entries_per_token). host_s: the host's own time in the layer beyond
-    overhead_s (a prefill's eager launches, its routing's bookkeeping and grouped passes). It runs beside the
-    GPU and the copies, but not beside the CPU's share: the host waits for that before it launches the rest of
-    the layer and the next one. The host also launches the copies one by one (beside the copy engine and the
-    CPU)."""
+    overhead_s (a prefill's eager launches, its routing's bookkeeping and grouped passes). It runs beside
+    neither the CPU's share (the host waits for that before it launches the rest of the layer and the next one)
+    nor the copies (on the H200 host a Qwen3 lru prefill took the copies' time plus its host time, where
+    overlapping the two predicted 27% short). The host also launches the copies one by one (beside the copy
+    engine and the CPU). Copies with no CPU work beside them cross at their own rate (copy_alone_s)."""
     rows = policy.plan(misses, costs, inter, max_copies) if misses else {}
     on_cpu = [e for e, r in rows.items() if r > 0]
     cpu = costs.cpu_work([(misses[e], rows[e] / inter) for e in on_cpu], any(r < inter for r in rows.values()))
@@ -75,13 +76,13 @@ def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], h
     copy_end, wave = dense_s, []
     copied = [(misses[e], (inter - r) / inter) for e, r in rows.items() if r < inter]
     for i, (n, f) in enumerate(copied):
-        copy_end += costs.copy(f)
+        copy_end += costs.copy(f, alone=not on_cpu)
         wave.append((n, f))
         if len(wave) == max(max_copies, 1) or i == len(copied) - 1:
             g = costs.gpu_wave(wave, tokens, per_token)
             gpu_end, gpu_work, wave = max(gpu_end, copy_end) + g, gpu_work + g, []
-    host = host_s + len(copied) * costs.copy_launch_s
-    total = max(dense_s + cpu + (host_s if on_cpu else 0.0), gpu_end, host) + overhead_s
+    launches = len(copied) * costs.copy_launch_s
+    total = max(dense_s + cpu, gpu_end, launches) + host_s + overhead_s
     return LayerTime(cpu, copy_end - dense_s, gpu_work, overhead_s + host_s, total)
 
 
@@ -202,7 +203,8 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
                            cfg.kv_bytes_per_token(b) * max_len, max_len, b)
     except MoeflowError as e:
         return LatencyPrediction(policy, error=str(e))
-    costs = (costs or profile.expert_costs(cfg, dtype_name)).with_gpu_bytes(cfg.expert_numel * b, profile.gpu_bw)
+    costs = (costs or profile.expert_costs(cfg, dtype_name)).with_rates(cfg.expert_numel * b, profile.gpu_bw,
+                                                                         profile.cpu_read_bw, profile.h2d_bw)
     per_token = pass_entries_per_token(cfg, b)
     split = bud.split
     counts = hit_rate_or_placement if isinstance(hit_rate_or_placement, (list, tuple)) or \

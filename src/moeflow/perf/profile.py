@@ -142,8 +142,9 @@ class HardwareProfile:
         key = shape_key(cfg, dtype_name)
         nbytes = cfg.expert_numel * DTYPE_BYTES.get(dtype_name, 2)
         copy_s = self.h2d_latency_s + nbytes / self.h2d_bw if self.has_gpu else 0.0
-        if key in self.experts:
-            return ExpertCosts.from_dict(self.experts[key])
+        if key in self.experts:  # completed from the rates as the timing model completes them (one source)
+            return ExpertCosts.from_dict(self.experts[key]).with_rates(
+                nbytes, self.gpu_bw, self.cpu_read_bw, self.h2d_bw if self.has_gpu else 0.0)
         size = cfg.hidden_size * cfg.expert_intermediate_size
         if self.experts:
             def ratio(k):
