@@ -293,6 +293,14 @@ def test_hrm_expert_intensity_and_attainable():
     assert attainable(k, "GPU", "CPU", p) == pytest.approx(p.h2d_bw * k.link_intensity())  # the link binds
 
 
+def test_a_decode_step_pays_its_own_host_time_once():
+    p = reference_profile()
+    base = predict_latency(MIXTRAL, p, 24 * GiB, "auto")
+    slow = predict_latency(MIXTRAL, replace(p, step_overhead_s=5 * MS), 24 * GiB, "auto")
+    assert 1 / slow.decode_tps == pytest.approx(1 / base.decode_tps + 5 * MS)  # once per token, not per layer
+    assert slow.token.overhead == pytest.approx(base.token.overhead + 5 * MS) and slow.ttft_s == base.ttft_s
+
+
 # -- monotonicity -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy", ["auto", "fiddler", "lru"])
 def test_more_budget_never_slower(policy):
@@ -426,7 +434,7 @@ def test_profile_cache_and_refresh(cache):
     # a prefill's per-layer host time at each prompt measured, named with it (quick sizes and older profiles:
     # the first two)
     assert p.prefill_tokens == prof.PREFILL_TOKENS[:2] and len(p.prefill_overhead_s) == 2
-    assert all(t >= 0 for t in p.prefill_overhead_s)
+    assert all(t >= 0 for t in p.prefill_overhead_s) and p.layer_overhead_s > 0 and p.step_overhead_s >= 0
     path = prof.profile_path("cpu")
     assert path.parent == cache and path.exists()
     assert HardwareProfile.load(path) == p
@@ -452,10 +460,15 @@ def test_profile_measures_a_cpu_calls_fixed_part(monkeypatch):
     seen = []
     monkeypatch.setattr(costs_mod, "fixed_part", lambda t1, tm, m: seen.append((t1, tm, m)) or fixed_part(t1, tm, m))
     sizes = replace(prof.QUICK, expert_pool_bytes=16 * TINY.expert_bytes(torch.bfloat16))
-    c = prof.measure_profile(TINY, "cpu", sizes=sizes, progress=False).expert_costs(TINY)
+    p = prof.measure_profile(TINY, "cpu", sizes=sizes, progress=False)
+    c = ExpertCosts.from_dict(p.experts[prof.shape_key(TINY)])  # as measured
     (t1, tm, m), = seen
     assert m == prof.MANY and c.cpu_s[0] == min(t1, c.cpu_s[1]) and tm > 0
     assert c.cpu_fixed_s == min(fixed_part(t1, tm, m), c.cpu_s[0]) and 0.0 <= c.cpu_fixed_s <= c.cpu_s[0]
+    # as used: each expert's own part at least its bytes over the measured read rate
+    used = p.expert_costs(TINY)
+    assert used.cpu_fixed_s <= c.cpu_fixed_s
+    assert used.cpu_s[0] - used.cpu_fixed_s >= TINY.expert_bytes(torch.bfloat16) / p.cpu_read_bw - 1e-12
 
 
 def test_costs_from_profile():

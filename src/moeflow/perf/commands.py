@@ -41,6 +41,7 @@ def print_profile(p, cfg=None) -> None:
                   if p.host_read_bw_shared else "not measured"),
                  ("GPU memory", f"{p.gpu_bw / 1e9:.0f} GB/s"), ("GPU bf16 matmul", f"{p.gpu_flops / 1e12:.0f} TFLOP/s")]
     rows.append(("layer overhead", f"{p.layer_overhead_s * 1e3:.3f} ms"))
+    rows.append(("decode step's own host time", f"{p.step_overhead_s * 1e3:.3f} ms"))
     if p.prefill_overhead_s:
         rows.append(("layer overhead, prefill", ", ".join(f"{t * 1e3:.3f} ms at {n} tokens"
                                                           for n, t in zip(p.prefill_tokens, p.prefill_overhead_s))))

@@ -277,7 +277,8 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
         token = token + LayerTime(0, 0, d, 0, d)
         ttft += dense_gpu_s(cfg, profile, layer, prompt_len, prompt_len, b, causal_prefill=True)
     head = head_gpu_s(cfg, profile, b)
-    token = token + LayerTime(0, 0, head, 0, head)
+    # the head on the GPU, and the step's own host work (sampling, its bookkeeping), one after the other
+    token = token + LayerTime(0, 0, head, profile.step_overhead_s, head + profile.step_overhead_s)
     ttft += head
     # The bound: the missed weights cross the CPU's bus and PCIe at once, at the rate the two get together
     # (they share host memory) where the profile measured it; the GPU reads what it holds.

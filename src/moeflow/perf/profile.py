@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -85,6 +86,7 @@ class HardwareProfile:
     host_read_bw_shared: float = 0.0  # CPU reads + host -> GPU copies while both run (they share host memory);
                                       # 0: not measured (the bound then takes the sum of the two rates)
     layer_overhead_s: float = 0.0  # host-side cost of one offloaded layer (sync, planning, launches)
+    step_overhead_s: float = 0.0   # a decode step's own host time beyond its layers' (sampling, bookkeeping)
     prefill_overhead_s: tuple = ()  # the same in prefills of prefill_tokens tokens (eager launches, the
                                     # routing's bookkeeping); empty: not measured
     prefill_tokens: tuple = (32, 512)  # their prompts (profiles before 2026-12-02 07:00 measured these two)
@@ -383,7 +385,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
         quick = sizes.repeats < 3
         figures["prefill_tokens"] = PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS
-        figures["layer_overhead_s"], figures["prefill_overhead_s"] = layer_overhead(
+        figures["layer_overhead_s"], figures["step_overhead_s"], figures["prefill_overhead_s"] = layer_overhead(
             dev, 8 if quick else 32, figures["prefill_tokens"], 3 if quick else 5)
         if not quick:
             try:  # figures for the model's next step, not yet used: their failure leaves them unmeasured
@@ -401,47 +403,59 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         **figures)
 
 
-def layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int) -> tuple[float, tuple[float, ...]]:
+def layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int
+                   ) -> tuple[float, float, tuple[float, ...]]:
     """The host-side cost of one offloaded layer, as the engine pays it, in decode and in prefills of each of
-    `tokens` tokens (medians of `repeats`): steps of the tiny synthetic Mixtral with every expert in a slot
-    (policy gpu), whose GPU work is negligible, over its layers. It holds the per-layer sync for routing, the
-    planning and every launch of a decoder layer (a prefill's are eager, and its routing's bookkeeping grows
-    with its tokens).
-    A prefill's per-layer time is the slope between the tiny model at 4 and at 20 layers: a step's own host
-    work (the prompt's positions, sampling; it grows with the prompt) would otherwise count a quarter per layer,
-    where a real model spreads it over dozens. A difference of two timings is noisy both ways (a run of
-    2026-12-02 gave 3.96 ms at 512 tokens and 2.37 at 2048): the points are fitted non-decreasing in tokens."""
+    `tokens` tokens (medians of `repeats`), and a decode step's own: steps of the tiny synthetic Mixtral with
+    every expert in a slot (policy gpu), whose GPU work is negligible, over its layers. A layer's holds the
+    per-layer sync for routing, the planning and every launch of a decoder layer (a prefill's are eager, and its
+    routing's bookkeeping grows with its tokens).
+    A layer's time is the slope between the tiny model at 4 and at 20 layers, and a decode step's own host work
+    (sampling, the step's bookkeeping) what is left of the 4 layers' step: counted per layer, it came out a
+    quarter per layer where a real model spreads it over dozens (0.38-0.53 ms per layer in three profiles of
+    2026-12-02 against ~0.4 in Qwen3's lru decode). A difference of two timings is noisy both ways (a run of
+    2026-12-02 gave 3.96 ms at 512 tokens and 2.37 at 2048): the prefill points are fitted non-decreasing in
+    tokens. Returns (decode layer, decode step, prefill layer per token count)."""
     import torch
 
     from moeflow.engine.sequence import SamplingParams
 
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    max_len = max(tokens) + steps + 16
+    max_len = max(tokens) + steps * repeats + 16
 
     def prefills(eng) -> list[float]:
         def prompt(n):
             list(eng.stream([3 + i % 64 for i in range(n)], SamplingParams(max_new_tokens=1, ignore_eos=True)))
         return [median_s(lambda: prompt(n), sync, repeats) for n in tokens]  # each after a warm-up
 
-    engines = []
-    try:
-        engines.append(_tiny_engine(dev, FEW_LAYERS, max_len))
-        eng = engines[0]
-        seq = eng.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
+    def decode(eng) -> float:
+        """A decode step's seconds: the median of `repeats` runs of `steps` steps."""
+        seq = eng.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=steps * repeats + 2,
+                                                                 ignore_eos=True))
         eng.step()
         eng.step()  # prefill, then one warm-up decode step
-        t = time.perf_counter()
-        for _ in range(steps):
-            eng.step()
-        sync()
-        decode = (time.perf_counter() - t) / steps / FEW_LAYERS
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(steps):
+                eng.step()
+            sync()
+            times.append((time.perf_counter() - t) / steps)
         assert not seq.finished or seq.output_ids
         if not seq.finished:
             eng.abort(seq)
-        few = prefills(eng)
+        return statistics.median(times)
+
+    engines = []
+    try:
+        engines.append(_tiny_engine(dev, FEW_LAYERS, max_len))
+        few_step, few = decode(engines[0]), prefills(engines[0])
         engines.append(_tiny_engine(dev, MANY_LAYERS, max_len))
-        many = prefills(engines[1])
-        return decode, tuple(isotonic([max(b - a, 0.0) / (MANY_LAYERS - FEW_LAYERS) for a, b in zip(few, many)]))
+        many_step, many = decode(engines[1]), prefills(engines[1])
+        slope = (many_step - few_step) / (MANY_LAYERS - FEW_LAYERS)
+        layer = slope if slope > 0 else few_step / FEW_LAYERS  # noise beyond the difference: all of it per layer
+        return layer, max(few_step - FEW_LAYERS * layer, 0.0), \
+            tuple(isotonic([max(b - a, 0.0) / (MANY_LAYERS - FEW_LAYERS) for a, b in zip(few, many)]))
     finally:
         _release(engines, dev)
 
