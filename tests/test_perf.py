@@ -8,15 +8,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import toy_profile
 
 from moeflow import MoeflowError
 from moeflow.checkpoint import read_model_config
 from moeflow.cli import main
 from moeflow.perf import costs as costs_mod
-from moeflow.perf import profile as prof
 from moeflow.perf.costs import ExpertCosts, fixed_part, grouped_passes, paired_s
 from moeflow.perf.model import ThroughputPolicy, layer_time, predict_latency, predict_throughput, throughput_memory
-from moeflow.perf.profile import HardwareProfile, reference_profile
+from moeflow.perf.profile import reference_profile
 from moeflow.perf.roofline import attainable, expert_ffn
 from moeflow.perf.search import copy_threshold, search_latency, search_throughput
 from moeflow.policy import get_policy
@@ -28,21 +28,12 @@ TINY = read_model_config("synthetic:tiny-mixtral")[1]
 MS = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("cache")  # conftest's: a fresh profile cache per test
 
 
 def flat_costs(cpu=10 * MS, copy=2 * MS, gpu=1 * MS) -> ExpertCosts:
     pts = (1, 4, 16, 64, 256)
     return ExpertCosts(pts, (cpu,) * 5, (gpu,) * 5, copy)
-
-
-def toy_profile(**kw) -> HardwareProfile:
-    base = dict(host="toy", cpu_model="toy", cpu_threads=1, host_memory=1 << 40, cpu_read_bw=1e9, cpu_flops=1e12,
-                gpu_name="toy-gpu", gpu_memory=80 * GiB, gpu_bw=1e12, gpu_flops=1e15, h2d_bw=1e9, d2h_bw=1e9)
-    return HardwareProfile(**(base | kw))
 
 
 # -- latency regime: one layer, by hand -------------------------------------------------------------------
@@ -427,66 +418,6 @@ def test_dense_numel_matches_the_model(cfg):
     assert cfg.dense_numel == sum(p.numel() for p in model.parameters())
 
 
-# -- profile and its cache ------------------------------------------------------------------------------------
-def test_profile_cache_and_refresh(cache):
-    p, how = prof.get_profile(TINY, "cpu", sizes=prof.QUICK, progress=False)
-    assert how == "measured" and not p.has_gpu and p.has_shape(TINY)
-    # a prefill's per-layer host time at each prompt measured, named with it (quick sizes and older profiles:
-    # the first two)
-    assert p.prefill_tokens == prof.PREFILL_TOKENS[:2] and len(p.prefill_overhead_s) == 2
-    assert all(t >= 0 for t in p.prefill_overhead_s) and p.layer_overhead_s > 0 and p.step_overhead_s >= 0
-    path = prof.profile_path("cpu")
-    assert path.parent == cache and path.exists()
-    assert HardwareProfile.load(path) == p
-    assert prof.get_profile(TINY, "cpu", sizes=prof.QUICK, progress=False) == (p, "cached")
-    q, how = prof.get_profile(QWEN.__class__(**{**TINY.__dict__, "expert_intermediate_size": 128}), "cpu",
-                              sizes=prof.QUICK, progress=False)
-    assert how == "added shape" and len(q.experts) == 2
-    r, how = prof.get_profile(TINY, "cpu", refresh=True, sizes=prof.QUICK, progress=False)
-    assert how == "measured" and len(r.experts) == 1
-    # another CPU model, or another version, is not this machine's profile
-    d = json.loads(path.read_text())
-    path.write_text(json.dumps(d | {"cpu_model": "elsewhere"}))
-    assert prof.cached_profile("cpu") is None
-    path.write_text(json.dumps(d | {"version": 0}))
-    with pytest.raises(MoeflowError, match="version"):
-        HardwareProfile.load(path)
-
-
-def test_profile_measures_a_cpu_calls_fixed_part(monkeypatch):
-    """With room for 2 x 4 experts in the pool, the CPU expert step also times 4 in one call: the call's fixed
-    part comes from that, between 0 and the time of one expert alone (each capped by the later points: noise
-    only adds time)."""
-    seen = []
-    monkeypatch.setattr(costs_mod, "fixed_part", lambda t1, tm, m: seen.append((t1, tm, m)) or fixed_part(t1, tm, m))
-    sizes = replace(prof.QUICK, expert_pool_bytes=16 * TINY.expert_bytes(torch.bfloat16))
-    p = prof.measure_profile(TINY, "cpu", sizes=sizes, progress=False)
-    c = ExpertCosts.from_dict(p.experts[prof.shape_key(TINY)])  # as measured
-    (t1, tm, m), = seen
-    assert m == prof.MANY and c.cpu_s[0] == min(t1, c.cpu_s[1]) and tm > 0
-    assert c.cpu_fixed_s == min(fixed_part(t1, tm, m), c.cpu_s[0]) and 0.0 <= c.cpu_fixed_s <= c.cpu_s[0]
-    # as used: each expert's own part at least its bytes over the measured read rate
-    used = p.expert_costs(TINY)
-    assert used.cpu_fixed_s <= c.cpu_fixed_s
-    assert used.cpu_s[0] - used.cpu_fixed_s >= TINY.expert_bytes(torch.bfloat16) / p.cpu_read_bw - 1e-12
-
-
-def test_costs_from_profile():
-    ref = reference_profile()
-    c = ref.expert_costs(MIXTRAL)
-    assert c.cpu(1) == pytest.approx(7.4 * MS) and c.copy() == pytest.approx(6.6 * MS)
-    q = ref.expert_costs(QWEN)  # scaled: a Qwen3 expert is 1/37 of a Mixtral one
-    assert q.cpu(1) < c.cpu(1) / 20 and q.copy() == pytest.approx(16e-6 + QWEN.expert_numel * 2 / 54e9)
-
-
-def test_profile_cli_cpu_only(capsys):
-    assert main(["profile", "--model", "synthetic:tiny-mixtral", "--device", "cpu", "--quick"]) == 0
-    out = capsys.readouterr().out
-    assert "CPU memory read" in out and "measured" in out
-    assert main(["profile", "--model", "synthetic:tiny-mixtral", "--device", "cpu", "--quick"]) == 0
-    assert "cached" in capsys.readouterr().out
-
-
 # -- moeflow plan ---------------------------------------------------------------------------------------------
 def test_plan_cli_end_to_end(tmp_path, capsys):
     png, ref = tmp_path / "roof.png", tmp_path / "ref.json"
@@ -575,80 +506,3 @@ def test_model_accuracy_compares_the_medians_of_a_configurations_repeats():
     assert auto["decode_tps"] == 4.0 and auto["predicted_decode_tps"] == 4.4
     assert auto["decode_error"] == pytest.approx(0.1) and auto["ttft_error"] == pytest.approx(1.0 / 1.1 - 1)
     assert lru["runs"] == 1 and lru["decode_error"] == pytest.approx(2.7 / 3.0 - 1)
-
-
-def test_measurements_of_the_costs_are_combined_by_their_medians():
-    """A profile measures the expert costs in rounds: each field's median, point by point, so one slow round
-    (every point 10x) is outvoted and the series stays monotone."""
-    from moeflow.perf.costs import median_costs
-
-    a = ExpertCosts((1, 4), (1.0, 2.0), (0.1, 0.2), 3.0, cpu_fixed_s=0.5, cpu_alone=0.8)
-    b = ExpertCosts((1, 4), (10.0, 20.0), (0.3, 0.2), 1.0, cpu_fixed_s=0.1, cpu_alone=0.2)
-    c = ExpertCosts((1, 4), (1.2, 1.8), (0.2, 0.3), 2.0, cpu_fixed_s=0.3, cpu_alone=1.0)
-    m = median_costs([a, b, c])
-    assert m.tokens == (1, 4) and m.cpu_s == (1.2, 2.0) and m.gpu_s == (0.2, 0.2)
-    assert m.copy_s == 2.0 and m.cpu_fixed_s == 0.3 and m.cpu_alone == 0.8
-    assert median_costs([a]) == a
-    with pytest.raises(ValueError, match="token counts"):
-        median_costs([a, ExpertCosts((1, 8), (1.0, 2.0), (0.1, 0.2), 3.0)])
-
-
-def test_measured_times_never_fall_with_more_tokens():
-    """A point measured above a later one (noise: 4.1 ms at 1 token, 0.66 at 4 on a busy host) is capped by it;
-    rising series stay as measured."""
-    from moeflow.perf.costs import monotone
-
-    assert monotone([4.1, 0.66, 1.7, 2.1, 5.8]) == [0.66, 0.66, 1.7, 2.1, 5.8]
-    assert monotone([0.19, 0.16, 0.18, 0.17, 0.11]) == [0.11] * 5
-    assert monotone([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0] and monotone([]) == []
-
-
-def test_isotonic_fit_of_the_prefill_points():
-    """Per-layer prefill host times, a difference of two timings, are fitted non-decreasing in the prompt:
-    a falling run becomes its mean, a rising series stays."""
-    from moeflow.perf.profile import isotonic
-
-    assert isotonic([2.32, 3.96, 2.36]) == pytest.approx([2.32, 3.16, 3.16])
-    assert isotonic([5.0, 1.0, 3.0]) == pytest.approx([3.0, 3.0, 3.0])
-    assert isotonic([1.0, 2.0, 2.0, 4.0]) == [1.0, 2.0, 2.0, 4.0] and isotonic([]) == []
-
-
-def test_measured_costs_are_monotone_with_or_without_copies():
-    """measure_costs caps each point by the later ones after every measurement that sets one, the lone
-    expert timed beside the m-expert call included (a 1-token call slowed by noise here: 3 ms against 0.4), and
-    the call's fixed part with them."""
-    import time as _time
-
-    import torch
-
-    from moeflow.perf.costs import measure_costs
-
-    def cpu_ffn(x, block):
-        _time.sleep(3e-3 if x.shape[0] == 1 else 4e-4)
-
-    block = torch.zeros(3 * 8 * 4)
-    c = measure_costs(lambda i: block, 8, 4, 2, torch.zeros_like(block), cpu_ffn, lambda x, s: None, repeats=1,
-                      cpu_many=(2, lambda x: _time.sleep(4e-3)))
-    assert all(a <= b for a, b in zip(c.cpu_s, c.cpu_s[1:])) and c.cpu_s[0] < 2e-3
-    assert 0 < c.cpu_fixed_s <= c.cpu_s[0]  # the fixed part (2 ms from the slow pair) capped with its call
-
-
-def test_prefill_host_axes_measures_copies_and_experts_used(monkeypatch):
-    """prefill_host_axes runs the tiny model three ways (every expert in a slot, lru with few slots, routed
-    wider) at 4 and 20 layers; the engines' stats count the copies and the experts used, and the figures come
-    back per copy and per extra expert, never negative. The profile keeps them through save and load."""
-    from moeflow.engine.llm_engine import LLMEngine
-
-    seen = []
-    real = LLMEngine.__init__
-
-    def spy(self, ck, *a, **kw):
-        real(self, ck, *a, **kw)
-        seen.append((kw["offload"].policy, ck.cfg.num_experts, len(ck.cfg.moe_layers), self.budget["cache"]))
-    monkeypatch.setattr(LLMEngine, "__init__", spy)
-    per_copy, per_expert = prof.prefill_host_axes(torch.device("cpu"), tokens=32, repeats=1, wide=12)
-    assert sorted(seen) == sorted([("gpu", 8, 4, 0), ("gpu", 8, 20, 0), ("gpu", 12, 4, 0), ("gpu", 12, 20, 0),
-                                   ("lru", 8, 4, 8), ("lru", 8, 20, 40)])  # lru: 2 cache slots per layer
-    assert per_copy >= 0 and per_expert >= 0
-    p = replace(toy_profile(), prefill_copy_host_s=per_copy, prefill_expert_host_s=per_expert)
-    assert HardwareProfile.from_dict(json.loads(p.to_json())) == p
