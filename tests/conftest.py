@@ -28,15 +28,6 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def toy_profile(**kw):
-    """A hand-made hardware profile (round rates) for the timing model's by-hand tests."""
-    from moeflow.perf.profile import HardwareProfile
-
-    base = dict(host="toy", cpu_model="toy", cpu_threads=1, host_memory=1 << 40, cpu_read_bw=1e9, cpu_flops=1e12,
-                gpu_name="toy-gpu", gpu_memory=80 << 30, gpu_bw=1e12, gpu_flops=1e15, h2d_bw=1e9, d2h_bw=1e9)
-    return HardwareProfile(**(base | kw))
-
-
 def budget_for(ck, slots: int, max_seqs: int = 2, max_len: int = 64) -> int:
     """A GPU budget that leaves exactly `slots` expert slots for an engine of max_seqs x max_len (what
     attach_offload computes)."""

@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import toy_profile
 
 from moeflow import MoeflowError
 from moeflow.checkpoint import read_model_config
@@ -16,7 +15,7 @@ from moeflow.cli import main
 from moeflow.perf import costs as costs_mod
 from moeflow.perf.costs import ExpertCosts, fixed_part, grouped_passes, paired_s
 from moeflow.perf.model import ThroughputPolicy, layer_time, predict_latency, predict_throughput, throughput_memory
-from moeflow.perf.profile import reference_profile
+from moeflow.perf.profile import HardwareProfile, reference_profile
 from moeflow.perf.roofline import attainable, expert_ffn
 from moeflow.perf.search import copy_threshold, search_latency, search_throughput
 from moeflow.policy import get_policy
@@ -34,6 +33,12 @@ pytestmark = pytest.mark.usefixtures("cache")  # conftest's: a fresh profile cac
 def flat_costs(cpu=10 * MS, copy=2 * MS, gpu=1 * MS) -> ExpertCosts:
     pts = (1, 4, 16, 64, 256)
     return ExpertCosts(pts, (cpu,) * 5, (gpu,) * 5, copy)
+
+
+def toy_profile(**kw) -> HardwareProfile:
+    base = dict(host="toy", cpu_model="toy", cpu_threads=1, host_memory=1 << 40, cpu_read_bw=1e9, cpu_flops=1e12,
+                gpu_name="toy-gpu", gpu_memory=80 * GiB, gpu_bw=1e12, gpu_flops=1e15, h2d_bw=1e9, d2h_bw=1e9)
+    return HardwareProfile(**(base | kw))
 
 
 # -- latency regime: one layer, by hand -------------------------------------------------------------------

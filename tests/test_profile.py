@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import toy_profile
 
 from moeflow import MoeflowError
 from moeflow.checkpoint import read_model_config
@@ -140,24 +139,3 @@ def test_measured_costs_are_monotone_with_or_without_copies():
                       cpu_many=(2, lambda x: _time.sleep(4e-3)))
     assert all(a <= b for a, b in zip(c.cpu_s, c.cpu_s[1:])) and c.cpu_s[0] < 2e-3
     assert 0 < c.cpu_fixed_s <= c.cpu_s[0]  # the fixed part (2 ms from the slow pair) capped with its call
-
-
-def test_prefill_host_axes_measures_copies_and_experts_used(monkeypatch):
-    """prefill_host_axes runs the tiny model three ways (every expert in a slot, lru with few slots, routed
-    wider) at 4 and 20 layers; the engines' stats count the copies and the experts used, and the figures come
-    back per copy and per extra expert, never negative. The profile keeps them through save and load."""
-    from moeflow.engine.llm_engine import LLMEngine
-
-    seen = []
-    real = LLMEngine.__init__
-
-    def spy(self, ck, *a, **kw):
-        real(self, ck, *a, **kw)
-        seen.append((kw["offload"].policy, ck.cfg.num_experts, len(ck.cfg.moe_layers), self.budget["cache"]))
-    monkeypatch.setattr(LLMEngine, "__init__", spy)
-    per_copy, per_expert = prof.prefill_host_axes(torch.device("cpu"), tokens=32, repeats=1, wide=12)
-    assert sorted(seen) == sorted([("gpu", 8, 4, 0), ("gpu", 8, 20, 0), ("gpu", 12, 4, 0), ("gpu", 12, 20, 0),
-                                   ("lru", 8, 4, 8), ("lru", 8, 20, 40)])  # lru: 2 cache slots per layer
-    assert per_copy >= 0 and per_expert >= 0
-    p = replace(toy_profile(), prefill_copy_host_s=per_copy, prefill_expert_host_s=per_expert)
-    assert HardwareProfile.from_dict(json.loads(p.to_json())) == p

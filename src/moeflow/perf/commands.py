@@ -45,9 +45,6 @@ def print_profile(p, cfg=None) -> None:
     if p.prefill_overhead_s:
         rows.append(("layer overhead, prefill", ", ".join(f"{t * 1e3:.3f} ms at {n} tokens"
                                                           for n, t in zip(p.prefill_tokens, p.prefill_overhead_s))))
-    if p.prefill_copy_host_s or p.prefill_expert_host_s:
-        rows.append(("prefill host time per copy / per expert used", f"{p.prefill_copy_host_s * 1e6:.0f} us / "
-                     f"{p.prefill_expert_host_s * 1e6:.0f} us"))
     for key, e in p.experts.items():
         ms = lambda v: "/".join(f"{x * 1e3:.2f}" for x in v)  # noqa: E731
         rows.append((f"expert {key} CPU ms @ {'/'.join(map(str, e['tokens']))} tok", ms(e["cpu_s"])))

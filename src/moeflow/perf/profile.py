@@ -19,7 +19,6 @@ import platform
 import re
 import socket
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -90,8 +89,6 @@ class HardwareProfile:
     prefill_overhead_s: tuple = ()  # the same in prefills of prefill_tokens tokens (eager launches, the
                                     # routing's bookkeeping); empty: not measured
     prefill_tokens: tuple = (32, 512)  # their prompts (profiles before 2026-12-02 07:00 measured these two)
-    prefill_copy_host_s: float = 0.0    # a prefill layer's host time per copied expert, and per expert used
-    prefill_expert_host_s: float = 0.0  # beyond the tiny model's eight (prefill_host_axes; 0: not measured)
     cpu_backend: str = CPU_BACKEND
     experts: dict = field(default_factory=dict)  # shape_key -> ExpertCosts.as_dict() (gpu_s = cpu_s without GPU)
     source: str = ""             # "measured <date>" or where the figures come from
@@ -387,11 +384,6 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         figures["prefill_tokens"] = PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS
         figures["layer_overhead_s"], figures["step_overhead_s"], figures["prefill_overhead_s"] = layer_overhead(
             dev, 8 if quick else 32, figures["prefill_tokens"], 3 if quick else 5)
-        if not quick:
-            try:  # figures for the model's next step, not yet used: their failure leaves them unmeasured
-                figures["prefill_copy_host_s"], figures["prefill_expert_host_s"] = prefill_host_axes(dev)
-            except (RuntimeError, MoeflowError) as e:
-                print(f"prefill host time per copy and per expert not measured: {e}", file=sys.stderr, flush=True)
         bar.update()
     finally:
         torch.set_num_threads(threads)
@@ -460,28 +452,18 @@ def layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int
         _release(engines, dev)
 
 
-def _tiny_engine(dev, layers: int, max_len: int, policy: str = "gpu", experts: int = 8, cache_per_layer: int = 0):
-    """The tiny synthetic Mixtral (2 experts per token) of `layers` layers and `experts` experts per layer,
-    offloaded under `policy`: every expert in a slot (gpu), or, with cache_per_layer, a budget that leaves that
-    many slots per layer once the rest is paid for."""
+def _tiny_engine(dev, layers: int, max_len: int):
+    """The tiny synthetic Mixtral (2 experts per token) of `layers` layers, every expert in a GPU slot."""
     import torch
 
     from moeflow.config import OffloadConfig
-    from moeflow.engine.budget import share_budget
     from moeflow.engine.llm_engine import LLMEngine
-    from moeflow.policy import get_policy
     from moeflow.synthetic import build_synthetic
 
     ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None,
-                         expert_device="cpu", overrides={"num_hidden_layers": layers, "num_local_experts": experts})
+                         expert_device="cpu", overrides={"num_hidden_layers": layers})
     assert ck.cfg.num_experts_per_tok == PREFILL_K
-    mem = 8 << 30
-    if cache_per_layer:
-        item = ck.store.data.element_size()
-        mem = share_budget(ck.name, ck.cfg, get_policy(policy), mem, ck.dense_bytes, ck.store.expert_bytes,
-                           ck.cfg.kv_bytes_per_token(item) * max_len, max_len, item).fixed + \
-            cache_per_layer * layers * ck.store.expert_bytes
-    return LLMEngine(ck, max_seqs=1, max_len=max_len, offload=OffloadConfig(mem, policy))
+    return LLMEngine(ck, max_seqs=1, max_len=max_len, offload=OffloadConfig(8 << 30, "gpu"))
 
 
 def _release(engines: list, dev) -> None:
@@ -493,47 +475,6 @@ def _release(engines: list, dev) -> None:
     if dev.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device() if dev.index is None
                                                    else dev.index)
-
-
-def prefill_host_axes(dev, tokens: int = 512, repeats: int = 3, wide: int = 64, cache_per_layer: int = 2
-                      ) -> tuple[float, float]:
-    """A prefill layer's host time per copied expert and per expert used beyond the tiny model's eight:
-    layer_overhead's slope (the tiny Mixtral at 4 and 20 layers, a `tokens`-token prompt) under policy lru
-    with `cache_per_layer` slots per layer (most of a layer's experts copied) and routed over `wide` experts
-    (most of them used), each against every expert in a slot, over the copies and the experts used that the
-    engine's stats count. layer_overhead's model holds neither: a Qwen3 layer uses ~29 experts and lru copies
-    ~12 of them, and the engine's prefill layer took 0.8-1.6 ms more host time than it (docs/benchmarks.md,
-    2026-12-02). Recorded in the profile; the timing model does not use them yet."""
-    import torch
-
-    from moeflow.engine.sequence import SamplingParams
-
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    prompt = [3 + (i * 7919) % 4000 for i in range(tokens)]
-
-    def per_layer(policy: str, experts: int, cache: int = 0) -> tuple[float, float, float]:
-        """(seconds, copied experts, experts used) per layer of one prefill: slopes between the two depths."""
-        figures = []
-        for layers in (FEW_LAYERS, MANY_LAYERS):
-            eng = _tiny_engine(dev, layers, tokens + 16, policy, experts, cache)
-            try:
-                s0 = eng.expert_stats()
-                t = median_s(lambda: list(eng.stream(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))),
-                             sync, repeats)  # after a warm-up: repeats + 1 prompts in the stats
-                s1 = eng.expert_stats()
-                n = (repeats + 1) * layers
-                figures.append((t, (s1["copied_experts"] - s0["copied_experts"]) / n,
-                                (s1["lookups"] - s0["lookups"]) / n))
-            finally:
-                _release([eng], dev)
-        (t4, c4, u4), (t20, c20, u20) = figures
-        return max(t20 - t4, 0.0) / (MANY_LAYERS - FEW_LAYERS), (c4 + c20) / 2, (u4 + u20) / 2
-
-    base, _, used = per_layer("gpu", 8)
-    lru, copies, _ = per_layer("lru", 8, cache_per_layer)
-    broad, _, used_wide = per_layer("gpu", wide)
-    return (max(lru - base, 0.0) / copies if copies > 0 else 0.0,
-            max(broad - base, 0.0) / (used_wide - used) if used_wide > used else 0.0)
 
 
 def isotonic(values: list[float]) -> list[float]:
