@@ -4,6 +4,7 @@ prefill host axes), its cache and `moeflow profile`. CPU only, quick sizes; seco
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -39,6 +40,9 @@ def test_profile_cache_and_refresh(cache):
     q, how = prof.get_profile(QWEN.__class__(**{**TINY.__dict__, "expert_intermediate_size": 128}), "cpu",
                               sizes=prof.QUICK, progress=False)
     assert how == "added shape" and len(q.experts) == 2
+    # how long each measurement took (the budget: under a minute on the GPU host)
+    assert re.fullmatch(r"measured \S+ \S+ in \d+ s \(quick sizes\)", p.source), p.source
+    assert q.source.startswith(p.source + "; ") and re.search(r"added in \d+ s$", q.source), q.source
     r, how = prof.get_profile(TINY, "cpu", refresh=True, sizes=prof.QUICK, progress=False)
     assert how == "measured" and len(r.experts) == 1
     # another CPU model, or another version, is not this machine's profile

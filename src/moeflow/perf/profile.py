@@ -287,6 +287,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         ["CPU memory", "CPU matmul", "CPU expert"] + (["links", "GPU memory", "GPU matmul"] if cuda else []) + \
         ["layer overhead"]
     bar = tqdm(total=len(steps), desc="profiling", unit="step", disable=not progress)
+    t_start = time.perf_counter()  # the issue's budget for a profile: under a minute on the GPU host
     figures: dict = {}
     threads = torch.get_num_threads()
     if cuda:  # measured as the engine runs: one core left to the thread that drives the GPU
@@ -350,7 +351,9 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         bar.update()
         if base:
             bar.close()
-            return replace(base, experts=base.experts | {shape_key(cfg, dtype_name): expert})
+            return replace(base, experts=base.experts | {shape_key(cfg, dtype_name): expert},
+                           source=f"{base.source}; {shape_key(cfg, dtype_name)} added in "
+                                  f"{time.perf_counter() - t_start:.0f} s")
 
         if cuda:
             step("links")
@@ -391,7 +394,8 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
     return HardwareProfile(
         host=socket.gethostname(), cpu_model=cpu_model(), cpu_threads=os.cpu_count() or 1,
         host_memory=_host_memory(), experts={shape_key(cfg, dtype_name): expert},
-        source=f"measured {time.strftime('%Y-%m-%d %H:%M')}" + ("" if sizes == Sizes() else " (quick sizes)"),
+        source=f"measured {time.strftime('%Y-%m-%d %H:%M')} in {time.perf_counter() - t_start:.0f} s" +
+        ("" if sizes == Sizes() else " (quick sizes)"),
         **figures)
 
 
