@@ -36,7 +36,6 @@ PREFILL_TOKENS = (32, 512, 2048)  # the prompts whose per-layer host time the pr
                                   # 2048 x 2 routing entries, as many as a 512-token prompt of Qwen3's 8 per token
 PREFILL_K = 2               # experts per token of the model it measures them on (the tiny synthetic Mixtral)
 MANY = 4  # experts (at most) in the one-call CPU measurement that separates a call's fixed part
-FEW_LAYERS, MANY_LAYERS = 4, 20  # the tiny model's depths: their difference gives one layer's host time
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -385,7 +384,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
         quick = sizes.repeats < 3
         figures["prefill_tokens"] = PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS
-        figures["layer_overhead_s"], figures["step_overhead_s"], figures["prefill_overhead_s"] = layer_overhead(
+        figures["layer_overhead_s"], figures["step_overhead_s"], figures["prefill_overhead_s"] = _layer_overhead(
             dev, 8 if quick else 32, figures["prefill_tokens"], 3 if quick else 5)
         bar.update()
     finally:
@@ -399,8 +398,8 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         **figures)
 
 
-def layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int
-                   ) -> tuple[float, float, tuple[float, ...]]:
+def _layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int
+                    ) -> tuple[float, float, tuple[float, ...]]:
     """The host-side cost of one offloaded layer, as the engine pays it, in decode and in prefills of each of
     `tokens` tokens (medians of `repeats`), and a decode step's own: steps of the tiny synthetic Mixtral with
     every expert in a slot (policy gpu), whose GPU work is negligible, over its layers. A layer's holds the
@@ -414,17 +413,27 @@ def layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int
     tokens. Returns (decode layer, decode step, prefill layer per token count)."""
     import torch
 
+    from moeflow.config import OffloadConfig
+    from moeflow.engine.llm_engine import LLMEngine
     from moeflow.engine.sequence import SamplingParams
+    from moeflow.synthetic import build_synthetic
 
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    max_len = max(tokens) + steps * repeats + 16
+    cuda = dev.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
 
-    def prefills(eng) -> list[float]:
+    def engine(layers: int) -> LLMEngine:
+        ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None,
+                             expert_device="cpu", overrides={"num_hidden_layers": layers})
+        assert ck.cfg.num_experts_per_tok == PREFILL_K
+        return LLMEngine(ck, max_seqs=1, max_len=max(tokens) + steps * repeats + 16,
+                         offload=OffloadConfig(8 << 30, "gpu"))
+
+    def prefills(eng: LLMEngine) -> list[float]:
         def prompt(n):
             list(eng.stream([3 + i % 64 for i in range(n)], SamplingParams(max_new_tokens=1, ignore_eos=True)))
         return [median_s(lambda: prompt(n), sync, repeats) for n in tokens]  # each after a warm-up
 
-    def decode(eng) -> float:
+    def decode(eng: LLMEngine) -> float:
         """A decode step's seconds: the median of `repeats` runs of `steps` steps."""
         seq = eng.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=steps * repeats + 2,
                                                                  ignore_eos=True))
@@ -442,43 +451,23 @@ def layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int
             eng.abort(seq)
         return statistics.median(times)
 
+    few_layers, many_layers = 4, 20
     engines = []
     try:
-        engines.append(_tiny_engine(dev, FEW_LAYERS, max_len))
+        engines.append(engine(few_layers))
         few_step, few = decode(engines[0]), prefills(engines[0])
-        engines.append(_tiny_engine(dev, MANY_LAYERS, max_len))
+        engines.append(engine(many_layers))
         many_step, many = decode(engines[1]), prefills(engines[1])
-        slope = (many_step - few_step) / (MANY_LAYERS - FEW_LAYERS)
-        layer = slope if slope > 0 else few_step / FEW_LAYERS  # noise beyond the difference: all of it per layer
-        return layer, max(few_step - FEW_LAYERS * layer, 0.0), \
-            tuple(isotonic([max(b - a, 0.0) / (MANY_LAYERS - FEW_LAYERS) for a, b in zip(few, many)]))
+        slope = (many_step - few_step) / (many_layers - few_layers)
+        layer = slope if slope > 0 else few_step / few_layers  # noise beyond the difference: all of it per layer
+        return layer, max(few_step - few_layers * layer, 0.0), \
+            tuple(isotonic([max(b - a, 0.0) / (many_layers - few_layers) for a, b in zip(few, many)]))
     finally:
-        _release(engines, dev)
-
-
-def _tiny_engine(dev, layers: int, max_len: int):
-    """The tiny synthetic Mixtral (2 experts per token) of `layers` layers, every expert in a GPU slot."""
-    import torch
-
-    from moeflow.config import OffloadConfig
-    from moeflow.engine.llm_engine import LLMEngine
-    from moeflow.synthetic import build_synthetic
-
-    ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None,
-                         expert_device="cpu", overrides={"num_hidden_layers": layers})
-    assert ck.cfg.num_experts_per_tok == PREFILL_K
-    return LLMEngine(ck, max_seqs=1, max_len=max_len, offload=OffloadConfig(8 << 30, "gpu"))
-
-
-def _release(engines: list, dev) -> None:
-    """Close the tiny engines' backends and lift the allocator's cap that the last one set."""
-    import torch
-
-    for eng in engines:
-        eng.model.experts.close()
-    if dev.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device() if dev.index is None
-                                                   else dev.index)
+        for eng in engines:
+            eng.model.experts.close()
+        if cuda:  # lift the allocator's cap that the last engine set
+            torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device() if dev.index is None
+                                                       else dev.index)
 
 
 def isotonic(values: list[float]) -> list[float]:
