@@ -297,6 +297,19 @@ def test_a_decode_step_pays_its_own_host_time_once():
     assert slow.token.overhead == pytest.approx(base.token.overhead + 5 * MS) and slow.ttft_s == base.ttft_s
 
 
+def test_a_decode_layer_pays_for_each_routed_expert_beyond_the_measured_two():
+    """expert_overhead_s: each expert a decode layer routes a token to beyond the tiny model's 2 (Mixtral: none;
+    Qwen3: 6 more) adds its host time to every MoE layer of a decode step, and nothing to a prefill."""
+    p = reference_profile()
+    more = replace(p, expert_overhead_s=0.1 * MS)
+    for cfg, extra in ((MIXTRAL, 0), (QWEN, 6)):
+        base, slow = (predict_latency(cfg, q, 24 * GiB, "auto") for q in (p, more))
+        L = len(cfg.moe_layers)
+        assert 1 / slow.decode_tps == pytest.approx(1 / base.decode_tps + L * extra * 0.1 * MS)
+        assert slow.ttft_s == base.ttft_s
+    assert replace(p, layer_overhead_s=0.1 * MS, expert_overhead_s=0.2 * MS).decode_layer_s(1) == 0.0
+
+
 # -- monotonicity -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy", ["auto", "fiddler", "lru"])
 def test_more_budget_never_slower(policy):

@@ -33,6 +33,7 @@ def test_profile_cache_and_refresh(cache):
     # the first two)
     assert p.prefill_tokens == prof.PREFILL_TOKENS[:2] and len(p.prefill_overhead_s) == 2
     assert all(t >= 0 for t in p.prefill_overhead_s) and p.layer_overhead_s > 0 and p.step_overhead_s >= 0
+    assert p.expert_overhead_s >= 0 and p.decode_layer_s(8) >= p.decode_layer_s(2) == p.layer_overhead_s
     path = prof.profile_path("cpu")
     assert path.parent == cache and path.exists()
     assert HardwareProfile.load(path) == p
@@ -52,6 +53,10 @@ def test_profile_cache_and_refresh(cache):
     path.write_text(json.dumps(d | {"version": 0}))
     with pytest.raises(MoeflowError, match="version"):
         HardwareProfile.load(path)
+    # an older version's figures still read (results JSONs hold them), its missing ones 0; a cached one is stale
+    old = {k: v for k, v in d.items() if k != "expert_overhead_s"} | {"version": 1}
+    path.write_text(json.dumps(old))
+    assert HardwareProfile.load(path).expert_overhead_s == 0.0 and prof.cached_profile("cpu") is None
 
 
 def test_profile_measures_a_cpu_calls_fixed_part(monkeypatch):

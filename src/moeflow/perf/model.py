@@ -218,7 +218,7 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
     lat = profile.h2d_latency_s
 
     max_copies = max(int(split.cache // L if split.per_layer else split.cache), 1 if split.cache else 0)
-    host = prefill_host_s(profile, prompt_len, K)
+    host, decode_host = prefill_host_s(profile, prompt_len, K), profile.decode_layer_s(K)
     if prefill_shape:
         # the shape's ranks averaged over layers have a tail of fractions (an expert ranked 40th in some layers
         # only): the measured experts per layer take the tokens, else rounding would count that tail as experts
@@ -247,7 +247,7 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
             if p < 1e-9:
                 continue
             t = layer_time(pol, costs, I, {e: 1 for e in range(m)}, [1] * (K - m), max_copies,
-                           dense, profile.layer_overhead_s, lat)
+                           dense, decode_host, lat)
             token = token + t.scaled(p)
         # Prefill: every expert gets its share of the P*K selections, or, measured, the prompt's tokens per
         # expert (prefill_shape, from the most used down) go to the experts by popularity. The GPU holds the

@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import socket
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -27,14 +26,16 @@ from pathlib import Path
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
 from moeflow.perf.costs import (TOKEN_POINTS, ExpertCosts, handoff_s, measure_costs, median_costs, median_s,
-                                monotone, one_and_fixed)
+                                monotone, one_and_fixed, paired_s)
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: copies and CPU timed beside each other throughout; expert_overhead_s
+READABLE_VERSIONS = (1, 2)  # older ones lack later figures (0: not measured), and a cached one is re-measured
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
 CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert call (scaling between shapes)
 PREFILL_TOKENS = (32, 512, 2048)  # the prompts whose per-layer host time the profile measures (prefill_overhead_s):
                                   # 2048 x 2 routing entries, as many as a 512-token prompt of Qwen3's 8 per token
 PREFILL_K = 2               # experts per token of the model it measures them on (the tiny synthetic Mixtral)
+ALL_K = 8                   # the same model routing each token to all its experts (expert_overhead_s)
 MANY = 4  # experts (at most) in the one-call CPU measurement that separates a call's fixed part
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -84,6 +85,7 @@ class HardwareProfile:
     host_read_bw_shared: float = 0.0  # CPU reads + host -> GPU copies while both run (they share host memory);
                                       # 0: not measured (the bound then takes the sum of the two rates)
     layer_overhead_s: float = 0.0  # host-side cost of one offloaded layer (sync, planning, launches)
+    expert_overhead_s: float = 0.0  # what each routed expert beyond PREFILL_K adds to a decode layer's
     step_overhead_s: float = 0.0   # a decode step's own host time beyond its layers' (sampling, bookkeeping)
     prefill_overhead_s: tuple = ()  # the same in prefills of prefill_tokens tokens (eager launches, the
                                     # routing's bookkeeping); empty: not measured
@@ -92,6 +94,10 @@ class HardwareProfile:
     experts: dict = field(default_factory=dict)  # shape_key -> ExpertCosts.as_dict() (gpu_s = cpu_s without GPU)
     source: str = ""             # "measured <date>" or where the figures come from
     version: int = PROFILE_VERSION
+
+    def decode_layer_s(self, top_k: int) -> float:
+        """The host's time in an offloaded decode layer of a model routing each token to top_k experts."""
+        return max(self.layer_overhead_s + (top_k - PREFILL_K) * self.expert_overhead_s, 0.0)
 
     @property
     def has_gpu(self) -> bool:
@@ -114,9 +120,9 @@ class HardwareProfile:
 
     @classmethod
     def from_dict(cls, d: dict) -> HardwareProfile:
-        if d.get("version") != PROFILE_VERSION:
-            raise MoeflowError(f"hardware profile version {d.get('version')!r}; this moeflow reads version "
-                               f"{PROFILE_VERSION} (run `moeflow profile --refresh`)")
+        if d.get("version") not in READABLE_VERSIONS:
+            raise MoeflowError(f"hardware profile version {d.get('version')!r}; this moeflow reads versions "
+                               f"{READABLE_VERSIONS} (run `moeflow profile --refresh`)")
         known = {f.name for f in fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
@@ -230,7 +236,8 @@ def cached_profile(device_name: str | None = None) -> HardwareProfile | None:
         p = HardwareProfile.load(path)
     except MoeflowError:
         return None
-    if p.cpu_model != cpu_model() or p.cpu_backend != CPU_BACKEND or p.device_name != device_name:
+    if p.version != PROFILE_VERSION or p.cpu_model != cpu_model() or p.cpu_backend != CPU_BACKEND or \
+            p.device_name != device_name:
         return None
     return p
 
@@ -384,8 +391,9 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
         quick = sizes.repeats < 3
         figures["prefill_tokens"] = PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS
-        figures["layer_overhead_s"], figures["step_overhead_s"], figures["prefill_overhead_s"] = _layer_overhead(
-            dev, 8 if quick else 32, figures["prefill_tokens"], 3 if quick else 5)
+        (figures["layer_overhead_s"], figures["expert_overhead_s"], figures["step_overhead_s"],
+         figures["prefill_overhead_s"]) = _layer_overhead(dev, 8 if quick else 32, figures["prefill_tokens"],
+                                                          3 if quick else 7, 12 if quick else 36)
         bar.update()
     finally:
         torch.set_num_threads(threads)
@@ -398,19 +406,24 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         **figures)
 
 
-def _layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int
-                    ) -> tuple[float, float, tuple[float, ...]]:
+def _layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int, many_layers: int = 36
+                    ) -> tuple[float, float, float, tuple[float, ...]]:
     """The host-side cost of one offloaded layer, as the engine pays it, in decode and in prefills of each of
-    `tokens` tokens (medians of `repeats`), and a decode step's own: steps of the tiny synthetic Mixtral with
-    every expert in a slot (policy gpu), whose GPU work is negligible, over its layers. A layer's holds the
-    per-layer sync for routing, the planning and every launch of a decoder layer (a prefill's are eager, and its
-    routing's bookkeeping grows with its tokens).
-    A layer's time is the slope between the tiny model at 4 and at 20 layers, and a decode step's own host work
-    (sampling, the step's bookkeeping) what is left of the 4 layers' step: counted per layer, it came out a
-    quarter per layer where a real model spreads it over dozens (0.38-0.53 ms per layer in three profiles of
-    2026-12-02 against ~0.4 in Qwen3's lru decode). A difference of two timings is noisy both ways (a run of
-    2026-12-02 gave 3.96 ms at 512 tokens and 2.37 at 2048): the prefill points are fitted non-decreasing in
-    tokens. Returns (decode layer, decode step, prefill layer per token count)."""
+    `tokens` tokens, and a decode step's own: steps of the tiny synthetic Mixtral with every expert in a slot
+    (policy gpu), whose GPU work is negligible, over its layers. A layer's holds the per-layer sync for
+    routing, the planning and every launch of a decoder layer (a prefill's are eager, and its routing's
+    bookkeeping grows with its tokens).
+    A layer's time is the slope between the tiny model at 4 and at `many_layers` layers, and a decode step's
+    own host work (sampling, the step's bookkeeping) what is left of the 4 layers' step: counted per layer, it
+    came out a quarter per layer where a real model spreads it over dozens. What each routed expert adds to a
+    decode layer (its lookup, its share of the plan and the wave) is the difference between `many_layers`
+    layers routing each token to all 8 experts and to PREFILL_K, per layer and added expert: Qwen3's 8 took
+    ~0.35 ms a layer in lru decode where the tiny model's 2 took 0.27-0.32 (2026-12-02).
+    The models run in turns (paired_s, medians of `repeats`): timed one after the other, over a 4-to-20-layer
+    span, the prefill figure came out 1.23-1.83 ms in four profiles of 2026-12-02 on one host, and lowest where
+    the engine ran slowest. A difference of two timings is still noisy both ways: the prefill points are fitted
+    non-decreasing in tokens. Returns (decode layer, per added expert, decode step, prefill layer per token
+    count)."""
     import torch
 
     from moeflow.config import OffloadConfig
@@ -420,48 +433,45 @@ def _layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int
 
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    decode_tokens = 2 * steps * (repeats + 1) + 2  # the 36-layer model decodes in two pairings
 
-    def engine(layers: int) -> LLMEngine:
+    def engine(layers: int, top_k: int = PREFILL_K) -> LLMEngine:
         ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None,
-                             expert_device="cpu", overrides={"num_hidden_layers": layers})
-        assert ck.cfg.num_experts_per_tok == PREFILL_K
-        return LLMEngine(ck, max_seqs=1, max_len=max(tokens) + steps * repeats + 16,
+                             expert_device="cpu", overrides={"num_hidden_layers": layers,
+                                                             "num_experts_per_tok": top_k})
+        return LLMEngine(ck, max_seqs=1, max_len=max(tokens) + decode_tokens + 16,
                          offload=OffloadConfig(8 << 30, "gpu"))
 
-    def prefills(eng: LLMEngine) -> list[float]:
-        def prompt(n):
-            list(eng.stream([3 + i % 64 for i in range(n)], SamplingParams(max_new_tokens=1, ignore_eos=True)))
-        return [median_s(lambda: prompt(n), sync, repeats) for n in tokens]  # each after a warm-up
-
-    def decode(eng: LLMEngine) -> float:
-        """A decode step's seconds: the median of `repeats` runs of `steps` steps."""
-        seq = eng.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=steps * repeats + 2,
-                                                                 ignore_eos=True))
-        eng.step()
-        eng.step()  # prefill, then one warm-up decode step
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
+    def decode(eng: LLMEngine) -> Callable[[], None]:
+        def run():
             for _ in range(steps):
                 eng.step()
-            sync()
-            times.append((time.perf_counter() - t) / steps)
-        assert not seq.finished or seq.output_ids
-        if not seq.finished:
-            eng.abort(seq)
-        return statistics.median(times)
+        return run
 
-    few_layers, many_layers = 4, 20
-    engines = []
+    def prompt(eng: LLMEngine, n: int) -> Callable[[], None]:
+        return lambda: list(eng.stream([3 + i % 64 for i in range(n)],
+                                       SamplingParams(max_new_tokens=1, ignore_eos=True)))
+
+    few_layers = 4
+    engines: list[LLMEngine] = []
     try:
-        engines.append(engine(few_layers))
-        few_step, few = decode(engines[0]), prefills(engines[0])
-        engines.append(engine(many_layers))
-        many_step, many = decode(engines[1]), prefills(engines[1])
+        engines += [engine(few_layers), engine(many_layers), engine(many_layers, ALL_K)]
+        few, many, all_k = engines
+        seqs = [e.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=decode_tokens, ignore_eos=True))
+                for e in engines]
+        for e in engines:
+            e.step()  # the prefill: paired_s's warm-up is the first decode run
+        few_step, many_step = (t / steps for t in paired_s(decode(few), decode(many), repeats, sync))
+        k_step, all_step = (t / steps for t in paired_s(decode(many), decode(all_k), repeats, sync))
+        for e, seq in zip(engines, seqs):
+            if not seq.finished:
+                e.abort(seq)
+        prefill = [paired_s(prompt(few, n), prompt(many, n), repeats, sync) for n in tokens]
         slope = (many_step - few_step) / (many_layers - few_layers)
         layer = slope if slope > 0 else few_step / few_layers  # noise beyond the difference: all of it per layer
-        return layer, max(few_step - few_layers * layer, 0.0), \
-            tuple(isotonic([max(b - a, 0.0) / (many_layers - few_layers) for a, b in zip(few, many)]))
+        per_expert = max(all_step - k_step, 0.0) / many_layers / (ALL_K - PREFILL_K)
+        return layer, per_expert, max(few_step - few_layers * layer, 0.0), \
+            tuple(isotonic([max(b - a, 0.0) / (many_layers - few_layers) for a, b in prefill]))
     finally:
         for eng in engines:
             eng.model.experts.close()
