@@ -137,6 +137,9 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
                              **{k[:-2]: d[k] / n * 1e3 for k in TIMERS}},
             "allocator_during_decode": allocs, "prefill": prefill,
             "budget": engine.budget, "costs": backend.costs.as_dict() if backend.costs else None,
+            # the engine's corrections of those costs at the end (CPU per regime, copies), for reading the model
+            "corrections": {"cpu": list(getattr(backend, "cpu_scales", [])),
+                            "copy": getattr(backend, "copy_scale", None)},
         }
     finally:
         backend.close()

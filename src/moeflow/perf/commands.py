@@ -41,6 +41,7 @@ def print_profile(p, cfg=None) -> None:
                   if p.host_read_bw_shared else "not measured"),
                  ("GPU memory", f"{p.gpu_bw / 1e9:.0f} GB/s"), ("GPU bf16 matmul", f"{p.gpu_flops / 1e12:.0f} TFLOP/s")]
     rows.append(("layer overhead", f"{p.layer_overhead_s * 1e3:.3f} ms"))
+    rows.append(("layer overhead per routed expert beyond 2", f"{p.expert_overhead_s * 1e3:.4f} ms"))
     rows.append(("decode step's own host time", f"{p.step_overhead_s * 1e3:.3f} ms"))
     if p.prefill_overhead_s:
         rows.append(("layer overhead, prefill", ", ".join(f"{t * 1e3:.3f} ms at {n} tokens"
@@ -173,7 +174,8 @@ def cmd_bench_accuracy(args) -> int:
         print(f"rows without predictions are predicted here from {said}")
     print_table(rows)
     if args.plot:
-        plot(rows, args.plot, f"{results.get('model', '')} on {results.get('device', '')}")
+        plot(rows, args.plot, f"{results.get('model', '')} on {results.get('device', '')} ({profile.host}), "
+             f"measured {results.get('date', '?')}: `bench latency` medians against the timing model")
         print(f"wrote {args.plot}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
