@@ -120,6 +120,17 @@ def test_measured_times_never_fall_with_more_tokens():
     assert monotone([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0] and monotone([]) == []
 
 
+def test_cpu_matmul_grows_until_one_takes_long_enough(monkeypatch):
+    """The CPU matmul's size doubles from 128 while one takes under the threshold, up to the cap: a slow CPU is
+    timed on a small one instead of minutes on the full size."""
+    import torch
+
+    sizes = []
+    monkeypatch.setattr(prof, "median_s", lambda fn, sync, r: (sizes.append(fn().shape[0]), 1.0)[1])
+    assert prof.cpu_matmul_rate(torch.float32, 512, 1, enough_s=0.0) == 2 * 128**3 and sizes == [128]
+    assert prof.cpu_matmul_rate(torch.float32, 512, 1, enough_s=1e9) == 2 * 512**3 and sizes[-1] == 512
+
+
 def test_isotonic_fit_of_the_prefill_points():
     """Per-layer prefill host times, a difference of two timings, are fitted non-decreasing in the prompt:
     a falling run becomes its mean, a rising series stays."""

@@ -307,9 +307,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             figures["cpu_read_bw"] = memory_bandwidth(torch.device("cpu"), sizes.mem_bytes)
             bar.update()
             step("CPU matmul")
-            n = sizes.cpu_matmul_n
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            figures["cpu_flops"] = 2 * n**3 / median_s(lambda: a @ b, lambda: None, sizes.repeats)
+            figures["cpu_flops"] = cpu_matmul_rate(dtype, sizes.cpu_matmul_n, sizes.repeats)
             bar.update()
 
         step("CPU expert")
@@ -391,9 +389,11 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
         quick = sizes.repeats < 3
         figures["prefill_tokens"] = PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS
+        # without a GPU the tiny model's layers are CPU compute, not the host's overhead, and no plan reads them:
+        # the short span (the long one took 162 s on 2 cores)
         (figures["layer_overhead_s"], figures["expert_overhead_s"], figures["step_overhead_s"],
          figures["prefill_overhead_s"]) = _layer_overhead(dev, 8 if quick else 32, figures["prefill_tokens"],
-                                                          3 if quick else 7, 12 if quick else 36)
+                                                          3 if quick else 7, 36 if cuda and not quick else 12)
         bar.update()
     finally:
         torch.set_num_threads(threads)
@@ -404,6 +404,21 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         source=f"measured {time.strftime('%Y-%m-%d %H:%M')} in {time.perf_counter() - t_start:.0f} s" +
         ("" if sizes == Sizes() else " (quick sizes)"),
         **figures)
+
+
+def cpu_matmul_rate(dtype, n_max: int, repeats: int, enough_s: float = 0.05) -> float:
+    """FLOP/s of an n x n matmul on the CPU, n doubled from 128 up to n_max while one takes under enough_s: a
+    CPU without bf16 instructions took 57 s for one of 2048 (0.3 GFLOP/s), and the profile six minutes."""
+    import torch
+
+    n = 128
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        t = time.perf_counter()
+        a @ b
+        if n >= n_max or time.perf_counter() - t >= enough_s:
+            return 2 * n**3 / median_s(lambda: a @ b, lambda: None, repeats)
+        n *= 2
 
 
 def _layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int, many_layers: int = 36
