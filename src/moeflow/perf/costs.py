@@ -236,7 +236,7 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
     under way (both read host memory) and the copy while the CPU computes, each beside the other for its
     whole time, as in a layer whose plan balances the two (a Mixtral expert's copy timed beside one expert on
     the CPU, done after 70% of it, came out 6.62 ms where the engine's copies beside its CPU share took
-    9-19% longer, 2026-12-02).
+    8-19% longer, 2026-12-02).
 
     host_block(i) -> [3IH] the i-th host expert (rotated through so the CPU reads from memory, not cache);
     slot [3IH] a free expert slot on the fast device; cpu_ffn/gpu_ffn(x, block) run one whole expert;
