@@ -196,6 +196,15 @@ def paired_s(a: Callable[[], object], b: Callable[[], object], repeats: int,
     return sorted(ta)[len(ta) // 2], sorted(tb)[len(tb) // 2]
 
 
+def median_sample(sample: Callable[[], float], repeats: int) -> float:
+    """Median of `repeats` values of sample() (at least one), each a time it measured itself, after a warm-up
+    one: for timings that a plain clock around a call cannot take (events on a stream, a clock started after
+    some setup)."""
+    sample()
+    times = [sample() for _ in range(max(repeats, 1))]
+    return sorted(times)[len(times) // 2]
+
+
 def handoff_s(pool: ThreadPoolExecutor, n: int = 20) -> float:
     """Seconds to hand a no-op to the pool's thread and get it back (median, after one warm-up): a CPU call's
     hand-off."""
@@ -258,9 +267,9 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
 
     def copy_timed(cpu_calls: int) -> float:
         """One copy timed on the copy engine with events, while the CPU computes `cpu_calls` experts beside it."""
-        x1, times = torch.randn(1, hidden, dtype=dtype), []
+        x1 = torch.randn(1, hidden, dtype=dtype)
         with ThreadPoolExecutor(1) as pool:
-            for _ in range(repeats + 1):
+            def once() -> float:
                 blocks = [next_block() for _ in range(cpu_calls)]
                 job = pool.submit(lambda: [cpu_ffn(x1, b) for b in blocks]) if blocks else None
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -270,8 +279,8 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
                 if job is not None:
                     job.result()
                 sync()
-                times.append(start.elapsed_time(end) / 1e3)
-        return sorted(times[1:])[repeats // 2]
+                return start.elapsed_time(end) / 1e3
+            return median_sample(once, repeats)
 
     copy_alone_s = 0.0
     if copy_stream is None:
@@ -282,23 +291,25 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
     def cpu_beside_copies(x, copies: int) -> float:
         """Median seconds of one expert on the CPU with `copies` copies queued on the copy engine as it starts
         (launched before the clock starts: their launches are the host's, not the CPU call's)."""
-        times = []
-        for _ in range(repeats + 1):
+        def once() -> float:
             sync()
-            for _ in range(copies if copy_stream is not None else 0):
+            for _ in range(copies):
                 copy_in()
             t = time.perf_counter()
             cpu_ffn(x, next_block())
-            times.append(time.perf_counter() - t)
+            return time.perf_counter() - t
+        t = median_sample(once, repeats)
         sync()
-        return sorted(times[1:])[repeats // 2]
+        return t
 
     cpu_s, gpu_s = [], []
     for n in TOKEN_POINTS:
         xc = torch.randn(n, hidden, dtype=dtype)
-        t = time.perf_counter()
-        cpu_ffn(xc, next_block())  # how many copies cover a call: one more than its time alone over a copy's
-        copies = math.ceil((time.perf_counter() - t) / copy_alone_s) + 1 if copy_alone_s else 1
+        copies = 0
+        if copy_alone_s:  # how many copies cover a call: one more than its time alone over a copy's
+            t = time.perf_counter()
+            cpu_ffn(xc, next_block())
+            copies = math.ceil((time.perf_counter() - t) / copy_alone_s) + 1
         cpu_s.append(cpu_beside_copies(xc, copies))
         xg = xc.to(dev)
         gpu_s.append(median_s(lambda: gpu_ffn(xg, slot), sync, repeats))
@@ -306,14 +317,14 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
         copy_s = copy_timed(math.ceil(copy_alone_s / max(cpu_s[0], 1e-6)) + 1)
     launch_s = 0.0
     if copy_stream is not None:  # the host's part of a copy: launching it and recording its arrival
-        launches = []
-        for _ in range(repeats + 1):
+        def launch() -> float:
             t = time.perf_counter()
             copy_in()
             copy_stream.record_event()
-            launches.append(time.perf_counter() - t)
+            t = time.perf_counter() - t
             sync()
-        launch_s = sorted(launches[1:])[repeats // 2]
+            return t
+        launch_s = median_sample(launch, repeats)
     small = slot[:hidden]
     latency = median_s(lambda: small.copy_(host_block(0)[:hidden], non_blocking=True), sync, repeats)
     # One expert alone (the copy engine idle) and, where given, m in one call, timed in turns: the call's fixed

@@ -448,7 +448,7 @@ def _layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int, many
 
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
-    decode_tokens = 2 * steps * (repeats + 1) + 2  # the 36-layer model decodes in two pairings
+    decode_tokens = 2 * steps * (repeats + 1) + 2  # the many-layer model decodes in two pairings
 
     def engine(layers: int, top_k: int = PREFILL_K) -> LLMEngine:
         ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None,
