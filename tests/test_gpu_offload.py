@@ -181,3 +181,20 @@ def test_cpu_fixed_part_is_timed_with_the_copy_engine_idle(monkeypatch):
 def test_a_prefill_wave_runs_in_grouped_passes(monkeypatch):
     """A wave of more entries than the step's tokens runs as several grouped passes (see check_grouped_passes)."""
     check_grouped_passes("cuda", monkeypatch)
+
+
+def test_the_gpu_profile_times_the_models_resident_decode_layer(cache):
+    """On a GPU the profile measures the model's decode layer with its experts on the GPU (the engine's own
+    steps), and a second model with another attention shape adds its own layer."""
+    from dataclasses import replace
+
+    from moeflow.checkpoint import read_model_config
+    from moeflow.perf.profile import QUICK, get_profile
+
+    tiny = read_model_config("synthetic:tiny-mixtral")[1]
+    p, how = get_profile(tiny, "cuda", sizes=QUICK, progress=False)
+    assert how == "measured" and p.has_gpu and p.has_layer(tiny)
+    assert 0 < p.resident_layer(tiny) < 0.05  # seconds: one small layer, not a step
+    other = replace(tiny, num_key_value_heads=2)
+    q, how = get_profile(other, "cuda", sizes=QUICK, progress=False)
+    assert how == "added shape" and q.has_layer(other) and len(q.resident_layers) == 2

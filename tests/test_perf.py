@@ -310,6 +310,30 @@ def test_a_decode_layer_pays_for_each_routed_expert_beyond_the_measured_two():
     assert replace(p, layer_overhead_s=0.1 * MS, expert_overhead_s=0.2 * MS).decode_layer_s(1) == 0.0
 
 
+def test_a_measured_resident_layer_sets_the_decode_layers_non_expert_part():
+    """resident_layers: a decode layer of the model's shapes with its experts on the GPU, as measured. The model
+    leaves its non-expert part what the host's share and the experts' wave do not take, so a layer whose
+    experts are all there takes the measured time; a figure below the roofline's changes nothing, nor TTFT."""
+    from moeflow.perf.layers import layer_key
+    from moeflow.perf.model import dense_gpu_s
+
+    p = replace(reference_profile(), layer_overhead_s=0.2 * MS)
+    measured = replace(p, resident_layers={layer_key(MIXTRAL): 3 * MS})
+    costs = p.expert_costs(MIXTRAL)
+    wave = costs.with_rates(MIXTRAL.expert_numel * 2, p.gpu_bw, p.cpu_read_bw, p.h2d_bw).gpu_wave([(1, 1.0)] * 2)
+    roof = dense_gpu_s(MIXTRAL, p, 0, 1, 512 + 128 // 2, 2)  # the default prompt and half the generation
+    assert roof + wave + 0.2 * MS < 3 * MS
+    for policy, budget in (("gpu", 100 * GiB), ("auto", 24 * GiB)):
+        base, slow = (predict_latency(MIXTRAL, q, budget, policy, 1.0, costs=costs) for q in (p, measured))
+        assert 1 / slow.decode_tps - 1 / base.decode_tps == \
+            pytest.approx(len(MIXTRAL.moe_layers) * (3 * MS - roof - wave - 0.2 * MS))
+        assert slow.ttft_s == base.ttft_s
+    low = replace(p, resident_layers={layer_key(MIXTRAL): 1e-6})
+    assert predict_latency(MIXTRAL, low, 24 * GiB, "auto", 0.5).decode_tps == \
+        predict_latency(MIXTRAL, p, 24 * GiB, "auto", 0.5).decode_tps > 0
+    assert measured.resident_layer(QWEN) == 0.0  # another model's shapes: not measured
+
+
 # -- monotonicity -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy", ["auto", "fiddler", "lru"])
 def test_more_budget_never_slower(policy):

@@ -134,7 +134,7 @@ def test_cpu_matmul_grows_until_one_takes_long_enough(monkeypatch):
 def test_isotonic_fit_of_the_prefill_points():
     """Per-layer prefill host times, a difference of two timings, are fitted non-decreasing in the prompt:
     a falling run becomes its mean, a rising series stays."""
-    from moeflow.perf.profile import isotonic
+    from moeflow.perf.layers import isotonic
 
     assert isotonic([2.32, 3.96, 2.36]) == pytest.approx([2.32, 3.16, 3.16])
     assert isotonic([5.0, 1.0, 3.0]) == pytest.approx([3.0, 3.0, 3.0])
@@ -159,3 +159,27 @@ def test_measured_costs_are_monotone_with_or_without_copies():
                       cpu_many=(2, lambda x: _time.sleep(4e-3)))
     assert all(a <= b for a, b in zip(c.cpu_s, c.cpu_s[1:])) and c.cpu_s[0] < 2e-3
     assert 0 < c.cpu_fixed_s <= c.cpu_s[0]  # the fixed part (2 ms from the slow pair) capped with its call
+
+
+def test_a_gpu_profile_holds_the_models_resident_decode_layer():
+    """With a GPU, a profile serves a model once it holds both its expert shape and its decode layer with the
+    experts on the GPU (keyed by the layer's shapes: another attention is another key); without one, the
+    expert shape alone."""
+    from moeflow.perf.layers import layer_key
+
+    p, _ = prof.get_profile(TINY, "cpu", sizes=prof.QUICK, progress=False)
+    assert p.has_layer(TINY) and p.resident_layers == {}
+    gpu = replace(p, gpu_name="some GPU")
+    assert gpu.has_shape(TINY) and not gpu.has_layer(TINY)
+    assert replace(gpu, resident_layers={layer_key(TINY): 1e-3}).has_layer(TINY)
+    other = replace(TINY, num_key_value_heads=TINY.num_key_value_heads // 2)
+    assert layer_key(other) != layer_key(TINY) and prof.shape_key(other) == prof.shape_key(TINY)
+
+
+def test_a_resident_layer_is_timed_as_the_engine_runs_it():
+    """time_resident_layer builds cfg's layers (K experts each, all of them used) at two depths and times the
+    engine's decode steps in turns: the slope is one layer's time."""
+    from moeflow.perf.layers import time_resident_layer
+
+    t = time_resident_layer(TINY, torch.device("cpu"), torch.float32, steps=4, repeats=1)
+    assert 0 < t < 1.0

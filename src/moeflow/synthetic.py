@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from moeflow import MoeflowError
 from moeflow.checkpoint import Checkpoint, check_fits, resolve_device, resolve_dtype
+from moeflow.config import ModelConfig
 from moeflow.experts.local import LocalExperts
 from moeflow.experts.store import ExpertStore
 from moeflow.models import get_architecture
@@ -97,7 +98,16 @@ def build_synthetic(name: str, device="cpu", dtype=None, expert_device=None, see
     """overrides: config.json fields over the preset's (a tiny model with more layers, for instance)."""
     if name not in PRESETS:
         raise MoeflowError(f"unknown synthetic model {name!r}; choose one of {', '.join(PRESETS)}")
-    hf = PRESETS[name] | (overrides or {})
+    return build_from_hf(name, PRESETS[name] | (overrides or {}), device, dtype, expert_device, seed)
+
+
+def build_like(cfg: ModelConfig, device="cpu", dtype=None, expert_device=None, seed: int = 0) -> Checkpoint:
+    """Random weights for any ModelConfig (a real model's shapes with fewer layers or experts, say)."""
+    hf = get_architecture(cfg.model_type).hf_config(cfg)
+    return build_from_hf(f"{cfg.model_type}-like", hf, device, dtype, expert_device, seed)
+
+
+def build_from_hf(name: str, hf: dict, device="cpu", dtype=None, expert_device=None, seed: int = 0) -> Checkpoint:
     arch = get_architecture(hf["model_type"])
     cfg = arch.config(hf)
     device = resolve_device(device)

@@ -42,6 +42,8 @@ def print_profile(p, cfg=None) -> None:
                  ("GPU memory", f"{p.gpu_bw / 1e9:.0f} GB/s"), ("GPU bf16 matmul", f"{p.gpu_flops / 1e12:.0f} TFLOP/s")]
     rows.append(("layer overhead", f"{p.layer_overhead_s * 1e3:.3f} ms"))
     rows.append(("layer overhead per routed expert beyond 2", f"{p.expert_overhead_s * 1e3:.4f} ms"))
+    for key, sec in p.resident_layers.items():
+        rows.append((f"decode layer, experts on the GPU ({key})", f"{sec * 1e3:.3f} ms"))
     rows.append(("decode step's own host time", f"{p.step_overhead_s * 1e3:.3f} ms"))
     if p.prefill_overhead_s:
         rows.append(("layer overhead, prefill", ", ".join(f"{t * 1e3:.3f} ms at {n} tokens"

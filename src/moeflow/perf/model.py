@@ -219,6 +219,9 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
 
     max_copies = max(int(split.cache // L if split.per_layer else split.cache), 1 if split.cache else 0)
     host, decode_host = prefill_host_s(profile, prompt_len, K), profile.decode_layer_s(K)
+    # A decode layer with its experts on the GPU, as measured on this machine, leaves the non-expert part what
+    # the host's share and the experts' wave do not take of it (at least its roofline).
+    resident_dense = profile.resident_layer(cfg, dtype_name) - decode_host - costs.gpu_wave([(1, 1.0)] * K)
     if prefill_shape:
         # the shape's ranks averaged over layers have a tail of fractions (an expert ranked 40th in some layers
         # only): the measured experts per layer take the tokens, else rounding would count that tail as experts
@@ -241,7 +244,7 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
                                                              per_layer_cache), 1.0)
         hits += h / L
         # Decode: K experts, each missing with probability 1 - h (one token each).
-        dense = dense_gpu_s(cfg, profile, layer, 1, ctx, b)
+        dense = max(dense_gpu_s(cfg, profile, layer, 1, ctx, b), resident_dense)
         for m in range(K + 1):
             p = _binom(m, K, 1 - h)
             if p < 1e-9:

@@ -26,16 +26,15 @@ from pathlib import Path
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
 from moeflow.perf.costs import (TOKEN_POINTS, ExpertCosts, handoff_s, measure_costs, median_costs, median_s,
-                                monotone, one_and_fixed, paired_s)
+                                monotone, one_and_fixed)
+from moeflow.perf.layers import PREFILL_K, host_overheads, layer_key, time_resident_layer
 
-PROFILE_VERSION = 2  # 2: copies and CPU timed beside each other throughout; expert_overhead_s
-READABLE_VERSIONS = (1, 2)  # older ones lack later figures (0: not measured), and a cached one is re-measured
+PROFILE_VERSION = 3  # 2: copies and CPU timed beside each other throughout; expert_overhead_s; 3: resident_layers
+READABLE_VERSIONS = (1, 2, 3)  # older ones lack later figures (0: not measured), and a cached one is re-measured
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
 CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert call (scaling between shapes)
 PREFILL_TOKENS = (32, 512, 2048)  # the prompts whose per-layer host time the profile measures (prefill_overhead_s):
                                   # 2048 x 2 routing entries, as many as a 512-token prompt of Qwen3's 8 per token
-PREFILL_K = 2               # experts per token of the model it measures them on (the tiny synthetic Mixtral)
-ALL_K = 8                   # the same model routing each token to all its experts (expert_overhead_s)
 MANY = 4  # experts (at most) in the one-call CPU measurement that separates a call's fixed part
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -92,6 +91,8 @@ class HardwareProfile:
     prefill_tokens: tuple = (32, 512)  # their prompts (profiles before 2026-12-02 07:00 measured these two)
     cpu_backend: str = CPU_BACKEND
     experts: dict = field(default_factory=dict)  # shape_key -> ExpertCosts.as_dict() (gpu_s = cpu_s without GPU)
+    resident_layers: dict = field(default_factory=dict)  # layer_key -> seconds of a decode layer of that shape
+                                                         # with its experts on the GPU (layers.time_resident_layer)
     source: str = ""             # "measured <date>" or where the figures come from
     version: int = PROFILE_VERSION
 
@@ -139,6 +140,14 @@ class HardwareProfile:
     # -- expert costs --------------------------------------------------------------------------------
     def has_shape(self, cfg: ModelConfig, dtype_name: str = "bfloat16") -> bool:
         return shape_key(cfg, dtype_name) in self.experts
+
+    def has_layer(self, cfg: ModelConfig, dtype_name: str = "bfloat16") -> bool:
+        """Whether it holds what cfg's plans read: the expert shape, and with a GPU the resident decode layer."""
+        return self.has_shape(cfg, dtype_name) and (not self.has_gpu or self.resident_layer(cfg, dtype_name) > 0)
+
+    def resident_layer(self, cfg: ModelConfig, dtype_name: str = "bfloat16") -> float:
+        """Seconds of a decode layer of cfg's shapes with its experts on the GPU; 0: not measured."""
+        return self.resident_layers.get(layer_key(cfg, dtype_name), 0.0)
 
     def expert_costs(self, cfg: ModelConfig, dtype_name: str = "bfloat16") -> ExpertCosts:
         """ExpertCosts for cfg's expert shape: as measured, or scaled from the nearest measured shape (work and
@@ -289,9 +298,10 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
     dev = torch.device(device if cuda else "cpu")
     dtype = parse_dtype(dtype_name)
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
-    steps = ["CPU expert"] if base else \
-        ["CPU memory", "CPU matmul", "CPU expert"] + (["links", "GPU memory", "GPU matmul"] if cuda else []) + \
-        ["layer overhead"]
+    steps = (["CPU expert"] if base else
+             ["CPU memory", "CPU matmul", "CPU expert"] + (["links", "GPU memory", "GPU matmul"] if cuda else []) +
+             ["layer overhead"]) + (["resident layer"] if cuda else [])
+    quick = sizes.repeats < 3
     bar = tqdm(total=len(steps), desc="profiling", unit="step", disable=not progress)
     t_start = time.perf_counter()  # the issue's budget for a profile: under a minute on the GPU host
     figures: dict = {}
@@ -301,6 +311,16 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
     try:
         def step(name):
             bar.set_postfix_str(name)
+
+        def resident_layer() -> dict:
+            """cfg's decode layer with its experts on the GPU (none without a GPU: its time is the CPU's)."""
+            if not cuda:
+                return {}
+            step("resident layer")
+            torch.cuda.empty_cache()
+            t = time_resident_layer(cfg, dev, dtype, 16 if quick else 32, 3 if quick else 7)
+            bar.update()
+            return {layer_key(cfg, dtype_name): t}
 
         if not base:
             step("CPU memory")
@@ -354,8 +374,10 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         blocks = None  # free the pool before the link measurements
         bar.update()
         if base:
+            layer = resident_layer()
             bar.close()
             return replace(base, experts=base.experts | {shape_key(cfg, dtype_name): expert},
+                           resident_layers=base.resident_layers | layer,
                            source=f"{base.source}; {shape_key(cfg, dtype_name)} added in "
                                   f"{time.perf_counter() - t_start:.0f} s")
 
@@ -387,14 +409,14 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         step("layer overhead")
         if cuda:
             torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
-        quick = sizes.repeats < 3
         figures["prefill_tokens"] = PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS
         # without a GPU the tiny model's layers are CPU compute, not the host's overhead, and no plan reads them:
         # the short span (the long one took 162 s on 2 cores)
         (figures["layer_overhead_s"], figures["expert_overhead_s"], figures["step_overhead_s"],
-         figures["prefill_overhead_s"]) = _layer_overhead(dev, 8 if quick else 32, figures["prefill_tokens"],
+         figures["prefill_overhead_s"]) = host_overheads(dev, 8 if quick else 32, figures["prefill_tokens"],
                                                           3 if quick else 7, 36 if cuda and not quick else 12)
         bar.update()
+        figures["resident_layers"] = resident_layer()
     finally:
         torch.set_num_threads(threads)
         bar.close()
@@ -421,92 +443,6 @@ def cpu_matmul_rate(dtype, n_max: int, repeats: int, enough_s: float = 0.05) -> 
         n *= 2
 
 
-def _layer_overhead(dev, steps: int, tokens: tuple[int, ...], repeats: int, many_layers: int = 36
-                    ) -> tuple[float, float, float, tuple[float, ...]]:
-    """The host-side cost of one offloaded layer, as the engine pays it, in decode and in prefills of each of
-    `tokens` tokens, and a decode step's own: steps of the tiny synthetic Mixtral with every expert in a slot
-    (policy gpu), whose GPU work is negligible, over its layers. A layer's holds the per-layer sync for
-    routing, the planning and every launch of a decoder layer (a prefill's are eager, and its routing's
-    bookkeeping grows with its tokens).
-    A layer's time is the slope between the tiny model at 4 and at `many_layers` layers, and a decode step's
-    own host work (sampling, the step's bookkeeping) what is left of the 4 layers' step: counted per layer, it
-    came out a quarter per layer where a real model spreads it over dozens. What each routed expert adds to a
-    decode layer (its lookup, its share of the plan and the wave) is the difference between `many_layers`
-    layers routing each token to all 8 experts and to PREFILL_K, per layer and added expert: Qwen3's 8 took
-    ~0.35 ms a layer in lru decode where the tiny model's 2 took 0.27-0.32 (2026-12-02).
-    The models run in turns (paired_s, medians of `repeats`): timed one after the other, over a 4-to-20-layer
-    span, the prefill figure came out 1.23-1.83 ms in four profiles of 2026-12-02 on one host, and lowest where
-    the engine ran slowest. A difference of two timings is still noisy both ways: the prefill points are fitted
-    non-decreasing in tokens. Returns (decode layer, per added expert, decode step, prefill layer per token
-    count)."""
-    import torch
-
-    from moeflow.config import OffloadConfig
-    from moeflow.engine.llm_engine import LLMEngine
-    from moeflow.engine.sequence import SamplingParams
-    from moeflow.synthetic import build_synthetic
-
-    cuda = dev.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
-    decode_tokens = 2 * steps * (repeats + 1) + 2  # the many-layer model decodes in two pairings
-
-    def engine(layers: int, top_k: int = PREFILL_K) -> LLMEngine:
-        ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None,
-                             expert_device="cpu", overrides={"num_hidden_layers": layers,
-                                                             "num_experts_per_tok": top_k})
-        return LLMEngine(ck, max_seqs=1, max_len=max(tokens) + decode_tokens + 16,
-                         offload=OffloadConfig(8 << 30, "gpu"))
-
-    def decode(eng: LLMEngine) -> Callable[[], None]:
-        def run():
-            for _ in range(steps):
-                eng.step()
-        return run
-
-    def prompt(eng: LLMEngine, n: int) -> Callable[[], None]:
-        return lambda: list(eng.stream([3 + i % 64 for i in range(n)],
-                                       SamplingParams(max_new_tokens=1, ignore_eos=True)))
-
-    few_layers = 4
-    engines: list[LLMEngine] = []
-    try:
-        engines += [engine(few_layers), engine(many_layers), engine(many_layers, ALL_K)]
-        few, many, all_k = engines
-        seqs = [e.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=decode_tokens, ignore_eos=True))
-                for e in engines]
-        for e in engines:
-            e.step()  # the prefill: paired_s's warm-up is the first decode run
-        few_step, many_step = (t / steps for t in paired_s(decode(few), decode(many), repeats, sync))
-        k_step, all_step = (t / steps for t in paired_s(decode(many), decode(all_k), repeats, sync))
-        for e, seq in zip(engines, seqs):
-            if not seq.finished:
-                e.abort(seq)
-        prefill = [paired_s(prompt(few, n), prompt(many, n), repeats, sync) for n in tokens]
-        slope = (many_step - few_step) / (many_layers - few_layers)
-        layer = slope if slope > 0 else few_step / few_layers  # noise beyond the difference: all of it per layer
-        per_expert = max(all_step - k_step, 0.0) / many_layers / (ALL_K - PREFILL_K)
-        return layer, per_expert, max(few_step - few_layers * layer, 0.0), \
-            tuple(isotonic([max(b - a, 0.0) / (many_layers - few_layers) for a, b in prefill]))
-    finally:
-        for eng in engines:
-            eng.model.experts.close()
-        if cuda:  # lift the allocator's cap that the last engine set
-            torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device() if dev.index is None
-                                                       else dev.index)
-
-
-def isotonic(values: list[float]) -> list[float]:
-    """The least-squares non-decreasing fit of values (pool adjacent violators: a falling run becomes its mean)."""
-    blocks: list[list[float]] = []  # [sum, count]
-    for v in values:
-        blocks.append([v, 1])
-        while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] > blocks[-1][0] * blocks[-2][1]:
-            total, n = blocks.pop()
-            blocks[-1][0] += total
-            blocks[-1][1] += n
-    return [total / n for total, n in blocks for _ in range(int(n))]
-
-
 def _host_memory() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -520,7 +456,7 @@ def get_profile(cfg: ModelConfig, device: str = "cuda", refresh: bool = False, d
     Returns (profile, what happened: "cached" | "measured" | "added shape")."""
     name = local_device_name(device)
     cached = None if refresh else cached_profile(name)
-    if cached is not None and cached.has_shape(cfg, dtype_name):
+    if cached is not None and cached.has_layer(cfg, dtype_name):
         return cached, "cached"
     profile = measure_profile(cfg, device, dtype_name, sizes, progress, base=cached)
     profile.save(profile_path(name))
