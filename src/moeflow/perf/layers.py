@@ -111,6 +111,7 @@ def time_resident_layer(cfg: ModelConfig, dev, dtype, steps: int, repeats: int, 
     decode_tokens = steps * (repeats + 1) + 2
 
     def engine(layers: int) -> LLMEngine:
+        _uncap(dev)  # the engine before this one capped the allocator at its own budget
         small = replace(cfg, num_hidden_layers=layers, num_experts=K, dense_layers=())
         ck = build_like(small, device=dev, dtype=dtype, expert_device="cpu")
         weights = sum(p.numel() * p.element_size() for p in ck.model.parameters()) + \
@@ -137,11 +138,16 @@ def time_resident_layer(cfg: ModelConfig, dev, dtype, steps: int, repeats: int, 
 
 
 def _close(engines: list, dev) -> None:
-    import torch
-
     for eng in engines:
         eng.model.experts.close()
-    if dev.type == "cuda":  # lift the allocator's cap that the last engine set
+    _uncap(dev)
+
+
+def _uncap(dev) -> None:
+    """Lift the allocator's cap that an engine sets at its budget."""
+    import torch
+
+    if dev.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device() if dev.index is None
                                                    else dev.index)
 
