@@ -196,6 +196,13 @@ def paired_s(a: Callable[[], object], b: Callable[[], object], repeats: int,
     return sorted(ta)[len(ta) // 2], sorted(tb)[len(tb) // 2]
 
 
+def device_sync(dev) -> Callable[[], None]:
+    """What waits for `dev` to finish its queued work (nothing to wait for on the CPU)."""
+    import torch
+
+    return (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+
 def median_sample(sample: Callable[[], float], repeats: int) -> float:
     """Median of `repeats` values of sample() (at least one), each a time it measured itself, after a warm-up
     one: for timings that a plain clock around a call cannot take (events on a stream, a clock started after
@@ -254,7 +261,7 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
     import torch
 
     dev = slot.device
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    sync = device_sync(dev)
     dtype = slot.dtype
     turn = iter(range(1 << 30))
 
@@ -313,11 +320,12 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
         cpu_s.append(cpu_beside_copies(xc, copies))
         xg = xc.to(dev)
         gpu_s.append(median_s(lambda: gpu_ffn(xg, slot), sync, repeats))
-    if copy_stream is not None:  # as many experts on the CPU as cover the copy, and one more
-        copy_s = copy_timed(math.ceil(copy_alone_s / max(cpu_s[0], 1e-6)) + 1)
     launch_s = 0.0
-    if copy_stream is not None:  # the host's part of a copy: launching it and recording its arrival
-        def launch() -> float:
+    if copy_stream is not None:
+        # as many experts on the CPU as cover the copy, and one more
+        copy_s = copy_timed(math.ceil(copy_alone_s / max(cpu_s[0], 1e-6)) + 1)
+
+        def launch() -> float:  # the host's part of a copy: launching it and recording its arrival
             t = time.perf_counter()
             copy_in()
             copy_stream.record_event()

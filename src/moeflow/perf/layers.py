@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from moeflow.config import ModelConfig
-from moeflow.perf.costs import paired_s
+from moeflow.perf.costs import device_sync, paired_s
 
 PREFILL_K = 2               # experts per token of the model the host's share is measured on (tiny synthetic Mixtral)
 ALL_K = 8                   # the same model routing each token to all its experts (expert_overhead_s)
@@ -40,7 +40,7 @@ def host_overheads(dev, steps: int, tokens: tuple[int, ...], repeats: int, many_
     from moeflow.synthetic import build_synthetic
 
     cuda = dev.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    sync = device_sync(dev)
     decode_tokens = 2 * steps * (repeats + 1) + 2  # the many-layer model decodes in two pairings
 
     def engine(layers: int, top_k: int = PREFILL_K) -> LLMEngine:
@@ -49,12 +49,6 @@ def host_overheads(dev, steps: int, tokens: tuple[int, ...], repeats: int, many_
                                                              "num_experts_per_tok": top_k})
         return LLMEngine(ck, max_seqs=1, max_len=max(tokens) + decode_tokens + 16,
                          offload=OffloadConfig(8 << 30, "gpu"))
-
-    def decode(eng: LLMEngine) -> Callable[[], None]:
-        def run():
-            for _ in range(steps):
-                eng.step()
-        return run
 
     def prompt(eng: LLMEngine, n: int) -> Callable[[], None]:
         return lambda: list(eng.stream([3 + i % 64 for i in range(n)],
@@ -69,8 +63,8 @@ def host_overheads(dev, steps: int, tokens: tuple[int, ...], repeats: int, many_
                 for e in engines]
         for e in engines:
             e.step()  # the prefill: paired_s's warm-up is the first decode run
-        few_step, many_step = (t / steps for t in paired_s(decode(few), decode(many), repeats, sync))
-        k_step, all_step = (t / steps for t in paired_s(decode(many), decode(all_k), repeats, sync))
+        few_step, many_step = (t / steps for t in paired_s(_steps(few, steps), _steps(many, steps), repeats, sync))
+        k_step, all_step = (t / steps for t in paired_s(_steps(many, steps), _steps(all_k, steps), repeats, sync))
         for e, seq in zip(engines, seqs):
             if not seq.finished:
                 e.abort(seq)
@@ -100,14 +94,13 @@ def time_resident_layer(cfg: ModelConfig, dev, dtype, steps: int, repeats: int, 
     not see. On the H200 host (2026-12-02 16:22) a Mixtral layer took 0.692 ms where the tiny model's host
     share (0.389), the two experts' wave (0.245) and the roofline (0.022) make 0.656; a Qwen3 layer 0.394 ms,
     below its pieces (0.55), so the timing model takes the figure as a floor of the non-expert part only."""
-    import torch
 
     from moeflow.config import OffloadConfig
     from moeflow.engine.llm_engine import LLMEngine
     from moeflow.engine.sequence import SamplingParams
     from moeflow.synthetic import build_like
 
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    sync = device_sync(dev)
     K, prompt = cfg.num_experts_per_tok, list(range(3, 11))
     decode_tokens = steps * (repeats + 1) + 2
 
@@ -115,16 +108,8 @@ def time_resident_layer(cfg: ModelConfig, dev, dtype, steps: int, repeats: int, 
         _uncap(dev)  # the engine before this one capped the allocator at its own budget
         small = replace(cfg, num_hidden_layers=layers, num_experts=K, dense_layers=())
         ck = build_like(small, device=dev, dtype=dtype, expert_device="cpu")
-        weights = sum(p.numel() * p.element_size() for p in ck.model.parameters()) + \
-            ck.store.data.numel() * ck.store.data.element_size()
         return LLMEngine(ck, max_seqs=1, max_len=len(prompt) + decode_tokens + 16,
-                         offload=OffloadConfig(weights + (2 << 30), "gpu"))
-
-    def decode(eng: LLMEngine) -> Callable[[], None]:
-        def run():
-            for _ in range(steps):
-                eng.step()
-        return run
+                         offload=OffloadConfig(ck.dense_bytes + ck.store.data.nbytes + (2 << 30), "gpu"))
 
     engines: list[LLMEngine] = []
     try:
@@ -132,10 +117,18 @@ def time_resident_layer(cfg: ModelConfig, dev, dtype, steps: int, repeats: int, 
         for e in engines:
             e.add_request(prompt, SamplingParams(max_new_tokens=decode_tokens, ignore_eos=True))
             e.step()  # the prefill
-        t_few, t_many = paired_s(decode(engines[0]), decode(engines[1]), repeats, sync)
+        t_few, t_many = paired_s(_steps(engines[0], steps), _steps(engines[1], steps), repeats, sync)
         return max(t_many - t_few, 0.0) / steps / (many - few)
     finally:
         _close(engines, dev)
+
+
+def _steps(eng, steps: int) -> Callable[[], None]:
+    """A call that runs `steps` decode steps of eng's running sequence."""
+    def run():
+        for _ in range(steps):
+            eng.step()
+    return run
 
 
 def _close(engines: list, dev) -> None:

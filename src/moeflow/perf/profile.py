@@ -25,8 +25,8 @@ from pathlib import Path
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
-from moeflow.perf.costs import (TOKEN_POINTS, ExpertCosts, handoff_s, measure_costs, median_costs, median_s,
-                                monotone, one_and_fixed)
+from moeflow.perf.costs import (TOKEN_POINTS, ExpertCosts, device_sync, handoff_s, measure_costs, median_costs,
+                                median_s, monotone, one_and_fixed)
 from moeflow.perf.layers import PREFILL_K, host_overheads, layer_key, time_resident_layer
 
 PROFILE_VERSION = 3  # 2: copies and CPU timed beside each other throughout; expert_overhead_s; 3: resident_layers
@@ -297,7 +297,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
     cuda = device != "cpu" and torch.cuda.is_available()
     dev = torch.device(device if cuda else "cpu")
     dtype = parse_dtype(dtype_name)
-    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    sync = device_sync(dev)
     steps = (["CPU expert"] if base else
              ["CPU memory", "CPU matmul", "CPU expert"] + (["links", "GPU memory", "GPU matmul"] if cuda else []) +
              ["layer overhead"]) + (["resident layer"] if cuda else [])
