@@ -501,23 +501,30 @@ def test_a_packed_call_matches_the_plain_one(policy):
 
 def test_bench_latency_repeats_every_row_in_turn(tmp_path, monkeypatch, capsys):
     """--repeat 2 runs all rows, then all of them again (a slow spell of the host falls on one repetition of each);
-    with --profile each row carries the model's prediction from it, and model-accuracy compares the medians
+    with --profile each row carries the model's prediction from it, at the host's speed the row's probes read
+    against the profile's readings and at the profile's own, and model-accuracy compares the medians
     of each configuration's rows. --repeat 0 is refused with a message."""
     import json
 
     import moeflow.bench.latency as bench
     from moeflow.cli import main
+    from moeflow.perf.probe import HOST
     from moeflow.perf.profile import reference_profile
 
     monkeypatch.setattr(bench, "ceilings", lambda device: {"cpu_read_bw": 1e10, "h2d_bw": 1e10, "gpu_bw": 1e10})
     prof, out = tmp_path / "profile.json", tmp_path / "r.json"
-    reference_profile().save(prof)
+    replace(reference_profile(), probes={HOST: 1e-9}).save(prof)  # a host far faster than this one
     args = ["bench", "latency", "--model", "synthetic:tiny-mixtral", "--device", "cpu", "--budgets", "0.4GiB",
             "--new-tokens", "3", "--ttft-len", "16", "--profile", str(prof), "--out", str(out)]
     assert main(args + ["--policies", "lru,nonesuch", "--repeat", "2"]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["policy"], r["repeat"]) for r in rows] == [("lru", 0), ("nonesuch", 0), ("lru", 1), ("nonesuch", 1)]
     assert all(r["predicted_decode_tps"] > 0 and r["predicted_ttft_s"] > 0 for r in rows if "error" not in r)
+    # the host's speed read beside each row's prefills and decodes: predicted at it, and at the profile's
+    for r in (r for r in rows if "error" not in r):
+        assert all(r["probes"][k][HOST] > 0 and r["speed"][k][0] > 1 for k in ("ttft", "decode"))
+        assert r["predicted_decode_tps"] < r["predicted_decode_tps_at_profile_speed"]
+        assert r["predicted_ttft_s"] > r["predicted_ttft_s_at_profile_speed"]
     capsys.readouterr()
     assert main(["bench", "model-accuracy", "--results", str(out), "--out", str(tmp_path / "a.json")]) == 0
     (acc,) = json.loads((tmp_path / "a.json").read_text())

@@ -16,6 +16,7 @@ from moeflow.cli import main
 from moeflow.perf import costs as costs_mod
 from moeflow.perf import profile as prof
 from moeflow.perf.costs import ExpertCosts, fixed_part
+from moeflow.perf.probe import HOST, SpeedProbe
 from moeflow.perf.profile import HardwareProfile, reference_profile
 
 MIXTRAL = read_model_config("synthetic:mixtral-8x7b")[1]
@@ -34,6 +35,8 @@ def test_profile_cache_and_refresh(cache):
     assert p.prefill_tokens == prof.PREFILL_TOKENS[:2] and len(p.prefill_overhead_s) == 2
     assert all(t >= 0 for t in p.prefill_overhead_s) and p.layer_overhead_s > 0 and p.step_overhead_s >= 0
     assert p.expert_overhead_s >= 0 and p.decode_layer_s(8) >= p.decode_layer_s(2) == p.layer_overhead_s
+    # the speed readings beside the figures they scale (perf/probe.py): the host's, the expert shape's
+    assert set(p.probes) == {HOST, prof.shape_key(TINY)} and all(t > 0 for t in p.probes.values())
     path = prof.profile_path("cpu")
     assert path.parent == cache and path.exists()
     assert HardwareProfile.load(path) == p
@@ -41,6 +44,7 @@ def test_profile_cache_and_refresh(cache):
     q, how = prof.get_profile(QWEN.__class__(**{**TINY.__dict__, "expert_intermediate_size": 128}), "cpu",
                               sizes=prof.QUICK, progress=False)
     assert how == "added shape" and len(q.experts) == 2
+    assert len(q.probes) == 3 and all(q.probes[k] == v for k, v in p.probes.items())  # the added shape's reading
     # how long each measurement took (the issue's budget: under a minute on the GPU host)
     assert re.fullmatch(r"measured \S+ \S+ in \d+ s \(quick sizes\)", p.source), p.source
     assert q.source.startswith(p.source + "; ") and re.search(r"added in \d+ s$", q.source), q.source
@@ -183,3 +187,23 @@ def test_a_resident_layer_is_timed_as_the_engine_runs_it():
 
     t = time_resident_layer(TINY, torch.device("cpu"), torch.float32, steps=8, repeats=3)  # medians of 3
     assert 0 < t < 1.0
+
+
+def test_the_speed_probe_reads_the_host_and_the_cpu_kernel(monkeypatch):
+    """SpeedProbe: a decode step of its tiny engine and a CPU call of K experts of the shape, both positive; the
+    engine starts another sequence when its own is used up, and close() lets them go."""
+    from moeflow.perf import probe as probe_mod
+
+    monkeypatch.setattr(probe_mod, "PROBE_LEN", 96)  # room for two readings of 4 x 8 steps per sequence
+    probe = SpeedProbe("cpu", pool=1 << 20)
+    first = probe(TINY)
+    assert set(first) == {HOST, prof.shape_key(TINY)} and all(t > 0 for t in first.values())
+    seqs = []
+    for _ in range(3):
+        probe.host()
+        seqs.append(probe._seq)
+    assert seqs[0] is not seqs[2] and not seqs[2].finished
+    assert probe.cpu(QWEN.__class__(**{**TINY.__dict__, "expert_intermediate_size": 128})) > 0
+    assert len(probe._jobs) == 2
+    probe.close()
+    assert probe._engine is None and not probe._jobs

@@ -229,7 +229,12 @@ def cmd_bench_latency(args) -> int:
     if profile is not None:  # what the predictions came from: `bench model-accuracy --repredict` reuses it
         meta["profile"] = asdict(profile)
     dtype = str(ck.store.data.dtype).removeprefix("torch.")
-    rows, costs = [], None
+    rows, costs, probe = [], None, None
+    if profile is not None:  # the host's speed beside each row, against the profile's readings
+        from moeflow.perf.probe import SpeedProbe
+
+        probe = SpeedProbe(device)
+        probe(ck.cfg, dtype)  # its engine and memory made before the rows
     print_rows([], header=True)
     # --repeat: every row again, in the same order, so that a slow spell of a shared host falls on one
     # repetition of each configuration rather than on all of one (model-accuracy takes the medians)
@@ -240,7 +245,8 @@ def cmd_bench_latency(args) -> int:
                     oc = OffloadConfig(budget, policy, args.placement if trace is None else args.trace_placement,
                                        trace)
                     try:
-                        r = run_policy(ck, oc, prompts, ttft_prompt, args.new_tokens, ceil, costs)
+                        r = run_policy(ck, oc, prompts, ttft_prompt, args.new_tokens, ceil, costs,
+                                       probe and (lambda: probe(ck.cfg, dtype)))
                         if profile is not None:
                             r |= predict_row(r, ck.cfg, profile, ck.name, args.new_tokens, dtype_name=dtype)
                     except Exception as e:  # a failed row is recorded; the others still run (device time is scarce)
@@ -265,6 +271,8 @@ def cmd_bench_latency(args) -> int:
                     rows.append({"policy": "transformers+accelerate", "gpu_memory_gib": budget / 2**30,
                                  "error": f"{type(e).__name__}: {e}"})
                     print(f"transformers+accelerate failed: {e}", flush=True)
+    if probe is not None:
+        probe.close()
     if args.out:
         save(meta, rows, args.out)
     return 0

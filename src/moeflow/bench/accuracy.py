@@ -4,7 +4,9 @@ Rows that carry predicted figures (bench latency on a GPU host adds them) are co
 without, or every row with --repredict, are predicted here from the run's own budget, policy, measured hit
 rate and measured expert costs, with the run's hardware profile (stored in the results since 2026-12-02) or
 the given one. The rows of one configuration (`bench latency --repeat`) are compared by their medians: on a
-shared host the same configuration ran up to 2x apart within minutes. Target: predictions within 20% of
+shared host the same configuration ran up to 2x apart within minutes. The predictions take the host's speed
+that probes found beside each row's decode and prefills against the profile's (perf/probe.py); the same
+predictions at the profile's own speed are reported beside them. Target: predictions within 20% of
 measurements.
 """
 
@@ -18,6 +20,8 @@ from moeflow import MoeflowError
 from moeflow.perf.costs import ExpertCosts
 
 TARGET = 0.20
+PREDICTED = ("predicted_decode_tps", "predicted_ttft_s", "predicted_binding", "predicted_decode_tps_at_profile_speed",
+             "predicted_ttft_s_at_profile_speed")
 
 
 def accuracy_rows(results: dict, profile, cfg, repredict: bool = False) -> list[dict]:
@@ -29,7 +33,7 @@ def accuracy_rows(results: dict, profile, cfg, repredict: bool = False) -> list[
     for r in results.get("rows", []):
         if "error" in r or r.get("decode_tps") is None or "hit_rate" not in r:
             continue
-        pred = {k: r.get(k) for k in ("predicted_decode_tps", "predicted_ttft_s", "predicted_binding")}
+        pred = {k: r.get(k) for k in PREDICTED}
         if pred["predicted_decode_tps"] is None or repredict:
             pred = predict_row(r, cfg, profile, results.get("model", "model"), results.get("new_tokens", 128))
             if "predicted_error" in pred:
@@ -44,29 +48,44 @@ def accuracy_rows(results: dict, profile, cfg, repredict: bool = False) -> list[
         row = {"policy": policy, "gpu_memory_gib": gib, "routing": routing, "runs": len(rs),
                "decode_range": [min(x["decode_tps"] for x in rs), max(x["decode_tps"] for x in rs)],
                "predicted_binding": statistics.mode(x.get("predicted_binding") for x in rs)} | \
-            {k: med(k) for k in ("hit_rate", "decode_tps", "ttft_s", "predicted_decode_tps", "predicted_ttft_s")}
-        row["decode_error"] = row["predicted_decode_tps"] / row["decode_tps"] - 1
-        if row["ttft_s"] and row["predicted_ttft_s"]:
-            row["ttft_error"] = row["predicted_ttft_s"] / row["ttft_s"] - 1
+            {k: med(k) for k in ("hit_rate", "decode_tps", "ttft_s") + PREDICTED[:2] + PREDICTED[3:]}
+        for m, p, err in (("decode_tps", "predicted_decode_tps", "decode_error"),
+                          ("ttft_s", "predicted_ttft_s", "ttft_error")):
+            for at in ("", "_at_profile_speed"):
+                if row[m] and row[p + at]:
+                    row[err + at] = row[p + at] / row[m] - 1
         out.append(row)
     return out
 
 
 def predict_row(r: dict, cfg, profile, name: str, new_tokens: int, dtype_name: str = "bfloat16") -> dict:
     """The timing model's figures for one `bench latency` row, from what the row measured (budget, policy,
-    decode hit rate, expert costs, the prompt's hits, experts per layer and shape) and the profile."""
+    decode hit rate, expert costs, the prompt's hits, experts per layer and shape) and the profile: at the
+    host's speed the row's probe readings found beside its decode and beside its prefills against the profile's
+    (perf/probe.py; 1 without readings), and, `*_at_profile_speed`, at the profile's own."""
     from moeflow.perf.model import predict_latency
+    from moeflow.perf.probe import Speed
+    from moeflow.perf.profile import shape_key
 
     costs = ExpertCosts.from_dict(r["costs"]) if r.get("costs") else None
     pf = r.get("prefill") or {}
     budget = r.get("budget", {}).get("gpu_memory") or int(r["gpu_memory_gib"] * 2**30)
-    p = predict_latency(cfg, profile, budget, r["policy"], r["hit_rate"], r.get("ttft_prompt_tokens", 512),
-                        new_tokens, name, dtype_name, costs, pf.get("hit_rate"), _used(r, cfg),
-                        pf.get("tokens_per_expert") or None)
-    if p.error:
-        return {"predicted_error": p.error}
-    return {"predicted_decode_tps": p.decode_tps, "predicted_ttft_s": p.ttft_s, "predicted_binding": p.binding,
-            "predicted_bound_tps": p.bound_tps, "profile_source": profile.source}
+
+    def predict(speed: Speed):
+        return predict_latency(cfg, profile, budget, r["policy"], r["hit_rate"], r.get("ttft_prompt_tokens", 512),
+                               new_tokens, name, dtype_name, costs, pf.get("hit_rate"), _used(r, cfg),
+                               pf.get("tokens_per_expert") or None, speed)
+    probes, key = r.get("probes") or {}, shape_key(cfg, dtype_name)
+    speed = {k: Speed.of(probes.get(k), profile.probes, key) for k in ("decode", "ttft")}
+    then = predict(Speed())
+    if then.error:
+        return {"predicted_error": then.error}
+    d, t = (predict(speed[k]) if speed[k] != Speed() else then for k in ("decode", "ttft"))
+    return {"predicted_decode_tps": d.decode_tps, "predicted_ttft_s": t.ttft_s, "predicted_binding": d.binding,
+            "predicted_bound_tps": d.bound_tps, "profile_source": profile.source,
+            "predicted_decode_tps_at_profile_speed": then.decode_tps,
+            "predicted_ttft_s_at_profile_speed": then.ttft_s,
+            "speed": {k: [round(s.host, 3), round(s.cpu, 3)] for k, s in speed.items()}}
 
 
 def _used(r: dict, cfg) -> float | None:
@@ -95,8 +114,9 @@ def print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title=f"timing model vs measurement (target: within {TARGET:.0%}; medians of `runs` rows)")
-    for col in ("policy", "GiB", "routing", "runs", "hit", "decode tok/s", "range", "predicted", "error", "TTFT s",
-                "predicted", "error", "binds"):
+    # "then": the error of the prediction at the profile's speed, where the row's probes found another
+    for col in ("policy", "GiB", "routing", "runs", "hit", "decode tok/s", "range", "predicted", "error", "then",
+                "TTFT s", "predicted", "error", "then", "binds"):
         t.add_column(col, justify="left" if col in ("policy", "routing", "binds") else "right")
     for r in rows:
         def err(k):
@@ -105,15 +125,18 @@ def print_table(rows: list[dict]) -> None:
         lo, hi = r.get("decode_range") or (r["decode_tps"], r["decode_tps"])
         t.add_row(r["policy"], f"{r['gpu_memory_gib']:.0f}", r["routing"][:20], str(r.get("runs", 1)),
                   f"{r['hit_rate']:.0%}", f"{r['decode_tps']:.2f}", f"{lo:.1f}-{hi:.1f}",
-                  f"{r['predicted_decode_tps']:.2f}", err("decode_error"),
+                  f"{r['predicted_decode_tps']:.2f}", err("decode_error"), err("decode_error_at_profile_speed"),
                   f"{r['ttft_s']:.2f}" if r.get("ttft_s") else "-",
                   f"{r['predicted_ttft_s']:.2f}" if r.get("predicted_ttft_s") else "-", err("ttft_error"),
+                  err("ttft_error_at_profile_speed"),
                   r.get("predicted_binding") or "-")
     Console(width=150).print(t)
-    within = sum(abs(r["decode_error"]) <= TARGET for r in rows)
-    timed = [r["ttft_error"] for r in rows if "ttft_error" in r]
-    print(f"decode within {TARGET:.0%}: {within} of {len(rows)}; TTFT within {TARGET:.0%}: "
-          f"{sum(abs(e) <= TARGET for e in timed)} of {len(timed)}")
+    for at, said in (("", ""), ("_at_profile_speed", "at the profile's speed: ")):
+        dec = [r["decode_error" + at] for r in rows if "decode_error" + at in r]
+        timed = [r["ttft_error" + at] for r in rows if "ttft_error" + at in r]
+        if dec or not at:
+            print(f"{said}decode within {TARGET:.0%}: {sum(abs(e) <= TARGET for e in dec)} of {len(dec)}; "
+                  f"TTFT within {TARGET:.0%}: {sum(abs(e) <= TARGET for e in timed)} of {len(timed)}")
 
 
 def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
@@ -126,16 +149,21 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, (m, p, label) in zip(axes, [("decode_tps", "predicted_decode_tps", "decode tok/s"),
                                         ("ttft_s", "predicted_ttft_s", "TTFT s")]):
-        pts = [(r[m], r[p], r["policy"]) for r in rows if r.get(m) and r.get(p)]
-        if not pts:
+        rs = [r for r in rows if r.get(m) and r.get(p)]
+        if not rs:
             continue
-        hi = max(max(a, b) for a, b, _ in pts) * 1.2
+        then = p + "_at_profile_speed"  # the same prediction at the profile's speed: hollow, where it differs
+        hi = max(max(r[m], r[p], r.get(then) or 0) for r in rs) * 1.2
         ax.plot([0, hi], [0, hi], "k-", lw=0.8)
         ax.fill_between([0, hi], [0, hi * (1 - TARGET)], [0, hi * (1 + TARGET)], color="gray", alpha=0.15,
                         label=f"±{TARGET:.0%}")
-        for policy in sorted({x[2] for x in pts}):
-            xs = [(a, b) for a, b, q in pts if q == policy]
-            ax.plot([a for a, _ in xs], [b for _, b in xs], "o", label=policy)
+        for policy in sorted({r["policy"] for r in rs}):
+            mine = [r for r in rs if r["policy"] == policy]
+            (dot,) = ax.plot([r[m] for r in mine], [r[p] for r in mine], "o", label=policy)
+            other = [r for r in mine if r.get(then) and r[then] != r[p]]
+            if other:
+                ax.plot([r[m] for r in other], [r[then] for r in other], "o", mfc="none", color=dot.get_color(),
+                        label=f"{policy} at the profile's speed")
         ax.set_xlabel(f"measured {label}")
         ax.set_ylabel(f"predicted {label}")
         ax.set_xlim(0, hi)

@@ -12,6 +12,7 @@ import gc
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from moeflow.config import OffloadConfig
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
 from moeflow.experts.local import LocalExperts
+from moeflow.perf.probe import mean_reading
 
 
 def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -68,9 +70,11 @@ def _add(a: dict, b: dict) -> dict:
 
 
 def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft_prompt: list[int],
-               new_tokens: int, ceil: dict, costs=None) -> dict:
+               new_tokens: int, ceil: dict, costs=None, probe: Callable[[], dict] | None = None) -> dict:
     """One engine under this offload config: TTFT of ttft_prompt, then each prompt decoded for new_tokens in
-    turn. decode_tps is the median of those runs; the other figures count all of them together."""
+    turn. decode_tps is the median of those runs; the other figures count all of them together. probe(): the
+    machine's speed readings (perf/probe.py), taken before the prefills, between them and the decodes, and
+    after: `probes` holds each span's mean of its two ends."""
     dev = next(ck.model.parameters()).device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -81,6 +85,7 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
         # A short request first: the first prefill of a fresh engine pays one-time costs (the kernels' first
         # launches, the pinned staging buffers, the CPU pool's start) that a server pays once, not per request.
         list(engine.stream(ttft_prompt[:16], SamplingParams(max_new_tokens=2, ignore_eos=True)))
+        read = [probe() if probe else None]
         p0, pa = _snapshot(engine), _allocator(dev)
         shape = getattr(backend, "prompt_shape", None)
         if shape is not None:
@@ -89,6 +94,7 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
         ttfts = [list(engine.stream(ttft_prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)))[-1].ttft_s
                  for _ in range(TTFT_RUNS)]
         ttft = statistics.median(ttfts)
+        read.append(probe() if probe else None)
         pd = {k: v / TTFT_RUNS for k, v in _delta(p0, _snapshot(engine)).items()} if p0 else {}
         # where the TTFT prompt's time went in the expert backend (ms, a prefill's mean), and its experts' paths
         prefill = ({"ms": {"ttft": ttft * 1e3, **{k[:-2]: pd[k] * 1e3 for k in TIMERS}},
@@ -111,6 +117,7 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
             dt += t
             d = _add(d, _delta(s0, _snapshot(engine)))
             allocs = _add(allocs, _delta(a0, _allocator(dev)))
+        read.append(probe() if probe else None)
         n = (new_tokens - 1) * len(prompts)
         eb = ck.store.expert_bytes
         gpu_s = (ck.dense_bytes - ck.model.embed_tokens.weight.nbytes + d["hits"] * eb / n) / ceil["gpu_bw"]
@@ -136,6 +143,7 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
             "ms_per_token": {"step": dt / n * 1e3, "outside_experts": (dt - d["backend_s"]) / n * 1e3,
                              **{k[:-2]: d[k] / n * 1e3 for k in TIMERS}},
             "allocator_during_decode": allocs, "prefill": prefill,
+            "probes": {"ttft": mean_reading(*read[:2]), "decode": mean_reading(*read[1:])} if probe else None,
             "budget": engine.budget, "costs": backend.costs.as_dict() if backend.costs else None,
             # the engine's corrections of those costs at the end (CPU per regime, copies), for reading the model
             "corrections": {"cpu": list(getattr(backend, "cpu_scales", [])),
@@ -211,6 +219,11 @@ def print_rows(rows: list[dict], header: bool = False) -> None:
         if r.get("shared_bound_tps"):
             print(f"    bound with the host memory shared by CPU and copies: {r['shared_bound_tps']:.2f} tok/s "
                   f"({r['fraction_of_shared_bound']:.2f} of it)", flush=True)
+        if r.get("speed"):
+            print("    host speed against the profile's (time now / then): " + "; ".join(
+                f"{k} host x{h:.2f}, CPU x{c:.2f}" for k, (h, c) in r["speed"].items()) +
+                f"; predicted at the profile's speed: {r['predicted_decode_tps_at_profile_speed']:.2f} tok/s, "
+                f"TTFT {r['predicted_ttft_s_at_profile_speed']:.2f} s", flush=True)
         if r.get("ms_per_token"):
             print("    ms/token: " + ", ".join(f"{k} {v:.1f}" for k, v in r["ms_per_token"].items()), flush=True)
         if r.get("prefill"):

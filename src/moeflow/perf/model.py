@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import Budget, pass_entries_per_token, share_budget
 from moeflow.perf.costs import ExpertCosts
+from moeflow.perf.probe import Speed
 from moeflow.perf.profile import PREFILL_K, HardwareProfile
 from moeflow.policy import get_policy
 from moeflow.policy.placement import even_resident
@@ -183,7 +184,7 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
                     hit_rate_or_placement=None, prompt_len: int = 512, gen_len: int = 128, name: str = "model",
                     dtype_name: str = "bfloat16", costs: ExpertCosts | None = None,
                     prefill_hit: float | None = None, prefill_used: float | None = None,
-                    prefill_shape: list[float] | None = None) -> LatencyPrediction:
+                    prefill_shape: list[float] | None = None, speed: Speed = Speed()) -> LatencyPrediction:
     """Decode tok/s and TTFT of one request under `policy` with a GPU budget of `budget` bytes.
 
     hit_rate_or_placement: None (derived from the slots, uniform routing), a float (the share of decode
@@ -191,7 +192,9 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
     prefill_hit, prefill_used: the share of the prompt's experts found on the GPU and how many experts a layer
     used, as measured (default: derived from the slots; every expert): a router that sends a prompt to few
     experts, which the slots hold, leaves fewer to move. prefill_shape: the prompt's tokens per expert in a
-    layer, from the most used down (PromptShape, as measured): a skewed prompt leaves some experts few tokens."""
+    layer, from the most used down (PromptShape, as measured): a skewed prompt leaves some experts few tokens.
+    speed: the host's speed against the profile's (perf/probe.py): the host's share of a layer and of a step,
+    and the CPU's expert times, take that many times the profile's."""
     from moeflow import MoeflowError
 
     b = 2 if dtype_name in ("bfloat16", "float16") else 4
@@ -205,6 +208,11 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
         return LatencyPrediction(policy, error=str(e))
     costs = (costs or profile.expert_costs(cfg, dtype_name)).with_rates(cfg.expert_numel * b, profile.gpu_bw,
                                                                          profile.cpu_read_bw, profile.h2d_bw)
+    # a decode layer with its experts on the GPU, as measured on this machine, leaves the non-expert part what
+    # the host's share and the experts' wave do not take of it (at least its roofline); at the profile's speed
+    resident_dense = profile.resident_layer(cfg, dtype_name) - profile.decode_layer_s(K) - \
+        costs.gpu_wave([(1, 1.0)] * K)
+    costs = costs.scaled(speed.cpu)
     per_token = pass_entries_per_token(cfg, b)
     split = bud.split
     counts = hit_rate_or_placement if isinstance(hit_rate_or_placement, (list, tuple)) or \
@@ -218,10 +226,8 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
     lat = profile.h2d_latency_s
 
     max_copies = max(int(split.cache // L if split.per_layer else split.cache), 1 if split.cache else 0)
-    host, decode_host = prefill_host_s(profile, prompt_len, K), profile.decode_layer_s(K)
-    # A decode layer with its experts on the GPU, as measured on this machine, leaves the non-expert part what
-    # the host's share and the experts' wave do not take of it (at least its roofline).
-    resident_dense = profile.resident_layer(cfg, dtype_name) - decode_host - costs.gpu_wave([(1, 1.0)] * K)
+    host, decode_host = (t * speed.host for t in (prefill_host_s(profile, prompt_len, K), profile.decode_layer_s(K)))
+    layer_host, step_host = profile.layer_overhead_s * speed.host, profile.step_overhead_s * speed.host
     if prefill_shape:
         # the shape's ranks averaged over layers have a tail of fractions (an expert ranked 40th in some layers
         # only): the measured experts per layer take the tokens, else rounding would count that tail as experts
@@ -273,15 +279,15 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
             there = set(n_tok) if policy == "gpu" else set() if policy == "cpu" else set(used[:k])
             misses = {e: n for e, n in n_tok.items() if n and e not in there}
             hit_tokens = [n for e, n in n_tok.items() if n and e in there]
-            ttft += w * layer_time(pol, costs, I, misses, hit_tokens, max_copies, dense, profile.layer_overhead_s,
-                                   lat, prompt_len, host, per_token).total
+            ttft += w * layer_time(pol, costs, I, misses, hit_tokens, max_copies, dense, layer_host, lat,
+                                   prompt_len, host, per_token).total
     for layer in cfg.dense_layers:
         d = dense_gpu_s(cfg, profile, layer, 1, ctx, b)
         token = token + LayerTime(0, 0, d, 0, d)
         ttft += dense_gpu_s(cfg, profile, layer, prompt_len, prompt_len, b, causal_prefill=True)
     head = head_gpu_s(cfg, profile, b)
     # the head on the GPU, and the step's own host work (sampling, its bookkeeping), one after the other
-    token = token + LayerTime(0, 0, head, profile.step_overhead_s, head + profile.step_overhead_s)
+    token = token + LayerTime(0, 0, head, step_host, head + step_host)
     ttft += head
     # The bound: the missed weights cross the CPU's bus and PCIe at once, at the rate the two get together
     # (they share host memory) where the profile measured it; the GPU reads what it holds.

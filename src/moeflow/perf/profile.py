@@ -28,9 +28,11 @@ from moeflow.config import ModelConfig
 from moeflow.perf.costs import (TOKEN_POINTS, ExpertCosts, device_sync, handoff_s, measure_costs, median_costs,
                                 median_s, monotone, one_and_fixed)
 from moeflow.perf.layers import PREFILL_K, host_overheads, layer_key, time_resident_layer
+from moeflow.perf.probe import HOST, PROBE_POOL, SpeedProbe
 
-PROFILE_VERSION = 3  # 2: copies and CPU timed beside each other throughout; expert_overhead_s; 3: resident_layers
-READABLE_VERSIONS = (1, 2, 3)  # older ones lack later figures (0: not measured), and a cached one is re-measured
+PROFILE_VERSION = 4  # 2: copies and CPU timed beside each other throughout; expert_overhead_s; 3: resident_layers;
+                     # 4: probes
+READABLE_VERSIONS = (1, 2, 3, 4)  # older ones lack later figures (0: not measured), and a cached one is re-measured
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
 CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert call (scaling between shapes)
 PREFILL_TOKENS = (32, 512, 2048)  # the prompts whose per-layer host time the profile measures (prefill_overhead_s):
@@ -93,6 +95,8 @@ class HardwareProfile:
     experts: dict = field(default_factory=dict)  # shape_key -> ExpertCosts.as_dict() (gpu_s = cpu_s without GPU)
     resident_layers: dict = field(default_factory=dict)  # layer_key -> seconds of a decode layer of that shape
                                                          # with its experts on the GPU (layers.time_resident_layer)
+    probes: dict = field(default_factory=dict)  # SpeedProbe readings (perf/probe.py) beside the figures they scale:
+                                                # "host" beside the layer overheads, a shape's beside its expert
     source: str = ""             # "measured <date>" or where the figures come from
     version: int = PROFILE_VERSION
 
@@ -305,6 +309,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
     bar = tqdm(total=len(steps), desc="profiling", unit="step", disable=not progress)
     t_start = time.perf_counter()  # the issue's budget for a profile: under a minute on the GPU host
     figures: dict = {}
+    probe = None  # the speed readings beside the figures they scale (perf/probe.py)
     threads = torch.get_num_threads()
     if cuda:  # measured as the engine runs: one core left to the thread that drives the GPU
         torch.set_num_threads(max(CPU_THREADS - 1, 1))
@@ -360,8 +365,11 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             cpu_s = monotone(cpu_s)  # as measure_costs: noise only adds time; the fixed part within one call
             return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0, cpu_fixed_s=min(fixed, cpu_s[0]))
 
+        probe = SpeedProbe(dev, engine_cpu, min(PROBE_POOL, sizes.expert_pool_bytes))
+        before = probe.cpu(cfg, dtype_name)
         # in rounds, each point's median taken: one slow spell of a shared host is outvoted
         costs = median_costs([costs_once() for _ in range(max(sizes.rounds, 1))])
+        readings = {shape_key(cfg, dtype_name): (before + probe.cpu(cfg, dtype_name)) / 2}
         slot = None
         if engine_cpu is not None:  # the engine's own hand-over (its kernel's thread, or its worker thread)
             call = engine_cpu.handoff_s()
@@ -377,7 +385,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             layer = resident_layer()
             bar.close()
             return replace(base, experts=base.experts | {shape_key(cfg, dtype_name): expert},
-                           resident_layers=base.resident_layers | layer,
+                           resident_layers=base.resident_layers | layer, probes=base.probes | readings,
                            source=f"{base.source}; {shape_key(cfg, dtype_name)} added in "
                                   f"{time.perf_counter() - t_start:.0f} s")
 
@@ -410,14 +418,18 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         if cuda:
             torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
         figures["prefill_tokens"] = PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS
+        before = probe.host()
         # without a GPU the tiny model's layers are CPU compute, not the host's overhead, and no plan reads them:
         # the short span (the long one took 162 s on 2 cores)
         (figures["layer_overhead_s"], figures["expert_overhead_s"], figures["step_overhead_s"],
          figures["prefill_overhead_s"]) = host_overheads(dev, 8 if quick else 32, figures["prefill_tokens"],
                                                           3 if quick else 7, 36 if cuda and not quick else 12)
+        figures["probes"] = readings | {HOST: (before + probe.host()) / 2}
         bar.update()
         figures["resident_layers"] = resident_layer()
     finally:
+        if probe is not None:
+            probe.close()
         torch.set_num_threads(threads)
         bar.close()
     return HardwareProfile(
