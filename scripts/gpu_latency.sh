@@ -23,6 +23,8 @@
 #   keep       Qwen3-30B-A3B at 16 GiB, auto and fiddler, at each MOEFLOW_KEEP_SLACK of KEEPS (default "0.05 0.25"):
 #              auto copying whole a miss the cache would keep (0.05: only where any whole copy would be)
 #   probe      scripts/cpu_cost_probe.py: one Mixtral expert on the CPU timed the ways the profile and the engine do
+#   resident   scripts/resident_probe.py: a decode layer with its experts on the GPU, Qwen3 and Mixtral shapes, with
+#              K or all experts, 6 or 12 layers, policy gpu or lru (what the profile's resident layer leaves out)
 #   prefillcpu scripts/prefill_cpu_probe.py: m experts of n prompt tokens in one CPU call (a prefill's), Qwen3 and
 #              Mixtral shapes
 #   amx        the AMX blocking (MOEFLOW_AMX_DOWN_ROWS / GU_HIDDEN / GU_ROWS) at 16-256 tokens, Mixtral shape
@@ -70,6 +72,9 @@ for stage in "$@"; do
               --out "$OUT/latency-qwen3-16GiB-keep$k.json" 2>&1 | grep -E "^auto|^fiddler|ms/token|prefill ms"
           done ;;
     probe) python3 scripts/cpu_cost_probe.py 2>&1 | tee "$OUT/cpu_cost_probe.txt" ;;
+    resident) { python3 scripts/resident_probe.py synthetic:qwen3-30b-a3b
+                python3 scripts/resident_probe.py synthetic:mixtral-8x7b --variants "2 2 6 gpu,8 2 6 gpu,2 2 6 lru"
+              } 2>&1 | tee "$OUT/resident_probe.txt" ;;
     prefillcpu) for s in "qwen3-30b-a3b 64" "mixtral-8x7b 12"; do
                   set -- $s
                   python3 scripts/prefill_cpu_probe.py --shape "$1" --experts "$2" 2>&1 | tee -a "$OUT/prefill_cpu_probe.txt"
