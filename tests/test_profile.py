@@ -180,13 +180,22 @@ def test_a_gpu_profile_holds_the_models_resident_decode_layer():
     assert layer_key(other) != layer_key(TINY) and prof.shape_key(other) == prof.shape_key(TINY)
 
 
-def test_a_resident_layer_is_timed_as_the_engine_runs_it():
-    """time_resident_layer builds cfg's layers (K experts each, all of them used) at two depths and times the
-    engine's decode steps in turns: the slope is one layer's time."""
-    from moeflow.perf.layers import time_resident_layer
+def test_a_resident_layer_is_timed_as_the_engine_runs_it(monkeypatch):
+    """time_resident_layer builds cfg's layers at two depths and times the engine's decode steps in turns: the
+    slope is one layer's time. A layer holds all the model's experts where they fit in LAYER_EXPERT_BYTES,
+    else the K a token uses; the layer's key names both counts."""
+    from moeflow import synthetic
+    from moeflow.perf import layers
 
-    t = time_resident_layer(TINY, torch.device("cpu"), torch.float32, steps=8, repeats=3)  # medians of 3
+    built, real = [], synthetic.build_like
+    monkeypatch.setattr(synthetic, "build_like", lambda cfg, **kw: built.append(cfg) or real(cfg, **kw))
+    t = layers.time_resident_layer(TINY, torch.device("cpu"), torch.float32, steps=8, repeats=3)  # medians of 3
     assert 0 < t < 1.0
+    assert [(c.num_hidden_layers, c.num_experts) for c in built] == [(2, TINY.num_experts), (6, TINY.num_experts)]
+    monkeypatch.setattr(layers, "LAYER_EXPERT_BYTES", 0)
+    layers.time_resident_layer(TINY, torch.device("cpu"), torch.float32, steps=2, repeats=1)
+    assert [c.num_experts for c in built[2:]] == [TINY.num_experts_per_tok] * 2
+    assert layers.layer_key(TINY) != layers.layer_key(replace(TINY, num_experts=16))
 
 
 def test_the_speed_probe_reads_the_host_and_the_cpu_kernel(monkeypatch):
@@ -194,7 +203,7 @@ def test_the_speed_probe_reads_the_host_and_the_cpu_kernel(monkeypatch):
     engine starts another sequence when its own is used up, and close() lets them go."""
     from moeflow.perf import probe as probe_mod
 
-    monkeypatch.setattr(probe_mod, "PROBE_LEN", 96)  # room for two readings of 4 x 8 steps per sequence
+    monkeypatch.setattr(probe_mod, "PROBE_LEN", 96)  # room for one reading (8 runs of 8 steps) per sequence
     probe = SpeedProbe("cpu", pool=1 << 20)
     first = probe(TINY)
     assert set(first) == {HOST, prof.shape_key(TINY)} and all(t > 0 for t in first.values())

@@ -12,6 +12,7 @@ from moeflow.perf.costs import device_sync, paired_s
 
 PREFILL_K = 2               # experts per token of the model the host's share is measured on (tiny synthetic Mixtral)
 ALL_K = 8                   # the same model routing each token to all its experts (expert_overhead_s)
+LAYER_EXPERT_BYTES = 3 << 29  # a resident layer holds all its model's experts up to this size, else K of them
 
 
 def host_overheads(dev, steps: int, tokens: tuple[int, ...], repeats: int, many_layers: int = 36
@@ -79,9 +80,10 @@ def host_overheads(dev, steps: int, tokens: tuple[int, ...], repeats: int, many_
 
 
 def layer_key(cfg: ModelConfig, dtype_name: str = "bfloat16") -> str:
-    """What a resident decode layer's time depends on: the architecture, its attention and its experts."""
+    """What a resident decode layer's time depends on: the architecture, its attention and its experts (K routed
+    of E, their size)."""
     return (f"{cfg.model_type}:{cfg.hidden_size}h{cfg.num_attention_heads}q{cfg.num_key_value_heads}kv"
-            f"{cfg.head_dim}d:{cfg.num_experts_per_tok}x{cfg.expert_intermediate_size}:{dtype_name}")
+            f"{cfg.head_dim}d:{cfg.num_experts_per_tok}of{cfg.num_experts}x{cfg.expert_intermediate_size}:{dtype_name}")
 
 
 def time_resident_layer(cfg: ModelConfig, dev, dtype, steps: int, repeats: int, few: int = 2, many: int = 6
@@ -89,11 +91,14 @@ def time_resident_layer(cfg: ModelConfig, dev, dtype, steps: int, repeats: int, 
     """Seconds of one decode layer of cfg's shapes with its K routed experts on the GPU, as the engine runs it
     (policy gpu): the per-layer sync, planning and launches, the non-expert part's kernels, the experts' wave.
     The slope between models of `few` and `many` such layers, timed in turns (paired_s, medians of `repeats`
-    runs of `steps` steps); each layer holds K experts, so every token uses all of them. A decode layer's
-    non-expert part is a chain of small kernels that its roofline (Mixtral's: 84 MB at 4 TB/s, 21 us) does
-    not see. On the H200 host (2026-12-02 16:22) a Mixtral layer took 0.692 ms where the tiny model's host
-    share (0.389), the two experts' wave (0.245) and the roofline (0.022) make 0.656; a Qwen3 layer 0.394 ms,
-    below its pieces (0.55), so the timing model takes the figure as a floor of the non-expert part only."""
+    runs of `steps` steps). Each layer holds the model's experts where they fit in LAYER_EXPERT_BYTES (Qwen3's
+    128 of 9.4 MB), else the K a token uses (Mixtral's 2 of 352 MB, so that the span fits beside the model's
+    weights in host memory): routing among 128 cost a Qwen3 layer 0.03-0.06 ms more than among 8 on the H200
+    host (2026-12-02 17:27, scripts/resident_probe.py), where its lru decode took 0.435 ms a layer and the
+    8-expert figure was 0.354-0.374. A decode layer's non-expert part is a chain of small kernels that its
+    roofline (Mixtral's: 84 MB at 4 TB/s, 21 us) does not see. On the same host (16:22) a Mixtral layer took
+    0.692 ms where the tiny model's host share (0.389), the two experts' wave (0.245) and the roofline (0.022)
+    make 0.656, so the timing model takes the figure as a floor of the non-expert part only."""
 
     from moeflow.config import OffloadConfig
     from moeflow.engine.llm_engine import LLMEngine
@@ -102,11 +107,12 @@ def time_resident_layer(cfg: ModelConfig, dev, dtype, steps: int, repeats: int, 
 
     sync = device_sync(dev)
     K, prompt = cfg.num_experts_per_tok, list(range(3, 11))
+    E = cfg.num_experts if cfg.num_experts * cfg.expert_bytes(dtype) <= LAYER_EXPERT_BYTES else K
     decode_tokens = steps * (repeats + 1) + 2
 
     def engine(layers: int) -> LLMEngine:
         _uncap(dev)  # the engine before this one capped the allocator at its own budget
-        small = replace(cfg, num_hidden_layers=layers, num_experts=K, dense_layers=())
+        small = replace(cfg, num_hidden_layers=layers, num_experts=E, dense_layers=())
         ck = build_like(small, device=dev, dtype=dtype, expert_device="cpu")
         return LLMEngine(ck, max_seqs=1, max_len=len(prompt) + decode_tokens + 16,
                          offload=OffloadConfig(ck.dense_bytes + ck.store.data.nbytes + (2 << 30), "gpu"))

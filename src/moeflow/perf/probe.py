@@ -2,7 +2,7 @@
 
 A shared host's speed drifts: on the H200 host (2026-12-02) Qwen3's lru decode, all on the GPU, spent 8.7 to 25
 ms per token launching the same kernels within one call, and fiddler's CPU experts 35 to 62 ms; the figures a
-profile measured hold for its minute. SpeedProbe takes two short readings (about 0.1 s), once beside the
+profile measured hold for its minute. SpeedProbe takes two short readings (0.1-0.2 s), beside the
 profile's figures (the profile keeps them: `probes`) and again beside each `bench latency` row; Speed is their
 ratio, by which the timing model scales the host's share of a layer and the CPU's expert times
 (perf/model.py predict_latency), so that its accuracy is judged on the machine as it ran.
@@ -16,7 +16,8 @@ from moeflow.perf.costs import device_sync, median_s
 from moeflow.perf.layers import _steps, _uncap
 
 HOST = "host"              # the host reading's key in a probe's readings (the others: expert shape keys)
-PROBE_STEPS = 8            # decode steps per host reading (median of 3 after a warm-up)
+PROBE_STEPS = 8            # decode steps per host run; a reading is the median of HOST_RUNS after a warm-up
+HOST_RUNS = 7
 PROBE_LEN = 1024           # the probe engine's sequence; a new one starts when it is used up
 PROBE_POOL = 512 << 20     # host memory the CPU reading rotates through, beyond the caches
 CPU_REPEATS = 5
@@ -45,8 +46,8 @@ def mean_reading(*readings: dict | None) -> dict:
 
 class SpeedProbe:
     """Readings of the machine's speed (seconds): HOST, a decode step of the tiny synthetic Mixtral (4 layers,
-    every expert in a GPU slot: the engine's host path, its GPU work negligible), the median of 3 runs of
-    PROBE_STEPS; and per expert shape (profile.shape_key), one call of the engine's CPU kernel on K experts of
+    every expert in a GPU slot: the engine's host path, its GPU work negligible), the median of HOST_RUNS runs
+    of PROBE_STEPS; and per expert shape (profile.shape_key), one call of the engine's CPU kernel on K experts of
     one token each (a decode layer's CPU job), rotating through `pool` bytes of host memory, median of
     CPU_REPEATS. The tiny engine and the experts' memory are made on first use and kept until close()."""
 
@@ -65,7 +66,7 @@ class SpeedProbe:
 
     def host(self) -> float:
         eng = self._running()
-        return median_s(_steps(eng, PROBE_STEPS), self.sync, 3) / PROBE_STEPS
+        return median_s(_steps(eng, PROBE_STEPS), self.sync, HOST_RUNS) / PROBE_STEPS
 
     def cpu(self, cfg, dtype_name: str = "bfloat16") -> float:
         import torch
@@ -101,7 +102,7 @@ class SpeedProbe:
                                  expert_device="cpu")
             self._engine = LLMEngine(ck, max_seqs=1, max_len=PROBE_LEN, offload=OffloadConfig(1 << 30, "gpu"))
             _uncap(self.dev)  # the engine capped the allocator at its own budget; a bench's engines set theirs
-        if self._seq is not None and self._seq.num_tokens + 4 * PROBE_STEPS >= PROBE_LEN - 16:  # too few left
+        if self._seq is not None and self._seq.num_tokens + (HOST_RUNS + 1) * PROBE_STEPS >= PROBE_LEN - 16:
             self._engine.abort(self._seq)
             self._seq = None
         if self._seq is None:

@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import socket
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -366,10 +367,10 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0, cpu_fixed_s=min(fixed, cpu_s[0]))
 
         probe = SpeedProbe(dev, engine_cpu, min(PROBE_POOL, sizes.expert_pool_bytes))
-        before = probe.cpu(cfg, dtype_name)
+        cpu_reads = [probe.cpu(cfg, dtype_name)]  # before, after, and after the hand-over's: their median
         # in rounds, each point's median taken: one slow spell of a shared host is outvoted
         costs = median_costs([costs_once() for _ in range(max(sizes.rounds, 1))])
-        readings = {shape_key(cfg, dtype_name): (before + probe.cpu(cfg, dtype_name)) / 2}
+        cpu_reads.append(probe.cpu(cfg, dtype_name))
         slot = None
         if engine_cpu is not None:  # the engine's own hand-over (its kernel's thread, or its worker thread)
             call = engine_cpu.handoff_s()
@@ -379,6 +380,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             with ThreadPoolExecutor(1) as pool:
                 call = handoff_s(pool)
         expert = _plain(replace(costs, cpu_call_s=call))
+        readings = {shape_key(cfg, dtype_name): statistics.median(cpu_reads + [probe.cpu(cfg, dtype_name)])}
         blocks = None  # free the pool before the link measurements
         bar.update()
         if base:
@@ -418,15 +420,16 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         if cuda:
             torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
         figures["prefill_tokens"] = PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS
-        before = probe.host()
+        host_reads = [probe.host()]  # before, after, and after the resident layer's: their median
         # without a GPU the tiny model's layers are CPU compute, not the host's overhead, and no plan reads them:
         # the short span (the long one took 162 s on 2 cores)
         (figures["layer_overhead_s"], figures["expert_overhead_s"], figures["step_overhead_s"],
          figures["prefill_overhead_s"]) = host_overheads(dev, 8 if quick else 32, figures["prefill_tokens"],
                                                           3 if quick else 7, 36 if cuda and not quick else 12)
-        figures["probes"] = readings | {HOST: (before + probe.host()) / 2}
+        host_reads.append(probe.host())
         bar.update()
         figures["resident_layers"] = resident_layer()
+        figures["probes"] = readings | {HOST: statistics.median(host_reads + [probe.host()])}
     finally:
         if probe is not None:
             probe.close()
