@@ -54,7 +54,7 @@ def main() -> None:
     print(f"{a.model}: K={K} of E={E}; {a.steps} steps x {a.repeats} in turns", flush=True)
     for e, few, many, policy in variants:
         e, few, many = int(e), int(few), int(many)
-        host = probe.host()
+        host = probe()
         engines = []
         try:
             engines += [engine(cfg, few, e, policy, dev, decode + 16), engine(cfg, many, e, policy, dev, decode + 16)]
@@ -70,7 +70,7 @@ def main() -> None:
             slope = (t_many - t_few) / a.steps / (many - few) * 1e3
             print(f"E={e:4d} layers {few}->{many} {policy:4s}: {slope:.3f} ms/layer (step {t_many / a.steps * 1e3:.2f} "
                   f"ms at {many}); per layer " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()) +
-                  f"; probe host {host * 1e3:.3f} -> {probe.host() * 1e3:.3f} ms", flush=True)
+                  f"; probe host {host * 1e3:.3f} -> {probe() * 1e3:.3f} ms", flush=True)
         finally:
             _close(engines, dev)
     probe.close()

@@ -508,12 +508,11 @@ def test_bench_latency_repeats_every_row_in_turn(tmp_path, monkeypatch, capsys):
 
     import moeflow.bench.latency as bench
     from moeflow.cli import main
-    from moeflow.perf.probe import HOST
     from moeflow.perf.profile import reference_profile
 
     monkeypatch.setattr(bench, "ceilings", lambda device: {"cpu_read_bw": 1e10, "h2d_bw": 1e10, "gpu_bw": 1e10})
     prof, out = tmp_path / "profile.json", tmp_path / "r.json"
-    replace(reference_profile(), probes={HOST: 1e-9}).save(prof)  # a host far faster than this one
+    replace(reference_profile(), probe_s=1e-9).save(prof)  # a host far faster than this one
     args = ["bench", "latency", "--model", "synthetic:tiny-mixtral", "--device", "cpu", "--budgets", "0.4GiB",
             "--new-tokens", "3", "--ttft-len", "16", "--profile", str(prof), "--out", str(out)]
     assert main(args + ["--policies", "lru,nonesuch", "--repeat", "2"]) == 0
@@ -522,7 +521,7 @@ def test_bench_latency_repeats_every_row_in_turn(tmp_path, monkeypatch, capsys):
     assert all(r["predicted_decode_tps"] > 0 and r["predicted_ttft_s"] > 0 for r in rows if "error" not in r)
     # the host's speed read beside each row's prefills and decodes: predicted at it, and at the profile's
     for r in (r for r in rows if "error" not in r):
-        assert all(r["probes"][k][HOST] > 0 and r["speed"][k][0] > 1 for k in ("ttft", "decode"))
+        assert all(r["probes"][k] > 0 and r["host_speed"][k] > 1 for k in ("ttft", "decode"))
         assert r["predicted_decode_tps"] < r["predicted_decode_tps_at_profile_speed"]
         assert r["predicted_ttft_s"] > r["predicted_ttft_s_at_profile_speed"]
     capsys.readouterr()

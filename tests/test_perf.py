@@ -334,42 +334,26 @@ def test_a_measured_resident_layer_sets_the_decode_layers_non_expert_part():
     assert measured.resident_layer(QWEN) == 0.0  # another model's shapes: not measured
 
 
-def test_the_hosts_speed_scales_its_share_and_the_cpus_expert_times():
-    """speed (perf/probe.py): the host running twice as slow as at the profile adds each decode layer's host
+def test_the_hosts_speed_scales_its_share_of_each_layer_and_step():
+    """host_speed (perf/probe.py): the host running twice as slow as at the profile adds each decode layer's host
     share and the step's own once more (the resident layer's non-expert part stays what it was at the profile's
-    speed), and slows prefills; a CPU twice as slow slows what runs on the CPU and nothing else (fiddler copies
-    a 512-token prompt's experts)."""
+    speed), and slows prefills; the CPU's expert times stay the profile's."""
     from moeflow.perf.layers import layer_key
-    from moeflow.perf.probe import Speed
+    from moeflow.perf.probe import host_speed
 
     p = replace(reference_profile(), layer_overhead_s=0.2 * MS, step_overhead_s=0.5 * MS,
                 resident_layers={layer_key(MIXTRAL): 3 * MS})
     costs = p.expert_costs(MIXTRAL)
 
-    def at(policy, budget, speed=None, **kw):
-        return predict_latency(MIXTRAL, p, budget, policy, 1.0 if policy == "gpu" else 0.5, costs=costs,
-                               **({"speed": speed} if speed else {}), **kw)
-    base, same, slow_host = (at("gpu", 100 * GiB, s) for s in (None, Speed(), Speed(host=2.0)))
+    def at(policy, budget, **kw):
+        return predict_latency(MIXTRAL, p, budget, policy, 1.0 if policy == "gpu" else 0.5, costs=costs, **kw)
+    base, same, slow = at("gpu", 100 * GiB), at("gpu", 100 * GiB, host_speed=1.0), at("gpu", 100 * GiB, host_speed=2.0)
     assert (same.decode_tps, same.ttft_s) == (base.decode_tps, base.ttft_s)
-    assert 1 / slow_host.decode_tps - 1 / base.decode_tps == \
-        pytest.approx(len(MIXTRAL.moe_layers) * 0.2 * MS + 0.5 * MS)
-    assert slow_host.ttft_s > base.ttft_s
-    assert at("gpu", 100 * GiB, Speed(cpu=2.0)).decode_tps == base.decode_tps  # no CPU work
-    fast, slow = at("cpu", 24 * GiB), at("cpu", 24 * GiB, Speed(cpu=2.0))
-    assert slow.decode_tps < fast.decode_tps and slow.ttft_s > fast.ttft_s
-    fast, slow = at("fiddler", 24 * GiB), at("fiddler", 24 * GiB, Speed(cpu=2.0))
-    assert slow.decode_tps < fast.decode_tps and slow.ttft_s == fast.ttft_s  # a prompt's misses all copied
-
-
-def test_speed_is_the_ratio_of_readings_now_to_the_profiles():
-    from moeflow.perf.probe import HOST, Speed, mean_reading
-
-    ref = {HOST: 2 * MS, "4096x14336:bfloat16": 10 * MS}
-    assert Speed.of({HOST: 3 * MS, "4096x14336:bfloat16": 5 * MS}, ref, "4096x14336:bfloat16") == Speed(1.5, 0.5)
-    assert Speed.of({HOST: 3 * MS}, ref, "2048x768:bfloat16") == Speed(1.5, 1.0)  # no reading of that shape
-    assert Speed.of(None, ref, "x") == Speed.of({HOST: 1.0}, {}, "x") == Speed()
-    assert mean_reading({HOST: 1.0, "a": 2.0}, {HOST: 3.0}, None) == {HOST: 2.0, "a": 2.0}
-    assert mean_reading(None, None) == {}
+    assert 1 / slow.decode_tps - 1 / base.decode_tps == pytest.approx(len(MIXTRAL.moe_layers) * 0.2 * MS + 0.5 * MS)
+    assert slow.ttft_s > base.ttft_s
+    fast, slow = at("cpu", 24 * GiB), at("cpu", 24 * GiB, host_speed=2.0)
+    assert 1 / slow.decode_tps - 1 / fast.decode_tps == pytest.approx(len(MIXTRAL.moe_layers) * 0.2 * MS + 0.5 * MS)
+    assert host_speed(3 * MS, 2 * MS) == 1.5 and host_speed(None, 2 * MS) == host_speed(1.0, 0.0) == 1.0
 
 
 # -- monotonicity -------------------------------------------------------------------------------------------
@@ -572,19 +556,17 @@ def test_a_row_is_predicted_from_what_it_measured():
 
 
 def test_a_row_is_predicted_at_the_speed_its_probes_found():
-    """predict_row: a row whose probe readings beside its decode took twice the profile's host time is predicted
-    with the host's share doubled; its prefills' readings, as the profile's, leave the TTFT as at the profile's
-    speed, which the row also carries; a profile without readings predicts at its own speed."""
+    """predict_row: a row whose probe reading beside its decode took twice the profile's is predicted with the
+    host's share doubled; its prefills' reading, as the profile's, leaves the TTFT as at the profile's speed,
+    which the row also carries; a profile without a reading predicts at its own speed."""
     from moeflow.bench.accuracy import predict_row
-    from moeflow.perf.probe import HOST
-    from moeflow.perf.profile import shape_key
 
-    hw = replace(reference_profile(), probes={HOST: 1 * MS, shape_key(MIXTRAL): 10 * MS})
+    hw = replace(reference_profile(), probe_s=1 * MS)
     costs = hw.expert_costs(MIXTRAL)
-    probes = {"decode": {HOST: 2 * MS, shape_key(MIXTRAL): 10 * MS}, "ttft": {HOST: 1 * MS}}
+    probes = {"decode": 2 * MS, "ttft": 1 * MS}
     plain = predict_row(_row("lru", costs), MIXTRAL, hw, "m", 64)
     probed = predict_row(_row("lru", costs, probes=probes), MIXTRAL, hw, "m", 64)
-    assert plain["speed"] == {"decode": [1.0, 1.0], "ttft": [1.0, 1.0]} and probed["speed"]["decode"] == [2.0, 1.0]
+    assert plain["host_speed"] == {"decode": 1.0, "ttft": 1.0} and probed["host_speed"]["decode"] == 2.0
     assert plain["predicted_decode_tps"] == plain["predicted_decode_tps_at_profile_speed"] == \
         probed["predicted_decode_tps_at_profile_speed"] > probed["predicted_decode_tps"]
     assert probed["predicted_ttft_s"] == probed["predicted_ttft_s_at_profile_speed"] == plain["predicted_ttft_s"]

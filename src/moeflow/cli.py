@@ -234,7 +234,7 @@ def cmd_bench_latency(args) -> int:
         from moeflow.perf.probe import SpeedProbe
 
         probe = SpeedProbe(device)
-        probe(ck.cfg, dtype)  # its engine and memory made before the rows
+        probe()  # its engine made before the rows
     print_rows([], header=True)
     # --repeat: every row again, in the same order, so that a slow spell of a shared host falls on one
     # repetition of each configuration rather than on all of one (model-accuracy takes the medians)
@@ -246,7 +246,7 @@ def cmd_bench_latency(args) -> int:
                                        trace)
                     try:
                         r = run_policy(ck, oc, prompts, ttft_prompt, args.new_tokens, ceil, costs,
-                                       probe and (lambda: probe(ck.cfg, dtype)))
+                                       probe)
                         if profile is not None:
                             r |= predict_row(r, ck.cfg, profile, ck.name, args.new_tokens, dtype_name=dtype)
                     except Exception as e:  # a failed row is recorded; the others still run (device time is scarce)

@@ -5,7 +5,7 @@ without, or every row with --repredict, are predicted here from the run's own bu
 rate and measured expert costs, with the run's hardware profile (stored in the results since 2026-12-02) or
 the given one. The rows of one configuration (`bench latency --repeat`) are compared by their medians: on a
 shared host the same configuration ran up to 2x apart within minutes. The predictions take the host's speed
-that probes found beside each row's decode and prefills against the profile's (perf/probe.py); the same
+that a probe found beside each row's decode and prefills against the profile's (perf/probe.py); the same
 predictions at the profile's own speed are reported beside them. Target: predictions within 20% of
 measurements.
 """
@@ -61,31 +61,33 @@ def accuracy_rows(results: dict, profile, cfg, repredict: bool = False) -> list[
 def predict_row(r: dict, cfg, profile, name: str, new_tokens: int, dtype_name: str = "bfloat16") -> dict:
     """The timing model's figures for one `bench latency` row, from what the row measured (budget, policy,
     decode hit rate, expert costs, the prompt's hits, experts per layer and shape) and the profile: at the
-    host's speed the row's probe readings found beside its decode and beside its prefills against the profile's
-    (perf/probe.py; 1 without readings), and, `*_at_profile_speed`, at the profile's own."""
+    host's speed that the row's probe readings beside its decode and beside its prefills found against the
+    profile's (perf/probe.py; 1 without readings), and, `*_at_profile_speed`, at the profile's own."""
     from moeflow.perf.model import predict_latency
-    from moeflow.perf.probe import Speed
-    from moeflow.perf.profile import shape_key
+    from moeflow.perf.probe import host_speed
 
     costs = ExpertCosts.from_dict(r["costs"]) if r.get("costs") else None
     pf = r.get("prefill") or {}
     budget = r.get("budget", {}).get("gpu_memory") or int(r["gpu_memory_gib"] * 2**30)
 
-    def predict(speed: Speed):
+    def predict(speed: float):
         return predict_latency(cfg, profile, budget, r["policy"], r["hit_rate"], r.get("ttft_prompt_tokens", 512),
                                new_tokens, name, dtype_name, costs, pf.get("hit_rate"), _used(r, cfg),
                                pf.get("tokens_per_expert") or None, speed)
-    probes, key = r.get("probes") or {}, shape_key(cfg, dtype_name)
-    speed = {k: Speed.of(probes.get(k), profile.probes, key) for k in ("decode", "ttft")}
-    then = predict(Speed())
+    speed = {k: host_speed(_reading((r.get("probes") or {}).get(k)), profile.probe_s) for k in ("decode", "ttft")}
+    then = predict(1.0)
     if then.error:
         return {"predicted_error": then.error}
-    d, t = (predict(speed[k]) if speed[k] != Speed() else then for k in ("decode", "ttft"))
+    d, t = (predict(speed[k]) if speed[k] != 1.0 else then for k in ("decode", "ttft"))
     return {"predicted_decode_tps": d.decode_tps, "predicted_ttft_s": t.ttft_s, "predicted_binding": d.binding,
             "predicted_bound_tps": d.bound_tps, "profile_source": profile.source,
             "predicted_decode_tps_at_profile_speed": then.decode_tps,
-            "predicted_ttft_s_at_profile_speed": then.ttft_s,
-            "speed": {k: [round(s.host, 3), round(s.cpu, 3)] for k, s in speed.items()}}
+            "predicted_ttft_s_at_profile_speed": then.ttft_s, "host_speed": {k: round(v, 3) for k, v in speed.items()}}
+
+
+def _reading(v) -> float | None:
+    """A probe reading: seconds (results of 2026-12-02 17:15-17:40 held a dict with the host's under "host")."""
+    return v.get("host") if isinstance(v, dict) else v
 
 
 def _used(r: dict, cfg) -> float | None:

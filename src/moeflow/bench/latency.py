@@ -23,7 +23,6 @@ from moeflow.config import OffloadConfig
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
 from moeflow.experts.local import LocalExperts
-from moeflow.perf.probe import mean_reading
 
 
 def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -70,11 +69,11 @@ def _add(a: dict, b: dict) -> dict:
 
 
 def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft_prompt: list[int],
-               new_tokens: int, ceil: dict, costs=None, probe: Callable[[], dict] | None = None) -> dict:
+               new_tokens: int, ceil: dict, costs=None, probe: Callable[[], float] | None = None) -> dict:
     """One engine under this offload config: TTFT of ttft_prompt, then each prompt decoded for new_tokens in
     turn. decode_tps is the median of those runs; the other figures count all of them together. probe(): the
-    machine's speed readings (perf/probe.py), taken before the prefills, between them and the decodes, and
-    after: `probes` holds each span's mean of its two ends."""
+    host's speed (perf/probe.py), read before the prefills, between them and the decodes, and after: `probes`
+    holds each span's mean of its two ends."""
     dev = next(ck.model.parameters()).device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -143,7 +142,7 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
             "ms_per_token": {"step": dt / n * 1e3, "outside_experts": (dt - d["backend_s"]) / n * 1e3,
                              **{k[:-2]: d[k] / n * 1e3 for k in TIMERS}},
             "allocator_during_decode": allocs, "prefill": prefill,
-            "probes": {"ttft": mean_reading(*read[:2]), "decode": mean_reading(*read[1:])} if probe else None,
+            "probes": {"ttft": (read[0] + read[1]) / 2, "decode": (read[1] + read[2]) / 2} if probe else None,
             "budget": engine.budget, "costs": backend.costs.as_dict() if backend.costs else None,
             # the engine's corrections of those costs at the end (CPU per regime, copies), for reading the model
             "corrections": {"cpu": list(getattr(backend, "cpu_scales", [])),
@@ -219,9 +218,9 @@ def print_rows(rows: list[dict], header: bool = False) -> None:
         if r.get("shared_bound_tps"):
             print(f"    bound with the host memory shared by CPU and copies: {r['shared_bound_tps']:.2f} tok/s "
                   f"({r['fraction_of_shared_bound']:.2f} of it)", flush=True)
-        if r.get("speed"):
-            print("    host speed against the profile's (time now / then): " + "; ".join(
-                f"{k} host x{h:.2f}, CPU x{c:.2f}" for k, (h, c) in r["speed"].items()) +
+        if r.get("host_speed"):
+            print("    host's time against the profile's: " + ", ".join(
+                f"{k} x{v:.2f}" for k, v in r["host_speed"].items()) +
                 f"; predicted at the profile's speed: {r['predicted_decode_tps_at_profile_speed']:.2f} tok/s, "
                 f"TTFT {r['predicted_ttft_s_at_profile_speed']:.2f} s", flush=True)
         if r.get("ms_per_token"):

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import Budget, pass_entries_per_token, share_budget
 from moeflow.perf.costs import ExpertCosts
-from moeflow.perf.probe import Speed
 from moeflow.perf.profile import PREFILL_K, HardwareProfile
 from moeflow.policy import get_policy
 from moeflow.policy.placement import even_resident
@@ -184,7 +183,7 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
                     hit_rate_or_placement=None, prompt_len: int = 512, gen_len: int = 128, name: str = "model",
                     dtype_name: str = "bfloat16", costs: ExpertCosts | None = None,
                     prefill_hit: float | None = None, prefill_used: float | None = None,
-                    prefill_shape: list[float] | None = None, speed: Speed = Speed()) -> LatencyPrediction:
+                    prefill_shape: list[float] | None = None, host_speed: float = 1.0) -> LatencyPrediction:
     """Decode tok/s and TTFT of one request under `policy` with a GPU budget of `budget` bytes.
 
     hit_rate_or_placement: None (derived from the slots, uniform routing), a float (the share of decode
@@ -193,8 +192,8 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
     used, as measured (default: derived from the slots; every expert): a router that sends a prompt to few
     experts, which the slots hold, leaves fewer to move. prefill_shape: the prompt's tokens per expert in a
     layer, from the most used down (PromptShape, as measured): a skewed prompt leaves some experts few tokens.
-    speed: the host's speed against the profile's (perf/probe.py): the host's share of a layer and of a step,
-    and the CPU's expert times, take that many times the profile's."""
+    host_speed: the host's time now over its time at the profile (perf/probe.py): the host's share of a layer
+    and of a step take that many times the profile's."""
     from moeflow import MoeflowError
 
     b = 2 if dtype_name in ("bfloat16", "float16") else 4
@@ -212,7 +211,6 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
     # the host's share and the experts' wave do not take of it (at least its roofline); at the profile's speed
     resident_dense = profile.resident_layer(cfg, dtype_name) - profile.decode_layer_s(K) - \
         costs.gpu_wave([(1, 1.0)] * K)
-    costs = costs.scaled(speed.cpu)
     per_token = pass_entries_per_token(cfg, b)
     split = bud.split
     counts = hit_rate_or_placement if isinstance(hit_rate_or_placement, (list, tuple)) or \
@@ -226,8 +224,8 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
     lat = profile.h2d_latency_s
 
     max_copies = max(int(split.cache // L if split.per_layer else split.cache), 1 if split.cache else 0)
-    host, decode_host = (t * speed.host for t in (prefill_host_s(profile, prompt_len, K), profile.decode_layer_s(K)))
-    layer_host, step_host = profile.layer_overhead_s * speed.host, profile.step_overhead_s * speed.host
+    host, decode_host = (t * host_speed for t in (prefill_host_s(profile, prompt_len, K), profile.decode_layer_s(K)))
+    layer_host, step_host = profile.layer_overhead_s * host_speed, profile.step_overhead_s * host_speed
     if prefill_shape:
         # the shape's ranks averaged over layers have a tail of fractions (an expert ranked 40th in some layers
         # only): the measured experts per layer take the tokens, else rounding would count that tail as experts

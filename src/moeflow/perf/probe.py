@@ -1,91 +1,45 @@
 """How fast the host runs now, against the minute its profile was measured in.
 
 A shared host's speed drifts: on the H200 host (2026-12-02) Qwen3's lru decode, all on the GPU, spent 8.7 to 25
-ms per token launching the same kernels within one call, and fiddler's CPU experts 35 to 62 ms; the figures a
-profile measured hold for its minute. SpeedProbe takes two short readings (0.1-0.2 s), beside the
-profile's figures (the profile keeps them: `probes`) and again beside each `bench latency` row; Speed is their
-ratio, by which the timing model scales the host's share of a layer and the CPU's expert times
-(perf/model.py predict_latency), so that its accuracy is judged on the machine as it ran.
+ms per token launching the same kernels within one call; the host figures a profile measured hold for its
+minute. SpeedProbe reads the host's speed in about 0.1 s: once beside the profile's host figures (the profile
+keeps the reading: probe_s) and again beside each `bench latency` row. Their ratio, host_speed, scales the
+host's share of a layer and of a step in the timing model (perf/model.py predict_latency).
+
+The same reading of the CPU expert kernel (one call of K experts) was tried and dropped: over three runs on
+that host (17:15-17:40) it moved 0.8-1.9x while fiddler's CPU-bound decode stayed within 2%, and taking it
+put fiddler's predictions 10% lower than without it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from moeflow.perf.costs import device_sync, median_s
 from moeflow.perf.layers import _steps, _uncap
 
-HOST = "host"              # the host reading's key in a probe's readings (the others: expert shape keys)
-PROBE_STEPS = 8            # decode steps per host run; a reading is the median of HOST_RUNS after a warm-up
+PROBE_STEPS = 8            # decode steps per run; a reading is the median of HOST_RUNS runs after a warm-up
 HOST_RUNS = 7
-PROBE_LEN = 1024           # the probe engine's sequence; a new one starts when it is used up
-PROBE_POOL = 512 << 20     # host memory the CPU reading rotates through, beyond the caches
-CPU_REPEATS = 5
+PROBE_LEN = 1024           # the probe engine's sequence; a new one starts when too little of it is left
 
 
-@dataclass(frozen=True)
-class Speed:
-    """Time now over time at the profile (1: as fast as then; 2: half as fast)."""
-    host: float = 1.0   # the host's share of a layer: Python, the dispatcher, launches, the per-layer sync
-    cpu: float = 1.0    # the CPU expert kernel
-
-    @classmethod
-    def of(cls, now: dict | None, ref: dict | None, shape: str) -> Speed:
-        """Readings now against the profile's, each of the readings (1 where either lacks one)."""
-        def ratio(k: str) -> float:
-            a, b = (now or {}).get(k), (ref or {}).get(k)
-            return a / b if a and b else 1.0
-        return cls(ratio(HOST), ratio(shape))
-
-
-def mean_reading(*readings: dict | None) -> dict:
-    """Key by key, the mean of the readings that hold it (a span's speed from its readings at each end)."""
-    keys = {k for r in readings if r for k in r}
-    return {k: sum(v) / len(v) for k in keys if (v := [r[k] for r in readings if r and r.get(k)])}
+def host_speed(now: float | None, then: float | None) -> float:
+    """Time now over time at the profile (1: as fast as then, 2: half as fast; 1 where either is missing)."""
+    return now / then if now and then else 1.0
 
 
 class SpeedProbe:
-    """Readings of the machine's speed (seconds): HOST, a decode step of the tiny synthetic Mixtral (4 layers,
-    every expert in a GPU slot: the engine's host path, its GPU work negligible), the median of HOST_RUNS runs
-    of PROBE_STEPS; and per expert shape (profile.shape_key), one call of the engine's CPU kernel on K experts of
-    one token each (a decode layer's CPU job), rotating through `pool` bytes of host memory, median of
-    CPU_REPEATS. The tiny engine and the experts' memory are made on first use and kept until close()."""
+    """The host's speed as seconds of a decode step of the tiny synthetic Mixtral (4 layers, every expert in a
+    GPU slot: the engine's host path, sync, planning and launches, with negligible GPU work): the median of
+    HOST_RUNS runs of PROBE_STEPS steps. Its engine is made on first use and kept until close()."""
 
-    def __init__(self, device, cpu=None, pool: int = PROBE_POOL):
+    def __init__(self, device):
         import torch
 
-        self.dev, self.pool = torch.device(device), pool
+        self.dev = torch.device(device)
         self.sync = device_sync(self.dev)
-        self._cpu, self._engine, self._seq, self._jobs = cpu, None, None, {}
+        self._engine, self._seq = None, None
 
-    def __call__(self, cfg, dtype_name: str = "bfloat16") -> dict:
-        """Both readings, the CPU's for cfg's expert shape."""
-        from moeflow.perf.profile import shape_key
-
-        return {HOST: self.host(), shape_key(cfg, dtype_name): self.cpu(cfg, dtype_name)}
-
-    def host(self) -> float:
-        eng = self._running()
-        return median_s(_steps(eng, PROBE_STEPS), self.sync, HOST_RUNS) / PROBE_STEPS
-
-    def cpu(self, cfg, dtype_name: str = "bfloat16") -> float:
-        import torch
-
-        from moeflow.config import parse_dtype
-        from moeflow.perf.profile import engine_cpu_experts, shape_key
-        from moeflow.synthetic import RandomFiller
-
-        key = shape_key(cfg, dtype_name)
-        if key not in self._jobs:
-            if self._cpu is None:
-                self._cpu = engine_cpu_experts()
-            dtype, K = parse_dtype(dtype_name), cfg.num_experts_per_tok
-            n = max(self.pool // cfg.expert_bytes(dtype) // K, 1) * K  # whole calls of K experts
-            blocks = torch.empty(n, cfg.expert_numel, dtype=dtype, pin_memory=self.dev.type == "cuda")  # [n, 3IH]
-            RandomFiller(torch.device("cpu"), dtype, numel=blocks.numel()).fill(blocks)
-            self._jobs[key] = (self._cpu.many(K, blocks), torch.randn(1, cfg.hidden_size, dtype=dtype))
-        fn, x = self._jobs[key]
-        return median_s(lambda: fn(x), lambda: None, CPU_REPEATS)
+    def __call__(self) -> float:
+        return median_s(_steps(self._running(), PROBE_STEPS), self.sync, HOST_RUNS) / PROBE_STEPS
 
     def _running(self):
         """The tiny engine with a sequence left to decode (its prefill not timed)."""
@@ -115,4 +69,3 @@ class SpeedProbe:
         if self._engine is not None:
             self._engine.model.experts.close()
             self._engine = self._seq = None
-        self._jobs.clear()

@@ -29,10 +29,10 @@ from moeflow.config import ModelConfig
 from moeflow.perf.costs import (TOKEN_POINTS, ExpertCosts, device_sync, handoff_s, measure_costs, median_costs,
                                 median_s, monotone, one_and_fixed)
 from moeflow.perf.layers import PREFILL_K, host_overheads, layer_key, time_resident_layer
-from moeflow.perf.probe import HOST, PROBE_POOL, SpeedProbe
+from moeflow.perf.probe import SpeedProbe
 
 PROFILE_VERSION = 4  # 2: copies and CPU timed beside each other throughout; expert_overhead_s; 3: resident_layers;
-                     # 4: probes
+                     # 4: probe_s, the resident layer with all experts that fit
 READABLE_VERSIONS = (1, 2, 3, 4)  # older ones lack later figures (0: not measured), and a cached one is re-measured
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
 CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert call (scaling between shapes)
@@ -96,8 +96,7 @@ class HardwareProfile:
     experts: dict = field(default_factory=dict)  # shape_key -> ExpertCosts.as_dict() (gpu_s = cpu_s without GPU)
     resident_layers: dict = field(default_factory=dict)  # layer_key -> seconds of a decode layer of that shape
                                                          # with its experts on the GPU (layers.time_resident_layer)
-    probes: dict = field(default_factory=dict)  # SpeedProbe readings (perf/probe.py) beside the figures they scale:
-                                                # "host" beside the layer overheads, a shape's beside its expert
+    probe_s: float = 0.0         # SpeedProbe's reading (perf/probe.py) beside the host figures; 0: not taken
     source: str = ""             # "measured <date>" or where the figures come from
     version: int = PROFILE_VERSION
 
@@ -130,6 +129,8 @@ class HardwareProfile:
             raise MoeflowError(f"hardware profile version {d.get('version')!r}; this moeflow reads versions "
                                f"{READABLE_VERSIONS} (run `moeflow profile --refresh`)")
         known = {f.name for f in fields(cls)}
+        if "probe_s" not in d and isinstance(d.get("probes"), dict):  # written 2026-12-02 17:15-17:40
+            d = d | {"probe_s": d["probes"].get("host", 0.0)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
     @classmethod
@@ -310,7 +311,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
     bar = tqdm(total=len(steps), desc="profiling", unit="step", disable=not progress)
     t_start = time.perf_counter()  # the issue's budget for a profile: under a minute on the GPU host
     figures: dict = {}
-    probe = None  # the speed readings beside the figures they scale (perf/probe.py)
+    probe = SpeedProbe(dev) if not base else None  # the host's speed beside its figures (perf/probe.py)
     threads = torch.get_num_threads()
     if cuda:  # measured as the engine runs: one core left to the thread that drives the GPU
         torch.set_num_threads(max(CPU_THREADS - 1, 1))
@@ -366,11 +367,8 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             cpu_s = monotone(cpu_s)  # as measure_costs: noise only adds time; the fixed part within one call
             return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0, cpu_fixed_s=min(fixed, cpu_s[0]))
 
-        probe = SpeedProbe(dev, engine_cpu, min(PROBE_POOL, sizes.expert_pool_bytes))
-        cpu_reads = [probe.cpu(cfg, dtype_name)]  # before, after, and after the hand-over's: their median
         # in rounds, each point's median taken: one slow spell of a shared host is outvoted
         costs = median_costs([costs_once() for _ in range(max(sizes.rounds, 1))])
-        cpu_reads.append(probe.cpu(cfg, dtype_name))
         slot = None
         if engine_cpu is not None:  # the engine's own hand-over (its kernel's thread, or its worker thread)
             call = engine_cpu.handoff_s()
@@ -380,14 +378,13 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
             with ThreadPoolExecutor(1) as pool:
                 call = handoff_s(pool)
         expert = _plain(replace(costs, cpu_call_s=call))
-        readings = {shape_key(cfg, dtype_name): statistics.median(cpu_reads + [probe.cpu(cfg, dtype_name)])}
         blocks = None  # free the pool before the link measurements
         bar.update()
         if base:
             layer = resident_layer()
             bar.close()
             return replace(base, experts=base.experts | {shape_key(cfg, dtype_name): expert},
-                           resident_layers=base.resident_layers | layer, probes=base.probes | readings,
+                           resident_layers=base.resident_layers | layer,
                            source=f"{base.source}; {shape_key(cfg, dtype_name)} added in "
                                   f"{time.perf_counter() - t_start:.0f} s")
 
@@ -420,16 +417,16 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         if cuda:
             torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
         figures["prefill_tokens"] = PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS
-        host_reads = [probe.host()]  # before, after, and after the resident layer's: their median
+        host_reads = [probe()]  # before, after, and after the resident layer's: their median
         # without a GPU the tiny model's layers are CPU compute, not the host's overhead, and no plan reads them:
         # the short span (the long one took 162 s on 2 cores)
         (figures["layer_overhead_s"], figures["expert_overhead_s"], figures["step_overhead_s"],
          figures["prefill_overhead_s"]) = host_overheads(dev, 8 if quick else 32, figures["prefill_tokens"],
                                                           3 if quick else 7, 36 if cuda and not quick else 12)
-        host_reads.append(probe.host())
+        host_reads.append(probe())
         bar.update()
         figures["resident_layers"] = resident_layer()
-        figures["probes"] = readings | {HOST: statistics.median(host_reads + [probe.host()])}
+        figures["probe_s"] = statistics.median(host_reads + [probe()])
     finally:
         if probe is not None:
             probe.close()
