@@ -230,7 +230,7 @@ def cmd_bench_latency(args) -> int:
         meta["profile"] = asdict(profile)
     dtype = str(ck.store.data.dtype).removeprefix("torch.")
     rows, costs, probe = [], None, None
-    if profile is not None:  # the host's speed beside each row, against the profile's readings
+    if profile is not None:  # the host's speed beside each row, against the profile's reading
         from moeflow.perf.probe import SpeedProbe
 
         probe = SpeedProbe(device)
@@ -245,8 +245,7 @@ def cmd_bench_latency(args) -> int:
                     oc = OffloadConfig(budget, policy, args.placement if trace is None else args.trace_placement,
                                        trace)
                     try:
-                        r = run_policy(ck, oc, prompts, ttft_prompt, args.new_tokens, ceil, costs,
-                                       probe)
+                        r = run_policy(ck, oc, prompts, ttft_prompt, args.new_tokens, ceil, costs, probe)
                         if profile is not None:
                             r |= predict_row(r, ck.cfg, profile, ck.name, args.new_tokens, dtype_name=dtype)
                     except Exception as e:  # a failed row is recorded; the others still run (device time is scarce)
