@@ -12,28 +12,16 @@ resident Qwen3 layer took 0.354 at the same probe reading. Usage:
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 import torch
 
 from moeflow.checkpoint import read_model_config
-from moeflow.config import OffloadConfig
-from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
 from moeflow.perf.costs import device_sync, paired_s
-from moeflow.perf.layers import _close, _steps, _uncap
+from moeflow.perf.layers import _close, _steps, resident_engine
 from moeflow.perf.probe import SpeedProbe
-from moeflow.synthetic import build_like
 
 TIMERS = ("sync_s", "plan_s", "launch_s", "backend_s")
-
-
-def engine(cfg, layers: int, experts: int, policy: str, dev, max_len: int) -> LLMEngine:
-    _uncap(dev)
-    small = replace(cfg, num_hidden_layers=layers, num_experts=experts, dense_layers=())
-    ck = build_like(small, device=dev, dtype=torch.bfloat16, expert_device="cpu")
-    return LLMEngine(ck, max_seqs=1, max_len=max_len,
-                     offload=OffloadConfig(ck.dense_bytes + ck.store.data.nbytes + (2 << 30), policy))
 
 
 def main() -> None:
@@ -57,7 +45,7 @@ def main() -> None:
         host = probe()
         engines = []
         try:
-            engines += [engine(cfg, few, e, policy, dev, decode + 16), engine(cfg, many, e, policy, dev, decode + 16)]
+            engines += [resident_engine(cfg, dev, torch.bfloat16, n, e, decode + 16, policy) for n in (few, many)]
             for eng in engines:
                 eng.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=decode, ignore_eos=True))
                 eng.step()

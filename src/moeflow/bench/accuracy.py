@@ -20,8 +20,8 @@ from moeflow import MoeflowError
 from moeflow.perf.costs import ExpertCosts
 
 TARGET = 0.20
-PREDICTED = ("predicted_decode_tps", "predicted_ttft_s", "predicted_binding", "predicted_decode_tps_at_profile_speed",
-             "predicted_ttft_s_at_profile_speed")
+FIGURES = ("predicted_decode_tps", "predicted_ttft_s", "predicted_decode_tps_at_profile_speed",
+           "predicted_ttft_s_at_profile_speed")  # a row's predictions compared by their medians
 
 
 def accuracy_rows(results: dict, profile, cfg, repredict: bool = False) -> list[dict]:
@@ -33,7 +33,7 @@ def accuracy_rows(results: dict, profile, cfg, repredict: bool = False) -> list[
     for r in results.get("rows", []):
         if "error" in r or r.get("decode_tps") is None or "hit_rate" not in r:
             continue
-        pred = {k: r.get(k) for k in PREDICTED}
+        pred = {k: r.get(k) for k in FIGURES + ("predicted_binding",)}
         if pred["predicted_decode_tps"] is None or repredict:
             pred = predict_row(r, cfg, profile, results.get("model", "model"), results.get("new_tokens", 128))
             if "predicted_error" in pred:
@@ -48,7 +48,7 @@ def accuracy_rows(results: dict, profile, cfg, repredict: bool = False) -> list[
         row = {"policy": policy, "gpu_memory_gib": gib, "routing": routing, "runs": len(rs),
                "decode_range": [min(x["decode_tps"] for x in rs), max(x["decode_tps"] for x in rs)],
                "predicted_binding": statistics.mode(x.get("predicted_binding") for x in rs)} | \
-            {k: med(k) for k in ("hit_rate", "decode_tps", "ttft_s") + PREDICTED[:2] + PREDICTED[3:]}
+            {k: med(k) for k in ("hit_rate", "decode_tps", "ttft_s") + FIGURES}
         for m, p, err in (("decode_tps", "predicted_decode_tps", "decode_error"),
                           ("ttft_s", "predicted_ttft_s", "ttft_error")):
             for at in ("", "_at_profile_speed"):

@@ -33,23 +33,15 @@ def host_overheads(dev, steps: int, tokens: tuple[int, ...], repeats: int, many_
     the engine ran slowest. A difference of two timings is still noisy both ways: the prefill points are fitted
     non-decreasing in tokens. Returns (decode layer, per added expert, decode step, prefill layer per token
     count)."""
-    import torch
-
-    from moeflow.config import OffloadConfig
     from moeflow.engine.llm_engine import LLMEngine
     from moeflow.engine.sequence import SamplingParams
-    from moeflow.synthetic import build_synthetic
 
-    cuda = dev.type == "cuda"
     sync = device_sync(dev)
     decode_tokens = 2 * steps * (repeats + 1) + 2  # the many-layer model decodes in two pairings
+    max_len = max(tokens) + decode_tokens + 16
 
     def engine(layers: int, top_k: int = PREFILL_K) -> LLMEngine:
-        ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if cuda else None,
-                             expert_device="cpu", overrides={"num_hidden_layers": layers,
-                                                             "num_experts_per_tok": top_k})
-        return LLMEngine(ck, max_seqs=1, max_len=max(tokens) + decode_tokens + 16,
-                         offload=OffloadConfig(8 << 30, "gpu"))
+        return tiny_engine(dev, layers, max_len, top_k)
 
     def prompt(eng: LLMEngine, n: int) -> Callable[[], None]:
         return lambda: list(eng.stream([3 + i % 64 for i in range(n)],
@@ -79,6 +71,34 @@ def host_overheads(dev, steps: int, tokens: tuple[int, ...], repeats: int, many_
         _close(engines, dev)
 
 
+def tiny_engine(dev, layers: int, max_len: int, top_k: int = PREFILL_K):
+    """The tiny synthetic Mixtral of `layers` layers routing each token to top_k experts, every expert in a GPU
+    slot (policy gpu): the engine's host path, with negligible GPU work. It caps the allocator at its budget."""
+    import torch
+
+    from moeflow.config import OffloadConfig
+    from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.synthetic import build_synthetic
+
+    ck = build_synthetic("tiny-mixtral", device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None,
+                         expert_device="cpu", overrides={"num_hidden_layers": layers, "num_experts_per_tok": top_k})
+    return LLMEngine(ck, max_seqs=1, max_len=max_len, offload=OffloadConfig(8 << 30, "gpu"))
+
+
+def resident_engine(cfg: ModelConfig, dev, dtype, layers: int, experts: int, max_len: int, policy: str = "gpu"):
+    """cfg's shapes at `layers` layers of `experts` experts each (no dense layers), random weights, every expert
+    in a GPU slot, under `policy`; the allocator's cap that the engine before set is lifted first."""
+    from moeflow.config import OffloadConfig
+    from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.synthetic import build_like
+
+    _uncap(dev)
+    ck = build_like(replace(cfg, num_hidden_layers=layers, num_experts=experts, dense_layers=()), device=dev,
+                    dtype=dtype, expert_device="cpu")
+    return LLMEngine(ck, max_seqs=1, max_len=max_len,
+                     offload=OffloadConfig(ck.dense_bytes + ck.store.data.nbytes + (2 << 30), policy))
+
+
 def layer_key(cfg: ModelConfig, dtype_name: str = "bfloat16") -> str:
     """What a resident decode layer's time depends on: the architecture, its attention and its experts (K routed
     of E, their size)."""
@@ -100,26 +120,17 @@ def time_resident_layer(cfg: ModelConfig, dev, dtype, steps: int, repeats: int, 
     0.692 ms where the tiny model's host share (0.389), the two experts' wave (0.245) and the roofline (0.022)
     make 0.656, so the timing model takes the figure as a floor of the non-expert part only."""
 
-    from moeflow.config import OffloadConfig
     from moeflow.engine.llm_engine import LLMEngine
     from moeflow.engine.sequence import SamplingParams
-    from moeflow.synthetic import build_like
 
     sync = device_sync(dev)
     K, prompt = cfg.num_experts_per_tok, list(range(3, 11))
     E = cfg.num_experts if cfg.num_experts * cfg.expert_bytes(dtype) <= LAYER_EXPERT_BYTES else K
     decode_tokens = steps * (repeats + 1) + 2
 
-    def engine(layers: int) -> LLMEngine:
-        _uncap(dev)  # the engine before this one capped the allocator at its own budget
-        small = replace(cfg, num_hidden_layers=layers, num_experts=E, dense_layers=())
-        ck = build_like(small, device=dev, dtype=dtype, expert_device="cpu")
-        return LLMEngine(ck, max_seqs=1, max_len=len(prompt) + decode_tokens + 16,
-                         offload=OffloadConfig(ck.dense_bytes + ck.store.data.nbytes + (2 << 30), "gpu"))
-
     engines: list[LLMEngine] = []
     try:
-        engines += [engine(few), engine(many)]
+        engines += [resident_engine(cfg, dev, dtype, n, E, len(prompt) + decode_tokens + 16) for n in (few, many)]
         for e in engines:
             e.add_request(prompt, SamplingParams(max_new_tokens=decode_tokens, ignore_eos=True))
             e.step()  # the prefill

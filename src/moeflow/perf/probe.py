@@ -14,7 +14,7 @@ put fiddler's predictions 10% lower than without it.
 from __future__ import annotations
 
 from moeflow.perf.costs import device_sync, median_s
-from moeflow.perf.layers import _steps, _uncap
+from moeflow.perf.layers import _steps, _uncap, tiny_engine
 
 PROBE_STEPS = 8            # decode steps per run; a reading is the median of HOST_RUNS runs after a warm-up
 HOST_RUNS = 7
@@ -43,18 +43,10 @@ class SpeedProbe:
 
     def _running(self):
         """The tiny engine with a sequence left to decode (its prefill not timed)."""
-        import torch
-
-        from moeflow.config import OffloadConfig
-        from moeflow.engine.llm_engine import LLMEngine
         from moeflow.engine.sequence import SamplingParams
-        from moeflow.synthetic import build_synthetic
 
         if self._engine is None:
-            cuda = self.dev.type == "cuda"
-            ck = build_synthetic("tiny-mixtral", device=self.dev, dtype=torch.bfloat16 if cuda else None,
-                                 expert_device="cpu")
-            self._engine = LLMEngine(ck, max_seqs=1, max_len=PROBE_LEN, offload=OffloadConfig(1 << 30, "gpu"))
+            self._engine = tiny_engine(self.dev, 4, PROBE_LEN)
             _uncap(self.dev)  # the engine capped the allocator at its own budget; a bench's engines set theirs
         if self._seq is not None and self._seq.num_tokens + (HOST_RUNS + 1) * PROBE_STEPS >= PROBE_LEN - 16:
             self._engine.abort(self._seq)
