@@ -3,7 +3,7 @@ prompt of N tokens, in one call of the engine's CPU kernel, against one expert o
 profile's measurement). Prints per call and per expert (ms, medians), and the marginal expert (t_m - t_1) /
 (m - 1), inline and handed over (the engine's way), alone and beside queued copies.
 
-Usage: PYTHONPATH=src python scripts/prefill_cpu_probe.py [--shape qwen3-30b-a3b] [--reps 20]
+Usage: PYTHONPATH=src python scripts/probes/prefill_cpu_probe.py [--shape qwen3-30b-a3b] [--reps 20]
 """
 
 from __future__ import annotations

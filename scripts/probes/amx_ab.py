@@ -4,7 +4,7 @@ gate/up's tiles loaded straight from the weights), interleaved call by call so t
 ceiling moved 85-119 GB/s between runs of one call) hits every mode alike.
 One call = one Mixtral layer (K experts, n tokens each), the next K experts of a >1 GB pool each time.
 
-    PYTHONPATH=src python3 scripts/amx_ab.py --tokens 16,64,256 --modes 0,1,2 --reps 15 --out ab.json
+    PYTHONPATH=src python3 scripts/probes/amx_ab.py --tokens 16,64,256 --modes 0,1,2 --reps 15 --out ab.json
 
 First the tile units' own rate (moe_amx_peak): dot products alone, then with operand loads from an L1- or L2-sized
 buffer (1: four loads before four products; 2: the kernel's order; 3: also its sums stored and reloaded every 16

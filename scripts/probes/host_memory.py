@@ -8,7 +8,7 @@ the first touch), each before and after page-locking it in place (cudaHostRegist
   copy    one expert host -> GPU from the registered memory: GB/s
 Run twice with MOEFLOW_POOL_SPIN set differently to see the threads' idle spin.
 
-Usage: PYTHONPATH=src python scripts/host_memory.py [--shape mixtral-8x7b] [--experts 8] [--reps 5] [--out F]
+Usage: PYTHONPATH=src python scripts/probes/host_memory.py [--shape mixtral-8x7b] [--experts 8] [--reps 5] [--out F]
 """
 
 from __future__ import annotations

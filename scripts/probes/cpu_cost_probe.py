@@ -12,7 +12,7 @@ Each variant prints the median and the spread (ms) of its calls:
   inline16..  16 and 64 tokens: alone, through expert(), beside queued copies, both
 then measure_costs on the same store, twice, as the profile calls it.
 
-Usage: PYTHONPATH=src python scripts/cpu_cost_probe.py [--experts 16] [--reps 12] [--torch-threads N]
+Usage: PYTHONPATH=src python scripts/probes/cpu_cost_probe.py [--experts 16] [--reps 12] [--torch-threads N]
 """
 
 from __future__ import annotations

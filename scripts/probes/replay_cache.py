@@ -4,8 +4,8 @@ trace on a tiny model of the trace's routing shape (Mixtral: 32 MoE layers, 8 ex
 a GPU. The popularity profile comes from the trace's first --profile share of tokens and the replay from the
 rest, so residency is judged on routing it was not made from.
 
-  python scripts/replay_cache.py 62 220 --trace .carry/data/mixtral-8x7b-instruct.humaneval.jsonl
-  python scripts/replay_cache.py 100 400 --trace ../shared/data/traces/deepseek-v2-lite-chat.dev.npz
+  python scripts/probes/replay_cache.py 62 220 --trace .carry/data/mixtral-8x7b-instruct.humaneval.jsonl
+  python scripts/probes/replay_cache.py 100 400 --trace ../shared/data/traces/deepseek-v2-lite-chat.dev.npz
       [--static] [--no-whole] [--no-keep] [--cache N] [--half-life H] [--tokens T] [--costs mixtral|qwen3]
       (from the repo root, PYTHONPATH=src)
 

@@ -6,7 +6,7 @@ backend's host timers (sync, plan, launch) of the deeper model, beside the speed
 
 On the H200 host (2026-12-02 17:16) Qwen3's lru decode at 100% hits took 0.46 ms a layer where the profile's
 resident Qwen3 layer took 0.354 at the same probe reading. Usage:
-  python scripts/resident_probe.py synthetic:qwen3-30b-a3b [--variants 'E FEW MANY POLICY,...']
+  python scripts/probes/resident_probe.py synthetic:qwen3-30b-a3b [--variants 'E FEW MANY POLICY,...']
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Profile decode steps of one model on the GPU: where the time goes, per op and per kernel.
 
-All on the GPU:   PYTHONPATH=src python3 scripts/profile_decode.py synthetic:qwen3-30b-a3b [--grouped 0|1]
+All on the GPU:   PYTHONPATH=src python3 scripts/probes/profile_decode.py synthetic:qwen3-30b-a3b [--grouped 0|1]
 Experts offloaded (one load, each budget in turn: the bench's figures, then a torch.profiler table of the host's
 time, where the per-layer planning and launching show):
-    PYTHONPATH=src python3 scripts/profile_decode.py synthetic:mixtral-8x7b --gpu-memory 24GiB,76GiB --policy auto
+    PYTHONPATH=src python3 scripts/probes/profile_decode.py synthetic:mixtral-8x7b
+        --gpu-memory 24GiB,76GiB --policy auto
 --prefill N also profiles the prefill of an N-token prompt (after one of the same length, which pays the one-time
 costs of that size), where each layer plans and launches for many tokens.
 """
