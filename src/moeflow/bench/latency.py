@@ -1,7 +1,7 @@
 """`moeflow bench latency`: one request at a time with experts offloaded, each policy side by side, against
 the run's own physical bound and against transformers + accelerate on the same weights.
 
-The bound of a run (REFERENCE.md §4): per decode token, the weights of the experts that were not on the GPU
+The bound of a run: per decode token, the weights of the experts that were not on the GPU
 when used must cross the CPU's memory bus or PCIe, both at once: miss_bytes / (B_cpu + B_h2d); plus the
 GPU's own time to read the non-expert weights and the experts it holds at its memory bandwidth.
 """

@@ -73,8 +73,8 @@ def _plan_profile(args, cfg):
     if local_device_name("cuda") != "cpu":
         p, how = get_profile(cfg, "cuda")
         return p, f"this machine's profile ({how}, {p.source})"
-    return reference_profile(), "no GPU here and no --profile: the built-in reference profile of the H100 host " \
-                                "(REFERENCE.md §3), not this machine"
+    return reference_profile(), "no GPU here and no --profile: the built-in reference profile of an H100 host " \
+                                "(measured 2026-11-22), not this machine"
 
 
 def cmd_plan(args) -> int:

@@ -12,7 +12,7 @@ popular experts (an optimistic steady state); in prefill resident experts hit, a
 layer's other experts as its share of the cache slots holds (a warm engine: every expert of every layer is
 used, so the cache holds whichever came last; `bench latency` times TTFT after a warm-up request).
 
-Throughput regime (MoE-Lightning's CGOPipe; REFERENCE.md §1): per layer T = max(T_h2d, T_d2h, T_cpu, T_gpu,
+Throughput regime (MoE-Lightning's CGOPipe, arXiv 2411.11217): per layer T = max(T_h2d, T_d2h, T_cpu, T_gpu,
 T_host) for a batch of N sequences in micro-batches of mu, a fraction r_w of the expert weights and r_c of
 the KV cache on the GPU, attention on the CPU (KV in host memory, Q/K/V cross PCIe) or on the GPU.
 
@@ -129,7 +129,7 @@ class LatencyPrediction:
     hit_rate: float = 0.0            # decode, expected
     token: LayerTime = ZERO          # one decode token, summed over layers
     binding: str = ""                # the resource with the largest share of a decode token's time
-    bound_tps: float = 0.0           # REFERENCE.md §4: misses over CPU bus + PCIe at once, plus the GPU's own time
+    bound_tps: float = 0.0           # misses over CPU bus + PCIe at once, plus the GPU's own time
     budget: dict = field(default_factory=dict)
     error: str | None = None         # the policy cannot run at this budget
 

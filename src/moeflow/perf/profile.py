@@ -184,12 +184,12 @@ class HardwareProfile:
         return ExpertCosts(TOKEN_POINTS, cpu, gpu, copy_s, self.h2d_latency_s)
 
 
-# -- the built-in reference: the benchmark host of REFERENCE.md §3 -----------------------------------------
+# -- the built-in reference: an H100 host measured 2026-11-22 ----------------------------------------------
 def reference_profile() -> HardwareProfile:
-    """The H100 host measured 2026-11-22 (REFERENCE.md §3). Expert times are the engine's own side-by-side
-    measurement at 1 token (CPU 7.4 ms, copy 6.6 ms, GPU 0.19 ms) with the curve of §3 (1/16/64/256 tokens:
-    7.0/5.7/7.9/27 ms) scaled to it; 4096 tokens on the CPU is extrapolated. GPU memory bandwidth is not in
-    §3: 3.0 TB/s is assumed (HBM3 nominal 3.35). The layer overhead is the lead's ~37 ms per token of
+    """An H100 host (PCIe Gen5) measured 2026-11-22. Expert times are the engine's own side-by-side
+    measurement at 1 token (CPU 7.4 ms, copy 6.6 ms, GPU 0.19 ms) with PyTorch's measured curve (1/16/64/256 tokens:
+    7.0/5.7/7.9/27 ms) scaled to it; 4096 tokens on the CPU is extrapolated. GPU memory bandwidth was not
+    measured: 3.0 TB/s is assumed (HBM3 nominal 3.35). The layer overhead is the lead's ~37 ms per token of
     non-expert time over 32 layers, less the ~1 ms the GPU needs to read the 3.2 GB of dense weights."""
     s = 7.4 / 7.0
     mixtral = ExpertCosts(
@@ -198,14 +198,14 @@ def reference_profile() -> HardwareProfile:
         gpu_s=(0.19e-3, 0.19e-3, 0.20e-3, 0.21e-3, 2.2e-3),
         copy_s=6.6e-3, copy_latency_s=16e-6, cpu_call_s=30e-6)
     return HardwareProfile(
-        host="reference-h100", cpu_model="Intel Xeon, 16 cores, AVX512-BF16 + AMX-BF16 (REFERENCE.md §3)",
+        host="reference-h100", cpu_model="Intel Xeon, 16 cores, AVX512-BF16 + AMX-BF16",
         cpu_threads=16, host_memory=128 << 30, cpu_read_bw=99e9,
         cpu_flops=6 * 256 * 4096 * 14336 / 27e-3,  # the bf16 expert at 256 tokens: 3.3 TFLOP/s
         gpu_name="NVIDIA H100 80GB HBM3", gpu_memory=80 << 30, gpu_bw=3.0e12, gpu_flops=800e12,
         h2d_bw=54e9, h2d_latency_s=16e-6, d2h_bw=50e9, d2h_latency_s=16e-6,
         layer_overhead_s=(37e-3 - 3.2e9 / 3.0e12) / 32,
         experts={"4096x14336:bfloat16": _plain(mixtral)},
-        source="built-in reference: the H100 host of REFERENCE.md §3 (measured 2026-11-22), not this machine")
+        source="built-in reference: an H100 host (measured 2026-11-22), not this machine")
 
 
 # -- the cache -------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The hierarchical roofline model (MoE-Lightning's HRM; REFERENCE.md §1): a kernel run at level i with its
+"""The hierarchical roofline model (MoE-Lightning's HRM, arXiv 2411.11217): a kernel run at level i with its
 data at level j attains P = min(P_peak_i, B_i * I_i, B_{j->i} * I_j), with I_i its FLOPs per byte read at
 level i and I_j its FLOPs per byte moved over the link from j to i (no link term when i == j).
 
