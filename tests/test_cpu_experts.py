@@ -247,8 +247,8 @@ def test_jobs_with_many_tokens_go_to_pytorch(monkeypatch, N):
 
 
 def test_the_kernels_own_reads_set_the_cpu_read_ceiling(monkeypatch):
-    """The CPU's read ceiling is the faster of PyTorch's sum and the kernel's streaming reads (a ceiling below
-    what the kernel reaches would not be one)."""
+    """The CPU's read ceiling is the fastest of its readers, the kernel's streaming reads among them (a ceiling
+    below what the kernel reaches would not be one)."""
     from moeflow.bench import ceilings
     from moeflow.experts.native import load
 
@@ -257,10 +257,31 @@ def test_the_kernels_own_reads_set_the_cpu_read_ceiling(monkeypatch):
         pytest.skip("the native kernel cannot be built here")
     rate = kernel.read_bw(2, torch.randn(1 << 22))
     assert 1e8 < rate < 1e13  # bytes/s: 100 MB/s to 10 TB/s
-    monkeypatch.setattr(ceilings, "native_read_bw", lambda src: 1e15)
+    monkeypatch.setattr(ceilings, "native_read_bw", lambda src, threads, repeats: 1e15)
     assert ceilings.memory_bandwidth(torch.device("cpu"), 1 << 22) == 1e15
-    monkeypatch.setattr(ceilings, "native_read_bw", lambda src: 0.0)
-    assert 0 < ceilings.memory_bandwidth(torch.device("cpu"), 1 << 22) < 1e15
+    monkeypatch.setattr(ceilings, "native_read_bw", lambda src, threads, repeats: 0.0)
+    rates = ceilings.cpu_read_ceiling(1 << 22)
+    assert set(rates) == {"torch_sum", "numpy_sum", "copy"} and all(0 < r < 1e15 for r in rates.values())
+
+
+def test_the_read_ceiling_is_not_below_a_plain_numpy_reduction():
+    """The meter must not under-read the host: a plain NumPy sum, timed here on its own, reads no faster than
+    the ceiling (beyond the noise of a shared machine)."""
+    import time
+
+    import numpy as np
+
+    from moeflow.bench.ceilings import memory_bandwidth
+
+    nbytes = 64 << 20
+    arr = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
+    arr.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        arr.sum()
+        best = min(best, time.perf_counter() - t)
+    assert memory_bandwidth(torch.device("cpu"), nbytes) >= 0.7 * nbytes / best
 
 
 @pytest.mark.skipif(LIB is None, reason="no native kernel here")

@@ -23,27 +23,58 @@ def _time(fn, device: torch.device, repeats: int = 10) -> float:
 
 
 def memory_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Bytes/s of a large copy, counting bytes read plus bytes written (GPU), or of reading (CPU): the faster of
-    PyTorch's sum and the native kernel's streaming loads on all physical cores (each the median of 5)."""
-    src = torch.randn(nbytes // 4, device=device)
+    """Bytes/s of a large copy, counting bytes read plus bytes written (GPU), or the CPU's read ceiling
+    (cpu_read_ceiling: the best of several readers)."""
     if device.type == "cuda":
+        src = torch.randn(nbytes // 4, device=device)
         dst = torch.empty_like(src)
         return 2 * nbytes / _time(lambda: dst.copy_(src), device)
-    return max(nbytes / _time(lambda: src.sum(), device, repeats=5), native_read_bw(src))
+    return max(cpu_read_ceiling(nbytes).values())
 
 
-def native_read_bw(src: torch.Tensor) -> float:
-    """Bytes/s of the native kernel's reader over src (0 where the kernel is not built). PyTorch's sum reads
-    slower than the kernel streams weights on the H200 host (88-100 against 113 GB/s): a ceiling below what
-    the kernel reaches would not be one."""
+def _best(fn, nbytes: int, repeats: int) -> float:
+    """Bytes/s of fn()'s fastest run after a warm-up: a ceiling is what the machine can do, not its average."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def cpu_read_ceiling(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
+    """Bytes/s of reading `nbytes` of host memory, each reader's best run: the native kernel's streaming loads on
+    every physical core and on all but one, PyTorch's and NumPy's sums, and a copy (its bytes read). A peer that
+    reads faster than every one of these would show the ceiling wrong, so the bound takes their maximum."""
+    from moeflow.experts.cpu import default_threads
+
+    src = torch.randn(nbytes // 4)
+    arr, dst = src.numpy(), torch.empty_like(src)
+    rates = {"torch_sum": _best(src.sum, nbytes, repeats),
+             "numpy_sum": _best(lambda: arr.sum(dtype="float32"), nbytes, repeats),
+             "copy": _best(lambda: dst.copy_(src), nbytes, repeats)}
+    for name, threads in (("native_all_cores", default_threads()), ("native_less_one", default_threads(reserve=1))):
+        if name == "native_less_one" and threads == default_threads():
+            continue
+        rate = native_read_bw(src, threads, repeats)
+        if rate:
+            rates[name] = rate
+    return rates
+
+
+def native_read_bw(src: torch.Tensor, threads: int | None = None, repeats: int = 5) -> float:
+    """Bytes/s of the native kernel's widest streaming loads over src on `threads` threads, the best of `repeats`
+    passes (0 where the kernel is not built)."""
     from moeflow.experts.cpu import default_threads
     from moeflow.experts.native import load
 
     kernel = load()
     if kernel is None:
         return 0.0
-    kernel.read_bw(default_threads(), src, reps=1)  # warm-up: the pool's threads start
-    return kernel.read_bw(default_threads(), src)
+    threads = threads or default_threads()
+    kernel.read_bw(threads, src, reps=1)  # warm-up: the pool's threads start
+    return kernel.read_bw(threads, src, reps=repeats, best=True)
 
 
 def matmul_rate(device: torch.device, n: int = 8192, dtype=torch.bfloat16) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from moeflow.bench.ceilings import memory_bandwidth
+from moeflow.bench.ceilings import cpu_read_ceiling
 from moeflow.experts.cpu import CpuExperts
 from moeflow.experts.native import cpu_flags
 from moeflow.perf.profile import cpu_model
@@ -83,18 +83,22 @@ def bench_cpu_experts(shapes: list[str], tokens: list[int], reps: int, threads: 
     native.torch_from_tokens = 0  # the kernel at every count (MOEFLOW_CPU_TORCH_FROM may hand big jobs to PyTorch)
     if native.kernel == "torch":
         print("moeflow: no native kernel here (see the warning above): only PyTorch is measured")
-    ceiling = memory_bandwidth(torch.device("cpu"))
+    readers = cpu_read_ceiling()
+    ceiling = max(readers.values())
     flags = cpu_flags()
     meta = {"host": platform.node(), "cpu": cpu_model(), "kernel": native.kernel, "threads": native.threads,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cpu_read_gbps": ceiling / 1e9, "flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16",
+            "cpu_read_gbps": ceiling / 1e9, "cpu_read_gbps_by_reader": {k: v / 1e9 for k, v in readers.items()},
+            "flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16",
                                                                     "amx_tile", "amx_bf16"}),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if native.kernel == "amx":  # the tile units' ceiling: products alone, and fed as the kernel feeds them from L2
         meta["amx_peak_tflops"] = native.native.amx_peak(native.threads) / 1e12
         meta["amx_fed_tflops"] = native.native.amx_peak(native.threads, loads=3, span=1 << 20) / 1e12
         meta["amx_read_mode"] = native.native.amx_prefetch()  # MOEFLOW_AMX_PREFETCH
-    print(f"CPU read ceiling {ceiling / 1e9:.1f} GB/s; native kernel {native.kernel} on {native.threads} threads; "
+    by_reader = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in readers.items())
+    print(f"CPU read ceiling {ceiling / 1e9:.1f} GB/s (best of {by_reader}); "
+          f"native kernel {native.kernel} on {native.threads} threads; "
           f"PyTorch on {torch.get_num_threads()} threads" + (
               f"; AMX {meta['amx_peak_tflops']:.1f} TFLOP/s alone, {meta['amx_fed_tflops']:.1f} fed from L2, "
               f"read mode {meta['amx_read_mode']}" if "amx_peak_tflops" in meta else ""))
