@@ -26,7 +26,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-p", type=float, dest="default_top_p", help="for requests without one (default 1.0)")
     p.add_argument("--seed", type=int, help="for requests without one")
     p.add_argument("--max-running", type=int, default=16, help="sequences decoded together (KV cache slots)")
-    p.add_argument("--max-context", type=int, default=4096, help="prompt + generated tokens per request")
+    p.add_argument("--max-context", type=int, help="prompt + generated tokens per request (default 4096; "
+                   "1024 with the pipeline engine, whose host KV cache holds N of them)")
+    p.add_argument("--engine", default="auto", choices=("auto", "continuous", "pipeline"),
+                   help="continuous: the serving engine's continuous batching; pipeline: the throughput regime "
+                   "(CPU attention, streamed experts, micro-batches); auto: pipeline with --gpu-memory on a GPU")
+    p.add_argument("--plan", help="pipeline plan N,mu,r_w,r_c,attn (default: chosen by the throughput model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device_flags(p)
     p.set_defaults(func=run)
@@ -64,10 +69,10 @@ def run(args) -> int:
 
     from moeflow.batch.job import BatchJob, Defaults
     from moeflow.batch.results import ResultFile
-    from moeflow.cli import DEFAULT_MODEL, _load_engine
+    from moeflow.cli import DEFAULT_MODEL
 
     for flag in ("max_running", "max_context"):
-        if getattr(args, flag) < 1:
+        if (getattr(args, flag) or 1) < 1:
             raise MoeflowError(f"--{flag.replace('_', '-')} must be at least 1")
     t, p = args.default_temperature, args.default_top_p
     if (t is not None and t < 0) or (p is not None and not 0 < p <= 1):
@@ -79,7 +84,7 @@ def run(args) -> int:
         print(f"moeflow: {len(items)} request(s) to run, {len(out.done)} already in {args.output}", file=sys.stderr)
         if not items:
             return 0
-        engine = _load_engine(args, args.max_running, args.max_context)
+        engine, pred = _engine(args)
         defaults = Defaults(args.max_new_tokens, args.default_temperature, args.default_top_p, args.seed)
         job = BatchJob(engine, args.served_model_name or args.model or DEFAULT_MODEL, defaults)
         bar = tqdm(total=len(items), unit="req", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
@@ -98,5 +103,31 @@ def run(args) -> int:
             return 130
         bar.close()
     print(f"moeflow: {stats.ok} ok, {stats.errors} error(s) -> {args.output} | {stats.generated_tokens} tokens in "
-          f"{stats.elapsed_s:.1f} s ({stats.tokens_per_s:.1f} tok/s)", file=sys.stderr)
+          f"{stats.elapsed_s:.1f} s ({stats.tokens_per_s:.1f} tok/s"
+          + (f"; the plan predicted {pred.tokens_per_s:.1f}" if pred else "") + ")", file=sys.stderr)
     return 0
+
+
+def _engine(args):
+    """(engine, the pipeline plan's prediction or None) as --engine asks."""
+    import torch
+
+    from moeflow.cli import _load_engine
+
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    kind = args.engine if args.engine != "auto" else "pipeline" if args.gpu_memory and cuda else "continuous"
+    if kind == "continuous":
+        if args.plan:
+            raise MoeflowError("--plan needs --engine pipeline")
+        return _load_engine(args, args.max_running, args.max_context or 4096), None
+    from moeflow.cli import DEFAULT_MODEL
+    from moeflow.config import parse_size
+    from moeflow.pipeline.load import PipelineSpec, load_pipeline
+
+    if args.policy not in (None, "auto") or args.placement or args.routing_trace:
+        raise MoeflowError("--policy, --placement and --routing-trace belong to --engine continuous")
+    spec = PipelineSpec(args.model or DEFAULT_MODEL, "cuda" if cuda else "cpu", args.dtype,
+                        parse_size(args.gpu_memory) if args.gpu_memory else None, args.plan,
+                        gen_len=args.max_new_tokens or 128, max_len=args.max_context or 1024,
+                        default_n=args.max_running)
+    return load_pipeline(spec)
