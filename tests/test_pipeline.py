@@ -89,3 +89,16 @@ def test_batch_runs_on_the_pipeline_engine(tmp_path, monkeypatch):
         body = recs[f"r{i}"]["response"]["body"]
         assert body["choices"][0]["text"] == seq.text
         assert body["usage"]["completion_tokens"] == len(seq.output_ids)
+
+
+def test_bench_throughput_writes_pipeline_and_baseline_rows(tmp_path, monkeypatch):
+    ck = load("synthetic:tiny-mixtral")
+    monkeypatch.setattr("moeflow.checkpoint.load", lambda *a, **k: ck)
+    out = tmp_path / "tp.json"
+    assert main(["bench", "throughput", "--configs", "synthetic:tiny-mixtral@1GiB", "--device", "cpu",
+                 "--gen-lens", "3", "--num-prompts", "3", "--plan", "2,1,0.5,0,cpu", "--baseline-batches", "2",
+                 "--baseline-tokens", "2", "--out", str(out)]) == 0
+    pipe, base = json.loads(out.read_text())["rows"]
+    assert (pipe["engine"], pipe["tokens"], pipe["plan"]["N"]) == ("pipeline", 9, 2)
+    assert pipe["predicted_tokens_per_s"] > 0 and 0 <= pipe["shares"]["cpu_attention"] <= 1
+    assert (base["engine"], base["tokens"]) == ("continuous", 4)

@@ -470,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     from moeflow.bench.serve import add_flags
     add_flags(bs)
     bs.set_defaults(func=cmd_bench_serve)
+    from moeflow.bench.throughput import add_parser as add_throughput_parser
+    add_throughput_parser(bsub)
 
     bc = bsub.add_parser("cpu-experts", help="a layer's experts on the CPU: native kernel and PyTorch against "
                          "the memory-read ceiling")
