@@ -58,8 +58,9 @@ def parse_line(text: str, line: int) -> BatchRequest | dict:
         return failed(None, "invalid_json", f"line {line}: not valid JSON ({e})")
     if not isinstance(obj, dict):
         return failed(None, "invalid_request", f"line {line}: not a JSON object")
-    if "custom_id" not in obj and "prompt" in obj:  # a plain {"prompt": ...} line
-        custom_id, url, body = f"line-{line}", "/v1/completions", obj
+    if "prompt" in obj and "body" not in obj:  # a plain {"prompt": ...} line, custom_id optional
+        custom_id = obj.get("custom_id") if isinstance(obj.get("custom_id"), str) else f"line-{line}"
+        url, body = "/v1/completions", {k: v for k, v in obj.items() if k != "custom_id"}
     else:
         custom_id = obj.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
