@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from moeflow import MoeflowError
 from moeflow.checkpoint import load, read_model_config
@@ -28,8 +29,8 @@ def single_request_tokens(ck) -> list[list[int]]:
     return [s.output_ids for s in single_request(ck)]
 
 
-def pipeline_tokens(ck, plan: ThroughputPolicy) -> tuple[list[list[int]], PipelineEngine]:
-    engine = PipelineEngine(ck, plan, 64)
+def pipeline_tokens(ck, plan: ThroughputPolicy, native: bool | None = None) -> tuple[list[list[int]], PipelineEngine]:
+    engine = PipelineEngine(ck, plan, 64, native=native)
     seqs = [engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p, n in zip(PROMPTS, NEW)]
     while engine.has_unfinished:
         engine.step()
@@ -38,12 +39,13 @@ def pipeline_tokens(ck, plan: ThroughputPolicy) -> tuple[list[list[int]], Pipeli
     return [s.output_ids for s in seqs], engine
 
 
-@pytest.mark.parametrize("model,plan", [("tiny-mixtral", (3, 2, 0.5)), ("tiny-qwen3", (4, 1, 0.0))])
-def test_pipeline_matches_the_single_request_engine(model, plan):
-    """6 requests through N slots (later ones join as earlier finish), micro-batches of mu, r_w resident."""
+@pytest.mark.parametrize("model,plan,native", [("tiny-mixtral", (3, 2, 0.5), None), ("tiny-qwen3", (4, 1, 0.0), False)])
+def test_pipeline_matches_the_single_request_engine(model, plan, native):
+    """6 requests through N slots (later ones join as earlier finish), micro-batches of mu, r_w resident; CPU
+    attention by the native kernel (where it builds) or PyTorch."""
     ck = load(f"synthetic:{model}")
     N, mu, r_w = plan
-    got, engine = pipeline_tokens(ck, ThroughputPolicy(N, mu, r_w, 0.0, False))
+    got, engine = pipeline_tokens(ck, ThroughputPolicy(N, mu, r_w, 0.0, False), native)
     assert got == single_request_tokens(ck)
     streamed = ck.cfg.num_experts - engine.weights.resident
     assert engine.weights.bytes_h2d >= streamed * ck.store.expert_bytes * len(ck.cfg.moe_layers)
@@ -57,6 +59,31 @@ def test_pipeline_on_the_gpu_matches_the_single_request_engine():
     got, engine = pipeline_tokens(ck, ThroughputPolicy(3, 2, 0.5, 0.0, False))
     ref = load("synthetic:tiny-mixtral", device="cuda", dtype="fp32")
     assert got == single_request_tokens(ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_attention_matches_pytorch(dtype):
+    from moeflow.pipeline.attention import cpu_decode_attention
+    from moeflow.pipeline.native import load as load_native
+
+    native = load_native()
+    if native is None:
+        pytest.skip("no C++ compiler builds the native kernel")
+    g = torch.Generator().manual_seed(0)
+    S, T, Hq, Hkv, D = 5, 40, 6, 2, 24  # GQA groups of 3; D not a multiple of the vector width
+    cache = [torch.randn(S, T, Hkv, D, generator=g).to(dtype) for _ in "kv"]
+    q, k, v = (torch.randn(3, h, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
+    slots, starts = [4, 0, 2], [0, 17, 39]
+    for window in (None, 8):
+        ref = cpu_decode_attention(q, k, v, *[c.clone() for c in cache], slots, starts, window)
+        for kernel in ["scalar", *sorted(native.features)]:
+            kc, vc = (c.clone() for c in cache)
+            cpu_decode_attention(q, k, v, kc, vc, slots, starts, window)  # the same cache writes
+            ends = torch.tensor(starts, dtype=torch.int32) + 1
+            firsts = ends * 0 if window is None else (ends - window).clamp(min=0).to(torch.int32)
+            got = native(q, kc, vc, torch.tensor(slots, dtype=torch.int32), firsts, ends, 2, kernel)
+            torch.testing.assert_close(got, ref.float(), rtol=1e-4 if dtype == torch.float32 else 2e-2,
+                                       atol=1e-4 if dtype == torch.float32 else 2e-2)
 
 
 def test_plans_are_parsed_and_checked():

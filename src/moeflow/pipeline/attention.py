@@ -8,17 +8,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moeflow.pipeline.native import NativeAttention
+
 
 def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, slots: list[int], starts: list[int],
-                         window: int | None = None) -> torch.Tensor:
-    """Write each sequence's new k/v at its position, then attend over its slot (the last `window` positions),
-    the micro-batch in one call padded to its longest context.
+                         window: int | None = None, native: NativeAttention | None = None,
+                         threads: int = 1) -> torch.Tensor:
+    """Write each sequence's new k/v at its position, then attend over its slot (the last `window` positions):
+    by the native kernel where given, else in one PyTorch call padded to the longest context.
 
     q [B, Hq, D], k/v [B, Hkv, D], k_cache/v_cache [S, T, Hkv, D] (host) -> [B, Hq, D]."""
     idx, pos = torch.tensor(slots), torch.tensor(starts)
     k_cache[idx, pos] = k
     v_cache[idx, pos] = v
+    if native is not None and native.supports(k_cache):
+        ends = pos + 1
+        firsts = ends - ends if window is None else (ends - window).clamp(min=0)
+        i32 = [t.to(torch.int32).contiguous() for t in (idx, firsts, ends)]
+        return native(q, k_cache, v_cache, *i32, threads).to(q.dtype)
     T = max(starts) + 1
     K, V = k_cache[idx, :T], v_cache[idx, :T]                                # [B, T, Hkv, D]
     k_pos = torch.arange(T)

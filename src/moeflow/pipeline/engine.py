@@ -24,12 +24,15 @@ from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import Sequence, Status
 from moeflow.models.layers import Attention, AttnBatch, SparseMoe, route
 from moeflow.perf.model import PREFILL_CHUNK, ThroughputPolicy
+from moeflow.experts.cpu import physical_cores
 from moeflow.pipeline.attention import cpu_decode_attention
+from moeflow.pipeline.native import load as load_native
 from moeflow.pipeline.weights import LayerWeights
 
 
 class PipelineEngine(LLMEngine):
-    def __init__(self, ck: Checkpoint, plan: ThroughputPolicy, max_len: int):
+    def __init__(self, ck: Checkpoint, plan: ThroughputPolicy, max_len: int, native: bool | None = None):
+        """native: the native CPU attention kernel (None: where it builds; False: PyTorch)."""
         if plan.attn_gpu:
             raise MoeflowError("the pipeline engine runs attention on the CPU; a plan with attention on the GPU "
                                "is not implemented (use attn=cpu)")
@@ -48,6 +51,10 @@ class PipelineEngine(LLMEngine):
         self.weights = LayerWeights(ck.store, self.device, plan.r_w)
         self.rows = [ck.store.slot.get(i) for i in range(ck.cfg.num_hidden_layers)]  # layer -> store row or None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-attention")
+        self.native = load_native() if native is not False else None
+        if native and self.native is None:
+            raise MoeflowError("the native CPU attention kernel could not be built")
+        self.threads = physical_cores()
         self.cpu_attention_s = 0.0  # the attention worker's busy time
         self.prefill_s = self.decode_s = 0.0
 
@@ -172,7 +179,8 @@ class PipelineEngine(LLMEngine):
         if ready is not None:
             ready.synchronize()  # q/k/v have landed in host memory
         with torch.inference_mode():
-            o = cpu_decode_attention(*host, k_cache, v_cache, slots, starts, self.ck.cfg.sliding_window)
+            o = cpu_decode_attention(*host, k_cache, v_cache, slots, starts, self.ck.cfg.sliding_window,
+                                     self.native, self.threads)
         self.cpu_attention_s += time.perf_counter() - t
         return o.pin_memory() if torch.cuda.is_available() and self.device.type == "cuda" else o
 
