@@ -29,6 +29,7 @@ def add_parser(bsub) -> None:
     b.add_argument("--prompts", help="prompt file (MT-Bench JSONL: the first turns; default: a built-in prompt)")
     b.add_argument("--gen-lens", default="32,64,128,256", help="generation lengths, comma-separated")
     b.add_argument("--num-prompts", type=int, help="requests per row (default: the plan's N, prompts cycled)")
+    b.add_argument("--max-batch", type=int, help="the chosen plans' N at most (default: what memory allows)")
     b.add_argument("--plan", help="N,mu,r_w,r_c,attn for every row (default: chosen per row by the model)")
     b.add_argument("--baseline-batches", default="8,32", help="continuous-batching engine's batch sizes "
                    "(the best is reported); empty: no baseline")
@@ -71,7 +72,7 @@ def pipeline_row(ck, model: str, budget: int, prompts, gen_len: int, args, profi
 
     prompt_len = round(sum(map(len, prompts)) / len(prompts))
     spec = PipelineSpec(model, args.device, args.dtype, budget, args.plan, prompt_len, gen_len,
-                        max(map(len, prompts)) + gen_len + 1)
+                        max(map(len, prompts)) + gen_len + 1, max_n=args.max_batch)
     pol, pred = plan_for(spec)
     print(f"  gen {gen_len}: {describe(pred)}", file=sys.stderr)
     n = args.num_prompts or pol.N

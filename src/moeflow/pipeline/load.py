@@ -24,6 +24,7 @@ class PipelineSpec:
     gen_len: int = 128
     max_len: int = 1024             # prompt + generated tokens per sequence (host KV cache slot)
     default_n: int = 16             # N on the CPU when neither --plan nor --gpu-memory is given
+    max_n: int | None = None        # the chosen plan's N at most
 
 
 def plan_for(spec: PipelineSpec) -> tuple[ThroughputPolicy, ThroughputPrediction]:
@@ -32,7 +33,9 @@ def plan_for(spec: PipelineSpec) -> tuple[ThroughputPolicy, ThroughputPrediction
     if spec.plan:
         pol = parse_plan(spec.plan)
     elif spec.gpu_memory is not None:
-        pol = choose_plan(cfg, profile, spec.gpu_memory, spec.prompt_len, spec.gen_len).policy
+        # Chosen for whole slots (max_len each), predicted for the prompts' mean length.
+        pol = choose_plan(cfg, profile, spec.gpu_memory, spec.max_len - spec.gen_len, spec.gen_len,
+                          max_n=spec.max_n).policy
     else:
         pol = ThroughputPolicy(spec.default_n, max(1, spec.default_n // 2), 0.0, 0.0, False)
     check_fits(cfg, pol, spec.max_len, spec.gpu_memory)

@@ -37,18 +37,20 @@ def host_budget() -> int:
 
 
 def choose_plan(cfg: ModelConfig, profile: HardwareProfile, gpu_memory: int, prompt_len: int, gen_len: int,
-                b: int = 2) -> ThroughputPrediction:
-    """The fastest plan with attention on the CPU (what the pipeline runs) that fits GPU and host memory."""
+                b: int = 2, max_n: int | None = None) -> ThroughputPrediction:
+    """The fastest plan with attention on the CPU (what the pipeline runs) that fits GPU and host memory, of at
+    most max_n sequences; prompt_len + gen_len: each sequence's KV slot."""
     host, seq_kv = host_budget(), (prompt_len + gen_len) * cfg.kv_bytes_per_token(b)
     experts = len(cfg.moe_layers) * cfg.num_experts * cfg.expert_numel * b
     best = None
-    for N in _grid(max(1, (host - experts) // seq_kv)):
+    for N in _grid(max(1, min((host - experts) // seq_kv, max_n or 1 << 30))):
         top = max(1, -(-N // 2))  # at least two micro-batches, so that CPU and GPU overlap
         for mu in sorted({min(2**i, top) for i in range(int(math.log2(top)) + 2)}):
             pol = ThroughputPolicy(N, mu, 0.0, 0.0, False)
             r_w = _max_rw(cfg, pol, prompt_len, gen_len, gpu_memory, b)
             if r_w is None or throughput_memory(cfg, pol, prompt_len, gen_len, b)[1] > host:
                 continue
+            r_w = math.floor(r_w * cfg.num_experts + 1e-9) / cfg.num_experts  # whole experts stay resident
             pred = predict_throughput(cfg, profile, replace(pol, r_w=r_w), prompt_len, gen_len, b)
             if best is None or pred.tokens_per_s > best.tokens_per_s:
                 best = pred
