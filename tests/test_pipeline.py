@@ -53,12 +53,44 @@ def test_pipeline_matches_the_single_request_engine(model, plan, native):
 
 
 @pytest.mark.gpu
-def test_pipeline_on_the_gpu_matches_the_single_request_engine():
-    ck = load("synthetic:tiny-mixtral", device="cuda", dtype="fp32", expert_device="cpu")
+@pytest.mark.parametrize("model,dtype", [("tiny-mixtral", "fp32"), ("tiny-qwen3", "fp32"), ("tiny-mixtral", "bf16")])
+def test_pipeline_on_the_gpu_matches_the_single_request_engine(model, dtype):
+    """Streams, events, pinned copies; in bf16 the experts run as grouped GEMMs, as the reference's do."""
+    ck = load(f"synthetic:{model}", device="cuda", dtype=dtype, expert_device="cpu")
     ck.store.pin()
     got, engine = pipeline_tokens(ck, ThroughputPolicy(3, 2, 0.5, 0.0, False))
-    ref = load("synthetic:tiny-mixtral", device="cuda", dtype="fp32")
+    assert engine.weights.grouped == (dtype == "bf16")
+    ref = load(f"synthetic:{model}", device="cuda", dtype=dtype)
     assert got == single_request_tokens(ref)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_layer_weights_run_each_layers_experts(grouped, monkeypatch):
+    """Resident share + streamed buffers (double-buffered across layers), by expert or in grouped GEMMs: the same
+    output as the reference backend with every expert in place."""
+    from moeflow.experts.local import LocalExperts
+    from moeflow.pipeline import weights
+
+    if grouped and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no grouped GEMM")
+    calls, real = [], weights.grouped_experts
+    monkeypatch.setattr(weights, "grouped_experts", lambda *a: calls.append(1) or real(*a))
+    ck = load("synthetic:tiny-mixtral", dtype="bf16")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, ck.cfg.hidden_size, generator=g).bfloat16()
+    ids = torch.randint(0, ck.cfg.num_experts, (9, 2), generator=g)
+    w = torch.rand(9, 2, generator=g)
+    ref = LocalExperts(ck.store)
+    for r_w in (0.0, 0.5, 1.0):
+        lw = weights.LayerWeights(ck.store, torch.device("cpu"), r_w, grouped=grouped)
+        for layer in ck.cfg.moe_layers * 2:  # twice round: buffers reused
+            row = ck.store.slot[layer]
+            lw.prefetch(row)
+            lw.acquire(row)
+            torch.testing.assert_close(lw.ffn(row, x, ids, w).float(), ref(layer, x, ids, w).float(),
+                                       rtol=2e-2, atol=2e-2)
+            lw.release(row)
+    assert bool(calls) == grouped
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
