@@ -383,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flags(sv)
     sv.set_defaults(func=cmd_serve)
 
+    from moeflow.batch.cli import add_parser as add_batch_parser
+    add_batch_parser(sub)
+
     pe = sub.add_parser("profile-experts", help="count how often each expert is used, for --placement")
     pe.add_argument("--model", help=f"checkpoint folder, builtin:NAME or synthetic:NAME (default: {DEFAULT_MODEL})")
     pe.add_argument("--prompts", help="prompt file (JSONL with turns/text/prompt, or one prompt per line)")
@@ -467,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     from moeflow.bench.serve import add_flags
     add_flags(bs)
     bs.set_defaults(func=cmd_bench_serve)
+    from moeflow.bench.throughput import add_parser as add_throughput_parser
+    add_throughput_parser(bsub)
 
     bc = bsub.add_parser("cpu-experts", help="a layer's experts on the CPU: native kernel and PyTorch against "
                          "the memory-read ceiling")

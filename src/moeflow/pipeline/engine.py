@@ -1,0 +1,202 @@
+"""PipelineEngine: the throughput regime (MoE-Lightning's CGOPipe, arXiv 2411.11217) behind LLMEngine's API.
+
+Decode runs layer by layer over micro-batches of `mu` sequences: QKV on the GPU, q/k/v to the host, attention on
+the CPU over the host KV cache (a worker thread), the result back, O projection, router and experts on the GPU.
+All micro-batches' attention is handed to the CPU at once, so the CPU attends to micro-batch j+1 while the GPU
+finishes micro-batch j; the next layer's streamed experts copy in meanwhile (LayerWeights). Prompts run on the
+GPU, whole, layer by layer, their K/V then moved to the host cache. Requests join as others finish (add_request
+/ step as in LLMEngine). On the CPU both tiers are the host, and the schedule is the same.
+Legend: B = sequences, N = packed tokens, H = hidden, Hq/Hkv = heads, D = head dim, T = longest prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from moeflow import MoeflowError
+from moeflow.checkpoint import Checkpoint
+from moeflow.engine.kv_cache import KVCache
+from moeflow.engine.llm_engine import LLMEngine
+from moeflow.engine.sequence import Sequence, Status
+from moeflow.models.layers import Attention, AttnBatch, SparseMoe, route
+from moeflow.perf.model import PREFILL_CHUNK, ThroughputPolicy
+from moeflow.experts.cpu import physical_cores
+from moeflow.pipeline.attention import cpu_decode_attention
+from moeflow.pipeline.native import load as load_native
+from moeflow.pipeline.weights import LayerWeights
+
+
+class PipelineEngine(LLMEngine):
+    def __init__(self, ck: Checkpoint, plan: ThroughputPolicy, max_len: int, native: bool | None = None):
+        """native: the native CPU attention kernel (None: where it builds; False: PyTorch)."""
+        if plan.attn_gpu:
+            raise MoeflowError("the pipeline engine runs attention on the CPU; a plan with attention on the GPU "
+                               "is not implemented (use attn=cpu)")
+        if any(type(layer.self_attn) is not Attention for layer in ck.model.layers):
+            raise MoeflowError(f"the pipeline engine does not support {ck.cfg.model_type}'s attention")
+        self.ck, self.model, self.tokenizer = ck, ck.model, ck.tokenizer
+        p = next(self.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.max_len = min(max_len, ck.cfg.max_position_embeddings)
+        self.cache = KVCache(ck.cfg, plan.N, self.max_len, self.dtype, "cpu")  # the host KV cache, one slot each
+        self.eos = set(ck.eos_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.cuda_graphs, self.graphs, self.graph_pool, self.budget = False, {}, None, None
+        self.plan = plan
+        self.weights = LayerWeights(ck.store, self.device, plan.r_w)
+        self.rows = [ck.store.slot.get(i) for i in range(ck.cfg.num_hidden_layers)]  # layer -> store row or None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-attention")
+        self.native = load_native() if native is not False else None
+        if native and self.native is None:
+            raise MoeflowError("the native CPU attention kernel could not be built")
+        self.threads = physical_cores()
+        self.cpu_attention_s = 0.0  # the attention worker's busy time
+        self.prefill_s = self.decode_s = 0.0
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+    def _admit(self) -> None:
+        # A prefill round takes whole prompts up to PREFILL_CHUNK tokens (one prompt alone may exceed it).
+        room = PREFILL_CHUNK
+        while self.waiting and self.cache.free:
+            n = len(self.waiting[0].prompt_ids)
+            if n > room and room < PREFILL_CHUNK:
+                break
+            seq = self.waiting.popleft()
+            seq.slot, seq.status, seq.t_start = self.cache.allocate(), Status.RUNNING, time.perf_counter()
+            self.running.append(seq)
+            room -= n
+
+    @torch.inference_mode()
+    def _forward(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
+        """Prompts of new sequences (prefilled), one token of the others (decoded): logits [B, V] in seqs' order."""
+        if all_logits:
+            raise MoeflowError("the pipeline engine computes the last position's logits only")
+        new = [s for s in seqs if s.num_cached == 0]
+        old = [s for s in seqs if s.num_cached > 0]
+        out = {}
+        for group, run in ((new, self._prefill), (old, self._decode)):
+            if group:
+                t = time.perf_counter()
+                for s, row in zip(group, run(group)):
+                    out[s.id] = row
+                self._sync()
+                if run == self._prefill:
+                    self.prefill_s += time.perf_counter() - t
+                else:
+                    self.decode_s += time.perf_counter() - t
+        return torch.stack([out[s.id] for s in seqs])
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- the MoE FFN ---------------------------------------------------------------------------------------
+    def _mlp(self, i: int, layer, h: torch.Tensor) -> torch.Tensor:
+        """Layer i's FFN on h [N, H]: dense, or the router and the layer's experts from LayerWeights."""
+        if not isinstance(layer.mlp, SparseMoe):
+            return layer.mlp(h)
+        row = self.rows[i]
+        self.weights.acquire(row)
+        ids, w = route(layer.mlp.gate(h), layer.mlp.top_k, layer.mlp.renormalize)  # [N, K] each
+        return self.weights.ffn(row, h, ids, w)
+
+    def _prefetch_after(self, i: int) -> None:
+        """Start copying the next MoE layer's streamed experts while layer i computes."""
+        nxt = next((r for r in self.rows[i + 1:] if r is not None), None)
+        if nxt is not None:
+            self.weights.prefetch(nxt)
+
+    def _done_with(self, i: int) -> None:
+        if self.rows[i] is not None:
+            self.weights.release(self.rows[i])
+
+    # -- prefill: whole prompts on the GPU, K/V to the host ----------------------------------------------------
+    def _prefill(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        cfg, dev = self.ck.cfg, self.device
+        lens = [len(s.prompt_ids) for s in seqs]
+        T, B = max(lens), len(seqs)
+        scratch = [torch.zeros((B, T, cfg.num_key_value_heads, cfg.head_dim), dtype=self.dtype, device=dev)
+                   for _ in "kv"]                                                 # one layer's K/V [B, T, Hkv, D]
+        batch = AttnBatch.build(list(range(B)), [0] * B, lens, dev, cfg.sliding_window)
+        x = self.model.embed_tokens(torch.tensor([t for s in seqs for t in s.prompt_ids], device=dev))  # [N, H]
+        rope = self.model.rotary(batch.positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            self._prefetch_after(i)
+            x = x + layer.self_attn(layer.input_layernorm(x), rope, batch, scratch)
+            k_host, v_host = self.cache[i]
+            for b, s in enumerate(seqs):
+                k_host[s.slot, :lens[b]] = scratch[0][b, :lens[b]].cpu()
+                v_host[s.slot, :lens[b]] = scratch[1][b, :lens[b]].cpu()
+            x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
+            self._done_with(i)
+        for s, n in zip(seqs, lens):
+            s.num_cached = n
+        last = torch.tensor(lens, device=dev).cumsum(0) - 1
+        return list(self.model.logits(self.model.norm(x)[last]))
+
+    # -- decode: micro-batches, CPU attention beside the GPU ---------------------------------------------------
+    def _decode(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        dev, mu = self.device, self.plan.mu
+        starts = [s.num_cached for s in seqs]
+        x = self.model.embed_tokens(torch.tensor([s.new_tokens[0] for s in seqs], device=dev))  # [B, H]
+        cos, sin = self.model.rotary(torch.tensor(starts, device=dev), x.dtype)
+        mbs = [slice(a, min(a + mu, len(seqs))) for a in range(0, len(seqs), mu)]
+        slots = [s.slot for s in seqs]
+        for i, layer in enumerate(self.model.layers):
+            self._prefetch_after(i)
+            x = self._decode_layer(i, layer, x, (cos, sin), mbs, slots, starts)
+            self._done_with(i)
+        for s in seqs:
+            s.num_cached += 1
+        return list(self.model.logits(self.model.norm(x)))
+
+    def _decode_layer(self, i, layer, x, rope, mbs, slots, starts) -> torch.Tensor:
+        attn, (k_cache, v_cache) = layer.self_attn, self.cache[i]
+        jobs = []
+        for sl in mbs:  # every micro-batch's QKV, each handed to the CPU as soon as it is on the host
+            q, k, v = qkv(attn, layer.input_layernorm(x[sl]), (rope[0][sl], rope[1][sl]))
+            host = [t.to("cpu", non_blocking=True) for t in (q, k, v)]
+            ready = torch.cuda.Event() if dev_is_cuda(x) else None
+            if ready is not None:
+                ready.record()
+            jobs.append(self.pool.submit(self._attend, ready, host, k_cache, v_cache, slots[sl], starts[sl]))
+        out = []
+        for sl, job in zip(mbs, jobs):  # the GPU's share of micro-batch j while the CPU attends to j+1
+            o = job.result().to(x.device, non_blocking=True)                      # [b, Hq, D]
+            h = x[sl] + attn.o_proj(o.reshape(o.shape[0], -1))
+            out.append(h + self._mlp(i, layer, layer.post_attention_layernorm(h)))
+        return torch.cat(out)
+
+    def _attend(self, ready, host, k_cache, v_cache, slots, starts) -> torch.Tensor:
+        t = time.perf_counter()
+        if ready is not None:
+            ready.synchronize()  # q/k/v have landed in host memory
+        with torch.inference_mode():
+            o = cpu_decode_attention(*host, k_cache, v_cache, slots, starts, self.ck.cfg.sliding_window,
+                                     self.native, self.threads)
+        self.cpu_attention_s += time.perf_counter() - t
+        return o.pin_memory() if torch.cuda.is_available() and self.device.type == "cuda" else o
+
+
+def dev_is_cuda(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda"
+
+
+def qkv(attn: Attention, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention's projections, q/k norms and rotary embedding: h [b, H] -> q [b, Hq, D], k/v [b, Hkv, D]."""
+    from moeflow.models.layers import rotate
+
+    n, D = h.shape[0], attn.head_dim
+    q = attn.q_proj(h).view(n, attn.n_heads, D)
+    k = attn.k_proj(h).view(n, attn.n_kv, D)
+    v = attn.v_proj(h).view(n, attn.n_kv, D)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return rotate(q, *rope), rotate(k, *rope), v

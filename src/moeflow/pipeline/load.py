@@ -1,0 +1,64 @@
+"""The pipeline engine built from a model spec and a plan: planned and checked first, weights loaded after."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from moeflow.checkpoint import load, read_model_config, resolve_device
+from moeflow.engine.budget import gib
+from moeflow.perf.model import ThroughputPolicy, ThroughputPrediction, predict_throughput
+from moeflow.pipeline.plan import check_fits, choose_plan, machine_profile, parse_plan
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    model: str
+    device: str = "cuda"
+    dtype: str = "auto"
+    gpu_memory: int | None = None  # bytes; None: no budget (the CPU plays the GPU)
+    plan: str | None = None         # "N,mu,r_w,r_c,attn"; None: chosen by the throughput model
+    prompt_len: int = 512           # what the plan is chosen and predicted for
+    gen_len: int = 128
+    max_len: int = 1024             # prompt + generated tokens per sequence (host KV cache slot)
+    default_n: int = 16             # N on the CPU when neither --plan nor --gpu-memory is given
+    max_n: int | None = None        # the chosen plan's N at most
+
+
+def plan_for(spec: PipelineSpec) -> tuple[ThroughputPolicy, ThroughputPrediction]:
+    _, cfg = read_model_config(spec.model)
+    profile = machine_profile()
+    if spec.plan:
+        pol = parse_plan(spec.plan)
+    elif spec.gpu_memory is not None:
+        # Chosen for whole slots (max_len each), predicted for the prompts' mean length.
+        pol = choose_plan(cfg, profile, spec.gpu_memory, spec.max_len - spec.gen_len, spec.gen_len,
+                          max_n=spec.max_n).policy
+    else:
+        pol = ThroughputPolicy(spec.default_n, max(1, spec.default_n // 2), 0.0, 0.0, False)
+    check_fits(cfg, pol, spec.max_len, spec.gpu_memory)
+    return pol, predict_throughput(cfg, profile, pol, spec.prompt_len, spec.gen_len)
+
+
+def describe(pred: ThroughputPrediction) -> str:
+    p = pred.policy
+    return (f"plan N={p.N} mu={p.mu} r_w={p.r_w:.2f} r_c={p.r_c:.2f} attention={'gpu' if p.attn_gpu else 'cpu'}: "
+            f"predicted {pred.tokens_per_s:.1f} tok/s end to end, {pred.decode_tps:.1f} decode ({pred.binding} "
+            f"binds); GPU {gib(pred.gpu_bytes)}, host {gib(pred.host_bytes)}")
+
+
+def load_pipeline(spec: PipelineSpec, quiet: bool = False):
+    """(PipelineEngine, its prediction): the plan printed and checked before the weights load."""
+    from moeflow.pipeline.engine import PipelineEngine
+
+    pol, pred = plan_for(spec)
+    if not quiet:
+        print(f"moeflow: {describe(pred)}", file=sys.stderr)
+    device = resolve_device(spec.device)
+    ck = load(spec.model, device=device, dtype=spec.dtype, expert_device="cpu", progress=None)
+    if device.type == "cuda":
+        ck.store.pin()
+        torch.cuda.reset_peak_memory_stats(device)
+    return PipelineEngine(ck, pol, spec.max_len), pred

@@ -1,0 +1,74 @@
+"""The pipeline's plan (N, mu, r_w, r_c, attention): from `--plan` or chosen by the throughput model, and its memory
+checked against the GPU budget and host memory before any weight is loaded."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from moeflow import MoeflowError
+from moeflow.config import ModelConfig
+from moeflow.engine.budget import gib
+from moeflow.perf.model import ThroughputPolicy, ThroughputPrediction, predict_throughput, throughput_memory
+from moeflow.perf.profile import HardwareProfile, _host_memory, cached_profile, reference_profile
+from moeflow.perf.search import HOST_SHARE, _grid, _max_rw
+
+
+def parse_plan(text: str) -> ThroughputPolicy:
+    """`N,mu,r_w,r_c,attn` (attn: cpu or gpu), e.g. 64,16,0.3,0,cpu."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) != 5 or parts[4] not in ("cpu", "gpu"):
+            raise ValueError
+        pol = ThroughputPolicy(int(parts[0]), int(parts[1]), float(parts[2]), float(parts[3]), parts[4] == "gpu")
+    except ValueError:
+        raise MoeflowError(f"--plan {text!r}: expected N,mu,r_w,r_c,attn (e.g. 64,16,0.3,0,cpu)") from None
+    if pol.N < 1 or not 1 <= pol.mu <= pol.N or not 0 <= pol.r_w <= 1 or not 0 <= pol.r_c <= 1:
+        raise MoeflowError(f"--plan {text!r}: needs N >= 1, 1 <= mu <= N, r_w and r_c in [0, 1]")
+    return pol
+
+
+def machine_profile() -> HardwareProfile:
+    return cached_profile() or reference_profile()
+
+
+def host_budget() -> int:
+    return int(_host_memory() * HOST_SHARE)
+
+
+def choose_plan(cfg: ModelConfig, profile: HardwareProfile, gpu_memory: int, prompt_len: int, gen_len: int,
+                b: int = 2, max_n: int | None = None) -> ThroughputPrediction:
+    """The fastest plan with attention on the CPU (what the pipeline runs) that fits GPU and host memory, of at
+    most max_n sequences; prompt_len + gen_len: each sequence's KV slot."""
+    host, seq_kv = host_budget(), (prompt_len + gen_len) * cfg.kv_bytes_per_token(b)
+    experts = len(cfg.moe_layers) * cfg.num_experts * cfg.expert_numel * b
+    best = None
+    for N in _grid(max(1, min((host - experts) // seq_kv, max_n or 1 << 30))):
+        top = max(1, -(-N // 2))  # at least two micro-batches, so that CPU and GPU overlap
+        for mu in sorted({min(2**i, top) for i in range(int(math.log2(top)) + 2)}):
+            pol = ThroughputPolicy(N, mu, 0.0, 0.0, False)
+            r_w = _max_rw(cfg, pol, prompt_len, gen_len, gpu_memory, b)
+            if r_w is None or throughput_memory(cfg, pol, prompt_len, gen_len, b)[1] > host:
+                continue
+            r_w = math.floor(r_w * cfg.num_experts + 1e-9) / cfg.num_experts  # whole experts stay resident
+            pred = predict_throughput(cfg, profile, replace(pol, r_w=r_w), prompt_len, gen_len, b)
+            if best is None or pred.tokens_per_s > best.tokens_per_s:
+                best = pred
+    if best is None:
+        check_fits(cfg, ThroughputPolicy(1, 1, 0.0, 0.0, False), prompt_len + gen_len, gpu_memory, b)
+        raise MoeflowError(f"no pipeline plan fits {gib(gpu_memory)} of GPU and {gib(host)} of host memory")
+    return best
+
+
+def check_fits(cfg: ModelConfig, pol: ThroughputPolicy, max_len: int, gpu_memory: int | None, b: int = 2) -> None:
+    """Refuse, with what does not fit and by how much, a plan beyond the GPU budget or host memory."""
+    gpu, host = throughput_memory(cfg, pol, max_len, 0, b)
+    if gpu_memory is not None and gpu > gpu_memory:
+        raise MoeflowError(f"the plan N={pol.N}, mu={pol.mu}, r_w={pol.r_w:.2f} needs {gib(gpu)} of GPU memory "
+                           f"(non-expert weights, {pol.r_w:.0%} of the experts, a double buffer for one layer's "
+                           f"streamed experts, the workspace): --gpu-memory {gib(gpu_memory)} is short by "
+                           f"{gib(gpu - gpu_memory)}")
+    limit = host_budget()
+    if host > limit:
+        raise MoeflowError(f"the plan N={pol.N} needs {gib(host)} of host memory (the experts and a KV cache of "
+                           f"{pol.N} x {max_len} tokens): {gib(limit)} is usable, short by {gib(host - limit)}")

@@ -1,0 +1,115 @@
+"""LayerWeights: a layer's experts on the GPU, a resident share plus the rest streamed in from pinned host memory.
+
+The first `resident` experts of every layer stay on the GPU; the others are copied, in pages of whole experts,
+into one of two buffers on a copy stream (double buffering: layer i+1 arrives while layer i computes). Every
+block keeps the host layout (down projection transposed), so the same FFN serves host and GPU blocks.
+On the CPU (both tiers on one device) the streams and events are no-ops and the copies plain copies.
+Legend: L = MoE layers, E = experts, R = resident experts per layer, S = streamed (E - R), W = 3IH weights.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from moeflow.experts.local import can_group, grouped_experts, partial_ffn
+from moeflow.experts.store import ExpertStore, expert_rows
+
+PAGE_BYTES = 64 * 2**20  # one copy call moves at most this much (whole experts)
+# Above this many (token, expert) entries (a prompt round) the experts run one by one: the grouped GEMMs'
+# intermediate [entries, 2I] would outgrow the workspace the plan counts.
+GROUPED_MAX_ENTRIES = 4096
+
+
+class LayerWeights:
+    def __init__(self, store: ExpertStore, device: torch.device, r_w: float, grouped: bool | None = None):
+        self.store, self.device = store, device
+        E, self.inter = store.cfg.num_experts, store.cfg.expert_intermediate_size
+        self.resident = min(E, math.floor(r_w * E + 1e-9))
+        data = store.data                                                     # [L, E, W] host
+        self.res = data[:, :self.resident].to(device)                          # [L, R, W]
+        S = E - self.resident
+        # Grouped GEMMs (CUDA bf16) want a layer's experts in one [E, W] tensor: each buffer then also takes the
+        # layer's resident experts (a device-to-device copy); elsewhere a buffer holds the streamed ones only.
+        self.grouped = can_group(self.res) if grouped is None else grouped
+        rows = E if self.grouped else S
+        self.bufs = [torch.empty((rows, data.shape[-1]), dtype=data.dtype, device=device) for _ in range(2)] \
+            if S else []                                                       # 2 x [E or S, W]
+        self.per_page = max(1, PAGE_BYTES // max(store.expert_bytes, 1))
+        cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.loaded = [None, None]   # layer row each buffer holds
+        self.ready = [self._event() for _ in range(2)]  # copy into buffer done
+        self.freed = [self._event() for _ in range(2)]  # compute on buffer done
+        self.bytes_h2d = 0
+
+    def _event(self):
+        return torch.cuda.Event() if self.device.type == "cuda" else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [self.res, *self.bufs])
+
+    def prefetch(self, row: int) -> None:
+        """Start copying the streamed experts of layer row `row` into its buffer (no wait)."""
+        if not self.bufs or self.loaded[row % 2] == row:
+            return
+        b, R = row % 2, self.resident
+        src, dst = self.store.data[row, R:], self.bufs[b]
+        stream = torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else nullcontext()
+        with stream:
+            if self.copy_stream is not None:
+                self.copy_stream.wait_event(self.freed[b])  # the layer two back has finished with it
+            if self.grouped:
+                dst[:R].copy_(self.res[row], non_blocking=True)
+                dst = dst[R:]
+            for p in range(0, src.shape[0], self.per_page):
+                dst[p:p + self.per_page].copy_(src[p:p + self.per_page], non_blocking=True)
+            if self.ready[b] is not None:
+                self.ready[b].record(self.copy_stream)
+        self.loaded[b] = row
+        self.bytes_h2d += src.numel() * src.element_size()
+
+    def acquire(self, row: int) -> None:
+        """Make the compute stream wait until layer row `row` has arrived (copying it now if not started)."""
+        self.prefetch(row)
+        if self.bufs and self.ready[row % 2] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[row % 2])
+
+    def release(self, row: int) -> None:
+        """The compute stream is done with layer row `row`'s buffer: the copy two layers on may overwrite it."""
+        if self.bufs and self.freed[row % 2] is not None:
+            self.freed[row % 2].record(torch.cuda.current_stream(self.device))
+
+    def block(self, row: int, expert: int) -> torch.Tensor:
+        """[W] expert `expert` of layer row `row` on the GPU (acquired first)."""
+        if self.grouped and self.bufs:
+            return self.bufs[row % 2][expert]
+        if expert < self.resident:
+            return self.res[row, expert]
+        return self.bufs[row % 2][expert - self.resident]
+
+    def ffn(self, row: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts of layer row `row` on x [N, H] -> [N, H] (fp32 accumulation)."""
+        if self.grouped and topk_ids.numel() <= GROUPED_MAX_ENTRIES:  # two grouped GEMMs, no host sync
+            I, H = self.inter, x.shape[1]
+            buf = self.bufs[row % 2] if self.bufs else self.res[row]          # [E, W] host layout
+            return grouped_experts(x, topk_ids, topk_weights, buf[:, :2 * I * H].view(-1, 2 * I, H),
+                                   buf[:, 2 * I * H:].view(-1, I, H))
+        N, K = topk_ids.shape
+        flat = topk_ids.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.store.cfg.num_experts).tolist()
+        out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+        w, start = topk_weights.flatten(), 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            idx = order[start:start + n]
+            start += n
+            tok = idx // K
+            y = partial_ffn(x[tok], *expert_rows(self.block(row, e), self.inter, 0, self.inter))  # [n, H]
+            out.index_add_(0, tok, y.float() * w[idx, None].float())
+        return out.to(x.dtype)

@@ -1,0 +1,163 @@
+"""The pipeline engine (throughput regime): the same greedy tokens as the single-request engine, plans checked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moeflow import MoeflowError
+from moeflow.checkpoint import load, read_model_config
+from moeflow.cli import main
+from moeflow.engine.llm_engine import LLMEngine
+from moeflow.engine.sequence import SamplingParams
+from moeflow.perf.model import ThroughputPolicy
+from moeflow.pipeline.engine import PipelineEngine
+from moeflow.pipeline.plan import check_fits, parse_plan
+
+PROMPTS = ["hello world", "the cat sat on the mat and", "a", "import sys", "once upon a time there", "zz top"]
+NEW = [5, 8, 3, 6, 7, 4]
+
+
+def single_request(ck) -> list:
+    engine = LLMEngine(ck, max_seqs=1, max_len=64)
+    return [engine.generate([p], SamplingParams(max_new_tokens=n, ignore_eos=True))[0] for p, n in zip(PROMPTS, NEW)]
+
+
+def single_request_tokens(ck) -> list[list[int]]:
+    return [s.output_ids for s in single_request(ck)]
+
+
+def pipeline_tokens(ck, plan: ThroughputPolicy, native: bool | None = None) -> tuple[list[list[int]], PipelineEngine]:
+    engine = PipelineEngine(ck, plan, 64, native=native)
+    seqs = [engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p, n in zip(PROMPTS, NEW)]
+    while engine.has_unfinished:
+        engine.step()
+        assert len(engine.running) <= plan.N
+    engine.close()
+    return [s.output_ids for s in seqs], engine
+
+
+@pytest.mark.parametrize("model,plan,native", [("tiny-mixtral", (3, 2, 0.5), None), ("tiny-qwen3", (4, 1, 0.0), False)])
+def test_pipeline_matches_the_single_request_engine(model, plan, native):
+    """6 requests through N slots (later ones join as earlier finish), micro-batches of mu, r_w resident; CPU
+    attention by the native kernel (where it builds) or PyTorch."""
+    ck = load(f"synthetic:{model}")
+    N, mu, r_w = plan
+    got, engine = pipeline_tokens(ck, ThroughputPolicy(N, mu, r_w, 0.0, False), native)
+    assert got == single_request_tokens(ck)
+    streamed = ck.cfg.num_experts - engine.weights.resident
+    assert engine.weights.bytes_h2d >= streamed * ck.store.expert_bytes * len(ck.cfg.moe_layers)
+    assert engine.cpu_attention_s > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model,dtype", [("tiny-mixtral", "fp32"), ("tiny-qwen3", "fp32"), ("tiny-mixtral", "bf16")])
+def test_pipeline_on_the_gpu_matches_the_single_request_engine(model, dtype):
+    """Streams, events, pinned copies; in bf16 the experts run as grouped GEMMs, as the reference's do."""
+    ck = load(f"synthetic:{model}", device="cuda", dtype=dtype, expert_device="cpu")
+    ck.store.pin()
+    got, engine = pipeline_tokens(ck, ThroughputPolicy(3, 2, 0.5, 0.0, False))
+    assert engine.weights.grouped == (dtype == "bf16")
+    ref = load(f"synthetic:{model}", device="cuda", dtype=dtype)
+    assert got == single_request_tokens(ref)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_layer_weights_run_each_layers_experts(grouped, monkeypatch):
+    """Resident share + streamed buffers (double-buffered across layers), by expert or in grouped GEMMs: the same
+    output as the reference backend with every expert in place."""
+    from moeflow.experts.local import LocalExperts
+    from moeflow.pipeline import weights
+
+    if grouped and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no grouped GEMM")
+    calls, real = [], weights.grouped_experts
+    monkeypatch.setattr(weights, "grouped_experts", lambda *a: calls.append(1) or real(*a))
+    ck = load("synthetic:tiny-mixtral", dtype="bf16")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, ck.cfg.hidden_size, generator=g).bfloat16()
+    ids = torch.randint(0, ck.cfg.num_experts, (9, 2), generator=g)
+    w = torch.rand(9, 2, generator=g)
+    ref = LocalExperts(ck.store)
+    for r_w in (0.0, 0.5, 1.0):
+        lw = weights.LayerWeights(ck.store, torch.device("cpu"), r_w, grouped=grouped)
+        for layer in ck.cfg.moe_layers * 2:  # twice round: buffers reused
+            row = ck.store.slot[layer]
+            lw.prefetch(row)
+            lw.acquire(row)
+            torch.testing.assert_close(lw.ffn(row, x, ids, w).float(), ref(layer, x, ids, w).float(),
+                                       rtol=2e-2, atol=2e-2)
+            lw.release(row)
+    assert bool(calls) == grouped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_attention_matches_pytorch(dtype):
+    from moeflow.pipeline.attention import cpu_decode_attention
+    from moeflow.pipeline.native import load as load_native
+
+    native = load_native()
+    if native is None:
+        pytest.skip("no C++ compiler builds the native kernel")
+    g = torch.Generator().manual_seed(0)
+    S, T, Hq, Hkv, D = 5, 40, 6, 2, 24  # GQA groups of 3; D not a multiple of the vector width
+    cache = [torch.randn(S, T, Hkv, D, generator=g).to(dtype) for _ in "kv"]
+    q, k, v = (torch.randn(3, h, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
+    slots, starts = [4, 0, 2], [0, 17, 39]
+    for window in (None, 8):
+        ref = cpu_decode_attention(q, k, v, *[c.clone() for c in cache], slots, starts, window)
+        for kernel in ["scalar", *sorted(native.features)]:
+            kc, vc = (c.clone() for c in cache)
+            cpu_decode_attention(q, k, v, kc, vc, slots, starts, window)  # the same cache writes
+            ends = torch.tensor(starts, dtype=torch.int32) + 1
+            firsts = ends * 0 if window is None else (ends - window).clamp(min=0).to(torch.int32)
+            got = native(q, kc, vc, torch.tensor(slots, dtype=torch.int32), firsts, ends, 2, kernel)
+            torch.testing.assert_close(got, ref.float(), rtol=1e-4 if dtype == torch.float32 else 2e-2,
+                                       atol=1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def test_plans_are_parsed_and_checked():
+    assert parse_plan("64,16,0.3,0,cpu") == ThroughputPolicy(64, 16, 0.3, 0.0, False)
+    for bad in ("64,16,0.3,0", "64,128,0.3,0,cpu", "a,1,0,0,cpu", "4,2,1.5,0,cpu", "4,2,0,0,tpu"):
+        with pytest.raises(MoeflowError, match="--plan"):
+            parse_plan(bad)
+    _, cfg = read_model_config("synthetic:mixtral-8x7b")
+    with pytest.raises(MoeflowError, match=r"GPU memory .* short by"):
+        check_fits(cfg, ThroughputPolicy(8, 4, 0.5, 0.0, False), 1024, 24 << 30)
+    with pytest.raises(MoeflowError, match=r"host memory .* short by"):
+        check_fits(cfg, ThroughputPolicy(10**6, 4, 0.0, 0.0, False), 1024, None)
+    with pytest.raises(MoeflowError, match="attention on the CPU"):
+        PipelineEngine(load("synthetic:tiny-mixtral"), ThroughputPolicy(2, 1, 0.0, 0.0, True), 64)
+
+
+def test_batch_runs_on_the_pipeline_engine(tmp_path, monkeypatch):
+    ck = load("synthetic:tiny-mixtral")
+    monkeypatch.setattr("moeflow.pipeline.load.load", lambda *a, **k: ck)
+    lines = [json.dumps({"custom_id": f"r{i}", "url": "/v1/completions",
+                         "body": {"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True}})
+             for i, (p, n) in enumerate(zip(PROMPTS, NEW))]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["batch", "--model", "synthetic:tiny-mixtral", "--input", str(tmp_path / "in.jsonl"), "--output",
+                 str(out), "--device", "cpu", "--engine", "pipeline", "--plan", "3,2,0.5,0,cpu",
+                 "--no-progress"]) == 0
+    recs = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    for i, seq in enumerate(single_request(ck)):
+        body = recs[f"r{i}"]["response"]["body"]
+        assert body["choices"][0]["text"] == seq.text
+        assert body["usage"]["completion_tokens"] == len(seq.output_ids)
+
+
+def test_bench_throughput_writes_pipeline_and_baseline_rows(tmp_path, monkeypatch):
+    ck = load("synthetic:tiny-mixtral")
+    monkeypatch.setattr("moeflow.checkpoint.load", lambda *a, **k: ck)
+    out = tmp_path / "tp.json"
+    assert main(["bench", "throughput", "--configs", "synthetic:tiny-mixtral@1GiB", "--device", "cpu",
+                 "--gen-lens", "3", "--num-prompts", "3", "--plan", "2,1,0.5,0,cpu", "--baseline-batches", "2",
+                 "--baseline-tokens", "2", "--out", str(out)]) == 0
+    pipe, base = json.loads(out.read_text())["rows"]
+    assert (pipe["engine"], pipe["tokens"], pipe["plan"]["N"]) == ("pipeline", 9, 2)
+    assert pipe["predicted_tokens_per_s"] > 0 and 0 <= pipe["shares"]["cpu_attention"] <= 1
+    assert (base["engine"], base["tokens"]) == ("continuous", 4)
