@@ -27,10 +27,18 @@ TINY = {
                         eos_token_id=319, initializer_range=0.1,
                         rope_scaling={"type": "yarn", "factor": 4.0, "mscale": 0.707, "mscale_all_dim": 0.707,
                                       "original_max_position_embeddings": 128, "beta_fast": 32, "beta_slow": 1}),
+    # q_lora_rank, sigmoid scores with noaux_tc groups (the correction bias set by the tests), renormalized, scaled
+    "deepseek_v3": dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                        num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=32, q_lora_rank=24,
+                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+                        num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+                        routed_scaling_factor=2.5, max_position_embeddings=512, bos_token_id=317,
+                        eos_token_id=319, initializer_range=0.1),
 }
 HF_CLASSES = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"),
               "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
-              "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM")}
+              "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+              "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM")}
 
 
 @pytest.fixture

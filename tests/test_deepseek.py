@@ -23,6 +23,10 @@ CASES = [
     ("deepseek_v2", {}),                                                           # V2-Lite's form, YaRN
     ("deepseek_v2", {"q_lora_rank": 24, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
                      "rope_scaling": None, "n_shared_experts": 1}),
+    ("deepseek_v3", {}),                                                           # noaux_tc, q_lora_rank
+    ("deepseek_v3", {"rope_scaling": {"type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                      "original_max_position_embeddings": 128}, "rope_interleave": False,
+                     "norm_topk_prob": False}),
 ]
 IDS = [f"{t}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for t, o in CASES]
 
@@ -31,9 +35,22 @@ IDS = [f"{t}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for t, o
 def pair(request, hf_checkpoint):
     model_type, overrides = request.param
     path, hf = hf_checkpoint(model_type, **overrides)
+    if model_type == "deepseek_v3":
+        steer_v3(hf, path)
     ck = load(path)
     assert ck.store.data.dtype == torch.float32
     return hf, LLMEngine(ck, max_seqs=4, max_len=128)
+
+
+def steer_v3(hf, path) -> None:
+    """transformers starts e_score_correction_bias at zero: random biases (saved again) make them steer the
+    choice of groups and experts, as in a trained V3."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, b in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
+    hf.save_pretrained(path)
 
 
 @pytest.fixture
@@ -42,10 +59,11 @@ def ckpt(hf_checkpoint):
     return hf_checkpoint("deepseek_v2")[0]
 
 
-def test_latent_cache_and_dense_count(hf_checkpoint):
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3"])
+def test_latent_cache_and_dense_count(hf_checkpoint, model_type):
     """The cache holds the latent and the rope key per token and layer, not expanded heads; the config's count
     of non-expert weights (the budget's dense part: attention, shared experts, routers) is the model's."""
-    path, hf = hf_checkpoint("deepseek_v2")
+    path, hf = hf_checkpoint(model_type)
     ck = load(path)
     cfg = ck.cfg
     assert cfg.kv_token_shapes == ((32,), (8,)) and cfg.kv_bytes_per_token(4) == 3 * (32 + 8) * 4
@@ -53,7 +71,8 @@ def test_latent_cache_and_dense_count(hf_checkpoint):
     assert [tuple(t.shape) for t in eng.cache[1]] == [(2, 16, 32), (2, 16, 8)]
     assert eng.cache.nbytes == cfg.kv_bytes_per_token(4) * 2 * 16
     assert cfg.dense_numel == sum(p.numel() for p in ck.model.parameters()) == ck.dense_bytes // 4
-    hf_dense = sum(p.numel() for n, p in hf.named_parameters() if ".experts." not in n)
+    hf_dense = sum(p.numel() for n, p in hf.named_parameters() if ".experts." not in n) + \
+        sum(b.numel() for n, b in hf.named_buffers() if n.endswith("e_score_correction_bias"))
     assert cfg.dense_numel == hf_dense
 
 
