@@ -34,11 +34,17 @@ TINY = {
                         num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
                         routed_scaling_factor=2.5, max_position_embeddings=512, bos_token_id=317,
                         eos_token_id=319, initializer_range=0.1),
+    # q/k/v biases, a gated shared expert, a dense layer
+    "qwen2_moe": dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, num_experts=8, num_experts_per_tok=3, mlp_only_layers=[1],
+                      max_position_embeddings=512, bos_token_id=317, eos_token_id=319, initializer_range=0.1),
 }
 HF_CLASSES = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"),
               "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
               "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
-              "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM")}
+              "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+              "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM")}
 
 
 @pytest.fixture

@@ -60,6 +60,7 @@ class ModelConfig:
     v_head_dim: int = 0
     shared_intermediate_size: int = 0  # FFN width of the shared experts every token runs (all of them together)
     shared_expert_gate: bool = False   # the shared experts' output scaled by a sigmoid gate (Qwen2-MoE)
+    qkv_bias: bool = False             # biases on q/k/v only (Qwen2-MoE); attention_bias: on o too
     scoring: str = "softmax"           # router scores: softmax or sigmoid (DeepSeek-V3)
     topk_method: str = "greedy"        # greedy, group_limited_greedy (DeepSeek-V2), noaux_tc (DeepSeek-V3)
     n_group: int = 1
@@ -90,7 +91,8 @@ class ModelConfig:
             kv = (H + bias) * a + r + r * heads * (self.qk_nope_head_dim + self.v_head_dim)  # kv_a, norm, kv_b
             return q + kv + heads * self.v_head_dim * H + (H if bias else 0)
         q, kv = self.num_attention_heads * D, self.num_key_value_heads * D
-        return H * (q + 2 * kv) + q * H + (q + 2 * kv + H if bias else 0) + (2 * D if self.qk_norm else 0)
+        qkv_bias = q + 2 * kv if bias or self.qkv_bias else 0
+        return H * (q + 2 * kv) + q * H + qkv_bias + (H if bias else 0) + (2 * D if self.qk_norm else 0)
 
     def layer_dense_numel(self, layer: int) -> int:
         """Non-expert weights of one decoder layer: attention, norms, and the router (with the shared experts)

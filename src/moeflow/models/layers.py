@@ -160,9 +160,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         H, D, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        self.q_proj = nn.Linear(H, self.n_heads * D, bias=bias)
-        self.k_proj = nn.Linear(H, self.n_kv * D, bias=bias)
-        self.v_proj = nn.Linear(H, self.n_kv * D, bias=bias)
+        qkv_bias = bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=qkv_bias)
+        self.k_proj = nn.Linear(H, self.n_kv * D, bias=qkv_bias)
+        self.v_proj = nn.Linear(H, self.n_kv * D, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
