@@ -149,3 +149,25 @@ def test_cpu_kernel_runs_the_v2_lite_expert_shape(kernel, monkeypatch):
     ids, w = routed(3, 3, 2, g)
     got = CpuExperts(threads=2).layer(data, x, ids, w)
     check(got, reference(data, x, jobs_from_topk(ids, w, 3), 1408), kernel)
+
+
+@torch.inference_mode()
+def test_graph_decode_mask_matches_the_single_path(hf_checkpoint):
+    """A decode step as the CUDA graph builds it (the whole slot under a mask from device positions) gives the
+    plain single-sequence step's logits; the padded form of two sequences gives each one's own."""
+    from moeflow.engine.kv_cache import KVCache
+    from moeflow.models.layers import AttnBatch
+
+    ck = load(hf_checkpoint("deepseek_v2")[0])
+    model, cpu = ck.model, torch.device("cpu")
+    cache = KVCache(ck.cfg, 3, 64, torch.float32, cpu)
+    prompts = [list(range(5, 22)), list(range(40, 47))]
+    for slot, p in zip((1, 2), prompts):
+        model(torch.tensor(p), AttnBatch.build([slot], [0], [len(p)], cpu), cache)
+    n = len(prompts[0])
+    single = model.logits(model(torch.tensor([7]), AttnBatch.build([1], [n], [1], cpu), cache))
+    graph = model.logits(model(torch.tensor([7]), AttnBatch.graph_decode(1, torch.tensor([n]), 64), cache))
+    torch.testing.assert_close(graph, single, rtol=1e-5, atol=1e-5)
+    padded = model.logits(model(torch.tensor([7, 9]), AttnBatch.build([2, 1], [7, n], [1, 1], cpu), cache))
+    alone = model.logits(model(torch.tensor([9]), AttnBatch.build([1], [n], [1], cpu), cache))
+    torch.testing.assert_close(padded[1:], alone, rtol=1e-5, atol=1e-5)
