@@ -3,9 +3,10 @@ token plus a decoupled RoPE key shared by all heads; the KV cache keeps only tho
 
 Legend: N = packed tokens, B = sequences, Tq/Tk = padded query / attended lengths, Hq = heads, R = kv_lora_rank,
 Dn / Dr / Dv = the no-rope, rope and value head dims, Dqk = Dn + Dr.
-Attention expands K and V from the cached latents of the attended span on each call (kv_b_proj), for every
-AttnBatch form the engine builds: one sequence, ragged prompts, padded with a mask, the CUDA-graph decode mask,
-and no cache.
+A prompt expands K and V from the cached latents of the attended span (kv_b_proj); a decode step (one query per
+sequence) instead attends in the latent space, kv_b_proj's key part absorbed into the query and its value part
+applied after (the paper's decode form: no per-step expansion of the whole context). Both serve every AttnBatch
+form the engine builds: one sequence, ragged prompts, padded with a mask, the CUDA-graph decode mask, no cache.
 """
 
 from __future__ import annotations
@@ -79,6 +80,19 @@ class MlaAttention(nn.Module):
         k_rot = k_rot.unsqueeze(-2).expand(*k_nope.shape[:-1], self.dr)
         return torch.cat((k_nope, k_rot), dim=-1), v
 
+    def _absorbed(self, q, C, Kr, mask) -> torch.Tensor:
+        """One query per sequence against the cached latents: q [B, 1, Hq, Dqk], C [B, Tk, R], Kr [B, Tk, Dr],
+        mask [B, 1, 1, Tk] or None -> [B, 1, Hq, Dv]. q_nope . (W_uk c) = (q_nope W_uk) . c, and likewise for V."""
+        W = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.rank)
+        q_nope, q_rot = q[:, 0].split([self.dn, self.dr], dim=-1)                      # [B, Hq, Dn], [B, Hq, Dr]
+        q_lat = torch.einsum("bhd,hdr->bhr", q_nope, W[:, :self.dn])                     # [B, Hq, R]
+        scores = (torch.einsum("bhr,btr->bht", q_lat, C) + torch.einsum("bhd,btd->bht", q_rot, Kr)) * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, 0], float("-inf"))                      # [B, Hq, Tk]
+        p = torch.softmax(scores.float(), dim=-1).to(C.dtype)
+        o_lat = torch.einsum("bht,btr->bhr", p, C)                                       # [B, Hq, R]
+        return torch.einsum("bhr,hvr->bhv", o_lat, W[:, self.dn:])[:, None]              # [B, 1, Hq, Dv]
+
     def _attend(self, q, K, V, mask, causal: bool) -> torch.Tensor:
         """q [B, Tq, Hq, Dqk], K [B, Tk, Hq, Dqk], V [B, Tk, Hq, Dv], mask [B, 1, Tq, Tk] -> [B, Tq, Hq, Dv]."""
         O = F.scaled_dot_product_attention(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),
@@ -100,6 +114,9 @@ class MlaAttention(nn.Module):
         end = start + q.shape[0]
         kv[0][slot, start:end] = latent
         kv[1][slot, start:end] = k_rot
+        if q.shape[0] == 1:
+            return self._absorbed(q[None], kv[0][slot, None, :end], kv[1][slot, None, :end],
+                                  mask if mask is None else mask[None])[0]
         K, V = self.expand(kv[0][slot, :end], kv[1][slot, :end])  # [Tk, Hq, D]
         return self._attend(q[None], K[None], V[None], mask if mask is None else mask[None], causal)[0]
 
@@ -126,7 +143,9 @@ class MlaAttention(nn.Module):
             C, Kr = kv[0][a:b, :batch.kv_len], kv[1][a:b, :batch.kv_len]  # [B, Tk, R], [B, Tk, Dr]
         else:
             C, Kr = kv[0][batch.slots, :batch.kv_len], kv[1][batch.slots, :batch.kv_len]
-        K, V = self.expand(C, Kr)
         Q = q.new_zeros(batch.slots.shape[0], batch.q_len, self.n_heads, q.shape[-1])  # [B, Tq, Hq, Dqk]
         Q[batch.tok_seq, batch.tok_row] = q
+        if batch.q_len == 1:  # decode steps (the CUDA graph's too)
+            return self._absorbed(Q, C, Kr, batch.mask)[batch.tok_seq, batch.tok_row]
+        K, V = self.expand(C, Kr)
         return self._attend(Q, K, V, batch.mask, batch.causal)[batch.tok_seq, batch.tok_row]
