@@ -16,24 +16,32 @@ from moeflow.experts.cpu import CpuExperts, jobs_from_topk
 from test_cpu_experts import HERE, check, reference, routed, weights
 from test_offload import (test_every_policy_gives_the_local_tokens,  # noqa: F401  (collected here, on `ckpt`)
                           test_trace_replay_gives_the_same_tokens_for_every_policy)
+import test_parity
 from test_parity import (test_batch_of_two_lengths_matches_each_alone,  # noqa: F401  (collected here, on `pair`)
                          test_greedy_decode_matches_with_and_without_cache, test_prefill_logits_match_transformers)
 
-CASES = [
-    ("deepseek_v2", {}),                                                           # V2-Lite's form, YaRN
+# Each architecture's first case runs every parity test; the variants (cheaper) the logits of every position.
+CASES = [("deepseek_v2", {}), ("deepseek_v3", {})]  # V2-Lite's form with YaRN; V3's noaux_tc with q_lora_rank
+VARIANTS = [
     ("deepseek_v2", {"q_lora_rank": 24, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
                      "rope_scaling": None, "n_shared_experts": 1}),
-    ("deepseek_v3", {}),                                                           # noaux_tc, q_lora_rank
     ("deepseek_v3", {"rope_scaling": {"type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                                       "original_max_position_embeddings": 128}, "rope_interleave": False,
                      "norm_topk_prob": False}),
 ]
-IDS = [f"{t}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for t, o in CASES]
 
 
-@pytest.fixture(params=CASES, ids=IDS)
+@pytest.fixture(params=CASES, ids=[t for t, _ in CASES])
 def pair(request, hf_checkpoint):
-    model_type, overrides = request.param
+    return make_pair(hf_checkpoint, *request.param)
+
+
+@pytest.mark.parametrize("model_type,overrides", VARIANTS, ids=["v2-qlora-grouped-ropeplain", "v3-yarn-halves-unnorm"])
+def test_variant_prefill_logits_match_transformers(hf_checkpoint, model_type, overrides):
+    test_parity.test_prefill_logits_match_transformers(make_pair(hf_checkpoint, model_type, overrides))
+
+
+def make_pair(hf_checkpoint, model_type: str, overrides: dict):
     path, hf = hf_checkpoint(model_type, **overrides)
     if model_type == "deepseek_v3":
         steer_v3(hf, path)

@@ -1,5 +1,5 @@
 """Qwen2-MoE / Qwen1.5-MoE against transformers' Qwen2MoeForCausalLM on a tiny random checkpoint: the parity tests
-of test_parity.py, the shared expert's weights in the dense count, every offloading policy."""
+of test_parity.py, the shared expert's weights in the dense count, offloading (auto, lru)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,26 @@ import pytest
 
 from moeflow.checkpoint import load, read_model_config
 from moeflow.engine.llm_engine import LLMEngine
-from test_offload import test_every_policy_gives_the_local_tokens  # noqa: F401  (collected here, on `ckpt`)
+import test_offload
+import test_parity
 from test_parity import (test_batch_of_two_lengths_matches_each_alone,  # noqa: F401  (collected here, on `pair`)
                          test_greedy_decode_matches_with_and_without_cache, test_prefill_logits_match_transformers)
 
-CASES = [{}, {"norm_topk_prob": True, "mlp_only_layers": [], "qkv_bias": False}]
+
+@pytest.fixture
+def pair(hf_checkpoint):
+    path, hf = hf_checkpoint("qwen2_moe")
+    return hf, LLMEngine(load(path), max_seqs=4, max_len=128)
 
 
-@pytest.fixture(params=CASES, ids=["default", "normalized-no-bias"])
-def pair(request, hf_checkpoint):
-    path, hf = hf_checkpoint("qwen2_moe", **request.param)
-    ck = load(path)
-    return hf, LLMEngine(ck, max_seqs=4, max_len=128)
+def test_renormalized_unbiased_variant_logits(hf_checkpoint):
+    path, hf = hf_checkpoint("qwen2_moe", norm_topk_prob=True, mlp_only_layers=[], qkv_bias=False)
+    test_parity.test_prefill_logits_match_transformers((hf, LLMEngine(load(path), max_seqs=4, max_len=128)))
+
+
+@pytest.mark.parametrize("policy", ["auto", "lru"])
+def test_offloading_gives_the_local_tokens(ckpt, policy):
+    test_offload.test_every_policy_gives_the_local_tokens(ckpt, policy)
 
 
 @pytest.fixture
