@@ -96,6 +96,10 @@ def test_unsupported_options_fail_naming_them(change, match):
 
     with pytest.raises(MoeflowError, match=match):
         get_architecture("deepseek_v2").config(PRESETS["deepseek-v2-lite"] | change)
+    with pytest.raises(MoeflowError, match="fewer than two of the 256 experts per group"):
+        get_architecture("deepseek_v3").config(PRESETS["deepseek-v3"] | {"n_group": 256, "topk_group": 4})
+    with pytest.raises(MoeflowError, match="topk_method 'greedy'"):
+        get_architecture("deepseek_v3").config(PRESETS["deepseek-v3"] | {"topk_method": "greedy"})
 
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "deepseek-v2-lite-chat.dev.npz"

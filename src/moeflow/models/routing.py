@@ -26,6 +26,9 @@ def check_routing(cfg_name: str, method: str, scoring: str, experts: int, n_grou
     if method != "greedy" and (n_group < 1 or experts % n_group or not 1 <= topk_group <= n_group):
         raise MoeflowError(f"topk_method {method!r} needs n_group dividing the {experts} experts and "
                            f"1 <= topk_group <= n_group; config.json has n_group {n_group}, topk_group {topk_group}")
+    if method == "noaux_tc" and experts // n_group < 2:
+        raise MoeflowError(f"topk_method 'noaux_tc' ranks groups by their two best experts: n_group {n_group} "
+                           f"leaves fewer than two of the {experts} experts per group")
 
 
 class GroupedTopK:
