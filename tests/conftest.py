@@ -18,7 +18,33 @@ TINY = {
                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                       num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, max_position_embeddings=512,
                       bos_token_id=317, eos_token_id=319, initializer_range=0.1),
+    # MLA without q_lora_rank (as V2-Lite), YaRN, a dense first layer, two shared experts
+    "deepseek_v2": dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                        num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=32, q_lora_rank=None,
+                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+                        num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=1,
+                        routed_scaling_factor=1.5, max_position_embeddings=512, bos_token_id=317,
+                        eos_token_id=319, initializer_range=0.1,
+                        rope_scaling={"type": "yarn", "factor": 4.0, "mscale": 0.707, "mscale_all_dim": 0.707,
+                                      "original_max_position_embeddings": 128, "beta_fast": 32, "beta_slow": 1}),
+    # q_lora_rank, sigmoid scores with noaux_tc groups (the correction bias set by the tests), renormalized, scaled
+    "deepseek_v3": dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                        num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=32, q_lora_rank=24,
+                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+                        num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+                        routed_scaling_factor=2.5, max_position_embeddings=512, bos_token_id=317,
+                        eos_token_id=319, initializer_range=0.1),
+    # q/k/v biases, a gated shared expert, a dense layer
+    "qwen2_moe": dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, num_experts=8, num_experts_per_tok=3, mlp_only_layers=[1],
+                      max_position_embeddings=512, bos_token_id=317, eos_token_id=319, initializer_range=0.1),
 }
+HF_CLASSES = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+              "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+              "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+              "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+              "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM")}
 
 
 @pytest.fixture
@@ -50,10 +76,8 @@ def save_hf_checkpoint(path: Path, model_type: str, seed: int = 0, **overrides):
     import transformers
 
     kwargs = TINY[model_type] | overrides
-    if model_type == "mixtral":
-        cfg, cls = transformers.MixtralConfig(**kwargs), transformers.MixtralForCausalLM
-    else:
-        cfg, cls = transformers.Qwen3MoeConfig(**kwargs), transformers.Qwen3MoeForCausalLM
+    config_cls, model_cls = HF_CLASSES[model_type]
+    cfg, cls = getattr(transformers, config_cls)(**kwargs), getattr(transformers, model_cls)
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     model.save_pretrained(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,24 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # RoPE scaling parameters as sorted (key, value) items (models/rope.py); (): plain RoPE
+    rope_scaling: tuple = ()
+    rope_interleave: bool = False      # rotate adjacent pairs (DeepSeek) rather than the two halves
+    # Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434); kv_lora_rank 0: ordinary attention.
+    # With MLA, head_dim is the query/key head (nope + rope) and num_key_value_heads the expanded heads.
+    kv_lora_rank: int = 0
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    shared_intermediate_size: int = 0  # FFN width of the shared experts every token runs (all of them together)
+    shared_expert_gate: bool = False   # the shared experts' output scaled by a sigmoid gate (Qwen2-MoE)
+    qkv_bias: bool = False             # biases on q/k/v only (Qwen2-MoE); attention_bias: on o too
+    scoring: str = "softmax"           # router scores: softmax or sigmoid (DeepSeek-V3)
+    topk_method: str = "greedy"        # greedy, group_limited_greedy (DeepSeek-V2), noaux_tc (DeepSeek-V3)
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -61,13 +80,30 @@ class ModelConfig:
     def expert_bytes(self, dtype: torch.dtype) -> int:
         return self.expert_numel * dtype.itemsize
 
-    def layer_dense_numel(self, layer: int) -> int:
-        """Non-expert weights of one decoder layer: attention, norms, and the router or the dense MLP."""
+    @property
+    def attention_numel(self) -> int:
+        """One layer's attention weights (MLA: the low-rank projections and their norms)."""
         H, D, bias = self.hidden_size, self.head_dim, self.attention_bias
+        if self.kv_lora_rank:
+            heads, r, qr = self.num_attention_heads, self.kv_lora_rank, self.q_lora_rank
+            a = r + self.qk_rope_head_dim  # kv_a_proj_with_mqa's outputs
+            q = H * heads * D if qr is None else (H + bias) * qr + qr + qr * heads * D  # q_a, its norm, q_b
+            kv = (H + bias) * a + r + r * heads * (self.qk_nope_head_dim + self.v_head_dim)  # kv_a, norm, kv_b
+            return q + kv + heads * self.v_head_dim * H + (H if bias else 0)
         q, kv = self.num_attention_heads * D, self.num_key_value_heads * D
-        attn = H * (q + 2 * kv) + q * H + (q + 2 * kv + H if bias else 0) + (2 * D if self.qk_norm else 0)
-        mlp = 3 * H * self.dense_intermediate_size if layer in self.dense_layers else H * self.num_experts
-        return attn + 2 * H + mlp
+        qkv_bias = q + 2 * kv if bias or self.qkv_bias else 0
+        return H * (q + 2 * kv) + q * H + qkv_bias + (H if bias else 0) + (2 * D if self.qk_norm else 0)
+
+    def layer_dense_numel(self, layer: int) -> int:
+        """Non-expert weights of one decoder layer: attention, norms, and the router (with the shared experts)
+        or the dense MLP."""
+        H = self.hidden_size
+        if layer in self.dense_layers:
+            mlp = 3 * H * self.dense_intermediate_size
+        else:
+            mlp = H * self.num_experts + 3 * H * self.shared_intermediate_size + (H if self.shared_expert_gate else 0)
+            mlp += self.num_experts if self.topk_method == "noaux_tc" else 0  # e_score_correction_bias
+        return self.attention_numel + 2 * H + mlp
 
     @property
     def dense_numel(self) -> int:
@@ -76,10 +112,18 @@ class ModelConfig:
         layers = sum(self.layer_dense_numel(i) for i in range(self.num_hidden_layers))
         return self.vocab_size * self.hidden_size + layers + self.hidden_size + head
 
+    @property
+    def kv_token_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """One token's two cache tensors in one layer: K and V heads [Hkv, D], or MLA's compressed latent
+        [kv_lora_rank] and its decoupled rope key [qk_rope_head_dim]."""
+        if self.kv_lora_rank:
+            return (self.kv_lora_rank,), (self.qk_rope_head_dim,)
+        return (self.num_key_value_heads, self.head_dim), (self.num_key_value_heads, self.head_dim)
+
     def kv_bytes_per_token(self, dtype: torch.dtype | int) -> int:
-        """K and V of one token over all layers; dtype may be given as bytes per element."""
+        """One token's KV cache over all layers; dtype may be given as bytes per element."""
         itemsize = dtype if isinstance(dtype, int) else dtype.itemsize
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
+        return self.num_hidden_layers * sum(math.prod(s) for s in self.kv_token_shapes) * itemsize
 
 
 def rope_theta_from_hf(hf: dict) -> float:

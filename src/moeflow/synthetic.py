@@ -8,6 +8,7 @@ a 93 GB Mixtral fills at memory bandwidth, and no two experts hold the same valu
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ from moeflow.tokenizer import CHATML_TEMPLATE, MIXTRAL_TEMPLATE, synthetic_token
 
 _MIXTRAL_SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2}
 
+_DEEPSEEK_YARN = dict(type="yarn", factor=40, beta_fast=32, beta_slow=1, original_max_position_embeddings=4096)
+
 # Published configs (Hugging Face config.json) and the tiny ones the tests and the embedded default use.
 PRESETS: dict[str, dict] = {
     "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
@@ -37,6 +40,49 @@ PRESETS: dict[str, dict] = {
                           num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
                           norm_topk_prob=True, max_position_embeddings=40960, rope_theta=1e6,
                           rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+    "deepseek-v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                             moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                             num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+                             routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+                             qk_nope_head_dim=128, v_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
+                             moe_layer_freq=1, first_k_dense_replace=1, norm_topk_prob=False,
+                             scoring_func="softmax", max_position_embeddings=163840, rms_norm_eps=1e-6,
+                             rope_theta=10000, rope_scaling=_DEEPSEEK_YARN | {"mscale": 0.707, "mscale_all_dim": 0.707},
+                             bos_token_id=100000, eos_token_id=100001, torch_dtype="bfloat16"),
+    "deepseek-v2": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
+                        moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128,
+                        num_key_value_heads=128, n_shared_experts=2, n_routed_experts=160, num_experts_per_tok=6,
+                        routed_scaling_factor=16.0, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+                        qk_nope_head_dim=128, v_head_dim=128, topk_method="group_limited_greedy", n_group=8,
+                        topk_group=3, moe_layer_freq=1, first_k_dense_replace=1, norm_topk_prob=False,
+                        scoring_func="softmax", max_position_embeddings=163840, rms_norm_eps=1e-6,
+                        rope_theta=10000, rope_scaling=_DEEPSEEK_YARN | {"mscale": 0.707, "mscale_all_dim": 0.707},
+                        bos_token_id=100000, eos_token_id=100001, torch_dtype="bfloat16"),
+    "deepseek-v3": dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+                        num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256, num_experts_per_tok=8,
+                        routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+                        qk_nope_head_dim=128, v_head_dim=128, topk_method="noaux_tc", n_group=8, topk_group=4,
+                        moe_layer_freq=1, first_k_dense_replace=3, norm_topk_prob=True, scoring_func="sigmoid",
+                        max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000,
+                        rope_scaling=_DEEPSEEK_YARN | {"mscale": 1.0, "mscale_all_dim": 1.0},
+                        bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16"),
+    "qwen1.5-moe-a2.7b": dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                              moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                              num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, num_experts=60,
+                              num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1,
+                              max_position_embeddings=8192, rope_theta=1e6, rms_norm_eps=1e-6,
+                              use_sliding_window=False, bos_token_id=151643, eos_token_id=151643,
+                              torch_dtype="bfloat16"),
+    "tiny-deepseek-v2": dict(model_type="deepseek_v2", vocab_size=4096, hidden_size=256, intermediate_size=512,
+                             moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
+                             n_shared_experts=2, n_routed_experts=16, num_experts_per_tok=4, kv_lora_rank=64,
+                             q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                             first_k_dense_replace=1, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                             rope_theta=10000, rope_scaling=_DEEPSEEK_YARN | {"factor": 4, "mscale": 0.707,
+                                                                             "mscale_all_dim": 0.707,
+                                                                             "original_max_position_embeddings": 1024},
+                             bos_token_id=4093, eos_token_id=4095, torch_dtype="float32"),
     "tiny-mixtral": dict(model_type="mixtral", vocab_size=4096, hidden_size=256, intermediate_size=512,
                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                          num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
@@ -107,6 +153,23 @@ def build_like(cfg: ModelConfig, device="cpu", dtype=None, expert_device=None, s
     return build_from_hf(f"{cfg.model_type}-like", hf, device, dtype, expert_device, seed)
 
 
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_host_fits(name: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                    expert_device: torch.device) -> None:
+    """Refuse, with the bytes, random weights that cannot fit this host's memory (DeepSeek-V2/V3 in bf16)."""
+    experts = len(cfg.moe_layers) * cfg.num_experts * cfg.expert_bytes(dtype)
+    need = (cfg.dense_numel * dtype.itemsize if device.type == "cpu" else 0) + \
+        (experts if expert_device.type == "cpu" else 0)
+    have = host_memory_bytes()
+    if need > 0.9 * have:
+        raise MoeflowError(f"{name} needs {need / 2**30:.1f} GiB of weights in host memory ({str(dtype)[6:]}) but "
+                           f"this host has {have / 2**30:.1f} GiB; `moeflow plan --model {name}` works from its "
+                           f"config alone")
+
+
 def build_from_hf(name: str, hf: dict, device="cpu", dtype=None, expert_device=None, seed: int = 0) -> Checkpoint:
     arch = get_architecture(hf["model_type"])
     cfg = arch.config(hf)
@@ -114,6 +177,7 @@ def build_from_hf(name: str, hf: dict, device="cpu", dtype=None, expert_device=N
     expert_device = resolve_device(expert_device or device)
     dtype = resolve_dtype(dtype, cfg, device)
     check_fits(f"synthetic:{name}", arch, cfg, dtype, device, expert_device)
+    check_host_fits(f"synthetic:{name}", cfg, dtype, device, expert_device)
     store = ExpertStore(cfg, dtype, expert_device)
     with torch.device("meta"):
         model = arch.build(cfg, LocalExperts(store))

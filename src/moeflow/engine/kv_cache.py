@@ -12,10 +12,11 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, max_seqs: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str):
         self.max_seqs, self.max_len = max_seqs, max_len
-        shape = (max_seqs, max_len, cfg.num_key_value_heads, cfg.head_dim)  # [S, T, Hkv, D]
+        # Per layer the architecture's two tensors of one token (K and V [Hkv, D], or MLA's latent and rope key)
+        shapes = [(max_seqs, max_len, *s) for s in cfg.kv_token_shapes]  # [S, T, ...]
         # Zeros, not empty: masked positions still enter attn @ V, and 0 x NaN from stale memory is NaN.
         try:
-            self.layers = [tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
+            self.layers = [tuple(torch.zeros(shape, dtype=dtype, device=device) for shape in shapes)
                            for _ in range(cfg.num_hidden_layers)]
         except torch.OutOfMemoryError:
             need = cfg.kv_bytes_per_token(dtype) * max_seqs * max_len
@@ -25,7 +26,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.layers)
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
 
     def allocate(self) -> int | None:
         return self.free.pop() if self.free else None

@@ -36,8 +36,11 @@ class RoutingTrace:
         want = (len(cfg.moe_layers), cfg.num_experts_per_tok)
         top = int(self.ids.max()) + 1
         if (L, K) != want or top > cfg.num_experts:
+            moe = cfg.moe_layers
+            span = f" (layers {moe[0]}..{moe[-1]})" if moe else ""
             raise MoeflowError(f"routing trace {self.name} has {L} MoE layers, top-{K}, expert ids up to {top - 1}; "
-                               f"the model has {want[0]} MoE layers, top-{want[1]}, {cfg.num_experts} experts")
+                               f"the model has {want[0]} MoE layers{span}, top-{want[1]}, {cfg.num_experts} experts "
+                               f"(trace layer i replays the model's i-th MoE layer)")
 
     def counts(self, num_experts: int) -> torch.Tensor:
         """[L, E] selections per expert, for a placement profile."""

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moeflow.config import ModelConfig
+from moeflow.models.rope import rope_tables
 
 
 class ExpertBackend(Protocol):
@@ -130,16 +131,21 @@ class Rotary(nn.Module):
     """cos/sin tables from positions. The frequencies are computed on the CPU, as transformers does, and
     cached per device rather than kept as a buffer, so a model built on the meta device needs no fix-up."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, scaling: tuple = (), max_pos: int = 0):
         super().__init__()
         self.head_dim, self.theta, self._inv_freq = head_dim, theta, {}
+        self.scaling, self.max_pos = scaling, max_pos  # ModelConfig.rope_scaling: the RoPE type's parameters
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        dev, D = positions.device, self.head_dim
+        dev = positions.device
         if dev not in self._inv_freq:
-            self._inv_freq[dev] = (1.0 / (self.theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))).to(dev)
-        freqs = positions[:, None].float() * self._inv_freq[dev][None, :]  # [N, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)                              # [N, D]
+            inv_freq, factor = rope_tables(self.scaling, self.head_dim, self.theta, self.max_pos)
+            self._inv_freq[dev] = (inv_freq.to(dev), factor)
+        inv_freq, factor = self._inv_freq[dev]
+        freqs = positions[:, None].float() * inv_freq[None, :]  # [N, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                  # [N, D]
+        if factor != 1.0:  # YaRN's attention factor
+            return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -154,9 +160,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         H, D, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        self.q_proj = nn.Linear(H, self.n_heads * D, bias=bias)
-        self.k_proj = nn.Linear(H, self.n_kv * D, bias=bias)
-        self.v_proj = nn.Linear(H, self.n_kv * D, bias=bias)
+        qkv_bias = bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=qkv_bias)
+        self.k_proj = nn.Linear(H, self.n_kv * D, bias=qkv_bias)
+        self.v_proj = nn.Linear(H, self.n_kv * D, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
@@ -263,23 +270,32 @@ def route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor
 
 
 class SparseMoe(nn.Module):
-    """Router plus a handle to the expert backend (a plain object, so it is not part of the module tree)."""
+    """Router plus a handle to the expert backend (a plain object, so it is not part of the module tree).
+    An architecture may set `router` (logits, gate module -> ids, weights) and `shared_experts` (a module every
+    token runs, added to the routed experts' output)."""
 
     def __init__(self, cfg: ModelConfig, layer: int, experts: ExpertBackend):
         super().__init__()
         self.layer, self.top_k, self.renormalize = layer, cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = experts
+        self.router = None
+        self.shared_experts = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = route(self.gate(x), self.top_k, self.renormalize)  # [N, K] each
-        return self.experts(self.layer, x, ids, weights)
+        logits = self.gate(x)
+        if self.router is None:
+            ids, weights = route(logits, self.top_k, self.renormalize)  # [N, K] each
+        else:
+            ids, weights = self.router(logits, self.gate)
+        out = self.experts(self.layer, x, ids, weights)
+        return out if self.shared_experts is None else out + self.shared_experts(x)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, experts: ExpertBackend):
+    def __init__(self, cfg: ModelConfig, layer: int, experts: ExpertBackend, attention: type[nn.Module] = Attention):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = attention(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if layer in cfg.dense_layers:
@@ -295,13 +311,14 @@ class DecoderLayer(nn.Module):
 class MoeTransformer(nn.Module):
     """Decoder-only MoE language model over packed tokens. Holds every weight except the routed experts."""
 
-    def __init__(self, cfg: ModelConfig, experts: ExpertBackend):
+    def __init__(self, cfg: ModelConfig, experts: ExpertBackend, attention: type[nn.Module] = Attention):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts, attention) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        rope_dim = cfg.qk_rope_head_dim if cfg.kv_lora_rank else cfg.head_dim  # MLA rotates a part of each head
+        self.rotary = Rotary(rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.experts = experts
         self.tie_weights()

@@ -148,7 +148,7 @@ def dense_gpu_s(cfg: ModelConfig, profile: HardwareProfile, layer: int, tokens: 
                 causal_prefill: bool = False) -> float:
     """Non-expert part of one layer on the GPU: its weights read once, its FLOPs, and attention over the KV."""
     numel = cfg.layer_dense_numel(layer)
-    kv_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * b
+    kv_layer = cfg.kv_bytes_per_token(b) // cfg.num_hidden_layers  # one token's cache in one layer (MLA: latent)
     attn_flops = 4 * cfg.num_attention_heads * cfg.head_dim * (tokens * tokens / 2 if causal_prefill else tokens * ctx)
     nbytes = numel * b + kv_layer * ctx
     return max(nbytes / profile.gpu_bw, (2 * tokens * numel + attn_flops) / profile.gpu_flops)
@@ -353,7 +353,7 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
     L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok
     H, I, heads, D = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_attention_heads, cfg.head_dim
     qkv = (heads + 2 * cfg.num_key_value_heads) * D
-    kv_tok = 2 * cfg.num_key_value_heads * D * b            # one token's K and V in one layer
+    kv_tok = cfg.kv_bytes_per_token(b) // cfg.num_hidden_layers  # one token's cache in one layer
     w_layer = E * cfg.expert_numel * b
     dense = cfg.layer_dense_numel(cfg.moe_layers[0])
     N, mu = pol.N, pol.mu
