@@ -47,6 +47,18 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    qk_norm_whole: bool = False        # q/k RMSNorm over the whole projection, not per head (OLMoE)
+    layer_norm: bool = False           # LayerNorm with bias in place of RMSNorm (Phi-3.5-MoE)
+    lm_head_bias: bool = False
+    router: str = "softmax_topk"       # models/routers.py ROUTERS key
+    router_bias: bool = False          # the router's linear layer has a bias (GPT-OSS)
+    router_jitter_eps: float = 0.0     # sparsemixer's masking threshold (Phi-3.5-MoE)
+    rope_scaling: tuple = ()           # sorted (key, value) pairs of a RoPE scaling (models/rope.py), () = none
+    layer_windows: tuple = ()          # each layer's sliding window or None (GPT-OSS); () = sliding_window everywhere
+    attention_sinks: bool = False      # a learned per-head logit in the softmax's denominator (GPT-OSS)
+    expert_bias: bool = False          # routed experts with gate/up/down biases, clamped SwiGLU (GPT-OSS)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -55,8 +67,10 @@ class ModelConfig:
 
     @property
     def expert_numel(self) -> int:
-        """Elements of one expert: gate, up and down (stored transposed), [I, H] each."""
-        return 3 * self.expert_intermediate_size * self.hidden_size
+        """Elements of one expert: gate, up and down (stored transposed), [I, H] each; then, with expert_bias,
+        the gate, up and down biases (I, I, H)."""
+        I, H = self.expert_intermediate_size, self.hidden_size
+        return 3 * I * H + (2 * I + H if self.expert_bias else 0)
 
     def expert_bytes(self, dtype: torch.dtype) -> int:
         return self.expert_numel * dtype.itemsize
@@ -65,16 +79,21 @@ class ModelConfig:
         """Non-expert weights of one decoder layer: attention, norms, and the router or the dense MLP."""
         H, D, bias = self.hidden_size, self.head_dim, self.attention_bias
         q, kv = self.num_attention_heads * D, self.num_key_value_heads * D
-        attn = H * (q + 2 * kv) + q * H + (q + 2 * kv + H if bias else 0) + (2 * D if self.qk_norm else 0)
-        mlp = 3 * H * self.dense_intermediate_size if layer in self.dense_layers else H * self.num_experts
-        return attn + 2 * H + mlp
+        attn = H * (q + 2 * kv) + q * H + (q + 2 * kv + H if bias else 0)
+        attn += (q + kv if self.qk_norm_whole else 2 * D) if self.qk_norm else 0
+        attn += self.num_attention_heads if self.attention_sinks else 0
+        router = (H + 1 if self.router_bias else H) * self.num_experts
+        mlp = 3 * H * self.dense_intermediate_size if layer in self.dense_layers else router
+        return attn + (4 * H if self.layer_norm else 2 * H) + mlp
 
     @property
     def dense_numel(self) -> int:
         """Every weight but the routed experts (what Checkpoint.dense_bytes counts), from the config alone."""
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        head += self.vocab_size if self.lm_head_bias else 0
         layers = sum(self.layer_dense_numel(i) for i in range(self.num_hidden_layers))
-        return self.vocab_size * self.hidden_size + layers + self.hidden_size + head
+        final_norm = 2 * self.hidden_size if self.layer_norm else self.hidden_size
+        return self.vocab_size * self.hidden_size + layers + final_norm + head
 
     def kv_bytes_per_token(self, dtype: torch.dtype | int) -> int:
         """K and V of one token over all layers; dtype may be given as bytes per element."""
@@ -82,13 +101,14 @@ class ModelConfig:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
 
 
-def rope_theta_from_hf(hf: dict) -> float:
-    """Read RoPE settings in both the transformers 4 (`rope_theta`) and 5 (`rope_parameters`) layouts."""
+def rope_theta_from_hf(hf: dict, scaled: tuple[str, ...] = ()) -> float:
+    """Read RoPE settings in both the transformers 4 (`rope_theta`) and 5 (`rope_parameters`) layouts; scaling
+    types in `scaled` are the caller's to read (models/rope.py)."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     # Either field may carry a scaling type (transformers honours rope_scaling beside rope_parameters).
     for rope_type in (params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
-        if rope_type not in (None, "default"):
+        if rope_type not in (None, "default", *scaled):
             raise MoeflowError(f"unsupported RoPE type {rope_type!r} in config.json; moeflow supports 'default'")
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 

@@ -19,4 +19,4 @@ def get_architecture(model_type: str | None) -> type[Architecture]:
     return ARCHITECTURES[model_type]
 
 
-from moeflow.models import mixtral, qwen3_moe  # noqa: E402,F401  (registration)
+from moeflow.models import gpt_oss, mixtral, olmoe, phimoe, qwen3_moe  # noqa: E402,F401  (registration)
