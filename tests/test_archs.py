@@ -75,9 +75,14 @@ def test_every_policy_gives_the_local_tokens(pair):
 
     def run(policy):
         ck = load(path, device="cpu", expert_device="cpu")
-        off = None if policy is None else OffloadConfig(budget_for(ck, 2 * len(ck.cfg.moe_layers)), policy=policy)
+        off = None
+        if policy is not None:  # every expert in a slot for `gpu`, else 5 slots: misses in every layer
+            slots = len(ck.cfg.moe_layers) * ck.cfg.num_experts if policy == "gpu" else 5
+            off = OffloadConfig(budget_for(ck, slots), policy=policy)
         eng = LLMEngine(ck, max_seqs=2, max_len=64, offload=off)
-        return [s.output_ids for s in eng.generate(prompts(0, lengths=lengths), greedy)]
+        out = [s.output_ids for s in eng.generate(prompts(0, lengths=lengths), greedy)]
+        assert policy is None or eng.model.experts.stats.lookups > 0
+        return out
 
     want = run(None)
     for policy in sorted(POLICIES):
@@ -175,3 +180,20 @@ def test_presets_shrunk_write_folders_that_transformers_reads_alike(preset, tmp_
     ids = prompts(4)[0]
     ours = LLMEngine(ck, max_seqs=1, max_len=64).prefill_logits([ids])[0]
     assert rel_err(ours, hf(torch.tensor([ids])).logits[0].float()) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["olmoe", "phimoe", "gpt_oss"])
+@torch.inference_mode()
+def test_fp32_parity_and_decode_on_gpu(hf_checkpoint, model_type):
+    """The whole model on the GPU: fp32 prefill logits as transformers' (on the CPU) and the CPU run's greedy
+    tokens with CUDA graphs on (a lone sequence's decode steps replay one)."""
+    path, hf = hf_checkpoint(model_type)
+    ids = prompts(5)[0]
+    gpu = LLMEngine(load(path, device="cuda", dtype="fp32"), max_seqs=2, max_len=128)
+    assert rel_err(gpu.prefill_logits([ids])[0].cpu(), hf(torch.tensor([ids])).logits[0]) < 1e-3
+    cpu = LLMEngine(load(path), max_seqs=2, max_len=128)
+    params = SamplingParams(max_new_tokens=N_NEW, ignore_eos=True)
+    assert gpu.generate([ids], params)[0].output_ids == cpu.generate([ids], params)[0].output_ids
+    bf16 = LLMEngine(load(path, device="cuda"), max_seqs=2, max_len=128)
+    assert len(bf16.generate([ids], params)[0].output_ids) == N_NEW
