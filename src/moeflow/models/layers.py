@@ -1,4 +1,5 @@
-"""The decoder both supported architectures share: attention over a slot KV cache, RMSNorm, RoPE, router.
+"""The decoder every architecture shares: attention over a slot KV cache (with sinks, per-layer windows where
+asked), norms, RoPE, router.
 
 Legend: N = packed tokens of the batch, B = sequences, Tq = longest new run, Tk = longest context,
 H = hidden, Hq/Hkv = query/key-value heads, D = head dim, E = experts, K = experts per token.
@@ -228,9 +229,8 @@ class Attention(nn.Module):
         B = batch.slots.shape[0]
         Q = q.new_zeros(B, batch.q_len, self.n_heads, D)                     # [B, Tq, Hq, D]
         Q[batch.tok_seq, batch.tok_row] = q
-        with sdpa_backends(x.device):
-            O = self._attend(Q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2), batch.mask,
-                             batch.causal, self.n_heads != self.n_kv)  # [B, Hq, Tq, D]
+        O = self._attend(Q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2), batch.mask,
+                         batch.causal, self.n_heads != self.n_kv)  # [B, Hq, Tq, D]
         o = O.transpose(1, 2)[batch.tok_seq, batch.tok_row]                  # [N, Hq, D]
         return self.o_proj(o.reshape(N, self.n_heads * D))
 

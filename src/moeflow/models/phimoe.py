@@ -56,6 +56,8 @@ class Phimoe(Architecture):
         rope = {"rope_theta": cfg.rope_theta}
         if cfg.rope_scaling:
             rope["rope_scaling"] = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.rope_scaling}
+            # top level too: transformers' generate re-runs a sequence crossing it only where it finds it there
+            rope["original_max_position_embeddings"] = rope["rope_scaling"].get("original_max_position_embeddings")
         return rope | {
             "architectures": ["PhimoeForCausalLM"], "model_type": "phimoe",
             "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
