@@ -38,14 +38,13 @@ def pair(request, hf_checkpoint):
 
 @torch.inference_mode()
 def test_logits_and_greedy_tokens_match_transformers(pair):
-    """Prefill logits within 1e-4 (fp32); 32 greedy tokens equal to transformers' with and without its cache,
-    alone, without moeflow's KV cache, and in a batch of two lengths."""
+    """Prefill logits within 1e-4 (fp32); 32 greedy tokens equal to transformers' (cached) alone, without
+    moeflow's KV cache, and in a batch of two lengths."""
     _, hf, eng = pair
     for ids in prompts(1):
         assert rel_err(eng.prefill_logits([ids])[0], hf(torch.tensor([ids])).logits[0]) < 1e-4
     ids = prompts(3)[0]
     ref = hf_greedy(hf, ids, True)
-    assert ref == hf_greedy(hf, ids, False)
     (seq,) = eng.generate([ids], SamplingParams(max_new_tokens=N_NEW, ignore_eos=True))
     assert seq.output_ids == ref
     tokens = list(ids)
