@@ -39,12 +39,26 @@ TINY = {
                       shared_expert_intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
                       num_key_value_heads=2, num_experts=8, num_experts_per_tok=3, mlp_only_layers=[1],
                       max_position_embeddings=512, bos_token_id=317, eos_token_id=319, initializer_range=0.1),
+    "olmoe": dict(vocab_size=320, hidden_size=64, intermediate_size=32, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=3,
+                  norm_topk_prob=False, max_position_embeddings=512, bos_token_id=None, eos_token_id=319,
+                  pad_token_id=1, initializer_range=0.1),
+    "phimoe": dict(vocab_size=320, hidden_size=64, intermediate_size=48, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2,
+                   max_position_embeddings=512, attention_bias=True, lm_head_bias=True, bos_token_id=317,
+                   eos_token_id=319, initializer_range=0.1),
+    "gpt_oss": dict(vocab_size=320, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=6,
+                    num_experts_per_tok=2, sliding_window=8, max_position_embeddings=512, bos_token_id=317,
+                    eos_token_id=319, initializer_range=0.1, attn_implementation="eager"),
 }
 HF_CLASSES = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"),
               "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
               "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
               "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
-              "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM")}
+              "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+              "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"), "phimoe": ("PhimoeConfig", "PhimoeForCausalLM"),
+              "gpt_oss": ("GptOssConfig", "GptOssForCausalLM")}
 
 
 @pytest.fixture
@@ -80,6 +94,11 @@ def save_hf_checkpoint(path: Path, model_type: str, seed: int = 0, **overrides):
     cfg, cls = getattr(transformers, config_cls)(**kwargs), getattr(transformers, model_cls)
     torch.manual_seed(seed)
     model = cls(cfg).eval()
+    if model_type == "gpt_oss":  # its biases and sinks start at zero: random ones are exercised
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("bias", "sinks")):
+                    p.normal_(0, 0.5)
     model.save_pretrained(path)
     _tokenizer_for({"model_type": model_type, **kwargs}).save(path)
     return model

@@ -18,7 +18,7 @@ from moeflow import MoeflowError
 from moeflow.config import ModelConfig, parse_dtype, read_json
 from moeflow.experts.store import ExpertStore
 from moeflow.models import get_architecture
-from moeflow.models.base import EXPERT_PARTS, Architecture
+from moeflow.models.base import Architecture
 from moeflow.models.layers import MoeTransformer
 from moeflow.tokenizer import TextTokenizer
 
@@ -93,7 +93,10 @@ class TensorReader:
     def __init__(self, path: Path, stack: ExitStack):
         self.path, self.index, self.stack, self.files = path, tensor_index(path), stack, {}
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def has(self, name: str) -> bool:
+        return name in self.index
+
+    def get(self, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...] = ("BF16", "F16", "F32")) -> torch.Tensor:
         if name not in self.index:
             raise MoeflowError(f"checkpoint {self.path} lacks tensor {name!r}")
         f = self.index[name]
@@ -103,7 +106,7 @@ class TensorReader:
         found = tuple(sl.get_shape())
         if found != tuple(shape):
             raise MoeflowError(f"tensor {name!r} has shape {list(found)}, expected {list(shape)}")
-        if sl.get_dtype() not in ("BF16", "F16", "F32"):
+        if sl.get_dtype() not in dtypes:
             raise MoeflowError(f"tensor {name!r} is {sl.get_dtype()}; moeflow reads bf16, fp16 and fp32")
         return self.files[f].get_tensor(name)
 
@@ -192,12 +195,7 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torc
             bar.update(p.numel() * dtype.itemsize)
         model.load_state_dict(state, strict=False, assign=True)  # every parameter is in `state`
         model.tie_weights()
-        for layer in store.layers:
-            for e in range(cfg.num_experts):
-                for part in EXPERT_PARTS:
-                    dst = store.part(layer, e, part)
-                    dst.copy_(reader.get(arch.expert_name(layer, e, part), tuple(dst.shape)))
-                    bar.update(dst.numel() * dtype.itemsize)
+        arch.load_experts(reader, store, bar.update)
         bar.close()
     gen_file = path / "generation_config.json"
     generation = read_json(gen_file) if gen_file.exists() else {}

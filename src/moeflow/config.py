@@ -66,6 +66,17 @@ class ModelConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+    qk_norm_whole: bool = False        # q/k RMSNorm over the whole projection, not per head (OLMoE)
+    layer_norm: bool = False           # LayerNorm with bias in place of RMSNorm (Phi-3.5-MoE)
+    lm_head_bias: bool = False
+    router: str = "softmax_topk"       # models/routers.py ROUTERS key
+    router_bias: bool = False          # the router's linear layer has a bias (GPT-OSS)
+    router_jitter_eps: float = 0.0     # sparsemixer's masking threshold (Phi-3.5-MoE)
+    layer_windows: tuple = ()          # each layer's sliding window or None (GPT-OSS); () = sliding_window everywhere
+    attention_sinks: bool = False      # a learned per-head logit in the softmax's denominator (GPT-OSS)
+    expert_bias: bool = False          # routed experts with gate/up/down biases, clamped SwiGLU (GPT-OSS)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -74,8 +85,10 @@ class ModelConfig:
 
     @property
     def expert_numel(self) -> int:
-        """Elements of one expert: gate, up and down (stored transposed), [I, H] each."""
-        return 3 * self.expert_intermediate_size * self.hidden_size
+        """Elements of one expert: gate, up and down (stored transposed), [I, H] each; then, with expert_bias,
+        the gate, up and down biases (I, I, H)."""
+        I, H = self.expert_intermediate_size, self.hidden_size
+        return 3 * I * H + (2 * I + H if self.expert_bias else 0)
 
     def expert_bytes(self, dtype: torch.dtype) -> int:
         return self.expert_numel * dtype.itemsize
@@ -92,7 +105,9 @@ class ModelConfig:
             return q + kv + heads * self.v_head_dim * H + (H if bias else 0)
         q, kv = self.num_attention_heads * D, self.num_key_value_heads * D
         qkv_bias = q + 2 * kv if bias or self.qkv_bias else 0
-        return H * (q + 2 * kv) + q * H + qkv_bias + (H if bias else 0) + (2 * D if self.qk_norm else 0)
+        attn = H * (q + 2 * kv) + q * H + qkv_bias + (H if bias else 0)
+        attn += (q + kv if self.qk_norm_whole else 2 * D) if self.qk_norm else 0
+        return attn + (self.num_attention_heads if self.attention_sinks else 0)
 
     def layer_dense_numel(self, layer: int) -> int:
         """Non-expert weights of one decoder layer: attention, norms, and the router (with the shared experts)
@@ -101,16 +116,19 @@ class ModelConfig:
         if layer in self.dense_layers:
             mlp = 3 * H * self.dense_intermediate_size
         else:
-            mlp = H * self.num_experts + 3 * H * self.shared_intermediate_size + (H if self.shared_expert_gate else 0)
+            mlp = (H + 1 if self.router_bias else H) * self.num_experts
+            mlp += 3 * H * self.shared_intermediate_size + (H if self.shared_expert_gate else 0)
             mlp += self.num_experts if self.topk_method == "noaux_tc" else 0  # e_score_correction_bias
-        return self.attention_numel + 2 * H + mlp
+        return self.attention_numel + (4 * H if self.layer_norm else 2 * H) + mlp
 
     @property
     def dense_numel(self) -> int:
         """Every weight but the routed experts (what Checkpoint.dense_bytes counts), from the config alone."""
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        head += self.vocab_size if self.lm_head_bias else 0
         layers = sum(self.layer_dense_numel(i) for i in range(self.num_hidden_layers))
-        return self.vocab_size * self.hidden_size + layers + self.hidden_size + head
+        final_norm = 2 * self.hidden_size if self.layer_norm else self.hidden_size
+        return self.vocab_size * self.hidden_size + layers + final_norm + head
 
     @property
     def kv_token_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -126,13 +144,14 @@ class ModelConfig:
         return self.num_hidden_layers * sum(math.prod(s) for s in self.kv_token_shapes) * itemsize
 
 
-def rope_theta_from_hf(hf: dict) -> float:
-    """Read RoPE settings in both the transformers 4 (`rope_theta`) and 5 (`rope_parameters`) layouts."""
+def rope_theta_from_hf(hf: dict, scaled: tuple[str, ...] = ()) -> float:
+    """Read RoPE settings in both the transformers 4 (`rope_theta`) and 5 (`rope_parameters`) layouts; scaling
+    types in `scaled` are the caller's to read (models/rope.py)."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     # Either field may carry a scaling type (transformers honours rope_scaling beside rope_parameters).
     for rope_type in (params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
-        if rope_type not in (None, "default"):
+        if rope_type not in (None, "default", *scaled):
             raise MoeflowError(f"unsupported RoPE type {rope_type!r} in config.json; moeflow supports 'default'")
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 

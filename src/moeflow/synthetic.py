@@ -21,7 +21,6 @@ from moeflow.config import ModelConfig
 from moeflow.experts.local import LocalExperts
 from moeflow.experts.store import ExpertStore
 from moeflow.models import get_architecture
-from moeflow.models.base import EXPERT_PARTS
 from moeflow.tokenizer import CHATML_TEMPLATE, MIXTRAL_TEMPLATE, synthetic_tokenizer
 
 _MIXTRAL_SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2}
@@ -93,6 +92,29 @@ PRESETS: dict[str, dict] = {
                        num_key_value_heads=4, head_dim=32, num_experts=16, num_experts_per_tok=4,
                        norm_topk_prob=True, max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6,
                        bos_token_id=4093, eos_token_id=4095, torch_dtype="float32"),
+    "olmoe-1b-7b": dict(model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024,
+                        num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, num_experts=64,
+                        num_experts_per_tok=8, norm_topk_prob=False, max_position_embeddings=4096, rope_theta=1e4,
+                        rms_norm_eps=1e-5, clip_qkv=None, bos_token_id=None, eos_token_id=50279,
+                        torch_dtype="bfloat16"),
+    # longrope's published short/long factors are replaced by ones: random weights make no use of them
+    "phi-3.5-moe": dict(model_type="phimoe", vocab_size=32064, hidden_size=4096, intermediate_size=6400,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=16,
+                        num_experts_per_tok=2, max_position_embeddings=131072, rope_theta=1e4, rms_norm_eps=1e-5,
+                        attention_bias=True, lm_head_bias=True, router_jitter_noise=0.01, sliding_window=131072,
+                        original_max_position_embeddings=4096,
+                        rope_scaling={"type": "longrope", "short_factor": [1.0] * 64, "long_factor": [1.0] * 64,
+                                      "short_mscale": 1.1902380714238083, "long_mscale": 1.243163121016122,
+                                      "original_max_position_embeddings": 4096},
+                        bos_token_id=1, eos_token_id=32000, torch_dtype="bfloat16"),
+    **{name: dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                  num_hidden_layers=layers, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                  num_local_experts=experts, num_experts_per_tok=4, sliding_window=128,
+                  max_position_embeddings=131072, rope_theta=150000.0, rms_norm_eps=1e-5, attention_bias=True,
+                  rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                "original_max_position_embeddings": 4096, "truncate": False},
+                  swiglu_limit=7.0, bos_token_id=199998, eos_token_id=200002, torch_dtype="bfloat16")
+       for name, layers, experts in (("gpt-oss-20b", 24, 32), ("gpt-oss-120b", 36, 128))},
 }
 
 POOL_SIZE = 64 << 20
@@ -128,7 +150,8 @@ def fill_store(filler: RandomFiller, store: ExpertStore) -> None:
                 continue
             filler.fill(tmp)
             block[:2 * I * H].copy_(tmp[:2 * I * H])
-            block[2 * I * H:].view(H, I).copy_(tmp[2 * I * H:].view(I, H).t())
+            block[2 * I * H:3 * I * H].view(H, I).copy_(tmp[2 * I * H:3 * I * H].view(I, H).t())
+            block[3 * I * H:].copy_(tmp[3 * I * H:])  # expert biases, if any
 
 
 def _tokenizer_for(hf: dict):
@@ -198,8 +221,7 @@ def write_checkpoint(ck: Checkpoint, out: Path, shard_bytes: int = 4 << 30) -> N
     out.mkdir(parents=True, exist_ok=True)
     dtype = ck.store.data.dtype
     tensors = [(ck.arch.hf_name(n), p) for n, p in ck.model.named_parameters()]
-    tensors += [(ck.arch.expert_name(layer, e, part), ck.store.part(layer, e, part))
-                for layer in ck.store.layers for e in range(ck.cfg.num_experts) for part in EXPERT_PARTS]
+    tensors += ck.arch.expert_tensors(ck.store)
     shards, cur, size = [], {}, 0
     for name, t in tensors:
         if cur and size + t.numel() * t.element_size() > shard_bytes:

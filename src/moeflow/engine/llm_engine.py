@@ -136,6 +136,9 @@ class LLMEngine:
     @torch.inference_mode()
     def _forward(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
         """Run every sequence's uncached tokens; logits of each sequence's last token [B, V] (or all, [N, V])."""
+        for s in seqs:
+            if self.model.rerun_from_start(s.num_cached, len(s.tokens)):
+                s.num_cached = 0
         new = [s.new_tokens for s in seqs]
         q_lens = [len(t) for t in new]
         if len(seqs) == 1 and q_lens == [1] and not all_logits and self._graphs_on():

@@ -31,6 +31,9 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
     device = next(ck.model.parameters()).device
     if store.data.device.type != "cpu":
         raise MoeflowError("offloading needs the experts in host memory (load with expert_device='cpu')")
+    if cfg.expert_bias:  # the slot waves and the CPU share compute plain SiLU experts only
+        raise MoeflowError(f"offloading {cfg.model_type} experts (biases, clamped SwiGLU) is not supported yet; "
+                           "run it with every expert on one device (no --gpu-memory)")
     policy = get_policy(oc.policy)
     held = 0
     if device.type == "cuda":

@@ -102,11 +102,18 @@ class LocalExperts:
     def graph_safe(self) -> bool:
         """True when a forward pass makes no host sync (so it can be captured in a CUDA graph)."""
         d = self.store.data
+        if self.store.cfg.expert_bias:  # biased_experts syncs with the host
+            return False
         return self.grouped is not False and d.is_cuda and d.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         d = self.store.data
+        if self.store.cfg.expert_bias:  # GPT-OSS: biases and clamped SwiGLU, which only PyTorch computes
+            from moeflow.experts.biased import biased_experts  # biased.py builds on this module
+
+            return biased_experts(x, topk_ids, topk_weights, self.store.gate_up(layer), self.store.down_t(layer),
+                                  self.store.bias(layer), self.store.cfg)
         if d.device.type == "cpu" and d.dtype == torch.bfloat16 and self.store.down_transposed:
             if self.cpu is None:
                 from moeflow.experts.cpu import CpuExperts  # cpu.py builds on this module

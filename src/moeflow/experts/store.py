@@ -61,8 +61,13 @@ class ExpertStore:
         """[E, I, H] view of one layer's down projections, transposed (row-major on the host, column-major on
         the GPU)."""
         I, H = self.cfg.expert_intermediate_size, self.cfg.hidden_size
-        d = self.data[self.slot[layer], :, 2 * I * H:]
+        d = self.data[self.slot[layer], :, 2 * I * H:3 * I * H]
         return d.view(-1, I, H) if self.down_transposed else d.view(-1, H, I).transpose(1, 2)
+
+    def bias(self, layer: int) -> torch.Tensor:
+        """[E, 2I + H] view of one layer's gate, up and down biases (cfg.expert_bias), after the matrices."""
+        I, H = self.cfg.expert_intermediate_size, self.cfg.hidden_size
+        return self.data[self.slot[layer], :, 3 * I * H:]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ExpertStore:
         """A copy on `device`, in that device's layout."""
@@ -70,6 +75,8 @@ class ExpertStore:
         for layer in self.layers:
             out.gate_up(layer).copy_(self.gate_up(layer))
             out.down_t(layer).copy_(self.down_t(layer))
+            if self.cfg.expert_bias:
+                out.bias(layer).copy_(self.bias(layer))
         return out
 
     def pin(self) -> None:

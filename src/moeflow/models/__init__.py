@@ -19,4 +19,5 @@ def get_architecture(model_type: str | None) -> type[Architecture]:
     return ARCHITECTURES[model_type]
 
 
-from moeflow.models import deepseek_v2, deepseek_v3, mixtral, qwen2_moe, qwen3_moe  # noqa: E402,F401  (registration)
+from moeflow.models import (  # noqa: E402,F401  (registration)
+    deepseek_v2, deepseek_v3, gpt_oss, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe)

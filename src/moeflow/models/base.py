@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import torch
+
 from moeflow.config import ModelConfig
 from moeflow.models.layers import ExpertBackend, MoeTransformer
 
@@ -33,6 +35,23 @@ class Architecture(ABC):
     def hf_name(name: str) -> str:
         """Published tensor name of a MoeTransformer parameter (checkpoint renaming lives here, per model)."""
         return name if name.startswith("lm_head") else "model." + name
+
+    @classmethod
+    def load_experts(cls, reader, store, progress) -> None:
+        """Fill the ExpertStore from a checkpoint's TensorReader, calling progress(bytes) as it goes (an
+        architecture that publishes its experts fused overrides this)."""
+        for layer in store.layers:
+            for e in range(store.cfg.num_experts):
+                for part in EXPERT_PARTS:
+                    dst = store.part(layer, e, part)
+                    dst.copy_(reader.get(cls.expert_name(layer, e, part), tuple(dst.shape)))
+                    progress(dst.numel() * dst.element_size())
+
+    @classmethod
+    def expert_tensors(cls, store) -> list[tuple[str, torch.Tensor]]:
+        """(published name, tensor) of every routed expert weight, for writing a checkpoint."""
+        return [(cls.expert_name(layer, e, part), store.part(layer, e, part))
+                for layer in store.layers for e in range(store.cfg.num_experts) for part in EXPERT_PARTS]
 
     @staticmethod
     def build(cfg: ModelConfig, experts: ExpertBackend) -> MoeTransformer:

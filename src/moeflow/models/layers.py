@@ -1,4 +1,5 @@
-"""The decoder both supported architectures share: attention over a slot KV cache, RMSNorm, RoPE, router.
+"""The decoder every architecture shares: attention over a slot KV cache (with sinks, per-layer windows where
+asked), norms, RoPE, router.
 
 Legend: N = packed tokens of the batch, B = sequences, Tq = longest new run, Tk = longest context,
 H = hidden, Hq/Hkv = query/key-value heads, D = head dim, E = experts, K = experts per token.
@@ -10,8 +11,8 @@ packed tokens are B full rows of Tq tokens (AttnBatch.full) and attention runs o
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moeflow.config import ModelConfig
-from moeflow.models.rope import rope_tables
+from moeflow.models.rope import rope_table
+from moeflow.models.routers import ROUTERS, route  # noqa: F401  (route: re-exported)
+from moeflow.models.sinks import sink_attention
 
 
 class ExpertBackend(Protocol):
@@ -47,6 +50,16 @@ class AttnBatch:
     # instead of every sequence padded to the longest (B x Tq x Tk scores); with the sliding window
     ragged: tuple[tuple[int, int, int], ...] | None = None
     window: int | None = None
+    remake: Callable[[int | None], AttnBatch] | None = None  # the same tokens under another sliding window
+    variants: dict = field(default_factory=dict)
+
+    def for_window(self, window: int | None) -> AttnBatch:
+        """This batch for a layer whose sliding window is `window` (built once per step and window)."""
+        if window == self.window:
+            return self
+        if window not in self.variants:
+            self.variants[window] = self.remake(window)
+        return self.variants[window]
 
     @classmethod
     def build(cls, slots: list[int], starts: list[int], q_lens: list[int], device: torch.device,
@@ -77,7 +90,8 @@ class AttnBatch:
         return cls(slots=slots_t, tok_seq=tok_seq, tok_row=tok_row, positions=positions, mask=mask,
                    causal=causal, kv_len=kv_len, q_len=q_len,
                    slot_range=(slots[0], slots[0] + B) if contiguous else None,
-                   single=(slots[0], starts[0]) if B == 1 else None, ragged=ragged, window=sliding_window)
+                   single=(slots[0], starts[0]) if B == 1 else None, ragged=ragged, window=sliding_window,
+                   remake=lambda w: cls.build(slots, starts, q_lens, device, w))
 
     @classmethod
     def full(cls, B: int, T: int, device: torch.device, sliding_window: int | None = None) -> AttnBatch:
@@ -90,7 +104,8 @@ class AttnBatch:
             mask = ((d >= 0) & (d < sliding_window))[None, None]
         seqs = torch.arange(B, device=device)
         return cls(slots=seqs, tok_seq=seqs.repeat_interleave(T), tok_row=rows.repeat(B), positions=rows.repeat(B),
-                   mask=mask, causal=mask is None, kv_len=T, q_len=T, slot_range=None)
+                   mask=mask, causal=mask is None, kv_len=T, q_len=T, slot_range=None, window=sliding_window,
+                   remake=lambda w: cls.full(B, T, device, w))
 
     @classmethod
     def graph_decode(cls, slot: int, positions: torch.Tensor, max_len: int,
@@ -104,7 +119,8 @@ class AttnBatch:
             mask &= positions[:, None] - k_pos[None, :] < sliding_window
         zero = torch.zeros(1, dtype=torch.long, device=dev)
         return cls(slots=zero + slot, tok_seq=zero, tok_row=zero, positions=positions, mask=mask[:, None, None],
-                   causal=False, kv_len=max_len, q_len=1, slot_range=(slot, slot + 1))
+                   causal=False, kv_len=max_len, q_len=1, slot_range=(slot, slot + 1), window=sliding_window,
+                   remake=lambda w: cls.graph_decode(slot, positions, max_len, w))
 
 
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -127,26 +143,38 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """The architecture's norm: RMSNorm, or LayerNorm with bias (cfg.layer_norm)."""
+    return nn.LayerNorm(dim, eps=cfg.rms_norm_eps) if cfg.layer_norm else RMSNorm(dim, cfg.rms_norm_eps)
+
+
 class Rotary(nn.Module):
     """cos/sin tables from positions. The frequencies are computed on the CPU, as transformers does, and
     cached per device rather than kept as a buffer, so a model built on the meta device needs no fix-up."""
 
     def __init__(self, head_dim: int, theta: float, scaling: tuple = (), max_pos: int = 0):
         super().__init__()
-        self.head_dim, self.theta, self._inv_freq = head_dim, theta, {}
-        self.scaling, self.max_pos = scaling, max_pos  # ModelConfig.rope_scaling: the RoPE type's parameters
+        with torch.device("cpu"):  # not the meta device a model is built on
+            self.table = rope_table(head_dim, theta, scaling, max_pos)
+        self._inv_freq = {}
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        dev = positions.device
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                tok_seq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions, tok_seq [N] (tok_seq: the token's sequence; None: one sequence) -> cos, sin [N, D]."""
+        dev, t = positions.device, self.table
         if dev not in self._inv_freq:
-            inv_freq, factor = rope_tables(self.scaling, self.head_dim, self.theta, self.max_pos)
-            self._inv_freq[dev] = (inv_freq.to(dev), factor)
-        inv_freq, factor = self._inv_freq[dev]
-        freqs = positions[:, None].float() * inv_freq[None, :]  # [N, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)                  # [N, D]
-        if factor != 1.0:  # YaRN's attention factor
-            return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+            self._inv_freq[dev] = t.inv_freq.to(dev)
+        freqs = positions[:, None].float() * self._inv_freq[dev][None, :]  # [N, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                              # [N, D]
+        cos, sin = emb.cos(), emb.sin()
+        if t.long_scale is not None:  # longrope: the scale by the length of each token's sequence
+            last = positions.max() if tok_seq is None else \
+                torch.zeros_like(positions).scatter_reduce_(0, tok_seq, positions, "amax")[tok_seq]  # [N]
+            scale = torch.where(last >= t.switch_at, t.long_scale, t.scale)
+            cos, sin = cos * scale[..., None], sin * scale[..., None]
+        elif t.scale != 1.0:
+            cos, sin = cos * t.scale, sin * t.scale
+        return cos.to(dtype), sin.to(dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -165,17 +193,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, self.n_kv * D, bias=qkv_bias)
         self.v_proj = nn.Linear(H, self.n_kv * D, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=bias)
+        self.sinks = nn.Parameter(torch.empty(self.n_heads)) if cfg.attention_sinks else None
+        self.qk_whole = cfg.qk_norm_whole  # one norm over the whole projection (OLMoE), else per head (Qwen3)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(self.n_heads * D if self.qk_whole else D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.n_kv * D if self.qk_whole else D, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttnBatch,
                 kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         N, D = x.shape[0], self.head_dim
-        q = self.q_proj(x).view(N, self.n_heads, D)  # [N, Hq, D]
-        k = self.k_proj(x).view(N, self.n_kv, D)     # [N, Hkv, D]
+        q, k = self.q_proj(x), self.k_proj(x)      # [N, Hq*D], [N, Hkv*D]
+        if hasattr(self, "q_norm") and self.qk_whole:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(N, self.n_heads, D), k.view(N, self.n_kv, D)  # [N, Hq, D], [N, Hkv, D]
         v = self.v_proj(x).view(N, self.n_kv, D)
-        if hasattr(self, "q_norm"):
+        if hasattr(self, "q_norm") and not self.qk_whole:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, *rope), rotate(k, *rope)
 
@@ -198,10 +230,8 @@ class Attention(nn.Module):
         B = batch.slots.shape[0]
         Q = q.new_zeros(B, batch.q_len, self.n_heads, D)                     # [B, Tq, Hq, D]
         Q[batch.tok_seq, batch.tok_row] = q
-        with sdpa_backends(x.device):
-            O = F.scaled_dot_product_attention(
-                Q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2), attn_mask=batch.mask,
-                is_causal=batch.causal, enable_gqa=self.n_heads != self.n_kv)  # [B, Hq, Tq, D]
+        O = self._attend(Q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2), batch.mask,
+                         batch.causal, self.n_heads != self.n_kv)  # [B, Hq, Tq, D]
         o = O.transpose(1, 2)[batch.tok_seq, batch.tok_row]                  # [N, Hq, D]
         return self.o_proj(o.reshape(N, self.n_heads * D))
 
@@ -212,8 +242,7 @@ class Attention(nn.Module):
         # K/V heads repeated rather than enable_gqa: every SDPA backend takes equal head counts, backward included
         k, v = (t.repeat_interleave(self.n_heads // self.n_kv, dim=1) for t in (k, v))  # [N, Hq, D]
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, Hq, T, D]
-        with sdpa_backends(q.device):
-            O = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, is_causal=batch.causal)
+        O = self._attend(q, k, v, batch.mask, batch.causal, False)
         return O.transpose(1, 2).reshape(B * T, self.n_heads, self.head_dim)
 
     def _single(self, q, k, v, k_cache, v_cache, batch: AttnBatch) -> torch.Tensor:
@@ -242,11 +271,16 @@ class Attention(nn.Module):
         k_cache[slot, start:end] = k
         v_cache[slot, start:end] = v
         K, V = k_cache[slot, :end], v_cache[slot, :end]  # [Tk, Hkv, D] views
-        with sdpa_backends(q.device):
-            O = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], K.transpose(0, 1)[None], V.transpose(0, 1)[None],
-                attn_mask=mask if mask is None else mask[None], is_causal=causal, enable_gqa=self.n_heads != self.n_kv)
+        O = self._attend(q.transpose(0, 1)[None], K.transpose(0, 1)[None], V.transpose(0, 1)[None],
+                         mask if mask is None else mask[None], causal, self.n_heads != self.n_kv)
         return O[0].transpose(0, 1)
+
+    def _attend(self, q, k, v, mask, causal: bool, gqa: bool) -> torch.Tensor:
+        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> [B, Hq, Tq, D]: SDPA, or with sinks their own softmax."""
+        if self.sinks is not None:
+            return sink_attention(q, k, v, mask, causal, self.sinks)
+        with sdpa_backends(q.device):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
 class DenseMLP(nn.Module):
@@ -260,15 +294,6 @@ class DenseMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over all experts in fp32, then top-k; both Mixtral and Qwen3 route this way."""
-    probs = torch.softmax(logits.float(), dim=-1)  # [N, E]
-    weights, ids = torch.topk(probs, k, dim=-1)    # [N, K]
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return ids, weights
-
-
 class SparseMoe(nn.Module):
     """Router plus a handle to the expert backend (a plain object, so it is not part of the module tree).
     An architecture may set `router` (logits, gate module -> ids, weights) and `shared_experts` (a module every
@@ -276,8 +301,9 @@ class SparseMoe(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int, experts: ExpertBackend):
         super().__init__()
-        self.layer, self.top_k, self.renormalize = layer, cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.layer, self.cfg, self.route = layer, cfg, ROUTERS[cfg.router]
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
         self.experts = experts
         self.router = None
         self.shared_experts = None
@@ -285,8 +311,8 @@ class SparseMoe(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate(x)
         if self.router is None:
-            ids, weights = route(logits, self.top_k, self.renormalize)  # [N, K] each
-        else:
+            ids, weights = self.route(logits, self.cfg)  # [N, K] each
+        else:  # an architecture's own router object (DeepSeek: grouped top-k, the gate's correction bias)
             ids, weights = self.router(logits, self.gate)
         out = self.experts(self.layer, x, ids, weights)
         return out if self.shared_experts is None else out + self.shared_experts(x)
@@ -296,8 +322,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, experts: ExpertBackend, attention: type[nn.Module] = Attention):
         super().__init__()
         self.self_attn = attention(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
         if layer in cfg.dense_layers:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size)
         else:
@@ -316,10 +342,10 @@ class MoeTransformer(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts, attention) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = make_norm(cfg, cfg.hidden_size)
         rope_dim = cfg.qk_rope_head_dim if cfg.kv_lora_rank else cfg.head_dim  # MLA rotates a part of each head
         self.rotary = Rotary(rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.experts = experts
         self.tie_weights()
 
@@ -331,10 +357,18 @@ class MoeTransformer(nn.Module):
         """tokens [N] -> final hidden states [N, H]; kv_cache[i] is layer i's (k, v); None: no cache, and
         `batch` is an AttnBatch.full."""
         x = self.embed_tokens(tokens)
-        rope = self.rotary(batch.positions, x.dtype)
+        rope = self.rotary(batch.positions, x.dtype, batch.tok_seq)
+        windows = self.cfg.layer_windows
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, batch, None if kv_cache is None else kv_cache[i])
+            b = batch.for_window(windows[i]) if windows else batch
+            x = layer(x, rope, b, None if kv_cache is None else kv_cache[i])
         return self.norm(x)
+
+    def rerun_from_start(self, cached: int, total: int) -> bool:
+        """longrope: a sequence whose step takes it past original_max_position_embeddings re-runs from position
+        0, its earlier layers' states having been computed at the short scale (transformers' generate does so)."""
+        t = self.rotary.table
+        return t.long_scale is not None and 0 < cached <= t.switch_at < total
 
     def set_experts(self, experts: ExpertBackend) -> None:
         """Swap the expert backend (e.g. from all-local to offloaded) without touching the weights."""

@@ -1,0 +1,46 @@
+"""GPT-OSS experts: gate/up/down biases and the clamped SwiGLU, through PyTorch on any device. The native CPU
+kernel and the grouped GEMMs compute plain SiLU experts only; LocalExperts sends biased experts here explicitly.
+
+Legend: N = tokens, K = experts per token, E = experts, H = hidden, I = expert intermediate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeflow.config import ModelConfig
+from moeflow.experts.local import group_by_expert
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's activation: gate clamped above at `limit`, up within +-limit, (up + 1) * gate * sigmoid(alpha gate)."""
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def biased_ffn(x: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, bias: torch.Tensor,
+               cfg: ModelConfig) -> torch.Tensor:
+    """One expert: x [n, H], gate_up [2I, H], down_t [I, H], bias [2I + H] (gate, up, down) -> [n, H]."""
+    I = cfg.expert_intermediate_size
+    gate, up = (F.linear(x, gate_up) + bias[:2 * I]).chunk(2, dim=-1)       # [n, I] each
+    return clamped_swiglu(gate, up, cfg.swiglu_alpha, cfg.swiglu_limit) @ down_t + bias[2 * I:]
+
+
+def biased_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
+                   down_t: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Each selected expert on its tokens. x [N, H], gate_up [E, 2I, H], down_t [E, I, H], bias [E, 2I + H]
+    -> [N, H]."""
+    N, K = topk_ids.shape
+    order, counts = group_by_expert(topk_ids, gate_up.shape[0])
+    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)  # fp32 accumulation
+    flat_w, start = topk_weights.flatten(), 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        idx = order[start:start + n]
+        start += n
+        tok = idx // K
+        y = biased_ffn(x[tok], gate_up[e], down_t[e], bias[e], cfg)         # [n, H]
+        out.index_add_(0, tok, y.float() * flat_w[idx, None].float())
+    return out.to(x.dtype)
