@@ -323,3 +323,13 @@ def test_every_option_has_help_and_a_shown_default():
                 assert "bf16" in a.choices, p.prog
         if p.prog == "moeflow generate":
             assert "tokens to generate at most (default: 128)" in " ".join(p.format_help().split())
+
+
+def test_a_denormal_top_p_keeps_the_most_likely_token():
+    """top_p 5e-324 is 0 in fp32: sampling still keeps one token (schemathesis found the NaN this gave)."""
+    from moeflow.engine.sampler import sample
+    from moeflow.engine.sequence import Sequence
+
+    seq = Sequence([1], SamplingParams(temperature=1.0, top_p=5e-324, seed=0), None)
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    assert sample(logits, [seq]) == [1]

@@ -463,6 +463,10 @@ def _add_bench_commands(bsub) -> None:
     add_flags(bs)
     bs.set_defaults(func=cmd_bench_serve)
 
+    from moeflow.bench import fuzz, soak
+    soak.add_parser(bsub)
+    fuzz.add_parser(bsub)
+
     bc = bsub.add_parser("cpu-experts", help="a layer's experts on the CPU: native kernel and PyTorch against "
                          "the memory-read ceiling")
     bc.add_argument("--shapes", default="mixtral,qwen3", help="comma-separated: mixtral, qwen3")
@@ -525,7 +529,7 @@ def check_context(args, limit: int, n_prompt: int | None = None) -> None:
             raise MoeflowError(f"--{name.replace('_', '-')} {v} is beyond the model's context ({limit} tokens)")
     if n_prompt is not None:
         room = min(args.max_len or limit, limit) - n_prompt - 1
-        if args.max_new_tokens > room:
+        if 0 < room < args.max_new_tokens:  # (a prompt that does not fit is the engine's one-line error)
             print(f"moeflow: warning: --max-new-tokens {args.max_new_tokens} does not fit the context "
                   f"({n_prompt} prompt tokens of {min(args.max_len or limit, limit)}): at most {room} tokens",
                   file=sys.stderr)
