@@ -47,8 +47,8 @@ async def soak(url: str, clients: int, duration: float, max_tokens: int, pid: in
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60.0), limits=limits) as http:
         rss = await _rss(http, pid)
         if rss is None:
-            raise MoeflowError(f"cannot read the server's memory: give --pid, or {url}/metrics must export "
-                               "process_resident_memory_bytes")
+            raise MoeflowError(f"cannot read the server's memory from {url}/metrics (is a moeflow server running "
+                               "there?); --pid PID reads it from /proc instead")
         t0 = time.perf_counter()
         end = t0 + duration
         samples: list[tuple[float, int]] = [(0.0, rss)]
