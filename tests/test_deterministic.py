@@ -19,8 +19,8 @@ shipped = pytest.mark.skipif(not (BUILTIN_DIR / "pydoc-moe" / "model.safetensors
                              reason="the trained demo model is not shipped in this checkout")
 
 
-def waves_vs_serial(dtype: str, deterministic: bool) -> tuple[list, list]:
-    ck = load("builtin:pydoc-moe", dtype=dtype)
+def waves_vs_serial(dtype: str, deterministic: bool, device: str = "cpu") -> tuple[list, list]:
+    ck = load("builtin:pydoc-moe", device=device, dtype=dtype)
     engine = LLMEngine(ck, max_seqs=WAVES * len(PROMPTS), max_len=96, deterministic=deterministic)
     params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
@@ -39,6 +39,14 @@ def waves_vs_serial(dtype: str, deterministic: bool) -> tuple[list, list]:
 @pytest.mark.parametrize("dtype,deterministic", [("bf16", True), ("fp32", False)])
 def test_joining_requests_match_serial_output(dtype, deterministic):
     batched, serial = waves_vs_serial(dtype, deterministic)
+    assert batched == serial
+
+
+@shipped
+@pytest.mark.gpu
+def test_joining_requests_match_serial_output_on_cuda():
+    """The same on a GPU in bf16: cuBLAS picks its kernels by the row count too."""
+    batched, serial = waves_vs_serial("bf16", True, "cuda")
     assert batched == serial
 
 
