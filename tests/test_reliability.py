@@ -22,7 +22,7 @@ from moeflow.server.app import create_app  # noqa: E402
 @pytest.fixture(scope="module")
 def live():
     ck = load("synthetic:tiny-mixtral")
-    with LiveServer(create_app(lambda: LLMEngine(ck, max_seqs=8, max_len=128), "tiny", max_queue=64)) as s:
+    with LiveServer(create_app(lambda: LLMEngine(ck, max_seqs=8, max_len=64), "tiny", max_queue=64)) as s:
         s.wait_ready()
         yield s
 
