@@ -46,3 +46,10 @@ def test_piped_stdin_to_eof():
     assert proc.returncode == 0, proc.stderr
     # one reply (the default model writes documentation, newlines included), then a clean exit at EOF
     assert proc.stdout.strip() and "Traceback" not in proc.stderr
+
+
+def test_a_reply_cut_by_the_token_limit_says_so(capsys):
+    engine = LLMEngine(load(DEFAULT_MODEL), max_seqs=1, max_len=96)
+    session = ChatSession(engine, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    session.reply("hello", io.StringIO())
+    assert "[reply cut at 3 tokens: --max-new-tokens]" in capsys.readouterr().err

@@ -243,3 +243,93 @@ def test_import_shortens_openmp_spinning_unless_the_user_set_it(user):
     got = subprocess.run([sys.executable, "-c", "import moeflow, os; print(os.environ['GOMP_SPINCOUNT'])"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert got == (user or "10000")
+
+
+# -- (f) values checked before anything loads ------------------------------------------------------------
+EARLY = [
+    (["generate", "--temperature", "nan"], "--temperature"),
+    (["generate", "--temperature", "inf"], "--temperature"),
+    (["generate", "--top-k", "-3"], "--top-k"),
+    (["generate", "--max-len", "100000"], "model's context (1024"),
+    (["generate", "--system", "be brief"], "--system needs --chat"),
+    (["chat", "--max-context", "5000"], "--max-len 5000"),  # the old spelling still works
+    (["plan", "--gpu-memory", "24GiB", "--hit-rate", "7"], "--hit-rate"),
+    (["plan", "--gpu-memory", "24GiB", "--hit-rate", "-1"], "--hit-rate"),
+    (["bench", "latency", "--budgets", "abc", "--device", "cpu"], "'abc'"),
+    (["bench", "generate", "--new-tokens", "0"], "at least 1"),
+    (["serve", "--port", "99999"], "not a TCP port"),
+    (["generate", "--device", "gpu"], "invalid choice"),
+    (["generate", "--dtype", "int3"], "invalid choice"),
+    (["generate", "--no-such-flag"], "unrecognized"),
+]
+
+
+@pytest.mark.parametrize("argv,named", EARLY, ids=[" ".join(a) for a, _ in EARLY])
+def test_bad_values_fail_before_any_loading(capsys, monkeypatch, argv, named):
+    import moeflow.checkpoint
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded a model before checking the flags")
+
+    monkeypatch.setattr(moeflow.checkpoint, "load", no_load)
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2 and out == ""
+    assert err.startswith("moeflow: error: ") and err.count("\n") == 1 and named in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_gpu_memory_without_a_gpu(capsys):
+    rc, _, err = run(capsys, "generate", "--gpu-memory", "24GiB")
+    assert rc == 2 and "needs a CUDA GPU" in err
+
+
+def test_serve_on_a_taken_port_is_one_line(capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        rc, _, err = run(capsys, "serve", "--port", str(s.getsockname()[1]), "--device", "cpu")
+    assert rc == 2 and err.count("\n") == 1 and "Address already in use" in err, err
+
+
+def test_new_tokens_beyond_the_context_warns(capsys):
+    rc, out, err = run(capsys, "generate", "--max-len", "24", "--max-new-tokens", "100", "--device", "cpu")
+    assert rc == 0 and "warning: --max-new-tokens 100 does not fit the context" in err
+    assert figures(err)["tokens"] < 24
+
+
+def test_every_option_has_help_and_a_shown_default():
+    """Each flag of each subcommand has a help line; device and dtype are choices everywhere."""
+    import argparse
+
+    from moeflow.cli import build_parser
+
+    def parsers(p):
+        yield p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    yield from parsers(sub)
+
+    for p in parsers(build_parser()):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction) or a.help == argparse.SUPPRESS:
+                continue
+            assert a.help, f"{p.prog} {a.option_strings}: no help"
+            if "--device" in a.option_strings:
+                assert set(a.choices) == {"cpu", "cuda"}, p.prog
+            if "--dtype" in a.option_strings:
+                assert "bf16" in a.choices, p.prog
+        if p.prog == "moeflow generate":
+            assert "tokens to generate at most (default: 128)" in " ".join(p.format_help().split())
+
+
+def test_a_denormal_top_p_keeps_the_most_likely_token():
+    """top_p 5e-324 is 0 in fp32: sampling still keeps one token (schemathesis found the NaN this gave)."""
+    from moeflow.engine.sampler import sample
+    from moeflow.engine.sequence import Sequence
+
+    seq = Sequence([1], SamplingParams(temperature=1.0, top_p=5e-324, seed=0), None)
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    assert sample(logits, [seq]) == [1]

@@ -1,11 +1,10 @@
-"""The shipped demo model (builtin:pydoc-moe, trained by `moeflow train-demo`): it loads and generates on a CPU
-in seconds, its greedy text is fixed, transformers computes the same logits, and its routing is measurably
+"""The shipped demo model (builtin:pydoc-moe, trained by `moeflow train-demo`): it loads and generates on a CPU,
+its greedy text is fixed, transformers computes the same logits, and its routing is measurably
 non-uniform (the expert-caching tests rely on that)."""
 
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -70,12 +69,10 @@ def test_unknown_builtin_is_a_clear_error():
 
 
 @shipped
-def test_loads_and_generates_on_cpu_in_seconds():
-    t = time.perf_counter()
+def test_loads_and_generates_on_cpu():
     ck = load(NAME)  # as `moeflow generate` does: the checkpoint's bf16 on the CPU
     assert ck.cfg.model_type == "mixtral" and not ck.synthetic and ck.name == NAME
     (seq,) = LLMEngine(ck, max_seqs=1, max_len=256).generate([PROMPT], SamplingParams(max_new_tokens=48))
-    assert time.perf_counter() - t < 20
     words = seq.text.split()
     assert len(words) >= 5 and sum(w.isalpha() for w in words) >= 3, seq.text  # text, not byte soup
     assert (FOLDER / "model.safetensors").stat().st_size < 40e6

@@ -53,6 +53,8 @@ class ChatSession:
         except KeyboardInterrupt:
             self.engine.abort(seq)  # keep what was said so far
         out.write("\n")
+        if seq.finish_reason == "length":
+            print(f"[reply cut at {len(seq.output_ids)} tokens: --max-new-tokens]", file=sys.stderr)
         self.history.append({"role": "assistant", "content": seq.text})
         return seq.text
 
@@ -62,13 +64,16 @@ def chat_loop(session: ChatSession, inp: TextIO | None = None, out: TextIO | Non
     inp, out, err = inp or sys.stdin, out or sys.stdout, err or sys.stderr
     interactive = inp.isatty()
     if interactive:
+        e = session.engine
+        print(f"[{e.ck.name} on {e.device.type}, context {e.max_len} tokens]", file=err)
         print(HELP, file=err)
     while True:
         try:
             if interactive:  # input() gives line editing and history where readline is available
                 try:
                     line = input(">>> ") + "\n"
-                except EOFError:
+                except EOFError:  # Ctrl-D: leave the terminal on a new line
+                    out.write("\n")
                     line = ""
             else:
                 line = inp.readline()

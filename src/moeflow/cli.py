@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import traceback
 from dataclasses import fields
 from pathlib import Path
 
@@ -13,10 +12,11 @@ from tqdm import tqdm
 
 from moeflow import MoeflowError, __version__
 from moeflow.engine.budget import gib as _gib
+from moeflow.config import EngineConfig
 from moeflow.engine.sequence import SamplingParams
 from moeflow.perf.commands import cmd_bench_accuracy, cmd_plan, cmd_profile
 
-DEFAULT_MODEL = "builtin:pydoc-moe"  # the embedded default: a small Mixtral trained on the Python docs, shipped
+DEFAULT_MODEL = EngineConfig.model  # the embedded default: a small Mixtral trained on the Python docs, shipped
 DEFAULT_PROMPT = "The :mod:`json` module"  # the embedded default continues Python documentation
 _SP = {f.name: f.default for f in fields(SamplingParams)}
 
@@ -25,7 +25,7 @@ def cmd_generate(args) -> int:
     from moeflow.engine.llm_engine import LLMEngine, encode_prompt
 
     offload = _offload_config(args)
-    ck = _load_checkpoint(args, args.device, offload)
+    ck = _load_checkpoint(args, args.device or ENGINE.resolved_device(), offload)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     prompt = args.prompt
@@ -33,8 +33,9 @@ def cmd_generate(args) -> int:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
                  [{"role": "user", "content": args.prompt}]
     n_prompt = len(encode_prompt(ck.tokenizer, prompt))
+    check_context(args, ck.cfg.max_position_embeddings, n_prompt)
     engine = LLMEngine(ck, max_seqs=1, max_len=args.max_len or max(n_prompt + args.max_new_tokens + 1, 256),
-                       offload=offload)
+                       offload=offload, deterministic=args.deterministic)
     last = None
     for last in engine.stream(prompt, params):
         sys.stdout.write(last.text)
@@ -61,8 +62,9 @@ def _offload_config(args):
 
 def _load_checkpoint(args, device, offload):
     """--model (default: the embedded one) on `device`; its experts in host memory when offloading."""
-    from moeflow.checkpoint import load
+    from moeflow.checkpoint import load, read_model_config
 
+    check_context(args, read_model_config(args.model or DEFAULT_MODEL)[1].max_position_embeddings)
     ck = load(args.model or DEFAULT_MODEL, device=device, dtype=args.dtype, progress=None,
               expert_device="cpu" if offload else None)
     if ck.synthetic:
@@ -75,34 +77,29 @@ def _expert_figures(e: dict, tokens: int) -> str:
             f"copied {e['copied_experts'] / max(e['lookups'], 1):.0%}, {e['bytes_h2d'] / 2**30:.2f} GiB to the GPU")
 
 
-def _load_engine(args, max_seqs: int, max_len: int):
+def _load_engine(args, max_seqs: int):
     """The engine of `serve` and `chat`: the model on --device (cuda where available), offloaded with --gpu-memory."""
-    import torch
-
     from moeflow.engine.llm_engine import LLMEngine
 
     offload = _offload_config(args)
-    ck = _load_checkpoint(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"), offload)
-    return LLMEngine(ck, max_seqs=max_seqs, max_len=min(max_len, ck.cfg.max_position_embeddings), offload=offload)
+    ck = _load_checkpoint(args, args.device or ENGINE.resolved_device(), offload)
+    return LLMEngine(ck, max_seqs=max_seqs, max_len=args.max_len, offload=offload, deterministic=args.deterministic)
 
 
 def cmd_serve(args) -> int:
     from moeflow.server import run_server
 
-    for flag in ("max_running", "max_context", "port"):
-        if getattr(args, flag) < 1:
-            raise MoeflowError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_queue < 0:
         raise MoeflowError("--max-queue must be at least 0")
     name = args.served_model_name or args.model or DEFAULT_MODEL
-    return run_server(lambda: _load_engine(args, args.max_running, args.max_context), name, args.host, args.port,
+    return run_server(lambda: _load_engine(args, args.max_running), name, args.host, args.port,
                       args.max_queue, args.log_level)
 
 
 def cmd_chat(args) -> int:
     from moeflow.chat import ChatSession, chat_loop
 
-    engine = _load_engine(args, 1, args.max_context)
+    engine = _load_engine(args, 1)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     if params.max_new_tokens >= engine.max_len:
@@ -137,7 +134,7 @@ def cmd_bench(args) -> int:
     results = []
     for model in args.model:
         t = time.perf_counter()
-        ck = load(model, device=args.device, dtype=args.dtype, progress=None)
+        ck = load(model, device=args.device or ENGINE.resolved_device(), dtype=args.dtype, progress=None)
         load_s = time.perf_counter() - t
         results.append(bench_generate(ck, args.prompt_len, args.new_tokens, args.runs) | {"load_s": load_s})
         print_result(results[-1])
@@ -166,12 +163,14 @@ def cmd_profile_experts(args) -> int:
         from moeflow.engine.llm_engine import LLMEngine
         from moeflow.policy.placement import RoutingRecorder
 
-        ck = load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype)
+        ck = load(args.model or DEFAULT_MODEL, device=args.device or ENGINE.resolved_device(), dtype=args.dtype)
         recorder = RoutingRecorder(ck.model.experts, ck.cfg)
         ck.model.set_experts(recorder)
         engine = LLMEngine(ck, max_seqs=1, max_len=args.max_len, cuda_graphs=False)
+        if args.max_new_tokens >= engine.max_len:
+            raise MoeflowError(f"--max-new-tokens must be below the context ({engine.max_len})")
         for p in tqdm(read_prompts(args.prompts), desc="profiling", unit="prompt"):
-            ids = engine.encode([{"role": "user", "content": p}])[: args.max_len - args.max_new_tokens - 1]
+            ids = engine.encode([{"role": "user", "content": p}])[: engine.max_len - args.max_new_tokens - 1]
             list(engine.stream(ids, SamplingParams(max_new_tokens=args.max_new_tokens)))
         placement = Placement(ck.name, recorder.counts)
     placement.save(args.out)
@@ -183,98 +182,9 @@ def cmd_profile_experts(args) -> int:
 
 
 def cmd_bench_latency(args) -> int:
-    from dataclasses import asdict
+    from moeflow.bench.latency import main as bench_latency
 
-    from moeflow.bench.accuracy import predict_row
-    from moeflow.bench.latency import accelerate_baseline, ceilings, print_rows, run_policy, save
-    from moeflow.bench.prompts import read_prompts
-    from moeflow.checkpoint import load, resolve_device
-    from moeflow.config import OffloadConfig, parse_size
-    from moeflow.engine.llm_engine import encode_prompt
-    from moeflow.perf.costs import ExpertCosts
-
-    if args.runs < 1 or args.repeat < 1:
-        raise MoeflowError(f"--runs and --repeat must be at least 1 (got {args.runs} and {args.repeat})")
-    device = resolve_device(args.device)
-    t = time.perf_counter()
-    ck = load(args.model, device=device, dtype=args.dtype, expert_device="cpu", progress=True)
-    load_s, t = time.perf_counter() - t, time.perf_counter()
-    ck.store.pin()
-    pin_s = time.perf_counter() - t
-    ceil = ceilings(device)
-    profile = None
-    if args.profile:  # the timing model's predictions go beside each measurement
-        from moeflow.perf.profile import HardwareProfile
-
-        profile = HardwareProfile.load(args.profile)
-    elif device.type == "cuda":
-        from moeflow.perf.profile import get_profile
-
-        profile = get_profile(ck.cfg, "cuda", dtype_name=str(ck.store.data.dtype).removeprefix("torch."))[0]
-    print(f"{ck.name}: built/loaded in {load_s:.1f} s, pinned in {pin_s:.1f} s; CPU read "
-          f"{ceil['cpu_read_bw'] / 1e9:.0f} GB/s, host->device {ceil['h2d_bw'] / 1e9:.0f} GB/s, "
-          f"device memory {ceil['gpu_bw'] / 1e9:.0f} GB/s", flush=True)
-    if "h2d_bw_concurrent" in ceil:
-        print(f"both at once: CPU read {ceil['cpu_read_bw_concurrent'] / 1e9:.0f} GB/s + host->device "
-              f"{ceil['h2d_bw_concurrent'] / 1e9:.0f} GB/s", flush=True)
-    texts = read_prompts(args.prompts) if args.prompts else [DEFAULT_PROMPT]
-    prompts = [encode_prompt(ck.tokenizer, [{"role": "user", "content": texts[i % len(texts)]}])
-               for i in range(args.runs)]
-    long = [t for p in texts for t in encode_prompt(ck.tokenizer, p)]
-    ttft_prompt = (long * (args.ttft_len // max(len(long), 1) + 1))[: args.ttft_len]
-    meta = {"model": ck.name, "device": torch_device_name(device), "load_s": load_s, "pin_s": pin_s,
-            "ceilings": ceil, "new_tokens": args.new_tokens, "runs": args.runs, "repeat": args.repeat,
-            "prompt_tokens": [len(p) for p in prompts],
-            "date": time.strftime("%Y-%m-%d %H:%M")}
-    if profile is not None:  # what the predictions came from: `bench model-accuracy --repredict` reuses it
-        meta["profile"] = asdict(profile)
-    dtype = str(ck.store.data.dtype).removeprefix("torch.")
-    rows, costs, probe = [], None, None
-    if profile is not None:  # the host's speed beside each row, against the profile's reading
-        from moeflow.perf.probe import SpeedProbe
-
-        probe = SpeedProbe(device)
-        probe()  # its engine made before the rows
-    print_rows([], header=True)
-    # --repeat: every row again, in the same order, so that a slow spell of a shared host falls on one
-    # repetition of each configuration rather than on all of one (model-accuracy takes the medians)
-    for rep in range(args.repeat):
-        for budget in [parse_size(b) for b in args.budgets.split(",")]:
-            for trace in [None] + args.routing_trace:
-                for policy in args.policies.split(","):
-                    oc = OffloadConfig(budget, policy, args.placement if trace is None else args.trace_placement,
-                                       trace)
-                    try:
-                        r = run_policy(ck, oc, prompts, ttft_prompt, args.new_tokens, ceil, costs, probe)
-                        if profile is not None:
-                            r |= predict_row(r, ck.cfg, profile, ck.name, args.new_tokens, dtype_name=dtype)
-                    except Exception as e:  # a failed row is recorded; the others still run (device time is scarce)
-                        msg = str(e) if isinstance(e, MoeflowError) else f"{type(e).__name__}: {e}"
-                        if not isinstance(e, MoeflowError):
-                            traceback.print_exc()
-                        r = {"policy": policy, "gpu_memory_gib": budget / 2**30, "routing": trace or "native",
-                             "error": msg}
-                        print(f"{policy} at {budget / 2**30:.0f} GiB: {msg}", flush=True)
-                    if costs is None and r.get("costs"):
-                        costs = ExpertCosts.from_dict(r["costs"])
-                    rows.append(r | {"repeat": rep})
-                    if "error" not in r:
-                        print_rows([r])
-                    if args.out:  # each row as it lands: a run cut short keeps what it measured
-                        save(meta, rows, args.out)
-            if args.baseline_tokens and device.type == "cuda" and rep == 0:
-                try:
-                    rows.append(accelerate_baseline(ck, budget, prompts[0], args.baseline_tokens))
-                    print_rows([rows[-1]])
-                except Exception as e:  # the baseline is someone else's code: record its failure, keep going
-                    rows.append({"policy": "transformers+accelerate", "gpu_memory_gib": budget / 2**30,
-                                 "error": f"{type(e).__name__}: {e}"})
-                    print(f"transformers+accelerate failed: {e}", flush=True)
-    if probe is not None:
-        probe.close()
-    if args.out:
-        save(meta, rows, args.out)
-    return 0
+    return bench_latency(args, DEFAULT_PROMPT)
 
 
 def cmd_bench_cpu_experts(args) -> int:
@@ -293,28 +203,6 @@ def cmd_bench_cpu_experts(args) -> int:
         except ImportError:
             print("matplotlib is not installed: no plot", file=sys.stderr)
     return 0
-
-
-def torch_device_name(device) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def _add_offload_flags(g) -> None:
-    from moeflow.policy import POLICIES
-
-    g.add_argument("--gpu-memory", help="cap on GPU memory, e.g. 24GiB: experts stay in host memory and run on "
-                   "the CPU or are copied in as the policy decides")
-    g.add_argument("--policy", default="auto", choices=sorted(POLICIES), help="offloading policy (default auto)")
-    g.add_argument("--placement", help="resident experts from `moeflow profile-experts` (default: even split)")
-    g.add_argument("--routing-trace", help="benchmarks: replay a recorded routing instead of the router's")
-
-
-def _add_device_flags(g) -> None:
-    g.add_argument("--device", help="cpu or cuda (default: cuda where available)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, the checkpoint's on cpu), bf16, fp16, fp32")
-    _add_offload_flags(g)
 
 
 def cmd_train_demo(args) -> int:
@@ -336,88 +224,217 @@ def cmd_train_demo(args) -> int:
 TRAIN_FLAGS = {"epochs": float, "steps": int, "batch_size": int, "lr": float, "dropout": float, "aux_coef": float}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moeflow", description=__doc__)
-    p.add_argument("--version", action="version", version=f"moeflow {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+ENGINE = EngineConfig()
+DEVICES = ("cpu", "cuda")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+# Every environment variable moeflow reads (`moeflow --help` lists them; the README's environment section too).
+ENV_VARS = {
+    "MOEFLOW_CACHE_DIR": "where the hardware profile is cached (default $XDG_CACHE_HOME/moeflow or ~/.cache/moeflow)",
+    "MOEFLOW_CACHE": "where the native CPU kernel is built (default ~/.cache/moeflow)",
+    "MOEFLOW_CPU_KERNEL": "native CPU kernel: auto | torch | scalar | avx2 | avx512 | amx | amx-emu (default auto)",
+    "MOEFLOW_CPU_THREADS": "threads of the CPU expert kernel (default: the physical cores, less one)",
+    "MOEFLOW_AMX_MIN_TOKENS": "fewest tokens of an expert that go to the AMX tiles (default 16)",
+    "MOEFLOW_CPU_TORCH_FROM": "CPU jobs of this many tokens or more go to PyTorch (default 0: none)",
+    "MOEFLOW_POOL_SPIN": "pause iterations the kernel's idle threads spin before they sleep (default 256)",
+    "MOEFLOW_AMX_DOWN_ROWS, _GU_HIDDEN, _GU_ROWS": "AMX blocking (tuning; defaults in experts/native.py)",
+    "MOEFLOW_AMX_PREFETCH": "AMX weight reads: 2 (default) loads tiles straight from the weights",
+    "GOMP_SPINCOUNT": "OpenMP idle spin; moeflow sets 10000 unless you set it",
+}
 
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default after its help, unless there is none to show or the help says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == [] \
+                or action.default == argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Defaults in every --help; a bad flag is one `moeflow: error:` line and exit 2, as other errors are."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise MoeflowError(f"{self.prog}: {message}")
+
+
+def _alias(g, old: str, dest: str) -> None:
+    """An old spelling kept working, not shown in --help."""
+    g.add_argument(old, dest=dest, type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _model_flag(g, default: str | None = ENGINE.model) -> None:
+    g.add_argument("--model", default=default, help="checkpoint folder, builtin:NAME or synthetic:NAME")
+
+
+def _device_flags(g, offload: bool = True, deterministic: bool = True) -> None:
+    g.add_argument("--device", choices=DEVICES, default=ENGINE.device, help="where the model runs (default: cuda "
+                   "where available, else cpu)")
+    g.add_argument("--dtype", choices=DTYPES, default=ENGINE.dtype,
+                   help="auto: bf16 on cuda, the checkpoint's own on cpu")
+    if deterministic:
+        g.add_argument("--deterministic", action="store_true", default=ENGINE.deterministic,
+                       help="batch-invariant forward: a request's greedy output does not depend on the requests "
+                            "beside it (costs speed; docs/reliability.md)")
+    if offload:
+        from moeflow.policy import POLICIES
+
+        g.add_argument("--gpu-memory", help="cap on GPU memory, e.g. 24GiB: experts stay in host memory and run "
+                       "on the CPU or are copied in as the policy decides")
+        g.add_argument("--policy", default="auto", choices=sorted(POLICIES), help="offloading policy")
+        g.add_argument("--placement", help="resident experts from `moeflow profile-experts` (default: even split)")
+        g.add_argument("--routing-trace", help="benchmarks: replay a recorded routing instead of the router's")
+
+
+def _context_flag(g, help: str) -> None:
+    g.add_argument("--max-len", type=int, default=ENGINE.max_len, help=help)
+    _alias(g, "--max-context", "max_len")
+
+
+def _sampling_flags(g, max_new_tokens: int, temperature: float, top_p: float, why: str) -> None:
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy ({why})")
+    g.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling: keep the most likely tokens "
+                   "whose probabilities sum to this (1 = off)")
+    g.add_argument("--top-k", type=int, default=_SP["top_k"], help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--seed", type=int, default=_SP["seed"], help="sampling seed (none: a fresh one each run)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = "\n".join(f"  {k}\n      {v}" for k, v in ENV_VARS.items())
+    p = _Parser(prog="moeflow", description=__doc__, epilog=f"environment variables:\n{env}")
+    p.add_argument("--version", action="version", version=f"moeflow {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_run_commands(sub)
+    _add_model_commands(sub)
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    _add_bench_commands(bsub)
+    return p
+
+
+def _add_run_commands(sub) -> None:
     g = sub.add_parser("generate", help="generate text from a prompt, streaming it")
-    g.add_argument("--model", help=f"checkpoint folder, builtin:NAME or synthetic:NAME (default: {DEFAULT_MODEL})")
-    g.add_argument("--prompt", default=DEFAULT_PROMPT)
+    _model_flag(g)
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue (with --chat: the user message)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
-    g.add_argument("--system", help="system message (with --chat)")
-    g.add_argument("--max-new-tokens", type=int, default=_SP["max_new_tokens"])
-    g.add_argument("--temperature", type=float, default=_SP["temperature"], help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=_SP["top_p"])
-    g.add_argument("--top-k", type=int, default=_SP["top_k"])
-    g.add_argument("--seed", type=int, default=_SP["seed"])
+    g.add_argument("--system", help="system message (needs --chat)")
+    _sampling_flags(g, _SP["max_new_tokens"], _SP["temperature"], _SP["top_p"], "greedy by default: reproducible")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="always produce --max-new-tokens tokens")
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, the checkpoint's on cpu), bf16, fp16, fp32")
-    g.add_argument("--max-len", type=int, help="context length to reserve (default: prompt + new tokens)")
-    _add_offload_flags(g)
+    _context_flag(g, "context to reserve (default: prompt + new tokens, at least 256)")
+    _device_flags(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="chat in the terminal (streamed; /reset, /exit)")
-    c.add_argument("--model", help=f"checkpoint folder, builtin:NAME or synthetic:NAME (default: {DEFAULT_MODEL})")
+    _model_flag(c)
     c.add_argument("--system", help="system message")
-    c.add_argument("--max-new-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    c.add_argument("--top-p", type=float, default=0.9)
-    c.add_argument("--top-k", type=int, default=_SP["top_k"])
-    c.add_argument("--seed", type=int, default=_SP["seed"])
-    c.add_argument("--max-context", type=int, default=4096, help="tokens of conversation kept (oldest turns drop)")
-    _add_device_flags(c)
+    _sampling_flags(c, 256, 0.7, 0.9, "sampled by default: conversation reads better")
+    _context_flag(c, "tokens of conversation kept, the oldest turns dropped (default: the model's context)")
+    _device_flags(c)
     c.set_defaults(func=cmd_chat)
 
-    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, streaming, metrics)")
-    sv.add_argument("--model", help=f"checkpoint folder, builtin:NAME or synthetic:NAME (default: {DEFAULT_MODEL})")
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, streaming, metrics); "
+                        "requests' sampling defaults are the OpenAI API's (temperature 1)")
+    _model_flag(sv)
     sv.add_argument("--served-model-name", help="the model's name in the API (default: --model)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-running", type=int, default=8, help="sequences decoded together (KV cache slots)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    sv.add_argument("--max-running", type=int, default=ENGINE.max_running,
+                    help="sequences decoded together (KV cache slots)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond: HTTP 429")
-    sv.add_argument("--max-context", type=int, default=4096, help="prompt + generated tokens per request")
-    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    _add_device_flags(sv)
+    _context_flag(sv, "prompt + generated tokens per request (default: the model's context)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's and moeflow's log level")
+    _device_flags(sv)
     sv.set_defaults(func=cmd_serve)
 
     from moeflow.batch.cli import add_parser as add_batch_parser
     add_batch_parser(sub)
 
+
+def _add_model_commands(sub) -> None:
     pe = sub.add_parser("profile-experts", help="count how often each expert is used, for --placement")
-    pe.add_argument("--model", help=f"checkpoint folder, builtin:NAME or synthetic:NAME (default: {DEFAULT_MODEL})")
+    _model_flag(pe)
     pe.add_argument("--prompts", help="prompt file (JSONL with turns/text/prompt, or one prompt per line)")
     pe.add_argument("--trace", help="a recorded routing trace instead of prompts")
     pe.add_argument("--out", required=True, help="placement JSON to write")
-    pe.add_argument("--max-new-tokens", type=int, default=32)
-    pe.add_argument("--max-len", type=int, default=1024)
-    pe.add_argument("--device", default="cpu")
-    pe.add_argument("--dtype", default="auto")
+    pe.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
+    _context_flag(pe, "context per prompt (default: the model's)")
+    _device_flags(pe, offload=False, deterministic=False)
     pe.set_defaults(func=cmd_profile_experts)
 
-    b = sub.add_parser("bench", help="benchmarks")
-    bsub = b.add_subparsers(dest="bench", required=True)
+    pr = sub.add_parser("profile", help="measure this machine once (cached): bandwidths, expert times, links")
+    pr.add_argument("--model", default="synthetic:mixtral-8x7b", help="whose expert shape to time")
+    pr.add_argument("--device", default="cuda", choices=DEVICES,
+                    help="cuda (the CPU side only where no GPU is visible) or cpu")
+    pr.add_argument("--refresh", action="store_true", help="measure again even if a cached profile exists")
+    pr.add_argument("--out", help="also write the profile JSON here")
+    pr.add_argument("--quick", action="store_true", help="tiny sizes (tests, smoke runs): rough figures")
+    pr.set_defaults(func=cmd_profile)
+
+    pl = sub.add_parser("plan", help="predict each policy's speed from the hardware profile; choose a plan")
+    pl.add_argument("--model", default="synthetic:mixtral-8x7b", help="folder, builtin:NAME or synthetic:NAME "
+                    "(only its config is read)")
+    pl.add_argument("--gpu-memory", required=True, help="GPU budget, e.g. 24GiB")
+    pl.add_argument("--workload", default="both", choices=("latency", "throughput", "both"),
+                    help="one request at a time, batches, or both")
+    pl.add_argument("--prompt-len", type=int, default=512, help="prompt tokens of the modelled request")
+    pl.add_argument("--max-new-tokens", dest="gen_len", type=int, default=128, help="tokens it generates")
+    _alias(pl, "--gen-len", "gen_len")
+    pl.add_argument("--profile", help="hardware profile JSON (default: this machine's, else the built-in reference)")
+    pl.add_argument("--placement", help="expert popularity from `moeflow profile-experts` (default: uniform)")
+    pl.add_argument("--hit-rate", type=float, help="assume this decode hit rate, in [0, 1], instead of deriving it")
+    pl.add_argument("--host-memory", help="host memory the throughput plan may use (default: 90%% of the profile's)")
+    pl.add_argument("--roofline", help="write the hierarchical roofline PNG here")
+    pl.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("synth", help="write random weights of a published shape as a Hugging Face folder")
+    s.add_argument("name", help="mixtral-8x7b, qwen3-30b-a3b, tiny-mixtral or tiny-qwen3")
+    s.add_argument("--out", required=True, help="folder to write")
+    s.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: the preset's own")
+    s.set_defaults(func=cmd_synth)
+
+    from moeflow.train.demo import SIZES
+    t = sub.add_parser("train-demo", help="train the embedded demo model (a small Mixtral) on a text corpus")
+    t.add_argument("--corpus", required=True, help="folder of .txt/.rst/.md files (e.g. the Python docs sources)")
+    t.add_argument("--out", required=True, help="folder to write the Hugging Face checkpoint into")
+    t.add_argument("--size", default="demo", choices=list(SIZES), help="demo (GPU, minutes), tiny (CPU), test")
+    t.add_argument("--minutes", type=float, default=7.0, help="wall-clock limit on training; export follows")
+    t.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    t.add_argument("--device", choices=DEVICES, help="cuda or cpu (default: cuda where available)")
+    for name, typ in TRAIN_FLAGS.items():
+        t.add_argument(f"--{name.replace('_', '-')}", type=typ,
+                       help=f"default: {getattr(SIZES['demo'], name)} (--size demo)")
+    t.set_defaults(func=cmd_train_demo)
+
+
+def _add_bench_commands(bsub) -> None:
     bg = bsub.add_parser("generate", help="prefill and decode speed of one request, against the bound")
     bg.add_argument("--model", action="append", default=[], help="repeatable (default: the embedded default)")
-    bg.add_argument("--device", default="cpu")
-    bg.add_argument("--dtype", default="auto")
-    bg.add_argument("--prompt-len", type=int, default=512)
-    bg.add_argument("--new-tokens", type=int, default=128)
-    bg.add_argument("--runs", type=int, default=3)
+    _device_flags(bg, offload=False, deterministic=False)
+    bg.add_argument("--prompt-len", type=int, default=512, help="prompt tokens")
+    bg.add_argument("--max-new-tokens", dest="new_tokens", type=int, default=128, help="tokens decoded per run")
+    _alias(bg, "--new-tokens", "new_tokens")
+    bg.add_argument("--runs", type=int, default=3, help="runs per model (the best is reported)")
     bg.add_argument("--out", help="write the results as JSON here")
     bg.set_defaults(func=cmd_bench)
 
     bl = bsub.add_parser("latency", help="one request, experts offloaded: every policy against the bound")
-    bl.add_argument("--model", default="synthetic:mixtral-8x7b")
-    bl.add_argument("--device", default="cuda")
-    bl.add_argument("--dtype", default="auto")
+    bl.add_argument("--model", default="synthetic:mixtral-8x7b", help="checkpoint folder, builtin:NAME or "
+                    "synthetic:NAME")
+    _device_flags(bl, offload=False, deterministic=False)
     bl.add_argument("--budgets", default="24GiB,76GiB", help="comma-separated GPU budgets")
-    bl.add_argument("--policies", default="auto,fiddler,lru")
+    bl.add_argument("--policies", default="auto,fiddler,lru", help="comma-separated offloading policies")
     bl.add_argument("--prompts", help="prompt file: the first --runs prompts are decoded in turn, all of them fill "
                     "the TTFT prompt")
-    bl.add_argument("--new-tokens", type=int, default=128)
+    bl.add_argument("--max-new-tokens", dest="new_tokens", type=int, default=128, help="tokens decoded per run")
+    _alias(bl, "--new-tokens", "new_tokens")
     bl.add_argument("--runs", type=int, default=1, help="decode runs per configuration (median reported)")
     bl.add_argument("--repeat", type=int, default=1, help="all rows this many times over, in turn (model-accuracy "
                     "compares the medians per configuration)")
@@ -431,28 +448,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "machine's cached one, measured if missing; on a CPU: none, no predictions)")
     bl.add_argument("--out", help="write the results as JSON here")
     bl.set_defaults(func=cmd_bench_latency)
-
-    pr = sub.add_parser("profile", help="measure this machine once (cached): bandwidths, expert times, links")
-    pr.add_argument("--model", default="synthetic:mixtral-8x7b", help="whose expert shape to time")
-    pr.add_argument("--device", default="cuda", help="cuda (the CPU side only where no GPU is visible) or cpu")
-    pr.add_argument("--refresh", action="store_true", help="measure again even if a cached profile exists")
-    pr.add_argument("--out", help="also write the profile JSON here")
-    pr.add_argument("--quick", action="store_true", help="tiny sizes (tests, smoke runs): rough figures")
-    pr.set_defaults(func=cmd_profile)
-
-    pl = sub.add_parser("plan", help="predict each policy's speed from the hardware profile; choose a plan")
-    pl.add_argument("--model", default="synthetic:mixtral-8x7b", help="folder, builtin:NAME or synthetic:NAME "
-                    "(only its config is read)")
-    pl.add_argument("--gpu-memory", required=True, help="GPU budget, e.g. 24GiB")
-    pl.add_argument("--workload", default="both", choices=("latency", "throughput", "both"))
-    pl.add_argument("--prompt-len", type=int, default=512)
-    pl.add_argument("--gen-len", type=int, default=128)
-    pl.add_argument("--profile", help="hardware profile JSON (default: this machine's, else the built-in reference)")
-    pl.add_argument("--placement", help="expert popularity from `moeflow profile-experts` (default: uniform)")
-    pl.add_argument("--hit-rate", type=float, help="assume this decode hit rate instead of deriving it")
-    pl.add_argument("--host-memory", help="host memory the throughput plan may use (default: 90%% of the profile's)")
-    pl.add_argument("--roofline", help="write the hierarchical roofline PNG here")
-    pl.set_defaults(func=cmd_plan)
 
     ba = bsub.add_parser("model-accuracy", help="the timing model's predictions against a `bench latency` JSON")
     ba.add_argument("--results", required=True, help="JSON written by `moeflow bench latency --out`")
@@ -473,11 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
     from moeflow.bench.throughput import add_parser as add_throughput_parser
     add_throughput_parser(bsub)
 
+    from moeflow.bench import fuzz, soak
+    soak.add_parser(bsub)
+    fuzz.add_parser(bsub)
+
     bc = bsub.add_parser("cpu-experts", help="a layer's experts on the CPU: native kernel and PyTorch against "
                          "the memory-read ceiling")
     bc.add_argument("--shapes", default="mixtral,qwen3", help="comma-separated: mixtral, qwen3")
     bc.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256", help="tokens per expert, comma-separated")
-    bc.add_argument("--reps", type=int, default=10)
+    bc.add_argument("--reps", type=int, default=10, help="timed repetitions per point (median reported)")
     bc.add_argument("--threads", type=int, help="kernel (and PyTorch) threads (default: the physical cores)")
     bc.add_argument("--kernel", default=None, help="native path (default: MOEFLOW_CPU_KERNEL or auto)")
     bc.add_argument("--torch-max-tokens", type=int, default=256, help="skip PyTorch above this many tokens")
@@ -485,41 +484,67 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     bc.set_defaults(func=cmd_bench_cpu_experts)
 
-    s = sub.add_parser("synth", help="write random weights of a published shape as a Hugging Face folder")
-    s.add_argument("name", help="mixtral-8x7b, qwen3-30b-a3b, tiny-mixtral or tiny-qwen3")
-    s.add_argument("--out", required=True)
-    s.add_argument("--dtype", default="auto")
-    s.set_defaults(func=cmd_synth)
-
-    from moeflow.train.demo import SIZES
-    t = sub.add_parser("train-demo", help="train the embedded demo model (a small Mixtral) on a text corpus")
-    t.add_argument("--corpus", required=True, help="folder of .txt/.rst/.md files (e.g. the Python docs sources)")
-    t.add_argument("--out", required=True, help="folder to write the Hugging Face checkpoint into")
-    t.add_argument("--size", default="demo", choices=list(SIZES), help="demo (GPU, minutes), tiny (CPU), test")
-    t.add_argument("--minutes", type=float, default=7.0, help="wall-clock limit on training; export follows")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", help="cuda or cpu (default: cuda where available)")
-    for name, typ in TRAIN_FLAGS.items():
-        t.add_argument(f"--{name.replace('_', '-')}", type=typ,
-                       help=f"default: {getattr(SIZES['demo'], name)} (--size demo)")
-    t.set_defaults(func=cmd_train_demo)
-    return p
-
 
 def check_args(args) -> None:
-    for name in ("max_new_tokens", "max_len", "max_context", "max_running", "num_prompts", "max_tokens"):
+    """Every value that can be checked without loading anything, before any heavy work."""
+    import math
+
+    for name in ("max_new_tokens", "new_tokens", "gen_len", "max_len", "max_running", "num_prompts", "max_tokens"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise MoeflowError(f"--{name.replace('_', '-')} must be at least 1")
-    if getattr(args, "temperature", 0) < 0 or not 0 < getattr(args, "top_p", 1) <= 1:
-        raise MoeflowError("--temperature must be >= 0 and --top-p in (0, 1]")
+    t = getattr(args, "temperature", 0)
+    if not (math.isfinite(t) and t >= 0):
+        raise MoeflowError(f"--temperature must be a finite number >= 0 (got {t})")
+    if not 0 < getattr(args, "top_p", 1) <= 1:
+        raise MoeflowError(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if getattr(args, "top_k", 0) < 0:
+        raise MoeflowError(f"--top-k must be >= 0, 0 = off (got {args.top_k})")
+    hit = getattr(args, "hit_rate", None)
+    if hit is not None and not 0 <= hit <= 1:
+        raise MoeflowError(f"--hit-rate is a fraction in [0, 1] (got {hit})")
+    if getattr(args, "system", None) and getattr(args, "chat", True) is False:
+        raise MoeflowError("--system needs --chat (the system message goes through the chat template)")
+    if getattr(args, "gpu_memory", None) is not None and getattr(args, "command", None) != "plan":
+        _check_gpu_memory(args)
+    if getattr(args, "bench", None) == "latency":
+        from moeflow.config import parse_size
+
+        [parse_size(b) for b in args.budgets.split(",")]
+        if args.runs < 1 or args.repeat < 1:
+            raise MoeflowError(f"--runs and --repeat must be at least 1 (got {args.runs} and {args.repeat})")
+
+
+def _check_gpu_memory(args) -> None:
+    import torch
+
+    from moeflow.config import parse_size
+
+    parse_size(args.gpu_memory)
+    if getattr(args, "device", None) == "cpu" or not torch.cuda.is_available():
+        raise MoeflowError("--gpu-memory caps the GPU's memory: it needs a CUDA GPU (none is visible here, "
+                           "or --device cpu)")
+
+
+def check_context(args, limit: int, n_prompt: int | None = None) -> None:
+    """--max-len/--max-context against the model's limit; --max-new-tokens against what the context leaves."""
+    for name in ("max_len",):
+        v = getattr(args, name, None)
+        if v is not None and v > limit:
+            raise MoeflowError(f"--{name.replace('_', '-')} {v} is beyond the model's context ({limit} tokens)")
+    if n_prompt is not None:
+        room = min(args.max_len or limit, limit) - n_prompt - 1
+        if 0 < room < args.max_new_tokens:  # (a prompt that does not fit is the engine's one-line error)
+            print(f"moeflow: warning: --max-new-tokens {args.max_new_tokens} does not fit the context "
+                  f"({n_prompt} prompt tokens of {min(args.max_len or limit, limit)}): at most {room} tokens",
+                  file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "bench", None) == "generate" and not args.model:
-        args.model = [DEFAULT_MODEL]
     try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "bench", None) == "generate" and not args.model:
+            args.model = [DEFAULT_MODEL]
         check_args(args)
         return args.func(args)
     except MoeflowError as e:

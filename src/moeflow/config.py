@@ -206,3 +206,21 @@ class OffloadConfig:
     placement: str | None = None      # JSON from `moeflow profile-experts`
     routing_trace: str | None = None  # replay a recorded routing (benchmarks)
     eviction: str | None = None       # the cache's eviction policy; None: the offloading policy's own
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs a model; its fields give every `moeflow` subcommand its defaults (one name each)."""
+
+    model: str = "builtin:pydoc-moe"  # the embedded default: a small Mixtral trained on the Python docs
+    device: str | None = None   # cpu | cuda; None: cuda where available
+    dtype: str = "auto"         # auto: bf16 on cuda, the checkpoint's on cpu
+    max_running: int = 8        # sequences decoded together (KV cache slots)
+    max_len: int | None = None  # tokens per sequence, prompt + generated; None: the model's context
+    cuda_graphs: bool = True    # a lone sequence's decode step replayed as a CUDA graph
+    deterministic: bool = False  # batch-invariant forward: a token's output does not depend on its batch
+
+    def resolved_device(self) -> str:
+        if self.device is not None:
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"

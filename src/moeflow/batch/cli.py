@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import sys
 from pathlib import Path
 
@@ -9,10 +11,10 @@ from moeflow import MoeflowError
 
 
 def add_parser(subparsers) -> None:
-    from moeflow.cli import DEFAULT_MODEL, _add_device_flags
+    from moeflow.cli import _device_flags, _model_flag
 
     p = subparsers.add_parser("batch", help="run an OpenAI Batch API JSONL file offline (resumable)")
-    p.add_argument("--model", help=f"checkpoint folder, builtin:NAME or synthetic:NAME (default: {DEFAULT_MODEL})")
+    _model_flag(p)
     p.add_argument("--input", required=True, help="JSONL: Batch API lines (custom_id, method, url, body) or "
                    "{\"prompt\": ...} lines")
     p.add_argument("--output", required=True, help="results JSONL (Batch API format); an existing one is resumed: "
@@ -26,14 +28,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-p", type=float, dest="default_top_p", help="for requests without one (default 1.0)")
     p.add_argument("--seed", type=int, help="for requests without one")
     p.add_argument("--max-running", type=int, default=16, help="sequences decoded together (KV cache slots)")
-    p.add_argument("--max-context", type=int, help="prompt + generated tokens per request (default 4096; "
+    p.add_argument("--max-len", type=int, help="prompt + generated tokens per request (default 4096; "
                    "1024 with the pipeline engine, whose host KV cache holds N of them)")
+    p.add_argument("--max-context", dest="max_len", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--engine", default="auto", choices=("auto", "continuous", "pipeline"),
                    help="continuous: the serving engine's continuous batching; pipeline: the throughput regime "
                    "(CPU attention, streamed experts, micro-batches); auto: pipeline with --gpu-memory on a GPU")
     p.add_argument("--plan", help="pipeline plan N,mu,r_w,r_c,attn (default: chosen by the throughput model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_device_flags(p)
+    _device_flags(p)
     p.set_defaults(func=run)
 
 
@@ -71,7 +74,7 @@ def run(args) -> int:
     from moeflow.batch.results import ResultFile
     from moeflow.cli import DEFAULT_MODEL
 
-    for flag in ("max_running", "max_context"):
+    for flag in ("max_running", "max_len"):
         if (getattr(args, flag) or 1) < 1:
             raise MoeflowError(f"--{flag.replace('_', '-')} must be at least 1")
     t, p = args.default_temperature, args.default_top_p
@@ -119,7 +122,8 @@ def _engine(args):
     if kind == "continuous":
         if args.plan:
             raise MoeflowError("--plan needs --engine pipeline")
-        return _load_engine(args, args.max_running, args.max_context or 4096), None
+        args.max_len = args.max_len or 4096
+        return _load_engine(args, args.max_running), None
     from moeflow.cli import DEFAULT_MODEL
     from moeflow.config import parse_size
     from moeflow.pipeline.load import PipelineSpec, load_pipeline
@@ -128,6 +132,6 @@ def _engine(args):
         raise MoeflowError("--policy, --placement and --routing-trace belong to --engine continuous")
     spec = PipelineSpec(args.model or DEFAULT_MODEL, "cuda" if cuda else "cpu", args.dtype,
                         parse_size(args.gpu_memory) if args.gpu_memory else None, args.plan,
-                        gen_len=args.max_new_tokens or 128, max_len=args.max_context or 1024,
+                        gen_len=args.max_new_tokens or 128, max_len=args.max_len or 1024,
                         default_n=args.max_running)
     return load_pipeline(spec)

@@ -159,18 +159,30 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
         ax.plot([0, hi], [0, hi], "k-", lw=0.8)
         ax.fill_between([0, hi], [0, hi * (1 - TARGET)], [0, hi * (1 + TARGET)], color="gray", alpha=0.15,
                         label=f"±{TARGET:.0%}")
+        markers = dict(zip(sorted({r["gpu_memory_gib"] for r in rs}), "osD^vP*X"))  # one shape per budget
         for policy in sorted({r["policy"] for r in rs}):
-            mine = [r for r in rs if r["policy"] == policy]
-            (dot,) = ax.plot([r[m] for r in mine], [r[p] for r in mine], "o", label=policy)
-            other = [r for r in mine if r.get(then) and r[then] != r[p]]
-            if other:
-                ax.plot([r[m] for r in other], [r[then] for r in other], "o", mfc="none", color=dot.get_color(),
-                        label=f"{policy} at the profile's speed")
+            color = None
+            for gib, mk in markers.items():
+                mine = [r for r in rs if r["policy"] == policy and r["gpu_memory_gib"] == gib]
+                if not mine:
+                    continue
+                xs, ys = [r[m] for r in mine], [r[p] for r in mine]
+                # the measured range of a configuration's repeats (decode): a horizontal bar through its median
+                lo_hi = [r.get("decode_range") if m == "decode_tps" else None for r in mine]
+                err = [[x - (lh or (x, x))[0] for x, lh in zip(xs, lo_hi)], [(lh or (x, x))[1] - x
+                                                                            for x, lh in zip(xs, lo_hi)]]
+                bars = ax.errorbar(xs, ys, xerr=err, fmt=mk, color=color, capsize=2,
+                                   label=f"{policy}, {gib:g} GiB")
+                color = bars.lines[0].get_color()
+                other = [r for r in mine if r.get(then) and r[then] != r[p]]
+                if other:
+                    ax.plot([r[m] for r in other], [r[then] for r in other], mk, mfc="none", color=color,
+                            label=f"{policy}, {gib:g} GiB, at the profile's speed")
         ax.set_xlabel(f"measured {label}")
         ax.set_ylabel(f"predicted {label}")
         ax.set_xlim(0, hi)
         ax.set_ylim(0, hi)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, title="bars: measured range of the repeats", title_fontsize=7)
     fig.suptitle(title or "timing model accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

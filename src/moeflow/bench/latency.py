@@ -235,3 +235,127 @@ def print_rows(rows: list[dict], header: bool = False) -> None:
 
 def save(meta: dict, rows: list[dict], path: str | Path) -> None:
     Path(path).write_text(json.dumps(meta | {"rows": rows}, indent=2, default=str))
+
+
+# -- `moeflow bench latency` -------------------------------------------------------------------------------
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def main(args, default_prompt: str) -> int:
+    """Load once, measure the ceilings, then every budget x routing x policy row (--repeat times over)."""
+    from moeflow.bench.prompts import read_prompts
+    from moeflow.checkpoint import load, resolve_device
+    from moeflow.config import parse_size
+    from moeflow.engine.llm_engine import encode_prompt
+
+    budgets = [parse_size(b) for b in args.budgets.split(",")]  # checked before anything is built
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t = time.perf_counter()
+    ck = load(args.model, device=device, dtype=args.dtype, expert_device="cpu", progress=True)
+    load_s, t = time.perf_counter() - t, time.perf_counter()
+    ck.store.pin()
+    pin_s = time.perf_counter() - t
+    ceil = ceilings(device)
+    profile = _profile(args, ck, device)
+    print(f"{ck.name}: built/loaded in {load_s:.1f} s, pinned in {pin_s:.1f} s; CPU read "
+          f"{ceil['cpu_read_bw'] / 1e9:.0f} GB/s, host->device {ceil['h2d_bw'] / 1e9:.0f} GB/s, "
+          f"device memory {ceil['gpu_bw'] / 1e9:.0f} GB/s", flush=True)
+    if "h2d_bw_concurrent" in ceil:
+        print(f"both at once: CPU read {ceil['cpu_read_bw_concurrent'] / 1e9:.0f} GB/s + host->device "
+              f"{ceil['h2d_bw_concurrent'] / 1e9:.0f} GB/s", flush=True)
+    texts = read_prompts(args.prompts) if args.prompts else [default_prompt]
+    prompts = [encode_prompt(ck.tokenizer, [{"role": "user", "content": texts[i % len(texts)]}])
+               for i in range(args.runs)]
+    long = [t for p in texts for t in encode_prompt(ck.tokenizer, p)]
+    ttft_prompt = (long * (args.ttft_len // max(len(long), 1) + 1))[: args.ttft_len]
+    meta = {"model": ck.name, "device": device_name(device), "load_s": load_s, "pin_s": pin_s,
+            "ceilings": ceil, "new_tokens": args.new_tokens, "runs": args.runs, "repeat": args.repeat,
+            "prompt_tokens": [len(p) for p in prompts], "date": time.strftime("%Y-%m-%d %H:%M")}
+    if profile is not None:  # what the predictions came from: `bench model-accuracy --repredict` reuses it
+        from dataclasses import asdict
+
+        meta["profile"] = asdict(profile)
+    probe = None
+    if profile is not None:  # the host's speed beside each row, against the profile's reading
+        from moeflow.perf.probe import SpeedProbe
+
+        probe = SpeedProbe(device)
+        probe()  # its engine made before the rows
+    rows = _all_rows(args, ck, budgets, prompts, ttft_prompt, ceil, profile, probe, meta)
+    if probe is not None:
+        probe.close()
+    if args.out:
+        save(meta, rows, args.out)
+    return 0
+
+
+def _profile(args, ck: Checkpoint, device: torch.device):
+    if args.profile:  # the timing model's predictions go beside each measurement
+        from moeflow.perf.profile import HardwareProfile
+
+        return HardwareProfile.load(args.profile)
+    if device.type == "cuda":
+        from moeflow.perf.profile import get_profile
+
+        return get_profile(ck.cfg, "cuda", dtype_name=str(ck.store.data.dtype).removeprefix("torch."))[0]
+    return None
+
+
+def _all_rows(args, ck, budgets, prompts, ttft_prompt, ceil, profile, probe, meta) -> list[dict]:
+    """--repeat: every row again, in the same order, so that a slow spell of a shared host falls on one
+    repetition of each configuration rather than on all of one (model-accuracy takes the medians)."""
+    from moeflow.perf.costs import ExpertCosts
+
+    rows, costs = [], None
+    print_rows([], header=True)
+    for rep in range(args.repeat):
+        for budget in budgets:
+            for trace in [None] + args.routing_trace:
+                for policy in args.policies.split(","):
+                    oc = OffloadConfig(budget, policy, args.placement if trace is None else args.trace_placement,
+                                       trace)
+                    r = _one_row(ck, oc, prompts, ttft_prompt, args.new_tokens, ceil, costs, probe, profile)
+                    if costs is None and r.get("costs"):
+                        costs = ExpertCosts.from_dict(r["costs"])
+                    rows.append(r | {"repeat": rep})
+                    if "error" not in r:
+                        print_rows([r])
+                    if args.out:  # each row as it lands: a run cut short keeps what it measured
+                        save(meta, rows, args.out)
+            if args.baseline_tokens and meta["device"] != "cpu" and rep == 0:
+                rows.append(_baseline(ck, budget, prompts[0], args.baseline_tokens))
+    return rows
+
+
+def _one_row(ck, oc: OffloadConfig, prompts, ttft_prompt, new_tokens, ceil, costs, probe, profile) -> dict:
+    """A failed row is recorded and the others still run (device time is scarce)."""
+    import traceback
+
+    from moeflow import MoeflowError
+    from moeflow.bench.accuracy import predict_row
+
+    try:
+        r = run_policy(ck, oc, prompts, ttft_prompt, new_tokens, ceil, costs, probe)
+        if profile is not None:
+            dtype = str(ck.store.data.dtype).removeprefix("torch.")
+            r |= predict_row(r, ck.cfg, profile, ck.name, new_tokens, dtype_name=dtype)
+        return r
+    except Exception as e:
+        msg = str(e) if isinstance(e, MoeflowError) else f"{type(e).__name__}: {e}"
+        if not isinstance(e, MoeflowError):
+            traceback.print_exc()
+        print(f"{oc.policy} at {oc.gpu_memory / 2**30:.0f} GiB: {msg}", flush=True)
+        return {"policy": oc.policy, "gpu_memory_gib": oc.gpu_memory / 2**30, "routing": oc.routing_trace or "native",
+                "error": msg}
+
+
+def _baseline(ck, budget: int, prompt: list[int], tokens: int) -> dict:
+    try:
+        row = accelerate_baseline(ck, budget, prompt, tokens)
+        print_rows([row])
+        return row
+    except Exception as e:  # the baseline is someone else's code: record its failure, keep going
+        print(f"transformers+accelerate failed: {e}", flush=True)
+        return {"policy": "transformers+accelerate", "gpu_memory_gib": budget / 2**30,
+                "error": f"{type(e).__name__}: {e}"}

@@ -7,6 +7,8 @@ sent at a fixed concurrency (a closed loop) or at a Poisson rate (an open loop, 
 
 from __future__ import annotations
 
+import argparse
+
 import asyncio
 import io
 import json
@@ -225,13 +227,14 @@ def add_flags(p) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     p.add_argument("--model", help="model name to ask for (default: the server's first)")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--concurrency", type=int, help="requests in flight at once (default 1)")
+    how.add_argument("--concurrency", type=int, help="requests in flight at once (default: 1)")
     how.add_argument("--rate", type=float, help="Poisson arrivals, requests per second")
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=32, help="requests to send")
+    p.add_argument("--max-new-tokens", dest="max_tokens", type=int, default=64, help="tokens per request at most")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--prompts", help="prompt file (JSONL with prompt/text/turns, or lines) instead of ShareGPT")
     p.add_argument("--max-prompt-chars", type=int, default=MAX_CHARS, help="skip longer prompts")
-    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
     p.add_argument("--time-limit", type=float, help="seconds; requests unfinished by then count as failed")
     p.add_argument("--export-prompts", metavar="FILE", help="write the prompts as JSONL and exit (no server needed)")

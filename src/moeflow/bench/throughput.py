@@ -34,8 +34,9 @@ def add_parser(bsub) -> None:
     b.add_argument("--baseline-batches", default="8,32", help="continuous-batching engine's batch sizes "
                    "(the best is reported); empty: no baseline")
     b.add_argument("--baseline-tokens", type=int, default=32, help="tokens per request in the baseline")
-    b.add_argument("--device", default="cuda")
-    b.add_argument("--dtype", default="auto")
+    b.add_argument("--device", default="cuda", choices=("cpu", "cuda"), help="where the model runs")
+    b.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="auto: bf16 on cuda, the checkpoint's own on cpu")
     b.add_argument("--out", help="write the results as JSON here")
     b.set_defaults(func=run)
 

@@ -61,8 +61,16 @@ def peak_memory(device: torch.device) -> int:
 
 class LLMEngine:
     def __init__(self, ck: Checkpoint, max_seqs: int = 8, max_len: int | None = None, cuda_graphs: bool = True,
-                 offload: OffloadConfig | None = None, expert_costs=None):
+                 offload: OffloadConfig | None = None, expert_costs=None, deterministic: bool = False):
+        """deterministic: batch-invariant forward (engine/invariant.py; converts ck.model in place), no CUDA graphs."""
         self.ck, self.model, self.tokenizer = ck, ck.model, ck.tokenizer
+        self.deterministic = deterministic
+        if deterministic:
+            if offload is not None:
+                raise MoeflowError("--deterministic runs every expert on one device: not with --gpu-memory")
+            from moeflow.engine.invariant import make_batch_invariant
+            make_batch_invariant(ck.model, ck.store)
+            cuda_graphs = False
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
         ctx = ck.cfg.max_position_embeddings
@@ -152,7 +160,7 @@ class LLMEngine:
             s.num_cached += 1
             return logits
         batch = AttnBatch.build([s.slot for s in seqs], [s.num_cached for s in seqs], q_lens, self.device,
-                                self.ck.cfg.sliding_window)
+                                self.ck.cfg.sliding_window, per_sequence=self.deterministic)
         tokens = torch.tensor([t for ts in new for t in ts], device=self.device)  # [N]
         hidden = self.model(tokens, batch, self.cache)                             # [N, H]
         for s, n in zip(seqs, q_lens):

@@ -26,6 +26,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
             sorted_p, idx = torch.sort(probs, descending=True)
             # keep the smallest prefix whose mass reaches top_p (the first token always stays)
             drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p
+            drop[0] = False  # also when top_p rounds to 0 in fp32 (a denormal top_p dropped every token)
             probs = probs.scatter(0, idx[drop], 0.0)
             probs /= probs.sum()
         out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))

@@ -62,7 +62,10 @@ def load_trace(path: str | Path) -> RoutingTrace:
                 raise ValueError(f"`experts` has shape {tuple(ids.shape)}, expected [tokens, layers, k]")
             return RoutingTrace(ids, None, path.name)
         return _load_jsonl(path)
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+    except KeyError as e:
+        raise MoeflowError(f"routing trace {path}: a record lacks the field {e} (JSONL records need dataset, "
+                           "problem_id, token_idx, layer, experts, gating_probs; NPZ: experts)") from None
+    except (OSError, ValueError, TypeError, json.JSONDecodeError) as e:
         raise MoeflowError(f"routing trace {path} could not be read: {e}") from None
 
 

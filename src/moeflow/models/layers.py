@@ -63,8 +63,9 @@ class AttnBatch:
 
     @classmethod
     def build(cls, slots: list[int], starts: list[int], q_lens: list[int], device: torch.device,
-              sliding_window: int | None = None) -> AttnBatch:
-        """starts[b] tokens of sequence b are already cached; q_lens[b] new ones follow them."""
+              sliding_window: int | None = None, per_sequence: bool = False) -> AttnBatch:
+        """starts[b] tokens of sequence b are already cached; q_lens[b] new ones follow them. per_sequence: several
+        sequences attend one by one even in decode (batch-invariant mode), never padded to the longest."""
         B = len(slots)
         tok_seq = torch.repeat_interleave(torch.arange(B), torch.tensor(q_lens))
         tok_row = torch.cat([torch.arange(n) for n in q_lens])
@@ -74,7 +75,7 @@ class AttnBatch:
         window_binds = sliding_window is not None and kv_len > sliding_window
         if B == 1 and not window_binds and (q_len == 1 or starts[0] == 0):
             causal = q_len > 1  # one sequence: decode sees everything, a fresh prompt is plain causal
-        elif B > 1 and q_len > 1 and all(s == 0 or n == 1 for s, n in zip(starts, q_lens)):
+        elif B > 1 and (q_len > 1 or per_sequence) and all(s == 0 or n == 1 for s, n in zip(starts, q_lens)):
             ragged = tuple(zip(slots, starts, q_lens))
         else:
             q_pos = torch.tensor(starts)[:, None] + torch.arange(q_len)[None, :]  # [B, Tq]

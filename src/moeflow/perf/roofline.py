@@ -139,6 +139,8 @@ def draw(profile: HardwareProfile, kernels: list[Kernel], path: str | Path, titl
                 ax.loglog(k.link_intensity(), attainable(k, name, other, profile), m, mfc="none",
                           color=colors[name], ms=7)
         ax.plot([], [], m, color="gray", label=k.name)
+    ax.plot([], [], "o", color="gray", label="filled: data in the level's own memory")
+    ax.plot([], [], "o", mfc="none", color="gray", label="hollow: data across the CPU-GPU link")
     ax.set_xlabel("operational intensity (FLOP per byte read, or moved over the link)")
     ax.set_ylabel("attainable FLOP/s")
     ax.set_title(title or f"hierarchical roofline: {profile.host}")

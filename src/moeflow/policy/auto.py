@@ -8,8 +8,6 @@ path's; the expert at the boundary is split by rows so that both paths end at th
 
 from __future__ import annotations
 
-import os
-
 from moeflow.policy.base import OffloadPolicy, SlotSplit
 
 SPLIT_STEPS = 32  # a split falls on a multiple of I/32 rows: few, large transfers
@@ -24,14 +22,19 @@ WHOLE_SLACK = 0.05
 # miss (Qwen3-30B-A3B's on the H200 host) splits at ~0.37 ms against ~0.41 whole; split every time, a recurring
 # miss never took a slot. Replaying real routing with those costs (scripts/replay_cache.py --costs qwen3), this
 # missed 1-20% fewer experts per token on DeepSeek-V2-Lite and 25% fewer on Mixtral at 220 slots; with
-# Mixtral's costs a split saves ~half the layer and this changes nothing. MOEFLOW_KEEP_SLACK: for benchmarks.
-KEEP_SLACK = float(os.environ.get("MOEFLOW_KEEP_SLACK", "0.25"))
+# Mixtral's costs a split saves ~half the layer and this changes nothing.
+KEEP_SLACK = 0.25
 
 
 class AutoPolicy(OffloadPolicy):
     name = "auto"
     needs_costs = True
     eviction = "decay"
+
+    def __init__(self, whole_slack: float | None = None, keep_slack: float | None = None):
+        # None: the module's constants, read now (experiments set them before the engine makes its policy)
+        self.whole_slack = WHOLE_SLACK if whole_slack is None else whole_slack
+        self.keep_slack = KEEP_SLACK if keep_slack is None else keep_slack
 
     def split(self, slots, layers, experts, top_k):
         # Few cache slots, the rest resident: a copied expert rarely survives in a small shared cache until its
@@ -65,9 +68,9 @@ class AutoPolicy(OffloadPolicy):
             step = max(inter // SPLIT_STEPS, 1)
             rows[e] = min(round(f * inter / step) * step, inter)
             split_s = max(base + f * c[e] if f > 0 else cpu_load, copy_load + (1 - f) * p[e])
-            if max(cpu_load, copy_load + p[e]) <= (1 + (KEEP_SLACK if e in keep else WHOLE_SLACK)) * split_s:
+            if max(cpu_load, copy_load + p[e]) <= (1 + (self.keep_slack if e in keep else self.whole_slack)) * split_s:
                 rows[e] = 0  # copied whole
-            elif max(base + c[e], copy_load) <= (1 + WHOLE_SLACK) * split_s:
+            elif max(base + c[e], copy_load) <= (1 + self.whole_slack) * split_s:
                 rows[e] = inter
             rows.update({rest: 0 for rest in order[order.index(e) + 1:]})
             break

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
+
+from moeflow import MoeflowError
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a taken or invalid port is one line, not uvicorn's
+    traceback and an abort from the loader thread."""
+    if not 1 <= port <= 65535:
+        raise MoeflowError(f"--port {port} is not a TCP port (1-65535)")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise MoeflowError(f"--host {host}: {e.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise MoeflowError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def run_server(load: Callable, model_name: str, host: str, port: int, max_queue: int,
                log_level: str = "info") -> int:
     """Serve until interrupted; 2 when the model failed to load (the server then stops by itself)."""
+    sock = bind(host, port)
     import uvicorn
 
     from moeflow.server.app import create_app
@@ -19,9 +43,8 @@ def run_server(load: Callable, model_name: str, host: str, port: int, max_queue:
 
     app = create_app(load, model_name, max_queue, on_load_error=stop)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
-    server.run()
+    server.run(sockets=[sock])
     error = app.state.serving.error
     if error:
-        from moeflow import MoeflowError
         raise MoeflowError(error)
     return 0

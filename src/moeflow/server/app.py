@@ -173,6 +173,7 @@ async def _generate(serving: Serving, body, request: Request, chat: bool):
         return StreamingResponse(_sse(serving, worker, job, events, reply, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                  background=BackgroundTask(worker.cancel, job))
+    last = None  # the latest event: an aborted request's tokens are counted from it
     try:
         text, check_at = [], time.monotonic() + POLL_S
         while True:
@@ -188,12 +189,15 @@ async def _generate(serving: Serving, body, request: Request, chat: bool):
                 continue
             if isinstance(event, EngineFailure):
                 raise APIError(500, str(event))
+            last = event
             text.append(event.text)
             if event.finished:
                 serving.metrics.finished(event)
                 return reply.whole("".join(text), event.finish_reason, event.prompt_tokens, event.generation_tokens)
     finally:
         worker.cancel(job)  # a no-op once finished; frees the slot when the client has gone
+        if last is not None and not last.finished:
+            serving.metrics.finished(last)
 
 
 class ClientGone(Exception):
@@ -207,6 +211,7 @@ def _data(obj) -> str:
 async def _sse(serving: Serving, worker: EngineWorker, job: Job, events: asyncio.Queue, reply: Reply,
                include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; a client that goes away cancels this (and the request)."""
+    last = None
     try:
         if reply.chat:
             yield _data(reply.chunk(None, first=True, with_usage=include_usage))
@@ -215,6 +220,7 @@ async def _sse(serving: Serving, worker: EngineWorker, job: Job, events: asyncio
             if isinstance(event, EngineFailure):
                 yield _data(error_body(str(event), "server_error"))
                 break
+            last = event
             if event.text:
                 yield _data(reply.chunk(event.text, with_usage=include_usage))
             if event.finished:
@@ -226,6 +232,8 @@ async def _sse(serving: Serving, worker: EngineWorker, job: Job, events: asyncio
         yield "data: [DONE]\n\n"
     finally:
         worker.cancel(job)
+        if last is not None and not last.finished:  # the client went away: its tokens still count
+            serving.metrics.finished(last)
 
 
 # -- errors and request counts ---------------------------------------------------------------------------
@@ -239,8 +247,13 @@ def _add_error_handlers(app: FastAPI) -> None:
         err = (e.errors() or [{}])[0]
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         where = ".".join(loc)
-        if err.get("type") == "json_invalid":
+        ctype = request.headers.get("content-type", "").split(";")[0].strip()
+        if ctype and ctype != "application/json":
+            message, loc = f"the body must be JSON sent as Content-Type: application/json, not {ctype}", []
+        elif err.get("type") == "json_invalid":
             message, loc = "the body is not valid JSON", []
+        elif err.get("type") == "missing" and not loc:
+            message = f"the body is empty: send a JSON object with {_required(request.url.path)}"
         else:
             message = f"{where + ': ' if where else ''}{err.get('msg', 'invalid request')}"
         return JSONResponse(error_body(message, "invalid_request_error", loc[0] if loc else None), status_code=400)
@@ -260,8 +273,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
 
 
+def _required(path: str) -> str:
+    model = ChatRequest if path.endswith("chat/completions") else CompletionRequest
+    return " and ".join(f"`{n}`" for n, f in model.model_fields.items() if f.is_required())
+
+
 class CountRequests:
-    """ASGI middleware: counts /v1 requests by endpoint and status (pure ASGI, so streaming stays untouched)."""
+    """ASGI middleware: counts /v1 requests by endpoint and status (pure ASGI, so streaming stays untouched).
+    A response whose body never completed (the client went away mid-stream) counts as 499, as a non-streamed
+    one whose client went away does."""
 
     def __init__(self, app, metrics: ServerMetrics):
         self.app, self.metrics = app, metrics
@@ -269,14 +289,16 @@ class CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
-        status = [500]
+        status, complete = [500], [False]
 
         async def send_status(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete[0] = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.count(scope["path"], status[0])
+            self.metrics.count(scope["path"], status[0] if complete[0] or status[0] == 500 else 499)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from moeflow.engine.llm_engine import GenerationResponse
@@ -26,6 +26,7 @@ class ServerMetrics:
         self.waiting = Gauge("moeflow_num_requests_waiting", "requests queued for a KV slot", registry=r)
         self.worker = None
         r.register(_EngineCollector(self))
+        ProcessCollector(registry=r)  # process_resident_memory_bytes etc. (`moeflow bench soak` reads it)
 
     def attach(self, worker) -> None:
         """Read the running/waiting counts from the engine worker at scrape time."""
