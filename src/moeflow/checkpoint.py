@@ -20,6 +20,7 @@ from moeflow.experts.store import ExpertStore
 from moeflow.models import get_architecture
 from moeflow.models.base import EXPERT_PARTS, Architecture
 from moeflow.models.layers import MoeTransformer
+from moeflow.quant.format import QuantSpec, parse_quant
 from moeflow.tokenizer import TextTokenizer
 
 PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar when loading more than this
@@ -128,14 +129,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def check_fits(name: str, arch: type[Architecture], cfg: ModelConfig, dtype: torch.dtype,
-               device: torch.device, expert_device: torch.device) -> None:
+               device: torch.device, expert_device: torch.device, quant: QuantSpec | None = None) -> None:
     """Refuse, with the numbers, a model whose weights cannot fit the GPU, before allocating anything."""
     if device.type != "cuda" and expert_device.type != "cuda":
         return
     with torch.device("meta"):
         model = arch.build(cfg, None)
     dense = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-    experts = len(cfg.moe_layers) * cfg.num_experts * cfg.expert_bytes(dtype)
+    from moeflow.quant.format import ExpertFormat
+
+    fmt = ExpertFormat(cfg.expert_intermediate_size, cfg.hidden_size, dtype, quant)
+    experts = len(cfg.moe_layers) * cfg.num_experts * fmt.block_bytes
     need = (dense if device.type == "cuda" else 0) + (experts if expert_device.type == "cuda" else 0)
     free, total = torch.cuda.mem_get_info(device if device.type == "cuda" else expert_device)
     if need > free - (1 << 30):  # keep 1 GiB for the KV cache and activations
@@ -149,7 +153,7 @@ def read_model_config(spec: str | Path) -> tuple[str, ModelConfig]:
     if spec.startswith("synthetic:"):
         from moeflow.synthetic import PRESETS
 
-        name = spec.removeprefix("synthetic:")
+        name = synthetic_quant(spec.removeprefix("synthetic:"))[0]
         if name not in PRESETS:
             raise MoeflowError(f"unknown synthetic model {name!r}; choose one of {', '.join(PRESETS)}")
         hf = PRESETS[name]
@@ -159,15 +163,35 @@ def read_model_config(spec: str | Path) -> tuple[str, ModelConfig]:
     return spec, get_architecture(hf.get("model_type")).config(hf)
 
 
+def synthetic_quant(name: str, quant: QuantSpec | str | None = None) -> tuple[str, QuantSpec | None]:
+    """A synthetic preset's name and quantization: `mixtral-8x7b-int4` is mixtral-8x7b with int4 experts."""
+    quant = parse_quant(quant) if isinstance(quant, str) or quant is None else quant
+    for suffix in ("-int4", "-int8"):
+        if name.endswith(suffix) and quant is None:
+            return name.removesuffix(suffix), parse_quant(suffix[1:])
+    return name, quant
+
+
+def model_quant(spec: str | Path, quant: QuantSpec | str | None = None) -> QuantSpec | None:
+    """The experts' quantization of a model spec: `quant` (--quantize), or a synthetic preset's -int4/-int8."""
+    if str(spec).startswith("synthetic:"):
+        return synthetic_quant(str(spec).removeprefix("synthetic:"), quant)[1]
+    return parse_quant(quant) if isinstance(quant, str) or quant is None else quant
+
+
 def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         expert_device: str | torch.device | None = None, progress: bool | None = None) -> Checkpoint:
-    """Load a model: non-expert weights on `device`, the expert store on `expert_device` (default: same)."""
+         expert_device: str | torch.device | None = None, progress: bool | None = None,
+         quant: QuantSpec | str | None = None) -> Checkpoint:
+    """Load a model: non-expert weights on `device`, the expert store on `expert_device` (default: same);
+    quant (`--quantize`): the experts quantized at load (quant/format.py)."""
     from moeflow.experts.local import LocalExperts
 
     spec = str(spec)
     if spec.startswith("synthetic:"):
         from moeflow.synthetic import build_synthetic
-        return build_synthetic(spec.removeprefix("synthetic:"), device, dtype, expert_device)
+        name, quant = synthetic_quant(spec.removeprefix("synthetic:"), quant)
+        return build_synthetic(name, device, dtype, expert_device, quant=quant)
+    quant = parse_quant(quant) if isinstance(quant, str) or quant is None else quant
     path = builtin_path(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else Path(spec).expanduser()
     hf = read_config(path)
     arch = get_architecture(hf.get("model_type"))
@@ -175,9 +199,9 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     device = resolve_device(device)
     expert_device = resolve_device(expert_device or device)
     dtype = resolve_dtype(dtype, cfg, device)
-    check_fits(path.name, arch, cfg, dtype, device, expert_device)
+    check_fits(path.name, arch, cfg, dtype, device, expert_device, quant)
     tokenizer = TextTokenizer.from_dir(path)
-    store = ExpertStore(cfg, dtype, expert_device)
+    store = ExpertStore(cfg, dtype, expert_device, quant=quant)
     with torch.device("meta"):
         model = arch.build(cfg, LocalExperts(store))
     with ExitStack() as stack:
@@ -192,12 +216,13 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torc
             bar.update(p.numel() * dtype.itemsize)
         model.load_state_dict(state, strict=False, assign=True)  # every parameter is in `state`
         model.tie_weights()
+        I, H = cfg.expert_intermediate_size, cfg.hidden_size
+        shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
         for layer in store.layers:
             for e in range(cfg.num_experts):
-                for part in EXPERT_PARTS:
-                    dst = store.part(layer, e, part)
-                    dst.copy_(reader.get(arch.expert_name(layer, e, part), tuple(dst.shape)))
-                    bar.update(dst.numel() * dtype.itemsize)
+                store.set_expert(layer, e, *(reader.get(arch.expert_name(layer, e, part), shapes[part])
+                                             for part in EXPERT_PARTS))
+                bar.update(store.expert_bytes)
         bar.close()
     gen_file = path / "generation_config.json"
     generation = read_json(gen_file) if gen_file.exists() else {}

@@ -64,7 +64,7 @@ def _load_checkpoint(args, device, offload):
     from moeflow.checkpoint import load
 
     ck = load(args.model or DEFAULT_MODEL, device=device, dtype=args.dtype, progress=None,
-              expert_device="cpu" if offload else None)
+              expert_device="cpu" if offload else None, quant=args.quantize)
     if ck.synthetic:
         print(f"moeflow: {ck.name} has random weights: expect gibberish", file=sys.stderr)
     return ck
@@ -197,7 +197,7 @@ def cmd_bench_latency(args) -> int:
         raise MoeflowError(f"--runs and --repeat must be at least 1 (got {args.runs} and {args.repeat})")
     device = resolve_device(args.device)
     t = time.perf_counter()
-    ck = load(args.model, device=device, dtype=args.dtype, expert_device="cpu", progress=True)
+    ck = load(args.model, device=device, dtype=args.dtype, expert_device="cpu", progress=True, quant=args.quantize)
     load_s, t = time.perf_counter() - t, time.perf_counter()
     ck.store.pin()
     pin_s = time.perf_counter() - t
@@ -210,7 +210,7 @@ def cmd_bench_latency(args) -> int:
     elif device.type == "cuda":
         from moeflow.perf.profile import get_profile
 
-        profile = get_profile(ck.cfg, "cuda", dtype_name=str(ck.store.data.dtype).removeprefix("torch."))[0]
+        profile = get_profile(ck.cfg, "cuda", dtype_name=str(ck.store.dtype).removeprefix("torch."))[0]
     print(f"{ck.name}: built/loaded in {load_s:.1f} s, pinned in {pin_s:.1f} s; CPU read "
           f"{ceil['cpu_read_bw'] / 1e9:.0f} GB/s, host->device {ceil['h2d_bw'] / 1e9:.0f} GB/s, "
           f"device memory {ceil['gpu_bw'] / 1e9:.0f} GB/s", flush=True)
@@ -228,7 +228,7 @@ def cmd_bench_latency(args) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M")}
     if profile is not None:  # what the predictions came from: `bench model-accuracy --repredict` reuses it
         meta["profile"] = asdict(profile)
-    dtype = str(ck.store.data.dtype).removeprefix("torch.")
+    dtype = str(ck.store.dtype).removeprefix("torch.")
     rows, costs, probe = [], None, None
     if profile is not None:  # the host's speed beside each row, against the profile's reading
         from moeflow.perf.probe import SpeedProbe
@@ -309,6 +309,7 @@ def _add_offload_flags(g) -> None:
     g.add_argument("--policy", default="auto", choices=sorted(POLICIES), help="offloading policy (default auto)")
     g.add_argument("--placement", help="resident experts from `moeflow profile-experts` (default: even split)")
     g.add_argument("--routing-trace", help="benchmarks: replay a recorded routing instead of the router's")
+    g.add_argument("--quantize", help="int4 or int8 (-g32..-g128, -asym, -fp16): quantize the experts at load")
 
 
 def _add_device_flags(g) -> None:
@@ -410,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--model", default="synthetic:mixtral-8x7b")
     bl.add_argument("--device", default="cuda")
     bl.add_argument("--dtype", default="auto")
+    bl.add_argument("--quantize", help="int4 or int8: the experts quantized at load (synthetic:NAME-int4 alike)")
     bl.add_argument("--budgets", default="24GiB,76GiB", help="comma-separated GPU budgets")
     bl.add_argument("--policies", default="auto,fiddler,lru")
     bl.add_argument("--prompts", help="prompt file: the first --runs prompts are decoded in turn, all of them fill "
@@ -447,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--profile", help="hardware profile JSON (default: this machine's, else the built-in reference)")
     pl.add_argument("--placement", help="expert popularity from `moeflow profile-experts` (default: uniform)")
     pl.add_argument("--hit-rate", type=float, help="assume this decode hit rate instead of deriving it")
+    pl.add_argument("--quantize", help="int4 or int8: plan with the experts quantized (their real bytes)")
     pl.add_argument("--host-memory", help="host memory the throughput plan may use (default: 90%% of the profile's)")
     pl.add_argument("--roofline", help="write the hierarchical roofline PNG here")
     pl.set_defaults(func=cmd_plan)
