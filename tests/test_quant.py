@@ -217,3 +217,17 @@ def test_quantize_flag_generates_and_names_bad_values(mixtral, capsys):
     assert main(argv + ["--quantize", "int3"]) == 2
     err = capsys.readouterr().err
     assert "3-bit experts are not supported" in err and "Traceback" not in err
+
+
+def test_bench_quality_keeps_the_demo_perplexity_within_ten_percent_in_int4(tmp_path, capsys):
+    """The shipped demo model on the stand-in held-out text (no corpus here): int8 within 2%, int4 within 10%."""
+    import json
+
+    from moeflow.cli import main
+
+    out = tmp_path / "q.json"
+    assert main(["bench", "quality", "--context", "64", "--max-tokens", "384", "--out", str(out)]) == 0
+    rows = {r["experts"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"bfloat16", "int8-g64", "int4-g64"} and "perplexity" in capsys.readouterr().out
+    assert abs(rows["int8-g64"]["vs_dense"] - 1) < 0.02 and abs(rows["int4-g64"]["vs_dense"] - 1) < 0.10
+    assert rows["int4-g64"]["expert_bytes"] * 3.5 < rows["bfloat16"]["expert_bytes"]

@@ -397,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
+    from moeflow.quant import quality
+
+    quality.add_parser(bsub)
     bg = bsub.add_parser("generate", help="prefill and decode speed of one request, against the bound")
     bg.add_argument("--model", action="append", default=[], help="repeatable (default: the embedded default)")
     bg.add_argument("--device", default="cpu")
