@@ -231,3 +231,23 @@ def test_bench_quality_keeps_the_demo_perplexity_within_ten_percent_in_int4(tmp_
     assert set(rows) == {"bfloat16", "int8-g64", "int4-g64"} and "perplexity" in capsys.readouterr().out
     assert abs(rows["int8-g64"]["vs_dense"] - 1) < 0.02 and abs(rows["int4-g64"]["vs_dense"] - 1) < 0.10
     assert rows["int4-g64"]["expert_bytes"] * 3.5 < rows["bfloat16"]["expert_bytes"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["auto", "fiddler", "lru", "cpu"])
+def test_quantized_experts_offloaded_to_cuda_give_the_all_gpu_tokens(mixtral, policy):
+    """fp32 on a GPU: the int4 slots dequantized there and the CPU's share give the all-on-GPU int4 tokens."""
+    def tokens(slots=None):
+        ck = load(mixtral, device="cuda", dtype="fp32", expert_device="cpu" if slots else None, quant="int4-g32")
+        oc = OffloadConfig(tiny_budget(ck, slots), policy) if slots else None
+        engine = LLMEngine(ck, max_seqs=2, max_len=MAX_LEN, offload=oc)
+        g = torch.Generator().manual_seed(3)
+        prompts = [torch.randint(3, 310, (n,), generator=g).tolist() for n in (17, 6)]
+        out = [s.output_ids for s in engine.generate(prompts, GREEDY)]
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        return out, engine
+
+    want, local = tokens()
+    assert local.model.experts.store.data.is_cuda
+    got, engine = tokens(5)
+    assert got == want and engine.model.experts.stats.lookups > 0

@@ -21,6 +21,7 @@ from moeflow.models import get_architecture
 from moeflow.models.base import EXPERT_PARTS, Architecture
 from moeflow.models.layers import MoeTransformer
 from moeflow.quant.format import QuantSpec, parse_quant
+from moeflow.quant.published import PublishedQuant
 from moeflow.tokenizer import TextTokenizer
 
 PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar when loading more than this
@@ -91,16 +92,28 @@ def open_safetensors(f: Path):
 class TensorReader:
     """Reads published tensors by name across shards, checking names and shapes."""
 
-    def __init__(self, path: Path, stack: ExitStack):
+    def __init__(self, path: Path, stack: ExitStack, published: PublishedQuant | None = None):
         self.path, self.index, self.stack, self.files = path, tensor_index(path), stack, {}
+        self.published = published  # GPTQ/AWQ: a missing `X.weight` is dequantized from X.qweight and the rest
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if name not in self.index:
-            raise MoeflowError(f"checkpoint {self.path} lacks tensor {name!r}")
+    def raw(self, name: str) -> torch.Tensor | None:
+        """A tensor as stored (any dtype), or None."""
+        return self._file(name).get_tensor(name) if name in self.index else None
+
+    def _file(self, name: str):
         f = self.index[name]
         if f not in self.files:
             self.files[f] = self.stack.enter_context(open_safetensors(f))
-        sl = self.files[f].get_slice(name)
+        return self.files[f]
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        base = name.removesuffix(".weight")
+        if name not in self.index and self.published is not None and base + ".qweight" in self.index:
+            return self.published.dequantize(self.raw, base, shape)
+        if name not in self.index:
+            raise MoeflowError(f"checkpoint {self.path} lacks tensor {name!r}")
+        f = self.index[name]
+        sl = self._file(name).get_slice(name)
         found = tuple(sl.get_shape())
         if found != tuple(shape):
             raise MoeflowError(f"tensor {name!r} has shape {list(found)}, expected {list(shape)}")
@@ -196,6 +209,8 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     hf = read_config(path)
     arch = get_architecture(hf.get("model_type"))
     cfg = arch.config(hf)
+    published = PublishedQuant.read(path, hf)  # GPTQ / AWQ: experts requantized into moeflow's format
+    quant = quant or (published.spec() if published else None)
     device = resolve_device(device)
     expert_device = resolve_device(expert_device or device)
     dtype = resolve_dtype(dtype, cfg, device)
@@ -205,7 +220,7 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     with torch.device("meta"):
         model = arch.build(cfg, LocalExperts(store))
     with ExitStack() as stack:
-        reader = TensorReader(path, stack)
+        reader = TensorReader(path, stack, published)
         params = dict(model.named_parameters())  # tied weights appear once
         total = sum(p.numel() for p in params.values()) * dtype.itemsize + store.nbytes
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}",

@@ -136,7 +136,7 @@ def quantize(w: torch.Tensor, fmt: ExpertFormat) -> torch.Tensor:
     spec, R = fmt.spec, w.shape[0]
     g = w.float().reshape(R, fmt.groups, spec.group_size)  # [R, G, g]
     if spec.symmetric:
-        zero = torch.full((R, fmt.groups), float(1 << (spec.bits - 1)))
+        zero = torch.full((R, fmt.groups), float(1 << (spec.bits - 1)), device=w.device)
         half = (1 << (spec.bits - 1)) - 1  # int4: codes -7..7 around the zero point 8 (8 keeps -8 unused)
         scale = g.abs().amax(-1) / half
     else:
