@@ -91,6 +91,16 @@ def looped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     return out.to(x.dtype)
 
 
+def quantized_ffn(x: torch.Tensor, block: torch.Tensor, fmt: ExpertFormat) -> torch.Tensor:
+    """One whole expert of a quantized block on x [n, H] -> [n, H]: the int4 Triton kernel where it runs (CUDA,
+    bf16/fp16), else its rows dequantized and the dense FFN."""
+    from moeflow.quant import triton_int4
+
+    if triton_int4.available(x, fmt):
+        return triton_int4.int4_ffn(x, block, fmt).to(x.dtype)
+    return partial_ffn(x, *fmt.rows(block, 0, fmt.inter, x.dtype))
+
+
 def quantized_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, blocks: torch.Tensor,
                       fmt: ExpertFormat) -> torch.Tensor:
     """Each selected expert dequantized, then on its tokens: the fallback of quantized stores on any device.
@@ -104,7 +114,7 @@ def quantized_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
         if n:
             idx = order[start:start + n]
             start += n
-            y = partial_ffn(x[idx // K], *fmt.rows(blocks[e], 0, fmt.inter, x.dtype))  # [n, H]
+            y = quantized_ffn(x[idx // K], blocks[e], fmt)  # [n, H]
             out.index_add_(0, idx // K, y.float() * flat_w[idx, None].float())
     return out.to(x.dtype)
 

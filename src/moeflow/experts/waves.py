@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moeflow.experts.local import can_group, grouped_ffn, partial_ffn
+from moeflow.experts.local import can_group, grouped_ffn, partial_ffn, quantized_ffn
 from moeflow.experts.store import HostBuffers, expert_rows
 from moeflow.perf.costs import grouped_cap, grouped_passes
 from moeflow.quant.format import ExpertFormat
@@ -146,9 +146,8 @@ class Waves:
         b = 0
         for slot in order:
             a, b = b, b + len(wave[slot][0])
-            rows = (self.fmt.rows(self.slots[slot], 0, self.inter, x.dtype) if self.fmt
-                    else expert_rows(self.slots[slot], self.inter, 0, self.inter))
-            y = partial_ffn(x[tok[a:b]], *rows)
+            y = (quantized_ffn(x[tok[a:b]], self.slots[slot], self.fmt) if self.fmt
+                 else partial_ffn(x[tok[a:b]], *expert_rows(self.slots[slot], self.inter, 0, self.inter)))
             out.index_add_(0, tok[a:b], torch.mul(y, w_flat[idx[a:b], None]))
 
     def _replay(self, N: int, K: int, M: int, c0: int) -> None:
