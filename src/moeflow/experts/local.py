@@ -23,11 +23,11 @@ def partial_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_t: t
 
 
 def block_ffn(inter: int, fmt: ExpertFormat | None = None):
-    """ffn(x [n, H], block [3IH] in the host layout, or a block of `fmt`) -> [n, H]: one whole expert through
-    PyTorch (a quantized block dequantized first)."""
+    """ffn(x [n, H], block [3IH] in the host layout, or a block of `fmt`) -> [n, H]: one whole expert as the
+    engine runs it (a quantized block: quantized_ffn)."""
     def ffn(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        if fmt is not None:
-            return partial_ffn(x, *fmt.rows(block, 0, inter, x.dtype))
+        if fmt is not None and fmt.quantized:
+            return quantized_ffn(x, block, fmt)
         return partial_ffn(x, *expert_rows(block, inter, 0, inter))
 
     return ffn
