@@ -300,3 +300,16 @@ def test_int4_triton_kernel_logic_in_the_interpreter():
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_bench_cpu_experts_quantized_reports_packed_bytes(monkeypatch):
+    """--quantize int4: the rows count the packed bytes of K experts a layer (what the CPU reads)."""
+    import moeflow.bench.cpu_experts as bc
+
+    monkeypatch.setitem(bc.SHAPES, "tiny", bc.Shape("tiny", 256, 64, 2, 4))
+    monkeypatch.setattr(bc, "memory_bandwidth", lambda device: 1e10)
+    res = bc.bench_cpu_experts(["tiny"], [1, 4], 2, 1, quant=parse_quant("int4"))
+    fmt = ExpertFormat(64, 256, torch.bfloat16, QuantSpec(4, 64))
+    assert [r["backend"] for r in res["rows"]] == ["torch:int4-g64"] * 2
+    for r in res["rows"]:
+        assert r["gbps"] == pytest.approx(2 * fmt.block_bytes / (r["ms_layer"] / 1e3) / 1e9)

@@ -279,12 +279,13 @@ def cmd_bench_latency(args) -> int:
 
 def cmd_bench_cpu_experts(args) -> int:
     from moeflow.bench.cpu_experts import SHAPES, bench_cpu_experts, plot, save
+    from moeflow.quant.format import parse_quant
 
     shapes = args.shapes.split(",")
     if unknown := [s for s in shapes if s not in SHAPES]:
         raise MoeflowError(f"--shapes: unknown {', '.join(unknown)} (known: {', '.join(SHAPES)})")
     result = bench_cpu_experts(shapes, [int(t) for t in args.tokens.split(",")], args.reps, args.threads,
-                               args.kernel, args.torch_max_tokens)
+                               args.kernel, args.torch_max_tokens, parse_quant(args.quantize))
     if args.out:
         save(result, args.out)
     if args.plot:
@@ -482,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--threads", type=int, help="kernel (and PyTorch) threads (default: the physical cores)")
     bc.add_argument("--kernel", default=None, help="native path (default: MOEFLOW_CPU_KERNEL or auto)")
     bc.add_argument("--torch-max-tokens", type=int, default=256, help="skip PyTorch above this many tokens")
+    bc.add_argument("--quantize", help="int4 or int8: the quantized experts' path (GB/s of packed weights)")
     bc.add_argument("--out", help="write the results as JSON here")
     bc.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     bc.set_defaults(func=cmd_bench_cpu_experts)
