@@ -154,7 +154,7 @@ def build_from_hf(name: str, hf: dict, device="cpu", dtype=None, expert_device=N
 def write_checkpoint(ck: Checkpoint, out: Path, shard_bytes: int = 4 << 30) -> None:
     """Write `ck` as a Hugging Face folder (sharded safetensors + index, config, tokenizer)."""
     out.mkdir(parents=True, exist_ok=True)
-    dtype = ck.store.data.dtype
+    dtype = ck.store.dtype  # a quantized store writes its experts dequantized
     tensors = [(ck.arch.hf_name(n), p) for n, p in ck.model.named_parameters()]
     tensors += [(ck.arch.expert_name(layer, e, part), ck.store.part(layer, e, part))
                 for layer in ck.store.layers for e in range(ck.cfg.num_experts) for part in EXPERT_PARTS]

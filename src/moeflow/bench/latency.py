@@ -166,7 +166,7 @@ def accelerate_baseline(ck: Checkpoint, gpu_memory: int, prompt: list[int], new_
 
     hf_cfg = transformers.AutoConfig.for_model(**ck.arch.hf_config(ck.cfg))
     with torch.device("meta"):
-        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=ck.store.data.dtype)
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=ck.store.dtype)
     state = {ck.arch.hf_name(n): p.detach().cpu() for n, p in ck.model.named_parameters()}
     for i, layer in enumerate(ck.store.layers):
         pre = f"model.layers.{layer}.mlp.experts."
