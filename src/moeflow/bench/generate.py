@@ -33,7 +33,8 @@ def active_bytes(ck: Checkpoint) -> tuple[int, int]:
     cfg, itemsize = ck.cfg, ck.store.dtype.itemsize
     dense = sum(p.numel() for n, p in ck.model.named_parameters() if not n.startswith("embed_tokens"))
     experts = len(cfg.moe_layers) * cfg.num_experts_per_tok * cfg.expert_numel
-    return (dense + experts) * itemsize, dense + experts
+    expert_bytes = len(cfg.moe_layers) * cfg.num_experts_per_tok * ck.store.expert_bytes  # quantized: packed
+    return dense * itemsize + expert_bytes, dense + experts
 
 
 def bench_generate(ck: Checkpoint, prompt_len: int = 512, new_tokens: int = 128, runs: int = 3,
