@@ -20,6 +20,8 @@ from moeflow.experts.store import ExpertStore
 from moeflow.models import get_architecture
 from moeflow.models.base import Architecture
 from moeflow.models.layers import MoeTransformer
+from moeflow.quant.format import QuantSpec, parse_quant
+from moeflow.quant.published import PublishedQuant
 from moeflow.tokenizer import TextTokenizer
 
 PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar when loading more than this
@@ -90,25 +92,36 @@ def open_safetensors(f: Path):
 class TensorReader:
     """Reads published tensors by name across shards, checking names and shapes."""
 
-    def __init__(self, path: Path, stack: ExitStack):
+    def __init__(self, path: Path, stack: ExitStack, published: PublishedQuant | None = None):
         self.path, self.index, self.stack, self.files = path, tensor_index(path), stack, {}
+        self.published = published  # GPTQ/AWQ: a missing `X.weight` is dequantized from X.qweight and the rest
 
     def has(self, name: str) -> bool:
         return name in self.index
 
-    def get(self, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...] = ("BF16", "F16", "F32")) -> torch.Tensor:
-        if name not in self.index:
-            raise MoeflowError(f"checkpoint {self.path} lacks tensor {name!r}")
+    def raw(self, name: str) -> torch.Tensor | None:
+        """A tensor as stored (any dtype), or None."""
+        return self._file(name).get_tensor(name) if name in self.index else None
+
+    def _file(self, name: str):
         f = self.index[name]
         if f not in self.files:
             self.files[f] = self.stack.enter_context(open_safetensors(f))
-        sl = self.files[f].get_slice(name)
+        return self.files[f]
+
+    def get(self, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...] = ("BF16", "F16", "F32")) -> torch.Tensor:
+        base = name.removesuffix(".weight")
+        if name not in self.index and self.published is not None and base + ".qweight" in self.index:
+            return self.published.dequantize(self.raw, base, shape)
+        if name not in self.index:
+            raise MoeflowError(f"checkpoint {self.path} lacks tensor {name!r}")
+        sl = self._file(name).get_slice(name)
         found = tuple(sl.get_shape())
         if found != tuple(shape):
             raise MoeflowError(f"tensor {name!r} has shape {list(found)}, expected {list(shape)}")
         if sl.get_dtype() not in dtypes:
             raise MoeflowError(f"tensor {name!r} is {sl.get_dtype()}; moeflow reads bf16, fp16 and fp32")
-        return self.files[f].get_tensor(name)
+        return self._file(name).get_tensor(name)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig, device: torch.device | None = None) -> torch.dtype:
@@ -131,14 +144,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def check_fits(name: str, arch: type[Architecture], cfg: ModelConfig, dtype: torch.dtype,
-               device: torch.device, expert_device: torch.device) -> None:
+               device: torch.device, expert_device: torch.device, quant: QuantSpec | None = None) -> None:
     """Refuse, with the numbers, a model whose weights cannot fit the GPU, before allocating anything."""
     if device.type != "cuda" and expert_device.type != "cuda":
         return
     with torch.device("meta"):
         model = arch.build(cfg, None)
     dense = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-    experts = len(cfg.moe_layers) * cfg.num_experts * cfg.expert_bytes(dtype)
+    from moeflow.quant.format import ExpertFormat
+
+    fmt = ExpertFormat(cfg.expert_intermediate_size, cfg.hidden_size, dtype, quant)
+    experts = len(cfg.moe_layers) * cfg.num_experts * (fmt.block_bytes if quant else cfg.expert_bytes(dtype))
     need = (dense if device.type == "cuda" else 0) + (experts if expert_device.type == "cuda" else 0)
     free, total = torch.cuda.mem_get_info(device if device.type == "cuda" else expert_device)
     if need > free - (1 << 30):  # keep 1 GiB for the KV cache and activations
@@ -152,7 +168,7 @@ def read_model_config(spec: str | Path) -> tuple[str, ModelConfig]:
     if spec.startswith("synthetic:"):
         from moeflow.synthetic import PRESETS
 
-        name = spec.removeprefix("synthetic:")
+        name = synthetic_quant(spec.removeprefix("synthetic:"))[0]
         if name not in PRESETS:
             raise MoeflowError(f"unknown synthetic model {name!r}; choose one of {', '.join(PRESETS)}")
         hf = PRESETS[name]
@@ -162,29 +178,51 @@ def read_model_config(spec: str | Path) -> tuple[str, ModelConfig]:
     return spec, get_architecture(hf.get("model_type")).config(hf)
 
 
+def synthetic_quant(name: str, quant: QuantSpec | str | None = None) -> tuple[str, QuantSpec | None]:
+    """A synthetic preset's name and quantization: `mixtral-8x7b-int4` is mixtral-8x7b with int4 experts."""
+    quant = parse_quant(quant) if isinstance(quant, str) or quant is None else quant
+    for suffix in ("-int4", "-int8"):
+        if name.endswith(suffix) and quant is None:
+            return name.removesuffix(suffix), parse_quant(suffix[1:])
+    return name, quant
+
+
+def model_quant(spec: str | Path, quant: QuantSpec | str | None = None) -> QuantSpec | None:
+    """The experts' quantization of a model spec: `quant` (--quantize), or a synthetic preset's -int4/-int8."""
+    if str(spec).startswith("synthetic:"):
+        return synthetic_quant(str(spec).removeprefix("synthetic:"), quant)[1]
+    return parse_quant(quant) if isinstance(quant, str) or quant is None else quant
+
+
 def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         expert_device: str | torch.device | None = None, progress: bool | None = None) -> Checkpoint:
-    """Load a model: non-expert weights on `device`, the expert store on `expert_device` (default: same)."""
+         expert_device: str | torch.device | None = None, progress: bool | None = None,
+         quant: QuantSpec | str | None = None) -> Checkpoint:
+    """Load a model: non-expert weights on `device`, the expert store on `expert_device` (default: same);
+    quant (`--quantize`): the experts quantized at load (quant/format.py)."""
     from moeflow.experts.local import LocalExperts
 
     spec = str(spec)
     if spec.startswith("synthetic:"):
         from moeflow.synthetic import build_synthetic
-        return build_synthetic(spec.removeprefix("synthetic:"), device, dtype, expert_device)
+        name, quant = synthetic_quant(spec.removeprefix("synthetic:"), quant)
+        return build_synthetic(name, device, dtype, expert_device, quant=quant)
+    quant = parse_quant(quant) if isinstance(quant, str) or quant is None else quant
     path = builtin_path(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else Path(spec).expanduser()
     hf = read_config(path)
     arch = get_architecture(hf.get("model_type"))
     cfg = arch.config(hf)
+    published = PublishedQuant.read(path, hf)  # GPTQ / AWQ: experts requantized into moeflow's format
+    quant = quant or (published.spec() if published else None)
     device = resolve_device(device)
     expert_device = resolve_device(expert_device or device)
     dtype = resolve_dtype(dtype, cfg, device)
-    check_fits(path.name, arch, cfg, dtype, device, expert_device)
+    check_fits(path.name, arch, cfg, dtype, device, expert_device, quant)
     tokenizer = TextTokenizer.from_dir(path)
-    store = ExpertStore(cfg, dtype, expert_device)
+    store = ExpertStore(cfg, dtype, expert_device, quant=quant)
     with torch.device("meta"):
         model = arch.build(cfg, LocalExperts(store))
     with ExitStack() as stack:
-        reader = TensorReader(path, stack)
+        reader = TensorReader(path, stack, published)
         params = dict(model.named_parameters())  # tied weights appear once
         total = sum(p.numel() for p in params.values()) * dtype.itemsize + store.nbytes
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}",

@@ -66,7 +66,7 @@ def _load_checkpoint(args, device, offload):
 
     check_context(args, read_model_config(args.model or DEFAULT_MODEL)[1].max_position_embeddings)
     ck = load(args.model or DEFAULT_MODEL, device=device, dtype=args.dtype, progress=None,
-              expert_device="cpu" if offload else None)
+              expert_device="cpu" if offload else None, quant=args.quantize)
     if ck.synthetic:
         print(f"moeflow: {ck.name} has random weights: expect gibberish", file=sys.stderr)
     return ck
@@ -189,12 +189,13 @@ def cmd_bench_latency(args) -> int:
 
 def cmd_bench_cpu_experts(args) -> int:
     from moeflow.bench.cpu_experts import SHAPES, bench_cpu_experts, plot, save
+    from moeflow.quant.format import parse_quant
 
     shapes = args.shapes.split(",")
     if unknown := [s for s in shapes if s not in SHAPES]:
         raise MoeflowError(f"--shapes: unknown {', '.join(unknown)} (known: {', '.join(SHAPES)})")
     result = bench_cpu_experts(shapes, [int(t) for t in args.tokens.split(",")], args.reps, args.threads,
-                               args.kernel, args.torch_max_tokens)
+                               args.kernel, args.torch_max_tokens, parse_quant(args.quantize))
     if args.out:
         save(result, args.out)
     if args.plot:
@@ -289,6 +290,7 @@ def _device_flags(g, offload: bool = True, deterministic: bool = True) -> None:
         g.add_argument("--policy", default="auto", choices=sorted(POLICIES), help="offloading policy")
         g.add_argument("--placement", help="resident experts from `moeflow profile-experts` (default: even split)")
         g.add_argument("--routing-trace", help="benchmarks: replay a recorded routing instead of the router's")
+        g.add_argument("--quantize", help="int4 or int8 (-g32..-g128, -asym, -fp16): quantize the experts at load")
 
 
 def _context_flag(g, help: str) -> None:
@@ -314,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    from moeflow.quant import quality
+
+    quality.add_parser(bsub)
     _add_bench_commands(bsub)
     return p
 
@@ -390,6 +395,7 @@ def _add_model_commands(sub) -> None:
     pl.add_argument("--profile", help="hardware profile JSON (default: this machine's, else the built-in reference)")
     pl.add_argument("--placement", help="expert popularity from `moeflow profile-experts` (default: uniform)")
     pl.add_argument("--hit-rate", type=float, help="assume this decode hit rate, in [0, 1], instead of deriving it")
+    pl.add_argument("--quantize", help="int4 or int8: plan with the experts quantized (their real bytes)")
     pl.add_argument("--host-memory", help="host memory the throughput plan may use (default: 90%% of the profile's)")
     pl.add_argument("--roofline", help="write the hierarchical roofline PNG here")
     pl.set_defaults(func=cmd_plan)
@@ -429,6 +435,7 @@ def _add_bench_commands(bsub) -> None:
     bl.add_argument("--model", default="synthetic:mixtral-8x7b", help="checkpoint folder, builtin:NAME or "
                     "synthetic:NAME")
     _device_flags(bl, offload=False, deterministic=False)
+    bl.add_argument("--quantize", help="int4 or int8: the experts quantized at load (synthetic:NAME-int4 alike)")
     bl.add_argument("--budgets", default="24GiB,76GiB", help="comma-separated GPU budgets")
     bl.add_argument("--policies", default="auto,fiddler,lru", help="comma-separated offloading policies")
     bl.add_argument("--prompts", help="prompt file: the first --runs prompts are decoded in turn, all of them fill "
@@ -480,6 +487,7 @@ def _add_bench_commands(bsub) -> None:
     bc.add_argument("--threads", type=int, help="kernel (and PyTorch) threads (default: the physical cores)")
     bc.add_argument("--kernel", default=None, help="native path (default: MOEFLOW_CPU_KERNEL or auto)")
     bc.add_argument("--torch-max-tokens", type=int, default=256, help="skip PyTorch above this many tokens")
+    bc.add_argument("--quantize", help="int4 or int8: the quantized experts' path (GB/s of packed weights)")
     bc.add_argument("--out", help="write the results as JSON here")
     bc.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     bc.set_defaults(func=cmd_bench_cpu_experts)

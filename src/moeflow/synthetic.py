@@ -21,6 +21,7 @@ from moeflow.config import ModelConfig
 from moeflow.experts.local import LocalExperts
 from moeflow.experts.store import ExpertStore
 from moeflow.models import get_architecture
+from moeflow.quant.format import QuantSpec, quantize
 from moeflow.tokenizer import CHATML_TEMPLATE, MIXTRAL_TEMPLATE, synthetic_tokenizer
 
 _MIXTRAL_SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2}
@@ -141,6 +142,8 @@ def fill_store(filler: RandomFiller, store: ExpertStore) -> None:
     """Random experts, the same values whatever the device: drawn in the host layout (down transposed) and,
     for a store that keeps down as published, transposed into place."""
     I, H = store.cfg.expert_intermediate_size, store.cfg.hidden_size
+    if store.fmt.quantized:
+        return fill_quantized(filler, store)
     tmp = None if store.down_transposed else torch.empty_like(store.data[0, 0])  # [3IH]
     for layer in store.layers:
         for e in range(store.cfg.num_experts):
@@ -154,6 +157,23 @@ def fill_store(filler: RandomFiller, store: ExpertStore) -> None:
             block[3 * I * H:].copy_(tmp[3 * I * H:])  # expert biases, if any
 
 
+def fill_quantized(filler: RandomFiller, store: ExpertStore) -> None:
+    """Random quantized experts: the filler's pool quantized once into rows, each expert a run of them from a
+    random start (a copy, not a quantization, per expert: a Mixtral-sized store fills at memory speed)."""
+    fmt = store.fmt
+    pool = quantize(filler.pool[:filler.size // fmt.hidden * fmt.hidden].view(-1, fmt.hidden).cpu(), fmt)
+    pool = pool.to(store.data.device).flatten()  # [P * record]
+    pool_rows, rows = pool.numel() // fmt.record, 3 * fmt.inter
+    for layer in store.layers:
+        for e in range(store.cfg.num_experts):
+            block, i = store.block(layer, e), 0
+            while i < rows:
+                r0 = int(torch.randint(0, pool_rows // 2, (1,), generator=filler.gen))
+                n = min(pool_rows - r0, rows - i)
+                block[i * fmt.record:(i + n) * fmt.record].copy_(pool[r0 * fmt.record:(r0 + n) * fmt.record])
+                i += n
+
+
 def _tokenizer_for(hf: dict):
     if hf["model_type"] == "mixtral":
         return synthetic_tokenizer(hf["vocab_size"], _MIXTRAL_SPECIALS, "<s>", "</s>", MIXTRAL_TEMPLATE)
@@ -163,11 +183,11 @@ def _tokenizer_for(hf: dict):
 
 
 def build_synthetic(name: str, device="cpu", dtype=None, expert_device=None, seed: int = 0,
-                    overrides: dict | None = None) -> Checkpoint:
+                    overrides: dict | None = None, quant: QuantSpec | None = None) -> Checkpoint:
     """overrides: config.json fields over the preset's (a tiny model with more layers, for instance)."""
     if name not in PRESETS:
         raise MoeflowError(f"unknown synthetic model {name!r}; choose one of {', '.join(PRESETS)}")
-    return build_from_hf(name, PRESETS[name] | (overrides or {}), device, dtype, expert_device, seed)
+    return build_from_hf(name, PRESETS[name] | (overrides or {}), device, dtype, expert_device, seed, quant)
 
 
 def build_like(cfg: ModelConfig, device="cpu", dtype=None, expert_device=None, seed: int = 0) -> Checkpoint:
@@ -193,15 +213,16 @@ def check_host_fits(name: str, cfg: ModelConfig, dtype: torch.dtype, device: tor
                            f"config alone")
 
 
-def build_from_hf(name: str, hf: dict, device="cpu", dtype=None, expert_device=None, seed: int = 0) -> Checkpoint:
+def build_from_hf(name: str, hf: dict, device="cpu", dtype=None, expert_device=None, seed: int = 0,
+                  quant: QuantSpec | None = None) -> Checkpoint:
     arch = get_architecture(hf["model_type"])
     cfg = arch.config(hf)
     device = resolve_device(device)
     expert_device = resolve_device(expert_device or device)
     dtype = resolve_dtype(dtype, cfg, device)
-    check_fits(f"synthetic:{name}", arch, cfg, dtype, device, expert_device)
+    check_fits(f"synthetic:{name}", arch, cfg, dtype, device, expert_device, quant)
     check_host_fits(f"synthetic:{name}", cfg, dtype, device, expert_device)
-    store = ExpertStore(cfg, dtype, expert_device)
+    store = ExpertStore(cfg, dtype, expert_device, quant=quant)
     with torch.device("meta"):
         model = arch.build(cfg, LocalExperts(store))
     model.to_empty(device=device).to(dtype)
@@ -211,7 +232,8 @@ def build_from_hf(name: str, hf: dict, device="cpu", dtype=None, expert_device=N
             p.fill_(1.0) if pname.endswith("norm.weight") else filler.fill(p)
         fill_store(RandomFiller(expert_device, dtype, seed + 1, store.data.numel()), store)
     model.tie_weights()
-    return Checkpoint(f"synthetic:{name}", arch, cfg, model.eval(), store, _tokenizer_for(hf),
+    suffix = f"-{quant.name}" if quant else ""
+    return Checkpoint(f"synthetic:{name}{suffix}", arch, cfg, model.eval(), store, _tokenizer_for(hf),
                       {"bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id")},
                       synthetic=True)
 
@@ -219,7 +241,7 @@ def build_from_hf(name: str, hf: dict, device="cpu", dtype=None, expert_device=N
 def write_checkpoint(ck: Checkpoint, out: Path, shard_bytes: int = 4 << 30) -> None:
     """Write `ck` as a Hugging Face folder (sharded safetensors + index, config, tokenizer)."""
     out.mkdir(parents=True, exist_ok=True)
-    dtype = ck.store.data.dtype
+    dtype = ck.store.dtype  # a quantized store writes its experts dequantized
     tensors = [(ck.arch.hf_name(n), p) for n, p in ck.model.named_parameters()]
     tensors += ck.arch.expert_tensors(ck.store)
     shards, cur, size = [], {}, 0

@@ -73,7 +73,8 @@ def predict_row(r: dict, cfg, profile, name: str, new_tokens: int, dtype_name: s
     def predict(speed: float):
         return predict_latency(cfg, profile, budget, r["policy"], r["hit_rate"], r.get("ttft_prompt_tokens", 512),
                                new_tokens, name, dtype_name, costs, pf.get("hit_rate"), _used(r, cfg),
-                               pf.get("tokens_per_expert") or None, speed)
+                               pf.get("tokens_per_expert") or None, speed,
+                               expert_bytes=r.get("budget", {}).get("expert_bytes"))  # quantized: the real size
     speed = {k: host_speed(_reading((r.get("probes") or {}).get(k)), profile.probe_s) for k in ("decode", "ttft")}
     then = predict(1.0)
     if then.error:

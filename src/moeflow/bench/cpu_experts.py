@@ -22,6 +22,7 @@ from moeflow.bench.ceilings import cpu_read_ceiling
 from moeflow.experts.cpu import CpuExperts
 from moeflow.experts.native import cpu_flags
 from moeflow.perf.profile import cpu_model
+from moeflow.quant.format import ExpertFormat
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -75,8 +76,19 @@ def time_layer(ce: CpuExperts, data: torch.Tensor, shape: Shape, n: int, reps: i
     return sorted(times)[len(times) // 2]
 
 
+def quantized_pool(shape: Shape, quant) -> tuple[torch.Tensor, ExpertFormat]:
+    """random_pool's experts quantized ([pool, block] uint8) and their format."""
+    fmt = ExpertFormat(shape.inter, shape.hidden, torch.bfloat16, quant)
+    dense = random_pool(shape)
+    data = torch.empty(shape.pool, fmt.block_numel, dtype=torch.uint8)
+    for i in range(shape.pool):
+        fmt.pack(*dense[i].view(3, shape.inter, shape.hidden), data[i])
+    return data, fmt
+
+
 def bench_cpu_experts(shapes: list[str], tokens: list[int], reps: int, threads: int | None, kernel: str = "auto",
-                      torch_max_tokens: int = 256) -> dict:
+                      torch_max_tokens: int = 256, quant=None) -> dict:
+    """quant: a QuantSpec: its experts through the quantized path (GB/s of packed weights) instead."""
     if threads:
         torch.set_num_threads(threads)
     native = CpuExperts(threads=threads, kernel=kernel)
@@ -110,13 +122,15 @@ def bench_cpu_experts(shapes: list[str], tokens: list[int], reps: int, threads: 
     print_row(None)
     for key in shapes:
         shape = SHAPES[key]
-        data = random_pool(shape)
+        data, fmt = quantized_pool(shape, quant) if quant else (random_pool(shape), None)
+        if fmt is not None:  # no native quantized path yet: PyTorch dequantizes
+            backends = [(f"torch:{quant.name}", CpuExperts(kernel="torch", fmt=fmt))]
         for name, ce in backends:
             for n in tokens:
                 if name == "torch" and n > torch_max_tokens:
                     continue
                 t, phases = time_layer(ce, data, shape, n, reps)
-                K, nbytes = shape.top_k, shape.top_k * shape.expert_bytes
+                K, nbytes = shape.top_k, shape.top_k * (fmt.block_bytes if fmt else shape.expert_bytes)
                 rows.append({"shape": shape.name, "backend": name, "tokens_per_expert": n, "experts": K,
                              "ms_layer": t * 1e3, "ms_expert": t * 1e3 / K, "gbps": nbytes / t / 1e9,
                              "tflops": 2 * 3 * shape.hidden * shape.inter * n * K / t / 1e12,

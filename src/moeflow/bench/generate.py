@@ -30,10 +30,11 @@ def host_info(device: torch.device) -> dict:
 
 def active_bytes(ck: Checkpoint) -> tuple[int, int]:
     """(bytes of weights read per decode token, active parameters per token)."""
-    cfg, itemsize = ck.cfg, ck.store.data.element_size()
+    cfg, itemsize = ck.cfg, ck.store.dtype.itemsize
     dense = sum(p.numel() for n, p in ck.model.named_parameters() if not n.startswith("embed_tokens"))
     experts = len(cfg.moe_layers) * cfg.num_experts_per_tok * cfg.expert_numel
-    return (dense + experts) * itemsize, dense + experts
+    expert_bytes = len(cfg.moe_layers) * cfg.num_experts_per_tok * ck.store.expert_bytes  # quantized: packed
+    return dense * itemsize + expert_bytes, dense + experts
 
 
 def bench_generate(ck: Checkpoint, prompt_len: int = 512, new_tokens: int = 128, runs: int = 3,
@@ -49,13 +50,13 @@ def bench_generate(ck: Checkpoint, prompt_len: int = 512, new_tokens: int = 128,
         results.append(last)
     bw, flops = memory_bandwidth(device), matmul_rate(device)
     weight_bytes, active_params = active_bytes(ck)
-    kv_bytes = ck.cfg.kv_bytes_per_token(ck.store.data.dtype) * (prompt_len + new_tokens // 2)
+    kv_bytes = ck.cfg.kv_bytes_per_token(ck.store.dtype) * (prompt_len + new_tokens // 2)
     decode_bound = bw / (weight_bytes + kv_bytes)
     prefill_bound = 1 / max(2 * active_params * prompt_len / flops, weight_bytes / bw) * prompt_len
     decode = statistics.median(r.decode_tps for r in results)
     prefill = statistics.median(r.prefill_tps for r in results)
     return {
-        "model": ck.name, "device": str(device), "dtype": str(ck.store.data.dtype).removeprefix("torch."),
+        "model": ck.name, "device": str(device), "dtype": str(ck.store.dtype).removeprefix("torch."),
         "prompt_tokens": prompt_len, "new_tokens": new_tokens, "runs": runs,
         "decode_tok_s": decode, "decode_tok_s_all": [r.decode_tps for r in results],
         "prefill_tok_s": prefill, "ttft_s": statistics.median(r.ttft_s for r in results),

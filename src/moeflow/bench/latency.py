@@ -166,7 +166,7 @@ def accelerate_baseline(ck: Checkpoint, gpu_memory: int, prompt: list[int], new_
 
     hf_cfg = transformers.AutoConfig.for_model(**ck.arch.hf_config(ck.cfg))
     with torch.device("meta"):
-        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=ck.store.data.dtype)
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=ck.store.dtype)
     state = {ck.arch.hf_name(n): p.detach().cpu() for n, p in ck.model.named_parameters()}
     for i, layer in enumerate(ck.store.layers):
         pre = f"model.layers.{layer}.mlp.experts."
@@ -252,7 +252,7 @@ def main(args, default_prompt: str) -> int:
     budgets = [parse_size(b) for b in args.budgets.split(",")]  # checked before anything is built
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t = time.perf_counter()
-    ck = load(args.model, device=device, dtype=args.dtype, expert_device="cpu", progress=True)
+    ck = load(args.model, device=device, dtype=args.dtype, expert_device="cpu", progress=True, quant=args.quantize)
     load_s, t = time.perf_counter() - t, time.perf_counter()
     ck.store.pin()
     pin_s = time.perf_counter() - t
@@ -298,7 +298,7 @@ def _profile(args, ck: Checkpoint, device: torch.device):
     if device.type == "cuda":
         from moeflow.perf.profile import get_profile
 
-        return get_profile(ck.cfg, "cuda", dtype_name=str(ck.store.data.dtype).removeprefix("torch."))[0]
+        return get_profile(ck.cfg, "cuda", dtype_name=str(ck.store.dtype).removeprefix("torch."))[0]
     return None
 
 
@@ -338,7 +338,7 @@ def _one_row(ck, oc: OffloadConfig, prompts, ttft_prompt, new_tokens, ceil, cost
     try:
         r = run_policy(ck, oc, prompts, ttft_prompt, new_tokens, ceil, costs, probe)
         if profile is not None:
-            dtype = str(ck.store.data.dtype).removeprefix("torch.")
+            dtype = str(ck.store.dtype).removeprefix("torch.")
             r |= predict_row(r, ck.cfg, profile, ck.name, new_tokens, dtype_name=dtype)
         return r
     except Exception as e:

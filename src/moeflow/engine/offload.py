@@ -44,7 +44,7 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
         torch.cuda.empty_cache()
         held = max(torch.cuda.memory_reserved(device) - ck.dense_bytes - kv_bytes, 0)
     budget = share_budget(ck.name, cfg, policy, oc.gpu_memory, ck.dense_bytes, store.expert_bytes, kv_bytes,
-                          step_tokens, store.data.element_size(), max_seqs)
+                          step_tokens, store.dtype.itemsize, max_seqs)
     split = budget.split
     if oc.placement:
         placement = Placement.load(oc.placement)
@@ -61,7 +61,8 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
         store.pin()
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, (oc.gpu_memory + held) / total), device)
-    if costs is None and policy.needs_costs and device.type == "cuda":
+    # (a quantized store's experts cost what the profile's bf16 ones do not: the backend measures them)
+    if costs is None and policy.needs_costs and device.type == "cuda" and not store.fmt.quantized:
         # One source of truth: this machine's cached profile (`moeflow profile`) when it holds this expert
         # shape; otherwise the backend measures its costs at start, as before.
         from moeflow.perf.profile import profiled_costs

@@ -29,6 +29,7 @@ from moeflow.experts.local import partial_ffn
 from moeflow.experts.native import AMX_BLOCKING, KERNELS, NativeKernel, load
 from moeflow.experts.store import expert_rows
 from moeflow.perf.costs import handoff_s, median_s
+from moeflow.quant.format import ExpertFormat
 
 
 def physical_cores() -> int:
@@ -101,8 +102,9 @@ def jobs_from_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_exper
 class CpuExperts:
     """Runs one layer's expert jobs on the CPU. kernel: a name of MOEFLOW_CPU_KERNEL (default: that env)."""
 
-    def __init__(self, threads: int | None = None, kernel: str | None = None):
+    def __init__(self, threads: int | None = None, kernel: str | None = None, fmt: ExpertFormat | None = None):
         self.threads = threads or default_threads()
+        self.fmt = fmt if fmt is not None and fmt.quantized else None  # quantized blocks: dequantized by PyTorch
         name = kernel or os.environ.get("MOEFLOW_CPU_KERNEL", "auto")
         if name not in ("auto", "torch", *KERNELS):
             raise MoeflowError(f"MOEFLOW_CPU_KERNEL={name}: choose auto, torch or one of {', '.join(KERNELS)}")
@@ -144,7 +146,7 @@ class CpuExperts:
         GIL before or after it; the PyTorch path runs on this object's worker thread (or here, inline).
         spin: pause iterations result() spins before it sleeps (where the caller has a core of its own)."""
         N, H = x.shape
-        I = data.shape[1] // (3 * H)
+        I = self.fmt.inter if self.fmt else data.shape[1] // (3 * H)
         if out is None:
             out = _zeros(N, H)
         jobs = [j for j in jobs if len(j.tok) and (I if j.r1 is None else j.r1) > j.r0]
@@ -259,11 +261,12 @@ class CpuExperts:
                 self.amx_min_tokens, self.fused_max_bytes, self.amx_blocking)
         return out
 
-    @staticmethod
-    def _torch(data, x, jobs, out, I):
-        xd = x.to(data.dtype)
+    def _torch(self, data, x, jobs, out, I):
+        xd = x.to(self.fmt.dtype if self.fmt else data.dtype)
         for j in jobs:
-            gate, up, down_t = expert_rows(data[j.expert], I, j.r0, I if j.r1 is None else j.r1)
+            r1 = I if j.r1 is None else j.r1
+            gate, up, down_t = (self.fmt.rows(data[j.expert], j.r0, r1, xd.dtype) if self.fmt
+                                else expert_rows(data[j.expert], I, j.r0, r1))
             tok = torch.as_tensor(j.tok).long()
             y = partial_ffn(xd[tok], gate, up, down_t)
             out.index_add_(0, tok, y.float() * torch.as_tensor(j.w).reshape(-1, 1).float())

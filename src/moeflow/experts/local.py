@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.experts.store import ExpertStore, expert_rows
+from moeflow.quant.format import ExpertFormat
 
 
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
@@ -21,9 +22,12 @@ def partial_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_t: t
     return (F.silu(F.linear(x, gate)) * F.linear(x, up)) @ down_t
 
 
-def block_ffn(inter: int):
-    """ffn(x [n, H], block [3IH] in the host layout) -> [n, H]: one whole expert through PyTorch."""
+def block_ffn(inter: int, fmt: ExpertFormat | None = None):
+    """ffn(x [n, H], block [3IH] in the host layout, or a block of `fmt`) -> [n, H]: one whole expert as the
+    engine runs it (a quantized block: quantized_ffn)."""
     def ffn(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        if fmt is not None and fmt.quantized:
+            return quantized_ffn(x, block, fmt)
         return partial_ffn(x, *expert_rows(block, inter, 0, inter))
 
     return ffn
@@ -87,6 +91,34 @@ def looped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     return out.to(x.dtype)
 
 
+def quantized_ffn(x: torch.Tensor, block: torch.Tensor, fmt: ExpertFormat) -> torch.Tensor:
+    """One whole expert of a quantized block on x [n, H] -> [n, H]: the int4 Triton kernel where it runs (CUDA,
+    bf16/fp16), else its rows dequantized and the dense FFN."""
+    from moeflow.quant import triton_int4
+
+    if triton_int4.available(x, fmt):
+        return triton_int4.int4_ffn(x, block, fmt).to(x.dtype)
+    return partial_ffn(x, *fmt.rows(block, 0, fmt.inter, x.dtype))
+
+
+def quantized_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, blocks: torch.Tensor,
+                      fmt: ExpertFormat) -> torch.Tensor:
+    """Each selected expert dequantized, then on its tokens: the fallback of quantized stores on any device.
+
+    x [N, H], blocks [E, block] one layer's quantized experts -> [N, H]."""
+    N, K = topk_ids.shape
+    order, counts = group_by_expert(topk_ids, blocks.shape[0])
+    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+    flat_w, start = topk_weights.flatten(), 0
+    for e, n in enumerate(counts):
+        if n:
+            idx = order[start:start + n]
+            start += n
+            y = quantized_ffn(x[idx // K], blocks[e], fmt)  # [n, H]
+            out.index_add_(0, idx // K, y.float() * flat_w[idx, None].float())
+    return out.to(x.dtype)
+
+
 def can_group(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
@@ -114,6 +146,8 @@ class LocalExperts:
 
             return biased_experts(x, topk_ids, topk_weights, self.store.gate_up(layer), self.store.down_t(layer),
                                   self.store.bias(layer), self.store.cfg)
+        if self.store.fmt.quantized:
+            return quantized_experts(x, topk_ids, topk_weights, d[self.store.slot[layer]], self.store.fmt)
         if d.device.type == "cpu" and d.dtype == torch.bfloat16 and self.store.down_transposed:
             if self.cpu is None:
                 from moeflow.experts.cpu import CpuExperts  # cpu.py builds on this module

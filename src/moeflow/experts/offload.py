@@ -22,7 +22,7 @@ import torch
 from moeflow.engine.budget import pass_entries_per_token
 from moeflow.experts.cpu import CpuCall, CpuExperts, Job, default_threads
 from moeflow.experts.local import block_ffn
-from moeflow.experts.store import ExpertStore, HostBuffers, expert_rows
+from moeflow.experts.store import ExpertStore, HostBuffers
 from moeflow.experts.waves import Wave, Waves
 from moeflow.perf.costs import ExpertCosts, measure_costs
 from moeflow.policy.base import OffloadPolicy, SlotSplit
@@ -200,8 +200,9 @@ class OffloadedExperts:
         self.inter, self.hidden, self.E = cfg.expert_intermediate_size, cfg.hidden_size, cfg.num_experts
         n_slots = len(resident) + split.cache
         # zeros, not empty: a split expert's slot keeps stale rows that must be finite (see Waves.run)
-        self.slots = torch.zeros(n_slots, cfg.expert_numel, dtype=host.data.dtype, device=self.device)  # [S, 3IH]
-        self.waves = Waves(self.slots, self.inter, graphs, pass_entries_per_token(cfg, host.data.element_size()))
+        self.slots = torch.zeros(n_slots, host.data.shape[-1], dtype=host.data.dtype, device=self.device)  # [S, 3IH]
+        self.waves = Waves(self.slots, self.inter, graphs, pass_entries_per_token(cfg, host.dtype.itemsize),
+                           fmt=host.fmt)
         self.cache = SlotCache(resident, split, len(host.layers), eviction or policy.eviction, prior)
         for i, (l, e) in enumerate(resident):
             self.slots[i].copy_(host.data[l, e], non_blocking=True)
@@ -214,7 +215,7 @@ class OffloadedExperts:
         self._host = HostBuffers(pinned=self.cuda)
         self._cpu_out = ZeroedRows(self.hidden, pinned=self.cuda)
         # The CPU kernel's own threads; one core stays with the thread that drives the GPU.
-        self.cpu = CpuExperts(threads=default_threads(reserve=1 if self.cuda else 0))
+        self.cpu = CpuExperts(threads=default_threads(reserve=1 if self.cuda else 0), fmt=host.fmt)
         self.stats = OffloadStats()
         self.prompt_shape = PromptShape(self.E)  # the bench resets it before the prompt it times
         self.costs = costs
@@ -236,8 +237,8 @@ class OffloadedExperts:
         scratch = torch.empty_like(self.slots[0]) if not self.split.cache else self.slots[-1]
         many = (4, self.cpu.many(4, self.host.data[0])) if E >= 8 else None  # layer 0's experts, 4 at a time
         costs = measure_costs(lambda i: self.host.data[i // E % L, i % E], self.inter, self.hidden, min(L * E, 16),
-                              scratch, self.cpu.expert, block_ffn(self.inter), copy_stream=self.copy_stream,
-                              cpu_many=many)
+                              scratch, self.cpu.expert, block_ffn(self.inter, self.host.fmt),
+                              copy_stream=self.copy_stream, cpu_many=many, dtype=self.host.dtype)
         return replace(costs, cpu_call_s=self.cpu.handoff_s())
 
     # -- one layer -----------------------------------------------------------------------------------
@@ -312,7 +313,7 @@ class OffloadedExperts:
                 wave = {}
             protect.add(key)
             wave[slot] = (entries[e], self._copy_in(slot, l, e, r))
-            self.stats.bytes_h2d += (I - r) * 3 * self.hidden * self.slots.element_size()
+            self.stats.bytes_h2d += (I - r) * self.host.fmt.row_bytes
         if timing is not None:
             timing[1].record(self.copy_stream)
             self._copy_timing = timing
@@ -352,10 +353,10 @@ class OffloadedExperts:
             if r == 0:
                 dst.copy_(src, non_blocking=True)
             else:
-                I = self.inter
-                for d, s in zip(expert_rows(dst, I, r, I), expert_rows(src, I, r, I)):
+                runs, I = self.host.fmt.runs, self.inter  # a quantized gate row zeroed has scale 0: weights 0
+                for d, s in zip(runs(dst, r, I), runs(src, r, I)):
                     d.copy_(s, non_blocking=True)
-                expert_rows(dst, I, 0, r)[0].zero_()
+                runs(dst, 0, r)[0].zero_()
             return self.copy_stream.record_event() if self.cuda else None
 
     def _cpu_done(self, call: CpuCall, jobs, beside_copies: bool) -> None:

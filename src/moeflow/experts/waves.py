@@ -14,9 +14,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moeflow.experts.local import can_group, grouped_ffn, partial_ffn
+from moeflow.experts.local import can_group, grouped_ffn, partial_ffn, quantized_ffn
 from moeflow.experts.store import HostBuffers, expert_rows
 from moeflow.perf.costs import grouped_cap, grouped_passes
+from moeflow.quant.format import ExpertFormat
 
 # Waves run as grouped GEMMs in passes of at most grouped_cap(the step's tokens, per_token) entries: a pass
 # holds every entry's intermediate activations at once, and the workspace holds per_token entries' per token.
@@ -45,12 +46,15 @@ class Waves:
     """Runs a layer's waves over the expert slots [S, 3IH] and keeps, per slot, the event after its last use
     (a copy into the slot waits for it)."""
 
-    def __init__(self, slots: torch.Tensor, inter: int, graphs: bool = True, per_token: float = 1.0):
-        S, H = slots.shape[0], slots.shape[1] // (3 * inter)
+    def __init__(self, slots: torch.Tensor, inter: int, graphs: bool = True, per_token: float = 1.0,
+                 fmt: ExpertFormat | None = None):
+        self.fmt = fmt if fmt is not None and fmt.quantized else None  # quantized slots: dequantized slot by slot
+        S, H = slots.shape[0], fmt.hidden if self.fmt else slots.shape[1] // (3 * inter)
         self.slots, self.inter, self.hidden, self.per_token = slots, inter, H, per_token
-        self.gate_up = slots[:, :2 * inter * H].view(S, 2 * inter, H)   # views for the grouped GEMMs
-        self.down_t = slots[:, 2 * inter * H:].view(S, inter, H)
-        self.grouped = can_group(slots)
+        if not self.fmt:
+            self.gate_up = slots[:, :2 * inter * H].view(S, 2 * inter, H)   # views for the grouped GEMMs
+            self.down_t = slots[:, 2 * inter * H:].view(S, inter, H)
+        self.grouped = can_group(slots) and not self.fmt
         self.cuda = slots.is_cuda
         self.graphs_on = graphs and self.cuda
         self.slot_free: dict[int, torch.cuda.Event] = {}
@@ -142,7 +146,8 @@ class Waves:
         b = 0
         for slot in order:
             a, b = b, b + len(wave[slot][0])
-            y = partial_ffn(x[tok[a:b]], *expert_rows(self.slots[slot], self.inter, 0, self.inter))
+            y = (quantized_ffn(x[tok[a:b]], self.slots[slot], self.fmt) if self.fmt
+                 else partial_ffn(x[tok[a:b]], *expert_rows(self.slots[slot], self.inter, 0, self.inter)))
             out.index_add_(0, tok[a:b], torch.mul(y, w_flat[idx[a:b], None]))
 
     def _replay(self, N: int, K: int, M: int, c0: int) -> None:

@@ -40,12 +40,13 @@ class Architecture(ABC):
     def load_experts(cls, reader, store, progress) -> None:
         """Fill the ExpertStore from a checkpoint's TensorReader, calling progress(bytes) as it goes (an
         architecture that publishes its experts fused overrides this)."""
+        I, H = store.cfg.expert_intermediate_size, store.cfg.hidden_size
+        shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
         for layer in store.layers:
-            for e in range(store.cfg.num_experts):
-                for part in EXPERT_PARTS:
-                    dst = store.part(layer, e, part)
-                    dst.copy_(reader.get(cls.expert_name(layer, e, part), tuple(dst.shape)))
-                    progress(dst.numel() * dst.element_size())
+            for e in range(store.cfg.num_experts):  # set_expert quantizes where the store is quantized
+                store.set_expert(layer, e, *(reader.get(cls.expert_name(layer, e, part), shapes[part])
+                                             for part in EXPERT_PARTS))
+                progress(store.expert_bytes)
 
     @classmethod
     def expert_tensors(cls, store) -> list[tuple[str, torch.Tensor]]:

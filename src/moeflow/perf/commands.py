@@ -81,11 +81,14 @@ def cmd_plan(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from moeflow.checkpoint import read_model_config
+    from moeflow.checkpoint import model_quant, read_model_config
     from moeflow.config import parse_size
     from moeflow.perf.search import search_latency, search_throughput
+    from moeflow.quant.format import expert_bytes
 
     name, cfg = read_model_config(args.model)
+    quant = model_quant(args.model, args.quantize)
+    eb = expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant)
     budget = parse_size(args.gpu_memory)
     profile, said = _plan_profile(args, cfg)
     con = Console(width=max(Console().width, 140), soft_wrap=True)
@@ -101,7 +104,9 @@ def cmd_plan(args) -> int:
         placement.check(name, cfg)
         hit = placement.counts.tolist()
     if args.workload in ("latency", "both"):
-        plan = search_latency(cfg, profile, budget, args.prompt_len, args.gen_len, hit, name)
+        plan = search_latency(cfg, profile, budget, args.prompt_len, args.gen_len, hit, name, expert_bytes=eb)
+        if quant is not None:
+            con.print(f"experts in {quant.name}: {_gib(eb)} each (CPU and GPU expert times: the profile's dense ones)")
         t = Table(title=f"latency regime: one request, {args.prompt_len}-token prompt (predicted)")
         for col in ("policy", "decode tok/s", "TTFT s", "hit rate", "CPU ms/tok", "copy ms/tok", "GPU ms/tok",
                     "overhead ms/tok", "binds", "bound tok/s"):

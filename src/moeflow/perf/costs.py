@@ -247,7 +247,8 @@ def monotone(times: list[float]) -> list[float]:
 def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden: int, n_blocks: int,
                   slot: torch.Tensor, cpu_ffn: Callable, gpu_ffn: Callable, repeats: int = 5,
                   copy_stream: torch.cuda.Stream | None = None,
-                  cpu_many: tuple[int, Callable[[torch.Tensor], object]] | None = None) -> ExpertCosts:
+                  cpu_many: tuple[int, Callable[[torch.Tensor], object]] | None = None,
+                  dtype: torch.dtype | None = None) -> ExpertCosts:
     """Time the three paths on real expert blocks, as they run in the engine: the CPU path while copies are
     under way (both read host memory) and the copy while the CPU computes, each beside the other for its
     whole time, as in a layer whose plan balances the two (a Mixtral expert's copy timed beside one expert on
@@ -257,12 +258,12 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
     host_block(i) -> [3IH] the i-th host expert (rotated through so the CPU reads from memory, not cache);
     slot [3IH] a free expert slot on the fast device; cpu_ffn/gpu_ffn(x, block) run one whole expert;
     cpu_many = (m, fn): fn(x) runs m other experts on x in one CPU call (each call other ones), which gives
-    the call's fixed part."""
+    the call's fixed part. dtype: the activations' (default the slot's; a quantized slot is uint8)."""
     import torch
 
     dev = slot.device
     sync = device_sync(dev)
-    dtype = slot.dtype
+    dtype = dtype or slot.dtype
     turn = iter(range(1 << 30))
 
     def next_block():

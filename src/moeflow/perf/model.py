@@ -23,7 +23,7 @@ tokens, G = generated tokens, b = bytes per weight.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import Budget, pass_entries_per_token, share_budget
@@ -179,11 +179,23 @@ def head_gpu_s(cfg: ModelConfig, profile: HardwareProfile, b: int) -> float:
     return cfg.vocab_size * cfg.hidden_size * b / profile.gpu_bw
 
 
+def profiled_expert_costs(profile: HardwareProfile, cfg: ModelConfig, dtype_name: str, expert_bytes: int
+                          ) -> ExpertCosts:
+    """The profile's expert costs; a quantized expert's copy scaled to its bytes (its CPU and GPU times are the
+    dense kernels': the profile does not time the quantized ones)."""
+    costs = profile.expert_costs(cfg, dtype_name)
+    dense = cfg.expert_numel * (2 if dtype_name in ("bfloat16", "float16") else 4)
+    if expert_bytes == dense:
+        return costs
+    return replace(costs, copy_s=costs.copy_s * expert_bytes / dense)
+
+
 def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, policy: str,
                     hit_rate_or_placement=None, prompt_len: int = 512, gen_len: int = 128, name: str = "model",
                     dtype_name: str = "bfloat16", costs: ExpertCosts | None = None,
                     prefill_hit: float | None = None, prefill_used: float | None = None,
-                    prefill_shape: list[float] | None = None, host_speed: float = 1.0) -> LatencyPrediction:
+                    prefill_shape: list[float] | None = None, host_speed: float = 1.0,
+                    expert_bytes: int | None = None) -> LatencyPrediction:
     """Decode tok/s and TTFT of one request under `policy` with a GPU budget of `budget` bytes.
 
     hit_rate_or_placement: None (derived from the slots, uniform routing), a float (the share of decode
@@ -193,20 +205,21 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
     experts, which the slots hold, leaves fewer to move. prefill_shape: the prompt's tokens per expert in a
     layer, from the most used down (PromptShape, as measured): a skewed prompt leaves some experts few tokens.
     host_speed: the host's time now over its time at the profile (perf/probe.py): the host's share of a layer
-    and of a step take that many times the profile's."""
+    and of a step take that many times the profile's. expert_bytes: a quantized expert's (default: dense in b)."""
     from moeflow import MoeflowError
 
     b = 2 if dtype_name in ("bfloat16", "float16") else 4
+    eb = expert_bytes or cfg.expert_numel * b
     pol = get_policy(policy)
     L, K, I = len(cfg.moe_layers), cfg.num_experts_per_tok, cfg.expert_intermediate_size
     max_len = prompt_len + gen_len + 1
     try:
-        bud = share_budget(name, cfg, pol, budget, cfg.dense_numel * b, cfg.expert_numel * b,
+        bud = share_budget(name, cfg, pol, budget, cfg.dense_numel * b, eb,
                            cfg.kv_bytes_per_token(b) * max_len, max_len, b)
     except MoeflowError as e:
         return LatencyPrediction(policy, error=str(e))
-    costs = (costs or profile.expert_costs(cfg, dtype_name)).with_rates(cfg.expert_numel * b, profile.gpu_bw,
-                                                                         profile.cpu_read_bw, profile.h2d_bw)
+    costs = (costs or profiled_expert_costs(profile, cfg, dtype_name, eb)).with_rates(
+        eb, profile.gpu_bw, profile.cpu_read_bw, profile.h2d_bw)
     # a decode layer with its experts on the GPU, as measured on this machine, leaves the non-expert part what
     # the host's share and the experts' wave do not take of it (at least its roofline); at the profile's speed
     resident_dense = profile.resident_layer(cfg, dtype_name) - profile.decode_layer_s(K) - \
@@ -289,9 +302,9 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
     ttft += head
     # The bound: the missed weights cross the CPU's bus and PCIe at once, at the rate the two get together
     # (they share host memory) where the profile measured it; the GPU reads what it holds.
-    miss_bytes = (1 - hits) * L * K * cfg.expert_numel * b
+    miss_bytes = (1 - hits) * L * K * eb
     gpu_s = (cfg.dense_numel - cfg.vocab_size * cfg.hidden_size) * b / profile.gpu_bw + \
-        hits * L * K * cfg.expert_numel * b / profile.gpu_bw
+        hits * L * K * eb / profile.gpu_bw
     bound_s = miss_bytes / host_read_bw(profile) + gpu_s
     return LatencyPrediction(policy, 1 / token.total, ttft, hits, token, binding_of(token), 1 / bound_s,
                              bud.as_dict())

@@ -17,7 +17,7 @@ from moeflow.config import ModelConfig
 from moeflow.engine.budget import gib, workspace_bytes
 from moeflow.perf.costs import ExpertCosts
 from moeflow.perf.model import (LatencyPrediction, ThroughputPolicy, ThroughputPrediction, gpu_experts,
-                                predict_latency, predict_throughput, throughput_memory)
+                                predict_latency, predict_throughput, profiled_expert_costs, throughput_memory)
 from moeflow.perf.profile import HardwareProfile
 from moeflow.policy import POLICIES, get_policy
 
@@ -53,11 +53,12 @@ class LatencyPlan:
         return self.predictions[self.policy]
 
 
-def check_latency_fits(name: str, cfg: ModelConfig, gpu_memory: int, prompt_len: int, gen_len: int, b: int = 2):
+def check_latency_fits(name: str, cfg: ModelConfig, gpu_memory: int, prompt_len: int, gen_len: int, b: int = 2,
+                       expert_bytes: int | None = None):
     """MoeflowError, with the figures, when the budget does not even hold the non-expert part."""
     max_len = prompt_len + gen_len + 1
     need = cfg.dense_numel * b + cfg.kv_bytes_per_token(b) * max_len + workspace_bytes(cfg, max_len, b)
-    need_one = need + cfg.num_experts_per_tok * cfg.expert_numel * b
+    need_one = need + cfg.num_experts_per_tok * (expert_bytes or cfg.expert_numel * b)
     if gpu_memory < need_one:
         raise MoeflowError(
             f"--gpu-memory {gib(gpu_memory)} does not fit {name}: the non-expert weights "
@@ -67,18 +68,21 @@ def check_latency_fits(name: str, cfg: ModelConfig, gpu_memory: int, prompt_len:
 
 def search_latency(cfg: ModelConfig, profile: HardwareProfile, gpu_memory: int, prompt_len: int = 512,
                    gen_len: int = 128, hit_rate_or_placement=None, name: str = "model",
-                   policies: tuple[str, ...] = tuple(POLICIES), dtype_name: str = "bfloat16") -> LatencyPlan:
+                   policies: tuple[str, ...] = tuple(POLICIES), dtype_name: str = "bfloat16",
+                   expert_bytes: int | None = None) -> LatencyPlan:
+    """expert_bytes: a quantized expert's (default: dense)."""
     b = 2 if dtype_name in ("bfloat16", "float16") else 4
-    check_latency_fits(name, cfg, gpu_memory, prompt_len, gen_len, b)
-    costs = profile.expert_costs(cfg, dtype_name)
+    eb = expert_bytes or cfg.expert_numel * b
+    check_latency_fits(name, cfg, gpu_memory, prompt_len, gen_len, b, eb)
+    costs = profiled_expert_costs(profile, cfg, dtype_name, eb)
     preds = {p: predict_latency(cfg, profile, gpu_memory, p, hit_rate_or_placement, prompt_len, gen_len, name,
-                                dtype_name, costs) for p in policies}
+                                dtype_name, costs, expert_bytes=eb) for p in policies}
     ok = [p for p in preds.values() if p.error is None]
     best = max(ok, key=lambda p: p.decode_tps)
     from moeflow.engine.budget import share_budget
 
     max_len = prompt_len + gen_len + 1
-    bud = share_budget(name, cfg, get_policy(best.policy), gpu_memory, cfg.dense_numel * b, cfg.expert_numel * b,
+    bud = share_budget(name, cfg, get_policy(best.policy), gpu_memory, cfg.dense_numel * b, eb,
                        cfg.kv_bytes_per_token(b) * max_len, max_len, b)
     counts = hit_rate_or_placement if not isinstance(hit_rate_or_placement, (int, float, type(None))) else None
     if counts is not None and hasattr(counts, "tolist"):
