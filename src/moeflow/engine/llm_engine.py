@@ -193,7 +193,7 @@ class LLMEngine:
             peak_memory=peak_memory(self.device), experts=self.expert_stats())
 
     def expert_stats(self) -> dict | None:
-        stats = getattr(self.model.experts, "stats", None)
+        stats = self.model.experts.stats
         return stats.as_dict() if stats is not None else None
 
     # -- conveniences --------------------------------------------------------------------------------

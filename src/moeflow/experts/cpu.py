@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from moeflow import MoeflowError
-from moeflow.experts.local import partial_ffn
+from moeflow.experts.ffn import partial_ffn
 from moeflow.experts.native import AMX_BLOCKING, KERNELS, NativeKernel, load
 from moeflow.experts.store import expert_rows
 from moeflow.perf.costs import handoff_s, median_s

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from moeflow.engine.budget import pass_entries_per_token
+from moeflow.experts.base import ExpertBackend
 from moeflow.experts.cpu import CpuCall, CpuExperts, Job, default_threads
-from moeflow.experts.local import block_ffn
+from moeflow.experts.ffn import block_ffn
 from moeflow.experts.store import ExpertStore, HostBuffers, expert_rows
 from moeflow.experts.waves import Wave, Waves
 from moeflow.perf.costs import ExpertCosts, measure_costs
@@ -187,7 +188,7 @@ class SlotCache:
         return sorted(self.groups[None], key=lambda s: s in busy)[0]  # scratch
 
 
-class OffloadedExperts:
+class OffloadedExperts(ExpertBackend):
     """The expert backend of the latency regime."""
 
     graph_safe = False  # it syncs with the host every layer to plan
@@ -340,6 +341,9 @@ class OffloadedExperts:
             result = (out if cpu_out is None else out.add_(cpu_out)).to(x.dtype, copy=True)
         s.backend_s += time.perf_counter() - t_in
         return result
+
+    def run_into(self, layer, x, topk_ids, topk_weights, packed, dest):
+        return self(layer, x, topk_ids, topk_weights, packed, dest)
 
     def _copy_in(self, slot: int, l: int, e: int, r: int) -> torch.cuda.Event | None:
         """Rows r:I of expert (l, e) into `slot`: one transfer for a whole expert, three for a part (whose gate

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moeflow.config import ModelConfig
-
-
-class ExpertBackend(Protocol):
-    """Runs the routed experts of one MoE layer; where the weights live is the backend's business."""
-
-    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> torch.Tensor: ...
+from moeflow.experts.base import ExpertBackend  # noqa: F401  (the contract; importable here as before)
 
 
 @dataclass

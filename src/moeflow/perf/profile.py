@@ -297,7 +297,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
     from moeflow.bench.ceilings import concurrent_host_read, memory_bandwidth
     from moeflow.config import parse_dtype
     from moeflow.engine.offload import CPU_THREADS
-    from moeflow.experts.local import block_ffn
+    from moeflow.experts.ffn import block_ffn
     from moeflow.synthetic import RandomFiller
 
     cuda = device != "cpu" and torch.cuda.is_available()
