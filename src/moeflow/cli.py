@@ -23,6 +23,7 @@ _SP = {f.name: f.default for f in fields(SamplingParams)}
 
 def cmd_generate(args) -> int:
     from moeflow.engine.llm_engine import LLMEngine, encode_prompt
+    from moeflow.perf.profile import engine_costs
 
     offload = _offload_config(args)
     ck = _load_checkpoint(args, args.device, offload)
@@ -34,7 +35,7 @@ def cmd_generate(args) -> int:
                  [{"role": "user", "content": args.prompt}]
     n_prompt = len(encode_prompt(ck.tokenizer, prompt))
     engine = LLMEngine(ck, max_seqs=1, max_len=args.max_len or max(n_prompt + args.max_new_tokens + 1, 256),
-                       offload=offload)
+                       offload=offload, expert_costs=engine_costs(ck, offload))
     last = None
     for last in engine.stream(prompt, params):
         sys.stdout.write(last.text)
@@ -80,10 +81,12 @@ def _load_engine(args, max_seqs: int, max_len: int):
     import torch
 
     from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.perf.profile import engine_costs
 
     offload = _offload_config(args)
     ck = _load_checkpoint(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"), offload)
-    return LLMEngine(ck, max_seqs=max_seqs, max_len=min(max_len, ck.cfg.max_position_embeddings), offload=offload)
+    return LLMEngine(ck, max_seqs=max_seqs, max_len=min(max_len, ck.cfg.max_position_embeddings), offload=offload,
+                     expert_costs=engine_costs(ck, offload))
 
 
 def cmd_serve(args) -> int:

@@ -143,3 +143,13 @@ class OffloadConfig:
     placement: str | None = None      # JSON from `moeflow profile-experts`
     routing_trace: str | None = None  # replay a recorded routing (benchmarks)
     eviction: str | None = None       # the cache's eviction policy; None: the offloading policy's own
+
+
+def cache_dir() -> Path:
+    """moeflow's cache folder (hardware profiles; the native kernel's builds under ext/): $MOEFLOW_CACHE_DIR,
+    else $XDG_CACHE_HOME/moeflow, else ~/.cache/moeflow."""
+    import os
+
+    if d := os.environ.get("MOEFLOW_CACHE_DIR"):
+        return Path(d)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeflow"

@@ -6,20 +6,12 @@ import time
 
 import torch
 
+from moeflow.perf.costs import device_sync, median_s
+
 
 def _time(fn, device: torch.device, repeats: int = 10) -> float:
-    """Median seconds of fn() after a warm-up; synchronizes around each call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    """Median seconds of fn() after a warm-up, the device synchronized after each call (perf.costs.median_s)."""
+    return median_s(fn, device_sync(device), repeats)
 
 
 def memory_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -36,14 +28,14 @@ def native_read_bw(src: torch.Tensor) -> float:
     """Bytes/s of the native kernel's reader over src (0 where the kernel is not built). PyTorch's sum reads
     slower than the kernel streams weights on the H200 host (88-100 against 113 GB/s): a ceiling below what
     the kernel reaches would not be one."""
-    from moeflow.experts.cpu import default_threads
+    from moeflow.experts.cpu import cpu_threads
     from moeflow.experts.native import load
 
     kernel = load()
     if kernel is None:
         return 0.0
-    kernel.read_bw(default_threads(), src, reps=1)  # warm-up: the pool's threads start
-    return kernel.read_bw(default_threads(), src)
+    kernel.read_bw(cpu_threads(), src, reps=1)  # warm-up: the pool's threads start
+    return kernel.read_bw(cpu_threads(), src)
 
 
 def matmul_rate(device: torch.device, n: int = 8192, dtype=torch.bfloat16) -> float:
