@@ -25,11 +25,12 @@ TINY = {
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """A fresh profile cache folder (MOEFLOW_CACHE_DIR) for the test. The native kernel is loaded first, from
-    the usual cache (its build lives under the same folder; it is loaded once per process)."""
+    """A fresh profile cache folder (MOEFLOW_CACHE_DIR) for the test; the native kernel's builds stay where they
+    were (under the same variable), so that none is built again for it."""
     from moeflow.experts import native
 
-    native.load()
+    ext = native.cache_dir()
+    monkeypatch.setattr(native, "cache_dir", lambda: ext)
     monkeypatch.setenv("MOEFLOW_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
