@@ -80,7 +80,8 @@ def test_profile_measures_a_cpu_calls_fixed_part(monkeypatch):
     seen = []
     monkeypatch.setattr(costs_mod, "fixed_part", lambda t1, tm, m: seen.append((t1, tm, m)) or fixed_part(t1, tm, m))
     sizes = replace(prof.QUICK, expert_pool_bytes=16 * TINY.expert_bytes(torch.bfloat16))
-    p = prof.measure_profile(TINY, "cpu", sizes=sizes, progress=False)
+    # the expert step alone, added to a toy profile of the host's figures (measured in the cache test)
+    p = prof.measure_profile(TINY, "cpu", sizes=sizes, progress=False, base=replace(toy_profile(TINY), experts={}))
     c = ExpertCosts.from_dict(p.experts[prof.shape_key(TINY)])  # as measured
     (t1, tm, m), = seen
     assert m == prof.MANY and c.cpu_s[0] == min(t1, c.cpu_s[1]) and tm > 0
