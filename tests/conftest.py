@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,7 +65,12 @@ HF_CLASSES = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"),
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """A fresh profile cache folder (MOEFLOW_CACHE_DIR) for the test."""
+    """A fresh profile cache folder (MOEFLOW_CACHE_DIR) for the test; the native kernel's builds stay where they
+    were (under the same variable), so that none is built again for it."""
+    from moeflow.experts import native
+
+    ext = native.cache_dir()
+    monkeypatch.setattr(native, "cache_dir", lambda: ext)
     monkeypatch.setenv("MOEFLOW_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
@@ -105,14 +112,33 @@ def save_hf_checkpoint(path: Path, model_type: str, seed: int = 0, **overrides):
 
 
 @pytest.fixture
-def hf_checkpoint(tmp_path):
-    """Factory: hf_checkpoint(model_type, **config overrides) -> (folder, transformers model)."""
+def hf_checkpoint(tmp_path, _hf_built):
+    """Factory: hf_checkpoint(model_type, **config overrides) -> (folder, transformers model): the test's own
+    copy of a checkpoint built once per session (tests may damage the folder or change the model)."""
 
     def make(model_type: str = "mixtral", **overrides):
+        src, model, rng = _hf_built(model_type, **overrides)
         path = tmp_path / f"{model_type}-ckpt"
-        return path, save_hf_checkpoint(path, model_type, **overrides)
+        shutil.copytree(src, path, dirs_exist_ok=True)
+        torch.set_rng_state(rng)  # the global generator as a fresh build leaves it
+        return path, copy.deepcopy(model)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def _hf_built(tmp_path_factory):
+    built: dict[str, tuple] = {}
+
+    def get(model_type: str, **overrides):
+        key = f"{model_type}-{sorted(overrides.items())}"
+        if key not in built:
+            path = tmp_path_factory.mktemp("hf") / f"{model_type}-ckpt"
+            model = save_hf_checkpoint(path, model_type, **overrides)
+            built[key] = path, model, torch.get_rng_state()
+        return built[key]
+
+    return get
 
 
 def mixtral_store(hidden: int, inter: int, layers: int, std: float, pin: bool = False):

@@ -180,7 +180,7 @@ def test_amx_blocking_from_env(monkeypatch):
 
 def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "/bin/false")
-    monkeypatch.setenv("MOEFLOW_CACHE", str(tmp_path))
+    monkeypatch.setenv("MOEFLOW_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("MOEFLOW_CPU_KERNEL", raising=False)
     monkeypatch.setattr(native, "_loaded", {})
     with pytest.warns(RuntimeWarning, match="native CPU expert kernel is unavailable"):

@@ -205,7 +205,8 @@ def test_trace_replay_feeds_the_recorded_experts(tmp_path):
     assert seen[3][0] == 0 and seen[3][1] == [[0, 1]]
 
 
-@pytest.mark.skipif(not (DATA / "mixtral-8x7b-instruct.humaneval.jsonl").exists(), reason="real trace absent")
+@pytest.mark.skipif(not (DATA / "mixtral-8x7b-instruct.humaneval.jsonl").exists(),
+                    reason="needs ../shared/data/traces (the whole real Mixtral trace; tests/data ships a cut)")
 def test_real_mixtral_trace_loads():
     trace = load_trace(DATA / "mixtral-8x7b-instruct.humaneval.jsonl")
     T, L, K = trace.shape

@@ -26,8 +26,15 @@ MS = 1e-3
 pytestmark = pytest.mark.usefixtures("cache")  # conftest's: a fresh profile cache per test
 
 
+def toy_profile(cfg) -> HardwareProfile:
+    """A CPU-only profile holding cfg's expert shape, made by hand (nothing measured)."""
+    ref = reference_profile()
+    return HardwareProfile(host="toy", cpu_model="toy CPU", cpu_threads=2, host_memory=1 << 30, cpu_read_bw=1e10,
+                           cpu_flops=1e11, experts={prof.shape_key(cfg): next(iter(ref.experts.values()))})
+
+
 # -- profile and its cache ------------------------------------------------------------------------------------
-def test_profile_cache_and_refresh(cache):
+def test_profile_cache_and_refresh(cache, monkeypatch):
     p, how = prof.get_profile(TINY, "cpu", sizes=prof.QUICK, progress=False)
     assert how == "measured" and not p.has_gpu and p.has_shape(TINY)
     # a prefill's per-layer host time at each prompt measured, named with it (quick sizes and older profiles:
@@ -47,8 +54,12 @@ def test_profile_cache_and_refresh(cache):
     # how long each measurement took (the issue's budget: under a minute on the GPU host)
     assert re.fullmatch(r"measured \S+ \S+ in \d+ s \(quick sizes\)", p.source), p.source
     assert q.source.startswith(p.source + "; ") and re.search(r"added in \d+ s$", q.source), q.source
+    # a refresh measures anew, from nothing cached (a stand-in measurement: the real one ran above)
+    bases = []
+    monkeypatch.setattr(prof, "measure_profile", lambda cfg, device, dtype_name, sizes, progress, base=None:
+                        bases.append(base) or replace(p, source="measured again"))
     r, how = prof.get_profile(TINY, "cpu", refresh=True, sizes=prof.QUICK, progress=False)
-    assert how == "measured" and len(r.experts) == 1
+    assert how == "measured" and bases == [None] and len(r.experts) == 1 and HardwareProfile.load(path) == r
     # another CPU model, or another version, is not this machine's profile
     d = json.loads(path.read_text())
     path.write_text(json.dumps(d | {"cpu_model": "elsewhere"}))
@@ -69,7 +80,8 @@ def test_profile_measures_a_cpu_calls_fixed_part(monkeypatch):
     seen = []
     monkeypatch.setattr(costs_mod, "fixed_part", lambda t1, tm, m: seen.append((t1, tm, m)) or fixed_part(t1, tm, m))
     sizes = replace(prof.QUICK, expert_pool_bytes=16 * TINY.expert_bytes(torch.bfloat16))
-    p = prof.measure_profile(TINY, "cpu", sizes=sizes, progress=False)
+    # the expert step alone, added to a toy profile of the host's figures (measured in the cache test)
+    p = prof.measure_profile(TINY, "cpu", sizes=sizes, progress=False, base=replace(toy_profile(TINY), experts={}))
     c = ExpertCosts.from_dict(p.experts[prof.shape_key(TINY)])  # as measured
     (t1, tm, m), = seen
     assert m == prof.MANY and c.cpu_s[0] == min(t1, c.cpu_s[1]) and tm > 0
@@ -88,7 +100,11 @@ def test_costs_from_profile():
     assert q.cpu(1) < c.cpu(1) / 20 and q.copy() == pytest.approx(16e-6 + QWEN.expert_numel * 2 / 54e9)
 
 
-def test_profile_cli_cpu_only(capsys):
+def test_profile_cli_cpu_only(capsys, monkeypatch):
+    """`moeflow profile` prints the figures and where they come from (a stand-in measurement of this
+    machine: test_profile_cache_and_refresh runs the real one)."""
+    monkeypatch.setattr(prof, "measure_profile", lambda cfg, device, dtype_name, sizes, progress, base=None:
+                        replace(toy_profile(cfg), cpu_model=prof.cpu_model(), source="measured (stand-in)"))
     assert main(["profile", "--model", "synthetic:tiny-mixtral", "--device", "cpu", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "CPU memory read" in out and "measured" in out
@@ -170,8 +186,9 @@ def test_a_gpu_profile_holds_the_models_resident_decode_layer():
     expert shape alone."""
     from moeflow.perf.layers import layer_key
 
-    p, _ = prof.get_profile(TINY, "cpu", sizes=prof.QUICK, progress=False)
+    p = toy_profile(TINY)
     assert p.has_layer(TINY) and p.resident_layers == {}
+    assert not p.has_layer(replace(TINY, expert_intermediate_size=2 * TINY.expert_intermediate_size))
     gpu = replace(p, gpu_name="some GPU")
     assert gpu.has_shape(TINY) and not gpu.has_layer(TINY)
     assert replace(gpu, resident_layers={layer_key(TINY): 1e-3}).has_layer(TINY)

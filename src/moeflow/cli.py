@@ -23,6 +23,7 @@ _SP = {f.name: f.default for f in fields(SamplingParams)}
 
 def cmd_generate(args) -> int:
     from moeflow.engine.llm_engine import LLMEngine, encode_prompt
+    from moeflow.perf.profile import engine_costs
 
     offload = _offload_config(args)
     ck = _load_checkpoint(args, args.device or ENGINE.resolved_device(), offload)
@@ -35,7 +36,7 @@ def cmd_generate(args) -> int:
     n_prompt = len(encode_prompt(ck.tokenizer, prompt))
     check_context(args, ck.cfg.max_position_embeddings, n_prompt)
     engine = LLMEngine(ck, max_seqs=1, max_len=args.max_len or max(n_prompt + args.max_new_tokens + 1, 256),
-                       offload=offload, deterministic=args.deterministic)
+                       offload=offload, expert_costs=engine_costs(ck, offload), deterministic=args.deterministic)
     last = None
     for last in engine.stream(prompt, params):
         sys.stdout.write(last.text)
@@ -80,10 +81,12 @@ def _expert_figures(e: dict, tokens: int) -> str:
 def _load_engine(args, max_seqs: int):
     """The engine of `serve` and `chat`: the model on --device (cuda where available), offloaded with --gpu-memory."""
     from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.perf.profile import engine_costs
 
     offload = _offload_config(args)
     ck = _load_checkpoint(args, args.device or ENGINE.resolved_device(), offload)
-    return LLMEngine(ck, max_seqs=max_seqs, max_len=args.max_len, offload=offload, deterministic=args.deterministic)
+    return LLMEngine(ck, max_seqs=max_seqs, max_len=args.max_len, offload=offload,
+                     expert_costs=engine_costs(ck, offload), deterministic=args.deterministic)
 
 
 def cmd_serve(args) -> int:

@@ -224,3 +224,13 @@ class EngineConfig:
         if self.device is not None:
             return self.device
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cache_dir() -> Path:
+    """moeflow's cache folder (hardware profiles; the native kernel's builds under ext/): $MOEFLOW_CACHE_DIR,
+    else $XDG_CACHE_HOME/moeflow, else ~/.cache/moeflow."""
+    import os
+
+    if d := os.environ.get("MOEFLOW_CACHE_DIR"):
+        return Path(d)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeflow"

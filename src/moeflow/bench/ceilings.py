@@ -6,20 +6,12 @@ import time
 
 import torch
 
+from moeflow.perf.costs import device_sync, median_s
+
 
 def _time(fn, device: torch.device, repeats: int = 10) -> float:
-    """Median seconds of fn() after a warm-up; synchronizes around each call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    """Median seconds of fn() after a warm-up, the device synchronized after each call (perf.costs.median_s)."""
+    return median_s(fn, device_sync(device), repeats)
 
 
 def memory_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -47,15 +39,15 @@ def cpu_read_ceiling(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float
     """Bytes/s of reading `nbytes` of host memory, each reader's best run: the native kernel's streaming loads on
     every physical core and on all but one, PyTorch's and NumPy's sums, and a copy (its bytes read). A peer that
     reads faster than every one of these would show the ceiling wrong, so the bound takes their maximum."""
-    from moeflow.experts.cpu import default_threads
+    from moeflow.experts.cpu import cpu_threads
 
     src = torch.randn(nbytes // 4)
     arr, dst = src.numpy(), torch.empty_like(src)
     rates = {"torch_sum": _best(src.sum, nbytes, repeats),
              "numpy_sum": _best(lambda: arr.sum(dtype="float32"), nbytes, repeats),
              "copy": _best(lambda: dst.copy_(src), nbytes, repeats)}
-    for name, threads in (("native_all_cores", default_threads()), ("native_less_one", default_threads(reserve=1))):
-        if name == "native_less_one" and threads == default_threads():
+    for name, threads in (("native_all_cores", cpu_threads()), ("native_less_one", cpu_threads(driver=True))):
+        if name == "native_less_one" and threads == cpu_threads():
             continue
         rate = native_read_bw(src, threads, repeats)
         if rate:
@@ -66,13 +58,13 @@ def cpu_read_ceiling(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float
 def native_read_bw(src: torch.Tensor, threads: int | None = None, repeats: int = 5) -> float:
     """Bytes/s of the native kernel's widest streaming loads over src on `threads` threads, the best of `repeats`
     passes (0 where the kernel is not built)."""
-    from moeflow.experts.cpu import default_threads
+    from moeflow.experts.cpu import cpu_threads
     from moeflow.experts.native import load
 
     kernel = load()
     if kernel is None:
         return 0.0
-    threads = threads or default_threads()
+    threads = threads or cpu_threads()
     kernel.read_bw(threads, src, reps=1)  # warm-up: the pool's threads start
     return kernel.read_bw(threads, src, reps=repeats, best=True)
 

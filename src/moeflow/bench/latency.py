@@ -23,6 +23,7 @@ from moeflow.config import OffloadConfig
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
 from moeflow.experts.local import LocalExperts
+from moeflow.perf.profile import engine_costs
 
 
 def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -78,7 +79,8 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     max_len = max(max(len(p) for p in prompts) + new_tokens, len(ttft_prompt) + 1) + 1
-    engine = LLMEngine(ck, max_seqs=1, max_len=max_len, offload=oc, expert_costs=costs)
+    engine = LLMEngine(ck, max_seqs=1, max_len=max_len, offload=oc,
+                       expert_costs=costs if costs is not None else engine_costs(ck, oc))
     backend = getattr(engine.model.experts, "inner", engine.model.experts)
     try:
         # A short request first: the first prefill of a fresh engine pays one-time costs (the kernels' first

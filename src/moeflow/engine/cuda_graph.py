@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from moeflow.experts.base import ExpertBackend
 from moeflow.models.layers import AttnBatch, MoeTransformer
 
 
@@ -51,15 +52,14 @@ class DecodeGraph:
 
 def graphs_possible(model: MoeTransformer) -> bool:
     p = next(model.parameters())
-    return p.is_cuda and getattr(model.experts, "graph_safe", False)
+    return p.is_cuda and model.experts.graph_safe
 
 
-class _Break:
+class _Break(ExpertBackend):
     """Stands in for the expert backend while a piecewise graph is captured: each MoE layer ends the graph
     being captured and starts the next. Its inputs stay as the ended graph's outputs; the output it returns
-    is a static tensor that the next graph reads and the replay fills. A backend with `pack` has what its call
-    needs on the host packed by the ended graph, so the call makes one transfer, and writes its result into the
-    static output itself (experts/offload.py)."""
+    is a static tensor that the next graph reads and the replay fills. What the backend's pack() returns is
+    computed by the ended graph, so the call makes one transfer (experts/offload.py)."""
 
     def __init__(self, owner: PiecewiseDecodeGraph):
         self.owner = owner
@@ -68,8 +68,7 @@ class _Break:
         o = self.owner
         if not o.capturing:  # warm-up: no experts (their routing, cache and statistics stay untouched)
             return torch.zeros_like(x)
-        pack = getattr(o.experts, "pack", None)
-        packed = pack(x, topk_ids, topk_weights) if pack is not None else None
+        packed = o.experts.pack(x, topk_ids, topk_weights)
         o.graphs[-1].capture_end()
         out = torch.empty_like(x)
         o.breaks.append((layer, x, topk_ids, topk_weights, packed, out))
@@ -112,9 +111,6 @@ class PiecewiseDecodeGraph(DecodeGraph):
         self.position.fill_(position)
         for graph, (layer, x, ids, w, packed, out) in zip(self.graphs, self.breaks):
             graph.replay()
-            if packed is None:
-                out.copy_(self.experts(layer, x, ids, w))
-            else:  # a backend that packs also writes into out itself
-                self.experts(layer, x, ids, w, packed, out)
+            self.experts.run_into(layer, x, ids, w, packed, out)
         self.graphs[-1].replay()
         return self.logits

@@ -19,9 +19,11 @@ from moeflow.checkpoint import Checkpoint
 from moeflow.config import OffloadConfig
 from moeflow.engine.cuda_graph import DecodeGraph, PiecewiseDecodeGraph, graphs_possible
 from moeflow.engine.kv_cache import KVCache
+from moeflow.engine.offload import ProcessSettings, attach_offload
 from moeflow.engine.sampler import sample
 from moeflow.engine.sequence import SamplingParams, Sequence, Status
 from moeflow.models.layers import AttnBatch
+from moeflow.perf.costs import ExpertCosts
 from moeflow.tokenizer import TextTokenizer
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
@@ -61,8 +63,11 @@ def peak_memory(device: torch.device) -> int:
 
 class LLMEngine:
     def __init__(self, ck: Checkpoint, max_seqs: int = 8, max_len: int | None = None, cuda_graphs: bool = True,
-                 offload: OffloadConfig | None = None, expert_costs=None, deterministic: bool = False):
-        """deterministic: batch-invariant forward (engine/invariant.py; converts ck.model in place), no CUDA graphs."""
+                 offload: OffloadConfig | None = None, expert_costs: ExpertCosts | None = None,
+                 deterministic: bool = False):
+        """offload: the latency regime (experts in host memory under a GPU budget); expert_costs: its
+        planner's costs, resolved by the caller (perf.profile.engine_costs), else measured where needed;
+        deterministic: batch-invariant forward (engine/invariant.py; converts ck.model in place), no CUDA graphs."""
         self.ck, self.model, self.tokenizer = ck, ck.model, ck.tokenizer
         self.deterministic = deterministic
         if deterministic:
@@ -83,10 +88,10 @@ class LLMEngine:
         self.graphs: dict[int, DecodeGraph] = {}  # slot -> captured decode step
         self.graph_pool = None
         self.budget = None
+        self.process = ProcessSettings()  # what the engine changes process-wide; close() puts it back
         if offload is not None:
-            from moeflow.engine.offload import attach_offload
             self.budget = attach_offload(ck, offload, self.cache.nbytes, self.max_len, expert_costs, max_seqs,
-                                         graphs=cuda_graphs)
+                                         graphs=cuda_graphs, settings=self.process)
 
     # -- requests ------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -204,8 +209,15 @@ class LLMEngine:
             peak_memory=peak_memory(self.device), experts=self.expert_stats())
 
     def expert_stats(self) -> dict | None:
-        stats = getattr(self.model.experts, "stats", None)
+        stats = self.model.experts.stats
         return stats.as_dict() if stats is not None else None
+
+    def close(self) -> None:
+        """Stop the expert backend's threads and put back what the engine set process-wide (PyTorch's
+        threads, the allocator's cap). The engine is not used after."""
+        self.graphs.clear()
+        self.model.experts.close()
+        self.process.restore()
 
     # -- conveniences --------------------------------------------------------------------------------
     def stream(self, prompt: Prompt, params: SamplingParams = SamplingParams()) -> Iterator[GenerationResponse]:

@@ -1,7 +1,9 @@
 """Put a loaded model into the latency regime: share the GPU budget out (engine/budget.py) and attach the
 offloaded experts. On CUDA the caching allocator is also capped at the budget, so an underestimate fails
-loudly instead of passing it. Expert costs come from this machine's cached hardware profile when it has
-one for the model's expert shape, else they are measured at start.
+loudly instead of passing it; that cap and PyTorch's thread count are process-wide, recorded in
+ProcessSettings for LLMEngine.close() to put back. Expert costs are the caller's (the CLI, a benchmark or
+the server resolves them from the cached hardware profile: perf.profile.engine_costs); without them a
+policy that plans by costs has the backend measure them at start.
 """
 
 from __future__ import annotations
@@ -14,19 +16,42 @@ from moeflow import MoeflowError
 from moeflow.checkpoint import Checkpoint
 from moeflow.config import OffloadConfig
 from moeflow.engine.budget import share_budget
+from moeflow.experts.cpu import thread_split
 from moeflow.experts.offload import OffloadedExperts
 from moeflow.experts.trace import TraceRouting, load_trace
 from moeflow.perf.costs import ExpertCosts
 from moeflow.policy import get_policy
 from moeflow.policy.placement import Placement, even_rates, even_resident
 
-CPU_THREADS = torch.get_num_threads()  # PyTorch's default: the physical cores
+
+class ProcessSettings:
+    """Process-wide settings changed for the engine (PyTorch's threads, the allocator's cap), each with how
+    to put it back; restore() undoes them, newest first."""
+
+    def __init__(self):
+        self._undo: list = []
+
+    def set_threads(self, n: int) -> None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        self._undo.append(lambda: torch.set_num_threads(before))
+
+    def cap_memory(self, fraction: float, device: torch.device) -> None:
+        before = torch.cuda.get_per_process_memory_fraction(device)
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+        self._undo.append(lambda: torch.cuda.set_per_process_memory_fraction(before, device))
+
+    def restore(self) -> None:
+        while self._undo:
+            self._undo.pop()()
 
 
 def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens: int,
-                   costs: ExpertCosts | None = None, max_seqs: int = 1, graphs: bool = True) -> dict:
+                   costs: ExpertCosts | None = None, max_seqs: int = 1, graphs: bool = True,
+                   settings: ProcessSettings | None = None) -> dict:
     """Build the offloaded expert backend into ck.model; returns the budget's breakdown. graphs: decode's
-    small waves of GPU experts replay CUDA graphs."""
+    small waves of GPU experts replay CUDA graphs. settings: where the process-wide changes are recorded."""
+    settings = settings or ProcessSettings()
     cfg, store = ck.cfg, ck.store
     device = next(ck.model.parameters()).device
     if store.data.device.type != "cpu":
@@ -54,20 +79,11 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
     else:
         resident = even_resident(split.resident, len(cfg.moe_layers), cfg.num_experts)
         prior = even_rates(len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok)
-    if device.type == "cuda":
-        # One core stays with the thread that drives the GPU: a CPU expert split over all cores waits for
-        # its slowest thread, and that thread would share a core with the driver.
-        torch.set_num_threads(max(CPU_THREADS - 1, 1))
+    if device.type == "cuda":  # one core stays with the thread that drives the GPU (thread_split)
+        settings.set_threads(thread_split(driver=True).torch)
         store.pin()
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, (oc.gpu_memory + held) / total), device)
-    # (a quantized store's experts cost what the profile's bf16 ones do not: the backend measures them)
-    if costs is None and policy.needs_costs and device.type == "cuda" and not store.fmt.quantized:
-        # One source of truth: this machine's cached profile (`moeflow profile`) when it holds this expert
-        # shape; otherwise the backend measures its costs at start, as before.
-        from moeflow.perf.profile import profiled_costs
-
-        costs = profiled_costs(cfg, store.data.dtype, device)
+        settings.cap_memory(min(1.0, (oc.gpu_memory + held) / total), device)
     backend = OffloadedExperts(store, device, policy, split, resident, costs=costs, eviction=oc.eviction,
                                graphs=graphs, prior=prior)
     if oc.routing_trace:

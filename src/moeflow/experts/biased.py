@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.config import ModelConfig
-from moeflow.experts.local import group_by_expert
+from moeflow.experts.ffn import group_by_expert
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from moeflow import MoeflowError
-from moeflow.experts.local import partial_ffn
+from moeflow.experts.ffn import partial_ffn
 from moeflow.experts.native import AMX_BLOCKING, KERNELS, NativeKernel, load
 from moeflow.experts.store import expert_rows
 from moeflow.perf.costs import handoff_s, median_s
@@ -47,10 +47,33 @@ def physical_cores() -> int:
     return max(len(cores), 1)
 
 
-def default_threads(reserve: int = 0) -> int:
-    """MOEFLOW_CPU_THREADS if set, else the physical cores less `reserve` (at least 1)."""
+TORCH_THREADS = torch.get_num_threads()  # PyTorch's default (the physical cores), read before anyone sets it
+
+
+@dataclass(frozen=True)
+class ThreadSplit:
+    kernel: int  # the native CPU kernel's threads
+    torch: int   # PyTorch's intra-op threads
+
+
+def thread_split(driver: bool) -> ThreadSplit:
+    """The host's threads for expert work. driver: a thread drives a GPU, and one core stays with it (a CPU
+    expert split over all cores waits for its slowest thread, which would share a core with the driver).
+    The kernel's count is MOEFLOW_CPU_THREADS where set."""
+    reserve = int(driver)
     env = os.environ.get("MOEFLOW_CPU_THREADS")
-    return max(int(env), 1) if env else max(physical_cores() - reserve, 1)
+    kernel = max(int(env), 1) if env else max(physical_cores() - reserve, 1)
+    return ThreadSplit(kernel, max(TORCH_THREADS - reserve, 1))
+
+
+def cpu_threads(driver: bool = False) -> int:
+    """The native kernel's threads of thread_split(driver)."""
+    return thread_split(driver).kernel
+
+
+def default_threads(reserve: int = 0) -> int:
+    """cpu_threads(driver=reserve > 0), under its former name."""
+    return cpu_threads(reserve > 0)
 
 
 class CpuCall:
@@ -103,7 +126,7 @@ class CpuExperts:
     """Runs one layer's expert jobs on the CPU. kernel: a name of MOEFLOW_CPU_KERNEL (default: that env)."""
 
     def __init__(self, threads: int | None = None, kernel: str | None = None, fmt: ExpertFormat | None = None):
-        self.threads = threads or default_threads()
+        self.threads = threads or cpu_threads()
         self.fmt = fmt if fmt is not None and fmt.quantized else None  # quantized blocks: dequantized by PyTorch
         name = kernel or os.environ.get("MOEFLOW_CPU_KERNEL", "auto")
         if name not in ("auto", "torch", *KERNELS):

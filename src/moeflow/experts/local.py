@@ -4,126 +4,16 @@ by the native CPU kernel, experts/cpu.py)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from moeflow.experts.store import ExpertStore, expert_rows
-from moeflow.quant.format import ExpertFormat
-
-
-def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
-    """One expert on its tokens: x [n, H], gate_up [2I, H], down_t [I, H] -> [n, H]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
-    return (F.silu(gate) * up) @ down_t
+from moeflow.experts.base import ExpertBackend
+from moeflow.experts.cpu import CpuExperts
+# the FFN maths, importable here as before
+from moeflow.experts.ffn import (block_ffn, can_group, expert_ffn, group_by_expert, grouped_experts,  # noqa: F401
+                                 grouped_ffn, looped_experts, partial_ffn, quantized_experts, quantized_ffn)
+from moeflow.experts.store import ExpertStore
 
 
-def partial_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
-    """Rows r0:r1 of an expert's intermediate dimension: x [n, H], gate/up/down_t [r, H] -> [n, H].
-    The partial outputs of disjoint row ranges sum to the expert's output."""
-    return (F.silu(F.linear(x, gate)) * F.linear(x, up)) @ down_t
-
-
-def block_ffn(inter: int, fmt: ExpertFormat | None = None):
-    """ffn(x [n, H], block [3IH] in the host layout, or a block of `fmt`) -> [n, H]: one whole expert as the
-    engine runs it (a quantized block: quantized_ffn)."""
-    def ffn(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        if fmt is not None and fmt.quantized:
-            return quantized_ffn(x, block, fmt)
-        return partial_ffn(x, *expert_rows(block, inter, 0, inter))
-
-    return ffn
-
-
-def group_by_expert(topk_ids: torch.Tensor, num_experts: int):
-    """Sort the (token, slot) pairs by expert: one host sync gives each expert's token count.
-
-    Returns (order [N*K] flat indices into topk_ids grouped by expert, counts list[E])."""
-    flat = topk_ids.flatten()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
-    return order, counts
-
-
-def grouped_ffn(x: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows of x grouped by expert through their experts in two grouped GEMMs (CUDA bf16).
-
-    x [M, H] sorted by group, gate_up [G, 2I, H], down_t [G, I, H], offs [G] int32 cumulative rows -> [M, H]."""
-    h = torch._grouped_mm(x, gate_up.transpose(1, 2), offs=offs)             # [M, 2I]
-    gate, up = h.chunk(2, dim=-1)
-    return torch._grouped_mm(F.silu(gate) * up, down_t, offs=offs)
-
-
-def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                    gate_up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
-    """All experts of a layer in two grouped GEMMs and no host sync (CUDA bf16).
-
-    x [N, H], gate_up [E, 2I, H], down_t [E, I, H] -> [N, H]."""
-    N, K = topk_ids.shape
-    flat = topk_ids.flatten()
-    order = torch.argsort(flat, stable=True)                                  # [N*K] grouped by expert
-    # scatter_add, not bincount: bincount syncs with the host on CUDA to size its output
-    counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device)
-    offs = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
-    tok = order // K
-    y = grouped_ffn(x[tok], gate_up, down_t, offs)                            # [N*K, H]
-    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
-    out.index_add_(0, tok, y.float() * topk_weights.flatten()[order, None].float())
-    return out.to(x.dtype)
-
-
-def looped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                   gate_up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
-    """Each selected expert on its tokens, one after the other (any device and dtype; one host sync).
-
-    x [N, H], gate_up [E, 2I, H], down_t [E, I, H] -> [N, H]."""
-    N, K = topk_ids.shape
-    order, counts = group_by_expert(topk_ids, gate_up.shape[0])
-    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)  # fp32 accumulation
-    flat_w = topk_weights.flatten()
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        idx = order[start:start + n]
-        start += n
-        tok = idx // K
-        y = expert_ffn(x[tok], gate_up[e], down_t[e])                # [n, H]
-        out.index_add_(0, tok, y.float() * flat_w[idx, None].float())
-    return out.to(x.dtype)
-
-
-def quantized_ffn(x: torch.Tensor, block: torch.Tensor, fmt: ExpertFormat) -> torch.Tensor:
-    """One whole expert of a quantized block on x [n, H] -> [n, H]: the int4 Triton kernel where it runs (CUDA,
-    bf16/fp16), else its rows dequantized and the dense FFN."""
-    from moeflow.quant import triton_int4
-
-    if triton_int4.available(x, fmt):
-        return triton_int4.int4_ffn(x, block, fmt).to(x.dtype)
-    return partial_ffn(x, *fmt.rows(block, 0, fmt.inter, x.dtype))
-
-
-def quantized_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, blocks: torch.Tensor,
-                      fmt: ExpertFormat) -> torch.Tensor:
-    """Each selected expert dequantized, then on its tokens: the fallback of quantized stores on any device.
-
-    x [N, H], blocks [E, block] one layer's quantized experts -> [N, H]."""
-    N, K = topk_ids.shape
-    order, counts = group_by_expert(topk_ids, blocks.shape[0])
-    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
-    flat_w, start = topk_weights.flatten(), 0
-    for e, n in enumerate(counts):
-        if n:
-            idx = order[start:start + n]
-            start += n
-            y = quantized_ffn(x[idx // K], blocks[e], fmt)  # [n, H]
-            out.index_add_(0, idx // K, y.float() * flat_w[idx, None].float())
-    return out.to(x.dtype)
-
-
-def can_group(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-
-
-class LocalExperts:
+class LocalExperts(ExpertBackend):
     """Runs each selected expert on its tokens where the weights are; the all-on-one-device reference."""
 
     def __init__(self, store: ExpertStore, grouped: bool | None = None):
@@ -136,13 +26,13 @@ class LocalExperts:
         d = self.store.data
         if self.store.cfg.expert_bias:  # biased_experts syncs with the host
             return False
-        return self.grouped is not False and d.is_cuda and d.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        return self.grouped is not False and can_group(d)
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         d = self.store.data
         if self.store.cfg.expert_bias:  # GPT-OSS: biases and clamped SwiGLU, which only PyTorch computes
-            from moeflow.experts.biased import biased_experts  # biased.py builds on this module
+            from moeflow.experts.biased import biased_experts
 
             return biased_experts(x, topk_ids, topk_weights, self.store.gate_up(layer), self.store.down_t(layer),
                                   self.store.bias(layer), self.store.cfg)
@@ -150,8 +40,6 @@ class LocalExperts:
             return quantized_experts(x, topk_ids, topk_weights, d[self.store.slot[layer]], self.store.fmt)
         if d.device.type == "cpu" and d.dtype == torch.bfloat16 and self.store.down_transposed:
             if self.cpu is None:
-                from moeflow.experts.cpu import CpuExperts  # cpu.py builds on this module
-
                 self.cpu = CpuExperts()
             if self.cpu.uses_native(d):
                 return self.cpu.layer(d[self.store.slot[layer]], x, topk_ids, topk_weights).to(x.dtype)
@@ -159,3 +47,7 @@ class LocalExperts:
         if self.grouped or (self.grouped is None and can_group(x)):
             return grouped_experts(x, topk_ids, topk_weights, gate_up, down_t)
         return looped_experts(x, topk_ids, topk_weights, gate_up, down_t)
+
+    def close(self) -> None:
+        if self.cpu is not None:
+            self.cpu.close()

@@ -2,7 +2,8 @@
 cached, loaded with ctypes. A ctypes call releases the GIL, so it runs beside the thread driving the GPU.
 
 Where no compiler works, `load()` warns once and returns None; callers then use the PyTorch path.
-Env: CXX (compiler, default g++), MOEFLOW_CACHE (default ~/.cache/moeflow), MOEFLOW_CPU_KERNEL (see cpu.py).
+Env: CXX (compiler, default g++), MOEFLOW_CACHE_DIR (the cache folder: config.cache_dir; builds under ext/),
+MOEFLOW_CPU_KERNEL (see cpu.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+
+from moeflow import config
 
 SRC = Path(__file__).resolve().parents[1] / "csrc"
 SOURCES = ("cpu_experts.cpp", "cpu_experts_pool.inc", "cpu_experts_vec.inc",
@@ -41,7 +44,7 @@ def cpu_flags() -> set[str]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MOEFLOW_CACHE", Path.home() / ".cache" / "moeflow")) / "ext"
+    return config.cache_dir() / "ext"
 
 
 def _library_path(cxx: str) -> Path:

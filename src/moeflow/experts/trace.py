@@ -1,4 +1,5 @@
-"""Recorded real routing, replayed in place of the router's choice (benchmarks on synthetic weights).
+"""Recorded real routing, replayed in place of the router's choice (benchmarks on synthetic weights); the
+backend wrappers that replay routing (TraceRouting) and record it (RoutingRecorder).
 
 Formats (see ../shared/data/README.md):
 - .jsonl, one line per (token, layer): {"problem_id", "token_idx", "layer", "experts", "gating_probs"};
@@ -19,6 +20,7 @@ import torch
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
+from moeflow.experts.base import BackendWrapper, ExpertBackend
 
 
 @dataclass
@@ -84,18 +86,16 @@ def _load_jsonl(path: Path) -> RoutingTrace:
     return RoutingTrace(ids, w, path.name)
 
 
-class TraceRouting:
+class TraceRouting(BackendWrapper):
     """Expert backend wrapper: each call of layer l takes the next N recorded tokens' routing of layer l
     (wrapping around), so prefill and decode walk the trace in order."""
 
-    graph_safe = False
-
-    def __init__(self, inner, trace: RoutingTrace, cfg: ModelConfig):
+    def __init__(self, inner: ExpertBackend, trace: RoutingTrace, cfg: ModelConfig):
         trace.check(cfg)
-        self.inner, self.trace = inner, trace
+        super().__init__(inner)
+        self.trace = trace
         self.slot = {layer: i for i, layer in enumerate(cfg.moe_layers)}
         self.cursor = [0] * len(cfg.moe_layers)
-        self.stats = getattr(inner, "stats", None)
         self._on: dict = {}  # (device, dtype) -> the trace's ids [T, L, K] and weights there
 
     def _trace_on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,3 +120,17 @@ class TraceRouting:
             return self.inner(layer, x, ids_all[li, c:c + N], w_all[li, c:c + N])
         rows = torch.arange(c, c + N, device=topk_ids.device) % T  # wrapping round the trace's end
         return self.inner(layer, x, ids_all[li, rows], w_all[li, rows])               # [N, K] each
+
+
+class RoutingRecorder(BackendWrapper):
+    """Expert backend wrapper that counts the experts the router picks (for `profile-experts`)."""
+
+    def __init__(self, inner: ExpertBackend, cfg: ModelConfig):
+        super().__init__(inner)
+        self.slot = {layer: i for i, layer in enumerate(cfg.moe_layers)}
+        self.counts = torch.zeros(len(cfg.moe_layers), cfg.num_experts, dtype=torch.float64)  # [L, E]
+
+    def __call__(self, layer, x, topk_ids, topk_weights):
+        ids = topk_ids.flatten().cpu()
+        self.counts[self.slot[layer]] += torch.bincount(ids, minlength=self.counts.shape[1]).double()
+        return self.inner(layer, x, topk_ids, topk_weights)

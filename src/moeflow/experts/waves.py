@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moeflow.experts.local import can_group, grouped_ffn, partial_ffn, quantized_ffn
+from moeflow.experts.ffn import can_group, grouped_ffn, partial_ffn, quantized_ffn
 from moeflow.experts.store import HostBuffers, expert_rows
 from moeflow.perf.costs import grouped_cap, grouped_passes
 from moeflow.quant.format import ExpertFormat

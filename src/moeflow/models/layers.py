@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +20,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moeflow.config import ModelConfig
+from moeflow.experts.base import ExpertBackend  # noqa: F401  (the contract; importable here as before)
 from moeflow.models.rope import rope_table
 from moeflow.models.routers import ROUTERS, route  # noqa: F401  (route: re-exported)
 from moeflow.models.sinks import sink_attention
-
-
-class ExpertBackend(Protocol):
-    """Runs the routed experts of one MoE layer; where the weights live is the backend's business."""
-
-    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass

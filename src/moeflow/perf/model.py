@@ -29,6 +29,7 @@ from moeflow.config import ModelConfig
 from moeflow.engine.budget import Budget, pass_entries_per_token, share_budget
 from moeflow.perf.costs import ExpertCosts
 from moeflow.perf.profile import PREFILL_K, HardwareProfile
+from moeflow.perf.prompt_shape import PromptShape  # noqa: F401  (the prefill_shape it is given)
 from moeflow.policy import get_policy
 from moeflow.policy.placement import even_resident
 
@@ -250,10 +251,8 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
     for li, layer in enumerate(cfg.moe_layers):
         shares = _shares(cfg, counts, li)
         res = resident[li]
-        if policy == "gpu":
-            h = 1.0
-        elif policy == "cpu":
-            h = 0.0
+        if pol.gpu_share is not None:
+            h = pol.gpu_share
         elif fixed_hit is not None:
             h = float(fixed_hit)
         else:
@@ -287,7 +286,7 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
         for k, w in ((lo, 1 - (held - lo)), (lo + 1, held - lo)):
             if w <= 0:
                 continue
-            there = set(n_tok) if policy == "gpu" else set() if policy == "cpu" else set(used[:k])
+            there = {1.0: set(n_tok), 0.0: set()}.get(pol.gpu_share, set(used[:k]))
             misses = {e: n for e, n in n_tok.items() if n and e not in there}
             hit_tokens = [n for e, n in n_tok.items() if n and e in there]
             ttft += w * layer_time(pol, costs, I, misses, hit_tokens, max_copies, dense, layer_host, lat,

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from moeflow import MoeflowError
-from moeflow.config import ModelConfig
+from moeflow.config import ModelConfig, cache_dir
 from moeflow.perf.costs import (TOKEN_POINTS, ExpertCosts, device_sync, handoff_s, measure_costs, median_costs,
                                 median_s, monotone, one_and_fixed)
 from moeflow.perf.layers import PREFILL_K, host_overheads, layer_key, time_resident_layer
@@ -47,9 +47,9 @@ def engine_cpu_experts():
     it (one core left to the thread that drives the GPU)."""
     import torch
 
-    from moeflow.experts.cpu import CpuExperts, default_threads
+    from moeflow.experts.cpu import CpuExperts, cpu_threads
 
-    return CpuExperts(threads=default_threads(reserve=1 if torch.cuda.is_available() else 0))
+    return CpuExperts(threads=cpu_threads(driver=torch.cuda.is_available()))
 
 
 def cpu_expert_ffn() -> Callable:
@@ -209,12 +209,6 @@ def reference_profile() -> HardwareProfile:
 
 
 # -- the cache -------------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    if d := os.environ.get("MOEFLOW_CACHE_DIR"):
-        return Path(d)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeflow"
-
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -267,6 +261,19 @@ def profiled_costs(cfg: ModelConfig, dtype, device) -> ExpertCosts | None:
     return p.expert_costs(cfg, dtype_name) if p is not None and p.has_shape(cfg, dtype_name) else None
 
 
+def engine_costs(ck, oc) -> ExpertCosts | None:
+    """What the caller hands LLMEngine as expert_costs for a Checkpoint under OffloadConfig `oc`: the cached
+    profile's, where its policy plans by costs and the profile holds the model's expert shape on this GPU;
+    else None (the backend measures them at start where it needs them)."""
+    from moeflow.policy import get_policy
+
+    device = next(ck.model.parameters()).device
+    # a quantized store's experts cost what the profile's dense ones do not: the backend measures them
+    if oc is None or device.type != "cuda" or not get_policy(oc.policy).needs_costs or ck.store.fmt.quantized:
+        return None
+    return profiled_costs(ck.cfg, ck.store.dtype, device)
+
+
 # -- measuring -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Sizes:
@@ -296,8 +303,8 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
 
     from moeflow.bench.ceilings import concurrent_host_read, memory_bandwidth
     from moeflow.config import parse_dtype
-    from moeflow.engine.offload import CPU_THREADS
-    from moeflow.experts.local import block_ffn
+    from moeflow.experts.cpu import thread_split
+    from moeflow.experts.ffn import block_ffn
     from moeflow.synthetic import RandomFiller
 
     cuda = device != "cpu" and torch.cuda.is_available()
@@ -314,7 +321,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
     probe = SpeedProbe(dev) if not base else None  # the host's speed beside its figures (perf/probe.py)
     threads = torch.get_num_threads()
     if cuda:  # measured as the engine runs: one core left to the thread that drives the GPU
-        torch.set_num_threads(max(CPU_THREADS - 1, 1))
+        torch.set_num_threads(thread_split(driver=True).torch)
     try:
         def step(name):
             bar.set_postfix_str(name)

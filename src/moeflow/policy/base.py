@@ -8,8 +8,9 @@ I = all on the CPU, 0 = its weights copied to the GPU, in between = split (the G
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from moeflow.perf.costs import ExpertCosts
 
@@ -25,11 +26,21 @@ class SlotSplit:
     adaptive: bool = False
 
 
+class Prefetcher(Protocol):
+    """What a policy's prefetch() may ask of the offloaded backend (experts/offload.py, OffloadedExperts)."""
+
+    def copy_ahead(self, key: tuple[int, int]) -> bool:
+        """Copy expert (l, e) whole into a cache slot on the copy stream; False where held or not kept."""
+
+
 class OffloadPolicy(ABC):
     name: str
     needs_costs = False  # plans from measured costs (the backend measures them at start)
     uses_cpu = True      # may plan rows on the CPU (else the activations need not come to the host)
     eviction = "lru"     # the eviction policy of its cache (policy/eviction.py)
+    # the share of selected experts found on the GPU whatever the routing (1: every expert, 0: none);
+    # None: the routing and the slots decide (the timing model reads it)
+    gpu_share: float | None = None
 
     def min_slots(self, layers: int, experts: int, top_k: int) -> int:
         """Fewest slots the policy can run with (room to copy one token's experts of a layer)."""
@@ -46,6 +57,11 @@ class OffloadPolicy(ABC):
         cache would keep if copied whole (its eviction policy ranks them above an expert it holds).
         Returns expert -> intermediate rows computed on the CPU (0..inter). At most max_copies experts may
         have rows copied (the slots available in this layer)."""
+
+    def prefetch(self, layer: int, selected: Sequence[int], experts: Prefetcher) -> None:
+        """Called once per MoE layer (l = `layer`, its row in the store) after the layer's own copies and GPU
+        work are issued: a policy that predicts the experts of later layers or steps asks
+        experts.copy_ahead((l', e)) for them; they land while the GPU computes. Default: nothing."""
 
 
 def all_cpu(misses: dict[int, int], inter: int) -> dict[int, int]:

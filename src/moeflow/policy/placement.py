@@ -11,6 +11,7 @@ import torch
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
+from moeflow.experts.trace import RoutingRecorder  # noqa: F401  (importable here as before)
 
 
 @dataclass
@@ -63,18 +64,3 @@ def even_rates(layers: int, experts: int, top_k: int) -> dict[tuple[int, int], f
 def even_resident(n: int, layers: int, experts: int) -> list[tuple[int, int]]:
     """No profile: spread n resident experts evenly over the layers (experts 0, 1, ... of each)."""
     return [(i % layers, i // layers) for i in range(min(n, layers * experts))]
-
-
-class RoutingRecorder:
-    """Expert backend wrapper that counts the experts the router picks (for `profile-experts`)."""
-
-    graph_safe = False
-
-    def __init__(self, inner, cfg: ModelConfig):
-        self.inner, self.slot = inner, {layer: i for i, layer in enumerate(cfg.moe_layers)}
-        self.counts = torch.zeros(len(cfg.moe_layers), cfg.num_experts, dtype=torch.float64)
-
-    def __call__(self, layer, x, topk_ids, topk_weights):
-        ids = topk_ids.flatten().cpu()
-        self.counts[self.slot[layer]] += torch.bincount(ids, minlength=self.counts.shape[1]).double()
-        return self.inner(layer, x, topk_ids, topk_weights)

@@ -8,6 +8,7 @@ from moeflow.policy.base import OffloadPolicy, SlotSplit, all_cpu
 class GpuPolicy(OffloadPolicy):
     name = "gpu"
     uses_cpu = False
+    gpu_share = 1.0
 
     def min_slots(self, layers, experts, top_k):
         return layers * experts
@@ -21,6 +22,7 @@ class GpuPolicy(OffloadPolicy):
 
 class CpuPolicy(OffloadPolicy):
     name = "cpu"
+    gpu_share = 0.0
 
     def min_slots(self, layers, experts, top_k):
         return 0

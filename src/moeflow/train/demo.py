@@ -20,7 +20,8 @@ from torch import nn
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
-from moeflow.experts.local import grouped_experts, looped_experts
+from moeflow.experts.base import ExpertBackend
+from moeflow.experts.ffn import grouped_experts, looped_experts
 from moeflow.experts.store import ExpertStore
 from moeflow.models import get_architecture
 from moeflow.models.layers import AttnBatch, MoeTransformer
@@ -81,7 +82,7 @@ SIZES = {
 }
 
 
-class CastExperts:
+class CastExperts(ExpertBackend):
     """Training expert backend: the fp32 master weights cast to the compute dtype as they are used (the cast
     is part of the autograd graph); grouped GEMMs where they have a backward, else the per-expert loop."""
 

@@ -1,0 +1,78 @@
+"""On-line correction of the planner's expert costs: observed over predicted CPU and copy times, smoothed.
+
+Their speeds while both draw on host memory, beside the thread that drives the GPU, are what a plan needs,
+and they differ from measurements taken alone. The CPU's correction is kept apart for decode-sized and
+prompt-sized work (regime()), so decode's does not steer prefill's plan.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeflow.perf.costs import ExpertCosts
+
+SCALE_SMOOTHING = 0.2      # weight of the newest layer in the CPU- and copy-speed corrections
+SCALE_RANGE = (0.25, 4.0)  # one odd layer (a page fault, a preempted thread) moves them at most this far
+BIG_JOB = 16  # tokens: from about here a CPU expert is compute-bound (AMX), below it reads its weights
+
+
+def regime(tokens: int) -> int:
+    """Which CPU correction a layer's CPU work takes: 0 below BIG_JOB tokens for its largest expert, else 1."""
+    return int(tokens >= BIG_JOB)
+
+
+def smoothed(scale: float, observed: float, predicted: float) -> float:
+    """The correction `scale` moved towards observed / predicted (clamped to SCALE_RANGE)."""
+    ratio = min(max(observed / max(predicted, 1e-9), SCALE_RANGE[0]), SCALE_RANGE[1])
+    return scale + SCALE_SMOOTHING * (ratio - scale)
+
+
+class CostCorrection:
+    """The CPU corrections by regime() and the copy correction; `enabled` False keeps given costs as given.
+    Copies are timed by events on the copy stream, read at the next layer (by then done: no wait)."""
+
+    def __init__(self, inter: int):
+        self.inter = inter
+        self.cpu_scales, self.copy_scale, self.enabled = [1.0, 1.0], 1.0, True
+        self._copy_timing: tuple | None = None  # (start, end events, predicted s) of the last layer's copies
+        self._pending: tuple | None = None      # the same for the layer being launched
+
+    def scaled(self, costs: ExpertCosts | None, misses: dict[int, int]) -> ExpertCosts | None:
+        """costs corrected for a layer whose missing experts take these tokens; None where nothing is
+        planned (no costs, or no miss)."""
+        if costs is None or not misses:
+            return None
+        return costs.scaled(self.cpu_scales[regime(max(misses.values()))], self.copy_scale)
+
+    def observe_cpu(self, costs: ExpertCosts | None, jobs, busy_s: float, beside_copies: bool) -> None:
+        """A layer's CPU share took busy_s; jobs: (expert, rows, entries); costs: the uncorrected ones."""
+        if costs is None or not self.enabled:
+            return
+        predicted = costs.cpu_work([(len(ent), r / self.inter) for _, r, ent in jobs], beside_copies)
+        k = regime(max(len(ent) for _, _, ent in jobs))
+        self.cpu_scales[k] = smoothed(self.cpu_scales[k], busy_s, predicted)
+
+    def start_copies(self, stream: torch.cuda.Stream | None, copies: dict[int, int],
+                     costs: ExpertCosts | None) -> None:
+        """Before a layer's copies (expert -> rows left on the CPU) on `stream`; costs: the corrected ones."""
+        if stream is None or not (copies and costs is not None and self.enabled):
+            return
+        predicted = sum(costs.copy((self.inter - r) / self.inter) for r in copies.values()) / self.copy_scale
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        self._pending = (start, end, predicted)
+
+    def end_copies(self, stream: torch.cuda.Stream | None) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[1].record(stream)
+            self._copy_timing = pending
+
+    def observe_copies(self) -> None:
+        """The last layer's copy time, read once this layer's CPU work is under way."""
+        if self._copy_timing is None:
+            return
+        start, end, predicted = self._copy_timing
+        self._copy_timing = None
+        if end.query():
+            self.copy_scale = smoothed(self.copy_scale, start.elapsed_time(end) / 1e3, predicted)
