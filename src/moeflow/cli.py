@@ -480,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     bc.set_defaults(func=cmd_bench_cpu_experts)
 
+    from moeflow.bench import cache as bench_cache
+    from moeflow.maps import commands as maps_commands
+    bench_cache.add_parser(bsub)
+    maps_commands.add_parser(sub)
     s = sub.add_parser("synth", help="write random weights of a published shape as a Hugging Face folder")
     s.add_argument("name", help="mixtral-8x7b, qwen3-30b-a3b, tiny-mixtral or tiny-qwen3")
     s.add_argument("--out", required=True)
