@@ -89,20 +89,21 @@ def request_hints(pred: Predictor, reqs: TraceRequests, r: int, emb: np.ndarray 
 
 
 def merged(l: int, t: int, hints: tuple, next_sem, use: frozenset, L: int, E: int, depth: int, decay: float):
-    """(keys, priority, distance in layers) to prefetch after layer l of token t, by priority: the trajectory
-    hint for this token's next layers; in the last `depth` layers, the semantic hint for the next token's."""
+    """(keys, priority, distance in layers, chance of use) to prefetch after layer l of token t, by priority:
+    the trajectory hint for this token's next layers; in the last `depth` layers, the semantic hint for the
+    next token's."""
     parts = []
     if "trajectory" in use and l < L - 1:
-        k, p = hints[0][l].of(t)
-        parts.append((k, p, k // E - l))
+        k, p, u = hints[0][l].of(t)
+        parts.append((k, p, k // E - l, u))
     if "semantic" in use and next_sem is not None and l >= L - depth:
-        k, p = next_sem
-        parts.append((k, p * decay ** (L - 1 - l), L - l + k // E))
+        k, p, u = next_sem
+        parts.append((k, p * decay ** (L - 1 - l), L - l + k // E, u))
     if not parts:
         return None
-    keys, prio, dist = (np.concatenate(x) for x in zip(*parts))
+    keys, prio, dist, use = (np.concatenate(x) for x in zip(*parts))
     o = np.argsort(-prio, kind="stable")
-    return keys[o], prio[o], dist[o]
+    return keys[o], prio[o], dist[o], use[o]
 
 
 def next_uses(ids: np.ndarray, E: int) -> np.ndarray:
@@ -130,8 +131,8 @@ def replay(cls, capacity: int, reqs: TraceRequests, scored: range, hints: dict, 
     for r in scored:
         h = hints.get(r)
         if "semantic" in use and h[1] is not None:
-            k, p = h[1]
-            rp.before_request((k, p, k // E + 1))
+            k, p, u = h[1]
+            rp.before_request((k, p, k // E + 1, u))
         n = reqs.offsets[r + 1] - reqs.offsets[r]
         for t in range(n):
             sem = None
@@ -221,11 +222,18 @@ def run(args) -> int:
     if not all(0 < x <= 1 for x in sizes):
         raise MoeflowError("--sizes must be fractions in (0, 1]")
     results = []
+    try:  # the replay's products are small: BLAS threads would only contend (10-50x slower on a busy host)
+        from threadpoolctl import threadpool_limits
+        limits = threadpool_limits(1)
+    except ImportError:
+        limits = None
     for trace in args.trace:
         print(f"\n{Path(trace).name}\n{HEADER}")
         results.append(evaluate(trace, sizes, args.policies.split(","), args.fit, args.capacity, args.depth,
                                 args.profile, args.requests))
         print(f"timing: {results[-1]['timing']}; depth {results[-1]['depth']}; {results[-1]['notes']}")
+    if limits is not None:
+        limits.restore_original_limits()
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

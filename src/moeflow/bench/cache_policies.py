@@ -33,7 +33,8 @@ class SimPolicy:
         """[N] eviction ranks: the held key of the lowest rank goes first."""
         raise NotImplementedError
 
-    def admits(self, key: int, victim: int, prio: float | None = None) -> bool:
+    def admits(self, key: int, victim: int, ranks: np.ndarray) -> bool:
+        """May key (just copied in) take victim's slot? ranks: rank() now."""
         return True
 
 
@@ -82,7 +83,7 @@ class Static(SimPolicy):
     def rank(self):
         return self.prior
 
-    def admits(self, key, victim, prio=None):
+    def admits(self, key, victim, ranks):
         return False
 
 
@@ -112,8 +113,8 @@ class DecayedUses(SimPolicy):
     def rank(self):
         return self.level
 
-    def admits(self, key, victim, prio=None):
-        return self.score(key) > self.score(victim)
+    def admits(self, key, victim, ranks):
+        return ranks[key] > ranks[victim]  # the levels order the scores
 
 
 class Belady(SimPolicy):
@@ -127,8 +128,8 @@ class Belady(SimPolicy):
     def rank(self):
         return -self.next_use
 
-    def admits(self, key, victim, prio=None):
-        return self.next_use[key] < self.next_use[victim]
+    def admits(self, key, victim, ranks):
+        return ranks[key] > ranks[victim]
 
 
 class Fmoe(SimPolicy):
@@ -161,9 +162,8 @@ class Fmoe(SimPolicy):
         v = 2.0 ** (self.visits.level - self.visits.t / HALF_LIFE)
         return self.pred * (v + 1.0) * 1e9 + self.last
 
-    def admits(self, key, victim, prio=None):
-        r = self.rank()
-        return r[key] > r[victim]
+    def admits(self, key, victim, ranks):
+        return ranks[key] > ranks[victim]
 
 
 def fmoe_variant(hints: set[str]) -> type[Fmoe]:

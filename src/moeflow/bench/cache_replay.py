@@ -19,7 +19,10 @@ import numpy as np
 
 from moeflow.bench.cache_policies import Belady, Fmoe, SimPolicy
 
-START_TOKENS = 4  # a request's first tokens, where only the semantic hint can predict
+START_TOKENS = 4
+# A prefetch is issued only for an expert more likely used than not: one used saves its demand copy, one
+# unused is a copy more, so below this the prefetcher would copy more than the demand misses it saves.
+MIN_USE = 0.5  # a request's first tokens, where only the semantic hint can predict
 
 
 @dataclass(frozen=True)
@@ -88,9 +91,9 @@ class CacheReplay:
             free = self.held[group] & ~protect[group] & (self.land[group] <= self.now)
             if not free.any():
                 return False
-            ranks = np.where(free, self.p.rank()[group], np.inf)
-            victim = group.start + int(np.argmin(ranks))
-            if not self.p.admits(key, victim):
+            rank = self.p.rank()
+            victim = group.start + int(np.argmin(np.where(free, rank[group], np.inf)))
+            if not self.p.admits(key, victim, rank):
                 return False
             self.held[victim] = False
             self.s.wasted_prefetches += int(self.pref[victim])
@@ -103,7 +106,8 @@ class CacheReplay:
     # -- one layer ---------------------------------------------------------------------------------
     def layer(self, l: int, need: np.ndarray, picks: tuple | None, start: bool,
               next_use: np.ndarray | None = None) -> None:
-        """need: the K keys selected; picks: (keys, prio, distance in layers) to prefetch, by priority."""
+        """need: the K keys selected; picks: (keys, priority, distance in layers, chance of use) to prefetch,
+        by priority."""
         tm, s, t0 = self.tm, self.s, self.now
         if isinstance(self.p, Belady):
             self.p.next_use[need] = next_use
@@ -145,15 +149,15 @@ class CacheReplay:
         self.now = end
 
     def _prefetch(self, l: int, picks: tuple, t0: float, end: float) -> None:
-        keys, prio, dist = picks
+        keys, prio, dist, use = picks
         if isinstance(self.p, Fmoe):
             self.p.predicted(keys, prio)
         protect = np.zeros(len(self.held), bool)
         if l >= 0:
             protect[l * self.E:(l + 1) * self.E] = True  # the running layer's experts are in use
         protect[keys] = True  # nor one predicted now for another
-        for k, d in zip(keys.tolist(), dist.tolist()):
-            if self.held[k]:
+        for k, d, u in zip(keys.tolist(), dist.tolist(), use.tolist()):
+            if self.held[k] or u < MIN_USE:
                 continue
             begin = max(self.cfree, self.now)
             if begin >= end:

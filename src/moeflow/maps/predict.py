@@ -27,6 +27,7 @@ class Predictor:
     def __init__(self, store: ExpertMapStore, depth: int = 3, top_m: int = TOP_M, decay: float = DECAY):
         store._flush()
         self.S = store.maps.astype(np.float32)                        # [M, L, E]
+        self.St = np.ascontiguousarray(self.S.transpose(1, 2, 0))     # [L, E, M]: a layer's product reads it in order
         self.ns = np.cumsum((self.S ** 2).sum(2), axis=1)             # [M, L] squared norms of the prefixes
         emb = store.emb.astype(np.float32)
         self.emb = emb / (np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12)  # [M, D]
@@ -44,7 +45,7 @@ class Predictor:
     def observe(self, state, layer: int, obs: np.ndarray) -> None:
         """Add layer `layer`'s observed maps obs [T, E] to the state."""
         dots, on = state
-        dots += obs @ self.S[:, layer, :].T
+        dots += obs @ self.St[layer]
         on += (obs ** 2).sum(1)
 
     def trajectory(self, state, layer: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -77,19 +78,22 @@ class Predictor:
         take = (np.arange(E)[None, None, :] < count[:, :, None]) & (ps > 0)
         t, j, i = np.nonzero(take)
         prio = ps[t, j, i] * self.decay ** j
+        use = np.minimum(ps[t, j, i] * self.K, 1.0)  # the chance the expert is among the layer's K
         key = (first + j) * E + order[t, j, i]
         o = np.lexsort((-prio, t))
-        return Picks(np.searchsorted(t[o], np.arange(T + 1)), key[o].astype(np.int64), prio[o].astype(np.float32))
+        return Picks(np.searchsorted(t[o], np.arange(T + 1)), key[o].astype(np.int64), prio[o].astype(np.float32),
+                     use[o].astype(np.float32))
 
 
 @dataclass
 class Picks:
     """Experts to fetch for a batch of tokens: token t's are keys[offsets[t]:offsets[t + 1]] (layer * E +
-    expert), highest priority first."""
+    expert), highest priority first; use: the predicted chance that each is selected."""
     offsets: np.ndarray
     keys: np.ndarray
     prio: np.ndarray
+    use: np.ndarray
 
-    def of(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+    def of(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, b = self.offsets[t], self.offsets[t + 1]
-        return self.keys[a:b], self.prio[a:b]
+        return self.keys[a:b], self.prio[a:b], self.use[a:b]
