@@ -144,3 +144,36 @@ def test_real_traces_split_by_request():
     assert ds.texts is not None and len(ds.texts) == 999
     mx = load_requests(DATA / "mixtral-8x7b-instruct.humaneval.jsonl")
     assert mx.requests == 2 and mx.weights is not None and mx.offsets[-1] == len(mx.ids)
+
+
+def test_fmoe_prefetches_and_keeps_the_local_tokens(hf_checkpoint, tmp_path):
+    """One sequence at a time: the second request matches the first's maps (learned on line) and prefetches;
+    the tokens are the all-local run's. A map file for another model is refused."""
+    import torch
+    from conftest import budget_for
+
+    from moeflow.checkpoint import load
+    from moeflow.config import OffloadConfig
+    from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.engine.sequence import SamplingParams
+    from moeflow.perf.costs import ExpertCosts
+
+    path = hf_checkpoint("mixtral")[0]
+    greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randint(3, 310, (n,), generator=g).tolist() for n in (9, 9, 7)]
+    want = [s.output_ids for s in LLMEngine(load(path), max_seqs=1, max_len=64).generate(ps, greedy)]
+    ck = load(path, device="cpu", expert_device="cpu")
+    engine = LLMEngine(ck, max_seqs=1, max_len=64, offload=OffloadConfig(budget_for(ck, 5, 1), "fmoe"))
+    backend = engine.model.experts
+    pts = (1, 4, 16, 64, 256)  # copies cost next to nothing: every layer has room for the prefetches
+    backend.costs = ExpertCosts(pts, tuple(1e-7 * n for n in pts), tuple(1e-5 for _ in pts), 1e-9)
+    backend.calibrate = False
+    got = [s.output_ids for s in engine.generate(ps, greedy)]
+    assert got == want
+    assert backend.policy.prefetched > 0 and len(backend.policy.store) > 0
+    maps = tmp_path / "maps.npz"
+    ExpertMapStore(3, 5, 2).save(maps)
+    with pytest.raises(MoeflowError, match="expert maps are for 3 MoE layers x 5 experts"):
+        LLMEngine(load(path, device="cpu", expert_device="cpu"), max_seqs=1, max_len=64,
+                  offload=OffloadConfig(budget_for(ck, 5, 1), "fmoe", expert_maps=str(maps)))

@@ -32,6 +32,8 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
     if store.data.device.type != "cpu":
         raise MoeflowError("offloading needs the experts in host memory (load with expert_device='cpu')")
     policy = get_policy(oc.policy)
+    if oc.expert_maps and hasattr(policy, "load_maps"):  # fmoe
+        policy.load_maps(oc.expert_maps, len(cfg.moe_layers), cfg.num_experts)
     held = 0
     if device.type == "cuda":
         # The allocator's cap below counts the whole process. What it already holds beyond this model's weights

@@ -216,6 +216,7 @@ class OffloadedExperts:
         # The CPU kernel's own threads; one core stays with the thread that drives the GPU.
         self.cpu = CpuExperts(threads=default_threads(reserve=1 if self.cuda else 0))
         self.stats = OffloadStats()
+        self.pending: dict[int, torch.cuda.Event | None] = {}  # slot -> its prefetch's copy (policy fmoe)
         self.prompt_shape = PromptShape(self.E)  # the bench resets it before the prompt it times
         self.costs = costs
         # observed / predicted CPU and copy times, smoothed: their speeds while both draw on host memory and
@@ -296,7 +297,8 @@ class OffloadedExperts:
         # once they land, each group of experts in one pass (waves). A slot reused within this layer (more
         # copies than slots) first gets the wave holding it computed.
         out = self.waves.begin(x, topk_weights)  # [N, H] fp32
-        here: Wave = {found[e]: (entries[e], None) for e in experts if found[e] is not None}
+        here: Wave = {found[e]: (entries[e], self.pending.pop(found[e], None)) for e in experts
+                      if found[e] is not None}
         protect = {(l, e) for e in experts if found[e] is not None}
         copies = {e: r for e, r in rows.items() if r < I}
         timing = self._start_copy_timing(copies, costs)
@@ -320,6 +322,7 @@ class OffloadedExperts:
             self.waves.run(here)
         if wave:
             self.waves.run(wave)
+        self.policy.after_layer(self, l, ids_h.reshape(N, K), w_h.reshape(N, K))  # prefetches (fmoe)
         t = time.perf_counter()
         s.launch_s += t - t_plan
         cpu_out = None

@@ -47,6 +47,10 @@ class OffloadPolicy(ABC):
         Returns expert -> intermediate rows computed on the CPU (0..inter). At most max_copies experts may
         have rows copied (the slots available in this layer)."""
 
+    def after_layer(self, backend, layer: int, ids, weights) -> None:
+        """A layer's GPU share is launched (backend: OffloadedExperts; ids, weights [N, K] on the host): a
+        policy may prefetch the next layers' experts here (fmoe)."""
+
 
 def all_cpu(misses: dict[int, int], inter: int) -> dict[int, int]:
     return {e: inter for e in misses}
