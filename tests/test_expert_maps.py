@@ -177,3 +177,29 @@ def test_fmoe_prefetches_and_keeps_the_local_tokens(hf_checkpoint, tmp_path):
     with pytest.raises(MoeflowError, match="expert maps are for 3 MoE layers x 5 experts"):
         LLMEngine(load(path, device="cpu", expert_device="cpu"), max_seqs=1, max_len=64,
                   offload=OffloadConfig(budget_for(ck, 5, 1), "fmoe", expert_maps=str(maps)))
+
+
+@pytest.mark.gpu
+def test_fmoe_prefetches_on_the_copy_stream_and_keeps_the_gpu_tokens(hf_checkpoint):
+    """On CUDA, one sequence at a time (decode graphs on): prefetched slots are waited for before use."""
+    import torch
+    from conftest import budget_for
+
+    from moeflow.checkpoint import load
+    from moeflow.config import OffloadConfig
+    from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.engine.sequence import SamplingParams
+
+    path = hf_checkpoint("mixtral")[0]
+    greedy = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randint(3, 310, (n,), generator=g).tolist() for n in (11, 11, 8, 8)]
+    want = [s.output_ids for s in LLMEngine(load(path, device="cuda", dtype="fp32"), max_seqs=1,
+                                            max_len=64).generate(ps, greedy)]
+    ck = load(path, device="cuda", dtype="fp32", expert_device="cpu")
+    engine = LLMEngine(ck, max_seqs=1, max_len=64, offload=OffloadConfig(budget_for(ck, 5, 1), "fmoe"))
+    try:
+        assert [s.output_ids for s in engine.generate(ps, greedy)] == want
+        assert len(engine.model.experts.policy.store) > 0
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
