@@ -56,7 +56,8 @@ def _offload_config(args):
             if getattr(args, flag) not in (None, "auto"):
                 raise MoeflowError(f"--{flag.replace('_', '-')} needs --gpu-memory (the offloading engine)")
         return None
-    return OffloadConfig(parse_size(args.gpu_memory), args.policy, args.placement, args.routing_trace)
+    return OffloadConfig(parse_size(args.gpu_memory), args.policy, args.placement, args.routing_trace,
+                         expert_maps=getattr(args, "expert_maps", None))
 
 
 def _load_checkpoint(args, device, offload):
@@ -309,6 +310,7 @@ def _add_offload_flags(g) -> None:
     g.add_argument("--policy", default="auto", choices=sorted(POLICIES), help="offloading policy (default auto)")
     g.add_argument("--placement", help="resident experts from `moeflow profile-experts` (default: even split)")
     g.add_argument("--routing-trace", help="benchmarks: replay a recorded routing instead of the router's")
+    g.add_argument("--expert-maps", help="policy fmoe: expert-map file to start from (`moeflow maps build`)")
 
 
 def _add_device_flags(g) -> None:
