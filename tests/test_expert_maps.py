@@ -172,6 +172,18 @@ def test_fmoe_prefetches_and_keeps_the_local_tokens(hf_checkpoint, tmp_path):
     got = [s.output_ids for s in engine.generate(ps, greedy)]
     assert got == want
     assert backend.policy.prefetched > 0 and len(backend.policy.store) > 0
+    saved = tmp_path / "learned.npz"  # absent at the start: written as requests finish
+    engine = LLMEngine(load(path, device="cpu", expert_device="cpu"), max_seqs=1, max_len=64,
+                       offload=OffloadConfig(budget_for(ck, 5, 1), "fmoe", expert_maps=str(saved)))
+    assert [s.output_ids for s in engine.generate(ps, greedy)] == want
+    assert len(ExpertMapStore.load(saved)) > 0
+    blocked = tmp_path / "dir.npz"
+    blocked.mkdir()  # cannot be written: logged, the tokens still come
+    engine = LLMEngine(load(path, device="cpu", expert_device="cpu"), max_seqs=1, max_len=64,
+                       offload=OffloadConfig(budget_for(ck, 5, 1), "fmoe", expert_maps=str(saved)))
+    engine.model.experts.policy.save_path = str(blocked)
+    assert [s.output_ids for s in engine.generate(ps, greedy)] == want
+    assert engine.model.experts.policy.save_failed
     maps = tmp_path / "maps.npz"
     ExpertMapStore(3, 5, 2).save(maps)
     with pytest.raises(MoeflowError, match="expert maps are for 3 MoE layers x 5 experts"):

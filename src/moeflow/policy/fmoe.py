@@ -4,21 +4,26 @@ sequence the maps of the token's layers so far are matched against the stored on
 next layers more likely used than not are copied in ahead, highest priority first, on the copy stream after
 the layer's own copies, at most as many as the copy engine moves in a layer's time less the layer's own.
 The current layer's experts and the other predicted ones are never evicted for a prefetch. The maps learn on
-line: a request's maps join the store when the next prompt starts (`expert_maps`: a file to start from).
+line: a request's maps join the store when the next prompt starts (`expert_maps`: a file to start from,
+written back as requests finish; a file that cannot be written is logged once and the engine goes on).
 Legend: L = MoE layers, E = experts per layer, K = experts per token.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 
 import numpy as np
 
+from moeflow import MoeflowError
 from moeflow.maps.predict import Predictor
 from moeflow.maps.store import ExpertMapStore
 from moeflow.policy.auto import AutoPolicy
 from moeflow.policy.base import SlotSplit
 
+log = logging.getLogger("moeflow")
 MIN_USE = 0.5  # prefetch only an expert more likely used than not (bench/cache_replay.py)
 SMOOTHING = 0.2  # weight of the newest layer in the layer-time estimate
 
@@ -34,11 +39,23 @@ class FmoePolicy(AutoPolicy):
         self.state = None
         self.layer_s, self._t = 0.0, None
         self.prefetched = 0
+        self.save_path, self.save_failed = None, False
 
     def load_maps(self, path: str, layers: int, experts: int) -> None:
-        self.store = ExpertMapStore.load(path)
-        self.store.check(layers, experts)
-        self.pred = Predictor(self.store)
+        """Start from the maps in `path` where it exists, and write the store back there as requests finish."""
+        self.save_path = path
+        if Path(path).exists():
+            self.store = ExpertMapStore.load(path)
+            self.store.check(layers, experts)
+            self.pred = Predictor(self.store)
+
+    def _save(self) -> None:
+        try:
+            self.store.save(self.save_path)
+        except MoeflowError as e:  # a server keeps serving: the maps stay in memory
+            if not self.save_failed:
+                log.warning("%s; the expert maps are kept in memory only", e)
+            self.save_failed = True
 
     def split(self, slots, layers, experts, top_k):
         return SlotSplit(resident=0, cache=slots)
@@ -55,6 +72,8 @@ class FmoePolicy(AutoPolicy):
                 self.store = ExpertMapStore(L, E, K)
             self.store.add_request(np.stack(self.request))
             self.pred = Predictor(self.store)
+            if self.save_path:
+                self._save()
         self.request, self.token, self.state = [], None, None
 
     def after_layer(self, backend, l: int, ids: np.ndarray, weights: np.ndarray) -> None:
