@@ -67,7 +67,8 @@ def check_latency_fits(name: str, cfg: ModelConfig, gpu_memory: int, prompt_len:
 
 def search_latency(cfg: ModelConfig, profile: HardwareProfile, gpu_memory: int, prompt_len: int = 512,
                    gen_len: int = 128, hit_rate_or_placement=None, name: str = "model",
-                   policies: tuple[str, ...] = tuple(POLICIES), dtype_name: str = "bfloat16") -> LatencyPlan:
+                   policies: tuple[str, ...] = tuple(p for p in POLICIES if POLICIES[p].modelled),
+                   dtype_name: str = "bfloat16") -> LatencyPlan:
     b = 2 if dtype_name in ("bfloat16", "float16") else 4
     check_latency_fits(name, cfg, gpu_memory, prompt_len, gen_len, b)
     costs = profile.expert_costs(cfg, dtype_name)

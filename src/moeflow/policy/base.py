@@ -30,6 +30,7 @@ class OffloadPolicy(ABC):
     needs_costs = False  # plans from measured costs (the backend measures them at start)
     uses_cpu = True      # may plan rows on the CPU (else the activations need not come to the host)
     eviction = "lru"     # the eviction policy of its cache (policy/eviction.py)
+    modelled = True      # the timing model (perf/model.py) predicts it: `moeflow plan` weighs it
 
     def min_slots(self, layers: int, experts: int, top_k: int) -> int:
         """Fewest slots the policy can run with (room to copy one token's experts of a layer)."""

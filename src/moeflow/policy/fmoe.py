@@ -31,6 +31,7 @@ SMOOTHING = 0.2  # weight of the newest layer in the layer-time estimate
 class FmoePolicy(AutoPolicy):
     name = "fmoe"
     eviction = "lru"
+    modelled = False  # the timing model has no prefetcher: it would predict fmoe as auto with no residents
 
     def __init__(self, store: ExpertMapStore | None = None):
         self.store, self.pred = store, None
