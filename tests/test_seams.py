@@ -177,7 +177,8 @@ def test_generate_offloaded_from_the_cli_gives_the_local_text(capsys, hf_checkpo
 class PrefetchNext(LruPolicy):
     """lru, and each layer's experts copied ahead into the next layer's cache (a stand-in predictor)."""
 
-    def prefetch(self, layer, selected, experts):
+    def prefetch(self, layer, ids, weights, experts):
+        selected = sorted({int(e) for e in ids.flatten().tolist()})
         self.asked = getattr(self, "asked", 0) + len(selected)
         if layer + 1 < self.layers:
             for e in selected:

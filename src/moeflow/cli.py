@@ -54,11 +54,12 @@ def _offload_config(args):
     from moeflow.config import OffloadConfig, parse_size
 
     if args.gpu_memory is None:
-        for flag in ("policy", "placement", "routing_trace"):
+        for flag in ("policy", "placement", "routing_trace", "expert_maps"):
             if getattr(args, flag) not in (None, "auto"):
                 raise MoeflowError(f"--{flag.replace('_', '-')} needs --gpu-memory (the offloading engine)")
         return None
-    return OffloadConfig(parse_size(args.gpu_memory), args.policy, args.placement, args.routing_trace)
+    return OffloadConfig(parse_size(args.gpu_memory), args.policy, args.placement, args.routing_trace,
+                         expert_maps=args.expert_maps)
 
 
 def _load_checkpoint(args, device, offload):
@@ -294,6 +295,8 @@ def _device_flags(g, offload: bool = True, deterministic: bool = True) -> None:
         g.add_argument("--placement", help="resident experts from `moeflow profile-experts` (default: even split)")
         g.add_argument("--routing-trace", help="benchmarks: replay a recorded routing instead of the router's")
         g.add_argument("--quantize", help="int4 or int8 (-g32..-g128, -asym, -fp16): quantize the experts at load")
+        g.add_argument("--expert-maps", help="policy fmoe: expert-map file to start from and write back to "
+                       "(`moeflow maps build`)")
 
 
 def _context_flag(g, help: str) -> None:
@@ -367,6 +370,8 @@ def _add_run_commands(sub) -> None:
 
 
 def _add_model_commands(sub) -> None:
+    from moeflow.maps import commands as maps_commands
+    maps_commands.add_parser(sub)
     pe = sub.add_parser("profile-experts", help="count how often each expert is used, for --placement")
     _model_flag(pe)
     pe.add_argument("--prompts", help="prompt file (JSONL with turns/text/prompt, or one prompt per line)")
@@ -495,6 +500,8 @@ def _add_bench_commands(bsub) -> None:
     bc.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     bc.set_defaults(func=cmd_bench_cpu_experts)
 
+    from moeflow.bench import cache as bench_cache
+    bench_cache.add_parser(bsub)
 
 def check_args(args) -> None:
     """Every value that can be checked without loading anything, before any heavy work."""

@@ -206,6 +206,7 @@ class OffloadConfig:
     placement: str | None = None      # JSON from `moeflow profile-experts`
     routing_trace: str | None = None  # replay a recorded routing (benchmarks)
     eviction: str | None = None       # the cache's eviction policy; None: the offloading policy's own
+    expert_maps: str | None = None    # policy fmoe: expert-map file to start from (maps/store.py)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
         raise MoeflowError(f"offloading {cfg.model_type} experts (biases, clamped SwiGLU) is not supported yet; "
                            "run it with every expert on one device (no --gpu-memory)")
     policy = get_policy(oc.policy)
+    if oc.expert_maps:
+        policy.use_maps(oc.expert_maps, len(cfg.moe_layers), cfg.num_experts)
     held = 0
     if device.type == "cuda":
         # The allocator's cap below counts the whole process. What it already holds beyond this model's weights

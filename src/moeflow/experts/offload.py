@@ -195,7 +195,8 @@ class OffloadedExperts(ExpertBackend):
         t_plan = time.perf_counter()
         self.correction.observe_copies()  # the last layer's, read once the CPU is under way
         out = self._gpu_part(plan, x, topk_weights)
-        self.policy.prefetch(plan.layer, plan.experts, self)
+        N, K = topk_ids.shape
+        self.policy.prefetch(plan.layer, ids_h.reshape(N, K), w_h.reshape(N, K), self)
         t_launch = time.perf_counter()
         result = self._join(plan, call, out, x, dest)
         s.sync_s += t_sync - t_in
@@ -273,14 +274,24 @@ class OffloadedExperts(ExpertBackend):
         s.miss_bytes += (len(plan.found) - len(plan.held)) * self.host.expert_bytes
 
     # -- the policy's prefetch -------------------------------------------------------------------------
-    def copy_ahead(self, key: Key) -> bool:
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.host.layers), self.E
+
+    def holds(self, key: Key) -> bool:
+        return key in self.cache.where
+
+    def copy_s(self) -> float:
+        return self.costs.copy() if self.costs is not None else 0.0
+
+    def copy_ahead(self, key: Key, protect=()) -> bool:
         """Expert key = (l, e) copied in whole, on the copy stream, into the cache slot the eviction policy
         gives it, for a later layer or step (which waits for it to land). False where it is held already, or
         the cache would not keep it (a split whose copies are scratch, or an adaptive one that does not admit
         it). Called from a policy's prefetch(), after the layer's own copies and GPU work are issued."""
         if key in self.cache.where or not self.split.keep_copies or self.cache.capacity(key[0]) == 0:
             return False
-        slot = self.cache.take(key, protect=set(), keep=True)
+        slot = self.cache.take(key, protect=set(protect) - {key}, keep=True)
         if self.cache.where.get(key) != slot:
             return False
         self._landing[slot] = self._copy_in(slot, key[0], key[1], 0)

@@ -68,8 +68,8 @@ def check_latency_fits(name: str, cfg: ModelConfig, gpu_memory: int, prompt_len:
 
 def search_latency(cfg: ModelConfig, profile: HardwareProfile, gpu_memory: int, prompt_len: int = 512,
                    gen_len: int = 128, hit_rate_or_placement=None, name: str = "model",
-                   policies: tuple[str, ...] = tuple(POLICIES), dtype_name: str = "bfloat16",
-                   expert_bytes: int | None = None) -> LatencyPlan:
+                   policies: tuple[str, ...] = tuple(p for p in POLICIES if POLICIES[p].modelled),
+                   dtype_name: str = "bfloat16", expert_bytes: int | None = None) -> LatencyPlan:
     """expert_bytes: a quantized expert's (default: dense)."""
     b = 2 if dtype_name in ("bfloat16", "float16") else 4
     eb = expert_bytes or cfg.expert_numel * b

@@ -6,11 +6,12 @@ from moeflow import MoeflowError
 from moeflow.policy.auto import AutoPolicy
 from moeflow.policy.base import OffloadPolicy
 from moeflow.policy.fiddler import FiddlerPolicy
+from moeflow.policy.fmoe import FmoePolicy
 from moeflow.policy.lru import LruPolicy
 from moeflow.policy.reference import CpuPolicy, GpuPolicy
 
 POLICIES: dict[str, type[OffloadPolicy]] = {p.name: p for p in (AutoPolicy, FiddlerPolicy, LruPolicy, GpuPolicy,
-                                                                  CpuPolicy)}
+                                                                  CpuPolicy, FmoePolicy)}
 
 
 def get_policy(name: str) -> OffloadPolicy:

@@ -8,10 +8,11 @@ I = all on the CPU, 0 = its weights copied to the GPU, in between = split (the G
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
+from moeflow import MoeflowError
 from moeflow.perf.costs import ExpertCosts
 
 
@@ -29,8 +30,17 @@ class SlotSplit:
 class Prefetcher(Protocol):
     """What a policy's prefetch() may ask of the offloaded backend (experts/offload.py, OffloadedExperts)."""
 
-    def copy_ahead(self, key: tuple[int, int]) -> bool:
-        """Copy expert (l, e) whole into a cache slot on the copy stream; False where held or not kept."""
+    shape: tuple[int, int]  # (MoE layers, experts per layer)
+
+    def holds(self, key: tuple[int, int]) -> bool:
+        """Expert (l, e) is in a GPU slot (or on its way there)."""
+
+    def copy_s(self) -> float:
+        """Seconds one whole expert's copy takes (0 where unknown)."""
+
+    def copy_ahead(self, key: tuple[int, int], protect: Collection[tuple[int, int]] = ()) -> bool:
+        """Copy expert (l, e) whole into a cache slot on the copy stream, evicting none of `protect`; False
+        where held, not kept, or nothing could make room."""
 
 
 class OffloadPolicy(ABC):
@@ -41,6 +51,7 @@ class OffloadPolicy(ABC):
     # the share of selected experts found on the GPU whatever the routing (1: every expert, 0: none);
     # None: the routing and the slots decide (the timing model reads it)
     gpu_share: float | None = None
+    modelled = True      # the timing model (perf/model.py) predicts it: `moeflow plan` weighs it
 
     def min_slots(self, layers: int, experts: int, top_k: int) -> int:
         """Fewest slots the policy can run with (room to copy one token's experts of a layer)."""
@@ -58,10 +69,15 @@ class OffloadPolicy(ABC):
         Returns expert -> intermediate rows computed on the CPU (0..inter). At most max_copies experts may
         have rows copied (the slots available in this layer)."""
 
-    def prefetch(self, layer: int, selected: Sequence[int], experts: Prefetcher) -> None:
+    def prefetch(self, layer: int, ids, weights, experts: Prefetcher) -> None:
         """Called once per MoE layer (l = `layer`, its row in the store) after the layer's own copies and GPU
-        work are issued: a policy that predicts the experts of later layers or steps asks
-        experts.copy_ahead((l', e)) for them; they land while the GPU computes. Default: nothing."""
+        work are issued, with its routing on the host (ids, weights [N, K]): a policy that predicts the experts
+        of later layers or steps asks experts.copy_ahead((l', e)) for them; they land while the GPU computes.
+        Default: nothing."""
+
+    def use_maps(self, path: str, layers: int, experts: int) -> None:
+        """Start from the expert maps in `path` (--expert-maps); only a policy that predicts from maps takes them."""
+        raise MoeflowError(f"--expert-maps needs policy fmoe, not {self.name}")
 
 
 def all_cpu(misses: dict[int, int], inter: int) -> dict[int, int]:

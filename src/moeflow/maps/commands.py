@@ -1,0 +1,52 @@
+"""`moeflow maps build`: an expert-map file built offline from a routing trace's requests."""
+
+from __future__ import annotations
+
+from moeflow import MoeflowError
+from moeflow.maps.store import DEFAULT_CAPACITY
+from moeflow.maps.traces import load_requests
+
+
+def parse_range(spec: str | None, n: int) -> range:
+    """`A:B` (either side may be empty) over n requests; None: the first 80% (the rest left to score)."""
+    if spec is None:
+        return range(max(1, round(0.8 * n)) if n > 1 else n)
+    try:
+        a, b = (s.strip() for s in spec.split(":"))
+        r = range(int(a) if a else 0, int(b) if b else n)
+    except ValueError:
+        raise MoeflowError(f"--prompts must be START:END, got {spec!r}") from None
+    if not 0 <= r.start < r.stop <= n:
+        raise MoeflowError(f"--prompts {spec} is outside the trace's {n} requests")
+    return r
+
+
+def build(trace: str, out: str, prompts: str | None = None, capacity: int = DEFAULT_CAPACITY,
+          semantic: bool = True) -> str:
+    from moeflow.bench.cache import build_store, request_embeddings
+
+    reqs = load_requests(trace)
+    fit = parse_range(prompts, reqs.requests)
+    emb, why = request_embeddings(reqs) if semantic else (None, "--no-semantic")
+    store = build_store(reqs, fit, emb, capacity)
+    store.save(out)
+    sem = f"embeddings: {store.embedder}" if emb is not None else f"no embeddings ({why})"
+    return (f"{out}: {len(store)} maps of {store.L} layers x {store.E} experts from requests "
+            f"{fit.start}:{fit.stop} of {reqs.name} ({store.seen} after de-duplication); {sem}")
+
+
+def add_parser(sub) -> None:
+    m = sub.add_parser("maps", help="fMoE expert maps (docs/expert-maps.md)")
+    msub = m.add_subparsers(dest="maps", required=True)
+    b = msub.add_parser("build", help="build an expert-map file from a routing trace")
+    b.add_argument("--trace", required=True, help="routing trace (.npz with offsets, or .jsonl)")
+    b.add_argument("--out", required=True, help="the .npz to write")
+    b.add_argument("--prompts", help="requests START:END to use (default: the first 80%%)")
+    b.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="maps kept at most")
+    b.add_argument("--no-semantic", action="store_true", help="no prompt embeddings (trajectory hint only)")
+    b.set_defaults(func=run)
+
+
+def run(args) -> int:
+    print(build(args.trace, args.out, args.prompts, args.capacity, not args.no_semantic))
+    return 0
