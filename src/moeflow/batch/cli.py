@@ -115,16 +115,17 @@ def _engine(args):
     """(engine, the pipeline plan's prediction or None) as --engine asks."""
     import torch
 
-    from moeflow.cli import _load_engine
+    from moeflow.checkpoint import read_model_config
+    from moeflow.cli import DEFAULT_MODEL, _load_engine
 
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     kind = args.engine if args.engine != "auto" else "pipeline" if args.gpu_memory and cuda else "continuous"
     if kind == "continuous":
         if args.plan:
             raise MoeflowError("--plan needs --engine pipeline")
-        args.max_len = args.max_len or 4096
+        ctx = read_model_config(args.model or DEFAULT_MODEL)[1].max_position_embeddings
+        args.max_len = args.max_len or min(4096, ctx)  # the KV cache holds max_running of them
         return _load_engine(args, args.max_running), None
-    from moeflow.cli import DEFAULT_MODEL
     from moeflow.config import parse_size
     from moeflow.pipeline.load import PipelineSpec, load_pipeline
 

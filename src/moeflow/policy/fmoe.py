@@ -34,6 +34,7 @@ class FmoePolicy(AutoPolicy):
     modelled = False  # the timing model has no prefetcher: it would predict fmoe as auto with no residents
 
     def __init__(self, store: ExpertMapStore | None = None):
+        super().__init__()
         self.store, self.pred = store, None
         self.request: list[np.ndarray] = []   # this request's token maps [L, E]
         self.token: np.ndarray | None = None  # [L, E] of the token being decoded
