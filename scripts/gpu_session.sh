@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# On the GPU host, one call: the GPU-marked tests of every feature, then benchmark stages (results under $OUT).
+# Needs .carry/data with mt_bench.jsonl and the routing traces of ../shared/data/traces (carry .carry).
+# Usage: bash scripts/gpu_session.sh STAGE...
+#   tests        every gpu-marked test, the CPU kernels' tests (AVX512-BF16, AMX) and the pipeline's
+#   kernel       bench cpu-experts: the read ceiling's readers, the bf16 kernel and the int4 path (Mixtral shape)
+#   deepseek     bench latency on synthetic:deepseek-v2-lite at 8 GiB, its real trace replayed: auto, fiddler, lru, fmoe
+#   archs        bench generate all on the GPU: deepseek-v2-lite, qwen1.5-moe-a2.7b, olmoe-1b-7b, gpt-oss-20b
+#   int4         bench latency Mixtral-8x7B int4 at 24 and 12 GiB; Qwen3-30B-A3B int4 at 8 GiB
+#   throughput   bench throughput: Mixtral-8x7B at 24 GiB, generation length 128, beside the serve path
+#   fmoe         bench latency Mixtral-8x7B at 24 GiB with its trace replayed: auto against fmoe
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+D=.carry/data
+NEW=${NEW_TOKENS:-64}
+lat() {  # name, model, budgets, policies, extra args
+  python3 -m moeflow bench latency --model "$2" --budgets "$3" --policies "$4" --prompts $D/mt_bench.jsonl \
+    --new-tokens "$NEW" --out "$OUT/latency-$1.json" "${@:5}" 2>&1 | tee "$OUT/latency-$1.log" | grep -v "^\s*$" | tail -20
+}
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    tests) python3 -m pytest -q -p no:cacheprovider -x -rfE -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+           python3 -m pytest -q -p no:cacheprovider -rfE tests/test_cpu_experts.py tests/test_pipeline.py \
+             2>&1 | tee "$OUT/cpu_kernel_tests.log" | tail -8 ;;
+    kernel) python3 -m moeflow bench cpu-experts --shapes mixtral --tokens 1,64 --reps 5 --out "$OUT/cpu-experts.json" \
+              2>&1 | tail -12
+            python3 -m moeflow bench cpu-experts --shapes mixtral --tokens 1,64 --reps 5 --quantize int4 \
+              --out "$OUT/cpu-experts-int4.json" 2>&1 | tail -6 ;;
+    deepseek) lat deepseek-v2-lite-8GiB synthetic:deepseek-v2-lite 8GiB auto,fiddler,lru,fmoe \
+                --routing-trace $D/deepseek-v2-lite-chat.dev.npz --baseline-tokens 0 ;;
+    archs) python3 -m moeflow bench generate --device cuda --model synthetic:deepseek-v2-lite \
+             --model synthetic:qwen1.5-moe-a2.7b --model synthetic:olmoe-1b-7b --model synthetic:gpt-oss-20b \
+             --out "$OUT/generate-archs.json" 2>&1 | tail -12 ;;
+    int4) lat mixtral-int4 synthetic:mixtral-8x7b-int4 24GiB,12GiB auto,fiddler,lru --baseline-tokens 0
+          lat qwen3-int4 synthetic:qwen3-30b-a3b-int4 8GiB auto,fiddler,lru --baseline-tokens 0 ;;
+    throughput) python3 -m moeflow bench throughput --configs synthetic:mixtral-8x7b@24GiB --prompts $D/mt_bench.jsonl \
+                  --gen-lens 128 --baseline-batches 16 --baseline-tokens 32 --out "$OUT/throughput-mixtral.json" \
+                  2>&1 | tee "$OUT/throughput-mixtral.log" | tail -25 ;;
+    fmoe) lat mixtral-fmoe synthetic:mixtral-8x7b 24GiB auto,fmoe --baseline-tokens 0 \
+            --routing-trace $D/mixtral-8x7b-instruct.humaneval.jsonl ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+echo "=== done $(date -u +%H:%M:%S)"
