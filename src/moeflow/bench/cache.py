@@ -204,7 +204,7 @@ def add_parser(bsub) -> None:
     p = bsub.add_parser("cache", help="replay routing traces through each policy's cache and prefetcher (offline)")
     p.add_argument("--trace", action="append", required=True, help="routing trace (.npz or .jsonl; repeatable)")
     p.add_argument("--sizes", default="0.1,0.2,0.3,0.5", help="cache sizes, fractions of all experts")
-    p.add_argument("--policies", default=",".join([*BASELINES, *VARIANTS]))
+    p.add_argument("--policies", default=",".join([*BASELINES, *VARIANTS]), help="comma-separated policies to replay")
     p.add_argument("--fit", type=int, help="requests that build the maps (default: the first 80%%)")
     p.add_argument("--requests", type=int, help="score at most this many of the other requests")
     p.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="expert maps the store keeps")

@@ -303,12 +303,15 @@ class SparseMoe(nn.Module):
         self.router = None
         self.shared_experts = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routed experts of each token: x [N, H] -> ids, weights [N, K]."""
         logits = self.gate(x)
         if self.router is None:
-            ids, weights = self.route(logits, self.cfg)  # [N, K] each
-        else:  # an architecture's own router object (DeepSeek: grouped top-k, the gate's correction bias)
-            ids, weights = self.router(logits, self.gate)
+            return self.route(logits, self.cfg)
+        return self.router(logits, self.gate)  # an architecture's own (DeepSeek: grouped top-k, correction bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.select(x)  # [N, K] each
         out = self.experts(self.layer, x, ids, weights)
         return out if self.shared_experts is None else out + self.shared_experts(x)
 

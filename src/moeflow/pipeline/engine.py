@@ -22,7 +22,7 @@ from moeflow.checkpoint import Checkpoint
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import Sequence, Status
-from moeflow.models.layers import Attention, AttnBatch, SparseMoe, route
+from moeflow.models.layers import Attention, AttnBatch, SparseMoe
 from moeflow.perf.model import PREFILL_CHUNK, ThroughputPolicy
 from moeflow.experts.cpu import physical_cores
 from moeflow.pipeline.attention import cpu_decode_attention
@@ -104,8 +104,9 @@ class PipelineEngine(LLMEngine):
             return layer.mlp(h)
         row = self.rows[i]
         self.weights.acquire(row)
-        ids, w = route(layer.mlp.gate(h), layer.mlp.top_k, layer.mlp.renormalize)  # [N, K] each
-        return self.weights.ffn(row, h, ids, w)
+        ids, w = layer.mlp.select(h)  # [N, K] each
+        out = self.weights.ffn(row, h, ids, w)
+        return out if layer.mlp.shared_experts is None else out + layer.mlp.shared_experts(h)
 
     def _prefetch_after(self, i: int) -> None:
         """Start copying the next MoE layer's streamed experts while layer i computes."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeflow import MoeflowError
 from moeflow.checkpoint import load, read_model_config, resolve_device
 from moeflow.engine.budget import gib
 from moeflow.perf.model import ThroughputPolicy, ThroughputPrediction, predict_throughput
@@ -29,6 +30,12 @@ class PipelineSpec:
 
 def plan_for(spec: PipelineSpec) -> tuple[ThroughputPolicy, ThroughputPrediction]:
     _, cfg = read_model_config(spec.model)
+    unsupported = [what for what, on in (("latent attention (MLA)", cfg.kv_lora_rank), ("attention sinks",
+                   cfg.attention_sinks), ("per-layer windows", cfg.layer_windows), ("expert biases", cfg.expert_bias),
+                   ("q/k norms over the whole projection", cfg.qk_norm_whole), ("LayerNorm", cfg.layer_norm)) if on]
+    if unsupported:
+        raise MoeflowError(f"the pipeline engine does not run {cfg.model_type}'s {', '.join(unsupported)} yet; "
+                           "use --engine continuous")
     profile = machine_profile()
     if spec.plan:
         pol = parse_plan(spec.plan)
