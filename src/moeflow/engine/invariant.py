@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeflow.experts.local import expert_ffn, group_by_expert
+from moeflow.experts.base import ExpertBackend
+from moeflow.experts.ffn import expert_ffn, group_by_expert
 from moeflow.experts.store import ExpertStore
 
 TILE = 16  # rows of every matmul in this mode: a decode batch of up to 16 sequences is one tile
@@ -43,7 +44,7 @@ class TiledLinear(nn.Module):
         return y.view(*lead, -1)
 
 
-class InvariantExperts:
+class InvariantExperts(ExpertBackend):
     """The routed experts on the store's device, each expert's tokens in row tiles of TILE (no native kernel,
     no grouped GEMM: both choose their blocking by the token count)."""
 
