@@ -333,3 +333,14 @@ def test_a_denormal_top_p_keeps_the_most_likely_token():
     seq = Sequence([1], SamplingParams(temperature=1.0, top_p=5e-324, seed=0), None)
     logits = torch.tensor([[0.0, 3.0, 1.0]])
     assert sample(logits, [seq]) == [1]
+
+
+def test_a_denormal_temperature_samples_its_limit_the_most_likely_token():
+    """temperature 5e-324 overflows the scaled logits to inf (schemathesis found the 500 this gave): the limit of
+    a vanishing temperature is the greedy token."""
+    from moeflow.engine.sampler import sample
+    from moeflow.engine.sequence import Sequence
+
+    seq = Sequence([1], SamplingParams(temperature=5e-324, top_p=5e-324, seed=0), None)
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    assert sample(logits, [seq]) == [1]

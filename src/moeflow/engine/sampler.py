@@ -18,6 +18,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
             continue
         # Sampling runs on the CPU so that a seed gives the same tokens on every device.
         scores = logits[b].float().cpu() / p.temperature
+        if not torch.isfinite(scores).all():  # a temperature so small the scores overflow: its limit, greedy
+            out.append(greedy[b])
+            continue
         if p.top_k > 0:
             kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
