@@ -165,6 +165,18 @@ def eos_ids_from(*values) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def shared_fields(hf: dict, rms_norm_eps: float, max_positions: int) -> dict:
+    """The ModelConfig fields every architecture reads from config.json alike (defaults: the family's)."""
+    H, heads, n_layers = require(hf, "hidden_size", "num_attention_heads", "num_hidden_layers")
+    return dict(vocab_size=require(hf, "vocab_size")[0], hidden_size=H, num_hidden_layers=n_layers,
+                num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
+                head_dim=hf.get("head_dim") or H // heads, rms_norm_eps=hf.get("rms_norm_eps", rms_norm_eps),
+                max_position_embeddings=hf.get("max_position_embeddings", max_positions),
+                tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                torch_dtype=hf.get("torch_dtype") or hf.get("dtype") or "bfloat16",
+                bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids_from(hf.get("eos_token_id")))
+
+
 def require(hf: dict, *keys: str):
     missing = [k for k in keys if k not in hf]
     if missing:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from moeflow.config import ModelConfig, eos_ids_from, require, rope_theta_from_hf
+from moeflow.config import ModelConfig, require, rope_theta_from_hf, shared_fields
 from moeflow.models import register
 from moeflow.models.base import Architecture
 from moeflow.models.rope import rope_scaling_from_hf
@@ -41,23 +41,16 @@ class GptOss(Architecture):
 
     @staticmethod
     def config(hf: dict) -> ModelConfig:
-        H, heads, n_layers = require(hf, "hidden_size", "num_attention_heads", "num_hidden_layers")
+        n_layers = require(hf, "num_hidden_layers")[0]
         return ModelConfig(
             model_type="gpt_oss",
-            vocab_size=require(hf, "vocab_size")[0],
-            hidden_size=H,
-            num_hidden_layers=n_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or H // heads,
+            **shared_fields(hf, 1e-5, 131072),
             num_experts=require(hf, "num_local_experts")[0],
             num_experts_per_tok=hf.get("num_experts_per_tok", 4),
             expert_intermediate_size=require(hf, "intermediate_size")[0],
             norm_topk_prob=True,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
             rope_theta=rope_theta_from_hf(hf, scaled=("yarn",)),
             rope_scaling=rope_scaling_from_hf(hf, ("yarn",)),
-            max_position_embeddings=hf.get("max_position_embeddings", 131072),
             attention_bias=bool(hf.get("attention_bias", True)),
             sliding_window=hf.get("sliding_window"),
             layer_windows=_windows(hf, n_layers),
@@ -67,10 +60,6 @@ class GptOss(Architecture):
             expert_bias=True,
             swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
             swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            torch_dtype=hf.get("torch_dtype") or hf.get("dtype") or "bfloat16",
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids_from(hf.get("eos_token_id")),
         )
 
     @staticmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moeflow import MoeflowError
-from moeflow.config import ModelConfig, eos_ids_from, require, rope_theta_from_hf
+from moeflow.config import ModelConfig, require, rope_theta_from_hf, shared_fields
 from moeflow.models import register
 from moeflow.models.base import Architecture
 
@@ -22,26 +22,15 @@ class Olmoe(Architecture):
             raise MoeflowError("OLMoE with head_dim != hidden_size / num_attention_heads is not supported")
         return ModelConfig(
             model_type="olmoe",
-            vocab_size=require(hf, "vocab_size")[0],
-            hidden_size=H,
-            num_hidden_layers=require(hf, "num_hidden_layers")[0],
-            num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=H // heads,
+            **shared_fields(hf, 1e-5, 4096),
             num_experts=require(hf, "num_experts")[0],
             num_experts_per_tok=hf.get("num_experts_per_tok", 8),
             expert_intermediate_size=require(hf, "intermediate_size")[0],
             norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
             rope_theta=rope_theta_from_hf(hf),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
             qk_norm=True,
             qk_norm_whole=True,
             attention_bias=bool(hf.get("attention_bias", False)),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            torch_dtype=hf.get("torch_dtype") or hf.get("dtype") or "bfloat16",
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids_from(hf.get("eos_token_id")),
         )
 
     @staticmethod

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from moeflow import MoeflowError
-from moeflow.config import ModelConfig, eos_ids_from, require, rope_theta_from_hf
+from moeflow.config import ModelConfig, require, rope_theta_from_hf, shared_fields
 from moeflow.models import register
 from moeflow.models.base import Architecture
 from moeflow.models.rope import rope_scaling_from_hf
@@ -19,36 +19,24 @@ class Phimoe(Architecture):
 
     @staticmethod
     def config(hf: dict) -> ModelConfig:
-        H, heads = require(hf, "hidden_size", "num_attention_heads")
         k = hf.get("num_experts_per_tok", 2)
         if k != 2:
             raise MoeflowError(f"Phi-MoE's sparsemixer router picks 2 experts; config.json asks for {k}")
         return ModelConfig(
             model_type="phimoe",
-            vocab_size=require(hf, "vocab_size")[0],
-            hidden_size=H,
-            num_hidden_layers=require(hf, "num_hidden_layers")[0],
-            num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or H // heads,
+            **shared_fields(hf, 1e-5, 4096 * 32),
             num_experts=require(hf, "num_local_experts")[0],
             num_experts_per_tok=k,
             expert_intermediate_size=require(hf, "intermediate_size")[0],
             norm_topk_prob=False,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
             rope_theta=rope_theta_from_hf(hf, scaled=("longrope",)),
             rope_scaling=rope_scaling_from_hf(hf, ("longrope",)),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096 * 32),
             attention_bias=bool(hf.get("attention_bias", False)),
             layer_norm=True,
             lm_head_bias=bool(hf.get("lm_head_bias", False)),
             router="sparsemixer",
             router_jitter_eps=float(hf.get("router_jitter_noise", 0.01)),
             sliding_window=hf.get("sliding_window"),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            torch_dtype=hf.get("torch_dtype") or hf.get("dtype") or "bfloat16",
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids_from(hf.get("eos_token_id")),
         )
 
     @staticmethod

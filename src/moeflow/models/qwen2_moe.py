@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from moeflow import MoeflowError
-from moeflow.config import ModelConfig, eos_ids_from, require, rope_theta_from_hf
+from moeflow.config import ModelConfig, require, rope_theta_from_hf, shared_fields
 from moeflow.models import register
 from moeflow.models.base import Architecture
 from moeflow.models.layers import DenseMLP, MoeTransformer, SparseMoe
@@ -33,7 +33,7 @@ class Qwen2Moe(Architecture):
 
     @staticmethod
     def config(hf: dict) -> ModelConfig:
-        H, heads, n_layers = require(hf, "hidden_size", "num_attention_heads", "num_hidden_layers")
+        n_layers = require(hf, "num_hidden_layers")[0]
         if hf.get("use_sliding_window"):
             raise MoeflowError("use_sliding_window is not supported for model_type 'qwen2_moe'")
         experts = hf.get("num_experts", hf.get("num_local_experts"))
@@ -41,26 +41,15 @@ class Qwen2Moe(Architecture):
             raise MoeflowError("config.json lacks num_experts (model_type 'qwen2_moe')")
         return ModelConfig(
             model_type="qwen2_moe",
-            vocab_size=require(hf, "vocab_size")[0],
-            hidden_size=H,
-            num_hidden_layers=n_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=H // heads,
+            **shared_fields(hf, 1e-6, 32768),
             num_experts=experts,
             num_experts_per_tok=hf.get("num_experts_per_tok", 4),
             expert_intermediate_size=require(hf, "moe_intermediate_size")[0],
             norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta_from_hf(hf),
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
             dense_intermediate_size=hf.get("intermediate_size", 0),
             dense_layers=_dense_layers(hf, n_layers),
             qkv_bias=bool(hf.get("qkv_bias", True)),  # Qwen1.5/2 configs predate the key: always biased
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            torch_dtype=hf.get("torch_dtype") or hf.get("dtype") or "bfloat16",
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids_from(hf.get("eos_token_id")),
             shared_intermediate_size=hf.get("shared_expert_intermediate_size", 0) or 0,
             shared_expert_gate=bool(hf.get("shared_expert_intermediate_size")),
         )
