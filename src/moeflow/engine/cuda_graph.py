@@ -1,7 +1,7 @@
 """Decode steps of a lone sequence captured as a CUDA graph and replayed.
 
-An eager decode step of a 48-layer MoE issues ~3,700 kernel launches; on the H100 host each costs
-25-40 us of CPU, several times the GPU's own work. A graph replays them all for one launch. It needs a
+An eager decode step of a 48-layer MoE issues thousands of kernel launches, each costing more host time than
+the GPU's own work. A graph replays them all for one launch. It needs a
 step with no host sync: the expert backend says so with `graph_safe`. The attention spans the whole
 slot with a device-side mask (AttnBatch.graph_decode), so one graph serves every position.
 """

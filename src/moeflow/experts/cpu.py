@@ -143,9 +143,8 @@ class CpuExperts:
             self.kernel = name
         # AMX pays from about 16 tokens per expert (AVX512-BF16 below); the emulation tiles every job (tests)
         self.amx_min_tokens = int(os.environ.get("MOEFLOW_AMX_MIN_TOKENS", 16 if self.kernel == "amx" else 1))
-        # Jobs of this many tokens or more go to PyTorch (0: none). Measured on the H200 host (docs/benchmarks.md,
-        # 2026-12-01 third run): the native kernel is at least as fast as PyTorch's bf16 path (oneDNN, on AMX)
-        # at every count from 1 to 256 tokens per expert, so none do by default.
+        # Jobs of this many tokens or more go to PyTorch (0: none, the default: the native kernel is at least as
+        # fast as PyTorch's bf16 path from 1 to 256 tokens per expert, docs/benchmarks.md).
         self.torch_from_tokens = int(os.environ.get("MOEFLOW_CPU_TORCH_FROM", "0")) if name == "auto" else 0
         self.fused_max_bytes = 64 << 20  # per-thread sums of the one-pass down path, all threads together
         self.amx_blocking = tuple(int(os.environ.get(f"MOEFLOW_AMX_{k}", d))

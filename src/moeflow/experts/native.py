@@ -25,8 +25,7 @@ SOURCES = ("cpu_experts.cpp", "cpu_experts_pool.inc", "cpu_experts_vec.inc",
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
 KERNELS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3, "amx-emu": 4}  # the kernel numbers of the .cpp
 # The AMX blocking: rows of down_t repacked per chunk, of H per gate/up slice, rows per gate/up block (L2-sized).
-# From the sweep on the H200 host (docs/benchmarks.md, 2026-12-02): (256, 512, 32) ran a Mixtral expert at 64
-# tokens at 3.2 TFLOP/s where (512, 512, 64) ran 2.4, and was as fast at 16 and 256 tokens.
+# The fastest of a sweep at 16-256 tokens per Mixtral expert (docs/history/2026-12-02.md).
 AMX_BLOCKING = (256, 512, 32)
 
 _loaded: dict[str, NativeKernel | None] = {}  # by compiler

@@ -2,8 +2,7 @@
 
 A wave runs as two grouped GEMMs over the slots (CUDA bf16), or slot by slot (other devices and dtypes, and waves
 too large for the grouped path's workspace). Small waves (decode) replay a CUDA graph captured once per shape:
-an eager wave is about ten launches, at 25-40 us of host time each on the H200 host, several times the GPU's own
-work; a graph is one.
+an eager wave is about ten launches, each more host time than the GPU's own work; a graph is one.
 
 Legend: N = tokens, K = experts per token, H = hidden, I = intermediate rows, S = slots, M = a wave's entries
 (flat (token, k) indices into the layer's routing).

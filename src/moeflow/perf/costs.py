@@ -116,11 +116,10 @@ class ExpertCosts:
         """What the measured times leave open, from the machine's rates (bytes/s; 0: unknown):
         gpu_fixed_s, where not measured, as what one expert alone at 1 token takes beyond reading its weights at
         gpu_bw (a decode expert is memory-bound: the rest is launching it);
-        copy_alone_s, where not measured (profiles before 2026-12-02 13:00), as its bytes at h2d_bw;
+        copy_alone_s, where not measured (older profiles), as its bytes at h2d_bw;
         cpu_fixed_s at most what leaves an expert's own part (alone, 1 token) the time to read its weights at
-        cpu_read_bw. The fixed part is a small difference of two timings (one expert, four in a call): a
-        profile of 2026-12-02 put a Qwen3 expert's own part at 0.026 ms, 360 GB/s, where the host reads ~100
-        and a probe measured 0.11-0.13 ms per added expert; a fiddler layer's six then came out 25% fast."""
+        cpu_read_bw: the fixed part is a small difference of two timings (one expert, four in a call), and noise
+        in it could otherwise leave an expert's own part faster than the host's memory allows."""
         c = self
         if not c.gpu_fixed_s and gpu_bw and c.gpu_s:
             c = replace(c, gpu_fixed_s=max(c.gpu_s[0] - expert_bytes / gpu_bw, 0.0))
@@ -153,8 +152,7 @@ class ExpertCosts:
 
 def median_costs(measured: list[ExpertCosts]) -> ExpertCosts:
     """Field by field median of several measurements of the same costs, each point on its own: a slow spell of a
-    shared host during one of them is outvoted (a profile of 2026-12-02 measured a Qwen3 expert at 4 ms for
-    every token count, ten times its time minutes later). Medians of monotone series stay monotone."""
+    shared host during one of them is outvoted. Medians of monotone series stay monotone."""
     first = measured[0]
     if any(m.tokens != first.tokens for m in measured):
         raise ValueError(f"costs measured at different token counts: {[m.tokens for m in measured]}")
@@ -237,7 +235,7 @@ def one_and_fixed(one: Callable[[], object], many: tuple[int, Callable[[], objec
 def monotone(times: list[float]) -> list[float]:
     """Each time capped by every later one (times by rising token count). Fewer tokens on the same expert never
     take longer (the same weights, less arithmetic), and noise only adds time: a point above a later one is the
-    host's (a run of 2026-12-02 measured 4.1 ms at 1 token and 0.66 at 4)."""
+    host's."""
     out = list(times)
     for i in range(len(out) - 2, -1, -1):
         out[i] = min(out[i], out[i + 1])
@@ -251,9 +249,8 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
                   dtype: torch.dtype | None = None) -> ExpertCosts:
     """Time the three paths on real expert blocks, as they run in the engine: the CPU path while copies are
     under way (both read host memory) and the copy while the CPU computes, each beside the other for its
-    whole time, as in a layer whose plan balances the two (a Mixtral expert's copy timed beside one expert on
-    the CPU, done after 70% of it, came out 6.62 ms where the engine's copies beside its CPU share took
-    8-19% longer, 2026-12-02).
+    whole time, as in a layer whose plan balances the two (a copy timed beside a shorter CPU call reads
+    faster than the engine's copies do).
 
     host_block(i) -> [3IH] the i-th host expert (rotated through so the CPU reads from memory, not cache);
     slot [3IH] a free expert slot on the fast device; cpu_ffn/gpu_ffn(x, block) run one whole expert;
@@ -346,8 +343,7 @@ def measure_costs(host_block: Callable[[int], torch.Tensor], inter: int, hidden:
     if copy_stream is None:  # no copies: both measure the same; the one timed in turns with the m-expert call
         cpu_s[0] = t1
     cpu_s, gpu_s = monotone(cpu_s), monotone(gpu_s)
-    # a call's fixed part is part of one expert's call: at most that, once a later point has capped it (a run of
-    # 2026-12-02 capped 1 token at 0.44 ms beside a fixed part of 0.55 timed alone)
+    # a call's fixed part is part of one expert's call: at most that, once a later point has capped it
     fixed = min(fixed, cpu_s[0])
     # the speed in a layer that copies nothing, as a fraction of beside copies
     alone = min(t1 / cpu_s[0], 1.0) if copy_stream is not None else 1.0

@@ -26,13 +26,11 @@ def host_overheads(dev, steps: int, tokens: tuple[int, ...], repeats: int, many_
     own host work (sampling, the step's bookkeeping) what is left of the 4 layers' step: counted per layer, it
     came out a quarter per layer where a real model spreads it over dozens. What each routed expert adds to a
     decode layer (its lookup, its share of the plan and the wave) is the difference between `many_layers`
-    layers routing each token to all 8 experts and to PREFILL_K, per layer and added expert: Qwen3's 8 took
-    ~0.35 ms a layer in lru decode where the tiny model's 2 took 0.27-0.32 (2026-12-02).
-    The models run in turns (paired_s, medians of `repeats`): timed one after the other, over a 4-to-20-layer
-    span, the prefill figure came out 1.23-1.83 ms in four profiles of 2026-12-02 on one host, and lowest where
-    the engine ran slowest. A difference of two timings is still noisy both ways: the prefill points are fitted
-    non-decreasing in tokens. Returns (decode layer, per added expert, decode step, prefill layer per token
-    count)."""
+    layers routing each token to all 8 experts and to PREFILL_K, per layer and added expert.
+    The models run in turns (paired_s, medians of `repeats`): timed one after the other, a shared host's drift
+    lands on one model and not the other. A difference of two timings is still noisy both ways: the prefill
+    points are fitted non-decreasing in tokens. Returns (decode layer, per added expert, decode step, prefill
+    layer per token count)."""
     from moeflow.engine.llm_engine import LLMEngine
     from moeflow.engine.sequence import SamplingParams
 

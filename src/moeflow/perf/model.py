@@ -63,9 +63,9 @@ def layer_time(policy, costs: ExpertCosts, inter: int, misses: dict[int, int], h
     workspace, engine/budget.py pass_entries_per_token). host_s: the host's own time in the layer beyond
     overhead_s (a prefill's eager launches, its routing's bookkeeping and grouped passes). It runs beside
     neither the CPU's share (the host waits for that before it launches the rest of the layer and the next one)
-    nor the copies (on the H200 host a Qwen3 lru prefill took the copies' time plus its host time, where
-    overlapping the two predicted 27% short). The host also launches the copies one by one (beside the copy
-    engine and the CPU). Copies with no CPU work beside them cross at their own rate (copy_alone_s)."""
+    nor the copies (a prefill's measured time is the copies' plus its host time, not their overlap). The host
+    also launches the copies one by one (beside the copy engine and the CPU). Copies with no CPU work beside
+    them cross at their own rate (copy_alone_s)."""
     rows = policy.plan(misses, costs, inter, max_copies) if misses else {}
     on_cpu = [e for e, r in rows.items() if r > 0]
     cpu = costs.cpu_work([(misses[e], rows[e] / inter) for e in on_cpu], any(r < inter for r in rows.values()))

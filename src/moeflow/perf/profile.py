@@ -91,7 +91,7 @@ class HardwareProfile:
     step_overhead_s: float = 0.0   # a decode step's own host time beyond its layers' (sampling, bookkeeping)
     prefill_overhead_s: tuple = ()  # the same in prefills of prefill_tokens tokens (eager launches, the
                                     # routing's bookkeeping); empty: not measured
-    prefill_tokens: tuple = (32, 512)  # their prompts (profiles before 2026-12-02 07:00 measured these two)
+    prefill_tokens: tuple = (32, 512)  # their prompts (older profiles measured these two)
     cpu_backend: str = CPU_BACKEND
     experts: dict = field(default_factory=dict)  # shape_key -> ExpertCosts.as_dict() (gpu_s = cpu_s without GPU)
     resident_layers: dict = field(default_factory=dict)  # layer_key -> seconds of a decode layer of that shape

@@ -12,17 +12,12 @@ from moeflow.policy.base import OffloadPolicy, SlotSplit
 
 SPLIT_STEPS = 32  # a split falls on a multiple of I/32 rows: few, large transfers
 # A whole expert instead of a split one when the layer then takes at most this much longer: a whole copy can
-# stay cached (a split one cannot) and is one transfer instead of three. Replaying real routing (Mixtral,
-# DeepSeek-V2-Lite) with a held-out profile, this and the adaptive residents together moved 7-23% fewer expert
-# bytes per token than fixed residents (docs/benchmarks.md, 2026-12-02), at most 5% more time on a layer with
-# no reuse to gain.
+# stay cached (a split one cannot) and is one transfer instead of three (the replays behind the figure:
+# docs/history/2026-12-02.md).
 WHOLE_SLACK = 0.05
 # ... and at most this much longer for an expert the cache would keep (its eviction policy ranks it above one it
-# holds): a kept expert saves its next miss, which costs about the layer's time. A small expert's lone decode
-# miss (Qwen3-30B-A3B's on the H200 host) splits at ~0.37 ms against ~0.41 whole; split every time, a recurring
-# miss never took a slot. Replaying real routing with those costs (scripts/replay_cache.py --costs qwen3), this
-# missed 1-20% fewer experts per token on DeepSeek-V2-Lite and 25% fewer on Mixtral at 220 slots; with
-# Mixtral's costs a split saves ~half the layer and this changes nothing.
+# holds): a kept expert saves its next miss, which costs about the layer's time, where a small expert's split
+# saves little (docs/history/2026-12-02.md).
 KEEP_SLACK = 0.25
 
 
