@@ -46,21 +46,32 @@ def cache_dir() -> Path:
     return config.cache_dir() / "ext"
 
 
-def _library_path(cxx: str) -> Path:
+def build_library(cxx: str, stem: str, sources: list[Path], flags: tuple[str, ...]) -> Path:
+    """A shared library of sources[0] (which includes the rest), built once per source, flags and CPU into the
+    cache folder (or the temporary one where that is read-only); raises where the compiler fails."""
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler {cxx!r}")
     h = hashlib.sha256()
-    for name in SOURCES:
-        h.update((SRC / name).read_bytes())
-    h.update(" ".join((cxx, *FLAGS, *sorted(cpu_flags()))).encode())
-    return cache_dir() / f"cpu_experts-{h.hexdigest()[:16]}.so"
+    for src in sources:
+        h.update(src.read_bytes())
+    h.update(" ".join((cxx, *flags, *sorted(cpu_flags()))).encode())
+    lib = cache_dir() / f"{stem}-{h.hexdigest()[:16]}.so"
+    if not lib.exists():
+        try:
+            _build(cxx, sources[0], flags, lib)
+        except PermissionError:  # a read-only home: build in the temporary folder
+            lib = Path(tempfile.gettempdir()) / "moeflow-ext" / lib.name
+            if not lib.exists():
+                _build(cxx, sources[0], flags, lib)
+    return lib
 
 
-def _build(cxx: str, lib: Path) -> None:
+def _build(cxx: str, src: Path, flags: tuple[str, ...], lib: Path) -> None:
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)  # built aside, then renamed: builds can race
     os.close(fd)
     try:
-        r = subprocess.run([cxx, *FLAGS, str(SRC / SOURCES[0]), "-o", tmp], capture_output=True, text=True,
-                           timeout=300)
+        r = subprocess.run([cxx, *flags, str(src), "-o", tmp], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {(r.stderr or r.stdout).strip()[-800:]}")
         os.replace(tmp, lib)
@@ -196,17 +207,7 @@ def load() -> NativeKernel | None:
     cxx = os.environ.get("CXX", "g++")
     if cxx not in _loaded:
         try:
-            if shutil.which(cxx) is None:
-                raise RuntimeError(f"no C++ compiler {cxx!r}")
-            lib = _library_path(cxx)
-            if not lib.exists():
-                try:
-                    _build(cxx, lib)
-                except PermissionError:  # a read-only home: build in the temporary folder
-                    lib = Path(tempfile.gettempdir()) / "moeflow-ext" / lib.name
-                    if not lib.exists():
-                        _build(cxx, lib)
-            _loaded[cxx] = NativeKernel(lib)
+            _loaded[cxx] = NativeKernel(build_library(cxx, "cpu_experts", [SRC / n for n in SOURCES], FLAGS))
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             warnings.warn(f"moeflow: the native CPU expert kernel is unavailable ({e}); using PyTorch",
                           RuntimeWarning, stacklevel=2)

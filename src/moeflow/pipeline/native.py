@@ -5,18 +5,15 @@ callers then use PyTorch."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
 import subprocess
-import tempfile
 import warnings
 from functools import cache
 from pathlib import Path
 
 import torch
 
-from moeflow.experts.native import cache_dir, cpu_flags
+from moeflow.experts.native import build_library
 
 SRC = Path(__file__).resolve().parents[1] / "csrc" / "cpu_attention.cpp"
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
@@ -53,37 +50,12 @@ class NativeAttention:
         return out
 
 
-def _library(cxx: str) -> Path:
-    h = hashlib.sha256(SRC.read_bytes())
-    h.update(" ".join((cxx, *FLAGS, *sorted(cpu_flags()))).encode())
-    return cache_dir() / f"cpu_attention-{h.hexdigest()[:16]}.so"
-
-
-def _build(cxx: str, lib: Path) -> None:
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)  # built aside, then renamed: builds can race
-    os.close(fd)
-    try:
-        r = subprocess.run([cxx, *FLAGS, str(SRC), "-o", tmp], capture_output=True, text=True, timeout=300)
-        if r.returncode != 0:
-            raise RuntimeError(f"{cxx} failed: {(r.stderr or r.stdout).strip()[-800:]}")
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 @cache
 def load() -> NativeAttention | None:
     """The kernel, built if needed; None (with one warning) where no compiler builds it."""
     cxx = os.environ.get("CXX", "g++")  # the build's compiler, as for csrc/cpu_experts.cpp
     try:
-        if shutil.which(cxx) is None:
-            raise RuntimeError(f"no C++ compiler ({cxx})")
-        lib = _library(cxx)
-        if not lib.exists():
-            _build(cxx, lib)
-        return NativeAttention(lib)
+        return NativeAttention(build_library(cxx, "cpu_attention", [SRC], FLAGS))
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         warnings.warn(f"moeflow: the native CPU attention kernel is unavailable ({e}); using PyTorch", stacklevel=2)
         return None
