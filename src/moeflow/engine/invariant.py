@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeflow.experts.base import ExpertBackend
-from moeflow.experts.ffn import expert_ffn, group_by_expert
+from moeflow.experts.ffn import each_expert, expert_ffn
 from moeflow.experts.store import ExpertStore
 
 TILE = 16  # rows of every matmul in this mode: a decode batch of up to 16 sequences is one tile
@@ -56,19 +56,8 @@ class InvariantExperts(ExpertBackend):
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         gate_up, down_t = self.store.gate_up(layer), self.store.down_t(layer)  # [E, 2I, H], [E, I, H]
-        N, K = topk_ids.shape
-        order, counts = group_by_expert(topk_ids, gate_up.shape[0])
-        out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)  # fp32, summed in expert order
-        flat_w, start = topk_weights.flatten(), 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = order[start:start + n]
-            start += n
-            tok = idx // K
-            y = in_tiles(lambda t, e=e: expert_ffn(t, gate_up[e], down_t[e]), x[tok])  # [n, H]
-            out.index_add_(0, tok, y.float() * flat_w[idx, None].float())
-        return out.to(x.dtype)
+        return each_expert(x, topk_ids, topk_weights, gate_up.shape[0],  # fp32, summed in expert order
+                           lambda e, xe: in_tiles(lambda t: expert_ffn(t, gate_up[e], down_t[e]), xe))
 
 
 def make_batch_invariant(model: nn.Module, store: ExpertStore) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.config import ModelConfig
-from moeflow.experts.ffn import group_by_expert
+from moeflow.experts.ffn import each_expert
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -31,16 +31,5 @@ def biased_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
                    down_t: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Each selected expert on its tokens. x [N, H], gate_up [E, 2I, H], down_t [E, I, H], bias [E, 2I + H]
     -> [N, H]."""
-    N, K = topk_ids.shape
-    order, counts = group_by_expert(topk_ids, gate_up.shape[0])
-    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)  # fp32 accumulation
-    flat_w, start = topk_weights.flatten(), 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        idx = order[start:start + n]
-        start += n
-        tok = idx // K
-        y = biased_ffn(x[tok], gate_up[e], down_t[e], bias[e], cfg)         # [n, H]
-        out.index_add_(0, tok, y.float() * flat_w[idx, None].float())
-    return out.to(x.dtype)
+    return each_expert(x, topk_ids, topk_weights, gate_up.shape[0],
+                       lambda e, xe: biased_ffn(xe, gate_up[e], down_t[e], bias[e], cfg))

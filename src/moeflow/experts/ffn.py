@@ -7,6 +7,8 @@ E = experts, M = routing entries (N x K) sorted by expert, G = experts in a grou
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -74,25 +76,28 @@ def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     return out.to(x.dtype)
 
 
+def each_expert(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                ffn: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """ffn(e, x_e [n, H]) -> [n, H] on each selected expert's tokens, one expert after the other, summed with the
+    routing weights in fp32 (any device and dtype; one host sync). x [N, H], topk_* [N, K] -> [N, H]."""
+    N, K = topk_ids.shape
+    order, counts = group_by_expert(topk_ids, num_experts)
+    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+    flat_w, start = topk_weights.flatten(), 0
+    for e, n in enumerate(counts):
+        if n:
+            idx = order[start:start + n]
+            start += n
+            tok = idx // K
+            out.index_add_(0, tok, ffn(e, x[tok]).float() * flat_w[idx, None].float())
+    return out.to(x.dtype)
+
+
 def looped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                    gate_up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
-    """Each selected expert on its tokens, one after the other (any device and dtype; one host sync).
-
-    x [N, H], gate_up [E, 2I, H], down_t [E, I, H] -> [N, H]."""
-    N, K = topk_ids.shape
-    order, counts = group_by_expert(topk_ids, gate_up.shape[0])
-    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)  # fp32 accumulation
-    flat_w = topk_weights.flatten()
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        idx = order[start:start + n]
-        start += n
-        tok = idx // K
-        y = expert_ffn(x[tok], gate_up[e], down_t[e])                # [n, H]
-        out.index_add_(0, tok, y.float() * flat_w[idx, None].float())
-    return out.to(x.dtype)
+    """Each selected expert on its tokens. x [N, H], gate_up [E, 2I, H], down_t [E, I, H] -> [N, H]."""
+    return each_expert(x, topk_ids, topk_weights, gate_up.shape[0],
+                       lambda e, xe: expert_ffn(xe, gate_up[e], down_t[e]))
 
 
 def can_group(x: torch.Tensor) -> bool:
@@ -115,14 +120,4 @@ def quantized_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
     """Each selected expert dequantized, then on its tokens: the fallback of quantized stores on any device.
 
     x [N, H], blocks [E, block] one layer's quantized experts -> [N, H]."""
-    N, K = topk_ids.shape
-    order, counts = group_by_expert(topk_ids, blocks.shape[0])
-    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
-    flat_w, start = topk_weights.flatten(), 0
-    for e, n in enumerate(counts):
-        if n:
-            idx = order[start:start + n]
-            start += n
-            y = quantized_ffn(x[idx // K], blocks[e], fmt)  # [n, H]
-            out.index_add_(0, idx // K, y.float() * flat_w[idx, None].float())
-    return out.to(x.dtype)
+    return each_expert(x, topk_ids, topk_weights, blocks.shape[0], lambda e, xe: quantized_ffn(xe, blocks[e], fmt))
