@@ -160,9 +160,9 @@ PROMPT = [5, 17, 42, 99, 7, 250, 31]
 def test_generate_offloaded_from_the_cli_gives_the_local_text(capsys, hf_checkpoint, monkeypatch):
     """`generate --gpu-memory ... --policy ...` on a tiny model (the CPU plays both tiers) prints the text the
     all-local run prints, and the experts' figures."""
-    from moeflow import cli  # a user's --gpu-memory without a GPU is an error; here the CPU stands in for one
+    from moeflow import flags as cli_flags  # --gpu-memory without a GPU is an error; the CPU stands in for one
 
-    monkeypatch.setattr(cli, "_check_gpu_memory", lambda args: None)
+    monkeypatch.setattr(cli_flags, "check_gpu_memory", lambda args: None)
     path = str(hf_checkpoint("mixtral")[0])
     budget = budget_for(load(path, device="cpu", expert_device="cpu"), 4, max_seqs=1, max_len=64)
     base = ["generate", "--model", path, "--device", "cpu", "--prompt", "def main():", "--max-new-tokens", "8",

@@ -289,3 +289,33 @@ def train(c: DemoConfig, corpus: Path, out: Path, minutes: float, seed: int, dev
     report.export(t, tokenizer, out)
     report.finish(log, out, heldout_wins, device, c.batch_size, t0)
     return log
+
+
+TRAIN_FLAGS = {"epochs": float, "steps": int, "batch_size": int, "lr": float, "dropout": float, "aux_coef": float}
+
+
+def add_parser(sub) -> None:
+    from moeflow.flags import DEVICES
+
+    t = sub.add_parser("train-demo", help="train the embedded demo model (a small Mixtral) on a text corpus")
+    t.add_argument("--corpus", required=True, help="folder of .txt/.rst/.md files (e.g. the Python docs sources)")
+    t.add_argument("--out", required=True, help="folder to write the Hugging Face checkpoint into")
+    t.add_argument("--size", default="demo", choices=list(SIZES), help="demo (GPU, minutes), tiny (CPU), test")
+    t.add_argument("--minutes", type=float, default=7.0, help="wall-clock limit on training; export follows")
+    t.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    t.add_argument("--device", choices=DEVICES, help="cuda or cpu (default: cuda where available)")
+    for name, typ in TRAIN_FLAGS.items():
+        t.add_argument(f"--{name.replace('_', '-')}", type=typ,
+                       help=f"default: {getattr(SIZES['demo'], name)} (--size demo)")
+    t.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """`moeflow train-demo`: the size's config with the flags given on top."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MoeflowError(f"--out {out} exists and is not a folder")
+    overrides = {k: v for k in TRAIN_FLAGS if (v := getattr(args, k)) is not None}
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    train(replace(SIZES[args.size], **overrides), Path(args.corpus), out, args.minutes, args.seed, device)
+    return 0
