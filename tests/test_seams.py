@@ -1,5 +1,5 @@
 """The code's seams hold: every module imports alone, the engine never reaches up into the profiler, and no
-import cycle runs through engine/ or perf/ (function-level imports counted too)."""
+import cycle runs among moeflow's modules (function-level imports counted too)."""
 
 from __future__ import annotations
 
@@ -104,10 +104,11 @@ def test_the_engine_never_imports_the_profiler():
     assert not bad, f"engine modules import the profiler: {bad}"
 
 
-def test_no_import_cycle_runs_through_engine_or_perf():
-    through = [sorted(c) for c in cycles(import_graph())
-               if any(m.startswith(("moeflow.engine", "moeflow.perf")) for m in c)]
-    assert not through, f"import cycles through engine/ or perf/: {through}"
+def test_no_import_cycle_among_moeflows_modules():
+    """A lazy (function-level) import counts: a cycle hidden in a function body is still two modules that each
+    need the other."""
+    found = [sorted(c) for c in cycles(import_graph())]
+    assert not found, f"import cycles: {found}"
 
 
 def test_the_cycle_finder_finds_a_cycle():

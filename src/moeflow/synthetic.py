@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moeflow import MoeflowError
-from moeflow.checkpoint import Checkpoint, check_fits, resolve_device, resolve_dtype
 from moeflow.config import ModelConfig
 from moeflow.experts.local import LocalExperts
 from moeflow.experts.store import ExpertStore
+from moeflow.loaded import Checkpoint, check_fits, resolve_device, resolve_dtype
 from moeflow.models import get_architecture
 from moeflow.quant.format import QuantSpec, quantize
 from moeflow.tokenizer import CHATML_TEMPLATE, MIXTRAL_TEMPLATE, synthetic_tokenizer
