@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,33 @@ def test_no_import_cycle_among_moeflows_modules():
     need the other."""
     found = [sorted(c) for c in cycles(import_graph())]
     assert not found, f"import cycles: {found}"
+
+
+ENV_NAME = re.compile(r"MOEFLOW_[A-Z0-9_]+")
+
+
+def env_names_in_source() -> set[str]:
+    """MOEFLOW_* names the package reads or mentions, outside cli.py (which lists them); a name built in an
+    f-string (MOEFLOW_AMX_{k}) counts as its prefix."""
+    cli = SRC / "moeflow" / "cli.py"
+    return {m.rstrip("_") for p in (SRC / "moeflow").rglob("*") if p.suffix in (".py", ".cpp", ".inc") and p != cli
+            for m in ENV_NAME.findall(p.read_text())}
+
+
+def test_every_environment_variable_is_documented():
+    """`moeflow --help`'s epilog lists every MOEFLOW_* variable the source reads and none it no longer reads;
+    the README's table names each of them."""
+    from moeflow.cli import build_parser
+
+    epilog = build_parser().epilog
+    listed, used = set(ENV_NAME.findall(epilog)), env_names_in_source()
+    covers = lambda a, b: a == b or a.startswith(b + "_")  # noqa: E731  (b: a name or an f-string's prefix)
+    undocumented = {u for u in used if not any(covers(n, u) for n in listed)}
+    assert not undocumented, f"not in `moeflow --help` (cli.ENV_VARS): {sorted(undocumented)}"
+    stale = {n for n in listed if not any(covers(n, u) for u in used)}
+    assert not stale, f"cli.ENV_VARS lists what the source no longer reads: {sorted(stale)}"
+    readme = (SRC.parent / "README.md").read_text()
+    assert not (missing := sorted(n for n in listed if n not in readme)), f"the README's table lacks {missing}"
 
 
 def test_the_cycle_finder_finds_a_cycle():

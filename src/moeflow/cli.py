@@ -8,17 +8,21 @@ import sys
 from moeflow import MoeflowError, __version__
 from moeflow.flags import DEFAULT_MODEL, DEFAULT_PROMPT, Parser, check_args  # noqa: F401  (moeflow.cli's API)
 
-# Every environment variable moeflow reads (`moeflow --help` lists them; the README's environment section too).
+# Every environment variable moeflow reads, listed in `moeflow --help` (the README's table says the same;
+# tests/test_seams.py checks both against the source).
 ENV_VARS = {
-    "MOEFLOW_CACHE_DIR": "where the hardware profile is cached (default $XDG_CACHE_HOME/moeflow or ~/.cache/moeflow)",
-    "MOEFLOW_CACHE": "where the native CPU kernel is built (default ~/.cache/moeflow)",
+    "MOEFLOW_CACHE_DIR": "moeflow's cache folder: hardware profiles, the native kernels' builds under ext/ "
+                         "(default $XDG_CACHE_HOME/moeflow, else ~/.cache/moeflow)",
+    "MOEFLOW_CPU_THREADS": "threads of the CPU expert kernel (default: the physical cores, one fewer beside a GPU)",
     "MOEFLOW_CPU_KERNEL": "native CPU kernel: auto | torch | scalar | avx2 | avx512 | amx | amx-emu (default auto)",
-    "MOEFLOW_CPU_THREADS": "threads of the CPU expert kernel (default: the physical cores, less one)",
     "MOEFLOW_AMX_MIN_TOKENS": "fewest tokens of an expert that go to the AMX tiles (default 16)",
     "MOEFLOW_CPU_TORCH_FROM": "CPU jobs of this many tokens or more go to PyTorch (default 0: none)",
     "MOEFLOW_POOL_SPIN": "pause iterations the kernel's idle threads spin before they sleep (default 256)",
-    "MOEFLOW_AMX_DOWN_ROWS, _GU_HIDDEN, _GU_ROWS": "AMX blocking (tuning; defaults in experts/native.py)",
+    "MOEFLOW_AMX_DOWN_ROWS": "AMX blocking: rows of down repacked per chunk (defaults in experts/native.py)",
+    "MOEFLOW_AMX_GU_HIDDEN": "AMX blocking: hidden columns per gate/up slice",
+    "MOEFLOW_AMX_GU_ROWS": "AMX blocking: gate/up rows per slice",
     "MOEFLOW_AMX_PREFETCH": "AMX weight reads: 2 (default) loads tiles straight from the weights",
+    "CXX": "the compiler of the native CPU kernels (default g++)",
     "GOMP_SPINCOUNT": "OpenMP idle spin; moeflow sets 10000 unless you set it",
 }
 
