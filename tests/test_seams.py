@@ -26,7 +26,8 @@ from moeflow.experts.trace import RoutingRecorder, load_trace
 from moeflow.policy.lru import LruPolicy
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-PROFILER = {"moeflow.perf.profile", "moeflow.perf.layers", "moeflow.perf.probe", "moeflow.perf.commands"}
+PROFILER = {"moeflow.perf.profile", "moeflow.perf.measure", "moeflow.perf.layers", "moeflow.perf.probe",
+            "moeflow.perf.commands"}
 
 
 def modules() -> dict[str, Path]:

@@ -117,7 +117,8 @@ def _prompts_placement(args):
 
 def cmd_profile(args) -> int:
     from moeflow.checkpoint import read_model_config
-    from moeflow.perf.profile import QUICK, Sizes, get_profile, profile_path
+    from moeflow.perf.measure import QUICK, Sizes, get_profile
+    from moeflow.perf.profile import profile_path
 
     name, cfg = read_model_config(args.model)
     profile, how = get_profile(cfg, args.device, args.refresh, sizes=QUICK if args.quick else Sizes())
@@ -168,7 +169,8 @@ def print_profile(p, cfg=None) -> None:
 
 def _plan_profile(args, cfg):
     """--profile FILE, else this machine's cached (or freshly measured) GPU profile, else the reference."""
-    from moeflow.perf.profile import HardwareProfile, get_profile, local_device_name, reference_profile
+    from moeflow.perf.measure import get_profile
+    from moeflow.perf.profile import HardwareProfile, local_device_name, reference_profile
 
     if args.profile:
         p = HardwareProfile.load(args.profile)
