@@ -38,9 +38,8 @@ def toy_profile(cfg) -> HardwareProfile:
 def test_profile_cache_and_refresh(cache, monkeypatch):
     p, how = measure.get_profile(TINY, "cpu", sizes=measure.QUICK, progress=False)
     assert how == "measured" and not p.has_gpu and p.has_shape(TINY)
-    # a prefill's per-layer host time at each prompt measured, named with it (quick sizes and older profiles:
-    # the first two)
-    assert p.prefill_tokens == measure.PREFILL_TOKENS[:2] and len(p.prefill_overhead_s) == 2
+    # a prefill's per-layer host time at each prompt measured, named with it
+    assert p.prefill_tokens == measure.QUICK.prefill_tokens and len(p.prefill_overhead_s) == 2
     assert all(t >= 0 for t in p.prefill_overhead_s) and p.layer_overhead_s > 0 and p.step_overhead_s >= 0
     assert p.expert_overhead_s >= 0 and p.decode_layer_s(8) >= p.decode_layer_s(2) == p.layer_overhead_s
     assert p.probe_s > 0  # the host's speed read beside its figures (perf/probe.py)
@@ -220,8 +219,9 @@ def test_the_speed_probe_reads_a_decode_step_of_its_tiny_engine(monkeypatch):
     own is left, and close() lets it go. A profile written with the readings per key still reads."""
     from moeflow.perf import probe as probe_mod
 
-    monkeypatch.setattr(probe_mod, "PROBE_LEN", 96)  # room for one reading (8 runs of 8 steps) per sequence
-    probe = SpeedProbe("cpu")
+    # a reading: 2 runs of 8 steps after a warm-up run; a sequence of 96 has room for two, the third takes a new one
+    monkeypatch.setattr(probe_mod, "PROBE_LEN", 96)
+    probe = SpeedProbe("cpu", runs=2)
     seqs = []
     for _ in range(3):
         assert 0 < probe() < 1.0

@@ -38,6 +38,13 @@ class Sizes:
     expert_pool_bytes: int = 1 << 30  # host expert blocks rotated through, so the CPU reads from memory
     repeats: int = 5
     rounds: int = 3  # expert-cost measurements, combined point by point by their median
+    # the host's share of a layer (perf/layers.py host_overheads): decode steps per run, runs per model (their
+    # median), the deep model's layers (without a GPU at most CPU_HOST_LAYERS), the prefill figures' prompts
+    host_steps: int = 32
+    host_repeats: int = 7
+    host_layers: int = 36
+    prefill_tokens: tuple[int, ...] = PREFILL_TOKENS
+    probe_runs: int = 7  # SpeedProbe's runs per reading
 
     @property
     def quick(self) -> bool:
@@ -45,7 +52,8 @@ class Sizes:
 
 
 QUICK = Sizes(mem_bytes=8 << 20, link_bytes=4 << 20, matmul_n=256, cpu_matmul_n=128, expert_pool_bytes=4 << 20,
-              repeats=1, rounds=1)
+              repeats=1, rounds=1, host_steps=4, host_repeats=1, host_layers=8, prefill_tokens=(8, 32), probe_runs=3)
+CPU_HOST_LAYERS = 12  # without a GPU the tiny model's layers are CPU compute, which no plan reads: the short span
 
 
 def engine_cpu_experts():
@@ -94,7 +102,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
                     ["CPU memory", "CPU matmul", "CPU expert"] + (["links", "GPU memory", "GPU matmul"] if cuda else [])
                     + ["layer overhead"]) + (["resident layer"] if cuda else []), progress)
     t_start = time.perf_counter()
-    probe = SpeedProbe(dev) if not base else None  # the host's speed beside its figures (perf/probe.py)
+    probe = SpeedProbe(dev, sizes.probe_runs) if not base else None  # the host's speed (perf/probe.py)
     threads = torch.get_num_threads()
     if cuda:  # measured as the engine runs: one core left to the thread that drives the GPU
         torch.set_num_threads(thread_split(driver=True).torch)
@@ -256,12 +264,10 @@ def _host_figures(cfg: ModelConfig, dev, dtype_name: str, sizes: Sizes, probe: S
     cuda = dev.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
-    tokens = PREFILL_TOKENS[:2] if sizes.quick else PREFILL_TOKENS
+    tokens = sizes.prefill_tokens
     host_reads = [probe()]  # before, after, and after the resident layer's: their median
-    # without a GPU the tiny model's layers are CPU compute, not the host's overhead, and no plan reads them:
-    # the short span
-    layer, expert, step, prefill = host_overheads(dev, 8 if sizes.quick else 32, tokens, 3 if sizes.quick else 7,
-                                                  36 if cuda and not sizes.quick else 12)
+    layers = sizes.host_layers if cuda else min(sizes.host_layers, CPU_HOST_LAYERS)
+    layer, expert, step, prefill = host_overheads(dev, sizes.host_steps, tokens, sizes.host_repeats, layers)
     host_reads.append(probe())
     steps.done()
     out = {"prefill_tokens": tokens, "layer_overhead_s": layer, "expert_overhead_s": expert,
