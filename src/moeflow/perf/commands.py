@@ -187,16 +187,12 @@ def _plan_profile(args, cfg):
 
 def cmd_plan(args) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from moeflow.checkpoint import model_quant, read_model_config
     from moeflow.config import parse_size
-    from moeflow.perf.search import search_latency, search_throughput
-    from moeflow.quant.format import expert_bytes
 
     name, cfg = read_model_config(args.model)
     quant = model_quant(args.model, args.quantize)
-    eb = expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant)
     budget = parse_size(args.gpu_memory)
     profile, said = _plan_profile(args, cfg)
     con = Console(width=max(Console().width, 140), soft_wrap=True)
@@ -212,55 +208,9 @@ def cmd_plan(args) -> int:
         placement.check(name, cfg)
         hit = placement.counts.tolist()
     if args.workload in ("latency", "both"):
-        plan = search_latency(cfg, profile, budget, args.prompt_len, args.gen_len, hit, name, expert_bytes=eb)
-        if quant is not None:
-            con.print(f"experts in {quant.name}: {_gib(eb)} each (CPU and GPU expert times: the profile's dense ones)")
-        t = Table(title=f"latency regime: one request, {args.prompt_len}-token prompt (predicted)")
-        for col in ("policy", "decode tok/s", "TTFT s", "hit rate", "CPU ms/tok", "copy ms/tok", "GPU ms/tok",
-                    "overhead ms/tok", "binds", "bound tok/s"):
-            t.add_column(col, justify="left" if col in ("policy", "binds") else "right")
-        for p in plan.predictions.values():
-            if p.error:
-                t.add_row(p.policy, "-", "-", "-", "-", "-", "-", "-", "does not fit", "-")
-                continue
-            k = p.token
-            t.add_row(p.policy + (" *" if p.policy == plan.policy else ""), f"{p.decode_tps:.2f}", f"{p.ttft_s:.2f}",
-                      f"{p.hit_rate:.0%}", *(f"{v * 1e3:.1f}" for v in (k.cpu, k.copy, k.gpu, k.overhead)),
-                      p.binding, f"{p.bound_tps:.2f}")
-        con.print(t)
-        for p in plan.predictions.values():
-            if p.error:
-                con.print(f"{p.policy}: {p.error}")
-        best = plan.best
-        thr = plan.copy_threshold
-        shared = (f"{profile.host_read_bw_shared / 1e9:.0f} GB/s together, as measured while both run"
-                  if profile.host_read_bw_shared else "their sum; `moeflow profile --refresh` measures them at once")
-        con.print(f"bound {best.bound_tps:.2f} tok/s at a {best.hit_rate:.0%} hit rate: the missing experts' weights "
-                  f"cross the CPU memory bus ({profile.cpu_read_bw / 1e9:.0f} GB/s) and PCIe "
-                  f"({profile.h2d_bw / 1e9:.0f} GB/s) at once ({shared}). Binding resource of {best.policy}: "
-                  f"{best.binding}.")
-        b = best.budget
-        con.print(f"plan: policy {plan.policy}; {b['slots']} expert slots ({b['resident']} resident, {b['cache']} "
-                  f"cache) after {_gib(b['dense_bytes'])} non-expert weights, {_gib(b['kv_bytes'])} KV, "
-                  f"{_gib(b['workspace_bytes'])} workspace; copying an expert beats the CPU from "
-                  + (f"{thr} token(s) routed to it" if thr else "no token count (the CPU always wins)")
-                  + (f"; resident: {', '.join(f'{layer}:{e}' for layer, e in plan.resident[:12])}"
-                     f"{' ...' if len(plan.resident) > 12 else ''}" if args.placement else ""))
+        _latency_plan(con, args, name, cfg, profile, budget, hit, quant)
     if args.workload in ("throughput", "both"):
-        host = parse_size(args.host_memory) if args.host_memory else None
-        tp = search_throughput(cfg, profile, budget, args.prompt_len, args.gen_len, host, name)
-        d = tp.as_dict()
-        t = Table(title=f"throughput regime: batches of {args.prompt_len}-token prompts, {args.gen_len} new tokens "
-                  "(best plan found)")
-        for col in ("N", "mu", "r_w", "r_c", "attention", "tok/s", "decode tok/s", "prefill s", "PCIe ms",
-                    "CPU ms", "GPU ms", "binds"):
-            t.add_column(col, justify="right")
-        t.add_row(str(d["N"]), str(d["mu"]), f"{d['r_w']:.2f}", f"{d['r_c']:.2f}", d["attention"],
-                  f"{d['tokens_per_s']:.0f}", f"{d['decode_tps']:.0f}", f"{d['prefill_s']:.1f}",
-                  *(f"{tp.terms[k] * 1e3:.1f}" for k in ("PCIe", "CPU memory bus", "GPU")), tp.binding)
-        con.print(t)
-        con.print(f"per decode layer: T = max(PCIe, CPU, GPU, host) = {tp.layer_s * 1e3:.1f} ms, bound by "
-                  f"{tp.binding}; GPU {_gib(tp.gpu_bytes)} of {_gib(budget)}, host {_gib(tp.host_bytes)}")
+        _throughput_plan(con, args, name, cfg, profile, budget)
     if args.roofline:
         from moeflow.perf.roofline import draw, standard_kernels
 
@@ -268,6 +218,73 @@ def cmd_plan(args) -> int:
              args.roofline, f"{name} on {profile.host} ({profile.gpu_name})")
         con.print(f"wrote {args.roofline}")
     return 0
+
+
+def _latency_plan(con, args, name, cfg, profile, budget: int, hit, quant) -> None:
+    """The latency regime: each policy's predicted figures in a table, the bound, the chosen plan."""
+    from rich.table import Table
+
+    from moeflow.perf.search import search_latency
+    from moeflow.quant.format import expert_bytes
+
+    eb = expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant)
+    plan = search_latency(cfg, profile, budget, args.prompt_len, args.gen_len, hit, name, expert_bytes=eb)
+    if quant is not None:
+        con.print(f"experts in {quant.name}: {_gib(eb)} each (CPU and GPU expert times: the profile's dense ones)")
+    t = Table(title=f"latency regime: one request, {args.prompt_len}-token prompt (predicted)")
+    for col in ("policy", "decode tok/s", "TTFT s", "hit rate", "CPU ms/tok", "copy ms/tok", "GPU ms/tok",
+                "overhead ms/tok", "binds", "bound tok/s"):
+        t.add_column(col, justify="left" if col in ("policy", "binds") else "right")
+    for p in plan.predictions.values():
+        if p.error:
+            t.add_row(p.policy, "-", "-", "-", "-", "-", "-", "-", "does not fit", "-")
+            continue
+        k = p.token
+        t.add_row(p.policy + (" *" if p.policy == plan.policy else ""), f"{p.decode_tps:.2f}", f"{p.ttft_s:.2f}",
+                  f"{p.hit_rate:.0%}", *(f"{v * 1e3:.1f}" for v in (k.cpu, k.copy, k.gpu, k.overhead)),
+                  p.binding, f"{p.bound_tps:.2f}")
+    con.print(t)
+    for p in plan.predictions.values():
+        if p.error:
+            con.print(f"{p.policy}: {p.error}")
+    best = plan.best
+    thr = plan.copy_threshold
+    shared = (f"{profile.host_read_bw_shared / 1e9:.0f} GB/s together, as measured while both run"
+              if profile.host_read_bw_shared else "their sum; `moeflow profile --refresh` measures them at once")
+    con.print(f"bound {best.bound_tps:.2f} tok/s at a {best.hit_rate:.0%} hit rate: the missing experts' weights "
+              f"cross the CPU memory bus ({profile.cpu_read_bw / 1e9:.0f} GB/s) and PCIe "
+              f"({profile.h2d_bw / 1e9:.0f} GB/s) at once ({shared}). Binding resource of {best.policy}: "
+              f"{best.binding}.")
+    b = best.budget
+    con.print(f"plan: policy {plan.policy}; {b['slots']} expert slots ({b['resident']} resident, {b['cache']} "
+              f"cache) after {_gib(b['dense_bytes'])} non-expert weights, {_gib(b['kv_bytes'])} KV, "
+              f"{_gib(b['workspace_bytes'])} workspace; copying an expert beats the CPU from "
+              + (f"{thr} token(s) routed to it" if thr else "no token count (the CPU always wins)")
+              + (f"; resident: {', '.join(f'{layer}:{e}' for layer, e in plan.resident[:12])}"
+                 f"{' ...' if len(plan.resident) > 12 else ''}" if args.placement else ""))
+
+
+def _throughput_plan(con, args, name, cfg, profile, budget: int) -> None:
+    """The throughput regime: the best (N, mu, r_w, r_c, attention) plan found and its per-layer terms."""
+    from rich.table import Table
+
+    from moeflow.config import parse_size
+    from moeflow.perf.search import search_throughput
+
+    host = parse_size(args.host_memory) if args.host_memory else None
+    tp = search_throughput(cfg, profile, budget, args.prompt_len, args.gen_len, host, name)
+    d = tp.as_dict()
+    t = Table(title=f"throughput regime: batches of {args.prompt_len}-token prompts, {args.gen_len} new tokens "
+              "(best plan found)")
+    for col in ("N", "mu", "r_w", "r_c", "attention", "tok/s", "decode tok/s", "prefill s", "PCIe ms",
+                "CPU ms", "GPU ms", "binds"):
+        t.add_column(col, justify="right")
+    t.add_row(str(d["N"]), str(d["mu"]), f"{d['r_w']:.2f}", f"{d['r_c']:.2f}", d["attention"],
+              f"{d['tokens_per_s']:.0f}", f"{d['decode_tps']:.0f}", f"{d['prefill_s']:.1f}",
+              *(f"{tp.terms[k] * 1e3:.1f}" for k in ("PCIe", "CPU memory bus", "GPU")), tp.binding)
+    con.print(t)
+    con.print(f"per decode layer: T = max(PCIe, CPU, GPU, host) = {tp.layer_s * 1e3:.1f} ms, bound by "
+              f"{tp.binding}; GPU {_gib(tp.gpu_bytes)} of {_gib(budget)}, host {_gib(tp.host_bytes)}")
 
 
 def cmd_bench_accuracy(args) -> int:
