@@ -148,22 +148,32 @@ def test_the_cycle_finder_finds_a_cycle():
 CHILD = """
 import importlib, json, os, sys, traceback
 import numpy, torch  # the heavy third-party imports once; each moeflow module then imports in a fresh fork
-failed = {}
-for name in json.loads(sys.argv[1]):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            importlib.import_module(name)
-            os._exit(0)
-        except BaseException:
-            os.write(w, traceback.format_exc(limit=-3).encode()[-2000:])
-            os._exit(1)
-    os.close(w)
+for lib in ("safetensors.torch", "tokenizers", "jinja2", "tqdm", "rich.console", "fastapi", "pydantic"):
+    try:
+        importlib.import_module(lib)
+    except ImportError:
+        pass
+failed, running, names = {}, {}, json.loads(sys.argv[1])
+while names or running:
+    while names and len(running) < (os.cpu_count() or 1):  # a fork per module, as many at once as cores
+        name = names.pop()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                importlib.import_module(name)
+                os._exit(0)
+            except BaseException:
+                os.write(w, traceback.format_exc(limit=-3).encode()[-2000:])
+                os._exit(1)
+        os.close(w)
+        running[pid] = (name, r)
+    pid, status = os.wait()
+    name, r = running.pop(pid)
     with os.fdopen(r) as f:
         err = f.read()
-    if os.waitpid(pid, 0)[1]:
+    if status:
         failed[name] = err
 print(json.dumps(failed))
 """
