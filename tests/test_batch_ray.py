@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'moeflow[ray]')")
+pytest.importorskip("pydantic", reason="pydantic is not installed (the server's request models check Batch API lines)")
 
 from moeflow.batch.ray import BatchPredictor  # noqa: E402
 from moeflow.checkpoint import load  # noqa: E402

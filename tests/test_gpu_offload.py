@@ -189,7 +189,7 @@ def test_the_gpu_profile_times_the_models_resident_decode_layer(cache):
     from dataclasses import replace
 
     from moeflow.checkpoint import read_model_config
-    from moeflow.perf.profile import QUICK, get_profile
+    from moeflow.perf.measure import QUICK, get_profile
 
     tiny = read_model_config("synthetic:tiny-mixtral")[1]
     p, how = get_profile(tiny, "cuda", sizes=QUICK, progress=False)

@@ -14,6 +14,7 @@ from moeflow import MoeflowError
 from moeflow.checkpoint import read_model_config
 from moeflow.cli import main
 from moeflow.perf import costs as costs_mod
+from moeflow.perf import measure
 from moeflow.perf import profile as prof
 from moeflow.perf.costs import ExpertCosts, fixed_part
 from moeflow.perf.probe import SpeedProbe
@@ -35,20 +36,19 @@ def toy_profile(cfg) -> HardwareProfile:
 
 # -- profile and its cache ------------------------------------------------------------------------------------
 def test_profile_cache_and_refresh(cache, monkeypatch):
-    p, how = prof.get_profile(TINY, "cpu", sizes=prof.QUICK, progress=False)
+    p, how = measure.get_profile(TINY, "cpu", sizes=measure.QUICK, progress=False)
     assert how == "measured" and not p.has_gpu and p.has_shape(TINY)
-    # a prefill's per-layer host time at each prompt measured, named with it (quick sizes and older profiles:
-    # the first two)
-    assert p.prefill_tokens == prof.PREFILL_TOKENS[:2] and len(p.prefill_overhead_s) == 2
+    # a prefill's per-layer host time at each prompt measured, named with it
+    assert p.prefill_tokens == measure.QUICK.prefill_tokens and len(p.prefill_overhead_s) == 2
     assert all(t >= 0 for t in p.prefill_overhead_s) and p.layer_overhead_s > 0 and p.step_overhead_s >= 0
     assert p.expert_overhead_s >= 0 and p.decode_layer_s(8) >= p.decode_layer_s(2) == p.layer_overhead_s
     assert p.probe_s > 0  # the host's speed read beside its figures (perf/probe.py)
     path = prof.profile_path("cpu")
     assert path.parent == cache and path.exists()
     assert HardwareProfile.load(path) == p
-    assert prof.get_profile(TINY, "cpu", sizes=prof.QUICK, progress=False) == (p, "cached")
-    q, how = prof.get_profile(QWEN.__class__(**{**TINY.__dict__, "expert_intermediate_size": 128}), "cpu",
-                              sizes=prof.QUICK, progress=False)
+    assert measure.get_profile(TINY, "cpu", sizes=measure.QUICK, progress=False) == (p, "cached")
+    q, how = measure.get_profile(QWEN.__class__(**{**TINY.__dict__, "expert_intermediate_size": 128}), "cpu",
+                              sizes=measure.QUICK, progress=False)
     assert how == "added shape" and len(q.experts) == 2
     assert q.probe_s == p.probe_s  # read beside the host figures, which an added shape does not measure again
     # how long each measurement took (the issue's budget: under a minute on the GPU host)
@@ -56,9 +56,9 @@ def test_profile_cache_and_refresh(cache, monkeypatch):
     assert q.source.startswith(p.source + "; ") and re.search(r"added in \d+ s$", q.source), q.source
     # a refresh measures anew, from nothing cached (a stand-in measurement: the real one ran above)
     bases = []
-    monkeypatch.setattr(prof, "measure_profile", lambda cfg, device, dtype_name, sizes, progress, base=None:
+    monkeypatch.setattr(measure, "measure_profile", lambda cfg, device, dtype_name, sizes, progress, base=None:
                         bases.append(base) or replace(p, source="measured again"))
-    r, how = prof.get_profile(TINY, "cpu", refresh=True, sizes=prof.QUICK, progress=False)
+    r, how = measure.get_profile(TINY, "cpu", refresh=True, sizes=measure.QUICK, progress=False)
     assert how == "measured" and bases == [None] and len(r.experts) == 1 and HardwareProfile.load(path) == r
     # another CPU model, or another version, is not this machine's profile
     d = json.loads(path.read_text())
@@ -79,12 +79,12 @@ def test_profile_measures_a_cpu_calls_fixed_part(monkeypatch):
     only adds time)."""
     seen = []
     monkeypatch.setattr(costs_mod, "fixed_part", lambda t1, tm, m: seen.append((t1, tm, m)) or fixed_part(t1, tm, m))
-    sizes = replace(prof.QUICK, expert_pool_bytes=16 * TINY.expert_bytes(torch.bfloat16))
+    sizes = replace(measure.QUICK, expert_pool_bytes=16 * TINY.expert_bytes(torch.bfloat16))
     # the expert step alone, added to a toy profile of the host's figures (measured in the cache test)
-    p = prof.measure_profile(TINY, "cpu", sizes=sizes, progress=False, base=replace(toy_profile(TINY), experts={}))
+    p = measure.measure_profile(TINY, "cpu", sizes=sizes, progress=False, base=replace(toy_profile(TINY), experts={}))
     c = ExpertCosts.from_dict(p.experts[prof.shape_key(TINY)])  # as measured
     (t1, tm, m), = seen
-    assert m == prof.MANY and c.cpu_s[0] == min(t1, c.cpu_s[1]) and tm > 0
+    assert m == measure.MANY and c.cpu_s[0] == min(t1, c.cpu_s[1]) and tm > 0
     assert c.cpu_fixed_s == min(fixed_part(t1, tm, m), c.cpu_s[0]) and 0.0 <= c.cpu_fixed_s <= c.cpu_s[0]
     # as used: each expert's own part at least its bytes over the measured read rate
     used = p.expert_costs(TINY)
@@ -103,7 +103,7 @@ def test_costs_from_profile():
 def test_profile_cli_cpu_only(capsys, monkeypatch):
     """`moeflow profile` prints the figures and where they come from (a stand-in measurement of this
     machine: test_profile_cache_and_refresh runs the real one)."""
-    monkeypatch.setattr(prof, "measure_profile", lambda cfg, device, dtype_name, sizes, progress, base=None:
+    monkeypatch.setattr(measure, "measure_profile", lambda cfg, device, dtype_name, sizes, progress, base=None:
                         replace(toy_profile(cfg), cpu_model=prof.cpu_model(), source="measured (stand-in)"))
     assert main(["profile", "--model", "synthetic:tiny-mixtral", "--device", "cpu", "--quick"]) == 0
     out = capsys.readouterr().out
@@ -145,9 +145,9 @@ def test_cpu_matmul_grows_until_one_takes_long_enough(monkeypatch):
     import torch
 
     sizes = []
-    monkeypatch.setattr(prof, "median_s", lambda fn, sync, r: (sizes.append(fn().shape[0]), 1.0)[1])
-    assert prof.cpu_matmul_rate(torch.float32, 512, 1, enough_s=0.0) == 2 * 128**3 and sizes == [128]
-    assert prof.cpu_matmul_rate(torch.float32, 512, 1, enough_s=1e9) == 2 * 512**3 and sizes[-1] == 512
+    monkeypatch.setattr(measure, "median_s", lambda fn, sync, r: (sizes.append(fn().shape[0]), 1.0)[1])
+    assert measure.cpu_matmul_rate(torch.float32, 512, 1, enough_s=0.0) == 2 * 128**3 and sizes == [128]
+    assert measure.cpu_matmul_rate(torch.float32, 512, 1, enough_s=1e9) == 2 * 512**3 and sizes[-1] == 512
 
 
 def test_isotonic_fit_of_the_prefill_points():
@@ -219,8 +219,9 @@ def test_the_speed_probe_reads_a_decode_step_of_its_tiny_engine(monkeypatch):
     own is left, and close() lets it go. A profile written with the readings per key still reads."""
     from moeflow.perf import probe as probe_mod
 
-    monkeypatch.setattr(probe_mod, "PROBE_LEN", 96)  # room for one reading (8 runs of 8 steps) per sequence
-    probe = SpeedProbe("cpu")
+    # a reading: 2 runs of 8 steps after a warm-up run; a sequence of 96 has room for two, the third takes a new one
+    monkeypatch.setattr(probe_mod, "PROBE_LEN", 96)
+    probe = SpeedProbe("cpu", runs=2)
     seqs = []
     for _ in range(3):
         assert 0 < probe() < 1.0

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+pytest.importorskip("pydantic", reason="pydantic is not installed: the server's request models need it")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")

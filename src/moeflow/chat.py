@@ -7,11 +7,35 @@ when it no longer fits the context. `/reset` forgets it, `/exit` (or end of inpu
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from moeflow import MoeflowError
-from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
+from moeflow.flags import context_flag, device_flags, model_flag, sampling_flags
+
+if TYPE_CHECKING:
+    from moeflow.engine.llm_engine import LLMEngine
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("chat", help="chat in the terminal (streamed; /reset, /exit)")
+    model_flag(c)
+    c.add_argument("--system", help="system message")
+    sampling_flags(c, 256, 0.7, 0.9, "sampled by default: conversation reads better")
+    context_flag(c, "tokens of conversation kept, the oldest turns dropped (default: the model's context)")
+    device_flags(c)
+    c.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from moeflow.launch import load_engine
+
+    engine = load_engine(args, 1)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    if params.max_new_tokens >= engine.max_len:
+        raise MoeflowError(f"--max-new-tokens must be below the context ({engine.max_len})")
+    return chat_loop(ChatSession(engine, params, args.system))
+
 
 HELP = "type a message; /reset forgets the conversation, /exit (or Ctrl-D) leaves"
 

@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moeflow import MoeflowError
-from moeflow.checkpoint import Checkpoint, check_fits, resolve_device, resolve_dtype
 from moeflow.config import ModelConfig
 from moeflow.experts.local import LocalExperts
 from moeflow.experts.store import ExpertStore
+from moeflow.loaded import Checkpoint, check_fits, resolve_device, resolve_dtype
 from moeflow.models import get_architecture
 from moeflow.quant.format import QuantSpec, quantize
 from moeflow.tokenizer import CHATML_TEMPLATE, MIXTRAL_TEMPLATE, synthetic_tokenizer
@@ -267,3 +267,26 @@ def write_checkpoint(ck: Checkpoint, out: Path, shard_bytes: int = 4 << 30) -> N
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     (out / "generation_config.json").write_text(json.dumps(ck.generation, indent=2))
     ck.tokenizer.save(out)
+
+
+def add_parser(sub) -> None:
+    from moeflow.flags import DTYPES
+
+    s = sub.add_parser("synth", help="write random weights of a published shape as a Hugging Face folder")
+    s.add_argument("name", help="mixtral-8x7b, qwen3-30b-a3b, tiny-mixtral or tiny-qwen3")
+    s.add_argument("--out", required=True, help="folder to write")
+    s.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: the preset's own")
+    s.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """`moeflow synth NAME --out DIR`."""
+    from moeflow.engine.budget import gib
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MoeflowError(f"--out {out} exists and is not a folder")
+    ck = build_synthetic(args.name.removeprefix("synthetic:"), dtype=args.dtype)
+    write_checkpoint(ck, out)
+    print(f"wrote {ck.name} ({gib(ck.store.nbytes + ck.dense_bytes)}) to {args.out}")
+    return 0

@@ -11,10 +11,10 @@ from moeflow import MoeflowError
 
 
 def add_parser(subparsers) -> None:
-    from moeflow.cli import _device_flags, _model_flag
+    from moeflow.flags import device_flags, model_flag
 
     p = subparsers.add_parser("batch", help="run an OpenAI Batch API JSONL file offline (resumable)")
-    _model_flag(p)
+    model_flag(p)
     p.add_argument("--input", required=True, help="JSONL: Batch API lines (custom_id, method, url, body) or "
                    "{\"prompt\": ...} lines")
     p.add_argument("--output", required=True, help="results JSONL (Batch API format); an existing one is resumed: "
@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
                    "(CPU attention, streamed experts, micro-batches); auto: pipeline with --gpu-memory on a GPU")
     p.add_argument("--plan", help="pipeline plan N,mu,r_w,r_c,attn (default: chosen by the throughput model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _device_flags(p)
+    device_flags(p)
     p.set_defaults(func=run)
 
 
@@ -72,7 +72,7 @@ def run(args) -> int:
 
     from moeflow.batch.job import BatchJob, Defaults
     from moeflow.batch.results import ResultFile
-    from moeflow.cli import DEFAULT_MODEL
+    from moeflow.flags import DEFAULT_MODEL
 
     for flag in ("max_running", "max_len"):
         if (getattr(args, flag) or 1) < 1:
@@ -116,7 +116,8 @@ def _engine(args):
     import torch
 
     from moeflow.checkpoint import read_model_config
-    from moeflow.cli import DEFAULT_MODEL, _load_engine
+    from moeflow.flags import DEFAULT_MODEL
+    from moeflow.launch import load_engine
 
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     kind = args.engine if args.engine != "auto" else "pipeline" if args.gpu_memory and cuda else "continuous"
@@ -125,7 +126,7 @@ def _engine(args):
             raise MoeflowError("--plan needs --engine pipeline")
         ctx = read_model_config(args.model or DEFAULT_MODEL)[1].max_position_embeddings
         args.max_len = args.max_len or min(4096, ctx)  # the KV cache holds max_running of them
-        return _load_engine(args, args.max_running), None
+        return load_engine(args, args.max_running), None
     from moeflow.config import parse_size
     from moeflow.pipeline.load import PipelineSpec, load_pipeline
 

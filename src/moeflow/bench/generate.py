@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import time
 from datetime import datetime, timezone
 
 import torch
@@ -18,6 +19,35 @@ from moeflow.bench.ceilings import matmul_rate, memory_bandwidth
 from moeflow.checkpoint import Checkpoint
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
+from moeflow.flags import DEFAULT_MODEL, ENGINE, alias, device_flags
+
+
+def add_parser(bsub) -> None:
+    bg = bsub.add_parser("generate", help="prefill and decode speed of one request, against the bound")
+    bg.add_argument("--model", action="append", default=[], help="repeatable (default: the embedded default)")
+    device_flags(bg, offload=False, deterministic=False)
+    bg.add_argument("--prompt-len", type=int, default=512, help="prompt tokens")
+    bg.add_argument("--max-new-tokens", dest="new_tokens", type=int, default=128, help="tokens decoded per run")
+    alias(bg, "--new-tokens", "new_tokens")
+    bg.add_argument("--runs", type=int, default=3, help="runs per model (the best is reported)")
+    bg.add_argument("--out", help="write the results as JSON here")
+    bg.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from moeflow.checkpoint import load
+
+    results = []
+    for model in args.model or [DEFAULT_MODEL]:
+        t = time.perf_counter()
+        ck = load(model, device=args.device or ENGINE.resolved_device(), dtype=args.dtype, progress=None)
+        load_s = time.perf_counter() - t
+        results.append(bench_generate(ck, args.prompt_len, args.new_tokens, args.runs) | {"load_s": load_s})
+        print_result(results[-1])
+        del ck
+    if args.out:
+        save(results, args.out)
+    return 0
 
 
 def host_info(device: torch.device) -> dict:

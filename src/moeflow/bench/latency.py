@@ -298,7 +298,7 @@ def _profile(args, ck: Checkpoint, device: torch.device):
 
         return HardwareProfile.load(args.profile)
     if device.type == "cuda":
-        from moeflow.perf.profile import get_profile
+        from moeflow.perf.measure import get_profile
 
         return get_profile(ck.cfg, "cuda", dtype_name=str(ck.store.dtype).removeprefix("torch."))[0]
     return None

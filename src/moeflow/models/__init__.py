@@ -1,16 +1,10 @@
-"""Architectures by `model_type`; adding one is one new file that registers itself here."""
+"""Architectures by `model_type`; adding one is one new file that registers itself (models/base.py's `register`)
+and one name in the import below."""
 
 from __future__ import annotations
 
 from moeflow import MoeflowError
-from moeflow.models.base import Architecture
-
-ARCHITECTURES: dict[str, type[Architecture]] = {}
-
-
-def register(cls: type[Architecture]) -> type[Architecture]:
-    ARCHITECTURES[cls.model_type] = cls
-    return cls
+from moeflow.models.base import ARCHITECTURES, Architecture, register  # noqa: F401  (the registry's API)
 
 
 def get_architecture(model_type: str | None) -> type[Architecture]:

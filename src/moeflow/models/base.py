@@ -57,3 +57,11 @@ class Architecture(ABC):
     @staticmethod
     def build(cfg: ModelConfig, experts: ExpertBackend) -> MoeTransformer:
         return MoeTransformer(cfg, experts)
+
+
+ARCHITECTURES: dict[str, type[Architecture]] = {}  # by model_type; models/__init__.py imports every file that adds one
+
+
+def register(cls: type[Architecture]) -> type[Architecture]:
+    ARCHITECTURES[cls.model_type] = cls
+    return cls

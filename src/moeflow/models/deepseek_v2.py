@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from moeflow.config import ModelConfig, eos_ids_from, require
-from moeflow.models import register
+from moeflow.models.base import register
 from moeflow.models.base import Architecture
 from moeflow.models.layers import DenseMLP, MoeTransformer, SparseMoe
 from moeflow.models.mla import MlaAttention

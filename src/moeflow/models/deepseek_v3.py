@@ -5,7 +5,7 @@ chosen scores renormalized and scaled by `routed_scaling_factor`. The multi-toke
 from __future__ import annotations
 
 from moeflow.config import ModelConfig
-from moeflow.models import register
+from moeflow.models.base import register
 from moeflow.models.base import Architecture
 from moeflow.models.deepseek_v2 import V2_DEFAULTS, build_deepseek, deepseek_config, deepseek_hf_config
 from moeflow.models.layers import MoeTransformer

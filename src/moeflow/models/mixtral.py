@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moeflow.config import ModelConfig, require, rope_theta_from_hf, shared_fields
-from moeflow.models import register
+from moeflow.models.base import register
 from moeflow.models.base import Architecture
 
 _PARTS = {"gate": "w1", "down": "w2", "up": "w3"}

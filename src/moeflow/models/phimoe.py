@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig, require, rope_theta_from_hf, shared_fields
-from moeflow.models import register
+from moeflow.models.base import register
 from moeflow.models.base import Architecture
 from moeflow.models.rope import rope_scaling_from_hf
 

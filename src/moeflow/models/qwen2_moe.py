@@ -8,7 +8,7 @@ from torch import nn
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig, require, rope_theta_from_hf, shared_fields
-from moeflow.models import register
+from moeflow.models.base import register
 from moeflow.models.base import Architecture
 from moeflow.models.layers import DenseMLP, MoeTransformer, SparseMoe
 from moeflow.models.qwen3_moe import _dense_layers

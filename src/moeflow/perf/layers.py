@@ -37,18 +37,11 @@ def host_overheads(dev, steps: int, tokens: tuple[int, ...], repeats: int, many_
     sync = device_sync(dev)
     decode_tokens = 2 * steps * (repeats + 1) + 2  # the many-layer model decodes in two pairings
     max_len = max(tokens) + decode_tokens + 16
-
-    def engine(layers: int, top_k: int = PREFILL_K) -> LLMEngine:
-        return tiny_engine(dev, layers, max_len, top_k)
-
-    def prompt(eng: LLMEngine, n: int) -> Callable[[], None]:
-        return lambda: list(eng.stream([3 + i % 64 for i in range(n)],
-                                       SamplingParams(max_new_tokens=1, ignore_eos=True)))
-
     few_layers = 4
     engines: list[LLMEngine] = []
     try:
-        engines += [engine(few_layers), engine(many_layers), engine(many_layers, ALL_K)]
+        engines += [tiny_engine(dev, n, max_len, k)
+                    for n, k in ((few_layers, PREFILL_K), (many_layers, PREFILL_K), (many_layers, ALL_K))]
         few, many, all_k = engines
         seqs = [e.add_request(list(range(3, 11)), SamplingParams(max_new_tokens=decode_tokens, ignore_eos=True))
                 for e in engines]
@@ -59,7 +52,7 @@ def host_overheads(dev, steps: int, tokens: tuple[int, ...], repeats: int, many_
         for e, seq in zip(engines, seqs):
             if not seq.finished:
                 e.abort(seq)
-        prefill = [paired_s(prompt(few, n), prompt(many, n), repeats, sync) for n in tokens]
+        prefill = [paired_s(_prompt(few, n), _prompt(many, n), repeats, sync) for n in tokens]
         slope = (many_step - few_step) / (many_layers - few_layers)
         layer = slope if slope > 0 else few_step / few_layers  # noise beyond the difference: all of it per layer
         per_expert = max(all_step - k_step, 0.0) / many_layers / (ALL_K - PREFILL_K)
@@ -67,6 +60,13 @@ def host_overheads(dev, steps: int, tokens: tuple[int, ...], repeats: int, many_
             tuple(isotonic([max(b - a, 0.0) / (many_layers - few_layers) for a, b in prefill]))
     finally:
         _close(engines, dev)
+
+
+def _prompt(eng, n: int) -> Callable[[], None]:
+    """A prefill of n tokens (and its one new token) on eng."""
+    from moeflow.engine.sequence import SamplingParams
+
+    return lambda: list(eng.stream([3 + i % 64 for i in range(n)], SamplingParams(max_new_tokens=1, ignore_eos=True)))
 
 
 def tiny_engine(dev, layers: int, max_len: int, top_k: int = PREFILL_K):

@@ -29,17 +29,17 @@ def host_speed(now: float | None, then: float | None) -> float:
 class SpeedProbe:
     """The host's speed as seconds of a decode step of the tiny synthetic Mixtral (4 layers, every expert in a
     GPU slot: the engine's host path, sync, planning and launches, with negligible GPU work): the median of
-    HOST_RUNS runs of PROBE_STEPS steps. Its engine is made on first use and kept until close()."""
+    `runs` runs (HOST_RUNS) of PROBE_STEPS steps. Its engine is made on first use and kept until close()."""
 
-    def __init__(self, device):
+    def __init__(self, device, runs: int = HOST_RUNS):
         import torch
 
-        self.dev = torch.device(device)
+        self.dev, self.runs = torch.device(device), runs
         self.sync = device_sync(self.dev)
         self._engine, self._seq = None, None
 
     def __call__(self) -> float:
-        return median_s(_steps(self._running(), PROBE_STEPS), self.sync, HOST_RUNS) / PROBE_STEPS
+        return median_s(_steps(self._running(), PROBE_STEPS), self.sync, self.runs) / PROBE_STEPS
 
     def _running(self):
         """The tiny engine with a sequence left to decode (its prefill not timed)."""
@@ -48,7 +48,7 @@ class SpeedProbe:
         if self._engine is None:
             self._engine = tiny_engine(self.dev, 4, PROBE_LEN)
             _uncap(self.dev)  # the engine capped the allocator at its own budget; a bench's engines set theirs
-        if self._seq is not None and self._seq.num_tokens + (HOST_RUNS + 1) * PROBE_STEPS >= PROBE_LEN - 16:
+        if self._seq is not None and self._seq.num_tokens + (self.runs + 1) * PROBE_STEPS >= PROBE_LEN - 16:
             self._engine.abort(self._seq)
             self._seq = None
         if self._seq is None:

@@ -1,4 +1,5 @@
-"""HardwareProfile: the running machine measured once (`moeflow profile`) and cached per host and device.
+"""HardwareProfile: the running machine measured once (`moeflow profile`, perf/measure.py) and cached per host
+and device; the built-in reference profile; the costs the engine takes from the cache.
 
 Every figure the planner and the engine's cost model need: CPU memory read bandwidth and matmul rate, the
 CPU expert FFN by token count (with the CPU expert kernel the engine runs), host<->GPU bandwidth and latency
@@ -18,43 +19,20 @@ import os
 import platform
 import re
 import socket
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig, cache_dir
-from moeflow.perf.costs import (TOKEN_POINTS, ExpertCosts, device_sync, handoff_s, measure_costs, median_costs,
-                                median_s, monotone, one_and_fixed)
-from moeflow.perf.layers import PREFILL_K, host_overheads, layer_key, time_resident_layer
-from moeflow.perf.probe import SpeedProbe
+from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts
+from moeflow.perf.layers import PREFILL_K, layer_key
 
 PROFILE_VERSION = 4  # 2: copies and CPU timed beside each other throughout; expert_overhead_s; 3: resident_layers;
                      # 4: probe_s, the resident layer with all experts that fit
 READABLE_VERSIONS = (1, 2, 3, 4)  # older ones lack later figures (0: not measured), and a cached one is re-measured
 CPU_BACKEND = "cpu-experts"  # the CPU expert backend the engine runs: experts/cpu.py CpuExperts (cpu_expert_ffn)
 CPU_CALL_FLOOR_S, GPU_CALL_FLOOR_S = 20e-6, 15e-6  # fixed cost of one expert call (scaling between shapes)
-PREFILL_TOKENS = (32, 512, 2048)  # the prompts whose per-layer host time the profile measures (prefill_overhead_s):
-                                  # 2048 x 2 routing entries, as many as a 512-token prompt of Qwen3's 8 per token
-MANY = 4  # experts (at most) in the one-call CPU measurement that separates a call's fixed part
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
-def engine_cpu_experts():
-    """The engine's CPU expert backend (experts/cpu.py CpuExperts) with the threads the offloaded engine gives
-    it (one core left to the thread that drives the GPU)."""
-    import torch
-
-    from moeflow.experts.cpu import CpuExperts, cpu_threads
-
-    return CpuExperts(threads=cpu_threads(driver=torch.cuda.is_available()))
-
-
-def cpu_expert_ffn() -> Callable:
-    """The engine's CPU expert path on one host block, ffn(x [n, H], block [3IH]) -> [n, H]."""
-    return engine_cpu_experts().expert
 
 
 def _plain(costs: ExpertCosts) -> dict:
@@ -274,209 +252,8 @@ def engine_costs(ck, oc) -> ExpertCosts | None:
     return profiled_costs(ck.cfg, ck.store.dtype, device)
 
 
-# -- measuring -------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Sizes:
-    """How much each measurement moves: `full` for a real profile, `quick` for tests and smoke runs."""
-
-    mem_bytes: int = 1 << 30
-    link_bytes: int = 256 << 20
-    matmul_n: int = 8192
-    cpu_matmul_n: int = 2048
-    expert_pool_bytes: int = 1 << 30  # host expert blocks rotated through, so the CPU reads from memory
-    repeats: int = 5
-    rounds: int = 3  # expert-cost measurements, combined point by point by their median
-
-
-QUICK = Sizes(mem_bytes=8 << 20, link_bytes=4 << 20, matmul_n=256, cpu_matmul_n=128, expert_pool_bytes=4 << 20,
-              repeats=1, rounds=1)
-
-
-def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "bfloat16", sizes: Sizes = Sizes(),
-                    progress: bool = True, base: HardwareProfile | None = None,
-                    cpu_ffn: Callable | None = None) -> HardwareProfile:
-    """Measure this machine for cfg's expert shape. With `base` (a cached profile of this machine), only the
-    expert shape is measured and added to it. cpu_ffn(x, block) times another CPU expert kernel than the
-    engine's (default: cpu_expert_ffn)."""
-    import torch
-    from tqdm import tqdm
-
-    from moeflow.bench.ceilings import concurrent_host_read, memory_bandwidth
-    from moeflow.config import parse_dtype
-    from moeflow.experts.cpu import thread_split
-    from moeflow.experts.ffn import block_ffn
-    from moeflow.synthetic import RandomFiller
-
-    cuda = device != "cpu" and torch.cuda.is_available()
-    dev = torch.device(device if cuda else "cpu")
-    dtype = parse_dtype(dtype_name)
-    sync = device_sync(dev)
-    steps = (["CPU expert"] if base else
-             ["CPU memory", "CPU matmul", "CPU expert"] + (["links", "GPU memory", "GPU matmul"] if cuda else []) +
-             ["layer overhead"]) + (["resident layer"] if cuda else [])
-    quick = sizes.repeats < 3
-    bar = tqdm(total=len(steps), desc="profiling", unit="step", disable=not progress)
-    t_start = time.perf_counter()  # the issue's budget for a profile: under a minute on the GPU host
-    figures: dict = {}
-    probe = SpeedProbe(dev) if not base else None  # the host's speed beside its figures (perf/probe.py)
-    threads = torch.get_num_threads()
-    if cuda:  # measured as the engine runs: one core left to the thread that drives the GPU
-        torch.set_num_threads(thread_split(driver=True).torch)
-    try:
-        def step(name):
-            bar.set_postfix_str(name)
-
-        def resident_layer() -> dict:
-            """cfg's decode layer with its experts on the GPU (none without a GPU: its time is the CPU's)."""
-            if not cuda:
-                return {}
-            step("resident layer")
-            torch.cuda.empty_cache()
-            t = time_resident_layer(cfg, dev, dtype, 16 if quick else 32, 3 if quick else 7)
-            bar.update()
-            return {layer_key(cfg, dtype_name): t}
-
-        if not base:
-            step("CPU memory")
-            figures["cpu_read_bw"] = memory_bandwidth(torch.device("cpu"), sizes.mem_bytes)
-            bar.update()
-            step("CPU matmul")
-            figures["cpu_flops"] = cpu_matmul_rate(dtype, sizes.cpu_matmul_n, sizes.repeats)
-            bar.update()
-
-        step("CPU expert")
-        H, I = cfg.hidden_size, cfg.expert_intermediate_size
-        n_blocks = max(2, min(256, -(-sizes.expert_pool_bytes // cfg.expert_bytes(dtype))))
-        blocks = torch.empty(n_blocks, cfg.expert_numel, dtype=dtype, pin_memory=cuda)  # [B, 3IH]
-        RandomFiller(torch.device("cpu"), dtype, numel=blocks.numel()).fill(blocks)
-        engine_cpu = None if cpu_ffn else engine_cpu_experts()
-        ffn = cpu_ffn or engine_cpu.expert
-        # the fixed part of a call: m experts in one call against one alone (the engine's kernel only); a big
-        # expert's pool holds few blocks (Mixtral: 3 of 352 MB), but m of them outgrow the caches anyway
-        m = min(MANY, n_blocks - 1)
-        many = (m, engine_cpu.many(m, blocks)) if engine_cpu and m >= 2 else None
-        turn = iter(range(1 << 30))
-        slot = torch.empty(cfg.expert_numel, dtype=dtype, device=dev) if cuda else None
-        stream = torch.cuda.Stream(dev) if cuda else None
-
-        def costs_once() -> ExpertCosts:
-            if cuda:
-                return measure_costs(lambda i: blocks[i], I, H, n_blocks, slot, ffn, block_ffn(I), sizes.repeats,
-                                     copy_stream=stream, cpu_many=many)
-            cpu_s = []
-            for n in TOKEN_POINTS:
-                x = torch.randn(n, H, dtype=dtype)
-                cpu_s.append(median_s(lambda: ffn(x, blocks[next(turn) % n_blocks]), lambda: None, sizes.repeats))
-            x1, fixed = torch.randn(1, H, dtype=dtype), 0.0
-            if many:  # as measure_costs: one alone and m in one call, in turns
-                cpu_s[0], fixed = one_and_fixed(lambda: ffn(x1, blocks[next(turn) % n_blocks]),
-                                                (m, lambda: many[1](x1)), sizes.repeats)
-            cpu_s = monotone(cpu_s)  # as measure_costs: noise only adds time; the fixed part within one call
-            return ExpertCosts(TOKEN_POINTS, tuple(cpu_s), tuple(cpu_s), 0.0, cpu_fixed_s=min(fixed, cpu_s[0]))
-
-        # in rounds, each point's median taken: one slow spell of a shared host is outvoted
-        costs = median_costs([costs_once() for _ in range(max(sizes.rounds, 1))])
-        slot = None
-        if engine_cpu is not None:  # the engine's own hand-over (its kernel's thread, or its worker thread)
-            call = engine_cpu.handoff_s()
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(1) as pool:
-                call = handoff_s(pool)
-        expert = _plain(replace(costs, cpu_call_s=call))
-        blocks = None  # free the pool before the link measurements
-        bar.update()
-        if base:
-            layer = resident_layer()
-            bar.close()
-            return replace(base, experts=base.experts | {shape_key(cfg, dtype_name): expert},
-                           resident_layers=base.resident_layers | layer,
-                           source=f"{base.source}; {shape_key(cfg, dtype_name)} added in "
-                                  f"{time.perf_counter() - t_start:.0f} s")
-
-        if cuda:
-            step("links")
-            nb = sizes.link_bytes
-            host = torch.empty(nb, dtype=torch.uint8, pin_memory=True)
-            gpu = torch.empty(nb, dtype=torch.uint8, device=dev)
-            figures["h2d_bw"] = nb / median_s(lambda: gpu.copy_(host, non_blocking=True), sync, sizes.repeats + 2)
-            figures["d2h_bw"] = nb / median_s(lambda: host.copy_(gpu, non_blocking=True), sync, sizes.repeats + 2)
-            figures["h2d_latency_s"] = median_s(lambda: gpu[:4096].copy_(host[:4096], non_blocking=True), sync, 20)
-            figures["d2h_latency_s"] = median_s(lambda: host[:4096].copy_(gpu[:4096], non_blocking=True), sync, 20)
-            del host, gpu
-            both = concurrent_host_read(dev, sizes.mem_bytes)
-            figures["host_read_bw_shared"] = both["cpu_read_bw_concurrent"] + both["h2d_bw_concurrent"]
-            bar.update()
-            step("GPU memory")
-            figures["gpu_bw"] = memory_bandwidth(dev, sizes.mem_bytes)
-            bar.update()
-            step("GPU matmul")
-            n = sizes.matmul_n
-            a = torch.randn(n, n, dtype=torch.bfloat16, device=dev)
-            b = torch.randn(n, n, dtype=torch.bfloat16, device=dev)
-            figures["gpu_flops"] = 2 * n**3 / median_s(lambda: a @ b, sync, sizes.repeats + 2)
-            del a, b
-            props = torch.cuda.get_device_properties(dev)
-            figures |= {"gpu_name": torch.cuda.get_device_name(dev), "gpu_memory": props.total_memory}
-            bar.update()
-        step("layer overhead")
-        if cuda:
-            torch.cuda.empty_cache()  # the engine caps the allocator at its budget while it runs
-        figures["prefill_tokens"] = PREFILL_TOKENS[:2] if quick else PREFILL_TOKENS
-        host_reads = [probe()]  # before, after, and after the resident layer's: their median
-        # without a GPU the tiny model's layers are CPU compute, not the host's overhead, and no plan reads them:
-        # the short span (the long one took 162 s on 2 cores)
-        (figures["layer_overhead_s"], figures["expert_overhead_s"], figures["step_overhead_s"],
-         figures["prefill_overhead_s"]) = host_overheads(dev, 8 if quick else 32, figures["prefill_tokens"],
-                                                          3 if quick else 7, 36 if cuda and not quick else 12)
-        host_reads.append(probe())
-        bar.update()
-        figures["resident_layers"] = resident_layer()
-        figures["probe_s"] = statistics.median(host_reads + [probe()])
-    finally:
-        if probe is not None:
-            probe.close()
-        torch.set_num_threads(threads)
-        bar.close()
-    return HardwareProfile(
-        host=socket.gethostname(), cpu_model=cpu_model(), cpu_threads=os.cpu_count() or 1,
-        host_memory=_host_memory(), experts={shape_key(cfg, dtype_name): expert},
-        source=f"measured {time.strftime('%Y-%m-%d %H:%M')} in {time.perf_counter() - t_start:.0f} s" +
-        ("" if sizes == Sizes() else " (quick sizes)"),
-        **figures)
-
-
-def cpu_matmul_rate(dtype, n_max: int, repeats: int, enough_s: float = 0.05) -> float:
-    """FLOP/s of an n x n matmul on the CPU, n doubled from 128 up to n_max while one takes under enough_s: a
-    CPU without bf16 instructions took 57 s for one of 2048 (0.3 GFLOP/s), and the profile six minutes."""
-    import torch
-
-    n = 128
-    while True:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        t = time.perf_counter()
-        a @ b
-        if n >= n_max or time.perf_counter() - t >= enough_s:
-            return 2 * n**3 / median_s(lambda: a @ b, lambda: None, repeats)
-        n *= 2
-
-
 def _host_memory() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
-
-
-def get_profile(cfg: ModelConfig, device: str = "cuda", refresh: bool = False, dtype_name: str = "bfloat16",
-                sizes: Sizes = Sizes(), progress: bool = True) -> tuple[HardwareProfile, str]:
-    """This machine's profile for cfg's shape: from the cache, measuring (and caching) what is missing.
-    Returns (profile, what happened: "cached" | "measured" | "added shape")."""
-    name = local_device_name(device)
-    cached = None if refresh else cached_profile(name)
-    if cached is not None and cached.has_layer(cfg, dtype_name):
-        return cached, "cached"
-    profile = measure_profile(cfg, device, dtype_name, sizes, progress, base=cached)
-    profile.save(profile_path(name))
-    return profile, "added shape" if cached is not None else "measured"

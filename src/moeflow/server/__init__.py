@@ -6,6 +6,34 @@ import socket
 from collections.abc import Callable
 
 from moeflow import MoeflowError
+from moeflow.flags import DEFAULT_MODEL, ENGINE, context_flag, device_flags, model_flag
+
+
+def add_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, streaming, metrics); "
+                        "requests' sampling defaults are the OpenAI API's (temperature 1)")
+    model_flag(sv)
+    sv.add_argument("--served-model-name", help="the model's name in the API (default: --model)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    sv.add_argument("--max-running", type=int, default=ENGINE.max_running,
+                    help="sequences decoded together (KV cache slots)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond: HTTP 429")
+    context_flag(sv, "prompt + generated tokens per request (default: the model's context)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's and moeflow's log level")
+    device_flags(sv)
+    sv.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from moeflow.launch import load_engine
+
+    if args.max_queue < 0:
+        raise MoeflowError("--max-queue must be at least 0")
+    name = args.served_model_name or args.model or DEFAULT_MODEL
+    return run_server(lambda: load_engine(args, args.max_running), name, args.host, args.port,
+                      args.max_queue, args.log_level)
 
 
 def bind(host: str, port: int) -> socket.socket:

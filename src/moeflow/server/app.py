@@ -173,6 +173,11 @@ async def _generate(serving: Serving, body, request: Request, chat: bool):
         return StreamingResponse(_sse(serving, worker, job, events, reply, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                  background=BackgroundTask(worker.cancel, job))
+    return await _whole(serving, worker, job, events, reply, request)
+
+
+async def _whole(serving: Serving, worker, job: Job, events: asyncio.Queue, reply: Reply, request: Request):
+    """A non-streamed request's reply once its last token is in; the client polled for on a clock meanwhile."""
     last = None  # the latest event: an aborted request's tokens are counted from it
     try:
         text, check_at = [], time.monotonic() + POLL_S

@@ -190,15 +190,23 @@ def train(c: DemoConfig, corpus: Path, out: Path, minutes: float, seed: int, dev
         torch.backends.cuda.matmul.allow_tf32 = True
     log = {"seed": seed, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "config": asdict(c), "minutes": minutes}
+    c, tokenizer, batches, heldout_wins, total = _data(c, corpus, seed, device, log, t0)
+    t, opt = _model(c, seed, device, log)
+    _train_loop(t, opt, c, batches, heldout_wins, total, device, log, deadline=t0 + minutes * 60)
+    report.export(t, tokenizer, out)  # export, evaluate what was exported, report
+    report.finish(log, out, heldout_wins, device, c.batch_size, t0)
+    return log
 
-    # -- data ----------------------------------------------------------------------------------------
+
+def _data(c: DemoConfig, corpus: Path, seed: int, device: torch.device, log: dict, t0: float):
+    """The corpus read and split, the tokenizer trained on it, the token streams: (c with the vocabulary the
+    corpus filled, tokenizer, training batches, held-out windows, steps planned)."""
     train_texts, heldout_texts, heldout_names = data.read_corpus(corpus)
     tokenizer = data.train_tokenizer(train_texts, c.vocab_size, c.context)
     if tokenizer.tok.get_vocab_size() != c.vocab_size:  # a tiny corpus cannot fill the vocabulary
         c = replace(c, vocab_size=tokenizer.tok.get_vocab_size())
     train_ids = data.token_stream(tokenizer, train_texts).to(device)
     heldout_ids = data.token_stream(tokenizer, heldout_texts)
-    heldout_wins = data.windows(heldout_ids, c.context)
     batches = data.Batches(train_ids, c.context, c.batch_size, seed)
     total = c.steps or max(1, round(c.epochs * batches.per_epoch))
     log["data"] = {"corpus": str(corpus), "train_files": len(train_texts), "heldout_files": heldout_names,
@@ -209,12 +217,13 @@ def train(c: DemoConfig, corpus: Path, out: Path, minutes: float, seed: int, dev
     print(f"corpus: {len(train_texts)} train files ({train_ids.numel():,} tokens), {len(heldout_texts)} held out "
           f"({heldout_ids.numel():,}); {total} steps of {c.batch_size} x {c.context} "
           f"({total / batches.per_epoch:.1f} epochs)", flush=True)
+    return c, tokenizer, batches, data.windows(heldout_ids, c.context), total
 
-    # -- model ---------------------------------------------------------------------------------------
+
+def _model(c: DemoConfig, seed: int, device: torch.device, log: dict) -> tuple[Trainee, torch.optim.AdamW]:
     torch.manual_seed(seed)
     grouped = grouped_backward_works(device)
-    cfg = c.model_config()
-    t = Trainee(cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32, grouped)
+    t = Trainee(c.model_config(), device, torch.bfloat16 if device.type == "cuda" else torch.float32, grouped)
     t.init_weights()
     add_dropout(t.model, c.dropout)
     opt = optimizer(t, c, device)
@@ -223,58 +232,43 @@ def train(c: DemoConfig, corpus: Path, out: Path, minutes: float, seed: int, dev
     log["expert_path"] = "grouped_mm" if grouped else "loop"
     print(f"model: {n_params / 1e6:.2f}M parameters ({t.experts.numel() / 1e6:.2f}M in experts), "
           f"experts via {log['expert_path']}, on {log['device']}", flush=True)
+    return t, opt
 
-    # -- training ------------------------------------------------------------------------------------
+
+def _train_loop(t: Trainee, opt, c: DemoConfig, batches, heldout_wins, total: int, device: torch.device, log: dict,
+                deadline: float) -> None:
+    """Steps until `total` or the deadline, held-out loss every eval_every steps; the weights with the lowest
+    held-out loss (the last ones unless it overfit) are loaded back into t at the end. Fills log's training and
+    curve."""
     curve = {"step": [], "loss": [], "aux": [], "eval_step": [], "eval_loss": [], "eval_tokens": []}
     best, best_loss, step, stopped_by = None, float("inf"), 0, "steps"
     pending: list[torch.Tensor] = []  # per-step (loss, aux) on the device: read at eval time, not every step
     t_train = time.perf_counter()
     with RouterTap(t.model) as tap:
         while step < total:
-            if time.perf_counter() - t0 > minutes * 60:
+            if time.perf_counter() > deadline:
                 stopped_by = "time"
                 break
-            t.train()
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, c)
-            batch = next(batches)
-            tap.clear()
-            with autocast(device):
-                logits = t(batch[:, :-1])
-            ce = F.cross_entropy(logits, batch[:, 1:].flatten())
-            aux = torch.stack([balance_loss(lg, cfg.num_experts_per_tok) for lg in tap.logits]).mean()
-            (ce + c.aux_coef * aux).backward()
-            torch.nn.utils.clip_grad_norm_(t.parameters(), c.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            pending.append(torch.stack([ce.detach(), aux.detach()]))
+            pending.append(_step(t, opt, c, tap, next(batches), lr_at(step, total, c), device))
             step += 1
             if step == 20:  # the step rate is known by now: will the schedule fit the time limit?
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                eta = (time.perf_counter() - t_train) / 20 * total
-                left = minutes * 60 - (t_train - t0)
-                print(f"~{eta:.0f}s for {total} steps at the rate of the first 20 (limit {left:.0f}s)", flush=True)
+                _sync(device)
+                print(f"~{(time.perf_counter() - t_train) / 20 * total:.0f}s for {total} steps at the rate of the "
+                      f"first 20 (limit {deadline - t_train:.0f}s)", flush=True)
             if step % c.eval_every == 0 or step == total:
                 _flush(curve, pending, step)
-                t.eval()
-                nll, n, _ = score(t.model, heldout_wins, c.batch_size, device)
-                tap.clear()
-                curve["eval_step"].append(step)
-                curve["eval_loss"].append(round(nll / n, 4))
-                curve["eval_tokens"].append(step * c.batch_size * c.context)
-                if nll / n < best_loss:
-                    best_loss, best = nll / n, {k: v.detach().clone() for k, v in t.state_dict().items()}
+                loss = _evaluate(t, tap, heldout_wins, c, device, curve, step)
+                if loss < best_loss:
+                    best_loss, best = loss, {k: v.detach().clone() for k, v in t.state_dict().items()}
                 el = time.perf_counter() - t_train
                 print(f"step {step}/{total} epoch {step / batches.per_epoch:.2f} loss {curve['loss'][-1]:.3f} "
-                      f"aux {curve['aux'][-1]:.3f} held-out {nll / n:.3f} lr {lr_at(step - 1, total, c):.2e} "
+                      f"aux {curve['aux'][-1]:.3f} held-out {loss:.3f} lr {lr_at(step - 1, total, c):.2e} "
                       f"{step * c.batch_size * c.context / el:,.0f} tok/s {el:.0f}s", flush=True)
     _flush(curve, pending, step)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     train_s = time.perf_counter() - t_train
     best_step = step
-    if best is not None:  # the weights with the lowest held-out loss (the last ones unless it overfit)
+    if best is not None:
         t.load_state_dict(best)
         best_step = curve["eval_step"][curve["eval_loss"].index(min(curve["eval_loss"]))]
     log["training"] = {"steps": step, "planned_steps": total, "stopped_by": stopped_by, "best_step": best_step,
@@ -285,7 +279,68 @@ def train(c: DemoConfig, corpus: Path, out: Path, minutes: float, seed: int, dev
     log["curve"] = curve
     print(f"trained {step} steps in {train_s:.0f}s ({stopped_by}); exporting step {best_step}", flush=True)
 
-    # -- export, evaluate what was exported, report ----------------------------------------------------
-    report.export(t, tokenizer, out)
-    report.finish(log, out, heldout_wins, device, c.batch_size, t0)
-    return log
+
+def _step(t: Trainee, opt, c: DemoConfig, tap: RouterTap, batch: torch.Tensor, lr: float,
+          device: torch.device) -> torch.Tensor:
+    """One optimizer step on a batch [B, context + 1]: cross-entropy plus the load-balancing loss. Returns
+    (loss, aux) on the device."""
+    t.train()
+    for g in opt.param_groups:
+        g["lr"] = lr
+    tap.clear()
+    with autocast(device):
+        logits = t(batch[:, :-1])
+    ce = F.cross_entropy(logits, batch[:, 1:].flatten())
+    aux = torch.stack([balance_loss(lg, t.model.cfg.num_experts_per_tok) for lg in tap.logits]).mean()
+    (ce + c.aux_coef * aux).backward()
+    torch.nn.utils.clip_grad_norm_(t.parameters(), c.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return torch.stack([ce.detach(), aux.detach()])
+
+
+def _evaluate(t: Trainee, tap: RouterTap, heldout_wins, c: DemoConfig, device: torch.device, curve: dict,
+              step: int) -> float:
+    """The held-out loss per token, added to the curve."""
+    t.eval()
+    nll, n, _ = score(t.model, heldout_wins, c.batch_size, device)
+    tap.clear()
+    curve["eval_step"].append(step)
+    curve["eval_loss"].append(round(nll / n, 4))
+    curve["eval_tokens"].append(step * c.batch_size * c.context)
+    return nll / n
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+TRAIN_FLAGS = {"epochs": float, "steps": int, "batch_size": int, "lr": float, "dropout": float, "aux_coef": float}
+
+
+def add_parser(sub) -> None:
+    from moeflow.flags import DEVICES
+
+    t = sub.add_parser("train-demo", help="train the embedded demo model (a small Mixtral) on a text corpus")
+    t.add_argument("--corpus", required=True, help="folder of .txt/.rst/.md files (e.g. the Python docs sources)")
+    t.add_argument("--out", required=True, help="folder to write the Hugging Face checkpoint into")
+    t.add_argument("--size", default="demo", choices=list(SIZES), help="demo (GPU, minutes), tiny (CPU), test")
+    t.add_argument("--minutes", type=float, default=7.0, help="wall-clock limit on training; export follows")
+    t.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    t.add_argument("--device", choices=DEVICES, help="cuda or cpu (default: cuda where available)")
+    for name, typ in TRAIN_FLAGS.items():
+        t.add_argument(f"--{name.replace('_', '-')}", type=typ,
+                       help=f"default: {getattr(SIZES['demo'], name)} (--size demo)")
+    t.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """`moeflow train-demo`: the size's config with the flags given on top."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MoeflowError(f"--out {out} exists and is not a folder")
+    overrides = {k: v for k in TRAIN_FLAGS if (v := getattr(args, k)) is not None}
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    train(replace(SIZES[args.size], **overrides), Path(args.corpus), out, args.minutes, args.seed, device)
+    return 0

@@ -1,0 +1,45 @@
+"""A checkpoint and an engine as the command line's flags ask: `generate`, `chat`, `serve` and `batch` load
+through here (--model, --device, --dtype, --quantize, and --gpu-memory with its offloading flags)."""
+
+from __future__ import annotations
+
+import sys
+
+from moeflow import MoeflowError
+from moeflow.flags import DEFAULT_MODEL, ENGINE, check_context
+
+
+def offload_config(args):
+    """The OffloadConfig of --gpu-memory and its policy flags; None (everything on --device) without it."""
+    from moeflow.config import OffloadConfig, parse_size
+
+    if args.gpu_memory is None:
+        for flag in ("policy", "placement", "routing_trace", "expert_maps"):
+            if getattr(args, flag) not in (None, "auto"):
+                raise MoeflowError(f"--{flag.replace('_', '-')} needs --gpu-memory (the offloading engine)")
+        return None
+    return OffloadConfig(parse_size(args.gpu_memory), args.policy, args.placement, args.routing_trace,
+                         expert_maps=args.expert_maps)
+
+
+def load_checkpoint(args, device, offload):
+    """--model (default: the embedded one) on `device`; its experts in host memory when offloading."""
+    from moeflow.checkpoint import load, read_model_config
+
+    check_context(args, read_model_config(args.model or DEFAULT_MODEL)[1].max_position_embeddings)
+    ck = load(args.model or DEFAULT_MODEL, device=device, dtype=args.dtype, progress=None,
+              expert_device="cpu" if offload else None, quant=args.quantize)
+    if ck.synthetic:
+        print(f"moeflow: {ck.name} has random weights: expect gibberish", file=sys.stderr)
+    return ck
+
+
+def load_engine(args, max_seqs: int):
+    """The engine of `serve` and `chat`: the model on --device (cuda where available), offloaded with --gpu-memory."""
+    from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.perf.profile import engine_costs
+
+    offload = offload_config(args)
+    ck = load_checkpoint(args, args.device or ENGINE.resolved_device(), offload)
+    return LLMEngine(ck, max_seqs=max_seqs, max_len=args.max_len, offload=offload,
+                     expert_costs=engine_costs(ck, offload), deterministic=args.deterministic)
