@@ -22,9 +22,12 @@ _SP = {f.name: f.default for f in fields(SamplingParams)}
 
 
 def cmd_generate(args) -> int:
-    from moeflow.engine.llm_engine import LLMEngine, encode_prompt
+    from moeflow.engine.llm_engine import encode_prompt
+    from moeflow.dist.cli import engine_class, spread
     from moeflow.perf.profile import engine_costs
 
+    if (rc := spread(args)) is not None:  # --gpus: on the ranks
+        return rc
     offload = _offload_config(args)
     ck = _load_checkpoint(args, args.device or ENGINE.resolved_device(), offload)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -35,7 +38,7 @@ def cmd_generate(args) -> int:
                  [{"role": "user", "content": args.prompt}]
     n_prompt = len(encode_prompt(ck.tokenizer, prompt))
     check_context(args, ck.cfg.max_position_embeddings, n_prompt)
-    engine = LLMEngine(ck, max_seqs=1, max_len=args.max_len or max(n_prompt + args.max_new_tokens + 1, 256),
+    engine = engine_class(args)(ck, max_seqs=1, max_len=args.max_len or max(n_prompt + args.max_new_tokens + 1, 256),
                        offload=offload, expert_costs=engine_costs(ck, offload), deterministic=args.deterministic)
     last = None
     for last in engine.stream(prompt, params):
@@ -65,10 +68,11 @@ def _offload_config(args):
 def _load_checkpoint(args, device, offload):
     """--model (default: the embedded one) on `device`; its experts in host memory when offloading."""
     from moeflow.checkpoint import load, read_model_config
+    from moeflow.dist.cli import experts_on_host
 
     check_context(args, read_model_config(args.model or DEFAULT_MODEL)[1].max_position_embeddings)
     ck = load(args.model or DEFAULT_MODEL, device=device, dtype=args.dtype, progress=None,
-              expert_device="cpu" if offload else None, quant=args.quantize)
+              expert_device="cpu" if offload or experts_on_host(args) else None, quant=args.quantize)
     if ck.synthetic:
         print(f"moeflow: {ck.name} has random weights: expect gibberish", file=sys.stderr)
     return ck
@@ -81,18 +85,21 @@ def _expert_figures(e: dict, tokens: int) -> str:
 
 def _load_engine(args, max_seqs: int):
     """The engine of `serve` and `chat`: the model on --device (cuda where available), offloaded with --gpu-memory."""
-    from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.dist.cli import engine_class
     from moeflow.perf.profile import engine_costs
 
     offload = _offload_config(args)
     ck = _load_checkpoint(args, args.device or ENGINE.resolved_device(), offload)
-    return LLMEngine(ck, max_seqs=max_seqs, max_len=args.max_len, offload=offload,
+    return engine_class(args)(ck, max_seqs=max_seqs, max_len=args.max_len, offload=offload,
                      expert_costs=engine_costs(ck, offload), deterministic=args.deterministic)
 
 
 def cmd_serve(args) -> int:
+    from moeflow.dist.cli import spread
     from moeflow.server import run_server
 
+    if (rc := spread(args)) is not None:  # --gpus: on the ranks
+        return rc
     if args.max_queue < 0:
         raise MoeflowError("--max-queue must be at least 0")
     name = args.served_model_name or args.model or DEFAULT_MODEL
@@ -299,6 +306,11 @@ def _device_flags(g, offload: bool = True, deterministic: bool = True) -> None:
                        "(`moeflow maps build`)")
 
 
+def _gpus_flag(g) -> None:
+    g.add_argument("--gpus", type=int, help="GPUs of this host to spread the model over, one process each "
+                   "(docs/multi-gpu.md); with --device cpu: CPU processes")
+
+
 def _context_flag(g, help: str) -> None:
     g.add_argument("--max-len", type=int, default=ENGINE.max_len, help=help)
     _alias(g, "--max-context", "max_len")
@@ -340,6 +352,7 @@ def _add_run_commands(sub) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="always produce --max-new-tokens tokens")
     _context_flag(g, "context to reserve (default: prompt + new tokens, at least 256)")
     _device_flags(g)
+    _gpus_flag(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="chat in the terminal (streamed; /reset, /exit)")
@@ -363,6 +376,7 @@ def _add_run_commands(sub) -> None:
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's and moeflow's log level")
     _device_flags(sv)
+    _gpus_flag(sv)
     sv.set_defaults(func=cmd_serve)
 
     from moeflow.batch.cli import add_parser as add_batch_parser

@@ -1,0 +1,80 @@
+"""One process per rank, started and watched by moeflow itself (the user types one command).
+
+The parent picks a free port on localhost for the rendezvous, spawns `world` processes and waits. When a rank
+dies or fails, torch.multiprocessing's join stops the others at once and the parent raises one MoeflowError
+naming the rank; a rank stuck in a collective fails by the groups' timeout (groups.py) and is caught the same
+way. A rank's own MoeflowError (bad input) is printed by that rank on one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.multiprocessing as mp
+
+from moeflow import MoeflowError
+from moeflow.dist.groups import Ranks, close_ranks, init_ranks
+
+BAD_INPUT = 2  # a rank's exit status after printing its MoeflowError
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    world: int              # processes: one per GPU (or CPU processes with gloo, in tests)
+    device: str = "cuda"    # cuda: rank r on cuda:r; cpu: gloo
+    timeout_s: float = 300  # the longest a collective waits for the other ranks (loading included)
+
+    def check(self) -> None:
+        if self.world < 1:
+            raise MoeflowError(f"--gpus must be at least 1, not {self.world}")
+        if self.device == "cuda":
+            have = torch.cuda.device_count()
+            if have < self.world:
+                raise MoeflowError(f"--gpus {self.world} asks for {self.world} GPUs; this host has {have}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(fn: Callable[[Ranks], object], cfg: DistConfig) -> None:
+    """Run fn(ranks) on every rank; returns when all have, raises MoeflowError when one fails."""
+    cfg.check()
+    port = free_port()
+    ctx = mp.start_processes(_rank_main, args=(fn, cfg, port), nprocs=cfg.world, join=False, start_method="spawn")
+    try:
+        while not ctx.join():
+            pass
+    except mp.ProcessExitedException as e:
+        if e.exit_code == BAD_INPUT:  # the rank printed its error
+            raise SystemExit(BAD_INPUT) from None
+        raise MoeflowError(f"rank {e.error_index} stopped ({_status(e.exit_code)}); the other ranks were "
+                           "stopped") from None
+    except mp.ProcessRaisedException as e:
+        last = str(e).strip().splitlines()[-1]
+        raise MoeflowError(f"rank {e.error_index} failed: {last}; the other ranks were stopped") from None
+
+
+def _status(code: int | None) -> str:
+    return f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+
+
+def _rank_main(rank: int, fn: Callable[[Ranks], object], cfg: DistConfig, port: int) -> None:
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # NCCL: a timed-out collective ends the process
+    try:
+        ranks = init_ranks(rank, cfg.world, port, cfg.device, cfg.timeout_s)
+        try:
+            fn(ranks)
+        finally:
+            close_ranks()
+    except MoeflowError as e:
+        print(f"moeflow: error: {e}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(BAD_INPUT)

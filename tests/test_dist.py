@@ -1,0 +1,138 @@
+"""Several ranks (dist/): CPU processes with gloo stand in for GPUs. The tiny models' greedy tokens over two
+ranks are those of one process for every policy; a rank that dies or hangs stops the others with one error."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import budget_for
+from moeflow import MoeflowError
+from moeflow.checkpoint import load
+from moeflow.config import OffloadConfig
+from moeflow.dist.ep import local_ids, owners
+from moeflow.dist.launch import DistConfig, launch
+from moeflow.engine.llm_engine import LLMEngine
+from moeflow.engine.sequence import SamplingParams
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+MAX_LEN, MAX_SEQS = 64, 2
+GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)
+POLICIES = [None, "gpu", "cpu", "auto", "fiddler", "lru"]  # None: every expert local, no offloading
+
+
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 310, (n,), generator=g).tolist() for n in (13, 5)]
+
+
+def offload_for(ck, policy):
+    if policy is None:
+        return None
+    slots = len(ck.cfg.moe_layers) * ck.cfg.num_experts if policy == "gpu" else 5
+    return OffloadConfig(budget_for(ck, slots, MAX_SEQS, MAX_LEN), policy=policy)
+
+
+def tokens_on_ranks(path, out, ranks):
+    """Every policy's tokens over the ranks; rank 0 writes them to `out` (JSON)."""
+    from moeflow.dist.engine import DistEngine, stop_followers
+
+    torch.set_num_threads(1)
+    got = {}
+    for policy in POLICIES:
+        ck = load(path, device="cpu", expert_device="cpu")
+        engine = DistEngine(ck, ranks, max_seqs=MAX_SEQS, max_len=MAX_LEN, offload=offload_for(ck, policy))
+        if ranks.leader:
+            got[str(policy)] = [s.output_ids for s in engine.generate(prompts(), GREEDY)]
+            stop_followers(ranks)
+        else:
+            engine.follow()
+        engine.close()
+    if ranks.leader:
+        out.write_text(json.dumps(got))
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_two_ranks_give_one_process_tokens_for_every_policy(hf_checkpoint, tmp_path, model_type):
+    path = hf_checkpoint(model_type)[0]
+    out = tmp_path / "tokens.json"
+    launch(functools.partial(tokens_on_ranks, path, out), DistConfig(2, "cpu", timeout_s=60))
+    got = json.loads(out.read_text())
+    want = LLMEngine(load(path), max_seqs=MAX_SEQS, max_len=MAX_LEN).generate(prompts(), GREEDY)
+    for policy in POLICIES:
+        assert got[str(policy)] == [s.output_ids for s in want], policy
+
+
+def test_ownership_spreads_popular_experts_evenly():
+    counts = torch.tensor([[100.0, 90, 1, 1, 50, 40], [0, 0, 0, 9, 8, 7]])
+    own = owners(counts, 2, 6, 2)
+    assert (own == 0).sum(1).tolist() == [3, 3] and (own == 1).sum(1).tolist() == [3, 3]
+    assert own[0, 0] != own[0, 1] and own[1, 3] != own[1, 4]      # the two most used apart
+    assert owners(None, 2, 5, 2).tolist() == [[0, 1, 0, 1, 0]] * 2  # no profile: round-robin
+    assert local_ids(owners(None, 1, 5, 2), 1).tolist() == [[-1, 0, -1, 1, -1]]
+
+
+def dies_mid_run(ranks):
+    x = torch.ones(4)
+    for step in range(10**6):
+        ranks.all_reduce(x)
+        if ranks.rank == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hangs(ranks):
+    if ranks.rank == 1:
+        time.sleep(600)
+    ranks.all_reduce(torch.ones(4))
+
+
+def test_a_rank_killed_mid_run_stops_the_other_with_one_error():
+    t0 = time.monotonic()
+    with pytest.raises(MoeflowError, match=r"rank 1 stopped \(signal 9\)"):
+        launch(dies_mid_run, DistConfig(2, "cpu", timeout_s=20))
+    assert time.monotonic() - t0 < 60
+
+
+def test_a_collective_that_waits_too_long_fails_by_the_timeout():
+    with pytest.raises(MoeflowError, match="rank 0 failed: .*"):
+        launch(hangs, DistConfig(2, "cpu", timeout_s=3))
+
+
+def test_generate_over_two_ranks_prints_the_same_text(hf_checkpoint, capfd):
+    from moeflow.cli import main
+
+    path = str(hf_checkpoint("mixtral")[0])
+    argv = ["generate", "--model", path, "--device", "cpu", "--max-new-tokens", "8", "--ignore-eos"]
+    assert main(argv) == 0
+    want = capfd.readouterr().out
+    assert main(argv + ["--gpus", "2"]) == 0
+    assert capfd.readouterr().out == want
+
+
+def test_more_gpus_than_the_host_has_is_refused():
+    with pytest.raises(MoeflowError, match="asks for 64 GPUs"):
+        DistConfig(64, "cuda").check()
+
+
+@pytest.mark.gpu
+def test_one_rank_on_cuda_gives_the_plain_tokens(hf_checkpoint, tmp_path):
+    path = hf_checkpoint("qwen3_moe")[0]
+    out = tmp_path / "tokens.json"
+    launch(functools.partial(cuda_tokens, path, out), DistConfig(1, "cuda", timeout_s=60))
+    want = LLMEngine(load(path, device="cuda"), max_seqs=MAX_SEQS, max_len=MAX_LEN).generate(prompts(), GREEDY)
+    assert json.loads(out.read_text()) == [s.output_ids for s in want]
+
+
+def cuda_tokens(path, out, ranks):
+    from moeflow.dist.engine import DistEngine
+
+    engine = DistEngine(load(path, device=ranks.device), ranks, max_seqs=MAX_SEQS, max_len=MAX_LEN)
+    out.write_text(json.dumps([s.output_ids for s in engine.generate(prompts(), GREEDY)]))
