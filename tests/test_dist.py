@@ -29,6 +29,16 @@ GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)
 POLICIES = [None, "gpu", "cpu", "auto", "fiddler", "lru"]  # None: every expert local, no offloading
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """This process's reference runs on one thread, as each rank has one core here (a loaded 2-core host
+    slows PyTorch's thread pool by far more than it helps)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def prompts():
     g = torch.Generator().manual_seed(0)
     return [torch.randint(3, 310, (n,), generator=g).tolist() for n in (13, 5)]
@@ -45,7 +55,6 @@ def tokens_on_ranks(path, out, ranks):
     """Every policy's tokens over the ranks; rank 0 writes them to `out` (JSON)."""
     from moeflow.dist.engine import DistEngine, stop_followers
 
-    torch.set_num_threads(1)
     got = {}
     for policy in POLICIES:
         ck = load(path, device="cpu", expert_device="cpu")

@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,6 +20,7 @@ import torch.multiprocessing as mp
 
 from moeflow import MoeflowError
 from moeflow.dist.groups import Ranks, close_ranks, init_ranks
+from moeflow.experts.cpu import physical_cores
 
 BAD_INPUT = 2  # a rank's exit status after printing its MoeflowError
 
@@ -66,8 +68,29 @@ def _status(code: int | None) -> str:
     return f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
 
 
+def core_share(rank: int, world: int) -> set[int] | None:
+    """The CPUs of rank's share of this process's physical cores (contiguous cores, SMT siblings together);
+    None where there are fewer cores than ranks."""
+    cores: dict[str, set[int]] = {}
+    for c in sorted(os.sched_getaffinity(0)):
+        try:
+            key = Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
+        except OSError:
+            key = str(c)
+        cores.setdefault(key, set()).add(c)
+    groups = list(cores.values())
+    if len(groups) < world:
+        return None
+    per = len(groups) // world
+    return set().union(*groups[rank * per:(rank + 1) * per])
+
+
 def _rank_main(rank: int, fn: Callable[[Ranks], object], cfg: DistConfig, port: int) -> None:
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # NCCL: a timed-out collective ends the process
+    if hasattr(os, "sched_setaffinity") and (share := core_share(rank, cfg.world)):
+        # each rank's CPU work (its experts' CPU share, PyTorch's threads) on its own cores, not all on all
+        os.sched_setaffinity(0, share)
+        torch.set_num_threads(physical_cores())
     try:
         ranks = init_ranks(rank, cfg.world, port, cfg.device, cfg.timeout_s)
         try:
