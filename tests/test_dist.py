@@ -145,3 +145,22 @@ def cuda_tokens(path, out, ranks):
 
     engine = DistEngine(load(path, device=ranks.device), ranks, max_seqs=MAX_SEQS, max_len=MAX_LEN)
     out.write_text(json.dumps([s.output_ids for s in engine.generate(prompts(), GREEDY)]))
+
+
+def test_plan_for_two_gpus_adds_the_collectives_to_each_rank_share():
+    from moeflow.checkpoint import read_model_config
+    from moeflow.dist.plan import ALL_REDUCE_S, plan_with_collectives, rank_config, rank_profile
+    from moeflow.perf.profile import reference_profile
+    from moeflow.perf.search import search_latency
+
+    _, cfg = read_model_config("synthetic:mixtral-8x7b")
+    one = search_latency(cfg, reference_profile(), 24 * 2**30, name="mixtral")
+    rcfg = rank_config(cfg, 2)
+    assert (rcfg.num_experts, rcfg.num_experts_per_tok) == (4, 1)
+    share = search_latency(rcfg, rank_profile(reference_profile(), cfg, 2), 24 * 2**30, name="mixtral")
+    two = plan_with_collectives(share, cfg, ALL_REDUCE_S)
+    extra = 2 * cfg.num_hidden_layers * ALL_REDUCE_S
+    for k, p in two.predictions.items():
+        if p.error is None:
+            assert 1 / p.decode_tps == pytest.approx(1 / share.predictions[k].decode_tps + extra)
+    assert two.best.decode_tps > one.best.decode_tps  # half the experts per GPU at the same budget per GPU

@@ -409,6 +409,7 @@ def _add_model_commands(sub) -> None:
     pl.add_argument("--model", default="synthetic:mixtral-8x7b", help="folder, builtin:NAME or synthetic:NAME "
                     "(only its config is read)")
     pl.add_argument("--gpu-memory", required=True, help="GPU budget, e.g. 24GiB")
+    _gpus_flag(pl)
     pl.add_argument("--workload", default="both", choices=("latency", "throughput", "both"),
                     help="one request at a time, batches, or both")
     pl.add_argument("--prompt-len", type=int, default=512, help="prompt tokens of the modelled request")

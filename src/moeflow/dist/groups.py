@@ -59,6 +59,8 @@ def init_ranks(rank: int, world: int, port: int, device_type: str, timeout_s: fl
     # rank 0 may be idle for long (a server between requests): the others wait on the control group without a
     # deadline; a rank that dies is caught by the launcher (launch.py), which stops the rest
     control = dist.new_group(backend="gloo", timeout=IDLE)
+    # one all-reduce now: the device group's communicator is made (and a broken one fails) before any loading
+    dist.all_reduce(torch.zeros(1, device=device))
     global _CURRENT
     _CURRENT = Ranks(rank, world, device, dist.group.WORLD, control)
     return _CURRENT
@@ -77,3 +79,21 @@ def close_ranks() -> None:
     _CURRENT = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_seconds(ranks: Ranks, numel: int, dtype: torch.dtype = torch.bfloat16, runs: int = 50) -> float:
+    """The median time of one all-reduce of numel elements over the device group (every rank calls this)."""
+    import statistics
+    import time
+
+    x = torch.zeros(numel, dtype=dtype, device=ranks.device)
+    times = []
+    for _ in range(runs + 5):
+        if ranks.device.type == "cuda":
+            torch.cuda.synchronize(ranks.device)
+        t = time.perf_counter()
+        dist.all_reduce(x, group=ranks.group)
+        if ranks.device.type == "cuda":
+            torch.cuda.synchronize(ranks.device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[5:])

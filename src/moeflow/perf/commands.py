@@ -91,6 +91,12 @@ def cmd_plan(args) -> int:
     eb = expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant)
     budget = parse_size(args.gpu_memory)
     profile, said = _plan_profile(args, cfg)
+    world = getattr(args, "gpus", None) or 1
+    if world > 1:  # one rank's share of the model and the host (docs/multi-gpu.md)
+        from moeflow.dist.plan import per_rank, plan_with_collectives
+
+        cfg, profile, all_reduce_s, ar_said = per_rank(cfg, profile, world, bool(args.placement), args.workload)
+        said += f"; per GPU of {world}, all-reduce {ar_said}"
     con = Console(width=max(Console().width, 140), soft_wrap=True)
     con.print(f"{name} with --gpu-memory {_gib(budget)}; {said}")
     if not profile.has_shape(cfg):
@@ -105,6 +111,8 @@ def cmd_plan(args) -> int:
         hit = placement.counts.tolist()
     if args.workload in ("latency", "both"):
         plan = search_latency(cfg, profile, budget, args.prompt_len, args.gen_len, hit, name, expert_bytes=eb)
+        if world > 1:
+            plan = plan_with_collectives(plan, cfg, all_reduce_s)
         if quant is not None:
             con.print(f"experts in {quant.name}: {_gib(eb)} each (CPU and GPU expert times: the profile's dense ones)")
         t = Table(title=f"latency regime: one request, {args.prompt_len}-token prompt (predicted)")
