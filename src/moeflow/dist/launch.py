@@ -9,8 +9,10 @@ way. A rank's own MoeflowError (bad input) is printed by that rank on one line, 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,6 +56,9 @@ def launch(fn: Callable[[Ranks], object], cfg: DistConfig) -> None:
     try:
         while not ctx.join():
             pass
+    except KeyboardInterrupt:  # Ctrl-C reaches the ranks too: rank 0 shuts down; what does not is stopped
+        _stop(ctx, grace_s=10)
+        raise
     except mp.ProcessExitedException as e:
         if e.exit_code == BAD_INPUT:  # the rank printed its error
             raise SystemExit(BAD_INPUT) from None
@@ -62,6 +67,19 @@ def launch(fn: Callable[[Ranks], object], cfg: DistConfig) -> None:
     except mp.ProcessRaisedException as e:
         last = str(e).strip().splitlines()[-1]
         raise MoeflowError(f"rank {e.error_index} failed: {last}; the other ranks were stopped") from None
+
+
+def _stop(ctx, grace_s: float) -> None:
+    """Wait up to grace_s for the ranks to end, then terminate (and kill) those that did not."""
+    deadline = time.monotonic() + grace_s
+    for p in ctx.processes:
+        p.join(max(deadline - time.monotonic(), 0))
+    for p in ctx.processes:
+        if p.is_alive():
+            p.terminate()
+            p.join(5)
+        if p.is_alive():
+            p.kill()
 
 
 def _status(code: int | None) -> str:
@@ -86,6 +104,8 @@ def core_share(rank: int, world: int) -> set[int] | None:
 
 
 def _rank_main(rank: int, fn: Callable[[Ranks], object], cfg: DistConfig, port: int) -> None:
+    if rank:  # Ctrl-C is rank 0's to handle (a server shuts down); the others stop when it does
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # NCCL: a timed-out collective ends the process
     if hasattr(os, "sched_setaffinity") and (share := core_share(rank, cfg.world)):
         # each rank's CPU work (its experts' CPU share, PyTorch's threads) on its own cores, not all on all
