@@ -52,21 +52,20 @@ def offload_for(ck, policy):
 
 
 def tokens_on_ranks(path, out, ranks):
-    """Every policy's tokens over the ranks; rank 0 writes them to `out` (JSON)."""
-    from moeflow.dist.engine import DistEngine, stop_followers
+    """Every policy's tokens over the ranks, each policy a new engine on the same checkpoint (split once);
+    rank 0 writes them to `out` (JSON)."""
+    from moeflow.dist.engine import DistEngine, follow, stop_followers
 
-    got = {}
+    ck = load(path, device="cpu", expert_device="cpu")
+    if not ranks.leader:
+        return follow(ck, ranks)
+    got, budgets = {}, {str(p): offload_for(ck, p) for p in POLICIES}  # from the whole model's sizes
     for policy in POLICIES:
-        ck = load(path, device="cpu", expert_device="cpu")
-        engine = DistEngine(ck, ranks, max_seqs=MAX_SEQS, max_len=MAX_LEN, offload=offload_for(ck, policy))
-        if ranks.leader:
-            got[str(policy)] = [s.output_ids for s in engine.generate(prompts(), GREEDY)]
-            stop_followers(ranks)
-        else:
-            engine.follow()
+        engine = DistEngine(ck, ranks, max_seqs=MAX_SEQS, max_len=MAX_LEN, offload=budgets[str(policy)])
+        got[str(policy)] = [s.output_ids for s in engine.generate(prompts(), GREEDY)]
         engine.close()
-    if ranks.leader:
-        out.write_text(json.dumps(got))
+    stop_followers(ranks)
+    out.write_text(json.dumps(got))
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])

@@ -38,7 +38,7 @@ def cmd_generate(args) -> int:
                  [{"role": "user", "content": args.prompt}]
     n_prompt = len(encode_prompt(ck.tokenizer, prompt))
     check_context(args, ck.cfg.max_position_embeddings, n_prompt)
-    engine = engine_class(args)(ck, max_seqs=1, max_len=args.max_len or max(n_prompt + args.max_new_tokens + 1, 256),
+    engine = engine_class()(ck, max_seqs=1, max_len=args.max_len or max(n_prompt + args.max_new_tokens + 1, 256),
                        offload=offload, expert_costs=engine_costs(ck, offload), deterministic=args.deterministic)
     last = None
     for last in engine.stream(prompt, params):
@@ -90,7 +90,7 @@ def _load_engine(args, max_seqs: int):
 
     offload = _offload_config(args)
     ck = _load_checkpoint(args, args.device or ENGINE.resolved_device(), offload)
-    return engine_class(args)(ck, max_seqs=max_seqs, max_len=args.max_len, offload=offload,
+    return engine_class()(ck, max_seqs=max_seqs, max_len=args.max_len, offload=offload,
                      expert_costs=engine_costs(ck, offload), deterministic=args.deterministic)
 
 
@@ -194,7 +194,10 @@ def cmd_profile_experts(args) -> int:
 
 def cmd_bench_latency(args) -> int:
     from moeflow.bench.latency import main as bench_latency
+    from moeflow.dist.cli import spread
 
+    if (rc := spread(args)) is not None:  # --gpus: on the ranks
+        return rc
     return bench_latency(args, DEFAULT_PROMPT)
 
 
@@ -477,6 +480,7 @@ def _add_bench_commands(bsub) -> None:
     bl.add_argument("--profile", help="hardware profile JSON the predictions start from (default on a GPU: this "
                     "machine's cached one, measured if missing; on a CPU: none, no predictions)")
     bl.add_argument("--out", help="write the results as JSON here")
+    _gpus_flag(bl)
     bl.set_defaults(func=cmd_bench_latency)
 
     ba = bsub.add_parser("model-accuracy", help="the timing model's predictions against a `bench latency` JSON")

@@ -1,13 +1,14 @@
-"""`--gpus N` for generate, chat and serve: the command runs on N ranks. Rank 0 runs it as usual, with a
+"""`--gpus N` for generate, serve and bench latency: the command runs on N ranks. Rank 0 runs it as usual, with a
 DistEngine in place of LLMEngine; the other ranks load the same checkpoint and follow rank 0's steps."""
 
 from __future__ import annotations
 
 import functools
 
-from moeflow.dist.engine import DistEngine, stop_followers
+from moeflow.dist.engine import DistEngine, follow, stop_followers
 from moeflow.dist.groups import Ranks, current
 from moeflow.dist.launch import DistConfig, launch
+from moeflow import MoeflowError
 from moeflow.engine.llm_engine import LLMEngine
 
 
@@ -15,6 +16,8 @@ def spread(args) -> int | None:
     """With --gpus and not yet on a rank: run the command on the ranks, returning its exit status; else None."""
     if not getattr(args, "gpus", None) or current() is not None:
         return None
+    if getattr(args, "baseline_tokens", 0):
+        raise MoeflowError("--baseline-tokens runs transformers on one GPU: not with --gpus")
     from moeflow.config import EngineConfig
 
     device = args.device or EngineConfig().resolved_device()
@@ -22,7 +25,7 @@ def spread(args) -> int | None:
     return 0
 
 
-def engine_class(args):
+def engine_class():
     """LLMEngine, or on a rank the DistEngine bound to it."""
     ranks = current()
     return LLMEngine if ranks is None else functools.partial(DistEngine, ranks=ranks)
@@ -38,13 +41,11 @@ def _rank_command(args, ranks: Ranks) -> None:
         args.func(args)
         stop_followers(ranks)  # its engine may not have been closed
         return
-    from moeflow.cli import _load_checkpoint, _offload_config
-    from moeflow.config import EngineConfig
+    from moeflow.checkpoint import load
+    from moeflow.cli import DEFAULT_MODEL
 
-    ck = _load_checkpoint(args, args.device or EngineConfig().resolved_device(), _offload_config(args))
-    engine = DistEngine(ck, ranks)
-    try:
-        engine.follow()
-    finally:
-        engine.close()
+    # as rank 0's command loads it (generate, serve, bench latency), the experts in host memory
+    ck = load(args.model or DEFAULT_MODEL, device=ranks.device, dtype=args.dtype, expert_device="cpu",
+              quant=getattr(args, "quantize", None), progress=False)
+    follow(ck, ranks)
 

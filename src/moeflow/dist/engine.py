@@ -7,6 +7,7 @@ Legend: B = sequences in the step, N = their new tokens, L = MoE layers, E = exp
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 
 import torch
@@ -20,7 +21,8 @@ from moeflow.engine.llm_engine import LLMEngine
 from moeflow.experts.local import LocalExperts
 from moeflow.policy.placement import Placement
 
-STOP, STEP = 0, 1  # control messages: [kind, B, N, all_logits]
+STOP, STEP, NEW = 0, 1, 2  # control messages [kind, B, N, all_logits]; NEW: an engine's settings follow
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (this rank's checkpoint, local ids)
 
 
 class _Mirror:
@@ -32,17 +34,26 @@ class _Mirror:
 
 class DistEngine(LLMEngine):
     def __init__(self, ck: Checkpoint, ranks: Ranks, **kw):
-        """kw: LLMEngine's (rank 0's; the other ranks receive them). The experts must be in host memory when
-        ranks.world > 1 (each rank keeps its own share)."""
+        """kw: LLMEngine's (rank 0's; the other ranks receive them, in follow()). The experts must be in host
+        memory when ranks.world > 1 (each rank keeps its own share); a checkpoint is split once, at its first
+        engine, and later engines reuse the split."""
         self.ranks = ranks
-        kw = ranks.broadcast_object(kw if ranks.leader else None)
+        if ranks.world > 1:
+            if ranks.leader:
+                ranks.broadcast(torch.tensor([NEW, 0, 0, 0]))
+            kw = ranks.broadcast_object(kw if ranks.leader else None)
         offload = kw.get("offload")
         if ranks.world > 1:
             if kw.get("deterministic"):
                 raise MoeflowError("--deterministic runs on one device: not with --gpus above 1")
             if offload is not None and (offload.routing_trace or offload.expert_maps):
                 raise MoeflowError("--routing-trace and --expert-maps are not supported with --gpus above 1 yet")
-            ck, local = self._split(ck, offload)
+            if ck.model not in _SPLITS:
+                _SPLITS[ck.model] = self._split(ck, offload)
+            ck, local = _SPLITS[ck.model]
+            if offload is None:
+                ck = replace(ck, store=ck.store.to(ranks.device))
+            ck.model.set_experts(LocalExperts(ck.store))
             kw = {**kw, "cuda_graphs": False}  # a graph would freeze the collectives' inputs; not measured yet
             if offload is not None:
                 kw["offload"] = replace(offload, placement=None)  # ownership used it; residents spread evenly
@@ -62,12 +73,11 @@ class DistEngine(LLMEngine):
             counts = placement.counts
         local = local_ids(owners(counts, len(cfg.moe_layers), cfg.num_experts, ranks.world), ranks.rank)
         store = local_store(ck.store, local)
-        ck.store.data = ck.store.data.new_empty(0)  # the full store's memory given back: this rank keeps its share
-        if offload is None:
-            store = store.to(ranks.device)
+        # the full store's memory given back (this rank keeps its share); one element seen in its shape, for
+        # callers that read its sizes
+        ck.store.data = ck.store.data.new_zeros(1).expand(ck.store.data.shape)
         kv_cfg = split_model(ck.model, cfg, ranks)
         cfg = replace(kv_cfg, num_experts=store.cfg.num_experts)  # the KV cache's heads, the local experts
-        ck.model.set_experts(LocalExperts(store))
         return replace(ck, cfg=cfg, store=store), local
 
     @property
@@ -88,23 +98,38 @@ class DistEngine(LLMEngine):
         body = [v for s in seqs for v in (s.slot, s.num_cached, len(s.tokens))] + [t for ts in new for t in ts]
         self.ranks.broadcast(torch.tensor(body, dtype=torch.long))  # [3B + N]
 
-    def follow(self) -> None:
-        """The other ranks' loop: run each step rank 0 announces, until it says stop."""
-        while True:
-            kind, B, N, all_logits = self.ranks.broadcast(torch.zeros(4, dtype=torch.long)).tolist()
-            if kind == STOP:
-                return
-            body = self.ranks.broadcast(torch.zeros(3 * B + N, dtype=torch.long)).tolist()
-            heads, toks, seqs = body[:3 * B], body[3 * B:], []
-            for b in range(B):
-                slot, cached, total = heads[3 * b:3 * b + 3]
-                n = total - cached
-                seqs.append(_Mirror(slot, cached, total, toks[:n]))
-                toks = toks[n:]
-            super()._forward(seqs, bool(all_logits))
-
+    def _follow_step(self, B: int, N: int, all_logits: bool) -> None:
+        """Run the step rank 0 announced: B sequences, N new tokens."""
+        body = self.ranks.broadcast(torch.zeros(3 * B + N, dtype=torch.long)).tolist()
+        heads, toks, seqs = body[:3 * B], body[3 * B:], []
+        for b in range(B):
+            slot, cached, total = heads[3 * b:3 * b + 3]
+            n = total - cached
+            seqs.append(_Mirror(slot, cached, total, toks[:n]))
+            toks = toks[n:]
+        super()._forward(seqs, all_logits)
 
 def stop_followers(ranks: Ranks) -> None:
     """Rank 0 is done: the other ranks' follow() returns."""
     if ranks.leader and ranks.world > 1:
         ranks.broadcast(torch.tensor([STOP, 0, 0, 0]))
+
+
+def follow(ck: Checkpoint, ranks: Ranks) -> None:
+    """The other ranks' loop: build each engine rank 0 builds (on ck), run each step it announces, until it
+    says stop."""
+    engine = None
+    try:
+        while True:
+            kind, B, N, all_logits = ranks.broadcast(torch.zeros(4, dtype=torch.long)).tolist()
+            if kind == STOP:
+                return
+            if kind == NEW:
+                if engine is not None:
+                    engine.close()
+                engine = DistEngine(ck, ranks)
+            else:
+                engine._follow_step(B, N, bool(all_logits))
+    finally:
+        if engine is not None:
+            engine.close()
