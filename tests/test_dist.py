@@ -79,6 +79,35 @@ def test_two_ranks_give_one_process_tokens_for_every_policy(hf_checkpoint, tmp_p
         assert got[str(policy)] == [s.output_ids for s in want], policy
 
 
+def local_tokens_on_ranks(paths, out, ranks):
+    """Each checkpoint's tokens over the ranks, every expert local; rank 0 writes them to `out` (JSON)."""
+    from moeflow.dist.engine import DistEngine, follow, stop_followers
+
+    got = []
+    for path in paths:
+        ck = load(path, device="cpu", expert_device="cpu")
+        if not ranks.leader:
+            follow(ck, ranks)
+            continue
+        got.append([s.output_ids for s in DistEngine(ck, ranks, max_seqs=MAX_SEQS, max_len=MAX_LEN)
+                    .generate(prompts(), GREEDY)])
+        stop_followers(ranks)
+    if ranks.leader:
+        out.write_text(json.dumps(got))
+
+
+def test_two_ranks_give_one_process_tokens_for_every_architecture(hf_checkpoint, tmp_path):
+    """MLA (attention whole on each rank), shared experts gated or not, dense layers, a q/k norm over all heads,
+    biases, sinks and windows: each splits (or stays whole) and keeps the tokens."""
+    types = ["deepseek_v2", "deepseek_v3", "qwen2_moe", "olmoe", "phimoe", "gpt_oss"]
+    paths = [hf_checkpoint(t)[0] for t in types]
+    out = tmp_path / "tokens.json"
+    launch(functools.partial(local_tokens_on_ranks, paths, out), DistConfig(2, "cpu", timeout_s=60))
+    for t, path, got in zip(types, paths, json.loads(out.read_text())):
+        want = LLMEngine(load(path), max_seqs=MAX_SEQS, max_len=MAX_LEN).generate(prompts(), GREEDY)
+        assert got == [s.output_ids for s in want], t
+
+
 def test_ownership_spreads_popular_experts_evenly():
     counts = torch.tensor([[100.0, 90, 1, 1, 50, 40], [0, 0, 0, 9, 8, 7]])
     own = owners(counts, 2, 6, 2)
