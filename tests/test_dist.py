@@ -51,12 +51,12 @@ def offload_for(ck, policy):
     return OffloadConfig(budget_for(ck, slots, MAX_SEQS, MAX_LEN), policy=policy)
 
 
-def tokens_on_ranks(path, out, ranks):
+def tokens_on_ranks(path, out, device, ranks):
     """Every policy's tokens over the ranks, each policy a new engine on the same checkpoint (split once);
-    rank 0 writes them to `out` (JSON)."""
+    rank 0 writes them to `out` (JSON). cuda: in fp32, the one-process run's dtype there."""
     from moeflow.dist.engine import DistEngine, follow, stop_followers
 
-    ck = load(path, device="cpu", expert_device="cpu")
+    ck = load(path, device=ranks.device, dtype=torch.float32 if device == "cuda" else None, expert_device="cpu")
     if not ranks.leader:
         return follow(ck, ranks)
     got, budgets = {}, {str(p): offload_for(ck, p) for p in POLICIES}  # from the whole model's sizes
@@ -72,7 +72,7 @@ def tokens_on_ranks(path, out, ranks):
 def test_two_ranks_give_one_process_tokens_for_every_policy(hf_checkpoint, tmp_path, model_type):
     path = hf_checkpoint(model_type)[0]
     out = tmp_path / "tokens.json"
-    launch(functools.partial(tokens_on_ranks, path, out), DistConfig(2, "cpu", timeout_s=60))
+    launch(functools.partial(tokens_on_ranks, path, out, "cpu"), DistConfig(2, "cpu", timeout_s=60))
     got = json.loads(out.read_text())
     want = LLMEngine(load(path), max_seqs=MAX_SEQS, max_len=MAX_LEN).generate(prompts(), GREEDY)
     for policy in POLICIES:
@@ -174,6 +174,21 @@ def cuda_tokens(path, out, ranks):
     engine = DistEngine(load(path, device=ranks.device), ranks, max_seqs=MAX_SEQS, max_len=MAX_LEN)
     out.write_text(json.dumps([s.output_ids for s in engine.generate(prompts(), GREEDY)]))
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_two_ranks_on_cuda_give_one_process_tokens_for_every_policy(hf_checkpoint, tmp_path, model_type):
+    """Two ranks on the GPU(s) (sharing one where the host has one, the activations then over gloo), offloading
+    on the GPU for real: each policy's fp32 tokens are one process's."""
+    path = hf_checkpoint(model_type)[0]
+    out = tmp_path / "tokens.json"
+    launch(functools.partial(tokens_on_ranks, path, out, "cuda"), DistConfig(2, "cuda", 60, share_gpus=True))
+    got = json.loads(out.read_text())
+    for policy in POLICIES:
+        ck = load(path, device="cuda", dtype=torch.float32, expert_device="cpu" if policy else None)
+        engine = LLMEngine(ck, max_seqs=MAX_SEQS, max_len=MAX_LEN, offload=offload_for(ck, policy))
+        assert got[str(policy)] == [s.output_ids for s in engine.generate(prompts(), GREEDY)], policy
+        engine.close()
 
 def test_plan_for_two_gpus_adds_the_collectives_to_each_rank_share():
     from moeflow.checkpoint import read_model_config

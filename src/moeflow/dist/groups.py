@@ -45,13 +45,15 @@ class Ranks:
         return box[0]
 
 
-def init_ranks(rank: int, world: int, port: int, device_type: str, timeout_s: float) -> Ranks:
-    """Join the rendezvous on localhost:port; cuda: this rank's GPU is cuda:rank."""
+def init_ranks(rank: int, world: int, port: int, device_type: str, timeout_s: float,
+               share_gpus: bool = False) -> Ranks:
+    """Join the rendezvous on localhost:port; cuda: this rank's GPU is cuda:rank. share_gpus (tests on a host with
+    fewer GPUs than ranks): rank r on cuda:(r mod GPUs), the activations over gloo (NCCL takes one rank per GPU)."""
     timeout = timedelta(seconds=timeout_s)
     if device_type == "cuda":
-        device = torch.device("cuda", rank)
+        device = torch.device("cuda", rank % torch.cuda.device_count() if share_gpus else rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "gloo" if share_gpus else "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

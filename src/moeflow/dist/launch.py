@@ -32,13 +32,14 @@ class DistConfig:
     world: int              # processes: one per GPU (or CPU processes with gloo, in tests)
     device: str = "cuda"    # cuda: rank r on cuda:r; cpu: gloo
     timeout_s: float = 300  # the longest a collective waits for the other ranks (loading included)
+    share_gpus: bool = False  # tests: several ranks per GPU, the activations over gloo
 
     def check(self) -> None:
         if self.world < 1:
             raise MoeflowError(f"--gpus must be at least 1, not {self.world}")
         if self.device == "cuda":
             have = torch.cuda.device_count()
-            if have < self.world:
+            if have < self.world and not (self.share_gpus and have):
                 raise MoeflowError(f"--gpus {self.world} asks for {self.world} GPUs; this host has {have}")
 
 
@@ -112,7 +113,7 @@ def _rank_main(rank: int, fn: Callable[[Ranks], object], cfg: DistConfig, port: 
         os.sched_setaffinity(0, share)
         torch.set_num_threads(physical_cores())
     try:
-        ranks = init_ranks(rank, cfg.world, port, cfg.device, cfg.timeout_s)
+        ranks = init_ranks(rank, cfg.world, port, cfg.device, cfg.timeout_s, cfg.share_gpus)
         try:
             fn(ranks)
         finally:
