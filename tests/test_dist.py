@@ -154,6 +154,13 @@ def test_generate_over_two_ranks_prints_the_same_text(hf_checkpoint, capfd):
     assert capfd.readouterr().out == want
 
 
+def test_one_device_flags_are_refused_before_any_rank_starts(capsys):
+    from moeflow.cli import main
+
+    assert main(["generate", "--model", "synthetic:tiny-mixtral", "--gpus", "2", "--deterministic"]) == 2
+    assert "--deterministic runs on one GPU" in capsys.readouterr().err
+
+
 def test_more_gpus_than_the_host_has_is_refused():
     with pytest.raises(MoeflowError, match="asks for 64 GPUs"):
         DistConfig(64, "cuda").check()

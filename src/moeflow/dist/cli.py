@@ -16,8 +16,10 @@ def spread(args) -> int | None:
     """With --gpus and not yet on a rank: run the command on the ranks, returning its exit status; else None."""
     if not getattr(args, "gpus", None) or current() is not None:
         return None
-    if getattr(args, "baseline_tokens", 0):
-        raise MoeflowError("--baseline-tokens runs transformers on one GPU: not with --gpus")
+    if args.gpus > 1:  # what one device needs, refused before any process starts
+        for flag in ("baseline_tokens", "deterministic", "routing_trace", "expert_maps"):
+            if getattr(args, flag, None):
+                raise MoeflowError(f"--{flag.replace('_', '-')} runs on one GPU: not with --gpus above 1 yet")
     from moeflow.config import EngineConfig
 
     device = args.device or EngineConfig().resolved_device()
