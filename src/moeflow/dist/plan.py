@@ -1,7 +1,8 @@
 """`moeflow plan --gpus N`: one rank's share predicted as a one-GPU model, plus the collectives.
 
 A rank holds ceil(E / N) experts of each layer and, with routing spread evenly, runs ceil(K / N) of a token's
-K experts (the slowest rank sets the step); its CPU experts run on 1/N of the cores and share the host's memory
+K experts (a token whose experts fall unevenly makes one rank slower: not counted, so the prediction is
+optimistic); its CPU experts run on 1/N of the cores and share the host's memory
 bus, so the profile's CPU figures are divided by N; each GPU has its own budget and PCIe link. Every decoder
 layer adds two all-reduces of one hidden vector (after attention and after the FFN block): the measured time
 where `moeflow plan --gpus N --measure` ran them on this host, else ALL_REDUCE_S. The dense layers' time is
