@@ -133,8 +133,10 @@ def hangs(ranks):
 
 def test_a_rank_killed_mid_run_stops_the_other_with_one_error():
     t0 = time.monotonic()
-    with pytest.raises(MoeflowError, match=r"rank 1 stopped \(signal 9\)"):
+    # the launcher sees rank 1 die, or (on a slow host) rank 0 fail first on the connection rank 1 dropped
+    with pytest.raises(MoeflowError, match=r"rank 1 stopped \(signal 9\)|rank 0 failed: ") as e:
         launch(dies_mid_run, DistConfig(2, "cpu", timeout_s=20))
+    assert "\n" not in str(e.value)
     assert time.monotonic() - t0 < 60
 
 
