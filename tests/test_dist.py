@@ -117,6 +117,29 @@ def test_ownership_spreads_popular_experts_evenly():
     assert local_ids(owners(None, 1, 5, 2), 1).tolist() == [[-1, 0, -1, 1, -1]]
 
 
+@pytest.mark.parametrize("compact", [True, False])
+def test_the_ranks_partial_outputs_sum_to_the_whole_layer(compact):
+    """Each rank's ExpertParallel over its local store, owned pairs only (compact) or every pair with the others
+    weighted 0: the partial outputs of 3 ranks add up to LocalExperts over all experts."""
+    from conftest import mixtral_store
+    from moeflow.dist.ep import ExpertParallel, local_store
+    from moeflow.experts.local import LocalExperts
+    from moeflow.experts.store import ExpertStore
+
+    store = ExpertStore(mixtral_store(32, 48, 2, 0.1).cfg, torch.float32, "cpu")  # 8 experts, top-2, 2 layers
+    store.data.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 32, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(5)])       # [N, K]
+    w = torch.rand(5, 2, generator=g)
+    own = owners(torch.rand(2, 8, generator=g), 2, 8, 3)
+    for layer in store.layers:
+        want = LocalExperts(store)(layer, x, ids, w)
+        parts = [ExpertParallel(LocalExperts(local_store(store, local_ids(own, r))), local_ids(own, r),
+                                store.layers, x.device, compact)(layer, x, ids, w) for r in range(3)]
+        torch.testing.assert_close(sum(parts), want, rtol=1e-5, atol=1e-6)
+
+
 def dies_mid_run(ranks):
     x = torch.ones(4)
     for step in range(10**6):

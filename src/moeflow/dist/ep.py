@@ -55,17 +55,26 @@ def local_store(store: ExpertStore, local: torch.Tensor) -> ExpertStore:
 
 
 class ExpertParallel(BackendWrapper):
-    """The inner backend (over this rank's local store) on the pairs this rank owns; a partial output."""
+    """The inner backend (over this rank's local store) on the pairs this rank owns; a partial output.
 
-    def __init__(self, inner: ExpertBackend, local: torch.Tensor, moe_layers: list[int], device: torch.device):
+    An inner backend that never syncs with the host (graph_safe: the GPU's grouped GEMMs) gets every token's K
+    pairs, another rank's pairs sent to local expert 0 with weight 0 (a few rows more, no sync); any other gets
+    only the owned pairs, one per row (it syncs anyway, and a CPU or copied expert costs by its tokens)."""
+
+    def __init__(self, inner: ExpertBackend, local: torch.Tensor, moe_layers: list[int], device: torch.device,
+                 compact: bool | None = None):
         super().__init__(inner)
         self.local = local.to(device)                       # [L, E]
         self.row = {layer: i for i, layer in enumerate(moe_layers)}
+        self.compact = not inner.graph_safe if compact is None else compact
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         local = self.local[self.row[layer]][topk_ids]       # [N, K]
-        tok, k = (local >= 0).nonzero(as_tuple=True)        # [P] each
+        mine = local >= 0
+        if not self.compact:
+            return self.inner(layer, x, local.clamp(min=0), topk_weights * mine)
+        tok, k = mine.nonzero(as_tuple=True)                # [P] each
         out = torch.zeros_like(x)                           # [N, H]
         if tok.numel():
             part = self.inner(layer, x[tok], local[tok, k][:, None], topk_weights[tok, k][:, None])  # [P, H]
