@@ -44,6 +44,14 @@ def prompts():
     return [torch.randint(3, 310, (n,), generator=g).tolist() for n in (13, 5)]
 
 
+def mine(path, ranks):
+    """[L, E] the experts this rank loads: round-robin."""
+    from moeflow.checkpoint import read_model_config
+
+    cfg = read_model_config(path)[1]
+    return owners(None, len(cfg.moe_layers), cfg.num_experts, ranks.world) == ranks.rank
+
+
 def offload_for(ck, policy):
     if policy is None:
         return None
@@ -56,7 +64,8 @@ def tokens_on_ranks(path, out, device, ranks):
     rank 0 writes them to `out` (JSON). cuda: in fp32, the one-process run's dtype there."""
     from moeflow.dist.engine import DistEngine, follow, stop_followers
 
-    ck = load(path, device=ranks.device, dtype=torch.float32 if device == "cuda" else None, expert_device="cpu")
+    ck = load(path, device=ranks.device, dtype=torch.float32 if device == "cuda" else None, expert_device="cpu",
+              owned=mine(path, ranks))
     if not ranks.leader:
         return follow(ck, ranks)
     got, budgets = {}, {str(p): offload_for(ck, p) for p in POLICIES}  # from the whole model's sizes
@@ -85,7 +94,7 @@ def local_tokens_on_ranks(paths, out, ranks):
 
     got = []
     for path in paths:
-        ck = load(path, device="cpu", expert_device="cpu")
+        ck = load(path, device="cpu", expert_device="cpu", owned=mine(path, ranks))
         if not ranks.leader:
             follow(ck, ranks)
             continue
@@ -114,7 +123,7 @@ def test_ownership_spreads_popular_experts_evenly():
     assert (own == 0).sum(1).tolist() == [3, 3] and (own == 1).sum(1).tolist() == [3, 3]
     assert own[0, 0] != own[0, 1] and own[1, 3] != own[1, 4]      # the two most used apart
     assert owners(None, 2, 5, 2).tolist() == [[0, 1, 0, 1, 0]] * 2  # no profile: round-robin
-    assert local_ids(owners(None, 1, 5, 2), 1).tolist() == [[-1, 0, -1, 1, -1]]
+    assert local_ids(owners(None, 1, 5, 2) == 1).tolist() == [[-1, 0, -1, 1, -1]]
 
 
 @pytest.mark.parametrize("compact", [True, False])
@@ -135,9 +144,24 @@ def test_the_ranks_partial_outputs_sum_to_the_whole_layer(compact):
     own = owners(torch.rand(2, 8, generator=g), 2, 8, 3)
     for layer in store.layers:
         want = LocalExperts(store)(layer, x, ids, w)
-        parts = [ExpertParallel(LocalExperts(local_store(store, local_ids(own, r))), local_ids(own, r),
+        parts = [ExpertParallel(LocalExperts(local_store(store, local_ids(own == r))), local_ids(own == r),
                                 store.layers, x.device, compact)(layer, x, ids, w) for r in range(3)]
         torch.testing.assert_close(sum(parts), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_a_rank_loads_its_own_experts_only(hf_checkpoint, model_type):
+    """A load with `owned` fills exactly the owned experts as a whole load does (GPT-OSS writes its fused
+    experts part by part)."""
+    from moeflow.dist.ep import OwnedStore, local_store
+
+    path = hf_checkpoint(model_type)[0]
+    whole = load(path).store
+    own = owners(None, len(whole.cfg.moe_layers), whole.cfg.num_experts, 2) == 1
+    part = load(path, owned=own).store
+    assert isinstance(part, OwnedStore)
+    torch.testing.assert_close(local_store(part, local_ids(own)).data, local_store(whole, local_ids(own)).data,
+                               rtol=0, atol=0)
 
 
 def dies_mid_run(ranks):

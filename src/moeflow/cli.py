@@ -68,11 +68,12 @@ def _offload_config(args):
 def _load_checkpoint(args, device, offload):
     """--model (default: the embedded one) on `device`; its experts in host memory when offloading."""
     from moeflow.checkpoint import load, read_model_config
-    from moeflow.dist.cli import experts_on_host
+    from moeflow.dist.cli import experts_on_host, owned_experts
 
     check_context(args, read_model_config(args.model or DEFAULT_MODEL)[1].max_position_embeddings)
     ck = load(args.model or DEFAULT_MODEL, device=device, dtype=args.dtype, progress=None,
-              expert_device="cpu" if offload or experts_on_host(args) else None, quant=args.quantize)
+              expert_device="cpu" if offload or experts_on_host(args) else None, quant=args.quantize,
+              owned=owned_experts(args))
     if ck.synthetic:
         print(f"moeflow: {ck.name} has random weights: expect gibberish", file=sys.stderr)
     return ck

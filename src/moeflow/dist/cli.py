@@ -33,6 +33,21 @@ def engine_class():
     return LLMEngine if ranks is None else functools.partial(DistEngine, ranks=ranks)
 
 
+def owned_experts(args):
+    """[MoE layers, E] the experts this rank keeps in host memory (an even share; --placement spreads the popular
+    ones); None: not one of several ranks."""
+    ranks = current()
+    if ranks is None or ranks.world == 1:
+        return None
+    from moeflow.checkpoint import read_model_config
+    from moeflow.cli import DEFAULT_MODEL
+    from moeflow.dist.ep import owners, placement_counts
+
+    name, cfg = read_model_config(args.model or DEFAULT_MODEL)
+    counts = placement_counts(getattr(args, "placement", None), name, cfg)
+    return owners(counts, len(cfg.moe_layers), cfg.num_experts, ranks.world) == ranks.rank
+
+
 def experts_on_host(args) -> bool:
     """Whether the experts load in host memory for the ranks to take their shares from."""
     return (getattr(args, "gpus", None) or 1) > 1
@@ -48,6 +63,6 @@ def _rank_command(args, ranks: Ranks) -> None:
 
     # as rank 0's command loads it (generate, serve, bench latency), the experts in host memory
     ck = load(args.model or DEFAULT_MODEL, device=ranks.device, dtype=args.dtype, expert_device="cpu",
-              quant=getattr(args, "quantize", None), progress=False)
+              quant=getattr(args, "quantize", None), progress=False, owned=owned_experts(args))
     follow(ck, ranks)
 

@@ -14,12 +14,11 @@ import torch
 
 from moeflow import MoeflowError
 from moeflow.checkpoint import Checkpoint
-from moeflow.dist.ep import ExpertParallel, local_ids, local_store, owners
+from moeflow.dist.ep import ExpertParallel, OwnedStore, local_ids, local_store, owners, placement_counts
 from moeflow.dist.groups import Ranks
 from moeflow.dist.tp import split_model
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.experts.local import LocalExperts
-from moeflow.policy.placement import Placement
 
 STOP, STEP, NEW = 0, 1, 2  # control messages [kind, B, N, all_logits]; NEW: an engine's settings follow
 _SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (this rank's checkpoint, local ids)
@@ -66,12 +65,12 @@ class DistEngine(LLMEngine):
         cfg, ranks = ck.cfg, self.ranks
         if ck.store.data.device.type != "cpu":
             raise MoeflowError("--gpus above 1 loads the experts in host memory first (expert_device='cpu')")
-        counts = None
-        if offload is not None and offload.placement:
-            placement = Placement.load(offload.placement)
-            placement.check(ck.name, cfg)
-            counts = placement.counts
-        local = local_ids(owners(counts, len(cfg.moe_layers), cfg.num_experts, ranks.world), ranks.rank)
+        if isinstance(ck.store, OwnedStore):  # loaded with its share only: the ownership it was loaded by
+            mine = torch.tensor(ck.store.owned)
+        else:
+            counts = placement_counts(offload.placement if offload is not None else None, ck.name, cfg)
+            mine = owners(counts, len(cfg.moe_layers), cfg.num_experts, ranks.world) == ranks.rank
+        local = local_ids(mine)
         store = local_store(ck.store, local)
         # the full store's memory given back (this rank keeps its share); one element seen in its shape, for
         # callers that read its sizes

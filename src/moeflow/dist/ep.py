@@ -33,10 +33,48 @@ def owners(counts: torch.Tensor | None, layers: int, experts: int, world: int) -
     return out
 
 
-def local_ids(own: torch.Tensor, rank: int) -> torch.Tensor:
-    """[L, E] each expert's index in this rank's local store, -1 where another rank owns it."""
-    mine = own == rank
-    return torch.where(mine, mine.long().cumsum(1) - 1, torch.full_like(own, -1))
+def placement_counts(path: str | None, name: str, cfg) -> torch.Tensor | None:
+    """[L, E] a placement file's counts (checked against the model), or None without one."""
+    if not path:
+        return None
+    from moeflow.policy.placement import Placement
+
+    placement = Placement.load(path)
+    placement.check(name, cfg)
+    return placement.counts
+
+
+def local_ids(mine: torch.Tensor) -> torch.Tensor:
+    """mine [L, E] (the experts this rank owns) -> each one's index in this rank's local store, -1 elsewhere."""
+    return torch.where(mine, mine.long().cumsum(1) - 1, -1)
+
+
+class OwnedStore(ExpertStore):
+    """A whole-model store that a checkpoint load fills with this rank's experts only (owned [L, E]): the
+    others' writes go to a scratch block, so their pages are never touched and take no host memory (a large
+    allocation is mapped lazily). local_store() then copies the owned blocks out; not pinned (its share is)."""
+
+    def __init__(self, cfg, dtype, device="cpu", quant=None, owned: torch.Tensor | None = None):
+        super().__init__(cfg, dtype, device, quant=quant)
+        self.owned = owned.tolist()
+        self._scratch = torch.empty(self.data.shape[-1], dtype=self.data.dtype)  # [block]
+
+    def _mine(self, layer: int, expert: int) -> bool:
+        return self.owned[self.slot[layer]][expert]
+
+    def set_expert(self, layer, expert, gate, up, down) -> None:
+        if self._mine(layer, expert):
+            super().set_expert(layer, expert, gate, up, down)
+
+    def part(self, layer: int, expert: int, part: str) -> torch.Tensor:
+        if self._mine(layer, expert) or self.fmt.quantized:
+            return super().part(layer, expert, part)
+        I, H = self.cfg.expert_intermediate_size, self.cfg.hidden_size
+        w = self._scratch[:I * H].view(I, H)
+        return w.t() if part == "down" else w
+
+    def pin(self) -> None:
+        """Its share is pinned as the rank's own store."""
 
 
 def local_store(store: ExpertStore, local: torch.Tensor) -> ExpertStore:
