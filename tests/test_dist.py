@@ -213,6 +213,8 @@ def test_one_device_flags_are_refused_before_any_rank_starts(capsys):
 def test_more_gpus_than_the_host_has_is_refused():
     with pytest.raises(MoeflowError, match="asks for 64 GPUs"):
         DistConfig(64, "cuda").check()
+    with pytest.raises(MoeflowError, match="at least 1"):
+        DistConfig(0, "cpu").check()
 
 
 @pytest.mark.gpu

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import functools
 
+from moeflow import MoeflowError
 from moeflow.dist.engine import DistEngine, follow, stop_followers
 from moeflow.dist.groups import Ranks, current
 from moeflow.dist.launch import DistConfig, launch
-from moeflow import MoeflowError
 from moeflow.engine.llm_engine import LLMEngine
 
 
 def spread(args) -> int | None:
     """With --gpus and not yet on a rank: run the command on the ranks, returning its exit status; else None."""
-    if not getattr(args, "gpus", None) or current() is not None:
+    if getattr(args, "gpus", None) is None or current() is not None:
         return None
     if args.gpus > 1:  # what one device needs, refused before any process starts
         for flag in ("baseline_tokens", "deterministic", "routing_trace", "expert_maps"):
