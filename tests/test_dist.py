@@ -265,3 +265,17 @@ def test_plan_for_two_gpus_adds_the_collectives_to_each_rank_share():
         if p.error is None:
             assert 1 / p.decode_tps == pytest.approx(1 / share.predictions[k].decode_tps + extra)
     assert two.best.decode_tps > one.best.decode_tps  # half the experts per GPU at the same budget per GPU
+
+
+def leader_leaves_without_a_word(ranks):
+    if ranks.rank == 1:
+        time.sleep(600)  # as a follower stuck in a collective rank 0 will never join
+
+
+def test_the_others_are_stopped_when_rank_zero_ends_without_them(monkeypatch):
+    import moeflow.dist.launch as launch_module
+
+    monkeypatch.setattr(launch_module, "FOLLOWERS_GRACE_S", 1)
+    t0 = time.monotonic()
+    launch(leader_leaves_without_a_word, DistConfig(2, "cpu", timeout_s=600))
+    assert time.monotonic() - t0 < 60

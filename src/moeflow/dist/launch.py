@@ -25,6 +25,7 @@ from moeflow.dist.groups import Ranks, close_ranks, init_ranks
 from moeflow.experts.cpu import physical_cores
 
 BAD_INPUT = 2  # a rank's exit status after printing its MoeflowError
+FOLLOWERS_GRACE_S = 30  # how long the other ranks may take to stop after rank 0 has ended
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,10 @@ def launch(fn: Callable[[Ranks], object], cfg: DistConfig) -> None:
     port = free_port()
     ctx = mp.start_processes(_rank_main, args=(fn, cfg, port), nprocs=cfg.world, join=False, start_method="spawn")
     try:
-        while not ctx.join():
-            pass
+        while not ctx.join(timeout=1):
+            if ctx.processes[0].exitcode == 0:  # rank 0 is done: the others stop on its word, else are stopped
+                _stop(ctx, grace_s=FOLLOWERS_GRACE_S)
+                return
     except KeyboardInterrupt:  # Ctrl-C reaches the ranks too: rank 0 shuts down; what does not is stopped
         _stop(ctx, grace_s=10)
         raise
