@@ -129,9 +129,10 @@ def model_quant(spec: str | Path, quant: QuantSpec | str | None = None) -> Quant
 
 def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          expert_device: str | torch.device | None = None, progress: bool | None = None,
-         quant: QuantSpec | str | None = None) -> Checkpoint:
+         quant: QuantSpec | str | None = None, owned: torch.Tensor | None = None) -> Checkpoint:
     """Load a model: non-expert weights on `device`, the expert store on `expert_device` (default: same);
-    quant (`--quantize`): the experts quantized at load (quant/format.py)."""
+    quant (`--quantize`): the experts quantized at load (quant/format.py); owned [MoE layers, E] (a rank of
+    --gpus, dist/ep.py): only those experts are kept in host memory (a checkpoint folder; synthetic: all)."""
     from moeflow.experts.local import LocalExperts
 
     spec = str(spec)
@@ -151,7 +152,11 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     dtype = resolve_dtype(dtype, cfg, device)
     check_fits(path.name, arch, cfg, dtype, device, expert_device, quant)
     tokenizer = TextTokenizer.from_dir(path)
-    store = ExpertStore(cfg, dtype, expert_device, quant=quant)
+    if owned is None:
+        store = ExpertStore(cfg, dtype, expert_device, quant=quant)
+    else:
+        from moeflow.dist.ep import OwnedStore
+        store = OwnedStore(cfg, dtype, expert_device, quant=quant, owned=owned)
     with torch.device("meta"):
         model = arch.build(cfg, LocalExperts(store))
     with ExitStack() as stack:

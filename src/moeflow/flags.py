@@ -80,6 +80,11 @@ def offload_flags(g) -> None:
                    "(`moeflow maps build`)")
 
 
+def gpus_flag(g) -> None:
+    g.add_argument("--gpus", type=int, help="GPUs of this host to spread the model over, one process each "
+                   "(docs/multi-gpu.md); with --device cpu: CPU processes")
+
+
 def context_flag(g, help: str) -> None:
     g.add_argument("--max-len", type=int, default=ENGINE.max_len, help=help)
     alias(g, "--max-context", "max_len")

@@ -7,7 +7,7 @@ import sys
 from moeflow.engine.budget import gib
 from moeflow.engine.sequence import SamplingParams
 from moeflow.flags import (DEFAULT_PROMPT, ENGINE, SAMPLING, check_context, context_flag, device_flags,
-                           model_flag, sampling_flags)
+                           gpus_flag, model_flag, sampling_flags)
 
 
 def add_parser(sub) -> None:
@@ -22,14 +22,18 @@ def add_parser(sub) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="always produce --max-new-tokens tokens")
     context_flag(g, "context to reserve (default: prompt + new tokens, at least 256)")
     device_flags(g)
+    gpus_flag(g)
     g.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from moeflow.engine.llm_engine import LLMEngine, encode_prompt
+    from moeflow.dist.cli import engine_class, spread
+    from moeflow.engine.llm_engine import encode_prompt
     from moeflow.launch import load_checkpoint, offload_config
     from moeflow.perf.profile import engine_costs
 
+    if (rc := spread(args)) is not None:  # --gpus: on the ranks
+        return rc
     offload = offload_config(args)
     ck = load_checkpoint(args, args.device or ENGINE.resolved_device(), offload)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -40,7 +44,7 @@ def run(args) -> int:
                  [{"role": "user", "content": args.prompt}]
     n_prompt = len(encode_prompt(ck.tokenizer, prompt))
     check_context(args, ck.cfg.max_position_embeddings, n_prompt)
-    engine = LLMEngine(ck, max_seqs=1, max_len=args.max_len or max(n_prompt + args.max_new_tokens + 1, 256),
+    engine = engine_class()(ck, max_seqs=1, max_len=args.max_len or max(n_prompt + args.max_new_tokens + 1, 256),
                        offload=offload, expert_costs=engine_costs(ck, offload), deterministic=args.deterministic)
     last = None
     for last in engine.stream(prompt, params):

@@ -25,10 +25,12 @@ def offload_config(args):
 def load_checkpoint(args, device, offload):
     """--model (default: the embedded one) on `device`; its experts in host memory when offloading."""
     from moeflow.checkpoint import load, read_model_config
+    from moeflow.dist.cli import experts_on_host, owned_experts
 
     check_context(args, read_model_config(args.model or DEFAULT_MODEL)[1].max_position_embeddings)
     ck = load(args.model or DEFAULT_MODEL, device=device, dtype=args.dtype, progress=None,
-              expert_device="cpu" if offload else None, quant=args.quantize)
+              expert_device="cpu" if offload or experts_on_host(args) else None, quant=args.quantize,
+              owned=owned_experts(args))
     if ck.synthetic:
         print(f"moeflow: {ck.name} has random weights: expect gibberish", file=sys.stderr)
     return ck
@@ -36,10 +38,10 @@ def load_checkpoint(args, device, offload):
 
 def load_engine(args, max_seqs: int):
     """The engine of `serve` and `chat`: the model on --device (cuda where available), offloaded with --gpu-memory."""
-    from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.dist.cli import engine_class
     from moeflow.perf.profile import engine_costs
 
     offload = offload_config(args)
     ck = load_checkpoint(args, args.device or ENGINE.resolved_device(), offload)
-    return LLMEngine(ck, max_seqs=max_seqs, max_len=args.max_len, offload=offload,
+    return engine_class()(ck, max_seqs=max_seqs, max_len=args.max_len, offload=offload,
                      expert_costs=engine_costs(ck, offload), deterministic=args.deterministic)

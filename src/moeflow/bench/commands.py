@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from moeflow import MoeflowError
-from moeflow.flags import DEFAULT_PROMPT, alias, device_flags
+from moeflow.flags import DEFAULT_PROMPT, alias, device_flags, gpus_flag
 
 
 def add_latency_parser(bsub) -> None:
@@ -33,12 +33,16 @@ def add_latency_parser(bsub) -> None:
     bl.add_argument("--profile", help="hardware profile JSON the predictions start from (default on a GPU: this "
                     "machine's cached one, measured if missing; on a CPU: none, no predictions)")
     bl.add_argument("--out", help="write the results as JSON here")
+    gpus_flag(bl)
     bl.set_defaults(func=run_latency)
 
 
 def run_latency(args) -> int:
     from moeflow.bench.latency import main
+    from moeflow.dist.cli import spread
 
+    if (rc := spread(args)) is not None:  # --gpus: on the ranks
+        return rc
     return main(args, DEFAULT_PROMPT)
 
 

@@ -20,6 +20,7 @@ import torch
 from moeflow.bench.ceilings import _time, concurrent_host_read, memory_bandwidth
 from moeflow.checkpoint import Checkpoint
 from moeflow.config import OffloadConfig
+from moeflow.dist.cli import engine_class, owned_experts
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
 from moeflow.experts.local import LocalExperts
@@ -79,7 +80,7 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     max_len = max(max(len(p) for p in prompts) + new_tokens, len(ttft_prompt) + 1) + 1
-    engine = LLMEngine(ck, max_seqs=1, max_len=max_len, offload=oc,
+    engine = engine_class()(ck, max_seqs=1, max_len=max_len, offload=oc,  # over the ranks with --gpus
                        expert_costs=costs if costs is not None else engine_costs(ck, oc))
     backend = getattr(engine.model.experts, "inner", engine.model.experts)
     try:
@@ -254,7 +255,8 @@ def main(args, default_prompt: str) -> int:
     budgets = [parse_size(b) for b in args.budgets.split(",")]  # checked before anything is built
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t = time.perf_counter()
-    ck = load(args.model, device=device, dtype=args.dtype, expert_device="cpu", progress=True, quant=args.quantize)
+    ck = load(args.model, device=device, dtype=args.dtype, expert_device="cpu", progress=True, quant=args.quantize,
+              owned=owned_experts(args))  # --gpus: this rank's experts only
     load_s, t = time.perf_counter() - t, time.perf_counter()
     ck.store.pin()
     pin_s = time.perf_counter() - t

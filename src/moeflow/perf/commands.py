@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moeflow import MoeflowError
 from moeflow.engine.budget import gib as _gib
-from moeflow.flags import DEFAULT_MODEL, DEVICES, ENGINE, alias, context_flag, device_flags, model_flag
+from moeflow.flags import DEFAULT_MODEL, DEVICES, ENGINE, alias, context_flag, device_flags, gpus_flag, model_flag
 
 
 def add_parsers(sub) -> None:
@@ -39,6 +39,7 @@ def _add_plan_parser(sub) -> None:
     pl.add_argument("--model", default="synthetic:mixtral-8x7b", help="folder, builtin:NAME or synthetic:NAME "
                     "(only its config is read)")
     pl.add_argument("--gpu-memory", required=True, help="GPU budget, e.g. 24GiB")
+    gpus_flag(pl)
     pl.add_argument("--workload", default="both", choices=("latency", "throughput", "both"),
                     help="one request at a time, batches, or both")
     pl.add_argument("--prompt-len", type=int, default=512, help="prompt tokens of the modelled request")
@@ -195,6 +196,12 @@ def cmd_plan(args) -> int:
     quant = model_quant(args.model, args.quantize)
     budget = parse_size(args.gpu_memory)
     profile, said = _plan_profile(args, cfg)
+    world, all_reduce_s = getattr(args, "gpus", None) or 1, 0.0
+    if world > 1:  # one rank's share of the model and the host (docs/multi-gpu.md)
+        from moeflow.dist.plan import per_rank
+
+        cfg, profile, all_reduce_s, ar_said = per_rank(cfg, profile, world, bool(args.placement), args.workload)
+        said += f"; per GPU of {world}, all-reduce {ar_said}"
     con = Console(width=max(Console().width, 140), soft_wrap=True)
     con.print(f"{name} with --gpu-memory {_gib(budget)}; {said}")
     if not profile.has_shape(cfg):
@@ -208,7 +215,7 @@ def cmd_plan(args) -> int:
         placement.check(name, cfg)
         hit = placement.counts.tolist()
     if args.workload in ("latency", "both"):
-        _latency_plan(con, args, name, cfg, profile, budget, hit, quant)
+        _latency_plan(con, args, name, cfg, profile, budget, hit, quant, world, all_reduce_s)
     if args.workload in ("throughput", "both"):
         _throughput_plan(con, args, name, cfg, profile, budget)
     if args.roofline:
@@ -220,7 +227,8 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _latency_plan(con, args, name, cfg, profile, budget: int, hit, quant) -> None:
+def _latency_plan(con, args, name, cfg, profile, budget: int, hit, quant, world: int = 1,
+                  all_reduce_s: float = 0.0) -> None:
     """The latency regime: each policy's predicted figures in a table, the bound, the chosen plan."""
     from rich.table import Table
 
@@ -229,6 +237,10 @@ def _latency_plan(con, args, name, cfg, profile, budget: int, hit, quant) -> Non
 
     eb = expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant)
     plan = search_latency(cfg, profile, budget, args.prompt_len, args.gen_len, hit, name, expert_bytes=eb)
+    if world > 1:
+        from moeflow.dist.plan import plan_with_collectives
+
+        plan = plan_with_collectives(plan, cfg, all_reduce_s)
     if quant is not None:
         con.print(f"experts in {quant.name}: {_gib(eb)} each (CPU and GPU expert times: the profile's dense ones)")
     t = Table(title=f"latency regime: one request, {args.prompt_len}-token prompt (predicted)")

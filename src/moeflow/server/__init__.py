@@ -6,7 +6,7 @@ import socket
 from collections.abc import Callable
 
 from moeflow import MoeflowError
-from moeflow.flags import DEFAULT_MODEL, ENGINE, context_flag, device_flags, model_flag
+from moeflow.flags import DEFAULT_MODEL, ENGINE, context_flag, device_flags, gpus_flag, model_flag
 
 
 def add_parser(sub) -> None:
@@ -23,12 +23,16 @@ def add_parser(sub) -> None:
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's and moeflow's log level")
     device_flags(sv)
+    gpus_flag(sv)
     sv.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from moeflow.dist.cli import spread
     from moeflow.launch import load_engine
 
+    if (rc := spread(args)) is not None:  # --gpus: on the ranks
+        return rc
     if args.max_queue < 0:
         raise MoeflowError("--max-queue must be at least 0")
     name = args.served_model_name or args.model or DEFAULT_MODEL
