@@ -40,7 +40,7 @@ def owned_experts(args):
     if ranks is None or ranks.world == 1:
         return None
     from moeflow.checkpoint import read_model_config
-    from moeflow.cli import DEFAULT_MODEL
+    from moeflow.flags import DEFAULT_MODEL
     from moeflow.dist.ep import owners, placement_counts
 
     name, cfg = read_model_config(args.model or DEFAULT_MODEL)
@@ -59,7 +59,7 @@ def _rank_command(args, ranks: Ranks) -> None:
         stop_followers(ranks)  # its engine may not have been closed
         return
     from moeflow.checkpoint import load
-    from moeflow.cli import DEFAULT_MODEL
+    from moeflow.flags import DEFAULT_MODEL
 
     # as rank 0's command loads it (generate, serve, bench latency), the experts in host memory
     ck = load(args.model or DEFAULT_MODEL, device=ranks.device, dtype=args.dtype, expert_device="cpu",
