@@ -344,7 +344,8 @@ PREFILL_CHUNK = 8192  # prompt tokens per prefill pass (weights stream once per 
 
 def throughput_memory(cfg: ModelConfig, pol: ThroughputPolicy, prompt_len: int, gen_len: int,
                       b: int = 2) -> tuple[int, int]:
-    """(GPU bytes, host bytes) the policy needs."""
+    """(GPU bytes, host bytes) the policy needs. Host: every expert, the host share of a KV cache of N runs of
+    prompt_len + gen_len positions (pipeline/kv.py allocates exactly that) and the staging buffers."""
     from moeflow.engine.budget import workspace_bytes
 
     L, E = len(cfg.moe_layers), cfg.num_experts
@@ -353,11 +354,20 @@ def throughput_memory(cfg: ModelConfig, pol: ThroughputPolicy, prompt_len: int, 
     stream = 0 if pol.r_w >= 1 else 2 * math.ceil(w_layer * (1 - pol.r_w))  # double buffer of one layer
     kv_stage = 0 if (not pol.attn_gpu or pol.r_c >= 1) else \
         2 * pol.N * (prompt_len + gen_len) * cfg.kv_bytes_per_token(b) // cfg.num_hidden_layers
-    step = max(pol.mu, min(pol.N * prompt_len, PREFILL_CHUNK))
+    step = max(pol.N, min(pol.N * prompt_len, PREFILL_CHUNK))  # decode holds all N, logits included
     gpu = cfg.dense_numel * b + int(pol.r_w * L * w_layer) + int(pol.r_c * kv) + stream + kv_stage + \
         workspace_bytes(cfg, step, b)
-    host = L * w_layer + int((1 - pol.r_c) * kv)
+    host = L * w_layer + int((1 - pol.r_c) * kv) + host_staging_bytes(cfg, pol.N, prompt_len, b)
     return gpu, host
+
+
+def host_staging_bytes(cfg: ModelConfig, n: int, prompt_len: int, b: int = 2) -> int:
+    """Host buffers beside the KV cache: one decode layer's q/k/v in and attention out for n sequences (pinned,
+    fp32 at most), one prefill pass's K/V on their way to the cache, a few fp32 logits rows being sampled."""
+    heads, kv_heads, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    decode = n * (2 * heads + 2 * kv_heads) * D * 4 * 2       # the layer's buffers and the kernel's fp32 copies
+    prefill = min(n * prompt_len, PREFILL_CHUNK) * 2 * kv_heads * D * b * 2  # gathered on the GPU, copied
+    return decode + prefill + 4 * cfg.vocab_size * 4
 
 
 def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: ThroughputPolicy, prompt_len: int,

@@ -6,6 +6,8 @@ All micro-batches' attention is handed to the CPU at once, so the CPU attends to
 finishes micro-batch j; the next layer's streamed experts copy in meanwhile (LayerWeights). Prompts run on the
 GPU, whole, layer by layer, their K/V then moved to the host cache. Requests join as others finish (add_request
 / step as in LLMEngine). On the CPU both tiers are the host, and the schedule is the same.
+The host KV cache (HostKV) gives each sequence a run of positions for its prompt and the tokens it may generate;
+a request waits while no run is free or N sequences run.
 Legend: B = sequences, N = packed tokens, H = hidden, Hq/Hkv = heads, D = head dim, T = longest prompt.
 """
 
@@ -19,20 +21,23 @@ import torch
 
 from moeflow import MoeflowError
 from moeflow.checkpoint import Checkpoint
-from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import Sequence, Status
 from moeflow.models.layers import Attention, AttnBatch, SparseMoe
 from moeflow.perf.model import PREFILL_CHUNK, ThroughputPolicy
 from moeflow.experts.cpu import physical_cores
 from moeflow.pipeline.attention import cpu_decode_attention
+from moeflow.pipeline.kv import HostKV
 from moeflow.pipeline.native import load as load_native
 from moeflow.pipeline.weights import LayerWeights
 
 
 class PipelineEngine(LLMEngine):
-    def __init__(self, ck: Checkpoint, plan: ThroughputPolicy, max_len: int, native: bool | None = None):
-        """native: the native CPU attention kernel (None: where it builds; False: PyTorch)."""
+    def __init__(self, ck: Checkpoint, plan: ThroughputPolicy, max_len: int, native: bool | None = None,
+                 kv_positions: int | None = None):
+        """max_len: prompt + generated tokens of one sequence at most; kv_positions: the host KV cache's
+        positions over all sequences (default N x max_len; at least max_len); native: the native CPU attention
+        kernel (None: where it builds; False: PyTorch)."""
         if plan.attn_gpu:
             raise MoeflowError("the pipeline engine runs attention on the CPU; a plan with attention on the GPU "
                                "is not implemented (use attn=cpu)")
@@ -42,7 +47,8 @@ class PipelineEngine(LLMEngine):
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.max_len = min(max_len, ck.cfg.max_position_embeddings)
-        self.cache = KVCache(ck.cfg, plan.N, self.max_len, self.dtype, "cpu")  # the host KV cache, one slot each
+        self.cache = HostKV(ck.cfg, max(kv_positions or plan.N * self.max_len, self.max_len), self.dtype,
+                            plan.N)
         self.eos = set(ck.eos_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -57,6 +63,7 @@ class PipelineEngine(LLMEngine):
         self.threads = physical_cores()
         self.cpu_attention_s = 0.0  # the attention worker's busy time
         self.prefill_s = self.decode_s = 0.0
+        self.decode_steps = 0
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -64,14 +71,22 @@ class PipelineEngine(LLMEngine):
     def _admit(self) -> None:
         # A prefill round takes whole prompts up to PREFILL_CHUNK tokens (one prompt alone may exceed it).
         room = PREFILL_CHUNK
-        while self.waiting and self.cache.free:
-            n = len(self.waiting[0].prompt_ids)
+        while self.waiting and len(self.running) < self.cache.max_seqs:
+            head = self.waiting[0]
+            n = len(head.prompt_ids)
             if n > room and room < PREFILL_CHUNK:
                 break
+            start = self.cache.allocate(min(n + head.params.max_new_tokens, self.max_len))
+            if start is None:
+                break
             seq = self.waiting.popleft()
-            seq.slot, seq.status, seq.t_start = self.cache.allocate(), Status.RUNNING, time.perf_counter()
+            seq.slot, seq.status, seq.t_start = start, Status.RUNNING, time.perf_counter()
             self.running.append(seq)
             room -= n
+
+    def _retire(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.cache.release(seq.slot)
 
     @torch.inference_mode()
     def _forward(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
@@ -91,6 +106,7 @@ class PipelineEngine(LLMEngine):
                     self.prefill_s += time.perf_counter() - t
                 else:
                     self.decode_s += time.perf_counter() - t
+                    self.decode_steps += 1
         return torch.stack([out[s.id] for s in seqs])
 
     def _sync(self) -> None:
@@ -126,15 +142,15 @@ class PipelineEngine(LLMEngine):
         scratch = [torch.zeros((B, T, cfg.num_key_value_heads, cfg.head_dim), dtype=self.dtype, device=dev)
                    for _ in "kv"]                                                 # one layer's K/V [B, T, Hkv, D]
         batch = AttnBatch.build(list(range(B)), [0] * B, lens, dev, cfg.sliding_window)
+        valid = torch.arange(T, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]  # [B, T]
+        dst = torch.cat([torch.arange(s.slot, s.slot + n) for s, n in zip(seqs, lens)])       # [N] arena rows
         x = self.model.embed_tokens(torch.tensor([t for s in seqs for t in s.prompt_ids], device=dev))  # [N, H]
         rope = self.model.rotary(batch.positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             self._prefetch_after(i)
             x = x + layer.self_attn(layer.input_layernorm(x), rope, batch, scratch)
-            k_host, v_host = self.cache[i]
-            for b, s in enumerate(seqs):
-                k_host[s.slot, :lens[b]] = scratch[0][b, :lens[b]].cpu()
-                v_host[s.slot, :lens[b]] = scratch[1][b, :lens[b]].cpu()
+            for arena, kv in zip(self.cache[i], scratch):
+                arena[dst] = kv[valid].cpu()                                  # [N, Hkv, D] in one copy each
             x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
             self._done_with(i)
         for s, n in zip(seqs, lens):
@@ -176,9 +192,9 @@ class PipelineEngine(LLMEngine):
         return torch.cat(out)
 
     def _attend(self, ready, host, k_cache, v_cache, slots, starts) -> torch.Tensor:
-        t = time.perf_counter()
         if ready is not None:
-            ready.synchronize()  # q/k/v have landed in host memory
+            ready.synchronize()  # q/k/v have landed in host memory (waiting is not the CPU's work)
+        t = time.perf_counter()
         with torch.inference_mode():
             o = cpu_decode_attention(*host, k_cache, v_cache, slots, starts, self.ck.cfg.sliding_window,
                                      self.native, self.threads)
