@@ -163,3 +163,11 @@ def test_bench_throughput_writes_pipeline_and_baseline_rows(tmp_path, monkeypatc
     assert (pipe["engine"], pipe["tokens"], pipe["plan"]["N"]) == ("pipeline", 9, 2)
     assert pipe["predicted_tokens_per_s"] > 0 and 0 <= pipe["shares"]["cpu_attention"] <= 1
     assert (base["engine"], base["tokens"]) == ("continuous", 4)
+    assert pipe["peak_host_bytes"] >= pipe["host_tensor_bytes"] > 0
+    # a rerun resumes: the rows already written are kept, not run again; a new length is added
+    monkeypatch.setattr("moeflow.bench.throughput.baseline_rows", lambda *a: pytest.fail("baseline rerun"))
+    assert main(["bench", "throughput", "--configs", "synthetic:tiny-mixtral@1GiB", "--device", "cpu",
+                 "--gen-lens", "3,2", "--num-prompts", "3", "--plan", "2,1,0.5,0,cpu", "--baseline-batches", "2",
+                 "--baseline-tokens", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[:2] == [pipe, base] and (rows[2]["gen_len"], rows[2]["tokens"]) == (2, 6) and len(rows) == 3

@@ -235,8 +235,9 @@ def run(args) -> int:
         prompts = _prompts(ck.tokenizer, args.prompts)
         for g in todo:
             results.add([pipeline_row(ck, model, budget, prompts, g, args, profile)])
-        args.baseline_batches = ",".join(map(str, base))
-        results.add(baseline_rows(ck, model, budget, prompts, args))
+        if base:
+            args.baseline_batches = ",".join(map(str, base))
+            results.add(baseline_rows(ck, model, budget, prompts, args))
         del ck
         gc.collect()
     return 0
