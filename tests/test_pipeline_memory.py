@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moeflow.checkpoint import load, read_model_config
@@ -59,3 +60,19 @@ def test_the_search_takes_the_most_sequences_host_memory_holds():
     assert throughput_memory(cfg, ThroughputPolicy(n + 1, 1, 0.0, 0.0, False), 172, 128)[1] > host
     best = choose_plan(cfg, reference_profile(), 24 << 30, 172, 128, host=host)
     assert best.policy.N == n and best.host_bytes <= host and best.gpu_bytes <= 24 << 30
+
+
+@pytest.mark.gpu
+def test_the_gpu_peak_stays_within_the_plan():
+    from moeflow.pipeline.engine import PipelineEngine
+
+    ck = load("synthetic:tiny-mixtral", device="cuda", dtype="bf16", expert_device="cpu")
+    ck.store.pin()
+    spec = PipelineSpec("synthetic:tiny-mixtral", "cuda", "bf16", 1 << 30, "6,3,0.25,0,cpu", 12, 6, 64)
+    pol, pred = plan_for(spec, held=ck.store.nbytes, cfg=ck.cfg)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()  # the non-expert weights, counted by the plan
+    engine = PipelineEngine(ck, pol, spec.max_len, kv_positions=kv_positions(spec, pol))
+    engine.generate([list(range(3, 15))] * 8, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    engine.close()
+    assert torch.cuda.max_memory_allocated() - base + ck.cfg.dense_numel * 2 <= pred.gpu_bytes

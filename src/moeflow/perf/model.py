@@ -410,6 +410,6 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
                    pf_gpu / profile.gpu_flops + passes * (dense * b + E * cfg.expert_numel * b) / profile.gpu_bw)
     prefill_s = cfg.num_hidden_layers * pf_layer
     gpu_need, host_need = throughput_memory(cfg, pol, prompt_len, gen_len, b)
-    total = prefill_s + gen_len * step_s
+    total = prefill_s + (gen_len - 1) * step_s  # the prefill gives each sequence its first token
     return ThroughputPrediction(pol, N * gen_len / total, N / step_s, prefill_s, layer_s, terms,
                                 max(terms, key=terms.get), gpu_need, host_need)

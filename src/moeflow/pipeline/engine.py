@@ -21,7 +21,8 @@ import torch
 
 from moeflow import MoeflowError
 from moeflow.checkpoint import Checkpoint
-from moeflow.engine.llm_engine import LLMEngine
+from moeflow.engine.llm_engine import GenerationResponse, LLMEngine
+from moeflow.engine.sampler import sample
 from moeflow.engine.sequence import Sequence, Status
 from moeflow.models.layers import Attention, AttnBatch, SparseMoe
 from moeflow.perf.model import PREFILL_CHUNK, ThroughputPolicy
@@ -83,6 +84,16 @@ class PipelineEngine(LLMEngine):
             seq.slot, seq.status, seq.t_start = start, Status.RUNNING, time.perf_counter()
             self.running.append(seq)
             room -= n
+
+    def step(self) -> list[GenerationResponse]:
+        """Prompts first: a step with newly admitted requests prefills them alone, so the weights stream once
+        per prefill pass and decode runs on the whole batch (not on a batch that ramps up and down)."""
+        self._admit()
+        seqs = [s for s in self.running if s.num_cached == 0] or list(self.running)
+        if not seqs:
+            return []
+        tokens = sample(self._forward(seqs), seqs)
+        return [self._postprocess(s, t) for s, t in zip(seqs, tokens)]
 
     def _retire(self, seq: Sequence) -> None:
         self.running.remove(seq)
