@@ -52,6 +52,19 @@ def test_pipeline_matches_the_single_request_engine(model, plan, native):
     assert engine.cpu_attention_s > 0
 
 
+def test_pipeline_prefills_rounds_of_chunks(monkeypatch):
+    """Prompts in rounds of at most 20 tokens, each round layer by layer in chunks of at most 8: the same tokens."""
+    from moeflow.pipeline import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(engine_module, "PREFILL_GROUP", 20)
+    chunks = engine_module.split_prompts([type("S", (), {"prompt_ids": [0] * n})() for n in (3, 4, 9, 2, 8)], 8)
+    assert [[len(s.prompt_ids) for s in c] for c in chunks] == [[3, 4], [9], [2], [8]]
+    ck = load("synthetic:tiny-mixtral")
+    got, _ = pipeline_tokens(ck, ThroughputPolicy(6, 2, 0.5, 0.0, False))
+    assert got == single_request_tokens(ck)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("model,dtype", [("tiny-mixtral", "fp32"), ("tiny-qwen3", "fp32"), ("tiny-mixtral", "bf16")])
 def test_pipeline_on_the_gpu_matches_the_single_request_engine(model, dtype):

@@ -339,7 +339,8 @@ class ThroughputPrediction:
             {"T_" + k: v for k, v in self.terms.items()}
 
 
-PREFILL_CHUNK = 8192  # prompt tokens per prefill pass (weights stream once per pass)
+PREFILL_CHUNK = 8192  # prompt tokens per prefill pass through a layer
+PREFILL_GROUP = 8 * PREFILL_CHUNK  # prompt tokens per prefill round: a layer's weights stream once per round
 
 
 def throughput_memory(cfg: ModelConfig, pol: ThroughputPolicy, prompt_len: int, gen_len: int,
@@ -355,8 +356,9 @@ def throughput_memory(cfg: ModelConfig, pol: ThroughputPolicy, prompt_len: int, 
     kv_stage = 0 if (not pol.attn_gpu or pol.r_c >= 1) else \
         2 * pol.N * (prompt_len + gen_len) * cfg.kv_bytes_per_token(b) // cfg.num_hidden_layers
     step = max(pol.N, min(pol.N * prompt_len, PREFILL_CHUNK))  # decode holds all N, logits included
+    hidden = min(pol.N * prompt_len, PREFILL_GROUP) * cfg.hidden_size * b  # a prefill round's hidden states
     gpu = cfg.dense_numel * b + int(pol.r_w * L * w_layer) + int(pol.r_c * kv) + stream + kv_stage + \
-        workspace_bytes(cfg, step, b)
+        workspace_bytes(cfg, step, b) + hidden
     host = L * w_layer + int((1 - pol.r_c) * kv) + host_staging_bytes(cfg, pol.N, prompt_len, b)
     return gpu, host
 
@@ -401,11 +403,12 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
                                   cfg.layer_dense_numel(i) * b / profile.gpu_bw) for i in cfg.dense_layers)
     step_s = L * layer_s + dense_layers + N * cfg.vocab_size * H * 2 / profile.gpu_flops + \
         cfg.vocab_size * H * b / profile.gpu_bw
-    # Prefill: the whole batch layer by layer in passes of PREFILL_CHUNK tokens, weights streamed per pass.
+    # Prefill: the whole batch layer by layer in rounds of PREFILL_GROUP tokens (weights streamed once per round),
+    # each round in passes of PREFILL_CHUNK tokens (weights read from GPU memory once per pass).
     tokens = N * prompt_len
-    passes = math.ceil(tokens / PREFILL_CHUNK)
+    passes, rounds = math.ceil(tokens / PREFILL_CHUNK), math.ceil(tokens / PREFILL_GROUP)
     pf_gpu = tokens * (2 * dense + 6 * K * H * I) + N * 2 * prompt_len**2 * heads * D
-    pf_layer = max(passes * w_layer * (1 - pol.r_w) / profile.h2d_bw,
+    pf_layer = max(rounds * w_layer * (1 - pol.r_w) / profile.h2d_bw,
                    tokens * kv_tok * (1 - pol.r_c) / profile.d2h_bw,
                    pf_gpu / profile.gpu_flops + passes * (dense * b + E * cfg.expert_numel * b) / profile.gpu_bw)
     prefill_s = cfg.num_hidden_layers * pf_layer

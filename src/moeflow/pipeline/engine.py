@@ -4,8 +4,9 @@ Decode runs layer by layer over micro-batches of `mu` sequences: QKV on the GPU,
 the CPU over the host KV cache (a worker thread), the result back, O projection, router and experts on the GPU.
 All micro-batches' attention is handed to the CPU at once, so the CPU attends to micro-batch j+1 while the GPU
 finishes micro-batch j; the next layer's streamed experts copy in meanwhile (LayerWeights). Prompts run on the
-GPU, whole, layer by layer, their K/V then moved to the host cache. Requests join as others finish (add_request
-/ step as in LLMEngine). On the CPU both tiers are the host, and the schedule is the same.
+GPU, whole, layer by layer in rounds (a layer's experts stream in once per round), their K/V moved to the host.
+Requests join as others finish (add_request / step as in LLMEngine). On the CPU both tiers are the host, and
+the schedule is the same.
 The host KV cache (HostKV) gives each sequence a run of positions for its prompt and the tokens it may generate;
 a request waits while no run is free or N sequences run.
 Legend: B = sequences, N = packed tokens, H = hidden, Hq/Hkv = heads, D = head dim, T = longest prompt.
@@ -25,7 +26,7 @@ from moeflow.engine.llm_engine import GenerationResponse, LLMEngine
 from moeflow.engine.sampler import sample
 from moeflow.engine.sequence import Sequence, Status
 from moeflow.models.layers import Attention, AttnBatch, SparseMoe
-from moeflow.perf.model import PREFILL_CHUNK, ThroughputPolicy
+from moeflow.perf.model import PREFILL_CHUNK, PREFILL_GROUP, ThroughputPolicy
 from moeflow.experts.cpu import physical_cores
 from moeflow.pipeline.attention import cpu_decode_attention
 from moeflow.pipeline.kv import HostKV
@@ -70,12 +71,12 @@ class PipelineEngine(LLMEngine):
         self.pool.shutdown()
 
     def _admit(self) -> None:
-        # A prefill round takes whole prompts up to PREFILL_CHUNK tokens (one prompt alone may exceed it).
-        room = PREFILL_CHUNK
+        # A prefill round takes whole prompts up to PREFILL_GROUP tokens (one prompt alone may exceed it).
+        room = PREFILL_GROUP
         while self.waiting and len(self.running) < self.cache.max_seqs:
             head = self.waiting[0]
             n = len(head.prompt_ids)
-            if n > room and room < PREFILL_CHUNK:
+            if n > room and room < PREFILL_GROUP:
                 break
             start = self.cache.allocate(min(n + head.params.max_new_tokens, self.max_len))
             if start is None:
@@ -147,27 +148,24 @@ class PipelineEngine(LLMEngine):
 
     # -- prefill: whole prompts on the GPU, K/V to the host ----------------------------------------------------
     def _prefill(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        """Layer by layer, every chunk of up to PREFILL_CHUNK prompt tokens in turn: the layer's experts stream
+        in once for all the chunks of the round."""
         cfg, dev = self.ck.cfg, self.device
-        lens = [len(s.prompt_ids) for s in seqs]
-        T, B = max(lens), len(seqs)
+        chunks = [Chunk(self.model, part, dev, cfg.sliding_window) for part in split_prompts(seqs, PREFILL_CHUNK)]
+        B, T = max(len(c.seqs) for c in chunks), max(c.T for c in chunks)
         scratch = [torch.zeros((B, T, cfg.num_key_value_heads, cfg.head_dim), dtype=self.dtype, device=dev)
-                   for _ in "kv"]                                                 # one layer's K/V [B, T, Hkv, D]
-        batch = AttnBatch.build(list(range(B)), [0] * B, lens, dev, cfg.sliding_window)
-        valid = torch.arange(T, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]  # [B, T]
-        dst = torch.cat([torch.arange(s.slot, s.slot + n) for s, n in zip(seqs, lens)])       # [N] arena rows
-        x = self.model.embed_tokens(torch.tensor([t for s in seqs for t in s.prompt_ids], device=dev))  # [N, H]
-        rope = self.model.rotary(batch.positions, x.dtype)
+                   for _ in "kv"]                                                 # one chunk's K/V [B, T, Hkv, D]
         for i, layer in enumerate(self.model.layers):
             self._prefetch_after(i)
-            x = x + layer.self_attn(layer.input_layernorm(x), rope, batch, scratch)
-            for arena, kv in zip(self.cache[i], scratch):
-                arena[dst] = kv[valid].cpu()                                  # [N, Hkv, D] in one copy each
-            x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
+            for c in chunks:
+                c.x = c.x + layer.self_attn(layer.input_layernorm(c.x), c.rope, c.batch, scratch)
+                for arena, kv in zip(self.cache[i], scratch):
+                    arena[c.dst] = kv[:len(c.seqs), :c.T][c.valid].cpu()     # [N, Hkv, D] in one copy each
+                c.x = c.x + self._mlp(i, layer, layer.post_attention_layernorm(c.x))
             self._done_with(i)
-        for s, n in zip(seqs, lens):
-            s.num_cached = n
-        last = torch.tensor(lens, device=dev).cumsum(0) - 1
-        return list(self.model.logits(self.model.norm(x)[last]))
+        for s in seqs:
+            s.num_cached = len(s.prompt_ids)
+        return [row for c in chunks for row in self.model.logits(self.model.norm(c.x)[c.last])]
 
     # -- decode: micro-batches, CPU attention beside the GPU ---------------------------------------------------
     def _decode(self, seqs: list[Sequence]) -> list[torch.Tensor]:
@@ -228,3 +226,30 @@ def qkv(attn: Attention, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Ten
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     return rotate(q, *rope), rotate(k, *rope), v
+
+
+def split_prompts(seqs: list[Sequence], tokens: int) -> list[list[Sequence]]:
+    """seqs in order, in runs of at most `tokens` prompt tokens (a longer prompt alone)."""
+    out, n = [[]], 0
+    for s in seqs:
+        if out[-1] and n + len(s.prompt_ids) > tokens:
+            out.append([])
+            n = 0
+        out[-1].append(s)
+        n += len(s.prompt_ids)
+    return out
+
+
+class Chunk:
+    """One prefill chunk's prompts: hidden states x [N, H], their attention batch and rotary tables, where
+    their K/V go in the host arena (dst [N]) and which rows of a padded [B, T] scratch hold them (valid)."""
+
+    def __init__(self, model, seqs: list[Sequence], dev: torch.device, window: int | None):
+        lens = [len(s.prompt_ids) for s in seqs]
+        self.seqs, self.T = seqs, max(lens)
+        self.batch = AttnBatch.build(list(range(len(seqs))), [0] * len(seqs), lens, dev, window)
+        self.valid = torch.arange(self.T, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]  # [B, T]
+        self.dst = torch.cat([torch.arange(s.slot, s.slot + n) for s, n in zip(seqs, lens)])      # [N]
+        self.x = model.embed_tokens(torch.tensor([t for s in seqs for t in s.prompt_ids], device=dev))  # [N, H]
+        self.rope = model.rotary(self.batch.positions, self.x.dtype)
+        self.last = torch.tensor(lens, device=dev).cumsum(0) - 1                                   # [B]
