@@ -122,7 +122,8 @@ def pipeline_row(ck, model: str, budget: int, prompts, gen_len: int, args, profi
           f"{row['cpu_attention_ms']:.2f} ms/layer; prefill {row['prefill_s']:.1f} s (plan {pred.prefill_s:.1f}); "
           f"host planned {row['plan']['host_bytes'] / 2**30:.1f} GiB, tensors "
           f"{row['host_tensor_bytes'] / 2**30:.1f}, peak RSS {row['peak_host_bytes'] / 2**30:.1f}; GPU peak "
-          f"{row['peak_gpu_bytes'] / 2**30:.1f} GiB (plan {pred.gpu_bytes / 2**30:.1f})", file=sys.stderr)
+          f"{row['peak_gpu_bytes'] / 2**30:.1f} GiB (plan {pred.gpu_bytes / 2**30:.1f}); weights streamed at "
+          f"{row['h2d_gbps']:.1f} GB/s (profile {profile.h2d_bw / 1e9:.1f})", file=sys.stderr)
     return row
 
 
@@ -137,7 +138,8 @@ def _pipeline_figures(engine, pred, elapsed: float, tokens: int, n: int, profile
             "plan": pred.as_dict(), "predicted_tokens_per_s": pred.tokens_per_s,
             "shares": {"cpu_attention": engine.cpu_attention_s / elapsed, "pcie": pcie / elapsed,
                        "gpu_and_host_rest": max(0.0, 1 - (engine.cpu_attention_s + pcie) / elapsed)},
-            "bytes_h2d": engine.weights.bytes_h2d}
+            "bytes_h2d": engine.weights.bytes_h2d,
+            "h2d_gbps": engine.weights.bytes_h2d / max(engine.prefill_s + engine.decode_s, 1e-9) / 1e9}
 
 
 def baseline_rows(ck, model: str, budget: int, prompts, args) -> list[dict]:
