@@ -160,7 +160,7 @@ class PipelineEngine(LLMEngine):
             for c in chunks:
                 c.x = c.x + layer.self_attn(layer.input_layernorm(c.x), c.rope, c.batch, scratch)
                 for arena, kv in zip(self.cache[i], scratch):
-                    arena[c.dst] = kv[:len(c.seqs), :c.T][c.valid].cpu()     # [N, Hkv, D] in one copy each
+                    c.store(arena, kv[:len(c.seqs), :c.T][c.valid].cpu())    # [N, Hkv, D] in one copy each
                 c.x = c.x + self._mlp(i, layer, layer.post_attention_layernorm(c.x))
             self._done_with(i)
         for s in seqs:
@@ -253,3 +253,12 @@ class Chunk:
         self.x = model.embed_tokens(torch.tensor([t for s in seqs for t in s.prompt_ids], device=dev))  # [N, H]
         self.rope = model.rotary(self.batch.positions, self.x.dtype)
         self.last = torch.tensor(lens, device=dev).cumsum(0) - 1                                   # [B]
+        follow = all(s.slot + n == t.slot for s, n, t in zip(seqs, lens, seqs[1:]))  # runs taken in order
+        self.span = slice(seqs[0].slot, seqs[-1].slot + lens[-1]) if follow else None
+
+    def store(self, arena: torch.Tensor, kv: torch.Tensor) -> None:
+        """kv [N, Hkv, D] into the sequences' runs of arena [P, Hkv, D]."""
+        if self.span is not None:
+            arena[self.span].copy_(kv)
+        else:
+            arena[self.dst] = kv
