@@ -341,6 +341,7 @@ class ThroughputPrediction:
 
 PREFILL_CHUNK = 8192  # prompt tokens per prefill pass through a layer
 PREFILL_GROUP = 8 * PREFILL_CHUNK  # prompt tokens per prefill round: a layer's weights stream once per round
+LOGITS_ROWS = 256  # sequences whose logits are computed and sampled at once
 
 
 def throughput_memory(cfg: ModelConfig, pol: ThroughputPolicy, prompt_len: int, gen_len: int,
@@ -357,6 +358,7 @@ def throughput_memory(cfg: ModelConfig, pol: ThroughputPolicy, prompt_len: int, 
         2 * pol.N * (prompt_len + gen_len) * cfg.kv_bytes_per_token(b) // cfg.num_hidden_layers
     step = max(pol.N, min(pol.N * prompt_len, PREFILL_CHUNK))  # decode holds all N, logits included
     hidden = min(pol.N * prompt_len, PREFILL_GROUP) * cfg.hidden_size * b  # a prefill round's hidden states
+    hidden += min(pol.N, LOGITS_ROWS) * cfg.vocab_size * (b + 4)              # logits, and in fp32
     gpu = cfg.dense_numel * b + int(pol.r_w * L * w_layer) + int(pol.r_c * kv) + stream + kv_stage + \
         workspace_bytes(cfg, step, b) + hidden
     host = L * w_layer + int((1 - pol.r_c) * kv) + host_staging_bytes(cfg, pol.N, prompt_len, b)

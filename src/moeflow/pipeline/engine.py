@@ -26,7 +26,7 @@ from moeflow.engine.llm_engine import GenerationResponse, LLMEngine
 from moeflow.engine.sampler import sample
 from moeflow.engine.sequence import Sequence, Status
 from moeflow.models.layers import Attention, AttnBatch, SparseMoe
-from moeflow.perf.model import PREFILL_CHUNK, PREFILL_GROUP, ThroughputPolicy
+from moeflow.perf.model import LOGITS_ROWS, PREFILL_CHUNK, PREFILL_GROUP, ThroughputPolicy
 from moeflow.experts.cpu import physical_cores
 from moeflow.pipeline.attention import cpu_decode_attention
 from moeflow.pipeline.kv import HostKV
@@ -86,14 +86,17 @@ class PipelineEngine(LLMEngine):
             self.running.append(seq)
             room -= n
 
+    @torch.inference_mode()
     def step(self) -> list[GenerationResponse]:
         """Prompts first: a step with newly admitted requests prefills them alone, so the weights stream once
-        per prefill pass and decode runs on the whole batch (not on a batch that ramps up and down)."""
+        per prefill round and decode runs on the whole batch (not on a batch that ramps up and down)."""
         self._admit()
         seqs = [s for s in self.running if s.num_cached == 0] or list(self.running)
         if not seqs:
             return []
-        tokens = sample(self._forward(seqs), seqs)
+        h, tokens = self._hidden(seqs), []                                    # [B, H]
+        for a in range(0, len(seqs), LOGITS_ROWS):  # fp32 logits of a whole batch [N, V] would outgrow the workspace
+            tokens += sample(self.model.logits(h[a:a + LOGITS_ROWS]), seqs[a:a + LOGITS_ROWS])
         return [self._postprocess(s, t) for s, t in zip(seqs, tokens)]
 
     def _retire(self, seq: Sequence) -> None:
@@ -105,21 +108,21 @@ class PipelineEngine(LLMEngine):
         """Prompts of new sequences (prefilled), one token of the others (decoded): logits [B, V] in seqs' order."""
         if all_logits:
             raise MoeflowError("the pipeline engine computes the last position's logits only")
-        new = [s for s in seqs if s.num_cached == 0]
-        old = [s for s in seqs if s.num_cached > 0]
-        out = {}
-        for group, run in ((new, self._prefill), (old, self._decode)):
-            if group:
-                t = time.perf_counter()
-                for s, row in zip(group, run(group)):
-                    out[s.id] = row
-                self._sync()
-                if run == self._prefill:
-                    self.prefill_s += time.perf_counter() - t
-                else:
-                    self.decode_s += time.perf_counter() - t
-                    self.decode_steps += 1
-        return torch.stack([out[s.id] for s in seqs])
+        groups = [g for g in ([s for s in seqs if s.num_cached == 0], [s for s in seqs if s.num_cached > 0]) if g]
+        h = {s.id: row for g in groups for s, row in zip(g, self._hidden(g))}
+        return self.model.logits(torch.stack([h[s.id] for s in seqs]))
+
+    def _hidden(self, seqs: list[Sequence]) -> torch.Tensor:
+        """seqs all new (their prompts prefilled) or all running (one token decoded): final hidden states [B, H]."""
+        prefill, t = seqs[0].num_cached == 0, time.perf_counter()
+        h = self.model.norm(self._prefill(seqs) if prefill else self._decode(seqs))
+        self._sync()
+        if prefill:
+            self.prefill_s += time.perf_counter() - t
+        else:
+            self.decode_s += time.perf_counter() - t
+            self.decode_steps += 1
+        return h
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -147,7 +150,7 @@ class PipelineEngine(LLMEngine):
             self.weights.release(self.rows[i])
 
     # -- prefill: whole prompts on the GPU, K/V to the host ----------------------------------------------------
-    def _prefill(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Layer by layer, every chunk of up to PREFILL_CHUNK prompt tokens in turn: the layer's experts stream
         in once for all the chunks of the round."""
         cfg, dev = self.ck.cfg, self.device
@@ -165,10 +168,10 @@ class PipelineEngine(LLMEngine):
             self._done_with(i)
         for s in seqs:
             s.num_cached = len(s.prompt_ids)
-        return [row for c in chunks for row in self.model.logits(self.model.norm(c.x)[c.last])]
+        return torch.cat([c.x[c.last] for c in chunks])
 
     # -- decode: micro-batches, CPU attention beside the GPU ---------------------------------------------------
-    def _decode(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         dev, mu = self.device, self.plan.mu
         starts = [s.num_cached for s in seqs]
         x = self.model.embed_tokens(torch.tensor([s.new_tokens[0] for s in seqs], device=dev))  # [B, H]
@@ -181,7 +184,7 @@ class PipelineEngine(LLMEngine):
             self._done_with(i)
         for s in seqs:
             s.num_cached += 1
-        return list(self.model.logits(self.model.norm(x)))
+        return x
 
     def _decode_layer(self, i, layer, x, rope, mbs, slots, starts) -> torch.Tensor:
         attn, (k_cache, v_cache) = layer.self_attn, self.cache[i]
