@@ -71,7 +71,10 @@ class PipelineEngine(LLMEngine):
         self.pool.shutdown()
 
     def _admit(self) -> None:
-        # A prefill round takes whole prompts up to PREFILL_GROUP tokens (one prompt alone may exceed it).
+        # A prefill round takes whole prompts up to PREFILL_GROUP tokens (one prompt alone may exceed it). It
+        # streams every layer's weights as a decode step does: while a batch runs, wait for an eighth of it to free.
+        if self.running and self.cache.max_seqs - len(self.running) < max(1, self.cache.max_seqs // 8):
+            return
         room = PREFILL_GROUP
         while self.waiting and len(self.running) < self.cache.max_seqs:
             head = self.waiting[0]
