@@ -52,6 +52,19 @@ def test_pipeline_matches_the_single_request_engine(model, plan, native):
     assert engine.cpu_attention_s > 0
 
 
+def test_pipeline_prefills_rounds_of_chunks(monkeypatch):
+    """Prompts in rounds of at most 20 tokens, each round layer by layer in chunks of at most 8: the same tokens."""
+    from moeflow.pipeline import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(engine_module, "PREFILL_GROUP", 20)
+    chunks = engine_module.split_prompts([type("S", (), {"prompt_ids": [0] * n})() for n in (3, 4, 9, 2, 8)], 8)
+    assert [[len(s.prompt_ids) for s in c] for c in chunks] == [[3, 4], [9], [2], [8]]
+    ck = load("synthetic:tiny-mixtral")
+    got, _ = pipeline_tokens(ck, ThroughputPolicy(6, 2, 0.5, 0.0, False))
+    assert got == single_request_tokens(ck)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("model,dtype", [("tiny-mixtral", "fp32"), ("tiny-qwen3", "fp32"), ("tiny-mixtral", "bf16")])
 def test_pipeline_on_the_gpu_matches_the_single_request_engine(model, dtype):
@@ -76,6 +89,8 @@ def test_layer_weights_run_each_layers_experts(grouped, monkeypatch):
     calls, real = [], weights.grouped_experts
     monkeypatch.setattr(weights, "grouped_experts", lambda *a: calls.append(1) or real(*a))
     ck = load("synthetic:tiny-mixtral", dtype="bf16")
+    # 4 tokens per grouped call: 9 tokens in 3 calls, each over all experts
+    monkeypatch.setattr(weights, "GROUPED_BYTES", 4 * 2 * ck.cfg.expert_intermediate_size * 2 * 2)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, ck.cfg.hidden_size, generator=g).bfloat16()
     ids = torch.randint(0, ck.cfg.num_experts, (9, 2), generator=g)
@@ -90,7 +105,7 @@ def test_layer_weights_run_each_layers_experts(grouped, monkeypatch):
             torch.testing.assert_close(lw.ffn(row, x, ids, w).float(), ref(layer, x, ids, w).float(),
                                        rtol=2e-2, atol=2e-2)
             lw.release(row)
-    assert bool(calls) == grouped
+    assert len(calls) == (3 * 3 * 2 * len(ck.cfg.moe_layers) if grouped else 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -103,9 +118,9 @@ def test_native_attention_matches_pytorch(dtype):
         pytest.skip("no C++ compiler builds the native kernel")
     g = torch.Generator().manual_seed(0)
     S, T, Hq, Hkv, D = 5, 40, 6, 2, 24  # GQA groups of 3; D not a multiple of the vector width
-    cache = [torch.randn(S, T, Hkv, D, generator=g).to(dtype) for _ in "kv"]
+    cache = [torch.randn(S * T, Hkv, D, generator=g).to(dtype) for _ in "kv"]  # arenas of S runs of T
     q, k, v = (torch.randn(3, h, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
-    slots, starts = [4, 0, 2], [0, 17, 39]
+    slots, starts = [4 * T, 0, 2 * T], [0, 17, 39]
     for window in (None, 8):
         ref = cpu_decode_attention(q, k, v, *[c.clone() for c in cache], slots, starts, window)
         for kernel in ["scalar", *sorted(native.features)]:
@@ -113,7 +128,7 @@ def test_native_attention_matches_pytorch(dtype):
             cpu_decode_attention(q, k, v, kc, vc, slots, starts, window)  # the same cache writes
             ends = torch.tensor(starts, dtype=torch.int32) + 1
             firsts = ends * 0 if window is None else (ends - window).clamp(min=0).to(torch.int32)
-            got = native(q, kc, vc, torch.tensor(slots, dtype=torch.int32), firsts, ends, 2, kernel)
+            got = native(q, kc[:, None], vc[:, None], torch.tensor(slots, dtype=torch.int32), firsts, ends, 2, kernel)
             torch.testing.assert_close(got, ref.float(), rtol=1e-4 if dtype == torch.float32 else 2e-2,
                                        atol=1e-4 if dtype == torch.float32 else 2e-2)
 
@@ -125,9 +140,9 @@ def test_plans_are_parsed_and_checked():
             parse_plan(bad)
     _, cfg = read_model_config("synthetic:mixtral-8x7b")
     with pytest.raises(MoeflowError, match=r"GPU memory .* short by"):
-        check_fits(cfg, ThroughputPolicy(8, 4, 0.5, 0.0, False), 1024, 24 << 30)
+        check_fits(cfg, ThroughputPolicy(8, 4, 0.5, 0.0, False), 896, 128, 24 << 30)
     with pytest.raises(MoeflowError, match=r"host memory .* short by"):
-        check_fits(cfg, ThroughputPolicy(10**6, 4, 0.0, 0.0, False), 1024, None)
+        check_fits(cfg, ThroughputPolicy(10**6, 4, 0.0, 0.0, False), 896, 128, None)
     with pytest.raises(MoeflowError, match="attention on the CPU"):
         PipelineEngine(load("synthetic:tiny-mixtral"), ThroughputPolicy(2, 1, 0.0, 0.0, True), 64)
 
@@ -161,3 +176,11 @@ def test_bench_throughput_writes_pipeline_and_baseline_rows(tmp_path, monkeypatc
     assert (pipe["engine"], pipe["tokens"], pipe["plan"]["N"]) == ("pipeline", 9, 2)
     assert pipe["predicted_tokens_per_s"] > 0 and 0 <= pipe["shares"]["cpu_attention"] <= 1
     assert (base["engine"], base["tokens"]) == ("continuous", 4)
+    assert pipe["peak_host_bytes"] >= pipe["host_tensor_bytes"] > 0
+    # a rerun resumes: the rows already written are kept, not run again; a new length is added
+    monkeypatch.setattr("moeflow.bench.throughput.baseline_rows", lambda *a: pytest.fail("baseline rerun"))
+    assert main(["bench", "throughput", "--configs", "synthetic:tiny-mixtral@1GiB", "--device", "cpu",
+                 "--gen-lens", "3,2", "--num-prompts", "3", "--plan", "2,1,0.5,0,cpu", "--baseline-batches", "2",
+                 "--baseline-tokens", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[:2] == [pipe, base] and (rows[2]["gen_len"], rows[2]["tokens"]) == (2, 6) and len(rows) == 3

@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, help="for requests without one")
     p.add_argument("--max-running", type=int, default=16, help="sequences decoded together (KV cache slots)")
     p.add_argument("--max-len", type=int, help="prompt + generated tokens per request (default 4096; "
-                   "1024 with the pipeline engine, whose host KV cache holds N of them)")
+                   "1024 with the pipeline engine, whose host KV cache holds N runs of 512 + --max-new-tokens)")
     p.add_argument("--max-context", dest="max_len", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--engine", default="auto", choices=("auto", "continuous", "pipeline"),
                    help="continuous: the serving engine's continuous batching; pipeline: the throughput regime "
@@ -132,8 +132,9 @@ def _engine(args):
 
     if args.policy not in (None, "auto") or args.placement or args.routing_trace:
         raise MoeflowError("--policy, --placement and --routing-trace belong to --engine continuous")
+    max_len, gen_len = args.max_len or 1024, args.max_new_tokens or 128
     spec = PipelineSpec(args.model or DEFAULT_MODEL, "cuda" if cuda else "cpu", args.dtype,
                         parse_size(args.gpu_memory) if args.gpu_memory else None, args.plan,
-                        gen_len=args.max_new_tokens or 128, max_len=args.max_len or 1024,
+                        prompt_len=max(1, min(512, max_len - gen_len)), gen_len=gen_len, max_len=max_len,
                         default_n=args.max_running)
     return load_pipeline(spec)

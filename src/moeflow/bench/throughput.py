@@ -3,14 +3,16 @@ against its plan's prediction, and the continuous-batching engine at the same GP
 
 Per row: end-to-end tok/s (generated tokens over the whole run, prefill included), decode tok/s, the plan and its
 predicted tok/s, time shares (the CPU attention worker's busy time; PCIe: bytes copied over the profiled
-bandwidth; the GPU and the host's own work: the rest), peak GPU and host memory.
+bandwidth; one decode layer's wall time beside the plan's terms), peak GPU memory, and the host's: planned,
+the engine's host tensors, and the process's peak resident set during the row.
+With --out, each row is written as it finishes and a rerun skips the rows already there (split a long run
+over several commands with --configs and --gen-lens).
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -31,13 +33,14 @@ def add_parser(bsub) -> None:
     b.add_argument("--num-prompts", type=int, help="requests per row (default: the plan's N, prompts cycled)")
     b.add_argument("--max-batch", type=int, help="the chosen plans' N at most (default: what memory allows)")
     b.add_argument("--plan", help="N,mu,r_w,r_c,attn for every row (default: chosen per row by the model)")
+    b.add_argument("--layers", type=int, help="synthetic models with this many decoder layers (a quick probe)")
     b.add_argument("--baseline-batches", default="8,32", help="continuous-batching engine's batch sizes "
                    "(the best is reported); empty: no baseline")
     b.add_argument("--baseline-tokens", type=int, default=32, help="tokens per request in the baseline")
     b.add_argument("--device", default="cuda", choices=("cpu", "cuda"), help="where the model runs")
     b.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto: bf16 on cuda, the checkpoint's own on cpu")
-    b.add_argument("--out", help="write the results as JSON here")
+    b.add_argument("--out", help="JSON results, written after each row; rows already in it are skipped")
     b.set_defaults(func=run)
 
 
@@ -48,9 +51,29 @@ def _prompts(tokenizer, path: str | None) -> list[list[int]]:
     return [tokenizer.encode(t) for t in texts]
 
 
+def _host_status(key: str) -> int:
+    """A VmRSS/VmHWM-style field of this process in bytes (0 where /proc has none)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _reset_peaks(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current
+    except OSError:
+        pass
+
+
 def _peaks(device: torch.device) -> dict:
     gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return {"peak_gpu_bytes": gpu, "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"peak_gpu_bytes": gpu, "peak_host_bytes": _host_status("VmHWM"), "host_rss_bytes": _host_status("VmRSS")}
 
 
 def _drive(engine, prompts: list[list[int]], n: int, gen_len: int) -> tuple[float, int]:
@@ -69,34 +92,54 @@ def _drive(engine, prompts: list[list[int]], n: int, gen_len: int) -> tuple[floa
 
 def pipeline_row(ck, model: str, budget: int, prompts, gen_len: int, args, profile) -> dict:
     from moeflow.pipeline.engine import PipelineEngine
-    from moeflow.pipeline.load import PipelineSpec, describe, plan_for
+    from moeflow.pipeline.load import PipelineSpec, describe, kv_positions, plan_for
 
-    prompt_len = round(sum(map(len, prompts)) / len(prompts))
+    prompt_len = -(-sum(map(len, prompts)) // len(prompts))
     spec = PipelineSpec(model, args.device, args.dtype, budget, args.plan, prompt_len, gen_len,
                         max(map(len, prompts)) + gen_len + 1, max_n=args.max_batch)
-    pol, pred = plan_for(spec)
+    pol, pred = plan_for(spec, held=ck.store.nbytes, cfg=ck.cfg)
     print(f"  gen {gen_len}: {describe(pred)}", file=sys.stderr)
     n = args.num_prompts or pol.N
-    engine = PipelineEngine(ck, pol, spec.max_len)
+    # the cycled requests' own runs, when their prompts are longer than the mean on the whole
+    positions = max(kv_positions(spec, pol), sum(len(prompts[i % len(prompts)]) + gen_len for i in range(n)))
+    _reset_peaks(torch.device(args.device))
+    engine = PipelineEngine(ck, pol, spec.max_len, kv_positions=positions)
     try:
         elapsed, tokens = _drive(engine, prompts, n, gen_len)
-        decode_tokens = tokens - n  # each request's first token comes from its prefill
-        pcie = engine.weights.bytes_h2d / profile.h2d_bw
-        row = {"engine": "pipeline", "model": model, "gpu_memory": budget, "gen_len": gen_len, "requests": n,
-               "prompt_len": prompt_len, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-               "decode_tps": decode_tokens / max(engine.decode_s, 1e-9), "prefill_s": engine.prefill_s,
-               "plan": pred.as_dict(), "predicted_tokens_per_s": pred.tokens_per_s,
-               "shares": {"cpu_attention": engine.cpu_attention_s / elapsed, "pcie": pcie / elapsed,
-                          "gpu_and_host_rest": max(0.0, 1 - (engine.cpu_attention_s + pcie) / elapsed)},
-               "bytes_h2d": engine.weights.bytes_h2d} | _peaks(engine.device)
+        row = _pipeline_figures(engine, pred, elapsed, tokens, n, profile) | {
+            "engine": "pipeline", "model": model, "gpu_memory": budget, "gen_len": gen_len, "requests": n,
+            "prompt_len": prompt_len, "layers": _layers(model, args), "kv_positions": positions,
+            "host_tensor_bytes": ck.store.nbytes + engine.cache.nbytes} | _peaks(engine.device)
     finally:
         engine.close()
         del engine
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     print(f"    {row['tokens_per_s']:.1f} tok/s end to end (predicted {pred.tokens_per_s:.1f}), decode "
-          f"{row['decode_tps']:.1f} tok/s", file=sys.stderr)
+          f"{row['decode_tps']:.1f} tok/s (predicted {pred.decode_tps:.1f}); decode layer {row['layer_ms']:.2f} ms "
+          f"(plan {pred.layer_s * 1e3:.2f}: PCIe {pred.terms['PCIe'] * 1e3:.2f}, CPU "
+          f"{pred.terms['CPU memory bus'] * 1e3:.2f}, GPU {pred.terms['GPU'] * 1e3:.2f}), CPU attention "
+          f"{row['cpu_attention_ms']:.2f} ms/layer; prefill {row['prefill_s']:.1f} s (plan {pred.prefill_s:.1f}); "
+          f"host planned {row['plan']['host_bytes'] / 2**30:.1f} GiB, tensors "
+          f"{row['host_tensor_bytes'] / 2**30:.1f}, peak RSS {row['peak_host_bytes'] / 2**30:.1f}; GPU peak "
+          f"{row['peak_gpu_bytes'] / 2**30:.1f} GiB (plan {pred.gpu_bytes / 2**30:.1f}); weights streamed at "
+          f"{row['h2d_gbps']:.1f} GB/s (profile {profile.h2d_bw / 1e9:.1f})", file=sys.stderr)
     return row
+
+
+def _pipeline_figures(engine, pred, elapsed: float, tokens: int, n: int, profile) -> dict:
+    decode_tokens = tokens - n  # each request's first token comes from its prefill
+    layers = engine.ck.cfg.num_hidden_layers * max(engine.decode_steps, 1)
+    pcie = engine.weights.bytes_h2d / profile.h2d_bw
+    return {"seconds": elapsed, "tokens": tokens, "tokens_per_s": tokens / elapsed,
+            "decode_tps": decode_tokens / max(engine.decode_s, 1e-9), "prefill_s": engine.prefill_s,
+            "decode_s": engine.decode_s, "decode_steps": engine.decode_steps,
+            "layer_ms": engine.decode_s / layers * 1e3, "cpu_attention_ms": engine.cpu_attention_s / layers * 1e3,
+            "plan": pred.as_dict(), "predicted_tokens_per_s": pred.tokens_per_s,
+            "shares": {"cpu_attention": engine.cpu_attention_s / elapsed, "pcie": pcie / elapsed,
+                       "gpu_and_host_rest": max(0.0, 1 - (engine.cpu_attention_s + pcie) / elapsed)},
+            "bytes_h2d": engine.weights.bytes_h2d,
+            "h2d_gbps": engine.weights.bytes_h2d / max(engine.prefill_s + engine.decode_s, 1e-9) / 1e9}
 
 
 def baseline_rows(ck, model: str, budget: int, prompts, args) -> list[dict]:
@@ -107,27 +150,70 @@ def baseline_rows(ck, model: str, budget: int, prompts, args) -> list[dict]:
     rows = []
     for b in [int(x) for x in args.baseline_batches.split(",") if x]:
         max_len = max(map(len, prompts)) + args.baseline_tokens + 1
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        _reset_peaks(torch.device(args.device))
         engine = LLMEngine(ck, max_seqs=b, max_len=max_len,
                            offload=OffloadConfig(budget) if args.device == "cuda" else None)
         try:
             elapsed, tokens = _drive(engine, prompts, b, args.baseline_tokens)
         except MoeflowError as e:
-            rows.append({"engine": "continuous", "model": model, "batch": b, "error": str(e)})
+            rows.append({"engine": "continuous", "model": model, "gpu_memory": budget, "batch": b,
+                         "layers": _layers(model, args), "error": str(e)})
             continue
         finally:
+            engine.close()
             del engine
             gc.collect()
         rows.append({"engine": "continuous", "model": model, "gpu_memory": budget, "batch": b,
-                     "gen_len": args.baseline_tokens, "tokens": tokens, "seconds": elapsed,
-                     "tokens_per_s": tokens / elapsed} | _peaks(torch.device(args.device)))
+                     "layers": _layers(model, args), "gen_len": args.baseline_tokens, "tokens": tokens,
+                     "seconds": elapsed, "tokens_per_s": tokens / elapsed} | _peaks(torch.device(args.device)))
         print(f"  continuous batching, batch {b}: {tokens / elapsed:.1f} tok/s", file=sys.stderr)
     return rows
 
 
-def run(args) -> int:
+def _key(row: dict) -> tuple:
+    return (row["engine"], row["model"], row.get("gpu_memory"), row.get("gen_len") if row["engine"] == "pipeline"
+            else row.get("batch"), row.get("layers"))
+
+
+class Results:
+    """The rows so far, read from --out (a rerun resumes) and written back after each new row."""
+
+    def __init__(self, path: str | None, device: str, profile: str):
+        self.path = Path(path) if path else None
+        self.data = {"device": device, "profile": profile, "rows": []}
+        if self.path is not None and self.path.is_file():
+            try:
+                self.data["rows"] = json.loads(self.path.read_text())["rows"]
+            except (ValueError, KeyError, TypeError):
+                raise MoeflowError(f"--out {self.path} holds no results of this benchmark") from None
+
+    def has(self, key: tuple) -> bool:
+        return any(_key(r) == key for r in self.data["rows"])
+
+    def add(self, rows: list[dict]) -> None:
+        self.data["rows"] += rows
+        if self.path is not None:
+            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1))
+            tmp.replace(self.path)
+
+
+def _layers(model: str, args) -> int | None:
+    return args.layers if model.startswith("synthetic:") else None
+
+
+def _load(model: str, args):
     from moeflow.checkpoint import load
+
+    if args.layers and model.startswith("synthetic:"):
+        from moeflow.synthetic import build_synthetic
+
+        return build_synthetic(model.removeprefix("synthetic:"), args.device, None if args.dtype == "auto"
+                               else args.dtype, "cpu", overrides={"num_hidden_layers": args.layers})
+    return load(model, device=args.device, dtype=args.dtype, expert_device="cpu", progress=None)
+
+
+def run(args) -> int:
     from moeflow.config import parse_size
     from moeflow.pipeline.plan import machine_profile
 
@@ -135,21 +221,25 @@ def run(args) -> int:
     configs = [c.rsplit("@", 1) for c in args.configs.split(",")]
     if any(len(c) != 2 for c in configs) or min(gen_lens) < 1:
         raise MoeflowError("--configs takes MODEL@BUDGET items and --gen-lens positive lengths")
-    profile, results = machine_profile(), []
+    profile = machine_profile()
+    results = Results(args.out, torch.cuda.get_device_name() if args.device == "cuda" else "cpu", profile.device_name)
+    baselines = [int(x) for x in args.baseline_batches.split(",") if x]
     for model, budget_text in configs:
-        budget = parse_size(budget_text)
+        budget, layers = parse_size(budget_text), _layers(model, args)
+        todo = [g for g in gen_lens if not results.has(("pipeline", model, budget, g, layers))]
+        base = [b for b in baselines if not results.has(("continuous", model, budget, b, None))]
+        if not todo and not base:
+            continue
         print(f"{model} at {budget_text}:", file=sys.stderr)
-        ck = load(model, device=args.device, dtype=args.dtype, expert_device="cpu", progress=None)
+        ck = _load(model, args)
         if ck.store.data.device.type == "cpu" and args.device == "cuda":
             ck.store.pin()
         prompts = _prompts(ck.tokenizer, args.prompts)
-        for g in gen_lens:
-            results.append(pipeline_row(ck, model, budget, prompts, g, args, profile))
-        results += baseline_rows(ck, model, budget, prompts, args)
+        for g in todo:
+            results.add([pipeline_row(ck, model, budget, prompts, g, args, profile)])
+        if base:
+            args.baseline_batches = ",".join(map(str, base))
+            results.add(baseline_rows(ck, model, budget, prompts, args))
         del ck
         gc.collect()
-    out = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-           "profile": profile.device_name, "rows": results}
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
     return 0

@@ -339,12 +339,15 @@ class ThroughputPrediction:
             {"T_" + k: v for k, v in self.terms.items()}
 
 
-PREFILL_CHUNK = 8192  # prompt tokens per prefill pass (weights stream once per pass)
+PREFILL_CHUNK = 8192  # prompt tokens per prefill pass through a layer
+PREFILL_GROUP = 8 * PREFILL_CHUNK  # prompt tokens per prefill round: a layer's weights stream once per round
+LOGITS_ROWS = 256  # sequences whose logits are computed and sampled at once
 
 
 def throughput_memory(cfg: ModelConfig, pol: ThroughputPolicy, prompt_len: int, gen_len: int,
                       b: int = 2) -> tuple[int, int]:
-    """(GPU bytes, host bytes) the policy needs."""
+    """(GPU bytes, host bytes) the policy needs. Host: every expert, the host share of a KV cache of N runs of
+    prompt_len + gen_len positions (pipeline/kv.py allocates exactly that) and the staging buffers."""
     from moeflow.engine.budget import workspace_bytes
 
     L, E = len(cfg.moe_layers), cfg.num_experts
@@ -353,11 +356,22 @@ def throughput_memory(cfg: ModelConfig, pol: ThroughputPolicy, prompt_len: int, 
     stream = 0 if pol.r_w >= 1 else 2 * math.ceil(w_layer * (1 - pol.r_w))  # double buffer of one layer
     kv_stage = 0 if (not pol.attn_gpu or pol.r_c >= 1) else \
         2 * pol.N * (prompt_len + gen_len) * cfg.kv_bytes_per_token(b) // cfg.num_hidden_layers
-    step = max(pol.mu, min(pol.N * prompt_len, PREFILL_CHUNK))
+    step = max(pol.N, min(pol.N * prompt_len, PREFILL_CHUNK))  # decode holds all N, logits included
+    hidden = min(pol.N * prompt_len, PREFILL_GROUP) * cfg.hidden_size * b  # a prefill round's hidden states
+    hidden += min(pol.N, LOGITS_ROWS) * cfg.vocab_size * (b + 4)              # logits, and in fp32
     gpu = cfg.dense_numel * b + int(pol.r_w * L * w_layer) + int(pol.r_c * kv) + stream + kv_stage + \
-        workspace_bytes(cfg, step, b)
-    host = L * w_layer + int((1 - pol.r_c) * kv)
+        workspace_bytes(cfg, step, b) + hidden
+    host = L * w_layer + int((1 - pol.r_c) * kv) + host_staging_bytes(cfg, pol.N, prompt_len, b)
     return gpu, host
+
+
+def host_staging_bytes(cfg: ModelConfig, n: int, prompt_len: int, b: int = 2) -> int:
+    """Host buffers beside the KV cache: one decode layer's q/k/v in and attention out for n sequences (pinned,
+    fp32 at most), one prefill pass's K/V on their way to the cache, a few fp32 logits rows being sampled."""
+    heads, kv_heads, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    decode = n * (2 * heads + 2 * kv_heads) * D * 4 * 2       # the layer's buffers and the kernel's fp32 copies
+    prefill = min(n * prompt_len, PREFILL_CHUNK) * 2 * kv_heads * D * b * 2  # gathered on the GPU, copied
+    return decode + prefill + 4 * cfg.vocab_size * 4
 
 
 def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: ThroughputPolicy, prompt_len: int,
@@ -391,15 +405,16 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
                                   cfg.layer_dense_numel(i) * b / profile.gpu_bw) for i in cfg.dense_layers)
     step_s = L * layer_s + dense_layers + N * cfg.vocab_size * H * 2 / profile.gpu_flops + \
         cfg.vocab_size * H * b / profile.gpu_bw
-    # Prefill: the whole batch layer by layer in passes of PREFILL_CHUNK tokens, weights streamed per pass.
+    # Prefill: the whole batch layer by layer in rounds of PREFILL_GROUP tokens (weights streamed once per round),
+    # each round in passes of PREFILL_CHUNK tokens (weights read from GPU memory once per pass).
     tokens = N * prompt_len
-    passes = math.ceil(tokens / PREFILL_CHUNK)
+    passes, rounds = math.ceil(tokens / PREFILL_CHUNK), math.ceil(tokens / PREFILL_GROUP)
     pf_gpu = tokens * (2 * dense + 6 * K * H * I) + N * 2 * prompt_len**2 * heads * D
-    pf_layer = max(passes * w_layer * (1 - pol.r_w) / profile.h2d_bw,
+    pf_layer = max(rounds * w_layer * (1 - pol.r_w) / profile.h2d_bw,
                    tokens * kv_tok * (1 - pol.r_c) / profile.d2h_bw,
                    pf_gpu / profile.gpu_flops + passes * (dense * b + E * cfg.expert_numel * b) / profile.gpu_bw)
     prefill_s = cfg.num_hidden_layers * pf_layer
     gpu_need, host_need = throughput_memory(cfg, pol, prompt_len, gen_len, b)
-    total = prefill_s + gen_len * step_s
+    total = prefill_s + (gen_len - 1) * step_s  # the prefill gives each sequence its first token
     return ThroughputPrediction(pol, N * gen_len / total, N / step_s, prefill_s, layer_s, terms,
                                 max(terms, key=terms.get), gpu_need, host_need)

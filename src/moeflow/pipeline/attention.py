@@ -1,6 +1,7 @@
 """Decode attention on the CPU over the host KV cache (MoE-Lightning, arXiv 2411.11217): one new token per sequence.
 
-Legend: B = sequences of the micro-batch, Hq/Hkv = query/key-value heads, D = head dim, T = cached positions.
+Legend: B = sequences of the micro-batch, Hq/Hkv = query/key-value heads, D = head dim, P = arena positions,
+T = cached positions.
 """
 
 from __future__ import annotations
@@ -12,24 +13,26 @@ from moeflow.pipeline.native import NativeAttention
 
 
 def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, slots: list[int], starts: list[int],
+                         v_cache: torch.Tensor, runs: list[int], starts: list[int],
                          window: int | None = None, native: NativeAttention | None = None,
                          threads: int = 1) -> torch.Tensor:
-    """Write each sequence's new k/v at its position, then attend over its slot (the last `window` positions):
-    by the native kernel where given, else in one PyTorch call padded to the longest context.
+    """Write each sequence's new k/v at its position of its run, then attend over the run (the last `window`
+    positions): by the native kernel where given, else in one PyTorch call padded to the longest context.
 
-    q [B, Hq, D], k/v [B, Hkv, D], k_cache/v_cache [S, T, Hkv, D] (host) -> [B, Hq, D]."""
-    idx, pos = torch.tensor(slots), torch.tensor(starts)
-    k_cache[idx, pos] = k
-    v_cache[idx, pos] = v
+    q [B, Hq, D], k/v [B, Hkv, D], k_cache/v_cache [P, Hkv, D] (host arenas; a run starts at runs[b]) -> [B, Hq, D]."""
+    run, pos = torch.tensor(runs), torch.tensor(starts)
+    k_cache[run + pos] = k
+    v_cache[run + pos] = v
     if native is not None and native.supports(k_cache):
         ends = pos + 1
         firsts = ends - ends if window is None else (ends - window).clamp(min=0)
-        i32 = [t.to(torch.int32).contiguous() for t in (idx, firsts, ends)]
-        return native(q, k_cache, v_cache, *i32, threads).to(q.dtype)
+        i32 = [t.to(torch.int32).contiguous() for t in (run, firsts, ends)]
+        # a run is a slot whose stride is one position: [P, 1, Hkv, D]
+        return native(q, k_cache.unsqueeze(1), v_cache.unsqueeze(1), *i32, threads).to(q.dtype)
     T = max(starts) + 1
-    K, V = k_cache[idx, :T], v_cache[idx, :T]                                # [B, T, Hkv, D]
     k_pos = torch.arange(T)
+    idx = run[:, None] + torch.minimum(k_pos[None, :], pos[:, None])        # [B, T] past the end: a valid row
+    K, V = k_cache[idx], v_cache[idx]                                        # [B, T, Hkv, D]
     mask = k_pos[None, :] <= pos[:, None]                                     # [B, T]
     if window is not None:
         mask &= pos[:, None] - k_pos[None, :] < window

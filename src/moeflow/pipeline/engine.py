@@ -4,8 +4,11 @@ Decode runs layer by layer over micro-batches of `mu` sequences: QKV on the GPU,
 the CPU over the host KV cache (a worker thread), the result back, O projection, router and experts on the GPU.
 All micro-batches' attention is handed to the CPU at once, so the CPU attends to micro-batch j+1 while the GPU
 finishes micro-batch j; the next layer's streamed experts copy in meanwhile (LayerWeights). Prompts run on the
-GPU, whole, layer by layer, their K/V then moved to the host cache. Requests join as others finish (add_request
-/ step as in LLMEngine). On the CPU both tiers are the host, and the schedule is the same.
+GPU, whole, layer by layer in rounds (a layer's experts stream in once per round), their K/V moved to the host.
+Requests join as others finish (add_request / step as in LLMEngine). On the CPU both tiers are the host, and
+the schedule is the same.
+The host KV cache (HostKV) gives each sequence a run of positions for its prompt and the tokens it may generate;
+a request waits while no run is free or N sequences run.
 Legend: B = sequences, N = packed tokens, H = hidden, Hq/Hkv = heads, D = head dim, T = longest prompt.
 """
 
@@ -19,20 +22,24 @@ import torch
 
 from moeflow import MoeflowError
 from moeflow.checkpoint import Checkpoint
-from moeflow.engine.kv_cache import KVCache
-from moeflow.engine.llm_engine import LLMEngine
+from moeflow.engine.llm_engine import GenerationResponse, LLMEngine
+from moeflow.engine.sampler import sample
 from moeflow.engine.sequence import Sequence, Status
 from moeflow.models.layers import Attention, AttnBatch, SparseMoe
-from moeflow.perf.model import PREFILL_CHUNK, ThroughputPolicy
+from moeflow.perf.model import LOGITS_ROWS, PREFILL_CHUNK, PREFILL_GROUP, ThroughputPolicy
 from moeflow.experts.cpu import physical_cores
 from moeflow.pipeline.attention import cpu_decode_attention
+from moeflow.pipeline.kv import HostKV
 from moeflow.pipeline.native import load as load_native
 from moeflow.pipeline.weights import LayerWeights
 
 
 class PipelineEngine(LLMEngine):
-    def __init__(self, ck: Checkpoint, plan: ThroughputPolicy, max_len: int, native: bool | None = None):
-        """native: the native CPU attention kernel (None: where it builds; False: PyTorch)."""
+    def __init__(self, ck: Checkpoint, plan: ThroughputPolicy, max_len: int, native: bool | None = None,
+                 kv_positions: int | None = None):
+        """max_len: prompt + generated tokens of one sequence at most; kv_positions: the host KV cache's
+        positions over all sequences (default N x max_len; at least max_len); native: the native CPU attention
+        kernel (None: where it builds; False: PyTorch)."""
         if plan.attn_gpu:
             raise MoeflowError("the pipeline engine runs attention on the CPU; a plan with attention on the GPU "
                                "is not implemented (use attn=cpu)")
@@ -42,7 +49,8 @@ class PipelineEngine(LLMEngine):
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.max_len = min(max_len, ck.cfg.max_position_embeddings)
-        self.cache = KVCache(ck.cfg, plan.N, self.max_len, self.dtype, "cpu")  # the host KV cache, one slot each
+        self.cache = HostKV(ck.cfg, max(kv_positions or plan.N * self.max_len, self.max_len), self.dtype,
+                            plan.N)
         self.eos = set(ck.eos_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -57,41 +65,67 @@ class PipelineEngine(LLMEngine):
         self.threads = physical_cores()
         self.cpu_attention_s = 0.0  # the attention worker's busy time
         self.prefill_s = self.decode_s = 0.0
+        self.decode_steps = 0
 
     def close(self) -> None:
         self.pool.shutdown()
 
     def _admit(self) -> None:
-        # A prefill round takes whole prompts up to PREFILL_CHUNK tokens (one prompt alone may exceed it).
-        room = PREFILL_CHUNK
-        while self.waiting and self.cache.free:
-            n = len(self.waiting[0].prompt_ids)
-            if n > room and room < PREFILL_CHUNK:
+        # A prefill round takes whole prompts up to PREFILL_GROUP tokens (one prompt alone may exceed it). It
+        # streams every layer's weights as a decode step does: while a batch runs, wait for an eighth of it to free.
+        if self.running and self.cache.max_seqs - len(self.running) < max(1, self.cache.max_seqs // 8):
+            return
+        room = PREFILL_GROUP
+        while self.waiting and len(self.running) < self.cache.max_seqs:
+            head = self.waiting[0]
+            n = len(head.prompt_ids)
+            if n > room and room < PREFILL_GROUP:
+                break
+            start = self.cache.allocate(min(n + head.params.max_new_tokens, self.max_len))
+            if start is None:
                 break
             seq = self.waiting.popleft()
-            seq.slot, seq.status, seq.t_start = self.cache.allocate(), Status.RUNNING, time.perf_counter()
+            seq.slot, seq.status, seq.t_start = start, Status.RUNNING, time.perf_counter()
             self.running.append(seq)
             room -= n
+
+    @torch.inference_mode()
+    def step(self) -> list[GenerationResponse]:
+        """Prompts first: a step with newly admitted requests prefills them alone, so the weights stream once
+        per prefill round and decode runs on the whole batch (not on a batch that ramps up and down)."""
+        self._admit()
+        seqs = [s for s in self.running if s.num_cached == 0] or list(self.running)
+        if not seqs:
+            return []
+        h, tokens = self._hidden(seqs), []                                    # [B, H]
+        for a in range(0, len(seqs), LOGITS_ROWS):  # fp32 logits of a whole batch [N, V] would outgrow the workspace
+            tokens += sample(self.model.logits(h[a:a + LOGITS_ROWS]), seqs[a:a + LOGITS_ROWS])
+        return [self._postprocess(s, t) for s, t in zip(seqs, tokens)]
+
+    def _retire(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.cache.release(seq.slot)
 
     @torch.inference_mode()
     def _forward(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
         """Prompts of new sequences (prefilled), one token of the others (decoded): logits [B, V] in seqs' order."""
         if all_logits:
             raise MoeflowError("the pipeline engine computes the last position's logits only")
-        new = [s for s in seqs if s.num_cached == 0]
-        old = [s for s in seqs if s.num_cached > 0]
-        out = {}
-        for group, run in ((new, self._prefill), (old, self._decode)):
-            if group:
-                t = time.perf_counter()
-                for s, row in zip(group, run(group)):
-                    out[s.id] = row
-                self._sync()
-                if run == self._prefill:
-                    self.prefill_s += time.perf_counter() - t
-                else:
-                    self.decode_s += time.perf_counter() - t
-        return torch.stack([out[s.id] for s in seqs])
+        groups = [g for g in ([s for s in seqs if s.num_cached == 0], [s for s in seqs if s.num_cached > 0]) if g]
+        h = {s.id: row for g in groups for s, row in zip(g, self._hidden(g))}
+        return self.model.logits(torch.stack([h[s.id] for s in seqs]))
+
+    def _hidden(self, seqs: list[Sequence]) -> torch.Tensor:
+        """seqs all new (their prompts prefilled) or all running (one token decoded): final hidden states [B, H]."""
+        prefill, t = seqs[0].num_cached == 0, time.perf_counter()
+        h = self.model.norm(self._prefill(seqs) if prefill else self._decode(seqs))
+        self._sync()
+        if prefill:
+            self.prefill_s += time.perf_counter() - t
+        else:
+            self.decode_s += time.perf_counter() - t
+            self.decode_steps += 1
+        return h
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -119,31 +153,28 @@ class PipelineEngine(LLMEngine):
             self.weights.release(self.rows[i])
 
     # -- prefill: whole prompts on the GPU, K/V to the host ----------------------------------------------------
-    def _prefill(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Layer by layer, every chunk of up to PREFILL_CHUNK prompt tokens in turn: the layer's experts stream
+        in once for all the chunks of the round."""
         cfg, dev = self.ck.cfg, self.device
-        lens = [len(s.prompt_ids) for s in seqs]
-        T, B = max(lens), len(seqs)
+        chunks = [Chunk(self.model, part, dev, cfg.sliding_window) for part in split_prompts(seqs, PREFILL_CHUNK)]
+        B, T = max(len(c.seqs) for c in chunks), max(c.T for c in chunks)
         scratch = [torch.zeros((B, T, cfg.num_key_value_heads, cfg.head_dim), dtype=self.dtype, device=dev)
-                   for _ in "kv"]                                                 # one layer's K/V [B, T, Hkv, D]
-        batch = AttnBatch.build(list(range(B)), [0] * B, lens, dev, cfg.sliding_window)
-        x = self.model.embed_tokens(torch.tensor([t for s in seqs for t in s.prompt_ids], device=dev))  # [N, H]
-        rope = self.model.rotary(batch.positions, x.dtype)
+                   for _ in "kv"]                                                 # one chunk's K/V [B, T, Hkv, D]
         for i, layer in enumerate(self.model.layers):
             self._prefetch_after(i)
-            x = x + layer.self_attn(layer.input_layernorm(x), rope, batch, scratch)
-            k_host, v_host = self.cache[i]
-            for b, s in enumerate(seqs):
-                k_host[s.slot, :lens[b]] = scratch[0][b, :lens[b]].cpu()
-                v_host[s.slot, :lens[b]] = scratch[1][b, :lens[b]].cpu()
-            x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
+            for c in chunks:
+                c.x = c.x + layer.self_attn(layer.input_layernorm(c.x), c.rope, c.batch, scratch)
+                for arena, kv in zip(self.cache[i], scratch):
+                    c.store(arena, kv[:len(c.seqs), :c.T][c.valid].cpu())    # [N, Hkv, D] in one copy each
+                c.x = c.x + self._mlp(i, layer, layer.post_attention_layernorm(c.x))
             self._done_with(i)
-        for s, n in zip(seqs, lens):
-            s.num_cached = n
-        last = torch.tensor(lens, device=dev).cumsum(0) - 1
-        return list(self.model.logits(self.model.norm(x)[last]))
+        for s in seqs:
+            s.num_cached = len(s.prompt_ids)
+        return torch.cat([c.x[c.last] for c in chunks])
 
     # -- decode: micro-batches, CPU attention beside the GPU ---------------------------------------------------
-    def _decode(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         dev, mu = self.device, self.plan.mu
         starts = [s.num_cached for s in seqs]
         x = self.model.embed_tokens(torch.tensor([s.new_tokens[0] for s in seqs], device=dev))  # [B, H]
@@ -156,7 +187,7 @@ class PipelineEngine(LLMEngine):
             self._done_with(i)
         for s in seqs:
             s.num_cached += 1
-        return list(self.model.logits(self.model.norm(x)))
+        return x
 
     def _decode_layer(self, i, layer, x, rope, mbs, slots, starts) -> torch.Tensor:
         attn, (k_cache, v_cache) = layer.self_attn, self.cache[i]
@@ -176,9 +207,9 @@ class PipelineEngine(LLMEngine):
         return torch.cat(out)
 
     def _attend(self, ready, host, k_cache, v_cache, slots, starts) -> torch.Tensor:
-        t = time.perf_counter()
         if ready is not None:
-            ready.synchronize()  # q/k/v have landed in host memory
+            ready.synchronize()  # q/k/v have landed in host memory (waiting is not the CPU's work)
+        t = time.perf_counter()
         with torch.inference_mode():
             o = cpu_decode_attention(*host, k_cache, v_cache, slots, starts, self.ck.cfg.sliding_window,
                                      self.native, self.threads)
@@ -201,3 +232,39 @@ def qkv(attn: Attention, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Ten
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     return rotate(q, *rope), rotate(k, *rope), v
+
+
+def split_prompts(seqs: list[Sequence], tokens: int) -> list[list[Sequence]]:
+    """seqs in order, in runs of at most `tokens` prompt tokens (a longer prompt alone)."""
+    out, n = [[]], 0
+    for s in seqs:
+        if out[-1] and n + len(s.prompt_ids) > tokens:
+            out.append([])
+            n = 0
+        out[-1].append(s)
+        n += len(s.prompt_ids)
+    return out
+
+
+class Chunk:
+    """One prefill chunk's prompts: hidden states x [N, H], their attention batch and rotary tables, where
+    their K/V go in the host arena (dst [N]) and which rows of a padded [B, T] scratch hold them (valid)."""
+
+    def __init__(self, model, seqs: list[Sequence], dev: torch.device, window: int | None):
+        lens = [len(s.prompt_ids) for s in seqs]
+        self.seqs, self.T = seqs, max(lens)
+        self.batch = AttnBatch.build(list(range(len(seqs))), [0] * len(seqs), lens, dev, window)
+        self.valid = torch.arange(self.T, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]  # [B, T]
+        self.dst = torch.cat([torch.arange(s.slot, s.slot + n) for s, n in zip(seqs, lens)])      # [N]
+        self.x = model.embed_tokens(torch.tensor([t for s in seqs for t in s.prompt_ids], device=dev))  # [N, H]
+        self.rope = model.rotary(self.batch.positions, self.x.dtype)
+        self.last = torch.tensor(lens, device=dev).cumsum(0) - 1                                   # [B]
+        follow = all(s.slot + n == t.slot for s, n, t in zip(seqs, lens, seqs[1:]))  # runs taken in order
+        self.span = slice(seqs[0].slot, seqs[-1].slot + lens[-1]) if follow else None
+
+    def store(self, arena: torch.Tensor, kv: torch.Tensor) -> None:
+        """kv [N, Hkv, D] into the sequences' runs of arena [P, Hkv, D]."""
+        if self.span is not None:
+            arena[self.span].copy_(kv)
+        else:
+            arena[self.dst] = kv

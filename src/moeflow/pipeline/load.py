@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from moeflow import MoeflowError
-from moeflow.checkpoint import load, read_model_config, resolve_device
+from moeflow.checkpoint import load, read_model_config, resolve_device, resolve_dtype
+from moeflow.config import ModelConfig
 from moeflow.engine.budget import gib
 from moeflow.perf.model import ThroughputPolicy, ThroughputPrediction, predict_throughput
-from moeflow.pipeline.plan import check_fits, choose_plan, machine_profile, parse_plan
+from moeflow.pipeline.plan import check_fits, choose_plan, host_budget, machine_profile, parse_plan
 
 
 @dataclass(frozen=True)
@@ -21,32 +22,34 @@ class PipelineSpec:
     dtype: str = "auto"
     gpu_memory: int | None = None  # bytes; None: no budget (the CPU plays the GPU)
     plan: str | None = None         # "N,mu,r_w,r_c,attn"; None: chosen by the throughput model
-    prompt_len: int = 512           # what the plan is chosen and predicted for
+    prompt_len: int = 512           # what the plan is chosen and predicted for, and the host KV cache sized for
     gen_len: int = 128
-    max_len: int = 1024             # prompt + generated tokens per sequence (host KV cache slot)
+    max_len: int = 1024             # prompt + generated tokens of one sequence at most
     default_n: int = 16             # N on the CPU when neither --plan nor --gpu-memory is given
     max_n: int | None = None        # the chosen plan's N at most
 
 
-def plan_for(spec: PipelineSpec) -> tuple[ThroughputPolicy, ThroughputPrediction]:
-    _, cfg = read_model_config(spec.model)
+def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None
+             ) -> tuple[ThroughputPolicy, ThroughputPrediction]:
+    """The plan and its prediction, checked against the GPU budget and the host memory available (held: bytes
+    this process already holds for the plan, a store loaded before planning; cfg: the model's, if loaded)."""
+    cfg = cfg or read_model_config(spec.model)[1]
     unsupported = [what for what, on in (("latent attention (MLA)", cfg.kv_lora_rank), ("attention sinks",
                    cfg.attention_sinks), ("per-layer windows", cfg.layer_windows), ("expert biases", cfg.expert_bias),
                    ("q/k norms over the whole projection", cfg.qk_norm_whole), ("LayerNorm", cfg.layer_norm)) if on]
     if unsupported:
         raise MoeflowError(f"the pipeline engine does not run {cfg.model_type}'s {', '.join(unsupported)} yet; "
                            "use --engine continuous")
-    profile = machine_profile()
+    profile, b = machine_profile(), resolve_dtype(spec.dtype, cfg, torch.device(spec.device)).itemsize
     if spec.plan:
         pol = parse_plan(spec.plan)
     elif spec.gpu_memory is not None:
-        # Chosen for whole slots (max_len each), predicted for the prompts' mean length.
-        pol = choose_plan(cfg, profile, spec.gpu_memory, spec.max_len - spec.gen_len, spec.gen_len,
-                          max_n=spec.max_n).policy
+        pol = choose_plan(cfg, profile, spec.gpu_memory, spec.prompt_len, spec.gen_len, b, spec.max_n,
+                          host_budget(held)).policy
     else:
         pol = ThroughputPolicy(spec.default_n, max(1, spec.default_n // 2), 0.0, 0.0, False)
-    check_fits(cfg, pol, spec.max_len, spec.gpu_memory)
-    return pol, predict_throughput(cfg, profile, pol, spec.prompt_len, spec.gen_len)
+    check_fits(cfg, pol, spec.prompt_len, spec.gen_len, spec.gpu_memory, b, host_budget(held))
+    return pol, predict_throughput(cfg, profile, pol, spec.prompt_len, spec.gen_len, b)
 
 
 def describe(pred: ThroughputPrediction) -> str:
@@ -68,4 +71,9 @@ def load_pipeline(spec: PipelineSpec, quiet: bool = False):
     if device.type == "cuda":
         ck.store.pin()
         torch.cuda.reset_peak_memory_stats(device)
-    return PipelineEngine(ck, pol, spec.max_len), pred
+    return PipelineEngine(ck, pol, spec.max_len, kv_positions=kv_positions(spec, pol)), pred
+
+
+def kv_positions(spec: PipelineSpec, pol: ThroughputPolicy) -> int:
+    """The host KV cache the plan counted: N runs of prompt_len + gen_len positions."""
+    return pol.N * (spec.prompt_len + spec.gen_len)

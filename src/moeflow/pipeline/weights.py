@@ -18,9 +18,9 @@ from moeflow.experts.local import can_group, grouped_experts, partial_ffn
 from moeflow.experts.store import ExpertStore, expert_rows
 
 PAGE_BYTES = 64 * 2**20  # one copy call moves at most this much (whole experts)
-# Above this many (token, expert) entries (a prompt round) the experts run one by one: the grouped GEMMs'
-# intermediate [entries, 2I] would outgrow the workspace the plan counts.
-GROUPED_MAX_ENTRIES = 4096
+# One grouped call's gate/up output [entries, 2I] at most: a prompt round or a large micro-batch runs in chunks
+# of tokens, each two grouped GEMMs (no host sync), within the workspace the plan counts.
+GROUPED_BYTES = 256 * 2**20
 
 
 class LayerWeights:
@@ -29,7 +29,9 @@ class LayerWeights:
         E, self.inter = store.cfg.num_experts, store.cfg.expert_intermediate_size
         self.resident = min(E, math.floor(r_w * E + 1e-9))
         data = store.data                                                     # [L, E, W] host
-        self.res = data[:, :self.resident].to(device)                          # [L, R, W]
+        self.res = torch.empty((data.shape[0], self.resident, data.shape[-1]), dtype=data.dtype, device=device)
+        for row in range(data.shape[0]):  # layer by layer: a layer's R experts are contiguous, no host copy
+            self.res[row].copy_(data[row, :self.resident])                    # [L, R, W]
         S = E - self.resident
         # Grouped GEMMs (CUDA bf16) want a layer's experts in one [E, W] tensor: each buffer then also takes the
         # layer's resident experts (a device-to-device copy); elsewhere a buffer holds the streamed ones only.
@@ -93,11 +95,13 @@ class LayerWeights:
 
     def ffn(self, row: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """The routed experts of layer row `row` on x [N, H] -> [N, H] (fp32 accumulation)."""
-        if self.grouped and topk_ids.numel() <= GROUPED_MAX_ENTRIES:  # two grouped GEMMs, no host sync
-            I, H = self.inter, x.shape[1]
+        if self.grouped:
+            I, (N, H), K = self.inter, x.shape, topk_ids.shape[1]
             buf = self.bufs[row % 2] if self.bufs else self.res[row]          # [E, W] host layout
-            return grouped_experts(x, topk_ids, topk_weights, buf[:, :2 * I * H].view(-1, 2 * I, H),
-                                   buf[:, 2 * I * H:].view(-1, I, H))
+            gate_up, down_t = buf[:, :2 * I * H].view(-1, 2 * I, H), buf[:, 2 * I * H:].view(-1, I, H)
+            per = max(1, GROUPED_BYTES // (2 * I * K * x.element_size()))  # tokens per grouped call
+            return torch.cat([grouped_experts(x[a:a + per], topk_ids[a:a + per], topk_weights[a:a + per], gate_up,
+                                              down_t) for a in range(0, N, per)])
         N, K = topk_ids.shape
         flat = topk_ids.flatten()
         order = torch.argsort(flat, stable=True)

@@ -1,0 +1,78 @@
+"""The pipeline's host memory: the KV runs, the plan's host bytes against what the engine holds, the search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeflow.checkpoint import load, read_model_config
+from moeflow.engine.sequence import SamplingParams
+from moeflow.perf.model import ThroughputPolicy, throughput_memory
+from moeflow.perf.profile import reference_profile
+from moeflow.pipeline.kv import HostKV
+from moeflow.pipeline.load import PipelineSpec, kv_positions, plan_for
+from moeflow.pipeline.plan import choose_plan, max_sequences
+
+
+def test_host_kv_runs_are_first_fit_and_merge_back():
+    _, cfg = read_model_config("synthetic:tiny-mixtral")
+    kv = HostKV(cfg, 100, torch.float32, max_seqs=8)
+    a, b, c = kv.allocate(30), kv.allocate(50), kv.allocate(20)
+    assert (a, b, c) == (0, 30, 80) and kv.allocate(1) is None
+    kv.release(b)
+    assert kv.allocate(60) is None       # 50 free, in one run
+    kv.release(a)                        # merged with b's run: 80 free from 0
+    assert kv.allocate(60) == 0 and kv.used == 80
+    kv.release(0)
+    kv.release(c)
+    assert kv.free_runs == [(0, 100)] and kv.used == 0
+    assert kv.nbytes == HostKV.bytes_for(cfg, 100, 4) == kv[0][0].numel() * 4 * 2 * cfg.num_hidden_layers
+
+
+def test_planned_host_bytes_cover_what_the_engine_holds():
+    """A plan's host bytes hold the store and the engine's host KV cache, and that cache admits the whole planned
+    batch at once (prompts of the planned length)."""
+    from moeflow.pipeline.engine import PipelineEngine
+
+    ck = load("synthetic:tiny-qwen3")
+    spec = PipelineSpec("synthetic:tiny-qwen3", "cpu", plan="5,2,0.25,0,cpu", prompt_len=12, gen_len=4, max_len=64)
+    pol, pred = plan_for(spec, held=ck.store.nbytes, cfg=ck.cfg)
+    engine = PipelineEngine(ck, pol, spec.max_len, kv_positions=kv_positions(spec, pol))
+    b = ck.store.data.element_size()
+    assert pred.host_bytes >= ck.store.nbytes + engine.cache.nbytes
+    assert pred.host_bytes - ck.store.nbytes - engine.cache.nbytes < HostKV.bytes_for(ck.cfg, 16, b) + (8 << 20)
+    for _ in range(pol.N + 2):
+        engine.add_request(list(range(3, 3 + spec.prompt_len)), SamplingParams(max_new_tokens=4, ignore_eos=True))
+    engine.step()  # the prefill round admits all it can
+    assert len(engine.running) == pol.N and len(engine.waiting) == 2
+    while engine.has_unfinished:
+        engine.step()
+    assert engine.cache.used == 0
+    engine.close()
+
+
+def test_the_search_takes_the_most_sequences_host_memory_holds():
+    """Mixtral at 24 GiB is bound by PCIe: the plan is the largest batch whose KV runs fit beside the experts."""
+    _, cfg = read_model_config("synthetic:mixtral-8x7b")
+    host = 120 << 30
+    n = max_sequences(cfg, host, 172, 128)
+    assert throughput_memory(cfg, ThroughputPolicy(n, 1, 0.0, 0.0, False), 172, 128)[1] <= host
+    assert throughput_memory(cfg, ThroughputPolicy(n + 1, 1, 0.0, 0.0, False), 172, 128)[1] > host
+    best = choose_plan(cfg, reference_profile(), 24 << 30, 172, 128, host=host)
+    assert best.policy.N == n and best.host_bytes <= host and best.gpu_bytes <= 24 << 30
+
+
+@pytest.mark.gpu
+def test_the_gpu_peak_stays_within_the_plan():
+    from moeflow.pipeline.engine import PipelineEngine
+
+    ck = load("synthetic:tiny-mixtral", device="cuda", dtype="bf16", expert_device="cpu")
+    ck.store.pin()
+    spec = PipelineSpec("synthetic:tiny-mixtral", "cuda", "bf16", 1 << 30, "6,3,0.25,0,cpu", 12, 6, 64)
+    pol, pred = plan_for(spec, held=ck.store.nbytes, cfg=ck.cfg)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()  # the non-expert weights, counted by the plan
+    engine = PipelineEngine(ck, pol, spec.max_len, kv_positions=kv_positions(spec, pol))
+    engine.generate([list(range(3, 15))] * 8, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    engine.close()
+    assert torch.cuda.max_memory_allocated() - base + ck.cfg.dense_numel * 2 <= pred.gpu_bytes
