@@ -68,8 +68,6 @@ def test_variants_prefill_logits_match_transformers(model_type, overrides, hf_ch
 @torch.inference_mode()
 def test_every_policy_gives_the_local_tokens(pair):
     path, _, eng = pair
-    if eng.ck.cfg.expert_bias:
-        pytest.skip("GPT-OSS experts are not offloaded yet (test_gpt_oss_offload_is_refused)")
     lengths, greedy = (13, 5), SamplingParams(max_new_tokens=16, ignore_eos=True)
 
     def run(policy):
@@ -121,13 +119,6 @@ def test_unsupported_options_are_refused_by_name(model_type, hf, needle):
 
     with pytest.raises(MoeflowError, match=needle):
         get_architecture(model_type).config({"model_type": model_type, **TINY[model_type], **hf})
-
-
-def test_gpt_oss_offload_is_refused(hf_checkpoint):
-    path, _ = hf_checkpoint("gpt_oss")
-    ck = load(path, device="cpu", expert_device="cpu")
-    with pytest.raises(MoeflowError, match="offloading gpt_oss experts"):
-        LLMEngine(ck, max_seqs=2, max_len=64, offload=OffloadConfig(budget_for(ck, 8), policy="auto"))
 
 
 def test_mxfp4_experts_dequantize_as_transformers_does(tmp_path, hf_checkpoint):

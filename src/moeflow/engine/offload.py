@@ -56,9 +56,6 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
     device = next(ck.model.parameters()).device
     if store.data.device.type != "cpu":
         raise MoeflowError("offloading needs the experts in host memory (load with expert_device='cpu')")
-    if cfg.expert_bias:  # the slot waves and the CPU share compute plain SiLU experts only
-        raise MoeflowError(f"offloading {cfg.model_type} experts (biases, clamped SwiGLU) is not supported yet; "
-                           "run it with every expert on one device (no --gpu-memory)")
     policy = get_policy(oc.policy)
     if oc.expert_maps:
         policy.use_maps(oc.expert_maps, len(cfg.moe_layers), cfg.num_experts)

@@ -30,7 +30,10 @@ def partial_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_t: t
 
 def block_ffn(inter: int, fmt: ExpertFormat | None = None):
     """ffn(x [n, H], block [3IH] in the host layout, or a block of `fmt`) -> [n, H]: one whole expert as the
-    engine runs it (a quantized block: quantized_ffn)."""
+    engine runs it (a quantized block: quantized_ffn; a biased one: experts/biased.py)."""
+    if fmt is not None and fmt.biased:
+        return fmt.ffn
+
     def ffn(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         if fmt is not None and fmt.quantized:
             return quantized_ffn(x, block, fmt)

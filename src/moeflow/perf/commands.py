@@ -88,7 +88,7 @@ def cmd_plan(args) -> int:
 
     name, cfg = read_model_config(args.model)
     quant = model_quant(args.model, args.quantize)
-    eb = expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant)
+    eb = expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant) if quant else cfg.expert_numel * 2
     budget = parse_size(args.gpu_memory)
     profile, said = _plan_profile(args, cfg)
     con = Console(width=max(Console().width, 140), soft_wrap=True)

@@ -42,14 +42,14 @@ MANY = 4  # experts (at most) in the one-call CPU measurement that separates a c
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
-def engine_cpu_experts():
+def engine_cpu_experts(fmt=None):
     """The engine's CPU expert backend (experts/cpu.py CpuExperts) with the threads the offloaded engine gives
-    it (one core left to the thread that drives the GPU)."""
+    it (one core left to the thread that drives the GPU); fmt: the blocks' (biased experts: experts/biased.py)."""
     import torch
 
     from moeflow.experts.cpu import CpuExperts, cpu_threads
 
-    return CpuExperts(threads=cpu_threads(driver=torch.cuda.is_available()))
+    return CpuExperts(threads=cpu_threads(driver=torch.cuda.is_available()), fmt=fmt)
 
 
 def cpu_expert_ffn() -> Callable:
@@ -269,7 +269,9 @@ def engine_costs(ck, oc) -> ExpertCosts | None:
 
     device = next(ck.model.parameters()).device
     # a quantized store's experts cost what the profile's dense ones do not: the backend measures them
-    if oc is None or device.type != "cuda" or not get_policy(oc.policy).needs_costs or ck.store.fmt.quantized:
+    # (biased ones: the backend measures its own PyTorch path)
+    if (oc is None or device.type != "cuda" or not get_policy(oc.policy).needs_costs or ck.store.fmt.quantized
+            or ck.store.fmt.biased):
         return None
     return profiled_costs(ck.cfg, ck.store.dtype, device)
 
@@ -304,6 +306,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
     from moeflow.bench.ceilings import concurrent_host_read, memory_bandwidth
     from moeflow.config import parse_dtype
     from moeflow.experts.cpu import thread_split
+    from moeflow.experts.biased import BiasedFormat
     from moeflow.experts.ffn import block_ffn
     from moeflow.synthetic import RandomFiller
 
@@ -349,7 +352,8 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
         n_blocks = max(2, min(256, -(-sizes.expert_pool_bytes // cfg.expert_bytes(dtype))))
         blocks = torch.empty(n_blocks, cfg.expert_numel, dtype=dtype, pin_memory=cuda)  # [B, 3IH]
         RandomFiller(torch.device("cpu"), dtype, numel=blocks.numel()).fill(blocks)
-        engine_cpu = None if cpu_ffn else engine_cpu_experts()
+        fmt = BiasedFormat.of(cfg, dtype) if cfg.expert_bias else None  # blocks of cfg.expert_numel
+        engine_cpu = None if cpu_ffn else engine_cpu_experts(fmt)
         ffn = cpu_ffn or engine_cpu.expert
         # the fixed part of a call: m experts in one call against one alone (the engine's kernel only); a big
         # expert's pool holds few blocks (Mixtral: 3 of 352 MB), but m of them outgrow the caches anyway
@@ -361,7 +365,7 @@ def measure_profile(cfg: ModelConfig, device: str = "cuda", dtype_name: str = "b
 
         def costs_once() -> ExpertCosts:
             if cuda:
-                return measure_costs(lambda i: blocks[i], I, H, n_blocks, slot, ffn, block_ffn(I), sizes.repeats,
+                return measure_costs(lambda i: blocks[i], I, H, n_blocks, slot, ffn, block_ffn(I, fmt), sizes.repeats,
                                      copy_stream=stream, cpu_many=many)
             cpu_s = []
             for n in TOKEN_POINTS:
