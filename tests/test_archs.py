@@ -93,19 +93,20 @@ def test_the_dense_count_is_the_models(pair):
 
 
 def test_sparsemixer_picks_the_best_two_and_masks_far_logits():
-    from moeflow.models.routers import sparsemixer
+    from moeflow.models.routers import make_router
 
     cfg = get_architecture("phimoe").config({"model_type": "phimoe", "vocab_size": 8, "hidden_size": 8,
                                              "num_attention_heads": 2, "num_hidden_layers": 1,
                                              "num_local_experts": 4, "intermediate_size": 8})
     logits = torch.tensor([[4.0, 1.0, 3.9, -2.0]])
-    ids, w = sparsemixer(logits, cfg)
+    sparsemixer = make_router(cfg)
+    ids, w = sparsemixer(logits)
     assert ids.tolist() == [[0, 2]]
     # expert 0 alone is within 2 eps of itself: weight 1; 2 and 1 are within 2 eps of 3.9? 1.0 is not
     assert w[0, 0].item() == pytest.approx(1.0)
     assert w[0, 1].item() == pytest.approx(1.0)
     near = torch.tensor([[4.0, 3.99, -1.0, -2.0]])
-    _, w = sparsemixer(near, cfg)
+    _, w = sparsemixer(near)
     assert w[0, 0].item() == pytest.approx(torch.softmax(torch.tensor([4.0, 3.99]), 0)[0].item())
 
 

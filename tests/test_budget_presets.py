@@ -68,3 +68,22 @@ def test_sink_attention_in_chunks_of_queries_gives_the_whole(causal, masked, mon
     monkeypatch.setattr(sinks, "_rows", lambda q, *a: rows.append(q.shape[2]) or real(q, *a))
     torch.testing.assert_close(sinks.sink_attention(q, k, v, mask, causal, s), whole, rtol=1e-5, atol=1e-6)
     assert rows == [5] * 7 + [2]
+
+
+@pytest.mark.parametrize("name,budget", [("gpt-oss-120b", "24GiB"), ("deepseek-v3", "76GiB"),
+                                         ("deepseek-v2", "40GiB"), ("gpt-oss-20b", "12GiB")])
+def test_plan_works_from_the_config_alone_for_models_beyond_the_host(name, budget, tmp_path, capsys):
+    """`moeflow plan` on presets whose weights no host here holds: the latency plan, and the throughput regime's
+    host-memory shortfall said in a line (not an error) beside it."""
+    from moeflow.cli import main
+    from moeflow.perf.profile import reference_profile
+
+    ref = tmp_path / "ref.json"
+    reference_profile().save(ref)
+    assert main(["plan", "--model", f"synthetic:{name}", "--gpu-memory", budget, "--profile", str(ref)]) == 0
+    out = capsys.readouterr().out
+    assert "plan: policy" in out
+    if name != "gpt-oss-20b":
+        assert "throughput regime: " in out and "does not fit host memory" in out
+    assert main(["plan", "--model", f"synthetic:{name}", "--gpu-memory", budget, "--profile", str(ref),
+                 "--workload", "throughput"]) == (0 if name == "gpt-oss-20b" else 2)

@@ -50,9 +50,11 @@ def workspace_bytes(cfg: ModelConfig, step_tokens: int, itemsize: int, max_len: 
 def pass_entry_bytes(cfg: ModelConfig, itemsize: int) -> int:
     """GPU bytes one routing entry holds at the peak of a grouped pass (experts/waves.py wave_ops): its token's
     row gathered [H], the gate/up output [2I], SiLU(gate) and the activations [I] each, the expert's output [H],
-    its weighted fp32 copy [H] and two int64 indices."""
+    its weighted fp32 copy [H] and two int64 indices. Biased experts (experts/biased.py) also gather their group's
+    biases [2I + H] and hold the clamped SwiGLU's temporaries [4I] and the biased output [H], and a group index."""
     H, I = cfg.hidden_size, cfg.expert_intermediate_size
-    return itemsize * (2 * H + 4 * I) + 4 * H + 16
+    biased = itemsize * (6 * I + 2 * H) + 8 if cfg.expert_bias else 0
+    return itemsize * (2 * H + 4 * I) + 4 * H + 16 + biased
 
 
 def pass_entries_per_token(cfg: ModelConfig, itemsize: int) -> float:

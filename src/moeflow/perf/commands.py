@@ -140,7 +140,13 @@ def cmd_plan(args) -> int:
                      f"{' ...' if len(plan.resident) > 12 else ''}" if args.placement else ""))
     if args.workload in ("throughput", "both"):
         host = parse_size(args.host_memory) if args.host_memory else None
-        tp = search_throughput(cfg, profile, budget, args.prompt_len, args.gen_len, host, name)
+        try:
+            tp = search_throughput(cfg, profile, budget, args.prompt_len, args.gen_len, host, name)
+        except MoeflowError as e:  # beside a latency plan, say why there is no throughput one (host memory)
+            if args.workload == "throughput":
+                raise
+            con.print(f"throughput regime: {e}")
+            return 0
         d = tp.as_dict()
         t = Table(title=f"throughput regime: batches of {args.prompt_len}-token prompts, {args.gen_len} new tokens "
                   "(best plan found)")
