@@ -151,3 +151,27 @@ def test_split_experts_keep_the_greedy_tokens(hf_checkpoint):
     backend.costs, backend.calibrate = costs_table(1.0, 1.0), False
     assert [s.output_ids for s in eng.generate(batch, greedy)] == want
     assert 0 < backend.stats.cpu_experts and 0 < backend.stats.copied_experts
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_whole_step_decode_graphs_with_sinks_match_eager(hf_checkpoint, monkeypatch):
+    """All on the GPU in bf16 with the biased experts grouped (no host sync), GPT-OSS's decode step captured whole
+    (sink attention, per-layer windows) gives eager's logits at every teacher-forced step."""
+    from moeflow.experts import local
+
+    monkeypatch.setattr(local.LocalExperts, "graph_safe", property(lambda self: local.can_group(self.store.data)))
+    path, _ = hf_checkpoint("gpt_oss")
+    ck = load(path, device="cuda", dtype="bf16")
+    engines = [LLMEngine(ck, max_seqs=1, max_len=96, cuda_graphs=g) for g in (False, True)]
+    seqs = [e.add_request(list(range(5, 30)), SamplingParams(max_new_tokens=64)) for e in engines]
+    for e in engines:
+        e._admit()
+    logits = [e._forward([s]) for e, s in zip(engines, seqs)]
+    for _ in range(24):  # past the window of 8 several times over
+        token = int(logits[0].argmax())
+        for s in seqs:
+            s.output_ids.append(token)
+        logits = [e._forward([s]) for e, s in zip(engines, seqs)]
+        assert float((logits[1] - logits[0]).norm() / logits[0].norm()) < 5e-2
+    assert engines[1].graphs and not engines[0].graphs
