@@ -50,7 +50,8 @@ def _held_bytes(device: torch.device, own: int) -> int:
     """The allocator's cap counts the whole process. What it already holds beyond this model's weights and KV
     cache (`own`: other tensors, fragments of earlier work that cannot be given back) is not the budget's: the cap
     is raised by it, once the garbage of earlier work is collected and given back (with cuBLAS's workspaces, one
-    per stream ever used, which outlive an earlier engine's streams)."""
+    per stream ever used, which outlive an earlier engine's streams: one offloaded engine runs at a time, as the
+    process-wide cap already assumes, so no live graph still points into them)."""
     gc.collect()
     if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
         torch._C._cuda_clearCublasWorkspaces()
