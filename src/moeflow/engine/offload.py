@@ -74,8 +74,9 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
         policy.use_maps(oc.expert_maps, len(cfg.moe_layers), cfg.num_experts)
     held = _held_bytes(device, ck.dense_bytes + kv_bytes) if device.type == "cuda" else 0
     trace = load_trace(oc.routing_trace) if oc.routing_trace else None
-    # a replayed trace lives on the GPU whole: its ids, and its weights in the router's fp32 (TraceRouting)
-    trace_bytes = trace.ids.numel() * (trace.ids.element_size() + 4) if trace is not None else 0
+    trace_bytes = 0
+    if trace is not None and device.type == "cuda":  # on the GPU whole: ids, and weights in fp32 (TraceRouting)
+        trace_bytes = trace.ids.numel() * (trace.ids.element_size() + 4)
     budget = share_budget(ck.name, cfg, policy, oc.gpu_memory, ck.dense_bytes, store.expert_bytes, kv_bytes,
                           step_tokens, store.dtype.itemsize, max_seqs, trace_bytes)
     split = budget.split
