@@ -68,6 +68,11 @@ class BiasedFormat(ExpertFormat):
     def block_bytes(self) -> int:
         return self.block_numel * self.storage_dtype.itemsize
 
+    @property
+    def groupable(self) -> bool:
+        """Grouped GEMMs take views of these blocks: every expert's matrices 16-byte aligned (a CUDA requirement)."""
+        return all(n * self.storage_dtype.itemsize % 16 == 0 for n in (self.block_numel, self.hidden, self.inter))
+
     def bias(self, block: torch.Tensor) -> torch.Tensor:
         """[2I + H] the biases of a block: gate, up, down."""
         return block[self.matrix_numel:]

@@ -34,7 +34,7 @@ class LocalExperts(ExpertBackend):
             from moeflow.experts.biased import biased_experts
 
             s = self.store
-            if self.grouped or (self.grouped is None and can_group(x)):
+            if (self.grouped or (self.grouped is None and can_group(x))) and s.fmt.groupable:
                 return grouped_experts(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer),
                                        s.fmt)
             return biased_experts(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer), s.cfg)

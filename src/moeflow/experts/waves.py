@@ -57,7 +57,7 @@ class Waves:
         if not self.fmt:
             self.gate_up = slots[:, :2 * inter * H].view(S, 2 * inter, H)   # views for the grouped GEMMs
             self.down_t = slots[:, 2 * inter * H:3 * inter * H].view(S, inter, H)
-        self.grouped = can_group(slots) and not self.fmt
+        self.grouped = can_group(slots) and not self.fmt and (fmt is None or not fmt.biased or fmt.groupable)
         self.cuda = slots.is_cuda
         self.graphs_on = graphs and self.cuda
         self.slot_free: dict[int, torch.cuda.Event] = {}
