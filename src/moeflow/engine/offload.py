@@ -46,6 +46,19 @@ class ProcessSettings:
             self._undo.pop()()
 
 
+def _held_bytes(device: torch.device, own: int) -> int:
+    """The allocator's cap counts the whole process. What it already holds beyond this model's weights and KV
+    cache (`own`: other tensors, fragments of earlier work that cannot be given back) is not the budget's: the cap
+    is raised by it, once the garbage of earlier work is collected and given back (with cuBLAS's workspaces, one
+    per stream ever used, which outlive an earlier engine's streams: one offloaded engine runs at a time, as the
+    process-wide cap already assumes, so no live graph still points into them)."""
+    gc.collect()
+    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    return max(torch.cuda.memory_reserved(device) - own, 0)
+
+
 def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens: int,
                    costs: ExpertCosts | None = None, max_seqs: int = 1, graphs: bool = True,
                    settings: ProcessSettings | None = None) -> dict:
@@ -56,22 +69,16 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
     device = next(ck.model.parameters()).device
     if store.data.device.type != "cpu":
         raise MoeflowError("offloading needs the experts in host memory (load with expert_device='cpu')")
-    if cfg.expert_bias:  # the slot waves and the CPU share compute plain SiLU experts only
-        raise MoeflowError(f"offloading {cfg.model_type} experts (biases, clamped SwiGLU) is not supported yet; "
-                           "run it with every expert on one device (no --gpu-memory)")
     policy = get_policy(oc.policy)
     if oc.expert_maps:
         policy.use_maps(oc.expert_maps, len(cfg.moe_layers), cfg.num_experts)
-    held = 0
-    if device.type == "cuda":
-        # The allocator's cap below counts the whole process. What it already holds beyond this model's weights
-        # and KV cache (other tensors, fragments of earlier work that cannot be given back) is not the budget's:
-        # the cap is raised by it, once the garbage of earlier work is collected and given back.
-        gc.collect()
-        torch.cuda.empty_cache()
-        held = max(torch.cuda.memory_reserved(device) - ck.dense_bytes - kv_bytes, 0)
+    held = _held_bytes(device, ck.dense_bytes + kv_bytes) if device.type == "cuda" else 0
+    trace = load_trace(oc.routing_trace) if oc.routing_trace else None
+    trace_bytes = 0
+    if trace is not None and device.type == "cuda":  # on the GPU whole: ids, and weights in fp32 (TraceRouting)
+        trace_bytes = trace.ids.numel() * (trace.ids.element_size() + 4)
     budget = share_budget(ck.name, cfg, policy, oc.gpu_memory, ck.dense_bytes, store.expert_bytes, kv_bytes,
-                          step_tokens, store.dtype.itemsize, max_seqs)
+                          step_tokens, store.dtype.itemsize, max_seqs, trace_bytes)
     split = budget.split
     if oc.placement:
         placement = Placement.load(oc.placement)
@@ -88,10 +95,11 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
         settings.cap_memory(min(1.0, (oc.gpu_memory + held) / total), device)
     backend = OffloadedExperts(store, device, policy, split, resident, costs=costs, eviction=oc.eviction,
                                graphs=graphs, prior=prior)
-    if oc.routing_trace:
-        backend = TraceRouting(backend, load_trace(oc.routing_trace), cfg)
+    if trace is not None:
+        backend = TraceRouting(backend, trace, cfg)
     ck.model.set_experts(backend)
     return {"gpu_memory": oc.gpu_memory, "dense_bytes": budget.dense_bytes, "kv_bytes": kv_bytes,
             "workspace_bytes": budget.workspace_bytes, "expert_bytes": budget.expert_bytes,
+            "trace_bytes": budget.other_bytes,
             "slots": len(resident) + split.cache, "resident": len(resident), "cache": split.cache,
             "policy": policy.name}

@@ -127,7 +127,8 @@ class CpuExperts:
 
     def __init__(self, threads: int | None = None, kernel: str | None = None, fmt: ExpertFormat | None = None):
         self.threads = threads or cpu_threads()
-        self.fmt = fmt if fmt is not None and fmt.quantized else None  # quantized blocks: dequantized by PyTorch
+        # quantized blocks: dequantized by PyTorch; biased ones (experts/biased.py): PyTorch's FFN
+        self.fmt = fmt if fmt is not None and (fmt.quantized or fmt.biased) else None
         name = kernel or os.environ.get("MOEFLOW_CPU_KERNEL", "auto")
         if name not in ("auto", "torch", *KERNELS):
             raise MoeflowError(f"MOEFLOW_CPU_KERNEL={name}: choose auto, torch or one of {', '.join(KERNELS)}")
@@ -154,7 +155,8 @@ class CpuExperts:
         self._pool: ThreadPoolExecutor | None = None  # the PyTorch path's worker thread (submit)
 
     def uses_native(self, data: torch.Tensor) -> bool:
-        return self.native is not None and self.kernel != "torch" and data.dtype == torch.bfloat16
+        return (self.native is not None and self.kernel != "torch" and data.dtype == torch.bfloat16
+                and not (self.fmt is not None and self.fmt.biased))
 
     def __call__(self, data: torch.Tensor, x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -207,7 +209,7 @@ class CpuExperts:
 
     def handoff_s(self, n: int = 20) -> float:
         """Seconds to hand a call over and have it back, with no work in it (after one warm-up)."""
-        if self.native is None or self.kernel == "torch":
+        if not self.uses_native(torch.empty(0, dtype=torch.bfloat16)):
             return handoff_s(self._executor())
         none = torch.zeros(1, 1, dtype=torch.bfloat16)
         meta, tok, w, x = np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float32), torch.zeros(1, 1)
@@ -287,10 +289,13 @@ class CpuExperts:
         xd = x.to(self.fmt.dtype if self.fmt else data.dtype)
         for j in jobs:
             r1 = I if j.r1 is None else j.r1
-            gate, up, down_t = (self.fmt.rows(data[j.expert], j.r0, r1, xd.dtype) if self.fmt
-                                else expert_rows(data[j.expert], I, j.r0, r1))
             tok = torch.as_tensor(j.tok).long()
-            y = partial_ffn(xd[tok], gate, up, down_t)
+            if self.fmt is not None and self.fmt.biased:
+                y = self.fmt.ffn(xd[tok], data[j.expert], j.r0, r1)
+            else:
+                gate, up, down_t = (self.fmt.rows(data[j.expert], j.r0, r1, xd.dtype) if self.fmt
+                                    else expert_rows(data[j.expert], I, j.r0, r1))
+                y = partial_ffn(xd[tok], gate, up, down_t)
             out.index_add_(0, tok, y.float() * torch.as_tensor(j.w).reshape(-1, 1).float())
         return out
 

@@ -30,7 +30,10 @@ def partial_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_t: t
 
 def block_ffn(inter: int, fmt: ExpertFormat | None = None):
     """ffn(x [n, H], block [3IH] in the host layout, or a block of `fmt`) -> [n, H]: one whole expert as the
-    engine runs it (a quantized block: quantized_ffn)."""
+    engine runs it (a quantized block: quantized_ffn; a biased one: experts/biased.py)."""
+    if fmt is not None and fmt.biased:
+        return fmt.ffn
+
     def ffn(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         if fmt is not None and fmt.quantized:
             return quantized_ffn(x, block, fmt)
@@ -59,10 +62,12 @@ def grouped_ffn(x: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, of
 
 
 def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                    gate_up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+                    gate_up: torch.Tensor, down_t: torch.Tensor, bias: torch.Tensor | None = None,
+                    fmt=None) -> torch.Tensor:
     """All experts of a layer in two grouped GEMMs and no host sync (CUDA bf16).
 
-    x [N, H], gate_up [E, 2I, H], down_t [E, I, H] -> [N, H]."""
+    x [N, H], gate_up [E, 2I, H], down_t [E, I, H] -> [N, H]; biased experts: bias [E, 2I + H] and their
+    format (experts/biased.py BiasedFormat)."""
     N, K = topk_ids.shape
     flat = topk_ids.flatten()
     order = torch.argsort(flat, stable=True)                                  # [N*K] grouped by expert
@@ -70,7 +75,8 @@ def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device)
     offs = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
     tok = order // K
-    y = grouped_ffn(x[tok], gate_up, down_t, offs)                            # [N*K, H]
+    y = (grouped_ffn(x[tok], gate_up, down_t, offs) if bias is None                  # [N*K, H]
+         else fmt.grouped_ffn(x[tok], gate_up, down_t, bias, offs))
     out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, tok, y.float() * topk_weights.flatten()[order, None].float())
     return out.to(x.dtype)

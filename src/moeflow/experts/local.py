@@ -23,19 +23,21 @@ class LocalExperts(ExpertBackend):
     @property
     def graph_safe(self) -> bool:
         """True when a forward pass makes no host sync (so it can be captured in a CUDA graph)."""
-        d = self.store.data
-        if self.store.cfg.expert_bias:  # biased_experts syncs with the host
+        if self.store.cfg.expert_bias:  # GPT-OSS's decode (sink attention) is not captured whole: not yet measured
             return False
-        return self.grouped is not False and can_group(d)
+        return self.grouped is not False and can_group(self.store.data)
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         d = self.store.data
-        if self.store.cfg.expert_bias:  # GPT-OSS: biases and clamped SwiGLU, which only PyTorch computes
+        if self.store.cfg.expert_bias:  # GPT-OSS: biases and clamped SwiGLU (experts/biased.py), through PyTorch
             from moeflow.experts.biased import biased_experts
 
-            return biased_experts(x, topk_ids, topk_weights, self.store.gate_up(layer), self.store.down_t(layer),
-                                  self.store.bias(layer), self.store.cfg)
+            s = self.store
+            if (self.grouped or (self.grouped is None and can_group(x))) and s.fmt.groupable:
+                return grouped_experts(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer),
+                                       s.fmt)
+            return biased_experts(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer), s.cfg)
         if self.store.fmt.quantized:
             return quantized_experts(x, topk_ids, topk_weights, d[self.store.slot[layer]], self.store.fmt)
         if d.device.type == "cpu" and d.dtype == torch.bfloat16 and self.store.down_transposed:

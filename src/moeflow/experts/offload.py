@@ -312,10 +312,10 @@ class OffloadedExperts(ExpertBackend):
             if r == 0:
                 dst.copy_(src, non_blocking=True)
             else:
-                runs, I = self.host.fmt.runs, self.inter  # a quantized gate row zeroed has scale 0: weights 0
-                for d, s in zip(runs(dst, r, I), runs(src, r, I)):
+                fmt, I = self.host.fmt, self.inter
+                for d, s in zip(fmt.runs(dst, r, I), fmt.runs(src, r, I)):
                     d.copy_(s, non_blocking=True)
-                runs(dst, 0, r)[0].zero_()
+                fmt.clear(dst, r)
             return self.copy_stream.record_event() if self.cuda else None
 
     def _cpu_done(self, call: CpuCall, jobs, beside_copies: bool) -> None:

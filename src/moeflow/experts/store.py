@@ -32,6 +32,10 @@ class ExpertStore:
         if quant is not None and cfg.expert_bias:
             raise MoeflowError(f"quantized experts with biases ({cfg.model_type}) are not supported yet")
         self.fmt = ExpertFormat(cfg.expert_intermediate_size, cfg.hidden_size, dtype, quant)
+        if cfg.expert_bias:  # biases after each block's matrices (imported here: biased.py imports this module)
+            from moeflow.experts.biased import BiasedFormat
+
+            self.fmt = BiasedFormat.of(cfg, dtype)
         # a plain block may carry the expert's biases after its matrices (cfg.expert_numel)
         shape = (len(self.layers), cfg.num_experts, self.fmt.block_numel if quant else cfg.expert_numel)
         self.data = torch.empty(shape, dtype=self.fmt.storage_dtype, device=device) if data is None else data

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moeflow.experts.ffn import can_group, grouped_ffn, partial_ffn, quantized_ffn
-from moeflow.experts.store import HostBuffers, expert_rows
+from moeflow.experts.ffn import block_ffn, can_group, grouped_ffn
+from moeflow.experts.store import HostBuffers
 from moeflow.perf.costs import grouped_cap, grouped_passes
 from moeflow.quant.format import ExpertFormat
 
@@ -32,12 +32,14 @@ Wave = dict[int, tuple[list[int], "torch.cuda.Event | None"]]  # slot -> (entrie
 
 
 def wave_ops(out: torch.Tensor, x: torch.Tensor, w_flat: torch.Tensor, meta: torch.Tensor, M: int, K: int,
-             gate_up: torch.Tensor, down_t: torch.Tensor) -> None:
+             gate_up: torch.Tensor, down_t: torch.Tensor, bias: torch.Tensor | None = None, fmt=None) -> None:
     """out [N, H] fp32 += each entry's expert on its token, weighted. meta [M + S] int32: the entries sorted by
-    slot, then the cumulative entries per slot; gate_up [S, 2I, H], down_t [S, I, H] the slots' views."""
+    slot, then the cumulative entries per slot; gate_up [S, 2I, H], down_t [S, I, H] the slots' views; biased
+    experts: bias [S, 2I + H] and their format (experts/biased.py)."""
     idx = meta[:M].long()
     tok = idx // K
-    y = grouped_ffn(x[tok], gate_up, down_t, meta[M:])                        # [M, H]
+    y = (grouped_ffn(x[tok], gate_up, down_t, meta[M:]) if bias is None                  # [M, H]
+         else fmt.grouped_ffn(x[tok], gate_up, down_t, bias, meta[M:]))
     out.index_add_(0, tok, torch.mul(y, w_flat[idx, None]))  # the weights are fp32: so is the product
 
 
@@ -48,12 +50,14 @@ class Waves:
     def __init__(self, slots: torch.Tensor, inter: int, graphs: bool = True, per_token: float = 1.0,
                  fmt: ExpertFormat | None = None):
         self.fmt = fmt if fmt is not None and fmt.quantized else None  # quantized slots: dequantized slot by slot
-        S, H = slots.shape[0], fmt.hidden if self.fmt else slots.shape[1] // (3 * inter)
+        S, H = slots.shape[0], fmt.hidden if fmt is not None else slots.shape[1] // (3 * inter)
         self.slots, self.inter, self.hidden, self.per_token = slots, inter, H, per_token
+        self.ffn = block_ffn(inter, fmt)  # one slot's expert, where a wave runs slot by slot
+        self.biased = () if fmt is None or not fmt.biased else (slots[:, 3 * inter * H:], fmt)  # [S, 2I + H]
         if not self.fmt:
             self.gate_up = slots[:, :2 * inter * H].view(S, 2 * inter, H)   # views for the grouped GEMMs
-            self.down_t = slots[:, 2 * inter * H:].view(S, inter, H)
-        self.grouped = can_group(slots) and not self.fmt
+            self.down_t = slots[:, 2 * inter * H:3 * inter * H].view(S, inter, H)
+        self.grouped = can_group(slots) and not self.fmt and (fmt is None or not fmt.biased or fmt.groupable)
         self.cuda = slots.is_cuda
         self.graphs_on = graphs and self.cuda
         self.slot_free: dict[int, torch.cuda.Event] = {}
@@ -138,15 +142,15 @@ class Waves:
             return
         meta = buf.to(self.slots.device, non_blocking=True) if self.cuda else buf
         if self.grouped:
-            wave_ops(out, x, w_flat, meta, M, K, self.gate_up[c0:c0 + G], self.down_t[c0:c0 + G])
+            wave_ops(out, x, w_flat, meta, M, K, self.gate_up[c0:c0 + G], self.down_t[c0:c0 + G],
+                     *self._bias(c0, G))
             return
         idx = meta[:M].long()
         tok = idx // K
         b = 0
         for slot in order:
             a, b = b, b + len(wave[slot][0])
-            y = (quantized_ffn(x[tok[a:b]], self.slots[slot], self.fmt) if self.fmt
-                 else partial_ffn(x[tok[a:b]], *expert_rows(self.slots[slot], self.inter, 0, self.inter)))
+            y = self.ffn(x[tok[a:b]], self.slots[slot])
             out.index_add_(0, tok[a:b], torch.mul(y, w_flat[idx[a:b], None]))
 
     def _replay(self, N: int, K: int, M: int, c0: int) -> None:
@@ -154,13 +158,17 @@ class Waves:
         graph = self.graphs.get(key)
         G = min(MAX_GROUPS, self.slots.shape[0] - c0)
         args = (self.x_s[:N], self.w_s[:N * K], self.meta_s[:M + G], M, K, self.gate_up[c0:c0 + G],
-                self.down_t[c0:c0 + G])
+                self.down_t[c0:c0 + G], *self._bias(c0, G))
         if graph is None and len(self.graphs) >= GRAPH_MAX_SHAPES:
             wave_ops(self.out_s[:N], *args)
             return
         if graph is None:
             graph = self.graphs[key] = self._capture(N, args)
         graph.replay()
+
+    def _bias(self, c0: int, G: int) -> tuple:
+        """wave_ops' bias arguments for slots c0 : c0 + G: none, or (their biases, the format)."""
+        return (self.biased[0][c0:c0 + G], self.biased[1]) if self.biased else ()
 
     def _capture(self, N: int, args: tuple) -> torch.cuda.CUDAGraph:
         """A graph of wave_ops into out_s[:N], captured on a side stream. The warm-up before it (lazy

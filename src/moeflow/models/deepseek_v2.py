@@ -12,7 +12,7 @@ from moeflow.models.base import Architecture
 from moeflow.models.layers import DenseMLP, MoeTransformer, SparseMoe
 from moeflow.models.mla import MlaAttention
 from moeflow.models.rope import rope_from_hf
-from moeflow.models.routing import GroupedTopK, check_routing
+from moeflow.models.routers import check_routing
 
 
 def _dense_layers(hf: dict, n_layers: int) -> tuple[int, ...]:
@@ -64,7 +64,8 @@ def deepseek_config(hf: dict, model_type: str, methods: tuple[str, ...], scoring
         q_lora_rank=hf.get("q_lora_rank"),
         qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v,
         shared_intermediate_size=hf["moe_intermediate_size"] * (get("n_shared_experts") or 0),
-        scoring=scoring, topk_method=method, n_group=get("n_group") or 1, topk_group=get("topk_group") or 1,
+        router="grouped_topk", scoring=scoring, topk_method=method, n_group=get("n_group") or 1,
+        topk_group=get("topk_group") or 1,
         # V2's published code scales the weights only when it does not renormalize them
         routed_scaling_factor=1.0 if norm and model_type == "deepseek_v2" else float(get("routed_scaling_factor")),
     )
@@ -95,11 +96,11 @@ def deepseek_hf_config(cfg: ModelConfig, hf_class: str) -> dict:
 
 
 def build_deepseek(cfg: ModelConfig, experts) -> MoeTransformer:
-    """MLA attention; each MoE block gets the grouped router, the shared experts and (noaux_tc) the gate's bias."""
+    """MLA attention; each MoE block gets the shared experts and (noaux_tc) the gate's bias (its router, by
+    cfg.router: grouped_topk)."""
     model = MoeTransformer(cfg, experts, attention=MlaAttention)
     for m in model.modules():
         if isinstance(m, SparseMoe):
-            m.router = GroupedTopK(cfg)
             if cfg.shared_intermediate_size:
                 m.shared_experts = DenseMLP(cfg.hidden_size, cfg.shared_intermediate_size)
             if cfg.topk_method == "noaux_tc":

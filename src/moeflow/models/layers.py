@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from moeflow.config import ModelConfig
 from moeflow.experts.base import ExpertBackend  # noqa: F401  (the contract; importable here as before)
 from moeflow.models.rope import rope_table
-from moeflow.models.routers import ROUTERS, route  # noqa: F401  (route: re-exported)
+from moeflow.models.routers import make_router, route  # noqa: F401  (route: re-exported)
 from moeflow.models.sinks import sink_attention
 
 
@@ -291,24 +291,21 @@ class DenseMLP(nn.Module):
 
 class SparseMoe(nn.Module):
     """Router plus a handle to the expert backend (a plain object, so it is not part of the module tree).
-    An architecture may set `router` (logits, gate module -> ids, weights) and `shared_experts` (a module every
+    The router is cfg.router's (models/routers.py); an architecture may set `shared_experts` (a module every
     token runs, added to the routed experts' output)."""
 
     def __init__(self, cfg: ModelConfig, layer: int, experts: ExpertBackend):
         super().__init__()
-        self.layer, self.cfg, self.route = layer, cfg, ROUTERS[cfg.router]
+        self.layer, self.cfg = layer, cfg
         self.top_k = cfg.num_experts_per_tok
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
         self.experts = experts
-        self.router = None
+        self.router = make_router(cfg)
         self.shared_experts = None
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The routed experts of each token: x [N, H] -> ids, weights [N, K]."""
-        logits = self.gate(x)
-        if self.router is None:
-            return self.route(logits, self.cfg)
-        return self.router(logits, self.gate)  # an architecture's own (DeepSeek: grouped top-k, correction bias)
+        return self.router(self.gate(x), self.gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.select(x)  # [N, K] each

@@ -235,7 +235,7 @@ def _latency_plan(con, args, name, cfg, profile, budget: int, hit, quant, world:
     from moeflow.perf.search import search_latency
     from moeflow.quant.format import expert_bytes
 
-    eb = expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant)
+    eb = expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant) if quant else cfg.expert_numel * 2
     plan = search_latency(cfg, profile, budget, args.prompt_len, args.gen_len, hit, name, expert_bytes=eb)
     if world > 1:
         from moeflow.dist.plan import plan_with_collectives
@@ -284,7 +284,13 @@ def _throughput_plan(con, args, name, cfg, profile, budget: int) -> None:
     from moeflow.perf.search import search_throughput
 
     host = parse_size(args.host_memory) if args.host_memory else None
-    tp = search_throughput(cfg, profile, budget, args.prompt_len, args.gen_len, host, name)
+    try:
+        tp = search_throughput(cfg, profile, budget, args.prompt_len, args.gen_len, host, name)
+    except MoeflowError as e:  # beside a latency plan, say why there is no throughput one (host memory)
+        if args.workload == "throughput":
+            raise
+        con.print(f"throughput regime: {e}")
+        return
     d = tp.as_dict()
     t = Table(title=f"throughput regime: batches of {args.prompt_len}-token prompts, {args.gen_len} new tokens "
               "(best plan found)")

@@ -56,14 +56,14 @@ QUICK = Sizes(mem_bytes=8 << 20, link_bytes=4 << 20, matmul_n=256, cpu_matmul_n=
 CPU_HOST_LAYERS = 12  # without a GPU the tiny model's layers are CPU compute, which no plan reads: the short span
 
 
-def engine_cpu_experts():
+def engine_cpu_experts(fmt=None):
     """The engine's CPU expert backend (experts/cpu.py CpuExperts) with the threads the offloaded engine gives
-    it (one core left to the thread that drives the GPU)."""
+    it (one core left to the thread that drives the GPU); fmt: the blocks' (biased experts: experts/biased.py)."""
     import torch
 
     from moeflow.experts.cpu import CpuExperts, cpu_threads
 
-    return CpuExperts(threads=cpu_threads(driver=torch.cuda.is_available()))
+    return CpuExperts(threads=cpu_threads(driver=torch.cuda.is_available()), fmt=fmt)
 
 
 def cpu_expert_ffn() -> Callable:
@@ -159,13 +159,16 @@ def _expert_costs(cfg: ModelConfig, dev, dtype_name: str, sizes: Sizes, cpu_ffn:
     n_blocks = max(2, min(256, -(-sizes.expert_pool_bytes // cfg.expert_bytes(dtype))))
     blocks = torch.empty(n_blocks, cfg.expert_numel, dtype=dtype, pin_memory=dev.type == "cuda")  # [B, 3IH]
     RandomFiller(torch.device("cpu"), dtype, numel=blocks.numel()).fill(blocks)
-    engine_cpu = None if cpu_ffn else engine_cpu_experts()
+    from moeflow.experts.biased import BiasedFormat
+
+    fmt = BiasedFormat.of(cfg, dtype) if cfg.expert_bias else None  # blocks of cfg.expert_numel
+    engine_cpu = None if cpu_ffn else engine_cpu_experts(fmt)
     ffn = cpu_ffn or engine_cpu.expert
     # the fixed part of a call: m experts in one call against one alone (the engine's kernel only); a big
     # expert's pool holds few blocks (Mixtral: 3 of 352 MB), but m of them outgrow the caches anyway
     m = min(MANY, n_blocks - 1)
     many = (m, engine_cpu.many(m, blocks)) if engine_cpu and m >= 2 else None
-    once = _gpu_costs(cfg, dev, blocks, ffn, many, sizes.repeats) if dev.type == "cuda" else \
+    once = _gpu_costs(cfg, dev, blocks, ffn, many, sizes.repeats, fmt) if dev.type == "cuda" else \
         _cpu_costs(cfg, blocks, ffn, many, sizes.repeats)
     costs = median_costs([once() for _ in range(max(sizes.rounds, 1))])
     if engine_cpu is not None:  # the engine's own hand-over (its kernel's thread, or its worker thread)
@@ -179,7 +182,8 @@ def _expert_costs(cfg: ModelConfig, dev, dtype_name: str, sizes: Sizes, cpu_ffn:
     return _plain(replace(costs, cpu_call_s=call))
 
 
-def _gpu_costs(cfg: ModelConfig, dev, blocks, ffn: Callable, many, repeats: int) -> Callable[[], ExpertCosts]:
+def _gpu_costs(cfg: ModelConfig, dev, blocks, ffn: Callable, many, repeats: int,
+               fmt=None) -> Callable[[], ExpertCosts]:
     """One round: CPU, copy and GPU times of the expert, each beside the other (perf/costs.py measure_costs)."""
     import torch
 
@@ -188,7 +192,7 @@ def _gpu_costs(cfg: ModelConfig, dev, blocks, ffn: Callable, many, repeats: int)
     H, I = cfg.hidden_size, cfg.expert_intermediate_size
     slot = torch.empty(cfg.expert_numel, dtype=blocks.dtype, device=dev)
     stream = torch.cuda.Stream(dev)
-    return lambda: measure_costs(lambda i: blocks[i], I, H, len(blocks), slot, ffn, block_ffn(I), repeats,
+    return lambda: measure_costs(lambda i: blocks[i], I, H, len(blocks), slot, ffn, block_ffn(I, fmt), repeats,
                                  copy_stream=stream, cpu_many=many)
 
 

@@ -247,7 +247,9 @@ def engine_costs(ck, oc) -> ExpertCosts | None:
 
     device = next(ck.model.parameters()).device
     # a quantized store's experts cost what the profile's dense ones do not: the backend measures them
-    if oc is None or device.type != "cuda" or not get_policy(oc.policy).needs_costs or ck.store.fmt.quantized:
+    # (biased ones: the backend measures its own PyTorch path)
+    if (oc is None or device.type != "cuda" or not get_policy(oc.policy).needs_costs or ck.store.fmt.quantized
+            or ck.store.fmt.biased):
         return None
     return profiled_costs(ck.cfg, ck.store.dtype, device)
 

@@ -72,6 +72,8 @@ class ExpertFormat:
     """The block layout of one expert (I, H) for a store: dense in `dtype`, or quantized by `spec` with `dtype`
     the compute dtype its rows dequantize to. storage_dtype and block_numel size the store's [L, E, block] tensor."""
 
+    biased = False  # experts/biased.py BiasedFormat: biases after the matrices, the clamped SwiGLU
+
     def __init__(self, inter: int, hidden: int, dtype: torch.dtype, spec: QuantSpec | None = None):
         self.inter, self.hidden, self.dtype, self.spec = inter, hidden, dtype, spec
         if spec is None:
@@ -107,6 +109,11 @@ class ExpertFormat:
         """Rows r0:r1 of a block [block_numel] as stored: (gate, up, down_t) runs [R, record], each contiguous."""
         m = block.view(3, self.inter, self.record)
         return m[0, r0:r1], m[1, r0:r1], m[2, r0:r1]
+
+    def clear(self, block: torch.Tensor, r: int) -> None:
+        """A slot that got rows r:I only: gate rows 0:r zeroed, so the whole expert's FFN there is the part's
+        (silu(0) = 0; a quantized row zeroed has scale 0)."""
+        self.runs(block, 0, r)[0].zero_()
 
     def rows(self, block: torch.Tensor, r0: int, r1: int, dtype: torch.dtype | None = None
              ) -> tuple[torch.Tensor, ...]:
