@@ -166,11 +166,12 @@ def bench_cpu_experts(shapes: list[str], tokens: list[int], reps: int, threads: 
     for key in shapes:
         shape = SHAPES[key]
         data, fmt = quantized_pool(shape, quant) if quant else (random_pool(shape), None)
-        if fmt is not None:  # no native quantized path yet: PyTorch dequantizes
-            backends = [(f"torch:{quant.name}", CpuExperts(kernel="torch", fmt=fmt))]
-        for name, ce in backends:
+        runs = backends if fmt is None else [  # the same backends on the quantized blocks (PyTorch dequantizes)
+            (f"{name}:{quant.name}", CpuExperts(threads=ce.threads, kernel=ce.kernel, fmt=fmt, config=ce.config))
+            for name, ce in backends]
+        for name, ce in runs:
             for n in tokens:
-                if name == "torch" and n > torch_max_tokens:
+                if name.startswith("torch") and n > torch_max_tokens:
                     continue
                 t, phases = time_layer(ce, data, shape, n, reps)
                 K, nbytes = shape.top_k, shape.top_k * (fmt.block_bytes if fmt else shape.expert_bytes)

@@ -86,6 +86,49 @@ struct Job {
 
 static inline int groups16(int n) { return (n + 15) / 16; }
 
+static inline float h2f(uint16_t h) {  // IEEE half to float (exact)
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    uint32_t u;
+    if (e == 0x1f) u = sign | 0x7f800000u | (m << 13);
+    else if (e) u = sign | ((e + 112) << 23) | (m << 13);
+    else if (m == 0) u = sign;
+    else {  // subnormal: m * 2^-24
+        float f = (float)m * 5.9604644775390625e-8f;
+        std::memcpy(&u, &f, 4);
+        u |= sign;
+    }
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// A quantized row's layout (quant/format.py): [q: H * bits / 8][scales: G x 2 bytes][zero points: G x 2, asym].
+struct QFormat {
+    int bits, group, groups, sym, fp16;
+    int64_t record, q_bytes;
+    float half(const uint8_t* p) const {
+        uint16_t v;
+        std::memcpy(&v, p, 2);
+        return fp16 ? h2f(v) : bf2f(v);
+    }
+    float scale(const uint8_t* rec, int G) const { return half(rec + q_bytes + 2 * G); }
+    float zero(const uint8_t* rec, int G) const {
+        return sym ? (float)(1 << (bits - 1)) : half(rec + q_bytes + 2 * (size_t)groups + 2 * G);
+    }
+};
+
+// One quantized job: records of row r0 of each matrix, its tokens (fp32, natural or chunk order), their group
+// sums [n, G] and activations [n, R].
+struct QJob {
+    const QFormat* f;
+    const uint8_t *gate, *up, *down;
+    int n, R, H;
+    const int32_t* tok;
+    const float* w;
+    float *x, *xs, *act;
+    size_t poff, coff;  // offsets of the job's sums [n, H] and corrections [n, G] in each thread's buffer
+};
+
 // The call's settings (CpuKernelConfig on the Python side), read from an int64 array in this order.
 struct Opts {
     int amx_min_tokens;       // jobs of at least this many tokens go to the AMX tiles
@@ -161,6 +204,7 @@ static void down_rows_scalar(const Job& j, int r0, int r1, int H, float* acc) {
 #define VEC_NS avx2
 #define VEC_W 8
 #include "cpu_experts_vec.inc"
+#include "cpu_experts_quant.inc"
 #undef VEC_W
 #undef VEC_NS
 #pragma GCC pop_options
@@ -170,6 +214,7 @@ static void down_rows_scalar(const Job& j, int r0, int r1, int H, float* acc) {
 #define VEC_NS avx512
 #define VEC_W 16
 #include "cpu_experts_vec.inc"
+#include "cpu_experts_quant.inc"
 #undef VEC_W
 #undef VEC_NS
 #pragma GCC pop_options
@@ -601,4 +646,5 @@ int moe_experts_topk(int kernel, int threads, const bf16* w, int64_t expert_stri
 
 }  // extern "C"
 
+#include "cpu_experts_qcall.inc"
 #include "cpu_experts_async.inc"

@@ -22,7 +22,7 @@ import torch
 from moeflow import MoeflowError
 from moeflow.config import CpuKernelConfig
 from moeflow.experts.ffn import partial_ffn
-from moeflow.experts.native import KERNELS, NativeKernel, load, options
+from moeflow.experts.native import KERNELS, NativeKernel, load, native_format, options
 from moeflow.experts.store import expert_rows
 from moeflow.perf.costs import handoff_s, median_s
 from moeflow.quant.format import ExpertFormat
@@ -127,7 +127,7 @@ class CpuExperts:
         cfg = config or CpuKernelConfig()
         self.config = cfg
         self.threads = threads or cfg.threads or cpu_threads()
-        self.fmt = fmt if fmt is not None and fmt.quantized else None  # quantized blocks: dequantized by PyTorch
+        self.fmt = fmt if fmt is not None and fmt.quantized else None  # quantized blocks (group-wise int4/int8)
         name = kernel or (cfg.kernel if cfg.kernel != "auto" else os.environ.get("MOEFLOW_CPU_KERNEL", "auto"))
         if name not in ("auto", "torch", *KERNELS):
             raise MoeflowError(f"MOEFLOW_CPU_KERNEL={name}: choose auto, torch or one of {', '.join(KERNELS)}")
@@ -145,6 +145,8 @@ class CpuExperts:
         self.amx_min_tokens = cfg.amx_min_tokens or (16 if self.kernel == "amx" else 1)
         self.fused_max_bytes = cfg.fused_max_bytes  # per-thread sums of the one-pass down path, all threads together
         self.amx_blocking = cfg.amx_blocking
+        # the native kernel's format for quantized blocks (None: bf16, or PyTorch dequantizes)
+        self.qfmt = native_format(self.fmt) if self.fmt and self.native else None
         self.threads_used = 0  # as reported by the last native call
         self.kernel_s = 0.0    # seconds inside the native kernel in the last call (0: it did not run)
         self._pool: ThreadPoolExecutor | None = None  # the PyTorch path's worker thread (submit)
@@ -155,7 +157,9 @@ class CpuExperts:
         return options(cfg, self.amx_min_tokens)
 
     def uses_native(self, data: torch.Tensor) -> bool:
-        return self.native is not None and self.kernel != "torch" and data.dtype == torch.bfloat16
+        if self.native is None or self.kernel == "torch":
+            return False
+        return data.dtype == torch.uint8 and self.qfmt is not None if self.fmt else data.dtype == torch.bfloat16
 
     def __call__(self, data: torch.Tensor, x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -179,6 +183,9 @@ class CpuExperts:
         if not (self.uses_native(data) and out.is_contiguous() and out.dtype == torch.float32):
             return self._in_thread(lambda: self._torch(data, x, jobs, out, I), out, inline)
         assert data.stride(1) == 1 and data.device.type == "cpu", "data must be a [E, 3IH] view of the host store"
+        parts = self._token_parts(jobs, H)
+        if len(parts) > 1:  # quantized: the per-thread sums of all tokens would not fit; a call per part
+            return self._in_thread(lambda: [self.submit(data, x, p, out, inline=True) for p in parts], out, inline)
         offs = [0]
         for j in jobs:
             offs.append(offs[-1] + len(j.tok))
@@ -189,7 +196,7 @@ class CpuExperts:
         w = np.concatenate([_array(j.w, torch.float32).reshape(-1) for j in jobs])
         xf = _fp32(x)
         opts = self.options()
-        args = (self.kernel, self.threads, data, H, I, xf, N, meta, tok, w, out, opts)
+        args = (self.kernel, self.threads, data, H, I, xf, N, meta, tok, w, out, opts, self.qfmt)
         if inline:  # on this thread: no hand-over
             t = time.perf_counter()
             self.threads_used = self.native.run(*args)
@@ -204,6 +211,24 @@ class CpuExperts:
             return start_s, busy_s
 
         return CpuCall(out, finish, keep=(meta, tok, w, xf, opts))
+
+    def _token_parts(self, jobs: list[Job], H: int) -> list[list[Job]]:
+        """The jobs in parts whose per-thread sums (the quantized path keeps [n, H] per thread for every job)
+        take at most fused_max_bytes; bf16 jobs in one part (the kernel chooses its own down pass)."""
+        if self.qfmt is None:
+            return [jobs]
+        per_token = 4 * self.threads * (H + H // int(self.qfmt[1]))
+        budget = max(self.fused_max_bytes // per_token, 1)
+        parts, part, used = [], [], 0
+        for j in jobs:
+            for a in range(0, len(j.tok), budget):
+                n = min(budget, len(j.tok) - a)
+                if used + n > budget and part:
+                    parts.append(part)
+                    part, used = [], 0
+                part.append(Job(j.expert, j.tok[a:a + n], j.w[a:a + n], j.r0, j.r1))
+                used += n
+        return parts + [part] if part else parts
 
     def handoff_s(self, n: int = 20) -> float:
         """Seconds to hand a call over and have it back, with no work in it (after one warm-up)."""
@@ -265,7 +290,7 @@ class CpuExperts:
     def layer(self, data: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
               ) -> torch.Tensor:
         """Every selected expert of a layer: [N, H] fp32. The native path groups by expert in C: one call."""
-        if not self.uses_native(data) or data.stride(1) != 1:
+        if not self.uses_native(data) or data.stride(1) != 1 or self.qfmt is not None:
             return self(data, x, jobs_from_topk(topk_ids, topk_weights, data.shape[0]))
         N, H = x.shape
         out = _zeros(N, H)

@@ -22,8 +22,9 @@ from moeflow import config
 from moeflow.config import CpuKernelConfig
 
 SRC = Path(__file__).resolve().parents[1] / "csrc"
-SOURCES = ("cpu_experts.cpp", "cpu_experts_pool.inc", "cpu_experts_vec.inc",
-           "cpu_experts_amx.inc", "cpu_experts_async.inc")  # the .inc files are included by the .cpp
+# the .inc files are included by the .cpp
+SOURCES = ("cpu_experts.cpp", "cpu_experts_pool.inc", "cpu_experts_vec.inc", "cpu_experts_quant.inc",
+           "cpu_experts_amx.inc", "cpu_experts_qcall.inc", "cpu_experts_async.inc")
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
 KERNELS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3, "amx-emu": 4}  # the kernel numbers of the .cpp
 # The AMX blocking: rows of down_t repacked per chunk, of H per gate/up slice, rows per gate/up block (L2-sized).
@@ -35,6 +36,17 @@ def options(cfg: CpuKernelConfig, amx_min_tokens: int) -> np.ndarray:
     """The kernel's Opts (cpu_experts.cpp, N_OPTS int64 in its order) from a config."""
     return np.array([amx_min_tokens, cfg.fused_max_bytes, *cfg.amx_blocking, cfg.gemv_rows, cfg.prefetch,
                      int(cfg.pin), cfg.spin, int(cfg.down_direct)], dtype=np.int64)
+
+
+def native_format(fmt) -> np.ndarray | None:
+    """moe_experts_q's format array for a quantized ExpertFormat (quant/format.py), or None where the kernel has no
+    path for it (H or the group size not a multiple of 32)."""
+    spec = fmt.spec
+    if fmt.hidden % 32 or spec.group_size % 32:
+        return None
+    fp16 = spec.scale_dtype.itemsize == 2 and str(spec.scale_dtype) == "torch.float16"
+    return np.array([spec.bits, spec.group_size, int(spec.symmetric), int(fp16), fmt.record, fmt.q_bytes],
+                    dtype=np.int64)
 
 _loaded: dict[str, NativeKernel | None] = {}  # by compiler
 
@@ -97,7 +109,9 @@ class NativeKernel:
         p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         lib.moe_experts.argtypes = [i, i, p, i64, i, i, p, i, i, p, p, p, p, p, p, p, p]
         lib.moe_experts.restype = i
-        lib.moe_experts_start.argtypes = lib.moe_experts.argtypes
+        lib.moe_experts_start.argtypes = [*lib.moe_experts.argtypes, p]
+        lib.moe_experts_q.argtypes = [*lib.moe_experts.argtypes, p]
+        lib.moe_experts_q.restype = i
         lib.moe_experts_start.restype = i
         lib.moe_experts_finish.argtypes = [p, i]
         lib.moe_experts_finish.restype = i
@@ -134,22 +148,23 @@ class NativeKernel:
                 opts.ctypes.data)
 
     def run(self, kernel: str, threads: int, data, hidden: int, inter: int, x, n_tokens: int, meta, tok, tok_w, out,
-            opts: np.ndarray) -> int:
+            opts: np.ndarray, qfmt: np.ndarray | None = None) -> int:
         """One layer's J jobs, on this thread (the GIL released); returns the threads used. meta: int32 [4J + 1]
         = experts, r0s, r1s, and the J + 1 offsets of each job's tokens in tok (int32, rows of x) and tok_w
-        (fp32), all three numpy arrays; x, out [N, H] fp32 tensors; opts: options()."""
-        n = self.lib.moe_experts(*self._args(kernel, threads, data, hidden, inter, x, n_tokens, meta, tok, tok_w,
-                                             out, opts))
+        (fp32), all three numpy arrays; x, out [N, H] fp32 tensors; opts: options(); qfmt: native_format() of
+        quantized blocks (data uint8 [E, block bytes]), None for bf16."""
+        args = self._args(kernel, threads, data, hidden, inter, x, n_tokens, meta, tok, tok_w, out, opts)
+        n = self.lib.moe_experts(*args) if qfmt is None else self.lib.moe_experts_q(*args, qfmt.ctypes.data)
         if n < 0:
             raise RuntimeError(f"native CPU kernel {kernel} refused the call ({n})")
         return n
 
     def start(self, kernel: str, threads: int, data, hidden: int, inter: int, x, n_tokens: int, meta, tok, tok_w,
-              out, opts: np.ndarray) -> None:
+              out, opts: np.ndarray, qfmt: np.ndarray | None = None) -> None:
         """run() on the library's own thread: returns at once; finish() waits for it. The arrays must live until
         then. One call at a time."""
         r = self.lib.moe_experts_start(*self._args(kernel, threads, data, hidden, inter, x, n_tokens, meta, tok,
-                                                   tok_w, out, opts))
+                                                   tok_w, out, opts), None if qfmt is None else qfmt.ctypes.data)
         if r < 0:
             raise RuntimeError("native CPU kernel: a call is already under way")
 
