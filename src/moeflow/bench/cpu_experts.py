@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from moeflow import MoeflowError
-from moeflow.bench.ceilings import cpu_read_ceiling
+from moeflow.bench.ceilings import concurrent_host_read, cpu_read_ceiling
 from moeflow.config import CpuKernelConfig
 from moeflow.experts.cpu import CpuExperts
 from moeflow.experts.native import cpu_flags
@@ -154,6 +154,12 @@ def bench_cpu_experts(shapes: list[str], tokens: list[int], reps: int, threads: 
               f"; AMX {meta['amx_peak_tflops']:.1f} TFLOP/s alone, {meta['amx_fed_tflops']:.1f} fed from L2"
               if "amx_peak_tflops" in meta else ""))
     meta["config"] = repr(config)
+    if torch.cuda.is_available():  # the share of host memory the CPU keeps while copies to the GPU run beside it
+        both = concurrent_host_read(torch.device("cuda"))
+        meta |= {k: v / 1e9 for k, v in both.items()}
+        print(f"beside host->GPU copies: CPU reads {both['cpu_read_bw_concurrent'] / 1e9:.1f} GB/s "
+              f"({both['cpu_read_bw_concurrent'] / ceiling:.0%} of its ceiling), copies "
+              f"{both['h2d_bw_concurrent'] / 1e9:.1f} GB/s")
     backends = [("native:" + native.kernel, native)] if native.kernel != "torch" else []
     if native.kernel == "amx":  # the vector path beside it: where the tiles start to pay
         backends.append(("native:avx512", CpuExperts(threads=threads, kernel="avx512", config=config)))
