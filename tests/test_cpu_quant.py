@@ -48,9 +48,13 @@ def close(got, want, tol=1e-4):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
-def test_native_quantized_layer_matches_dequantized_fp32(kernel, spec):
+@pytest.mark.parametrize("int4_bf16", [False, True])
+def test_native_quantized_layer_matches_dequantized_fp32(kernel, spec, int4_bf16):
+    """int4_bf16 (AVX-512, int4 in groups of 64k): gate/up by vdpbf16ps; the tokens are bf16 here, so exact."""
+    if int4_bf16 and not (kernel in ("avx512", "amx") and spec.bits == 4 and spec.group_size % 64 == 0):
+        pytest.skip("int4_bf16 applies to AVX-512 on int4 in groups of 64 or 128")
     data, fmt, g = quantized(spec)
-    ce = CpuExperts(threads=3, kernel=kernel, fmt=fmt)
+    ce = CpuExperts(threads=3, kernel=kernel, fmt=fmt, config=CpuKernelConfig(int4_bf16=int4_bf16))
     assert ce.uses_native(data)
     for N in (1, 3, 9):
         x = torch.randn(N, 256, generator=g).bfloat16()

@@ -266,6 +266,7 @@ class CpuKernelConfig:
     gemv_rows: int = 1                  # AVX-512 path, up to 8 tokens: gate/up rows per pass (1, 2 or 4)
     prefetch: int = 0                   # vector path: software prefetch this many bytes ahead (0: none)
     down_direct: bool = False           # vector path, up to 8 tokens: down's weights widened in registers
+    int4_bf16: bool = False             # AVX-512, int4 in groups of 64 or 128: gate/up by vdpbf16ps on looked-up codes
     pin: bool = False                   # pin the kernel's worker threads, one per core
     spin: int = 256                     # pause iterations idle workers spin before they sleep
 

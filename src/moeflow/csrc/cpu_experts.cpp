@@ -125,7 +125,7 @@ struct QJob {
     int n, R, H;
     const int32_t* tok;
     const float* w;
-    float *x, *xs, *act;
+    float *x, *xs, *act;  // x: fp32 tokens, or (bf16 mode) bf16 tokens in block-of-64 order
     size_t poff, coff;  // offsets of the job's sums [n, H] and corrections [n, G] in each thread's buffer
 };
 
@@ -139,12 +139,13 @@ struct Opts {
     int pin;                  // pin worker i to the i-th core of the process's CPUs
     int spin;                 // pause iterations idle workers spin before they sleep
     int down_direct;          // vector path, fused down: weights widened in registers, not through an L1 buffer
+    int int4_bf16;            // AVX-512, int4 groups of 64k: gate/up codes looked up as bf16, vdpbf16ps on bf16 tokens
 };
-static const int N_OPTS = 10;
+static const int N_OPTS = 11;
 
 static Opts read_opts(const int64_t* o) {
     return Opts{(int)o[0], o[1], (int)o[2], (int)o[3], (int)o[4], std::clamp((int)o[5], 1, 4), (int)std::max<int64_t>(o[6], 0),
-                (int)o[7], (int)std::max<int64_t>(o[8], 0), (int)o[9]};
+                (int)o[7], (int)std::max<int64_t>(o[8], 0), (int)o[9], (int)o[10]};
 }
 
 // ---------------------------------------------------------------------------------------------------
