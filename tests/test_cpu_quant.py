@@ -48,13 +48,17 @@ def close(got, want, tol=1e-4):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
-@pytest.mark.parametrize("int4_bf16", [False, True])
-def test_native_quantized_layer_matches_dequantized_fp32(kernel, spec, int4_bf16):
-    """int4_bf16 (AVX-512, int4 in groups of 64k): gate/up by vdpbf16ps; the tokens are bf16 here, so exact."""
-    if int4_bf16 and not (kernel in ("avx512", "amx") and spec.bits == 4 and spec.group_size % 64 == 0):
-        pytest.skip("int4_bf16 applies to AVX-512 on int4 in groups of 64 or 128")
+@pytest.mark.parametrize("avx512,int4_bf16", [(False, False), (True, False), (True, True)])
+def test_native_quantized_layer_matches_dequantized_fp32(kernel, spec, avx512, int4_bf16):
+    """avx512 (quant_avx512): the AVX-512 code where avx512 or amx runs (else AVX2 code); int4_bf16 (int4 in
+    groups of 64k): gate/up by vdpbf16ps, exact here as the tokens are bf16."""
+    if avx512 and kernel not in ("avx512", "amx"):
+        pytest.skip("quant_avx512 applies where the avx512 or amx kernel runs")
+    if int4_bf16 and not (spec.bits == 4 and spec.group_size % 64 == 0):
+        pytest.skip("int4_bf16 applies to int4 in groups of 64 or 128")
     data, fmt, g = quantized(spec)
-    ce = CpuExperts(threads=3, kernel=kernel, fmt=fmt, config=CpuKernelConfig(int4_bf16=int4_bf16))
+    cfg = CpuKernelConfig(quant_avx512=avx512, int4_bf16=int4_bf16)
+    ce = CpuExperts(threads=3, kernel=kernel, fmt=fmt, config=cfg)
     assert ce.uses_native(data)
     for N in (1, 3, 9):
         x = torch.randn(N, 256, generator=g).bfloat16()

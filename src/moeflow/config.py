@@ -266,7 +266,8 @@ class CpuKernelConfig:
     gemv_rows: int = 1                  # AVX-512 path, up to 8 tokens: gate/up rows per pass (1, 2 or 4)
     prefetch: int = 0                   # vector path: software prefetch this many bytes ahead (0: none)
     down_direct: bool = False           # vector path, up to 8 tokens: down's weights widened in registers
-    int4_bf16: bool = False             # AVX-512, int4 in groups of 64 or 128: gate/up by vdpbf16ps on looked-up codes
+    quant_avx512: bool = False          # int4/int8 on the AVX-512 code (else AVX2 code) where avx512 or amx runs
+    int4_bf16: bool = False             # with quant_avx512, int4 in groups of 64k: gate/up by vdpbf16ps
     pin: bool = False                   # pin the kernel's worker threads, one per core
     spin: int = 256                     # pause iterations idle workers spin before they sleep
 

@@ -97,7 +97,8 @@ def add_kernel_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gemv-rows", type=int, default=d.gemv_rows, help="AVX-512, <= 8 tokens: gate/up rows per pass")
     p.add_argument("--prefetch", type=int, default=d.prefetch, help="vector path: prefetch bytes ahead (0: none)")
     p.add_argument("--down-direct", action="store_true", help="vector path, <= 8 tokens: down in registers")
-    p.add_argument("--int4-bf16", action="store_true", help="AVX-512 int4 (groups of 64k): gate/up by vdpbf16ps")
+    p.add_argument("--quant-avx512", action="store_true", help="int4/int8 on the AVX-512 code (else AVX2)")
+    p.add_argument("--int4-bf16", action="store_true", help="with --quant-avx512, int4 (groups of 64k): vdpbf16ps")
     p.add_argument("--pin", action="store_true", help="pin the kernel's workers, one per core")
     p.add_argument("--spin", type=int, default=d.spin, help="pause iterations idle workers spin before sleeping")
     p.add_argument("--variants", help="more settings measured side by side: ';'-separated 'field=value,...' "
@@ -107,7 +108,7 @@ def add_kernel_flags(p: argparse.ArgumentParser) -> None:
 def kernel_config(args: argparse.Namespace) -> CpuKernelConfig:
     return CpuKernelConfig(kernel=args.kernel or "auto", threads=args.threads, amx_min_tokens=args.amx_min_tokens,
                            gemv_rows=args.gemv_rows, prefetch=args.prefetch, down_direct=args.down_direct,
-                           int4_bf16=args.int4_bf16, pin=args.pin, spin=args.spin)
+                           quant_avx512=args.quant_avx512, int4_bf16=args.int4_bf16, pin=args.pin, spin=args.spin)
 
 
 def parse_variants(text: str | None, base: CpuKernelConfig) -> list[tuple[str, CpuKernelConfig]]:

@@ -140,12 +140,13 @@ struct Opts {
     int spin;                 // pause iterations idle workers spin before they sleep
     int down_direct;          // vector path, fused down: weights widened in registers, not through an L1 buffer
     int int4_bf16;            // AVX-512, int4 groups of 64k: gate/up codes looked up as bf16, vdpbf16ps on bf16 tokens
+    int quant_avx512;         // int4/int8 on the AVX-512 code where the kernel is avx512 or amx (else the AVX2 code)
 };
-static const int N_OPTS = 11;
+static const int N_OPTS = 12;
 
 static Opts read_opts(const int64_t* o) {
     return Opts{(int)o[0], o[1], (int)o[2], (int)o[3], (int)o[4], std::clamp((int)o[5], 1, 4), (int)std::max<int64_t>(o[6], 0),
-                (int)o[7], (int)std::max<int64_t>(o[8], 0), (int)o[9], (int)o[10]};
+                (int)o[7], (int)std::max<int64_t>(o[8], 0), (int)o[9], (int)o[10], (int)o[11]};
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ AMX_BLOCKING = CpuKernelConfig().amx_blocking
 def options(cfg: CpuKernelConfig, amx_min_tokens: int) -> np.ndarray:
     """The kernel's Opts (cpu_experts.cpp, N_OPTS int64 in its order) from a config."""
     return np.array([amx_min_tokens, cfg.fused_max_bytes, *cfg.amx_blocking, cfg.gemv_rows, cfg.prefetch,
-                     int(cfg.pin), cfg.spin, int(cfg.down_direct), int(cfg.int4_bf16)], dtype=np.int64)
+                     int(cfg.pin), cfg.spin, int(cfg.down_direct), int(cfg.int4_bf16),
+                     int(cfg.quant_avx512)], dtype=np.int64)
 
 
 def native_format(fmt) -> np.ndarray | None:
