@@ -119,8 +119,8 @@ def parse_variants(text: str | None, base: CpuKernelConfig) -> list[tuple[str, C
         changes = {}
         for item in part.split(","):
             key, _, value = item.partition("=")
-            if key not in kinds or key in ("kernel", "amx_blocking") or not value:
-                raise MoeflowError(f"--variants: {item!r} is not field=value of a kernel setting")
+            if key not in kinds or key in ("kernel", "amx_blocking") or not value.lstrip("-").isdigit():
+                raise MoeflowError(f"--variants: {item!r} is not field=<integer> of a kernel setting")
             changes[key] = value.lower() in ("1", "true", "yes") if "bool" in str(kinds[key]) else int(value)
         out.append((part, replace(base, **changes)))
     return out
