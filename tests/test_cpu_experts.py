@@ -340,3 +340,16 @@ def test_amx_peak_measures_the_tile_units_or_says_none():
         assert alone == fed == 0.0
         return
     assert 1e11 < alone < 1e15 and 0 < fed < 1.2 * alone
+
+
+def test_bench_variants_parse_into_configs():
+    from moeflow.bench.cpu_experts import parse_variants
+
+    base = CpuKernelConfig(threads=3)
+    got = parse_variants("gemv_rows=4,pin=1;prefetch=512", base)
+    assert got == [("gemv_rows=4,pin=1", CpuKernelConfig(threads=3, gemv_rows=4, pin=True)),
+                   ("prefetch=512", CpuKernelConfig(threads=3, prefetch=512))]
+    assert parse_variants(None, base) == []
+    for bad in ("gemv_rows=x", "colour=1", "kernel=1", "gemv_rows=3"):
+        with pytest.raises(MoeflowError):
+            parse_variants(bad, base)
