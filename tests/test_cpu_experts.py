@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from moeflow import MoeflowError
+from moeflow.config import CpuKernelConfig
 from moeflow.experts import native
 from moeflow.experts.cpu import CpuExperts, Job, jobs_from_topk, physical_cores
 from moeflow.experts.local import partial_ffn
@@ -119,16 +121,15 @@ def test_threads_default_and_env(monkeypatch):
 @pytest.mark.parametrize("kernel,amx_min", [("avx512", "16"), ("amx", "16"), ("amx", "1"), ("amx-emu", "4")])
 def test_vector_and_tile_jobs_mixed(monkeypatch, kernel, amx_min):
     """AVX512-BF16 and AMX run where the CPU has them (the GPU host), skipped elsewhere; with AMX, jobs of
-    fewer than MOEFLOW_AMX_MIN_TOKENS tokens take the vector path in the same call."""
+    fewer than amx_min_tokens tokens take the vector path in the same call."""
     if kernel not in HERE:
         pytest.skip(f"this CPU cannot run {kernel} (flags: avx512_bf16 / amx_bf16, amx_tile)")
-    monkeypatch.setenv("MOEFLOW_AMX_MIN_TOKENS", amx_min)
     H, I, E = 512, 320, 4
     data, g = weights(E, H, I)
     for N in (1, 3, 16, 40, 90):
         x = torch.randn(N, H, generator=g).bfloat16()
         ids, w = routed(N, E, 2, g)
-        ce = CpuExperts(kernel=kernel)
+        ce = CpuExperts(kernel=kernel, config=CpuKernelConfig(amx_min_tokens=int(amx_min)))
         check(ce.layer(data, x, ids, w), reference(data, x, jobs_from_topk(ids, w, E), I), kernel)
 
 
@@ -136,8 +137,7 @@ def test_vector_and_tile_jobs_mixed(monkeypatch, kernel, amx_min):
 @pytest.mark.parametrize("kernel", ["amx-emu", "amx"])
 def test_amx_blocking_moves_no_sum(kernel, threads):
     """The AMX blocking (rows of down_t per chunk, of H per gate/up slice, rows per gate/up block) only decides
-    where the fp32 sums wait between chunks, not their order: every blocking, and every prefetch mode, gives
-    the same bits. Sizes give
+    where the fp32 sums wait between chunks, not their order: every blocking gives the same bits. Sizes give
     several chunks and slices with partial last ones, 256-column blocks with a partial one (640 columns per
     thread, or 320), odd and partial token groups, row ranges that are not multiples of a chunk, and R % 32
     of 8, 16 and 24 (a 16-row half tile past R that gate/up never writes)."""
@@ -157,25 +157,9 @@ def test_amx_blocking_moves_no_sum(kernel, threads):
     for blocking in (native.AMX_BLOCKING, (64, 96, 32), (32, 32, 16), (96, 4096, 256)):
         ce.amx_blocking = blocking
         outs.append(ce(data, x, jobs))
-    before = ce.native.amx_prefetch()
-    try:
-        for mode in (0, 1, 2):  # prefetched, or gate/up read in place: the same products in the same order
-            ce.native.amx_prefetch(mode)
-            assert ce.native.amx_prefetch() == mode
-            for blocking in (native.AMX_BLOCKING, (32, 32, 16)):
-                ce.amx_blocking = blocking
-                outs.append(ce(data, x, jobs))
-    finally:
-        ce.native.amx_prefetch(before)
     check(outs[0], reference(data, x, jobs, I), kernel)
     for got in outs[1:]:
         assert torch.equal(got, outs[0])
-
-
-def test_amx_blocking_from_env(monkeypatch):
-    monkeypatch.setenv("MOEFLOW_AMX_DOWN_ROWS", "1024")
-    monkeypatch.setenv("MOEFLOW_AMX_GU_ROWS", "64")
-    assert CpuExperts(kernel="torch").amx_blocking == (1024, native.AMX_BLOCKING[1], 64)
 
 
 def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path):
@@ -231,21 +215,6 @@ def test_bf16_host_store_runs_the_kernel_locally_and_offloaded():
     assert got.output_ids == want.output_ids
 
 
-@pytest.mark.skipif(LIB is None, reason="the native kernel does not build here")
-@pytest.mark.parametrize("N", [1, 3, 12])
-def test_jobs_with_many_tokens_go_to_pytorch(monkeypatch, N):
-    """MOEFLOW_CPU_TORCH_FROM: jobs with at least that many tokens take PyTorch, the rest the kernel, in one
-    call; the sum is the same."""
-    monkeypatch.delenv("MOEFLOW_CPU_KERNEL", raising=False)
-    monkeypatch.setenv("MOEFLOW_CPU_TORCH_FROM", "4")
-    data, g = weights(6, 64, 48)
-    x = torch.randn(N, 64, generator=g).bfloat16()
-    ids, w = routed(N, 6, 2, g)
-    ce = CpuExperts(threads=2)
-    assert ce.torch_from_tokens == 4 and ce.kernel != "torch"
-    check(ce.layer(data, x, ids, w), reference(data, x, jobs_from_topk(ids, w, 6), 48), "torch")
-
-
 def test_the_kernels_own_reads_set_the_cpu_read_ceiling(monkeypatch):
     """The CPU's read ceiling is the fastest of its readers, the kernel's streaming reads among them (a ceiling
     below what the kernel reaches would not be one)."""
@@ -285,30 +254,29 @@ def test_the_read_ceiling_is_not_below_a_plain_numpy_reduction():
 
 
 @pytest.mark.skipif(LIB is None, reason="no native kernel here")
-@pytest.mark.parametrize("spin", ["0", "100000"])
-def test_pool_spin_from_env_keeps_the_results(spin):
-    """MOEFLOW_POOL_SPIN sets how long the pool's workers spin before they sleep (read once per process, so a
-    fresh one): with none, every phase wakes them from sleep; with a long one, they never sleep between calls.
-    Either way each call of a layer gives the fp32 reference, call after call."""
-    import subprocess
-    import sys
+@pytest.mark.parametrize("kernel", [k for k in HERE if k != "torch"])
+def test_every_kernel_setting_keeps_the_results(kernel):
+    """The settings of CpuKernelConfig (rows per gate/up pass, down in registers, prefetch distance, pinned
+    workers, spin before sleeping: none, so every phase wakes the workers, or long) move no result: each call of
+    a layer, from 1 to 12 tokens, gives the fp32 reference. H = 200 leaves partial vectors at every width."""
+    data, g = weights(6, 200, 44, seed=1)
+    for cfg in (CpuKernelConfig(gemv_rows=2, prefetch=256, spin=0), CpuKernelConfig(gemv_rows=4, down_direct=True),
+                CpuKernelConfig(gemv_rows=4, down_direct=True, prefetch=1024, pin=True, spin=100000),
+                CpuKernelConfig()):
+        ce = CpuExperts(threads=3, kernel=kernel, config=cfg)
+        for n in (1, 2, 3, 5, 8, 12, 1):
+            x = torch.randn(n, 200, generator=g).bfloat16()
+            ids, w = routed(n, 6, 2, g)
+            check(ce.layer(data, x, ids, w), reference(data, x, jobs_from_topk(ids, w, 6), 44), kernel)
+            jobs = [Job(1, torch.arange(n), torch.rand(n, generator=g), 3, 41)]  # odd row range: partial passes
+            check(ce(data, x, jobs), reference(data, x, jobs, 44), kernel)
+        assert ce.threads_used == 3
 
-    code = """
-import torch
-from moeflow.experts.cpu import CpuExperts, jobs_from_topk
-from test_cpu_experts import check, reference, routed, weights
-data, g = weights(6, 128, 96, seed=1)
-ce = CpuExperts(threads=3)
-for n in (1, 4, 9, 1):
-    x = torch.randn(n, 128, generator=g).bfloat16()
-    ids, w = routed(n, 6, 2, g)
-    check(ce.layer(data, x, ids, w), reference(data, x, jobs_from_topk(ids, w, 6), 96), ce.kernel)
-print("ok", ce.threads_used)
-"""
-    here = os.path.dirname(__file__)
-    env = os.environ | {"MOEFLOW_POOL_SPIN": spin, "PYTHONPATH": os.pathsep.join([here, *sys.path])}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.split() == ["ok", "3"], r.stderr[-2000:]
+
+def test_kernel_config_is_checked():
+    for bad in (dict(kernel="sse9"), dict(threads=0), dict(gemv_rows=3), dict(prefetch=-1)):
+        with pytest.raises(MoeflowError):
+            CpuKernelConfig(**bad)
 
 
 def test_many_runs_the_next_experts_in_one_call():
@@ -372,3 +340,16 @@ def test_amx_peak_measures_the_tile_units_or_says_none():
         assert alone == fed == 0.0
         return
     assert 1e11 < alone < 1e15 and 0 < fed < 1.2 * alone
+
+
+def test_bench_variants_parse_into_configs():
+    from moeflow.bench.cpu_experts import parse_variants
+
+    base = CpuKernelConfig(threads=3)
+    got = parse_variants("gemv_rows=4,pin=1;prefetch=512", base)
+    assert got == [("gemv_rows=4,pin=1", CpuKernelConfig(threads=3, gemv_rows=4, pin=True)),
+                   ("prefetch=512", CpuKernelConfig(threads=3, prefetch=512))]
+    assert parse_variants(None, base) == []
+    for bad in ("gemv_rows=x", "colour=1", "kernel=1", "gemv_rows=3"):
+        with pytest.raises(MoeflowError):
+            parse_variants(bad, base)

@@ -15,13 +15,6 @@ ENV_VARS = {
                          "(default $XDG_CACHE_HOME/moeflow, else ~/.cache/moeflow)",
     "MOEFLOW_CPU_THREADS": "threads of the CPU expert kernel (default: the physical cores, one fewer beside a GPU)",
     "MOEFLOW_CPU_KERNEL": "native CPU kernel: auto | torch | scalar | avx2 | avx512 | amx | amx-emu (default auto)",
-    "MOEFLOW_AMX_MIN_TOKENS": "fewest tokens of an expert that go to the AMX tiles (default 16)",
-    "MOEFLOW_CPU_TORCH_FROM": "CPU jobs of this many tokens or more go to PyTorch (default 0: none)",
-    "MOEFLOW_POOL_SPIN": "pause iterations the kernel's idle threads spin before they sleep (default 256)",
-    "MOEFLOW_AMX_DOWN_ROWS": "AMX blocking: rows of down repacked per chunk (defaults in experts/native.py)",
-    "MOEFLOW_AMX_GU_HIDDEN": "AMX blocking: hidden columns per gate/up slice",
-    "MOEFLOW_AMX_GU_ROWS": "AMX blocking: gate/up rows per slice",
-    "MOEFLOW_AMX_PREFETCH": "AMX weight reads: 2 (default) loads tiles straight from the weights",
     "CXX": "the compiler of the native CPU kernels (default g++)",
     "GOMP_SPINCOUNT": "OpenMP idle spin; moeflow sets 10000 unless you set it",
 }

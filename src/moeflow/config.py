@@ -247,3 +247,36 @@ def cache_dir() -> Path:
     if d := os.environ.get("MOEFLOW_CACHE_DIR"):
         return Path(d)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeflow"
+
+
+CPU_KERNELS = ("auto", "torch", "scalar", "avx2", "avx512", "amx", "amx-emu")
+
+
+@dataclass(frozen=True)
+class CpuKernelConfig:
+    """The native CPU expert kernel's settings (experts/cpu.py, csrc/cpu_experts.cpp); `bench cpu-experts` flags.
+    kernel: auto (the fastest this CPU runs) | torch | scalar | avx2 | avx512 | amx | amx-emu."""
+
+    kernel: str = "auto"
+    threads: int | None = None          # None: the physical cores (less one beside a GPU driver)
+    amx_min_tokens: int | None = None   # fewest tokens of an expert on the AMX tiles (None: 16; amx-emu: 1)
+    fused_max_bytes: int = 64 << 20     # vector path: down fused into gate/up while the per-thread sums fit this
+    # AMX blocking: rows of down_t per chunk, of H per gate/up slice, rows per gate/up block (a sweep's best)
+    amx_blocking: tuple[int, int, int] = (256, 512, 32)
+    gemv_rows: int = 1                  # AVX-512 path, up to 8 tokens: gate/up rows per pass (1, 2 or 4)
+    prefetch: int = 0                   # vector path: software prefetch this many bytes ahead (0: none)
+    down_direct: bool = False           # vector path, up to 8 tokens: down's weights widened in registers
+    quant_avx512: bool = False          # int4/int8 on the AVX-512 code (else AVX2 code) where avx512 or amx runs
+    int4_bf16: bool = False             # with quant_avx512, int4 in groups of 64k: gate/up by vdpbf16ps
+    pin: bool = False                   # pin the kernel's worker threads, one per core
+    spin: int = 256                     # pause iterations idle workers spin before they sleep
+
+    def __post_init__(self):
+        if self.kernel not in CPU_KERNELS:
+            raise MoeflowError(f"CPU kernel {self.kernel!r}: choose one of {', '.join(CPU_KERNELS)}")
+        if self.threads is not None and self.threads < 1:
+            raise MoeflowError(f"CPU kernel threads {self.threads}: must be at least 1")
+        if self.gemv_rows not in (1, 2, 4):
+            raise MoeflowError(f"CPU kernel gemv rows {self.gemv_rows}: choose 1, 2 or 4")
+        if self.prefetch < 0 or self.spin < 0 or self.fused_max_bytes < 0:
+            raise MoeflowError("CPU kernel prefetch, spin and fused bytes must not be negative")

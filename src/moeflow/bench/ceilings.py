@@ -80,15 +80,21 @@ def matmul_rate(device: torch.device, n: int = 8192, dtype=torch.bfloat16) -> fl
 def concurrent_host_read(device: torch.device, nbytes: int = 1 << 30, copies: int = 8) -> dict:
     """The CPU's memory read rate and the pinned host->device copy rate while both run at once: both draw
     on host memory, so together they may get less than the sum of their rates alone (what the latency
-    regime's bound assumes). {} without a GPU."""
+    regime's bound assumes). The CPU reads as the expert kernel does (its streaming loads on the cores left
+    beside the GPU's driver thread), else with torch.sum. {} without a GPU."""
     if device.type != "cuda":
         return {}
+    from moeflow.experts.cpu import cpu_threads
+    from moeflow.experts.native import load
+
     src = torch.randn(nbytes // 4)
+    kernel, threads = load(), cpu_threads(driver=True)
+    read = (lambda: kernel.read_bw(threads, src, reps=1)) if kernel is not None else src.sum
     pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     stream = torch.cuda.Stream(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    src.sum()
+    read()
     dst.copy_(pinned, non_blocking=True)  # warm-up of both
     torch.cuda.synchronize(device)
     with torch.cuda.stream(stream):
@@ -98,7 +104,7 @@ def concurrent_host_read(device: torch.device, nbytes: int = 1 << 30, copies: in
         end.record()
     reads, t = 0, time.perf_counter()
     while reads == 0 or not end.query():  # the CPU reads for as long as the copies run
-        src.sum()
+        read()
         reads += 1
     cpu_s = time.perf_counter() - t
     end.synchronize()

@@ -58,18 +58,22 @@ def add_cpu_experts_parser(bsub) -> None:
     bc.add_argument("--quantize", help="int4 or int8: the quantized experts' path (GB/s of packed weights)")
     bc.add_argument("--out", help="write the results as JSON here")
     bc.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
+    from moeflow.bench.cpu_experts import add_kernel_flags
+
+    add_kernel_flags(bc)
     bc.set_defaults(func=run_cpu_experts)
 
 
 def run_cpu_experts(args) -> int:
-    from moeflow.bench.cpu_experts import SHAPES, bench_cpu_experts, plot, save
+    from moeflow.bench.cpu_experts import SHAPES, bench_cpu_experts, kernel_config, parse_variants, plot, save
     from moeflow.quant.format import parse_quant
 
     shapes = args.shapes.split(",")
     if unknown := [s for s in shapes if s not in SHAPES]:
         raise MoeflowError(f"--shapes: unknown {', '.join(unknown)} (known: {', '.join(SHAPES)})")
     result = bench_cpu_experts(shapes, [int(t) for t in args.tokens.split(",")], args.reps, args.threads,
-                               args.kernel, args.torch_max_tokens, parse_quant(args.quantize))
+                               args.kernel, args.torch_max_tokens, parse_quant(args.quantize), kernel_config(args),
+                               parse_variants(args.variants, kernel_config(args)))
     if args.out:
         save(result, args.out)
     if args.plot:

@@ -4,21 +4,25 @@ the measured memory-read ceiling, by tokens per expert, at published expert shap
 A call is one layer: K experts, each on the same n tokens (decode: n = 1). Successive calls take the next
 K experts of a pool larger than 1 GB, so the weights come from memory, not the last-level cache.
 Per-expert overhead: (layer time - K x expert bytes / ceiling) / K, what a call costs beyond streaming.
-Where AMX runs, AVX512-BF16 is measured too (MOEFLOW_AMX_MIN_TOKENS moves the crossover between them).
+Where AMX runs, AVX512-BF16 is measured too (--amx-min-tokens moves the crossover between them). The kernel's
+settings come from CpuKernelConfig flags; --variants measures several settings side by side in one run.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from moeflow.bench.ceilings import cpu_read_ceiling
+from moeflow import MoeflowError
+from moeflow.bench.ceilings import concurrent_host_read, cpu_read_ceiling
+from moeflow.config import CpuKernelConfig
 from moeflow.experts.cpu import CpuExperts
 from moeflow.experts.native import cpu_flags
 from moeflow.perf.profile import cpu_model
@@ -86,13 +90,51 @@ def quantized_pool(shape: Shape, quant) -> tuple[torch.Tensor, ExpertFormat]:
     return data, fmt
 
 
+def add_kernel_flags(p: argparse.ArgumentParser) -> None:
+    """CpuKernelConfig's fields as flags of `bench cpu-experts` (--threads and --kernel are the command's own)."""
+    d = CpuKernelConfig()
+    p.add_argument("--amx-min-tokens", type=int, help="fewest tokens of an expert on the AMX tiles (default 16)")
+    p.add_argument("--gemv-rows", type=int, default=d.gemv_rows, help="AVX-512, <= 8 tokens: gate/up rows per pass")
+    p.add_argument("--prefetch", type=int, default=d.prefetch, help="vector path: prefetch bytes ahead (0: none)")
+    p.add_argument("--down-direct", action="store_true", help="vector path, <= 8 tokens: down in registers")
+    p.add_argument("--quant-avx512", action="store_true", help="int4/int8 on the AVX-512 code (else AVX2)")
+    p.add_argument("--int4-bf16", action="store_true", help="with --quant-avx512, int4 (groups of 64k): vdpbf16ps")
+    p.add_argument("--pin", action="store_true", help="pin the kernel's workers, one per core")
+    p.add_argument("--spin", type=int, default=d.spin, help="pause iterations idle workers spin before sleeping")
+    p.add_argument("--variants", help="more settings measured side by side: ';'-separated 'field=value,...' "
+                   "(e.g. 'gemv_rows=2;gemv_rows=4,prefetch=1024,pin=1')")
+
+
+def kernel_config(args: argparse.Namespace) -> CpuKernelConfig:
+    return CpuKernelConfig(kernel=args.kernel or "auto", threads=args.threads, amx_min_tokens=args.amx_min_tokens,
+                           gemv_rows=args.gemv_rows, prefetch=args.prefetch, down_direct=args.down_direct,
+                           quant_avx512=args.quant_avx512, int4_bf16=args.int4_bf16, pin=args.pin, spin=args.spin)
+
+
+def parse_variants(text: str | None, base: CpuKernelConfig) -> list[tuple[str, CpuKernelConfig]]:
+    """'gemv_rows=2;prefetch=512,pin=1' -> [(label, base with those fields)]."""
+    kinds = {f.name: f.type for f in fields(CpuKernelConfig)}
+    out = []
+    for part in filter(None, (text or "").split(";")):
+        changes = {}
+        for item in part.split(","):
+            key, _, value = item.partition("=")
+            if key not in kinds or key in ("kernel", "amx_blocking") or not value.lstrip("-").isdigit():
+                raise MoeflowError(f"--variants: {item!r} is not field=<integer> of a kernel setting")
+            changes[key] = value.lower() in ("1", "true", "yes") if "bool" in str(kinds[key]) else int(value)
+        out.append((part, replace(base, **changes)))
+    return out
+
+
 def bench_cpu_experts(shapes: list[str], tokens: list[int], reps: int, threads: int | None, kernel: str = "auto",
-                      torch_max_tokens: int = 256, quant=None) -> dict:
-    """quant: a QuantSpec: its experts through the quantized path (GB/s of packed weights) instead."""
+                      torch_max_tokens: int = 256, quant=None, config: CpuKernelConfig | None = None,
+                      variants: list[tuple[str, CpuKernelConfig]] = ()) -> dict:
+    """quant: a QuantSpec: its experts through the quantized path (GB/s of packed weights) instead. config: the
+    kernel's settings; variants: (label, config) measured beside it."""
     if threads:
         torch.set_num_threads(threads)
-    native = CpuExperts(threads=threads, kernel=kernel)
-    native.torch_from_tokens = 0  # the kernel at every count (MOEFLOW_CPU_TORCH_FROM may hand big jobs to PyTorch)
+    config = config or CpuKernelConfig()
+    native = CpuExperts(threads=threads, kernel=kernel, config=config)
     if native.kernel == "torch":
         print("moeflow: no native kernel here (see the warning above): only PyTorch is measured")
     readers = cpu_read_ceiling()
@@ -107,27 +149,37 @@ def bench_cpu_experts(shapes: list[str], tokens: list[int], reps: int, threads: 
     if native.kernel == "amx":  # the tile units' ceiling: products alone, and fed as the kernel feeds them from L2
         meta["amx_peak_tflops"] = native.native.amx_peak(native.threads) / 1e12
         meta["amx_fed_tflops"] = native.native.amx_peak(native.threads, loads=3, span=1 << 20) / 1e12
-        meta["amx_read_mode"] = native.native.amx_prefetch()  # MOEFLOW_AMX_PREFETCH
     by_reader = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in readers.items())
     print(f"CPU read ceiling {ceiling / 1e9:.1f} GB/s (best of {by_reader}); "
           f"native kernel {native.kernel} on {native.threads} threads; "
           f"PyTorch on {torch.get_num_threads()} threads" + (
-              f"; AMX {meta['amx_peak_tflops']:.1f} TFLOP/s alone, {meta['amx_fed_tflops']:.1f} fed from L2, "
-              f"read mode {meta['amx_read_mode']}" if "amx_peak_tflops" in meta else ""))
+              f"; AMX {meta['amx_peak_tflops']:.1f} TFLOP/s alone, {meta['amx_fed_tflops']:.1f} fed from L2"
+              if "amx_peak_tflops" in meta else ""))
+    meta["config"] = repr(config)
+    if torch.cuda.is_available():  # the share of host memory the CPU keeps while copies to the GPU run beside it
+        both = concurrent_host_read(torch.device("cuda"))
+        meta |= {k: v / 1e9 for k, v in both.items()}
+        print(f"beside host->GPU copies: CPU reads {both['cpu_read_bw_concurrent'] / 1e9:.1f} GB/s "
+              f"({both['cpu_read_bw_concurrent'] / ceiling:.0%} of its ceiling), copies "
+              f"{both['h2d_bw_concurrent'] / 1e9:.1f} GB/s")
     backends = [("native:" + native.kernel, native)] if native.kernel != "torch" else []
     if native.kernel == "amx":  # the vector path beside it: where the tiles start to pay
-        backends.append(("native:avx512", CpuExperts(threads=threads, kernel="avx512")))
+        backends.append(("native:avx512", CpuExperts(threads=threads, kernel="avx512", config=config)))
+    if native.kernel != "torch":
+        backends += [(f"{native.kernel}[{label}]", CpuExperts(threads=threads, kernel=native.kernel, config=cfg))
+                     for label, cfg in variants]
     backends.append(("torch", CpuExperts(kernel="torch")))
     rows = []
     print_row(None)
     for key in shapes:
         shape = SHAPES[key]
         data, fmt = quantized_pool(shape, quant) if quant else (random_pool(shape), None)
-        if fmt is not None:  # no native quantized path yet: PyTorch dequantizes
-            backends = [(f"torch:{quant.name}", CpuExperts(kernel="torch", fmt=fmt))]
-        for name, ce in backends:
+        runs = backends if fmt is None else [  # the same backends on the quantized blocks (PyTorch dequantizes)
+            (f"{name}:{quant.name}", CpuExperts(threads=ce.threads, kernel=ce.kernel, fmt=fmt, config=ce.config))
+            for name, ce in backends]
+        for name, ce in runs:
             for n in tokens:
-                if name == "torch" and n > torch_max_tokens:
+                if name.startswith("torch") and n > torch_max_tokens:
                     continue
                 t, phases = time_layer(ce, data, shape, n, reps)
                 K, nbytes = shape.top_k, shape.top_k * (fmt.block_bytes if fmt else shape.expert_bytes)
@@ -147,7 +199,7 @@ def print_row(r: dict | None) -> None:
         print(f"{'shape':14s} {'backend':16s} {'tok/exp':>7s} {'ms/layer':>9s} {'ms/exp':>8s} {'GB/s':>7s} "
               f"{'TFLOP/s':>8s} {'ceiling':>7s} {'ovh us/exp':>10s}  phases ms (prep / gate-up / down)")
         return
-    print(f"{r['shape']:14s} {r['backend']:16s} {r['tokens_per_expert']:7d} {r['ms_layer']:9.2f} "
+    print(f"{r['shape']:14s} {r['backend']:16.40s} {r['tokens_per_expert']:7d} {r['ms_layer']:9.2f} "
           f"{r['ms_expert']:8.2f} {r['gbps']:7.1f} {r['tflops']:8.3f} {r['frac_ceiling']:7.0%} "
           f"{r['overhead_us_per_expert']:10.0f}  " + " / ".join(f"{p:.2f}" for p in r["phases_ms"]), flush=True)
 

@@ -24,6 +24,7 @@
 #include <chrono>
 #include <cmath>
 #include <cpuid.h>
+#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -85,6 +86,69 @@ struct Job {
 
 static inline int groups16(int n) { return (n + 15) / 16; }
 
+static inline float h2f(uint16_t h) {  // IEEE half to float (exact)
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    uint32_t u;
+    if (e == 0x1f) u = sign | 0x7f800000u | (m << 13);
+    else if (e) u = sign | ((e + 112) << 23) | (m << 13);
+    else if (m == 0) u = sign;
+    else {  // subnormal: m * 2^-24
+        float f = (float)m * 5.9604644775390625e-8f;
+        std::memcpy(&u, &f, 4);
+        u |= sign;
+    }
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// A quantized row's layout (quant/format.py): [q: H * bits / 8][scales: G x 2 bytes][zero points: G x 2, asym].
+struct QFormat {
+    int bits, group, groups, sym, fp16;
+    int64_t record, q_bytes;
+    float half(const uint8_t* p) const {
+        uint16_t v;
+        std::memcpy(&v, p, 2);
+        return fp16 ? h2f(v) : bf2f(v);
+    }
+    float scale(const uint8_t* rec, int G) const { return half(rec + q_bytes + 2 * G); }
+    float zero(const uint8_t* rec, int G) const {
+        return sym ? (float)(1 << (bits - 1)) : half(rec + q_bytes + 2 * (size_t)groups + 2 * G);
+    }
+};
+
+// One quantized job: records of row r0 of each matrix, its tokens (fp32, natural or chunk order), their group
+// sums [n, G] and activations [n, R].
+struct QJob {
+    const QFormat* f;
+    const uint8_t *gate, *up, *down;
+    int n, R, H;
+    const int32_t* tok;
+    const float* w;
+    float *x, *xs, *act;  // x: fp32 tokens, or (bf16 mode) bf16 tokens in block-of-64 order
+    size_t poff, coff;  // offsets of the job's sums [n, H] and corrections [n, G] in each thread's buffer
+};
+
+// The call's settings (CpuKernelConfig on the Python side), read from an int64 array in this order.
+struct Opts {
+    int amx_min_tokens;       // jobs of at least this many tokens go to the AMX tiles
+    int64_t fused_max_bytes;  // vector path: down fused into gate/up while all per-thread sums take at most this
+    int amx_down_rows, amx_gu_hidden, amx_gu_rows;  // the AMX blocking (AmxBlocking), rounded to 32, 32, 16
+    int gemv_rows;            // vector path, AVX-512: gate/up rows per pass (1, 2 or 4)
+    int prefetch;             // vector path: software prefetch this many bytes ahead of each weight stream (0: none)
+    int pin;                  // pin worker i to the i-th core of the process's CPUs
+    int spin;                 // pause iterations idle workers spin before they sleep
+    int down_direct;          // vector path, fused down: weights widened in registers, not through an L1 buffer
+    int int4_bf16;            // AVX-512, int4 groups of 64k: gate/up codes looked up as bf16, vdpbf16ps on bf16 tokens
+    int quant_avx512;         // int4/int8 on the AVX-512 code where the kernel is avx512 or amx (else the AVX2 code)
+};
+static const int N_OPTS = 12;
+
+static Opts read_opts(const int64_t* o) {
+    return Opts{(int)o[0], o[1], (int)o[2], (int)o[3], (int)o[4], std::clamp((int)o[5], 1, 4), (int)std::max<int64_t>(o[6], 0),
+                (int)o[7], (int)std::max<int64_t>(o[8], 0), (int)o[9], (int)o[10], (int)o[11]};
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Scalar (reference and any-CPU fallback).
 
@@ -142,6 +206,7 @@ static void down_rows_scalar(const Job& j, int r0, int r1, int H, float* acc) {
 #define VEC_NS avx2
 #define VEC_W 8
 #include "cpu_experts_vec.inc"
+#include "cpu_experts_quant.inc"
 #undef VEC_W
 #undef VEC_NS
 #pragma GCC pop_options
@@ -151,6 +216,7 @@ static void down_rows_scalar(const Job& j, int r0, int r1, int H, float* acc) {
 #define VEC_NS avx512
 #define VEC_W 16
 #include "cpu_experts_vec.inc"
+#include "cpu_experts_quant.inc"
 #undef VEC_W
 #undef VEC_NS
 #pragma GCC pop_options
@@ -204,18 +270,6 @@ static void pack_tokens(const Job& j, const float* x, int g, int H) {
                 o[p * 16 + t] = (uint32_t)f2bf(xr[2 * p]) | ((uint32_t)f2bf(xr[2 * p + 1]) << 16);
         }
 }
-
-// How the AMX path reads its weights: 0 copied (gate/up) or repacked (down) into tiles slice by slice, the
-// next slice left to the hardware prefetchers; 1 the same with software prefetches of the next slice, a few
-// lines per k-step; 2 (default) as 1, but gate/up tiles load straight from the weights (strided; no copy): 1.23x
-// mode 1 at 16 tokens per Mixtral expert, 1.16x at 64, 1.06x at 256 (Qwen3: 1.09x at 64, 0.98x at 256;
-// scripts/amx_ab.py on the H200 host, 2026-12-02). A copy-ahead into a second buffer ran at 0.86-0.98x of mode 0
-// and is gone. MOEFLOW_AMX_PREFETCH at
-// load; moe_amx_prefetch sets it (scripts/amx_ab.py runs the modes side by side).
-static std::atomic<int> amx_prefetch{[] {
-    const char* e = std::getenv("MOEFLOW_AMX_PREFETCH");
-    return e ? std::clamp(std::atoi(e), 0, 2) : 2;
-}()};
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
@@ -339,13 +393,14 @@ void moe_read(int threads, const char* p, int64_t bytes, int reps, double* secs)
 // tiles the jobs of at least amx_min_tokens tokens; the rest take the vector path (AVX-512 beside AMX,
 // scalar beside the emulation). Returns the threads used (>= 1), or -1 for an unknown kernel, -2 for a
 // kernel this CPU cannot run. The vector path fuses down into the gate/up pass while the per-thread sums
-// take at most fused_max_bytes. The AMX blocking (AmxBlocking): amx_down_rows rows of down_t per chunk,
-// amx_gu_hidden of H per gate/up slice, amx_gu_rows rows per gate/up block (rounded down to 32, 32, 16).
+// take at most fused_max_bytes. opts: Opts' N_OPTS fields.
 int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, int H, int I, const float* x, int N,
                 int n_jobs, const int32_t* job_expert, const int32_t* job_r0, const int32_t* job_r1,
-                const int32_t* job_off, const int32_t* tok, const float* tok_w, float* out, int amx_min_tokens,
-                int64_t fused_max_bytes, int amx_down_rows, int amx_gu_hidden, int amx_gu_rows) {
+                const int32_t* job_off, const int32_t* tok, const float* tok_w, float* out, const int64_t* opts) {
     (void)N;
+    const Opts o = read_opts(opts);
+    const int amx_min_tokens = o.amx_min_tokens;
+    const int64_t fused_max_bytes = o.fused_max_bytes;
     if (kernel < 0 || kernel > AMX_EMU) return -1;
     int feat = cpu_features();
     if ((kernel == AVX2 && !(feat & 1)) || ((kernel == AVX512 || kernel == AMX) && !(feat & 2))) return -2;
@@ -395,8 +450,9 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
     // a reduction follows (contiguous reads of whole rows). Many tokens: down by column chunks instead.
     const bool fused = (int64_t)(priv * sizeof(float) * threads) <= fused_max_bytes;
     for (Job& j : jobs) j.fused = fused && !j.tiles;
-    const AmxBlocking bk{std::clamp(amx_down_rows / 32, 1, (I + 31) / 32),
-                         std::clamp(amx_gu_hidden / 32, 1, std::max(1, H / 32)), std::clamp(amx_gu_rows / 16, 1, 16)};
+    const AmxBlocking bk{std::clamp(o.amx_down_rows / 32, 1, (I + 31) / 32),
+                         std::clamp(o.amx_gu_hidden / 32, 1, std::max(1, H / 32)), std::clamp(o.amx_gu_rows / 16, 1, 16)};
+    g_pool.configure(o.pin, o.spin);
     const size_t tile_bytes = max_tile_groups ? amx_scratch_bytes(bk, max_tile_groups) : 0;
     if ((int)g_thread_tiles.size() < threads) g_thread_tiles.resize(threads);
 
@@ -466,8 +522,8 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
             } else {
                 switch (vec) {
                     case SCALAR: gateup_scalar(j, r0, r1, H); break;
-                    case AVX2: avx2::gateup(j, r0, r1, H); break;
-                    default: avx512::gateup(j, r0, r1, H);
+                    case AVX2: avx2::gateup(j, r0, r1, H, o.prefetch); break;
+                    default: avx512::gateup(j, r0, r1, H, o.gemv_rows, o.prefetch);
                 }
             }
             if (j.fused) {
@@ -477,8 +533,8 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
                 touched_hi[id] = k;
                 switch (vec) {
                     case SCALAR: down_rows_scalar(j, r0, r1, H, acc); break;
-                    case AVX2: avx2::down_rows(j, r0, r1, H, acc); break;
-                    default: avx512::down_rows(j, r0, r1, H, acc);
+                    case AVX2: avx2::down_rows(j, r0, r1, H, acc, o.prefetch, o.down_direct); break;
+                    default: avx512::down_rows(j, r0, r1, H, acc, o.prefetch, o.down_direct);
                 }
             }
             b = e;
@@ -566,16 +622,10 @@ double moe_amx_peak(int threads, int64_t iters, int loads, int64_t span) {
     return now_s() - t;
 }
 
-// Sets the AMX path's read-ahead mode (0-2; another value leaves it) and returns the one before.
-int moe_amx_prefetch(int mode) {
-    return mode >= 0 && mode <= 2 ? amx_prefetch.exchange(mode) : amx_prefetch.load();
-}
-
 // The same from a router's choice: ids [N, K] int64 (an id outside 0..E-1 is skipped), weights [N, K] fp32.
 // Groups the (token, slot) pairs by expert here, so a layer costs Python one call.
 int moe_experts_topk(int kernel, int threads, const bf16* w, int64_t expert_stride, int H, int I, const float* x,
-                     int N, int K, int E, const int64_t* ids, const float* weights, float* out, int amx_min_tokens,
-                     int64_t fused_max_bytes, int amx_down_rows, int amx_gu_hidden, int amx_gu_rows) {
+                     int N, int K, int E, const int64_t* ids, const float* weights, float* out, const int64_t* opts) {
     std::vector<int32_t> count(E + 1, 0), job_expert, job_r0, job_r1, job_off{0}, tok(N * K);
     std::vector<float> tok_w(N * K);
     for (int i = 0; i < N * K; ++i)
@@ -593,10 +643,10 @@ int moe_experts_topk(int kernel, int threads, const bf16* w, int64_t expert_stri
             tok[at] = i / K, tok_w[at] = weights[i];
         }
     return moe_experts(kernel, threads, w, expert_stride, H, I, x, N, (int)job_expert.size(), job_expert.data(),
-                       job_r0.data(), job_r1.data(), job_off.data(), tok.data(), tok_w.data(), out, amx_min_tokens,
-                       fused_max_bytes, amx_down_rows, amx_gu_hidden, amx_gu_rows);
+                       job_r0.data(), job_r1.data(), job_off.data(), tok.data(), tok_w.data(), out, opts);
 }
 
 }  // extern "C"
 
+#include "cpu_experts_qcall.inc"
 #include "cpu_experts_async.inc"

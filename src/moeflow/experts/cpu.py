@@ -1,14 +1,9 @@
 """Experts on the CPU: one call per layer runs every (expert, tokens, rows) job with the native kernel, or
-with PyTorch where the kernel cannot be built or the store is not bf16.
+with PyTorch where the kernel cannot be built or the store is not bf16. Settings: config.CpuKernelConfig.
 
-Env: MOEFLOW_CPU_KERNEL = auto | torch | scalar | avx2 | avx512 | amx | amx-emu (auto: the fastest this
-CPU runs); MOEFLOW_CPU_THREADS (default: the physical cores this process may use); MOEFLOW_AMX_MIN_TOKENS
-(amx: the fewest tokens of an expert that go to the tiles, default 16), MOEFLOW_CPU_TORCH_FROM (jobs of this many
-tokens or more go to PyTorch; default 0, none), MOEFLOW_POOL_SPIN (pause iterations the kernel's idle
-threads spin before they sleep, default 256). Tuning of the AMX blocking (defaults
-in native.AMX_BLOCKING): MOEFLOW_AMX_DOWN_ROWS (rows of down_t repacked per chunk, a multiple of 32),
-MOEFLOW_AMX_GU_HIDDEN (of H per gate/up slice, a multiple of 32), MOEFLOW_AMX_GU_ROWS (gate/up rows per
-block, a multiple of 16).
+Env: MOEFLOW_CPU_KERNEL = auto | torch | scalar | avx2 | avx512 | amx | amx-emu (the kernel where the config
+leaves it at auto; auto: the fastest this CPU runs); MOEFLOW_CPU_THREADS (default: the physical cores this process
+may use).
 Legend: N = tokens, K = experts per token, H = hidden, I = intermediate rows, E = experts.
 """
 
@@ -18,15 +13,16 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from moeflow import MoeflowError
+from moeflow.config import CpuKernelConfig
 from moeflow.experts.ffn import partial_ffn
-from moeflow.experts.native import AMX_BLOCKING, KERNELS, NativeKernel, load
+from moeflow.experts.native import KERNELS, NativeKernel, load, native_format, options
 from moeflow.experts.store import expert_rows
 from moeflow.perf.costs import handoff_s, median_s
 from moeflow.quant.format import ExpertFormat
@@ -123,13 +119,17 @@ def jobs_from_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_exper
 
 
 class CpuExperts:
-    """Runs one layer's expert jobs on the CPU. kernel: a name of MOEFLOW_CPU_KERNEL (default: that env)."""
+    """Runs one layer's expert jobs on the CPU. threads and kernel override the config's (kernel: a name of
+    CpuKernelConfig.kernel; where both leave it at auto, MOEFLOW_CPU_KERNEL)."""
 
-    def __init__(self, threads: int | None = None, kernel: str | None = None, fmt: ExpertFormat | None = None):
-        self.threads = threads or cpu_threads()
-        # quantized blocks: dequantized by PyTorch; biased ones (experts/biased.py): PyTorch's FFN
+    def __init__(self, threads: int | None = None, kernel: str | None = None, fmt: ExpertFormat | None = None,
+                 config: CpuKernelConfig | None = None):
+        cfg = config or CpuKernelConfig()
+        self.config = cfg
+        self.threads = threads or cfg.threads or cpu_threads()
+        # quantized blocks (group-wise int4/int8); biased ones (experts/biased.py): PyTorch's FFN
         self.fmt = fmt if fmt is not None and (fmt.quantized or fmt.biased) else None
-        name = kernel or os.environ.get("MOEFLOW_CPU_KERNEL", "auto")
+        name = kernel or (cfg.kernel if cfg.kernel != "auto" else os.environ.get("MOEFLOW_CPU_KERNEL", "auto"))
         if name not in ("auto", "torch", *KERNELS):
             raise MoeflowError(f"MOEFLOW_CPU_KERNEL={name}: choose auto, torch or one of {', '.join(KERNELS)}")
         self.native: NativeKernel | None = None if name == "torch" else load()
@@ -143,20 +143,24 @@ class CpuExperts:
         else:
             self.kernel = name
         # AMX pays from about 16 tokens per expert (AVX512-BF16 below); the emulation tiles every job (tests)
-        self.amx_min_tokens = int(os.environ.get("MOEFLOW_AMX_MIN_TOKENS", 16 if self.kernel == "amx" else 1))
-        # Jobs of this many tokens or more go to PyTorch (0: none, the default: the native kernel is at least as
-        # fast as PyTorch's bf16 path from 1 to 256 tokens per expert, docs/benchmarks.md).
-        self.torch_from_tokens = int(os.environ.get("MOEFLOW_CPU_TORCH_FROM", "0")) if name == "auto" else 0
-        self.fused_max_bytes = 64 << 20  # per-thread sums of the one-pass down path, all threads together
-        self.amx_blocking = tuple(int(os.environ.get(f"MOEFLOW_AMX_{k}", d))
-                                  for k, d in zip(("DOWN_ROWS", "GU_HIDDEN", "GU_ROWS"), AMX_BLOCKING))
+        self.amx_min_tokens = cfg.amx_min_tokens or (16 if self.kernel == "amx" else 1)
+        self.fused_max_bytes = cfg.fused_max_bytes  # per-thread sums of the one-pass down path, all threads together
+        self.amx_blocking = cfg.amx_blocking
+        # the native kernel's format for quantized blocks (None: bf16, or PyTorch dequantizes)
+        self.qfmt = native_format(self.fmt) if self.fmt and self.fmt.quantized and self.native else None
         self.threads_used = 0  # as reported by the last native call
         self.kernel_s = 0.0    # seconds inside the native kernel in the last call (0: it did not run)
         self._pool: ThreadPoolExecutor | None = None  # the PyTorch path's worker thread (submit)
 
+    def options(self) -> np.ndarray:
+        """The native call's options from the config and this object's (test-adjustable) settings."""
+        cfg = replace(self.config, fused_max_bytes=self.fused_max_bytes, amx_blocking=tuple(self.amx_blocking))
+        return options(cfg, self.amx_min_tokens)
+
     def uses_native(self, data: torch.Tensor) -> bool:
-        return (self.native is not None and self.kernel != "torch" and data.dtype == torch.bfloat16
-                and not (self.fmt is not None and self.fmt.biased))
+        if self.native is None or self.kernel == "torch" or (self.fmt is not None and self.fmt.biased):
+            return False
+        return data.dtype == torch.uint8 and self.qfmt is not None if self.fmt else data.dtype == torch.bfloat16
 
     def __call__(self, data: torch.Tensor, x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -177,10 +181,12 @@ class CpuExperts:
         self.kernel_s = 0.0
         if not jobs:
             return CpuCall(out)
-        native = self.uses_native(data) and out.is_contiguous() and out.dtype == torch.float32
-        if not native or (self.torch_from_tokens and any(len(j.tok) >= self.torch_from_tokens for j in jobs)):
-            return self._in_thread(lambda: self._mixed(data, x, jobs, out, I, native), out, inline)
+        if not (self.uses_native(data) and out.is_contiguous() and out.dtype == torch.float32):
+            return self._in_thread(lambda: self._torch(data, x, jobs, out, I), out, inline)
         assert data.stride(1) == 1 and data.device.type == "cpu", "data must be a [E, 3IH] view of the host store"
+        parts = self._token_parts(jobs, H)
+        if len(parts) > 1:  # quantized: the per-thread sums of all tokens would not fit; a call per part
+            return self._in_thread(lambda: [self.submit(data, x, p, out, inline=True) for p in parts], out, inline)
         offs = [0]
         for j in jobs:
             offs.append(offs[-1] + len(j.tok))
@@ -190,8 +196,8 @@ class CpuExperts:
         tok = np.concatenate([_array(j.tok, torch.int32) for j in jobs])
         w = np.concatenate([_array(j.w, torch.float32).reshape(-1) for j in jobs])
         xf = _fp32(x)
-        args = (self.kernel, self.threads, data, H, I, xf, N, meta, tok, w, out, self.amx_min_tokens,
-                self.fused_max_bytes, self.amx_blocking)
+        opts = self.options()
+        args = (self.kernel, self.threads, data, H, I, xf, N, meta, tok, w, out, opts, self.qfmt)
         if inline:  # on this thread: no hand-over
             t = time.perf_counter()
             self.threads_used = self.native.run(*args)
@@ -205,7 +211,25 @@ class CpuExperts:
             self.kernel_s = sum(self.native.last_phases())
             return start_s, busy_s
 
-        return CpuCall(out, finish, keep=(meta, tok, w, xf))
+        return CpuCall(out, finish, keep=(meta, tok, w, xf, opts))
+
+    def _token_parts(self, jobs: list[Job], H: int) -> list[list[Job]]:
+        """The jobs in parts whose per-thread sums (the quantized path keeps [n, H] per thread for every job)
+        take at most fused_max_bytes; bf16 jobs in one part (the kernel chooses its own down pass)."""
+        if self.qfmt is None:
+            return [jobs]
+        per_token = 4 * self.threads * (H + H // int(self.qfmt[1]))
+        budget = max(self.fused_max_bytes // per_token, 1)
+        parts, part, used = [], [], 0
+        for j in jobs:
+            for a in range(0, len(j.tok), budget):
+                n = min(budget, len(j.tok) - a)
+                if used + n > budget and part:
+                    parts.append(part)
+                    part, used = [], 0
+                part.append(Job(j.expert, j.tok[a:a + n], j.w[a:a + n], j.r0, j.r1))
+                used += n
+        return parts + [part] if part else parts
 
     def handoff_s(self, n: int = 20) -> float:
         """Seconds to hand a call over and have it back, with no work in it (after one warm-up)."""
@@ -213,9 +237,10 @@ class CpuExperts:
             return handoff_s(self._executor())
         none = torch.zeros(1, 1, dtype=torch.bfloat16)
         meta, tok, w, x = np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float32), torch.zeros(1, 1)
+        opts = self.options()
 
         def roundtrip():
-            self.native.start(self.kernel, self.threads, none, 1, 1, x, 1, meta, tok, w, x)
+            self.native.start(self.kernel, self.threads, none, 1, 1, x, 1, meta, tok, w, x, opts)
             self.native.finish(self.kernel)
 
         return median_s(roundtrip, lambda: None, n)
@@ -224,13 +249,6 @@ class CpuExperts:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-
-    def _mixed(self, data, x, jobs, out, I, native: bool) -> torch.Tensor:
-        """PyTorch for the jobs it takes (all of them, where the native kernel cannot), the kernel for the rest."""
-        big = [not native or len(j.tok) >= self.torch_from_tokens > 0 for j in jobs]
-        self._torch(data, x, [j for j, b in zip(jobs, big) if b], out, I)
-        rest = [j for j, b in zip(jobs, big) if not b]
-        return self.submit(data, x, rest, out, inline=True).result() if rest else out
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -273,8 +291,7 @@ class CpuExperts:
     def layer(self, data: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
               ) -> torch.Tensor:
         """Every selected expert of a layer: [N, H] fp32. The native path groups by expert in C: one call."""
-        if not self.uses_native(data) or data.stride(1) != 1 or (self.torch_from_tokens and
-                                                                 x.shape[0] >= self.torch_from_tokens):
+        if not self.uses_native(data) or data.stride(1) != 1 or self.qfmt is not None:
             return self(data, x, jobs_from_topk(topk_ids, topk_weights, data.shape[0]))
         N, H = x.shape
         out = _zeros(N, H)
@@ -282,7 +299,7 @@ class CpuExperts:
             self.threads_used = self.native.run_topk(
                 self.kernel, self.threads, data, H, data.shape[1] // (3 * H), _fp32(x),
                 topk_ids.to(torch.int64).contiguous(), topk_weights.to(torch.float32).contiguous(), out,
-                self.amx_min_tokens, self.fused_max_bytes, self.amx_blocking)
+                self.options())
         return out
 
     def _torch(self, data, x, jobs, out, I):

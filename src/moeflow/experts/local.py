@@ -39,6 +39,10 @@ class LocalExperts(ExpertBackend):
                                        s.fmt)
             return biased_experts(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer), s.cfg)
         if self.store.fmt.quantized:
+            if d.device.type == "cpu":  # the native kernel's int4/int8 path, where it has one for the format
+                self.cpu = self.cpu or CpuExperts(fmt=self.store.fmt)
+                if self.cpu.uses_native(d):
+                    return self.cpu.layer(d[self.store.slot[layer]], x, topk_ids, topk_weights).to(x.dtype)
             return quantized_experts(x, topk_ids, topk_weights, d[self.store.slot[layer]], self.store.fmt)
         if d.device.type == "cpu" and d.dtype == torch.bfloat16 and self.store.down_transposed:
             if self.cpu is None:

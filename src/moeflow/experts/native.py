@@ -2,8 +2,7 @@
 cached, loaded with ctypes. A ctypes call releases the GIL, so it runs beside the thread driving the GPU.
 
 Where no compiler works, `load()` warns once and returns None; callers then use the PyTorch path.
-Env: CXX (compiler, default g++), MOEFLOW_CACHE_DIR (the cache folder: config.cache_dir; builds under ext/),
-MOEFLOW_CPU_KERNEL (see cpu.py).
+Env: CXX (compiler, default g++), MOEFLOW_CACHE_DIR (the cache folder: config.cache_dir; builds under ext/).
 """
 
 from __future__ import annotations
@@ -17,16 +16,38 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from moeflow import config
+from moeflow.config import CpuKernelConfig
 
 SRC = Path(__file__).resolve().parents[1] / "csrc"
-SOURCES = ("cpu_experts.cpp", "cpu_experts_pool.inc", "cpu_experts_vec.inc",
-           "cpu_experts_amx.inc", "cpu_experts_async.inc")  # the .inc files are included by the .cpp
+# the .inc files are included by the .cpp
+SOURCES = ("cpu_experts.cpp", "cpu_experts_pool.inc", "cpu_experts_vec.inc", "cpu_experts_quant.inc",
+           "cpu_experts_amx.inc", "cpu_experts_qcall.inc", "cpu_experts_async.inc")
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
 KERNELS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3, "amx-emu": 4}  # the kernel numbers of the .cpp
 # The AMX blocking: rows of down_t repacked per chunk, of H per gate/up slice, rows per gate/up block (L2-sized).
 # The fastest of a sweep at 16-256 tokens per Mixtral expert (docs/history/2026-12-02.md).
-AMX_BLOCKING = (256, 512, 32)
+AMX_BLOCKING = CpuKernelConfig().amx_blocking
+
+
+def options(cfg: CpuKernelConfig, amx_min_tokens: int) -> np.ndarray:
+    """The kernel's Opts (cpu_experts.cpp, N_OPTS int64 in its order) from a config."""
+    return np.array([amx_min_tokens, cfg.fused_max_bytes, *cfg.amx_blocking, cfg.gemv_rows, cfg.prefetch,
+                     int(cfg.pin), cfg.spin, int(cfg.down_direct), int(cfg.int4_bf16),
+                     int(cfg.quant_avx512)], dtype=np.int64)
+
+
+def native_format(fmt) -> np.ndarray | None:
+    """moe_experts_q's format array for a quantized ExpertFormat (quant/format.py), or None where the kernel has no
+    path for it (H or the group size not a multiple of 32)."""
+    spec = fmt.spec
+    if fmt.hidden % 32 or spec.group_size % 32:
+        return None
+    fp16 = spec.scale_dtype.itemsize == 2 and str(spec.scale_dtype) == "torch.float16"
+    return np.array([spec.bits, spec.group_size, int(spec.symmetric), int(fp16), fmt.record, fmt.q_bytes],
+                    dtype=np.int64)
 
 _loaded: dict[str, NativeKernel | None] = {}  # by compiler
 
@@ -87,21 +108,21 @@ class NativeKernel:
         self.path = path
         self.lib = lib = ctypes.CDLL(str(path))
         p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        lib.moe_experts.argtypes = [i, i, p, i64, i, i, p, i, i, p, p, p, p, p, p, p, i, i64, i, i, i]
+        lib.moe_experts.argtypes = [i, i, p, i64, i, i, p, i, i, p, p, p, p, p, p, p, p]
         lib.moe_experts.restype = i
-        lib.moe_experts_start.argtypes = lib.moe_experts.argtypes
+        lib.moe_experts_start.argtypes = [*lib.moe_experts.argtypes, p]
+        lib.moe_experts_q.argtypes = [*lib.moe_experts.argtypes, p]
+        lib.moe_experts_q.restype = i
         lib.moe_experts_start.restype = i
         lib.moe_experts_finish.argtypes = [p, i]
         lib.moe_experts_finish.restype = i
-        lib.moe_experts_topk.argtypes = [i, i, p, i64, i, i, p, i, i, i, p, p, p, i, i64, i, i, i]
+        lib.moe_experts_topk.argtypes = [i, i, p, i64, i, i, p, i, i, i, p, p, p, p]
         lib.moe_experts_topk.restype = i
         lib.moe_features.restype = i
         lib.moe_amx_ready.restype = i
         lib.moe_last_phases.argtypes = [p]
         lib.moe_amx_peak.argtypes = [i, i64, i, i64]
         lib.moe_amx_peak.restype = ctypes.c_double
-        lib.moe_amx_prefetch.argtypes = [i]
-        lib.moe_amx_prefetch.restype = i
         lib.moe_read.argtypes = [i, p, i64, i, p]
         bits = lib.moe_features()
         self.features = {name for bit, name in ((1, "avx2"), (2, "avx512"), (4, "amx")) if bits & bit}
@@ -120,35 +141,31 @@ class NativeKernel:
     def best(self) -> str:
         return next(k for k in ("amx", "avx512", "avx2", "scalar") if self.can_run(k))
 
-    def _args(self, kernel, threads, data, hidden, inter, x, n_tokens, meta, tok, tok_w, out, amx_min_tokens,
-              fused_max_bytes, amx_blocking) -> tuple:
+    def _args(self, kernel, threads, data, hidden, inter, x, n_tokens, meta, tok, tok_w, out, opts) -> tuple:
         J = (meta.size - 1) // 4
         m = meta.ctypes.data
         return (KERNELS[kernel], threads, data.data_ptr(), data.stride(0), hidden, inter, x.data_ptr(), n_tokens, J,
                 m, m + 4 * J, m + 8 * J, m + 12 * J, tok.ctypes.data, tok_w.ctypes.data, out.data_ptr(),
-                amx_min_tokens, fused_max_bytes, *amx_blocking)
+                opts.ctypes.data)
 
     def run(self, kernel: str, threads: int, data, hidden: int, inter: int, x, n_tokens: int, meta, tok, tok_w, out,
-            amx_min_tokens: int = 16, fused_max_bytes: int = 64 << 20,
-            amx_blocking: tuple[int, int, int] = AMX_BLOCKING) -> int:
+            opts: np.ndarray, qfmt: np.ndarray | None = None) -> int:
         """One layer's J jobs, on this thread (the GIL released); returns the threads used. meta: int32 [4J + 1]
         = experts, r0s, r1s, and the J + 1 offsets of each job's tokens in tok (int32, rows of x) and tok_w
-        (fp32), all three numpy arrays; x, out [N, H] fp32 tensors. With amx (and amx-emu), jobs of fewer than
-        amx_min_tokens tokens take the vector path, which adds down_t rows into per-thread sums in the gate/up
-        pass while those take at most fused_max_bytes (else down by columns). amx_blocking: see AMX_BLOCKING."""
-        n = self.lib.moe_experts(*self._args(kernel, threads, data, hidden, inter, x, n_tokens, meta, tok, tok_w,
-                                             out, amx_min_tokens, fused_max_bytes, amx_blocking))
+        (fp32), all three numpy arrays; x, out [N, H] fp32 tensors; opts: options(); qfmt: native_format() of
+        quantized blocks (data uint8 [E, block bytes]), None for bf16."""
+        args = self._args(kernel, threads, data, hidden, inter, x, n_tokens, meta, tok, tok_w, out, opts)
+        n = self.lib.moe_experts(*args) if qfmt is None else self.lib.moe_experts_q(*args, qfmt.ctypes.data)
         if n < 0:
             raise RuntimeError(f"native CPU kernel {kernel} refused the call ({n})")
         return n
 
     def start(self, kernel: str, threads: int, data, hidden: int, inter: int, x, n_tokens: int, meta, tok, tok_w,
-              out, amx_min_tokens: int = 16, fused_max_bytes: int = 64 << 20,
-              amx_blocking: tuple[int, int, int] = AMX_BLOCKING) -> None:
+              out, opts: np.ndarray, qfmt: np.ndarray | None = None) -> None:
         """run() on the library's own thread: returns at once; finish() waits for it. The arrays must live until
         then. One call at a time."""
         r = self.lib.moe_experts_start(*self._args(kernel, threads, data, hidden, inter, x, n_tokens, meta, tok,
-                                                   tok_w, out, amx_min_tokens, fused_max_bytes, amx_blocking))
+                                                   tok_w, out, opts), None if qfmt is None else qfmt.ctypes.data)
         if r < 0:
             raise RuntimeError("native CPU kernel: a call is already under way")
 
@@ -162,24 +179,16 @@ class NativeKernel:
         return n, t[0], t[1]
 
     def run_topk(self, kernel: str, threads: int, data, hidden: int, inter: int, x, topk_ids, topk_weights, out,
-                 amx_min_tokens: int = 16, fused_max_bytes: int = 64 << 20,
-                 amx_blocking: tuple[int, int, int] = AMX_BLOCKING) -> int:
+                 opts: np.ndarray) -> int:
         """Every selected expert of a layer, grouped by expert in C: topk_ids [N, K] int64, topk_weights
         [N, K] fp32, x [N, H] fp32, out [N, H] fp32 (all contiguous)."""
         N, K = topk_ids.shape
         n = self.lib.moe_experts_topk(KERNELS[kernel], threads, data.data_ptr(), data.stride(0), hidden, inter,
                                       x.data_ptr(), N, K, data.shape[0], topk_ids.data_ptr(),
-                                      topk_weights.data_ptr(), out.data_ptr(), amx_min_tokens, fused_max_bytes,
-                                      *amx_blocking)
+                                      topk_weights.data_ptr(), out.data_ptr(), opts.ctypes.data)
         if n < 0:
             raise RuntimeError(f"native CPU kernel {kernel} refused the call ({n})")
         return n
-
-    def amx_prefetch(self, mode: int = -1) -> int:
-        """How the AMX path reads its weights (0 copied into tiles slice by slice, 1 the same with software
-        prefetches of the next slice spread over the k-steps, 2 as 1 with gate/up's tiles loaded straight from
-        the weights, no copy): sets it where mode is 0-2, returns the one before."""
-        return self.lib.moe_amx_prefetch(mode)
 
     def amx_peak(self, threads: int, loads: int = 0, span: int = 4096, iters: int = 200_000) -> float:
         """FLOP/s of `threads` threads running tile dot products alone (loads 0: the AMX units' ceiling) or fed
