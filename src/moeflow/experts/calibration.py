@@ -36,6 +36,7 @@ class CostCorrection:
         self.cpu_scales, self.copy_scale, self.enabled = [1.0, 1.0], 1.0, True
         self._copy_timing: tuple | None = None  # (start, end events, predicted s) of the last layer's copies
         self._pending: tuple | None = None      # the same for the layer being launched
+        self._pairs: list[tuple] = []  # two (start, end) timing events, in turn: one per layer is in use
 
     def scaled(self, costs: ExpertCosts | None, misses: dict[int, int]) -> ExpertCosts | None:
         """costs corrected for a layer whose missing experts take these tokens; None where nothing is
@@ -58,7 +59,10 @@ class CostCorrection:
         if stream is None or not (copies and costs is not None and self.enabled):
             return
         predicted = sum(costs.copy((self.inter - r) / self.inter) for r in copies.values()) / self.copy_scale
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if len(self._pairs) < 2:
+            self._pairs.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+        self._pairs.reverse()
+        start, end = self._pairs[0]  # the other pair may still be the last layer's, not read yet
         start.record(stream)
         self._pending = (start, end, predicted)
 

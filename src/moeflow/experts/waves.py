@@ -56,7 +56,11 @@ class Waves:
         self.grouped = can_group(slots) and not self.fmt
         self.cuda = slots.is_cuda
         self.graphs_on = graphs and self.cuda
-        self.slot_free: dict[int, torch.cuda.Event] = {}
+        # slot -> (n, event after the n-th wave that read it); the copy stream has waited for waves up to
+        # _waited[1] of the compute stream _waited[0] (in order: waiting for wave n covers every earlier one)
+        self.slot_free: dict[int, tuple[int, torch.cuda.Event, int]] = {}
+        self._n_free = 0
+        self._waited: tuple[object, int] = (None, 0)
         self.graphs: dict[tuple[int, int, int, int], torch.cuda.CUDAGraph] = {}  # (N, K, M, chunk) -> graph
         # Staging of each wave's meta (pinned with a GPU): the k-th wave of a layer takes buffer k. The next
         # layer's host sync finds every copy out of them done, so they are free again by then.
@@ -95,8 +99,10 @@ class Waves:
         expert's FFN there is the part's (silu(0) = 0)."""
         x, weights, out, K, static, staged = self._layer
         stream = torch.cuda.current_stream(self.slots.device) if self.cuda else None
+        waited = set()  # a batch of copies shares one event: waited for once
         for _, ready in wave.values():
-            if ready is not None:
+            if ready is not None and id(ready) not in waited:
+                waited.add(id(ready))
                 stream.wait_event(ready)
         if static and not staged:  # the layer's inputs into the graphs' buffers, at its first wave
             N = x.shape[0]
@@ -111,8 +117,21 @@ class Waves:
             for p in passes:
                 self._run_chunk(c0, [chunk[i] for i in p], wave)
         if stream is not None:
-            free = stream.record_event()
+            self._n_free += 1
+            free = (self._n_free, stream.record_event(), stream.cuda_stream)
             self.slot_free.update(dict.fromkeys(order, free))
+
+    def wait_free(self, slot: int, copy_stream: torch.cuda.Stream) -> None:
+        """copy_stream waits until the last wave that read `slot` is done (once for several slots of one
+        wave or of earlier waves of the same compute stream)."""
+        free = self.slot_free.get(slot)
+        if free is None:
+            return
+        n, event, compute = free
+        if self._waited[0] == compute and self._waited[1] >= n:
+            return
+        copy_stream.wait_event(event)
+        self._waited = (compute, n)
 
     def _run_chunk(self, c0: int, order: list[int], wave: Wave) -> None:
         """Some of the wave's slots in c0 : c0 + MAX_GROUPS (sorted): one grouped pass, or (where grouped GEMMs

@@ -1,0 +1,74 @@
+"""The offloaded layer's host path on the CPU as both tiers: copies issued in batches, auto-prefetch's guesses
+staged in scratch slots (used or wasted, counted), the result unchanged."""
+
+from __future__ import annotations
+
+import torch
+from conftest import mixtral_store
+
+from moeflow.experts.local import LocalExperts
+from moeflow.experts.offload import OffloadedExperts
+from moeflow.perf.costs import ExpertCosts
+from moeflow.policy import get_policy
+from moeflow.policy.base import SlotSplit
+from moeflow.policy.slot_cache import SlotCache
+
+PTS = (1, 4, 16, 64, 256)
+
+
+def test_a_staged_expert_is_found_until_its_layer_comes_and_a_copy_can_take_its_slot():
+    cache = SlotCache([(0, 0), (1, 0)], SlotSplit(resident=2, cache=2, adaptive=True), layers=2, eviction="decay")
+    slot = cache.stage((1, 5))
+    assert slot in (2, 3) and cache.holds((1, 5)) and cache.lookup((1, 5)) == slot
+    other = cache.stage((1, 6), avoid={slot})
+    assert other not in (None, slot)
+    assert cache.stage((1, 7)) is None  # every scratch slot holds a guess
+    assert cache.stage((0, 0)) is None  # held already
+    cache.end_layer(1)  # spent: the slots are free again
+    assert not cache.holds((1, 5)) and cache.lookup((1, 5)) is None
+    slot = cache.stage((0, 3))
+    taken = cache.take((0, 4), protect=set(), keep=False, busy=set())  # a demand copy prefers a free slot
+    assert taken != slot and cache.holds((0, 3))
+    cache.take((0, 5), protect=set(), keep=False, busy={taken})  # ... and else takes the guess's
+    assert not cache.holds((0, 3))
+
+
+@torch.inference_mode()
+def test_auto_prefetch_stages_the_last_tokens_experts_and_counts_its_hits():
+    """Decode steps through two layers: a token that repeats the last one's routing finds the experts copied
+    ahead (used), one that does not leaves them unused (wasted); the output is LocalExperts' throughout."""
+    store = mixtral_store(hidden=64, inter=96, layers=2, std=0.05)
+    pol = get_policy("auto-prefetch")
+    split = pol.split(4, 2, 8, 2)  # 2 resident, 2 scratch
+    costs = ExpertCosts(PTS, tuple(1e-3 * n for n in PTS), tuple(1e-6 for _ in PTS), 1e-4)  # copies are cheap
+    backend = OffloadedExperts(store, torch.device("cpu"), pol, split, [(0, 0), (1, 0)], costs=costs)
+    backend.calibrate = False
+    local = LocalExperts(store)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    w = torch.tensor([[0.6, 0.4]])
+    layers = store.layers
+    steps = [[[3, 4], [5, 6]], [[3, 4], [5, 6]], [[1, 2], [1, 2]]]
+    for step in steps:
+        for layer, ids in zip(layers, step):
+            ids = torch.tensor([ids])
+            torch.testing.assert_close(backend(layer, x, ids, w), local(layer, x, ids, w), rtol=2e-2, atol=2e-3)
+    s = backend.stats
+    assert s.prefetched >= 4  # from the first token on, each layer's two guesses for the next
+    assert s.prefetch_used >= 2  # the second token repeats the first
+    assert s.prefetch_wasted >= 2  # the third does not
+    assert s.prefetch_used + s.prefetch_wasted <= s.prefetched
+    backend.close()
+
+
+def test_plain_auto_never_prefetches_and_skips_the_hook():
+    store = mixtral_store(hidden=64, inter=96, layers=2, std=0.05)
+    pol = get_policy("auto")
+    costs = ExpertCosts(PTS, tuple(1e-3 * n for n in PTS), tuple(1e-6 for _ in PTS), 1e-4)
+    backend = OffloadedExperts(store, torch.device("cpu"), pol, pol.split(4, 2, 8, 2), [(0, 0), (1, 0)],
+                               costs=costs)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    for _ in range(2):
+        for layer in store.layers:
+            backend(layer, x, torch.tensor([[3, 4]]), torch.tensor([[0.5, 0.5]]))
+    assert not backend._prefetches and backend.stats.prefetched == 0
+    backend.close()
