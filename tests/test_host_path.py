@@ -3,6 +3,7 @@ staged in scratch slots (used or wasted, counted), the result unchanged."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import mixtral_store
 
@@ -33,24 +34,25 @@ def test_a_staged_expert_is_found_until_its_layer_comes_and_a_copy_can_take_its_
     assert not cache.holds((0, 3))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @torch.inference_mode()
-def test_auto_prefetch_stages_the_last_tokens_experts_and_counts_its_hits():
+def test_auto_prefetch_stages_the_last_tokens_experts_and_counts_its_hits(device):
     """Decode steps through two layers: a token that repeats the last one's routing finds the experts copied
     ahead (used), one that does not leaves them unused (wasted); the output is LocalExperts' throughout."""
-    store = mixtral_store(hidden=64, inter=96, layers=2, std=0.05)
+    store = mixtral_store(hidden=64, inter=96, layers=2, std=0.05, pin=device == "cuda")
     pol = get_policy("auto-prefetch")
     split = pol.split(4, 2, 8, 2)  # 2 resident, 2 scratch
     costs = ExpertCosts(PTS, tuple(1e-3 * n for n in PTS), tuple(1e-6 for _ in PTS), 1e-4)  # copies are cheap
-    backend = OffloadedExperts(store, torch.device("cpu"), pol, split, [(0, 0), (1, 0)], costs=costs)
+    backend = OffloadedExperts(store, torch.device(device), pol, split, [(0, 0), (1, 0)], costs=costs)
     backend.calibrate = False
-    local = LocalExperts(store)
-    x = torch.randn(1, 64, dtype=torch.bfloat16)
-    w = torch.tensor([[0.6, 0.4]])
+    local = LocalExperts(store.to(device))
+    x = torch.randn(1, 64, dtype=torch.bfloat16, device=device)
+    w = torch.tensor([[0.6, 0.4]], device=device)
     layers = store.layers
     steps = [[[3, 4], [5, 6]], [[3, 4], [5, 6]], [[1, 2], [1, 2]]]
     for step in steps:
         for layer, ids in zip(layers, step):
-            ids = torch.tensor([ids])
+            ids = torch.tensor([ids], device=device)
             torch.testing.assert_close(backend(layer, x, ids, w), local(layer, x, ids, w), rtol=2e-2, atol=2e-3)
     s = backend.stats
     assert s.prefetched >= 4  # from the first token on, each layer's two guesses for the next
