@@ -202,19 +202,19 @@ class OffloadedExperts(ExpertBackend):
         self.correction.observe_copies()  # the last layer's, done by now (its GPU work synced above)
         plan = self._plan(self.host.slot[layer], ids_h, topk_ids.numel())
         t_plan = time.perf_counter()
-        out = self.waves.begin(x, topk_weights)
+        N, K = topk_ids.shape
+        self.waves.begin(x, w_h.flatten().float().numpy(), K)
         here, wave = self._copies(plan)  # the copy engine fed first: a copy moves from the moment it is issued
         self._layer_slots = here.keys() | wave.keys()
         jobs = plan.cpu_jobs
-        call = self._cpu_part(plan.layer, x_h, w_h.flatten(), topk_ids.shape[1], jobs) if jobs else None
+        call = self._cpu_part(plan.layer, x_h, w_h.flatten(), K, jobs) if jobs else None
         for w in (here, wave):  # the experts already held first: they need no copy
             if w:
                 self.waves.run(w)
         if self._prefetches:
-            N, K = topk_ids.shape
             self.policy.prefetch(plan.layer, ids_h.reshape(N, K), w_h.reshape(N, K), self)
         t_launch = time.perf_counter()
-        result = self._join(plan, call, out, x, dest)
+        result = self._join(plan, call, x, dest)
         s.sync_s += t_sync - t_in
         s.plan_s += t_plan - t_sync
         s.launch_s += t_launch - t_plan
@@ -271,8 +271,7 @@ class OffloadedExperts(ExpertBackend):
         self.correction.end_copies(self.copy_stream)
         return here, wave
 
-    def _join(self, plan: LayerPlan, call: CpuCall | None, out: torch.Tensor, x: torch.Tensor,
-              dest: torch.Tensor | None) -> torch.Tensor:
+    def _join(self, plan: LayerPlan, call: CpuCall | None, x: torch.Tensor, dest: torch.Tensor | None) -> torch.Tensor:
         """The CPU's share waited for and added to the GPU's; the layer's figures counted."""
         cpu_out = None
         if call is not None:
@@ -281,10 +280,17 @@ class OffloadedExperts(ExpertBackend):
             self.stats.cpu_wait_s += time.perf_counter() - t
             self._cpu_done(call, plan.cpu_jobs, beside_copies=bool(plan.copies))
         self._count(plan)
+        out = self.waves.result()  # None: no wave ran (every expert on the CPU)
+        if out is None and cpu_out is None:  # nothing selected (no routing entries)
+            return dest.zero_() if dest is not None else torch.zeros_like(x)
         if dest is not None:  # one launch where a sum, a cast and the caller's copy were three
-            return dest.copy_(out) if cpu_out is None else torch.add(out, cpu_out, out=dest)
-        # a new tensor: out may be the wave graphs' buffer, which the next layer reuses
-        return (out if cpu_out is None else out.add_(cpu_out)).to(x.dtype, copy=True)
+            if out is None or cpu_out is None:
+                return dest.copy_(cpu_out if out is None else out)
+            return torch.add(out, cpu_out, out=dest)
+        # a new tensor: out may be the wave graphs' buffer, and cpu_out the CPU share's, which the next layer reuses
+        if out is None or cpu_out is None:
+            return (cpu_out if out is None else out).to(x.dtype, copy=True)
+        return out.add_(cpu_out).to(x.dtype, copy=True)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """t [N, H] fp32 (pinned with a GPU) into a reused device buffer (no allocation per layer)."""

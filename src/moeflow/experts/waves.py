@@ -20,10 +20,10 @@ from moeflow.quant.format import ExpertFormat
 
 # Waves run as grouped GEMMs in passes of at most grouped_cap(the step's tokens, per_token) entries: a pass
 # holds every entry's intermediate activations at once, and the workspace holds per_token entries' per token.
-# Layers of up to this many entries (N * K: decode, small batches) replay graphs, one per (N, K, M, chunk), at
-# most GRAPH_MAX_SHAPES of them (others run eagerly).
+# Layers of up to this many entries (N * K: decode, small batches) replay graphs, one per (N, K, M, chunk, first
+# pass), at most GRAPH_MAX_SHAPES of them (others run eagerly).
 GRAPH_MAX_ENTRIES = 16
-GRAPH_MAX_SHAPES = 64
+GRAPH_MAX_SHAPES = 128
 # PyTorch's grouped GEMM takes fewer than 1024 groups: the slots go in chunks of 1023 (Qwen3-30B-A3B at 16 GiB
 # has ~1,400 slots), a wave in one pass per chunk it touches.
 MAX_GROUPS = 1023
@@ -31,14 +31,17 @@ MAX_GROUPS = 1023
 Wave = dict[int, tuple[list[int], "torch.cuda.Event | None"]]  # slot -> (entries, arrival of its copy)
 
 
-def wave_ops(out: torch.Tensor, x: torch.Tensor, w_flat: torch.Tensor, meta: torch.Tensor, M: int, K: int,
-             gate_up: torch.Tensor, down_t: torch.Tensor) -> None:
-    """out [N, H] fp32 += each entry's expert on its token, weighted. meta [M + S] int32: the entries sorted by
-    slot, then the cumulative entries per slot; gate_up [S, 2I, H], down_t [S, I, H] the slots' views."""
+def wave_ops(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, meta: torch.Tensor, M: int, K: int,
+             gate_up: torch.Tensor, down_t: torch.Tensor, zero: bool = False) -> None:
+    """out [N, H] fp32 += each entry's expert on its token, weighted (zero: out = that, the layer's first pass).
+    meta [M + G + M] int32: the entries sorted by slot, the cumulative entries per slot, their weights (fp32
+    bits; w [M] fp32 is that view); gate_up [G, 2I, H], down_t [G, I, H] the slots' views."""
     idx = meta[:M].long()
     tok = idx // K
-    y = grouped_ffn(x[tok], gate_up, down_t, meta[M:])                        # [M, H]
-    out.index_add_(0, tok, torch.mul(y, w_flat[idx, None]))  # the weights are fp32: so is the product
+    y = grouped_ffn(x[tok], gate_up, down_t, meta[M:M + gate_up.shape[0]])  # [M, H]
+    if zero:
+        out.zero_()
+    out.index_add_(0, tok, torch.mul(y, w[:, None]))  # the weights are fp32: so is the product
 
 
 class Waves:
@@ -61,54 +64,53 @@ class Waves:
         self.slot_free: dict[int, tuple[int, torch.cuda.Event, int]] = {}
         self._n_free = 0
         self._waited: tuple[object, int] = (None, 0)
-        self.graphs: dict[tuple[int, int, int, int], torch.cuda.CUDAGraph] = {}  # (N, K, M, chunk) -> graph
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # (N, K, M, chunk, first pass) -> graph
         # Staging of each wave's meta (pinned with a GPU): the k-th wave of a layer takes buffer k. The next
         # layer's host sync finds every copy out of them done, so they are free again by then.
         self._stage = HostBuffers(pinned=self.cuda)
         self._waves = 0
-        # (x, weights: [N, K] or, eager, flat fp32 [N * K], out, K, static, staged) of the layer being run
+        # (x, host weights [N * K] fp32, out, K, static, x staged) of the layer being run
         self._layer: tuple | None = None
+        self._written = False  # a wave has written the layer's accumulator
         if self.graphs_on:
             n = GRAPH_MAX_ENTRIES
             dev = slots.device
             # the graphs' inputs and output live here; a layer copies its x and weights in at its first wave
             self.x_s = torch.zeros(n, H, dtype=slots.dtype, device=dev)
-            self.w_s = torch.zeros(n, dtype=torch.float32, device=dev)
             self.out_s = torch.zeros(n, H, dtype=torch.float32, device=dev)
-            self.meta_s = torch.zeros(n + min(S, MAX_GROUPS), dtype=torch.int32, device=dev)
+            self.meta_s = torch.zeros(2 * n + min(S, MAX_GROUPS), dtype=torch.int32, device=dev)
             self.pool = torch.cuda.graph_pool_handle()  # the wave graphs' own: their temporaries die inside them
             self.capture_stream = torch.cuda.Stream(dev)
 
-    def begin(self, x: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """A layer starts: x [N, H], topk_weights [N, K]. Returns its fp32 accumulator [N, H], zeroed."""
-        N, K = topk_weights.shape
+    def begin(self, x: torch.Tensor, w_host: np.ndarray, K: int) -> None:
+        """A layer starts: x [N, H]; w_host [N * K] fp32 its routing weights on the host (each wave's go with its
+        entries in one transfer)."""
+        N = x.shape[0]
         self._waves = 0
         static = self.grouped and self.graphs_on and N * K <= GRAPH_MAX_ENTRIES
-        if static:
-            out = self.out_s[:N]
-            out.zero_()
-        else:
-            out = torch.zeros(N, self.hidden, dtype=torch.float32, device=x.device)
-            topk_weights = topk_weights.flatten().float()  # fp32 already where the router made them (layers.route)
-        self._layer = (x, topk_weights, out, K, static, False)
-        return out
+        # static: the graphs' buffer, zeroed by the layer's first pass (one launch fewer); else zeros now
+        out = self.out_s[:N] if static else torch.zeros(N, self.hidden, dtype=torch.float32, device=x.device)
+        self._layer = (x, w_host, out, K, static, False)
+        self._written = not static
+
+    def result(self) -> torch.Tensor | None:
+        """The layer's GPU share [N, H] fp32; None where no wave wrote it (all on the CPU)."""
+        return self._layer[2] if self._written else None
 
     def run(self, wave: Wave) -> None:
         """The experts in these slots on their entries, weighted, into the layer's accumulator, once each slot's
         copy has landed. A slot holding rows r:I of a split expert has gate rows 0:r zeroed, so the whole
         expert's FFN there is the part's (silu(0) = 0)."""
-        x, weights, out, K, static, staged = self._layer
+        x, w_host, out, K, static, staged = self._layer
         stream = torch.cuda.current_stream(self.slots.device) if self.cuda else None
         waited = set()  # a batch of copies shares one event: waited for once
         for _, ready in wave.values():
             if ready is not None and id(ready) not in waited:
                 waited.add(id(ready))
                 stream.wait_event(ready)
-        if static and not staged:  # the layer's inputs into the graphs' buffers, at its first wave
-            N = x.shape[0]
-            self.x_s[:N].copy_(x)
-            self.w_s[:N * K].copy_(weights.flatten())
-            self._layer = (x, weights, out, K, static, True)
+        if static and not staged:  # the layer's activations into the graphs' buffer, at its first wave
+            self.x_s[:x.shape[0]].copy_(x)
+            self._layer = (x, w_host, out, K, static, True)
         order = sorted(wave)
         cap = grouped_cap(x.shape[0], self.per_token)
         for c0 in sorted({slot // MAX_GROUPS * MAX_GROUPS for slot in order}):
@@ -136,44 +138,46 @@ class Waves:
     def _run_chunk(self, c0: int, order: list[int], wave: Wave) -> None:
         """Some of the wave's slots in c0 : c0 + MAX_GROUPS (sorted): one grouped pass, or (where grouped GEMMs
         cannot run) slot by slot."""
-        x, w_flat, out, K, static, _ = self._layer
+        x, w_host, out, K, static, _ = self._layer
         G = min(MAX_GROUPS, self.slots.shape[0] - c0)
-        # entries sorted by slot, then offs = cumulative entries per slot of the chunk (G of them: ~1,000 with
-        # Qwen3's slots, so numpy, not a Python list): one transfer
+        # entries sorted by slot, offs = cumulative entries per slot of the chunk (G of them: ~1,000 with Qwen3's
+        # slots, so numpy, not a Python list), the entries' weights: one transfer
         parts = [wave[slot][0] for slot in order]  # lists, or numpy from a prompt's bookkeeping
         M = sum(len(e) for e in parts)
-        buf = self._stage.get(self._waves, (M + G,), torch.int32)
+        buf = self._stage.get(self._waves, (2 * M + G,), torch.int32)
         self._waves += 1
         meta_h = buf.numpy()  # numpy, not PyTorch ops: no dispatch on the path to the GPU
         meta_h[:M] = [i for e in parts for i in e] if isinstance(parts[0], list) else np.concatenate(parts)
-        counts = meta_h[M:]
+        counts = meta_h[M:M + G]
         counts[:] = 0
         counts[np.array(order) - c0] = [len(e) for e in parts]
         np.cumsum(counts, out=counts)
+        meta_h[M + G:].view(np.float32)[:] = w_host[meta_h[:M]]
         if static:
-            meta = self.meta_s[:M + G]
-            meta.copy_(buf, non_blocking=True)
-            self._replay(x.shape[0], K, M, c0)
+            self.meta_s[:2 * M + G].copy_(buf, non_blocking=True)
+            self._replay(x.shape[0], K, M, c0, zero=not self._written)
+            self._written = True
             return
         meta = buf.to(self.slots.device, non_blocking=True) if self.cuda else buf
+        w = meta[M + G:].view(torch.float32)  # [M]
         if self.grouped:
-            wave_ops(out, x, w_flat, meta, M, K, self.gate_up[c0:c0 + G], self.down_t[c0:c0 + G])
+            wave_ops(out, x, w, meta, M, K, self.gate_up[c0:c0 + G], self.down_t[c0:c0 + G])
             return
-        idx = meta[:M].long()
-        tok = idx // K
+        tok = meta[:M].long() // K
         b = 0
         for slot in order:
             a, b = b, b + len(wave[slot][0])
             y = (quantized_ffn(x[tok[a:b]], self.slots[slot], self.fmt) if self.fmt
                  else partial_ffn(x[tok[a:b]], *expert_rows(self.slots[slot], self.inter, 0, self.inter)))
-            out.index_add_(0, tok[a:b], torch.mul(y, w_flat[idx[a:b], None]))
+            out.index_add_(0, tok[a:b], torch.mul(y, w[a:b, None]))
 
-    def _replay(self, N: int, K: int, M: int, c0: int) -> None:
-        key = (N, K, M, c0)
+    def _replay(self, N: int, K: int, M: int, c0: int, zero: bool) -> None:
+        key = (N, K, M, c0, zero)
         graph = self.graphs.get(key)
         G = min(MAX_GROUPS, self.slots.shape[0] - c0)
-        args = (self.x_s[:N], self.w_s[:N * K], self.meta_s[:M + G], M, K, self.gate_up[c0:c0 + G],
-                self.down_t[c0:c0 + G])
+        meta = self.meta_s[:2 * M + G]
+        args = (self.x_s[:N], meta[M + G:].view(torch.float32), meta, M, K, self.gate_up[c0:c0 + G],
+                self.down_t[c0:c0 + G], zero)
         if graph is None and len(self.graphs) >= GRAPH_MAX_SHAPES:
             wave_ops(self.out_s[:N], *args)
             return
