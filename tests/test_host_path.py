@@ -74,3 +74,34 @@ def test_plain_auto_never_prefetches_and_skips_the_hook():
             backend(layer, x, torch.tensor([[3, 4]]), torch.tensor([[0.5, 0.5]]))
     assert not backend._prefetches and backend.stats.prefetched == 0
     backend.close()
+
+
+@pytest.mark.parametrize("max_groups", [None, 3])
+@pytest.mark.parametrize("policy", ["auto", "lru"])
+def test_static_waves_pad_their_entries_and_match_the_local_experts(policy, max_groups, monkeypatch):
+    """Decode-sized waves as the GPU's graphs run them (entries padded to N x K with weight 0, every chunk of slots
+    the wave touches in one pass over one transfer), here eagerly with the CPU's grouped GEMM: LocalExperts'
+    output, with the slots in one chunk or (max_groups 3) in two."""
+    from conftest import check_slot_waves
+
+    from moeflow.experts import waves as W
+
+    try:
+        torch._grouped_mm(torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(1, 16, 16, dtype=torch.bfloat16),
+                          offs=torch.tensor([2], dtype=torch.int32))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        pytest.skip("this PyTorch has no grouped GEMM on the CPU")
+    if max_groups:
+        monkeypatch.setattr(W, "MAX_GROUPS", max_groups)
+    statics, begin = [], W.Waves.begin
+
+    def static_begin(self, x, w_host, K):
+        if not self.static_on:
+            self.grouped = True
+            self.use_static()
+        begin(self, x, w_host, K)
+        statics.append(self._layer[4])
+
+    monkeypatch.setattr(W.Waves, "begin", static_begin)
+    check_slot_waves("cpu", policy, True)
+    assert any(statics) and not all(statics)  # decode's layers static, the 40-token ones not
