@@ -55,7 +55,8 @@ def preset(trace: RoutingTrace) -> str:
     return f"synthetic:{name}"
 
 
-def replay(trace_path: str, slots: int, tokens: int, profile: float, costs: ExpertCosts, max_len: int = 64) -> dict:
+def replay(trace_path: str, slots: int, tokens: int, profile: float, costs: ExpertCosts, max_len: int = 64,
+           policy: str = "auto") -> dict:
     trace = load_trace(trace_path)
     T = trace.shape[0]
     t0 = int(T * profile)
@@ -68,7 +69,7 @@ def replay(trace_path: str, slots: int, tokens: int, profile: float, costs: Expe
     with tempfile.TemporaryDirectory() as d:
         placement.save(Path(d) / "placement.json")
         engine = LLMEngine(ck, max_seqs=1, max_len=max_len,
-                           offload=OffloadConfig(budget, "auto", str(Path(d) / "placement.json")))
+                           offload=OffloadConfig(budget, policy, str(Path(d) / "placement.json")))
     backend = engine.model.experts
     backend.costs, backend.calibrate = costs, False
     ck.model.set_experts(TraceRouting(backend, tail, ck.cfg))
@@ -86,7 +87,8 @@ def replay(trace_path: str, slots: int, tokens: int, profile: float, costs: Expe
     backend.close()
     return {"slots": slots, "split": backend.split, "hit_rate": d["hits"] / d["lookups"],
             "missed_experts_per_token": d["miss_bytes"] / ck.store.expert_bytes / n,
-            "cpu_per_token": d["cpu_experts"] / n, "copied_per_token": d["copied_experts"] / n}
+            "cpu_per_token": d["cpu_experts"] / n, "copied_per_token": d["copied_experts"] / n,
+            "prefetch_per_token": {k: d[k] / n for k in ("prefetched", "prefetch_used", "prefetch_wasted")}}
 
 
 def main() -> None:
@@ -100,6 +102,7 @@ def main() -> None:
     p.add_argument("--half-life", type=float, help="of the decayed-use eviction, in tokens")
     p.add_argument("--tokens", type=int, default=299)
     p.add_argument("--costs", choices=sorted(COSTS), default="mixtral", help="the expert costs the planner takes")
+    p.add_argument("--policy", default="auto", help="auto or auto-prefetch (or fmoe)")
     p.add_argument("--no-keep", action="store_true", help="split a miss the cache would keep, as any other")
     args = p.parse_args()
     own = AutoPolicy.split
@@ -120,11 +123,11 @@ def main() -> None:
     if args.half_life:
         eviction.HALF_LIFE = args.half_life
     for s in args.slots:
-        r = replay(args.trace, s, args.tokens, args.profile, COSTS[args.costs])
+        r = replay(args.trace, s, args.tokens, args.profile, COSTS[args.costs], policy=args.policy)
         print(f"{s} slots ({r['split'].resident} resident, {r['split'].cache} cache, adaptive "
               f"{r['split'].adaptive}): hit rate {r['hit_rate']:.3f}, missed experts per token "
               f"{r['missed_experts_per_token']:.2f} (CPU {r['cpu_per_token']:.2f}, copied "
-              f"{r['copied_per_token']:.2f})", flush=True)
+              f"{r['copied_per_token']:.2f}); prefetch per token {r['prefetch_per_token']}", flush=True)
 
 
 if __name__ == "__main__":
