@@ -56,7 +56,7 @@ class AutoPolicy(OffloadPolicy):
         c = {e: costs.cpu_each(n) for e, n in misses.items()}
         p = {e: costs.copy() + costs.gpu(n) for e, n in misses.items()}
         order = sorted(misses, key=lambda e: c[e] / p[e])
-        cpu_load, copy_load = 0.0, sum(p.values())
+        cpu_load, copy_load = 0.0, self.copy_backlog() + sum(p.values())
         rows = {}
         for e in order:
             copy_load -= p[e]
@@ -77,6 +77,10 @@ class AutoPolicy(OffloadPolicy):
             break
         return rows  # more copies than slots: the backend reuses a slot once its expert is computed
 
+    def copy_backlog(self) -> float:
+        """Seconds the copy engine is still busy with work issued before this layer's copies (none here)."""
+        return 0.0
+
 
 class AutoPrefetchPolicy(AutoPolicy):
     """auto, and after each decode layer of a lone sequence the previous token's experts of the next layer
@@ -92,6 +96,7 @@ class AutoPrefetchPolicy(AutoPolicy):
         self.spill = SPILL if spill is None else spill
         self.last: dict[int, list[int]] = {}  # MoE row -> the last token's experts there, by weight
         self.layer_s, self._t = 0.0, None
+        self.busy_until = 0.0  # perf_counter time when the prefetches issued so far should have landed
 
     def prefetch(self, layer, ids, weights, experts):
         if ids.shape[0] != 1:  # a prompt or several sequences: no previous token to follow
@@ -109,9 +114,14 @@ class AutoPrefetchPolicy(AutoPolicy):
         copy_s = experts.copy_s()
         if not guess or copy_s <= 0 or not self.layer_s:
             return
-        room = self.layer_s - experts.layer_copied * copy_s + self.spill * copy_s
+        room = self.layer_s - experts.layer_copied * copy_s + self.spill * copy_s - self.copy_backlog()
         for e in guess:
             if room < copy_s:
                 break
             if experts.copy_ahead(((layer + 1) % L, e)):
                 room -= copy_s
+                self.busy_until = max(self.busy_until, now) + copy_s
+
+    def copy_backlog(self):
+        # the next layer's copies queue behind the prefetches still in flight: its plan counts them
+        return max(self.busy_until - time.perf_counter(), 0.0)
