@@ -52,10 +52,12 @@ class AutoPolicy(OffloadPolicy):
             return {}
         # The CPU call's fixed part (hand-over, waking the kernel's threads) is paid once, by the first expert
         # the CPU takes, whole or in part: for small experts (Qwen3's) it is most of what the CPU costs.
-        call = costs.cpu_call()
-        c = {e: costs.cpu_each(n) for e, n in misses.items()}
-        p = {e: costs.copy() + costs.gpu(n) for e, n in misses.items()}
-        order = sorted(misses, key=lambda e: c[e] / p[e])
+        call, copy = costs.cpu_call(), costs.copy()
+        # the costs per token count, not per expert: a decode layer's misses all have one token
+        by_n = {n: (costs.cpu_each(n), copy + costs.gpu(n)) for n in set(misses.values())}
+        c = {e: by_n[n][0] for e, n in misses.items()}
+        p = {e: by_n[n][1] for e, n in misses.items()}
+        order = sorted(misses, key=lambda e: c[e] / p[e]) if len(by_n) > 1 else list(misses)
         cpu_load, copy_load = 0.0, self.copy_backlog() + sum(p.values())
         rows = {}
         for e in order:
