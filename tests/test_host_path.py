@@ -105,3 +105,18 @@ def test_static_waves_pad_their_entries_and_match_the_local_experts(policy, max_
     monkeypatch.setattr(W.Waves, "begin", static_begin)
     check_slot_waves("cpu", policy, True)
     assert any(statics) and not all(statics)  # decode's layers static, the 40-token ones not
+
+
+def test_a_busy_copy_engine_moves_the_next_plan_to_the_cpu():
+    """auto-prefetch's plan counts the prefetches still in flight: with the copy engine busy for a while the
+    misses go to the CPU, where auto (nothing in flight) copies some."""
+    import time
+
+    costs = ExpertCosts(PTS, tuple(1e-3 * n for n in PTS), tuple(1e-6 for _ in PTS), 1e-3)
+    misses = {1: 1, 2: 1, 3: 1, 4: 1}
+    plain = get_policy("auto").plan(misses, costs, 96, 4)
+    assert any(r < 96 for r in plain.values())
+    pol = get_policy("auto-prefetch")
+    assert pol.plan(misses, costs, 96, 4) == plain  # nothing in flight: auto's plan
+    pol.busy_until = time.perf_counter() + 10.0
+    assert pol.plan(misses, costs, 96, 4) == {e: 96 for e in misses}
