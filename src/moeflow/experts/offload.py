@@ -140,7 +140,6 @@ class OffloadedExperts(ExpertBackend):
         # reads it: the copy engine's time left in the layer)
         self._layer_slots: set[int] = set()
         self.layer_copied = 0.0
-        self._prefetches = type(policy).prefetch is not OffloadPolicy.prefetch
         self._cpu_dev = torch.empty(0, self.hidden, device=self.device)  # the CPU share's output on the device
         if costs is None and policy.needs_costs:
             self.costs = self.measure_costs()
@@ -211,7 +210,7 @@ class OffloadedExperts(ExpertBackend):
         for w in (here, wave):  # the experts already held first: they need no copy
             if w:
                 self.waves.run(w)
-        if self._prefetches:
+        if type(self.policy).prefetch is not OffloadPolicy.prefetch:  # only a policy that has one
             self.policy.prefetch(plan.layer, ids_h.reshape(N, K), w_h.reshape(N, K), self)
         t_launch = time.perf_counter()
         result = self._join(plan, call, x, dest)
