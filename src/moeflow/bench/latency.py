@@ -141,8 +141,10 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
             "fraction_of_shared_bound": statistics.median(tps) * shared_s if shared_s else None,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
             # per decode token (ms): the whole step, inside the expert backend, the parts of that
+            # (join: the backend's time after the launch: waiting for the CPU's share and adding it)
             "ms_per_token": {"step": dt / n * 1e3, "outside_experts": (dt - d["backend_s"]) / n * 1e3,
-                             **{k[:-2]: d[k] / n * 1e3 for k in TIMERS}},
+                             **{k[:-2]: d[k] / n * 1e3 for k in TIMERS},
+                             "join": (d["backend_s"] - d["sync_s"] - d["plan_s"] - d["launch_s"]) / n * 1e3},
             "allocator_during_decode": allocs, "prefill": prefill,
             # experts copied ahead by the policy per decode token, and of those used or wasted when their layer came
             "prefetch_per_token": {k: d.get(f, 0) / n for k, f in (("copied", "prefetched"), ("used", "prefetch_used"),

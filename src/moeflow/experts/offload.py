@@ -51,9 +51,10 @@ class OffloadStats:
     bytes_h2d: int = 0        # expert weights copied host -> GPU
     miss_bytes: int = 0       # weights of the experts that were not on the GPU when needed
     # where the host's time goes (seconds): in the backend in all, waiting for the GPU at the per-layer sync,
-    # planning (sync to CPU work handed over), launching the GPU's share (copies and compute), the CPU worker
-    # busy on experts (of which inside the native kernel), and waiting for that worker once the GPU's share is
-    # launched; cpu_start: from handing the CPU's share over to the worker starting on it (the GIL, a wake-up)
+    # planning (the sync to the plan made), launching (the copies, handing the CPU's share over, the GPU waves,
+    # the policy's prefetch), the CPU worker busy on experts (of which inside the native kernel), and waiting for
+    # that worker once all is launched; cpu_start: from handing the CPU's share over to the worker starting on
+    # it (the GIL, a wake-up)
     backend_s: float = 0.0
     sync_s: float = 0.0
     plan_s: float = 0.0
