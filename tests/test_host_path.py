@@ -120,3 +120,17 @@ def test_a_busy_copy_engine_moves_the_next_plan_to_the_cpu():
     assert pol.plan(misses, costs, 96, 4) == plain  # nothing in flight: auto's plan
     pol.busy_until = time.perf_counter() + 10.0
     assert pol.plan(misses, costs, 96, 4) == {e: 96 for e in misses}
+
+
+def test_a_used_guess_takes_the_place_of_the_least_used_resident_without_a_copy():
+    cache = SlotCache([(0, 0), (1, 0)], SlotSplit(resident=2, cache=2, adaptive=True), layers=2, eviction="decay",
+                      prior={(0, 0): 0.01, (1, 0): 1.0})
+    slot = cache.stage((0, 5))
+    cache.begin(0, broad=False)
+    assert cache.lookup((0, 5)) == slot
+    cache.end_layer(0, used=[(0, 5)], protect={(0, 5)})
+    assert cache.where[(0, 5)] == slot and (0, 0) not in cache.where  # the least used gave up its slot
+    assert 0 in cache.groups[None] and slot not in cache.groups[None]  # ... which is scratch now
+    unused = cache.stage((1, 6))
+    cache.end_layer(1, used=[], protect=set())
+    assert not cache.holds((1, 6)) and cache.holder[unused] is None

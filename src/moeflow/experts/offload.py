@@ -231,8 +231,8 @@ class OffloadedExperts(ExpertBackend):
         plan = LayerPlan(l, self.inter, entries, {e: self.cache.lookup((l, e)) for e in sorted(entries)})
         if self._ahead:
             self._count_ahead(l, plan)
-        if self.cache.staged:
-            self.cache.end_layer(l)
+        if self.cache.staged:  # guesses of this layer: spent, or kept where used and admitted
+            self.cache.end_layer(l, used=[(l, e) for e in plan.held], protect={(l, e) for e in plan.experts})
         misses = plan.misses
         plan.costs = self.correction.scaled(self.costs, misses)  # a layer with no miss plans nothing
         if misses:  # keep: those a whole copy of which the cache would keep (an adaptive split)

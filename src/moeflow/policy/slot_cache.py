@@ -119,11 +119,30 @@ class SlotCache:
         self.staged[key], self.holder[slot] = slot, key
         return slot
 
-    def end_layer(self, layer: int) -> None:
-        """Layer `layer`'s lookups are done: its staged experts are spent (their slots free again, their weights
-        there until a copy takes them)."""
+    def end_layer(self, layer: int, used: Collection[Key] = (), protect: set[Key] = frozenset()) -> None:
+        """Layer `layer`'s lookups are done: its staged experts are spent. One in `used` (selected now) stays
+        where the eviction policy admits it in place of the held expert it ranks lowest outside `protect`, with no
+        copy: the two slots trade roles (the victim's becomes scratch). The others' slots are free again (their
+        weights there until a copy takes them)."""
         for key in [k for k in self.staged if k[0] == layer]:
-            self._unstage(self.staged[key])
+            slot = self.staged[key]
+            if not (key in used and self.learning and self._promote(key, slot, protect)):
+                self._unstage(slot)
+
+    def _promote(self, key: Key, slot: int, protect: set[Key]) -> bool:
+        victim = self.eviction.victim(self.where.keys(), protect) if self.where else None
+        if victim is None or victim in protect or not self.eviction.admits(key, victim):
+            return False
+        held = self.where.pop(victim)
+        self.eviction.remove(victim)
+        self.resident.discard(victim)
+        del self.staged[key], self.holder[slot]
+        self.where[key] = slot
+        self.eviction.hold(key)
+        scratch = self.groups[None]
+        scratch[scratch.index(slot)] = held
+        self.holder[held] = None
+        return True
 
     def _unstage(self, slot: int) -> None:
         key = self.holder.get(slot)
