@@ -142,9 +142,14 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
             "fraction_of_shared_bound": statistics.median(tps) * shared_s if shared_s else None,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
             # per decode token (ms): the whole step, inside the expert backend, the parts of that
+            # (join: the backend's time after the launch: waiting for the CPU's share and adding it)
             "ms_per_token": {"step": dt / n * 1e3, "outside_experts": (dt - d["backend_s"]) / n * 1e3,
-                             **{k[:-2]: d[k] / n * 1e3 for k in TIMERS}},
+                             **{k[:-2]: d[k] / n * 1e3 for k in TIMERS},
+                             "join": (d["backend_s"] - d["sync_s"] - d["plan_s"] - d["launch_s"]) / n * 1e3},
             "allocator_during_decode": allocs, "prefill": prefill,
+            # experts copied ahead by the policy per decode token, and of those used or wasted when their layer came
+            "prefetch_per_token": {k: d.get(f, 0) / n for k, f in (("copied", "prefetched"), ("used", "prefetch_used"),
+                                                                   ("wasted", "prefetch_wasted"))},
             "probes": {"ttft": (read[0] + read[1]) / 2, "decode": (read[1] + read[2]) / 2} if probe else None,
             "budget": engine.budget, "costs": backend.costs.as_dict() if backend.costs else None,
             # the engine's corrections of those costs at the end (CPU per regime, copies), for reading the model
@@ -228,6 +233,9 @@ def print_rows(rows: list[dict], header: bool = False) -> None:
                 f"TTFT {r['predicted_ttft_s_at_profile_speed']:.2f} s", flush=True)
         if r.get("ms_per_token"):
             print("    ms/token: " + ", ".join(f"{k} {v:.1f}" for k, v in r["ms_per_token"].items()), flush=True)
+        if (r.get("prefetch_per_token") or {}).get("copied"):
+            print("    prefetched/token: " + ", ".join(f"{k} {v:.2f}" for k, v in r["prefetch_per_token"].items()),
+                  flush=True)
         if r.get("prefill"):
             p = r["prefill"]
             busy = {k: v for k, v in p.get("allocator", {}).items() if v}  # allocator work inside the prompt

@@ -36,13 +36,23 @@ class CostCorrection:
         self.cpu_scales, self.copy_scale, self.enabled = [1.0, 1.0], 1.0, True
         self._copy_timing: tuple | None = None  # (start, end events, predicted s) of the last layer's copies
         self._pending: tuple | None = None      # the same for the layer being launched
+        self._scaled: dict[tuple, tuple] = {}  # (id of the costs, corrections) -> (the costs, scaled)
+        self._pairs: list[tuple] = []  # two (start, end) timing events, in turn: one per layer is in use
 
     def scaled(self, costs: ExpertCosts | None, misses: dict[int, int]) -> ExpertCosts | None:
         """costs corrected for a layer whose missing experts take these tokens; None where nothing is
         planned (no costs, or no miss)."""
         if costs is None or not misses:
             return None
-        return costs.scaled(self.cpu_scales[regime(max(misses.values()))], self.copy_scale)
+        # the corrections to 1%: a layer reuses the costs scaled for an earlier one (a new ExpertCosts per layer
+        # cost more host time than the rest of the plan)
+        key = (id(costs), round(self.cpu_scales[regime(max(misses.values()))], 2), round(self.copy_scale, 2))
+        hit = self._scaled.get(key)
+        if hit is None or hit[0] is not costs:
+            if len(self._scaled) > 256:
+                self._scaled.clear()
+            hit = self._scaled[key] = (costs, costs.scaled(key[1], key[2]))
+        return hit[1]
 
     def observe_cpu(self, costs: ExpertCosts | None, jobs, busy_s: float, beside_copies: bool) -> None:
         """A layer's CPU share took busy_s; jobs: (expert, rows, entries); costs: the uncorrected ones."""
@@ -58,7 +68,10 @@ class CostCorrection:
         if stream is None or not (copies and costs is not None and self.enabled):
             return
         predicted = sum(costs.copy((self.inter - r) / self.inter) for r in copies.values()) / self.copy_scale
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if len(self._pairs) < 2:
+            self._pairs.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+        self._pairs.reverse()
+        start, end = self._pairs[0]  # the other pair may still be the last layer's, not read yet
         start.record(stream)
         self._pending = (start, end, predicted)
 

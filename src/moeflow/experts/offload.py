@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -50,9 +51,10 @@ class OffloadStats:
     bytes_h2d: int = 0        # expert weights copied host -> GPU
     miss_bytes: int = 0       # weights of the experts that were not on the GPU when needed
     # where the host's time goes (seconds): in the backend in all, waiting for the GPU at the per-layer sync,
-    # planning (sync to CPU work handed over), launching the GPU's share (copies and compute), the CPU worker
-    # busy on experts (of which inside the native kernel), and waiting for that worker once the GPU's share is
-    # launched; cpu_start: from handing the CPU's share over to the worker starting on it (the GIL, a wake-up)
+    # planning (the sync to the plan made), launching (the copies, handing the CPU's share over, the GPU waves,
+    # the policy's prefetch), the CPU worker busy on experts (of which inside the native kernel), and waiting for
+    # that worker once all is launched; cpu_start: from handing the CPU's share over to the worker starting on
+    # it (the GIL, a wake-up)
     backend_s: float = 0.0
     sync_s: float = 0.0
     plan_s: float = 0.0
@@ -62,6 +64,8 @@ class OffloadStats:
     cpu_wait_s: float = 0.0
     cpu_start_s: float = 0.0
     prefetched: int = 0       # whole experts copied ahead at a policy's request (their bytes are in bytes_h2d)
+    prefetch_used: int = 0    # of those, selected when their layer came (the next time it came)
+    prefetch_wasted: int = 0  # ... not selected then, or overwritten before it came
 
     @property
     def hit_rate(self) -> float:
@@ -83,15 +87,15 @@ class LayerPlan:
     rows: dict[int, int] = field(default_factory=dict)  # missing expert -> its rows on the CPU
     costs: ExpertCosts | None = None  # the corrected costs the plan used (None: nothing planned)
 
-    @property
+    @cached_property
     def experts(self) -> list[int]:
         return sorted(self.entries)
 
-    @property
+    @cached_property
     def held(self) -> dict[int, int]:
         return {e: s for e, s in self.found.items() if s is not None}
 
-    @property
+    @cached_property
     def misses(self) -> dict[int, int]:
         return {e: len(self.entries[e]) for e in self.experts if self.found[e] is None}
 
@@ -132,6 +136,12 @@ class OffloadedExperts(ExpertBackend):
         self.costs = costs
         self.correction = CostCorrection(self.inter)
         self._landing: dict[int, torch.cuda.Event | None] = {}  # slot -> arrival of a copy made ahead
+        self._ahead: set[Key] = set()  # experts copied ahead whose layer has not come since
+        # the layer being launched: the slots its waves read; its copies in whole experts (a policy's prefetch
+        # reads it: the copy engine's time left in the layer)
+        self._layer_slots: set[int] = set()
+        self.layer_copied = 0.0
+        self._cpu_dev = torch.empty(0, self.hidden, device=self.device)  # the CPU share's output on the device
         if costs is None and policy.needs_costs:
             self.costs = self.measure_costs()
 
@@ -189,16 +199,22 @@ class OffloadedExperts(ExpertBackend):
         s, t_in = self.stats, time.perf_counter()
         x_h, w_h, ids_h = self.staging.fetch(x, topk_ids, topk_weights, packed, self.policy.uses_cpu)
         t_sync = time.perf_counter()
+        self.correction.observe_copies()  # the last layer's, done by now (its GPU work synced above)
         plan = self._plan(self.host.slot[layer], ids_h, topk_ids.numel())
-        jobs = plan.cpu_jobs  # the CPU's share starts first: it is usually the longest
-        call = self._cpu_part(plan.layer, x_h, w_h.flatten(), topk_ids.shape[1], jobs) if jobs else None
         t_plan = time.perf_counter()
-        self.correction.observe_copies()  # the last layer's, read once the CPU is under way
-        out = self._gpu_part(plan, x, topk_weights)
         N, K = topk_ids.shape
-        self.policy.prefetch(plan.layer, ids_h.reshape(N, K), w_h.reshape(N, K), self)
+        self.waves.begin(x, w_h.flatten().float().numpy(), K)
+        here, wave = self._copies(plan)  # the copy engine fed first: a copy moves from the moment it is issued
+        self._layer_slots = here.keys() | wave.keys()
+        jobs = plan.cpu_jobs
+        call = self._cpu_part(plan.layer, x_h, w_h.flatten(), K, jobs) if jobs else None
+        for w in (here, wave):  # the experts already held first: they need no copy
+            if w:
+                self.waves.run(w)
+        if type(self.policy).prefetch is not OffloadPolicy.prefetch:  # only a policy that has one
+            self.policy.prefetch(plan.layer, ids_h.reshape(N, K), w_h.reshape(N, K), self)
         t_launch = time.perf_counter()
-        result = self._join(plan, call, out, x, dest)
+        result = self._join(plan, call, x, dest)
         s.sync_s += t_sync - t_in
         s.plan_s += t_plan - t_sync
         s.launch_s += t_launch - t_plan
@@ -213,6 +229,10 @@ class OffloadedExperts(ExpertBackend):
         if entries_n > self.host.cfg.num_experts_per_tok:  # a step of several tokens
             self.prompt_shape.add([len(v) for v in entries.values()])
         plan = LayerPlan(l, self.inter, entries, {e: self.cache.lookup((l, e)) for e in sorted(entries)})
+        if self._ahead:
+            self._count_ahead(l, plan)
+        if self.cache.staged:  # guesses of this layer: spent, or kept where used and admitted
+            self.cache.end_layer(l, used=[(l, e) for e in plan.held], protect={(l, e) for e in plan.experts})
         misses = plan.misses
         plan.costs = self.correction.scaled(self.costs, misses)  # a layer with no miss plans nothing
         if misses:  # keep: those a whole copy of which the cache would keep (an adaptive split)
@@ -220,49 +240,65 @@ class OffloadedExperts(ExpertBackend):
             plan.rows = self.policy.plan(misses, plan.costs, self.inter, self.cache.capacity(l), keep)
         return plan
 
-    def _gpu_part(self, plan: LayerPlan, x: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """Copies on the copy stream; the GPU computes the experts already there at once, then the copied ones
-        once they land, each group in one pass (waves). A slot reused within this layer (more copies than
-        slots) first gets the wave holding it computed. Returns the GPU's share [N, H] fp32."""
-        l, I = plan.layer, self.inter
-        out = self.waves.begin(x, topk_weights)  # [N, H] fp32
+    def _copies(self, plan: LayerPlan) -> tuple[Wave, Wave]:
+        """The layer's copies issued on the copy stream, in one stream switch and with one event per batch; a slot
+        reused within the layer (more copies than slots) first gets the wave holding it computed. Returns the
+        waves left to run: the experts already held (after any prefetched copy of theirs lands), and the copied
+        ones (after their copies land)."""
+        l = plan.layer
         here: Wave = {s: (plan.entries[e], self._landing.pop(s, None)) for e, s in plan.held.items()}
         protect = {(l, e) for e in plan.held}
         copies = plan.copies
+        self.layer_copied = sum(self.inter - r for r in copies.values()) / self.inter
         self.correction.start_copies(self.copy_stream, copies, plan.costs)
         wave: Wave = {}
+        pending: dict[int, tuple[int, int]] = {}  # slot -> (expert, rows left on the CPU), not issued yet
         for e, r in copies.items():
             slot = self.cache.take((l, e), protect, keep=r == 0 and self.split.keep_copies,
-                                   busy=set(wave) | set(here))
+                                   busy=set(wave) | set(here) | set(pending))
             if slot in here:  # the layer's cache group is full of its own experts
                 self.waves.run(here)
                 here = {}
-            if slot in wave:
+            if slot in wave or slot in pending:
+                wave |= self._issue(l, pending, plan.entries)
+                pending = {}
                 self.waves.run(wave)
                 wave = {}
             protect.add((l, e))
-            wave[slot] = (plan.entries[e], self._copy_in(slot, l, e, r))
-            self.stats.bytes_h2d += (I - r) * self.host.fmt.row_bytes
+            pending[slot] = (e, r)
+            self.stats.bytes_h2d += (self.inter - r) * self.host.fmt.row_bytes
+        wave |= self._issue(l, pending, plan.entries)
         self.correction.end_copies(self.copy_stream)
-        for w in (here, wave):
-            if w:
-                self.waves.run(w)
-        return out
+        return here, wave
 
-    def _join(self, plan: LayerPlan, call: CpuCall | None, out: torch.Tensor, x: torch.Tensor,
-              dest: torch.Tensor | None) -> torch.Tensor:
+    def _join(self, plan: LayerPlan, call: CpuCall | None, x: torch.Tensor, dest: torch.Tensor | None) -> torch.Tensor:
         """The CPU's share waited for and added to the GPU's; the layer's figures counted."""
         cpu_out = None
         if call is not None:
             t = time.perf_counter()
-            cpu_out = call.result().to(self.device, non_blocking=True)
+            cpu_out = self._to_device(call.result())
             self.stats.cpu_wait_s += time.perf_counter() - t
             self._cpu_done(call, plan.cpu_jobs, beside_copies=bool(plan.copies))
         self._count(plan)
+        out = self.waves.result()  # None: no wave ran (every expert on the CPU)
+        if out is None and cpu_out is None:  # nothing selected (no routing entries)
+            return dest.zero_() if dest is not None else torch.zeros_like(x)
         if dest is not None:  # one launch where a sum, a cast and the caller's copy were three
-            return dest.copy_(out) if cpu_out is None else torch.add(out, cpu_out, out=dest)
-        # a new tensor: out may be the wave graphs' buffer, which the next layer reuses
-        return (out if cpu_out is None else out.add_(cpu_out)).to(x.dtype, copy=True)
+            if out is None or cpu_out is None:
+                return dest.copy_(cpu_out if out is None else out)
+            return torch.add(out, cpu_out, out=dest)
+        # a new tensor: out may be the wave graphs' buffer, and cpu_out the CPU share's, which the next layer reuses
+        if out is None or cpu_out is None:
+            return (cpu_out if out is None else out).to(x.dtype, copy=True)
+        return out.add_(cpu_out).to(x.dtype, copy=True)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """t [N, H] fp32 (pinned with a GPU) into a reused device buffer (no allocation per layer)."""
+        if not self.cuda:
+            return t
+        if t.shape[0] > self._cpu_dev.shape[0]:
+            self._cpu_dev = torch.empty(t.shape[0], self.hidden, device=self.device)
+        return self._cpu_dev[:t.shape[0]].copy_(t, non_blocking=True)
 
     def _count(self, plan: LayerPlan) -> None:
         s, I, l = self.stats, self.inter, plan.layer
@@ -274,49 +310,81 @@ class OffloadedExperts(ExpertBackend):
         s.miss_bytes += (len(plan.found) - len(plan.held)) * self.host.expert_bytes
 
     # -- the policy's prefetch -------------------------------------------------------------------------
+    def _count_ahead(self, l: int, plan: LayerPlan) -> None:
+        """The experts of MoE row l copied ahead, now that the layer has come: used if selected and still held."""
+        mine = {k for k in self._ahead if k[0] == l}
+        if not mine:
+            return
+        used = sum(1 for k in mine if k[1] in plan.held)
+        self.stats.prefetch_used += used
+        self.stats.prefetch_wasted += len(mine) - used
+        self._ahead -= mine
+
     @property
     def shape(self) -> tuple[int, int]:
         return len(self.host.layers), self.E
 
     def holds(self, key: Key) -> bool:
-        return key in self.cache.where
+        return self.cache.holds(key)
 
     def copy_s(self) -> float:
         return self.costs.copy() if self.costs is not None else 0.0
 
     def copy_ahead(self, key: Key, protect=()) -> bool:
-        """Expert key = (l, e) copied in whole, on the copy stream, into the cache slot the eviction policy
-        gives it, for a later layer or step (which waits for it to land). False where it is held already, or
-        the cache would not keep it (a split whose copies are scratch, or an adaptive one that does not admit
-        it). Called from a policy's prefetch(), after the layer's own copies and GPU work are issued."""
-        if key in self.cache.where or not self.split.keep_copies or self.cache.capacity(key[0]) == 0:
+        """Expert key = (l, e) copied in whole, on the copy stream, for a later layer or step (which waits for it
+        to land): into the cache slot the eviction policy gives it, or with an adaptive split into a free
+        scratch slot, findable until its layer comes. False where it is held already, or the cache would not
+        keep it (a split whose copies are scratch, no free scratch slot, a cache that does not admit it).
+        Called from a policy's prefetch(), after the layer's own copies and GPU work are issued."""
+        if self.cache.holds(key) or not self.split.keep_copies or self.cache.capacity(key[0]) == 0:
             return False
-        slot = self.cache.take(key, protect=set(protect) - {key}, keep=True)
-        if self.cache.where.get(key) != slot:
-            return False
+        if self.cache.adaptive:
+            slot = self.cache.stage(key, avoid=self._layer_slots)
+            if slot is None:
+                return False
+        else:
+            slot = self.cache.take(key, protect=set(protect) - {key}, keep=True)
+            if self.cache.where.get(key) != slot:
+                return False
         self._landing[slot] = self._copy_in(slot, key[0], key[1], 0)
         self.stats.bytes_h2d += self.host.expert_bytes
         self.stats.prefetched += 1
+        self._ahead.add(key)
         return True
 
     # -- the CPU's share and the copies ----------------------------------------------------------------
+    def _issue(self, l: int, pending: dict[int, tuple[int, int]], entries: dict) -> Wave:
+        """Copies (slot -> (expert, rows r left on the CPU)) of MoE row l issued on the copy stream, in one stream
+        switch; one event after them all (the wave that needs them waits for the last). Returns their wave."""
+        if not pending:
+            return {}
+        with torch.cuda.stream(self.copy_stream) if self.cuda else nullcontext():
+            for slot, (e, r) in pending.items():
+                self._copy(slot, l, e, r)
+            ready = self.copy_stream.record_event() if self.cuda else None
+        return {slot: (entries[e], ready) for slot, (e, _) in pending.items()}
+
     def _copy_in(self, slot: int, l: int, e: int, r: int) -> torch.cuda.Event | None:
-        """Rows r:I of expert (l, e) into `slot`: one transfer for a whole expert, three for a part (whose gate
-        rows 0:r are zeroed, see Waves.run)."""
+        """One copy (see _copy) on the copy stream; the event of its arrival."""
+        with torch.cuda.stream(self.copy_stream) if self.cuda else nullcontext():
+            self._copy(slot, l, e, r)
+            return self.copy_stream.record_event() if self.cuda else None
+
+    def _copy(self, slot: int, l: int, e: int, r: int) -> None:
+        """Rows r:I of expert (l, e) into `slot`, on the current stream (the copy stream), once the last wave that
+        read the slot is done: one transfer for a whole expert, three for a part (whose gate rows 0:r are zeroed,
+        see Waves.run)."""
         src, dst = self.host.data[l, e], self.slots[slot]
         self._landing.pop(slot, None)
-        ctx = torch.cuda.stream(self.copy_stream) if self.cuda else nullcontext()
-        with ctx:
-            if self.cuda and slot in self.waves.slot_free:
-                self.copy_stream.wait_event(self.waves.slot_free[slot])
-            if r == 0:
-                dst.copy_(src, non_blocking=True)
-            else:
-                fmt, I = self.host.fmt, self.inter
-                for d, s in zip(fmt.runs(dst, r, I), fmt.runs(src, r, I)):
-                    d.copy_(s, non_blocking=True)
-                fmt.clear(dst, r)
-            return self.copy_stream.record_event() if self.cuda else None
+        if self.cuda:
+            self.waves.wait_free(slot, self.copy_stream)
+        if r == 0:
+            dst.copy_(src, non_blocking=True)
+            return
+        fmt, I = self.host.fmt, self.inter
+        for d, s in zip(fmt.runs(dst, r, I), fmt.runs(src, r, I)):
+            d.copy_(s, non_blocking=True)
+        fmt.clear(dst, r)  # gate rows 0:r zeroed (a quantized row zeroed has scale 0; biased: experts/biased.py)
 
     def _cpu_done(self, call: CpuCall, jobs, beside_copies: bool) -> None:
         """The CPU's share of a layer has returned: its times, and the correction of the CPU's costs."""

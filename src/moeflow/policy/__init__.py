@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moeflow import MoeflowError
-from moeflow.policy.auto import AutoPolicy
+from moeflow.policy.auto import AutoPolicy, AutoPrefetchPolicy
 from moeflow.policy.base import OffloadPolicy
 from moeflow.policy.fiddler import FiddlerPolicy
 from moeflow.policy.fmoe import FmoePolicy
@@ -11,7 +11,7 @@ from moeflow.policy.lru import LruPolicy
 from moeflow.policy.reference import CpuPolicy, GpuPolicy
 
 POLICIES: dict[str, type[OffloadPolicy]] = {p.name: p for p in (AutoPolicy, FiddlerPolicy, LruPolicy, GpuPolicy,
-                                                                  CpuPolicy, FmoePolicy)}
+                                                                  CpuPolicy, FmoePolicy, AutoPrefetchPolicy)}
 
 
 def get_policy(name: str) -> OffloadPolicy:

@@ -31,6 +31,7 @@ class Prefetcher(Protocol):
     """What a policy's prefetch() may ask of the offloaded backend (experts/offload.py, OffloadedExperts)."""
 
     shape: tuple[int, int]  # (MoE layers, experts per layer)
+    layer_copied: float     # the layer being launched: its own copies, in whole experts
 
     def holds(self, key: tuple[int, int]) -> bool:
         """Expert (l, e) is in a GPU slot (or on its way there)."""

@@ -5,6 +5,8 @@ Legend: (l, e) = expert key with l the MoE layer's row in the store.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from moeflow.policy.base import SlotSplit
 from moeflow.policy.eviction import EVICTION
 
@@ -30,6 +32,8 @@ class SlotCache:
         self.groups = ({g: cache[g::layers] for g in range(layers)} if split.per_layer else {None: cache})
         self.holder: dict[int, Key | None] = dict.fromkeys(cache)
         self.per_layer = split.per_layer
+        # adaptive: experts copied ahead into scratch slots, findable until their layer comes (stage())
+        self.staged: dict[Key, int] = {}
         self.learning = True  # see begin()
         self.eviction = EVICTION[eviction]()
         for key, rate in (prior or {}).items():
@@ -47,8 +51,13 @@ class SlotCache:
             self.eviction.tick()
         self.learning = not (self.adaptive and broad)
 
+    def holds(self, key: Key) -> bool:
+        return key in self.where or key in self.staged
+
     def lookup(self, key: Key) -> int | None:
         slot = self.where.get(key)
+        if slot is None and self.staged:
+            slot = self.staged.get(key)
         if (self.adaptive and self.learning) or (slot is not None and key not in self.resident):
             self.eviction.touch(key)
         return slot
@@ -95,4 +104,48 @@ class SlotCache:
             self.where[key] = slot
             self.eviction.hold(key)
             return slot
-        return sorted(self.groups[None], key=lambda s: s in busy)[0]  # scratch
+        slot = min(self.groups[None], key=lambda s: (s in busy, self.holder[s] is not None))  # scratch
+        self._unstage(slot)
+        return slot
+
+    def stage(self, key: Key, avoid: Collection[int] = ()) -> int | None:
+        """Adaptive: a scratch slot for `key`, copied ahead of its layer (a guess: no resident is evicted for it),
+        findable by lookup() until its layer comes (end_layer) or a copy takes the slot; None where every
+        scratch slot holds a staged expert. Slots in `avoid` (the current layer's) come last."""
+        free = [s for s in self.groups[None] if self.holder[s] is None]
+        if not self.adaptive or key in self.where or key in self.staged or not free:
+            return None
+        slot = min(free, key=lambda s: s in avoid)
+        self.staged[key], self.holder[slot] = slot, key
+        return slot
+
+    def end_layer(self, layer: int, used: Collection[Key] = (), protect: set[Key] = frozenset()) -> None:
+        """Layer `layer`'s lookups are done: its staged experts are spent. One in `used` (selected now) stays
+        where the eviction policy admits it in place of the held expert it ranks lowest outside `protect`, with no
+        copy: the two slots trade roles (the victim's becomes scratch). The others' slots are free again (their
+        weights there until a copy takes them)."""
+        for key in [k for k in self.staged if k[0] == layer]:
+            slot = self.staged[key]
+            if not (key in used and self.learning and self._promote(key, slot, protect)):
+                self._unstage(slot)
+
+    def _promote(self, key: Key, slot: int, protect: set[Key]) -> bool:
+        victim = self.eviction.victim(self.where.keys(), protect) if self.where else None
+        if victim is None or victim in protect or not self.eviction.admits(key, victim):
+            return False
+        held = self.where.pop(victim)
+        self.eviction.remove(victim)
+        self.resident.discard(victim)
+        del self.staged[key], self.holder[slot]
+        self.where[key] = slot
+        self.eviction.hold(key)
+        scratch = self.groups[None]
+        scratch[scratch.index(slot)] = held
+        self.holder[held] = None
+        return True
+
+    def _unstage(self, slot: int) -> None:
+        key = self.holder.get(slot)
+        if key is not None and self.staged.get(key) == slot:
+            del self.staged[key]
+            self.holder[slot] = None
