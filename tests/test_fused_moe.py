@@ -27,7 +27,10 @@ def routing(n: int, k: int, e: int, device: str, seed: int = 0, skew: bool = Tru
     return ids.to(device), w.to(device)
 
 
-@pytest.mark.parametrize("n,k,e,bm", [(1, 8, 128, 16), (40, 2, 6, 16), (300, 4, 16, 64), (3, 2, 2, 16)])
+ALIGN_CASES = [(1, 8, 128, 16), (40, 2, 6, 16), (300, 4, 16, 64), (3, 2, 2, 16)]
+
+
+@pytest.mark.parametrize("n,k,e,bm", ALIGN_CASES)
 def test_align_puts_every_pair_once_in_blocks_of_one_expert(n, k, e, bm):
     ids, _ = routing(n, k, e, "cpu")
     sorted_ids, block_expert, total = align(ids, e, bm)
@@ -42,6 +45,19 @@ def test_align_puts_every_pair_once_in_blocks_of_one_expert(n, k, e, bm):
         pairs = sorted_ids[b * bm:(b + 1) * bm]
         pairs = pairs[pairs < M].long()
         assert pairs.numel() > 0 and bool((flat[pairs] == block_expert[b]).all())
+
+
+def check_align(device: str) -> None:
+    """The one-launch align against align(): the same total, block experts and pairs in each block (their order
+    within an expert's run is the atomics')."""
+    from moeflow.experts.fused_moe import align_on_device
+
+    for n, k, e, bm in ALIGN_CASES:
+        ids, _ = routing(n, k, e, device)
+        want, got = align(ids, e, bm), align_on_device(ids, e, bm)
+        assert int(want[2]) == int(got[2]) and torch.equal(want[1], got[1]), (n, k, e, bm)
+        blocks = [(w.sort().values, g.sort().values) for w, g in zip(want[0].split(bm), got[0].split(bm))]
+        assert all(torch.equal(w, g) for w, g in blocks), (n, k, e, bm)
 
 
 def check_dense(device: str, dtype: torch.dtype, cases=((1, 8, 16), (5, 3, 6), (70, 2, 4))) -> None:
@@ -87,8 +103,8 @@ def test_kernels_in_the_interpreter():
         pytest.skip("triton is not installed")
     import moeflow
 
-    code = ("import torch, test_fused_moe as t; t.check_dense('cpu', torch.float16, ((40, 2, 4),));"
-            "t.check_quantized('cpu', torch.float16, counts=(6,))")
+    code = ("import torch, test_fused_moe as t; t.check_align('cpu');"
+            "t.check_dense('cpu', torch.float16, ((40, 2, 4),)); t.check_quantized('cpu', torch.float16, counts=(6,))")
     path = os.pathsep.join([str(Path(moeflow.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
@@ -99,6 +115,7 @@ def test_kernels_in_the_interpreter():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_kernels_match_pytorch_on_cuda(dtype):
+    check_align("cuda")
     check_dense("cuda", dtype, ((1, 8, 128), (8, 8, 128), (5, 3, 6), (70, 2, 4), (512, 8, 16)))
     check_quantized("cuda", dtype, (QuantSpec(4, 64), QuantSpec(4, 128, False), QuantSpec(8, 32, True, torch.float16)))
 

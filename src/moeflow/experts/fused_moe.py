@@ -74,7 +74,58 @@ def align(topk_ids: torch.Tensor, num_experts: int, bm: int):
     return sorted_ids, block_expert, pend[-1:].to(torch.int32)
 
 
+def align_on_device(topk_ids: torch.Tensor, num_experts: int, bm: int):
+    """align() in one Triton launch (a dozen PyTorch kernels otherwise, each a few microseconds of a decode
+    step). An expert's pairs land in its blocks in the order atomics give them, which changes no result: the
+    rows of a GEMM are independent."""
+    flat = topk_ids.flatten()
+    M, dev = flat.numel(), flat.device
+    P = -(-(M + min(num_experts, M) * (bm - 1)) // bm) * bm
+    block_e = triton.next_power_of_2(num_experts)
+    sorted_ids = torch.empty(P, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(P // bm, dtype=torch.int32, device=dev)
+    total = torch.empty(1, dtype=torch.int32, device=dev)
+    scratch = torch.empty(2 * block_e + M, dtype=torch.int32, device=dev)  # counts, run starts, ranks
+    _align_kernel[(1,)](flat, sorted_ids, block_expert, total, scratch, M, num_experts, P, BM=bm, BLOCK=256,
+                        BLOCK_E=block_e, BLOCK_B=max(16, 4096 // block_e), num_warps=4)
+    return sorted_ids, block_expert, total
+
+
 if triton is not None:
+    @triton.jit
+    def _align_kernel(ids_ptr, sorted_ptr, bexp_ptr, total_ptr, scratch, M, E, P, BM: tl.constexpr,
+                      BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
+        """One program: counts (each pair's rank in its expert from an atomic), padded run starts by a cumsum,
+        each pair scattered to its start + rank, each block's expert from the run ends."""
+        offs, es = tl.arange(0, BLOCK), tl.arange(0, BLOCK_E)
+        counts_ptr, start_ptr, rank_ptr = scratch, scratch + BLOCK_E, scratch + 2 * BLOCK_E
+        tl.store(counts_ptr + es, tl.zeros((BLOCK_E,), tl.int32))
+        for p0 in range(0, P, BLOCK):
+            tl.store(sorted_ptr + p0 + offs, tl.zeros((BLOCK,), tl.int32) + M, mask=p0 + offs < P)
+        tl.debug_barrier()
+        for m0 in range(0, M, BLOCK):
+            msk = m0 + offs < M
+            e = tl.load(ids_ptr + m0 + offs, mask=msk, other=0)
+            r = tl.atomic_add(counts_ptr + e, tl.full((BLOCK,), 1, tl.int32), mask=msk)
+            tl.store(rank_ptr + m0 + offs, r, mask=msk)
+        tl.debug_barrier()
+        c = tl.load(counts_ptr + es, mask=es < E, other=0)
+        padded = (c + BM - 1) // BM * BM
+        pend = tl.cumsum(padded, 0)                                          # [BLOCK_E] run ends
+        tl.store(start_ptr + es, pend - padded)
+        tl.store(total_ptr, tl.sum(padded, 0))
+        tl.debug_barrier()
+        for m0 in range(0, M, BLOCK):
+            msk = m0 + offs < M
+            e = tl.load(ids_ptr + m0 + offs, mask=msk, other=0)
+            pos = tl.load(start_ptr + e, mask=msk, other=0) + tl.load(rank_ptr + m0 + offs, mask=msk, other=0)
+            tl.store(sorted_ptr + pos, m0 + offs, mask=msk)
+        for b0 in range(0, P // BM, BLOCK_B):
+            bs = b0 + tl.arange(0, BLOCK_B)
+            ends = (pend[None, :] <= (bs * BM)[:, None]) & (es < E)[None, :]   # [BLOCK_B, BLOCK_E]
+            be = tl.minimum(tl.sum(ends.to(tl.int32), 1), E - 1)
+            tl.store(bexp_ptr + bs, be, mask=bs < P // BM)
+
     @triton.jit
     def _silu_mul(g, u, dtype: tl.constexpr):
         """silu(g) * u rounded where PyTorch rounds it (gate and up, silu, the product in `dtype`): the same
@@ -158,7 +209,7 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     E, two_i, H = gate_up.shape
     I, M = two_i // 2, N * K
     t = tiles or tiles_for(M, E)
-    sorted_ids, block_expert, total = align(topk_ids, E, t.bm)
+    sorted_ids, block_expert, total = align_on_device(topk_ids, E, t.bm)
     x = x.contiguous()
     h = torch.empty(M, I, dtype=x.dtype, device=x.device)
     y = torch.empty(M, H, dtype=torch.float32, device=x.device)

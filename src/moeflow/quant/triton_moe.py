@@ -135,7 +135,7 @@ def quantized_fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weight
     E, H, I, spec = blocks.shape[0], fmt.hidden, fmt.inter, fmt.spec
     M = N * K
     bm = bm or fused_moe.tiles_for(M, E).bm
-    sorted_ids, block_expert, total = fused_moe.align(topk_ids, E, bm)
+    sorted_ids, block_expert, total = fused_moe.align_on_device(topk_ids, E, bm)
     x = x.contiguous()
     h = torch.empty(M, I, dtype=x.dtype, device=x.device)
     y = torch.empty(M, H, dtype=torch.float32, device=x.device)
