@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moeflow.config import ModelConfig
 from moeflow.experts.base import ExpertBackend  # noqa: F401  (the contract; importable here as before)
+from moeflow.models import fused_ops
 from moeflow.models.rope import rope_table
 from moeflow.models.routers import ROUTERS, route  # noqa: F401  (route: re-exported)
 from moeflow.models.sinks import sink_attention
@@ -202,9 +203,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.view(N, self.n_heads, D), k.view(N, self.n_kv, D)  # [N, Hq, D], [N, Hkv, D]
         v = self.v_proj(x).view(N, self.n_kv, D)
-        if hasattr(self, "q_norm") and not self.qk_whole:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, *rope), rotate(k, *rope)
+        q, k = self._norm_rope(q, k, rope)
 
         if kv is None:
             return self.o_proj(self._uncached(q, k, v, batch).reshape(N, self.n_heads * D))
@@ -229,6 +228,16 @@ class Attention(nn.Module):
                          batch.causal, self.n_heads != self.n_kv)  # [B, Hq, Tq, D]
         o = O.transpose(1, 2)[batch.tok_seq, batch.tok_row]                  # [N, Hq, D]
         return self.o_proj(o.reshape(N, self.n_heads * D))
+
+    def _norm_rope(self, q, k, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-head q/k norms (Qwen3) and RoPE: q [N, Hq, D], k [N, Hkv, D]; one launch each on CUDA."""
+        per_head = hasattr(self, "q_norm") and not self.qk_whole
+        if fused_ops.norm_rope_runs(q, rope[0]):
+            norms = (self.q_norm, self.k_norm) if per_head else (None, None)
+            return tuple(fused_ops.norm_rope(t, norm, *rope) for t, norm in zip((q, k), norms))
+        if per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return rotate(q, *rope), rotate(k, *rope)
 
     def _uncached(self, q, k, v, batch: AttnBatch) -> torch.Tensor:
         """No KV cache: the packed tokens are B rows of Tq (AttnBatch.full). -> [N, Hq, D]"""
