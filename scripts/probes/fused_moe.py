@@ -5,7 +5,8 @@ counts, each path replayed from a CUDA graph (the per-expert int4 loop, which sy
 GB/s of the distinct experts' weights it touches.
     PYTHONPATH=src python3 scripts/probes/fused_moe.py kernels [--tokens 1,8,64,512]
 step: synthetic:qwen3-30b-a3b cut to --layers layers, all on the GPU: ms per decode token (CUDA graph) with the
-fused kernels off and on, then a torch.profiler table of one eager step's kernels by GPU time.
+fused experts and the fused decoder ops (models/fused_ops.py) off and on, then a torch.profiler table of one eager
+step's kernels by GPU time.
     PYTHONPATH=src python3 scripts/probes/fused_moe.py step --layers 8
 """
 
@@ -118,9 +119,12 @@ def step() -> None:
     from moeflow.experts.local import LocalExperts
     from moeflow.synthetic import build_synthetic
 
+    from moeflow.models import fused_ops
+
     ck = build_synthetic("qwen3-30b-a3b", "cuda", torch.bfloat16, overrides={"num_hidden_layers": a.layers})
     prompt = list(range(10, 42))
-    for fused in (False, True):
+    for fused, ops in ((False, False), (True, False), (True, True)):
+        fused_ops.ENABLED = ops
         ck.model.set_experts(LocalExperts(ck.store, fused=fused))
         eng = LLMEngine(ck, max_seqs=1, max_len=256)
         eng.add_request(prompt, SamplingParams(max_new_tokens=60, ignore_eos=True))
@@ -134,7 +138,8 @@ def step() -> None:
         end.record()
         torch.cuda.synchronize()
         ms = start.elapsed_time(end) / 40
-        print(f"{a.layers} layers fused={fused}: {ms:.3f} ms/token (graph), {ms / a.layers * 1e3:.1f} us/layer; "
+        print(f"{a.layers} layers fused experts={fused} ops={ops}: {ms:.3f} ms/token (graph), "
+              f"{ms / a.layers * 1e3:.1f} us/layer; "
               f"48 layers ~{1e3 / (ms * 48 / a.layers):.0f} tok/s", flush=True)
     eager = LLMEngine(ck, max_seqs=1, max_len=256, cuda_graphs=False)
     eager.add_request(prompt, SamplingParams(max_new_tokens=20, ignore_eos=True))
