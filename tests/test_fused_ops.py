@@ -36,11 +36,11 @@ def check_softmax_topk(device: str, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(1)
     for n, e, k, renorm in ((1, 128, 8, True), (9, 6, 2, False), (4, 60, 6, True)):
         logits = torch.randn(n, e, generator=g).to(device, dtype)
-        fused_ops.ENABLED = False
+        was, fused_ops.ENABLED = fused_ops.ENABLED, False
         try:
             want_ids, want_w = route(logits, k, renorm)
         finally:
-            fused_ops.ENABLED = True
+            fused_ops.ENABLED = was
         ids, w = fused_ops.softmax_topk(logits, k, renorm)
         assert ids.dtype == want_ids.dtype and torch.equal(ids, want_ids), (n, e, k)
         assert w.dtype == torch.float32 and torch.allclose(w, want_w, rtol=1e-5, atol=1e-7), (n, e, k)
