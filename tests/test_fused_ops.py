@@ -71,3 +71,25 @@ def test_fused_ops_in_the_interpreter():
 def test_fused_ops_match_pytorch_on_cuda(dtype):
     check_norm_rope("cuda", dtype)
     check_softmax_topk("cuda", dtype)
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-mixtral"])
+def test_fused_ops_keep_the_greedy_tokens_on_cuda(name):
+    """A tiny model's greedy tokens (decode under the CUDA graph) with the fused ops on are the PyTorch ops'."""
+    from moeflow.checkpoint import load
+    from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.engine.sequence import SamplingParams
+
+    ck = load(f"synthetic:{name}", device="cuda", dtype="bf16")
+    outs, was = [], fused_ops.ENABLED
+    try:
+        for on in (False, True):
+            fused_ops.ENABLED = on
+            engine = LLMEngine(ck, max_seqs=1, max_len=64)
+            outs.append(engine.generate(["Fused ops replay the same tokens"],
+                                        SamplingParams(max_new_tokens=24, ignore_eos=True))[0].output_ids)
+    finally:
+        fused_ops.ENABLED = was
+    assert outs[0] == outs[1]
