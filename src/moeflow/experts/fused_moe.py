@@ -127,6 +127,15 @@ if triton is not None:
             tl.store(bexp_ptr + bs, be, mask=bs < P // BM)
 
     @triton.jit
+    def _topk_sum_kernel(y_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
+        """out[n] = sum over k of y[n * K + k] in fp32, rounded once to out's dtype (the sum and the cast in one)."""
+        n, cols = tl.program_id(0), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for k in tl.static_range(K):
+            acc += tl.load(y_ptr + (n * K + k).to(tl.int64) * H + cols, mask=cols < H, other=0.0)
+        tl.store(out_ptr + n.to(tl.int64) * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
+
+    @triton.jit
     def _silu_mul(g, u, dtype: tl.constexpr):
         """silu(g) * u rounded where PyTorch rounds it (gate and up, silu, the product in `dtype`): the same
         intermediate as the grouped GEMMs' path but for the accumulation order."""
@@ -219,4 +228,12 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
         x, gate_up, h, sorted_ids, block_expert, total, M, K, H, I, *gate_up.stride(), **opts)
     _down_kernel[(blocks * triton.cdiv(H, t.bn),)](
         h, down_t, y, topk_weights.contiguous(), sorted_ids, block_expert, total, M, H, I, *down_t.stride(), **opts)
-    return y.view(N, K, H).sum(1).to(x.dtype)
+    return topk_sum(y, N, K, x.dtype)
+
+
+def topk_sum(y: torch.Tensor, N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """y [N*K, H] fp32, the weighted expert outputs of each token's K pairs -> [N, H] in dtype, one launch."""
+    H = y.shape[1]
+    out = torch.empty(N, H, dtype=dtype, device=y.device)
+    _topk_sum_kernel[(N, triton.cdiv(H, 1024))](y, out, H, K=K, BLOCK=1024, num_warps=4)
+    return out

@@ -148,4 +148,4 @@ def quantized_fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weight
                                              BN=bn, **flags)
     _qdown_kernel[(nblocks * (H // spec.group_size),)](h, blocks, y, topk_weights.contiguous(), sorted_ids,
                                                        block_expert, total, *common, BK=bn, **flags)
-    return y.view(N, K, H).sum(1).to(x.dtype)
+    return fused_moe.topk_sum(y, N, K, x.dtype)
