@@ -46,6 +46,25 @@ def check_softmax_topk(device: str, dtype: torch.dtype) -> None:
         assert w.dtype == torch.float32 and torch.allclose(w, want_w, rtol=1e-5, atol=1e-7), (n, e, k)
 
 
+def check_decode_attention(device: str, dtype: torch.dtype) -> None:
+    """decode_attention against SDPA over positions 0..pos (the last `window`), the new K/V written at pos."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(2)
+    Hq, Hkv, D = 8, 2, 32
+    for T, pos, window in ((40, 0, None), (40, 17, None), (700, 650, None), (700, 600, 100)):
+        kc, vc = (torch.randn(T, Hkv, D, generator=g).to(device, dtype) for _ in range(2))
+        q = torch.randn(Hq, D, generator=g).to(device, dtype)
+        k, v = (torch.randn(Hkv, D, generator=g).to(device, dtype) for _ in range(2))
+        lo = 0 if window is None else max(0, pos - window + 1)
+        K = torch.cat([kc[lo:pos], k[None]]).transpose(0, 1)[None]  # [1, Hkv, n, D]
+        V = torch.cat([vc[lo:pos], v[None]]).transpose(0, 1)[None]
+        want = F.scaled_dot_product_attention(q[None, :, None].float(), K.float(), V.float(), enable_gqa=True)
+        got = fused_ops.decode_attention(q, k, v, kc, vc, torch.tensor([pos], device=device), window)
+        assert float((got.float() - want[0, :, 0]).norm() / want.norm()) < 1e-2, (T, pos, window)
+        assert torch.equal(kc[pos], k) and torch.equal(vc[pos], v)
+
+
 def test_fused_ops_off_the_gpu_are_pytorch_ops():
     """On the CPU the layers never take the fused ops (their PyTorch maths stay the reference)."""
     x = torch.randn(2, 4, 32, dtype=torch.bfloat16)
@@ -58,7 +77,7 @@ def test_fused_ops_in_the_interpreter():
     import moeflow
 
     code = ("import torch, test_fused_ops as t; t.check_norm_rope('cpu', torch.float16);"
-            "t.check_softmax_topk('cpu', torch.float16)")
+            "t.check_softmax_topk('cpu', torch.float16); t.check_decode_attention('cpu', torch.float16)")
     path = os.pathsep.join([str(Path(moeflow.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
@@ -71,6 +90,7 @@ def test_fused_ops_in_the_interpreter():
 def test_fused_ops_match_pytorch_on_cuda(dtype):
     check_norm_rope("cuda", dtype)
     check_softmax_topk("cuda", dtype)
+    check_decode_attention("cuda", dtype)
 
 
 @pytest.mark.gpu
@@ -83,13 +103,13 @@ def test_fused_ops_keep_the_greedy_tokens_on_cuda(name):
     from moeflow.engine.sequence import SamplingParams
 
     ck = load(f"synthetic:{name}", device="cuda", dtype="bf16")
-    outs, was = [], fused_ops.ENABLED
+    outs, was = [], (fused_ops.ENABLED, fused_ops.DECODE_ATTENTION)
     try:
         for on in (False, True):
-            fused_ops.ENABLED = on
+            fused_ops.ENABLED = fused_ops.DECODE_ATTENTION = on
             engine = LLMEngine(ck, max_seqs=1, max_len=64)
             outs.append(engine.generate(["Fused ops replay the same tokens"],
                                         SamplingParams(max_new_tokens=24, ignore_eos=True))[0].output_ids)
     finally:
-        fused_ops.ENABLED = was
+        fused_ops.ENABLED, fused_ops.DECODE_ATTENTION = was
     assert outs[0] == outs[1]

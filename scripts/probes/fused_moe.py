@@ -117,16 +117,16 @@ def step() -> None:
     from moeflow.engine.llm_engine import LLMEngine
     from moeflow.engine.sequence import SamplingParams
     from moeflow.experts.local import LocalExperts
-    from moeflow.synthetic import build_synthetic
-
     from moeflow.models import fused_ops
+    from moeflow.synthetic import build_synthetic
 
     ck = build_synthetic("qwen3-30b-a3b", "cuda", torch.bfloat16, overrides={"num_hidden_layers": a.layers})
     prompt = list(range(10, 42))
-    for fused, ops in ((False, False), (True, False), (True, True)):
-        fused_ops.ENABLED = ops
+    engines = {}
+    for fused, ops, attn in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
+        fused_ops.ENABLED, fused_ops.DECODE_ATTENTION = ops, attn
         ck.model.set_experts(LocalExperts(ck.store, fused=fused))
-        eng = LLMEngine(ck, max_seqs=1, max_len=256)
+        eng = engines[(fused, ops, attn)] = LLMEngine(ck, max_seqs=1, max_len=256)
         eng.add_request(prompt, SamplingParams(max_new_tokens=60, ignore_eos=True))
         for _ in range(6):
             eng.step()
@@ -138,20 +138,17 @@ def step() -> None:
         end.record()
         torch.cuda.synchronize()
         ms = start.elapsed_time(end) / 40
-        print(f"{a.layers} layers fused experts={fused} ops={ops}: {ms:.3f} ms/token (graph), "
-              f"{ms / a.layers * 1e3:.1f} us/layer; "
-              f"48 layers ~{1e3 / (ms * 48 / a.layers):.0f} tok/s", flush=True)
-    eager = LLMEngine(ck, max_seqs=1, max_len=256, cuda_graphs=False)
-    eager.add_request(prompt, SamplingParams(max_new_tokens=20, ignore_eos=True))
-    for _ in range(4):
-        eager.step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            eager.step()
-        torch.cuda.synchronize()
-    print(f"eager decode steps x3, {a.layers} layers, fused: kernels by GPU time")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
+        print(f"{a.layers} layers fused experts={fused} ops={ops} attention={attn}: {ms:.3f} ms/token (graph), "
+              f"{ms / a.layers * 1e3:.1f} us/layer; 48 layers ~{1e3 / (ms * 48 / a.layers):.0f} tok/s", flush=True)
+    for key in ((False, False, False), (True, True, True)):  # the graphed steps' kernels (a graph's replays count)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                engines[key].step()
+            torch.cuda.synchronize()
+        rows = prof.key_averages()
+        print(f"graphed decode steps x3, {a.layers} layers, fused (experts, ops, attention) = {key}: "
+              f"{sum(r.count for r in rows) / 3:.0f} kernels a step")
+        print(rows.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
 
 
 kernels() if a.what == "kernels" else step()

@@ -1,9 +1,11 @@
 """Triton fusions of the decoder's small ops, on CUDA where Triton imports (PyTorch's ops elsewhere, exactly):
-the per-head q/k RMSNorm with RoPE (Qwen3: a dozen kernels a layer become one) and the router's softmax, top-k
-and renormalization (five become one). In a graphed decode step every kernel costs a few microseconds whatever
+the per-head q/k RMSNorm with RoPE (Qwen3: a dozen kernels a layer become one), the router's softmax, top-k
+and renormalization (five become one), and a graphed decode step's attention with its KV-cache write (about
+eight become two). In a graphed decode step every kernel costs a few microseconds whatever
 its size, so the count is what matters. Each rounds where the PyTorch ops round, in the activations' dtype.
 
-Legend: N = tokens, Hh = heads (query and key heads together), D = head dim, E = experts, K = experts per token.
+Legend: N = tokens, Hh = heads (query and key heads together), D = head dim, E = experts, K = experts per token,
+Hq/Hkv = query/key-value heads, G = Hq / Hkv, T = the slot's positions, S = splits of T.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ except ImportError:
     triton = None
 
 ENABLED = False  # the fused ops where they run (False: PyTorch's ops everywhere, for comparisons)
+DECODE_ATTENTION = False  # a graphed decode step's attention by decode_attention (False: SDPA over the slot)
 
 
 def runs(x: torch.Tensor) -> bool:
@@ -103,3 +106,98 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch
 
 def topk_runs(logits: torch.Tensor, k: int) -> bool:
     return runs(logits) and logits.dim() == 2 and k <= logits.shape[-1] <= 4096
+
+
+if triton is not None:
+    @triton.jit
+    def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, part_ptr, ml_ptr, scale, window, CHUNK,
+                            SPLITS, HKV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
+                            BN: tl.constexpr):
+        """kv head h's G query heads over the cached keys of split sp (positions below pos; with the new token's
+        own key and value in the split that holds pos): partial softmax sums (m, l) and output; split 0 writes
+        the new key and value into the cache (no program reads that position from the cache)."""
+        h, sp = tl.program_id(0), tl.program_id(1)
+        pos = tl.load(pos_ptr).to(tl.int32)
+        lo = sp * CHUNK
+        if window > 0:
+            lo = tl.maximum(lo, pos - window + 1)
+        hi = tl.minimum(sp * CHUNK + CHUNK, pos)
+        gs, ds = tl.arange(0, BG), tl.arange(0, D)
+        q = tl.load(q_ptr + (h * G + gs)[:, None] * D + ds[None, :], mask=(gs < G)[:, None], other=0.0)
+        m = tl.zeros((BG,), tl.float32) - 1e30
+        lsum = tl.zeros((BG,), tl.float32)
+        acc = tl.zeros((BG, D), tl.float32)
+        for n0 in range(lo, hi, BN):
+            ns = n0 + tl.arange(0, BN)
+            nm = ns < hi
+            off = (ns[:, None] * HKV + h) * D + ds[None, :]
+            kt = tl.load(kc_ptr + off, mask=nm[:, None], other=0.0)                 # [BN, D]
+            sc = tl.where(nm[None, :], tl.dot(q, tl.trans(kt)) * scale, float("-inf"))  # [BG, BN]
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            p = tl.exp(sc - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            vt = tl.load(vc_ptr + off, mask=nm[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            lsum = lsum * alpha + tl.sum(p, 1)
+            m = m_new
+        kn = tl.load(k_ptr + h * D + ds)
+        vn = tl.load(v_ptr + h * D + ds)
+        if (pos >= sp * CHUNK) & (pos < sp * CHUNK + CHUNK):
+            sc = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale  # [BG]
+            m_new = tl.maximum(m, sc)
+            alpha, p = tl.exp(m - m_new), tl.exp(sc - m_new)
+            acc = acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
+            lsum = lsum * alpha + p
+            m = m_new
+        if sp == 0:
+            tl.store(kc_ptr + (pos * HKV + h) * D + ds, kn)
+            tl.store(vc_ptr + (pos * HKV + h) * D + ds, vn)
+        row = (h * SPLITS + sp) * BG + gs
+        tl.store(part_ptr + row[:, None] * D + ds[None, :], acc)
+        tl.store(ml_ptr + row * 2, m)
+        tl.store(ml_ptr + row * 2 + 1, lsum)
+
+    @triton.jit
+    def _decode_combine_kernel(part_ptr, ml_ptr, out_ptr, SPLITS, G: tl.constexpr, BG: tl.constexpr,
+                               D: tl.constexpr, BS: tl.constexpr):
+        """Query head qh: the splits' partial outputs rescaled to their common maximum and normalized."""
+        qh = tl.program_id(0)
+        h, g = qh // G, qh % G
+        ss, ds = tl.arange(0, BS), tl.arange(0, D)
+        row = (h * SPLITS + ss) * BG + g                                          # [BS]
+        sm = ss < SPLITS
+        m = tl.load(ml_ptr + row * 2, mask=sm, other=-1e30)
+        lsum = tl.load(ml_ptr + row * 2 + 1, mask=sm, other=0.0)
+        w = tl.exp(m - tl.max(m, 0))
+        acc = tl.load(part_ptr + row[:, None] * D + ds[None, :], mask=sm[:, None], other=0.0)
+        o = tl.sum(acc * w[:, None], 0) / tl.sum(lsum * w, 0)
+        tl.store(out_ptr + qh * D + ds, o.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, position: torch.Tensor, window: int | None) -> torch.Tensor:
+    """One sequence's decode token at the device-side `position` [1]: k, v [Hkv, D] written into the slot's
+    caches [T, Hkv, D], q [Hq, D] attending to positions 0..position (the last `window` of them) -> [Hq, D].
+    The splits of T are fixed by T, so one CUDA graph serves every position; the loops stop at position."""
+    Hq, D = q.shape
+    T, Hkv = k_cache.shape[0], k_cache.shape[1]
+    G = Hq // Hkv
+    chunk = max(256, triton.next_power_of_2(triton.cdiv(T, 64)))
+    splits = triton.cdiv(T, chunk)
+    bg = max(16, triton.next_power_of_2(G))
+    part = torch.empty(Hkv * splits * bg, D, dtype=torch.float32, device=q.device)
+    ml = torch.empty(Hkv * splits * bg, 2, dtype=torch.float32, device=q.device)
+    _decode_attn_kernel[(Hkv, splits)](q.contiguous(), k.contiguous(), v.contiguous(), k_cache, v_cache, position,
+                                       part, ml, D ** -0.5, window or 0, chunk, splits, HKV=Hkv, G=G, BG=bg, D=D,
+                                       BN=64, num_warps=4)
+    out = torch.empty_like(q)
+    _decode_combine_kernel[(Hq,)](part, ml, out, splits, G=G, BG=bg, D=D, BS=triton.next_power_of_2(splits),
+                                  num_warps=4)
+    return out
+
+
+def decode_attention_runs(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """q [1, Hq, D] against a contiguous slot cache [S, T, Hkv, D], D a power of two of at least 16."""
+    D = q.shape[-1]
+    return (DECODE_ATTENTION and runs(q) and q.shape[0] == 1 and k_cache.is_contiguous() and k_cache.dim() == 4
+            and D >= 16 and D & (D - 1) == 0 and q.shape[1] % k_cache.shape[2] == 0)

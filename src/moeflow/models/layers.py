@@ -46,6 +46,7 @@ class AttnBatch:
     ragged: tuple[tuple[int, int, int], ...] | None = None
     window: int | None = None
     remake: Callable[[int | None], AttnBatch] | None = None  # the same tokens under another sliding window
+    graph_slot: int | None = None  # graph_decode's slot: one sequence, its position on the device
     variants: dict = field(default_factory=dict)
 
     def for_window(self, window: int | None) -> AttnBatch:
@@ -116,7 +117,7 @@ class AttnBatch:
         zero = torch.zeros(1, dtype=torch.long, device=dev)
         return cls(slots=zero + slot, tok_seq=zero, tok_row=zero, positions=positions, mask=mask[:, None, None],
                    causal=False, kv_len=max_len, q_len=1, slot_range=(slot, slot + 1), window=sliding_window,
-                   remake=lambda w: cls.graph_decode(slot, positions, max_len, w))
+                   remake=lambda w: cls.graph_decode(slot, positions, max_len, w), graph_slot=slot)
 
 
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -212,6 +213,10 @@ class Attention(nn.Module):
             return self.o_proj(self._single(q, k, v, k_cache, v_cache, batch).reshape(N, self.n_heads * D))
         if batch.ragged is not None:
             return self.o_proj(self._ragged(q, k, v, k_cache, v_cache, batch).reshape(N, self.n_heads * D))
+        if batch.graph_slot is not None and self.sinks is None and fused_ops.decode_attention_runs(q, k_cache):
+            s = batch.graph_slot  # the cache write and the attention in two launches
+            o = fused_ops.decode_attention(q[0], k[0], v[0], k_cache[s], v_cache[s], batch.positions, batch.window)
+            return self.o_proj(o.reshape(N, self.n_heads * D))
         tok_slot = batch.slots[batch.tok_seq]
         k_cache[tok_slot, batch.positions] = k
         v_cache[tok_slot, batch.positions] = v
