@@ -210,10 +210,12 @@ if triton is not None:
 
 
 def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                  gate_up: torch.Tensor, down_t: torch.Tensor, tiles: Tiles | None = None) -> torch.Tensor:
+                  gate_up: torch.Tensor, down_t: torch.Tensor, tiles: Tiles | None = None,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """All routed experts of a layer in two launches (CUDA, bf16/fp16, no host sync).
 
-    x [N, H], topk_ids/topk_weights [N, K], gate_up [E, 2I, H], down_t [E, I, H] (any strides) -> [N, H]."""
+    x [N, H], topk_ids/topk_weights [N, K], gate_up [E, 2I, H], down_t [E, I, H] (any strides) -> [N, H] in
+    out_dtype (default x's)."""
     N, K = topk_ids.shape
     E, two_i, H = gate_up.shape
     I, M = two_i // 2, N * K
@@ -228,7 +230,7 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
         x, gate_up, h, sorted_ids, block_expert, total, M, K, H, I, *gate_up.stride(), **opts)
     _down_kernel[(blocks * triton.cdiv(H, t.bn),)](
         h, down_t, y, topk_weights.contiguous(), sorted_ids, block_expert, total, M, H, I, *down_t.stride(), **opts)
-    return topk_sum(y, N, K, x.dtype)
+    return topk_sum(y, N, K, out_dtype or x.dtype)
 
 
 def topk_sum(y: torch.Tensor, N: int, K: int, dtype: torch.dtype) -> torch.Tensor:

@@ -127,10 +127,12 @@ if triton is not None:
 
 
 def quantized_fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                            blocks: torch.Tensor, fmt, bm: int | None = None) -> torch.Tensor:
+                            blocks: torch.Tensor, fmt, bm: int | None = None,
+                            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """All routed experts of a layer from quantized blocks in two launches (CUDA, bf16/fp16, no host sync).
 
-    x [N, H], topk_ids/topk_weights [N, K], blocks [E, block bytes] one layer's experts -> [N, H]."""
+    x [N, H], topk_ids/topk_weights [N, K], blocks [E, block bytes] one layer's experts (or a wave's slots, ids
+    the entries' slots with K = 1) -> [N, H] in out_dtype (default x's)."""
     N, K = topk_ids.shape
     E, H, I, spec = blocks.shape[0], fmt.hidden, fmt.inter, fmt.spec
     M = N * K
@@ -148,4 +150,4 @@ def quantized_fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weight
                                              BN=bn, **flags)
     _qdown_kernel[(nblocks * (H // spec.group_size),)](h, blocks, y, topk_weights.contiguous(), sorted_ids,
                                                        block_expert, total, *common, BK=bn, **flags)
-    return fused_moe.topk_sum(y, N, K, x.dtype)
+    return fused_moe.topk_sum(y, N, K, out_dtype or x.dtype)
