@@ -109,7 +109,8 @@ if triton is not None:
             r = tl.atomic_add(counts_ptr + e, tl.full((BLOCK,), 1, tl.int32), mask=msk)
             tl.store(rank_ptr + m0 + offs, r, mask=msk)
         tl.debug_barrier()
-        c = tl.load(counts_ptr + es, mask=es < E, other=0)
+        # .cg: past L1, to read what the other threads' atomics and stores left in L2 before the barrier
+        c = tl.load(counts_ptr + es, mask=es < E, other=0, cache_modifier=".cg")
         padded = (c + BM - 1) // BM * BM
         pend = tl.cumsum(padded, 0)                                          # [BLOCK_E] run ends
         tl.store(start_ptr + es, pend - padded)
@@ -118,7 +119,8 @@ if triton is not None:
         for m0 in range(0, M, BLOCK):
             msk = m0 + offs < M
             e = tl.load(ids_ptr + m0 + offs, mask=msk, other=0)
-            pos = tl.load(start_ptr + e, mask=msk, other=0) + tl.load(rank_ptr + m0 + offs, mask=msk, other=0)
+            pos = (tl.load(start_ptr + e, mask=msk, other=0, cache_modifier=".cg")
+                   + tl.load(rank_ptr + m0 + offs, mask=msk, other=0, cache_modifier=".cg"))
             tl.store(sorted_ptr + pos, m0 + offs, mask=msk)
         for b0 in range(0, P // BM, BLOCK_B):
             bs = b0 + tl.arange(0, BLOCK_B)
