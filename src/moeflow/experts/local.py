@@ -1,23 +1,30 @@
 """The reference expert backend: every expert computed on the device that holds the store (a bf16 host store:
-by the native CPU kernel, experts/cpu.py)."""
+by the native CPU kernel, experts/cpu.py; a CUDA store: the Triton fused-MoE kernels where they run)."""
 
 from __future__ import annotations
 
 import torch
 
+from moeflow.experts import fused_moe
 from moeflow.experts.base import ExpertBackend
 from moeflow.experts.cpu import CpuExperts
 # the FFN maths, importable here as before
 from moeflow.experts.ffn import (block_ffn, can_group, expert_ffn, group_by_expert, grouped_experts,  # noqa: F401
                                  grouped_ffn, looped_experts, partial_ffn, quantized_experts, quantized_ffn)
 from moeflow.experts.store import ExpertStore
+from moeflow.quant import triton_moe
+
+# the fused kernels by default on CUDA stores (False: PyTorch's grouped GEMMs unless a caller asks)
+FUSED_DEFAULT = False
 
 
 class LocalExperts(ExpertBackend):
     """Runs each selected expert on its tokens where the weights are; the all-on-one-device reference."""
 
-    def __init__(self, store: ExpertStore, grouped: bool | None = None):
+    def __init__(self, store: ExpertStore, grouped: bool | None = None, fused: bool | None = None):
         self.store, self.grouped = store, grouped  # grouped: None = where supported
+        # fused: the Triton kernels (experts/fused_moe.py) where they run; None = FUSED_DEFAULT
+        self.fused = (FUSED_DEFAULT if fused is None else fused) and fused_runs(store)
         self.cpu = None  # CpuExperts: the native kernel, made at the first call on a bf16 host store
 
     @property
@@ -25,7 +32,7 @@ class LocalExperts(ExpertBackend):
         """True when a forward pass makes no host sync (so it can be captured in a CUDA graph)."""
         if self.store.cfg.expert_bias:  # GPT-OSS's decode (sink attention) is not captured whole: not yet measured
             return False
-        return self.grouped is not False and can_group(self.store.data)
+        return self.fused or (self.grouped is not False and can_group(self.store.data))
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
@@ -38,6 +45,12 @@ class LocalExperts(ExpertBackend):
                 return grouped_experts(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer),
                                        s.fmt)
             return biased_experts(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer), s.cfg)
+        if self.fused and fused_moe.available(x):
+            if self.store.fmt.quantized:
+                return triton_moe.quantized_fused_experts(x, topk_ids, topk_weights, d[self.store.slot[layer]],
+                                                          self.store.fmt)
+            return fused_moe.fused_experts(x, topk_ids, topk_weights, self.store.gate_up(layer),
+                                           self.store.down_t(layer))
         if self.store.fmt.quantized:
             if d.device.type == "cpu":  # the native kernel's int4/int8 path, where it has one for the format
                 self.cpu = self.cpu or CpuExperts(fmt=self.store.fmt)
@@ -57,3 +70,11 @@ class LocalExperts(ExpertBackend):
     def close(self) -> None:
         if self.cpu is not None:
             self.cpu.close()
+
+
+def fused_runs(store: ExpertStore) -> bool:
+    """The fused kernels serve this store: on CUDA, bf16/fp16, no biases, a quantized format whose tiles fit."""
+    d, fmt = store.data, store.fmt
+    if fused_moe.triton is None or not d.is_cuda or fmt.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return not store.cfg.expert_bias and (not fmt.quantized or triton_moe.fits(fmt))

@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moeflow.config import ModelConfig
 from moeflow.experts.base import ExpertBackend  # noqa: F401  (the contract; importable here as before)
+from moeflow.models import fused_ops
 from moeflow.models.rope import rope_table
 from moeflow.models.routers import make_router, route  # noqa: F401  (route: re-exported)
 from moeflow.models.sinks import sink_attention
@@ -45,6 +46,7 @@ class AttnBatch:
     ragged: tuple[tuple[int, int, int], ...] | None = None
     window: int | None = None
     remake: Callable[[int | None], AttnBatch] | None = None  # the same tokens under another sliding window
+    graph_slot: int | None = None  # graph_decode's slot: one sequence, its position on the device
     variants: dict = field(default_factory=dict)
 
     def for_window(self, window: int | None) -> AttnBatch:
@@ -115,7 +117,7 @@ class AttnBatch:
         zero = torch.zeros(1, dtype=torch.long, device=dev)
         return cls(slots=zero + slot, tok_seq=zero, tok_row=zero, positions=positions, mask=mask[:, None, None],
                    causal=False, kv_len=max_len, q_len=1, slot_range=(slot, slot + 1), window=sliding_window,
-                   remake=lambda w: cls.graph_decode(slot, positions, max_len, w))
+                   remake=lambda w: cls.graph_decode(slot, positions, max_len, w), graph_slot=slot)
 
 
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -202,9 +204,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.view(N, self.n_heads, D), k.view(N, self.n_kv, D)  # [N, Hq, D], [N, Hkv, D]
         v = self.v_proj(x).view(N, self.n_kv, D)
-        if hasattr(self, "q_norm") and not self.qk_whole:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, *rope), rotate(k, *rope)
+        q, k = self._norm_rope(q, k, rope)
 
         if kv is None:
             return self.o_proj(self._uncached(q, k, v, batch).reshape(N, self.n_heads * D))
@@ -213,6 +213,10 @@ class Attention(nn.Module):
             return self.o_proj(self._single(q, k, v, k_cache, v_cache, batch).reshape(N, self.n_heads * D))
         if batch.ragged is not None:
             return self.o_proj(self._ragged(q, k, v, k_cache, v_cache, batch).reshape(N, self.n_heads * D))
+        if batch.graph_slot is not None and self.sinks is None and fused_ops.decode_attention_runs(q, k_cache):
+            s = batch.graph_slot  # the cache write and the attention in two launches
+            o = fused_ops.decode_attention(q[0], k[0], v[0], k_cache[s], v_cache[s], batch.positions, batch.window)
+            return self.o_proj(o.reshape(N, self.n_heads * D))
         tok_slot = batch.slots[batch.tok_seq]
         k_cache[tok_slot, batch.positions] = k
         v_cache[tok_slot, batch.positions] = v
@@ -229,6 +233,16 @@ class Attention(nn.Module):
                          batch.causal, self.n_heads != self.n_kv)  # [B, Hq, Tq, D]
         o = O.transpose(1, 2)[batch.tok_seq, batch.tok_row]                  # [N, Hq, D]
         return self.o_proj(o.reshape(N, self.n_heads * D))
+
+    def _norm_rope(self, q, k, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-head q/k norms (Qwen3) and RoPE: q [N, Hq, D], k [N, Hkv, D]; one launch each on CUDA."""
+        per_head = hasattr(self, "q_norm") and not self.qk_whole
+        if fused_ops.norm_rope_runs(q, rope[0]):
+            norms = (self.q_norm, self.k_norm) if per_head else (None, None)
+            return tuple(fused_ops.norm_rope(t, norm, *rope) for t, norm in zip((q, k), norms))
+        if per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return rotate(q, *rope), rotate(k, *rope)
 
     def _uncached(self, q, k, v, batch: AttnBatch) -> torch.Tensor:
         """No KV cache: the packed tokens are B rows of Tq (AttnBatch.full). -> [N, Hq, D]"""

@@ -13,6 +13,7 @@ from torch import nn
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
+from moeflow.models import fused_ops
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -47,6 +48,8 @@ def make_router(cfg: ModelConfig) -> Router:
 
 def route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts in fp32, then top-k (Mixtral, Qwen3, OLMoE)."""
+    if fused_ops.topk_runs(logits, k):  # one launch on CUDA
+        return fused_ops.softmax_topk(logits, k, renormalize)
     probs = torch.softmax(logits.float(), dim=-1)  # [N, E]
     weights, ids = torch.topk(probs, k, dim=-1)    # [N, K]
     if renormalize:

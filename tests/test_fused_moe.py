@@ -1,0 +1,145 @@
+"""The fused-MoE Triton kernels (experts/fused_moe.py, quant/triton_moe.py) against experts/ffn.py's PyTorch maths.
+
+Tolerance: relative Frobenius error below 1e-2 in bf16/fp16 (one rounding of the intermediate, a different
+accumulation order); the interpreter runs fp16 (it reads bf16 tensors wrongly), the GPU tests bf16 and fp16."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeflow.experts.ffn import looped_experts, quantized_experts
+from moeflow.experts.fused_moe import align
+from moeflow.quant.format import ExpertFormat, QuantSpec
+
+
+def routing(n: int, k: int, e: int, device: str, seed: int = 0, skew: bool = True):
+    """topk ids and weights [n, k]; skewed: a few experts take most tokens (several blocks each), some none."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, e, generator=g) + (torch.linspace(3, -3, e) if skew else 0)
+    w, ids = logits.softmax(-1).topk(k)
+    return ids.to(device), w.to(device)
+
+
+ALIGN_CASES = [(1, 8, 128, 16), (40, 2, 6, 16), (300, 4, 16, 64), (3, 2, 2, 16)]
+
+
+@pytest.mark.parametrize("n,k,e,bm", ALIGN_CASES)
+def test_align_puts_every_pair_once_in_blocks_of_one_expert(n, k, e, bm):
+    ids, _ = routing(n, k, e, "cpu")
+    sorted_ids, block_expert, total = align(ids, e, bm)
+    M, flat = n * k, ids.flatten()
+    assert sorted_ids.numel() % bm == 0 and block_expert.numel() == sorted_ids.numel() // bm
+    used = sorted_ids[:int(total)]
+    assert sorted(used[used < M].tolist()) == list(range(M))    # each pair once, inside the blocks in use
+    assert bool((sorted_ids[int(total):] == M).all())
+    counts = torch.bincount(flat, minlength=e)
+    assert int(total) == int(((counts + bm - 1) // bm * bm).sum())
+    for b in range(int(total) // bm):
+        pairs = sorted_ids[b * bm:(b + 1) * bm]
+        pairs = pairs[pairs < M].long()
+        assert pairs.numel() > 0 and bool((flat[pairs] == block_expert[b]).all())
+
+
+def check_align(device: str) -> None:
+    """The one-launch align against align(): the same total, block experts and pairs in each block (their order
+    within an expert's run is the atomics')."""
+    from moeflow.experts.fused_moe import align_on_device
+
+    for n, k, e, bm in ALIGN_CASES:
+        ids, _ = routing(n, k, e, device)
+        want, got = align(ids, e, bm), align_on_device(ids, e, bm)
+        assert int(want[2]) == int(got[2]) and torch.equal(want[1], got[1]), (n, k, e, bm)
+        blocks = [(w.sort().values, g.sort().values) for w, g in zip(want[0].split(bm), got[0].split(bm))]
+        assert all(torch.equal(w, g) for w, g in blocks), (n, k, e, bm)
+
+
+def check_dense(device: str, dtype: torch.dtype, cases=((1, 8, 16), (5, 3, 6), (70, 2, 4))) -> None:
+    """fused_experts against looped_experts for decode and prefill counts (several blocks an expert, empty ones)."""
+    from moeflow.experts.fused_moe import fused_experts
+
+    g = torch.Generator().manual_seed(1)
+    H, inter = 64, 48  # I not a multiple of BN: the masks
+    for n, k, e in cases:
+        gate_up = (torch.randn(e, 2 * inter, H, generator=g) * 0.1).to(device, dtype)
+        down = (torch.randn(e, H, inter, generator=g) * 0.1).to(device, dtype)  # as published: down_t a view
+        x = torch.randn(n, H, generator=g).to(device, dtype)
+        ids, w = routing(n, k, e, device, seed=n)
+        want = looped_experts(x, ids, w, gate_up, down.transpose(1, 2)).float()
+        got = fused_experts(x, ids, w, gate_up, down.transpose(1, 2)).float()
+        assert got.shape == want.shape and float((got - want).norm() / want.norm()) < 1e-2, (n, k, e)
+
+
+def check_quantized(device: str, dtype: torch.dtype, specs=None, counts=(1, 20)) -> None:
+    """quantized_fused_experts against quantized_experts (rows dequantized, dense FFN in x's dtype)."""
+    from moeflow.quant.triton_moe import quantized_fused_experts
+
+    g = torch.Generator().manual_seed(2)
+    specs = specs or (QuantSpec(4, 64), QuantSpec(8, 32, False, torch.float16))
+    H, inter, e, k = 128, 48, 6, 3
+    for spec in specs:
+        fmt = ExpertFormat(inter, H, dtype, spec)
+        blocks = torch.empty(e, fmt.block_numel, dtype=torch.uint8)
+        for b in blocks:
+            fmt.pack(*(torch.randn(inter, H, generator=g) * 0.1 for _ in range(3)), b)
+        blocks = blocks.to(device)
+        for n in counts:
+            x = torch.randn(n, H, generator=g).to(device, dtype)
+            ids, w = routing(n, k, e, device, seed=n)
+            want = quantized_experts(x, ids, w, blocks, fmt).float()
+            got = quantized_fused_experts(x, ids, w, blocks, fmt).float()
+            assert float((got - want).norm() / want.norm()) < 1e-2, (spec, n)
+
+
+def test_kernels_in_the_interpreter():
+    """Both kernels' logic on the CPU through TRITON_INTERPRET=1, where Triton is installed (not a dependency)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    import moeflow
+
+    code = ("import torch, test_fused_moe as t; t.check_align('cpu');"
+            "t.check_dense('cpu', torch.float16, ((40, 2, 4),)); t.check_quantized('cpu', torch.float16, counts=(6,))")
+    path = os.pathsep.join([str(Path(moeflow.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_kernels_match_pytorch_on_cuda(dtype):
+    check_align("cuda")
+    check_dense("cuda", dtype, ((1, 8, 128), (8, 8, 128), (5, 3, 6), (70, 2, 4), (512, 8, 16)))
+    check_quantized("cuda", dtype, (QuantSpec(4, 64), QuantSpec(4, 128, False), QuantSpec(8, 32, True, torch.float16)))
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_fused_local_experts_decode_in_a_graph_like_the_pytorch_path(quant):
+    """A tiny Qwen3 on the GPU: the fused backend is graph-safe and its greedy tokens (decode under the CUDA graph)
+    are the PyTorch path's; int4 too."""
+    from moeflow.checkpoint import load
+    from moeflow.engine.cuda_graph import PiecewiseDecodeGraph
+    from moeflow.engine.llm_engine import LLMEngine
+    from moeflow.engine.sequence import SamplingParams
+    from moeflow.experts.local import LocalExperts
+
+    ck = load("synthetic:tiny-qwen3", device="cuda", dtype="bf16", quant=quant)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    outs = []
+    for fused in (False, True):
+        ck.model.set_experts(LocalExperts(ck.store, fused=fused))
+        assert ck.model.experts.fused == fused and (ck.model.experts.graph_safe or not fused)
+        engine = LLMEngine(ck, max_seqs=1, max_len=64)
+        outs.append(engine.generate(["Fused experts replay the same tokens"], params)[0].output_ids)
+        whole = not isinstance(next(iter(engine.graphs.values())), PiecewiseDecodeGraph)
+        assert whole == ck.model.experts.graph_safe
+    assert outs[0] == outs[1]
