@@ -313,10 +313,11 @@ def _all_rows(args, ck, budgets, prompts, ttft_prompt, ceil, profile, probe, met
     print_rows([], header=True)
     for rep in range(args.repeat):
         for budget in budgets:
-            for trace in [None] + args.routing_trace:
+            for trace in ([] if getattr(args, "trace_only", False) else [None]) + args.routing_trace:
                 for policy in args.policies.split(","):
+                    maps = getattr(args, "expert_maps", None) if trace is not None and policy == "fmoe" else None
                     oc = OffloadConfig(budget, policy, args.placement if trace is None else args.trace_placement,
-                                       trace)
+                                       trace, expert_maps=maps)
                     r = _one_row(ck, oc, prompts, ttft_prompt, args.new_tokens, ceil, costs, probe, profile)
                     if costs is None and r.get("costs"):
                         costs = ExpertCosts.from_dict(r["costs"])

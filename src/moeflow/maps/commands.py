@@ -45,8 +45,46 @@ def add_parser(sub) -> None:
     b.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="maps kept at most")
     b.add_argument("--no-semantic", action="store_true", help="no prompt embeddings (trajectory hint only)")
     b.set_defaults(func=run)
+    c = msub.add_parser("cost", help="host time of the trajectory match per layer (the engine's fmoe path)")
+    c.add_argument("--maps", required=True, help="expert-map file (`moeflow maps build`)")
+    c.add_argument("--trace", required=True, help="routing trace whose tokens are matched")
+    c.add_argument("--tokens", type=int, default=200, help="tokens matched (from the trace's last requests)")
+    c.set_defaults(func=run_cost)
 
 
 def run(args) -> int:
     print(build(args.trace, args.out, args.prompts, args.capacity, not args.no_semantic))
+    return 0
+
+
+def match_cost(maps: str, trace: str, tokens: int = 200, depth: int = 2) -> dict:
+    """Seconds per layer that fmoe's engine path (maps/predict.py Trajectory) spends matching one token and
+    picking the experts of the next layers, over the last `tokens` tokens of the trace."""
+    import time
+
+    import numpy as np
+
+    from moeflow.maps.predict import Predictor, Trajectory
+    from moeflow.maps.store import ExpertMapStore
+
+    store, reqs = ExpertMapStore.load(maps), load_requests(trace)
+    store.check(reqs.ids.shape[1], reqs.experts, "the trace")
+    pred = Predictor(store, depth)
+    ids = reqs.ids[-tokens:].astype(np.int64)
+    w = reqs.weights[-tokens:] if reqs.weights is not None else np.ones(ids.shape, np.float32)
+    t0, picked = time.perf_counter(), 0
+    for t in range(len(ids)):
+        tr = Trajectory(pred)
+        for layer in range(pred.L - 1):
+            tr.observe(layer, ids[t, layer], w[t, layer])
+            picked += len(tr.picks(layer, 0.5))
+    per = (time.perf_counter() - t0) / (len(ids) * (pred.L - 1))
+    return {"maps": len(store), "layers": pred.L, "tokens": len(ids), "s_per_layer": per,
+            "picks_per_layer": picked / (len(ids) * (pred.L - 1))}
+
+
+def run_cost(args) -> int:
+    r = match_cost(args.maps, args.trace, args.tokens)
+    print(f"{r['maps']} maps, {r['layers']} layers, {r['tokens']} tokens: {1e6 * r['s_per_layer']:.1f} us per layer "
+          f"for the match and the picks ({r['picks_per_layer']:.2f} picks per layer)")
     return 0
