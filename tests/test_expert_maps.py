@@ -176,6 +176,7 @@ def test_fmoe_prefetches_and_keeps_the_local_tokens(hf_checkpoint, tmp_path):
     engine = LLMEngine(load(path, device="cpu", expert_device="cpu"), max_seqs=1, max_len=64,
                        offload=OffloadConfig(budget_for(ck, 5, 1), "fmoe", expert_maps=str(saved)))
     assert [s.output_ids for s in engine.generate(ps, greedy)] == want
+    engine.model.experts.policy.flush()  # written on a thread
     assert len(ExpertMapStore.load(saved)) > 0
     blocked = tmp_path / "dir.npz"
     blocked.mkdir()  # cannot be written: logged, the tokens still come
@@ -183,6 +184,7 @@ def test_fmoe_prefetches_and_keeps_the_local_tokens(hf_checkpoint, tmp_path):
                        offload=OffloadConfig(budget_for(ck, 5, 1), "fmoe", expert_maps=str(saved)))
     engine.model.experts.policy.save_path = str(blocked)
     assert [s.output_ids for s in engine.generate(ps, greedy)] == want
+    engine.model.experts.policy.flush()
     assert engine.model.experts.policy.save_failed
     maps = tmp_path / "maps.npz"
     ExpertMapStore(3, 5, 2).save(maps)

@@ -16,7 +16,9 @@ Legend: L = MoE layers, E = experts per layer, K = experts per token, M = stored
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +34,7 @@ log = logging.getLogger("moeflow")
 MIN_USE = 0.5    # prefetch only an expert more likely used than not (bench/cache_replay.py)
 SMOOTHING = 0.2  # weight of the newest layer in the layer-time estimate
 DEPTH = 2        # layers predicted ahead: a copy issued now lands within a layer or two
+REBUILD = 0.1    # the predictor is rebuilt (a copy of the store) once this share of its maps is new
 
 
 class FmoePolicy(AutoPolicy):
@@ -51,6 +54,8 @@ class FmoePolicy(AutoPolicy):
         self.prefetched = 0
         self.match_s = 0.0   # host time spent matching and picking (stats)
         self.save_path, self.save_failed = None, False
+        self._fresh = 0  # maps added since the predictor was built
+        self._saver: threading.Thread | None = None
 
     def use_maps(self, path: str, layers: int, experts: int) -> None:
         """Start from the maps in `path` where it exists, and write the store back there as requests finish."""
@@ -61,12 +66,28 @@ class FmoePolicy(AutoPolicy):
             self.pred = Predictor(self.store, self.depth) if len(self.store) else None
 
     def _save(self) -> None:
+        """The store written back on a thread (a prompt's prefill goes on), from a copy; one write at a time,
+        a request finishing during one waits for the next."""
+        if self._saver is not None and self._saver.is_alive():
+            return
+        snap = copy.copy(self.store)
+        snap._flush()
+        snap.maps, snap.emb = snap.maps.copy(), snap.emb.copy()
+        self._saver = threading.Thread(target=self._write, args=(snap,), daemon=True)
+        self._saver.start()
+
+    def _write(self, snap: ExpertMapStore) -> None:
         try:
-            self.store.save(self.save_path)
+            snap.save(self.save_path)
         except MoeflowError as e:  # a server keeps serving: the maps stay in memory
             if not self.save_failed:
                 log.warning("%s; the expert maps are kept in memory only", e)
             self.save_failed = True
+
+    def flush(self) -> None:
+        """Wait for the write in flight (tests, and a server shutting down)."""
+        if self._saver is not None:
+            self._saver.join()
 
     def split(self, slots, layers, experts, top_k):
         # auto's split, its scratch slots grown into a pool that holds what `depth` layers ahead prefetch
@@ -86,8 +107,9 @@ class FmoePolicy(AutoPolicy):
         if self.request:
             if self.store is None:
                 self.store = ExpertMapStore(L, E, K)
-            self.store.add_request(np.stack(self.request))
-            self.pred = Predictor(self.store, self.depth)
+            self._fresh += self.store.add_request(np.stack(self.request))
+            if self.pred is None or self._fresh >= REBUILD * len(self.pred.S):
+                self.pred, self._fresh = Predictor(self.store, self.depth), 0
             if self.save_path:
                 self._save()
         self.request, self.token, self.traj = [], None, None
