@@ -49,3 +49,13 @@ def test_scratch_pool_keeps_copies_until_taken_again():
                       prior={(0, 0): 1.0})
     plain.take((1, 5), protect=set(), keep=True)
     assert plain.lookup((1, 5)) is None  # auto's scratch slots keep nothing
+
+
+def test_a_trace_shorter_than_a_request_is_refused(tmp_path, capsys):
+    from moeflow.cli import main
+
+    trace = tmp_path / "short.npz"
+    np.savez(trace, experts=np.zeros((30, 4, 2), np.uint8), offsets=np.array([0, 30]))
+    assert main(["bench", "latency", "--model", "synthetic:tiny-mixtral", "--device", "cpu", "--budgets",
+                 "0.4GiB", "--routing-trace", str(trace), "--ttft-len", "64", "--new-tokens", "4"]) == 2
+    assert "short.npz has 30 tokens, fewer than --ttft-len needs (64)" in capsys.readouterr().err
