@@ -118,6 +118,8 @@ def test_bench_cache_replay(tmp_path):
     f = rows["fmoe-traj"]
     assert f["prefetches"] > 0 and f["useful_prefetches"] <= f["prefetches"]
     assert f["hit_rate"] > rows["lru"]["hit_rate"]  # the topics' maps predict the next layers
+    forked = evaluate(str(trace), [0.25], ["lru", "fmoe-traj"], fit=9, log=lambda *a: None, jobs=2)["rows"]
+    assert forked == [rows["lru"], f]  # the replays in worker processes give the same figures
 
 
 def test_cli_bench_cache_and_maps_build(tmp_path, capsys):
