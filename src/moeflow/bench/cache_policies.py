@@ -134,7 +134,8 @@ class Belady(SimPolicy):
 
 class Fmoe(SimPolicy):
     """fMoE: prefetch by the maps' hints; evict the lowest predicted probability x visits (decayed uses). A
-    key outside the current prediction has probability 0: among those the least recently used goes first."""
+    key outside the current prediction has probability 0: among those the least used lately goes first, as in
+    auto, whose popularity-seeded start it shares (the engine's fmoe is auto plus the prefetch)."""
     name = "fmoe"
     prefetch = frozenset({"semantic", "trajectory"})
 
@@ -142,11 +143,12 @@ class Fmoe(SimPolicy):
         super().__init__(keys, prior)
         self.visits = DecayedUses(keys, prior)
         self.pred = np.zeros(keys)
-        self.last = np.full(keys, -1.0)
+
+    def first(self, capacity):
+        return self.visits.first(capacity)
 
     def used(self, keys, clock):
         self.visits.used(keys, clock)
-        self.last[keys] = clock
 
     def tick(self):
         self.visits.tick()
@@ -160,7 +162,7 @@ class Fmoe(SimPolicy):
 
     def rank(self, keys):
         v = 2.0 ** (self.visits.level[keys] - self.visits.t / HALF_LIFE)
-        return self.pred[keys] * (v + 1.0) * 1e9 + self.last[keys]
+        return self.pred[keys] * (v + 1.0) * 1e9 + v
 
     def admits(self, key, victim, ranks):
         return ranks[key] > ranks[victim]
