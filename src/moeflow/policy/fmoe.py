@@ -35,15 +35,19 @@ MIN_USE = 0.5    # prefetch only an expert more likely used than not (bench/cach
 SMOOTHING = 0.2  # weight of the newest layer in the layer-time estimate
 DEPTH = 2        # layers predicted ahead: a copy issued now lands within a layer or two
 REBUILD = 0.1    # the predictor is rebuilt (a copy of the store) once this share of its maps is new
+# the match runs after every MATCH_EVERY-th layer (its cost must stay a few % of a layer's); the layers between
+# prefetch what the last match picked and is not there yet
+MATCH_EVERY = 2
 
 
 class FmoePolicy(AutoPolicy):
     name = "fmoe"
     modelled = False  # the timing model has no prefetcher: it would predict fmoe as auto
 
-    def __init__(self, store: ExpertMapStore | None = None, depth: int = DEPTH):
+    def __init__(self, store: ExpertMapStore | None = None, depth: int = DEPTH, every: int = MATCH_EVERY):
         super().__init__()
-        self.store, self.pred, self.depth = store, None, depth
+        self.store, self.pred, self.depth, self.every = store, None, depth, max(1, every)
+        self.picks: list[tuple[int, int]] = []  # the last match's, for the layers up to the next one
         if store is not None and len(store):
             self.pred = Predictor(store, depth)
         self.request: list[np.ndarray] = []   # this request's token maps [L, E]
@@ -140,9 +144,12 @@ class FmoePolicy(AutoPolicy):
         if self.traj is None or l >= L - 1:
             return
         self.traj.observe(l, e, w)
-        picks = self.traj.picks(l, MIN_USE)
+        if l % self.every == 0:
+            self.picks = self.traj.picks(l, MIN_USE)
+        else:
+            self.picks = [k for k in self.picks if k[0] > l]
         self.match_s += time.perf_counter() - now
-        self._prefetch(experts, l, picks, own)
+        self._prefetch(experts, l, self.picks, own)
 
     def _prefetch(self, experts, l: int, picks: list[tuple[int, int]], own: int) -> None:
         """The picks, as many as the copy engine moves in a layer's time less the layer's own copies; the
