@@ -118,6 +118,8 @@ def test_bench_cache_replay(tmp_path):
     f = rows["fmoe-traj"]
     assert f["prefetches"] > 0 and f["useful_prefetches"] <= f["prefetches"]
     assert f["hit_rate"] > rows["lru"]["hit_rate"]  # the topics' maps predict the next layers
+    forked = evaluate(str(trace), [0.25], ["lru", "fmoe-traj"], fit=9, log=lambda *a: None, jobs=2)["rows"]
+    assert forked == [rows["lru"], f]  # the replays in worker processes give the same figures
 
 
 def test_cli_bench_cache_and_maps_build(tmp_path, capsys):
@@ -176,6 +178,7 @@ def test_fmoe_prefetches_and_keeps_the_local_tokens(hf_checkpoint, tmp_path):
     engine = LLMEngine(load(path, device="cpu", expert_device="cpu"), max_seqs=1, max_len=64,
                        offload=OffloadConfig(budget_for(ck, 5, 1), "fmoe", expert_maps=str(saved)))
     assert [s.output_ids for s in engine.generate(ps, greedy)] == want
+    engine.model.experts.policy.flush()  # written on a thread
     assert len(ExpertMapStore.load(saved)) > 0
     blocked = tmp_path / "dir.npz"
     blocked.mkdir()  # cannot be written: logged, the tokens still come
@@ -183,6 +186,7 @@ def test_fmoe_prefetches_and_keeps_the_local_tokens(hf_checkpoint, tmp_path):
                        offload=OffloadConfig(budget_for(ck, 5, 1), "fmoe", expert_maps=str(saved)))
     engine.model.experts.policy.save_path = str(blocked)
     assert [s.output_ids for s in engine.generate(ps, greedy)] == want
+    engine.model.experts.policy.flush()
     assert engine.model.experts.policy.save_failed
     maps = tmp_path / "maps.npz"
     ExpertMapStore(3, 5, 2).save(maps)

@@ -147,9 +147,34 @@ def replay(cls, capacity: int, reqs: TraceRequests, scored: range, hints: dict, 
     return rp.finish().summary() | {"cache_fraction": capacity / (L * E)}
 
 
+_JOB: dict = {}  # what the replays share: set before the worker processes fork, read by them
+
+
+def _replay_task(task: tuple[int, str]) -> dict:
+    cap, name = task
+    j = _JOB
+    cls = BASELINES.get(name) or fmoe_variant(VARIANTS[name])
+    return replay(cls, cap, j["reqs"], j["scored"], j["hints"], j["timing"], j["prior"], j["depth"], j["decay"])
+
+
+def _hint_task(r: int) -> tuple:
+    return request_hints(_JOB["pred"], _JOB["reqs"], r, _JOB["emb"])
+
+
+def _map(fn, tasks: list, jobs: int):
+    """fn over tasks in order; in `jobs` forked processes where asked (the replays share the parent's data)."""
+    import multiprocessing as mp
+
+    if jobs <= 1 or len(tasks) <= 1 or "fork" not in mp.get_all_start_methods():
+        yield from map(fn, tasks)
+        return
+    with mp.get_context("fork").Pool(min(jobs, len(tasks))) as pool:
+        yield from pool.imap(fn, tasks)
+
+
 def evaluate(trace: str, sizes: list[float], policies: list[str], fit: int | None = None, capacity: int =
              DEFAULT_CAPACITY, depth: int | None = None, profile: str | None = None, requests: int | None = None,
-             log=print) -> dict:
+             log=print, jobs: int = 1) -> dict:
     """Every policy at every cache size (a fraction of all experts); the figures and the setup as a dict."""
     reqs = load_requests(trace)
     T, L, K = reqs.ids.shape
@@ -174,15 +199,17 @@ def evaluate(trace: str, sizes: list[float], policies: list[str], fit: int | Non
     if any(p in VARIANTS for p in policies):
         store = build_store(reqs, fit_r, emb, capacity)
         pred = Predictor(store, depth)
-        hints = {r: request_hints(pred, reqs, r, emb) for r in scored}
+        _JOB.update(pred=pred, reqs=reqs, emb=emb)
+        hints = dict(zip(scored, _map(_hint_task, list(scored), jobs)))
         notes["maps"] = f"{len(store)} maps kept of {store.seen} offered ({T} tokens in the trace)"
+    tasks = [(max(1, round(frac * L * E)), name) for frac in sizes for name in policies]
+    _JOB.update(reqs=reqs, scored=scored, hints=hints, timing=timing, prior=prior, depth=depth,
+                decay=pred.decay if hints else 0.5)
     rows = []
-    for frac in sizes:
-        cap = max(1, round(frac * L * E))
-        for name in policies:
-            cls = BASELINES.get(name) or fmoe_variant(VARIANTS[name])
-            rows.append(replay(cls, cap, reqs, scored, hints, timing, prior, depth, pred.decay if hints else 0.5))
-            log(format_row(rows[-1]))
+    for row in _map(_replay_task, tasks, jobs):
+        rows.append(row)
+        log(format_row(row))
+    _JOB.clear()
     return {"trace": reqs.name, "layers": L, "experts": E, "top_k": K, "fit_requests": len(fit_r),
             "scored_requests": len(scored),
             "scored_tokens": int(reqs.offsets[scored.stop] - reqs.offsets[scored.start]),
@@ -210,6 +237,7 @@ def add_parser(bsub) -> None:
     p.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="expert maps the store keeps")
     p.add_argument("--depth", type=int, help="layers predicted ahead (default: from the copy and layer times)")
     p.add_argument("--profile", help="hardware profile JSON (default: the built-in reference H100 host)")
+    p.add_argument("--jobs", type=int, default=1, help="replays run at once, in forked processes")
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(func=run)
 
@@ -230,7 +258,7 @@ def run(args) -> int:
     for trace in args.trace:
         print(f"\n{Path(trace).name}\n{HEADER}")
         results.append(evaluate(trace, sizes, args.policies.split(","), args.fit, args.capacity, args.depth,
-                                args.profile, args.requests))
+                                args.profile, args.requests, jobs=args.jobs))
         print(f"timing: {results[-1]['timing']}; depth {results[-1]['depth']}; {results[-1]['notes']}")
     if limits is not None:
         limits.restore_original_limits()

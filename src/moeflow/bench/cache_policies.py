@@ -29,12 +29,12 @@ class SimPolicy:
     def tick(self) -> None:
         """A token has passed."""
 
-    def rank(self) -> np.ndarray:
-        """[N] eviction ranks: the held key of the lowest rank goes first."""
+    def rank(self, keys: np.ndarray) -> np.ndarray:
+        """Eviction ranks of keys: the held key of the lowest rank goes first."""
         raise NotImplementedError
 
     def admits(self, key: int, victim: int, ranks: np.ndarray) -> bool:
-        """May key (just copied in) take victim's slot? ranks: rank() now."""
+        """May key (just copied in) take victim's slot? ranks: [N] rank() now of (at least) both."""
         return True
 
 
@@ -48,8 +48,8 @@ class Lru(SimPolicy):
     def used(self, keys, clock):
         self.last[keys] = clock
 
-    def rank(self):
-        return self.last
+    def rank(self, keys):
+        return self.last[keys]
 
 
 class LayerLru(Lru):
@@ -68,8 +68,8 @@ class Lfu(Lru):
         super().used(keys, clock)
         self.count[keys] += 1
 
-    def rank(self):
-        return self.count + self.last * 1e-9  # ties: the least recent
+    def rank(self, keys):
+        return self.count[keys] + self.last[keys] * 1e-9  # ties: the least recent
 
 
 class Static(SimPolicy):
@@ -80,8 +80,8 @@ class Static(SimPolicy):
     def first(self, capacity):
         return np.argsort(-self.prior, kind="stable")[:capacity]
 
-    def rank(self):
-        return self.prior
+    def rank(self, keys):
+        return self.prior[keys]
 
     def admits(self, key, victim, ranks):
         return False
@@ -110,8 +110,8 @@ class DecayedUses(SimPolicy):
     def tick(self):
         self.t += 1
 
-    def rank(self):
-        return self.level
+    def rank(self, keys):
+        return self.level[keys]
 
     def admits(self, key, victim, ranks):
         return ranks[key] > ranks[victim]  # the levels order the scores
@@ -125,8 +125,8 @@ class Belady(SimPolicy):
         super().__init__(keys, prior)
         self.next_use = np.full(keys, np.inf)
 
-    def rank(self):
-        return -self.next_use
+    def rank(self, keys):
+        return -self.next_use[keys]
 
     def admits(self, key, victim, ranks):
         return ranks[key] > ranks[victim]
@@ -134,7 +134,8 @@ class Belady(SimPolicy):
 
 class Fmoe(SimPolicy):
     """fMoE: prefetch by the maps' hints; evict the lowest predicted probability x visits (decayed uses). A
-    key outside the current prediction has probability 0: among those the least recently used goes first."""
+    key outside the current prediction has probability 0: among those the least used lately goes first, as in
+    auto, whose popularity-seeded start it shares (the engine's fmoe is auto plus the prefetch)."""
     name = "fmoe"
     prefetch = frozenset({"semantic", "trajectory"})
 
@@ -142,11 +143,12 @@ class Fmoe(SimPolicy):
         super().__init__(keys, prior)
         self.visits = DecayedUses(keys, prior)
         self.pred = np.zeros(keys)
-        self.last = np.full(keys, -1.0)
+
+    def first(self, capacity):
+        return self.visits.first(capacity)
 
     def used(self, keys, clock):
         self.visits.used(keys, clock)
-        self.last[keys] = clock
 
     def tick(self):
         self.visits.tick()
@@ -154,13 +156,13 @@ class Fmoe(SimPolicy):
     def predicted(self, keys: np.ndarray, prob: np.ndarray) -> None:
         self.pred[keys] = prob
 
-    def forget(self, keys: np.ndarray) -> None:
-        """keys' layer has run: their prediction is spent."""
-        self.pred[keys] = 0.0
+    def forget(self, lo: int, hi: int) -> None:
+        """Keys lo:hi (a layer's) have run: their prediction is spent."""
+        self.pred[lo:hi] = 0.0
 
-    def rank(self):
-        v = 2.0 ** (self.visits.level - self.visits.t / HALF_LIFE)
-        return self.pred * (v + 1.0) * 1e9 + self.last
+    def rank(self, keys):
+        v = 2.0 ** (self.visits.level[keys] - self.visits.t / HALF_LIFE)
+        return self.pred[keys] * (v + 1.0) * 1e9 + v
 
     def admits(self, key, victim, ranks):
         return ranks[key] > ranks[victim]

@@ -61,46 +61,71 @@ class CacheStats:
 
 
 class CacheReplay:
+    """Per-key state in plain Python containers (a layer touches K keys: numpy's per-call cost would dominate);
+    the policy's ranks are read once per batch of insertions (a layer's misses, or its prefetches), since
+    nothing a batch does changes them (its newcomers are protected)."""
+
     def __init__(self, policy: SimPolicy, capacity: int, layers: int, experts: int, timing: Timing):
         self.p, self.L, self.E, self.tm = policy, layers, experts, timing
         N = layers * experts
         self.cap = max(capacity // layers, 1) if policy.per_layer else capacity
-        self.held = np.zeros(N, bool)
-        self.land = np.zeros(N)          # when a held key's copy lands
-        self.pref = np.zeros(N, bool)    # prefetched, not used since
+        self.held = bytearray(N)
+        self.land = [0.0] * N            # when a held key's copy lands
+        self.pref = bytearray(N)         # prefetched, not used since
+        self.n_held = [0] * (layers if policy.per_layer else 1)
         self.now = self.cfree = 0.0      # the timeline; when the copy engine is next free
         self.clock = 0
         self.excluded = 0.0  # prefill windows, outside decode time
         self.s = CacheStats(policy.name, capacity)
-        first = policy.first(capacity)
-        self.held[first] = True
-        self.held_n = len(first)
+        for k in policy.first(capacity).tolist():
+            self.held[k] = 1
+            self.n_held[self._group(k)] += 1
+        self._victims: dict | None = None
+        self._rank = np.zeros(N)  # [N] ranks of the keys of the batch and the held ones, as read
+
+    def _group(self, key: int) -> int:
+        return key // self.E if self.p.per_layer else 0
 
     # -- slots -------------------------------------------------------------------------------------
-    def _insert(self, key: int, protect: np.ndarray) -> bool:
+    def _batch(self, keys: list[int]) -> None:
+        """A batch of insertions of `keys` starts: victims are ranked afresh when first needed."""
+        self._victims, self._batch_keys = {}, keys
+
+    def _victim(self, g: int, protect: set) -> int | None:
+        """The lowest-ranked held key of group g that is not protected and has landed."""
+        v = self._victims.get(g)
+        if v is None:
+            lo, hi = (g * self.E, (g + 1) * self.E) if self.p.per_layer else (0, len(self.held))
+            keys = np.flatnonzero(np.frombuffer(self.held, np.uint8)[lo:hi]) + lo
+            r = self.p.rank(keys)
+            new = np.asarray(self._batch_keys, np.int64)
+            self._rank[keys], self._rank[new] = r, self.p.rank(new)  # what admits() compares
+            v = self._victims[g] = [keys[np.argsort(r, kind="stable")].tolist(), 0]
+        order, i = v
+        while i < len(order):
+            k = order[i]
+            if self.held[k] and k not in protect and self.land[k] <= self.now:
+                v[1] = i
+                return k
+            i += 1
+        v[1] = i
+        return None
+
+    def _insert(self, key: int, protect: set) -> bool:
         """A slot for key (evicting when full, never a protected key); False: the policy keeps it out."""
         if self.p.static:
             return False
-        if self.p.per_layer:
-            lo = key // self.E * self.E
-            group = slice(lo, lo + self.E)
-            full = self.held[group].sum() >= self.cap
-        else:
-            group, full = slice(0, len(self.held)), self.held_n >= self.cap
-        if full:
-            free = self.held[group] & ~protect[group] & (self.land[group] <= self.now)
-            if not free.any():
+        g = self._group(key)
+        if self.n_held[g] >= self.cap:
+            victim = self._victim(g, protect)
+            if victim is None or not self.p.admits(key, victim, self._rank):
                 return False
-            rank = self.p.rank()
-            victim = group.start + int(np.argmin(np.where(free, rank[group], np.inf)))
-            if not self.p.admits(key, victim, rank):
-                return False
-            self.held[victim] = False
-            self.s.wasted_prefetches += int(self.pref[victim])
-            self.pref[victim] = False
-            self.held_n -= 1
-        self.held[key] = True
-        self.held_n += 1
+            self.held[victim] = 0
+            self.s.wasted_prefetches += self.pref[victim]
+            self.pref[victim] = 0
+            self.n_held[g] -= 1
+        self.held[key] = 1
+        self.n_held[g] += 1
         return True
 
     # -- one layer ---------------------------------------------------------------------------------
@@ -111,28 +136,33 @@ class CacheReplay:
         tm, s, t0 = self.tm, self.s, self.now
         if isinstance(self.p, Belady):
             self.p.next_use[need] = next_use
-        held = self.held[need]
-        landed = held & (self.land[need] <= t0)
-        late = held & ~landed
-        miss = need[~held]
+        hits, late, miss = 0, [], []
+        for k in need.tolist():
+            if not self.held[k]:
+                miss.append(k)
+            elif self.land[k] <= t0:
+                hits += 1
+            else:
+                late.append(k)
+            if self.pref[k]:
+                s.useful_prefetches += 1
+                s.late_prefetches += self.land[k] > t0
+                self.pref[k] = 0
         s.lookups += len(need)
-        s.hits += int(landed.sum())
+        s.hits += hits
         if start:
             s.start_lookups += len(need)
-            s.start_hits += int(landed.sum())
-        s.useful_prefetches += int(self.pref[need].sum())
-        s.late_prefetches += int((self.pref[need] & late).sum())
-        self.pref[need] = False
+            s.start_hits += hits
         self.p.used(need, self.clock)
         self.clock += 1
         stall = 0.0
-        if len(miss) or late.any():
-            protect = np.zeros(len(self.held), bool)
-            protect[need] = True
+        if miss or late:
+            protect = set(need.tolist())
             begin = max(self.cfree, t0)
-            kept = [k for k in miss.tolist() if self._insert(k, protect)]
-            copy_end = max(begin + len(miss) * tm.copy_s, float(self.land[need[late]].max(initial=t0)))
-            cpu = tm.cpu_call_s + (len(miss) + int(late.sum())) * tm.cpu_s
+            self._batch(miss)
+            kept = [k for k in miss if self._insert(k, protect)]
+            copy_end = max(begin + len(miss) * tm.copy_s, max((self.land[k] for k in late), default=t0))
+            cpu = tm.cpu_call_s + (len(miss) + len(late)) * tm.cpu_s
             by_copy = copy_end - t0 <= cpu
             stall = min(copy_end - t0, cpu)
             copies = len(miss) if by_copy else len(kept)
@@ -145,31 +175,31 @@ class CacheReplay:
         if picks is not None:
             self._prefetch(l, picks, t0, end)
         if isinstance(self.p, Fmoe):
-            self.p.forget(np.arange(l * self.E, (l + 1) * self.E))
+            self.p.forget(l * self.E, (l + 1) * self.E)
         self.now = end
 
     def _prefetch(self, l: int, picks: tuple, t0: float, end: float) -> None:
         keys, prio, dist, use = picks
         if isinstance(self.p, Fmoe):
             self.p.predicted(keys, prio)
-        protect = np.zeros(len(self.held), bool)
+        keys, dist, use = keys.tolist(), dist.tolist(), use.tolist()
+        protect = set(keys)  # nor one predicted now for another
         if l >= 0:
-            protect[l * self.E:(l + 1) * self.E] = True  # the running layer's experts are in use
-        protect[keys] = True  # nor one predicted now for another
-        for k, d, u in zip(keys.tolist(), dist.tolist(), use.tolist()):
+            protect.update(range(l * self.E, (l + 1) * self.E))  # the running layer's experts are in use
+        self._batch(keys)
+        copy_s, layer_s = self.tm.copy_s, self.tm.layer_s
+        for k, d, u in zip(keys, dist, use):
             if self.held[k] or u < MIN_USE:
                 continue
             begin = max(self.cfree, self.now)
             if begin >= end:
                 break  # the copy engine has no idle time left in this layer
-            if begin + self.tm.copy_s > t0 + d * self.tm.layer_s:
+            if begin + copy_s > t0 + d * layer_s:
                 continue  # would land after its layer starts
-            protect[k] = False
             if self._insert(k, protect):
-                self.land[k] = self.cfree = begin + self.tm.copy_s
-                self.pref[k] = True
+                self.land[k] = self.cfree = begin + copy_s
+                self.pref[k] = 1
                 self.s.prefetches += 1
-            protect[k] = True
 
     def before_request(self, picks: tuple) -> None:
         """A request's start: its semantic picks copied during its prefill's last layer (one layer's time,
@@ -184,6 +214,6 @@ class CacheReplay:
         self.p.tick()
 
     def finish(self) -> CacheStats:
-        self.s.wasted_prefetches += int(self.pref.sum())
+        self.s.wasted_prefetches += sum(self.pref)
         self.s.time_s = self.now - self.excluded
         return self.s

@@ -28,6 +28,9 @@ def add_latency_parser(bsub) -> None:
     bl.add_argument("--routing-trace", action="append", default=[], help="also replay this trace (repeatable)")
     bl.add_argument("--placement", help="placement for native routing")
     bl.add_argument("--trace-placement", help="placement for the trace runs")
+    bl.add_argument("--trace-only", action="store_true", help="only the --routing-trace rows (no native routing)")
+    bl.add_argument("--expert-maps", help="policy fmoe, trace runs: expert-map file to start from "
+                    "(`moeflow maps build`)")
     bl.add_argument("--baseline-tokens", type=int, default=0,
                     help="also run transformers + accelerate for this many new tokens (GPU only; 0 = skip)")
     bl.add_argument("--profile", help="hardware profile JSON the predictions start from (default on a GPU: this "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from moeflow import MoeflowError
 from moeflow.bench.ceilings import _time, concurrent_host_read, memory_bandwidth
 from moeflow.checkpoint import Checkpoint
 from moeflow.config import OffloadConfig
@@ -24,6 +25,7 @@ from moeflow.dist.cli import engine_class, owned_experts
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
 from moeflow.experts.local import LocalExperts
+from moeflow.experts.trace import load_trace
 from moeflow.perf.profile import engine_costs
 
 
@@ -253,6 +255,15 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def check_traces(tokens: dict[str, int], needs: dict[str, int]) -> None:
+    """A replayed trace must cover a whole request: shorter, its replay would wrap round within one."""
+    for path, n in tokens.items():
+        for what, need in needs.items():
+            if n < need:
+                raise MoeflowError(f"routing trace {Path(path).name} has {n} tokens, fewer than {what} needs "
+                                   f"({need}): replay a longer trace or ask for fewer tokens")
+
+
 def main(args, default_prompt: str) -> int:
     """Load once, measure the ceilings, then every budget x routing x policy row (--repeat times over)."""
     from moeflow.bench.prompts import read_prompts
@@ -261,6 +272,8 @@ def main(args, default_prompt: str) -> int:
     from moeflow.engine.llm_engine import encode_prompt
 
     budgets = [parse_size(b) for b in args.budgets.split(",")]  # checked before anything is built
+    trace_tokens = {t: load_trace(t).ids.shape[0] for t in args.routing_trace}
+    check_traces(trace_tokens, {"--ttft-len": args.ttft_len, "--new-tokens": args.new_tokens})
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t = time.perf_counter()
     ck = load(args.model, device=device, dtype=args.dtype, expert_device="cpu", progress=True, quant=args.quantize,
@@ -279,6 +292,7 @@ def main(args, default_prompt: str) -> int:
     texts = read_prompts(args.prompts) if args.prompts else [default_prompt]
     prompts = [encode_prompt(ck.tokenizer, [{"role": "user", "content": texts[i % len(texts)]}])
                for i in range(args.runs)]
+    check_traces(trace_tokens, {"a prompt with its --new-tokens": max(map(len, prompts)) + args.new_tokens})
     long = [t for p in texts for t in encode_prompt(ck.tokenizer, p)]
     ttft_prompt = (long * (args.ttft_len // max(len(long), 1) + 1))[: args.ttft_len]
     meta = {"model": ck.name, "device": device_name(device), "load_s": load_s, "pin_s": pin_s,
@@ -323,10 +337,11 @@ def _all_rows(args, ck, budgets, prompts, ttft_prompt, ceil, profile, probe, met
     print_rows([], header=True)
     for rep in range(args.repeat):
         for budget in budgets:
-            for trace in [None] + args.routing_trace:
+            for trace in ([] if getattr(args, "trace_only", False) else [None]) + args.routing_trace:
                 for policy in args.policies.split(","):
+                    maps = getattr(args, "expert_maps", None) if trace is not None and policy == "fmoe" else None
                     oc = OffloadConfig(budget, policy, args.placement if trace is None else args.trace_placement,
-                                       trace)
+                                       trace, expert_maps=maps)
                     r = _one_row(ck, oc, prompts, ttft_prompt, args.new_tokens, ceil, costs, probe, profile)
                     if costs is None and r.get("costs"):
                         costs = ExpertCosts.from_dict(r["costs"])

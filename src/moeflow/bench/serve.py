@@ -223,6 +223,80 @@ def server_model(url: str) -> str:
     return models[0]["id"]
 
 
+# -- servers launched per policy (--serve) -----------------------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(serve_args: list[str], policy: str, maps: str | None, log_path: Path, timeout: float = 600):
+    """`moeflow serve SERVE_ARGS --policy POLICY` on a free port, waited for until its model is loaded.
+    Returns (process, url)."""
+    import subprocess
+
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "moeflow", "serve", *serve_args, "--policy", policy, "--port", str(port)]
+    if maps and policy == "fmoe":
+        cmd += ["--expert-maps", maps]
+    log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until stopped
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url, t0 = f"http://127.0.0.1:{port}", time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
+            raise MoeflowError(f"the {policy} server exited ({proc.returncode}): {tail[0]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise MoeflowError(f"the {policy} server did not load within {timeout:g} s (log: {log_path})")
+
+
+def stop(proc) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def compare(args, prompts: list[str]) -> list[dict]:
+    """Each policy's server in turn, driven at each concurrency with the same prompts (--serve)."""
+    import shlex
+
+    serve_args = shlex.split(args.serve)
+    levels = [int(c) for c in (args.concurrencies or str(args.concurrency or 1)).split(",")]
+    logs = Path(args.out).parent if args.out else Path(".")
+    logs.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for policy in args.policies.split(","):
+        proc, url = launch(serve_args, policy, args.expert_maps, logs / f"serve-{policy}.log")
+        try:
+            model = server_model(url)
+            for c in levels:
+                results, duration = asyncio.run(run(url, model, prompts, args.max_tokens, c, None,
+                                                    args.ignore_eos, args.seed, args.time_limit))
+                rows.append({"policy": policy, "concurrency": c} | summarize(results, duration))
+                r = rows[-1]
+                print(f"{policy:<8} concurrency {c:<3} TTFT median {r['ttft_ms']['median'] or 0:9.1f} ms  "
+                      f"TPOT median {r['tpot_ms']['median'] or 0:8.1f} ms  mean {r['tpot_ms']['mean'] or 0:8.1f} ms  "
+                      f"{r['output_throughput']:7.2f} tok/s  failed {r['failed']}", flush=True)
+        finally:
+            stop(proc)
+    return rows
+
+
 def add_flags(p) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     p.add_argument("--model", help="model name to ask for (default: the server's first)")
@@ -239,6 +313,11 @@ def add_flags(p) -> None:
     p.add_argument("--time-limit", type=float, help="seconds; requests unfinished by then count as failed")
     p.add_argument("--export-prompts", metavar="FILE", help="write the prompts as JSONL and exit (no server needed)")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--serve", metavar="ARGS", help="launch `moeflow serve ARGS --policy P` for each of --policies "
+                   "in turn (quoted, e.g. \"--model M --gpu-memory 8GiB --routing-trace T\") instead of --url")
+    p.add_argument("--policies", default="fmoe,auto,lru", help="with --serve: the policies compared")
+    p.add_argument("--concurrencies", help="with --serve: comma-separated concurrencies, e.g. 1,4")
+    p.add_argument("--expert-maps", help="with --serve: the fmoe server's map file (learned on line, written back)")
 
 
 def main(args) -> int:
@@ -249,6 +328,12 @@ def main(args) -> int:
         return 0
     if args.rate is not None and args.rate <= 0 or args.concurrency is not None and args.concurrency < 1:
         raise MoeflowError("--rate must be > 0 and --concurrency at least 1")
+    if getattr(args, "serve", None):
+        rows = compare(args, prompts)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"serve": args.serve, "num_prompts": len(prompts),
+                                                  "max_tokens": args.max_tokens, "rows": rows}, indent=2))
+        return 0 if all(r["completed"] for r in rows) else 1
     url = args.url.rstrip("/")
     model = args.model or server_model(url)
     concurrency = args.concurrency or (None if args.rate else 1)

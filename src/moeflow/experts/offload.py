@@ -338,7 +338,7 @@ class OffloadedExperts(ExpertBackend):
         Called from a policy's prefetch(), after the layer's own copies and GPU work are issued."""
         if self.cache.holds(key) or not self.split.keep_copies or self.cache.capacity(key[0]) == 0:
             return False
-        if self.cache.adaptive:
+        if self.cache.adaptive and not self.cache.scratch_keeps:  # scratch_keeps (fmoe): take() keeps it
             slot = self.cache.stage(key, avoid=self._layer_slots)
             if slot is None:
                 return False

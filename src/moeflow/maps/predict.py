@@ -97,3 +97,58 @@ class Picks:
     def of(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, b = self.offsets[t], self.offsets[t + 1]
         return self.keys[a:b], self.prio[a:b], self.use[a:b]
+
+
+class Trajectory:
+    """One decoding token's trajectory hint, for the engine: each layer's routing (K ids and weights) folded
+    into the match with the stored maps in O(K x M) (the observed map is K-sparse), and the next layers'
+    experts picked as Predictor.select does: one pass over [M] for the match, the rest on the few experts
+    above the use threshold (no BLAS call: it would wake threads that the CPU experts use)."""
+
+    def __init__(self, pred: Predictor):
+        self.p = pred
+        if not hasattr(pred, "inv_norm"):  # [L, M] 1 / |stored prefix|, contiguous per layer
+            pred.inv_norm = np.ascontiguousarray(1.0 / np.sqrt(np.maximum(pred.ns.T, 1e-12)), np.float32)
+        self.dots = np.zeros(len(pred.S), np.float32)  # [M]
+        self.on = 0.0
+
+    def observe(self, layer: int, ids: np.ndarray, w: np.ndarray) -> None:
+        """ids, w [K]: layer's selected experts and their weights (made to sum to one)."""
+        w = w / max(float(w.sum()), 1e-12)
+        rows = self.p.St[layer]
+        for e, x in zip(ids.tolist(), w.tolist()):
+            self.dots += x * rows[e]
+        self.on += float((w * w).sum())
+
+    def picks(self, layer: int, min_use: float) -> list[tuple[int, int]]:
+        """After `layer`: the (layer, expert) keys of layers layer+1..layer+d more likely used than `min_use`
+        (K x predicted share), highest priority first."""
+        p, first = self.p, layer + 1
+        last = min(first + p.depth, p.L)
+        if first >= last:
+            return []
+        score = self.dots * p.inv_norm[layer]          # [M] cosine x |observed| (one factor for all maps)
+        M, m = len(score), p.top_m
+        # the m best: a partition without indices, then a threshold (argpartition is several times slower)
+        best = np.flatnonzero(score >= np.partition(score, M - m)[M - m])[:m]      # [m]
+        sc = score[best] / max(np.sqrt(self.on), 1e-6)
+        w = np.clip(sc, 0.0, None) + 1e-6
+        pred = (p.S[best, first:last] * w[:, None, None]).sum(0)                  # [d, E]
+        pred /= np.maximum(pred.sum(1, keepdims=True), 1e-12)
+        need = 1.0 - min(max(float(sc.max()), 0.0), 1.0) - 1e-6
+        out = []
+        for j, row in enumerate(pred):
+            cand = np.nonzero(row * p.K >= min_use)[0]
+            if not len(cand):
+                continue
+            c = sorted(zip(row[cand].tolist(), cand.tolist()), reverse=True)
+            reach, acc = len(c), 0.0
+            for n, (q, _) in enumerate(c):
+                acc += q
+                if acc >= need:
+                    reach = n + 1
+                    break
+            take = max(reach, p.K)  # the smallest set reaching 1 - s, at least K: a prefix of c
+            out += [(q * p.decay ** j, first + j, e) for q, e in c[:take]]
+        out.sort(key=lambda x: -x[0])
+        return [(lay, e) for _, lay, e in out]

@@ -25,6 +25,9 @@ class SlotSplit:
     # the resident slots follow use: a whole copied expert takes the slot of the held expert the eviction
     # policy ranks lowest, when it admits it; the cache slots are then scratch for the others
     adaptive: bool = False
+    # adaptive: a copy that lands in a scratch slot stays findable there until the slot is taken again (fmoe's
+    # prefetch pool); False: a scratch slot is forgotten once its layer has run
+    scratch_keeps: bool = False
 
 
 class Prefetcher(Protocol):

@@ -1,47 +1,65 @@
-"""fmoe: fMoE's trajectory hint in the engine (arXiv 2502.05370; maps/). Misses are planned as auto plans
-them (CPU and copy engine sharing the layer); the slots are one LRU cache. After each decode layer of a lone
-sequence the maps of the token's layers so far are matched against the stored ones, and the experts of the
-next layers more likely used than not are copied in ahead, highest priority first, on the copy stream after
-the layer's own copies, at most as many as the copy engine moves in a layer's time less the layer's own.
-The current layer's experts and the other predicted ones are never evicted for a prefetch. The maps learn on
-line: a request's maps join the store when the next prompt starts (`expert_maps`: a file to start from,
-written back as requests finish; a file that cannot be written is logged once and the engine goes on).
-Legend: L = MoE layers, E = experts per layer, K = experts per token.
+"""fmoe: fMoE's trajectory hint in the engine (arXiv 2502.05370; maps/), on top of auto.
+
+Misses are planned as auto plans them (CPU and copy engine sharing the layer) and the resident slots adapt
+to use as auto's do (decayed use counts): prefetching must not throw out auto's popular residents. fmoe adds
+a pool of scratch slots that keep what is copied into them until the slot is needed again. After each decode
+layer of a lone sequence the token's routing so far is matched against the stored maps (maps/predict.py
+Trajectory: O(K x M) per layer) and the experts of the next layers more likely used than not are copied in
+ahead, highest priority first, on the copy stream after the layer's own copies, and only as many as the
+copy engine moves in the rest of a layer's time (a prefetch must not delay the next layer's demand copies).
+The current layer's experts and the other predicted ones are never evicted for a prefetch.
+The maps learn on line: a request's maps join the store when the next prompt starts (`expert_maps`: a file
+to start from, written back as requests finish; a file that cannot be written is logged once and the engine
+goes on with its maps in memory).
+Legend: L = MoE layers, E = experts per layer, K = experts per token, M = stored maps.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from moeflow import MoeflowError
-from moeflow.maps.predict import Predictor
+from moeflow.maps.predict import Predictor, Trajectory
 from moeflow.maps.store import ExpertMapStore
 from moeflow.policy.auto import AutoPolicy
 from moeflow.policy.base import SlotSplit
 
 log = logging.getLogger("moeflow")
-MIN_USE = 0.5  # prefetch only an expert more likely used than not (bench/cache_replay.py)
+MIN_USE = 0.5    # prefetch only an expert more likely used than not (bench/cache_replay.py)
 SMOOTHING = 0.2  # weight of the newest layer in the layer-time estimate
+DEPTH = 2        # layers predicted ahead: a copy issued now lands within a layer or two
+REBUILD = 0.1    # the predictor is rebuilt (a copy of the store) once this share of its maps is new
+# the match runs after every MATCH_EVERY-th layer (its cost must stay a few % of a layer's); the layers between
+# prefetch what the last match picked and is not there yet
+MATCH_EVERY = 2
 
 
 class FmoePolicy(AutoPolicy):
     name = "fmoe"
-    eviction = "lru"
-    modelled = False  # the timing model has no prefetcher: it would predict fmoe as auto with no residents
+    modelled = False  # the timing model has no prefetcher: it would predict fmoe as auto
 
-    def __init__(self, store: ExpertMapStore | None = None):
+    def __init__(self, store: ExpertMapStore | None = None, depth: int = DEPTH, every: int = MATCH_EVERY):
         super().__init__()
-        self.store, self.pred = store, None
+        self.store, self.pred, self.depth, self.every = store, None, depth, max(1, every)
+        self.picks: list[tuple[int, int]] = []  # the last match's, for the layers up to the next one
+        if store is not None and len(store):
+            self.pred = Predictor(store, depth)
         self.request: list[np.ndarray] = []   # this request's token maps [L, E]
         self.token: np.ndarray | None = None  # [L, E] of the token being decoded
-        self.state = None
+        self.traj: Trajectory | None = None
         self.layer_s, self._t = 0.0, None
+        self.own_copies = 0  # the running layer's demand copies (plan())
         self.prefetched = 0
+        self.match_s = 0.0   # host time spent matching and picking (stats)
         self.save_path, self.save_failed = None, False
+        self._fresh = 0  # maps added since the predictor was built
+        self._saver: threading.Thread | None = None
 
     def use_maps(self, path: str, layers: int, experts: int) -> None:
         """Start from the maps in `path` where it exists, and write the store back there as requests finish."""
@@ -49,21 +67,42 @@ class FmoePolicy(AutoPolicy):
         if Path(path).exists():
             self.store = ExpertMapStore.load(path)
             self.store.check(layers, experts)
-            self.pred = Predictor(self.store)
+            self.pred = Predictor(self.store, self.depth) if len(self.store) else None
 
     def _save(self) -> None:
+        """The store written back on a thread (a prompt's prefill goes on), from a copy; one write at a time,
+        a request finishing during one waits for the next."""
+        if self._saver is not None and self._saver.is_alive():
+            return
+        snap = copy.copy(self.store)
+        snap._flush()
+        snap.maps, snap.emb = snap.maps.copy(), snap.emb.copy()
+        self._saver = threading.Thread(target=self._write, args=(snap,), daemon=True)
+        self._saver.start()
+
+    def _write(self, snap: ExpertMapStore) -> None:
         try:
-            self.store.save(self.save_path)
+            snap.save(self.save_path)
         except MoeflowError as e:  # a server keeps serving: the maps stay in memory
             if not self.save_failed:
                 log.warning("%s; the expert maps are kept in memory only", e)
             self.save_failed = True
 
-    def split(self, slots, layers, experts, top_k):
-        return SlotSplit(resident=0, cache=slots)
+    def flush(self) -> None:
+        """Wait for the write in flight (tests, and a server shutting down)."""
+        if self._saver is not None:
+            self._saver.join()
 
-    def min_slots(self, layers, experts, top_k):
-        return top_k
+    def split(self, slots, layers, experts, top_k):
+        # auto's split, its scratch slots grown into a pool that holds what `depth` layers ahead prefetch
+        base = super().split(slots, layers, experts, top_k)
+        cache = min(base.cache + top_k * self.depth, slots - 1) if slots > base.cache else base.cache
+        return SlotSplit(resident=slots - cache, cache=cache, adaptive=True, scratch_keeps=True)
+
+    def plan(self, misses, costs, inter, max_copies, keep=()):
+        rows = super().plan(misses, costs, inter, max_copies, keep)
+        self.own_copies = sum(1 for r in rows.values() if r < inter)
+        return rows
 
     # -- the maps ----------------------------------------------------------------------------------
     def _request_done(self, L: int, E: int, K: int) -> None:
@@ -72,19 +111,22 @@ class FmoePolicy(AutoPolicy):
         if self.request:
             if self.store is None:
                 self.store = ExpertMapStore(L, E, K)
-            self.store.add_request(np.stack(self.request))
-            self.pred = Predictor(self.store)
+            self._fresh += self.store.add_request(np.stack(self.request))
+            if self.pred is None or self._fresh >= REBUILD * len(self.pred.S):
+                self.pred, self._fresh = Predictor(self.store, self.depth), 0
             if self.save_path:
                 self._save()
-        self.request, self.token, self.state = [], None, None
+        self.request, self.token, self.traj = [], None, None
 
     def prefetch(self, l: int, ids, weights, experts) -> None:
         """Layer row l of a step has launched; ids, weights [N, K] its routing on the host."""
         L, E = experts.shape
         N, K = ids.shape
+        own, self.own_copies = self.own_copies, 0
         if N != 1:  # a prompt (a new request starts) or several sequences: no trajectory to follow
             if l == 0:
                 self._request_done(L, E, K)
+            self._t = None
             return
         now = time.perf_counter()
         if self._t is not None:
@@ -94,24 +136,36 @@ class FmoePolicy(AutoPolicy):
             if self.token is not None:
                 self.request.append(self.token)
             self.token = np.zeros((L, E), np.float32)
-            self.state = self.pred.start(1) if self.pred is not None and not self.pred.empty else None
+            self.traj = Trajectory(self.pred) if self.pred is not None and not self.pred.empty else None
         e = np.asarray(ids[0].tolist(), np.int64)
         w = np.asarray(weights[0].tolist(), np.float32)
-        obs = np.zeros(E, np.float32)
-        obs[e] = w / max(float(w.sum()), 1e-12)
-        self.token[l] = obs
-        if self.state is not None and l < L - 1:
-            self.pred.observe(self.state, l, obs[None])
-            self._prefetch(experts, l, self.pred.select(*self.pred.trajectory(self.state, l)).of(0))
+        w = w / max(float(w.sum()), 1e-12)
+        self.token[l, e] = w
+        if self.traj is None or l >= L - 1:
+            return
+        self.traj.observe(l, e, w)
+        if l % self.every == 0:
+            self.picks = self.traj.picks(l, MIN_USE)
+        else:
+            self.picks = [k for k in self.picks if k[0] > l]
+        self.match_s += time.perf_counter() - now
+        self._prefetch(experts, l, self.picks, own)
 
-    def _prefetch(self, experts, l: int, picks) -> None:
-        """The picks more likely used than not, as many as the copy engine moves in a layer's time; the current
-        layer's experts and the other picks are never evicted for one."""
-        keys, _, use = picks
-        E, copy_s = experts.shape[1], experts.copy_s()
-        budget = int(self.layer_s / copy_s) if copy_s > 0 else 0
-        wanted = [divmod(int(k), E) for k, u in zip(keys, use) if u >= MIN_USE]
-        protect = set(wanted) | {(l, e) for e in range(E)}
-        for key in wanted[:budget]:
-            if not experts.holds(key) and experts.copy_ahead(key, protect):
+    def _prefetch(self, experts, l: int, picks: list[tuple[int, int]], own: int) -> None:
+        """The picks, as many as the copy engine moves in a layer's time less the layer's own copies; the
+        current layer's experts and the other picks are never evicted for one."""
+        copy_s = experts.copy_s()
+        if copy_s <= 0 or not picks:
+            return
+        budget = int(self.layer_s / copy_s) - own
+        if budget <= 0:
+            return
+        protect = set(picks) | {(l, e) for e in range(experts.shape[1])}
+        for key in picks:
+            if budget <= 0:
+                break
+            if experts.holds(key):
+                continue
+            budget -= 1
+            if experts.copy_ahead(key, protect):
                 self.prefetched += 1

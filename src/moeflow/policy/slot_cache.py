@@ -34,6 +34,9 @@ class SlotCache:
         self.per_layer = split.per_layer
         # adaptive: experts copied ahead into scratch slots, findable until their layer comes (stage())
         self.staged: dict[Key, int] = {}
+        self.scratch_keeps = split.adaptive and split.scratch_keeps
+        self._filled: dict[int, int] = {}  # scratch slot -> when it was last filled (scratch_keeps)
+        self._fills = 0
         self.learning = True  # see begin()
         self.eviction = EVICTION[eviction]()
         for key, rate in (prior or {}).items():
@@ -104,6 +107,8 @@ class SlotCache:
             self.where[key] = slot
             self.eviction.hold(key)
             return slot
+        if self.scratch_keeps:
+            return self._scratch(key, protect, keep, busy)
         slot = min(self.groups[None], key=lambda s: (s in busy, self.holder[s] is not None))  # scratch
         self._unstage(slot)
         return slot
@@ -149,3 +154,20 @@ class SlotCache:
         if key is not None and self.staged.get(key) == slot:
             del self.staged[key]
             self.holder[slot] = None
+
+    def _scratch(self, key: Key, protect: set[Key], keep: bool, busy: set[int]) -> int:
+        """A scratch slot that keeps `key` findable until it is taken again: an empty one first, else the one
+        filled longest ago, avoiding slots busy in this layer and holders in `protect`."""
+        slot = min(self.groups[None], key=lambda s: (s in busy, self.holder[s] in protect,
+                                                     self.holder[s] is not None, self._filled.get(s, -1)))
+        self._unstage(slot)
+        old = self.holder[slot]
+        if old is not None and self.where.get(old) == slot:
+            del self.where[old]
+        keep = keep and old not in protect  # every slot holds a protected expert: the copy is not kept
+        self.holder[slot] = key if keep else None
+        if keep:
+            self.where[key] = slot
+        self._fills += 1
+        self._filled[slot] = self._fills
+        return slot
