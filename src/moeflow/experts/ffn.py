@@ -12,8 +12,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moeflow.experts.store import expert_rows
 from moeflow.quant.format import ExpertFormat
+
+
+def expert_rows(block: torch.Tensor, inter: int, r0: int, r1: int) -> tuple[torch.Tensor, ...]:
+    """Rows r0:r1 of the intermediate dimension of one expert block [3IH] in the host layout (down transposed):
+    (gate, up, down_t), each [r1-r0, H] and contiguous."""
+    H = block.shape[-1] // (3 * inter)
+    m = block.view(3, inter, H)
+    return m[0, r0:r1], m[1, r0:r1], m[2, r0:r1]
 
 
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:

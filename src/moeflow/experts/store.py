@@ -20,6 +20,7 @@ import torch
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
 from moeflow.models.base import EXPERT_PARTS
+from moeflow.experts.ffn import expert_rows  # noqa: F401  (the host layout's rows; callers import it here)
 from moeflow.quant.format import ExpertFormat, QuantSpec, dequantize
 
 
@@ -159,11 +160,3 @@ class HostBuffers:
             grown = max(n, 2 * buf.numel() if buf is not None else 0)
             buf = self._bufs[key] = torch.empty(grown, dtype=dtype, pin_memory=self.pinned)
         return buf[:n].view(shape)
-
-
-def expert_rows(block: torch.Tensor, inter: int, r0: int, r1: int) -> tuple[torch.Tensor, ...]:
-    """Rows r0:r1 of the intermediate dimension of one expert block [3IH] in the host layout (down transposed):
-    (gate, up, down_t), each [r1-r0, H] and contiguous."""
-    H = block.shape[-1] // (3 * inter)
-    m = block.view(3, inter, H)
-    return m[0, r0:r1], m[1, r0:r1], m[2, r0:r1]

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moeflow.config import ModelConfig
 from moeflow.experts.base import ExpertBackend  # noqa: F401  (the contract; importable here as before)
-from moeflow.models import fused_ops
+import moeflow.models.fused_ops as fused_ops
 from moeflow.models.rope import rope_table
 from moeflow.models.routers import make_router, route  # noqa: F401  (route: re-exported)
 from moeflow.models.sinks import sink_attention

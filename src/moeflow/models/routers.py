@@ -13,7 +13,7 @@ from torch import nn
 
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
-from moeflow.models import fused_ops
+import moeflow.models.fused_ops as fused_ops
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
