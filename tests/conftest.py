@@ -157,17 +157,19 @@ def mixtral_store(hidden: int, inter: int, layers: int, std: float, pin: bool = 
 
 
 @torch.inference_mode()
-def check_slot_waves(device: str, policy: str, grouped: bool | None):
+def check_slot_waves(device: str, policy: str, grouped: bool | None, store=None):
     """One OffloadedExperts layer call per case gives LocalExperts' output (bf16 tolerance): experts already in
     slots and each wave of copies in one pass (grouped GEMMs where `grouped`, None: where supported), a split
     expert through its zeroed gate rows (equal CPU and copy costs force splits), slots reused within a layer
-    (40 tokens select every expert: more copies than cache slots). Returns the backend's stats."""
+    (40 tokens select every expert: more copies than cache slots). store: 2 layers of 8 experts (default: a
+    Mixtral-shaped one). Returns the backend's stats."""
     from moeflow.experts.local import LocalExperts
     from moeflow.experts.offload import OffloadedExperts
     from moeflow.perf.costs import ExpertCosts
     from moeflow.policy import get_policy
 
-    store = mixtral_store(hidden=256, inter=512, layers=2, std=0.05, pin=device == "cuda")
+    store = store or mixtral_store(hidden=256, inter=512, layers=2, std=0.05, pin=device == "cuda")
+    H = store.cfg.hidden_size
     pol = get_policy(policy)
     pts = (1, 4, 16, 64, 256)
     even = ExpertCosts(pts, tuple(1e-3 * n for n in pts), tuple(1e-6 for _ in pts), 1e-3)
@@ -177,12 +179,13 @@ def check_slot_waves(device: str, policy: str, grouped: bool | None):
     backend.calibrate = False
     if grouped is not None:
         backend.waves.grouped = grouped
-    assert backend.waves.grouped == (grouped if grouped is not None else device == "cuda")
+    if not store.fmt.biased:
+        assert backend.waves.grouped == (grouped if grouped is not None else device == "cuda")
     local = LocalExperts(store.to(device))
     g = torch.Generator(device=device).manual_seed(0)
     for n in (1, 3, 40):
         for layer in (0, 1):
-            x = torch.randn(n, 256, device=device, dtype=torch.bfloat16, generator=g)
+            x = torch.randn(n, H, device=device, dtype=torch.bfloat16, generator=g)
             ids = torch.stack([torch.randperm(8, device=device, generator=g)[:2] for _ in range(n)])
             w = torch.softmax(torch.randn(n, 2, device=device, generator=g), -1)
             want = local(layer, x, ids, w).float()
@@ -219,3 +222,23 @@ def check_grouped_passes(device: str, monkeypatch) -> None:
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     assert len(passes) >= 2 and sum(passes) == 200 and max(passes) <= 100, passes
     backend.close()
+
+
+def run_interpreted(code: str) -> None:
+    """Python `code` (run beside the tests, so it can import them) with TRITON_INTERPRET=1: Triton kernels' logic
+    on the CPU, where Triton is installed (not a dependency)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import moeflow
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    path = os.pathsep.join([str(Path(moeflow.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -5,14 +5,10 @@ accumulation order); the interpreter runs fp16 (it reads bf16 tensors wrongly), 
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_interpreted
 
 from moeflow.experts.ffn import looped_experts, quantized_experts
 from moeflow.experts.fused_moe import align
@@ -99,17 +95,9 @@ def check_quantized(device: str, dtype: torch.dtype, specs=None, counts=(1, 20))
 
 def test_kernels_in_the_interpreter():
     """Both kernels' logic on the CPU through TRITON_INTERPRET=1, where Triton is installed (not a dependency)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    import moeflow
-
     code = ("import torch, test_fused_moe as t; t.check_align('cpu');"
             "t.check_dense('cpu', torch.float16, ((40, 2, 4),)); t.check_quantized('cpu', torch.float16, counts=(6,))")
-    path = os.pathsep.join([str(Path(moeflow.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_interpreted(code)
 
 
 @pytest.mark.gpu

@@ -4,14 +4,10 @@ exactly and its weights to fp32 noise."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_interpreted
 
 from moeflow.models import fused_ops
 from moeflow.models.layers import RMSNorm, Rotary, rotate
@@ -72,17 +68,9 @@ def test_fused_ops_off_the_gpu_are_pytorch_ops():
 
 
 def test_fused_ops_in_the_interpreter():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    import moeflow
-
     code = ("import torch, test_fused_ops as t; t.check_norm_rope('cpu', torch.float16);"
             "t.check_softmax_topk('cpu', torch.float16); t.check_decode_attention('cpu', torch.float16)")
-    path = os.pathsep.join([str(Path(moeflow.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_interpreted(code)
 
 
 @pytest.mark.gpu

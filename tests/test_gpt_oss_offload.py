@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import budget_for
+from conftest import check_slot_waves, budget_for
 from test_offload import costs_table, prompts
 
 from moeflow.checkpoint import load
@@ -86,38 +86,12 @@ def test_grouped_biased_experts_match_the_looped_ones_on_the_gpu():
     check_grouped_biased("cuda")
 
 
-@torch.inference_mode()
 def check_biased_waves(device: str, policy: str, grouped: bool | None):
-    """One OffloadedExperts layer call per case gives LocalExperts' output (bf16 tolerance) on biased experts:
-    residents, copied waves, splits (equal CPU and copy costs), slots reused within a layer (40 tokens)."""
-    from moeflow.experts.local import LocalExperts
-    from moeflow.experts.offload import OffloadedExperts
-    from moeflow.perf.costs import ExpertCosts
-    from moeflow.policy import get_policy
-
+    """conftest's slot-wave check on biased experts: residents, copied waves, splits (equal CPU and copy costs),
+    slots reused within a layer (40 tokens)."""
     H = 128
     store = biased_store(hidden=H, inter=H, layers=2, std=0.05, device=device)  # I = H: sizes must not be inferred
-    pol = get_policy(policy)
-    pts = (1, 4, 16, 64, 256)
-    even = ExpertCosts(pts, tuple(1e-3 * n for n in pts), tuple(1e-6 for _ in pts), 1e-3)
-    split = pol.split(4, 2, 8, 2)
-    resident = [(0, 7), (1, 6), (0, 5), (1, 4)][:split.resident]
-    backend = OffloadedExperts(store, torch.device(device), pol, split, resident, costs=even)
-    backend.calibrate = False
-    if grouped is not None:
-        backend.waves.grouped = grouped
-    local = LocalExperts(store.to(device))
-    g = torch.Generator(device=device).manual_seed(0)
-    for n in (1, 3, 40):
-        for layer in (0, 1):
-            x = torch.randn(n, H, device=device, dtype=torch.bfloat16, generator=g)
-            ids = torch.stack([torch.randperm(8, device=device, generator=g)[:2] for _ in range(n)])
-            w = torch.softmax(torch.randn(n, 2, device=device, generator=g), -1)
-            want = local(layer, x, ids, w).float()
-            got = backend(layer, x, ids, w).float()
-            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
-    backend.close()
-    return backend.stats
+    return check_slot_waves(device, policy, grouped, store=store)
 
 
 @pytest.mark.parametrize("grouped", [True, False])
