@@ -3,7 +3,7 @@
 # Needs .carry/data with mt_bench.jsonl, the Mixtral routing trace and a placement made from it:
 #   moeflow profile-experts --model synthetic:mixtral-8x7b --trace .carry/data/mixtral-8x7b-instruct.humaneval.jsonl \
 #       --out .carry/data/mixtral-trace-placement.json
-# Usage: [NEW_TOKENS=128] [RUNS=1] [REPEAT=1] [ROUTING=native] [AMX_SWEEP='R H G,...'] bash scripts/gpu_latency.sh STAGE...   (RUNS: decode runs per row, median;
+# Usage: [NEW_TOKENS=128] [RUNS=1] [REPEAT=1] [ROUTING=native] bash scripts/gpu_latency.sh STAGE...   (RUNS: decode runs per row, median;
 #   REPEAT: all rows again this many times, in turn; model-accuracy compares medians)
 # with stages
 #   tests      the GPU tests, the CPU kernel's tests and the offloading tests (the native hand-over, AMX here)
@@ -15,21 +15,11 @@
 #   profile    Mixtral-8x7B, PROFILE_POLICY (auto) at PROFILE_BUDGETS (76 and 24 GiB): the bench's figures and
 #              torch.profiler tables of the host's time in decode and in a 512-token prefill
 #   kernel     `bench cpu-experts` (Mixtral and Qwen3 shapes, 1-256 tokens per expert)
-#   spin       Mixtral-8x7B at SPIN_BUDGET (default 24GiB), auto, native routing, 64 tokens, for each "SPIN THP"
-#              of SPINS (default "256 0,200000 0,200000 1"): the kernel pool's idle spin (MOEFLOW_POOL_SPIN,
-#              200000 lasts between layers) and PyTorch's huge pages for the store (THP_MEM_ALLOC_ENABLE)
-#   memory     scripts/probes/host_memory.py at each pool spin of MEMORY_SPINS (default "256"): the CPU kernel and the
-#              copies on plain / huge-page memory, before and after page-locking, and the threads' wake-up
-#   keep       Qwen3-30B-A3B at 16 GiB, auto and fiddler, at each MOEFLOW_KEEP_SLACK of KEEPS (default "0.05 0.25"):
-#              auto copying whole a miss the cache would keep (0.05: only where any whole copy would be)
 #   probe      scripts/probes/cpu_cost_probe.py: one Mixtral expert on the CPU timed the ways the profile and the engine do
 #   resident   scripts/probes/resident_probe.py: a decode layer with its experts on the GPU, Qwen3 and Mixtral shapes, with
 #              K or all experts, 6 or 12 layers, policy gpu or lru (what the profile's resident layer leaves out)
 #   prefillcpu scripts/probes/prefill_cpu_probe.py: m experts of n prompt tokens in one CPU call (a prefill's), Qwen3 and
 #              Mixtral shapes
-#   amx        the AMX blocking (MOEFLOW_AMX_DOWN_ROWS / GU_HIDDEN / GU_ROWS) at 16-256 tokens, Mixtral shape
-#   ab         scripts/probes/amx_ab.py: the tile units' rate, then the AMX read modes side by side (AB_TOKENS, Mixtral
-#              and Qwen3 shapes)
 # Each latency stage ends with `bench model-accuracy` on its JSON (the run's own predictions): *-accuracy.json/png.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -65,12 +55,6 @@ for stage in "$@"; do
     profile) python3 scripts/probes/profile_decode.py synthetic:mixtral-8x7b --gpu-memory "${PROFILE_BUDGETS:-76GiB,24GiB}" \
                --policy "${PROFILE_POLICY:-auto}" --steps 16 --prefill 512 > "$OUT/profile.txt" 2>&1
              grep -E "ms/token|tok/s|^auto|cpu_scale|bound|prefill of" "$OUT/profile.txt" ;;
-    keep) for k in ${KEEPS:-0.05 0.25}; do
-            echo "keep slack $k"
-            MOEFLOW_KEEP_SLACK=$k python3 -m moeflow bench latency --model synthetic:qwen3-30b-a3b --budgets 16GiB \
-              --policies auto,fiddler --prompts $D/mt_bench.jsonl --new-tokens "$NEW" --runs "${RUNS:-1}" \
-              --out "$OUT/latency-qwen3-16GiB-keep$k.json" 2>&1 | grep -E "^auto|^fiddler|ms/token|prefill ms"
-          done ;;
     probe) python3 scripts/probes/cpu_cost_probe.py 2>&1 | tee "$OUT/cpu_cost_probe.txt" ;;
     resident) { python3 scripts/probes/resident_probe.py synthetic:qwen3-30b-a3b
                 python3 scripts/probes/resident_probe.py synthetic:mixtral-8x7b --variants "2 2 6 gpu,8 2 6 gpu,2 2 6 lru"
@@ -81,32 +65,6 @@ for stage in "$@"; do
                 done ;;
     kernel) python3 -m moeflow bench cpu-experts --reps 10 --out "$OUT/cpu_experts.json" --plot "$OUT/cpu_experts.png" \
               > "$OUT/cpu_experts.txt" 2>&1; tail -42 "$OUT/cpu_experts.txt" ;;
-    spin) B=${SPIN_BUDGET:-24GiB}
-          IFS=, read -ra spins <<< "${SPINS:-256 0,200000 0,200000 1}"
-          for c in "${spins[@]}"; do
-            set -- $c
-            echo "spin $1, huge pages $2"
-            if [ "$2" = 1 ]; then export THP_MEM_ALLOC_ENABLE=1; else unset THP_MEM_ALLOC_ENABLE; fi
-            MOEFLOW_POOL_SPIN=$1 POLICIES=auto NEW=64 ROUTING=native mixtral "$B" \
-              --out "$OUT/latency-$B-spin$1-thp$2.json" | grep -E "^auto|ms/token|prefill ms"
-            rm -f "$OUT/latency-mixtral-$B.log"
-          done
-          unset THP_MEM_ALLOC_ENABLE ;;
-    memory) for n in ${MEMORY_SPINS:-256}; do
-              MOEFLOW_POOL_SPIN=$n python3 scripts/probes/host_memory.py --out "$OUT/host-memory-spin$n.json" 2>&1 | tail -5
-            done ;;
-    amx) IFS=, read -ra sweep <<< "${AMX_SWEEP:-256 512 32,512 512 64,128 512 32,256 512 16,256 1024 32,256 256 32}"
-         for b in "${sweep[@]}"; do
-           set -- $b
-           echo "down rows $1, gate/up hidden $2, gate/up rows $3"
-           MOEFLOW_AMX_DOWN_ROWS=$1 MOEFLOW_AMX_GU_HIDDEN=$2 MOEFLOW_AMX_GU_ROWS=$3 python3 -m moeflow bench \
-             cpu-experts --shapes mixtral --tokens 16,64,256 --kernel amx --torch-max-tokens 0 --reps 5 \
-             --out "$OUT/amx-$1-$2-$3.json" 2>&1 | grep native:amx
-         done ;;
-    ab) for shape in mixtral qwen3; do
-          python3 scripts/probes/amx_ab.py --shape $shape --tokens "${AB_TOKENS:-16,64,256}" --modes 0,1,2 --reps 21 \
-            --out "$OUT/amx-ab-$shape.json"
-        done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

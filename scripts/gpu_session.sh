@@ -10,6 +10,9 @@
 #                CPU path is PyTorch's, far too slow for fiddler's CPU-first rule)
 #   throughput   bench throughput: Mixtral-8x7B at 24 GiB, generation length 128, beside the serve path
 #   fmoe         bench latency Mixtral-8x7B at 24 GiB with its trace replayed: auto against fmoe
+#   gptoss       bench latency GPT-OSS-20B at 12 GiB: auto, fiddler, lru (biased experts offloaded)
+#   hostpath     bench latency Qwen3-30B-A3B at 16 GiB and Mixtral-8x7B at 24 GiB: auto against auto-prefetch
+#   triton       scripts/gpu_triton.sh: the fused MoE and decoder-op kernels' tests, kernel sweep, all-GPU Qwen3 step
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -40,8 +43,12 @@ for stage in "$@"; do
     throughput) python3 -m moeflow bench throughput --configs synthetic:mixtral-8x7b@24GiB --prompts $D/mt_bench.jsonl \
                   --gen-lens 128 --baseline-batches 16 --baseline-tokens 32 --out "$OUT/throughput-mixtral.json" \
                   2>&1 | tee "$OUT/throughput-mixtral.log" | tail -25 ;;
-    fmoe) lat mixtral-fmoe synthetic:mixtral-8x7b 24GiB auto,fmoe --baseline-tokens 0 \
+    fmoe) lat mixtral-fmoe synthetic:mixtral-8x7b 24GiB auto,fmoe --baseline-tokens 0 --ttft-len 256 \
             --routing-trace $D/mixtral-8x7b-instruct.humaneval.jsonl ;;
+    gptoss) lat gpt-oss-20b-12GiB synthetic:gpt-oss-20b 12GiB auto,fiddler,lru --ttft-len 256 ;;
+    hostpath) lat qwen3-16GiB synthetic:qwen3-30b-a3b 16GiB auto,auto-prefetch
+              lat mixtral-24GiB synthetic:mixtral-8x7b 24GiB auto,auto-prefetch ;;
+    triton) bash scripts/gpu_triton.sh 48 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -6,7 +6,7 @@ the first touch), each before and after page-locking it in place (cudaHostRegist
   gap     the same with a 1 ms pause between calls (the engine's layers: the kernel's threads go idle between
           calls), against back-to-back: the cost of waking the threads
   copy    one expert host -> GPU from the registered memory: GB/s
-Run twice with MOEFLOW_POOL_SPIN set differently to see the threads' idle spin.
+The threads' idle spin is CpuKernelConfig.spin (`bench cpu-experts --spin`).
 
 Usage: PYTHONPATH=src python scripts/probes/host_memory.py [--shape mixtral-8x7b] [--experts 8] [--reps 5] [--out F]
 """
@@ -106,7 +106,7 @@ def main() -> None:
     numel = 3 * I * H
     cuda = torch.cuda.is_available()
     cpu = CpuExperts(threads=default_threads(reserve=1 if cuda else 0))
-    meta = {"thp": thp_setting(), "spin": os.environ.get("MOEFLOW_POOL_SPIN", "default"), "kernel": cpu.kernel,
+    meta = {"thp": thp_setting(), "spin": cpu.config.spin, "kernel": cpu.kernel,
             "threads": cpu.threads, "expert_mb": numel * 2 / 1e6, "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                        time.gmtime())}
     print(meta)
