@@ -7,7 +7,7 @@
 Qwen3's 128 experts, top-8 by default, one token a step; routing drawn with reuse from the last token (--reuse,
 the share of a token's experts of a layer that the next token picks again, as on real traces). --costs toy:
 hand-made so that the planner sends some misses to the CPU and copies others; mixtral / qwen3: the H200 host's
-(scripts/probes/replay_cache.py), corrected on line as the engine does. Per policy (one store for all): microseconds
+(COSTS below), corrected on line as the engine does. Per policy (one store for all): microseconds
 per layer of sync, plan, launch, join (the backend's own timers), the backend's host time in all and the wall
 time. Small dims by default: the host's work, not the experts' maths. With --profile, a cProfile table.
 """
@@ -28,6 +28,12 @@ from moeflow.models import get_architecture
 from moeflow.perf.costs import ExpertCosts
 from moeflow.policy import get_policy
 from moeflow.policy.placement import even_rates, even_resident
+
+# Measured expert costs on the H200 host (docs/history/2026-12-02.md): Mixtral's 4096 x 14336 expert, Qwen3-30B-A3B's
+# 2048 x 768 (small: mostly a call's fixed part)
+COSTS = {"mixtral": ExpertCosts((1, 4, 16, 64, 256), (6.5e-3, 7e-3, 9e-3, 12e-3, 45e-3), (2e-4,) * 5, 6.6e-3),
+         "qwen3": ExpertCosts((1, 4, 16, 64, 256), (0.56e-3, 0.66e-3, 0.77e-3, 0.98e-3, 2.19e-3), (1.6e-4,) * 5,
+                              0.25e-3, cpu_call_s=3e-5, cpu_fixed_s=0.32e-3, cpu_alone=0.75)}
 
 
 def make_store(a) -> ExpertStore:
@@ -53,8 +59,6 @@ def build(a, store: ExpertStore, policy: str) -> OffloadedExperts:
         pts = (1, 4, 16, 64, 256)
         costs = ExpertCosts(pts, tuple(1e-4 * n for n in pts), tuple(2e-5 for _ in pts), 1.2e-4, cpu_call_s=2e-5)
     else:
-        from replay_cache import COSTS
-
         costs = COSTS[a.costs]
     b = OffloadedExperts(store, torch.device(a.device), pol, split, resident, costs=costs,
                          prior=even_rates(L, E, K))
