@@ -230,12 +230,15 @@ def cmd_plan(args) -> int:
 def _latency_plan(con, args, name, cfg, profile, budget: int, hit, quant, world: int = 1,
                   all_reduce_s: float = 0.0) -> None:
     """The latency regime: each policy's predicted figures in a table, the bound, the chosen plan."""
+    import torch
     from rich.table import Table
 
     from moeflow.perf.search import search_latency
     from moeflow.quant.format import expert_bytes
 
-    eb = expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant) if quant else cfg.expert_numel * 2
+    # a dense block is the config's (biases included); a quantized one the format's
+    eb = (expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant) if quant
+          else cfg.expert_bytes(torch.bfloat16))
     plan = search_latency(cfg, profile, budget, args.prompt_len, args.gen_len, hit, name, expert_bytes=eb)
     if world > 1:
         from moeflow.dist.plan import plan_with_collectives
