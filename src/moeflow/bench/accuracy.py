@@ -2,7 +2,7 @@
 
 Rows that carry predicted figures (bench latency on a GPU host adds them) are compared as they are; rows
 without, or every row with --repredict, are predicted here from the run's own budget, policy, measured hit
-rate and measured expert costs, with the run's hardware profile (stored in the results since 2026-12-02) or
+rate and measured expert costs, with the run's hardware profile (stored in the results) or
 the given one. The rows of one configuration (`bench latency --repeat`) are compared by their medians: on a
 shared host the same configuration ran up to 2x apart within minutes. The predictions take the host's speed
 that a probe found beside each row's decode and prefills against the profile's (perf/probe.py); the same
@@ -87,13 +87,13 @@ def predict_row(r: dict, cfg, profile, name: str, new_tokens: int, dtype_name: s
 
 
 def _reading(v) -> float | None:
-    """A probe reading: seconds (results of 2026-12-02 17:15-17:40 held a dict with the host's under "host")."""
+    """A probe reading: seconds (older results hold a dict with the host's under "host")."""
     return v.get("host") if isinstance(v, dict) else v
 
 
 def _used(r: dict, cfg) -> float | None:
     """Experts a layer used in the TTFT prompt: recorded, or from its experts on the CPU and copied (the
-    misses) over its miss rate (results before 2026-12-02 03:00)."""
+    misses) over its miss rate (older results)."""
     pf = r.get("prefill") or {}
     if "experts_per_layer" in pf or not pf.get("hit_rate", 1) < 1:
         return pf.get("experts_per_layer")

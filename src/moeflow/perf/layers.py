@@ -111,12 +111,10 @@ def time_resident_layer(cfg: ModelConfig, dev, dtype, steps: int, repeats: int, 
     The slope between models of `few` and `many` such layers, timed in turns (paired_s, medians of `repeats`
     runs of `steps` steps). Each layer holds the model's experts where they fit in LAYER_EXPERT_BYTES (Qwen3's
     128 of 9.4 MB), else the K a token uses (Mixtral's 2 of 352 MB, so that the span fits beside the model's
-    weights in host memory): routing among 128 cost a Qwen3 layer 0.03-0.06 ms more than among 8 on the H200
-    host (2026-12-02 17:27, scripts/resident_probe.py), where its lru decode took 0.435 ms a layer and the
-    8-expert figure was 0.354-0.374. A decode layer's non-expert part is a chain of small kernels that its
-    roofline (Mixtral's: 84 MB at 4 TB/s, 21 us) does not see. On the same host (16:22) a Mixtral layer took
-    0.692 ms where the tiny model's host share (0.389), the two experts' wave (0.245) and the roofline (0.022)
-    make 0.656, so the timing model takes the figure as a floor of the non-expert part only."""
+    weights in host memory); routing among 128 rather than 8 adds a few percent to a Qwen3 layer
+    (docs/history/2026-12-02.md). A decode layer's non-expert part is a chain of small kernels that its
+    roofline (Mixtral's: 84 MB at 4 TB/s, 21 us) does not see, so the timing model takes the figure as a floor
+    of the non-expert part only."""
 
     from moeflow.engine.llm_engine import LLMEngine
     from moeflow.engine.sequence import SamplingParams

@@ -1,14 +1,14 @@
 """How fast the host runs now, against the minute its profile was measured in.
 
-A shared host's speed drifts: on the H200 host (2026-12-02) Qwen3's lru decode, all on the GPU, spent 8.7 to 25
-ms per token launching the same kernels within one call; the host figures a profile measured hold for its
-minute. SpeedProbe reads the host's speed in about 0.1 s: once beside the profile's host figures (the profile
-keeps the reading: probe_s) and again beside each `bench latency` row. Their ratio, host_speed, scales the
-host's share of a layer and of a step in the timing model (perf/model.py predict_latency).
+A shared host's speed drifts: the same kernels' launch time per token can move 3x within one call
+(docs/history/2026-12-02.md), so the host figures a profile measured hold for its minute. SpeedProbe reads the
+host's speed in about 0.1 s: once beside the profile's host figures (the profile keeps the reading: probe_s)
+and again beside each `bench latency` row. Their ratio, host_speed, scales the host's share of a layer and of a
+step in the timing model (perf/model.py predict_latency).
 
-The same reading of the CPU expert kernel (one call of K experts) was tried and dropped: over three runs on
-that host (17:15-17:40) it moved 0.8-1.9x while fiddler's CPU-bound decode stayed within 2%, and taking it
-put fiddler's predictions 10% lower than without it.
+The same reading of the CPU expert kernel (one call of K experts) was tried and dropped: it moved 0.8-1.9x
+across runs while fiddler's CPU-bound decode stayed within 2%, and taking it put fiddler's predictions 10%
+lower than without it.
 """
 
 from __future__ import annotations

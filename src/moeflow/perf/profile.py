@@ -107,7 +107,7 @@ class HardwareProfile:
             raise MoeflowError(f"hardware profile version {d.get('version')!r}; this moeflow reads versions "
                                f"{READABLE_VERSIONS} (run `moeflow profile --refresh`)")
         known = {f.name for f in fields(cls)}
-        if "probe_s" not in d and isinstance(d.get("probes"), dict):  # written 2026-12-02 17:15-17:40
+        if "probe_s" not in d and isinstance(d.get("probes"), dict):  # older profiles: the readings in a dict
             d = d | {"probe_s": d["probes"].get("host", 0.0)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
