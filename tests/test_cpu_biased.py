@@ -9,12 +9,15 @@ amx)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from moeflow.experts import native
 from moeflow.experts.biased import BiasedFormat
 from moeflow.experts.cpu import CpuExperts, Job, jobs_from_topk
+from moeflow.perf.profile import shape_key
 
 LIB = native.load()
 KERNELS = [k for k in native.KERNELS if LIB.can_run(k)] if LIB else []
@@ -99,7 +102,7 @@ def test_torch_kernel_keeps_the_pytorch_path():
 
 def test_the_measured_cpu_cost_of_a_biased_expert_times_the_kernel(monkeypatch):
     """The profile and the offloaded backend time a biased expert with the engine's CpuExperts for its format:
-    the native kernel's biased path, the one the engine runs."""
+    the native kernel's biased path, the one the engine runs; the profile keys it apart from a plain expert."""
     from moeflow.models import get_architecture
     from moeflow.perf import measure
 
@@ -121,3 +124,5 @@ def test_the_measured_cpu_cost_of_a_biased_expert_times_the_kernel(monkeypatch):
     (fmt, ce), = seen
     assert isinstance(fmt, BiasedFormat) and ce.uses_native(torch.empty(0, dtype=torch.bfloat16))
     assert ce.kernel_s > 0 and all(s > 0 for s in costs["cpu_s"])
+    # the profile keeps them apart from a plain expert of the same shape (timed on another path)
+    assert shape_key(cfg) == shape_key(replace(cfg, expert_bias=False)) + ":biased"
