@@ -126,3 +126,23 @@ def test_the_measured_cpu_cost_of_a_biased_expert_times_the_kernel(monkeypatch):
     assert ce.kernel_s > 0 and all(s > 0 for s in costs["cpu_s"])
     # the profile keeps them apart from a plain expert of the same shape (timed on another path)
     assert shape_key(cfg) == shape_key(replace(cfg, expert_bias=False)) + ":biased"
+
+
+@torch.inference_mode()
+def test_a_bf16_host_store_runs_biased_experts_in_the_kernel_locally():
+    """LocalExperts on a bf16 GPT-OSS store in host memory (--device cpu) runs the kernel's biased path and
+    gives the fp32 reference."""
+    from test_gpt_oss_offload import biased_store
+
+    from moeflow.experts.local import LocalExperts
+
+    store = biased_store(hidden=64, inter=48, layers=2, std=0.2)
+    local = LocalExperts(store)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 64, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(6)])
+    w = torch.rand(6, 2, generator=g)
+    got = local(1, x, ids, w)
+    assert got.dtype == torch.bfloat16 and local.cpu is not None and local.cpu.kernel_s > 0
+    want = reference(store.data[1], store.fmt, x, jobs_from_topk(ids, w, 8))
+    check(got.float(), want, "avx512")  # bf16 output: the bf16 tolerance
