@@ -57,12 +57,12 @@ def check(got: torch.Tensor, want: torch.Tensor, kernel: str) -> None:
 @pytest.mark.parametrize("H,I", [(128, 96), (200, 44)])  # H = 200: partial vectors at every width
 def test_native_biased_experts_match_pytorch(kernel, fused, H, I):
     data, fmt = biased_blocks(5, H, I, limit=0.6, seed=H + I)
-    ce = CpuExperts(threads=3, kernel=kernel, fmt=fmt)
+    ce = CpuExperts(threads=2, kernel=kernel, fmt=fmt)
     assert ce.uses_native(data)
     if not fused:  # down by column chunks, as with many tokens
         ce.fused_max_bytes = 0
     g = torch.Generator().manual_seed(7)
-    for n in (1, 3, 5, 20):  # 20 tokens: AMX would tile them; biased jobs stay on the vector path
+    for n in (1, 3, 20):  # 20 tokens: AMX would tile them; biased jobs stay on the vector path
         x = torch.randn(n, H, generator=g).bfloat16()
         ids = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(n)])
         w = torch.rand(n, 2, generator=g)
