@@ -4,6 +4,8 @@
 // thread pool, a preparation of the tokens (gathered, converted or packed per job) and two parallel phases:
 //   A  gate/up: row blocks of all jobs split over threads by cost; each block streams its gate and up rows
 //      once for all of the job's tokens and writes act = silu(gate) * up.
+//      Biased experts (GPT-OSS, experts/biased.py): the block is followed by its biases [gate I | up I | down H];
+//      act is then the clamped SwiGLU of the biased sums, and the part holding row 0 adds w * the down bias.
 //   B  down: H split into column chunks (multiples of 64 columns, so no two threads share a cache line of
 //      the output); each thread streams its columns of down_t for every job and adds w * act @ down_t
 //      into out. No reduction across threads is needed.
@@ -82,7 +84,19 @@ struct Job {
     bool tiles;                     // AMX tiles (else the vector kernel)
     bool fused;                     // down by rows, into per-thread sums, in the gate/up pass
     size_t poff;                    // fused: offset of the job's [n, H] sums in each thread's buffer
+    const bf16 *bias_g, *bias_u;    // biased: the gate and up biases of row r0 (else null)
+    const bf16* bias_d;             // biased, where r0 = 0: the down bias [H] (else null)
+    float alpha, limit;             // biased: the clamped SwiGLU's
 };
+
+// act of one (token, row r of the job) from its gate and up sums: silu(g) * u or, biased, GPT-OSS's
+// (clamp(u + bu, -limit, limit) + 1) * g' * sigmoid(alpha g') with g' = min(g + bg, limit).
+static inline float activation(const Job& j, int r, float g, float u) {
+    if (!j.bias_g) return silu(g) * u;
+    g = std::min(g + bf2f(j.bias_g[r]), j.limit);
+    u = std::clamp(u + bf2f(j.bias_u[r]), -j.limit, j.limit);
+    return (u + 1.0f) * (g / (1.0f + std::exp(-j.alpha * g)));
+}
 
 static inline int groups16(int n) { return (n + 15) / 16; }
 
@@ -141,12 +155,22 @@ struct Opts {
     int down_direct;          // vector path, fused down: weights widened in registers, not through an L1 buffer
     int int4_bf16;            // AVX-512, int4 groups of 64k: gate/up codes looked up as bf16, vdpbf16ps on bf16 tokens
     int quant_avx512;         // int4/int8 on the AVX-512 code where the kernel is avx512 or amx (else the AVX2 code)
+    int biased;               // bf16 blocks followed by their biases, the clamped SwiGLU (vector paths only)
+    float alpha, limit;       // biased: the activation's, passed as float32 bits
 };
-static const int N_OPTS = 12;
+static const int N_OPTS = 15;
+
+static float float_bits(int64_t v) {
+    const uint32_t u = (uint32_t)v;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
 
 static Opts read_opts(const int64_t* o) {
     return Opts{(int)o[0], o[1], (int)o[2], (int)o[3], (int)o[4], std::clamp((int)o[5], 1, 4), (int)std::max<int64_t>(o[6], 0),
-                (int)o[7], (int)std::max<int64_t>(o[8], 0), (int)o[9], (int)o[10], (int)o[11]};
+                (int)o[7], (int)std::max<int64_t>(o[8], 0), (int)o[9], (int)o[10], (int)o[11], (int)o[12],
+                float_bits(o[13]), float_bits(o[14])};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -164,7 +188,7 @@ static void gateup_scalar(const Job& j, int b0, int b1, int H) {
                 sg += xt[h] * bf2f(g[h]);
                 su += xt[h] * bf2f(u[h]);
             }
-            act[(size_t)t * j.R + r] = silu(sg) * su;
+            act[(size_t)t * j.R + r] = activation(j, r, sg, su);
         }
     }
 }
@@ -428,9 +452,14 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
         j.n = n, j.R = r1 - r0, j.Rp = (j.R + 31) / 32 * 32;
         j.tok = tok + job_off[k];
         j.w = tok_w + job_off[k];
-        j.tiles = amx && n >= amx_min_tokens;
+        j.tiles = amx && n >= amx_min_tokens && !o.biased;
         j.fused = false;
         j.poff = 0;
+        const bf16* bias = block + 3 * (size_t)I * H;  // biased: [gate I | up I | down H]
+        j.bias_g = o.biased ? bias + r0 : nullptr;
+        j.bias_u = o.biased ? bias + I + r0 : nullptr;
+        j.bias_d = o.biased && r0 == 0 ? bias + 2 * (size_t)I : nullptr;
+        j.alpha = o.alpha, j.limit = o.limit;
         if (!j.tiles) {
             j.poff = priv;
             priv += (size_t)n * H;
@@ -559,6 +588,9 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
         bool tiles_on = false;
         for (size_t k = 0; k < jobs.size(); ++k) {
             const Job& j = jobs[k];
+            if (j.bias_d)
+                for (int t = 0; t < j.n; ++t)
+                    for (int c = c0; c < c1; ++c) out[(size_t)j.tok[t] * H + c] += j.w[t] * bf2f(j.bias_d[c]);
             if (j.fused) {
                 for (int t = 0; t < j.n; ++t) {
                     float* o = out + (size_t)j.tok[t] * H;

@@ -1,5 +1,6 @@
-"""GPT-OSS experts: gate/up/down biases and the clamped SwiGLU, through PyTorch on any device. The native CPU
-kernel computes plain SiLU experts only: CpuExperts runs biased blocks through BiasedFormat.ffn instead.
+"""GPT-OSS experts: gate/up/down biases and the clamped SwiGLU, through PyTorch on any device. On the CPU,
+bf16 biased blocks run in the native kernel (csrc/cpu_experts.cpp, its vector paths), this maths in fp32;
+other dtypes, or MOEFLOW_CPU_KERNEL=torch, through BiasedFormat.ffn.
 
 A biased block is the plain one [gate | up | down_t] followed by its biases [gate (I) | up (I) | down (H)].
 Rows r0:r1 of an expert carry their gate and up biases; the down bias belongs to the part that holds row 0

@@ -127,7 +127,7 @@ class CpuExperts:
         cfg = config or CpuKernelConfig()
         self.config = cfg
         self.threads = threads or cfg.threads or cpu_threads()
-        # quantized blocks (group-wise int4/int8); biased ones (experts/biased.py): PyTorch's FFN
+        # quantized blocks (group-wise int4/int8); biased ones (experts/biased.py: bf16 by the kernel, else PyTorch)
         self.fmt = fmt if fmt is not None and (fmt.quantized or fmt.biased) else None
         name = kernel or (cfg.kernel if cfg.kernel != "auto" else os.environ.get("MOEFLOW_CPU_KERNEL", "auto"))
         if name not in ("auto", "torch", *KERNELS):
@@ -155,12 +155,14 @@ class CpuExperts:
     def options(self) -> np.ndarray:
         """The native call's options from the config and this object's (test-adjustable) settings."""
         cfg = replace(self.config, fused_max_bytes=self.fused_max_bytes, amx_blocking=tuple(self.amx_blocking))
-        return options(cfg, self.amx_min_tokens)
+        return options(cfg, self.amx_min_tokens, self.fmt if self.fmt is not None and self.fmt.biased else None)
 
     def uses_native(self, data: torch.Tensor) -> bool:
-        if self.native is None or self.kernel == "torch" or (self.fmt is not None and self.fmt.biased):
+        if self.native is None or self.kernel == "torch":
             return False
-        return data.dtype == torch.uint8 and self.qfmt is not None if self.fmt else data.dtype == torch.bfloat16
+        if self.fmt is not None and self.fmt.quantized:
+            return data.dtype == torch.uint8 and self.qfmt is not None
+        return data.dtype == torch.bfloat16  # plain blocks, or biased ones (the kernel's vector paths)
 
     def __call__(self, data: torch.Tensor, x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -291,7 +293,7 @@ class CpuExperts:
     def layer(self, data: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
               ) -> torch.Tensor:
         """Every selected expert of a layer: [N, H] fp32. The native path groups by expert in C: one call."""
-        if not self.uses_native(data) or data.stride(1) != 1 or self.qfmt is not None:
+        if not self.uses_native(data) or data.stride(1) != 1 or self.fmt is not None:  # quantized or biased: jobs
             return self(data, x, jobs_from_topk(topk_ids, topk_weights, data.shape[0]))
         N, H = x.shape
         out = _zeros(N, H)

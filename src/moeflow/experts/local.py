@@ -37,10 +37,14 @@ class LocalExperts(ExpertBackend):
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         d = self.store.data
-        if self.store.cfg.expert_bias:  # GPT-OSS: biases and clamped SwiGLU (experts/biased.py), through PyTorch
+        if self.store.cfg.expert_bias:  # GPT-OSS: biases and clamped SwiGLU (experts/biased.py)
             from moeflow.experts.biased import biased_experts
 
             s = self.store
+            if d.device.type == "cpu" and d.dtype == torch.bfloat16:  # the native kernel's biased path
+                self.cpu = self.cpu or CpuExperts(fmt=s.fmt)
+                if self.cpu.uses_native(d):
+                    return self.cpu.layer(d[s.slot[layer]], x, topk_ids, topk_weights).to(x.dtype)
             if (self.grouped or (self.grouped is None and can_group(x))) and s.fmt.groupable:
                 return grouped_experts(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer),
                                        s.fmt)

@@ -32,11 +32,13 @@ KERNELS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3, "amx-emu": 4}  # the k
 AMX_BLOCKING = CpuKernelConfig().amx_blocking
 
 
-def options(cfg: CpuKernelConfig, amx_min_tokens: int) -> np.ndarray:
-    """The kernel's Opts (cpu_experts.cpp, N_OPTS int64 in its order) from a config."""
+def options(cfg: CpuKernelConfig, amx_min_tokens: int, biased=None) -> np.ndarray:
+    """The kernel's Opts (cpu_experts.cpp, N_OPTS int64 in its order) from a config; biased: the BiasedFormat of
+    biased blocks (experts/biased.py), whose alpha and limit go as float32 bits."""
+    act = np.array([biased.alpha, biased.limit] if biased else [0, 0], dtype=np.float32).view(np.uint32)
     return np.array([amx_min_tokens, cfg.fused_max_bytes, *cfg.amx_blocking, cfg.gemv_rows, cfg.prefetch,
                      int(cfg.pin), cfg.spin, int(cfg.down_direct), int(cfg.int4_bf16),
-                     int(cfg.quant_avx512)], dtype=np.int64)
+                     int(cfg.quant_avx512), int(biased is not None), *act.tolist()], dtype=np.int64)
 
 
 def native_format(fmt) -> np.ndarray | None:

@@ -41,7 +41,8 @@ def _plain(costs: ExpertCosts) -> dict:
 
 
 def shape_key(cfg: ModelConfig, dtype_name: str = "bfloat16") -> str:
-    return f"{cfg.hidden_size}x{cfg.expert_intermediate_size}:{dtype_name}"
+    """The key of an expert's costs: its shape and dtype; biased experts (GPT-OSS) run another kernel path."""
+    return f"{cfg.hidden_size}x{cfg.expert_intermediate_size}:{dtype_name}" + (":biased" if cfg.expert_bias else "")
 
 
 @dataclass(frozen=True)
@@ -246,10 +247,9 @@ def engine_costs(ck, oc) -> ExpertCosts | None:
     from moeflow.policy import get_policy
 
     device = next(ck.model.parameters()).device
-    # a quantized store's experts cost what the profile's dense ones do not: the backend measures them
-    # (biased ones: the backend measures its own PyTorch path)
-    if (oc is None or device.type != "cuda" or not get_policy(oc.policy).needs_costs or ck.store.fmt.quantized
-            or ck.store.fmt.biased):
+    # a quantized store's experts cost what the profile's dense ones do not: the backend measures them (biased
+    # ones have their own key, timed on the engine's path for them: perf/measure.py)
+    if oc is None or device.type != "cuda" or not get_policy(oc.policy).needs_costs or ck.store.fmt.quantized:
         return None
     return profiled_costs(ck.cfg, ck.store.dtype, device)
 
