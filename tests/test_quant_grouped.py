@@ -251,3 +251,62 @@ def test_grouped_int4_waves_decode_like_the_all_gpu_experts(policy):
     assert engine.model.experts.waves.grouped and engine.model.experts.waves.graphs
     steps = assert_same_or_near_tie(*runs, tol=0.1)
     print(f"grouped int4 waves ({policy}): {steps} steps compared, tokens equal: {runs[0][0] == runs[1][0]}")
+
+
+def check_triton_waves(device: str, dtype: torch.dtype) -> None:
+    """Waves over int4 slots through the fused Triton kernels (TRITON_WAVES): each entry's expert on its token,
+    weighted and summed (the reference: its rows dequantized, the dense FFN), in passes and static (padded)."""
+    import numpy as np
+
+    from moeflow.experts.ffn import partial_ffn
+    from moeflow.experts.waves import Waves
+
+    fmt = ExpertFormat(64, 128, dtype, QuantSpec(4, 64))
+    g = torch.Generator().manual_seed(4)
+    slots = torch.empty(8, fmt.block_numel, dtype=torch.uint8)
+    for s in range(8):
+        fmt.pack(*(torch.randn(64, 128, generator=g) * 0.05 for _ in range(3)), slots[s])
+    slots = slots.to(device)
+    x = torch.randn(3, 128, generator=g).to(device, dtype)
+    w_host = torch.rand(6, generator=g).numpy().astype(np.float32)
+    wave = {1: ([0, 3], None), 4: ([1, 2, 5], None), 6: ([4], None)}  # N = 3 tokens, K = 2
+    want = torch.zeros(3, 128, device=device)
+    for s, (entries, _) in wave.items():
+        for i in entries:
+            want[i // 2] += w_host[i] * partial_ffn(x[i // 2:i // 2 + 1], *fmt.rows(slots[s], 0, 64, dtype)).float()[0]
+    for static in (False, True):
+        waves = Waves(slots, 64, graphs=False, fmt=fmt)
+        waves.grouped = waves.triton = True
+        if static:
+            waves.use_static()
+        waves.begin(x, w_host, 2)
+        waves.run(wave)
+        got = waves.result()
+        assert waves._layer[4] == static and ((got - want).norm() / want.norm()) < 2e-2, static
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_waves_match_the_dequantized_experts_on_cuda(dtype):
+    check_triton_waves("cuda", dtype)
+
+
+def test_triton_waves_logic_in_the_interpreter():
+    """The same on the CPU through TRITON_INTERPRET=1 (fp16: the interpreter reads bf16 wrongly), where Triton is
+    installed (it is not a dependency)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    import moeflow
+
+    code = "import torch, test_quant_grouped as t; t.check_triton_waves('cpu', torch.float16)"
+    path = os.pathsep.join([str(Path(moeflow.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
