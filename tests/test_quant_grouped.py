@@ -231,7 +231,7 @@ def test_fused_int4_experts_decode_in_a_graph_like_the_pytorch_path():
 
 @pytest.mark.gpu
 @torch.inference_mode()
-@pytest.mark.parametrize("policy", ["auto", "lru"])
+@pytest.mark.parametrize("policy", ["lru"])  # auto's CPU share: test_quantized_waves_on_cuda_match_the_local_experts
 def test_grouped_int4_waves_decode_like_the_all_gpu_experts(policy):
     """A tiny Qwen3 in int4, bf16: offloaded (grouped quantized waves, decode's replayed as graphs) against all
     experts on the GPU, logits within 10% and tokens but at near-ties."""
