@@ -12,6 +12,7 @@ from moeflow.experts.cpu import CpuExperts
 from moeflow.experts.ffn import (block_ffn, can_group, expert_ffn, group_by_expert, grouped_experts,  # noqa: F401
                                  grouped_ffn, looped_experts, partial_ffn, quantized_experts, quantized_ffn)
 from moeflow.experts.store import ExpertStore
+from moeflow.quant import grouped as qgrouped
 from moeflow.quant import triton_moe
 
 # the fused kernels by default on CUDA stores (False: PyTorch's grouped GEMMs unless a caller asks)
@@ -56,6 +57,8 @@ class LocalExperts(ExpertBackend):
             return fused_moe.fused_experts(x, topk_ids, topk_weights, self.store.gate_up(layer),
                                            self.store.down_t(layer))
         if self.store.fmt.quantized:
+            if qgrouped.groupable(d, self.store.fmt, topk_ids.numel()):  # decode: one batched dequantization
+                return qgrouped.entry_experts(x, topk_ids, topk_weights, d[self.store.slot[layer]], self.store.fmt)
             if d.device.type == "cpu":  # the native kernel's int4/int8 path, where it has one for the format
                 self.cpu = self.cpu or CpuExperts(fmt=self.store.fmt)
                 if self.cpu.uses_native(d):

@@ -18,6 +18,7 @@ import torch
 from moeflow.experts.ffn import block_ffn, can_group, grouped_ffn
 from moeflow.experts.store import HostBuffers
 from moeflow.perf.costs import grouped_cap, grouped_passes
+from moeflow.quant import grouped as qgrouped
 from moeflow.quant.format import ExpertFormat
 
 # Waves run as grouped GEMMs in passes of at most grouped_cap(the step's tokens, per_token) entries: a pass
@@ -56,7 +57,8 @@ class Waves:
 
     def __init__(self, slots: torch.Tensor, inter: int, graphs: bool = True, per_token: float = 1.0,
                  fmt: ExpertFormat | None = None):
-        self.fmt = fmt if fmt is not None and fmt.quantized else None  # quantized slots: dequantized slot by slot
+        # quantized slots: a pass's slots dequantized together (quant/grouped.py) where they fit, else slot by slot
+        self.fmt = fmt if fmt is not None and fmt.quantized else None
         S, H = slots.shape[0], fmt.hidden if fmt is not None else slots.shape[1] // (3 * inter)
         self.slots, self.inter, self.hidden, self.per_token = slots, inter, H, per_token
         self.ffn = block_ffn(inter, fmt)  # one slot's expert, where a wave runs slot by slot
@@ -64,7 +66,10 @@ class Waves:
         if not self.fmt:
             self.gate_up = slots[:, :2 * inter * H].view(S, 2 * inter, H)   # views for the grouped GEMMs
             self.down_t = slots[:, 2 * inter * H:3 * inter * H].view(S, inter, H)
-        self.grouped = can_group(slots) and not self.fmt and (fmt is None or not fmt.biased or fmt.groupable)
+        self.grouped = (can_group(slots) and not self.fmt and (fmt is None or not fmt.biased or fmt.groupable)
+                        or qgrouped.groupable(slots, self.fmt, GRAPH_MAX_ENTRIES))
+        self.triton = qgrouped.triton_waves(slots, self.fmt)  # quantized: the fused kernels, not dequantized
+        self.grouped = self.grouped or self.triton
         self.cuda = slots.is_cuda
         self.graphs_on = graphs and self.cuda
         # slot -> (n, event after the n-th wave that read it); the copy stream has waited for waves up to
@@ -92,10 +97,11 @@ class Waves:
         x in at its first wave."""
         n, (S, H), dev = GRAPH_MAX_ENTRIES, (self.slots.shape[0], self.hidden), self.slots.device
         self.static_on = self.grouped
-        self.x_s = torch.zeros(n, H, dtype=self.slots.dtype, device=dev)
+        self.x_s = torch.zeros(n, H, dtype=self.fmt.dtype if self.fmt else self.slots.dtype, device=dev)
         self.out_s = torch.zeros(n, H, dtype=torch.float32, device=dev)
         chunks = -(-S // MAX_GROUPS)
-        self.meta_s = torch.zeros(2 * n * chunks + S, dtype=torch.int32, device=dev)  # per chunk: 2 N K + G
+        # per chunk: 2 N K + G (quantized: one segment of 2 N K + 2 W, the slots' ids after the weights)
+        self.meta_s = torch.zeros(2 * n * chunks + S + n, dtype=torch.int32, device=dev)
 
     def begin(self, x: torch.Tensor, w_host: np.ndarray, K: int) -> None:
         """A layer starts: x [N, H]; w_host [N * K] fp32 its routing weights on the host (each wave's go with its
@@ -127,19 +133,27 @@ class Waves:
             self.x_s[:x.shape[0]].copy_(x)
             self._layer = (x, w_host, out, K, static, True)
         order = sorted(wave)
-        chunks = sorted({slot // MAX_GROUPS * MAX_GROUPS for slot in order})
+        # quantized: one "chunk", the wave's own slots dequantized (W groups, not a chunk's)
+        chunks = [0] if self.dequantized else sorted({slot // MAX_GROUPS * MAX_GROUPS for slot in order})
         if static:
             self._run_static(chunks, order, wave)
         cap = grouped_cap(x.shape[0], self.per_token)
         for c0 in chunks if not static else ():
-            chunk = [slot for slot in order if c0 <= slot < c0 + MAX_GROUPS]
+            chunk = order if self.dequantized else [slot for slot in order if c0 <= slot < c0 + MAX_GROUPS]
             passes = grouped_passes([len(wave[s][0]) for s in chunk], cap) if self.grouped else [range(len(chunk))]
+            if self.dequantized and not self.triton:
+                passes = qgrouped.cut_passes(passes, qgrouped.slots_per_pass(self.fmt))
             for p in passes:
                 self._run_chunk(c0, [chunk[i] for i in p], wave)
         if stream is not None:
             self._n_free += 1
             free = (self._n_free, stream.record_event(), stream.cuda_stream)
             self.slot_free.update(dict.fromkeys(order, free))
+
+    @property
+    def dequantized(self) -> bool:
+        """Quantized slots in grouped passes: each pass's slots dequantized together."""
+        return self.fmt is not None and self.grouped
 
     def wait_free(self, slot: int, copy_stream: torch.cuda.Stream) -> None:
         """copy_stream waits until the last wave that read `slot` is done (once for several slots of one
@@ -157,22 +171,28 @@ class Waves:
         """Some of the wave's slots in c0 : c0 + MAX_GROUPS (sorted): one grouped pass, or (where grouped GEMMs
         cannot run) slot by slot."""
         x, w_host, out, K, _, _ = self._layer
-        G = min(MAX_GROUPS, self.slots.shape[0] - c0)
+        quant = self.dequantized  # G = the pass's slots, their ids after the weights
+        G = len(order) if quant else min(MAX_GROUPS, self.slots.shape[0] - c0)
         # entries sorted by slot, offs = cumulative entries per slot of the chunk (G of them: ~1,000 with Qwen3's
         # slots, so numpy, not a Python list), the entries' weights: one transfer
         parts = [wave[slot][0] for slot in order]  # lists, or numpy from a prompt's bookkeeping
         M = sum(len(e) for e in parts)
-        buf = self._stage.get(self._waves, (2 * M + G,), torch.int32)
+        buf = self._stage.get(self._waves, (2 * M + G + quant * G,), torch.int32)
         self._waves += 1
         meta_h = buf.numpy()  # numpy, not PyTorch ops: no dispatch on the path to the GPU
         meta_h[:M] = [i for e in parts for i in e] if isinstance(parts[0], list) else np.concatenate(parts)
         counts = meta_h[M:M + G]
         counts[:] = 0
-        counts[np.array(order) - c0] = [len(e) for e in parts]
+        counts[np.arange(G) if quant else np.array(order) - c0] = [len(e) for e in parts]
         np.cumsum(counts, out=counts)
-        meta_h[M + G:].view(np.float32)[:] = w_host[meta_h[:M]]
+        meta_h[M + G:2 * M + G].view(np.float32)[:] = w_host[meta_h[:M]]
+        if quant:
+            meta_h[2 * M + G:] = order
         meta = buf.to(self.slots.device, non_blocking=True) if self.cuda else buf
-        w = meta[M + G:].view(torch.float32)  # [M]
+        w = meta[M + G:2 * M + G].view(torch.float32)  # [M]
+        if quant:
+            self._quantized_ops(out, x, meta, M, G, K)
+            return
         if self.grouped:
             wave_ops(out, x, w, meta, M, K, self.gate_up[c0:c0 + G], self.down_t[c0:c0 + G], False,
                      *self._bias(c0, G))
@@ -188,6 +208,9 @@ class Waves:
         """A small wave (decode) in one replay: per chunk of slots it touches, its entries padded to N * K (the
         pads repeat the last entry, weight 0: one graph per chunk set, not per entry count), the offsets and the
         weights, all in one transfer."""
+        if self.fmt:
+            self._run_static_quant(order, wave)
+            return
         x, w_host, _, K, _, _ = self._layer
         N = x.shape[0]
         P = N * K
@@ -215,12 +238,53 @@ class Waves:
         self._replay(N, K, tuple(chunks), zero=not self._written)
         self._written = True
 
+    def _run_static_quant(self, order: list[int], wave: Wave) -> None:
+        """A small wave of quantized slots in one replay: its entries padded to N * K as in _run_static, the offsets
+        over its W slots, the weights, then the slots' ids (dequantized in the graph), one graph per (N, K, W)."""
+        x, w_host, _, K, _, _ = self._layer
+        N, W = x.shape[0], len(order)
+        P = N * K
+        buf = self._stage.get(self._waves, (2 * P + 2 * W,), torch.int32)
+        self._waves += 1
+        meta_h = buf.numpy()
+        parts = [[int(i) for i in wave[s][0]] for s in order]
+        ent = [i for e in parts for i in e]
+        M = len(ent)
+        meta_h[:P] = ent + [ent[-1]] * (P - M)
+        counts = meta_h[P:P + W]
+        counts[:] = [len(e) for e in parts]
+        counts[-1] += P - M
+        np.cumsum(counts, out=counts)
+        wv = meta_h[P + W:2 * P + W].view(np.float32)
+        wv[:M] = w_host[ent]
+        wv[M:] = 0.0
+        meta_h[2 * P + W:] = order
+        self.meta_s[:2 * P + 2 * W].copy_(buf, non_blocking=True)
+        self._replay(N, K, ("quantized", W), zero=not self._written)
+        self._written = True
+
+    def _quantized_ops(self, out: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, M: int, W: int, K: int,
+                       zero: bool = False) -> None:
+        """wave_ops over W quantized slots, meta [M entries, W offsets, M weights, W slot ids]: the slots
+        dequantized for the grouped GEMMs, or the fused Triton kernels reading them in place."""
+        if not self.triton:
+            weights = qgrouped.dequantize_slots(self.slots, meta[2 * M + W:].long(), self.fmt)
+            wave_ops(out, x, meta[M + W:2 * M + W].view(torch.float32), meta, M, K, *weights, zero)
+            return
+        if zero:
+            out.zero_()
+        qgrouped.fused_wave(out, x, meta, M, W, K, self.slots, self.fmt)
+
     def _groups(self, c0: int) -> int:
         return min(MAX_GROUPS, self.slots.shape[0] - c0)
 
     def _static_ops(self, out: torch.Tensor, N: int, K: int, chunks: tuple[int, ...], zero: bool) -> None:
         """What a static wave's graph holds: wave_ops per chunk on its segment of meta_s (see _run_static)."""
         P, o = N * K, 0
+        if self.fmt:  # chunks = ("quantized", W): see _run_static_quant
+            W = chunks[1]
+            self._quantized_ops(out, self.x_s[:N], self.meta_s[:2 * P + 2 * W], P, W, K, zero)
+            return
         for i, c0 in enumerate(chunks):
             G = self._groups(c0)
             meta = self.meta_s[o:o + 2 * P + G]
