@@ -108,10 +108,19 @@ def test_kernels_in_the_interpreter():
 
 
 @pytest.mark.gpu
+def test_align_on_cuda():
+    check_align("cuda")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_kernels_match_pytorch_on_cuda(dtype):
-    check_align("cuda")
     check_dense("cuda", dtype, ((1, 8, 128), (8, 8, 128), (5, 3, 6), (70, 2, 4), (512, 8, 16)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantized_fused_kernels_match_pytorch_on_cuda(dtype):
     check_quantized("cuda", dtype, (QuantSpec(4, 64), QuantSpec(4, 128, False), QuantSpec(8, 32, True, torch.float16)))
 
 
