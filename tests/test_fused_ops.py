@@ -104,12 +104,15 @@ def forced_logits(engines, prompt: str, steps: int, before) -> list[torch.Tensor
     return [torch.stack(o) for o in out]
 
 
-def assert_logits_close(want: torch.Tensor, got: torch.Tensor, typical: float = 1e-2, worst: float = 5e-2) -> None:
-    """Per step relative error of the logits [steps, V]: typically within fp16 rounding (a wrong norm, RoPE
-    position, routing weight or mask moves tiny-qwen3's by 1e-2 to 2e-1); at worst a step whose routing had a
-    tie at the k-th expert, broken the other way (legitimately)."""
+def assert_logits_close(want: torch.Tensor, got: torch.Tensor, typical: float = 1e-2, spikes: int = 3,
+                        worst: float = 0.25) -> None:
+    """Per step relative error of the logits [steps, V] within fp16 rounding (about 1e-3; a wrong norm, RoPE
+    position, routing weight or mask moves tiny-qwen3's by 1e-2 to 2e-1 at most steps), but for a few steps whose
+    router had two experts within rounding of each other at the k-th place and broke the tie the other way (up to
+    3e-2 on the CPU); none beyond `worst` (NaN fails too)."""
     rel = (got - want).norm(dim=-1) / want.norm(dim=-1)  # [steps]
-    assert float(rel.median()) < typical and float(rel.max()) < worst, [round(float(r), 4) for r in rel]
+    ok = int((rel < typical).sum()) >= rel.numel() - spikes and bool((rel < worst).all())
+    assert ok, [round(float(r), 4) for r in rel]
 
 
 @pytest.mark.gpu
