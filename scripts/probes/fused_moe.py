@@ -7,7 +7,7 @@ GB/s of the distinct experts' weights it touches.
 step: synthetic:qwen3-30b-a3b cut to --layers layers, all on the GPU: ms per decode token (CUDA graph) with the
 fused experts and the fused decoder ops (models/fused_ops.py) off and on, then a torch.profiler table of one eager
 step's kernels by GPU time.
-    PYTHONPATH=src python3 scripts/probes/fused_moe.py step --layers 8
+    PYTHONPATH=src python3 scripts/probes/fused_moe.py step --layers 8 [--configs off,all --steps 20 --no-profile]
 """
 
 import argparse
@@ -26,6 +26,9 @@ p.add_argument("--shape", default="2048,768,128,8", help="H,I,E,K")
 p.add_argument("--layers", type=int, default=8)
 p.add_argument("--quant", default="int4")
 p.add_argument("--sweep", action="store_true", help="kernels: also time each tile config of SWEEP")
+p.add_argument("--configs", default="off,experts,ops,all", help="step: which of off, experts, ops, all to time")
+p.add_argument("--steps", type=int, default=40, help="step: decode steps timed per config")
+p.add_argument("--no-profile", action="store_true", help="step: skip the kernel table")
 a = p.parse_args()
 
 
@@ -123,24 +126,29 @@ def step() -> None:
     ck = build_synthetic("qwen3-30b-a3b", "cuda", torch.bfloat16, overrides={"num_hidden_layers": a.layers})
     prompt = list(range(10, 42))
     engines = {}
-    for fused, ops, attn in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
+    configs = {"off": (False, False, False), "experts": (True, False, False), "ops": (True, True, False),
+               "all": (True, True, True)}  # (fused experts, fused norm/RoPE and router, decode attention)
+    if bad := set(a.configs.split(",")) - set(configs):
+        p.error(f"--configs: unknown {', '.join(sorted(bad))}; choose from {', '.join(configs)}")
+    for fused, ops, attn in (configs[c] for c in a.configs.split(",")):
         fused_ops.ENABLED, fused_ops.DECODE_ATTENTION = ops, attn
         ck.model.set_experts(LocalExperts(ck.store, fused=fused))
         eng = engines[(fused, ops, attn)] = LLMEngine(ck, max_seqs=1, max_len=256)
-        eng.add_request(prompt, SamplingParams(max_new_tokens=60, ignore_eos=True))
+        eng.add_request(prompt, SamplingParams(max_new_tokens=a.steps + 20, ignore_eos=True))
         for _ in range(6):
             eng.step()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(40):
+        for _ in range(a.steps):
             eng.step()
         end.record()
         torch.cuda.synchronize()
-        ms = start.elapsed_time(end) / 40
+        ms = start.elapsed_time(end) / a.steps
         print(f"{a.layers} layers fused experts={fused} ops={ops} attention={attn}: {ms:.3f} ms/token (graph), "
               f"{ms / a.layers * 1e3:.1f} us/layer; 48 layers ~{1e3 / (ms * 48 / a.layers):.0f} tok/s", flush=True)
-    for key in ((False, False, False), (True, True, True)):  # the graphed steps' kernels (a graph's replays count)
+    for key in [] if a.no_profile else [k for k in (configs["off"], configs["all"]) if k in engines]:
+        # the graphed steps' kernels (a graph's replays count)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 engines[key].step()
