@@ -342,6 +342,7 @@ class ThroughputPrediction:
 PREFILL_CHUNK = 8192  # prompt tokens per prefill pass through a layer
 PREFILL_GROUP = 8 * PREFILL_CHUNK  # prompt tokens per prefill round: a layer's weights stream once per round
 LOGITS_ROWS = 256  # sequences whose logits are computed and sampled at once
+STAGED = 4  # a prefill's K/V copies to the host in flight at once (pinned staging, pipeline/engine.py)
 
 
 def throughput_memory(cfg: ModelConfig, pol: ThroughputPolicy, prompt_len: int, gen_len: int,
@@ -370,7 +371,7 @@ def host_staging_bytes(cfg: ModelConfig, n: int, prompt_len: int, b: int = 2) ->
     fp32 at most), one prefill pass's K/V on their way to the cache, a few fp32 logits rows being sampled."""
     heads, kv_heads, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     decode = n * (2 * heads + 2 * kv_heads) * D * 4 * 2       # the layer's buffers and the kernel's fp32 copies
-    prefill = min(n * prompt_len, PREFILL_CHUNK) * 2 * kv_heads * D * b * 2  # gathered on the GPU, copied
+    prefill = min(n * prompt_len, PREFILL_CHUNK) * kv_heads * D * b * STAGED  # K or V of a pass, in flight
     return decode + prefill + 4 * cfg.vocab_size * 4
 
 

@@ -1,0 +1,59 @@
+"""`python -m moeflow.pipeline.attention_bench`: the native CPU decode-attention kernel on one micro-batch of a
+model's shape (a host arena of B runs of `ctx` positions), its time and the K/V bytes it reads per second.
+
+Legend: B = sequences, Hq/Hkv = heads, D = head dim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from moeflow.experts.cpu import physical_cores
+from moeflow.pipeline.native import load
+
+
+def bench(B: int, ctx: int, Hq: int, Hkv: int, D: int, threads: int, repeat: int, kernel: str | None = None,
+          spread: float = 0.5) -> dict:
+    """Sequences of contexts spread evenly over ctx * (1 -/+ spread): time per call and K/V read rate."""
+    native = load()
+    if native is None:
+        raise SystemExit("the native CPU attention kernel could not be built")
+    g = torch.Generator().manual_seed(0)
+    lens = [max(1, round(ctx * (1 - spread + 2 * spread * i / max(B - 1, 1)))) for i in range(B)]
+    runs = torch.tensor([0, *lens[:-1]], dtype=torch.int64).cumsum(0).to(torch.int32)  # runs back to back
+    P = sum(lens) + 1
+    k_cache, v_cache = (torch.randn(P, Hkv, D, generator=g).bfloat16() for _ in "kv")  # [P, Hkv, D]
+    q = torch.randn(B, Hq, D, generator=g).bfloat16()
+    k, v = (torch.randn(B, Hkv, D, generator=g).bfloat16() for _ in "kv")
+    starts = torch.tensor(lens, dtype=torch.int32) - 1
+    out = torch.empty(B, Hq, D, dtype=torch.bfloat16)
+    native(q, k_cache, v_cache, runs, starts, None, threads, k, v, out, kernel)  # warm: pages, threads
+    t = time.perf_counter()
+    for _ in range(repeat):
+        native(q, k_cache, v_cache, runs, starts, None, threads, k, v, out, kernel)
+    s = (time.perf_counter() - t) / repeat
+    nbytes = 2 * sum(lens) * Hkv * D * 2
+    return {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "threads": threads, "kernel": kernel or native.best(),
+            "ms": s * 1e3, "kv_bytes": nbytes, "gb_per_s": nbytes / s / 1e9}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=448)
+    p.add_argument("--ctx", type=int, default=236, help="average attended positions")
+    p.add_argument("--heads", default="32,8,128", help="Hq,Hkv,D")
+    p.add_argument("--threads", default=str(physical_cores()), help="comma-separated thread counts")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--kernel", choices=("scalar", "avx2", "avx512"))
+    a = p.parse_args()
+    Hq, Hkv, D = (int(x) for x in a.heads.split(","))
+    for n in (int(x) for x in a.threads.split(",")):
+        print(json.dumps(bench(a.batch, a.ctx, Hq, Hkv, D, n, a.repeat, a.kernel)))
+
+
+if __name__ == "__main__":
+    main()
