@@ -375,8 +375,35 @@ def host_staging_bytes(cfg: ModelConfig, n: int, prompt_len: int, b: int = 2) ->
     return decode + prefill + 4 * cfg.vocab_size * 4
 
 
+def shared_rates(profile: HardwareProfile) -> tuple[float, float]:
+    """(CPU reads, host -> GPU copies) in bytes/s while both run: the copies at their rate measured beside CPU
+    reads (else alone), the CPU the rest of what host memory gives both (else its own rate)."""
+    h2d = profile.h2d_bw_shared or profile.h2d_bw
+    cpu = profile.host_read_bw_shared - h2d if profile.host_read_bw_shared > h2d else profile.cpu_read_bw
+    return min(cpu, profile.cpu_read_bw), min(h2d, profile.h2d_bw)
+
+
+def copy_beside(nbytes: float, alone: float, beside: float, overlap_s: float) -> float:
+    """Seconds to copy nbytes at `beside` bytes/s for the first overlap_s seconds (CPU reads run), then alone."""
+    if nbytes <= beside * overlap_s:
+        return nbytes / beside
+    return overlap_s + (nbytes - beside * overlap_s) / alone
+
+
+def expert_gpu_flops(cfg: ModelConfig, profile: HardwareProfile, b: int) -> float:
+    """The GPU's FLOP/s on cfg's experts at the most tokens the profile timed them with (else the matmul rate)."""
+    d = profile.experts.get(f"{cfg.hidden_size}x{cfg.expert_intermediate_size}:"
+                            f"{'float32' if b == 4 else 'bfloat16'}")
+    if not d or not d.get("gpu_s") or d["gpu_s"][-1] <= 0:
+        return profile.gpu_flops
+    flops = 6 * cfg.hidden_size * cfg.expert_intermediate_size * d["tokens"][-1] / d["gpu_s"][-1]
+    return min(flops, profile.gpu_flops) if profile.gpu_flops else flops
+
+
 def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: ThroughputPolicy, prompt_len: int,
-                       gen_len: int, b: int = 2) -> ThroughputPrediction:
+                       gen_len: int, b: int = 2, attn_bw: float | None = None) -> ThroughputPrediction:
+    """attn_bw: the native CPU attention kernel's K/V read rate, measured alone (pipeline/attention_bench.py);
+    None: it reads at the memory bus's rate. It reads beside the streamed experts' copies at the shared rate."""
     L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok
     H, I, heads, D = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_attention_heads, cfg.head_dim
     qkv = (heads + 2 * cfg.num_key_value_heads) * D
@@ -390,18 +417,22 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
     h2d = w_layer * (1 - pol.r_w) + (N * heads * D * b if not pol.attn_gpu else N * ctx * kv_tok * (1 - pol.r_c))
     d2h = N * qkv * b if not pol.attn_gpu else N * kv_tok * (1 - pol.r_c)
     attn_flops, attn_bytes = 4 * ctx * heads * D, ctx * kv_tok  # per sequence
+    cpu_beside, h2d_beside = shared_rates(profile) if pol.r_w < 1 else (profile.cpu_read_bw, profile.h2d_bw)
+    attn_rate = min(attn_bw or cpu_beside, cpu_beside)
+    cpu_s = 0.0 if pol.attn_gpu else N * max(attn_flops / profile.cpu_flops, attn_bytes / attn_rate)
     used = E * (1 - (1 - K / E) ** mu)                       # experts a micro-batch touches
     gpu_flops = 2 * mu * dense + 6 * mu * K * H * I + (mu * attn_flops if pol.attn_gpu else 0)
     gpu_bytes = dense * b + used * cfg.expert_numel * b + 2 * mu * K * (H + I) * b + \
         (mu * attn_bytes if pol.attn_gpu else 0)
     terms = {
-        "PCIe": max(h2d / profile.h2d_bw + n_mb * profile.h2d_latency_s, d2h / profile.d2h_bw),
-        "CPU memory bus": 0.0 if pol.attn_gpu else
-        N * max(attn_flops / profile.cpu_flops, attn_bytes / profile.cpu_read_bw),
+        "PCIe": max(copy_beside(h2d, profile.h2d_bw, h2d_beside, cpu_s) + n_mb * profile.h2d_latency_s,
+                    d2h / profile.d2h_bw),
+        "CPU memory bus": cpu_s,
         "GPU": n_mb * max(gpu_flops / profile.gpu_flops, gpu_bytes / profile.gpu_bw),
         "host overhead": n_mb * profile.layer_overhead_s,
     }
-    layer_s = max(terms.values())
+    # the micro-batches' attention runs one after another on the CPU; the last one's GPU share follows it
+    layer_s = max(*terms.values(), cpu_s + terms["GPU"] / n_mb if cpu_s else 0.0)
     dense_layers = sum(n_mb * max(2 * mu * cfg.layer_dense_numel(i) / profile.gpu_flops,
                                   cfg.layer_dense_numel(i) * b / profile.gpu_bw) for i in cfg.dense_layers)
     step_s = L * layer_s + dense_layers + N * cfg.vocab_size * H * 2 / profile.gpu_flops + \
@@ -410,10 +441,12 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
     # each round in passes of PREFILL_CHUNK tokens (weights read from GPU memory once per pass).
     tokens = N * prompt_len
     passes, rounds = math.ceil(tokens / PREFILL_CHUNK), math.ceil(tokens / PREFILL_GROUP)
-    pf_gpu = tokens * (2 * dense + 6 * K * H * I) + N * 2 * prompt_len**2 * heads * D
+    # The experts at the GPU's measured expert rate, not its peak matmul; K/V cross to the host beside the work.
+    pf_gpu = (tokens * 2 * dense + N * 2 * prompt_len**2 * heads * D) / profile.gpu_flops + \
+        tokens * 6 * K * H * I / expert_gpu_flops(cfg, profile, b)
     pf_layer = max(rounds * w_layer * (1 - pol.r_w) / profile.h2d_bw,
                    tokens * kv_tok * (1 - pol.r_c) / profile.d2h_bw,
-                   pf_gpu / profile.gpu_flops + passes * (dense * b + E * cfg.expert_numel * b) / profile.gpu_bw)
+                   pf_gpu + passes * (dense * b + E * cfg.expert_numel * b) / profile.gpu_bw)
     prefill_s = cfg.num_hidden_layers * pf_layer
     gpu_need, host_need = throughput_memory(cfg, pol, prompt_len, gen_len, b)
     total = prefill_s + (gen_len - 1) * step_s  # the prefill gives each sequence its first token

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import cache
 
 import torch
 
@@ -23,10 +24,11 @@ def bench(B: int, ctx: int, Hq: int, Hkv: int, D: int, threads: int, repeat: int
     if native is None:
         raise SystemExit("the native CPU attention kernel could not be built")
     g = torch.Generator().manual_seed(0)
+    empty = torch.empty  # filled in place below: fast at a GiB
     lens = [max(1, round(ctx * (1 - spread + 2 * spread * i / max(B - 1, 1)))) for i in range(B)]
     runs = torch.tensor([0, *lens[:-1]], dtype=torch.int64).cumsum(0).to(torch.int32)  # runs back to back
     P = sum(lens) + 1
-    k_cache, v_cache = (torch.randn(P, Hkv, D, generator=g).bfloat16() for _ in "kv")  # [P, Hkv, D]
+    k_cache, v_cache = (empty(P, Hkv, D, dtype=torch.bfloat16).normal_(generator=g) for _ in "kv")  # [P, Hkv, D]
     q = torch.randn(B, Hq, D, generator=g).bfloat16()
     k, v = (torch.randn(B, Hkv, D, generator=g).bfloat16() for _ in "kv")
     starts = torch.tensor(lens, dtype=torch.int32) - 1
@@ -39,6 +41,15 @@ def bench(B: int, ctx: int, Hq: int, Hkv: int, D: int, threads: int, repeat: int
     nbytes = 2 * sum(lens) * Hkv * D * 2
     return {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "threads": threads, "kernel": kernel or native.best(),
             "ms": s * 1e3, "kv_bytes": nbytes, "gb_per_s": nbytes / s / 1e9}
+
+
+@cache
+def measured_read_bw(Hq: int, Hkv: int, D: int, threads: int) -> float | None:
+    """The kernel's K/V read rate (bytes/s) alone on 256 sequences of 256 to 768 positions (at Mixtral's shape
+    ~0.5 GiB, beyond the caches); None where it cannot be built. Taken once per process, for the planner."""
+    if load() is None:
+        return None
+    return bench(256, 512, Hq, Hkv, D, threads, 3)["gb_per_s"] * 1e9
 
 
 def main() -> None:
