@@ -43,6 +43,33 @@ def bench(B: int, ctx: int, Hq: int, Hkv: int, D: int, threads: int, repeat: int
             "ms": s * 1e3, "kv_bytes": nbytes, "gb_per_s": nbytes / s / 1e9}
 
 
+def beside_copies(fn, nbytes: int = 1 << 30) -> tuple[object, float]:
+    """fn() while host -> GPU copies of a pinned nbytes buffer run back to back: (its result, copy bytes/s)."""
+    import threading
+
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    stop, copied = threading.Event(), [0]
+
+    def copies():
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            while not stop.is_set():
+                dst.copy_(src, non_blocking=True)
+                stream.synchronize()
+                copied[0] += nbytes
+
+    th = threading.Thread(target=copies)
+    th.start()
+    t = time.perf_counter()
+    try:
+        out = fn()
+    finally:
+        stop.set()
+        th.join()
+    return out, copied[0] / (time.perf_counter() - t)
+
+
 @cache
 def measured_read_bw(Hq: int, Hkv: int, D: int, threads: int) -> float | None:
     """The kernel's K/V read rate (bytes/s) alone on 256 sequences of 256 to 768 positions (at Mixtral's shape
@@ -60,10 +87,14 @@ def main() -> None:
     p.add_argument("--threads", default=str(physical_cores()), help="comma-separated thread counts")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--kernel", choices=("scalar", "avx2", "avx512"))
+    p.add_argument("--beside-copies", action="store_true", help="also with host -> GPU copies running (CUDA)")
     a = p.parse_args()
     Hq, Hkv, D = (int(x) for x in a.heads.split(","))
     for n in (int(x) for x in a.threads.split(",")):
         print(json.dumps(bench(a.batch, a.ctx, Hq, Hkv, D, n, a.repeat, a.kernel)))
+        if a.beside_copies and torch.cuda.is_available():
+            row, h2d = beside_copies(lambda: bench(a.batch, a.ctx, Hq, Hkv, D, n, a.repeat, a.kernel))
+            print(json.dumps(row | {"beside_copies_h2d_gb_per_s": h2d / 1e9}))
 
 
 if __name__ == "__main__":
