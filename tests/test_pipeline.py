@@ -112,6 +112,7 @@ def test_layer_weights_run_each_layers_experts(grouped, monkeypatch):
 def test_native_attention_matches_pytorch(dtype):
     from moeflow.pipeline.attention import cpu_decode_attention
     from moeflow.pipeline.native import load as load_native
+    from moeflow.pipeline.native import self_checked
 
     native = load_native()
     if native is None:
@@ -142,6 +143,7 @@ def test_native_attention_matches_pytorch(dtype):
         got = cpu_decode_attention(q, k, v, kc, vc, slots, starts, window, native, 2)
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), ref.float(), **tol)
+    assert self_checked(native) == native.features  # every vector path agrees with the scalar one
     with pytest.raises(RuntimeError, match="refused"):
         native(q[:1], *cache, torch.tensor([0], dtype=torch.int32), torch.tensor([-1], dtype=torch.int32), None, 1)
 

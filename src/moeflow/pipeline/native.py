@@ -64,7 +64,23 @@ def load() -> NativeAttention | None:
     """The kernel, built if needed; None (with one warning) where no compiler builds it."""
     cxx = os.environ.get("CXX", "g++")  # the build's compiler, as for csrc/cpu_experts.cpp
     try:
-        return NativeAttention(build_library(cxx, "cpu_attention", SOURCES, FLAGS))
+        native = NativeAttention(build_library(cxx, "cpu_attention", SOURCES, FLAGS))
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         warnings.warn(f"moeflow: the native CPU attention kernel is unavailable ({e}); using PyTorch", stacklevel=2)
         return None
+    for kernel in sorted(native.features - self_checked(native)):
+        warnings.warn(f"moeflow: the native CPU attention's {kernel} path disagrees with its scalar one; "
+                      "not using it", stacklevel=2)
+        native.features.discard(kernel)
+    return native
+
+
+def self_checked(native: NativeAttention) -> set[str]:
+    """The vector paths that agree with the scalar one on a small case (GQA, a tail of D, several V blocks)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 6, 40, generator=g)
+    k_cache, v_cache = (torch.randn(600, 2, 40, generator=g) for _ in "kv")
+    runs, starts = torch.tensor([0, 200, 400], dtype=torch.int32), torch.tensor([0, 70, 199], dtype=torch.int32)
+    ref = native(q, k_cache, v_cache, runs, starts, None, 1, kernel="scalar")
+    return {f for f in native.features
+            if torch.allclose(native(q, k_cache, v_cache, runs, starts, None, 2, kernel=f), ref, atol=1e-4)}
