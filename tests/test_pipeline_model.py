@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from moeflow.checkpoint import read_model_config
-from moeflow.perf.model import ThroughputPolicy, copy_beside, predict_throughput, shared_rates
+from moeflow.perf.throughput_model import ThroughputPolicy, copy_beside, predict_throughput, shared_rates
 from moeflow.perf.profile import HardwareProfile
 
 TINY = read_model_config("synthetic:tiny-mixtral")[1]

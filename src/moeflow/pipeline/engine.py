@@ -26,7 +26,7 @@ from moeflow.engine.llm_engine import GenerationResponse, LLMEngine
 from moeflow.engine.sampler import sample
 from moeflow.engine.sequence import Sequence, Status
 from moeflow.models.layers import Attention, AttnBatch, SparseMoe
-from moeflow.perf.model import LOGITS_ROWS, PREFILL_CHUNK, PREFILL_GROUP, STAGED, ThroughputPolicy
+from moeflow.perf.throughput_model import LOGITS_ROWS, PREFILL_CHUNK, PREFILL_GROUP, STAGED, ThroughputPolicy
 from moeflow.experts.cpu import physical_cores
 from moeflow.pipeline.attention import cpu_decode_attention
 from moeflow.pipeline.kv import HostKV
@@ -238,7 +238,8 @@ class PipelineEngine(LLMEngine):
 
 def _store_when_ready(ready: torch.cuda.Event, c: Chunk, arena: torch.Tensor, host: torch.Tensor) -> None:
     ready.synchronize()
-    c.store(arena, host)
+    with torch.inference_mode():  # as the engine's steps run
+        c.store(arena, host)
 
 
 def dev_is_cuda(x: torch.Tensor) -> bool:

@@ -11,7 +11,7 @@ from moeflow import MoeflowError
 from moeflow.checkpoint import load, read_model_config, resolve_device, resolve_dtype
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import gib
-from moeflow.perf.model import ThroughputPolicy, ThroughputPrediction, predict_throughput
+from moeflow.perf.throughput_model import ThroughputPolicy, ThroughputPrediction, predict_throughput
 from moeflow.pipeline.plan import check_fits, choose_plan, host_budget, machine_profile, parse_plan
 
 

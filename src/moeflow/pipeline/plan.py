@@ -10,9 +10,9 @@ from pathlib import Path
 from moeflow import MoeflowError
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import gib
-from moeflow.perf.model import (ThroughputPolicy, ThroughputPrediction, host_staging_bytes, predict_throughput,
-                                throughput_memory)
 from moeflow.perf.profile import HardwareProfile, _host_memory, cached_profile, reference_profile
+from moeflow.perf.throughput_model import (ThroughputPolicy, ThroughputPrediction, host_staging_bytes,
+                                           predict_throughput, throughput_memory)
 from moeflow.perf.search import HOST_SHARE, _grid, _max_rw
 
 
