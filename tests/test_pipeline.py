@@ -50,6 +50,11 @@ def test_pipeline_matches_the_single_request_engine(model, plan, native):
     streamed = ck.cfg.num_experts - engine.weights.resident
     assert engine.weights.bytes_h2d >= streamed * ck.store.expert_bytes * len(ck.cfg.moe_layers)
     assert engine.cpu_attention_s > 0
+    # K and V of every position each decode step attends to, in every layer: tokens 2..n at prompt + 1.. positions
+    prompt = [len(engine.encode(p)) for p in PROMPTS]
+    positions = sum(p + j for p, n in zip(prompt, NEW) for j in range(1, n))
+    row = ck.cfg.num_key_value_heads * ck.cfg.head_dim * engine.cache[0][0].element_size()
+    assert engine.cpu_attention_bytes == ck.cfg.num_hidden_layers * 2 * positions * row
 
 
 def test_pipeline_prefills_rounds_of_chunks(monkeypatch):

@@ -64,6 +64,7 @@ class PipelineEngine(LLMEngine):
             raise MoeflowError("the native CPU attention kernel could not be built")
         self.threads = physical_cores()
         self.cpu_attention_s = 0.0  # the attention worker's busy time
+        self.cpu_attention_bytes = 0  # and the K/V it read
         self.prefill_s = self.decode_s = 0.0
         self.decode_steps = 0
         self.stores: deque = deque()  # prefill K/V on their way to the host arenas (futures of the worker)
@@ -233,6 +234,9 @@ class PipelineEngine(LLMEngine):
             o = cpu_decode_attention(*host, k_cache, v_cache, slots, starts, self.ck.cfg.sliding_window,
                                      self.native, self.threads, out)
         self.cpu_attention_s += time.perf_counter() - t
+        w = self.ck.cfg.sliding_window
+        positions = sum(min(p + 1, w) if w else p + 1 for p in starts)
+        self.cpu_attention_bytes += 2 * positions * k_cache.stride(0) * k_cache.element_size()  # K and V read
         return o if o is out or not pinned else o.pin_memory()
 
 
