@@ -62,6 +62,7 @@ struct Vec {
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
   static float sum(V v) { return v; }
+  static void sum4(V a, V b, V c, V d, float* r) { r[0] = a, r[1] = b, r[2] = c, r[3] = d; }
   static V exp(V x) { return std::exp(x); }
 };
 #include "cpu_attention_body.inc"
@@ -95,6 +96,10 @@ struct Vec {
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
   }
+  static void sum4(V a, V b, V c, V d, float* r) {
+    const V abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // [a b c d] in each half
+    _mm_storeu_ps(r, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+  }
   static V exp(V x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
     const V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -127,6 +132,10 @@ struct Vec {
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
+  static __m256 half(V v) {  // its two halves added
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+  static void sum4(V a, V b, V c, V d, float* r) { avx2::Vec::sum4(half(a), half(b), half(c), half(d), r); }
   static V exp(V x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
     const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
