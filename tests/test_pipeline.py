@@ -50,6 +50,11 @@ def test_pipeline_matches_the_single_request_engine(model, plan, native):
     streamed = ck.cfg.num_experts - engine.weights.resident
     assert engine.weights.bytes_h2d >= streamed * ck.store.expert_bytes * len(ck.cfg.moe_layers)
     assert engine.cpu_attention_s > 0
+    # K and V of every position each decode step attends to, in every layer: tokens 2..n at prompt + 1.. positions
+    prompt = [len(engine.encode(p)) for p in PROMPTS]
+    positions = sum(p + j for p, n in zip(prompt, NEW) for j in range(1, n))
+    row = ck.cfg.num_key_value_heads * ck.cfg.head_dim * engine.cache[0][0].element_size()
+    assert engine.cpu_attention_bytes == ck.cfg.num_hidden_layers * 2 * positions * row
 
 
 def test_pipeline_prefills_rounds_of_chunks(monkeypatch):
@@ -112,25 +117,40 @@ def test_layer_weights_run_each_layers_experts(grouped, monkeypatch):
 def test_native_attention_matches_pytorch(dtype):
     from moeflow.pipeline.attention import cpu_decode_attention
     from moeflow.pipeline.native import load as load_native
+    from moeflow.pipeline.native import self_checked
 
     native = load_native()
     if native is None:
         pytest.skip("no C++ compiler builds the native kernel")
     g = torch.Generator().manual_seed(0)
-    S, T, Hq, Hkv, D = 5, 40, 6, 2, 24  # GQA groups of 3; D not a multiple of the vector width
+    S, T, Hq, Hkv, D = 5, 90, 6, 2, 24  # GQA groups of 3; D not a multiple of the vector width; T > a V block
     cache = [torch.randn(S * T, Hkv, D, generator=g).to(dtype) for _ in "kv"]  # arenas of S runs of T
     q, k, v = (torch.randn(3, h, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
-    slots, starts = [4 * T, 0, 2 * T], [0, 17, 39]
+    slots, starts = [4 * T, 0, 2 * T], [0, 17, 89]
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for window in (None, 8):
-        ref = cpu_decode_attention(q, k, v, *[c.clone() for c in cache], slots, starts, window)
-        for kernel in ["scalar", *sorted(native.features)]:
+        ref_cache = [c.clone() for c in cache]
+        ref = cpu_decode_attention(q, k, v, *ref_cache, slots, starts, window)
+        # every kernel; one thread, and more threads than sequences (a sequence's heads split between them);
+        # q and the output in fp32 and in the cache's dtype
+        for kernel, threads, out_dtype in [("scalar", 1, torch.float32), *[(f, t, o) for f in sorted(native.features)
+                                           for t, o in ((1, torch.float32), (4, dtype))]]:
             kc, vc = (c.clone() for c in cache)
-            cpu_decode_attention(q, k, v, kc, vc, slots, starts, window)  # the same cache writes
-            ends = torch.tensor(starts, dtype=torch.int32) + 1
-            firsts = ends * 0 if window is None else (ends - window).clamp(min=0).to(torch.int32)
-            got = native(q, kc[:, None], vc[:, None], torch.tensor(slots, dtype=torch.int32), firsts, ends, 2, kernel)
-            torch.testing.assert_close(got, ref.float(), rtol=1e-4 if dtype == torch.float32 else 2e-2,
-                                       atol=1e-4 if dtype == torch.float32 else 2e-2)
+            out = torch.full(q.shape, float("nan"), dtype=out_dtype)
+            got = native(q.float() if out_dtype == torch.float32 else q, kc, vc,
+                         torch.tensor(slots, dtype=torch.int32), torch.tensor(starts, dtype=torch.int32), window,
+                         threads, k, v, out, kernel)
+            assert got is out
+            torch.testing.assert_close(got.float(), ref.float(), **tol)
+            torch.testing.assert_close(kc, ref_cache[0], rtol=0, atol=0)  # the new rows written, nothing else
+            torch.testing.assert_close(vc, ref_cache[1], rtol=0, atol=0)
+        kc, vc = (c.clone() for c in cache)
+        got = cpu_decode_attention(q, k, v, kc, vc, slots, starts, window, native, 2)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), ref.float(), **tol)
+    assert self_checked(native) == native.features  # every vector path agrees with the scalar one
+    with pytest.raises(RuntimeError, match="refused"):
+        native(q[:1], *cache, torch.tensor([0], dtype=torch.int32), torch.tensor([-1], dtype=torch.int32), None, 1)
 
 
 def test_plans_are_parsed_and_checked():

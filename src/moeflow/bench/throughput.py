@@ -119,7 +119,8 @@ def pipeline_row(ck, model: str, budget: int, prompts, gen_len: int, args, profi
           f"{row['decode_tps']:.1f} tok/s (predicted {pred.decode_tps:.1f}); decode layer {row['layer_ms']:.2f} ms "
           f"(plan {pred.layer_s * 1e3:.2f}: PCIe {pred.terms['PCIe'] * 1e3:.2f}, CPU "
           f"{pred.terms['CPU memory bus'] * 1e3:.2f}, GPU {pred.terms['GPU'] * 1e3:.2f}), CPU attention "
-          f"{row['cpu_attention_ms']:.2f} ms/layer; prefill {row['prefill_s']:.1f} s (plan {pred.prefill_s:.1f}); "
+          f"{row['cpu_attention_ms']:.2f} ms/layer ({row['cpu_attention_gbps']:.1f} GB/s of K/V); "
+          f"prefill {row['prefill_s']:.1f} s (plan {pred.prefill_s:.1f}); "
           f"host planned {row['plan']['host_bytes'] / 2**30:.1f} GiB, tensors "
           f"{row['host_tensor_bytes'] / 2**30:.1f}, peak RSS {row['peak_host_bytes'] / 2**30:.1f}; GPU peak "
           f"{row['peak_gpu_bytes'] / 2**30:.1f} GiB (plan {pred.gpu_bytes / 2**30:.1f}); weights streamed at "
@@ -135,6 +136,7 @@ def _pipeline_figures(engine, pred, elapsed: float, tokens: int, n: int, profile
             "decode_tps": decode_tokens / max(engine.decode_s, 1e-9), "prefill_s": engine.prefill_s,
             "decode_s": engine.decode_s, "decode_steps": engine.decode_steps,
             "layer_ms": engine.decode_s / layers * 1e3, "cpu_attention_ms": engine.cpu_attention_s / layers * 1e3,
+            "cpu_attention_gbps": engine.cpu_attention_bytes / max(engine.cpu_attention_s, 1e-9) / 1e9,
             "plan": pred.as_dict(), "predicted_tokens_per_s": pred.tokens_per_s,
             "shares": {"cpu_attention": engine.cpu_attention_s / elapsed, "pcie": pcie / elapsed,
                        "gpu_and_host_rest": max(0.0, 1 - (engine.cpu_attention_s + pcie) / elapsed)},

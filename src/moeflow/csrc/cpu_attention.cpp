@@ -1,15 +1,20 @@
 // Decode attention on the CPU over a host KV cache (the pipeline engine's, MoE-Lightning arXiv 2411.11217):
-// one query token per sequence, grouped-query heads, fp32 or bf16 K/V, fp32 math. Work is split over
-// (sequence, KV head) pairs across threads; each pair reads its K/V rows once for the whole query group.
-// Dot products and the V accumulation use AVX-512 or AVX2 where the CPU has them (chosen at run time), else scalar.
-// Legend: B = sequences, Hq/Hkv = heads, G = Hq / Hkv, D = head dim, T = attended positions.
+// one query token per sequence, grouped-query heads, fp32 or bf16 K/V, q and output, fp32 math. The kernel
+// also writes each sequence's new K/V row, so the caller makes one call per micro-batch. Work is split over
+// sequences (a sequence's KV heads too when sequences are fewer than threads), taken in turn by the threads;
+// each unit reads its K and V rows once, in position order (as llama.cpp's CPU flash-attention decode does
+// per head; the rows of one position are adjacent here, so a whole sequence streams).
+// The body (csrc/cpu_attention_body.inc) is compiled for AVX-512, AVX2 + FMA and scalar, chosen at run time.
+// Legend: B = sequences, Hq/Hkv = heads, D = head dim, P = arena positions, W = floats per vector.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -23,128 +28,125 @@ inline float bf16_to_f32(uint16_t v) {
   return f;
 }
 
-template <typename KV>
-inline float load(const KV* p, int i);
-template <>
-inline float load<float>(const float* p, int i) { return p[i]; }
-template <>
-inline float load<uint16_t>(const uint16_t* p, int i) { return bf16_to_f32(p[i]); }
-
-// -- q . k and acc += w * v over D, per instruction set ---------------------------------------------------------
-template <typename KV>
-float dot_scalar(const float* q, const KV* k, int D) {
-  float s = 0.f;
-  for (int i = 0; i < D; ++i) s += q[i] * load(k, i);
-  return s;
-}
-template <typename KV>
-void axpy_scalar(float* acc, float w, const KV* v, int D) {
-  for (int i = 0; i < D; ++i) acc[i] += w * load(v, i);
-}
-
-__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-__attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-template <typename KV>
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* q, const KV* k, int D) {
-  __m256 s = _mm256_setzero_ps();
-  int i = 0;
-  for (; i + 8 <= D; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), s);
-  __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  r = _mm_hadd_ps(r, r);
-  r = _mm_hadd_ps(r, r);
-  float out = _mm_cvtss_f32(r);
-  for (; i < D; ++i) out += q[i] * load(k, i);
-  return out;
-}
-template <typename KV>
-__attribute__((target("avx2,fma"))) void axpy_avx2(float* acc, float w, const KV* v, int D) {
-  __m256 wv = _mm256_set1_ps(w);
-  int i = 0;
-  for (; i + 8 <= D; i += 8) _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(wv, load8(v + i), _mm256_loadu_ps(acc + i)));
-  for (; i < D; ++i) acc[i] += w * load(v, i);
-}
-
-__attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-__attribute__((target("avx512f"))) inline __m512 load16(const uint16_t* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-template <typename KV>
-__attribute__((target("avx512f"))) float dot_avx512(const float* q, const KV* k, int D) {
-  __m512 s = _mm512_setzero_ps();
-  int i = 0;
-  for (; i + 16 <= D; i += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), s);
-  float out = _mm512_reduce_add_ps(s);
-  for (; i < D; ++i) out += q[i] * load(k, i);
-  return out;
-}
-template <typename KV>
-__attribute__((target("avx512f"))) void axpy_avx512(float* acc, float w, const KV* v, int D) {
-  __m512 wv = _mm512_set1_ps(w);
-  int i = 0;
-  for (; i + 16 <= D; i += 16)
-    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(wv, load16(v + i), _mm512_loadu_ps(acc + i)));
-  for (; i < D; ++i) acc[i] += w * load(v, i);
+inline void store_as(float* p, float x) { *p = x; }
+inline void store_as(uint16_t* p, float x) {  // round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  *p = uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
 struct Args {
-  const float* q;  // [B, Hq, D]
-  const void* k;   // [S, Tmax, Hkv, D]
-  const void* v;
-  int64_t slot_stride;  // elements between slots
-  const int32_t *slots, *firsts, *ends;  // per sequence: slot, first and one-past-last attended position
+  const void* q;                 // [B, Hq, D] fp32 or bf16
+  void *k, *v;                   // [P, Hkv, D] arenas; sequence b's run starts at position runs[b]
+  const void *k_new, *v_new;     // [B, Hkv, D] in the arenas' dtype, written at runs[b] + starts[b]; or null
+  const int32_t *runs, *starts;  // per sequence: its run, and the new token's position in it
+  int window;                    // attend to the last `window` positions; 0: all
   int B, Hq, Hkv, D;
   float scale;
-  float* out;  // [B, Hq, D]
+  void* out;                     // [B, Hq, D] fp32 or bf16
+  int kv_bf16, q_bf16, out_bf16;
 };
 
-// One (sequence, KV head) pair: its G query heads over positions [first, end).
-template <typename KV, float (*DOT)(const float*, const KV*, int), void (*AXPY)(float*, float, const KV*, int)>
-void pair(const Args& a, int b, int h, std::vector<float>& p) {
-  const int G = a.Hq / a.Hkv, D = a.D, first = a.firsts[b], T = a.ends[b] - first;
-  const int64_t row = int64_t(a.Hkv) * D;
-  const KV* K = static_cast<const KV*>(a.k) + a.slots[b] * a.slot_stride + int64_t(first) * row + int64_t(h) * D;
-  const KV* V = static_cast<const KV*>(a.v) + a.slots[b] * a.slot_stride + int64_t(first) * row + int64_t(h) * D;
-  p.resize(size_t(T));
-  for (int g = 0; g < G; ++g) {
-    const int hq = h * G + g;
-    const float* q = a.q + (int64_t(b) * a.Hq + hq) * D;
-    float m = -INFINITY;
-    for (int t = 0; t < T; ++t) m = std::max(m, p[t] = DOT(q, K + t * row, D) * a.scale);
-    float sum = 0.f;
-    for (int t = 0; t < T; ++t) sum += p[t] = std::exp(p[t] - m);
-    float* o = a.out + (int64_t(b) * a.Hq + hq) * D;
-    std::fill(o, o + D, 0.f);
-    for (int t = 0; t < T; ++t) AXPY(o, p[t] / sum, V + t * row, D);
-  }
-}
-
-template <typename KV, float (*DOT)(const float*, const KV*, int), void (*AXPY)(float*, float, const KV*, int)>
-void run(const Args& a, int threads) {
-  const int pairs = a.B * a.Hkv;
-  threads = std::max(1, std::min(threads, pairs));
-  auto work = [&](int w) {
-    std::vector<float> p;
-    for (int i = w; i < pairs; i += threads) pair<KV, DOT, AXPY>(a, i / a.Hkv, i % a.Hkv, p);
-  };
-  std::vector<std::thread> pool;
-  for (int w = 1; w < threads; ++w) pool.emplace_back(work, w);
-  work(0);
-  for (auto& t : pool) t.join();
-}
-
-template <typename KV>
-int dispatch(int kernel, const Args& a, int threads) {
-  if (kernel == AVX512) run<KV, dot_avx512<KV>, axpy_avx512<KV>>(a, threads);
-  else if (kernel == AVX2) run<KV, dot_avx2<KV>, axpy_avx2<KV>>(a, threads);
-  else run<KV, dot_scalar<KV>, axpy_scalar<KV>>(a, threads);
-  return 0;
-}
-
 }  // namespace
+
+namespace scalar {
+struct Vec {
+  using V = float;
+  static constexpr int W = 1;
+  static V zero() { return 0.f; }
+  static V set1(float x) { return x; }
+  static V load(const float* p) { return *p; }
+  static V load(const uint16_t* p) { return bf16_to_f32(*p); }
+  static void store(float* p, V v) { *p = v; }
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
+  static float sum(V v) { return v; }
+  static void sum4(V a, V b, V c, V d, float* r) { r[0] = a, r[1] = b, r[2] = c, r[3] = d; }
+  static V exp(V x) { return std::exp(x); }
+};
+#include "cpu_attention_body.inc"
+}  // namespace scalar
+
+// exp(x) for x <= 0: 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor series to r^6
+// (relative error ~1e-7); below -87 the result is the smallest normal's neighbourhood, as exp's is ~0.
+#define EXP_POLY(FMA, SET1, r)                                                                                   \
+  FMA(FMA(FMA(FMA(FMA(FMA(SET1(1.f / 720), r, SET1(1.f / 120)), r, SET1(1.f / 24)), r, SET1(1.f / 6)), r,    \
+                  SET1(0.5f)), r, SET1(1.f)), r, SET1(1.f))
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+struct Vec {
+  using V = __m256;
+  static constexpr int W = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const uint16_t* p) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static float sum(V v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
+  }
+  static void sum4(V a, V b, V c, V d, float* r) {
+    const V abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // [a b c d] in each half
+    _mm_storeu_ps(r, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+  }
+  static V exp(V x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    const V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    const V p = EXP_POLY(_mm256_fmadd_ps, _mm256_set1_ps, r);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+};
+#include "cpu_attention_body.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+namespace avx512 {
+struct Vec {
+  using V = __m512;
+  static constexpr int W = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const uint16_t* p) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+  static __m256 half(V v) {  // its two halves added
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+  static void sum4(V a, V b, V c, V d, float* r) { avx2::Vec::sum4(half(a), half(b), half(c), half(d), r); }
+  static V exp(V x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    return _mm512_scalef_ps(EXP_POLY(_mm512_fmadd_ps, _mm512_set1_ps, r), n);
+  }
+};
+#include "cpu_attention_body.inc"
+}  // namespace avx512
+#pragma GCC pop_options
 
 extern "C" {
 
@@ -155,12 +157,19 @@ int attn_features() {
          (__builtin_cpu_supports("avx512f") ? 2 : 0);
 }
 
-// kernel: 0 scalar, 1 AVX2, 2 AVX-512; bf16: K/V in bf16 (else fp32). Returns 0, or -1 on bad arguments.
-int attn_decode(int kernel, int threads, int bf16, const float* q, const void* k, const void* v, int64_t slot_stride,
-                const int32_t* slots, const int32_t* firsts, const int32_t* ends, int B, int Hq, int Hkv, int D,
-                float scale, float* out) {
-  if (B < 0 || Hkv <= 0 || Hq % Hkv != 0 || D <= 0) return -1;
-  Args a{q, k, v, slot_stride, slots, firsts, ends, B, Hq, Hkv, D, scale, out};
-  return bf16 ? dispatch<uint16_t>(kernel, a, threads) : dispatch<float>(kernel, a, threads);
+// kernel: 0 scalar, 1 AVX2, 2 AVX-512; *_bf16: that tensor in bf16 (else fp32); k_new/v_new may be null (no
+// write). Returns 0, or -1 on bad arguments.
+int attn_decode(int kernel, int threads, int kv_bf16, int q_bf16, int out_bf16, const void* q, void* k, void* v,
+                const void* k_new, const void* v_new, const int32_t* runs, const int32_t* starts, int window,
+                int B, int Hq, int Hkv, int D, float scale, void* out) {
+  if (B < 0 || Hkv <= 0 || Hq % Hkv != 0 || D <= 0 || window < 0 || (k_new == nullptr) != (v_new == nullptr))
+    return -1;
+  for (int b = 0; b < B; ++b)
+    if (starts[b] < 0 || runs[b] < 0) return -1;
+  const Args a{q, k, v, k_new, v_new, runs, starts, window, B, Hq, Hkv, D, scale, out, kv_bf16, q_bf16, out_bf16};
+  if (kernel == AVX512) avx512::decode(a, threads);
+  else if (kernel == AVX2) avx2::decode(a, threads);
+  else scalar::decode(a, threads);
+  return 0;
 }
 }

@@ -227,6 +227,7 @@ def _gpu_rates(dev, sizes: Sizes, steps: _Steps) -> dict:
     out = _links(dev, sizes)
     both = concurrent_host_read(dev, sizes.mem_bytes)
     out["host_read_bw_shared"] = both["cpu_read_bw_concurrent"] + both["h2d_bw_concurrent"]
+    out["h2d_bw_shared"] = both["h2d_bw_concurrent"]
     steps.done()
     steps.start("GPU memory")
     out["gpu_bw"] = memory_bandwidth(dev, sizes.mem_bytes)

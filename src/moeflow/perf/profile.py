@@ -65,6 +65,7 @@ class HardwareProfile:
     d2h_latency_s: float = 0.0
     host_read_bw_shared: float = 0.0  # CPU reads + host -> GPU copies while both run (they share host memory);
                                       # 0: not measured (the bound then takes the sum of the two rates)
+    h2d_bw_shared: float = 0.0   # the copies' part of it; 0: not measured (taken as h2d_bw)
     layer_overhead_s: float = 0.0  # host-side cost of one offloaded layer (sync, planning, launches)
     expert_overhead_s: float = 0.0  # what each routed expert beyond PREFILL_K adds to a decode layer's
     step_overhead_s: float = 0.0   # a decode step's own host time beyond its layers' (sampling, bookkeeping)

@@ -9,26 +9,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeflow.pipeline.native import NativeAttention
+from moeflow.pipeline.native import KINDS, NativeAttention
 
 
 def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, runs: list[int], starts: list[int],
                          window: int | None = None, native: NativeAttention | None = None,
-                         threads: int = 1) -> torch.Tensor:
+                         threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
     """Write each sequence's new k/v at its position of its run, then attend over the run (the last `window`
-    positions): by the native kernel where given, else in one PyTorch call padded to the longest context.
+    positions): by the native kernel where given (one call, the writes included), else in one PyTorch call
+    padded to the longest context.
 
-    q [B, Hq, D], k/v [B, Hkv, D], k_cache/v_cache [P, Hkv, D] (host arenas; a run starts at runs[b]) -> [B, Hq, D]."""
+    q [B, Hq, D], k/v [B, Hkv, D], k_cache/v_cache [P, Hkv, D] (host arenas; a run starts at runs[b]);
+    out: where the native kernel writes (fp32 or bf16, e.g. pinned for the copy back) -> [B, Hq, D] in q's dtype."""
+    if native is not None and native.supports(k_cache):
+        if out is None or out.dtype not in KINDS:
+            out = torch.empty(q.shape, dtype=q.dtype if q.dtype in KINDS else torch.float32)
+        i32 = [torch.tensor(x, dtype=torch.int32) for x in (runs, starts)]
+        return native(q, k_cache, v_cache, *i32, window, threads, k, v, out).to(q.dtype)
     run, pos = torch.tensor(runs), torch.tensor(starts)
     k_cache[run + pos] = k
     v_cache[run + pos] = v
-    if native is not None and native.supports(k_cache):
-        ends = pos + 1
-        firsts = ends - ends if window is None else (ends - window).clamp(min=0)
-        i32 = [t.to(torch.int32).contiguous() for t in (run, firsts, ends)]
-        # a run is a slot whose stride is one position: [P, 1, Hkv, D]
-        return native(q, k_cache.unsqueeze(1), v_cache.unsqueeze(1), *i32, threads).to(q.dtype)
     T = max(starts) + 1
     k_pos = torch.arange(T)
     idx = run[:, None] + torch.minimum(k_pos[None, :], pos[:, None])        # [B, T] past the end: a valid row

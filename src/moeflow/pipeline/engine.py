@@ -26,7 +26,7 @@ from moeflow.engine.llm_engine import GenerationResponse, LLMEngine
 from moeflow.engine.sampler import sample
 from moeflow.engine.sequence import Sequence, Status
 from moeflow.models.layers import Attention, AttnBatch, SparseMoe
-from moeflow.perf.model import LOGITS_ROWS, PREFILL_CHUNK, PREFILL_GROUP, ThroughputPolicy
+from moeflow.perf.throughput_model import LOGITS_ROWS, PREFILL_CHUNK, PREFILL_GROUP, STAGED, ThroughputPolicy
 from moeflow.experts.cpu import physical_cores
 from moeflow.pipeline.attention import cpu_decode_attention
 from moeflow.pipeline.kv import HostKV
@@ -64,8 +64,10 @@ class PipelineEngine(LLMEngine):
             raise MoeflowError("the native CPU attention kernel could not be built")
         self.threads = physical_cores()
         self.cpu_attention_s = 0.0  # the attention worker's busy time
+        self.cpu_attention_bytes = 0  # and the K/V it read
         self.prefill_s = self.decode_s = 0.0
         self.decode_steps = 0
+        self.stores: deque = deque()  # prefill K/V on their way to the host arenas (futures of the worker)
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -166,12 +168,28 @@ class PipelineEngine(LLMEngine):
             for c in chunks:
                 c.x = c.x + layer.self_attn(layer.input_layernorm(c.x), c.rope, c.batch, scratch)
                 for arena, kv in zip(self.cache[i], scratch):
-                    c.store(arena, kv[:len(c.seqs), :c.T][c.valid].cpu())    # [N, Hkv, D] in one copy each
+                    self._to_host(c, arena, kv[:len(c.seqs), :c.T][c.valid])  # [N, Hkv, D] in one copy each
                 c.x = c.x + self._mlp(i, layer, layer.post_attention_layernorm(c.x))
             self._done_with(i)
+        while self.stores:
+            self.stores.popleft().result()
         for s in seqs:
             s.num_cached = len(s.prompt_ids)
         return torch.cat([c.x[c.last] for c in chunks])
+
+    def _to_host(self, c: Chunk, arena: torch.Tensor, kv: torch.Tensor) -> None:
+        """kv [N, Hkv, D] into the chunk's runs of arena: from a GPU, copied into pinned memory with no sync and
+        stored by the worker thread once landed, while the GPU goes on (at most STAGED copies in flight)."""
+        if self.device.type != "cuda":
+            c.store(arena, kv.cpu())
+            return
+        while len(self.stores) >= STAGED:
+            self.stores.popleft().result()
+        host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
+        host.copy_(kv, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        self.stores.append(self.pool.submit(_store_when_ready, ready, c, arena, host))
 
     # -- decode: micro-batches, CPU attention beside the GPU ---------------------------------------------------
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -210,11 +228,22 @@ class PipelineEngine(LLMEngine):
         if ready is not None:
             ready.synchronize()  # q/k/v have landed in host memory (waiting is not the CPU's work)
         t = time.perf_counter()
+        pinned = self.device.type == "cuda"
+        out = torch.empty(host[0].shape, dtype=host[0].dtype, pin_memory=pinned)  # the native kernel writes here
         with torch.inference_mode():
             o = cpu_decode_attention(*host, k_cache, v_cache, slots, starts, self.ck.cfg.sliding_window,
-                                     self.native, self.threads)
+                                     self.native, self.threads, out)
         self.cpu_attention_s += time.perf_counter() - t
-        return o.pin_memory() if torch.cuda.is_available() and self.device.type == "cuda" else o
+        w = self.ck.cfg.sliding_window
+        positions = sum(min(p + 1, w) if w else p + 1 for p in starts)
+        self.cpu_attention_bytes += 2 * positions * k_cache.stride(0) * k_cache.element_size()  # K and V read
+        return o if o is out or not pinned else o.pin_memory()
+
+
+def _store_when_ready(ready: torch.cuda.Event, c: Chunk, arena: torch.Tensor, host: torch.Tensor) -> None:
+    ready.synchronize()
+    with torch.inference_mode():  # as the engine's steps run
+        c.store(arena, host)
 
 
 def dev_is_cuda(x: torch.Tensor) -> bool:

@@ -11,7 +11,7 @@ from moeflow import MoeflowError
 from moeflow.checkpoint import load, read_model_config, resolve_device, resolve_dtype
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import gib
-from moeflow.perf.model import ThroughputPolicy, ThroughputPrediction, predict_throughput
+from moeflow.perf.throughput_model import ThroughputPolicy, ThroughputPrediction, predict_throughput
 from moeflow.pipeline.plan import check_fits, choose_plan, host_budget, machine_profile, parse_plan
 
 
@@ -41,15 +41,27 @@ def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None
         raise MoeflowError(f"the pipeline engine does not run {cfg.model_type}'s {', '.join(unsupported)} yet; "
                            "use --engine continuous")
     profile, b = machine_profile(), resolve_dtype(spec.dtype, cfg, torch.device(spec.device)).itemsize
+    attn_bw = attention_bw(cfg, spec.device)
     if spec.plan:
         pol = parse_plan(spec.plan)
     elif spec.gpu_memory is not None:
         pol = choose_plan(cfg, profile, spec.gpu_memory, spec.prompt_len, spec.gen_len, b, spec.max_n,
-                          host_budget(held)).policy
+                          host_budget(held), attn_bw).policy
     else:
         pol = ThroughputPolicy(spec.default_n, max(1, spec.default_n // 2), 0.0, 0.0, False)
     check_fits(cfg, pol, spec.prompt_len, spec.gen_len, spec.gpu_memory, b, host_budget(held))
-    return pol, predict_throughput(cfg, profile, pol, spec.prompt_len, spec.gen_len, b)
+    return pol, predict_throughput(cfg, profile, pol, spec.prompt_len, spec.gen_len, b, attn_bw)
+
+
+def attention_bw(cfg: ModelConfig, device: str) -> float | None:
+    """The native CPU attention kernel's read rate on this host at cfg's heads, timed once (a GPU run only:
+    on the CPU the planner's figures are the profile's); None: the model takes the memory bus's rate."""
+    from moeflow.experts.cpu import physical_cores
+    from moeflow.pipeline.attention_bench import measured_read_bw
+
+    if resolve_device(device).type != "cuda":
+        return None
+    return measured_read_bw(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, physical_cores())
 
 
 def describe(pred: ThroughputPrediction) -> str:

@@ -15,16 +15,18 @@ import torch
 
 from moeflow.experts.native import build_library
 
-SRC = Path(__file__).resolve().parents[1] / "csrc" / "cpu_attention.cpp"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+SOURCES = [CSRC / "cpu_attention.cpp", CSRC / "cpu_attention_body.inc"]
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
 KERNELS = {"scalar": 0, "avx2": 1, "avx512": 2}
+KINDS = (torch.float32, torch.bfloat16)  # what the kernel reads and writes
 
 
 class NativeAttention:
     def __init__(self, path: Path):
         self.lib = lib = ctypes.CDLL(str(path))
-        p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        lib.attn_decode.argtypes = [i, i, i, p, p, p, i64, p, p, p, i, i, i, i, ctypes.c_float, p]
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.attn_decode.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, i, i, i, i, i, ctypes.c_float, p]
         lib.attn_decode.restype = i
         bits = lib.attn_features()
         self.features = {name for bit, name in ((1, "avx2"), (2, "avx512")) if bits & bit}
@@ -33,17 +35,24 @@ class NativeAttention:
         return next(k for k in ("avx512", "avx2", "scalar") if k == "scalar" or k in self.features)
 
     def supports(self, k_cache: torch.Tensor) -> bool:
-        return k_cache.dtype in (torch.float32, torch.bfloat16) and k_cache.is_contiguous()
+        return k_cache.dtype in KINDS and k_cache.is_contiguous()
 
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                 firsts: torch.Tensor, ends: torch.Tensor, threads: int, kernel: str | None = None) -> torch.Tensor:
-        """q [B, Hq, D]; k/v_cache [S, T, Hkv, D] (contiguous); slots/firsts/ends int32 [B] -> [B, Hq, D] fp32."""
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, runs: torch.Tensor,
+                 starts: torch.Tensor, window: int | None, threads: int, k_new: torch.Tensor | None = None,
+                 v_new: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                 kernel: str | None = None) -> torch.Tensor:
+        """q [B, Hq, D]; k/v_cache [P, Hkv, D] (contiguous); runs/starts int32 [B]: sequence b's run starts at
+        position runs[b], its new token at runs[b] + starts[b]; k_new/v_new [B, Hkv, D]: written there first
+        (None: already written); out [B, Hq, D] fp32 or bf16 (default fp32) -> out."""
         B, Hq, D = q.shape
-        qf = q.float().contiguous()
-        out = torch.empty((B, Hq, D), dtype=torch.float32)
-        r = self.lib.attn_decode(KERNELS[kernel or self.best()], threads, int(k_cache.dtype == torch.bfloat16),
-                                 qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
-                                 slots.data_ptr(), firsts.data_ptr(), ends.data_ptr(), B, Hq, k_cache.shape[2], D,
+        q = q if q.dtype in KINDS and q.is_contiguous() else q.float().contiguous()
+        out = torch.empty((B, Hq, D), dtype=torch.float32) if out is None else out
+        news = [None, None] if k_new is None else [t.to(k_cache.dtype).contiguous() for t in (k_new, v_new)]
+        assert runs.dtype == starts.dtype == torch.int32 and out.dtype in KINDS and out.is_contiguous()
+        bf16 = [int(t.dtype == torch.bfloat16) for t in (k_cache, q, out)]
+        r = self.lib.attn_decode(KERNELS[kernel or self.best()], threads, *bf16, q.data_ptr(), k_cache.data_ptr(),
+                                 v_cache.data_ptr(), *[None if t is None else t.data_ptr() for t in news],
+                                 runs.data_ptr(), starts.data_ptr(), window or 0, B, Hq, k_cache.shape[1], D,
                                  D ** -0.5, out.data_ptr())
         if r != 0:
             raise RuntimeError(f"native CPU attention refused the call ({r})")
@@ -55,7 +64,23 @@ def load() -> NativeAttention | None:
     """The kernel, built if needed; None (with one warning) where no compiler builds it."""
     cxx = os.environ.get("CXX", "g++")  # the build's compiler, as for csrc/cpu_experts.cpp
     try:
-        return NativeAttention(build_library(cxx, "cpu_attention", [SRC], FLAGS))
+        native = NativeAttention(build_library(cxx, "cpu_attention", SOURCES, FLAGS))
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         warnings.warn(f"moeflow: the native CPU attention kernel is unavailable ({e}); using PyTorch", stacklevel=2)
         return None
+    for kernel in sorted(native.features - self_checked(native)):
+        warnings.warn(f"moeflow: the native CPU attention's {kernel} path disagrees with its scalar one; "
+                      "not using it", stacklevel=2)
+        native.features.discard(kernel)
+    return native
+
+
+def self_checked(native: NativeAttention) -> set[str]:
+    """The vector paths that agree with the scalar one on a small case (GQA, a tail of D, several V blocks)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 6, 40, generator=g)
+    k_cache, v_cache = (torch.randn(600, 2, 40, generator=g) for _ in "kv")
+    runs, starts = torch.tensor([0, 200, 400], dtype=torch.int32), torch.tensor([0, 70, 199], dtype=torch.int32)
+    ref = native(q, k_cache, v_cache, runs, starts, None, 1, kernel="scalar")
+    return {f for f in native.features
+            if torch.allclose(native(q, k_cache, v_cache, runs, starts, None, 2, kernel=f), ref, atol=1e-4)}

@@ -1,0 +1,60 @@
+"""The throughput model's pipeline terms by hand: CPU attention at its measured rate beside the copies, copies
+at the shared rate while it reads, the last micro-batch's chain, prefill at the GPU's measured expert rate.
+
+tiny-mixtral: H 256, I 512, E 8, K 2, 8 heads, 4 KV heads, D 32, 4 layers; N 4 in micro-batches of 2, prompt 96
++ 64 generated: average context 128.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from moeflow.checkpoint import read_model_config
+from moeflow.perf.throughput_model import ThroughputPolicy, copy_beside, predict_throughput, shared_rates
+from moeflow.perf.profile import HardwareProfile
+
+TINY = read_model_config("synthetic:tiny-mixtral")[1]
+W_E = 8 * 3 * 256 * 512 * 2        # one layer's experts, bytes
+KV_READ = 4 * 128 * 2 * 4 * 32 * 2  # 4 sequences' K and V of one layer
+POL = ThroughputPolicy(N=4, mu=2, r_w=0.0, r_c=0.0, attn_gpu=False)
+
+
+def profile(**kw) -> HardwareProfile:
+    base = dict(host="toy", cpu_model="toy", cpu_threads=1, host_memory=1 << 40, cpu_read_bw=1e9, cpu_flops=1e15,
+                gpu_name="toy-gpu", gpu_memory=80 << 30, gpu_bw=1e12, gpu_flops=1e15, h2d_bw=1e9, d2h_bw=1e9)
+    return HardwareProfile(**(base | kw))
+
+
+def test_copies_slow_down_only_while_the_cpu_reads():
+    assert copy_beside(10.0, alone=2.0, beside=1.0, overlap_s=4.0) == pytest.approx(4.0 + 6.0 / 2.0)
+    assert copy_beside(3.0, alone=2.0, beside=1.0, overlap_s=4.0) == pytest.approx(3.0)
+    # measured together: 1.5 GB/s, of which the copies took 0.6: the CPU reads at 0.9
+    p = profile(host_read_bw_shared=1.5e9, h2d_bw_shared=0.6e9)
+    assert shared_rates(p) == pytest.approx((0.9e9, 0.6e9))
+    t = predict_throughput(TINY, p, POL, 96, 64)
+    cpu = KV_READ / 0.9e9
+    assert t.terms["CPU memory bus"] == pytest.approx(cpu)
+    h2d = W_E + 4 * 8 * 32 * 2  # experts, attention outputs back
+    assert t.terms["PCIe"] == pytest.approx(cpu + (h2d - 0.6e9 * cpu) / 1e9)
+    assert shared_rates(profile()) == (1e9, 1e9)  # not measured: each alone
+
+
+def test_cpu_attention_at_the_kernels_rate_and_the_last_micro_batch_after_it():
+    p = profile(cpu_read_bw=1e12, h2d_bw=1e12, gpu_bw=2e7)  # the GPU takes about what the CPU does
+    slow = predict_throughput(TINY, p, POL, 96, 64, attn_bw=1e6)
+    assert slow.terms["CPU memory bus"] == pytest.approx(KV_READ / 1e6)
+    assert slow.layer_s == pytest.approx(slow.terms["CPU memory bus"] + slow.terms["GPU"] / 2)
+    assert slow.layer_s > max(slow.terms.values())
+    fast = predict_throughput(TINY, p, POL, 96, 64, attn_bw=1e15)  # never above the bus
+    assert fast.terms["CPU memory bus"] == pytest.approx(KV_READ / 1e12)
+    assert slow.decode_tps < fast.decode_tps
+
+
+def test_prefill_takes_the_gpus_measured_expert_rate():
+    p = profile(gpu_flops=1e12, gpu_bw=1e15, h2d_bw=1e15, d2h_bw=1e15)
+    rate = 0.25e12  # the expert at 64 tokens: a quarter of the matmul rate
+    timed = {"256x512:bfloat16": {"tokens": [1, 64], "gpu_s": [1.0, 6 * 256 * 512 * 64 / rate]}}
+    peak = predict_throughput(TINY, p, POL, 96, 64).prefill_s
+    measured = predict_throughput(TINY, HardwareProfile(**(p.__dict__ | {"experts": timed})), POL, 96, 64).prefill_s
+    experts = 4 * 4 * 96 * 6 * 2 * 256 * 512  # 4 layers, 4 x 96 tokens, K = 2
+    assert measured - peak == pytest.approx(experts / rate - experts / 1e12, rel=1e-3)
