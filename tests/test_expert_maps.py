@@ -149,8 +149,9 @@ def test_real_traces_split_by_request():
 
 
 def test_fmoe_prefetches_and_keeps_the_local_tokens(hf_checkpoint, tmp_path):
-    """One sequence at a time: the second request matches the first's maps (learned on line) and prefetches;
-    the tokens are the all-local run's. A map file for another model is refused."""
+    """One sequence at a time: the second request (the first's prompt again) matches the first's maps (learned
+    on line), the gate measures them as precise and it prefetches; the tokens are the all-local run's. A map
+    file for another model is refused."""
     import torch
     from conftest import budget_for
 
@@ -164,6 +165,7 @@ def test_fmoe_prefetches_and_keeps_the_local_tokens(hf_checkpoint, tmp_path):
     greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     ps = [torch.randint(3, 310, (n,), generator=g).tolist() for n in (9, 9, 7)]
+    ps[1] = ps[0]
     want = [s.output_ids for s in LLMEngine(load(path), max_seqs=1, max_len=64).generate(ps, greedy)]
     ck = load(path, device="cpu", expert_device="cpu")
     engine = LLMEngine(ck, max_seqs=1, max_len=64, offload=OffloadConfig(budget_for(ck, 5, 1), "fmoe"))
@@ -210,12 +212,13 @@ def test_fmoe_prefetches_on_the_copy_stream_and_keeps_the_gpu_tokens(hf_checkpoi
     greedy = SamplingParams(max_new_tokens=16, ignore_eos=True)
     g = torch.Generator().manual_seed(4)
     ps = [torch.randint(3, 310, (n,), generator=g).tolist() for n in (11, 11, 8, 8)]
+    ps[1], ps[3] = ps[0], ps[2]  # repeated prompts: the maps learned on line predict them (the gate opens)
     want = [s.output_ids for s in LLMEngine(load(path, device="cuda", dtype="fp32"), max_seqs=1,
                                             max_len=64).generate(ps, greedy)]
     ck = load(path, device="cuda", dtype="fp32", expert_device="cpu")
     engine = LLMEngine(ck, max_seqs=1, max_len=64, offload=OffloadConfig(budget_for(ck, 5, 1), "fmoe"))
     try:
         assert [s.output_ids for s in engine.generate(ps, greedy)] == want
-        assert len(engine.model.experts.policy.store) > 0
+        assert len(engine.model.experts.policy.store) > 0 and engine.model.experts.policy.prefetched > 0
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)

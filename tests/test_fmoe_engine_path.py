@@ -27,7 +27,7 @@ def test_trajectory_matches_the_batch_predictor():
         pred.observe(state, layer, obs[layer][None])
         keys, _, use = pred.select(*pred.trajectory(state, layer)).of(0)
         want = [divmod(int(k), E) for k, u in zip(keys, use) if u >= 0.5]
-        got = tr.picks(layer, 0.5)
+        got = [(lay, e) for lay, e, _ in tr.picks(layer, 0.5)]
         assert sorted(got) == sorted(want) and (got[:1] == want[:1] or not want)
 
 
@@ -59,3 +59,15 @@ def test_a_trace_shorter_than_a_request_is_refused(tmp_path, capsys):
     assert main(["bench", "latency", "--model", "synthetic:tiny-mixtral", "--device", "cpu", "--budgets",
                  "0.4GiB", "--routing-trace", str(trace), "--ttft-len", "64", "--new-tokens", "4"]) == 2
     assert "short.npz has 30 tokens, fewer than --ttft-len needs (64)" in capsys.readouterr().err
+
+
+def test_prefetch_batch_takes_free_then_oldest_scratch_slots():
+    split = SlotSplit(resident=2, cache=4, adaptive=True, scratch_keeps=True)
+    cache = SlotCache([(0, 0), (0, 1)], split, layers=3, eviction="decay", prior={(0, 0): 1.0, (0, 1): 1.0})
+    busy = {2}  # read by the layer running now: not taken
+    placed = cache.prefetch_slots([(1, 5), (1, 6), (0, 0), (2, 7), (2, 8)], protect=set(), busy=busy)
+    assert placed == [((1, 5), 3), ((1, 6), 4), ((2, 7), 5)]  # (0, 0) is held; no slot left for (2, 8)
+    assert all(cache.lookup(k) == s for k, s in placed) and cache.lookup((0, 0)) == 0
+    placed = cache.prefetch_slots([(2, 8), (2, 9)], protect={(1, 5)}, busy=busy)
+    assert placed == [((2, 8), 4), ((2, 9), 5)]  # the oldest unprotected fills go first
+    assert cache.lookup((1, 6)) is None and cache.lookup((1, 5)) == 3

@@ -51,7 +51,8 @@ def _snapshot(engine: LLMEngine) -> dict:
 
 
 # OffloadStats' host timers
-TIMERS = ("backend_s", "sync_s", "plan_s", "launch_s", "cpu_s", "cpu_kernel_s", "cpu_wait_s", "cpu_start_s")
+TIMERS = ("backend_s", "sync_s", "plan_s", "launch_s", "prefetch_s", "cpu_s", "cpu_kernel_s", "cpu_wait_s",
+          "cpu_start_s")
 TTFT_RUNS = 3  # prefills of the TTFT prompt per row: their median is its TTFT
 
 

@@ -63,6 +63,7 @@ class OffloadStats:
     cpu_kernel_s: float = 0.0
     cpu_wait_s: float = 0.0
     cpu_start_s: float = 0.0
+    prefetch_s: float = 0.0   # of launch_s: in the policy's prefetch hook (matching, picking, copies ahead)
     prefetched: int = 0       # whole experts copied ahead at a policy's request (their bytes are in bytes_h2d)
     prefetch_used: int = 0    # of those, selected when their layer came (the next time it came)
     prefetch_wasted: int = 0  # ... not selected then, or overwritten before it came
@@ -137,6 +138,7 @@ class OffloadedExperts(ExpertBackend):
         self.correction = CostCorrection(self.inter)
         self._landing: dict[int, torch.cuda.Event | None] = {}  # slot -> arrival of a copy made ahead
         self._ahead: set[Key] = set()  # experts copied ahead whose layer has not come since
+        self._ahead_event: torch.cuda.Event | None = None  # the arrival of the last batch copied ahead
         # the layer being launched: the slots its waves read; its copies in whole experts (a policy's prefetch
         # reads it: the copy engine's time left in the layer)
         self._layer_slots: set[int] = set()
@@ -211,9 +213,11 @@ class OffloadedExperts(ExpertBackend):
         for w in (here, wave):  # the experts already held first: they need no copy
             if w:
                 self.waves.run(w)
+        t_prefetch = time.perf_counter()
         if type(self.policy).prefetch is not OffloadPolicy.prefetch:  # only a policy that has one
             self.policy.prefetch(plan.layer, ids_h.reshape(N, K), w_h.reshape(N, K), self)
         t_launch = time.perf_counter()
+        s.prefetch_s += t_launch - t_prefetch
         result = self._join(plan, call, x, dest)
         s.sync_s += t_sync - t_in
         s.plan_s += t_plan - t_sync
@@ -351,6 +355,36 @@ class OffloadedExperts(ExpertBackend):
         self.stats.prefetched += 1
         self._ahead.add(key)
         return True
+
+    def copy_ahead_many(self, keys: list[Key], protect: set[Key]) -> int:
+        """fmoe's batch: experts keys = [(l, e)] (nearest layer first) copied in whole into the slots the cache's
+        scratch pool gives them (SlotCache.prefetch_slots), in one stream switch with one event per layer.
+        Returns how many were issued."""
+        if not self.cache.scratch_keeps:
+            return sum(self.copy_ahead(k, protect) for k in keys)
+        placed = self.cache.prefetch_slots(keys, protect, self._layer_slots)
+        if not placed:
+            return 0
+        with torch.cuda.stream(self.copy_stream) if self.cuda else nullcontext():
+            group: list[int] = []
+            for i, ((l, e), slot) in enumerate(placed):
+                self._copy(slot, l, e, 0)
+                group.append(slot)
+                if i + 1 == len(placed) or placed[i + 1][0][0] != l:  # the layer's last: one event for its slots
+                    self._ahead_event = self.copy_stream.record_event() if self.cuda else None
+                    self._landing.update(dict.fromkeys(group, self._ahead_event))
+                    group = []
+        self.stats.bytes_h2d += len(placed) * self.host.expert_bytes
+        self.stats.prefetched += len(placed)
+        self._ahead.update(k for k, _ in placed)
+        return len(placed)
+
+    def ahead_in_flight(self) -> bool:
+        """Are the last batch's copies ahead still moving (the copy engine has had no idle time since)?"""
+        ev = self._ahead_event
+        if ev is not None and ev.query():
+            self._ahead_event = ev = None
+        return ev is not None
 
     # -- the CPU's share and the copies ----------------------------------------------------------------
     def _issue(self, l: int, pending: dict[int, tuple[int, int]], entries: dict) -> Wave:

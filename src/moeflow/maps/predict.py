@@ -102,8 +102,8 @@ class Picks:
 class Trajectory:
     """One decoding token's trajectory hint, for the engine: each layer's routing (K ids and weights) folded
     into the match with the stored maps in O(K x M) (the observed map is K-sparse), and the next layers'
-    experts picked as Predictor.select does: one pass over [M] for the match, the rest on the few experts
-    above the use threshold (no BLAS call: it would wake threads that the CPU experts use)."""
+    experts picked as Predictor.select does: numpy on [M] and [d, E], the selection in Python on the few
+    candidates (no BLAS call: it would wake threads that the CPU experts use)."""
 
     def __init__(self, pred: Predictor):
         self.p = pred
@@ -114,15 +114,14 @@ class Trajectory:
 
     def observe(self, layer: int, ids: np.ndarray, w: np.ndarray) -> None:
         """ids, w [K]: layer's selected experts and their weights (made to sum to one)."""
+        w = np.asarray(w, np.float32)
         w = w / max(float(w.sum()), 1e-12)
-        rows = self.p.St[layer]
-        for e, x in zip(ids.tolist(), w.tolist()):
-            self.dots += x * rows[e]
-        self.on += float((w * w).sum())
+        self.dots += np.einsum("k,km->m", w, self.p.St[layer][ids])  # einsum's own loop, not BLAS
+        self.on += float(w @ w)
 
-    def picks(self, layer: int, min_use: float) -> list[tuple[int, int]]:
-        """After `layer`: the (layer, expert) keys of layers layer+1..layer+d more likely used than `min_use`
-        (K x predicted share), highest priority first."""
+    def picks(self, layer: int, min_use: float) -> list[tuple[int, int, float]]:
+        """After `layer`: (layer, expert, use) of layers layer+1..layer+d whose use (K x predicted share, the
+        chance it is among the layer's K) is at least `min_use`, highest priority first."""
         p, first = self.p, layer + 1
         last = min(first + p.depth, p.L)
         if first >= last:
@@ -133,22 +132,24 @@ class Trajectory:
         best = np.flatnonzero(score >= np.partition(score, M - m)[M - m])[:m]      # [m]
         sc = score[best] / max(np.sqrt(self.on), 1e-6)
         w = np.clip(sc, 0.0, None) + 1e-6
-        pred = (p.S[best, first:last] * w[:, None, None]).sum(0)                  # [d, E]
-        pred /= np.maximum(pred.sum(1, keepdims=True), 1e-12)
+        pred = np.einsum("m,mde->de", w, p.S[best, first:last])                    # [d, E]
+        tot = np.maximum(pred.sum(1), 1e-12)                                       # [d]
+        j, e = np.nonzero(pred * (p.K / min_use) >= tot[:, None])                  # the candidates: use >= min_use
+        q = (pred[j, e] / tot[j]).tolist()
         need = 1.0 - min(max(float(sc.max()), 0.0), 1.0) - 1e-6
+        rows: list[list[tuple[float, int]]] = [[] for _ in range(last - first)]
+        for row, x, share in zip(j.tolist(), e.tolist(), q):
+            rows[row].append((share, x))
         out = []
-        for j, row in enumerate(pred):
-            cand = np.nonzero(row * p.K >= min_use)[0]
-            if not len(cand):
-                continue
-            c = sorted(zip(row[cand].tolist(), cand.tolist()), reverse=True)
-            reach, acc = len(c), 0.0
-            for n, (q, _) in enumerate(c):
-                acc += q
+        for row, c in enumerate(rows):
+            c.sort(reverse=True)
+            acc, take = 0.0, len(c)
+            for n, (share, _) in enumerate(c):
+                acc += share
                 if acc >= need:
-                    reach = n + 1
+                    take = n + 1
                     break
-            take = max(reach, p.K)  # the smallest set reaching 1 - s, at least K: a prefix of c
-            out += [(q * p.decay ** j, first + j, e) for q, e in c[:take]]
-        out.sort(key=lambda x: -x[0])
-        return [(lay, e) for _, lay, e in out]
+            decay = p.decay ** row  # the smallest set reaching 1 - s, at least K: a prefix of c
+            out += [(share * decay, first + row, x, min(share * p.K, 1.0)) for share, x in c[:max(take, p.K)]]
+        out.sort(key=lambda t: -t[0])
+        return [(lay, x, use) for _, lay, x, use in out]

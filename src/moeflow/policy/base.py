@@ -46,6 +46,12 @@ class Prefetcher(Protocol):
         """Copy expert (l, e) whole into a cache slot on the copy stream, evicting none of `protect`; False
         where held, not kept, or nothing could make room."""
 
+    def copy_ahead_many(self, keys: list[tuple[int, int]], protect: set[tuple[int, int]]) -> int:
+        """A batch of whole experts (nearest layer first) copied ahead in one pass; how many were issued."""
+
+    def ahead_in_flight(self) -> bool:
+        """The last batch copied ahead has not landed yet."""
+
 
 class OffloadPolicy(ABC):
     name: str

@@ -5,9 +5,11 @@ to use as auto's do (decayed use counts): prefetching must not throw out auto's 
 a pool of scratch slots that keep what is copied into them until the slot is needed again. After each decode
 layer of a lone sequence the token's routing so far is matched against the stored maps (maps/predict.py
 Trajectory: O(K x M) per layer) and the experts of the next layers more likely used than not are copied in
-ahead, highest priority first, on the copy stream after the layer's own copies, and only as many as the
-copy engine moves in the rest of a layer's time (a prefetch must not delay the next layer's demand copies).
-The current layer's experts and the other predicted ones are never evicted for a prefetch.
+ahead, in one batch on the copy stream after the layer's own copies. How many is the PrefetchGate's call
+(policy/prefetch_gate.py): only picks whose use, scaled by the measured precision of past picks, stays above
+MIN_USE (an unwarmed or mismatched store copies nothing), and only while the copy engine has landed the last
+batch, at most what it moves in the rest of a layer's time. The current layer's experts and the other picks
+are never evicted for a prefetch.
 The maps learn on line: a request's maps join the store when the next prompt starts (`expert_maps`: a file
 to start from, written back as requests finish; a file that cannot be written is logged once and the engine
 goes on with its maps in memory).
@@ -29,6 +31,7 @@ from moeflow.maps.predict import Predictor, Trajectory
 from moeflow.maps.store import ExpertMapStore
 from moeflow.policy.auto import AutoPolicy
 from moeflow.policy.base import SlotSplit
+from moeflow.policy.prefetch_gate import Pick, PrefetchGate
 
 log = logging.getLogger("moeflow")
 MIN_USE = 0.5    # prefetch only an expert more likely used than not (bench/cache_replay.py)
@@ -47,7 +50,8 @@ class FmoePolicy(AutoPolicy):
     def __init__(self, store: ExpertMapStore | None = None, depth: int = DEPTH, every: int = MATCH_EVERY):
         super().__init__()
         self.store, self.pred, self.depth, self.every = store, None, depth, max(1, every)
-        self.picks: list[tuple[int, int]] = []  # the last match's, for the layers up to the next one
+        self.picks: list[Pick] = []  # the last match's, for the layers up to the next one
+        self.gate = PrefetchGate()
         if store is not None and len(store):
             self.pred = Predictor(store, depth)
         self.request: list[np.ndarray] = []   # this request's token maps [L, E]
@@ -116,7 +120,7 @@ class FmoePolicy(AutoPolicy):
                 self.pred, self._fresh = Predictor(self.store, self.depth), 0
             if self.save_path:
                 self._save()
-        self.request, self.token, self.traj = [], None, None
+        self.request, self.token, self.traj, self.picks = [], None, None, []
 
     def prefetch(self, l: int, ids, weights, experts) -> None:
         """Layer row l of a step has launched; ids, weights [N, K] its routing on the host."""
@@ -141,7 +145,10 @@ class FmoePolicy(AutoPolicy):
         w = np.asarray(weights[0].tolist(), np.float32)
         w = w / max(float(w.sum()), 1e-12)
         self.token[l, e] = w
-        if self.traj is None or l >= L - 1:
+        if self.traj is None:
+            return
+        self.gate.score(l, e, self.picks)
+        if l >= L - 1:
             return
         self.traj.observe(l, e, w)
         if l % self.every == 0:
@@ -149,23 +156,21 @@ class FmoePolicy(AutoPolicy):
         else:
             self.picks = [k for k in self.picks if k[0] > l]
         self.match_s += time.perf_counter() - now
-        self._prefetch(experts, l, self.picks, own)
+        self._prefetch(experts, l, own)
 
-    def _prefetch(self, experts, l: int, picks: list[tuple[int, int]], own: int) -> None:
-        """The picks, as many as the copy engine moves in a layer's time less the layer's own copies; the
-        current layer's experts and the other picks are never evicted for one."""
+    def _prefetch(self, experts, l: int, own: int) -> None:
+        """The picks the gate lets through (calibrated use >= MIN_USE), as many as the copy engine moves in a
+        layer's time less the layer's own copies and as the gate's window allows, nearest layer first; none
+        while the last batch is still in flight. The current layer's experts and the picks are never evicted."""
         copy_s = experts.copy_s()
-        if copy_s <= 0 or not picks:
+        take = self.gate.admit(self.picks, MIN_USE)
+        if copy_s <= 0 or not take:
             return
-        budget = int(self.layer_s / copy_s) - own
+        budget = self.gate.budget(int(self.layer_s / copy_s) - own, experts.ahead_in_flight())
         if budget <= 0:
             return
-        protect = set(picks) | {(l, e) for e in range(experts.shape[1])}
-        for key in picks:
-            if budget <= 0:
-                break
-            if experts.holds(key):
-                continue
-            budget -= 1
-            if experts.copy_ahead(key, protect):
-                self.prefetched += 1
+        keys = [k for k in take if not experts.holds(k)][:budget]  # by priority
+        if keys:
+            keys.sort(key=lambda k: k[0])  # issued nearest layer first (stable: by priority within a layer)
+            protect = {(k[0], k[1]) for k in self.picks} | {(l, e) for e in range(experts.shape[1])}
+            self.prefetched += experts.copy_ahead_many(keys, protect)

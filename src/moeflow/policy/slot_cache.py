@@ -149,6 +149,40 @@ class SlotCache:
         self.holder[held] = None
         return True
 
+    def prefetch_slots(self, keys: list[Key], protect: set[Key], busy: Collection[int]) -> list[tuple[Key, int]]:
+        """A scratch pool (scratch_keeps): slots for a batch of experts copied ahead, in one pass. Each goes
+        where the eviction policy admits it in place of a held expert (tried until the first refusal), else to
+        a scratch slot (empty first, then the one filled longest ago), never one `busy` in this layer nor one
+        holding a protected expert. Keys already held are skipped; the batch stops where no slot is left."""
+        free = sorted((s for s in self.groups[None] if s not in busy and self.holder[s] not in protect),
+                      key=lambda s: (self.holder[s] is not None, self._filled.get(s, -1)))
+        out, admit, n = [], self.learning, 0
+        for key in keys:
+            if key in self.where or key in self.staged:
+                continue
+            if admit and self.where:
+                victim = self.eviction.victim(self.where.keys(), protect)
+                admit = victim is not None and victim not in protect and self.eviction.admits(key, victim)
+                if admit:
+                    slot = self.where.pop(victim)
+                    self.eviction.remove(victim)
+                    self.resident.discard(victim)
+                    self.where[key] = slot
+                    self.eviction.hold(key)
+                    out.append((key, slot))
+                    continue
+            if n == len(free):
+                break
+            slot, n = free[n], n + 1
+            old = self.holder[slot]
+            if old is not None and self.where.get(old) == slot:
+                del self.where[old]
+            self.holder[slot], self.where[key] = key, slot
+            self._fills += 1
+            self._filled[slot] = self._fills
+            out.append((key, slot))
+        return out
+
     def _unstage(self, slot: int) -> None:
         key = self.holder.get(slot)
         if key is not None and self.staged.get(key) == slot:
