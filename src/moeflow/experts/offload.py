@@ -330,6 +330,12 @@ class OffloadedExperts(ExpertBackend):
     def copy_s(self) -> float:
         return self.costs.copy() if self.costs is not None else 0.0
 
+    def miss_s(self) -> float:
+        """Seconds a lone one-token miss costs a layer by its cheaper path (the CPU's with its call, or a copy
+        and the GPU's), as corrected so far; 0 where costs are unknown."""
+        c = self.correction.scaled(self.costs, {0: 1})
+        return 0.0 if c is None else min(c.cpu_call() + c.cpu_each(1), c.copy() + c.gpu(1))
+
     def copy_ahead(self, key: Key, protect=()) -> bool:
         """Expert key = (l, e) copied in whole, on the copy stream, for a later layer or step (which waits for it
         to land): into the cache slot the eviction policy gives it, or with an adaptive split into a free

@@ -42,6 +42,9 @@ class Prefetcher(Protocol):
     def copy_s(self) -> float:
         """Seconds one whole expert's copy takes (0 where unknown)."""
 
+    def miss_s(self) -> float:
+        """Seconds a lone one-token miss costs a layer by its cheaper path (0 where unknown)."""
+
     def copy_ahead(self, key: tuple[int, int], protect: Collection[tuple[int, int]] = ()) -> bool:
         """Copy expert (l, e) whole into a cache slot on the copy stream, evicting none of `protect`; False
         where held, not kept, or nothing could make room."""
