@@ -197,3 +197,34 @@ def test_auto_prefetches_only_when_switched(monkeypatch):
     monkeypatch.setattr(auto, "AUTO_PREFETCH", True)
     pol = get_policy("auto")
     assert pol.name == "auto" and pol.ahead is not None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_staged_views_are_reused_and_read_each_layers_values(device):
+    """A decode layer's packed transfer lands in a reused buffer whose views are made once per shape: each
+    fetch reads that layer's values, through shapes that grow the buffer and shapes that come back."""
+    from moeflow.experts.host import HostStaging
+
+    class _Arrived:  # the CPU stands in for the GPU: the copies are done when issued
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+    H, stage = 4, HostStaging(4, cuda=device == "cuda")
+    if device == "cpu":
+        stage.cuda, stage._arrived = True, _Arrived()
+    views = {}
+    for step, (N, K, with_x) in enumerate([(1, 2, True), (1, 2, True), (2, 2, False), (3, 2, True), (1, 2, True)]):
+        x = torch.randn(N, H, device=device)
+        ids = torch.randint(0, 8, (N, K), device=device)
+        w = torch.rand(N, K, device=device)
+        packed = torch.cat(([x.reshape(-1)] if with_x else []) + [w.reshape(-1), ids.float().reshape(-1)])
+        st = stage.fetch(x, ids, w, packed, with_x)
+        assert (st.x is not None) == with_x and (not with_x or torch.equal(st.x, x.cpu()))
+        assert torch.equal(st.w, w.cpu()) and torch.equal(st.ids.long(), ids.cpu())
+        assert st.w_np.tolist() == w.cpu().reshape(-1).tolist() and st.ids_np.tolist() == ids.cpu().reshape(-1).tolist()
+        if (N, K, with_x) in views:
+            assert views[(N, K, with_x)] is st  # the same views, the new values
+        views[(N, K, with_x)] = st

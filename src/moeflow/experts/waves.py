@@ -96,6 +96,10 @@ class Waves:
         self.out_s = torch.zeros(n, H, dtype=torch.float32, device=dev)
         chunks = -(-S // MAX_GROUPS)
         self.meta_s = torch.zeros(2 * n * chunks + S, dtype=torch.int32, device=dev)  # per chunk: 2 N K + G
+        # views made once (each is a PyTorch op on the host's path to the GPU): N -> (x_s[:N], out_s[:N]);
+        # (the layer's k-th wave, its meta's size) -> (host staging, its numpy view, meta_s[:size])
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._metas: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray, torch.Tensor]] = {}
 
     def begin(self, x: torch.Tensor, w_host: np.ndarray, K: int) -> None:
         """A layer starts: x [N, H]; w_host [N * K] fp32 its routing weights on the host (each wave's go with its
@@ -104,7 +108,8 @@ class Waves:
         self._waves = 0
         static = self.static_on and N * K <= GRAPH_MAX_ENTRIES
         # static: the graphs' buffer, zeroed by the layer's first pass (one launch fewer); else zeros now
-        out = self.out_s[:N] if static else torch.zeros(N, self.hidden, dtype=torch.float32, device=x.device)
+        out = self._static_rows(N)[1] if static else torch.zeros(N, self.hidden, dtype=torch.float32,
+                                                                  device=x.device)
         self._layer = (x, w_host, out, K, static, False)
         self._written = not static
 
@@ -124,7 +129,7 @@ class Waves:
                 waited.add(id(ready))
                 stream.wait_event(ready)
         if static and not staged:  # the layer's activations into the graphs' buffer, at its first wave
-            self.x_s[:x.shape[0]].copy_(x)
+            self._static_rows(x.shape[0])[0].copy_(x)
             self._layer = (x, w_host, out, K, static, True)
         order = sorted(wave)
         chunks = sorted({slot // MAX_GROUPS * MAX_GROUPS for slot in order})
@@ -192,9 +197,9 @@ class Waves:
         N = x.shape[0]
         P = N * K
         sizes = [2 * P + self._groups(c0) for c0 in chunks]
-        buf = self._stage.get(self._waves, (sum(sizes),), torch.int32)
+        buf, meta_h, meta_d = self._static_meta(self._waves, sum(sizes))
         self._waves += 1
-        meta_h, o = buf.numpy(), 0
+        o = 0
         for c0, n in zip(chunks, sizes):
             seg, G = meta_h[o:o + n], n - 2 * P
             o += n
@@ -211,9 +216,26 @@ class Waves:
             wv = seg[P + G:].view(np.float32)
             wv[:M] = w_host[ent]
             wv[M:] = 0.0
-        self.meta_s[:o].copy_(buf, non_blocking=True)
+        meta_d.copy_(buf, non_blocking=True)
         self._replay(N, K, tuple(chunks), zero=not self._written)
         self._written = True
+
+    def _static_rows(self, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_s[:N], out_s[:N]), made once per N."""
+        rows = self._rows.get(N)
+        if rows is None:
+            rows = self._rows[N] = (self.x_s[:N], self.out_s[:N])
+        return rows
+
+    def _static_meta(self, k: int, n: int) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        """The k-th wave's host staging of n values (a tensor and its numpy view) and meta_s[:n], made once. A
+        staging buffer grown since leaves the views on the old one, which stays theirs (each layer's sync finds
+        the copies out of it done)."""
+        hit = self._metas.get((k, n))
+        if hit is None:
+            buf = self._stage.get(k, (n,), torch.int32)
+            hit = self._metas[(k, n)] = (buf, buf.numpy(), self.meta_s[:n])
+        return hit
 
     def _groups(self, c0: int) -> int:
         return min(MAX_GROUPS, self.slots.shape[0] - c0)

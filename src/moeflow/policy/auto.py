@@ -96,6 +96,9 @@ class AutoPolicy(OffloadPolicy):
         still in flight (the next layer's copies queue behind them)."""
         return self.ahead.backlog() if self.ahead is not None else 0.0
 
+    def prefetches(self) -> bool:
+        return self.ahead is not None or type(self).prefetch is not AutoPolicy.prefetch  # fmoe has its own
+
     def prefetch(self, layer, ids, weights, experts):
         if self.ahead is not None:
             self.ahead(layer, ids, weights, experts)

@@ -82,6 +82,10 @@ class OffloadPolicy(ABC):
         of later layers or steps asks experts.copy_ahead((l', e)) for them; they land while the GPU computes.
         Default: nothing."""
 
+    def prefetches(self) -> bool:
+        """prefetch() does something (the backend skips the call and its arguments where not)."""
+        return type(self).prefetch is not OffloadPolicy.prefetch
+
     def use_maps(self, path: str, layers: int, experts: int) -> None:
         """Start from the expert maps in `path` (--expert-maps); only a policy that predicts from maps takes them."""
         raise MoeflowError(f"--expert-maps needs policy fmoe, not {self.name}")
