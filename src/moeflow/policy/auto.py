@@ -124,8 +124,9 @@ class GuessAhead:
     """After each decode layer of a lone sequence, the previous token's experts of the next layer (consecutive
     tokens reuse 26-40% of them on real traces) copied ahead while the copy engine is idle: at most as many as
     it moves in the layer's time less the layer's own copies (plus `spill` of one), highest routing weight
-    first, into free scratch slots (no resident is evicted for a guess). Gated by the guesses' precision p over
-    the last PRECISION_WINDOW: a copy pays when p x (the miss it saves) > (1 - p) x (the copy it wastes)."""
+    first, into free scratch slots (no resident is evicted for a guess). Gated by the precision p of the guesses
+    it has room for, over the last PRECISION_WINDOW: a copy pays when p x (the miss it saves) > (1 - p) x (the
+    copy it wastes)."""
 
     def __init__(self, spill: float):
         self.spill = spill
@@ -166,14 +167,14 @@ class GuessAhead:
         L = experts.shape[0]
         nxt = (layer + 1) % L
         guess = [e for e in self.last.get(nxt, ()) if not experts.holds((nxt, e))]  # the next token's first
-        self.guessed[nxt] = guess
         copy_s = experts.copy_s()
-        if not guess or copy_s <= 0 or not self.layer_s or not self.pays(experts):
+        if not guess or copy_s <= 0 or not self.layer_s:
             return
         room = self.layer_s - experts.layer_copied * copy_s + self.spill * copy_s - self.backlog()
-        for e in guess:
-            if room < copy_s:
-                break
+        # the guesses the copy engine has room for are scored, copied or not: the precision of what it copies
+        self.guessed[nxt] = guess[:max(int(room / copy_s), 0)]
+        if not self.pays(experts):
+            return
+        for e in self.guessed[nxt]:
             if experts.copy_ahead((nxt, e)):
-                room -= copy_s
                 self.busy_until = max(self.busy_until, now) + copy_s
