@@ -135,7 +135,7 @@ class Waves:
         chunks = sorted({slot // MAX_GROUPS * MAX_GROUPS for slot in order})
         if static:
             self._run_static(chunks, order, wave)
-        cap = grouped_cap(x.shape[0], self.per_token)
+        cap = grouped_cap(x.shape[0], self.per_token) if not static else 0
         for c0 in chunks if not static else ():
             chunk = [slot for slot in order if c0 <= slot < c0 + MAX_GROUPS]
             passes = grouped_passes([len(wave[s][0]) for s in chunk], cap) if self.grouped else [range(len(chunk))]
