@@ -26,8 +26,9 @@ KEEP_SLACK = 0.25
 # hit saves a whole miss; its overrun delays the next layer's own copies)
 SPILL = 0.5
 SMOOTHING = 0.2  # weight of the newest layer in the layer-time estimate
-# The precision of the guesses (selected when their layer came, of those not on the GPU when guessed) over the
-# last this many, scored whether copied or not: a gate that closes still sees when guessing pays again.
+# The precision of the guesses (of those not on the GPU that the copy engine had room for, the share selected
+# when their layer came) over the last this many, scored whether copied or not: a closed gate still sees when
+# guessing pays again.
 PRECISION_WINDOW = 256
 # auto itself copies guesses ahead as auto-prefetch does (the gate keeps it from copying where guesses miss):
 # the one-line switch to flip once the GPU host has measured both.
@@ -133,12 +134,12 @@ class GuessAhead:
         self.last: dict[int, list[int]] = {}  # MoE row -> the last token's experts there, by weight
         self.layer_s, self._t = 0.0, None
         self.busy_until = 0.0  # perf_counter time when the prefetches issued so far should have landed
-        self.guessed: dict[int, list[int]] = {}  # MoE row -> its guesses not on the GPU when made, not yet scored
+        self.guessed: dict[int, list[int]] = {}  # MoE row -> its guesses to score when it comes
         self.outcomes: deque[bool] = deque(maxlen=PRECISION_WINDOW)  # the latest guesses: selected or not
 
     def precision(self) -> float:
-        """Of the latest guesses not on the GPU when made, the share selected when their layer came (1 before
-        any is scored: the first tokens prefetch and so measure it)."""
+        """Of the latest guesses scored, the share selected when their layer came (1 before any is scored: the
+        first tokens prefetch and so measure it)."""
         return sum(self.outcomes) / len(self.outcomes) if self.outcomes else 1.0
 
     def pays(self, experts) -> bool:
