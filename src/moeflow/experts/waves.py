@@ -91,15 +91,15 @@ class Waves:
         else the same ops eagerly (tests on the CPU). The graphs' inputs and output live here; a layer copies its
         x in at its first wave."""
         n, (S, H), dev = GRAPH_MAX_ENTRIES, (self.slots.shape[0], self.hidden), self.slots.device
+        # views made once (each is a PyTorch op on the host's path to the GPU): N -> (x_s[:N], out_s[:N]);
+        # (the layer's k-th wave, its meta's size) -> (host staging, its numpy view, meta_s[:size])
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._metas: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray, torch.Tensor]] = {}
         self.static_on = self.grouped
         self.x_s = torch.zeros(n, H, dtype=self.slots.dtype, device=dev)
         self.out_s = torch.zeros(n, H, dtype=torch.float32, device=dev)
         chunks = -(-S // MAX_GROUPS)
         self.meta_s = torch.zeros(2 * n * chunks + S, dtype=torch.int32, device=dev)  # per chunk: 2 N K + G
-        # views made once (each is a PyTorch op on the host's path to the GPU): N -> (x_s[:N], out_s[:N]);
-        # (the layer's k-th wave, its meta's size) -> (host staging, its numpy view, meta_s[:size])
-        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._metas: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray, torch.Tensor]] = {}
 
     def begin(self, x: torch.Tensor, w_host: np.ndarray, K: int) -> None:
         """A layer starts: x [N, H]; w_host [N * K] fp32 its routing weights on the host (each wave's go with its
@@ -220,6 +220,9 @@ class Waves:
         self._replay(N, K, tuple(chunks), zero=not self._written)
         self._written = True
 
+    def _groups(self, c0: int) -> int:
+        return min(MAX_GROUPS, self.slots.shape[0] - c0)
+
     def _static_rows(self, N: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_s[:N], out_s[:N]), made once per N."""
         rows = self._rows.get(N)
@@ -236,9 +239,6 @@ class Waves:
             buf = self._stage.get(k, (n,), torch.int32)
             hit = self._metas[(k, n)] = (buf, buf.numpy(), self.meta_s[:n])
         return hit
-
-    def _groups(self, c0: int) -> int:
-        return min(MAX_GROUPS, self.slots.shape[0] - c0)
 
     def _static_ops(self, out: torch.Tensor, N: int, K: int, chunks: tuple[int, ...], zero: bool) -> None:
         """What a static wave's graph holds: wave_ops per chunk on its segment of meta_s (see _run_static)."""
