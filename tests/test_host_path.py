@@ -134,3 +134,97 @@ def test_a_used_guess_takes_the_place_of_the_least_used_resident_without_a_copy(
     unused = cache.stage((1, 6))
     cache.end_layer(1, used=[], protect=set())
     assert not cache.holds((1, 6)) and cache.holder[unused] is None
+
+
+class _Backend:
+    """The Prefetcher a GuessAhead sees: nothing held, every copy taken (recorded), a miss worth `ratio` copies."""
+
+    def __init__(self, ratio: float):
+        self.shape, self.layer_copied, self.ratio, self.copied = (2, 8), 0.0, ratio, []
+
+    def holds(self, key):
+        return False
+
+    def copy_s(self):
+        return 1e-9
+
+    def miss_s(self):
+        return self.ratio * 1e-9
+
+    def copy_ahead(self, key, protect=()):
+        self.copied.append(key)
+        return True
+
+
+def _decode(pol, backend, tokens):
+    """Each token's experts (one pair for both layers) through the policy's prefetch, layer by layer."""
+    for pair in tokens:
+        for layer in range(2):
+            pol.prefetch(layer, torch.tensor([pair]), torch.tensor([[0.6, 0.4]]), backend)
+
+
+def test_prefetch_stops_when_its_guesses_miss_and_resumes_when_they_hit():
+    """The gate scores every guess, copied or not: guesses that never come true close it (after the window's
+    worth of evidence), and a run of repeated tokens opens it again."""
+    from moeflow.policy import auto
+
+    pol, backend = get_policy("auto-prefetch"), _Backend(ratio=1.0)  # break-even at precision 0.5
+    _decode(pol, backend, [[2 * t % 8, 2 * t % 8 + 1] for t in range(40)])  # a token never repeats the last
+    assert pol.ahead.precision() == 0.0 and len(pol.ahead.outcomes) < auto.PRECISION_WINDOW
+    n = len(backend.copied)
+    assert n > 0  # the first guesses were copied (nothing scored yet)
+    _decode(pol, backend, [[6, 7]] * 4)
+    assert len(backend.copied) == n  # closed: no copy, though the guesses now hit
+    _decode(pol, backend, [[6, 7]] * 80)
+    assert pol.ahead.precision() > 0.5 and len(backend.copied) > n  # open again
+
+
+def test_a_costly_copy_needs_a_higher_precision():
+    """Break-even precision is copy / (miss + copy): guesses right a third of the time pay where a miss costs
+    four copies and not where it costs one."""
+    tokens = [[0, 1], [0, 1], [2, 3]] * 30  # of two guesses per layer and token, a third hit
+    for ratio, pays in ((4.0, True), (1.0, False)):
+        pol, backend = get_policy("auto-prefetch"), _Backend(ratio)
+        _decode(pol, backend, tokens)
+        assert abs(pol.ahead.precision() - 1 / 3) < 0.1
+        assert pol.ahead.pays(backend) is pays
+
+
+def test_auto_prefetches_only_when_switched(monkeypatch):
+    from moeflow.policy import auto
+
+    assert get_policy("auto").ahead is None
+    monkeypatch.setattr(auto, "AUTO_PREFETCH", True)
+    pol = get_policy("auto")
+    assert pol.name == "auto" and pol.ahead is not None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_staged_views_are_reused_and_read_each_layers_values(device):
+    """A decode layer's packed transfer lands in a reused buffer whose views are made once per shape: each
+    fetch reads that layer's values, through shapes that grow the buffer and shapes that come back."""
+    from moeflow.experts.host import HostStaging
+
+    class _Arrived:  # the CPU stands in for the GPU: the copies are done when issued
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+    H, stage = 4, HostStaging(4, cuda=device == "cuda")
+    if device == "cpu":
+        stage.cuda, stage._arrived = True, _Arrived()
+    views = {}
+    for step, (N, K, with_x) in enumerate([(1, 2, True), (1, 2, True), (2, 2, False), (3, 2, True), (1, 2, True)]):
+        x = torch.randn(N, H, device=device)
+        ids = torch.randint(0, 8, (N, K), device=device)
+        w = torch.rand(N, K, device=device)
+        packed = torch.cat(([x.reshape(-1)] if with_x else []) + [w.reshape(-1), ids.float().reshape(-1)])
+        st = stage.fetch(x, ids, w, packed, with_x)
+        assert (st.x is not None) == with_x and (not with_x or torch.equal(st.x, x.cpu()))
+        assert torch.equal(st.w, w.cpu()) and torch.equal(st.ids.long(), ids.cpu())
+        assert st.w_np.tolist() == w.cpu().reshape(-1).tolist() and st.ids_np.tolist() == ids.cpu().reshape(-1).tolist()
+        if (N, K, with_x) in views:
+            assert views[(N, K, with_x)] is st  # the same views, the new values
+        views[(N, K, with_x)] = st

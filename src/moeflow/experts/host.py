@@ -6,12 +6,31 @@ Legend: N = tokens, K = experts per token, H = hidden.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from moeflow.experts.store import HostBuffers
 
 BULK_ENTRIES = 64  # routing entries (N x K) from which a layer groups them with numpy (plain Python below)
+
+
+# decode-sized layers (up to this many values in the packed transfer) keep their views of the staging buffer: a
+# view is a PyTorch op, and a decode layer took six of them (each a few microseconds on the GPU's host thread)
+VIEW_CACHE_MAX = 1 << 16
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A layer's call on the host: x [N, H] fp32 (None unless asked for), the routing weights and ids [N, K]
+    (ids as fp32 from a packed transfer), and both flat [N * K] as numpy (reads without PyTorch ops)."""
+
+    x: torch.Tensor | None
+    w: torch.Tensor
+    ids: torch.Tensor
+    w_np: np.ndarray
+    ids_np: np.ndarray
 
 
 class HostStaging:
@@ -25,24 +44,44 @@ class HostStaging:
         # a spinning wait (the driver's, without the GIL): this thread has a core of its own (the CPU kernel
         # leaves one), and a sleeping wait wakes tens of microseconds late, every layer
         self._arrived = torch.cuda.Event() if cuda else None
+        # (N, K, with x) -> (the packed buffer [its size], Staged of views into it); a buffer grown since leaves
+        # the views on the old one, which stays theirs (each layer's sync finds its copies done)
+        self._views: dict[tuple[int, int, bool], tuple[torch.Tensor, Staged]] = {}
 
     def fetch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-              packed: torch.Tensor | None, with_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """(x [N, H] fp32 or None unless with_x, weights, ids) on the host, after the layer's one sync. x comes
+              packed: torch.Tensor | None, with_x: bool) -> Staged:
+        """x (fp32, or None unless with_x), weights and ids on the host, after the layer's one sync. x comes
         in fp32, converted on the GPU: the CPU kernel reads fp32 activations. packed: the backend's pack()."""
         N, K = topk_ids.shape
-        if packed is not None:
+        if packed is not None and self.cuda and packed.numel() <= VIEW_CACHE_MAX:
+            buf, st = self._packed_views(N, K, with_x, packed.numel())
+            buf.copy_(packed, non_blocking=True)
+        elif packed is not None:
             buf = self.to_host("packed", packed)
-            nx = N * self.hidden if with_x else 0
-            x_h = buf[:nx].view(N, self.hidden) if nx else None
-            w_h, ids_h = buf[nx:nx + N * K], buf[nx + N * K:]  # ids as fp32: made ints once read
+            st = self._split(buf, N, K, with_x)
         else:
             ids_h, w_h = self.to_host("ids", topk_ids), self.to_host("w", topk_weights)
             x_h = self.to_host("x", x.float()) if with_x else None
+            st = Staged(x_h, w_h, ids_h, w_h.float().numpy().reshape(-1), ids_h.numpy().reshape(-1))
         if self.cuda:
             self._arrived.record()
             self._arrived.synchronize()
-        return x_h, w_h, ids_h
+        return st
+
+    def _packed_views(self, N: int, K: int, with_x: bool, n: int) -> tuple[torch.Tensor, Staged]:
+        """The reused packed buffer for a decode-sized layer and its views (made once per shape)."""
+        hit = self._views.get((N, K, with_x))
+        if hit is None or hit[0].numel() != n:
+            buf = self.buffers.get("packed", (n,), torch.float32)
+            hit = self._views[(N, K, with_x)] = (buf, self._split(buf, N, K, with_x))
+        return hit
+
+    def _split(self, buf: torch.Tensor, N: int, K: int, with_x: bool) -> Staged:
+        """The packed vector [x (with_x), the routing weights, the expert ids (exact in fp32)] in views."""
+        nx = N * self.hidden if with_x else 0
+        x_h = buf[:nx].view(N, self.hidden) if nx else None
+        w_h, ids_h = buf[nx:nx + N * K], buf[nx + N * K:]
+        return Staged(x_h, w_h.view(N, K), ids_h.view(N, K), w_h.numpy(), ids_h.numpy())
 
     def to_host(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """t on the host: itself without a GPU, else copied (asynchronously) into its reused pinned buffer."""
@@ -74,18 +113,18 @@ class ZeroedRows:
         return self.buf[:n]
 
 
-def group_entries(ids: torch.Tensor) -> dict[int, list[int] | np.ndarray]:
-    """A layer's routing entries by expert: expert -> its flat (token, k) indices, ascending. ids: [N, K] on the
-    host, ints or (from a packed transfer) exact fp32. No PyTorch ops: they would wake its thread pool beside
-    the CPU experts. Plain Python lists for decode's few entries; numpy arrays for a prompt's thousands (a
-    512-token Qwen3 prompt has 4,096 per layer: ~1 ms of Python each)."""
-    flat = ids.flatten()
-    if flat.numel() < BULK_ENTRIES:
+def group_entries(ids: torch.Tensor | np.ndarray) -> dict[int, list[int] | np.ndarray]:
+    """A layer's routing entries by expert: expert -> its flat (token, k) indices, ascending. ids: [N, K] or flat
+    on the host (a tensor or numpy), ints or (from a packed transfer) exact fp32. No PyTorch ops: they would
+    wake its thread pool beside the CPU experts. Plain Python lists for decode's few entries; numpy arrays for
+    a prompt's thousands (a 512-token Qwen3 prompt has 4,096 per layer: ~1 ms of Python each)."""
+    flat = (ids.numpy() if isinstance(ids, torch.Tensor) else ids).reshape(-1)
+    if len(flat) < BULK_ENTRIES:
         entries: dict[int, list[int]] = {}
         for i, e in enumerate(map(int, flat.tolist())):
             entries.setdefault(e, []).append(i)
         return entries
-    a = flat.numpy().astype(np.int64)
+    a = flat.astype(np.int64)
     order = np.argsort(a, kind="stable")
     experts, starts = np.unique(a[order], return_index=True)
     return {int(e): idx for e, idx in zip(experts, np.split(order, starts[1:]))}

@@ -199,23 +199,23 @@ class OffloadedExperts(ExpertBackend):
         """packed: pack(x, topk_ids, topk_weights), where the caller has it; dest: where to write the result
         ([N, H], x's dtype; else a new tensor)."""
         s, t_in = self.stats, time.perf_counter()
-        x_h, w_h, ids_h = self.staging.fetch(x, topk_ids, topk_weights, packed, self.policy.uses_cpu)
+        st = self.staging.fetch(x, topk_ids, topk_weights, packed, self.policy.uses_cpu)
         t_sync = time.perf_counter()
         self.correction.observe_copies()  # the last layer's, done by now (its GPU work synced above)
-        plan = self._plan(self.host.slot[layer], ids_h, topk_ids.numel())
+        plan = self._plan(self.host.slot[layer], st.ids_np, topk_ids.numel())
         t_plan = time.perf_counter()
-        N, K = topk_ids.shape
-        self.waves.begin(x, w_h.flatten().float().numpy(), K)
+        K = topk_ids.shape[1]
+        self.waves.begin(x, st.w_np, K)
         here, wave = self._copies(plan)  # the copy engine fed first: a copy moves from the moment it is issued
         self._layer_slots = here.keys() | wave.keys()
         jobs = plan.cpu_jobs
-        call = self._cpu_part(plan.layer, x_h, w_h.flatten(), K, jobs) if jobs else None
+        call = self._cpu_part(plan.layer, st.x, st.w_np, K, jobs) if jobs else None
         for w in (here, wave):  # the experts already held first: they need no copy
             if w:
                 self.waves.run(w)
         t_prefetch = time.perf_counter()
-        if type(self.policy).prefetch is not OffloadPolicy.prefetch:  # only a policy that has one
-            self.policy.prefetch(plan.layer, ids_h.reshape(N, K), w_h.reshape(N, K), self)
+        if self.policy.prefetches():
+            self.policy.prefetch(plan.layer, st.ids, st.w, self)
         t_launch = time.perf_counter()
         s.prefetch_s += t_launch - t_prefetch
         result = self._join(plan, call, x, dest)
@@ -225,9 +225,9 @@ class OffloadedExperts(ExpertBackend):
         s.backend_s += time.perf_counter() - t_in
         return result
 
-    def _plan(self, l: int, ids_h: torch.Tensor, entries_n: int) -> LayerPlan:
+    def _plan(self, l: int, ids_h: np.ndarray, entries_n: int) -> LayerPlan:
         """Where each selected expert of MoE row l is, and the policy's plan for the missing ones.
-        entries_n: the layer's routing entries (N x K)."""
+        ids_h: the layer's expert ids, flat; entries_n: its routing entries (N x K)."""
         self.cache.begin(l, broad=entries_n >= self.E)
         entries = group_entries(ids_h)  # expert -> its flat (token, k) indices, in order
         if entries_n > self.host.cfg.num_experts_per_tok:  # a step of several tokens
@@ -334,6 +334,12 @@ class OffloadedExperts(ExpertBackend):
     def copy_s(self) -> float:
         return self.costs.copy() if self.costs is not None else 0.0
 
+    def miss_s(self) -> float:
+        """Seconds a lone one-token miss costs a layer by its cheaper path (the CPU's with its call, or a copy
+        and the GPU's), as corrected so far; 0 where costs are unknown."""
+        c = self.correction.scaled(self.costs, {0: 1})
+        return 0.0 if c is None else min(c.cpu_call() + c.cpu_each(1), c.copy() + c.gpu(1))
+
     def copy_ahead(self, key: Key, protect=()) -> bool:
         """Expert key = (l, e) copied in whole, on the copy stream, for a later layer or step (which waits for it
         to land): into the cache slot the eviction policy gives it, or with an adaptive split into a free
@@ -427,14 +433,13 @@ class OffloadedExperts(ExpertBackend):
         self.stats.cpu_kernel_s += self.cpu.kernel_s
         self.correction.observe_cpu(self.costs, jobs, call.busy_s, beside_copies)
 
-    def _cpu_part(self, l: int, x: torch.Tensor, w: torch.Tensor, K: int, jobs) -> CpuCall:
+    def _cpu_part(self, l: int, x: torch.Tensor, w: np.ndarray, K: int, jobs) -> CpuCall:
         """Rows 0:r of each job's expert on the CPU, weighted and summed into [N, H] fp32 (pinned when a GPU
         waits), handed over. jobs: (expert, r, flat (token, k) indices: a list, or numpy from group_entries);
         w: the routing weights [N * K] fp32, flat, on the host. Plain Python or numpy up to the kernel: each
         PyTorch op here would cost tens of microseconds beside the GPU driver thread."""
         if isinstance(jobs[0][2], np.ndarray):
-            wf = w.numpy()
-            cpu_jobs = [Job(e, ent // K, wf[ent], 0, r) for e, r, ent in jobs]
+            cpu_jobs = [Job(e, ent // K, w[ent], 0, r) for e, r, ent in jobs]
             rows = np.concatenate([j.tok for j in cpu_jobs])
         else:
             wl = w.tolist()

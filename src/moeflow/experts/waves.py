@@ -96,6 +96,10 @@ class Waves:
         else the same ops eagerly (tests on the CPU). The graphs' inputs and output live here; a layer copies its
         x in at its first wave."""
         n, (S, H), dev = GRAPH_MAX_ENTRIES, (self.slots.shape[0], self.hidden), self.slots.device
+        # views made once (each is a PyTorch op on the host's path to the GPU): N -> (x_s[:N], out_s[:N]);
+        # (the layer's k-th wave, its meta's size) -> (host staging, its numpy view, meta_s[:size])
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._metas: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray, torch.Tensor]] = {}
         self.static_on = self.grouped
         self.x_s = torch.zeros(n, H, dtype=self.fmt.dtype if self.fmt else self.slots.dtype, device=dev)
         self.out_s = torch.zeros(n, H, dtype=torch.float32, device=dev)
@@ -110,7 +114,8 @@ class Waves:
         self._waves = 0
         static = self.static_on and N * K <= GRAPH_MAX_ENTRIES
         # static: the graphs' buffer, zeroed by the layer's first pass (one launch fewer); else zeros now
-        out = self.out_s[:N] if static else torch.zeros(N, self.hidden, dtype=torch.float32, device=x.device)
+        out = self._static_rows(N)[1] if static else torch.zeros(N, self.hidden, dtype=torch.float32,
+                                                                  device=x.device)
         self._layer = (x, w_host, out, K, static, False)
         self._written = not static
 
@@ -130,14 +135,14 @@ class Waves:
                 waited.add(id(ready))
                 stream.wait_event(ready)
         if static and not staged:  # the layer's activations into the graphs' buffer, at its first wave
-            self.x_s[:x.shape[0]].copy_(x)
+            self._static_rows(x.shape[0])[0].copy_(x)
             self._layer = (x, w_host, out, K, static, True)
         order = sorted(wave)
         # quantized: one "chunk", the wave's own slots dequantized (W groups, not a chunk's)
         chunks = [0] if self.dequantized else sorted({slot // MAX_GROUPS * MAX_GROUPS for slot in order})
         if static:
             self._run_static(chunks, order, wave)
-        cap = grouped_cap(x.shape[0], self.per_token)
+        cap = grouped_cap(x.shape[0], self.per_token) if not static else 0
         for c0 in chunks if not static else ():
             chunk = order if self.dequantized else [slot for slot in order if c0 <= slot < c0 + MAX_GROUPS]
             passes = grouped_passes([len(wave[s][0]) for s in chunk], cap) if self.grouped else [range(len(chunk))]
@@ -215,9 +220,9 @@ class Waves:
         N = x.shape[0]
         P = N * K
         sizes = [2 * P + self._groups(c0) for c0 in chunks]
-        buf = self._stage.get(self._waves, (sum(sizes),), torch.int32)
+        buf, meta_h, meta_d = self._static_meta(self._waves, sum(sizes))
         self._waves += 1
-        meta_h, o = buf.numpy(), 0
+        o = 0
         for c0, n in zip(chunks, sizes):
             seg, G = meta_h[o:o + n], n - 2 * P
             o += n
@@ -234,7 +239,7 @@ class Waves:
             wv = seg[P + G:].view(np.float32)
             wv[:M] = w_host[ent]
             wv[M:] = 0.0
-        self.meta_s[:o].copy_(buf, non_blocking=True)
+        meta_d.copy_(buf, non_blocking=True)
         self._replay(N, K, tuple(chunks), zero=not self._written)
         self._written = True
 
@@ -277,6 +282,23 @@ class Waves:
 
     def _groups(self, c0: int) -> int:
         return min(MAX_GROUPS, self.slots.shape[0] - c0)
+
+    def _static_rows(self, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_s[:N], out_s[:N]), made once per N."""
+        rows = self._rows.get(N)
+        if rows is None:
+            rows = self._rows[N] = (self.x_s[:N], self.out_s[:N])
+        return rows
+
+    def _static_meta(self, k: int, n: int) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        """The k-th wave's host staging of n values (a tensor and its numpy view) and meta_s[:n], made once. A
+        staging buffer grown since leaves the views on the old one, which stays theirs (each layer's sync finds
+        the copies out of it done)."""
+        hit = self._metas.get((k, n))
+        if hit is None:
+            buf = self._stage.get(k, (n,), torch.int32)
+            hit = self._metas[(k, n)] = (buf, buf.numpy(), self.meta_s[:n])
+        return hit
 
     def _static_ops(self, out: torch.Tensor, N: int, K: int, chunks: tuple[int, ...], zero: bool) -> None:
         """What a static wave's graph holds: wave_ops per chunk on its segment of meta_s (see _run_static)."""

@@ -9,6 +9,7 @@ path's; the expert at the boundary is split by rows so that both paths end at th
 from __future__ import annotations
 
 import time
+from collections import deque
 
 from moeflow.policy.base import OffloadPolicy, SlotSplit
 
@@ -25,6 +26,13 @@ KEEP_SLACK = 0.25
 # hit saves a whole miss; its overrun delays the next layer's own copies)
 SPILL = 0.5
 SMOOTHING = 0.2  # weight of the newest layer in the layer-time estimate
+# The precision of the guesses (of those not on the GPU that the copy engine had room for, the share selected
+# when their layer came) over the last this many, scored whether copied or not: a closed gate still sees when
+# guessing pays again.
+PRECISION_WINDOW = 256
+# auto itself copies guesses ahead as auto-prefetch does (the gate keeps it from copying where guesses miss):
+# the one-line switch to flip once the GPU host has measured both.
+AUTO_PREFETCH = False
 
 
 class AutoPolicy(OffloadPolicy):
@@ -32,10 +40,15 @@ class AutoPolicy(OffloadPolicy):
     needs_costs = True
     eviction = "decay"
 
-    def __init__(self, whole_slack: float | None = None, keep_slack: float | None = None):
+    prefetching: bool | None = None  # copies guesses ahead (GuessAhead); None: AUTO_PREFETCH, read at start
+
+    def __init__(self, whole_slack: float | None = None, keep_slack: float | None = None,
+                 spill: float | None = None):
         # None: the module's constants, read now (experiments set them before the engine makes its policy)
         self.whole_slack = WHOLE_SLACK if whole_slack is None else whole_slack
         self.keep_slack = KEEP_SLACK if keep_slack is None else keep_slack
+        on = AUTO_PREFETCH if self.prefetching is None else self.prefetching
+        self.ahead = GuessAhead(SPILL if spill is None else spill) if on else None
 
     def split(self, slots, layers, experts, top_k):
         # Few cache slots, the rest resident: a copied expert rarely survives in a small shared cache until its
@@ -80,50 +93,89 @@ class AutoPolicy(OffloadPolicy):
         return rows  # more copies than slots: the backend reuses a slot once its expert is computed
 
     def copy_backlog(self) -> float:
-        """Seconds the copy engine is still busy with work issued before this layer's copies (none here)."""
-        return 0.0
+        """Seconds the copy engine is still busy with work issued before this layer's copies: the prefetches
+        still in flight (the next layer's copies queue behind them)."""
+        return self.ahead.backlog() if self.ahead is not None else 0.0
+
+    def prefetches(self) -> bool:
+        return self.ahead is not None or type(self).prefetch is not AutoPolicy.prefetch  # fmoe has its own
+
+    def prefetch(self, layer, ids, weights, experts):
+        if self.ahead is not None:
+            self.ahead(layer, ids, weights, experts)
+
+    @property
+    def busy_until(self) -> float:
+        return self.ahead.busy_until if self.ahead is not None else 0.0
+
+    @busy_until.setter
+    def busy_until(self, t: float) -> None:
+        self.ahead.busy_until = t
 
 
 class AutoPrefetchPolicy(AutoPolicy):
-    """auto, and after each decode layer of a lone sequence the previous token's experts of the next layer
-    (consecutive tokens reuse 26-40% of them on real traces) copied ahead while the copy engine is idle: at most
-    as many as it moves in the layer's time less the layer's own copies (plus SPILL of one), highest routing
-    weight first, into free scratch slots (no resident is evicted for a guess)."""
+    """auto with its guesses copied ahead whatever AUTO_PREFETCH says (GuessAhead)."""
 
     name = "auto-prefetch"
     modelled = False  # the timing model has no prefetcher: it would predict auto
+    prefetching = True
 
-    def __init__(self, spill: float | None = None):
-        super().__init__()
-        self.spill = SPILL if spill is None else spill
+
+class GuessAhead:
+    """After each decode layer of a lone sequence, the previous token's experts of the next layer (consecutive
+    tokens reuse 26-40% of them on real traces) copied ahead while the copy engine is idle: at most as many as
+    it moves in the layer's time less the layer's own copies (plus `spill` of one), highest routing weight
+    first, into free scratch slots (no resident is evicted for a guess). Gated by the precision p of the guesses
+    it has room for, over the last PRECISION_WINDOW: a copy pays when p x (the miss it saves) > (1 - p) x (the
+    copy it wastes)."""
+
+    def __init__(self, spill: float):
+        self.spill = spill
         self.last: dict[int, list[int]] = {}  # MoE row -> the last token's experts there, by weight
         self.layer_s, self._t = 0.0, None
         self.busy_until = 0.0  # perf_counter time when the prefetches issued so far should have landed
+        self.guessed: dict[int, list[int]] = {}  # MoE row -> its guesses to score when it comes
+        self.outcomes: deque[bool] = deque(maxlen=PRECISION_WINDOW)  # the latest guesses: selected or not
 
-    def prefetch(self, layer, ids, weights, experts):
+    def precision(self) -> float:
+        """Of the latest guesses scored, the share selected when their layer came (1 before any is scored: the
+        first tokens prefetch and so measure it)."""
+        return sum(self.outcomes) / len(self.outcomes) if self.outcomes else 1.0
+
+    def pays(self, experts) -> bool:
+        """A guess copied is worth its copy at the precision measured: break-even where p x miss_s equals
+        (1 - p) x copy_s."""
+        p, copy_s = self.precision(), experts.copy_s()
+        return p * experts.miss_s() > (1.0 - p) * copy_s
+
+    def backlog(self) -> float:
+        return max(self.busy_until - time.perf_counter(), 0.0)
+
+    def __call__(self, layer, ids, weights, experts):
         if ids.shape[0] != 1:  # a prompt or several sequences: no previous token to follow
-            self.last, self._t = {}, None
+            self.last, self.guessed, self._t = {}, {}, None
             return
         now = time.perf_counter()
         if self._t is not None:
             dt = now - self._t
             self.layer_s = self.layer_s + SMOOTHING * (dt - self.layer_s) if self.layer_s else dt
         self._t = now
-        w = weights[0].tolist()
-        self.last[layer] = [e for _, e in sorted(zip(w, map(int, ids[0].tolist())), reverse=True)]
+        picked = list(map(int, ids[0].tolist()))
+        scored = self.guessed.pop(layer, None)
+        if scored:
+            self.outcomes.extend(e in picked for e in scored)
+        self.last[layer] = [e for _, e in sorted(zip(weights[0].tolist(), picked), reverse=True)]
         L = experts.shape[0]
-        guess = self.last.get((layer + 1) % L)  # the next layer's (the next token's first, after the last)
+        nxt = (layer + 1) % L
+        guess = [e for e in self.last.get(nxt, ()) if not experts.holds((nxt, e))]  # the next token's first
         copy_s = experts.copy_s()
         if not guess or copy_s <= 0 or not self.layer_s:
             return
-        room = self.layer_s - experts.layer_copied * copy_s + self.spill * copy_s - self.copy_backlog()
-        for e in guess:
-            if room < copy_s:
-                break
-            if experts.copy_ahead(((layer + 1) % L, e)):
-                room -= copy_s
+        room = self.layer_s - experts.layer_copied * copy_s + self.spill * copy_s - self.backlog()
+        # the guesses the copy engine has room for are scored, copied or not: the precision of what it copies
+        self.guessed[nxt] = guess[:max(int(room / copy_s), 0)]
+        if not self.pays(experts):
+            return
+        for e in self.guessed[nxt]:
+            if experts.copy_ahead((nxt, e)):
                 self.busy_until = max(self.busy_until, now) + copy_s
-
-    def copy_backlog(self):
-        # the next layer's copies queue behind the prefetches still in flight: its plan counts them
-        return max(self.busy_until - time.perf_counter(), 0.0)

@@ -42,6 +42,9 @@ class Prefetcher(Protocol):
     def copy_s(self) -> float:
         """Seconds one whole expert's copy takes (0 where unknown)."""
 
+    def miss_s(self) -> float:
+        """Seconds a lone one-token miss costs a layer by its cheaper path (0 where unknown)."""
+
     def copy_ahead(self, key: tuple[int, int], protect: Collection[tuple[int, int]] = ()) -> bool:
         """Copy expert (l, e) whole into a cache slot on the copy stream, evicting none of `protect`; False
         where held, not kept, or nothing could make room."""
@@ -84,6 +87,10 @@ class OffloadPolicy(ABC):
         work are issued, with its routing on the host (ids, weights [N, K]): a policy that predicts the experts
         of later layers or steps asks experts.copy_ahead((l', e)) for them; they land while the GPU computes.
         Default: nothing."""
+
+    def prefetches(self) -> bool:
+        """prefetch() does something (the backend skips the call and its arguments where not)."""
+        return type(self).prefetch is not OffloadPolicy.prefetch
 
     def use_maps(self, path: str, layers: int, experts: int) -> None:
         """Start from the expert maps in `path` (--expert-maps); only a policy that predicts from maps takes them."""
