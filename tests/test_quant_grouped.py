@@ -16,6 +16,12 @@ SPECS = [QuantSpec(4, 32), QuantSpec(4, 64, False), QuantSpec(8, 64), QuantSpec(
          QuantSpec(4, 128, True, torch.float16)]
 
 
+@pytest.fixture(autouse=True)
+def grouped_on(monkeypatch):
+    """The batched dequantization is off by default (quant/grouped.py ENABLED): these tests run it."""
+    monkeypatch.setattr(qgrouped, "ENABLED", True)
+
+
 def need_grouped_mm() -> None:
     try:
         torch._grouped_mm(torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(1, 16, 16, dtype=torch.bfloat16),
