@@ -102,7 +102,7 @@ class PipelineEngine(LLMEngine):
         h, tokens = self._hidden(seqs), []                                    # [B, H]
         for a in range(0, len(seqs), LOGITS_ROWS):  # fp32 logits of a whole batch [N, V] would outgrow the workspace
             tokens += sample(self.model.logits(h[a:a + LOGITS_ROWS]), seqs[a:a + LOGITS_ROWS])
-        return [self._postprocess(s, t) for s, t in zip(seqs, tokens)]
+        return self._postprocess_all(seqs, tokens)
 
     def _retire(self, seq: Sequence) -> None:
         self.running.remove(seq)
