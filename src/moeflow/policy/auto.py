@@ -9,9 +9,11 @@ path's; the expert at the boundary is split by rows so that both paths end at th
 from __future__ import annotations
 
 import time
-from collections import deque
+
+import numpy as np
 
 from moeflow.policy.base import OffloadPolicy, SlotSplit
+from moeflow.policy.prefetch_gate import PrefetchGate, break_even
 
 SPLIT_STEPS = 32  # a split falls on a multiple of I/32 rows: few, large transfers
 # A whole expert instead of a split one when the layer then takes at most this much longer: a whole copy can
@@ -26,10 +28,6 @@ KEEP_SLACK = 0.25
 # hit saves a whole miss; its overrun delays the next layer's own copies)
 SPILL = 0.5
 SMOOTHING = 0.2  # weight of the newest layer in the layer-time estimate
-# The precision of the guesses (of those not on the GPU that the copy engine had room for, the share selected
-# when their layer came) over the last this many, scored whether copied or not: a closed gate still sees when
-# guessing pays again.
-PRECISION_WINDOW = 256
 # auto itself copies guesses ahead as auto-prefetch does (the gate keeps it from copying where guesses miss):
 # the one-line switch to flip once the GPU host has measured both.
 AUTO_PREFETCH = False
@@ -135,18 +133,16 @@ class GuessAhead:
         self.layer_s, self._t = 0.0, None
         self.busy_until = 0.0  # perf_counter time when the prefetches issued so far should have landed
         self.guessed: dict[int, list[int]] = {}  # MoE row -> its guesses to score when it comes
-        self.outcomes: deque[bool] = deque(maxlen=PRECISION_WINDOW)  # the latest guesses: selected or not
+        # the guesses' precision (of those the copy engine had room for, the share selected when their layer
+        # came), scored whether copied or not: a closed gate still sees when guessing pays again
+        self.gate = PrefetchGate()
 
     def precision(self) -> float:
-        """Of the latest guesses scored, the share selected when their layer came (1 before any is scored: the
-        first tokens prefetch and so measure it)."""
-        return sum(self.outcomes) / len(self.outcomes) if self.outcomes else 1.0
+        return self.gate.calibration
 
     def pays(self, experts) -> bool:
-        """A guess copied is worth its copy at the precision measured: break-even where p x miss_s equals
-        (1 - p) x copy_s."""
-        p, copy_s = self.precision(), experts.copy_s()
-        return p * experts.miss_s() > (1.0 - p) * copy_s
+        """A guess copied is worth its copy at the precision measured (policy/prefetch_gate.py break_even)."""
+        return self.precision() > break_even(experts.miss_s(), experts.copy_s())
 
     def backlog(self) -> float:
         return max(self.busy_until - time.perf_counter(), 0.0)
@@ -163,7 +159,7 @@ class GuessAhead:
         picked = list(map(int, ids[0].tolist()))
         scored = self.guessed.pop(layer, None)
         if scored:
-            self.outcomes.extend(e in picked for e in scored)
+            self.gate.score(layer, np.asarray(picked), [(layer, e, 1.0) for e in scored])
         self.last[layer] = [e for _, e in sorted(zip(weights[0].tolist(), picked), reverse=True)]
         L = experts.shape[0]
         nxt = (layer + 1) % L

@@ -1,5 +1,5 @@
-"""PrefetchGate: how many of fmoe's predicted experts to copy ahead, from what its predictions and its copies
-measure, not from constants fitted to a trace.
+"""PrefetchGate: how many predicted experts to copy ahead (fmoe's map picks, auto-prefetch's guesses), from what
+the predictions and the copies measure, not from constants fitted to a trace.
 
 - Confidence: every pick made for a layer (layer, expert, use: the predicted chance it is selected) is scored
   when its layer comes, copied or not, so a cold or mismatched store is measured without copying anything.
@@ -19,6 +19,11 @@ WINDOW = 256    # scored picks the calibration remembers (a few tokens' worth)
 EVIDENCE = 16   # expected uses scored before the calibration counts (a new store proves itself first)
 
 Pick = tuple[int, int, float]  # (MoE layer row, expert, predicted use)
+
+
+def break_even(miss_s: float, copy_s: float) -> float:
+    """The calibrated use above which a copy ahead pays: p x (the miss it saves) > (1 - p) x (the copy it wastes)."""
+    return copy_s / (miss_s + copy_s) if miss_s + copy_s > 0 else 1.0
 
 
 class PrefetchGate:
