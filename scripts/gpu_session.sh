@@ -13,6 +13,11 @@
 #   gptoss       bench latency GPT-OSS-20B at 12 GiB: auto, fiddler, lru (biased experts offloaded)
 #   hostpath     bench latency Qwen3-30B-A3B at 16 GiB and Mixtral-8x7B at 24 GiB: auto against auto-prefetch
 #   triton       scripts/gpu_triton.sh: the fused MoE and decoder-op kernels' tests, kernel sweep, all-GPU Qwen3 step
+#   maps         fmoe started from expert maps of DeepSeek trace requests 200:999, replaying the trace only (8 GiB):
+#                auto, lru, fmoe
+#   attention    the pipeline's CPU decode attention at the Mixtral plan's micro-batch (448 sequences, 236 positions),
+#                alone and beside host->GPU copies
+#   int4grouped  the int4 stage's Qwen3 row with the batched dequantization on (quant/grouped.py ENABLED)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -49,6 +54,15 @@ for stage in "$@"; do
     hostpath) lat qwen3-16GiB synthetic:qwen3-30b-a3b 16GiB auto,auto-prefetch
               lat mixtral-24GiB synthetic:mixtral-8x7b 24GiB auto,auto-prefetch ;;
     triton) bash scripts/gpu_triton.sh 48 ;;
+    maps) python3 -m moeflow maps build --trace $D/deepseek-v2-lite-chat.dev.npz --prompts 200:999 --no-semantic \
+            --out "$OUT/maps-deepseek.npz" 2>&1 | tail -1
+          lat deepseek-maps synthetic:deepseek-v2-lite 8GiB auto,lru,fmoe --routing-trace $D/deepseek-v2-lite-chat.dev.npz \
+            --trace-only --expert-maps "$OUT/maps-deepseek.npz" --baseline-tokens 0 ;;
+    attention) python3 -m moeflow.pipeline.attention_bench --batch 448 --ctx 236 --threads 16 --repeat 5 --beside-copies \
+                 2>&1 | tee "$OUT/attention.log" | tail -8 ;;
+    int4grouped) python3 -c "import sys, moeflow.quant.grouped as g; g.ENABLED = True; from moeflow.cli import main; \
+sys.exit(main(['bench', 'latency', '--model', 'synthetic:qwen3-30b-a3b-int4', '--budgets', '8GiB', '--policies', 'auto,lru', \
+'--prompts', '$D/mt_bench.jsonl', '--new-tokens', '$NEW', '--out', '$OUT/latency-qwen3-int4-grouped.json']))" 2>&1 | tail -14 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
