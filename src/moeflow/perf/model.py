@@ -192,6 +192,25 @@ def profiled_expert_costs(profile: HardwareProfile, cfg: ModelConfig, dtype_name
     return replace(costs, copy_s=costs.copy_s * expert_bytes / dense)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every layer of a latency prediction shares: the policy, costs, slots and the host's times."""
+
+    pol: object
+    costs: ExpertCosts
+    I: int
+    K: int
+    b: int
+    max_copies: int
+    lat: float                 # the link's latency
+    per_layer_cache: float     # cache slots per layer (0: copies are not kept)
+    per_token: int             # grouped-pass entries per token (engine/budget.py)
+    decode_host: float         # the host's share of a decode layer
+    layer_host: float          # ... and of a prefill layer, then its growth with the prompt
+    prefill_host: float
+    resident_dense: float      # a resident decode layer's non-expert floor
+
+
 def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, policy: str,
                     hit_rate_or_placement=None, prompt_len: int = 512, gen_len: int = 128, name: str = "model",
                     dtype_name: str = "bfloat16", costs: ExpertCosts | None = None,
@@ -213,34 +232,22 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
     b = 2 if dtype_name in ("bfloat16", "float16") else 4
     eb = expert_bytes or cfg.expert_numel * b
     pol = get_policy(policy)
-    L, K, I = len(cfg.moe_layers), cfg.num_experts_per_tok, cfg.expert_intermediate_size
+    L, K = len(cfg.moe_layers), cfg.num_experts_per_tok
     max_len = prompt_len + gen_len + 1
     try:
         bud = share_budget(name, cfg, pol, budget, cfg.dense_numel * b, eb,
                            cfg.kv_bytes_per_token(b) * max_len, max_len, b)
     except MoeflowError as e:
         return LatencyPrediction(policy, error=str(e))
-    costs = (costs or profiled_expert_costs(profile, cfg, dtype_name, eb)).with_rates(
-        eb, profile.gpu_bw, profile.cpu_read_bw, profile.h2d_bw)
-    # a decode layer with its experts on the GPU, as measured on this machine, leaves the non-expert part what
-    # the host's share and the experts' wave do not take of it (at least its roofline); at the profile's speed
-    resident_dense = profile.resident_layer(cfg, dtype_name) - profile.decode_layer_s(K) - \
-        costs.gpu_wave([(1, 1.0)] * K)
-    per_token = pass_entries_per_token(cfg, b)
-    split = bud.split
+    run = _run(cfg, profile, pol, bud, b, eb, dtype_name, costs, prompt_len, host_speed)
     counts = hit_rate_or_placement if isinstance(hit_rate_or_placement, (list, tuple)) or \
         hasattr(hit_rate_or_placement, "tolist") else None
     if counts is not None and hasattr(counts, "tolist"):
         counts = counts.tolist()
     fixed_hit = hit_rate_or_placement if isinstance(hit_rate_or_placement, (int, float)) else None
     resident = gpu_experts(cfg, bud, counts)
-    per_layer_cache = (split.cache / L) if split.keep_copies else 0.0
     ctx = prompt_len + gen_len // 2
-    lat = profile.h2d_latency_s
-
-    max_copies = max(int(split.cache // L if split.per_layer else split.cache), 1 if split.cache else 0)
-    host, decode_host = (t * host_speed for t in (prefill_host_s(profile, prompt_len, K), profile.decode_layer_s(K)))
-    layer_host, step_host = profile.layer_overhead_s * host_speed, profile.step_overhead_s * host_speed
+    shape = scale = None
     if prefill_shape:
         # the shape's ranks averaged over layers have a tail of fractions (an expert ranked 40th in some layers
         # only): the measured experts per layer take the tokens, else rounding would count that tail as experts
@@ -250,61 +257,101 @@ def predict_latency(cfg: ModelConfig, profile: HardwareProfile, budget: int, pol
 
     token, ttft, hits = ZERO, 0.0, 0.0
     for li, layer in enumerate(cfg.moe_layers):
-        shares = _shares(cfg, counts, li)
-        res = resident[li]
-        if pol.gpu_share is not None:
-            h = pol.gpu_share
-        elif fixed_hit is not None:
-            h = float(fixed_hit)
-        else:
-            h = min(sum(shares[e] for e in res) + _top_mass([s for e, s in enumerate(shares) if e not in res],
-                                                             per_layer_cache), 1.0)
+        shares, res = _shares(cfg, counts, li), resident[li]
+        h = _layer_hit(run, fixed_hit, shares, res)
         hits += h / L
-        # Decode: K experts, each missing with probability 1 - h (one token each).
-        dense = max(dense_gpu_s(cfg, profile, layer, 1, ctx, b), resident_dense)
-        for m in range(K + 1):
-            p = _binom(m, K, 1 - h)
-            if p < 1e-9:
-                continue
-            t = layer_time(pol, costs, I, {e: 1 for e in range(m)}, [1] * (K - m), max_copies,
-                           dense, decode_host, lat)
-            token = token + t.scaled(p)
-        # Prefill: every expert gets its share of the P*K selections, or, measured, the prompt's tokens per
-        # expert (prefill_shape, from the most used down) go to the experts by popularity. The GPU holds the
-        # layer's resident experts and, in its share of the cache slots c, floor(c) of its most used others or
-        # one more with probability c - floor(c); or, measured, the share prefill_hit of the experts used.
-        by_share = sorted(range(len(shares)), key=lambda e: -shares[e])
-        if prefill_shape:
-            n_tok = dict.fromkeys(range(len(shares)), 0) | {e: round(c * scale) for e, c in zip(by_share, shape)}
-        else:
-            top = by_share[:max(round(prefill_used), 1)] if prefill_used else by_share
-            mass = sum(shares[e] for e in top) or 1.0
-            n_tok = {e: round(prompt_len * K * shares[e] / mass) if e in top else 0 for e in range(len(shares))}
+        token = token + _decode_layer(run, h, max(dense_gpu_s(cfg, profile, layer, 1, ctx, b), run.resident_dense))
+        n_tok = _prompt_tokens(shares, prompt_len, K, shape, scale, prefill_used)
         dense = dense_gpu_s(cfg, profile, layer, prompt_len, prompt_len, b, causal_prefill=True)
-        used = sorted((e for e, n in n_tok.items() if n), key=lambda e: (e not in res, -n_tok[e]))
-        held = sum(e in res for e in used) + per_layer_cache if prefill_hit is None else prefill_hit * len(used)
-        lo = int(held)
-        for k, w in ((lo, 1 - (held - lo)), (lo + 1, held - lo)):
-            if w <= 0:
-                continue
-            there = {1.0: set(n_tok), 0.0: set()}.get(pol.gpu_share, set(used[:k]))
-            misses = {e: n for e, n in n_tok.items() if n and e not in there}
-            hit_tokens = [n for e, n in n_tok.items() if n and e in there]
-            ttft += w * layer_time(pol, costs, I, misses, hit_tokens, max_copies, dense, layer_host, lat,
-                                   prompt_len, host, per_token).total
+        ttft += _prefill_layer(run, n_tok, res, prefill_hit, dense, prompt_len)
     for layer in cfg.dense_layers:
         d = dense_gpu_s(cfg, profile, layer, 1, ctx, b)
         token = token + LayerTime(0, 0, d, 0, d)
         ttft += dense_gpu_s(cfg, profile, layer, prompt_len, prompt_len, b, causal_prefill=True)
-    head = head_gpu_s(cfg, profile, b)
+    head, step_host = head_gpu_s(cfg, profile, b), profile.step_overhead_s * host_speed
     # the head on the GPU, and the step's own host work (sampling, its bookkeeping), one after the other
     token = token + LayerTime(0, 0, head, step_host, head + step_host)
     ttft += head
-    # The bound: the missed weights cross the CPU's bus and PCIe at once, at the rate the two get together
-    # (they share host memory) where the profile measured it; the GPU reads what it holds.
+    return LatencyPrediction(policy, 1 / token.total, ttft, hits, token, binding_of(token),
+                             _bound_tps(cfg, profile, hits, eb, b), bud.as_dict())
+
+
+def _run(cfg: ModelConfig, profile: HardwareProfile, pol, bud: Budget, b: int, eb: int, dtype_name: str,
+         costs: ExpertCosts | None, prompt_len: int, host_speed: float) -> _Run:
+    K, L = cfg.num_experts_per_tok, len(cfg.moe_layers)
+    costs = (costs or profiled_expert_costs(profile, cfg, dtype_name, eb)).with_rates(
+        eb, profile.gpu_bw, profile.cpu_read_bw, profile.h2d_bw)
+    # a decode layer with its experts on the GPU, as measured on this machine, leaves the non-expert part what
+    # the host's share and the experts' wave do not take of it (at least its roofline); at the profile's speed
+    resident_dense = profile.resident_layer(cfg, dtype_name) - profile.decode_layer_s(K) - \
+        costs.gpu_wave([(1, 1.0)] * K)
+    split = bud.split
+    max_copies = max(int(split.cache // L if split.per_layer else split.cache), 1 if split.cache else 0)
+    return _Run(pol, costs, cfg.expert_intermediate_size, K, b, max_copies, profile.h2d_latency_s,
+                (split.cache / L) if split.keep_copies else 0.0, pass_entries_per_token(cfg, b),
+                profile.decode_layer_s(K) * host_speed, profile.layer_overhead_s * host_speed,
+                prefill_host_s(profile, prompt_len, K) * host_speed, resident_dense)
+
+
+def _layer_hit(run: _Run, fixed_hit: float | None, shares: list[float], res) -> float:
+    """A decode lookup's chance to find its expert on the GPU: the policy's, measured, or the resident experts'
+    share of the routing plus the cache's share of the most used others."""
+    if run.pol.gpu_share is not None:
+        return run.pol.gpu_share
+    if fixed_hit is not None:
+        return float(fixed_hit)
+    return min(sum(shares[e] for e in res) + _top_mass([s for e, s in enumerate(shares) if e not in res],
+                                                       run.per_layer_cache), 1.0)
+
+
+def _decode_layer(run: _Run, h: float, dense: float) -> LayerTime:
+    """A decode layer's expected time: K experts, each missing with probability 1 - h (one token each)."""
+    t_sum = ZERO
+    for m in range(run.K + 1):
+        p = _binom(m, run.K, 1 - h)
+        if p < 1e-9:
+            continue
+        t = layer_time(run.pol, run.costs, run.I, {e: 1 for e in range(m)}, [1] * (run.K - m), run.max_copies,
+                       dense, run.decode_host, run.lat)
+        t_sum = t_sum + t.scaled(p)
+    return t_sum
+
+
+def _prompt_tokens(shares: list[float], prompt_len: int, K: int, shape, scale, prefill_used) -> dict[int, int]:
+    """A prompt's tokens per expert of a layer: every expert its share of the P*K selections, or, measured,
+    the prompt's tokens per expert (shape, from the most used down) given to the experts by popularity."""
+    by_share = sorted(range(len(shares)), key=lambda e: -shares[e])
+    if shape:
+        return dict.fromkeys(range(len(shares)), 0) | {e: round(c * scale) for e, c in zip(by_share, shape)}
+    top = by_share[:max(round(prefill_used), 1)] if prefill_used else by_share
+    mass = sum(shares[e] for e in top) or 1.0
+    return {e: round(prompt_len * K * shares[e] / mass) if e in top else 0 for e in range(len(shares))}
+
+
+def _prefill_layer(run: _Run, n_tok: dict[int, int], res, prefill_hit: float | None, dense: float,
+                   prompt_len: int) -> float:
+    """A prefill layer's time: the GPU holds the layer's resident experts and, in its share of the cache slots c,
+    floor(c) of its most used others or one more with probability c - floor(c); or, measured, the share
+    prefill_hit of the experts used."""
+    used = sorted((e for e, n in n_tok.items() if n), key=lambda e: (e not in res, -n_tok[e]))
+    held = sum(e in res for e in used) + run.per_layer_cache if prefill_hit is None else prefill_hit * len(used)
+    lo, t = int(held), 0.0
+    for k, w in ((lo, 1 - (held - lo)), (lo + 1, held - lo)):
+        if w <= 0:
+            continue
+        there = {1.0: set(n_tok), 0.0: set()}.get(run.pol.gpu_share, set(used[:k]))
+        misses = {e: n for e, n in n_tok.items() if n and e not in there}
+        hit_tokens = [n for e, n in n_tok.items() if n and e in there]
+        t += w * layer_time(run.pol, run.costs, run.I, misses, hit_tokens, run.max_copies, dense, run.layer_host,
+                            run.lat, prompt_len, run.prefill_host, run.per_token).total
+    return t
+
+
+def _bound_tps(cfg: ModelConfig, profile: HardwareProfile, hits: float, eb: int, b: int) -> float:
+    """The bound: the missed weights cross the CPU's bus and PCIe at once, at the rate the two get together
+    (they share host memory) where the profile measured it; the GPU reads what it holds."""
+    L, K = len(cfg.moe_layers), cfg.num_experts_per_tok
     miss_bytes = (1 - hits) * L * K * eb
     gpu_s = (cfg.dense_numel - cfg.vocab_size * cfg.hidden_size) * b / profile.gpu_bw + \
         hits * L * K * eb / profile.gpu_bw
-    bound_s = miss_bytes / host_read_bw(profile) + gpu_s
-    return LatencyPrediction(policy, 1 / token.total, ttft, hits, token, binding_of(token), 1 / bound_s,
-                             bud.as_dict())
+    return 1 / (miss_bytes / host_read_bw(profile) + gpu_s)
