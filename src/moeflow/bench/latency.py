@@ -91,68 +91,14 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
         # launches, the pinned staging buffers, the CPU pool's start) that a server pays once, not per request.
         list(engine.stream(ttft_prompt[:16], SamplingParams(max_new_tokens=2, ignore_eos=True)))
         read = [probe() if probe else None]
-        p0, pa = _snapshot(engine), _allocator(dev)
-        shape = getattr(backend, "prompt_shape", None)
-        if shape is not None:
-            shape.reset()  # this prompt's routing alone
-        # the median of a few: one prefill on a shared host ran 0.16 s and 0.27 s in the same call
-        ttfts = [list(engine.stream(ttft_prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)))[-1].ttft_s
-                 for _ in range(TTFT_RUNS)]
-        ttft = statistics.median(ttfts)
+        ttft, prefill = _ttft(ck, engine, backend, ttft_prompt, dev)
         read.append(probe() if probe else None)
-        pd = {k: v / TTFT_RUNS for k, v in _delta(p0, _snapshot(engine)).items()} if p0 else {}
-        # where the TTFT prompt's time went in the expert backend (ms, a prefill's mean), and its experts' paths
-        prefill = ({"ms": {"ttft": ttft * 1e3, **{k[:-2]: pd[k] * 1e3 for k in TIMERS}},
-                    "ttft_runs_s": ttfts, "cpu_experts": pd["cpu_experts"], "copied_experts": pd["copied_experts"],
-                    "hit_rate": pd["hits"] / max(pd["lookups"], 1),
-                    "experts_per_layer": pd["lookups"] / len(ck.cfg.moe_layers),
-                    "tokens_per_expert": [round(n, 2) for n in shape.mean()] if shape else [],
-                    "allocator": _delta(pa, _allocator(dev))} if pd else None)
-        dt, d, allocs, tps = 0.0, {}, {}, []
-        for prompt in prompts:
-            seq = engine.add_request(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-            engine.step()                                           # prefill and the first token
-            s0, a0, t0 = _snapshot(engine), _allocator(dev), time.perf_counter()
-            while not seq.finished:
-                engine.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t = time.perf_counter() - t0
-            tps.append((new_tokens - 1) / t)
-            dt += t
-            d = _add(d, _delta(s0, _snapshot(engine)))
-            allocs = _add(allocs, _delta(a0, _allocator(dev)))
+        tps, dt, d, allocs = _decodes(engine, prompts, new_tokens, dev)
         read.append(probe() if probe else None)
-        n = (new_tokens - 1) * len(prompts)
-        eb = ck.store.expert_bytes
-        gpu_s = (ck.dense_bytes - ck.model.embed_tokens.weight.nbytes + d["hits"] * eb / n) / ceil["gpu_bw"]
-        bound_s = d["miss_bytes"] / n / (ceil["cpu_read_bw"] + ceil["h2d_bw"]) + gpu_s
-        # the same with the rates the CPU and the copy engine get while both draw on host memory
-        shared = ceil.get("cpu_read_bw_concurrent", 0) + ceil.get("h2d_bw_concurrent", 0)
-        shared_s = d["miss_bytes"] / n / shared + gpu_s if shared else None
-        lookups = max(d["lookups"], 1)
-        return {
-            "policy": oc.policy, "gpu_memory_gib": oc.gpu_memory / 2**30,
-            "routing": Path(oc.routing_trace).name if oc.routing_trace else "native",
-            "decode_tps": statistics.median(tps), "decode_tps_runs": tps, "ttft_s": ttft,
-            "ttft_prompt_tokens": len(ttft_prompt),
-            "hit_rate": d["hits"] / lookups, "h2d_bytes_per_token": d["bytes_h2d"] / n,
-            "share_cpu": d["cpu_experts"] / lookups, "share_gpu_resident": d["resident_hits"] / lookups,
-            "share_gpu_cached": (d["hits"] - d["resident_hits"]) / lookups,
-            "share_gpu_copied": d["copied_experts"] / lookups,
-            "bound_tps": 1 / bound_s, "fraction_of_bound": statistics.median(tps) * bound_s,
-            "shared_bound_tps": 1 / shared_s if shared_s else None,
-            "fraction_of_shared_bound": statistics.median(tps) * shared_s if shared_s else None,
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-            # per decode token (ms): the whole step, inside the expert backend, the parts of that
-            # (join: the backend's time after the launch: waiting for the CPU's share and adding it)
-            "ms_per_token": {"step": dt / n * 1e3, "outside_experts": (dt - d["backend_s"]) / n * 1e3,
-                             **{k[:-2]: d[k] / n * 1e3 for k in TIMERS},
-                             "join": (d["backend_s"] - d["sync_s"] - d["plan_s"] - d["launch_s"]) / n * 1e3},
-            "allocator_during_decode": allocs, "prefill": prefill,
-            # experts copied ahead by the policy per decode token, and of those used or wasted when their layer came
-            "prefetch_per_token": {k: d.get(f, 0) / n for k, f in (("copied", "prefetched"), ("used", "prefetch_used"),
-                                                                   ("wasted", "prefetch_wasted"))},
+        row = _row(ck, oc, d, tps, dt, (new_tokens - 1) * len(prompts), ceil, dev)
+        return row | {
+            "ttft_s": ttft, "ttft_prompt_tokens": len(ttft_prompt), "allocator_during_decode": allocs,
+            "prefill": prefill,
             "probes": {"ttft": (read[0] + read[1]) / 2, "decode": (read[1] + read[2]) / 2} if probe else None,
             "budget": engine.budget, "costs": backend.costs.as_dict() if backend.costs else None,
             # the engine's corrections of those costs at the end (CPU per regime, copies), for reading the model
@@ -169,49 +115,78 @@ def run_policy(ck: Checkpoint, oc: OffloadConfig, prompts: list[list[int]], ttft
             torch.cuda.set_per_process_memory_fraction(1.0, dev)
 
 
-def accelerate_baseline(ck: Checkpoint, gpu_memory: int, prompt: list[int], new_tokens: int) -> dict:
-    """transformers' MixtralForCausalLM with accelerate's device_map='auto' under the same max_memory,
-    on the same weights (experts shared with moeflow's store, not copied)."""
-    import transformers
-    from accelerate import dispatch_model, infer_auto_device_map
+def _ttft(ck: Checkpoint, engine, backend, ttft_prompt: list[int], dev) -> tuple[float, dict | None]:
+    """The TTFT prompt's median time to first token, and where its time went in the expert backend (ms, a
+    prefill's mean) and its experts' paths."""
+    p0, pa = _snapshot(engine), _allocator(dev)
+    shape = getattr(backend, "prompt_shape", None)
+    if shape is not None:
+        shape.reset()  # this prompt's routing alone
+    # the median of a few: one prefill on a shared host ran 0.16 s and 0.27 s in the same call
+    ttfts = [list(engine.stream(ttft_prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)))[-1].ttft_s
+             for _ in range(TTFT_RUNS)]
+    ttft = statistics.median(ttfts)
+    pd = {k: v / TTFT_RUNS for k, v in _delta(p0, _snapshot(engine)).items()} if p0 else {}
+    if not pd:
+        return ttft, None
+    return ttft, {"ms": {"ttft": ttft * 1e3, **{k[:-2]: pd[k] * 1e3 for k in TIMERS}},
+                  "ttft_runs_s": ttfts, "cpu_experts": pd["cpu_experts"], "copied_experts": pd["copied_experts"],
+                  "hit_rate": pd["hits"] / max(pd["lookups"], 1),
+                  "experts_per_layer": pd["lookups"] / len(ck.cfg.moe_layers),
+                  "tokens_per_expert": [round(n, 2) for n in shape.mean()] if shape else [],
+                  "allocator": _delta(pa, _allocator(dev))}
 
-    hf_cfg = transformers.AutoConfig.for_model(**ck.arch.hf_config(ck.cfg))
-    with torch.device("meta"):
-        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=ck.store.dtype)
-    state = {ck.arch.hf_name(n): p.detach().cpu() for n, p in ck.model.named_parameters()}
-    for i, layer in enumerate(ck.store.layers):
-        pre = f"model.layers.{layer}.mlp.experts."
-        state[pre + "gate_up_proj"] = ck.store.gate_up(layer)
-        state[pre + "down_proj"] = ck.store.down_t(layer).transpose(1, 2)
-    expected = set(hf.state_dict())
-    # transformers 5 renamed Mixtral's block_sparse_moe to mlp (it converts checkpoints at load time)
-    state = {k if k in expected else k.replace(".block_sparse_moe.", ".mlp."): v for k, v in state.items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise RuntimeError(f"baseline weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    hf.tie_weights()
-    # buffers that are not in a state dict (RoPE's inverse frequencies) are still on the meta device
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config)
-    left = [n for n, b in hf.named_buffers() if b.is_meta]
-    if left:
-        raise RuntimeError(f"baseline buffers left unset: {left[:3]}")
-    device_map = infer_auto_device_map(hf, max_memory={0: gpu_memory, "cpu": 1 << 40},
-                                       no_split_module_classes=hf._no_split_modules)
-    hf = dispatch_model(hf.eval(), device_map)
-    ids = torch.tensor([prompt], device="cuda")
-    with torch.inference_mode():
-        t = time.perf_counter()
-        hf.generate(ids, max_new_tokens=1, do_sample=False)
-        ttft = time.perf_counter() - t
-        t = time.perf_counter()
-        hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
-        total = time.perf_counter() - t
-    del hf
-    gc.collect()
-    torch.cuda.empty_cache()
-    return {"policy": "transformers+accelerate", "gpu_memory_gib": gpu_memory / 2**30, "routing": "native",
-            "decode_tps": (new_tokens - 1) / max(total - ttft, 1e-9), "ttft_s": ttft,
-            "ttft_prompt_tokens": len(prompt), "new_tokens": new_tokens}
+
+def _decodes(engine, prompts: list[list[int]], new_tokens: int, dev) -> tuple[list[float], float, dict, dict]:
+    """Each prompt decoded for new_tokens after its prefill: tok/s of each, the decode seconds, and the
+    backend's and the allocator's counters over all of them."""
+    dt, d, allocs, tps = 0.0, {}, {}, []
+    for prompt in prompts:
+        seq = engine.add_request(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+        engine.step()                                           # prefill and the first token
+        s0, a0, t0 = _snapshot(engine), _allocator(dev), time.perf_counter()
+        while not seq.finished:
+            engine.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter() - t0
+        tps.append((new_tokens - 1) / t)
+        dt += t
+        d = _add(d, _delta(s0, _snapshot(engine)))
+        allocs = _add(allocs, _delta(a0, _allocator(dev)))
+    return tps, dt, d, allocs
+
+
+def _row(ck: Checkpoint, oc: OffloadConfig, d: dict, tps: list[float], dt: float, n: int, ceil: dict, dev) -> dict:
+    """The decode figures of n tokens: rates, shares of the experts' paths, the bound, host time per token."""
+    eb = ck.store.expert_bytes
+    gpu_s = (ck.dense_bytes - ck.model.embed_tokens.weight.nbytes + d["hits"] * eb / n) / ceil["gpu_bw"]
+    bound_s = d["miss_bytes"] / n / (ceil["cpu_read_bw"] + ceil["h2d_bw"]) + gpu_s
+    # the same with the rates the CPU and the copy engine get while both draw on host memory
+    shared = ceil.get("cpu_read_bw_concurrent", 0) + ceil.get("h2d_bw_concurrent", 0)
+    shared_s = d["miss_bytes"] / n / shared + gpu_s if shared else None
+    lookups, tps_med = max(d["lookups"], 1), statistics.median(tps)
+    return {
+        "policy": oc.policy, "gpu_memory_gib": oc.gpu_memory / 2**30,
+        "routing": Path(oc.routing_trace).name if oc.routing_trace else "native",
+        "decode_tps": tps_med, "decode_tps_runs": tps,
+        "hit_rate": d["hits"] / lookups, "h2d_bytes_per_token": d["bytes_h2d"] / n,
+        "share_cpu": d["cpu_experts"] / lookups, "share_gpu_resident": d["resident_hits"] / lookups,
+        "share_gpu_cached": (d["hits"] - d["resident_hits"]) / lookups,
+        "share_gpu_copied": d["copied_experts"] / lookups,
+        "bound_tps": 1 / bound_s, "fraction_of_bound": tps_med * bound_s,
+        "shared_bound_tps": 1 / shared_s if shared_s else None,
+        "fraction_of_shared_bound": tps_med * shared_s if shared_s else None,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+        # per decode token (ms): the whole step, inside the expert backend, the parts of that
+        # (join: the backend's time after the launch: waiting for the CPU's share and adding it)
+        "ms_per_token": {"step": dt / n * 1e3, "outside_experts": (dt - d["backend_s"]) / n * 1e3,
+                         **{k[:-2]: d[k] / n * 1e3 for k in TIMERS},
+                         "join": (d["backend_s"] - d["sync_s"] - d["plan_s"] - d["launch_s"]) / n * 1e3},
+        # experts copied ahead by the policy per decode token, and of those used or wasted when their layer came
+        "prefetch_per_token": {k: d.get(f, 0) / n for k, f in (("copied", "prefetched"), ("used", "prefetch_used"),
+                                                               ("wasted", "prefetch_wasted"))},
+    }
 
 
 def print_rows(rows: list[dict], header: bool = False) -> None:
@@ -380,6 +355,8 @@ def _one_row(ck, oc: OffloadConfig, prompts, ttft_prompt, new_tokens, ceil, cost
 
 def _baseline(ck, budget: int, prompt: list[int], tokens: int) -> dict:
     try:
+        from moeflow.bench.accelerate_baseline import accelerate_baseline
+
         row = accelerate_baseline(ck, budget, prompt, tokens)
         print_rows([row])
         return row
