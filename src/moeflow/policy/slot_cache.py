@@ -99,14 +99,9 @@ class SlotCache:
         return slot
 
     def _take_adaptive(self, key: Key, protect: set[Key], keep: bool, busy: set[int]) -> int:
-        victim = self.eviction.victim(self.where.keys(), protect) if keep and self.where else None
-        if victim is not None and victim not in protect and self.eviction.admits(key, victim):
-            slot = self.where.pop(victim)
-            self.eviction.remove(victim)
-            self.resident.discard(victim)
-            self.where[key] = slot
-            self.eviction.hold(key)
-            return slot
+        victim = self._admitted_victim(key, protect) if keep else None
+        if victim is not None:
+            return self._replace(victim, key)
         if self.scratch_keeps:
             return self._scratch(key, protect, keep, busy)
         slot = min(self.groups[None], key=lambda s: (s in busy, self.holder[s] is not None))  # scratch
@@ -135,8 +130,8 @@ class SlotCache:
                 self._unstage(slot)
 
     def _promote(self, key: Key, slot: int, protect: set[Key]) -> bool:
-        victim = self.eviction.victim(self.where.keys(), protect) if self.where else None
-        if victim is None or victim in protect or not self.eviction.admits(key, victim):
+        victim = self._admitted_victim(key, protect)
+        if victim is None:
             return False
         held = self.where.pop(victim)
         self.eviction.remove(victim)
@@ -161,27 +156,45 @@ class SlotCache:
             if key in self.where or key in self.staged:
                 continue
             if admit and self.where:
-                victim = self.eviction.victim(self.where.keys(), protect)
-                admit = victim is not None and victim not in protect and self.eviction.admits(key, victim)
+                victim = self._admitted_victim(key, protect)
+                admit = victim is not None
                 if admit:
-                    slot = self.where.pop(victim)
-                    self.eviction.remove(victim)
-                    self.resident.discard(victim)
-                    self.where[key] = slot
-                    self.eviction.hold(key)
-                    out.append((key, slot))
+                    out.append((key, self._replace(victim, key)))
                     continue
             if n == len(free):
                 break
             slot, n = free[n], n + 1
-            old = self.holder[slot]
-            if old is not None and self.where.get(old) == slot:
-                del self.where[old]
-            self.holder[slot], self.where[key] = key, slot
-            self._fills += 1
-            self._filled[slot] = self._fills
+            self._fill(slot, key)
             out.append((key, slot))
         return out
+
+    def _admitted_victim(self, key: Key, protect: set[Key]) -> Key | None:
+        """The held expert `key` would replace: the one the eviction policy ranks lowest outside `protect`,
+        where it admits `key` in its place; else None."""
+        victim = self.eviction.victim(self.where.keys(), protect) if self.where else None
+        if victim is None or victim in protect or not self.eviction.admits(key, victim):
+            return None
+        return victim
+
+    def _replace(self, victim: Key, key: Key) -> int:
+        """`key` takes the slot of held expert `victim` (resident or cached), which is no longer held."""
+        slot = self.where.pop(victim)
+        self.eviction.remove(victim)
+        self.resident.discard(victim)
+        self.where[key] = slot
+        self.eviction.hold(key)
+        return slot
+
+    def _fill(self, slot: int, key: Key | None) -> None:
+        """Scratch slot `slot` now holds `key` (None: nothing findable); the expert it held is found there no more."""
+        old = self.holder[slot]
+        if old is not None and self.where.get(old) == slot:
+            del self.where[old]
+        self.holder[slot] = key
+        if key is not None:
+            self.where[key] = slot
+        self._fills += 1
+        self._filled[slot] = self._fills
 
     def _unstage(self, slot: int) -> None:
         key = self.holder.get(slot)
@@ -195,13 +208,6 @@ class SlotCache:
         slot = min(self.groups[None], key=lambda s: (s in busy, self.holder[s] in protect,
                                                      self.holder[s] is not None, self._filled.get(s, -1)))
         self._unstage(slot)
-        old = self.holder[slot]
-        if old is not None and self.where.get(old) == slot:
-            del self.where[old]
-        keep = keep and old not in protect  # every slot holds a protected expert: the copy is not kept
-        self.holder[slot] = key if keep else None
-        if keep:
-            self.where[key] = slot
-        self._fills += 1
-        self._filled[slot] = self._fills
+        keep = keep and self.holder[slot] not in protect  # every slot holds a protected expert: not kept
+        self._fill(slot, key if keep else None)
         return slot
