@@ -227,18 +227,7 @@ class Waves:
             seg, G = meta_h[o:o + n], n - 2 * P
             o += n
             slots = [s for s in order if c0 <= s < c0 + G]
-            parts = [[int(i) for i in wave[s][0]] for s in slots]
-            ent = [i for e in parts for i in e]
-            M = len(ent)
-            seg[:P] = ent + [ent[-1]] * (P - M)
-            counts = seg[P:P + G]
-            counts[:] = 0
-            counts[np.array(slots) - c0] = [len(e) for e in parts]
-            counts[slots[-1] - c0] += P - M
-            np.cumsum(counts, out=counts)
-            wv = seg[P + G:].view(np.float32)
-            wv[:M] = w_host[ent]
-            wv[M:] = 0.0
+            _padded_segment(seg, P, G, np.array(slots) - c0, [wave[s][0] for s in slots], w_host)
         meta_d.copy_(buf, non_blocking=True)
         self._replay(N, K, tuple(chunks), zero=not self._written)
         self._written = True
@@ -249,22 +238,11 @@ class Waves:
         x, w_host, _, K, _, _ = self._layer
         N, W = x.shape[0], len(order)
         P = N * K
-        buf = self._stage.get(self._waves, (2 * P + 2 * W,), torch.int32)
+        buf, meta_h, meta_d = self._static_meta(self._waves, 2 * P + 2 * W)
         self._waves += 1
-        meta_h = buf.numpy()
-        parts = [[int(i) for i in wave[s][0]] for s in order]
-        ent = [i for e in parts for i in e]
-        M = len(ent)
-        meta_h[:P] = ent + [ent[-1]] * (P - M)
-        counts = meta_h[P:P + W]
-        counts[:] = [len(e) for e in parts]
-        counts[-1] += P - M
-        np.cumsum(counts, out=counts)
-        wv = meta_h[P + W:2 * P + W].view(np.float32)
-        wv[:M] = w_host[ent]
-        wv[M:] = 0.0
+        _padded_segment(meta_h, P, W, np.arange(W), [wave[s][0] for s in order], w_host)
         meta_h[2 * P + W:] = order
-        self.meta_s[:2 * P + 2 * W].copy_(buf, non_blocking=True)
+        meta_d.copy_(buf, non_blocking=True)
         self._replay(N, K, ("quantized", W), zero=not self._written)
         self._written = True
 
@@ -344,3 +322,20 @@ class Waves:
                 graph.capture_end()
         torch.cuda.current_stream(dev).wait_stream(stream)
         return graph
+
+
+def _padded_segment(seg: np.ndarray, P: int, G: int, pos: np.ndarray, parts: list, w_host: np.ndarray) -> None:
+    """A static wave's meta segment [P entries | G offsets | P weights]: the entries of parts[i] (group pos[i])
+    padded to P by repeating the last entry with weight 0 (one graph per shape, not per entry count), the
+    cumulative entries per group (the pads count in the last), the weights."""
+    ent = [int(i) for e in parts for i in e]
+    M = len(ent)
+    seg[:P] = ent + [ent[-1]] * (P - M)
+    counts = seg[P:P + G]
+    counts[:] = 0
+    counts[pos] = [len(e) for e in parts]
+    counts[pos[-1]] += P - M
+    np.cumsum(counts, out=counts)
+    wv = seg[P + G:2 * P + G].view(np.float32)
+    wv[:M] = w_host[ent]
+    wv[M:] = 0.0
