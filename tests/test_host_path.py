@@ -119,7 +119,7 @@ def test_a_busy_copy_engine_moves_the_next_plan_to_the_cpu():
     assert any(r < 96 for r in plain.values())
     pol = get_policy("auto-prefetch")
     assert pol.plan(misses, costs, 96, 4) == plain  # nothing in flight: auto's plan
-    pol.busy_until = time.perf_counter() + 10.0
+    pol.ahead.busy_until = time.perf_counter() + 10.0
     assert pol.plan(misses, costs, 96, 4) == {e: 96 for e in misses}
 
 

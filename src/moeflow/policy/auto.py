@@ -102,14 +102,6 @@ class AutoPolicy(OffloadPolicy):
         if self.ahead is not None:
             self.ahead(layer, ids, weights, experts)
 
-    @property
-    def busy_until(self) -> float:
-        return self.ahead.busy_until if self.ahead is not None else 0.0
-
-    @busy_until.setter
-    def busy_until(self, t: float) -> None:
-        self.ahead.busy_until = t
-
 
 class AutoPrefetchPolicy(AutoPolicy):
     """auto with its guesses copied ahead whatever AUTO_PREFETCH says (GuessAhead)."""
@@ -124,7 +116,7 @@ class GuessAhead:
     tokens reuse 26-40% of them on real traces) copied ahead while the copy engine is idle: at most as many as
     it moves in the layer's time less the layer's own copies (plus `spill` of one), highest routing weight
     first, into free scratch slots (no resident is evicted for a guess). Gated by the precision p of the guesses
-    it has room for, over the last PRECISION_WINDOW: a copy pays when p x (the miss it saves) > (1 - p) x (the
+    it has room for, as its PrefetchGate measures it: a copy pays when p x (the miss it saves) > (1 - p) x (the
     copy it wastes)."""
 
     def __init__(self, spill: float):
