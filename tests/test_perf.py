@@ -14,7 +14,8 @@ from moeflow.checkpoint import read_model_config
 from moeflow.cli import main
 from moeflow.perf import costs as costs_mod
 from moeflow.perf.costs import ExpertCosts, fixed_part, grouped_passes, paired_s
-from moeflow.perf.model import ThroughputPolicy, layer_time, predict_latency, predict_throughput, throughput_memory
+from moeflow.perf.model import layer_time, predict_latency
+from moeflow.perf.throughput_model import ThroughputPolicy, predict_throughput, throughput_memory
 from moeflow.perf.profile import HardwareProfile, reference_profile
 from moeflow.perf.roofline import attainable, expert_ffn
 from moeflow.perf.search import copy_threshold, search_latency, search_throughput

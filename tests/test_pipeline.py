@@ -12,7 +12,7 @@ from moeflow.checkpoint import load, read_model_config
 from moeflow.cli import main
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
-from moeflow.perf.model import ThroughputPolicy
+from moeflow.perf.throughput_model import ThroughputPolicy
 from moeflow.pipeline.engine import PipelineEngine
 from moeflow.pipeline.plan import check_fits, parse_plan
 

@@ -7,7 +7,7 @@ import torch
 
 from moeflow.checkpoint import load, read_model_config
 from moeflow.engine.sequence import SamplingParams
-from moeflow.perf.model import ThroughputPolicy, throughput_memory
+from moeflow.perf.throughput_model import ThroughputPolicy, throughput_memory
 from moeflow.perf.profile import reference_profile
 from moeflow.pipeline.kv import HostKV
 from moeflow.pipeline.load import PipelineSpec, kv_positions, plan_for

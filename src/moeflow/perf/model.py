@@ -12,7 +12,7 @@ popular experts (an optimistic steady state); in prefill resident experts hit, a
 layer's other experts as its share of the cache slots holds (a warm engine: every expert of every layer is
 used, so the cache holds whichever came last; `bench latency` times TTFT after a warm-up request).
 
-Throughput regime: perf/throughput_model.py (its names re-exported here).
+Throughput regime: perf/throughput_model.py.
 
 Legend: L = MoE layers, E = experts, K = experts per token, H = hidden, I = expert FFN width, P = prompt
 tokens, G = generated tokens, b = bytes per weight.
@@ -28,9 +28,6 @@ from moeflow.engine.budget import Budget, pass_entries_per_token, share_budget
 from moeflow.perf.costs import ExpertCosts
 from moeflow.perf.profile import PREFILL_K, HardwareProfile
 from moeflow.perf.prompt_shape import PromptShape  # noqa: F401  (the prefill_shape it is given)
-from moeflow.perf.throughput_model import (LOGITS_ROWS, PREFILL_CHUNK, PREFILL_GROUP, STAGED,  # noqa: F401
-                                           ThroughputPolicy, ThroughputPrediction, copy_beside, expert_gpu_flops,
-                                           host_staging_bytes, predict_throughput, shared_rates, throughput_memory)
 from moeflow.policy import get_policy
 from moeflow.policy.placement import even_resident
 

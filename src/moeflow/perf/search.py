@@ -16,9 +16,10 @@ from moeflow import MoeflowError
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import gib, workspace_bytes
 from moeflow.perf.costs import ExpertCosts
-from moeflow.perf.model import (LatencyPrediction, ThroughputPolicy, ThroughputPrediction, gpu_experts,
-                                predict_latency, predict_throughput, profiled_expert_costs, throughput_memory)
+from moeflow.perf.model import LatencyPrediction, gpu_experts, predict_latency, profiled_expert_costs
 from moeflow.perf.profile import HardwareProfile
+from moeflow.perf.throughput_model import (ThroughputPolicy, ThroughputPrediction, predict_throughput,
+                                           throughput_memory)
 from moeflow.policy import POLICIES, get_policy
 
 HOST_SHARE = 0.9  # of host memory the planner may use (the OS, Python and the pinned staging keep the rest)
