@@ -42,10 +42,8 @@ class LocalExperts(ExpertBackend):
             from moeflow.experts.biased import biased_experts
 
             s = self.store
-            if d.device.type == "cpu" and d.dtype == torch.bfloat16:  # the native kernel's biased path
-                self.cpu = self.cpu or CpuExperts(fmt=s.fmt)
-                if self.cpu.uses_native(d):
-                    return self.cpu.layer(d[s.slot[layer]], x, topk_ids, topk_weights).to(x.dtype)
+            if (y := self._native(layer, x, topk_ids, topk_weights)) is not None:  # bf16: its biased path
+                return y
             if (self.grouped or (self.grouped is None and can_group(x))) and s.fmt.groupable:
                 return grouped_experts(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer),
                                        s.fmt)
@@ -59,20 +57,27 @@ class LocalExperts(ExpertBackend):
         if self.store.fmt.quantized:
             if qgrouped.groupable(d, self.store.fmt, topk_ids.numel()):  # decode: one batched dequantization
                 return qgrouped.entry_experts(x, topk_ids, topk_weights, d[self.store.slot[layer]], self.store.fmt)
-            if d.device.type == "cpu":  # the native kernel's int4/int8 path, where it has one for the format
-                self.cpu = self.cpu or CpuExperts(fmt=self.store.fmt)
-                if self.cpu.uses_native(d):
-                    return self.cpu.layer(d[self.store.slot[layer]], x, topk_ids, topk_weights).to(x.dtype)
+            if (y := self._native(layer, x, topk_ids, topk_weights)) is not None:  # its int4/int8 path
+                return y
             return quantized_experts(x, topk_ids, topk_weights, d[self.store.slot[layer]], self.store.fmt)
-        if d.device.type == "cpu" and d.dtype == torch.bfloat16 and self.store.down_transposed:
-            if self.cpu is None:
-                self.cpu = CpuExperts()
-            if self.cpu.uses_native(d):
-                return self.cpu.layer(d[self.store.slot[layer]], x, topk_ids, topk_weights).to(x.dtype)
+        if self.store.down_transposed and (y := self._native(layer, x, topk_ids, topk_weights)) is not None:
+            return y
         gate_up, down_t = self.store.gate_up(layer), self.store.down_t(layer)  # [E, 2I, H], [E, I, H]
         if self.grouped or (self.grouped is None and can_group(x)):
             return grouped_experts(x, topk_ids, topk_weights, gate_up, down_t)
         return looped_experts(x, topk_ids, topk_weights, gate_up, down_t)
+
+    def _native(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+                ) -> torch.Tensor | None:
+        """The layer by the native CPU kernel where the store is in host memory (bf16 blocks, plain or biased, or
+        int4/int8 ones) and the kernel takes its format; else None."""
+        d, fmt = self.store.data, self.store.fmt
+        if d.device.type != "cpu" or not (d.dtype == torch.bfloat16 or fmt.quantized):
+            return None
+        self.cpu = self.cpu or CpuExperts(fmt=fmt)
+        if not self.cpu.uses_native(d):
+            return None
+        return self.cpu.layer(d[self.store.slot[layer]], x, topk_ids, topk_weights).to(x.dtype)
 
     def close(self) -> None:
         if self.cpu is not None:
