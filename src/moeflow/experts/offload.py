@@ -289,9 +289,7 @@ class OffloadedExperts(ExpertBackend):
             if self.cache.where.get(key) != slot:
                 return False
         self._landing[slot] = self._copy_in(slot, key[0], key[1], 0)
-        self.stats.bytes_h2d += self.host.expert_bytes
-        self.stats.prefetched += 1
-        self._ahead.add(key)
+        self._issued_ahead([key])
         return True
 
     def copy_ahead_many(self, keys: list[Key], protect: set[Key]) -> int:
@@ -312,10 +310,14 @@ class OffloadedExperts(ExpertBackend):
                     self._ahead_event = self.copy_stream.record_event() if self.cuda else None
                     self._landing.update(dict.fromkeys(group, self._ahead_event))
                     group = []
-        self.stats.bytes_h2d += len(placed) * self.host.expert_bytes
-        self.stats.prefetched += len(placed)
-        self._ahead.update(k for k, _ in placed)
+        self._issued_ahead([k for k, _ in placed])
         return len(placed)
+
+    def _issued_ahead(self, keys: list[Key]) -> None:
+        """Whole experts copied ahead: counted, and watched until their layer comes (used or wasted)."""
+        self.stats.bytes_h2d += len(keys) * self.host.expert_bytes
+        self.stats.prefetched += len(keys)
+        self._ahead.update(keys)
 
     def ahead_in_flight(self) -> bool:
         """Are the last batch's copies ahead still moving (the copy engine has had no idle time since)?"""
