@@ -318,3 +318,16 @@ def test_triton_waves_logic_in_the_interpreter():
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_the_budget_counts_a_pass_of_dequantized_weights(monkeypatch):
+    """What one grouped pass dequantizes is a GPU temporary: counted where quantized waves run dequantized (a
+    decode wave's 16 slots fit a pass), nothing where they do not."""
+    small = ExpertFormat(768, 2048, torch.bfloat16, QuantSpec(4, 64))    # Qwen3-30B-A3B's expert: 42 slots a pass
+    large = ExpertFormat(14336, 4096, torch.bfloat16, QuantSpec(4, 64))  # Mixtral's: one, fewer than a wave's 16
+    per_slot = 3 * 768 * 2048 * 2
+    assert qgrouped.workspace_bytes(small, 16) == qgrouped.DEQUANT_PASS_BYTES // per_slot * per_slot
+    assert qgrouped.workspace_bytes(small, 16) <= qgrouped.DEQUANT_PASS_BYTES
+    assert qgrouped.workspace_bytes(large, 16) == 0
+    monkeypatch.setattr(qgrouped, "ENABLED", False)
+    assert qgrouped.workspace_bytes(small, 16) == 0  # off: nothing dequantized

@@ -106,11 +106,12 @@ class Budget:
 
 def share_budget(name: str, cfg: ModelConfig, policy: OffloadPolicy, gpu_memory: int, dense_bytes: int,
                  expert_bytes: int, kv_bytes: int, step_tokens: int, itemsize: int, max_seqs: int = 1,
-                 other_bytes: int = 0) -> Budget:
+                 other_bytes: int = 0, extra_work: int = 0) -> Budget:
     """Slots for the experts once the rest is paid for; MoeflowError with the figures when too few.
-    other_bytes: other tensors the engine keeps on the GPU (a routing trace replayed there)."""
+    other_bytes: other tensors the engine keeps on the GPU (a routing trace replayed there); extra_work:
+    temporaries of the expert path beyond the activations (quantized slots dequantized for a grouped pass)."""
     L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok
-    work = step_workspace(cfg, kv_bytes, step_tokens, itemsize, max_seqs)
+    work = step_workspace(cfg, kv_bytes, step_tokens, itemsize, max_seqs) + extra_work
     fixed = dense_bytes + kv_bytes + work + other_bytes
     slots = max(gpu_memory - fixed, 0) // expert_bytes
     need = policy.min_slots(L, E, K)

@@ -19,9 +19,11 @@ from moeflow.engine.budget import share_budget
 from moeflow.experts.cpu import thread_split
 from moeflow.experts.offload import OffloadedExperts
 from moeflow.experts.trace import TraceRouting, load_trace
+from moeflow.experts.waves import GRAPH_MAX_ENTRIES
 from moeflow.perf.costs import ExpertCosts
 from moeflow.policy import get_policy
 from moeflow.policy.placement import Placement, even_rates, even_resident
+from moeflow.quant import grouped as qgrouped
 
 
 class ProcessSettings:
@@ -78,7 +80,8 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
     if trace is not None and device.type == "cuda":  # on the GPU whole: ids, and weights in fp32 (TraceRouting)
         trace_bytes = trace.ids.numel() * (trace.ids.element_size() + 4)
     budget = share_budget(ck.name, cfg, policy, oc.gpu_memory, ck.dense_bytes, store.expert_bytes, kv_bytes,
-                          step_tokens, store.dtype.itemsize, max_seqs, trace_bytes)
+                          step_tokens, store.dtype.itemsize, max_seqs, trace_bytes,
+                          qgrouped.workspace_bytes(store.fmt, GRAPH_MAX_ENTRIES) if device.type == "cuda" else 0)
     split = budget.split
     if oc.placement:
         placement = Placement.load(oc.placement)

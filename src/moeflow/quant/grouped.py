@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from moeflow.quant.format import ExpertFormat, dequantize
 
-# Dequantized weights one grouped pass may hold, temporaries outside the GPU budget; quantized waves run grouped
-# only where a decode wave's slots (up to GRAPH_MAX_ENTRIES of experts/waves.py) fit in it.
+# Dequantized weights one grouped pass may hold (the GPU budget counts them: workspace_bytes); quantized waves run
+# grouped only where a decode wave's slots (up to GRAPH_MAX_ENTRIES of experts/waves.py) fit in it.
 DEQUANT_PASS_BYTES = 384 << 20
 
 # The batched dequantization on the default path: off until its CUDA-graph decode is measured on the GPU host
@@ -44,11 +44,22 @@ def slots_per_pass(fmt: ExpertFormat) -> int:
     return max(1, DEQUANT_PASS_BYTES // (3 * fmt.inter * fmt.hidden * fmt.dtype.itemsize))
 
 
+def workspace_bytes(fmt: ExpertFormat | None, entries: int) -> int:
+    """GPU bytes the dequantized weights of one grouped pass take (a temporary the GPU budget counts) where
+    quantized waves of `entries` slots run dequantized, else 0."""
+    if not _dequantizes(fmt, entries):
+        return 0
+    return slots_per_pass(fmt) * 3 * fmt.inter * fmt.hidden * fmt.dtype.itemsize
+
+
 def groupable(slots: torch.Tensor, fmt: ExpertFormat | None, entries: int) -> bool:
     """Quantized slots run as grouped GEMMs: CUDA, bf16 compute, a torch with them, `entries` slots in a pass."""
-    return (ENABLED and fmt is not None and fmt.quantized and not fmt.biased and slots.is_cuda
-            and fmt.dtype == torch.bfloat16
-            and hasattr(torch, "_grouped_mm") and slots_per_pass(fmt) >= entries)
+    return slots.is_cuda and hasattr(torch, "_grouped_mm") and _dequantizes(fmt, entries)
+
+
+def _dequantizes(fmt: ExpertFormat | None, entries: int) -> bool:
+    return (ENABLED and fmt is not None and fmt.quantized and not fmt.biased and fmt.dtype == torch.bfloat16
+            and slots_per_pass(fmt) >= entries)
 
 
 def dequantize_into(rec: torch.Tensor, fmt: ExpertFormat, out: torch.Tensor) -> torch.Tensor:
