@@ -191,10 +191,12 @@ def test_a_costly_copy_needs_a_higher_precision():
 def test_auto_prefetches_only_when_switched(monkeypatch):
     from moeflow.policy import auto
 
+    monkeypatch.setattr(auto, "AUTO_PREFETCH", False)
     assert get_policy("auto").ahead is None
     monkeypatch.setattr(auto, "AUTO_PREFETCH", True)
     pol = get_policy("auto")
     assert pol.name == "auto" and pol.ahead is not None
+    assert get_policy("fmoe").ahead is None  # its own prefetcher (the maps), not auto's guesses
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

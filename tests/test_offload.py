@@ -375,6 +375,7 @@ def test_auto_keeps_a_recurring_split_miss(hf_checkpoint, tmp_path, monkeypatch)
 
     import moeflow.policy.auto as auto_mod
 
+    monkeypatch.setattr(auto_mod, "AUTO_PREFETCH", False)  # the keep rule alone: guesses copied ahead also hit
     path = hf_checkpoint("qwen3_moe")[0]
     ck = load(path)
     L, K = len(ck.cfg.moe_layers), ck.cfg.num_experts_per_tok

@@ -16,8 +16,10 @@ from moeflow.config import OffloadConfig
 from moeflow.engine.budget import step_workspace
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
+from moeflow.experts.waves import GRAPH_MAX_ENTRIES
 from moeflow.perf.costs import ExpertCosts
 from moeflow.policy import POLICIES
+from moeflow.quant import grouped as qgrouped
 from moeflow.quant.format import ExpertFormat, QuantSpec, dequantize, parse_quant, quantize
 
 MAX_LEN = 64
@@ -102,8 +104,10 @@ def test_row_ranges_are_three_contiguous_runs_and_dequantize_alike():
 def tiny_budget(ck, slots: int, max_seqs: int = 2) -> int:
     """A GPU budget leaving exactly `slots` expert slots of the store's real (quantized) size."""
     kv = ck.cfg.kv_bytes_per_token(ck.store.dtype) * max_seqs * MAX_LEN
+    cuda = next(ck.model.parameters()).is_cuda  # the engine counts a pass of dequantized weights there
+    dequant = qgrouped.workspace_bytes(ck.store.fmt, GRAPH_MAX_ENTRIES, ck.cfg.num_experts) if cuda else 0
     return ck.dense_bytes + kv + step_workspace(ck.cfg, kv, MAX_LEN, ck.store.dtype.itemsize, max_seqs) + \
-        slots * ck.store.expert_bytes
+        slots * ck.store.expert_bytes + dequant
 
 
 def costs_table(cpu_per_token: float, copy: float) -> ExpertCosts:

@@ -326,8 +326,9 @@ def test_the_budget_counts_a_pass_of_dequantized_weights(monkeypatch):
     small = ExpertFormat(768, 2048, torch.bfloat16, QuantSpec(4, 64))    # Qwen3-30B-A3B's expert: 42 slots a pass
     large = ExpertFormat(14336, 4096, torch.bfloat16, QuantSpec(4, 64))  # Mixtral's: one, fewer than a wave's 16
     per_slot = 3 * 768 * 2048 * 2
-    assert qgrouped.workspace_bytes(small, 16) == qgrouped.DEQUANT_PASS_BYTES // per_slot * per_slot
-    assert qgrouped.workspace_bytes(small, 16) <= qgrouped.DEQUANT_PASS_BYTES
-    assert qgrouped.workspace_bytes(large, 16) == 0
+    assert qgrouped.workspace_bytes(small, 16, 128) == qgrouped.DEQUANT_PASS_BYTES // per_slot * per_slot
+    assert qgrouped.workspace_bytes(small, 16, 128) <= qgrouped.DEQUANT_PASS_BYTES
+    assert qgrouped.workspace_bytes(small, 16, 20) == 20 * per_slot  # a pass holds one layer's experts at most
+    assert qgrouped.workspace_bytes(large, 16, 8) == 0
     monkeypatch.setattr(qgrouped, "ENABLED", False)
-    assert qgrouped.workspace_bytes(small, 16) == 0  # off: nothing dequantized
+    assert qgrouped.workspace_bytes(small, 16, 128) == 0  # off: nothing dequantized

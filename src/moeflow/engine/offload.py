@@ -79,9 +79,9 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
     trace_bytes = 0
     if trace is not None and device.type == "cuda":  # on the GPU whole: ids, and weights in fp32 (TraceRouting)
         trace_bytes = trace.ids.numel() * (trace.ids.element_size() + 4)
+    dequant = qgrouped.workspace_bytes(store.fmt, GRAPH_MAX_ENTRIES, cfg.num_experts) if device.type == "cuda" else 0
     budget = share_budget(ck.name, cfg, policy, oc.gpu_memory, ck.dense_bytes, store.expert_bytes, kv_bytes,
-                          step_tokens, store.dtype.itemsize, max_seqs, trace_bytes,
-                          qgrouped.workspace_bytes(store.fmt, GRAPH_MAX_ENTRIES) if device.type == "cuda" else 0)
+                          step_tokens, store.dtype.itemsize, max_seqs, trace_bytes, dequant)
     split = budget.split
     if oc.placement:
         placement = Placement.load(oc.placement)

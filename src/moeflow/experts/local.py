@@ -16,7 +16,7 @@ from moeflow.quant import grouped as qgrouped
 from moeflow.quant import triton_moe
 
 # the fused kernels by default on CUDA stores (False: PyTorch's grouped GEMMs unless a caller asks)
-FUSED_DEFAULT = False
+FUSED_DEFAULT = True
 
 
 class LocalExperts(ExpertBackend):

@@ -18,8 +18,8 @@ try:
 except ImportError:
     triton = None
 
-ENABLED = False  # the fused ops where they run (False: PyTorch's ops everywhere, for comparisons)
-DECODE_ATTENTION = False  # a graphed decode step's attention by decode_attention (False: SDPA over the slot)
+ENABLED = True  # the fused ops where they run (False: PyTorch's ops everywhere, for comparisons)
+DECODE_ATTENTION = True  # a graphed decode step's attention by decode_attention (False: SDPA over the slot)
 
 
 def runs(x: torch.Tensor) -> bool:

@@ -29,8 +29,8 @@ KEEP_SLACK = 0.25
 SPILL = 0.5
 SMOOTHING = 0.2  # weight of the newest layer in the layer-time estimate
 # auto itself copies guesses ahead as auto-prefetch does (the gate keeps it from copying where guesses miss):
-# the one-line switch to flip once the GPU host has measured both.
-AUTO_PREFETCH = False
+# measured no worse where guesses miss and faster where they hit (docs/benchmarks.md)
+AUTO_PREFETCH = True
 
 
 class AutoPolicy(OffloadPolicy):

@@ -45,6 +45,7 @@ MATCH_EVERY = 2
 
 class FmoePolicy(AutoPolicy):
     name = "fmoe"
+    prefetching = False  # its own prefetcher (the maps), not auto's guesses
     modelled = False  # the timing model has no prefetcher: it would predict fmoe as auto
 
     def __init__(self, store: ExpertMapStore | None = None, depth: int = DEPTH, every: int = MATCH_EVERY):

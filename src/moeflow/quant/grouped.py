@@ -21,9 +21,8 @@ from moeflow.quant.format import ExpertFormat, dequantize
 # grouped only where a decode wave's slots (up to GRAPH_MAX_ENTRIES of experts/waves.py) fit in it.
 DEQUANT_PASS_BYTES = 384 << 20
 
-# The batched dequantization on the default path: off until its CUDA-graph decode is measured on the GPU host
-# (tests/test_quant_grouped.py runs it on).
-ENABLED = False
+# The batched dequantization on the default path (False: slot by slot, for comparisons)
+ENABLED = True
 
 
 # The waves through the fused Triton kernels (quant/triton_moe.py, the slots read in place, any expert size) where
@@ -44,12 +43,12 @@ def slots_per_pass(fmt: ExpertFormat) -> int:
     return max(1, DEQUANT_PASS_BYTES // (3 * fmt.inter * fmt.hidden * fmt.dtype.itemsize))
 
 
-def workspace_bytes(fmt: ExpertFormat | None, entries: int) -> int:
+def workspace_bytes(fmt: ExpertFormat | None, entries: int, experts: int) -> int:
     """GPU bytes the dequantized weights of one grouped pass take (a temporary the GPU budget counts) where
-    quantized waves of `entries` slots run dequantized, else 0."""
+    quantized waves of `entries` slots run dequantized, else 0. A pass holds one layer's slots: `experts` at most."""
     if not _dequantizes(fmt, entries):
         return 0
-    return slots_per_pass(fmt) * 3 * fmt.inter * fmt.hidden * fmt.dtype.itemsize
+    return min(slots_per_pass(fmt), experts) * 3 * fmt.inter * fmt.hidden * fmt.dtype.itemsize
 
 
 def groupable(slots: torch.Tensor, fmt: ExpertFormat | None, entries: int) -> bool:
