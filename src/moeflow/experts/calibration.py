@@ -36,6 +36,7 @@ class CostCorrection:
         self.cpu_scales, self.copy_scale, self.enabled = [1.0, 1.0], 1.0, True
         self._copy_timing: tuple | None = None  # (start, end events, predicted s) of the last layer's copies
         self._pending: tuple | None = None      # the same for the layer being launched
+        self._started = False                   # its start recorded (at its first transfer)
         self._scaled: dict[tuple, tuple] = {}  # (id of the costs, corrections) -> (the costs, scaled)
         self._pairs: list[tuple] = []  # two (start, end) timing events, in turn: one per layer is in use
 
@@ -72,12 +73,19 @@ class CostCorrection:
             self._pairs.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
         self._pairs.reverse()
         start, end = self._pairs[0]  # the other pair may still be the last layer's, not read yet
-        start.record(stream)
         self._pending = (start, end, predicted)
+        self._started = False
+
+    def transfers_begin(self, stream: torch.cuda.Stream | None) -> None:
+        """The layer's first transfer comes next on `stream`: the timing starts here, after the stream's waits for
+        the waves that last read the slots (compute time, not the copies')."""
+        if self._pending is not None and not self._started:
+            self._pending[0].record(stream)
+            self._started = True
 
     def end_copies(self, stream: torch.cuda.Stream | None) -> None:
         pending, self._pending = self._pending, None
-        if pending is not None:
+        if pending is not None and self._started:
             pending[1].record(stream)
             self._copy_timing = pending
 

@@ -333,6 +333,10 @@ class OffloadedExperts(ExpertBackend):
         if not pending:
             return {}
         with torch.cuda.stream(self.copy_stream) if self.cuda else nullcontext():
+            if self.cuda:  # the waits first: the copy timing then covers the transfers alone
+                for slot in pending:
+                    self.waves.wait_free(slot, self.copy_stream)
+                self.correction.transfers_begin(self.copy_stream)
             for slot, (e, r) in pending.items():
                 self._copy(slot, l, e, r)
             ready = self.copy_stream.record_event() if self.cuda else None
