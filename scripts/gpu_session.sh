@@ -17,7 +17,9 @@
 #                auto, lru, fmoe
 #   attention    the pipeline's CPU decode attention at the Mixtral plan's micro-batch (448 sequences, 236 positions),
 #                alone and beside host->GPU copies
-#   int4grouped  the int4 stage's Qwen3 row with the batched dequantization on (quant/grouped.py ENABLED)
+#   servemaps    bench serve, ShareGPT prompts (.carry/data/sharegpt-200.jsonl), concurrency 1 and 4, 32 tokens:
+#                DeepSeek-V2-Lite at 8 GiB with its trace replayed, auto, lru and fmoe (maps of requests 200:999);
+#                needs the server's wheels carried (scripts/gpu_serve.sh)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -60,9 +62,13 @@ for stage in "$@"; do
             --trace-only --expert-maps "$OUT/maps-deepseek.npz" --baseline-tokens 0 ;;
     attention) python3 -m moeflow.pipeline.attention_bench --batch 448 --ctx 236 --threads 16 --repeat 5 --beside-copies \
                  2>&1 | tee "$OUT/attention.log" | tail -8 ;;
-    int4grouped) python3 -c "import sys, moeflow.quant.grouped as g; g.ENABLED = True; from moeflow.cli import main; \
-sys.exit(main(['bench', 'latency', '--model', 'synthetic:qwen3-30b-a3b-int4', '--budgets', '8GiB', '--policies', 'auto,lru', \
-'--prompts', '$D/mt_bench.jsonl', '--new-tokens', '$NEW', '--out', '$OUT/latency-qwen3-int4-grouped.json']))" 2>&1 | tail -14 ;;
+    servemaps) python3 -m moeflow maps build --trace $D/deepseek-v2-lite-chat.dev.npz --prompts 200:999 --no-semantic \
+                 --out "$OUT/maps-serve.npz" 2>&1 | tail -1
+               for p in auto lru fmoe; do
+                 extra="--routing-trace $D/deepseek-v2-lite-chat.dev.npz"
+                 [ $p = fmoe ] && extra="$extra --expert-maps $OUT/maps-serve.npz"
+                 MODEL=synthetic:deepseek-v2-lite POLICY=$p SERVE_ARGS="$extra" LEVELS="1 4" bash scripts/gpu_serve.sh 8GiB 32 4
+               done ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
