@@ -71,3 +71,33 @@ def test_prefetch_batch_takes_free_then_oldest_scratch_slots():
     placed = cache.prefetch_slots([(2, 8), (2, 9)], protect={(1, 5)}, busy=busy)
     assert placed == [((2, 8), 4), ((2, 9), 5)]  # the oldest unprotected fills go first
     assert cache.lookup((1, 6)) is None and cache.lookup((1, 5)) == 3
+
+
+def test_native_trajectory_picks_what_numpy_picks():
+    """The native match (csrc/maps_match.cpp) and the numpy one fold the same routing and pick the same experts,
+    in the same order, on stores with gate weights and with selections only, over every layer of many tokens."""
+    import pytest
+
+    from moeflow.maps import native
+
+    if native.load() is None:
+        pytest.skip("no C++ compiler")
+    rng = np.random.default_rng(7)
+    for weighted in (True, False):
+        store = ExpertMapStore(L, E, K, capacity=256)
+        for _ in range(40):
+            ids = np.stack([np.stack([rng.permutation(E)[:K] for _ in range(L)]) for _ in range(12)])
+            store.add_request(one_hot_maps(ids, E, rng.random(ids.shape).astype(np.float32) if weighted else None))
+        pred = Predictor(store, depth=2)
+        for _ in range(20):
+            tok = np.stack([rng.permutation(E)[:K] for _ in range(L)])
+            w = rng.random((L, K)).astype(np.float32) if weighted else np.ones((L, K), np.float32)
+            fast, slow = Trajectory(pred), Trajectory(pred, native=False)
+            assert fast.native is not None and slow.native is None
+            for layer in range(L - 1):
+                fast.observe(layer, tok[layer], w[layer])
+                slow.observe(layer, tok[layer], w[layer])
+                assert np.allclose(fast.dots, slow.dots, rtol=1e-5) and abs(fast.on - slow.on) < 1e-5
+                got, want = fast.picks(layer, 0.5), slow.picks(layer, 0.5)
+                assert [k[:2] for k in got] == [k[:2] for k in want]
+                assert np.allclose([k[2] for k in got], [k[2] for k in want], rtol=1e-5)

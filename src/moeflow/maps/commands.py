@@ -71,6 +71,7 @@ def match_cost(maps: str, trace: str, tokens: int = 200, depth: int = 2, every: 
     store, reqs = ExpertMapStore.load(maps), load_requests(trace)
     store.check(reqs.ids.shape[1], reqs.experts, "the trace")
     pred = Predictor(store, depth)
+    pred.bound()  # the native match's set-up, as fmoe makes it between requests
     ids = reqs.ids[-tokens:].astype(np.int64)
     w = reqs.weights[-tokens:] if reqs.weights is not None else np.ones(ids.shape, np.float32)
     t0, c0, picked = time.perf_counter(), time.process_time(), 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moeflow.maps import native as maps_native
 from moeflow.maps.store import ExpertMapStore
 
 TOP_M = 8     # stored maps averaged into a prediction
@@ -26,9 +27,10 @@ DECAY = 0.5   # a layer further ahead counts half as much as the one before it
 class Predictor:
     def __init__(self, store: ExpertMapStore, depth: int = 3, top_m: int = TOP_M, decay: float = DECAY):
         store._flush()
-        self.S = store.maps.astype(np.float32)                        # [M, L, E]
+        self.S = np.ascontiguousarray(store.maps, np.float32)         # [M, L, E]
         self.St = np.ascontiguousarray(self.S.transpose(1, 2, 0))     # [L, E, M]: a layer's product reads it in order
         self.ns = np.cumsum((self.S ** 2).sum(2), axis=1)             # [M, L] squared norms of the prefixes
+        self.inv_norm = np.ascontiguousarray(1.0 / np.sqrt(np.maximum(self.ns.T, 1e-12)), np.float32)  # [L, M]
         emb = store.emb.astype(np.float32)
         self.emb = emb / (np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12)  # [M, D]
         self.L, self.E, self.K = store.L, store.E, store.K
@@ -37,6 +39,15 @@ class Predictor:
     @property
     def empty(self) -> bool:
         return len(self.S) == 0
+
+    def bound(self) -> maps_native.Bound | None:
+        """The native match over these maps (Trajectory's), made once (a sparse copy of St: build it where a pause
+        does not matter, as fmoe does between requests); None without a compiler or maps. One thread at a time."""
+        if not hasattr(self, "_bound"):
+            native = maps_native.load()
+            self._bound = None if native is None or self.empty else maps_native.Bound(
+                native, self.S, self.St, self.inv_norm, self.K)
+        return self._bound
 
     def start(self, tokens: int) -> tuple[np.ndarray, np.ndarray]:
         """Fresh trajectory state for a batch of tokens: (dots [T, M], observed squared norms [T])."""
@@ -105,17 +116,20 @@ class Trajectory:
     experts picked as Predictor.select does: numpy on [M] and [d, E], the selection in Python on the few
     candidates (no BLAS call: it would wake threads that the CPU experts use)."""
 
-    def __init__(self, pred: Predictor):
+    def __init__(self, pred: Predictor, native: bool = True):
         self.p = pred
-        if not hasattr(pred, "inv_norm"):  # [L, M] 1 / |stored prefix|, contiguous per layer
-            pred.inv_norm = np.ascontiguousarray(1.0 / np.sqrt(np.maximum(pred.ns.T, 1e-12)), np.float32)
         self.dots = np.zeros(len(pred.S), np.float32)  # [M]
         self.on = 0.0
+        self.native = pred.bound() if native else None  # one call per layer, not a dozen numpy ones
+        self._dots = self.dots.ctypes.data
 
     def observe(self, layer: int, ids: np.ndarray, w: np.ndarray) -> None:
         """ids, w [K]: layer's selected experts and their weights (made to sum to one)."""
         w = np.asarray(w, np.float32)
         w = w / max(float(w.sum()), 1e-12)
+        if self.native is not None:
+            self.on += self.native.observe(self._dots, layer, ids, w)
+            return
         self.dots += np.einsum("k,km->m", w, self.p.St[layer][ids])  # einsum's own loop, not BLAS
         self.on += float(w @ w)
 
@@ -126,6 +140,8 @@ class Trajectory:
         last = min(first + p.depth, p.L)
         if first >= last:
             return []
+        if self.native is not None:
+            return self.native.picks(self._dots, layer, self.on, first, last, p.top_m, min_use, p.decay)
         score = self.dots * p.inv_norm[layer]          # [M] cosine x |observed| (one factor for all maps)
         M, m = len(score), p.top_m
         # the m best: a partition without indices, then a threshold (argpartition is several times slower)

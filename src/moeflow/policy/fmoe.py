@@ -54,7 +54,7 @@ class FmoePolicy(AutoPolicy):
         self.picks: list[Pick] = []  # the last match's, for the layers up to the next one
         self.gate = PrefetchGate()
         if store is not None and len(store):
-            self.pred = Predictor(store, depth)
+            self.pred = self._predictor(store)
         self.request: list[np.ndarray] = []   # this request's token maps [L, E]
         self.token: np.ndarray | None = None  # [L, E] of the token being decoded
         self.traj: Trajectory | None = None
@@ -72,7 +72,13 @@ class FmoePolicy(AutoPolicy):
         if Path(path).exists():
             self.store = ExpertMapStore.load(path)
             self.store.check(layers, experts)
-            self.pred = Predictor(self.store, self.depth) if len(self.store) else None
+            self.pred = self._predictor(self.store) if len(self.store) else None
+
+    def _predictor(self, store: ExpertMapStore) -> Predictor:
+        """A predictor over the store, its native match built now (between requests), not at a token's first layer."""
+        pred = Predictor(store, self.depth)
+        pred.bound()
+        return pred
 
     def _save(self) -> None:
         """The store written back on a thread (a prompt's prefill goes on), from a copy; one write at a time,
@@ -118,7 +124,7 @@ class FmoePolicy(AutoPolicy):
                 self.store = ExpertMapStore(L, E, K)
             self._fresh += self.store.add_request(np.stack(self.request))
             if self.pred is None or self._fresh >= REBUILD * len(self.pred.S):
-                self.pred, self._fresh = Predictor(self.store, self.depth), 0
+                self.pred, self._fresh = self._predictor(self.store), 0
             if self.save_path:
                 self._save()
         self.request, self.token, self.traj, self.picks = [], None, None, []
@@ -142,8 +148,8 @@ class FmoePolicy(AutoPolicy):
                 self.request.append(self.token)
             self.token = np.zeros((L, E), np.float32)
             self.traj = Trajectory(self.pred) if self.pred is not None and not self.pred.empty else None
-        e = np.asarray(ids[0].tolist(), np.int64)
-        w = np.asarray(weights[0].tolist(), np.float32)
+        e = np.asarray(ids[0], dtype=np.int64)  # numpy on the engine's path (a tensor in some tests)
+        w = np.asarray(weights[0], dtype=np.float32)
         w = w / max(float(w.sum()), 1e-12)
         self.token[l, e] = w
         if self.traj is None:
