@@ -99,3 +99,30 @@ def test_gate_calibration_admission_and_window():
     assert gate.budget(idle=3, in_flight=False) == 1 and gate.budget(idle=3, in_flight=False) == 2
     assert gate.budget(idle=3, in_flight=True) == 0 and gate.batch == 1.5
     assert gate.budget(idle=0, in_flight=False) == 0
+
+
+def test_a_rebuilt_predictor_is_made_off_the_request_path(monkeypatch):
+    """Once a tenth of the maps is new the predictor is rebuilt on a thread: the request that finishes does not
+    wait for it, and the next token's first layer takes it once made."""
+    import threading
+
+    from moeflow.policy import fmoe
+
+    policy, experts = FmoePolicy(store_of(1)), FakeExperts()
+    first, release, made = policy.pred, threading.Event(), []
+    build = FmoePolicy._predictor
+
+    def slow(self, store):
+        release.wait(5)
+        made.append(build(self, store))
+        return made[-1]
+
+    monkeypatch.setattr(fmoe.FmoePolicy, "_predictor", slow)
+    decode(policy, routes(0, 3), experts)  # a request of another route: new maps
+    decode(policy, routes(0, 1), experts)  # its end (the next prompt) starts the rebuild; this token runs meanwhile
+    assert policy._builder is not None and policy._builder.is_alive() and policy.pred is first
+    release.set()
+    policy.flush()
+    assert len(made) == 1 and policy.pred is first  # made, not yet taken
+    decode(policy, routes(0, 1), experts)  # (its prompt may start another rebuild: the newest made is taken)
+    assert policy.pred in made and len(policy.pred.S) > len(first.S)

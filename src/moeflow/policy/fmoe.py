@@ -64,6 +64,8 @@ class FmoePolicy(AutoPolicy):
         self.match_s = 0.0   # host time spent matching and picking (stats)
         self.save_path, self.save_failed = None, False
         self._fresh = 0  # maps added since the predictor was built
+        self._builder: threading.Thread | None = None  # a rebuilt predictor in the making (between requests)
+        self._built: Predictor | None = None            # ... and made, taken at the next token's start
         self._saver: threading.Thread | None = None
 
     def use_maps(self, path: str, layers: int, experts: int) -> None:
@@ -80,14 +82,33 @@ class FmoePolicy(AutoPolicy):
         pred.bound()
         return pred
 
+    def _rebuild(self) -> None:
+        """A predictor over a copy of the store, built on a thread (100-300 ms for DeepSeek-V2-Lite's 4096 maps:
+        not in the next prompt's time to first token); one build at a time, a request finishing during one waits
+        for the next."""
+        if self._builder is not None and self._builder.is_alive():
+            return
+        snap = self._snapshot()
+        self._fresh = 0
+
+        def build():
+            self._built = self._predictor(snap)
+
+        self._builder = threading.Thread(target=build, daemon=True)
+        self._builder.start()
+
+    def _snapshot(self) -> ExpertMapStore:
+        snap = copy.copy(self.store)
+        snap._flush()
+        snap.maps, snap.emb = snap.maps.copy(), snap.emb.copy()
+        return snap
+
     def _save(self) -> None:
         """The store written back on a thread (a prompt's prefill goes on), from a copy; one write at a time,
         a request finishing during one waits for the next."""
         if self._saver is not None and self._saver.is_alive():
             return
-        snap = copy.copy(self.store)
-        snap._flush()
-        snap.maps, snap.emb = snap.maps.copy(), snap.emb.copy()
+        snap = self._snapshot()
         self._saver = threading.Thread(target=self._write, args=(snap,), daemon=True)
         self._saver.start()
 
@@ -100,9 +121,10 @@ class FmoePolicy(AutoPolicy):
             self.save_failed = True
 
     def flush(self) -> None:
-        """Wait for the write in flight (tests, and a server shutting down)."""
-        if self._saver is not None:
-            self._saver.join()
+        """Wait for the write and the predictor build in flight (tests, and a server shutting down)."""
+        for t in (self._saver, self._builder):
+            if t is not None:
+                t.join()
 
     def split(self, slots, layers, experts, top_k):
         # auto's split, its scratch slots grown into a pool that holds what `depth` layers ahead prefetch
@@ -123,8 +145,10 @@ class FmoePolicy(AutoPolicy):
             if self.store is None:
                 self.store = ExpertMapStore(L, E, K)
             self._fresh += self.store.add_request(np.stack(self.request))
-            if self.pred is None or self._fresh >= REBUILD * len(self.pred.S):
+            if self.pred is None:  # the first maps: at once
                 self.pred, self._fresh = self._predictor(self.store), 0
+            elif self._fresh >= REBUILD * len(self.pred.S):
+                self._rebuild()
             if self.save_path:
                 self._save()
         self.request, self.token, self.traj, self.picks = [], None, None, []
@@ -147,6 +171,8 @@ class FmoePolicy(AutoPolicy):
             if self.token is not None:
                 self.request.append(self.token)
             self.token = np.zeros((L, E), np.float32)
+            if self._built is not None:  # a rebuilt predictor is ready
+                self.pred, self._built = self._built, None
             self.traj = Trajectory(self.pred) if self.pred is not None and not self.pred.empty else None
         e = np.asarray(ids[0], dtype=np.int64)  # numpy on the engine's path (a tensor in some tests)
         w = np.asarray(weights[0], dtype=np.float32)
