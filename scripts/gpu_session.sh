@@ -17,6 +17,8 @@
 #                auto, lru, fmoe
 #   attention    the pipeline's CPU decode attention at the Mixtral plan's micro-batch (448 sequences, 236 positions),
 #                alone and beside host->GPU copies
+#   int4triton   the int4 stage's Mixtral rows (24 and 12 GiB, auto) with the waves through the fused Triton kernels
+#                (quant/grouped.py TRITON_WAVES: Mixtral's experts are too large for the batched dequantization)
 #   servemaps    bench serve, ShareGPT prompts (.carry/data/sharegpt-200.jsonl), concurrency 1 and 4, 32 tokens:
 #                DeepSeek-V2-Lite at 8 GiB with its trace replayed, auto, lru and fmoe (maps of requests 200:999);
 #                needs the server's wheels carried (scripts/gpu_serve.sh)
@@ -62,6 +64,9 @@ for stage in "$@"; do
             --trace-only --expert-maps "$OUT/maps-deepseek.npz" --baseline-tokens 0 ;;
     attention) python3 -m moeflow.pipeline.attention_bench --batch 448 --ctx 236 --threads 16 --repeat 5 --beside-copies \
                  2>&1 | tee "$OUT/attention.log" | tail -8 ;;
+    int4triton) python3 -c "import sys, moeflow.quant.grouped as g; g.TRITON_WAVES = True; from moeflow.cli import main; \
+sys.exit(main(['bench', 'latency', '--model', 'synthetic:mixtral-8x7b-int4', '--budgets', '24GiB,12GiB', '--policies', 'auto', \
+'--prompts', '$D/mt_bench.jsonl', '--new-tokens', '$NEW', '--out', '$OUT/latency-mixtral-int4-triton.json']))" 2>&1 | tail -14 ;;
     servemaps) python3 -m moeflow maps build --trace $D/deepseek-v2-lite-chat.dev.npz --prompts 200:999 --no-semantic \
                  --out "$OUT/maps-serve.npz" 2>&1 | tail -1
                for p in auto lru fmoe; do
