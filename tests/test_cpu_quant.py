@@ -1,7 +1,8 @@
 """The native CPU kernel on group-wise int4/int8 experts (quant/format.py) against the weights dequantized in
 fp32: every format variant, every kernel this CPU runs, token counts, row ranges, and calls split by tokens.
-The kernel dequantizes exactly ((q - z) * s is exact in fp32), so only the summation order differs: tolerance
-1e-4 of the largest output."""
+The fp32 paths dequantize exactly ((q - z) * s is exact in fp32), so only the summation order differs: tolerance
+1e-4 of the largest output. The AVX2 integer-dot path (quant_int8_tokens) rounds gate/up's tokens to int8 per
+weight group: 1e-4 against the same rounding done in PyTorch, 3e-2 against the unrounded tokens."""
 
 from __future__ import annotations
 
@@ -31,14 +32,24 @@ def quantized(spec, E=4, H=256, I=40, seed=0):
     return data, fmt, g
 
 
-def reference(data, fmt, x, jobs):
+def reference(data, fmt, x, jobs, rounded=False):
+    """The jobs in fp32 on the dequantized weights; rounded: gate/up see the tokens rounded as int8 per group."""
     out = torch.zeros(x.shape[0], x.shape[1])
     for j in jobs:
         r1 = fmt.inter if j.r1 is None else j.r1
         gate, up, down_t = fmt.rows(data[j.expert], j.r0, r1, torch.float32)
         tok = torch.as_tensor(j.tok).long()
-        out.index_add_(0, tok, partial_ffn(x.float()[tok], gate, up, down_t) * torch.as_tensor(j.w)[:, None])
+        xt = round_int8(x.float()[tok], fmt.spec.group_size) if rounded else x.float()[tok]
+        out.index_add_(0, tok, partial_ffn(xt, gate, up, down_t) * torch.as_tensor(j.w)[:, None])
     return out
+
+
+def round_int8(x, group):
+    """x [n, H] rounded to int8 per group of the weights with the scale amax / 127, as the integer-dot path does."""
+    c = x.reshape(x.shape[0], -1, group)
+    amax = c.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(c * inv) * (amax / 127)).reshape(x.shape)
 
 
 def close(got, want, tol=1e-4):
@@ -57,7 +68,7 @@ def test_native_quantized_layer_matches_dequantized_fp32(kernel, spec, avx512, i
     if int4_bf16 and not (spec.bits == 4 and spec.group_size % 64 == 0):
         pytest.skip("int4_bf16 applies to int4 in groups of 64 or 128")
     data, fmt, g = quantized(spec)
-    cfg = CpuKernelConfig(quant_avx512=avx512, int4_bf16=int4_bf16)
+    cfg = CpuKernelConfig(quant_avx512=avx512, int4_bf16=int4_bf16, quant_int8_tokens=0)
     ce = CpuExperts(threads=3, kernel=kernel, fmt=fmt, config=cfg)
     assert ce.uses_native(data)
     for N in (1, 3, 9):
@@ -82,11 +93,12 @@ def test_calls_split_by_tokens_and_handed_over_give_the_same(kernel):
     ids, w = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(20)]), torch.rand(20, 2, generator=g)
     jobs = jobs_from_topk(ids, w, 4)
     want = reference(data, fmt, x, jobs)
-    small = CpuExperts(threads=2, kernel=kernel, fmt=fmt, config=CpuKernelConfig(fused_max_bytes=40_000))
+    cfg = CpuKernelConfig(fused_max_bytes=40_000, quant_int8_tokens=0)
+    small = CpuExperts(threads=2, kernel=kernel, fmt=fmt, config=cfg)
     assert len(small._token_parts(jobs, 256)) > 1
     close(small(data, x, jobs), want)
     close(small.submit(data, x, jobs).result(), want)
-    whole = CpuExperts(threads=2, kernel=kernel, fmt=fmt)
+    whole = CpuExperts(threads=2, kernel=kernel, fmt=fmt, config=CpuKernelConfig(quant_int8_tokens=0))
     close(whole.submit(data, x, jobs).result(), want)
 
 
@@ -96,3 +108,35 @@ def test_formats_without_a_native_path_fall_back_to_pytorch():
     data = torch.zeros(2, fmt.block_numel, dtype=torch.uint8)
     ce = CpuExperts(threads=2, fmt=fmt)
     assert ce.qfmt is None and not ce.uses_native(data)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_integer_dot_path_matches_int8_rounded_tokens(spec):
+    """Jobs of up to quant_int8_tokens tokens (AVX2): gate/up as integer dot products on int8 tokens, exactly the
+    rounding of round_int8; larger jobs of the same call stay fp32; and close to the unrounded fp32 result."""
+    if "avx2" not in KERNELS:
+        pytest.skip("the integer-dot path is AVX2 code")
+    data, fmt, g = quantized(spec, seed=2)
+    cfg = CpuKernelConfig(quant_int8_tokens=4, quant_int8_on_int8=True)
+    ce = CpuExperts(threads=2, kernel="avx2", fmt=fmt, config=cfg)
+    for N in (1, 2, 5, 12):
+        x = torch.randn(N, 256, generator=g)  # fp32: bf16 values land on rounding ties (x = amax / 2)
+        jobs = [Job(0, torch.arange(N), torch.rand(N, generator=g), 0, 40),
+                Job(1, torch.arange(min(N, 3)), torch.rand(min(N, 3), generator=g), 7, 33),
+                Job(2, torch.arange(N)[:1], torch.rand(1, generator=g), 0, 40)]
+        got = ce(data, x, jobs)
+        exact = sum(reference(data, fmt, x, [j], rounded=len(j.tok) <= 4) for j in jobs)
+        close(got, exact)
+        close(got, reference(data, fmt, x, jobs), tol=3e-2)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 64), QuantSpec(8, 64)], ids=lambda s: s.name)
+def test_integer_dots_are_the_default_for_int4_decode_only(spec):
+    """The default settings: int4 experts of up to 8 tokens take the integer-dot path, int8 experts stay fp32."""
+    if "avx2" not in KERNELS:
+        pytest.skip("the integer-dot path is AVX2 code")
+    data, fmt, g = quantized(spec, seed=3)
+    x = torch.randn(3, 256, generator=g)
+    jobs = [Job(0, torch.arange(3), torch.rand(3, generator=g))]
+    got = CpuExperts(threads=2, kernel="avx2", fmt=fmt)(data, x, jobs)
+    close(got, reference(data, fmt, x, jobs, rounded=spec.bits == 4))

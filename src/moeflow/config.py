@@ -268,6 +268,8 @@ class CpuKernelConfig:
     down_direct: bool = False           # vector path, up to 8 tokens: down's weights widened in registers
     quant_avx512: bool = False          # int4/int8 on the AVX-512 code (else AVX2 code) where avx512 or amx runs
     int4_bf16: bool = False             # with quant_avx512, int4 in groups of 64k: gate/up by vdpbf16ps
+    quant_int8_tokens: int = 8          # AVX2 int4, experts of up to this many tokens: int8 tokens (0: fp32)
+    quant_int8_on_int8: bool = False    # the same integer dot products for int8 experts
     pin: bool = False                   # pin the kernel's worker threads, one per core
     spin: int = 256                     # pause iterations idle workers spin before they sleep
 
@@ -278,5 +280,5 @@ class CpuKernelConfig:
             raise MoeflowError(f"CPU kernel threads {self.threads}: must be at least 1")
         if self.gemv_rows not in (1, 2, 4):
             raise MoeflowError(f"CPU kernel gemv rows {self.gemv_rows}: choose 1, 2 or 4")
-        if self.prefetch < 0 or self.spin < 0 or self.fused_max_bytes < 0:
-            raise MoeflowError("CPU kernel prefetch, spin and fused bytes must not be negative")
+        if self.prefetch < 0 or self.spin < 0 or self.fused_max_bytes < 0 or self.quant_int8_tokens < 0:
+            raise MoeflowError("CPU kernel prefetch, spin, fused bytes and int8 tokens must not be negative")

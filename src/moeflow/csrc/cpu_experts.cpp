@@ -141,6 +141,7 @@ struct QJob {
     const float* w;
     float *x, *xs, *act;  // x: fp32 tokens, or (bf16 mode) bf16 tokens in block-of-64 order
     size_t poff, coff;  // offsets of the job's sums [n, H] and corrections [n, G] in each thread's buffer
+    int idot = 0;       // AVX2 integer dot products: x holds int8 tokens [n, H] then their chunk scales [n, H / 32]
 };
 
 // The call's settings (CpuKernelConfig on the Python side), read from an int64 array in this order.
@@ -157,8 +158,10 @@ struct Opts {
     int quant_avx512;         // int4/int8 on the AVX-512 code where the kernel is avx512 or amx (else the AVX2 code)
     int biased;               // bf16 blocks followed by their biases, the clamped SwiGLU (vector paths only)
     float alpha, limit;       // biased: the activation's, passed as float32 bits
+    int quant_int8_tokens;    // AVX2 int4: jobs of up to this many tokens take int8 tokens, integer dots
+    int quant_int8_on_int8;   // the same for int8 experts
 };
-static const int N_OPTS = 15;
+static const int N_OPTS = 17;
 
 static float float_bits(int64_t v) {
     const uint32_t u = (uint32_t)v;
@@ -170,7 +173,7 @@ static float float_bits(int64_t v) {
 static Opts read_opts(const int64_t* o) {
     return Opts{(int)o[0], o[1], (int)o[2], (int)o[3], (int)o[4], std::clamp((int)o[5], 1, 4), (int)std::max<int64_t>(o[6], 0),
                 (int)o[7], (int)std::max<int64_t>(o[8], 0), (int)o[9], (int)o[10], (int)o[11], (int)o[12],
-                float_bits(o[13]), float_bits(o[14])};
+                float_bits(o[13]), float_bits(o[14]), (int)std::max<int64_t>(o[15], 0), (int)o[16]};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -231,6 +234,7 @@ static void down_rows_scalar(const Job& j, int r0, int r1, int H, float* acc) {
 #define VEC_W 8
 #include "cpu_experts_vec.inc"
 #include "cpu_experts_quant.inc"
+#include "cpu_experts_qdot.inc"
 #undef VEC_W
 #undef VEC_NS
 #pragma GCC pop_options

@@ -24,7 +24,7 @@ from moeflow.config import CpuKernelConfig
 SRC = Path(__file__).resolve().parents[1] / "csrc"
 # the .inc files are included by the .cpp
 SOURCES = ("cpu_experts.cpp", "cpu_experts_pool.inc", "cpu_experts_vec.inc", "cpu_experts_quant.inc",
-           "cpu_experts_amx.inc", "cpu_experts_qcall.inc", "cpu_experts_async.inc")
+           "cpu_experts_amx.inc", "cpu_experts_qcall.inc", "cpu_experts_async.inc", "cpu_experts_qdot.inc")
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
 KERNELS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3, "amx-emu": 4}  # the kernel numbers of the .cpp
 # The AMX blocking: rows of down_t repacked per chunk, of H per gate/up slice, rows per gate/up block (L2-sized).
@@ -38,7 +38,9 @@ def options(cfg: CpuKernelConfig, amx_min_tokens: int, biased=None) -> np.ndarra
     act = np.array([biased.alpha, biased.limit] if biased else [0, 0], dtype=np.float32).view(np.uint32)
     return np.array([amx_min_tokens, cfg.fused_max_bytes, *cfg.amx_blocking, cfg.gemv_rows, cfg.prefetch,
                      int(cfg.pin), cfg.spin, int(cfg.down_direct), int(cfg.int4_bf16),
-                     int(cfg.quant_avx512), int(biased is not None), *act.tolist()], dtype=np.int64)
+                     int(cfg.quant_avx512), int(biased is not None), *act.tolist(), cfg.quant_int8_tokens,
+                     int(cfg.quant_int8_on_int8)],
+                    dtype=np.int64)
 
 
 def native_format(fmt) -> np.ndarray | None:
