@@ -2,7 +2,8 @@
 fp32: every format variant, every kernel this CPU runs, token counts, row ranges, and calls split by tokens.
 The fp32 paths dequantize exactly ((q - z) * s is exact in fp32), so only the summation order differs: tolerance
 1e-4 of the largest output. The AVX2 integer-dot path (quant_int8_tokens) rounds gate/up's tokens to int8 per
-weight group: 1e-4 against the same rounding done in PyTorch, 3e-2 against the unrounded tokens."""
+weight group (and, int4 in groups of 64k at one or two tokens, down's coefficients to 15 bits): 1e-4 against
+the same token rounding done in PyTorch, 3e-2 against the unrounded tokens."""
 
 from __future__ import annotations
 
