@@ -353,3 +353,19 @@ def test_bench_variants_parse_into_configs():
     for bad in ("gemv_rows=x", "colour=1", "kernel=1", "gemv_rows=3"):
         with pytest.raises(MoeflowError):
             parse_variants(bad, base)
+
+
+@pytest.mark.skipif(LIB is None, reason="no native kernel here")
+@pytest.mark.parametrize("kernel", [k for k in HERE if k != "torch"])
+def test_results_do_not_depend_on_which_thread_ran_which_rows(kernel):
+    """Threads claim row chunks as they come (more threads than cores here, so the claims differ from call to
+    call); the down sums are kept per chunk and reduced in order, so repeated calls agree bit for bit."""
+    H, I, E = 128, 1024, 4
+    data, g = weights(E, H, I, seed=3)
+    ce = CpuExperts(threads=4 * physical_cores(), kernel=kernel)
+    for N in (1, 3):
+        x = torch.randn(N, H, generator=g).bfloat16()
+        ids, w = routed(N, E, 2, g)
+        outs = [ce.layer(data, x, ids, w) for _ in range(6)]
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
+        check(outs[0], reference(data, x, jobs_from_topk(ids, w, E), I), kernel)

@@ -12,7 +12,7 @@ import torch
 
 from moeflow.config import CpuKernelConfig
 from moeflow.experts import native
-from moeflow.experts.cpu import CpuExperts, Job, jobs_from_topk
+from moeflow.experts.cpu import CpuExperts, Job, jobs_from_topk, physical_cores
 from moeflow.experts.ffn import partial_ffn
 from moeflow.quant.format import ExpertFormat, QuantSpec
 
@@ -141,3 +141,20 @@ def test_integer_dots_are_the_default_for_int4_decode_only(spec):
     jobs = [Job(0, torch.arange(3), torch.rand(3, generator=g))]
     got = CpuExperts(threads=2, kernel="avx2", fmt=fmt)(data, x, jobs)
     close(got, reference(data, fmt, x, jobs, rounded=spec.bits == 4))
+
+
+@pytest.mark.parametrize("kernel", KERNELS[:2])
+@pytest.mark.parametrize("int8_tokens", [0, 8])
+def test_quantized_results_do_not_depend_on_which_thread_ran_which_rows(kernel, int8_tokens):
+    """As for bf16: row chunks claimed as they come, sums per chunk reduced in order, bit-for-bit repeatable."""
+    spec = QuantSpec(4, 64, symmetric=False)
+    data, fmt, g = quantized(spec, I=640, seed=2)
+    cfg = CpuKernelConfig(quant_int8_tokens=int8_tokens)
+    ce = CpuExperts(threads=4 * physical_cores(), kernel=kernel, fmt=fmt, config=cfg)
+    for N in (1, 5):
+        x = torch.randn(N, 256, generator=g).bfloat16()
+        ids, w = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(N)]), torch.rand(N, 2, generator=g)
+        outs = [ce.layer(data, x, ids, w) for _ in range(6)]
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
+        rounded = kernel == "avx2" and int8_tokens >= N  # the integer-dot path
+        close(outs[0], reference(data, fmt, x, jobs_from_topk(ids, w, 4), rounded=rounded))

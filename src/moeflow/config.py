@@ -260,7 +260,7 @@ class CpuKernelConfig:
     kernel: str = "auto"
     threads: int | None = None          # None: the physical cores (less one beside a GPU driver)
     amx_min_tokens: int | None = None   # fewest tokens of an expert on the AMX tiles (None: 16; amx-emu: 1)
-    fused_max_bytes: int = 64 << 20     # vector path: down fused into gate/up while the per-thread sums fit this
+    fused_max_bytes: int = 64 << 20     # vector path: down fused into gate/up while the chunks' sums fit this
     # AMX blocking: rows of down_t per chunk, of H per gate/up slice, rows per gate/up block (a sweep's best)
     amx_blocking: tuple[int, int, int] = (256, 512, 32)
     gemv_rows: int = 1                  # AVX-512 path, up to 8 tokens: gate/up rows per pass (1, 2 or 4)

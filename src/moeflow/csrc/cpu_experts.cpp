@@ -2,8 +2,8 @@
 //
 // A call gets a list of jobs (expert, its tokens and weights, intermediate rows r0:r1) and runs, on its own
 // thread pool, a preparation of the tokens (gathered, converted or packed per job) and two parallel phases:
-//   A  gate/up: row blocks of all jobs split over threads by cost; each block streams its gate and up rows
-//      once for all of the job's tokens and writes act = silu(gate) * up.
+//   A  gate/up: row chunks of all jobs claimed by the threads in turn (Chunks); each streams its gate and up
+//      rows once for all of the job's tokens and writes act = silu(gate) * up.
 //      Biased experts (GPT-OSS, experts/biased.py): the block is followed by its biases [gate I | up I | down H];
 //      act is then the clamped SwiGLU of the biased sums, and the part holding row 0 adds w * the down bias.
 //   B  down: H split into column chunks (multiples of 64 columns, so no two threads share a cache line of
@@ -72,6 +72,44 @@ static inline void cpu_relax() {
 #include "cpu_experts_pool.inc"
 
 // ---------------------------------------------------------------------------------------------------
+// Row chunks of one call's jobs, claimed by the threads from an atomic counter: a thread that starts late
+// (woken last, or sharing its core with the GPU driver) takes fewer, so a call does not wait for its slowest
+// thread. The cut depends on the jobs and the thread count alone, and down sums are kept per chunk and
+// reduced in chunk order: a result does not depend on which thread ran which chunk.
+
+struct Chunks {
+    std::vector<int> job, r0, r1;  // chunk c: rows r0:r1 of job job[c]
+    std::vector<int> first;        // job k's chunks: first[k]:first[k + 1]
+    std::vector<size_t> soff;      // chunk c's sums at soff[c] floats into the call's sums
+    size_t sums = 0;               // floats of every chunk's sums
+    std::atomic<int> next{0};
+    int claim() { return next.fetch_add(1, std::memory_order_relaxed); }
+    int size() const { return (int)job.size(); }
+};
+
+// Job k (rows[k] rows, n[k] tokens) in chunks of whole 16-row blocks of about equal cost (16 + 1.5 n a block),
+// per_thread chunks a thread on average; each chunk's sums take n[k] * floats_per_token floats.
+static void cut_chunks(Chunks& c, const std::vector<int>& rows, const std::vector<int>& n, int threads,
+                       int per_thread, size_t floats_per_token) {
+    double total = 0;
+    for (size_t k = 0; k < rows.size(); ++k) total += (rows[k] + 15) / 16 * (16 + 1.5 * n[k]);
+    const double target = total / std::max(threads * per_thread, 1);
+    c.first.assign(1, 0);
+    for (size_t k = 0; k < rows.size(); ++k) {
+        const int step = 16 * std::max(1, (int)std::lround(target / (16 + 1.5 * n[k])));
+        for (int r = 0; r < rows[k]; r += step) {
+            c.job.push_back((int)k), c.r0.push_back(r), c.r1.push_back(std::min(rows[k], r + step));
+            c.soff.push_back(c.sums);
+            c.sums += (size_t)n[k] * floats_per_token;
+        }
+        c.first.push_back(c.size());
+    }
+}
+
+// Chunks a thread: fine-grained where the sums stay small (few tokens: the latency regime's decode).
+static int chunks_per_thread(int max_n) { return max_n <= 16 ? 4 : 1; }
+
+// ---------------------------------------------------------------------------------------------------
 // One job as the kernels see it.
 
 struct Job {
@@ -82,8 +120,7 @@ struct Job {
     const void* x;                  // the job's tokens: fp32 [n, H], bf16 [n, H], or AMX-packed (pack_tokens)
     void* act;                      // silu(gate) * up: fp32 [n, R] or, for AMX, bf16 tiles (pack_tokens)
     bool tiles;                     // AMX tiles (else the vector kernel)
-    bool fused;                     // down by rows, into per-thread sums, in the gate/up pass
-    size_t poff;                    // fused: offset of the job's [n, H] sums in each thread's buffer
+    bool fused;                     // down by rows, into its chunk's sums, in the gate/up pass
     const bf16 *bias_g, *bias_u;    // biased: the gate and up biases of row r0 (else null)
     const bf16* bias_d;             // biased, where r0 = 0: the down bias [H] (else null)
     float alpha, limit;             // biased: the clamped SwiGLU's
@@ -140,14 +177,13 @@ struct QJob {
     const int32_t* tok;
     const float* w;
     float *x, *xs, *act;  // x: fp32 tokens, or (bf16 mode) bf16 tokens in block-of-64 order
-    size_t poff, coff;  // offsets of the job's sums [n, H] and corrections [n, G] in each thread's buffer
     int idot = 0;       // AVX2 integer dot products: x holds int8 tokens [n, H] then their chunk scales [n, H / 32]
 };
 
 // The call's settings (CpuKernelConfig on the Python side), read from an int64 array in this order.
 struct Opts {
     int amx_min_tokens;       // jobs of at least this many tokens go to the AMX tiles
-    int64_t fused_max_bytes;  // vector path: down fused into gate/up while all per-thread sums take at most this
+    int64_t fused_max_bytes;  // vector path: down fused into gate/up while all chunks' sums take at most this
     int amx_down_rows, amx_gu_hidden, amx_gu_rows;  // the AMX blocking (AmxBlocking), rounded to 32, 32, 16
     int gemv_rows;            // vector path, AVX-512: gate/up rows per pass (1, 2 or 4)
     int prefetch;             // vector path: software prefetch this many bytes ahead of each weight stream (0: none)
@@ -371,7 +407,6 @@ struct Scratch {
 static std::mutex g_call;
 static Pool g_pool;
 static std::vector<Scratch> g_thread_acc;   // down by columns: [n, 256] sums
-static std::vector<Scratch> g_thread_priv;  // fused down: each thread's [n, H] sums of every job
 static std::vector<Scratch> g_thread_tiles; // AMX: each thread's weight tiles and sums (amx_scratch_bytes)
 
 static inline size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
@@ -443,7 +478,7 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
     // Layout of the scratch: per job, the gathered (or packed) tokens, then the activations.
     std::vector<Job> jobs;
     std::vector<size_t> xoff, aoff;
-    size_t total = 0, priv = 0;
+    size_t total = 0;
     int max_n = 0, max_tile_groups = 0;
     for (int k = 0; k < n_jobs; ++k) {
         int n = job_off[k + 1] - job_off[k], r0 = job_r0[k], r1 = job_r1[k];
@@ -458,16 +493,11 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
         j.w = tok_w + job_off[k];
         j.tiles = amx && n >= amx_min_tokens && !o.biased;
         j.fused = false;
-        j.poff = 0;
         const bf16* bias = block + 3 * (size_t)I * H;  // biased: [gate I | up I | down H]
         j.bias_g = o.biased ? bias + r0 : nullptr;
         j.bias_u = o.biased ? bias + I + r0 : nullptr;
         j.bias_d = o.biased && r0 == 0 ? bias + 2 * (size_t)I : nullptr;
         j.alpha = o.alpha, j.limit = o.limit;
-        if (!j.tiles) {
-            j.poff = priv;
-            priv += (size_t)n * H;
-        }
         size_t xs = j.tiles ? (size_t)groups16(n) * 16 * H * 2 : (size_t)n * H * (vec == AVX512 ? 2 : 4);
         size_t as = j.tiles ? (size_t)groups16(n) * 16 * j.Rp * 2 : (size_t)n * j.R * 4;
         xoff.push_back(total);
@@ -479,10 +509,18 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
         if (j.tiles) max_tile_groups = std::max(max_tile_groups, groups16(n));
     }
     if (jobs.empty()) return 1;
-    // Few tokens: each thread adds its rows of down_t into its own [n, H] sums while the rows are hot, and
-    // a reduction follows (contiguous reads of whole rows). Many tokens: down by column chunks instead.
-    const bool fused = (int64_t)(priv * sizeof(float) * threads) <= fused_max_bytes;
+    // Few tokens: each chunk adds its rows of down_t into its own [n, H] sums while the rows are hot, and a
+    // reduction follows (contiguous reads of whole rows). Many tokens: down by column chunks instead.
+    Chunks ch;
+    std::vector<int> rows, ns;
+    for (const Job& j : jobs) rows.push_back(j.R), ns.push_back(j.n);
+    cut_chunks(ch, rows, ns, threads, chunks_per_thread(max_n), H);
+    size_t fused_floats = 0;
+    for (int c = 0; c < ch.size(); ++c) fused_floats += jobs[ch.job[c]].tiles ? 0 : (size_t)jobs[ch.job[c]].n * H;
+    const bool fused = (int64_t)(fused_floats * sizeof(float)) <= fused_max_bytes;
     for (Job& j : jobs) j.fused = fused && !j.tiles;
+    static Scratch sum_scratch;
+    float* sums = fused ? (float*)sum_scratch.get(ch.sums * sizeof(float)) : nullptr;
     const AmxBlocking bk{std::clamp(o.amx_down_rows / 32, 1, (I + 31) / 32),
                          std::clamp(o.amx_gu_hidden / 32, 1, std::max(1, H / 32)), std::clamp(o.amx_gu_rows / 16, 1, 16)};
     g_pool.configure(o.pin, o.spin);
@@ -522,32 +560,15 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
     };
     g_pool.run(elems >= (1 << 16) ? std::min(threads, (int)pu.size()) : 1, prep, true);  // small: no wake-up
 
-    // Phase A: row blocks of 16 (one AMX tile of rows), weighted by bytes plus compute, split evenly.
-    std::vector<int> blk_job, blk_row;
-    std::vector<double> cost{0};
-    for (size_t k = 0; k < jobs.size(); ++k)
-        for (int r = 0; r < jobs[k].R; r += 16) {
-            blk_job.push_back((int)k);
-            blk_row.push_back(r);
-            cost.push_back(cost.back() + 16 + jobs[k].n * (jobs[k].fused ? 1.5 : 1.0));
-        }
-    const int nb = (int)blk_job.size();
-    const int ta = std::min(threads, nb);
-    if ((int)g_thread_priv.size() < ta) g_thread_priv.resize(ta);
-    std::vector<int> touched_lo(ta, 1 << 30), touched_hi(ta, -1);  // fused jobs each thread summed
+    // Phase A: the chunks, claimed in turn; a chunk's rows are whole AMX tiles of 16.
+    const int ta = std::min(threads, ch.size());
     auto phase_a = [&](int id, int nt) {
-        double lo = cost.back() * id / nt, hi = cost.back() * (id + 1) / nt;
-        int b0 = (int)(std::lower_bound(cost.begin(), cost.end(), lo) - cost.begin());
-        int b1 = (int)(std::lower_bound(cost.begin(), cost.end(), hi) - cost.begin());
-        if (id == nt - 1) b1 = nb;
-        float* sums = fused ? (float*)g_thread_priv[id].get(priv * sizeof(float)) : nullptr;
+        (void)nt;
         char* tbuf = tile_bytes ? g_thread_tiles[id].get(tile_bytes) : nullptr;
         bool tiles_on = false;
-        for (int b = b0; b < b1;) {  // consecutive blocks of one job go in one call
-            int k = blk_job[b], e = b;
-            while (e < b1 && blk_job[e] == k) ++e;
-            const Job& j = jobs[k];
-            int r0 = blk_row[b], r1 = std::min(j.R, blk_row[e - 1] + 16);
+        for (int c; (c = ch.claim()) < ch.size();) {
+            const Job& j = jobs[ch.job[c]];
+            const int r0 = ch.r0[c], r1 = ch.r1[c];
             if (j.tiles) {
                 if (kernel == AMX && !tiles_on) amx_hw::begin(), tiles_on = true;
                 if (kernel == AMX) amx_hw::gateup(j, r0, r1, H, bk, tbuf);
@@ -560,17 +581,14 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
                 }
             }
             if (j.fused) {
-                float* acc = sums + j.poff;
-                if (touched_hi[id] < k) std::memset(acc, 0, sizeof(float) * (size_t)j.n * H);
-                touched_lo[id] = std::min(touched_lo[id], k);
-                touched_hi[id] = k;
+                float* acc = sums + ch.soff[c];
+                std::memset(acc, 0, sizeof(float) * (size_t)j.n * H);
                 switch (vec) {
                     case SCALAR: down_rows_scalar(j, r0, r1, H, acc); break;
                     case AVX2: avx2::down_rows(j, r0, r1, H, acc, o.prefetch, o.down_direct); break;
                     default: avx512::down_rows(j, r0, r1, H, acc, o.prefetch, o.down_direct);
                 }
             }
-            b = e;
         }
         if (tiles_on) amx_hw::end();
     };
@@ -599,9 +617,8 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
                 for (int t = 0; t < j.n; ++t) {
                     float* o = out + (size_t)j.tok[t] * H;
                     for (int c = c0; c < c1; ++c) acc[c - c0] = 0;
-                    for (int p = 0; p < ta; ++p) {
-                        if (touched_lo[p] > (int)k || touched_hi[p] < (int)k) continue;
-                        const float* src = (const float*)g_thread_priv[p].get(0) + j.poff + (size_t)t * H;
+                    for (int q = ch.first[k]; q < ch.first[k + 1]; ++q) {  // the job's chunks, in order
+                        const float* src = sums + ch.soff[q] + (size_t)t * H;
                         for (int c = c0; c < c1; ++c) acc[c - c0] += src[c];
                     }
                     for (int c = c0; c < c1; ++c) o[c] += j.w[t] * acc[c - c0];

@@ -216,11 +216,11 @@ class CpuExperts:
         return CpuCall(out, finish, keep=(meta, tok, w, xf, opts))
 
     def _token_parts(self, jobs: list[Job], H: int) -> list[list[Job]]:
-        """The jobs in parts whose per-thread sums (the quantized path keeps [n, H] per thread for every job)
-        take at most fused_max_bytes; bf16 jobs in one part (the kernel chooses its own down pass)."""
+        """The jobs in parts whose down sums (the quantized path keeps [n, H + G] per row chunk, about one chunk
+        a thread per job) take at most fused_max_bytes; bf16 jobs in one part (the kernel chooses its down pass)."""
         if self.qfmt is None:
             return [jobs]
-        per_token = 4 * self.threads * (H + H // int(self.qfmt[1]))
+        per_token = 4 * (self.threads + 1) * (H + H // int(self.qfmt[1]))
         budget = max(self.fused_max_bytes // per_token, 1)
         parts, part, used = [], [], 0
         for j in jobs:
