@@ -88,9 +88,9 @@ struct Chunks {
 };
 
 // Job k (rows[k] rows, n[k] tokens) in chunks of whole 16-row blocks of about equal cost (16 + 1.5 n a block),
-// per_thread chunks a thread on average; each chunk's sums take n[k] * floats_per_token floats.
+// per_thread chunks a thread on average; each of job k's chunks keeps sum_floats[k] floats of sums.
 static void cut_chunks(Chunks& c, const std::vector<int>& rows, const std::vector<int>& n, int threads,
-                       int per_thread, size_t floats_per_token) {
+                       int per_thread, const std::vector<size_t>& sum_floats) {
     double total = 0;
     for (size_t k = 0; k < rows.size(); ++k) total += (rows[k] + 15) / 16 * (16 + 1.5 * n[k]);
     const double target = total / std::max(threads * per_thread, 1);
@@ -100,7 +100,7 @@ static void cut_chunks(Chunks& c, const std::vector<int>& rows, const std::vecto
         for (int r = 0; r < rows[k]; r += step) {
             c.job.push_back((int)k), c.r0.push_back(r), c.r1.push_back(std::min(rows[k], r + step));
             c.soff.push_back(c.sums);
-            c.sums += (size_t)n[k] * floats_per_token;
+            c.sums += sum_floats[k];
         }
         c.first.push_back(c.size());
     }
@@ -513,11 +513,11 @@ int moe_experts(int kernel, int threads, const bf16* w, int64_t expert_stride, i
     // reduction follows (contiguous reads of whole rows). Many tokens: down by column chunks instead.
     Chunks ch;
     std::vector<int> rows, ns;
-    for (const Job& j : jobs) rows.push_back(j.R), ns.push_back(j.n);
-    cut_chunks(ch, rows, ns, threads, chunks_per_thread(max_n), H);
-    size_t fused_floats = 0;
-    for (int c = 0; c < ch.size(); ++c) fused_floats += jobs[ch.job[c]].tiles ? 0 : (size_t)jobs[ch.job[c]].n * H;
-    const bool fused = (int64_t)(fused_floats * sizeof(float)) <= fused_max_bytes;
+    std::vector<size_t> sum_floats;  // tiled jobs keep no sums
+    for (const Job& j : jobs)
+        rows.push_back(j.R), ns.push_back(j.n), sum_floats.push_back(j.tiles ? 0 : (size_t)j.n * H);
+    cut_chunks(ch, rows, ns, threads, chunks_per_thread(max_n), sum_floats);
+    const bool fused = (int64_t)(ch.sums * sizeof(float)) <= fused_max_bytes;
     for (Job& j : jobs) j.fused = fused && !j.tiles;
     static Scratch sum_scratch;
     float* sums = fused ? (float*)sum_scratch.get(ch.sums * sizeof(float)) : nullptr;
