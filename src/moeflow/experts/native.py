@@ -24,7 +24,8 @@ from moeflow.config import CpuKernelConfig
 SRC = Path(__file__).resolve().parents[1] / "csrc"
 # the .inc files are included by the .cpp
 SOURCES = ("cpu_experts.cpp", "cpu_experts_pool.inc", "cpu_experts_vec.inc", "cpu_experts_quant.inc",
-           "cpu_experts_amx.inc", "cpu_experts_qcall.inc", "cpu_experts_async.inc", "cpu_experts_qdot.inc")
+           "cpu_experts_amx.inc", "cpu_experts_qcall.inc", "cpu_experts_async.inc", "cpu_experts_qdot.inc",
+           "cpu_experts_call.inc")
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
 KERNELS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3, "amx-emu": 4}  # the kernel numbers of the .cpp
 # The AMX blocking: rows of down_t repacked per chunk, of H per gate/up slice, rows per gate/up block (L2-sized).
