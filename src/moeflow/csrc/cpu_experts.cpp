@@ -87,27 +87,28 @@ struct Chunks {
     int size() const { return (int)job.size(); }
 };
 
-// Job k (rows[k] rows, n[k] tokens) in chunks of whole 16-row blocks of about equal cost (16 + 1.5 n a block),
-// per_thread chunks a thread on average; each of job k's chunks keeps sum_floats[k] floats of sums.
-static void cut_chunks(Chunks& c, const std::vector<int>& rows, const std::vector<int>& n, int threads,
-                       int per_thread, const std::vector<size_t>& sum_floats) {
+// The jobs (anything with rows R and tokens n) in chunks of whole 16-row blocks of about equal cost (16 + 1.5 n
+// a block): about four a thread where every job has at most 16 tokens (the sums stay small: decode), else one.
+// Each of job j's chunks keeps sum_floats(j) floats of sums.
+template <class J, class SumFloats>
+static void cut_chunks(Chunks& c, const std::vector<J>& jobs, int threads, SumFloats sum_floats) {
     double total = 0;
-    for (size_t k = 0; k < rows.size(); ++k) total += (rows[k] + 15) / 16 * (16 + 1.5 * n[k]);
+    int max_n = 0;
+    for (const J& j : jobs) total += (j.R + 15) / 16 * (16 + 1.5 * j.n), max_n = std::max(max_n, j.n);
+    const int per_thread = max_n <= 16 ? 4 : 1;
     const double target = total / std::max(threads * per_thread, 1);
     c.first.assign(1, 0);
-    for (size_t k = 0; k < rows.size(); ++k) {
-        const int step = 16 * std::max(1, (int)std::lround(target / (16 + 1.5 * n[k])));
-        for (int r = 0; r < rows[k]; r += step) {
-            c.job.push_back((int)k), c.r0.push_back(r), c.r1.push_back(std::min(rows[k], r + step));
+    for (size_t k = 0; k < jobs.size(); ++k) {
+        const J& j = jobs[k];
+        const int step = 16 * std::max(1, (int)std::lround(target / (16 + 1.5 * j.n)));
+        for (int r = 0; r < j.R; r += step) {
+            c.job.push_back((int)k), c.r0.push_back(r), c.r1.push_back(std::min(j.R, r + step));
             c.soff.push_back(c.sums);
-            c.sums += sum_floats[k];
+            c.sums += sum_floats(j);
         }
         c.first.push_back(c.size());
     }
 }
-
-// Chunks a thread: fine-grained where the sums stay small (few tokens: the latency regime's decode).
-static int chunks_per_thread(int max_n) { return max_n <= 16 ? 4 : 1; }
 
 // ---------------------------------------------------------------------------------------------------
 // One job as the kernels see it.
