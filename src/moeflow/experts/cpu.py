@@ -216,8 +216,9 @@ class CpuExperts:
         return CpuCall(out, finish, keep=(meta, tok, w, xf, opts))
 
     def _token_parts(self, jobs: list[Job], H: int) -> list[list[Job]]:
-        """The jobs in parts whose down sums (the quantized path keeps [n, H + G] per row chunk, about one chunk
-        a thread per job) take at most fused_max_bytes; bf16 jobs in one part (the kernel chooses its down pass)."""
+        """The jobs in parts whose down sums take at most fused_max_bytes: the quantized path keeps [n, H + G] per
+        row chunk, about one chunk a thread per job beyond 16 tokens (four a thread below, where sums are small).
+        bf16 jobs go in one part (the kernel chooses its down pass)."""
         if self.qfmt is None:
             return [jobs]
         per_token = 4 * (self.threads + 1) * (H + H // int(self.qfmt[1]))
