@@ -261,23 +261,32 @@ def test_quantized_experts_offloaded_to_cuda_give_the_all_gpu_tokens(mixtral, po
 
 def check_int4_kernel(device: str, dtype: torch.dtype) -> None:
     """The Triton int4 expert against the fallback (rows dequantized, dense FFN in x's dtype): within 1% (bf16/fp16
-    rounding of the intermediate and accumulation order) for decode and prefill token counts and every variant."""
+    rounding of the intermediate and accumulation order) for every variant, through the decode GEMVs (n up to
+    GEMV_MAX_TOKENS) and the tiled kernels (n beyond)."""
     from moeflow.experts.local import partial_ffn
-    from moeflow.quant.triton_int4 import int4_ffn
+    from moeflow.quant import triton_int4
 
     g = torch.Generator().manual_seed(0)
-    # I = 512: the down GEMM splits its rows over two programs (atomic adds)
-    for spec, inter in ((QuantSpec(4, 32), 512), (QuantSpec(4, 64, False), 96),
-                        (QuantSpec(4, 128, True, torch.float16), 96)):
-        fmt = ExpertFormat(inter, 256, dtype, spec)
+    # (spec, I, H, GEMV programs): the programs aimed at pick the gate_up GEMV's rows a program, 8, 4 and 2 here
+    # (and fewer programs keep the interpreter quick). I = 512: the tiled down GEMM splits its rows over two
+    # programs; every I gives the down GEMV several programs a column block (atomic adds). H = 192 and 384 are
+    # 3 groups: a GEMV step's groups partly masked.
+    cases = [(QuantSpec(4, 32), 512, 256, 64), (QuantSpec(4, 64, False), 96, 192, 24),
+             (QuantSpec(4, 128, True, torch.float16), 96, 384, 512)]
+    if device == "cuda":  # every combination, cheap on a GPU (the interpreter takes seconds a call)
+        cases += [(QuantSpec(4, gs, sym, sd), 4096, 512, 512) for gs in (32, 64, 128) for sym in (True, False)
+                  for sd in (torch.bfloat16, torch.float16)]
+    for spec, inter, hidden, programs in cases:
+        fmt = ExpertFormat(inter, hidden, dtype, spec)
         block = torch.empty(fmt.block_numel, dtype=torch.uint8)
-        fmt.pack(*(torch.randn(inter, 256, generator=g) * 0.05 for _ in range(3)), block)
+        fmt.pack(*(torch.randn(inter, hidden, generator=g) * 0.05 for _ in range(3)), block)
         block = block.to(device)
-        for n in (1, 5, 40):
-            x = torch.randn(n, 256, generator=g).to(device, dtype)
+        for n in (1, 2, triton_int4.GEMV_MAX_TOKENS, triton_int4.GEMV_MAX_TOKENS + 1, 40):
+            x = torch.randn(n, hidden, generator=g).to(device, dtype)
             want = partial_ffn(x, *fmt.rows(block, 0, inter, dtype)).float()
-            got = int4_ffn(x, block, fmt)
-            assert got.shape == (n, 256) and ((got - want).norm() / want.norm()) < 1e-2, (spec, n)
+            with mock.patch.object(triton_int4, "GEMV_PROGRAMS", programs):
+                got = triton_int4.int4_ffn(x, block, fmt)
+            assert got.shape == (n, hidden) and ((got - want).norm() / want.norm()) < 1e-2, (spec, inter, n)
 
 
 @pytest.mark.gpu

@@ -1,14 +1,20 @@
 """Triton kernels for one int4 expert (quant/format.py blocks) on its tokens, dequantizing inside the GEMMs.
 
-Two kernels, as the FFN's two GEMMs: gate_up computes h = silu(x gate^T) * (x up^T) [n, I], reading gate and up
-rows a group at a time; down computes y = h down_t [n, H], a group of H columns at a time. A tile spans one
-quantization group along H (BK = g), so each row of a tile has one scale (and zero point). The packed bytes hold
-the even columns in their low nibbles and the odd ones in their high: the kernels never interleave, they take the
-even and odd columns of x (gate_up) or of y (down) apart. Small token counts (decode) pad to 16 rows, the
-smallest tl.dot. Used where Triton is importable on a CUDA device; the PyTorch dequantize-then-matmul fallback
-(quant/format.py rows) elsewhere.
+The FFN's two GEMMs: gate_up computes h = silu(x gate^T) * (x up^T) [n, I]; down computes y = h down_t [n, H],
+split over I and added into y. The packed bytes hold the even columns in their low nibbles and the odd ones in
+their high: the kernels never interleave, they take the even and odd columns of x (gate_up) or of y (down)
+apart. Each GEMM has two kernels, by token count:
 
-Legend: n = tokens, H = hidden, I = intermediate rows, g = group size, R = record bytes of a row.
+- decode (n <= GEMV_MAX_TOKENS): GEMVs. A step reads GEMV_STEP_BYTES contiguous bytes of each of a few rows
+  (several groups, [rows, groups, g/2 bytes], each group's scale broadcast), dequantizes them once and multiplies
+  them by every token's x (or h) elementwise in fp32; x is read as 32-bit words, one (even, odd) pair a word.
+- prefill: tl.dot tiles spanning one group along H (BK = g), the tokens padded to 16 rows at least.
+
+Used where Triton is importable on a CUDA device; the PyTorch dequantize-then-matmul fallback (quant/format.py
+rows) elsewhere.
+
+Legend: n = tokens, H = hidden, I = intermediate rows, g = group size, G = H / g, R = record bytes of a row,
+BR = rows a tile, NG = groups a step, HALF = g / 2 bytes of codes a group, BT = tokens rounded up to a power of 2.
 """
 
 from __future__ import annotations
@@ -22,11 +28,18 @@ except ImportError:  # no Triton (CPU-only installs): the fallback runs
     triton = None
 
 
+GEMV_MAX_TOKENS = 4  # decode kernels up to here: their work grows with n (the tiled ones' is flat to 16 tokens)
+GEMV_STEP_BYTES = 256  # bytes of each row a GEMV step reads: 2 full 128-byte lines, 16 bytes a thread
+GEMV_PROGRAMS = 512  # programs a GEMV launch aims for: about 4 per SM of an H100 (132 SMs)
+DOWN_ROWS, DOWN_UNROLL = 4, 4  # the down GEMV's tile rows, and tiles loaded together in a step (I % 16 == 0)
+
+
 def available(x: torch.Tensor, fmt) -> bool:
     """An int4 block on a CUDA device with bf16/fp16 activations (fp32 runs take the fallback, exactly), of
-    shapes the tiles divide."""
+    shapes the tiles divide: I a multiple of 16, groups a power of two (g / 2 bytes is a tile's last dim)."""
     return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and
-            fmt.spec is not None and fmt.spec.bits == 4 and fmt.inter % 16 == 0)
+            fmt.spec is not None and fmt.spec.bits == 4 and fmt.inter % 16 == 0 and
+            fmt.spec.group_size & (fmt.spec.group_size - 1) == 0)
 
 
 if triton is not None:
@@ -96,24 +109,155 @@ if triton is not None:
         tl.atomic_add(y_ptr + toks[:, None] * H + k0 + 2 * j[None, :] + 1, acc_o, mask=tmask[:, None])
 
 
-def int4_ffn(x: torch.Tensor, block: torch.Tensor, fmt) -> torch.Tensor:
+if triton is not None:
+    @triton.jit
+    def _f32(bits, BF16: tl.constexpr):
+        """The 16-bit float in the low half of int32 `bits` as fp32 (bf16: a shift)."""
+        if BF16:
+            return (bits << 16).to(tl.float32, bitcast=True)
+        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _pair(words, BF16: tl.constexpr):
+        """int32 words of a 16-bit float row -> (even, odd) columns as fp32."""
+        if BF16:
+            return _f32(words, True), (words & -65536).to(tl.float32, bitcast=True)
+        return _f32(words, False), _f32(words >> 16, False)
+
+    @triton.jit
+    def _weights(codes, zz, s, X_BF16: tl.constexpr):
+        """Codes 0..15 (int32) -> (code - z) * s rounded to the activations' dtype, as fp32. zz = 2^23 + z: the
+        bits 2^23 | code read as fp32 are 2^23 + code, so no int-to-float conversion runs and the difference is
+        exact (z an integer, as quantize writes)."""
+        w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zz) * s
+        return w.to(tl.bfloat16 if X_BF16 else tl.float16).to(tl.float32)
+
+    @triton.jit
+    def _gemv_tile(blk_ptr, rows, cols, grp, gmask, R, QB, SB, ASYM: tl.constexpr, SCALE_BF16: tl.constexpr,
+                   X_BF16: tl.constexpr):
+        """Code bytes `cols` of rows `rows` (group `grp` each; groups past the row masked by gmask), index tensors
+        broadcasting to the tile -> (even, odd) weights of the tile, fp32."""
+        row = blk_ptr + rows * R
+        q = tl.load(row + cols, mask=gmask, other=0).to(tl.int32)
+        sp = (row + QB + 2 * grp).to(tl.pointer_type(tl.int16))  # scales read as bits: see _f32
+        s = _f32(tl.load(sp, mask=gmask, other=0).to(tl.int32), SCALE_BF16)
+        if ASYM:
+            zz = 8388608.0 + _f32(tl.load(sp + SB // 2, mask=gmask, other=0).to(tl.int32), SCALE_BF16)
+        else:
+            zz = 8388616.0  # 2^23 + 8
+        return _weights(q & 15, zz, s, X_BF16), _weights(q >> 4, zz, s, X_BF16)
+
+    @triton.jit
+    def _gate_up_gemv(x_ptr, blk_ptr, h_ptr, H, I, R, QB, SB, NT: tl.constexpr, BT: tl.constexpr,
+                      BR: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr, ASYM: tl.constexpr,
+                      SCALE_BF16: tl.constexpr, X_BF16: tl.constexpr):
+        """h [NT, I] at rows BR * pid onwards. A step dequantizes NG groups of BR gate and BR up rows once, then
+        sums each token's products to [BR]."""
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)                # [BR]
+        tok = tl.arange(0, BT)
+        G = H // (2 * HALF)
+        x32 = x_ptr.to(tl.pointer_type(tl.int32))                       # word k: x's columns 2k, 2k + 1
+        acc_g = tl.zeros((BR, BT), tl.float32)
+        acc_u = tl.zeros((BR, BT), tl.float32)
+        for g0 in range(0, G, NG):
+            grp = g0 + tl.arange(0, NG)                                   # [NG]
+            gm = grp < G
+            cols = grp[:, None] * HALF + tl.arange(0, HALF)[None, :]     # [NG, HALF] code bytes = x's words
+            cols3, grp3, gm3 = cols[None], grp[None, :, None], gm[None, :, None]
+            glo, ghi = _gemv_tile(blk_ptr, rows[:, None, None], cols3, grp3, gm3, R, QB, SB, ASYM, SCALE_BF16,
+                                  X_BF16)                                  # [BR, NG, HALF]
+            ulo, uhi = _gemv_tile(blk_ptr, rows[:, None, None] + I, cols3, grp3, gm3, R, QB, SB, ASYM, SCALE_BF16,
+                                  X_BF16)
+            for t in tl.static_range(NT):
+                xe, xo = _pair(tl.load(x32 + t * (H // 2) + cols, mask=gm[:, None], other=0), X_BF16)
+                xe, xo = xe[None], xo[None]                               # [1, NG, HALF]
+                pg = tl.sum(tl.sum(glo * xe + ghi * xo, axis=2), axis=1)  # [BR]
+                pu = tl.sum(tl.sum(ulo * xe + uhi * xo, axis=2), axis=1)
+                acc_g += tl.where(tok[None, :] == t, pg[:, None], 0.0)
+                acc_u += tl.where(tok[None, :] == t, pu[:, None], 0.0)
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u                         # [BR, BT]
+        tl.store(h_ptr + tok[None, :] * I + rows[:, None], h, mask=tok[None, :] < NT)
+
+    @triton.jit
+    def _down_gemv(h_ptr, blk_ptr, y_ptr, H, I, R, QB, SB, CHUNK, NT: tl.constexpr, BT: tl.constexpr,
+                   BR: tl.constexpr, U: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr, ASYM: tl.constexpr,
+                   SCALE_BF16: tl.constexpr, X_BF16: tl.constexpr):
+        """y[:, columns of NG groups at pid 0] += h @ down_t over rows CHUNK * pid 1 onwards. Tiles are
+        [BT, BR, NG, HALF], the tokens leading so each weight dequantizes once; products add up elementwise and
+        the rows are summed once at the end (no reduction in the loop). U tiles a step, loaded together."""
+        pid_c, pid_s = tl.program_id(0), tl.program_id(1)
+        G = H // (2 * HALF)
+        grp = pid_c * NG + tl.arange(0, NG)                              # [NG]
+        gm = grp < G
+        cols = grp[:, None] * HALF + tl.arange(0, HALF)[None, :]        # [NG, HALF] code bytes: y's column pairs
+        tok = tl.arange(0, BT)[:, None, None, None]                      # [BT, 1, 1, 1]
+        cols4, grp4, gm4 = cols[None, None], grp[None, None, :, None], gm[None, None, :, None]
+        acc_e = tl.zeros((BT, BR, NG, HALF), tl.float32)
+        acc_o = tl.zeros((BT, BR, NG, HALF), tl.float32)
+        for i0 in range(pid_s * CHUNK, tl.minimum(pid_s * CHUNK + CHUNK, I), BR * U):
+            for u in tl.static_range(U):
+                rows = i0 + u * BR + tl.arange(0, BR)[None, :, None, None]  # [1, BR, 1, 1]
+                lo, hi = _gemv_tile(blk_ptr, rows + 2 * I, cols4, grp4, gm4, R, QB, SB, ASYM, SCALE_BF16,
+                                    X_BF16)                                 # [1, BR, NG, HALF]
+                hv = tl.load(h_ptr + tok * I + rows, mask=tok < NT, other=0.0).to(tl.float32)  # [BT, BR, 1, 1]
+                acc_e += lo * hv
+                acc_o += hi * hv
+        tok = tl.arange(0, BT)[:, None, None]
+        yp = y_ptr + tok * H + 2 * cols[None]                            # [BT, NG, HALF]
+        m = (tok < NT) & gm[None, :, None]
+        tl.atomic_add(yp, tl.sum(acc_e, axis=1), mask=m)
+        tl.atomic_add(yp + 1, tl.sum(acc_o, axis=1), mask=m)
+
+
+def int4_ffn(x: torch.Tensor, block: torch.Tensor, fmt, gemv: bool | None = None) -> torch.Tensor:
     """One int4 expert on its tokens: x [n, H] bf16/fp16, block [block bytes] -> [n, H] fp32. The intermediate
-    h [n, I] is kept in x's dtype, as the fallback keeps it."""
+    h [n, I] is kept in x's dtype, as the fallback keeps it. gemv: the decode kernels or the tiled ones (default:
+    decode up to GEMV_MAX_TOKENS tokens); probes force one to compare them."""
     n, H, I, spec = x.shape[0], fmt.hidden, fmt.inter, fmt.spec
     x = x.contiguous()
-    half = spec.group_size // 2
-    bk = 32 if I % 32 == 0 else 16
     h = torch.empty(n, I, dtype=x.dtype, device=x.device)
     y = torch.zeros(n, H, dtype=torch.float32, device=x.device)
-    q = (fmt.record, fmt.q_bytes, fmt.scale_bytes)
-    flags = dict(ASYM=not spec.symmetric, SCALE_BF16=spec.scale_dtype == torch.bfloat16, HALF=half)
+    args = (fmt.record, fmt.q_bytes, fmt.scale_bytes)
+    flags = dict(ASYM=not spec.symmetric, SCALE_BF16=spec.scale_dtype == torch.bfloat16, HALF=spec.group_size // 2)
+    if gemv is None:
+        gemv = n <= GEMV_MAX_TOKENS
+    if gemv:
+        _gemv(x, block, h, y, fmt, args, flags)
+    else:
+        _tiled(x, block, h, y, fmt, args, flags)
+    return y
+
+
+def gemv_blocks(H: int, I: int, g: int) -> tuple[int, int, int]:
+    """(NG groups a step, gate_up rows a program, down rows a program) for an expert's shape."""
+    ng = max(1, min(GEMV_STEP_BYTES, triton.next_power_of_2(H // 2)) // (g // 2))
+    br = 8  # 8 rows x 256 bytes: a 16-byte load a thread of 4 warps; fewer where I is small, for more programs
+    while br > 2 and I // br < GEMV_PROGRAMS:
+        br //= 2
+    col_blocks = triton.cdiv(H // g, ng)
+    step = DOWN_ROWS * DOWN_UNROLL
+    split = max(1, min(I // step, triton.cdiv(GEMV_PROGRAMS, col_blocks)))
+    return ng, br, triton.cdiv(I, split * step) * step
+
+
+def _gemv(x, block, h, y, fmt, args, flags) -> None:
+    n, H, I = x.shape[0], fmt.hidden, fmt.inter
+    ng, br, chunk = gemv_blocks(H, I, fmt.spec.group_size)
+    flags = dict(flags, NT=n, BT=triton.next_power_of_2(n), NG=ng, X_BF16=x.dtype == torch.bfloat16)
+    _gate_up_gemv[(I // br,)](x, block, h, H, I, *args, BR=br, **flags)
+    grid = (triton.cdiv(H // fmt.spec.group_size, ng), triton.cdiv(I, chunk))
+    _down_gemv[grid](h, block, y, H, I, *args, chunk, BR=DOWN_ROWS, U=DOWN_UNROLL, **flags)
+
+
+def _tiled(x, block, h, y, fmt, args, flags) -> None:
+    n, H, I, half = x.shape[0], fmt.hidden, fmt.inter, flags["HALF"]
+    bk = 32 if I % 32 == 0 else 16
     bn = 16 if n <= 16 else 32
-    _gate_up_kernel[(triton.cdiv(n, bn), I // 16)](x, block, h, n, H, I, *q, BN=bn, BI=16, **flags)
+    _gate_up_kernel[(triton.cdiv(n, bn), I // 16)](x, block, h, n, H, I, *args, BN=bn, BI=16, **flags)
     split = max(1, min(I // (8 * bk), DOWN_PROGRAMS // max(H // (2 * half), 1)))  # >= 8 tiles of rows each
     chunk = triton.cdiv(I, split * bk) * bk
     grid = (triton.cdiv(n, bn), H // (2 * half), triton.cdiv(I, chunk))
-    _down_kernel[grid](h, block, y, n, H, I, *q, chunk, BN=bn, BK=bk, **flags)
-    return y
+    _down_kernel[grid](h, block, y, n, H, I, *args, chunk, BN=bn, BK=bk, **flags)
 
 
 DOWN_PROGRAMS = 512  # the down GEMM's programs per token block, about: a few per SM
