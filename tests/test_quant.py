@@ -289,10 +289,60 @@ def check_int4_kernel(device: str, dtype: torch.dtype) -> None:
             assert got.shape == (n, hidden) and ((got - want).norm() / want.norm()) < 1e-2, (spec, inter, n)
 
 
+def check_int4_wave(device: str, dtype: torch.dtype) -> None:
+    """wave_gemv against each entry's expert through the fallback, weighted and summed per token: waves laid out
+    as experts/waves.py lays them (entries sorted by slot, eager or padded to N * K as a static wave, its pads
+    weight 0 in the last slot), slots with one to three entries."""
+    import numpy as np
+
+    from moeflow.experts.local import partial_ffn
+    from moeflow.experts.waves import _padded_segment
+    from moeflow.quant import triton_int4
+
+    g = torch.Generator().manual_seed(1)
+    fmt = ExpertFormat(96, 128, dtype, QuantSpec(4, 32, False))
+    slots = torch.empty(5, fmt.block_numel, dtype=torch.uint8)
+    for b in slots:
+        fmt.pack(*(torch.randn(96, 128, generator=g) * 0.05 for _ in range(3)), b)
+    slots = slots.to(device)
+    # (each token's K slots, the wave's slots, static): slot 1 of the last has three entries, slot 4 pads after one
+    for picks, order, static in (([[3, 1]], [1, 3], True), ([[3, 1]], [3], True), ([[0, 2], [4, 0]], [0, 2, 4], False),
+                                 ([[1, 0], [4, 1], [1, 2]], [1, 4], True)):
+        N, K, W = len(picks), len(picks[0]), len(order)
+        x = torch.randn(N, 128, generator=g).to(device, dtype)
+        w_host = torch.rand(N * K, generator=g).numpy()
+        parts = [[n * K + k for n in range(N) for k in range(K) if picks[n][k] == s] for s in order]
+        M = N * K if static else sum(map(len, parts))
+        meta = np.zeros(2 * M + 2 * W, dtype=np.int32)
+        if static:
+            _padded_segment(meta, M, W, np.arange(W), parts, w_host)
+        else:
+            meta[:M] = [e for p in parts for e in p]
+            meta[M:M + W] = np.cumsum([len(p) for p in parts])
+            meta[M + W:2 * M + W].view(np.float32)[:] = w_host[meta[:M]]
+        meta[2 * M + W:] = order
+        want = torch.zeros(N, 128)
+        for s, p in zip(order, parts):
+            for e in p:
+                y = partial_ffn(x[e // K:e // K + 1], *fmt.rows(slots[s], 0, 96, dtype)).float().cpu()
+                want[e // K] += float(w_host[e]) * y[0]
+        out = torch.zeros(N, 128, device=device)
+        most = min(N, M - W + 1)
+        with mock.patch.object(triton_int4, "GEMV_PROGRAMS", 16):  # fewer programs: a quicker interpreter
+            triton_int4.wave_gemv(out, x, torch.from_numpy(meta).to(device), M, W, K, slots, fmt, most)
+        assert ((out.cpu() - want).norm() / want.norm()) < 1e-2, (picks, order, static)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int4_triton_kernel_matches_the_fallback_on_cuda(dtype):
     check_int4_kernel("cuda", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_wave_gemv_matches_the_fallback_on_cuda(dtype):
+    check_int4_wave("cuda", dtype)
 
 
 def test_int4_triton_kernel_logic_in_the_interpreter():
@@ -306,7 +356,8 @@ def test_int4_triton_kernel_logic_in_the_interpreter():
     import moeflow
 
     # fp16: the interpreter reads bf16 tensors wrongly (a bf16 load of 1.0 is not 1.0), the GPU test covers bf16
-    code = "import torch, test_quant; test_quant.check_int4_kernel('cpu', torch.float16)"
+    code = ("import torch, test_quant; test_quant.check_int4_kernel('cpu', torch.float16); "
+            "test_quant.check_int4_wave('cpu', torch.float16)")
     src = str(Path(moeflow.__file__).parents[1])
     path = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}

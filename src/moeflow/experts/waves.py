@@ -20,6 +20,7 @@ from moeflow.experts.store import HostBuffers
 from moeflow.perf.costs import grouped_cap, grouped_passes
 from moeflow.quant import grouped as qgrouped
 from moeflow.quant.format import ExpertFormat
+from moeflow.quant import triton_int4
 
 # Waves run as grouped GEMMs in passes of at most grouped_cap(the step's tokens, per_token) entries: a pass
 # holds every entry's intermediate activations at once, and the workspace holds per_token entries' per token.
@@ -70,6 +71,7 @@ class Waves:
                         or qgrouped.groupable(slots, self.fmt, GRAPH_MAX_ENTRIES))
         self.triton = qgrouped.triton_waves(slots, self.fmt)  # quantized: the fused kernels, not dequantized
         self.grouped = self.grouped or self.triton
+        self.gemv = qgrouped.gemv_waves(slots, self.fmt)  # int4 decode waves: GEMVs over the slots in place
         self.cuda = slots.is_cuda
         self.graphs_on = graphs and self.cuda
         # slot -> (n, event after the n-th wave that read it); the copy stream has waited for waves up to
@@ -100,7 +102,7 @@ class Waves:
         # (the layer's k-th wave, its meta's size) -> (host staging, its numpy view, meta_s[:size])
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._metas: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray, torch.Tensor]] = {}
-        self.static_on = self.grouped
+        self.static_on = self.grouped or self.gemv
         self.x_s = torch.zeros(n, H, dtype=self.fmt.dtype if self.fmt else self.slots.dtype, device=dev)
         self.out_s = torch.zeros(n, H, dtype=torch.float32, device=dev)
         chunks = -(-S // MAX_GROUPS)
@@ -112,7 +114,8 @@ class Waves:
         entries in one transfer)."""
         N = x.shape[0]
         self._waves = 0
-        static = self.static_on and N * K <= GRAPH_MAX_ENTRIES
+        # static where grouped, or decode sizes the GEMVs take (their waves' slots hold N entries at most)
+        static = self.static_on and N * K <= GRAPH_MAX_ENTRIES and (self.grouped or N <= triton_int4.GEMV_MAX_TOKENS)
         # static: the graphs' buffer, zeroed by the layer's first pass (one launch fewer); else zeros now
         out = self._static_rows(N)[1] if static else torch.zeros(N, self.hidden, dtype=torch.float32,
                                                                   device=x.device)
@@ -248,8 +251,15 @@ class Waves:
 
     def _quantized_ops(self, out: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, M: int, W: int, K: int,
                        zero: bool = False) -> None:
-        """wave_ops over W quantized slots, meta [M entries, W offsets, M weights, W slot ids]: the slots
-        dequantized for the grouped GEMMs, or the fused Triton kernels reading them in place."""
+        """wave_ops over W quantized slots, meta [M entries, W offsets, M weights, W slot ids]: the int4 GEMVs
+        (a slot holds the entries of N tokens at most, and of M - W + 1: each slot has one) or the fused Triton
+        kernels reading the slots in place, or the slots dequantized for the grouped GEMMs."""
+        most = min(x.shape[0], M - W + 1)
+        if self.gemv and most <= triton_int4.GEMV_MAX_TOKENS:
+            if zero:
+                out.zero_()
+            triton_int4.wave_gemv(out, x, meta, M, W, K, self.slots, self.fmt, most)
+            return
         if not self.triton:
             weights = qgrouped.dequantize_slots(self.slots, meta[2 * M + W:].long(), self.fmt)
             wave_ops(out, x, meta[M + W:2 * M + W].view(torch.float32), meta, M, K, *weights, zero)

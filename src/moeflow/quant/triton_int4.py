@@ -36,10 +36,15 @@ DOWN_ROWS, DOWN_UNROLL = 4, 4  # the down GEMV's tile rows, and tiles loaded tog
 
 def available(x: torch.Tensor, fmt) -> bool:
     """An int4 block on a CUDA device with bf16/fp16 activations (fp32 runs take the fallback, exactly), of
-    shapes the tiles divide: I a multiple of 16, groups a power of two (g / 2 bytes is a tile's last dim)."""
-    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and
-            fmt.spec is not None and fmt.spec.bits == 4 and fmt.inter % 16 == 0 and
-            fmt.spec.group_size & (fmt.spec.group_size - 1) == 0)
+    shapes the tiles divide."""
+    return x.is_cuda and supports(fmt, x.dtype)
+
+
+def supports(fmt, dtype: torch.dtype) -> bool:
+    """Triton importable, activations in bf16/fp16, int4 blocks of shapes the tiles divide: I a multiple of 16,
+    groups a power of two (g / 2 bytes is a tile's last dim)."""
+    return (triton is not None and dtype in (torch.bfloat16, torch.float16) and fmt.spec is not None and
+            fmt.spec.bits == 4 and fmt.inter % 16 == 0 and fmt.spec.group_size & (fmt.spec.group_size - 1) == 0)
 
 
 if triton is not None:
@@ -148,13 +153,28 @@ if triton is not None:
         return _weights(q & 15, zz, s, X_BF16), _weights(q >> 4, zz, s, X_BF16)
 
     @triton.jit
-    def _gate_up_gemv(x_ptr, blk_ptr, h_ptr, H, I, R, QB, SB, NT: tl.constexpr, BT: tl.constexpr,
-                      BR: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr, ASYM: tl.constexpr,
-                      SCALE_BF16: tl.constexpr, X_BF16: tl.constexpr):
-        """h [NT, I] at rows BR * pid onwards. A step dequantizes NG groups of BR gate and BR up rows once, then
-        sums each token's products to [BR]."""
+    def _expert(blk_ptr, offs_ptr, ids_ptr, w, BLOCK, NT: tl.constexpr, WAVE: tl.constexpr):
+        """A program's expert and entries: (its block, its entries' range start : end). One expert (WAVE off): the
+        block itself, entries 0 : NT. A wave: slot w of the wave's slots, its entries offs[w - 1] : offs[w] of
+        the entries sorted by slot, the first NT of them (the real ones: a static wave's pads, weight 0, come
+        after them in its last slot)."""
+        base, start, end = blk_ptr, 0, NT
+        if WAVE:
+            start = tl.where(w > 0, tl.load(offs_ptr + tl.maximum(w - 1, 0)), 0)
+            end = tl.minimum(tl.load(offs_ptr + w), start + NT)
+            base = blk_ptr + tl.load(ids_ptr + w).to(tl.int64) * BLOCK
+        return base, start, end
+
+    @triton.jit
+    def _gate_up_gemv(x_ptr, blk_ptr, h_ptr, ent_ptr, offs_ptr, ids_ptr, K, BLOCK, H, I, R, QB, SB,
+                      NT: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr,
+                      ASYM: tl.constexpr, SCALE_BF16: tl.constexpr, X_BF16: tl.constexpr, WAVE: tl.constexpr):
+        """h [entries, I] at rows BR * pid 0 onwards (of the wave's slot pid 1). A step dequantizes NG groups of
+        BR gate and BR up rows once, then sums each entry's products (its token's x) to [BR]."""
+        base, start, end = _expert(blk_ptr, offs_ptr, ids_ptr, tl.program_id(1), BLOCK, NT, WAVE)
         rows = tl.program_id(0) * BR + tl.arange(0, BR)                # [BR]
-        tok = tl.arange(0, BT)
+        j = tl.arange(0, BT)
+        e = start + j                                                   # [BT] entry positions: rows of h
         G = H // (2 * HALF)
         x32 = x_ptr.to(tl.pointer_type(tl.int32))                       # word k: x's columns 2k, 2k + 1
         acc_g = tl.zeros((BR, BT), tl.float32)
@@ -164,49 +184,63 @@ if triton is not None:
             gm = grp < G
             cols = grp[:, None] * HALF + tl.arange(0, HALF)[None, :]     # [NG, HALF] code bytes = x's words
             cols3, grp3, gm3 = cols[None], grp[None, :, None], gm[None, :, None]
-            glo, ghi = _gemv_tile(blk_ptr, rows[:, None, None], cols3, grp3, gm3, R, QB, SB, ASYM, SCALE_BF16,
+            glo, ghi = _gemv_tile(base, rows[:, None, None], cols3, grp3, gm3, R, QB, SB, ASYM, SCALE_BF16,
                                   X_BF16)                                  # [BR, NG, HALF]
-            ulo, uhi = _gemv_tile(blk_ptr, rows[:, None, None] + I, cols3, grp3, gm3, R, QB, SB, ASYM, SCALE_BF16,
+            ulo, uhi = _gemv_tile(base, rows[:, None, None] + I, cols3, grp3, gm3, R, QB, SB, ASYM, SCALE_BF16,
                                   X_BF16)
             for t in tl.static_range(NT):
-                xe, xo = _pair(tl.load(x32 + t * (H // 2) + cols, mask=gm[:, None], other=0), X_BF16)
+                tok = t
+                if WAVE:  # entry t's token (past the slot's last entry, that one's: its h row is not stored)
+                    tok = tl.load(ent_ptr + tl.minimum(start + t, end - 1)) // K
+                xw = tl.load(x32 + tok * (H // 2) + cols, mask=gm[:, None], other=0)
+                xe, xo = _pair(xw, X_BF16)
                 xe, xo = xe[None], xo[None]                               # [1, NG, HALF]
                 pg = tl.sum(tl.sum(glo * xe + ghi * xo, axis=2), axis=1)  # [BR]
                 pu = tl.sum(tl.sum(ulo * xe + uhi * xo, axis=2), axis=1)
-                acc_g += tl.where(tok[None, :] == t, pg[:, None], 0.0)
-                acc_u += tl.where(tok[None, :] == t, pu[:, None], 0.0)
+                acc_g += tl.where(j[None, :] == t, pg[:, None], 0.0)
+                acc_u += tl.where(j[None, :] == t, pu[:, None], 0.0)
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u                         # [BR, BT]
-        tl.store(h_ptr + tok[None, :] * I + rows[:, None], h, mask=tok[None, :] < NT)
+        tl.store(h_ptr + e[None, :] * I + rows[:, None], h, mask=e[None, :] < end)
 
     @triton.jit
-    def _down_gemv(h_ptr, blk_ptr, y_ptr, H, I, R, QB, SB, CHUNK, NT: tl.constexpr, BT: tl.constexpr,
-                   BR: tl.constexpr, U: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr, ASYM: tl.constexpr,
-                   SCALE_BF16: tl.constexpr, X_BF16: tl.constexpr):
-        """y[:, columns of NG groups at pid 0] += h @ down_t over rows CHUNK * pid 1 onwards. Tiles are
-        [BT, BR, NG, HALF], the tokens leading so each weight dequantizes once; products add up elementwise and
-        the rows are summed once at the end (no reduction in the loop). U tiles a step, loaded together."""
+    def _down_gemv(h_ptr, blk_ptr, y_ptr, ent_ptr, offs_ptr, ids_ptr, wts_ptr, K, BLOCK, H, I, R, QB, SB, CHUNK,
+                   NT: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, U: tl.constexpr, NG: tl.constexpr,
+                   HALF: tl.constexpr, ASYM: tl.constexpr, SCALE_BF16: tl.constexpr, X_BF16: tl.constexpr,
+                   WAVE: tl.constexpr):
+        """y[tokens, columns of NG groups at pid 0] += h @ down_t over rows CHUNK * pid 1 onwards (of the wave's
+        slot pid 2; a wave's entries weighted). Tiles are [BT, BR, NG, HALF], the entries leading so each weight
+        dequantizes once; products add up elementwise and the rows are summed once at the end (no reduction in
+        the loop). U tiles a step, loaded together."""
         pid_c, pid_s = tl.program_id(0), tl.program_id(1)
+        base, start, end = _expert(blk_ptr, offs_ptr, ids_ptr, tl.program_id(2), BLOCK, NT, WAVE)
+        e = start + tl.arange(0, BT)                                    # [BT] entry positions: rows of h
+        valid = e < end
         G = H // (2 * HALF)
         grp = pid_c * NG + tl.arange(0, NG)                              # [NG]
         gm = grp < G
         cols = grp[:, None] * HALF + tl.arange(0, HALF)[None, :]        # [NG, HALF] code bytes: y's column pairs
-        tok = tl.arange(0, BT)[:, None, None, None]                      # [BT, 1, 1, 1]
+        e4, v4 = e[:, None, None, None], valid[:, None, None, None]      # [BT, 1, 1, 1]
         cols4, grp4, gm4 = cols[None, None], grp[None, None, :, None], gm[None, None, :, None]
         acc_e = tl.zeros((BT, BR, NG, HALF), tl.float32)
         acc_o = tl.zeros((BT, BR, NG, HALF), tl.float32)
         for i0 in range(pid_s * CHUNK, tl.minimum(pid_s * CHUNK + CHUNK, I), BR * U):
             for u in tl.static_range(U):
                 rows = i0 + u * BR + tl.arange(0, BR)[None, :, None, None]  # [1, BR, 1, 1]
-                lo, hi = _gemv_tile(blk_ptr, rows + 2 * I, cols4, grp4, gm4, R, QB, SB, ASYM, SCALE_BF16,
+                lo, hi = _gemv_tile(base, rows + 2 * I, cols4, grp4, gm4, R, QB, SB, ASYM, SCALE_BF16,
                                     X_BF16)                                 # [1, BR, NG, HALF]
-                hv = tl.load(h_ptr + tok * I + rows, mask=tok < NT, other=0.0).to(tl.float32)  # [BT, BR, 1, 1]
+                hv = tl.load(h_ptr + e4 * I + rows, mask=v4, other=0.0).to(tl.float32)  # [BT, BR, 1, 1]
                 acc_e += lo * hv
                 acc_o += hi * hv
-        tok = tl.arange(0, BT)[:, None, None]
-        yp = y_ptr + tok * H + 2 * cols[None]                            # [BT, NG, HALF]
-        m = (tok < NT) & gm[None, :, None]
-        tl.atomic_add(yp, tl.sum(acc_e, axis=1), mask=m)
-        tl.atomic_add(yp + 1, tl.sum(acc_o, axis=1), mask=m)
+        ye, yo = tl.sum(acc_e, axis=1), tl.sum(acc_o, axis=1)           # [BT, NG, HALF]
+        tok = e
+        if WAVE:
+            tok = tl.load(ent_ptr + e, mask=valid, other=0) // K
+            wt = tl.load(wts_ptr + e, mask=valid, other=0.0)[:, None, None]
+            ye, yo = ye * wt, yo * wt
+        yp = y_ptr + tok[:, None, None] * H + 2 * cols[None]             # [BT, NG, HALF]
+        m = valid[:, None, None] & gm[None, :, None]
+        tl.atomic_add(yp, ye, mask=m)
+        tl.atomic_add(yp + 1, yo, mask=m)
 
 
 def int4_ffn(x: torch.Tensor, block: torch.Tensor, fmt, gemv: bool | None = None) -> torch.Tensor:
@@ -241,12 +275,35 @@ def gemv_blocks(H: int, I: int, g: int) -> tuple[int, int, int]:
 
 
 def _gemv(x, block, h, y, fmt, args, flags) -> None:
-    n, H, I = x.shape[0], fmt.hidden, fmt.inter
+    n = x.shape[0]
+    none = (block,) * 3  # no wave: entries, offsets and slot ids unused
+    _launch_gemv(x, block, h, y, none, block, 1, 0, fmt, args, dict(flags, NT=n, WAVE=False), 1)
+
+
+def _launch_gemv(x, blocks, h, y, wave, wts, K, block_bytes, fmt, args, flags, W) -> None:
+    """Both GEMVs over W experts (a grid axis): wave = (entries, offsets, slot ids) of a wave, wts its weights."""
+    H, I, nt = fmt.hidden, fmt.inter, flags["NT"]
     ng, br, chunk = gemv_blocks(H, I, fmt.spec.group_size)
-    flags = dict(flags, NT=n, BT=triton.next_power_of_2(n), NG=ng, X_BF16=x.dtype == torch.bfloat16)
-    _gate_up_gemv[(I // br,)](x, block, h, H, I, *args, BR=br, **flags)
-    grid = (triton.cdiv(H // fmt.spec.group_size, ng), triton.cdiv(I, chunk))
-    _down_gemv[grid](h, block, y, H, I, *args, chunk, BR=DOWN_ROWS, U=DOWN_UNROLL, **flags)
+    flags = dict(flags, BT=triton.next_power_of_2(nt), NG=ng, X_BF16=x.dtype == torch.bfloat16)
+    _gate_up_gemv[(I // br, W)](x, blocks, h, *wave, K, block_bytes, H, I, *args, BR=br, **flags)
+    grid = (triton.cdiv(H // fmt.spec.group_size, ng), triton.cdiv(I, chunk), W)
+    _down_gemv[grid](h, blocks, y, *wave, wts, K, block_bytes, H, I, *args, chunk, BR=DOWN_ROWS, U=DOWN_UNROLL,
+                     **flags)
+
+
+def wave_gemv(out: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, M: int, W: int, K: int, slots: torch.Tensor,
+              fmt, most: int) -> None:
+    """out [N, H] fp32 += a wave's entries through the GEMVs, the int4 slots [S, block bytes] read in place; no
+    host sync (CUDA-graph safe). meta [M + W + M + W] int32: the entries (flat (token, k)) sorted by slot, the
+    cumulative entries per slot, their weights (fp32 bits), the slots' ids; `most` bounds the real entries of
+    a slot (those past it in a slot's run are a static wave's pads, weight 0: skipped)."""
+    spec = fmt.spec
+    h = torch.empty(M, fmt.inter, dtype=x.dtype, device=x.device)  # a row per entry
+    wave = (meta[:M], meta[M:M + W], meta[2 * M + W:2 * M + 2 * W])
+    flags = dict(ASYM=not spec.symmetric, SCALE_BF16=spec.scale_dtype == torch.bfloat16, HALF=spec.group_size // 2,
+                 NT=most, WAVE=True)
+    _launch_gemv(x.contiguous(), slots, h, out, wave, meta[M + W:2 * M + W].view(torch.float32), K,
+                 slots.stride(0), fmt, (fmt.record, fmt.q_bytes, fmt.scale_bytes), flags, W)
 
 
 def _tiled(x, block, h, y, fmt, args, flags) -> None:
