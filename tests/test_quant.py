@@ -284,7 +284,7 @@ def check_int4_kernel(device: str, dtype: torch.dtype) -> None:
         for n in (1, 2, triton_int4.GEMV_MAX_TOKENS, triton_int4.GEMV_MAX_TOKENS + 1, 40):
             x = torch.randn(n, hidden, generator=g).to(device, dtype)
             want = partial_ffn(x, *fmt.rows(block, 0, inter, dtype)).float()
-            with mock.patch.object(triton_int4, "GEMV_PROGRAMS", programs):
+            with mock.patch.multiple(triton_int4, GEMV_PROGRAMS=programs, GEMV=True):
                 got = triton_int4.int4_ffn(x, block, fmt)
             assert got.shape == (n, hidden) and ((got - want).norm() / want.norm()) < 1e-2, (spec, inter, n)
 

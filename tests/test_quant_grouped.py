@@ -261,13 +261,17 @@ def test_grouped_int4_waves_decode_like_the_all_gpu_experts(policy):
           f"{len(waves.graphs)} wave graphs")
 
 
-def check_triton_waves(device: str, dtype: torch.dtype) -> None:
-    """Waves over int4 slots through the fused Triton kernels (TRITON_WAVES): each entry's expert on its token,
-    weighted and summed (the reference: its rows dequantized, the dense FFN), in passes and static (padded)."""
+def check_triton_waves(device: str, dtype: torch.dtype, gemv: bool = False) -> None:
+    """Waves over int4 slots through the fused Triton kernels (TRITON_WAVES) or, static, through the GEMVs (gemv):
+    each entry's expert on its token, weighted and summed (the reference: its rows dequantized, the dense FFN),
+    in passes and static (padded)."""
+    from unittest import mock
+
     import numpy as np
 
     from moeflow.experts.ffn import partial_ffn
     from moeflow.experts.waves import Waves
+    from moeflow.quant import triton_int4
 
     fmt = ExpertFormat(64, 128, dtype, QuantSpec(4, 64))
     g = torch.Generator().manual_seed(4)
@@ -284,19 +288,23 @@ def check_triton_waves(device: str, dtype: torch.dtype) -> None:
             want[i // 2] += w_host[i] * partial_ffn(x[i // 2:i // 2 + 1], *fmt.rows(slots[s], 0, 64, dtype)).float()[0]
     for static in (False, True):
         waves = Waves(slots, 64, graphs=False, fmt=fmt)
-        waves.grouped = waves.triton = True
+        waves.grouped = waves.triton = not gemv
+        waves.gemv = gemv  # GEMVs on decode's static waves; the others slot by slot
         if static:
             waves.use_static()
         waves.begin(x, w_host, 2)
-        waves.run(wave)
+        with mock.patch.object(triton_int4, "wave_gemv", wraps=triton_int4.wave_gemv) as spy:
+            waves.run(wave)
         got = waves.result()
-        assert waves._layer[4] == static and ((got - want).norm() / want.norm()) < 2e-2, static
+        assert waves._layer[4] == static and spy.called == (gemv and static)
+        assert ((got - want).norm() / want.norm()) < 2e-2, static
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_waves_match_the_dequantized_experts_on_cuda(dtype):
-    check_triton_waves("cuda", dtype)
+@pytest.mark.parametrize("gemv", [False, True])
+def test_triton_waves_match_the_dequantized_experts_on_cuda(dtype, gemv):
+    check_triton_waves("cuda", dtype, gemv)
 
 
 def test_triton_waves_logic_in_the_interpreter():
@@ -312,7 +320,8 @@ def test_triton_waves_logic_in_the_interpreter():
         pytest.skip("triton is not installed")
     import moeflow
 
-    code = "import torch, test_quant_grouped as t; t.check_triton_waves('cpu', torch.float16)"
+    code = ("import torch, test_quant_grouped as t; t.check_triton_waves('cpu', torch.float16); "
+            "t.check_triton_waves('cpu', torch.float16, gemv=True)")
     path = os.pathsep.join([str(Path(moeflow.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,

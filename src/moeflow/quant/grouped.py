@@ -30,16 +30,13 @@ ENABLED = True
 TRITON_WAVES = False
 
 
-# Decode waves of int4 slots (at most GEMV_MAX_TOKENS tokens) through the GEMVs of quant/triton_int4.py, the slots
-# read in place in a replayed graph, whatever the expert's size (Mixtral's too, which no dequantized pass holds).
-GEMV_WAVES = True
-
-
 def gemv_waves(slots: torch.Tensor, fmt: ExpertFormat | None) -> bool:
-    """Decode waves over these slots run through the int4 GEMVs (GEMV_WAVES, CUDA, a format the kernels take)."""
+    """Decode waves (at most GEMV_MAX_TOKENS tokens) over these int4 slots run through the GEMVs of
+    quant/triton_int4.py in a replayed graph, the slots read in place, whatever the expert's size (Mixtral's too,
+    which no dequantized pass holds): its GEMV switch on, CUDA, a format the kernels take."""
     from moeflow.quant import triton_int4
 
-    return (GEMV_WAVES and fmt is not None and fmt.quantized and not fmt.biased and slots.is_cuda
+    return (triton_int4.GEMV and fmt is not None and fmt.quantized and not fmt.biased and slots.is_cuda
             and triton_int4.supports(fmt, fmt.dtype))
 
 

@@ -28,6 +28,9 @@ except ImportError:  # no Triton (CPU-only installs): the fallback runs
     triton = None
 
 
+# The decode GEMVs by default (one expert's and the offloaded waves', experts/waves.py): off until timed on the GPU
+# host (scripts/probes/int4_gemv.py, bench latency on an int4 model); tests and probes turn them on.
+GEMV = False
 GEMV_MAX_TOKENS = 4  # decode kernels up to here: their work grows with n (the tiled ones' is flat to 16 tokens)
 GEMV_STEP_BYTES = 256  # bytes of each row a GEMV step reads: 2 full 128-byte lines, 16 bytes a thread
 GEMV_PROGRAMS = 512  # programs a GEMV launch aims for: about 4 per SM of an H100 (132 SMs)
@@ -254,7 +257,7 @@ def int4_ffn(x: torch.Tensor, block: torch.Tensor, fmt, gemv: bool | None = None
     args = (fmt.record, fmt.q_bytes, fmt.scale_bytes)
     flags = dict(ASYM=not spec.symmetric, SCALE_BF16=spec.scale_dtype == torch.bfloat16, HALF=spec.group_size // 2)
     if gemv is None:
-        gemv = n <= GEMV_MAX_TOKENS
+        gemv = GEMV and n <= GEMV_MAX_TOKENS
     if gemv:
         _gemv(x, block, h, y, fmt, args, flags)
     else:
