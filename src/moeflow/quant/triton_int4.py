@@ -1,4 +1,5 @@
-"""Triton kernels for one int4 expert (quant/format.py blocks) on its tokens, dequantizing inside the GEMMs.
+"""Triton kernels for int4 experts (quant/format.py blocks) on their tokens, dequantizing inside the GEMMs: one
+expert, or (the decode GEMVs) a wave's slots, each on its own entries.
 
 The FFN's two GEMMs: gate_up computes h = silu(x gate^T) * (x up^T) [n, I]; down computes y = h down_t [n, H],
 split over I and added into y. The packed bytes hold the even columns in their low nibbles and the odd ones in
