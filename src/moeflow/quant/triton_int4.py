@@ -29,9 +29,9 @@ except ImportError:  # no Triton (CPU-only installs): the fallback runs
     triton = None
 
 
-# The decode GEMVs by default (one expert's and the offloaded waves', experts/waves.py): off until timed on the GPU
-# host (scripts/probes/int4_gemv.py, bench latency on an int4 model); tests and probes turn them on.
-GEMV = False
+# The decode GEMVs by default (one expert's and the offloaded waves', experts/waves.py); off: the tiled kernels slot
+# by slot and the batched dequantization, for comparisons (docs/quantization.md has the measured difference).
+GEMV = True
 GEMV_MAX_TOKENS = 4  # decode kernels up to here: their work grows with n (the tiled ones' is flat to 16 tokens)
 GEMV_STEP_BYTES = 256  # bytes of each row a GEMV step reads: 2 full 128-byte lines, 16 bytes a thread
 GEMV_PROGRAMS = 512  # programs a GEMV launch aims for: about 4 per SM of an H100 (132 SMs)
