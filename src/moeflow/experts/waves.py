@@ -19,8 +19,8 @@ from moeflow.experts.ffn import block_ffn, can_group, grouped_ffn
 from moeflow.experts.store import HostBuffers
 from moeflow.perf.costs import grouped_cap, grouped_passes
 from moeflow.quant import grouped as qgrouped
-from moeflow.quant.format import ExpertFormat
 from moeflow.quant import triton_int4
+from moeflow.quant.format import ExpertFormat
 
 # Waves run as grouped GEMMs in passes of at most grouped_cap(the step's tokens, per_token) entries: a pass
 # holds every entry's intermediate activations at once, and the workspace holds per_token entries' per token.

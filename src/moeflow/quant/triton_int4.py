@@ -250,13 +250,12 @@ if triton is not None:
 def int4_ffn(x: torch.Tensor, block: torch.Tensor, fmt, gemv: bool | None = None) -> torch.Tensor:
     """One int4 expert on its tokens: x [n, H] bf16/fp16, block [block bytes] -> [n, H] fp32. The intermediate
     h [n, I] is kept in x's dtype, as the fallback keeps it. gemv: the decode kernels or the tiled ones (default:
-    decode up to GEMV_MAX_TOKENS tokens); probes force one to compare them."""
-    n, H, I, spec = x.shape[0], fmt.hidden, fmt.inter, fmt.spec
+    the decode ones up to GEMV_MAX_TOKENS tokens while GEMV is on); probes force one to compare them."""
+    n, H, I = x.shape[0], fmt.hidden, fmt.inter
     x = x.contiguous()
     h = torch.empty(n, I, dtype=x.dtype, device=x.device)
     y = torch.zeros(n, H, dtype=torch.float32, device=x.device)
-    args = (fmt.record, fmt.q_bytes, fmt.scale_bytes)
-    flags = dict(ASYM=not spec.symmetric, SCALE_BF16=spec.scale_dtype == torch.bfloat16, HALF=spec.group_size // 2)
+    args, flags = _format_args(fmt)
     if gemv is None:
         gemv = GEMV and n <= GEMV_MAX_TOKENS
     if gemv:
@@ -301,13 +300,18 @@ def wave_gemv(out: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, M: int, W:
     host sync (CUDA-graph safe). meta [M + W + M + W] int32: the entries (flat (token, k)) sorted by slot, the
     cumulative entries per slot, their weights (fp32 bits), the slots' ids; `most` bounds the real entries of
     a slot (those past it in a slot's run are a static wave's pads, weight 0: skipped)."""
-    spec = fmt.spec
     h = torch.empty(M, fmt.inter, dtype=x.dtype, device=x.device)  # a row per entry
     wave = (meta[:M], meta[M:M + W], meta[2 * M + W:2 * M + 2 * W])
-    flags = dict(ASYM=not spec.symmetric, SCALE_BF16=spec.scale_dtype == torch.bfloat16, HALF=spec.group_size // 2,
-                 NT=most, WAVE=True)
+    args, flags = _format_args(fmt)
     _launch_gemv(x.contiguous(), slots, h, out, wave, meta[M + W:2 * M + W].view(torch.float32), K,
-                 slots.stride(0), fmt, (fmt.record, fmt.q_bytes, fmt.scale_bytes), flags, W)
+                 slots.stride(0), fmt, args, dict(flags, NT=most, WAVE=True), W)
+
+
+def _format_args(fmt) -> tuple[tuple[int, int, int], dict]:
+    """Every kernel's record layout (bytes of a row, of its codes, of its scales) and the format's constexprs."""
+    spec = fmt.spec
+    return ((fmt.record, fmt.q_bytes, fmt.scale_bytes),
+            dict(ASYM=not spec.symmetric, SCALE_BF16=spec.scale_dtype == torch.bfloat16, HALF=spec.group_size // 2))
 
 
 def _tiled(x, block, h, y, fmt, args, flags) -> None:
