@@ -344,3 +344,21 @@ def test_a_denormal_temperature_samples_its_limit_the_most_likely_token():
     seq = Sequence([1], SamplingParams(temperature=5e-324, top_p=5e-324, seed=0), None)
     logits = torch.tensor([[0.0, 3.0, 1.0]])
     assert sample(logits, [seq]) == [1]
+
+
+def test_shared_engines_default_to_a_bounded_context(capsys):
+    """Several sequences' KV caches (serve, batch) or offloaded experts (--gpu-memory) share the GPU: unless
+    --max-len says otherwise the context is the model's up to SHARED_CONTEXT, and a cut is said once; one
+    sequence on its own device keeps the model's whole context."""
+    from argparse import Namespace
+
+    from moeflow.launch import SHARED_CONTEXT, default_context
+
+    mixtral = Namespace(model="synthetic:mixtral-8x7b", max_len=None)  # a context of 32768
+    assert default_context(mixtral, 8, False) == SHARED_CONTEXT < 32768
+    assert "context 4096 tokens per sequence (the model's is 32768" in capsys.readouterr().err
+    assert default_context(mixtral, 1, True) == SHARED_CONTEXT and capsys.readouterr().err
+    assert default_context(mixtral, 1, False) is None and not capsys.readouterr().err
+    assert default_context(Namespace(model="synthetic:mixtral-8x7b", max_len=1000), 8, True) == 1000
+    assert default_context(Namespace(model=None, max_len=None), 8, False) == 1024  # the embedded model's own
+    assert not capsys.readouterr().err

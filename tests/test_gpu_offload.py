@@ -76,28 +76,37 @@ def test_piecewise_graphs_give_the_eager_tokens(hf_checkpoint, model_type):
 def test_wave_graphs_give_the_eager_tokens(hf_checkpoint, model_type, policy):
     """In bf16 the GPU's experts run as grouped GEMMs; decode's small waves replay CUDA graphs captured per
     shape. Two sequences decoding together and then one alone give the tokens of eager waves, bit for bit.
-    Fixed costs, no calibration: auto's plan (which rows the CPU computes) must not follow the run's timings."""
+    Fixed costs, no calibration and no guesses copied ahead (those follow the copy engine's measured idle time):
+    which rows the CPU computes must not follow the run's timings, since in bf16 its sums round differently."""
     from moeflow.perf.costs import ExpertCosts
+    from moeflow.policy import auto
 
     pts = (1, 4, 16, 64, 256)
     costs = ExpertCosts(pts, tuple(1e-3 * n for n in pts), tuple(1e-6 for _ in pts), 1e-3)
     path, _ = hf_checkpoint(model_type)
     runs = []
-    for graphs in (False, True):
-        ck = load(path, device="cuda", dtype="bf16", expert_device="cpu")
-        engine = LLMEngine(ck, max_seqs=2, max_len=MAX_LEN, expert_costs=costs,
-                           offload=OffloadConfig(budget_for(ck, 5, max_seqs=2), policy))
-        backend = engine.model.experts
-        backend.calibrate, backend.waves.graphs_on = False, graphs
-        seqs = [engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
-                for p, n in ((list(range(5, 22)), 6), (list(range(40, 47)), 16))]
-        while engine.has_unfinished:
-            engine.step()
-        torch.cuda.set_per_process_memory_fraction(1.0)
-        runs.append(([s.output_ids for s in seqs], backend.waves.graphs))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(auto, "AUTO_PREFETCH", False)
+        for graphs in (False, True):
+            runs.append(wave_run(path, policy, costs, graphs))
     (eager, none), (graphed, shapes) = runs
     assert graphed == eager
     assert not none and shapes  # the eager run captured nothing; the other one did
+
+
+def wave_run(path, policy, costs, graphs):
+    """Two sequences decoding together, then the longer one alone: their tokens and the wave graphs captured."""
+    ck = load(path, device="cuda", dtype="bf16", expert_device="cpu")
+    engine = LLMEngine(ck, max_seqs=2, max_len=MAX_LEN, expert_costs=costs,
+                       offload=OffloadConfig(budget_for(ck, 5, max_seqs=2), policy))
+    backend = engine.model.experts
+    backend.calibrate, backend.waves.graphs_on = False, graphs
+    seqs = [engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
+            for p, n in ((list(range(5, 22)), 6), (list(range(40, 47)), 16))]
+    while engine.has_unfinished:
+        engine.step()
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    return [s.output_ids for s in seqs], backend.waves.graphs
 
 
 def test_peak_gpu_memory_stays_under_the_budget():

@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     model_flag(c)
     c.add_argument("--system", help="system message")
     sampling_flags(c, 256, 0.7, 0.9, "sampled by default: conversation reads better")
-    context_flag(c, "tokens of conversation kept, the oldest turns dropped (default: the model's context)")
+    context_flag(c, "tokens of conversation kept, the oldest turns dropped (default: the model's context; with "
+                 "--gpu-memory at most 4096)")
     device_flags(c)
     c.set_defaults(func=run)
 

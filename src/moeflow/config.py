@@ -268,7 +268,8 @@ class CpuKernelConfig:
     down_direct: bool = False           # vector path, up to 8 tokens: down's weights widened in registers
     quant_avx512: bool = False          # int4/int8 on the AVX-512 code (else AVX2 code) where avx512 or amx runs
     int4_bf16: bool = False             # with quant_avx512, int4 in groups of 64k: gate/up by vdpbf16ps
-    quant_int8_tokens: int = 8          # AVX2 int4, experts of up to this many tokens: int8 tokens (0: fp32)
+    quant_int8_tokens: int = 8          # AVX2 int4, experts of up to this many tokens: int8 tokens (0: fp32;
+                                        # fp32 models always 0)
     quant_int8_on_int8: bool = False    # the same integer dot products for int8 experts
     pin: bool = False                   # pin the kernel's worker threads, one per core
     spin: int = 256                     # pause iterations idle workers spin before they sleep

@@ -8,6 +8,9 @@ import sys
 from moeflow import MoeflowError
 from moeflow.flags import DEFAULT_MODEL, ENGINE, check_context
 
+# tokens per sequence by default where several sequences' KV caches, or the experts, share the GPU's memory
+SHARED_CONTEXT = 4096
+
 
 def offload_config(args):
     """The OffloadConfig of --gpu-memory and its policy flags; None (everything on --device) without it."""
@@ -36,12 +39,29 @@ def load_checkpoint(args, device, offload):
     return ck
 
 
+def default_context(args, max_seqs: int, offloading: bool) -> int | None:
+    """The context per sequence where --max-len is unset: the model's for one sequence on its own device; else
+    at most SHARED_CONTEXT, since max_seqs KV caches of a long context would take the GPU's memory (with
+    offloading, the experts' share of --gpu-memory). None: the model's."""
+    from moeflow.checkpoint import read_model_config
+
+    if args.max_len is not None or (max_seqs == 1 and not offloading):
+        return args.max_len
+    ctx = read_model_config(args.model or DEFAULT_MODEL)[1].max_position_embeddings
+    if ctx > SHARED_CONTEXT:
+        print(f"moeflow: context {SHARED_CONTEXT} tokens per sequence (the model's is {ctx}; "
+              "--max-len to choose)", file=sys.stderr)
+    return min(SHARED_CONTEXT, ctx)
+
+
 def load_engine(args, max_seqs: int):
-    """The engine of `serve` and `chat`: the model on --device (cuda where available), offloaded with --gpu-memory."""
+    """The engine of `serve`, `chat` and `batch`: the model on --device (cuda where available), offloaded with
+    --gpu-memory."""
     from moeflow.dist.cli import engine_class
     from moeflow.perf.profile import engine_costs
 
     offload = offload_config(args)
+    max_len = default_context(args, max_seqs, offload is not None)
     ck = load_checkpoint(args, args.device or ENGINE.resolved_device(), offload)
-    return engine_class()(ck, max_seqs=max_seqs, max_len=args.max_len, offload=offload,
+    return engine_class()(ck, max_seqs=max_seqs, max_len=max_len, offload=offload,
                      expert_costs=engine_costs(ck, offload), deterministic=args.deterministic)

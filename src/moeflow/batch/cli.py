@@ -115,7 +115,6 @@ def _engine(args):
     """(engine, the pipeline plan's prediction or None) as --engine asks."""
     import torch
 
-    from moeflow.checkpoint import read_model_config
     from moeflow.flags import DEFAULT_MODEL
     from moeflow.launch import load_engine
 
@@ -124,8 +123,6 @@ def _engine(args):
     if kind == "continuous":
         if args.plan:
             raise MoeflowError("--plan needs --engine pipeline")
-        ctx = read_model_config(args.model or DEFAULT_MODEL)[1].max_position_embeddings
-        args.max_len = args.max_len or min(4096, ctx)  # the KV cache holds max_running of them
         return load_engine(args, args.max_running), None
     from moeflow.config import parse_size
     from moeflow.pipeline.load import PipelineSpec, load_pipeline

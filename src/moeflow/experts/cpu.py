@@ -125,6 +125,9 @@ class CpuExperts:
     def __init__(self, threads: int | None = None, kernel: str | None = None, fmt: ExpertFormat | None = None,
                  config: CpuKernelConfig | None = None):
         cfg = config or CpuKernelConfig()
+        if fmt is not None and fmt.quantized and fmt.dtype == torch.float32:
+            # an fp32 run asks for exact numerics: int8 tokens round at about bf16's precision, not fp32's
+            cfg = replace(cfg, quant_int8_tokens=0)
         self.config = cfg
         self.threads = threads or cfg.threads or cpu_threads()
         # quantized blocks (group-wise int4/int8); biased ones (experts/biased.py: bf16 by the kernel, else PyTorch)
