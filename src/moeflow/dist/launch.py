@@ -125,3 +125,8 @@ def _rank_main(rank: int, fn: Callable[[Ranks], object], cfg: DistConfig, port: 
         print(f"moeflow: error: {e}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
         sys.stderr.flush()
         os._exit(BAD_INPUT)
+    # done: the interpreter's teardown is skipped, where gloo's threads can outlive the process group and
+    # abort a rank whose work is finished ("terminate called without an active exception", pytorch#190489)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
