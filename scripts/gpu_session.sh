@@ -20,8 +20,9 @@
 #   int4triton   the int4 stage's Mixtral rows (24 and 12 GiB, auto) with the waves through the fused Triton kernels
 #                (quant/grouped.py TRITON_WAVES: Mixtral's experts are too large for the batched dequantization)
 #   servemaps    bench serve, ShareGPT prompts (.carry/data/sharegpt-200.jsonl), concurrency 1 and 4, 32 tokens:
-#                DeepSeek-V2-Lite at 8 GiB with its trace replayed, auto, lru and fmoe (maps of requests 200:999);
-#                needs the server's wheels carried (scripts/gpu_serve.sh)
+#                DeepSeek-V2-Lite at 8 GiB with its trace replayed, one server per policy: auto, fmoe (maps of
+#                requests 200:999, learning on line), lru; needs the server's wheels carried (scripts/gpu_serve.sh)
+#   throughputq  bench throughput: Qwen3-30B-A3B at 16 GiB, generation lengths GEN_LENS (default 64), no baseline
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -69,11 +70,14 @@ sys.exit(main(['bench', 'latency', '--model', 'synthetic:mixtral-8x7b-int4', '--
 '--prompts', '$D/mt_bench.jsonl', '--new-tokens', '$NEW', '--out', '$OUT/latency-mixtral-int4-triton.json']))" 2>&1 | tail -14 ;;
     servemaps) python3 -m moeflow maps build --trace $D/deepseek-v2-lite-chat.dev.npz --prompts 200:999 --no-semantic \
                  --out "$OUT/maps-serve.npz" 2>&1 | tail -1
-               for p in auto lru fmoe; do
-                 extra="--routing-trace $D/deepseek-v2-lite-chat.dev.npz"
-                 [ $p = fmoe ] && extra="$extra --expert-maps $OUT/maps-serve.npz"
-                 MODEL=synthetic:deepseek-v2-lite POLICY=$p SERVE_ARGS="$extra" LEVELS="1 4" bash scripts/gpu_serve.sh 8GiB 32 4
-               done ;;
+               python3 -m moeflow bench serve --serve "--model synthetic:deepseek-v2-lite --device cuda --gpu-memory 8GiB \
+--routing-trace $D/deepseek-v2-lite-chat.dev.npz --max-running 8 --max-len 2048" --policies auto,fmoe,lru \
+                 --expert-maps "$OUT/maps-serve.npz" --concurrencies 1,4 --num-prompts 8 --max-new-tokens 32 --ignore-eos \
+                 --prompts $D/sharegpt-200.jsonl --time-limit 60 --out "$OUT/serve-deepseek-8GiB.json" 2>&1 \
+                 | tee "$OUT/serve-deepseek-8GiB.log" | tail -8 ;;
+    throughputq) python3 -m moeflow bench throughput --configs synthetic:qwen3-30b-a3b@16GiB --prompts $D/mt_bench.jsonl \
+                   --gen-lens "${GEN_LENS:-64}" --baseline-batches "" --out "$OUT/throughput-qwen3.json" 2>&1 \
+                   | tee "$OUT/throughput-qwen3.log" | tail -25 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
