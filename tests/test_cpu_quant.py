@@ -143,6 +143,18 @@ def test_integer_dots_are_the_default_for_int4_decode_only(spec):
     close(got, reference(data, fmt, x, jobs, rounded=spec.bits == 4))
 
 
+def test_an_fp32_model_keeps_its_int4_tokens_in_fp32():
+    """The defaults round decode tokens to int8 for bf16 models only: an fp32 model's int4 experts match the
+    dequantized weights in fp32 to summation order (its greedy tokens are the all-on-GPU run's)."""
+    if "avx2" not in KERNELS:
+        pytest.skip("the integer-dot path is AVX2 code")
+    data, fmt, g = quantized(QuantSpec(4, 64), seed=3)
+    fp32 = ExpertFormat(fmt.inter, fmt.hidden, torch.float32, fmt.spec)  # the same blocks, an fp32 model's
+    x = torch.randn(3, 256, generator=g)
+    jobs = [Job(0, torch.arange(3), torch.rand(3, generator=g))]
+    close(CpuExperts(threads=2, kernel="avx2", fmt=fp32)(data, x, jobs), reference(data, fmt, x, jobs))
+
+
 @pytest.mark.parametrize("kernel", KERNELS[:2])
 @pytest.mark.parametrize("int8_tokens", [0, 8])
 def test_quantized_results_do_not_depend_on_which_thread_ran_which_rows(kernel, int8_tokens):
