@@ -335,6 +335,22 @@ def test_a_measured_resident_layer_sets_the_decode_layers_non_expert_part():
     assert measured.resident_layer(QWEN) == 0.0  # another model's shapes: not measured
 
 
+def test_a_quantized_runs_faster_experts_shorten_a_measured_resident_layer():
+    """The profile times its resident layer with dense experts. A run whose experts' GPU times are half the
+    profile's (int4 GEMVs) saves the wave's difference in every layer whose experts are all there; the
+    non-expert part stays what the dense layer left."""
+    from moeflow.perf.layers import layer_key
+
+    p = replace(reference_profile(), layer_overhead_s=0.2 * MS, resident_layers={layer_key(MIXTRAL): 3 * MS})
+    dense = p.expert_costs(MIXTRAL)
+    fast = replace(dense, gpu_s=tuple(t / 2 for t in dense.gpu_s), gpu_fixed_s=dense.gpu_fixed_s / 2)
+    eb = MIXTRAL.expert_numel * 2
+    base, quick = (predict_latency(MIXTRAL, p, 100 * GiB, "gpu", 1.0, costs=c, expert_bytes=eb) for c in (dense, fast))
+    saved = dense.gpu_wave([(1, 1.0)] * 2) - fast.gpu_wave([(1, 1.0)] * 2)
+    assert saved > 0
+    assert 1 / base.decode_tps - 1 / quick.decode_tps == pytest.approx(len(MIXTRAL.moe_layers) * saved)
+
+
 def test_the_hosts_speed_scales_its_share_of_each_layer_and_step():
     """host_speed (perf/probe.py): the host running twice as slow as at the profile adds each decode layer's host
     share and the step's own once more (the resident layer's non-expert part stays what it was at the profile's

@@ -279,9 +279,10 @@ def _run(cfg: ModelConfig, profile: HardwareProfile, pol, bud: Budget, b: int, e
     costs = (costs or profiled_expert_costs(profile, cfg, dtype_name, eb)).with_rates(
         eb, profile.gpu_bw, profile.cpu_read_bw, profile.h2d_bw)
     # a decode layer with its experts on the GPU, as measured on this machine, leaves the non-expert part what
-    # the host's share and the experts' wave do not take of it (at least its roofline); at the profile's speed
+    # the host's share and the experts' wave do not take of it (at least its roofline); at the profile's speed.
+    # The profile timed that layer with dense experts: the wave taken out is theirs, whatever this run's are.
     resident_dense = profile.resident_layer(cfg, dtype_name) - profile.decode_layer_s(K) - \
-        costs.gpu_wave([(1, 1.0)] * K)
+        profile.expert_costs(cfg, dtype_name).gpu_wave([(1, 1.0)] * K)
     split = bud.split
     max_copies = max(int(split.cache // L if split.per_layer else split.cache), 1 if split.cache else 0)
     return _Run(pol, costs, cfg.expert_intermediate_size, K, b, max_copies, profile.h2d_latency_s,
