@@ -239,6 +239,10 @@ def test_budget_too_small_names_the_numbers(ckpt):
     ck = load(ckpt)
     with pytest.raises(MoeflowError, match="policy gpu"):
         LLMEngine(ck, max_seqs=2, max_len=MAX_LEN, offload=OffloadConfig(budget_for(ck, 5), policy="gpu"))
+    # the context's KV cache and workspace are what does not fit: the error says which flags shrink them
+    ck = load(ckpt)
+    with pytest.raises(MoeflowError, match=r"sized for 8 sequence\(s\) of 256 tokens: a shorter context"):
+        LLMEngine(ck, max_seqs=8, max_len=4 * MAX_LEN, offload=OffloadConfig(budget_for(ck, 5), policy="auto"))
 
 
 def test_lru_needs_a_slot_per_layer(ckpt):

@@ -67,9 +67,14 @@ def pass_entries_per_token(cfg: ModelConfig, itemsize: int) -> float:
     return max((workspace_per_token(cfg, itemsize, widest=False) - live) / pass_entry_bytes(cfg, itemsize), 1.0)
 
 
+def context_of(cfg: ModelConfig, kv_bytes: int, itemsize: int, max_seqs: int) -> int:
+    """Tokens per sequence of a KV cache of kv_bytes for max_seqs sequences."""
+    return kv_bytes // max(cfg.kv_bytes_per_token(itemsize) * max_seqs, 1)
+
+
 def step_workspace(cfg: ModelConfig, kv_bytes: int, step_tokens: int, itemsize: int, max_seqs: int = 1) -> int:
     """The workspace of an engine with max_seqs KV slots (kv_bytes in all) and steps of up to step_tokens."""
-    max_len = kv_bytes // max(cfg.kv_bytes_per_token(itemsize) * max_seqs, 1)
+    max_len = context_of(cfg, kv_bytes, itemsize, max_seqs)
     work = workspace_bytes(cfg, step_tokens, itemsize, max_len or None)
     if max_seqs > 1:
         # A batched step gathers one layer's K and V of every running sequence (SDPA may widen them to the
@@ -79,6 +84,13 @@ def step_workspace(cfg: ModelConfig, kv_bytes: int, step_tokens: int, itemsize: 
         work += kv_bytes // cfg.num_hidden_layers * (1 + gqa)
         work += step_tokens * cfg.num_attention_heads * max_len * 4 * 2
     return work
+
+
+def _context_hint(cfg: ModelConfig, kv_bytes: int, itemsize: int, max_seqs: int) -> str:
+    """Where the context alone could make room: what the KV cache and workspace were sized for."""
+    return (f"; the KV cache and workspace are sized for {max_seqs} sequence(s) of "
+            f"{context_of(cfg, kv_bytes, itemsize, max_seqs)} tokens: a shorter context or fewer sequences "
+            "(--max-len, --max-running) need less")
 
 
 def gib(n: int) -> str:
@@ -121,6 +133,7 @@ def share_budget(name: str, cfg: ModelConfig, policy: OffloadPolicy, gpu_memory:
             f"--gpu-memory {gib(gpu_memory)} is too small for {name} with policy {policy.name}: non-expert "
             f"weights {gib(dense_bytes)} + KV cache {gib(kv_bytes)} + workspace {gib(work)} + "
             + (f"routing trace {gib(other_bytes)} + " if other_bytes else "") + f"{need} expert slot(s) "
-            f"of {gib(expert_bytes)} need at least {gib(fixed + need * expert_bytes)} ({gib(short)} more)")
+            f"of {gib(expert_bytes)} need at least {gib(fixed + need * expert_bytes)} ({gib(short)} more)"
+            + (_context_hint(cfg, kv_bytes, itemsize, max_seqs) if kv_bytes + work - WORKSPACE_FIXED > short else ""))
     return Budget(gpu_memory, dense_bytes, kv_bytes, work, expert_bytes, slots, policy.split(slots, L, E, K),
                   other_bytes)
