@@ -44,11 +44,12 @@ def default_context(args, max_seqs: int, offloading: bool) -> int | None:
     at most SHARED_CONTEXT, since max_seqs KV caches of a long context would take the GPU's memory (with
     offloading, the experts' share of --gpu-memory). None: the model's."""
     from moeflow.checkpoint import read_model_config
+    from moeflow.dist.groups import current
 
     if args.max_len is not None or (max_seqs == 1 and not offloading):
         return args.max_len
     ctx = read_model_config(args.model or DEFAULT_MODEL)[1].max_position_embeddings
-    if ctx > SHARED_CONTEXT:
+    if ctx > SHARED_CONTEXT and (current() is None or current().leader):  # said once, not by every rank
         print(f"moeflow: context {SHARED_CONTEXT} tokens per sequence (the model's is {ctx}; "
               "--max-len to choose)", file=sys.stderr)
     return min(SHARED_CONTEXT, ctx)

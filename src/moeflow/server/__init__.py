@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     sv.add_argument("--max-running", type=int, default=ENGINE.max_running,
                     help="sequences decoded together (KV cache slots)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond: HTTP 429")
-    context_flag(sv, "prompt + generated tokens per request (default: the model's context, at most 4096)")
+    context_flag(sv, "prompt + generated tokens per request (default: the model's context, at most 4096 "
+                     "with several sequences or --gpu-memory)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's and moeflow's log level")
     device_flags(sv)
