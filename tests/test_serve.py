@@ -384,6 +384,30 @@ def test_metrics_count_requests_and_tokens(live, client):
     assert live.metric("moeflow_time_per_output_token_seconds_count") >= 1
 
 
+def test_metrics_carry_every_offloading_figure_and_bench_serve_reads_them():
+    """With offloading, /metrics carries each OffloadStats figure (seconds as *_seconds); `bench serve` turns two
+    scrapes into figures per generated token. Without a GPU no engine offloads here: a stand-in worker."""
+    from types import SimpleNamespace
+
+    from moeflow.experts.layer_plan import OffloadStats
+    from moeflow.server.metrics import ServerMetrics, expert_counters, expert_figures
+
+    stats = OffloadStats()
+    m = ServerMetrics()
+    m.attach(SimpleNamespace(num_running=0, num_waiting=0, steps=0, step_seqs=0,
+                             engine=SimpleNamespace(expert_stats=stats.as_dict)))
+    m.generation_tokens.inc(10)
+    before = expert_counters(m.render().decode())
+    assert before["lookups"] == 0 and before["tokens"] == 10 and "sync_seconds" in before
+    assert expert_figures(before, before) is None  # nothing looked up: no figures
+    stats.lookups, stats.hits, stats.copied_experts, stats.sync_s, stats.prefetched = 80, 60, 12.0, 0.05, 4
+    m.generation_tokens.inc(4)
+    f = expert_figures(before, expert_counters(m.render().decode()))
+    assert f["hit_rate"] == 0.75 and f["copied_experts"] == 3.0 and f["prefetched"] == 1.0
+    assert abs(f["host_ms"]["sync"] - 12.5) < 1e-9 and f["host_ms"]["launch"] == 0.0
+    assert b"moeflow_expert_bytes_copied_to_gpu_total" in m.render()  # the name dashboards already read
+
+
 # -- bench serve -----------------------------------------------------------------------------------------
 def test_bench_serve_against_the_live_server(live, tmp_path, capsys):
     from moeflow.cli import main

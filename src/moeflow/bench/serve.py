@@ -275,6 +275,8 @@ def compare(args, prompts: list[str]) -> list[dict]:
     """Each policy's server in turn, driven at each concurrency with the same prompts (--serve)."""
     import shlex
 
+    from moeflow.server.metrics import expert_figures
+
     serve_args = shlex.split(args.serve)
     levels = [int(c) for c in (args.concurrencies or str(args.concurrency or 1)).split(",")]
     logs = Path(args.out).parent if args.out else Path(".")
@@ -285,6 +287,7 @@ def compare(args, prompts: list[str]) -> list[dict]:
         try:
             model = server_model(url)
             for c in levels:
+                before = scrape(url)
                 results, duration = asyncio.run(run(url, model, prompts, args.max_tokens, c, None,
                                                     args.ignore_eos, args.seed, args.time_limit))
                 rows.append({"policy": policy, "concurrency": c} | summarize(results, duration))
@@ -292,9 +295,29 @@ def compare(args, prompts: list[str]) -> list[dict]:
                 print(f"{policy:<8} concurrency {c:<3} TTFT median {r['ttft_ms']['median'] or 0:9.1f} ms  "
                       f"TPOT median {r['tpot_ms']['median'] or 0:8.1f} ms  mean {r['tpot_ms']['mean'] or 0:8.1f} ms  "
                       f"{r['output_throughput']:7.2f} tok/s  failed {r['failed']}", flush=True)
+                if fig := expert_figures(before, scrape(url)):
+                    r["experts"] = fig
+                    print_experts(fig)
         finally:
             stop(proc)
     return rows
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The server's expert counters now (server/metrics.py)."""
+    import httpx
+
+    from moeflow.server.metrics import expert_counters
+
+    return expert_counters(httpx.get(f"{url}/metrics", timeout=10).text)
+
+
+def print_experts(f: dict) -> None:
+    ms = "  ".join(f"{k} {v:.1f}" for k, v in f["host_ms"].items() if k in ("sync", "plan", "launch", "prefetch",
+                                                                         "cpu_wait"))
+    print(f"{'':<8} per token: hit {100 * f['hit_rate']:.0f}%  copied {f['copied_experts']:.1f}  cpu "
+          f"{f['cpu_experts']:.1f}  ahead {f['prefetched']:.1f} (used {f['prefetch_used']:.1f})  host ms: {ms}",
+          flush=True)
 
 
 def add_flags(p) -> None:

@@ -63,10 +63,43 @@ class _EngineCollector:
         yield CounterMetricFamily("moeflow_engine_step_sequences", "sequences run, summed over steps "
                                   "(divided by the steps: the mean batch)", worker.step_seqs)
         stats = worker.engine.expert_stats()
-        if not stats:
-            return
-        yield GaugeMetricFamily("moeflow_expert_hit_rate", "selected experts found on the GPU", stats["hit_rate"])
-        yield CounterMetricFamily("moeflow_expert_lookups", "experts selected (per layer call)", stats["lookups"])
-        yield CounterMetricFamily("moeflow_expert_bytes_copied_to_gpu", "expert weights copied host to GPU",
-                                  stats["bytes_h2d"])
-        yield CounterMetricFamily("moeflow_expert_cpu_experts", "experts computed on the CPU", stats["cpu_experts"])
+        for key, value in (stats or {}).items():  # every OffloadStats figure (experts/layer_plan.py)
+            if key == "hit_rate":
+                yield GaugeMetricFamily(EXPERT + key, "selected experts found on the GPU", value)
+            else:
+                yield CounterMetricFamily(EXPERT + _counter(key), f"expert offloading: OffloadStats.{key}", value)
+
+
+EXPERT = "moeflow_expert_"
+
+
+def _counter(key: str) -> str:
+    """An OffloadStats field's counter name (after EXPERT): seconds as such, host-to-GPU bytes by their old name."""
+    return "bytes_copied_to_gpu" if key == "bytes_h2d" else key[:-2] + "_seconds" if key.endswith("_s") else key
+
+
+def expert_counters(text: str) -> dict[str, float]:
+    """The expert counters of a /metrics page by their names after EXPERT, and the tokens generated ("tokens")."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith(EXPERT) and s.name.endswith("_total"):
+                out[s.name[len(EXPERT):-len("_total")]] = s.value
+            elif s.name == "moeflow_generation_tokens_total":
+                out["tokens"] = s.value
+    return out
+
+
+def expert_figures(before: dict[str, float], after: dict[str, float]) -> dict | None:
+    """Between two scrapes, per token generated (the prompts' expert work included): the hit rate, experts
+    copied and run on the CPU, copies ahead made and used, and the host's ms in the expert backend by part.
+    None where no expert was looked up (no offloading)."""
+    d = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    n, lookups = d.get("tokens", 0.0), d.get("lookups", 0.0)
+    if not n or not lookups:
+        return None
+    per = {k: d.get(k, 0.0) / n for k in ("copied_experts", "cpu_experts", "prefetched", "prefetch_used")}
+    ms = {k[:-len("_seconds")]: 1e3 * v / n for k, v in d.items() if k.endswith("_seconds")}
+    return {"hit_rate": d.get("hits", 0.0) / lookups} | per | {"host_ms": ms}
