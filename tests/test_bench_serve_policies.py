@@ -23,6 +23,9 @@ def test_bench_serve_launches_a_server_per_policy(tmp_path, capsys):
     assert [(r["policy"], r["concurrency"]) for r in rows] == [("auto", 1), ("auto", 2)]
     assert all(r["completed"] == 3 and r["output_tokens"] == 12 and r["tpot_ms"]["median"] > 0 for r in rows)
     assert (out.parent / "serve-auto.log").is_file()
-    # a server that cannot start (fmoe needs the offloading engine): one line naming it, exit 2
-    assert main(args + ["--policies", "fmoe"]) == 2
+    # a server that cannot start (fmoe needs the offloading engine): one line naming it, exit 2; the rows of the
+    # policies before it are in --out
+    out.unlink()
+    assert main(args + ["--policies", "auto,fmoe", "--concurrencies", "1"]) == 2
     assert "the fmoe server exited" in capsys.readouterr().err
+    assert [(r["policy"], r["concurrency"]) for r in json.loads(out.read_text())["rows"]] == [("auto", 1)]

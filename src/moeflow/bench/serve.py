@@ -298,9 +298,21 @@ def compare(args, prompts: list[str]) -> list[dict]:
                 if fig := expert_figures(before, scrape(url)):
                     r["experts"] = fig
                     print_experts(fig)
+                save_rows(args, len(prompts), rows)  # a later policy's failure loses none of these
         finally:
             stop(proc)
     return rows
+
+
+def save_rows(args, num_prompts: int, rows: list[dict]) -> None:
+    """--serve's rows so far to --out (written whole, then renamed: a reader never sees half)."""
+    if not args.out:
+        return
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"serve": args.serve, "num_prompts": num_prompts, "max_tokens": args.max_tokens,
+                               "rows": rows}, indent=2))
+    tmp.replace(out)
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -353,9 +365,6 @@ def main(args) -> int:
         raise MoeflowError("--rate must be > 0 and --concurrency at least 1")
     if getattr(args, "serve", None):
         rows = compare(args, prompts)
-        if args.out:
-            Path(args.out).write_text(json.dumps({"serve": args.serve, "num_prompts": len(prompts),
-                                                  "max_tokens": args.max_tokens, "rows": rows}, indent=2))
         return 0 if all(r["completed"] for r in rows) else 1
     url = args.url.rstrip("/")
     model = args.model or server_model(url)
