@@ -195,6 +195,13 @@ def read_json(f: Path) -> dict:
     return value
 
 
+def write_whole(path: Path, text: str, encoding: str | None = None) -> None:
+    """path's new text written to a sibling first, then renamed over it: a reader (or a crash) never sees half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding=encoding)
+    tmp.replace(path)
+
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30}
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from moeflow import MoeflowError
+from moeflow.config import write_whole
 
 
 class ResultFile:
@@ -50,9 +51,7 @@ class ResultFile:
                     done.add(rec["custom_id"])
         dropped = sum(1 for t in lines if t.strip()) - len(good)
         if dropped or (raw and not raw.endswith("\n")):
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(t + "\n" for t in good), encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_whole(self.path, "".join(t + "\n" for t in good), encoding="utf-8")
         return done, dropped
 
     def write(self, rec: dict) -> None:

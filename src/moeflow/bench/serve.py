@@ -308,11 +308,10 @@ def save_rows(args, num_prompts: int, rows: list[dict]) -> None:
     """--serve's rows so far to --out (written whole, then renamed: a reader never sees half)."""
     if not args.out:
         return
-    out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"serve": args.serve, "num_prompts": num_prompts, "max_tokens": args.max_tokens,
-                               "rows": rows}, indent=2))
-    tmp.replace(out)
+    from moeflow.config import write_whole
+
+    write_whole(Path(args.out), json.dumps({"serve": args.serve, "num_prompts": num_prompts,
+                                            "max_tokens": args.max_tokens, "rows": rows}, indent=2))
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from moeflow import MoeflowError
+from moeflow.config import write_whole
 
 CONFIGS = "synthetic:mixtral-8x7b@24GiB,synthetic:qwen3-30b-a3b@16GiB"
 
@@ -195,9 +196,7 @@ class Results:
     def add(self, rows: list[dict]) -> None:
         self.data["rows"] += rows
         if self.path is not None:
-            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-            tmp.write_text(json.dumps(self.data, indent=1))
-            tmp.replace(self.path)
+            write_whole(self.path, json.dumps(self.data, indent=1))
 
 
 def _layers(model: str, args) -> int | None:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from moeflow import MoeflowError
-from moeflow.config import ModelConfig, cache_dir
+from moeflow.config import ModelConfig, cache_dir, write_whole
 from moeflow.perf.costs import TOKEN_POINTS, ExpertCosts
 from moeflow.perf.layers import PREFILL_K, layer_key
 
@@ -99,9 +99,7 @@ class HardwareProfile:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        write_whole(path, self.to_json())
 
     @classmethod
     def from_dict(cls, d: dict) -> HardwareProfile:
