@@ -333,6 +333,36 @@ def check_int4_wave(device: str, dtype: torch.dtype) -> None:
         assert ((out.cpu() - want).norm() / want.norm()) < 1e-2, (picks, order, static)
 
 
+def check_int4_layer_gemv(device: str, dtype: torch.dtype) -> None:
+    """All on one device, a decode layer's int4 experts through the wave GEMVs, each routing entry a slot of its
+    own (quant/grouped.py gemv_experts), against the batched dequantization's entry_experts."""
+    from unittest import mock
+
+    from moeflow.quant import grouped, triton_int4
+
+    g = torch.Generator().manual_seed(4)
+    fmt = ExpertFormat(96, 128, dtype, QuantSpec(4, 32, False))
+    blocks = torch.empty(6, fmt.block_numel, dtype=torch.uint8)
+    for b in blocks:
+        fmt.pack(*(torch.randn(96, 128, generator=g) * 0.05 for _ in range(3)), b)
+    blocks = blocks.to(device)
+    for N, K in ((1, 3), (3, 2)):
+        x = torch.randn(N, 128, generator=g).to(device, dtype)
+        w, ids = torch.rand(N, 6, generator=g).softmax(-1).topk(K)
+        ids[-1, -1] = ids[0, 0]  # two tokens on one expert
+        ids, w = ids.to(device), w.to(device)
+        want = grouped.entry_experts(x, ids, w, blocks, fmt).float()
+        with mock.patch.object(triton_int4, "GEMV_PROGRAMS", 16):
+            got = grouped.gemv_experts(x, ids, w, blocks, fmt).float()
+        assert got.shape == want.shape and ((got - want).norm() / want.norm()) < 1e-2, (N, K)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_layer_gemv_matches_the_batched_dequantization_on_cuda(dtype):
+    check_int4_layer_gemv("cuda", dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int4_triton_kernel_matches_the_fallback_on_cuda(dtype):
@@ -357,7 +387,7 @@ def test_int4_triton_kernel_logic_in_the_interpreter():
 
     # fp16: the interpreter reads bf16 tensors wrongly (a bf16 load of 1.0 is not 1.0), the GPU test covers bf16
     code = ("import torch, test_quant; test_quant.check_int4_kernel('cpu', torch.float16); "
-            "test_quant.check_int4_wave('cpu', torch.float16)")
+            "test_quant.check_int4_wave('cpu', torch.float16); test_quant.check_int4_layer_gemv('cpu', torch.float16)")
     src = str(Path(moeflow.__file__).parents[1])
     path = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}

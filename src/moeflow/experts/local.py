@@ -13,7 +13,7 @@ from moeflow.experts.ffn import (block_ffn, can_group, expert_ffn, group_by_expe
                                  grouped_ffn, looped_experts, partial_ffn, quantized_experts, quantized_ffn)
 from moeflow.experts.store import ExpertStore
 from moeflow.quant import grouped as qgrouped
-from moeflow.quant import triton_moe
+from moeflow.quant import triton_int4, triton_moe
 
 # the fused kernels by default on CUDA stores (False: PyTorch's grouped GEMMs unless a caller asks)
 FUSED_DEFAULT = True
@@ -50,8 +50,10 @@ class LocalExperts(ExpertBackend):
             return biased_experts(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer), s.cfg)
         if self.fused and fused_moe.available(x):
             if self.store.fmt.quantized:
-                return triton_moe.quantized_fused_experts(x, topk_ids, topk_weights, d[self.store.slot[layer]],
-                                                          self.store.fmt)
+                blocks = d[self.store.slot[layer]]
+                if x.shape[0] <= triton_int4.GEMV_MAX_TOKENS and qgrouped.gemv_waves(blocks, self.store.fmt):
+                    return qgrouped.gemv_experts(x, topk_ids, topk_weights, blocks, self.store.fmt)
+                return triton_moe.quantized_fused_experts(x, topk_ids, topk_weights, blocks, self.store.fmt)
             return fused_moe.fused_experts(x, topk_ids, topk_weights, self.store.gate_up(layer),
                                            self.store.down_t(layer))
         if self.store.fmt.quantized:

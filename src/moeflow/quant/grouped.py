@@ -121,6 +121,22 @@ def entry_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     return (y.float() * topk_weights.float()[..., None]).sum(1).to(x.dtype)
 
 
+def gemv_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, blocks: torch.Tensor,
+                 fmt: ExpertFormat) -> torch.Tensor:
+    """A layer's int4 experts at decode through the wave GEMVs (quant/triton_int4.py), each routing entry a slot
+    of its own: no sort, no host sync. x [N, H], topk_ids/topk_weights [N, K], blocks [E, block] -> [N, H]."""
+    from moeflow.quant import triton_int4
+
+    N, K = topk_ids.shape
+    M, dev = N * K, x.device
+    entries = torch.arange(M + 1, dtype=torch.int32, device=dev)
+    meta = torch.cat([entries[:M], entries[1:], topk_weights.float().reshape(-1).view(torch.int32),
+                      topk_ids.reshape(-1).to(torch.int32)])  # entries, their ends, weights, slots: one each
+    out = torch.zeros(N, fmt.hidden, dtype=torch.float32, device=dev)
+    triton_int4.wave_gemv(out, x, meta, M, M, K, blocks, fmt, 1)
+    return out.to(x.dtype)
+
+
 def fused_wave(out: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, M: int, W: int, K: int,
                slots: torch.Tensor, fmt: ExpertFormat) -> None:
     """out [N, H] fp32 += a quantized wave's entries through the fused Triton kernels, the slots read in place.
