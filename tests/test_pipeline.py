@@ -70,6 +70,23 @@ def test_pipeline_prefills_rounds_of_chunks(monkeypatch):
     assert got == single_request_tokens(ck)
 
 
+def test_a_filling_batch_takes_prefill_rounds_until_full(monkeypatch):
+    """16 requests of 4 tokens for 16 sequences, prompts in rounds of 2-3: every request joins before the
+    first decode step, so the batch decodes its 3 steps once (not the last request alone afterwards)."""
+    from moeflow.pipeline import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_GROUP", 15)
+    ck = load("synthetic:tiny-qwen3")
+    engine = PipelineEngine(ck, ThroughputPolicy(16, 4, 0.0, 0.0, False), 64, native=False)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    seqs = [engine.add_request(f"prompt {i}", params) for i in range(16)]
+    while engine.has_unfinished:
+        engine.step()
+    engine.close()
+    assert all(len(s.output_ids) == 4 for s in seqs)
+    assert engine.decode_steps == 3
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("model,dtype", [("tiny-mixtral", "fp32"), ("tiny-qwen3", "fp32"), ("tiny-mixtral", "bf16")])
 def test_pipeline_on_the_gpu_matches_the_single_request_engine(model, dtype):

@@ -66,6 +66,8 @@ class PipelineEngine(LLMEngine):
         self.cpu_attention_s = 0.0  # the attention worker's busy time
         self.cpu_attention_bytes = 0  # and the K/V it read
         self.prefill_s = self.decode_s = 0.0
+        self.kv_store_s = 0.0  # the worker's time writing prefill K/V into the host arenas
+        self.kv_wait_s = 0.0  # the prefill's time waiting for those writes (more than STAGED in flight)
         self.decode_steps = 0
         self.stores: deque = deque()  # prefill K/V on their way to the host arenas (futures of the worker)
 
@@ -74,8 +76,11 @@ class PipelineEngine(LLMEngine):
 
     def _admit(self) -> None:
         # A prefill round takes whole prompts up to PREFILL_GROUP tokens (one prompt alone may exceed it). It
-        # streams every layer's weights as a decode step does: while a batch runs, wait for an eighth of it to free.
-        if self.running and self.cache.max_seqs - len(self.running) < max(1, self.cache.max_seqs // 8):
+        # streams every layer's weights as a decode step does: while a batch decodes, wait for an eighth of it to
+        # free. A batch still filling (none of it decoded yet) takes rounds until full, else the last few
+        # requests would decode alone afterwards, each step as slow as a full batch's.
+        decoding = any(s.num_cached > len(s.prompt_ids) for s in self.running)
+        if decoding and self.cache.max_seqs - len(self.running) < max(1, self.cache.max_seqs // 8):
             return
         room = PREFILL_GROUP
         while self.waiting and len(self.running) < self.cache.max_seqs:
@@ -171,8 +176,10 @@ class PipelineEngine(LLMEngine):
                     self._to_host(c, arena, kv[:len(c.seqs), :c.T][c.valid])  # [N, Hkv, D] in one copy each
                 c.x = c.x + self._mlp(i, layer, layer.post_attention_layernorm(c.x))
             self._done_with(i)
+        t = time.perf_counter()
         while self.stores:
             self.stores.popleft().result()
+        self.kv_wait_s += time.perf_counter() - t
         for s in seqs:
             s.num_cached = len(s.prompt_ids)
         return torch.cat([c.x[c.last] for c in chunks])
@@ -183,13 +190,22 @@ class PipelineEngine(LLMEngine):
         if self.device.type != "cuda":
             c.store(arena, kv.cpu())
             return
+        t = time.perf_counter()
         while len(self.stores) >= STAGED:
             self.stores.popleft().result()
+        self.kv_wait_s += time.perf_counter() - t
         host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
         host.copy_(kv, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        self.stores.append(self.pool.submit(_store_when_ready, ready, c, arena, host))
+        self.stores.append(self.pool.submit(self._store_when_ready, ready, c, arena, host))
+
+    def _store_when_ready(self, ready: torch.cuda.Event, c: Chunk, arena: torch.Tensor, host: torch.Tensor) -> None:
+        ready.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():  # as the engine's steps run
+            c.store(arena, host)
+        self.kv_store_s += time.perf_counter() - t
 
     # -- decode: micro-batches, CPU attention beside the GPU ---------------------------------------------------
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -238,12 +254,6 @@ class PipelineEngine(LLMEngine):
         positions = sum(min(p + 1, w) if w else p + 1 for p in starts)
         self.cpu_attention_bytes += 2 * positions * k_cache.stride(0) * k_cache.element_size()  # K and V read
         return o if o is out or not pinned else o.pin_memory()
-
-
-def _store_when_ready(ready: torch.cuda.Event, c: Chunk, arena: torch.Tensor, host: torch.Tensor) -> None:
-    ready.synchronize()
-    with torch.inference_mode():  # as the engine's steps run
-        c.store(arena, host)
 
 
 def dev_is_cuda(x: torch.Tensor) -> bool:
