@@ -289,6 +289,15 @@ def check_int4_kernel(device: str, dtype: torch.dtype) -> None:
             assert got.shape == (n, hidden) and ((got - want).norm() / want.norm()) < 1e-2, (spec, inter, n)
 
 
+def int4_blocks(n: int, g: torch.Generator, device: str, dtype: torch.dtype):
+    """n random int4 experts (inter 96, hidden 128, groups of 32) packed into blocks [n, block] on device."""
+    fmt = ExpertFormat(96, 128, dtype, QuantSpec(4, 32, False))
+    blocks = torch.empty(n, fmt.block_numel, dtype=torch.uint8)
+    for b in blocks:
+        fmt.pack(*(torch.randn(96, 128, generator=g) * 0.05 for _ in range(3)), b)
+    return fmt, blocks.to(device)
+
+
 def check_int4_wave(device: str, dtype: torch.dtype) -> None:
     """wave_gemv against each entry's expert through the fallback, weighted and summed per token: waves laid out
     as experts/waves.py lays them (entries sorted by slot, eager or padded to N * K as a static wave, its pads
@@ -300,11 +309,7 @@ def check_int4_wave(device: str, dtype: torch.dtype) -> None:
     from moeflow.quant import triton_int4
 
     g = torch.Generator().manual_seed(1)
-    fmt = ExpertFormat(96, 128, dtype, QuantSpec(4, 32, False))
-    slots = torch.empty(5, fmt.block_numel, dtype=torch.uint8)
-    for b in slots:
-        fmt.pack(*(torch.randn(96, 128, generator=g) * 0.05 for _ in range(3)), b)
-    slots = slots.to(device)
+    fmt, slots = int4_blocks(5, g, device, dtype)
     # (each token's K slots, the wave's slots, static): slot 1 of the last has three entries, slot 4 pads after one
     for picks, order, static in (([[3, 1]], [1, 3], True), ([[3, 1]], [3], True), ([[0, 2], [4, 0]], [0, 2, 4], False),
                                  ([[1, 0], [4, 1], [1, 2]], [1, 4], True)):
@@ -341,11 +346,7 @@ def check_int4_layer_gemv(device: str, dtype: torch.dtype) -> None:
     from moeflow.quant import grouped, triton_int4
 
     g = torch.Generator().manual_seed(4)
-    fmt = ExpertFormat(96, 128, dtype, QuantSpec(4, 32, False))
-    blocks = torch.empty(6, fmt.block_numel, dtype=torch.uint8)
-    for b in blocks:
-        fmt.pack(*(torch.randn(96, 128, generator=g) * 0.05 for _ in range(3)), b)
-    blocks = blocks.to(device)
+    fmt, blocks = int4_blocks(6, g, device, dtype)
     for N, K in ((1, 3), (3, 2)):
         x = torch.randn(N, 128, generator=g).to(device, dtype)
         w, ids = torch.rand(N, 6, generator=g).softmax(-1).topk(K)
