@@ -62,6 +62,36 @@ def test_the_search_takes_the_most_sequences_host_memory_holds():
     assert best.policy.N == n and best.host_bytes <= host and best.gpu_bytes <= 24 << 30
 
 
+@pytest.mark.parametrize("grouped_tokens", [None, 16])
+def test_the_plan_counts_the_largest_grouped_call(grouped_tokens, monkeypatch):
+    """A step through LayerWeights' grouped calls (recorded, not run), 8 routing entries a token where the
+    workspace counts about 4: every call's entries fit what the plan counts for the step (the workspace's share
+    plus grouped_call_excess), with calls as large as GROUPED_BYTES allows or of 16 tokens."""
+    from moeflow.engine.budget import pass_entries_per_token, pass_entry_bytes
+    from moeflow.experts.store import ExpertStore
+    from moeflow.models import get_architecture
+    from moeflow.perf.throughput_model import grouped_call_excess
+    from moeflow.pipeline import weights
+    from moeflow.synthetic import PRESETS
+
+    cfg = get_architecture("qwen3_moe").config(PRESETS["tiny-qwen3"] | {"num_experts_per_tok": 8,
+                                                                         "moe_intermediate_size": 64})
+    I, K = cfg.expert_intermediate_size, cfg.num_experts_per_tok
+    if grouped_tokens:
+        monkeypatch.setattr(weights, "GROUPED_BYTES", grouped_tokens * 2 * I * K * 2)
+    calls = []
+    monkeypatch.setattr(weights, "grouped_experts", lambda x, ids, *_: calls.append(ids.numel()) or x.clone())
+    lw = weights.LayerWeights(ExpertStore(cfg, torch.bfloat16, "cpu"), torch.device("cpu"), 1.0, grouped=True)
+    assert pass_entries_per_token(cfg, 2) < K
+    for step in (40, 300):
+        calls.clear()
+        ids = torch.randint(0, cfg.num_experts, (step, K))
+        lw.ffn(0, torch.zeros(step, cfg.hidden_size, dtype=torch.bfloat16), ids, torch.ones(step, K))
+        assert sum(calls) == step * K
+        counted = pass_entries_per_token(cfg, 2) * step * pass_entry_bytes(cfg, 2) + grouped_call_excess(cfg, step, 2)
+        assert max(calls) * pass_entry_bytes(cfg, 2) <= counted, (step, calls)
+
+
 @pytest.mark.gpu
 def test_the_gpu_peak_stays_within_the_plan():
     from moeflow.pipeline.engine import PipelineEngine

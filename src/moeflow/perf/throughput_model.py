@@ -69,9 +69,21 @@ def throughput_memory(cfg: ModelConfig, pol: ThroughputPolicy, prompt_len: int, 
     hidden = min(pol.N * prompt_len, PREFILL_GROUP) * cfg.hidden_size * b  # a prefill round's hidden states
     hidden += min(pol.N, LOGITS_ROWS) * cfg.vocab_size * (b + 4)              # logits, and in fp32
     gpu = cfg.dense_numel * b + int(pol.r_w * L * w_layer) + int(pol.r_c * kv) + stream + kv_stage + \
-        workspace_bytes(cfg, step, b) + hidden
+        workspace_bytes(cfg, step, b) + hidden + grouped_call_excess(cfg, step, b)
     host = L * w_layer + int((1 - pol.r_c) * kv) + host_staging_bytes(cfg, pol.N, prompt_len, b)
     return gpu, host
+
+
+def grouped_call_excess(cfg: ModelConfig, step: int, b: int) -> int:
+    """GPU bytes a pipeline's grouped expert call holds beyond what the workspace counts for a step of `step`
+    tokens: a call takes up to grouped_call_tokens tokens with all their routing entries (Qwen3-30B-A3B: 8 a
+    token, where the workspace counts 4.5)."""
+    from moeflow.engine.budget import pass_entries_per_token, pass_entry_bytes
+    from moeflow.pipeline.weights import grouped_call_tokens
+
+    K = cfg.num_experts_per_tok
+    entries = min(step, grouped_call_tokens(cfg.expert_intermediate_size, K, b)) * K
+    return max(0, entries - int(pass_entries_per_token(cfg, b) * step)) * pass_entry_bytes(cfg, b)
 
 
 def host_staging_bytes(cfg: ModelConfig, n: int, prompt_len: int, b: int = 2) -> int:

@@ -23,6 +23,11 @@ PAGE_BYTES = 64 * 2**20  # one copy call moves at most this much (whole experts)
 GROUPED_BYTES = 256 * 2**20
 
 
+def grouped_call_tokens(inter: int, top_k: int, itemsize: int) -> int:
+    """Tokens per grouped call: its gate/up output [tokens x top_k, 2 x inter] within GROUPED_BYTES."""
+    return max(1, GROUPED_BYTES // (2 * inter * top_k * itemsize))
+
+
 class LayerWeights:
     def __init__(self, store: ExpertStore, device: torch.device, r_w: float, grouped: bool | None = None):
         self.store, self.device = store, device
@@ -99,7 +104,7 @@ class LayerWeights:
             I, (N, H), K = self.inter, x.shape, topk_ids.shape[1]
             buf = self.bufs[row % 2] if self.bufs else self.res[row]          # [E, W] host layout
             gate_up, down_t = buf[:, :2 * I * H].view(-1, 2 * I, H), buf[:, 2 * I * H:].view(-1, I, H)
-            per = max(1, GROUPED_BYTES // (2 * I * K * x.element_size()))  # tokens per grouped call
+            per = grouped_call_tokens(I, K, x.element_size())
             return torch.cat([grouped_experts(x[a:a + per], topk_ids[a:a + per], topk_weights[a:a + per], gate_up,
                                               down_t) for a in range(0, N, per)])
         N, K = topk_ids.shape
