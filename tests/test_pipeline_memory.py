@@ -29,6 +29,29 @@ def test_host_kv_runs_are_first_fit_and_merge_back():
     assert kv.nbytes == HostKV.bytes_for(cfg, 100, 4) == kv[0][0].numel() * 4 * 2 * cfg.num_hidden_layers
 
 
+@pytest.mark.parametrize("prefault", [False, True])
+def test_host_kv_arenas_are_touched_when_made_with_prefault(prefault, monkeypatch):
+    """PREFAULT: the arenas' pages are resident once made (the prefill's store thread then writes touched
+    memory); without it they stay untouched until written."""
+    import os
+
+    from moeflow.pipeline import kv as kv_module
+
+    monkeypatch.setattr(kv_module, "PREFAULT", prefault)
+    _, cfg = read_model_config("synthetic:tiny-mixtral")
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = resident()
+    kv = HostKV(cfg, 1 << 16, torch.float32, max_seqs=8)  # 4 layers x K, V x 64K positions x 4 x 32: 256 MiB
+    grew = resident() - before
+    assert kv.nbytes == 256 << 20
+    assert (grew > 0.9 * kv.nbytes) if prefault else (grew < 0.1 * kv.nbytes), grew
+    assert kv.touch_s >= 0
+
+
 def test_planned_host_bytes_cover_what_the_engine_holds():
     """A plan's host bytes hold the store and the engine's host KV cache, and that cache admits the whole planned
     batch at once (prompts of the planned length)."""
