@@ -107,7 +107,7 @@ def pipeline_row(ck, model: str, budget: int, prompts, gen_len: int, args, profi
     engine = PipelineEngine(ck, pol, spec.max_len, kv_positions=positions)
     try:
         elapsed, tokens = _drive(engine, prompts, n, gen_len)
-        elapsed += engine.cache.touch_s  # the KV arenas' first touch, once part of the prefill, counted as it was
+        elapsed += engine.cache.touch_s  # the KV arenas are touched before the run: their time counts in it
         row = _pipeline_figures(engine, pred, elapsed, tokens, n, profile) | {
             "engine": "pipeline", "model": model, "gpu_memory": budget, "gen_len": gen_len, "requests": n,
             "prompt_len": prompt_len, "layers": _layers(model, args), "kv_positions": positions,
