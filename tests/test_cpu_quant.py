@@ -131,6 +131,20 @@ def test_integer_dot_path_matches_int8_rounded_tokens(spec):
         close(got, reference(data, fmt, x, jobs), tol=3e-2)
 
 
+@pytest.mark.parametrize("spec,H", [(QuantSpec(4, 64), 320), (QuantSpec(4, 128, symmetric=False), 384)],
+                         ids=["int4-g64-5-groups", "int4-g128-asym-3-groups"])
+def test_one_token_integer_dots_take_an_odd_number_of_groups(spec, H):
+    """Decode's one-token gate/up path takes groups two at a time: a row with an odd count ends on one."""
+    if "avx2" not in KERNELS:
+        pytest.skip("the integer-dot path is AVX2 code")
+    data, fmt, g = quantized(spec, H=H, seed=3)
+    ce = CpuExperts(threads=2, kernel="avx2", fmt=fmt)
+    x = torch.randn(1, H, generator=g)
+    jobs = [Job(0, torch.arange(1), torch.rand(1, generator=g), 0, 40),
+            Job(3, torch.arange(1), torch.rand(1, generator=g), 5, 29)]
+    close(ce(data, x, jobs), sum(reference(data, fmt, x, [j], rounded=True) for j in jobs))
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(4, 64), QuantSpec(8, 64)], ids=lambda s: s.name)
 def test_integer_dots_are_the_default_for_int4_decode_only(spec):
     """The default settings: int4 experts of up to 8 tokens take the integer-dot path, int8 experts stay fp32."""
