@@ -134,12 +134,13 @@ def measure(a, b: OffloadedExperts, steps: list, policy: str) -> None:
     wall = time.perf_counter() - t0
     s1 = b.stats.as_dict()
     n = a.tokens * len(layers)
-    keys = ("sync_s", "plan_s", "launch_s", "backend_s", "cpu_wait_s", "lookups", "hits", "cpu_experts",
+    keys = ("sync_s", "plan_s", "launch_s", "prefetch_s", "backend_s", "cpu_wait_s", "lookups", "hits", "cpu_experts",
             "copied_experts", "prefetched", "prefetch_used", "prefetch_wasted")
     d = {k: s1.get(k, 0) - s0.get(k, 0) for k in keys}  # main's stats lack the prefetch counts
     join = d["backend_s"] - d["sync_s"] - d["plan_s"] - d["launch_s"]
     print(f"{a.device} policy {policy}: {n} layer calls; per layer (us): sync {1e6 * d['sync_s'] / n:.1f}, "
-          f"plan {1e6 * d['plan_s'] / n:.1f}, launch {1e6 * d['launch_s'] / n:.1f}, join {1e6 * join / n:.1f}, "
+          f"plan {1e6 * d['plan_s'] / n:.1f}, launch {1e6 * d['launch_s'] / n:.1f} (prefetch "
+          f"{1e6 * d['prefetch_s'] / n:.1f}), join {1e6 * join / n:.1f}, "
           f"backend {1e6 * d['backend_s'] / n:.1f}, wall {1e6 * wall / n:.1f}")
     print(f"  per layer: hits {d['hits'] / n:.2f} of {d['lookups'] / n:.0f}, cpu {d['cpu_experts'] / n:.2f}, "
           f"copied {d['copied_experts'] / n:.2f}, prefetched {d['prefetched'] / n:.2f} (used "

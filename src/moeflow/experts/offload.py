@@ -147,7 +147,8 @@ class OffloadedExperts(ExpertBackend):
                 self.waves.run(w)
         t_prefetch = time.perf_counter()
         if self.policy.prefetches():
-            self.policy.prefetch(plan.layer, st.ids, st.w, self)
+            shape = topk_ids.shape  # numpy views: no PyTorch op in the hook
+            self.policy.prefetch(plan.layer, st.ids_np.reshape(shape), st.w_np.reshape(shape), self)
         t_launch = time.perf_counter()
         s.prefetch_s += t_launch - t_prefetch
         result = self._join(plan, call, x, dest)

@@ -128,13 +128,17 @@ class GuessAhead:
         # the guesses' precision (of those the copy engine had room for, the share selected when their layer
         # came), scored whether copied or not: a closed gate still sees when guessing pays again
         self.gate = PrefetchGate()
+        self._break_even = 1.0  # break_even() of the costs at the last refresh (pays)
 
     def precision(self) -> float:
         return self.gate.calibration
 
-    def pays(self, experts) -> bool:
-        """A guess copied is worth its copy at the precision measured (policy/prefetch_gate.py break_even)."""
-        return self.precision() > break_even(experts.miss_s(), experts.copy_s())
+    def pays(self, experts, refresh: bool = True) -> bool:
+        """A guess copied is worth its copy at the precision measured (policy/prefetch_gate.py break_even) of the
+        costs as corrected now, or (refresh False) at the last refresh: corrections move slowly."""
+        if refresh or self._break_even >= 1.0:
+            self._break_even = break_even(experts.miss_s(), experts.copy_s())
+        return self.precision() > self._break_even
 
     def backlog(self) -> float:
         return max(self.busy_until - time.perf_counter(), 0.0)
@@ -148,21 +152,22 @@ class GuessAhead:
             dt = now - self._t
             self.layer_s = self.layer_s + SMOOTHING * (dt - self.layer_s) if self.layer_s else dt
         self._t = now
-        picked = list(map(int, ids[0].tolist()))
+        picked = [int(e) for e in np.asarray(ids[0]).tolist()]  # numpy on the engine's path (ids may be fp32)
         scored = self.guessed.pop(layer, None)
         if scored:
             self.gate.score(layer, np.asarray(picked), [(layer, e, 1.0) for e in scored])
-        self.last[layer] = [e for _, e in sorted(zip(weights[0].tolist(), picked), reverse=True)]
+        self.last[layer] = [e for _, e in sorted(zip(np.asarray(weights[0]).tolist(), picked), reverse=True)]
         L = experts.shape[0]
         nxt = (layer + 1) % L
-        guess = [e for e in self.last.get(nxt, ()) if not experts.holds((nxt, e))]  # the next token's first
+        holds = experts.holds
+        guess = [e for e in self.last.get(nxt, ()) if not holds((nxt, e))]  # the next token's first
         copy_s = experts.copy_s()
         if not guess or copy_s <= 0 or not self.layer_s:
             return
         room = self.layer_s - experts.layer_copied * copy_s + self.spill * copy_s - self.backlog()
         # the guesses the copy engine has room for are scored, copied or not: the precision of what it copies
         self.guessed[nxt] = guess[:max(int(room / copy_s), 0)]
-        if not self.pays(experts):
+        if not self.pays(experts, refresh=layer == 0):  # the costs refreshed once a token
             return
         for e in self.guessed[nxt]:
             if experts.copy_ahead((nxt, e)):

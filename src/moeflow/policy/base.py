@@ -84,9 +84,9 @@ class OffloadPolicy(ABC):
 
     def prefetch(self, layer: int, ids, weights, experts: Prefetcher) -> None:
         """Called once per MoE layer (l = `layer`, its row in the store) after the layer's own copies and GPU
-        work are issued, with its routing on the host (ids, weights [N, K]): a policy that predicts the experts
-        of later layers or steps asks experts.copy_ahead((l', e)) for them; they land while the GPU computes.
-        Default: nothing."""
+        work are issued, with its routing on the host (ids, weights [N, K]: numpy views, valid during the call;
+        ids may be float32, exact): a policy that predicts the experts of later layers or steps asks
+        experts.copy_ahead((l', e)) for them; they land while the GPU computes. Default: nothing."""
 
     def prefetches(self) -> bool:
         """prefetch() does something (the backend skips the call and its arguments where not)."""
