@@ -23,6 +23,13 @@ SPECS = [QuantSpec(4, 32), QuantSpec(4, 64, symmetric=False), QuantSpec(4, 128, 
 pytestmark = pytest.mark.skipif(LIB is None, reason="the native kernel does not build here")
 
 
+def vnni_mode(mode: int) -> int:
+    """quant_vnni for a test: 0 AVX2, 2 the VNNI code emulated (any x86-64), 1 AVX512-VNNI (skipped without it)."""
+    if mode == 1 and "avx512vnni" not in LIB.features:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    return mode
+
+
 def quantized(spec, E=4, H=256, I=40, seed=0):
     g = torch.Generator().manual_seed(seed)
     fmt = ExpertFormat(I, H, torch.bfloat16, spec)
@@ -112,13 +119,15 @@ def test_formats_without_a_native_path_fall_back_to_pytorch():
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
-def test_integer_dot_path_matches_int8_rounded_tokens(spec):
+@pytest.mark.parametrize("vnni", [0, 1, 2], ids=["avx2", "vnni", "vnni-emulated"])
+def test_integer_dot_path_matches_int8_rounded_tokens(spec, vnni):
     """Jobs of up to quant_int8_tokens tokens (AVX2): gate/up as integer dot products on int8 tokens, exactly the
-    rounding of round_int8; larger jobs of the same call stay fp32; and close to the unrounded fp32 result."""
+    rounding of round_int8; larger jobs of the same call stay fp32; and close to the unrounded fp32 result. With
+    quant_vnni, one-token int4 jobs in groups of 64 or 128 take the VNNI code: the same integer sums."""
     if "avx2" not in KERNELS:
         pytest.skip("the integer-dot path is AVX2 code")
     data, fmt, g = quantized(spec, seed=2)
-    cfg = CpuKernelConfig(quant_int8_tokens=4, quant_int8_on_int8=True)
+    cfg = CpuKernelConfig(quant_int8_tokens=4, quant_int8_on_int8=True, quant_vnni=vnni_mode(vnni))
     ce = CpuExperts(threads=2, kernel="avx2", fmt=fmt, config=cfg)
     for N in (1, 2, 5, 12):
         x = torch.randn(N, 256, generator=g)  # fp32: bf16 values land on rounding ties (x = amax / 2)
@@ -133,12 +142,13 @@ def test_integer_dot_path_matches_int8_rounded_tokens(spec):
 
 @pytest.mark.parametrize("spec,H", [(QuantSpec(4, 64), 320), (QuantSpec(4, 128, symmetric=False), 384)],
                          ids=["int4-g64-5-groups", "int4-g128-asym-3-groups"])
-def test_one_token_integer_dots_take_an_odd_number_of_groups(spec, H):
+@pytest.mark.parametrize("vnni", [0, 1, 2], ids=["avx2", "vnni", "vnni-emulated"])
+def test_one_token_integer_dots_take_an_odd_number_of_groups(spec, H, vnni):
     """Decode's one-token gate/up path takes groups two at a time: a row with an odd count ends on one."""
     if "avx2" not in KERNELS:
         pytest.skip("the integer-dot path is AVX2 code")
     data, fmt, g = quantized(spec, H=H, seed=3)
-    ce = CpuExperts(threads=2, kernel="avx2", fmt=fmt)
+    ce = CpuExperts(threads=2, kernel="avx2", fmt=fmt, config=CpuKernelConfig(quant_vnni=vnni_mode(vnni)))
     x = torch.randn(1, H, generator=g)
     jobs = [Job(0, torch.arange(1), torch.rand(1, generator=g), 0, 40),
             Job(3, torch.arange(1), torch.rand(1, generator=g), 5, 29)]

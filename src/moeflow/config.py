@@ -278,6 +278,8 @@ class CpuKernelConfig:
     quant_int8_tokens: int = 8          # AVX2 int4, experts of up to this many tokens: int8 tokens (0: fp32;
                                         # fp32 models always 0)
     quant_int8_on_int8: bool = False    # the same integer dot products for int8 experts
+    quant_vnni: int = 0                 # AVX2 int4, one token: gate/up 0 in AVX2, 1 by AVX512-VNNI where the CPU
+                                        # has it, 2 the VNNI code emulated in scalar (tests)
     pin: bool = False                   # pin the kernel's worker threads, one per core
     spin: int = 256                     # pause iterations idle workers spin before they sleep
 
@@ -286,6 +288,8 @@ class CpuKernelConfig:
             raise MoeflowError(f"CPU kernel {self.kernel!r}: choose one of {', '.join(CPU_KERNELS)}")
         if self.threads is not None and self.threads < 1:
             raise MoeflowError(f"CPU kernel threads {self.threads}: must be at least 1")
+        if self.quant_vnni not in (0, 1, 2):
+            raise MoeflowError(f"CPU kernel quant_vnni {self.quant_vnni}: choose 0 (off), 1 (on) or 2 (emulated)")
         if self.gemv_rows not in (1, 2, 4):
             raise MoeflowError(f"CPU kernel gemv rows {self.gemv_rows}: choose 1, 2 or 4")
         if self.prefetch < 0 or self.spin < 0 or self.fused_max_bytes < 0 or self.quant_int8_tokens < 0:

@@ -179,6 +179,7 @@ struct QJob {
     const float* w;
     float *x, *xs, *act;  // x: fp32 tokens, or (bf16 mode) bf16 tokens in block-of-64 order
     int idot = 0;       // AVX2 integer dot products: x holds int8 tokens [n, H] then their chunk scales [n, H / 32]
+    int vnni = 0;       // with idot, one token's int4 gate/up: 1 by AVX512-VNNI, 2 the same emulated (Opts.quant_vnni)
 };
 
 // The call's settings (CpuKernelConfig on the Python side), read from an int64 array in this order.
@@ -197,8 +198,9 @@ struct Opts {
     float alpha, limit;       // biased: the activation's, passed as float32 bits
     int quant_int8_tokens;    // AVX2 int4: jobs of up to this many tokens take int8 tokens, integer dots
     int quant_int8_on_int8;   // the same for int8 experts
+    int quant_vnni;           // AVX2 int4, one-token gate/up: 0 AVX2, 1 AVX512-VNNI where the CPU has it, 2 emulated
 };
-static const int N_OPTS = 17;
+static const int N_OPTS = 18;
 
 static float float_bits(int64_t v) {
     const uint32_t u = (uint32_t)v;
@@ -210,7 +212,7 @@ static float float_bits(int64_t v) {
 static Opts read_opts(const int64_t* o) {
     return Opts{(int)o[0], o[1], (int)o[2], (int)o[3], (int)o[4], std::clamp((int)o[5], 1, 4), (int)std::max<int64_t>(o[6], 0),
                 (int)o[7], (int)std::max<int64_t>(o[8], 0), (int)o[9], (int)o[10], (int)o[11], (int)o[12],
-                float_bits(o[13]), float_bits(o[14]), (int)std::max<int64_t>(o[15], 0), (int)o[16]};
+                float_bits(o[13]), float_bits(o[14]), (int)std::max<int64_t>(o[15], 0), (int)o[16], (int)o[17]};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -261,6 +263,21 @@ static void down_rows_scalar(const Job& j, int r0, int r1, int H, float* acc) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// AVX512-VNNI: one token's int4 gate/up rows (cpu_experts_vnni.inc), on the instructions and emulated.
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")
+#define VNNI_NS vnni
+#include "cpu_experts_vnni.inc"
+#undef VNNI_NS
+#pragma GCC pop_options
+#define VNNI_NS vnni_emu
+#define VNNI_EMULATED
+#include "cpu_experts_vnni.inc"
+#undef VNNI_EMULATED
+#undef VNNI_NS
 
 // ---------------------------------------------------------------------------------------------------
 // AVX2 and AVX512-BF16 (cpu_experts_vec.inc, once per vector width).
@@ -363,11 +380,11 @@ static bool os_saves(uint64_t mask) {
     return ((((uint64_t)hi << 32) | lo) & mask) == mask;
 }
 
-static int detect_features() {  // bit 0 avx2+fma, 1 avx512-bf16, 2 amx-bf16
+static int detect_features() {  // bit 0 avx2+fma, 1 avx512-bf16, 2 amx-bf16, 3 avx512-vnni
     unsigned a, b, c, d;
     if (__get_cpuid_max(0, nullptr) < 7) return 0;
     __cpuid_count(7, 0, a, b, c, d);
-    unsigned b7 = b, d7 = d;
+    unsigned b7 = b, c7 = c, d7 = d;
     __cpuid_count(7, 1, a, b, c, d);
     unsigned a71 = a;
     __cpuid(1, a, b, c, d);
@@ -377,6 +394,7 @@ static int detect_features() {  // bit 0 avx2+fma, 1 avx512-bf16, 2 amx-bf16
     const unsigned avx512 = (1u << 16) | (1u << 17) | (1u << 30) | (1u << 31);  // F, DQ, BW, VL
     if ((b7 & avx512) == avx512 && (a71 & (1u << 5)) && zmm) f |= 2;
     if ((d7 & (1u << 22)) && (d7 & (1u << 24)) && (f & 2) && os_saves(0x60000ull | 0xe6)) f |= 4;
+    if ((c7 & (1u << 11)) && (f & 2)) f |= 8;
     return f;
 }
 

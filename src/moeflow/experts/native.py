@@ -25,7 +25,7 @@ SRC = Path(__file__).resolve().parents[1] / "csrc"
 # the .inc files are included by the .cpp
 SOURCES = ("cpu_experts.cpp", "cpu_experts_pool.inc", "cpu_experts_vec.inc", "cpu_experts_quant.inc",
            "cpu_experts_amx.inc", "cpu_experts_qcall.inc", "cpu_experts_async.inc", "cpu_experts_qdot.inc",
-           "cpu_experts_call.inc")
+           "cpu_experts_call.inc", "cpu_experts_vnni.inc")
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
 KERNELS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3, "amx-emu": 4}  # the kernel numbers of the .cpp
 # The AMX blocking: rows of down_t repacked per chunk, of H per gate/up slice, rows per gate/up block (L2-sized).
@@ -40,7 +40,7 @@ def options(cfg: CpuKernelConfig, amx_min_tokens: int, biased=None) -> np.ndarra
     return np.array([amx_min_tokens, cfg.fused_max_bytes, *cfg.amx_blocking, cfg.gemv_rows, cfg.prefetch,
                      int(cfg.pin), cfg.spin, int(cfg.down_direct), int(cfg.int4_bf16),
                      int(cfg.quant_avx512), int(biased is not None), *act.tolist(), cfg.quant_int8_tokens,
-                     int(cfg.quant_int8_on_int8)],
+                     int(cfg.quant_int8_on_int8), cfg.quant_vnni],
                     dtype=np.int64)
 
 
@@ -130,7 +130,8 @@ class NativeKernel:
         lib.moe_amx_peak.restype = ctypes.c_double
         lib.moe_read.argtypes = [i, p, i64, i, p]
         bits = lib.moe_features()
-        self.features = {name for bit, name in ((1, "avx2"), (2, "avx512"), (4, "amx")) if bits & bit}
+        names = ((1, "avx2"), (2, "avx512"), (4, "amx"), (8, "avx512vnni"))  # avx512vnni: a path, not a kernel
+        self.features = {name for bit, name in names if bits & bit}
         self._amx_ready: bool | None = None
 
     def can_run(self, kernel: str) -> bool:
