@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,9 +13,10 @@ from moeflow.checkpoint import load, read_model_config
 from moeflow.cli import main
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
+from moeflow.perf.profile import reference_profile
 from moeflow.perf.throughput_model import ThroughputPolicy
 from moeflow.pipeline.engine import PipelineEngine
-from moeflow.pipeline.plan import check_fits, parse_plan
+from moeflow.pipeline.plan import check_fits, machine_profile, parse_plan
 
 PROMPTS = ["hello world", "the cat sat on the mat and", "a", "import sys", "once upon a time there", "zz top"]
 NEW = [5, 8, 3, 6, 7, 4]
@@ -214,6 +216,7 @@ def test_bench_throughput_writes_pipeline_and_baseline_rows(tmp_path, monkeypatc
     assert pipe["predicted_tokens_per_s"] > 0 and 0 <= pipe["shares"]["cpu_attention"] <= 1
     assert (base["engine"], base["tokens"]) == ("continuous", 4)
     assert pipe["peak_host_bytes"] >= pipe["host_tensor_bytes"] > 0
+    assert pipe["profile_source"] == machine_profile().source  # on the CPU: the cached or reference profile
     # a rerun resumes: the rows already written are kept, not run again; a new length is added
     monkeypatch.setattr("moeflow.bench.throughput.baseline_rows", lambda *a: pytest.fail("baseline rerun"))
     assert main(["bench", "throughput", "--configs", "synthetic:tiny-mixtral@1GiB", "--device", "cpu",
@@ -221,3 +224,18 @@ def test_bench_throughput_writes_pipeline_and_baseline_rows(tmp_path, monkeypatc
                  "--baseline-tokens", "2", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert rows[:2] == [pipe, base] and (rows[2]["gen_len"], rows[2]["tokens"]) == (2, 6) and len(rows) == 3
+
+
+def test_bench_throughput_plans_a_gpu_run_with_this_hosts_profile(monkeypatch):
+    """On a GPU the plan's profile is this host's, measured for the model's shape (get_profile: cached after the
+    first run), not the built-in reference host's."""
+    from moeflow.bench.throughput import host_profile
+
+    ck = load("synthetic:tiny-mixtral")
+    here = replace(reference_profile(), gpu_name="this host's GPU", source="measured just now")
+    asked = []
+    monkeypatch.setattr("moeflow.perf.measure.get_profile",
+                        lambda cfg, device, dtype_name: asked.append((cfg, device, dtype_name)) or (here, "measured"))
+    assert host_profile(ck, "cuda") is here
+    assert asked == [(ck.cfg, "cuda", str(ck.store.dtype).removeprefix("torch."))]
+    assert host_profile(ck, "cpu") is not here

@@ -92,13 +92,14 @@ def _drive(engine, prompts: list[list[int]], n: int, gen_len: int) -> tuple[floa
 
 
 def pipeline_row(ck, model: str, budget: int, prompts, gen_len: int, args, profile) -> dict:
+    """One pipeline run of the prompts cycled to the plan's batch, planned with `profile`, beside its plan."""
     from moeflow.pipeline.engine import PipelineEngine
     from moeflow.pipeline.load import PipelineSpec, describe, kv_positions, plan_for
 
     prompt_len = -(-sum(map(len, prompts)) // len(prompts))
     spec = PipelineSpec(model, args.device, args.dtype, budget, args.plan, prompt_len, gen_len,
                         max(map(len, prompts)) + gen_len + 1, max_n=args.max_batch)
-    pol, pred = plan_for(spec, held=ck.store.nbytes, cfg=ck.cfg)
+    pol, pred = plan_for(spec, held=ck.store.nbytes, cfg=ck.cfg, profile=profile)
     print(f"  gen {gen_len}: {describe(pred)}", file=sys.stderr)
     n = args.num_prompts or pol.N
     # the cycled requests' own runs, when their prompts are longer than the mean on the whole
@@ -111,6 +112,7 @@ def pipeline_row(ck, model: str, budget: int, prompts, gen_len: int, args, profi
         row = _pipeline_figures(engine, pred, elapsed, tokens, n, profile) | {
             "engine": "pipeline", "model": model, "gpu_memory": budget, "gen_len": gen_len, "requests": n,
             "prompt_len": prompt_len, "layers": _layers(model, args), "kv_positions": positions,
+            "profile": profile.device_name, "profile_source": profile.source,
             "host_tensor_bytes": ck.store.nbytes + engine.cache.nbytes} | _peaks(engine.device)
     finally:
         engine.close()
@@ -185,9 +187,9 @@ def _key(row: dict) -> tuple:
 class Results:
     """The rows so far, read from --out (a rerun resumes) and written back after each new row."""
 
-    def __init__(self, path: str | None, device: str, profile: str):
+    def __init__(self, path: str | None, device: str):
         self.path = Path(path) if path else None
-        self.data = {"device": device, "profile": profile, "rows": []}
+        self.data = {"device": device, "rows": []}
         if self.path is not None and self.path.is_file():
             try:
                 self.data["rows"] = json.loads(self.path.read_text())["rows"]
@@ -218,16 +220,26 @@ def _load(model: str, args):
     return load(model, device=args.device, dtype=args.dtype, expert_device="cpu", progress=None)
 
 
+def host_profile(ck, device: str):
+    """The plan's hardware profile: on a GPU this host's, measured for the model's shape once and cached (the
+    plan is then this run's own, not the reference host's); on the CPU the cached or reference one."""
+    from moeflow.pipeline.plan import machine_profile
+
+    if device != "cuda":
+        return machine_profile()
+    from moeflow.perf.measure import get_profile
+
+    return get_profile(ck.cfg, "cuda", dtype_name=str(ck.store.dtype).removeprefix("torch."))[0]
+
+
 def run(args) -> int:
     from moeflow.config import parse_size
-    from moeflow.pipeline.plan import machine_profile
 
     gen_lens = [int(g) for g in args.gen_lens.split(",")]
     configs = [c.rsplit("@", 1) for c in args.configs.split(",")]
     if any(len(c) != 2 for c in configs) or min(gen_lens) < 1:
         raise MoeflowError("--configs takes MODEL@BUDGET items and --gen-lens positive lengths")
-    profile = machine_profile()
-    results = Results(args.out, torch.cuda.get_device_name() if args.device == "cuda" else "cpu", profile.device_name)
+    results = Results(args.out, torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
     baselines = [int(x) for x in args.baseline_batches.split(",") if x]
     for model, budget_text in configs:
         budget, layers = parse_size(budget_text), _layers(model, args)
@@ -240,6 +252,7 @@ def run(args) -> int:
         if ck.store.data.device.type == "cpu" and args.device == "cuda":
             ck.store.pin()
         prompts = _prompts(ck.tokenizer, args.prompts)
+        profile = host_profile(ck, args.device)  # each row names the profile it was planned with
         for g in todo:
             results.add([pipeline_row(ck, model, budget, prompts, g, args, profile)])
         if base:

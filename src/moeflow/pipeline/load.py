@@ -11,6 +11,7 @@ from moeflow import MoeflowError
 from moeflow.checkpoint import load, read_model_config, resolve_device, resolve_dtype
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import gib
+from moeflow.perf.profile import HardwareProfile
 from moeflow.perf.throughput_model import ThroughputPolicy, ThroughputPrediction, predict_throughput
 from moeflow.pipeline.plan import check_fits, choose_plan, host_budget, machine_profile, parse_plan
 
@@ -29,10 +30,11 @@ class PipelineSpec:
     max_n: int | None = None        # the chosen plan's N at most
 
 
-def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None
-             ) -> tuple[ThroughputPolicy, ThroughputPrediction]:
+def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None,
+             profile: HardwareProfile | None = None) -> tuple[ThroughputPolicy, ThroughputPrediction]:
     """The plan and its prediction, checked against the GPU budget and the host memory available (held: bytes
-    this process already holds for the plan, a store loaded before planning; cfg: the model's, if loaded)."""
+    this process already holds for the plan, a store loaded before planning; cfg: the model's, if loaded;
+    profile: the hardware's, default machine_profile())."""
     cfg = cfg or read_model_config(spec.model)[1]
     unsupported = [what for what, on in (("latent attention (MLA)", cfg.kv_lora_rank), ("attention sinks",
                    cfg.attention_sinks), ("per-layer windows", cfg.layer_windows), ("expert biases", cfg.expert_bias),
@@ -40,7 +42,7 @@ def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None
     if unsupported:
         raise MoeflowError(f"the pipeline engine does not run {cfg.model_type}'s {', '.join(unsupported)} yet; "
                            "use --engine continuous")
-    profile, b = machine_profile(), resolve_dtype(spec.dtype, cfg, torch.device(spec.device)).itemsize
+    profile, b = profile or machine_profile(), resolve_dtype(spec.dtype, cfg, torch.device(spec.device)).itemsize
     attn_bw = attention_bw(cfg, spec.device)
     if spec.plan:
         pol = parse_plan(spec.plan)
@@ -75,9 +77,10 @@ def load_pipeline(spec: PipelineSpec, quiet: bool = False):
     """(PipelineEngine, its prediction): the plan printed and checked before the weights load."""
     from moeflow.pipeline.engine import PipelineEngine
 
-    pol, pred = plan_for(spec)
-    if not quiet:
-        print(f"moeflow: {describe(pred)}", file=sys.stderr)
+    profile = machine_profile()
+    pol, pred = plan_for(spec, profile=profile)
+    if not quiet:  # which host the figures are: the reference one until `moeflow profile` has measured this one
+        print(f"moeflow: {describe(pred)}; profile: {profile.source or profile.device_name}", file=sys.stderr)
     device = resolve_device(spec.device)
     ck = load(spec.model, device=device, dtype=spec.dtype, expert_device="cpu", progress=None)
     if device.type == "cuda":
