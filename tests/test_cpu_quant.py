@@ -155,6 +155,19 @@ def test_one_token_integer_dots_take_an_odd_number_of_groups(spec, H, vnni):
     close(ce(data, x, jobs), sum(reference(data, fmt, x, [j], rounded=True) for j in jobs))
 
 
+@pytest.mark.parametrize("vnni", [0, 1, 2], ids=["avx2", "vnni", "vnni-emulated"])
+def test_one_token_down_ends_a_chunk_on_a_partial_block(vnni):
+    """Down takes rows 16 at a time (4 at a time by VNNI): a chunk of 64 rows and then one of 22 (a block of 16 and
+    one of 6) must not reuse the full block's coefficients for the partial one's missing rows."""
+    if "avx2" not in KERNELS:
+        pytest.skip("the integer-dot path is AVX2 code")
+    data, fmt, g = quantized(QuantSpec(4, 64), E=1, I=214, seed=4)
+    ce = CpuExperts(threads=1, kernel="avx2", fmt=fmt, config=CpuKernelConfig(quant_vnni=vnni_mode(vnni)))
+    x = torch.randn(1, 256, generator=g)
+    jobs = [Job(0, torch.arange(1), torch.rand(1, generator=g), 0, 214)]
+    close(ce(data, x, jobs), reference(data, fmt, x, jobs, rounded=True))
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(4, 64), QuantSpec(8, 64)], ids=lambda s: s.name)
 def test_integer_dots_are_the_default_for_int4_decode_only(spec):
     """The default settings: int4 experts of up to 8 tokens take the integer-dot path, int8 experts stay fp32."""

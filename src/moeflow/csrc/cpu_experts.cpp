@@ -179,7 +179,7 @@ struct QJob {
     const float* w;
     float *x, *xs, *act;  // x: fp32 tokens, or (bf16 mode) bf16 tokens in block-of-64 order
     int idot = 0;       // AVX2 integer dot products: x holds int8 tokens [n, H] then their chunk scales [n, H / 32]
-    int vnni = 0;       // with idot, one token's int4 gate/up: 1 by AVX512-VNNI, 2 the same emulated (Opts.quant_vnni)
+    int vnni = 0;       // with idot, one token (int4): gate/up and down 1 by AVX512-VNNI, 2 emulated (Opts.quant_vnni)
 };
 
 // The call's settings (CpuKernelConfig on the Python side), read from an int64 array in this order.
@@ -198,7 +198,7 @@ struct Opts {
     float alpha, limit;       // biased: the activation's, passed as float32 bits
     int quant_int8_tokens;    // AVX2 int4: jobs of up to this many tokens take int8 tokens, integer dots
     int quant_int8_on_int8;   // the same for int8 experts
-    int quant_vnni;           // AVX2 int4, one-token gate/up: 0 AVX2, 1 AVX512-VNNI where the CPU has it, 2 emulated
+    int quant_vnni;           // AVX2 int4, one token: 0 AVX2, 1 AVX512-VNNI (+ VBMI) where the CPU has it, 2 emulated
 };
 static const int N_OPTS = 18;
 
@@ -265,10 +265,10 @@ static void down_rows_scalar(const Job& j, int r0, int r1, int H, float* acc) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// AVX512-VNNI: one token's int4 gate/up rows (cpu_experts_vnni.inc), on the instructions and emulated.
+// AVX512-VNNI: one token's int4 experts (cpu_experts_vnni.inc), on the instructions and emulated.
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma")
 #define VNNI_NS vnni
 #include "cpu_experts_vnni.inc"
 #undef VNNI_NS
@@ -380,7 +380,7 @@ static bool os_saves(uint64_t mask) {
     return ((((uint64_t)hi << 32) | lo) & mask) == mask;
 }
 
-static int detect_features() {  // bit 0 avx2+fma, 1 avx512-bf16, 2 amx-bf16, 3 avx512-vnni
+static int detect_features() {  // bit 0 avx2+fma, 1 avx512-bf16, 2 amx-bf16, 3 avx512-vnni+vbmi
     unsigned a, b, c, d;
     if (__get_cpuid_max(0, nullptr) < 7) return 0;
     __cpuid_count(7, 0, a, b, c, d);
@@ -394,7 +394,7 @@ static int detect_features() {  // bit 0 avx2+fma, 1 avx512-bf16, 2 amx-bf16, 3 
     const unsigned avx512 = (1u << 16) | (1u << 17) | (1u << 30) | (1u << 31);  // F, DQ, BW, VL
     if ((b7 & avx512) == avx512 && (a71 & (1u << 5)) && zmm) f |= 2;
     if ((d7 & (1u << 22)) && (d7 & (1u << 24)) && (f & 2) && os_saves(0x60000ull | 0xe6)) f |= 4;
-    if ((c7 & (1u << 11)) && (f & 2)) f |= 8;
+    if ((c7 & (1u << 11)) && (c7 & (1u << 1)) && (f & 2)) f |= 8;  // VNNI and VBMI (vpermt2b)
     return f;
 }
 
