@@ -207,3 +207,20 @@ def test_quantized_results_do_not_depend_on_which_thread_ran_which_rows(kernel, 
         assert all(torch.equal(outs[0], o) for o in outs[1:])
         rounded = kernel == "avx2" and int8_tokens >= N  # the integer-dot path
         close(outs[0], reference(data, fmt, x, jobs_from_topk(ids, w, 4), rounded=rounded))
+
+
+def test_a_quantized_calls_phases_split_gate_up_from_down():
+    """moe_last_phases of a quantized call: preparation, gate/up and down, where gate/up and down run fused per row
+    chunk; down reads a third of the bytes, so its share of the time is far from none (loose bounds: a timing)."""
+    if "avx2" not in KERNELS:
+        pytest.skip("needs the AVX2 code")
+    data, fmt, g = quantized(QuantSpec(4, 64), E=1, H=1024, I=2048, seed=5)
+    ce = CpuExperts(threads=2, kernel="avx2", fmt=fmt)
+    x, jobs = torch.randn(1, 1024, generator=g), [Job(0, torch.arange(1), torch.ones(1), 0, 2048)]
+    shares = []
+    for _ in range(7):
+        ce(data, x, jobs)
+        prep, gate_up, down = ce.native.last_phases()
+        assert min(prep, gate_up, down) >= 0
+        shares.append(down / (gate_up + down))
+    assert 0.1 < sorted(shares)[3] < 0.9, shares
