@@ -298,9 +298,9 @@ def _profile(args, ck: Checkpoint, device: torch.device):
 
         return HardwareProfile.load(args.profile)
     if device.type == "cuda":
-        from moeflow.perf.measure import get_profile
+        from moeflow.perf.measure import checkpoint_profile
 
-        return get_profile(ck.cfg, "cuda", dtype_name=str(ck.store.dtype).removeprefix("torch."))[0]
+        return checkpoint_profile(ck)
     return None
 
 

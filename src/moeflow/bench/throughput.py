@@ -227,9 +227,9 @@ def host_profile(ck, device: str):
 
     if device != "cuda":
         return machine_profile()
-    from moeflow.perf.measure import get_profile
+    from moeflow.perf.measure import checkpoint_profile
 
-    return get_profile(ck.cfg, "cuda", dtype_name=str(ck.store.dtype).removeprefix("torch."))[0]
+    return checkpoint_profile(ck)
 
 
 def run(args) -> int:

@@ -311,6 +311,11 @@ def cpu_matmul_rate(dtype, n_max: int, repeats: int, enough_s: float = 0.05) -> 
         n *= 2
 
 
+def checkpoint_profile(ck) -> HardwareProfile:
+    """This GPU host's profile for a loaded checkpoint's expert shape and dtype (get_profile: cached after once)."""
+    return get_profile(ck.cfg, "cuda", dtype_name=str(ck.store.dtype).removeprefix("torch."))[0]
+
+
 def get_profile(cfg: ModelConfig, device: str = "cuda", refresh: bool = False, dtype_name: str = "bfloat16",
                 sizes: Sizes = Sizes(), progress: bool = True) -> tuple[HardwareProfile, str]:
     """This machine's profile for cfg's shape: from the cache, measuring (and caching) what is missing.
