@@ -50,6 +50,9 @@ static inline float bf2f(bf16 v) {
     return f;
 }
 
+// Nearest integer, ties to even (the default rounding mode, as std::nearbyint), inline: cvtss2si is SSE.
+static inline int round_even(float v) { return _mm_cvtss_si32(_mm_set_ss(v)); }
+
 static inline bf16 f2bf(float f) {  // round to nearest even, as PyTorch does
     uint32_t u;
     std::memcpy(&u, &f, 4);
