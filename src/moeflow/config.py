@@ -278,7 +278,7 @@ class CpuKernelConfig:
     quant_int8_tokens: int = 8          # AVX2 int4, experts of up to this many tokens: int8 tokens (0: fp32;
                                         # fp32 models always 0)
     quant_int8_on_int8: bool = False    # the same integer dot products for int8 experts
-    quant_vnni: int = 0                 # AVX2 int4, one token: 0 in AVX2, 1 by AVX512-VNNI (+ VBMI) where the
+    quant_vnni: int = 1                 # AVX2 int4, one token: 0 in AVX2, 1 by AVX512-VNNI (+ VBMI) where the
                                         # CPU has it, 2 the VNNI code emulated in scalar (tests)
     pin: bool = False                   # pin the kernel's worker threads, one per core
     spin: int = 256                     # pause iterations idle workers spin before they sleep
