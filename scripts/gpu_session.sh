@@ -4,6 +4,9 @@
 # Usage: bash scripts/gpu_session.sh STAGE...
 #   tests        every gpu-marked test, the CPU kernels' tests (AVX512-BF16, AMX) and the pipeline's
 #   kernel       bench cpu-experts: the read ceiling's readers, the bf16 kernel and the int4 path (Mixtral shape)
+#   kernelsweep  bench cpu-experts, int4 Mixtral shape at 1 token: VNNI against the AVX2 loop and the gate/up
+#                prefetch distances (quant_prefetch), side by side (the AVX2 loop twice, early and last: runs drift), at
+#                16 and 8 threads
 #   deepseek     bench latency on synthetic:deepseek-v2-lite at 8 GiB, its real trace replayed: auto, fiddler, lru, fmoe
 #   archs        bench generate all on the GPU: deepseek-v2-lite, qwen1.5-moe-a2.7b, olmoe-1b-7b, gpt-oss-20b
 #   int4         bench latency Mixtral-8x7B int4 at 24 and 12 GiB; Qwen3-30B-A3B int4 at 8 GiB (auto, lru: the int4
@@ -43,6 +46,12 @@ for stage in "$@"; do
               2>&1 | tail -12
             python3 -m moeflow bench cpu-experts --shapes mixtral --tokens 1,64 --reps 5 --quantize int4 \
               --out "$OUT/cpu-experts-int4.json" 2>&1 | tail -6 ;;
+    kernelsweep) for t in 16 8; do
+                   python3 -m moeflow bench cpu-experts --shapes mixtral --tokens 1 --quantize int4 --reps 10 \
+                     --torch-max-tokens 0 --threads $t --out "$OUT/cpu-experts-int4-sweep-t$t.json" --variants \
+                     "quant_vnni=0;quant_prefetch=0;quant_prefetch=1024;quant_prefetch=4096;quant_prefetch=8192;quant_vnni=0" \
+                     2>&1 | tail -9
+                 done ;;
     deepseek) lat deepseek-v2-lite-8GiB synthetic:deepseek-v2-lite 8GiB auto,fiddler,lru,fmoe \
                 --routing-trace $D/deepseek-v2-lite-chat.dev.npz --baseline-tokens 0 ;;
     archs) python3 -m moeflow bench generate --device cuda --model synthetic:deepseek-v2-lite \

@@ -274,7 +274,8 @@ def test_every_kernel_setting_keeps_the_results(kernel):
 
 
 def test_kernel_config_is_checked():
-    for bad in (dict(kernel="sse9"), dict(threads=0), dict(gemv_rows=3), dict(prefetch=-1), dict(quant_vnni=3)):
+    for bad in (dict(kernel="sse9"), dict(threads=0), dict(gemv_rows=3), dict(prefetch=-1), dict(quant_vnni=3),
+                dict(quant_prefetch=-1), dict(quant_prefetch=(1 << 20) + 1)):
         with pytest.raises(MoeflowError):
             CpuKernelConfig(**bad)
 

@@ -224,3 +224,20 @@ def test_a_quantized_calls_phases_split_gate_up_from_down():
         assert min(prep, gate_up, down) >= 0
         shares.append(down / (gate_up + down))
     assert 0.1 < sorted(shares)[3] < 0.9, shares
+
+
+@pytest.mark.parametrize("vnni", [0, 2], ids=["avx2", "vnni-emulated"])
+def test_the_prefetch_distance_leaves_the_sums_alone(vnni):
+    """quant_prefetch only moves software prefetches: one token (the one-token loops) and three tokens (the tile
+    path) give the same bits at no prefetch, a line and the default distance."""
+    if "avx2" not in KERNELS:
+        pytest.skip("the integer-dot path is AVX2 code")
+    data, fmt, g = quantized(QuantSpec(4, 64, symmetric=False), seed=5)
+    x = torch.randn(3, 256, generator=g)
+    jobs = [Job(0, torch.arange(1), torch.ones(1), 0, 40), Job(1, torch.arange(3), torch.rand(3, generator=g), 0, 40)]
+    outs = []
+    for pf in (0, 64, CpuKernelConfig().quant_prefetch):
+        cfg = CpuKernelConfig(quant_vnni=vnni, quant_prefetch=pf)
+        outs.append(CpuExperts(threads=2, kernel="avx2", fmt=fmt, config=cfg)(data, x, jobs))
+    assert outs[0].abs().max() > 0
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])

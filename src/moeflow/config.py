@@ -280,6 +280,8 @@ class CpuKernelConfig:
     quant_int8_on_int8: bool = False    # the same integer dot products for int8 experts
     quant_vnni: int = 1                 # AVX2 int4, one token: 0 in AVX2, 1 by AVX512-VNNI (+ VBMI) where the
                                         # CPU has it, 2 the VNNI code emulated in scalar (tests)
+    quant_prefetch: int = 2048          # integer-dot int4/int8 gate/up: rows prefetched this many bytes ahead
+                                        # (0: none, the hardware prefetchers alone)
     pin: bool = False                   # pin the kernel's worker threads, one per core
     spin: int = 256                     # pause iterations idle workers spin before they sleep
 
@@ -292,5 +294,8 @@ class CpuKernelConfig:
             raise MoeflowError(f"CPU kernel quant_vnni {self.quant_vnni}: choose 0 (off), 1 (on) or 2 (emulated)")
         if self.gemv_rows not in (1, 2, 4):
             raise MoeflowError(f"CPU kernel gemv rows {self.gemv_rows}: choose 1, 2 or 4")
-        if self.prefetch < 0 or self.spin < 0 or self.fused_max_bytes < 0 or self.quant_int8_tokens < 0:
-            raise MoeflowError("CPU kernel prefetch, spin, fused bytes and int8 tokens must not be negative")
+        if min(self.prefetch, self.spin, self.fused_max_bytes, self.quant_int8_tokens, self.quant_prefetch) < 0:
+            raise MoeflowError("CPU kernel prefetch, spin, fused bytes, int8 tokens and quant prefetch must not be "
+                               "negative")
+        if self.quant_prefetch > 1 << 20:
+            raise MoeflowError(f"CPU kernel quant_prefetch {self.quant_prefetch}: at most 1048576 bytes ahead")

@@ -183,6 +183,7 @@ struct QJob {
     float *x, *xs, *act;  // x: fp32 tokens, or (bf16 mode) bf16 tokens in block-of-64 order
     int idot = 0;       // AVX2 integer dot products: x holds int8 tokens [n, H] then their chunk scales [n, H / 32]
     int vnni = 0;       // with idot, one token (int4): gate/up and down 1 by AVX512-VNNI, 2 emulated (Opts.quant_vnni)
+    int pf = 0;         // integer dots: gate/up streams prefetched this many bytes ahead (Opts.quant_prefetch; 0 none)
 };
 
 // The call's settings (CpuKernelConfig on the Python side), read from an int64 array in this order.
@@ -202,8 +203,9 @@ struct Opts {
     int quant_int8_tokens;    // AVX2 int4: jobs of up to this many tokens take int8 tokens, integer dots
     int quant_int8_on_int8;   // the same for int8 experts
     int quant_vnni;           // AVX2 int4, one token: 0 AVX2, 1 AVX512-VNNI (+ VBMI) where the CPU has it, 2 emulated
+    int quant_prefetch;       // integer dots: gate/up rows prefetched this many bytes ahead (0: none)
 };
-static const int N_OPTS = 18;
+static const int N_OPTS = 19;
 
 static float float_bits(int64_t v) {
     const uint32_t u = (uint32_t)v;
@@ -215,7 +217,8 @@ static float float_bits(int64_t v) {
 static Opts read_opts(const int64_t* o) {
     return Opts{(int)o[0], o[1], (int)o[2], (int)o[3], (int)o[4], std::clamp((int)o[5], 1, 4), (int)std::max<int64_t>(o[6], 0),
                 (int)o[7], (int)std::max<int64_t>(o[8], 0), (int)o[9], (int)o[10], (int)o[11], (int)o[12],
-                float_bits(o[13]), float_bits(o[14]), (int)std::max<int64_t>(o[15], 0), (int)o[16], (int)o[17]};
+                float_bits(o[13]), float_bits(o[14]), (int)std::max<int64_t>(o[15], 0), (int)o[16], (int)o[17],
+                (int)std::max<int64_t>(o[18], 0)};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -269,10 +272,6 @@ static void down_rows_scalar(const Job& j, int r0, int r1, int H, float* acc) {
 
 // ---------------------------------------------------------------------------------------------------
 // AVX512-VNNI: one token's int4 experts (cpu_experts_vnni.inc), on the instructions and emulated.
-
-// Bytes ahead of each quantized weight stream to prefetch (the integer-dot paths): one core's DRAM stream stalls
-// without it (2048: measured).
-static constexpr int QPF = 2048;
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma")

@@ -40,7 +40,7 @@ def options(cfg: CpuKernelConfig, amx_min_tokens: int, biased=None) -> np.ndarra
     return np.array([amx_min_tokens, cfg.fused_max_bytes, *cfg.amx_blocking, cfg.gemv_rows, cfg.prefetch,
                      int(cfg.pin), cfg.spin, int(cfg.down_direct), int(cfg.int4_bf16),
                      int(cfg.quant_avx512), int(biased is not None), *act.tolist(), cfg.quant_int8_tokens,
-                     int(cfg.quant_int8_on_int8), cfg.quant_vnni],
+                     int(cfg.quant_int8_on_int8), cfg.quant_vnni, cfg.quant_prefetch],
                     dtype=np.int64)
 
 
