@@ -281,6 +281,23 @@ def test_lru_eviction_order_and_protection():
     assert per_layer.capacity(0) == per_layer.capacity(1) == 2
 
 
+def test_lru_evicts_the_least_recent_of_the_group_outside_protect():
+    from moeflow.policy.eviction import LRU
+
+    lru = LRU()
+    a, b, c, d = (0, 0), (0, 1), (1, 0), (1, 1)
+    for k in (a, c, b, d):
+        lru.touch(k)
+    lru.touch(a)                                  # order now c, b, d, a
+    assert lru.victim({a, b, c, d}, set()) == c
+    assert lru.victim({a, b, d}, set()) == b      # c is not in this group
+    assert lru.victim({a, b, d}, {b}) == d        # b protected: the next
+    assert lru.victim({a, b}, {a, b}) == b        # all protected: the least recent anyway
+    assert lru.victim({(2, 0)}, set()) is None    # nothing of the group is known
+    lru.remove(c)
+    assert lru.victim({a: 0, b: 0, c: 0, d: 0}.keys(), set()) == b  # a dict's keys, as SlotCache passes
+
+
 def test_decayed_use_keeps_the_popular_and_follows_reuse():
     from moeflow.policy.eviction import DecayedUse
 

@@ -22,7 +22,8 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def victim(self, keys: Collection[Hashable], protect: set) -> Hashable | None:
-        """Pick one of `keys` (the group's cached experts) to evict, avoiding `protect` where possible."""
+        """Pick one of `keys` (the group's cached experts: a set or a dict's keys, so membership is O(1)) to evict,
+        avoiding `protect` where possible."""
 
     def admits(self, key: Hashable, victim: Hashable) -> bool:
         """Is `key` (just copied in) worth keeping in place of `victim`?"""
@@ -52,10 +53,16 @@ class LRU(EvictionPolicy):
         self.order.pop(key, None)
 
     def victim(self, keys, protect):
-        candidates = set(keys)
-        in_order = [k for k in self.order if k in candidates]
-        free = [k for k in in_order if k not in protect]
-        return (free or in_order or [None])[0]
+        # the least recently used of keys outside protect, else of keys; the scan stops there, so an eviction
+        # costs the victim's place in the order, not a pass over every held expert
+        fallback = None
+        for k in self.order:
+            if k in keys:
+                if k not in protect:
+                    return k
+                if fallback is None:
+                    fallback = k
+        return fallback
 
 
 HALF_LIFE = 16.0  # steps; 4 and 64 moved about as many expert bytes in the replays (docs/benchmarks.md)

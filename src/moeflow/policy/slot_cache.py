@@ -88,7 +88,7 @@ class SlotCache:
         if free:
             slot = free[0]
         else:
-            victim = self.eviction.victim([self.holder[s] for s in slots], protect)
+            victim = self.eviction.victim({self.holder[s] for s in slots}, protect)
             slot = self.where.pop(victim)
             self.eviction.remove(victim)
         self.holder[slot] = key if keep else None
