@@ -141,6 +141,56 @@ def test_auto_corrects_its_cpu_costs_by_what_it_observes(ckpt):
     assert backend.cpu_scales[1] > 1.0
 
 
+def test_a_cpu_estimate_that_idles_the_cpu_is_probed_and_corrected(ckpt, monkeypatch):
+    """Costs that claim a CPU 1000x slower than it is keep auto's plans off the CPU, so no layer observes it;
+    probes (half a miss on the CPU every few such layers) correct the estimate, and the tokens do not change."""
+    from moeflow.experts import calibration
+
+    monkeypatch.setattr(calibration, "PROBE_GAP", (2, 2))
+    want, _ = run(ckpt)
+    got, engine = run(ckpt, {"slots": 4, "policy": "auto"}, costs=costs_table(1e3, 1e-3), calibrate=True)
+    assert got == want
+    backend = engine.model.experts
+    assert backend.stats.cpu_probes > 0 and backend.stats.cpu_experts > 0
+    assert backend.cpu_scale < 0.5
+    monkeypatch.setattr(calibration, "PROBE_GAP", (10**9, 10**9))
+    _, engine = run(ckpt, {"slots": 4, "policy": "auto"}, costs=costs_table(1e3, 1e-3), calibrate=True)
+    assert engine.model.experts.stats.cpu_probes == 0 and engine.model.experts.cpu_scale == 1.0
+
+
+def test_probes_back_off_while_they_agree_with_the_estimate():
+    """A probe that agrees with the corrected estimate doubles the gap to the next (up to the longest); one that
+    does not, or a layer whose plan used the CPU, resets it; prompt-sized layers are never probed."""
+    from moeflow.experts import calibration
+
+    costs = ExpertCosts((1, 16), (1e-3, 1e-2), (1e-4, 1e-4), 1.0)
+    corr = calibration.CostCorrection(inter=8)
+    first, longest = calibration.PROBE_GAP
+
+    def gap() -> int:  # decode layers planned without the CPU until the next probe
+        n = 1
+        while not corr.probe_due(1):
+            n += 1
+        return n
+
+    def observe(busy_s, probe=True):
+        corr.observe_cpu(costs, [(0, 8, [0])], busy_s, beside_copies=False, probe=probe)
+
+    assert not corr.probe_due(BIG_JOB)
+    assert gap() == first
+    observe(1e-3 * corr.cpu_scales[0])  # agrees
+    assert gap() == 2 * first
+    observe(1e-3 * corr.cpu_scales[0])
+    assert gap() == 4 * first
+    observe(1e-2)  # 10x slower than estimated
+    assert gap() == first and corr.cpu_scales[0] > 1.0
+    for _ in range(20):
+        observe(1e-3 * corr.cpu_scales[0])
+    assert gap() == longest
+    observe(1e-3 * corr.cpu_scales[0], probe=False)  # a plan's own CPU share
+    assert gap() == first
+
+
 def test_the_native_kernel_takes_the_cpu_share_on_its_own_thread(hf_checkpoint):
     """bf16 experts go to the native kernel, handed over to its own thread (no Python thread, so no wait for
     the GIL): the layer's output is the PyTorch path's, and the kernel's time is counted."""

@@ -2,7 +2,9 @@
 
 Their speeds while both draw on host memory, beside the thread that drives the GPU, are what a plan needs,
 and they differ from measurements taken alone. The CPU's correction is kept apart for decode-sized and
-prompt-sized work (regime()), so decode's does not steer prefill's plan.
+prompt-sized work (regime()), so decode's does not steer prefill's plan. A decode CPU estimate that keeps the
+CPU idle is never observed, so it is tested now and then by a probe (probe_due): a start-up misreading would
+otherwise hold for the whole run.
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ import torch
 from moeflow.perf.costs import ExpertCosts
 
 SCALE_SMOOTHING = 0.2      # weight of the newest layer in the CPU- and copy-speed corrections
-SCALE_RANGE = (0.25, 4.0)  # one odd layer (a page fault, a preempted thread) moves them at most this far
+SCALE_RANGE = (0.125, 8.0)  # one odd layer (a page fault, a preempted thread) moves them at most this far
 BIG_JOB = 16  # tokens: from about here a CPU expert is compute-bound (AMX), below it reads its weights
+# Decode layers with misses but nothing on the CPU before a probe: the first gap, and the longest. A probe that
+# agrees with the estimate (observed / predicted within PROBE_AGREES) doubles the gap; one that does not resets it.
+PROBE_GAP = (32, 4096)
+PROBE_AGREES = (2 / 3, 3 / 2)
 
 
 def regime(tokens: int) -> int:
@@ -39,6 +45,8 @@ class CostCorrection:
         self._started = False                   # its start recorded (at its first transfer)
         self._scaled: dict[tuple, tuple] = {}  # (id of the costs, corrections) -> (the costs, scaled)
         self._pairs: list[tuple] = []  # two (start, end) timing events, in turn: one per layer is in use
+        self._idle, self._gap = 0, PROBE_GAP[0]  # decode layers planned without the CPU since it was observed
+        self.probes = 0
 
     def scaled(self, costs: ExpertCosts | None, misses: dict[int, int]) -> ExpertCosts | None:
         """costs corrected for a layer whose missing experts take these tokens; None where nothing is
@@ -55,13 +63,32 @@ class CostCorrection:
             hit = self._scaled[key] = (costs, costs.scaled(key[1], key[2]))
         return hit[1]
 
-    def observe_cpu(self, costs: ExpertCosts | None, jobs, busy_s: float, beside_copies: bool) -> None:
-        """A layer's CPU share took busy_s; jobs: (expert, rows, entries); costs: the uncorrected ones."""
+    def observe_cpu(self, costs: ExpertCosts | None, jobs, busy_s: float, beside_copies: bool,
+                    probe: bool = False) -> None:
+        """A layer's CPU share took busy_s; jobs: (expert, rows, entries); costs: the uncorrected ones; probe: the
+        share was a probe's (probe_due)."""
         if costs is None or not self.enabled:
             return
         predicted = costs.cpu_work([(len(ent), r / self.inter) for _, r, ent in jobs], beside_copies)
         k = regime(max(len(ent) for _, _, ent in jobs))
+        if k == 0:
+            ratio = busy_s / max(predicted * self.cpu_scales[0], 1e-9)
+            agrees = probe and PROBE_AGREES[0] <= ratio <= PROBE_AGREES[1]
+            self._idle, self._gap = 0, min(2 * self._gap, PROBE_GAP[1]) if agrees else PROBE_GAP[0]
         self.cpu_scales[k] = smoothed(self.cpu_scales[k], busy_s, predicted)
+
+    def probe_due(self, tokens: int) -> bool:
+        """A decode layer (its largest miss has `tokens` tokens) is planned with misses and nothing on the CPU:
+        True where the CPU estimate has gone untested for the current gap (the caller then puts part of a miss on
+        the CPU, and passes probe=True to observe_cpu)."""
+        if not self.enabled or regime(tokens) != 0:
+            return False
+        self._idle += 1
+        if self._idle < self._gap:
+            return False
+        self._idle = 0
+        self.probes += 1
+        return True
 
     def start_copies(self, stream: torch.cuda.Stream | None, copies: dict[int, int],
                      costs: ExpertCosts | None) -> None:

@@ -37,6 +37,7 @@ class OffloadStats:
     prefetched: int = 0       # whole experts copied ahead at a policy's request (their bytes are in bytes_h2d)
     prefetch_used: int = 0    # of those, selected when their layer came (the next time it came)
     prefetch_wasted: int = 0  # ... not selected then, or overwritten before it came
+    cpu_probes: int = 0       # layers whose CPU share was a probe of the CPU estimate (experts/calibration.py)
 
     @property
     def hit_rate(self) -> float:
@@ -57,6 +58,7 @@ class LayerPlan:
     found: dict[int, int | None]  # selected expert -> its slot, None where missing
     rows: dict[int, int] = field(default_factory=dict)  # missing expert -> its rows on the CPU
     costs: ExpertCosts | None = None  # the corrected costs the plan used (None: nothing planned)
+    probe: bool = False       # its CPU share tests the CPU estimate (experts/calibration.py)
 
     @cached_property
     def experts(self) -> list[int]:

@@ -175,7 +175,17 @@ class OffloadedExperts(ExpertBackend):
         if misses:  # keep: those a whole copy of which the cache would keep (an adaptive split)
             keep = {e for _, e in self.cache.keepers([(l, e) for e in misses], {(l, e) for e in plan.held})}
             plan.rows = self.policy.plan(misses, plan.costs, self.inter, self.cache.capacity(l), keep)
+            self._probe(plan)
         return plan
+
+    def _probe(self, plan: LayerPlan) -> None:
+        """Half of a missing expert (its fewest tokens) on the CPU where the correction asks for a probe: a plan
+        that keeps the CPU idle never tests the CPU estimate behind it."""
+        if not (self.policy.uses_cpu and plan.costs is not None) or any(plan.rows.values()):
+            return
+        if self.correction.probe_due(max(plan.misses.values())):
+            e = min(plan.rows, key=plan.misses.__getitem__)
+            plan.rows[e], plan.probe = self.inter // 2, True
 
     def _copies(self, plan: LayerPlan) -> tuple[Wave, Wave]:
         """The layer's copies issued on the copy stream, in one stream switch and with one event per batch; a slot
@@ -215,7 +225,7 @@ class OffloadedExperts(ExpertBackend):
             t = time.perf_counter()
             cpu_out = self._to_device(call.result())
             self.stats.cpu_wait_s += time.perf_counter() - t
-            self._cpu_done(call, plan.cpu_jobs, beside_copies=bool(plan.copies))
+            self._cpu_done(call, plan.cpu_jobs, bool(plan.copies), plan.probe)
         self._count(plan)
         out = self.waves.result()  # None: no wave ran (every expert on the CPU)
         if out is None and cpu_out is None:  # nothing selected (no routing entries)
@@ -365,12 +375,13 @@ class OffloadedExperts(ExpertBackend):
             d.copy_(s, non_blocking=True)
         fmt.clear(dst, r)  # gate rows 0:r zeroed (a quantized row zeroed has scale 0; biased: experts/biased.py)
 
-    def _cpu_done(self, call: CpuCall, jobs, beside_copies: bool) -> None:
+    def _cpu_done(self, call: CpuCall, jobs, beside_copies: bool, probe: bool = False) -> None:
         """The CPU's share of a layer has returned: its times, and the correction of the CPU's costs."""
         self.stats.cpu_start_s += call.start_s
         self.stats.cpu_s += call.busy_s
         self.stats.cpu_kernel_s += self.cpu.kernel_s
-        self.correction.observe_cpu(self.costs, jobs, call.busy_s, beside_copies)
+        self.stats.cpu_probes += probe
+        self.correction.observe_cpu(self.costs, jobs, call.busy_s, beside_copies, probe)
 
     def _cpu_part(self, l: int, x: torch.Tensor, w: np.ndarray, K: int, jobs) -> CpuCall:
         """Rows 0:r of each job's expert on the CPU, weighted and summed into [N, H] fp32 (pinned when a GPU
