@@ -280,7 +280,7 @@ class CpuKernelConfig:
     quant_int8_on_int8: bool = False    # the same integer dot products for int8 experts
     quant_vnni: int = 1                 # AVX2 int4, one token: 0 in AVX2, 1 by AVX512-VNNI (+ VBMI) where the
                                         # CPU has it, 2 the VNNI code emulated in scalar (tests)
-    quant_prefetch: int = 2048          # integer-dot int4/int8 gate/up: rows prefetched this many bytes ahead
+    quant_prefetch: int = 4096          # integer-dot int4/int8 gate/up: rows prefetched this many bytes ahead
                                         # (0: none, the hardware prefetchers alone)
     pin: bool = False                   # pin the kernel's worker threads, one per core
     spin: int = 256                     # pause iterations idle workers spin before they sleep
