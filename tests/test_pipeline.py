@@ -172,6 +172,44 @@ def test_native_attention_matches_pytorch(dtype):
         native(q[:1], *cache, torch.tensor([0], dtype=torch.int32), torch.tensor([-1], dtype=torch.int32), None, 1)
 
 
+def test_native_attention_keeps_its_threads_across_calls():
+    """A call per micro-batch: the kernel's workers start once and wait for the next call (starting threads per
+    call cost about as much as a small micro-batch's attention), and calls from two threads at once both stay
+    right."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moeflow.pipeline.attention import cpu_decode_attention
+    from moeflow.pipeline.native import load as load_native
+
+    native = load_native()
+    if native is None:
+        pytest.skip("no C++ compiler builds the native kernel")
+    g = torch.Generator().manual_seed(1)
+    B, T, Hq, Hkv, D = 8, 40, 4, 2, 32
+    cache = [torch.randn(B * T, Hkv, D, generator=g) for _ in "kv"]
+    q, k, v = (torch.randn(B, h, D, generator=g) for h in (Hq, Hkv, Hkv))
+    slots, starts = [b * T for b in range(B)], [T - 1 - b for b in range(B)]
+    ref = cpu_decode_attention(q, k, v, *[c.clone() for c in cache], slots, starts)
+
+    def call() -> torch.Tensor:
+        return cpu_decode_attention(q, k, v, *[c.clone() for c in cache], slots, starts, None, native, 6)
+
+    def workers() -> set[str]:  # the kernel's threads, by id
+        return {t for t in os.listdir("/proc/self/task")
+                if open(f"/proc/self/task/{t}/comm").read().strip() == "moeflow-attn"}
+
+    call()
+    first = workers()
+    assert len(first) >= 5  # six threads a call: this one and five workers
+    for _ in range(5):
+        torch.testing.assert_close(call(), ref, rtol=1e-4, atol=1e-4)
+    assert workers() == first
+    with ThreadPoolExecutor(2) as pool:
+        for got in pool.map(lambda _: call(), range(8)):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_plans_are_parsed_and_checked():
     assert parse_plan("64,16,0.3,0,cpu") == ThroughputPolicy(64, 16, 0.3, 0.0, False)
     for bad in ("64,16,0.3,0", "64,128,0.3,0,cpu", "a,1,0,0,cpu", "4,2,1.5,0,cpu", "4,2,0,0,tpu"):

@@ -58,3 +58,20 @@ def test_prefill_takes_the_gpus_measured_expert_rate():
     measured = predict_throughput(TINY, HardwareProfile(**(p.__dict__ | {"experts": timed})), POL, 96, 64).prefill_s
     experts = 4 * 4 * 96 * 6 * 2 * 256 * 512  # 4 layers, 4 x 96 tokens, K = 2
     assert measured - peak == pytest.approx(experts / rate - experts / 1e12, rel=1e-3)
+
+
+def test_each_micro_batch_pays_the_attention_calls_fixed_part():
+    """attn_call_s per micro-batch on the CPU's attention: N = 4 in 2 micro-batches pays it twice, in 4 four times;
+    with a large fixed part the planner takes fewer, larger micro-batches than without."""
+    from dataclasses import replace
+
+    from moeflow.pipeline.plan import choose_plan
+
+    p = profile()
+    base = predict_throughput(TINY, p, POL, 96, 64)
+    for pol, n_mb in ((POL, 2), (replace(POL, mu=1), 4)):
+        t = predict_throughput(TINY, p, pol, 96, 64, attn_call_s=1e-3)
+        assert t.terms["CPU memory bus"] == pytest.approx(base.terms["CPU memory bus"] + n_mb * 1e-3)
+    free = choose_plan(TINY, p, 8 << 30, 96, 64, max_n=64, host=1 << 40)
+    costly = choose_plan(TINY, p, 8 << 30, 96, 64, max_n=64, host=1 << 40, attn_call_s=1.0)
+    assert -(-costly.policy.N // costly.policy.mu) < -(-free.policy.N // free.policy.mu)

@@ -8,16 +8,35 @@
 // Legend: B = sequences, Hq/Hkv = heads, D = head dim, P = arena positions, W = floats per vector.
 #include <immintrin.h>
 
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
 
 namespace {
+
+inline void cpu_relax() { _mm_pause(); }
+
+// The expert kernel's thread pool (its own copy in this library): a call per micro-batch wakes sleeping
+// workers where starting threads cost about as much as a small micro-batch's attention.
+#include "cpu_experts_pool.inc"
+
+Pool g_pool("moeflow-attn");
+std::mutex g_pool_lock;  // one call at a time in the pool (callers on several threads take turns)
 
 enum Kernel { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
 

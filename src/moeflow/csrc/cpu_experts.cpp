@@ -430,7 +430,7 @@ struct Scratch {
 };
 
 static std::mutex g_call;
-static Pool g_pool;
+static Pool g_pool("moeflow-expert");
 static std::vector<Scratch> g_thread_acc;   // down by columns: [n, 256] sums
 static std::vector<Scratch> g_thread_tiles; // AMX: each thread's weight tiles and sums (amx_scratch_bytes)
 

@@ -121,9 +121,11 @@ def expert_gpu_flops(cfg: ModelConfig, profile: HardwareProfile, b: int) -> floa
 
 
 def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: ThroughputPolicy, prompt_len: int,
-                       gen_len: int, b: int = 2, attn_bw: float | None = None) -> ThroughputPrediction:
+                       gen_len: int, b: int = 2, attn_bw: float | None = None,
+                       attn_call_s: float = 0.0) -> ThroughputPrediction:
     """attn_bw: the native CPU attention kernel's K/V read rate, measured alone (pipeline/attention_bench.py);
-    None: it reads at the memory bus's rate. It reads beside the streamed experts' copies at the shared rate."""
+    None: it reads at the memory bus's rate. It reads beside the streamed experts' copies at the shared rate.
+    attn_call_s: the fixed part of one micro-batch's attention call (hand-over, waking the kernel's threads)."""
     L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok
     H, I, heads, D = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_attention_heads, cfg.head_dim
     qkv = (heads + 2 * cfg.num_key_value_heads) * D
@@ -139,7 +141,8 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
     attn_flops, attn_bytes = 4 * ctx * heads * D, ctx * kv_tok  # per sequence
     cpu_beside, h2d_beside = shared_rates(profile) if pol.r_w < 1 else (profile.cpu_read_bw, profile.h2d_bw)
     attn_rate = min(attn_bw or cpu_beside, cpu_beside)
-    cpu_s = 0.0 if pol.attn_gpu else N * max(attn_flops / profile.cpu_flops, attn_bytes / attn_rate)
+    cpu_s = 0.0 if pol.attn_gpu else \
+        N * max(attn_flops / profile.cpu_flops, attn_bytes / attn_rate) + n_mb * attn_call_s
     used = E * (1 - (1 - K / E) ** mu)                       # experts a micro-batch touches
     gpu_flops = 2 * mu * dense + 6 * mu * K * H * I + (mu * attn_flops if pol.attn_gpu else 0)
     gpu_bytes = dense * b + used * cfg.expert_numel * b + 2 * mu * K * (H + I) * b + \

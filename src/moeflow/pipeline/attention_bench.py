@@ -79,6 +79,22 @@ def measured_read_bw(Hq: int, Hkv: int, D: int, threads: int) -> float | None:
     return bench(256, 512, Hq, Hkv, D, threads, 3)["gb_per_s"] * 1e9
 
 
+@cache
+def measured_call_s(Hq: int, Hkv: int, D: int, threads: int, repeat: int = 50) -> float:
+    """The fixed part of a micro-batch's attention call as the pipeline makes it (the wrapper, the kernel's threads
+    woken): median seconds of a call on a sequence per thread, each at its first position (PyTorch's where the
+    kernel cannot be built). Taken once per process, for the planner."""
+    from moeflow.perf.costs import median_s
+    from moeflow.pipeline.attention import cpu_decode_attention
+
+    B = max(threads, 1)
+    q, out = torch.zeros(B, Hq, D).bfloat16(), torch.empty(B, Hq, D).bfloat16()
+    k, v, k_cache, v_cache = (torch.zeros(B, Hkv, D).bfloat16() for _ in range(4))
+    runs, starts = list(range(B)), [0] * B
+    return median_s(lambda: cpu_decode_attention(q, k, v, k_cache, v_cache, runs, starts, None, load(), threads, out),
+                    lambda: None, repeat)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=448)

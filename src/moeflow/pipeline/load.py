@@ -43,27 +43,29 @@ def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None,
         raise MoeflowError(f"the pipeline engine does not run {cfg.model_type}'s {', '.join(unsupported)} yet; "
                            "use --engine continuous")
     profile, b = profile or machine_profile(), resolve_dtype(spec.dtype, cfg, torch.device(spec.device)).itemsize
-    attn_bw = attention_bw(cfg, spec.device)
+    attn = attention_costs(cfg, spec.device)
     if spec.plan:
         pol = parse_plan(spec.plan)
     elif spec.gpu_memory is not None:
         pol = choose_plan(cfg, profile, spec.gpu_memory, spec.prompt_len, spec.gen_len, b, spec.max_n,
-                          host_budget(held), attn_bw).policy
+                          host_budget(held), *attn).policy
     else:
         pol = ThroughputPolicy(spec.default_n, max(1, spec.default_n // 2), 0.0, 0.0, False)
     check_fits(cfg, pol, spec.prompt_len, spec.gen_len, spec.gpu_memory, b, host_budget(held))
-    return pol, predict_throughput(cfg, profile, pol, spec.prompt_len, spec.gen_len, b, attn_bw)
+    return pol, predict_throughput(cfg, profile, pol, spec.prompt_len, spec.gen_len, b, *attn)
 
 
-def attention_bw(cfg: ModelConfig, device: str) -> float | None:
-    """The native CPU attention kernel's read rate on this host at cfg's heads, timed once (a GPU run only:
-    on the CPU the planner's figures are the profile's); None: the model takes the memory bus's rate."""
+def attention_costs(cfg: ModelConfig, device: str) -> tuple[float | None, float]:
+    """The native CPU attention kernel on this host at cfg's heads, timed once (a GPU run only: on the CPU the
+    planner's figures are the profile's): (its read rate, None where the model takes the memory bus's; the fixed
+    part of a call in seconds)."""
     from moeflow.experts.cpu import physical_cores
-    from moeflow.pipeline.attention_bench import measured_read_bw
+    from moeflow.pipeline.attention_bench import measured_call_s, measured_read_bw
 
     if resolve_device(device).type != "cuda":
-        return None
-    return measured_read_bw(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, physical_cores())
+        return None, 0.0
+    shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, physical_cores())
+    return measured_read_bw(*shape), measured_call_s(*shape)
 
 
 def describe(pred: ThroughputPrediction) -> str:

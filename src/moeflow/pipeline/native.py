@@ -16,7 +16,7 @@ import torch
 from moeflow.experts.native import build_library
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
-SOURCES = [CSRC / "cpu_attention.cpp", CSRC / "cpu_attention_body.inc"]
+SOURCES = [CSRC / "cpu_attention.cpp", CSRC / "cpu_attention_body.inc", CSRC / "cpu_experts_pool.inc"]
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
 KERNELS = {"scalar": 0, "avx2": 1, "avx512": 2}
 KINDS = (torch.float32, torch.bfloat16)  # what the kernel reads and writes

@@ -68,10 +68,11 @@ def max_sequences(cfg: ModelConfig, host: int, prompt_len: int, gen_len: int, b:
 
 def choose_plan(cfg: ModelConfig, profile: HardwareProfile, gpu_memory: int, prompt_len: int, gen_len: int,
                 b: int = 2, max_n: int | None = None, host: int | None = None,
-                attn_bw: float | None = None) -> ThroughputPrediction:
+                attn_bw: float | None = None, attn_call_s: float = 0.0) -> ThroughputPrediction:
     """The fastest plan with attention on the CPU (what the pipeline runs) that fits GPU and host memory, of at
     most max_n sequences, each with a host KV run of prompt_len + gen_len positions. host: bytes usable
-    (default host_budget()); attn_bw: the CPU attention kernel's measured read rate (predict_throughput)."""
+    (default host_budget()); attn_bw, attn_call_s: the CPU attention kernel's measured read rate and fixed part
+    of a call (predict_throughput)."""
     host = host_budget() if host is None else host
     best = None
     for N in _grid(max(1, min(max_sequences(cfg, host, prompt_len, gen_len, b), max_n or 1 << 30))):
@@ -82,7 +83,8 @@ def choose_plan(cfg: ModelConfig, profile: HardwareProfile, gpu_memory: int, pro
             if r_w is None or throughput_memory(cfg, pol, prompt_len, gen_len, b)[1] > host:
                 continue
             r_w = math.floor(r_w * cfg.num_experts + 1e-9) / cfg.num_experts  # whole experts stay resident
-            pred = predict_throughput(cfg, profile, replace(pol, r_w=r_w), prompt_len, gen_len, b, attn_bw)
+            pred = predict_throughput(cfg, profile, replace(pol, r_w=r_w), prompt_len, gen_len, b, attn_bw,
+                                      attn_call_s)
             if best is None or pred.tokens_per_s > best.tokens_per_s:
                 best = pred
     if best is None:
