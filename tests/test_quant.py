@@ -115,8 +115,9 @@ def costs_table(cpu_per_token: float, copy: float) -> ExpertCosts:
     return ExpertCosts(pts, tuple(cpu_per_token * n for n in pts), tuple(1e-5 for _ in pts), copy)
 
 
-def generate(path, quant, offload=None, costs=None):
-    """Greedy tokens of two prompts; offload: the latency regime with hand-made costs (not measured: fast)."""
+def generate(path, quant, offload=None, costs=None, calibrate=False):
+    """Greedy tokens of two prompts; offload: the latency regime with hand-made costs (not measured: fast),
+    corrected on line where calibrate."""
     from moeflow.experts.offload import OffloadedExperts
 
     ck = load(path, device="cpu", expert_device="cpu", quant=quant)
@@ -126,7 +127,7 @@ def generate(path, quant, offload=None, costs=None):
     with mock.patch.object(OffloadedExperts, "measure_costs", lambda self: costs):
         engine = LLMEngine(ck, max_seqs=2, max_len=MAX_LEN, offload=offload)
     if offload is not None:
-        engine.model.experts.calibrate = False
+        engine.model.experts.calibrate = calibrate
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 310, (n,), generator=g).tolist() for n in (13, 5)]
     return [s.output_ids for s in engine.generate(prompts, GREEDY)], engine
@@ -161,6 +162,19 @@ def test_every_policy_gives_the_local_tokens_on_int4_experts(mixtral, policy):
 @pytest.mark.parametrize("policy", ["auto", "lru"])
 def test_int8_asymmetric_experts_keep_the_local_tokens(mixtral, policy):
     check_policy(mixtral, "int8-asym", policy)
+
+
+def test_cpu_probes_split_int4_experts_and_keep_the_tokens(mixtral, monkeypatch):
+    """Costs claiming a CPU 1000x slower than it is: auto's probes put half of an int4 expert's rows on the CPU
+    every other layer planned without it (and nothing more), the rest copied; the tokens stay the local ones."""
+    from moeflow.experts import calibration
+
+    monkeypatch.setattr(calibration, "PROBE_GAP", (2, 2))
+    want, _ = generate(mixtral, "int4-g32")
+    got, engine = generate(mixtral, "int4-g32", {"slots": 5, "policy": "auto"}, costs_table(1e3, 1e-3), True)
+    assert got == want
+    s = engine.model.experts.stats
+    assert s.cpu_probes > 0 and s.cpu_experts == pytest.approx(s.cpu_probes / 2)  # half an expert a probe
 
 
 def check_policy(mixtral, quant: str, policy: str) -> None:
