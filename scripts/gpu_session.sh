@@ -25,7 +25,8 @@
 #   servemaps    bench serve, ShareGPT prompts (.carry/data/sharegpt-200.jsonl), concurrency 1 and 4, 32 tokens:
 #                DeepSeek-V2-Lite at 8 GiB with its trace replayed, one server per policy: auto, fmoe (maps of
 #                requests 200:999, learning on line), lru; needs the server's wheels carried (scripts/gpu_serve.sh)
-#   throughputq  bench throughput: Qwen3-30B-A3B at 16 GiB, generation lengths GEN_LENS (default 64), no baseline
+#   throughputq  bench throughput: Qwen3-30B-A3B at 16 GiB, generation lengths GEN_LENS (default 64), no baseline;
+#                with MAX_BATCH, the plan's N at most that, then the same N in micro-batches of 128 (--plan)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -85,8 +86,13 @@ sys.exit(main(['bench', 'latency', '--model', 'synthetic:mixtral-8x7b-int4', '--
                  --prompts $D/sharegpt-200.jsonl --time-limit 60 --out "$OUT/serve-deepseek-8GiB.json" 2>&1 \
                  | tee "$OUT/serve-deepseek-8GiB.log" | tail -8 ;;
     throughputq) python3 -m moeflow bench throughput --configs synthetic:qwen3-30b-a3b@16GiB --prompts $D/mt_bench.jsonl \
-                   --gen-lens "${GEN_LENS:-64}" --baseline-batches "" --out "$OUT/throughput-qwen3.json" 2>&1 \
-                   | tee "$OUT/throughput-qwen3.log" | tail -25 ;;
+                   --gen-lens "${GEN_LENS:-64}" --baseline-batches "" ${MAX_BATCH:+--max-batch $MAX_BATCH} \
+                   --out "$OUT/throughput-qwen3.json" 2>&1 | tee "$OUT/throughput-qwen3.log" | tail -25
+                 if [ -n "${MAX_BATCH:-}" ]; then  # beside it, micro-batches of 128 at the same N
+                   python3 -m moeflow bench throughput --configs synthetic:qwen3-30b-a3b@16GiB --prompts $D/mt_bench.jsonl \
+                     --gen-lens "${GEN_LENS:-64}" --baseline-batches "" --plan "$MAX_BATCH,128,0.16,0,cpu" \
+                     --out "$OUT/throughput-qwen3-mu128.json" 2>&1 | tee "$OUT/throughput-qwen3-mu128.log" | tail -3
+                 fi ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

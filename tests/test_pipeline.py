@@ -210,6 +210,28 @@ def test_native_attention_keeps_its_threads_across_calls():
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_the_grouped_prefill_rate_is_measured_only_where_it_runs_and_fits():
+    """No rate on the CPU (no grouped GEMMs) or where one layer's experts and the call's buffers pass the budget
+    (nothing allocated: it returns before)."""
+    from moeflow.pipeline.weights import measured_grouped_flops
+
+    assert measured_grouped_flops(8, 2, 64, 32, 64, "cpu", None) is None
+    assert measured_grouped_flops(8, 2, 64, 32, 64, "cuda", 1 << 20) is None  # 1 MiB: returns before touching CUDA
+
+
+@pytest.mark.gpu
+def test_the_grouped_prefill_rate_on_the_gpu_gives_its_memory_back():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from moeflow.pipeline.weights import measured_grouped_flops
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_reserved()
+    flops = measured_grouped_flops(16, 4, 1024, 512, 4096, "cuda", 8 << 30, repeats=3)
+    assert flops is not None and 1e11 < flops < 1e16
+    assert torch.cuda.memory_reserved() <= before
+
+
 def test_plans_are_parsed_and_checked():
     assert parse_plan("64,16,0.3,0,cpu") == ThroughputPolicy(64, 16, 0.3, 0.0, False)
     for bad in ("64,16,0.3,0", "64,128,0.3,0,cpu", "a,1,0,0,cpu", "4,2,1.5,0,cpu", "4,2,0,0,tpu"):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from moeflow.checkpoint import read_model_config
-from moeflow.perf.throughput_model import ThroughputPolicy, copy_beside, predict_throughput, shared_rates
+from moeflow.perf.throughput_model import (PipelineRates, ThroughputPolicy, copy_beside, predict_throughput,
+                                           shared_rates)
 from moeflow.perf.profile import HardwareProfile
 
 TINY = read_model_config("synthetic:tiny-mixtral")[1]
@@ -41,11 +42,11 @@ def test_copies_slow_down_only_while_the_cpu_reads():
 
 def test_cpu_attention_at_the_kernels_rate_and_the_last_micro_batch_after_it():
     p = profile(cpu_read_bw=1e12, h2d_bw=1e12, gpu_bw=2e7)  # the GPU takes about what the CPU does
-    slow = predict_throughput(TINY, p, POL, 96, 64, attn_bw=1e6)
+    slow = predict_throughput(TINY, p, POL, 96, 64, rates=PipelineRates(attn_bw=1e6))
     assert slow.terms["CPU memory bus"] == pytest.approx(KV_READ / 1e6)
     assert slow.layer_s == pytest.approx(slow.terms["CPU memory bus"] + slow.terms["GPU"] / 2)
     assert slow.layer_s > max(slow.terms.values())
-    fast = predict_throughput(TINY, p, POL, 96, 64, attn_bw=1e15)  # never above the bus
+    fast = predict_throughput(TINY, p, POL, 96, 64, rates=PipelineRates(attn_bw=1e15))  # never above the bus
     assert fast.terms["CPU memory bus"] == pytest.approx(KV_READ / 1e12)
     assert slow.decode_tps < fast.decode_tps
 
@@ -61,8 +62,8 @@ def test_prefill_takes_the_gpus_measured_expert_rate():
 
 
 def test_each_micro_batch_pays_the_attention_calls_fixed_part():
-    """attn_call_s per micro-batch on the CPU's attention: N = 4 in 2 micro-batches pays it twice, in 4 four times;
-    with a large fixed part the planner takes fewer, larger micro-batches than without."""
+    """A call's fixed part (attn_call_s) per micro-batch on the CPU's attention: N = 4 in 2 micro-batches pays it
+    twice, in 4 four times; with a large fixed part the planner takes fewer, larger micro-batches than without."""
     from dataclasses import replace
 
     from moeflow.pipeline.plan import choose_plan
@@ -70,8 +71,21 @@ def test_each_micro_batch_pays_the_attention_calls_fixed_part():
     p = profile()
     base = predict_throughput(TINY, p, POL, 96, 64)
     for pol, n_mb in ((POL, 2), (replace(POL, mu=1), 4)):
-        t = predict_throughput(TINY, p, pol, 96, 64, attn_call_s=1e-3)
+        t = predict_throughput(TINY, p, pol, 96, 64, rates=PipelineRates(attn_call_s=1e-3))
         assert t.terms["CPU memory bus"] == pytest.approx(base.terms["CPU memory bus"] + n_mb * 1e-3)
     free = choose_plan(TINY, p, 8 << 30, 96, 64, max_n=64, host=1 << 40)
-    costly = choose_plan(TINY, p, 8 << 30, 96, 64, max_n=64, host=1 << 40, attn_call_s=1.0)
+    costly = choose_plan(TINY, p, 8 << 30, 96, 64, max_n=64, host=1 << 40, rates=PipelineRates(attn_call_s=1.0))
     assert -(-costly.policy.N // costly.policy.mu) < -(-free.policy.N // free.policy.mu)
+
+
+def test_prefill_at_the_grouped_calls_measured_rate_reads_no_expert_twice():
+    """A measured grouped-call rate (prefill_flops) includes the calls' weight reads: prefill then prices the
+    experts at that rate and reads only the dense weights per pass."""
+    p = profile(gpu_flops=1e12, gpu_bw=1e9, h2d_bw=1e15, d2h_bw=1e15)
+    rate = 0.5e12
+    got = predict_throughput(TINY, p, POL, 96, 64, rates=PipelineRates(prefill_flops=rate)).prefill_s
+    peak = predict_throughput(TINY, p, POL, 96, 64).prefill_s  # experts at the matmul rate, each read per pass
+    tokens, flops = 4 * 96, 6 * 2 * 256 * 512  # 4 sequences of 96; K = 2, H 256, I 512
+    experts_read = 8 * 3 * 256 * 512 * 2  # all 8 experts of a layer, once per pass (one pass here)
+    per_layer = tokens * flops / rate - tokens * flops / 1e12 - experts_read / 1e9
+    assert got - peak == pytest.approx(4 * per_layer, rel=1e-6)

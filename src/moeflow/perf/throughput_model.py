@@ -11,7 +11,7 @@ mu = micro-batch, b = bytes per weight.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from moeflow.config import ModelConfig
 from moeflow.perf.profile import HardwareProfile
@@ -28,6 +28,14 @@ class ThroughputPolicy:
 
 
 @dataclass(frozen=True)
+class PipelineRates:
+    """The pipeline's own kernels on this host, timed at plan time (the defaults: the profile's figures)."""
+    attn_bw: float | None = None        # CPU decode attention's K/V read rate alone (None: the memory bus's)
+    attn_call_s: float = 0.0            # the fixed part of a micro-batch's attention call
+    prefill_flops: float | None = None  # a prefill pass's grouped expert calls, their weight reads included
+
+
+@dataclass(frozen=True)
 class ThroughputPrediction:
     policy: ThroughputPolicy
     tokens_per_s: float   # generated tokens over prefill + decode time
@@ -38,13 +46,14 @@ class ThroughputPrediction:
     binding: str
     gpu_bytes: int
     host_bytes: int
+    rates: PipelineRates | None = None  # the measured rates it used
 
     def as_dict(self) -> dict:
         return {"N": self.policy.N, "mu": self.policy.mu, "r_w": self.policy.r_w, "r_c": self.policy.r_c,
                 "attention": "gpu" if self.policy.attn_gpu else "cpu", "tokens_per_s": self.tokens_per_s,
                 "decode_tps": self.decode_tps, "prefill_s": self.prefill_s, "layer_s": self.layer_s,
-                "binding": self.binding, "gpu_bytes": self.gpu_bytes, "host_bytes": self.host_bytes} | \
-            {"T_" + k: v for k, v in self.terms.items()}
+                "binding": self.binding, "gpu_bytes": self.gpu_bytes, "host_bytes": self.host_bytes,
+                "rates": asdict(self.rates) if self.rates else None} | {"T_" + k: v for k, v in self.terms.items()}
 
 
 PREFILL_CHUNK = 8192  # prompt tokens per prefill pass through a layer
@@ -121,11 +130,11 @@ def expert_gpu_flops(cfg: ModelConfig, profile: HardwareProfile, b: int) -> floa
 
 
 def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: ThroughputPolicy, prompt_len: int,
-                       gen_len: int, b: int = 2, attn_bw: float | None = None,
-                       attn_call_s: float = 0.0) -> ThroughputPrediction:
-    """attn_bw: the native CPU attention kernel's K/V read rate, measured alone (pipeline/attention_bench.py);
-    None: it reads at the memory bus's rate. It reads beside the streamed experts' copies at the shared rate.
-    attn_call_s: the fixed part of one micro-batch's attention call (hand-over, waking the kernel's threads)."""
+                       gen_len: int, b: int = 2, rates: PipelineRates = PipelineRates()) -> ThroughputPrediction:
+    """rates: the pipeline's kernels measured (pipeline/attention_bench.py, pipeline/weights.py). CPU attention
+    reads beside the streamed experts' copies at the shared rate, never above the bus; each micro-batch's call
+    pays its fixed part. Prefill's experts run at the grouped calls' measured rate, else at the profile's
+    one-expert rate plus a read of every expert per pass."""
     L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok
     H, I, heads, D = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_attention_heads, cfg.head_dim
     qkv = (heads + 2 * cfg.num_key_value_heads) * D
@@ -140,9 +149,9 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
     d2h = N * qkv * b if not pol.attn_gpu else N * kv_tok * (1 - pol.r_c)
     attn_flops, attn_bytes = 4 * ctx * heads * D, ctx * kv_tok  # per sequence
     cpu_beside, h2d_beside = shared_rates(profile) if pol.r_w < 1 else (profile.cpu_read_bw, profile.h2d_bw)
-    attn_rate = min(attn_bw or cpu_beside, cpu_beside)
+    attn_rate = min(rates.attn_bw or cpu_beside, cpu_beside)
     cpu_s = 0.0 if pol.attn_gpu else \
-        N * max(attn_flops / profile.cpu_flops, attn_bytes / attn_rate) + n_mb * attn_call_s
+        N * max(attn_flops / profile.cpu_flops, attn_bytes / attn_rate) + n_mb * rates.attn_call_s
     used = E * (1 - (1 - K / E) ** mu)                       # experts a micro-batch touches
     gpu_flops = 2 * mu * dense + 6 * mu * K * H * I + (mu * attn_flops if pol.attn_gpu else 0)
     gpu_bytes = dense * b + used * cfg.expert_numel * b + 2 * mu * K * (H + I) * b + \
@@ -166,12 +175,13 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
     passes, rounds = math.ceil(tokens / PREFILL_CHUNK), math.ceil(tokens / PREFILL_GROUP)
     # The experts at the GPU's measured expert rate, not its peak matmul; K/V cross to the host beside the work.
     pf_gpu = (tokens * 2 * dense + N * 2 * prompt_len**2 * heads * D) / profile.gpu_flops + \
-        tokens * 6 * K * H * I / expert_gpu_flops(cfg, profile, b)
+        tokens * 6 * K * H * I / (rates.prefill_flops or expert_gpu_flops(cfg, profile, b))
+    expert_reads = 0 if rates.prefill_flops else passes * E * cfg.expert_numel * b
     pf_layer = max(rounds * w_layer * (1 - pol.r_w) / profile.h2d_bw,
                    tokens * kv_tok * (1 - pol.r_c) / profile.d2h_bw,
-                   pf_gpu + passes * (dense * b + E * cfg.expert_numel * b) / profile.gpu_bw)
+                   pf_gpu + (passes * dense * b + expert_reads) / profile.gpu_bw)
     prefill_s = cfg.num_hidden_layers * pf_layer
     gpu_need, host_need = throughput_memory(cfg, pol, prompt_len, gen_len, b)
     total = prefill_s + (gen_len - 1) * step_s  # the prefill gives each sequence its first token
     return ThroughputPrediction(pol, N * gen_len / total, N / step_s, prefill_s, layer_s, terms,
-                                max(terms, key=terms.get), gpu_need, host_need)
+                                max(terms, key=terms.get), gpu_need, host_need, rates)

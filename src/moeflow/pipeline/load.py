@@ -12,7 +12,8 @@ from moeflow.checkpoint import load, read_model_config, resolve_device, resolve_
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import gib
 from moeflow.perf.profile import HardwareProfile
-from moeflow.perf.throughput_model import ThroughputPolicy, ThroughputPrediction, predict_throughput
+from moeflow.perf.throughput_model import (PREFILL_CHUNK, PipelineRates, ThroughputPolicy, ThroughputPrediction,
+                                           predict_throughput)
 from moeflow.pipeline.plan import check_fits, choose_plan, host_budget, machine_profile, parse_plan
 
 
@@ -43,29 +44,35 @@ def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None,
         raise MoeflowError(f"the pipeline engine does not run {cfg.model_type}'s {', '.join(unsupported)} yet; "
                            "use --engine continuous")
     profile, b = profile or machine_profile(), resolve_dtype(spec.dtype, cfg, torch.device(spec.device)).itemsize
-    attn = attention_costs(cfg, spec.device)
+    rates = measured_rates(cfg, spec.device, b, spec.gpu_memory)
     if spec.plan:
         pol = parse_plan(spec.plan)
     elif spec.gpu_memory is not None:
         pol = choose_plan(cfg, profile, spec.gpu_memory, spec.prompt_len, spec.gen_len, b, spec.max_n,
-                          host_budget(held), *attn).policy
+                          host_budget(held), rates).policy
     else:
         pol = ThroughputPolicy(spec.default_n, max(1, spec.default_n // 2), 0.0, 0.0, False)
     check_fits(cfg, pol, spec.prompt_len, spec.gen_len, spec.gpu_memory, b, host_budget(held))
-    return pol, predict_throughput(cfg, profile, pol, spec.prompt_len, spec.gen_len, b, *attn)
+    return pol, predict_throughput(cfg, profile, pol, spec.prompt_len, spec.gen_len, b, rates)
 
 
-def attention_costs(cfg: ModelConfig, device: str) -> tuple[float | None, float]:
-    """The native CPU attention kernel on this host at cfg's heads, timed once (a GPU run only: on the CPU the
-    planner's figures are the profile's): (its read rate, None where the model takes the memory bus's; the fixed
-    part of a call in seconds)."""
+def measured_rates(cfg: ModelConfig, device: str, b: int, gpu_memory: int | None) -> PipelineRates:
+    """The pipeline's kernels on this host at cfg's shapes, timed once (a GPU run only: on the CPU the planner's
+    figures are the profile's): CPU attention's read rate and a call's fixed part, and the prefill's grouped
+    expert calls (where one layer's experts fit the GPU budget beside the call's buffers)."""
     from moeflow.experts.cpu import physical_cores
     from moeflow.pipeline.attention_bench import measured_call_s, measured_read_bw
+    from moeflow.pipeline.weights import measured_grouped_flops
 
-    if resolve_device(device).type != "cuda":
-        return None, 0.0
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        return PipelineRates()
     shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, physical_cores())
-    return measured_read_bw(*shape), measured_call_s(*shape)
+    flops = None
+    if b == 2:
+        flops = measured_grouped_flops(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,
+                                       cfg.expert_intermediate_size, PREFILL_CHUNK, str(dev), gpu_memory)
+    return PipelineRates(measured_read_bw(*shape), measured_call_s(*shape), flops)
 
 
 def describe(pred: ThroughputPrediction) -> str:

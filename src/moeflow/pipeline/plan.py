@@ -11,8 +11,8 @@ from moeflow import MoeflowError
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import gib
 from moeflow.perf.profile import HardwareProfile, _host_memory, cached_profile, reference_profile
-from moeflow.perf.throughput_model import (ThroughputPolicy, ThroughputPrediction, host_staging_bytes,
-                                           predict_throughput, throughput_memory)
+from moeflow.perf.throughput_model import (PipelineRates, ThroughputPolicy, ThroughputPrediction,
+                                           host_staging_bytes, predict_throughput, throughput_memory)
 from moeflow.perf.search import HOST_SHARE, _grid, _max_rw
 
 
@@ -68,11 +68,10 @@ def max_sequences(cfg: ModelConfig, host: int, prompt_len: int, gen_len: int, b:
 
 def choose_plan(cfg: ModelConfig, profile: HardwareProfile, gpu_memory: int, prompt_len: int, gen_len: int,
                 b: int = 2, max_n: int | None = None, host: int | None = None,
-                attn_bw: float | None = None, attn_call_s: float = 0.0) -> ThroughputPrediction:
+                rates: PipelineRates = PipelineRates()) -> ThroughputPrediction:
     """The fastest plan with attention on the CPU (what the pipeline runs) that fits GPU and host memory, of at
     most max_n sequences, each with a host KV run of prompt_len + gen_len positions. host: bytes usable
-    (default host_budget()); attn_bw, attn_call_s: the CPU attention kernel's measured read rate and fixed part
-    of a call (predict_throughput)."""
+    (default host_budget()); rates: the pipeline's kernels measured (predict_throughput)."""
     host = host_budget() if host is None else host
     best = None
     for N in _grid(max(1, min(max_sequences(cfg, host, prompt_len, gen_len, b), max_n or 1 << 30))):
@@ -83,8 +82,7 @@ def choose_plan(cfg: ModelConfig, profile: HardwareProfile, gpu_memory: int, pro
             if r_w is None or throughput_memory(cfg, pol, prompt_len, gen_len, b)[1] > host:
                 continue
             r_w = math.floor(r_w * cfg.num_experts + 1e-9) / cfg.num_experts  # whole experts stay resident
-            pred = predict_throughput(cfg, profile, replace(pol, r_w=r_w), prompt_len, gen_len, b, attn_bw,
-                                      attn_call_s)
+            pred = predict_throughput(cfg, profile, replace(pol, r_w=r_w), prompt_len, gen_len, b, rates)
             if best is None or pred.tokens_per_s > best.tokens_per_s:
                 best = pred
     if best is None:

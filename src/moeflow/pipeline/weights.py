@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from functools import cache
 
 import torch
 
@@ -26,6 +27,34 @@ GROUPED_BYTES = 256 * 2**20
 def grouped_call_tokens(inter: int, top_k: int, itemsize: int) -> int:
     """Tokens per grouped call: its gate/up output [tokens x top_k, 2 x inter] within GROUPED_BYTES."""
     return max(1, GROUPED_BYTES // (2 * inter * top_k * itemsize))
+
+
+@cache
+def measured_grouped_flops(E: int, K: int, H: int, I: int, tokens: int, device: str, budget: int | None,
+                           repeats: int = 5) -> float | None:
+    """FLOP/s of a prefill pass's grouped expert call (bf16, as ffn() makes it: `tokens` or as many as one call
+    takes, routed uniformly), timed on random experts of one layer; their weight reads are in the rate. None where
+    grouped GEMMs do not run, or the layer and the call's buffers would pass the GPU budget."""
+    from moeflow.perf.costs import device_sync, median_s
+
+    dev = torch.device(device)
+    n = min(tokens, grouped_call_tokens(I, K, 2))
+    if budget is not None and 3 * I * H * E * 2 + 4 * GROUPED_BYTES + 8 * n * H > budget:
+        return None
+    g = torch.Generator(device=dev).manual_seed(0)
+    bf16 = dict(device=dev, dtype=torch.bfloat16)
+    buf = torch.randn(E, 3 * I * H, generator=g, **bf16).mul_(0.02)                         # [E, W] host layout
+    if not can_group(buf):
+        return None
+    args = [torch.randn(n, H, generator=g, **bf16),                                          # x [n, H]
+            torch.rand(n, E, device=dev, generator=g).topk(K, dim=1).indices,                # ids [n, K]
+            torch.full((n, K), 1.0 / K, **bf16),                                             # weights [n, K]
+            buf[:, :2 * I * H].view(-1, 2 * I, H), buf[:, 2 * I * H:].view(-1, I, H)]      # gate_up, down_t
+    s = median_s(lambda: grouped_experts(*args), device_sync(dev), repeats)
+    args.clear()
+    del buf
+    torch.cuda.empty_cache()  # the budget's bytes back before the weights load
+    return 6 * K * H * I * n / s
 
 
 class LayerWeights:
