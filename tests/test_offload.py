@@ -535,6 +535,7 @@ def test_bench_latency_decodes_each_prompt_and_reports_the_median(tmp_path, monk
         assert pre["ms"]["ttft"] == pytest.approx(r["ttft_s"] * 1e3)
         assert 0 < pre["ms"]["backend"] <= max(runs) * 1e3 and pre["hit_rate"] >= 0
         assert r["policy"] != "lru" or (pre["cpu_experts"] == 0 and pre["copied_experts"] > 0)
+        assert r["cpu_probes"] >= 0 and (r["policy"] != "lru" or r["cpu_probes"] == 0)  # lru leaves the CPU idle
         shape = pre["tokens_per_expert"]  # the prompt's 24 tokens x 2 experts over 8, the most used first
         assert len(shape) == 8 and shape == sorted(shape, reverse=True) and sum(shape) == pytest.approx(48, abs=0.1)
     (bad,) = [r for r in d["rows"] if "error" in r]

@@ -186,6 +186,7 @@ def _row(ck: Checkpoint, oc: OffloadConfig, d: dict, tps: list[float], dt: float
         # experts copied ahead by the policy per decode token, and of those used or wasted when their layer came
         "prefetch_per_token": {k: d.get(f, 0) / n for k, f in (("copied", "prefetched"), ("used", "prefetch_used"),
                                                                ("wasted", "prefetch_wasted"))},
+        "cpu_probes": d.get("cpu_probes", 0),  # layers whose CPU share tested the CPU estimate
     }
 
 
@@ -211,6 +212,8 @@ def print_rows(rows: list[dict], header: bool = False) -> None:
                 f"TTFT {r['predicted_ttft_s_at_profile_speed']:.2f} s", flush=True)
         if r.get("ms_per_token"):
             print("    ms/token: " + ", ".join(f"{k} {v:.1f}" for k, v in r["ms_per_token"].items()), flush=True)
+        if r.get("cpu_probes"):
+            print(f"    CPU probes (layers that tested the CPU estimate): {r['cpu_probes']}", flush=True)
         if (r.get("prefetch_per_token") or {}).get("copied"):
             print("    prefetched/token: " + ", ".join(f"{k} {v:.2f}" for k, v in r["prefetch_per_token"].items()),
                   flush=True)
