@@ -46,7 +46,6 @@ class CostCorrection:
         self._scaled: dict[tuple, tuple] = {}  # (id of the costs, corrections) -> (the costs, scaled)
         self._pairs: list[tuple] = []  # two (start, end) timing events, in turn: one per layer is in use
         self._idle, self._gap = 0, PROBE_GAP[0]  # decode layers planned without the CPU since it was observed
-        self.probes = 0
 
     def scaled(self, costs: ExpertCosts | None, misses: dict[int, int]) -> ExpertCosts | None:
         """costs corrected for a layer whose missing experts take these tokens; None where nothing is
@@ -87,7 +86,6 @@ class CostCorrection:
         if self._idle < self._gap:
             return False
         self._idle = 0
-        self.probes += 1
         return True
 
     def start_copies(self, stream: torch.cuda.Stream | None, copies: dict[int, int],
