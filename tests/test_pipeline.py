@@ -14,7 +14,7 @@ from moeflow.cli import main
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.sequence import SamplingParams
 from moeflow.perf.profile import reference_profile
-from moeflow.perf.throughput_model import ThroughputPolicy
+from moeflow.perf.throughput_model import PipelineRates, ThroughputPolicy
 from moeflow.pipeline.engine import PipelineEngine
 from moeflow.pipeline.plan import check_fits, machine_profile, parse_plan
 
@@ -230,6 +230,20 @@ def test_the_grouped_prefill_rate_on_the_gpu_gives_its_memory_back():
     flops = measured_grouped_flops(16, 4, 1024, 512, 4096, "cuda", 8 << 30, repeats=3)
     assert flops is not None and 1e11 < flops < 1e16
     assert torch.cuda.memory_reserved() <= before
+
+
+def test_a_gpu_runs_plan_takes_the_kernels_measured_rates(monkeypatch):
+    """What a GPU run measures before planning, here with the CPU standing in for the device: the attention
+    kernel's read rate and a call's fixed part (both CPU figures), and no grouped rate where one layer's experts
+    would not fit the budget; on the CPU nothing is measured."""
+    from moeflow.pipeline import load as pipeline_load
+
+    cfg = read_model_config("synthetic:tiny-qwen3")[1]
+    assert pipeline_load.measured_rates(cfg, "cpu", 2, None) == PipelineRates()
+    monkeypatch.setattr(pipeline_load, "resolve_device", lambda device: torch.device("cuda"))
+    rates = pipeline_load.measured_rates(cfg, "cuda", 2, 1 << 20)  # 1 MiB: no room for the grouped call
+    assert rates.attn_bw is None or rates.attn_bw > 0
+    assert 0 < rates.attn_call_s < 1 and rates.prefill_flops is None
 
 
 def test_plans_are_parsed_and_checked():
