@@ -370,3 +370,45 @@ def test_results_do_not_depend_on_which_thread_ran_which_rows(kernel):
         outs = [ce.layer(data, x, ids, w) for _ in range(6)]
         assert all(torch.equal(outs[0], o) for o in outs[1:])
         check(outs[0], reference(data, x, jobs_from_topk(ids, w, E), I), kernel)
+
+
+@pytest.mark.skipif(LIB is None, reason="no C++ compiler builds the native kernel")
+def test_the_kernels_run_in_a_child_forked_after_a_call():
+    """A child forked after the kernels' workers started has none of them: its first call starts its own (it
+    used to wait for the parent's forever), for the expert kernel and the CPU attention kernel alike."""
+    import signal
+    import time
+
+    import numpy as np
+
+    from moeflow.pipeline.attention import cpu_decode_attention
+    from moeflow.pipeline.native import load as load_attention
+
+    data, g = weights(4, 64, 32, seed=0)
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    ids, w = routed(3, 4, 2, g)
+    ce = CpuExperts(threads=3)
+    cache = [torch.randn(3 * 8, 2, 16, generator=g) for _ in "kv"]
+    q, k, v = (torch.randn(3, h, 16, generator=g) for h in (4, 2, 2))
+
+    def calls() -> list[np.ndarray]:
+        attn = cpu_decode_attention(q, k, v, *[c.clone() for c in cache], [0, 8, 16], [7, 3, 5], None,
+                                    load_attention(), 3)
+        return [ce.layer(data, x, ids, w).numpy(), attn.numpy()]
+
+    want = calls()  # the workers start here
+    pid = os.fork()
+    if pid == 0:  # the child: straight out, never back into pytest
+        code = 1
+        try:
+            code = int(not all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(calls(), want)))
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's first kernel call never returned")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
