@@ -29,8 +29,6 @@
 
 namespace {
 
-inline void cpu_relax() { _mm_pause(); }
-
 // The expert kernel's thread pool (its own copy in this library): a call per micro-batch wakes sleeping
 // workers where starting threads cost about as much as a small micro-batch's attention.
 #include "cpu_experts_pool.inc"

@@ -63,14 +63,8 @@ static inline bf16 f2bf(float f) {  // round to nearest even, as PyTorch does
 
 static inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
-static inline void cpu_relax() {
-#if defined(__x86_64__)
-    _mm_pause();
-#endif
-}
-
 // ---------------------------------------------------------------------------------------------------
-// Thread pool (cpu_experts_pool.inc): the calling thread is worker 0.
+// Thread pool (cpu_experts_pool.inc, with cpu_relax): the calling thread is worker 0.
 
 #include "cpu_experts_pool.inc"
 
