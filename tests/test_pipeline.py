@@ -239,9 +239,9 @@ def test_a_gpu_runs_plan_takes_the_kernels_measured_rates(monkeypatch):
     from moeflow.pipeline import load as pipeline_load
 
     cfg = read_model_config("synthetic:tiny-qwen3")[1]
-    assert pipeline_load.measured_rates(cfg, "cpu", 2, None) == PipelineRates()
+    assert pipeline_load.measured_rates(cfg, "cpu", torch.bfloat16, None) == PipelineRates()
     monkeypatch.setattr(pipeline_load, "resolve_device", lambda device: torch.device("cuda"))
-    rates = pipeline_load.measured_rates(cfg, "cuda", 2, 1 << 20)  # 1 MiB: no room for the grouped call
+    rates = pipeline_load.measured_rates(cfg, "cuda", torch.bfloat16, 1 << 20)  # 1 MiB: no room for the grouped call
     assert rates.attn_bw is None or rates.attn_bw > 0
     assert 0 < rates.attn_call_s < 1 and rates.prefill_flops is None
 

@@ -43,8 +43,8 @@ def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None,
     if unsupported:
         raise MoeflowError(f"the pipeline engine does not run {cfg.model_type}'s {', '.join(unsupported)} yet; "
                            "use --engine continuous")
-    profile, b = profile or machine_profile(), resolve_dtype(spec.dtype, cfg, torch.device(spec.device)).itemsize
-    rates = measured_rates(cfg, spec.device, b, spec.gpu_memory)
+    profile, dtype = profile or machine_profile(), resolve_dtype(spec.dtype, cfg, torch.device(spec.device))
+    b, rates = dtype.itemsize, measured_rates(cfg, spec.device, dtype, spec.gpu_memory)
     if spec.plan:
         pol = parse_plan(spec.plan)
     elif spec.gpu_memory is not None:
@@ -56,10 +56,10 @@ def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None,
     return pol, predict_throughput(cfg, profile, pol, spec.prompt_len, spec.gen_len, b, rates)
 
 
-def measured_rates(cfg: ModelConfig, device: str, b: int, gpu_memory: int | None) -> PipelineRates:
+def measured_rates(cfg: ModelConfig, device: str, dtype: torch.dtype, gpu_memory: int | None) -> PipelineRates:
     """The pipeline's kernels on this host at cfg's shapes, timed once (a GPU run only: on the CPU the planner's
     figures are the profile's): CPU attention's read rate and a call's fixed part, and the prefill's grouped
-    expert calls (where one layer's experts fit the GPU budget beside the call's buffers)."""
+    expert calls (bf16, where they run; where one layer's experts fit the GPU budget beside the call's buffers)."""
     from moeflow.experts.cpu import physical_cores
     from moeflow.pipeline.attention_bench import measured_call_s, measured_read_bw
     from moeflow.pipeline.weights import measured_grouped_flops
@@ -69,7 +69,7 @@ def measured_rates(cfg: ModelConfig, device: str, b: int, gpu_memory: int | None
         return PipelineRates()
     shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, physical_cores())
     flops = None
-    if b == 2:
+    if dtype == torch.bfloat16:
         flops = measured_grouped_flops(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,
                                        cfg.expert_intermediate_size, PREFILL_CHUNK, str(dev), gpu_memory)
     return PipelineRates(measured_read_bw(*shape), measured_call_s(*shape), flops)
