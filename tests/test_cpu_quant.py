@@ -106,8 +106,10 @@ def test_calls_split_by_tokens_and_handed_over_give_the_same(kernel):
     assert len(small._token_parts(jobs, 256)) > 1
     close(small(data, x, jobs), want)
     close(small.submit(data, x, jobs).result(), want)
+    close(small.layer(data, x, ids, w), want)  # over the budget: as jobs, in parts
     whole = CpuExperts(threads=2, kernel=kernel, fmt=fmt, config=CpuKernelConfig(quant_int8_tokens=0))
     close(whole.submit(data, x, jobs).result(), want)
+    close(whole.layer(data, x, ids, w), want)  # grouped by expert in C
 
 
 def test_formats_without_a_native_path_fall_back_to_pytorch():

@@ -474,6 +474,7 @@ void moe_read(int threads, const char* p, int64_t bytes, int reps, double* secs)
 }  // extern "C"
 
 #include "cpu_experts_call.inc"
+#include "cpu_experts_qcall.inc"
 
 extern "C" {
 
@@ -508,9 +509,11 @@ double moe_amx_peak(int threads, int64_t iters, int loads, int64_t span) {
 }
 
 // The same from a router's choice: ids [N, K] int64 (an id outside 0..E-1 is skipped), weights [N, K] fp32.
-// Groups the (token, slot) pairs by expert here, so a layer costs Python one call.
-int moe_experts_topk(int kernel, int threads, const bf16* w, int64_t expert_stride, int H, int I, const float* x,
-                     int N, int K, int E, const int64_t* ids, const float* weights, float* out, const int64_t* opts) {
+// Groups the (token, slot) pairs by expert here, so a layer costs Python one call. qfmt: moe_experts_q's format
+// (w then points at quantized records), or null for bf16 blocks.
+int moe_experts_topk(int kernel, int threads, const void* w, int64_t expert_stride, int H, int I, const float* x,
+                     int N, int K, int E, const int64_t* ids, const float* weights, float* out, const int64_t* opts,
+                     const int64_t* qfmt) {
     std::vector<int32_t> count(E + 1, 0), job_expert, job_r0, job_r1, job_off{0}, tok(N * K);
     std::vector<float> tok_w(N * K);
     for (int i = 0; i < N * K; ++i)
@@ -527,11 +530,15 @@ int moe_experts_topk(int kernel, int threads, const bf16* w, int64_t expert_stri
             int at = count[ids[i]]++;
             tok[at] = i / K, tok_w[at] = weights[i];
         }
-    return moe_experts(kernel, threads, w, expert_stride, H, I, x, N, (int)job_expert.size(), job_expert.data(),
-                       job_r0.data(), job_r1.data(), job_off.data(), tok.data(), tok_w.data(), out, opts);
+    if (qfmt)
+        return moe_experts_q(kernel, threads, (const uint8_t*)w, expert_stride, H, I, x, N, (int)job_expert.size(),
+                             job_expert.data(), job_r0.data(), job_r1.data(), job_off.data(), tok.data(),
+                             tok_w.data(), out, opts, qfmt);
+    return moe_experts(kernel, threads, (const bf16*)w, expert_stride, H, I, x, N, (int)job_expert.size(),
+                       job_expert.data(), job_r0.data(), job_r1.data(), job_off.data(), tok.data(), tok_w.data(),
+                       out, opts);
 }
 
 }  // extern "C"
 
-#include "cpu_experts_qcall.inc"
 #include "cpu_experts_async.inc"

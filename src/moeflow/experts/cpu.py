@@ -154,11 +154,17 @@ class CpuExperts:
         self.threads_used = 0  # as reported by the last native call
         self.kernel_s = 0.0    # seconds inside the native kernel in the last call (0: it did not run)
         self._pool: ThreadPoolExecutor | None = None  # the PyTorch path's worker thread (submit)
+        self._options: tuple | None = None  # (the settings options() read, its array)
 
     def options(self) -> np.ndarray:
-        """The native call's options from the config and this object's (test-adjustable) settings."""
-        cfg = replace(self.config, fused_max_bytes=self.fused_max_bytes, amx_blocking=tuple(self.amx_blocking))
-        return options(cfg, self.amx_min_tokens, self.fmt if self.fmt is not None and self.fmt.biased else None)
+        """The native call's options from the config and this object's (test-adjustable) settings; made again
+        only when those change (a call per layer)."""
+        key = (self.fused_max_bytes, tuple(self.amx_blocking), self.amx_min_tokens)
+        if self._options is None or self._options[0] != key:
+            cfg = replace(self.config, fused_max_bytes=self.fused_max_bytes, amx_blocking=key[1])
+            biased = self.fmt if self.fmt is not None and self.fmt.biased else None
+            self._options = key, options(cfg, self.amx_min_tokens, biased)
+        return self._options[1]
 
     def uses_native(self, data: torch.Tensor) -> bool:
         if self.native is None or self.kernel == "torch":
@@ -224,8 +230,7 @@ class CpuExperts:
         bf16 jobs go in one part (the kernel chooses its down pass)."""
         if self.qfmt is None:
             return [jobs]
-        per_token = 4 * (self.threads + 1) * (H + H // int(self.qfmt[1]))
-        budget = max(self.fused_max_bytes // per_token, 1)
+        budget = self._part_tokens(H)
         parts, part, used = [], [], 0
         for j in jobs:
             for a in range(0, len(j.tok), budget):
@@ -236,6 +241,11 @@ class CpuExperts:
                 part.append(Job(j.expert, j.tok[a:a + n], j.w[a:a + n], j.r0, j.r1))
                 used += n
         return parts + [part] if part else parts
+
+    def _part_tokens(self, H: int) -> int:
+        """(token, expert) pairs whose quantized down sums fit fused_max_bytes: [n, H + G] fp32 per thread."""
+        per_token = 4 * (self.threads + 1) * (H + H // int(self.qfmt[1]))
+        return max(self.fused_max_bytes // per_token, 1)
 
     def handoff_s(self, n: int = 20) -> float:
         """Seconds to hand a call over and have it back, with no work in it (after one warm-up)."""
@@ -296,16 +306,21 @@ class CpuExperts:
 
     def layer(self, data: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
               ) -> torch.Tensor:
-        """Every selected expert of a layer: [N, H] fp32. The native path groups by expert in C: one call."""
-        if not self.uses_native(data) or data.stride(1) != 1 or self.fmt is not None:  # quantized or biased: jobs
-            return self(data, x, jobs_from_topk(topk_ids, topk_weights, data.shape[0]))
+        """Every selected expert of a layer: [N, H] fp32. The native path groups by expert in C: one call (biased
+        blocks, and quantized ones whose down sums would pass fused_max_bytes, go as jobs)."""
         N, H = x.shape
+        quantized = self.fmt is not None and self.fmt.quantized and not self.fmt.biased
+        grouped = self.uses_native(data) and data.stride(1) == 1 and (
+            self.fmt is None or (quantized and topk_ids.numel() <= self._part_tokens(H)))
+        if not grouped:
+            return self(data, x, jobs_from_topk(topk_ids, topk_weights, data.shape[0]))
         out = _zeros(N, H)
         if N:
+            I = self.fmt.inter if quantized else data.shape[1] // (3 * H)
             self.threads_used = self.native.run_topk(
-                self.kernel, self.threads, data, H, data.shape[1] // (3 * H), _fp32(x),
-                topk_ids.to(torch.int64).contiguous(), topk_weights.to(torch.float32).contiguous(), out,
-                self.options())
+                self.kernel, self.threads, data, H, I, _fp32(x), topk_ids.to(torch.int64).contiguous(),
+                topk_weights.to(torch.float32).contiguous(), out, self.options(), self.qfmt)
+        self.kernel_s = sum(self.native.last_phases()) if N else 0.0
         return out
 
     def _torch(self, data, x, jobs, out, I):

@@ -121,7 +121,7 @@ class NativeKernel:
         lib.moe_experts_start.restype = i
         lib.moe_experts_finish.argtypes = [p, i]
         lib.moe_experts_finish.restype = i
-        lib.moe_experts_topk.argtypes = [i, i, p, i64, i, i, p, i, i, i, p, p, p, p]
+        lib.moe_experts_topk.argtypes = [i, i, p, i64, i, i, p, i, i, i, p, p, p, p, p]
         lib.moe_experts_topk.restype = i
         lib.moe_features.restype = i
         lib.moe_amx_ready.restype = i
@@ -185,13 +185,14 @@ class NativeKernel:
         return n, t[0], t[1]
 
     def run_topk(self, kernel: str, threads: int, data, hidden: int, inter: int, x, topk_ids, topk_weights, out,
-                 opts: np.ndarray) -> int:
+                 opts: np.ndarray, qfmt: np.ndarray | None = None) -> int:
         """Every selected expert of a layer, grouped by expert in C: topk_ids [N, K] int64, topk_weights
-        [N, K] fp32, x [N, H] fp32, out [N, H] fp32 (all contiguous)."""
+        [N, K] fp32, x [N, H] fp32, out [N, H] fp32 (all contiguous); qfmt as run()'s."""
         N, K = topk_ids.shape
         n = self.lib.moe_experts_topk(KERNELS[kernel], threads, data.data_ptr(), data.stride(0), hidden, inter,
                                       x.data_ptr(), N, K, data.shape[0], topk_ids.data_ptr(),
-                                      topk_weights.data_ptr(), out.data_ptr(), opts.ctypes.data)
+                                      topk_weights.data_ptr(), out.data_ptr(), opts.ctypes.data,
+                                      None if qfmt is None else qfmt.ctypes.data)
         if n < 0:
             raise RuntimeError(f"native CPU kernel {kernel} refused the call ({n})")
         return n
