@@ -159,9 +159,9 @@ class CpuExperts:
     def options(self) -> np.ndarray:
         """The native call's options from the config and this object's (test-adjustable) settings; made again
         only when those change (a call per layer)."""
-        key = (self.fused_max_bytes, tuple(self.amx_blocking), self.amx_min_tokens)
+        key = (self.config, self.fused_max_bytes, tuple(self.amx_blocking), self.amx_min_tokens)
         if self._options is None or self._options[0] != key:
-            cfg = replace(self.config, fused_max_bytes=self.fused_max_bytes, amx_blocking=key[1])
+            cfg = replace(self.config, fused_max_bytes=self.fused_max_bytes, amx_blocking=key[2])
             biased = self.fmt if self.fmt is not None and self.fmt.biased else None
             self._options = key, options(cfg, self.amx_min_tokens, biased)
         return self._options[1]
@@ -204,8 +204,12 @@ class CpuExperts:
         # numpy, not PyTorch ops: this runs on the thread that drives the GPU, once per layer
         meta = np.array([j.expert for j in jobs] + [j.r0 for j in jobs] +
                         [I if j.r1 is None else j.r1 for j in jobs] + offs, dtype=np.int32)
-        tok = np.concatenate([_array(j.tok, torch.int32) for j in jobs])
-        w = np.concatenate([_array(j.w, torch.float32).reshape(-1) for j in jobs])
+        if isinstance(jobs[0].tok, list):  # decode's few entries in lists: one array each, not one per job
+            tok = np.array([t for j in jobs for t in j.tok], dtype=np.int32)
+            w = np.array([v for j in jobs for v in j.w], dtype=np.float32)
+        else:
+            tok = np.concatenate([_array(j.tok, torch.int32) for j in jobs])
+            w = np.concatenate([_array(j.w, torch.float32).reshape(-1) for j in jobs])
         xf = _fp32(x)
         opts = self.options()
         args = (self.kernel, self.threads, data, H, I, xf, N, meta, tok, w, out, opts, self.qfmt)

@@ -7,7 +7,6 @@ Legend: N = tokens, K = experts per token, I = intermediate rows, (l, e) = exper
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 
 from moeflow.perf.costs import ExpertCosts
 
@@ -55,22 +54,17 @@ class LayerPlan:
     layer: int                # the MoE layer's row in the store
     inter: int                # I
     entries: dict             # expert -> its flat (token, k) indices: a list, or numpy in a prompt
-    found: dict[int, int | None]  # selected expert -> its slot, None where missing
+    found: dict[int, int | None]  # selected expert -> its slot, None where missing; in expert order
     rows: dict[int, int] = field(default_factory=dict)  # missing expert -> its rows on the CPU
     costs: ExpertCosts | None = None  # the corrected costs the plan used (None: nothing planned)
     probe: bool = False       # its CPU share tests the CPU estimate (experts/calibration.py)
+    # from found, once (each is read several times a layer): the held experts' slots, the missing ones' tokens
+    held: dict[int, int] = field(init=False)
+    misses: dict[int, int] = field(init=False)
 
-    @cached_property
-    def experts(self) -> list[int]:
-        return sorted(self.entries)
-
-    @cached_property
-    def held(self) -> dict[int, int]:
-        return {e: s for e, s in self.found.items() if s is not None}
-
-    @cached_property
-    def misses(self) -> dict[int, int]:
-        return {e: len(self.entries[e]) for e in self.experts if self.found[e] is None}
+    def __post_init__(self):
+        self.held = {e: s for e, s in self.found.items() if s is not None}
+        self.misses = {e: len(self.entries[e]) for e, s in self.found.items() if s is None}
 
     @property
     def cpu_jobs(self) -> list[tuple]:

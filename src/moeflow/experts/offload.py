@@ -165,15 +165,17 @@ class OffloadedExperts(ExpertBackend):
         entries = group_entries(ids_h)  # expert -> its flat (token, k) indices, in order
         if entries_n > self.host.cfg.num_experts_per_tok:  # a step of several tokens
             self.prompt_shape.add([len(v) for v in entries.values()])
-        plan = LayerPlan(l, self.inter, entries, {e: self.cache.lookup((l, e)) for e in sorted(entries)})
+        lookup = self.cache.lookup
+        plan = LayerPlan(l, self.inter, entries, {e: lookup((l, e)) for e in sorted(entries)})
         if self._ahead:
             self._count_ahead(l, plan)
+        held = {(l, e) for e in plan.held}
         if self.cache.staged:  # guesses of this layer: spent, or kept where used and admitted
-            self.cache.end_layer(l, used=[(l, e) for e in plan.held], protect={(l, e) for e in plan.experts})
+            self.cache.end_layer(l, used=held, protect={(l, e) for e in plan.found})
         misses = plan.misses
         plan.costs = self.correction.scaled(self.costs, misses)  # a layer with no miss plans nothing
         if misses:  # keep: those a whole copy of which the cache would keep (an adaptive split)
-            keep = {e for _, e in self.cache.keepers([(l, e) for e in misses], {(l, e) for e in plan.held})}
+            keep = {e for _, e in self.cache.keepers([(l, e) for e in misses], held)}
             plan.rows = self.policy.plan(misses, plan.costs, self.inter, self.cache.capacity(l), keep)
             self._probe(plan)
         return plan

@@ -29,6 +29,10 @@ class EvictionPolicy(ABC):
         """Is `key` (just copied in) worth keeping in place of `victim`?"""
         return True
 
+    def admitted(self, keys: list, victim: Hashable) -> list:
+        """Those of `keys` that admits() in place of `victim`."""
+        return [k for k in keys if self.admits(k, victim)]
+
     def seed(self, key: Hashable, rate: float) -> None:
         """A prior: key is used `rate` times per step on average (from a popularity profile)."""
 
@@ -110,7 +114,13 @@ class DecayedUse(EvictionPolicy):
         self.t += 1
 
     def touch(self, key):
-        self._set(key, self.score(key) + 1.0)
+        # score(key) + 1 set, inline: auto touches every selected expert of every layer
+        now = self.t / self.half_life
+        lv = self.level.get(key)
+        lv = math.log2((0.0 if lv is None else 2.0 ** (lv - now)) + 1.0) + now
+        self.level[key] = lv
+        if key in self.held:
+            self._push(key, lv)
 
     def hold(self, key):
         self.held.add(key)
@@ -139,6 +149,10 @@ class DecayedUse(EvictionPolicy):
 
     def admits(self, key, victim):
         return self.score(key) > self.score(victim)
+
+    def admitted(self, keys, victim):
+        bar = self.score(victim)  # admits(), with the victim's score once
+        return [k for k in keys if self.score(k) > bar]
 
 
 EVICTION = {c.name: c for c in (LRU, DecayedUse)}

@@ -38,9 +38,13 @@ class SlotCache:
         self._filled: dict[int, int] = {}  # scratch slot -> when it was last filled (scratch_keeps)
         self._fills = 0
         self.learning = True  # see begin()
-        self.eviction = EVICTION[eviction]()
+        # the eviction policy of each group: per layer, one each (a victim is then the first of its own layer's
+        # order, not found in a scan of every layer's); self.eviction is the shared group's
+        self.evictions = {g: EVICTION[eviction]() for g in self.groups}
+        self.eviction = self.evictions.get(None)
+        self._empty = {g: len(slots) for g, slots in self.groups.items()}  # non-adaptive: empty slots per group
         for key, rate in (prior or {}).items():
-            self.eviction.seed(key, rate)
+            self.evictions[key[0] if self.per_layer else None].seed(key, rate)
         if self.adaptive:
             for key in resident:
                 self.eviction.hold(key)
@@ -51,7 +55,8 @@ class SlotCache:
         such a step says nothing about which experts to keep, and its copies would take the slots of experts
         the same step needs in later layers (measured: Mixtral's prefill hit 6% instead of 23%)."""
         if layer == 0:
-            self.eviction.tick()
+            for ev in self.evictions.values():
+                ev.tick()
         self.learning = not (self.adaptive and broad)
 
     def holds(self, key: Key) -> bool:
@@ -62,7 +67,7 @@ class SlotCache:
         if slot is None and self.staged:
             slot = self.staged.get(key)
         if (self.adaptive and self.learning) or (slot is not None and key not in self.resident):
-            self.eviction.touch(key)
+            (self.evictions[key[0]] if self.per_layer else self.eviction).touch(key)
         return slot
 
     def keepers(self, keys: list[Key], protect: set[Key]) -> set[Key]:
@@ -73,7 +78,7 @@ class SlotCache:
         victim = self.eviction.victim(self.where.keys(), protect)
         if victim is None or victim in protect:
             return set()
-        return {k for k in keys if k not in self.where and self.eviction.admits(k, victim)}
+        return set(self.eviction.admitted([k for k in keys if k not in self.where], victim))
 
     def capacity(self, layer: int) -> int:
         return len(self.groups[layer if self.per_layer else None])
@@ -83,19 +88,20 @@ class SlotCache:
         (in use in this layer) come first."""
         if self.adaptive:
             return self._take_adaptive(key, protect, keep and self.learning, busy)
-        slots = self.groups[key[0] if self.per_layer else None]
-        free = sorted((s for s in slots if self.holder[s] is None), key=lambda s: s in busy)
-        if free:
-            slot = free[0]
-        else:
-            victim = self.eviction.victim({self.holder[s] for s in slots}, protect)
+        g = key[0] if self.per_layer else None
+        ev = self.evictions[g]
+        if self._empty[g]:  # the first empty slot not busy, else the first empty one
+            slot = sorted((s for s in self.groups[g] if self.holder[s] is None), key=lambda s: s in busy)[0]
+        else:  # the group's held experts are those held in its eviction policy, found in `where`
+            victim = ev.victim(self.where.keys(), protect)
             slot = self.where.pop(victim)
-            self.eviction.remove(victim)
+            ev.remove(victim)
+        self._empty[g] += (not keep) - (self.holder[slot] is None)
         self.holder[slot] = key if keep else None
         if keep:
             self.where[key] = slot
-            self.eviction.hold(key)
-            self.eviction.touch(key)
+            ev.hold(key)
+            ev.touch(key)
         return slot
 
     def _take_adaptive(self, key: Key, protect: set[Key], keep: bool, busy: set[int]) -> int:
