@@ -278,6 +278,31 @@ def test_batch_runs_on_the_pipeline_engine(tmp_path, monkeypatch):
         assert body["usage"]["completion_tokens"] == len(seq.output_ids)
 
 
+def test_quantized_experts_are_refused_by_the_pipeline_and_go_to_continuous(tmp_path, monkeypatch, capsys):
+    """The pipeline streams dense experts: quantized ones (--quantize, an -int4 preset, a GPTQ/AWQ store) get one
+    line and exit 2 there, not a crash or bf16 in their place; --engine auto sends them to continuous."""
+    import argparse
+
+    from moeflow.batch import cli as batch_cli
+
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
+    common = ["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+              "--device", "cpu", "--engine", "pipeline", "--no-progress"]
+    for model in (["synthetic:tiny-mixtral-int4"], ["synthetic:tiny-mixtral", "--quantize", "int4"]):
+        assert main([*common, "--model", *model]) == 2
+        assert "quantized experts (int4-g64) run on --engine continuous" in capsys.readouterr().err
+    with pytest.raises(MoeflowError, match="quantized experts"):  # however the store came to be quantized
+        PipelineEngine(load("synthetic:tiny-mixtral-int4"), ThroughputPolicy(2, 1, 0.0, 0.0, False), 64)
+    monkeypatch.setattr("moeflow.launch.load_engine", lambda args, n: "continuous")
+    monkeypatch.setattr("moeflow.pipeline.load.load_pipeline", lambda spec: ("pipeline", None))
+    args = argparse.Namespace(model="synthetic:tiny-mixtral", quantize=None, device="cuda", engine="auto",
+                              gpu_memory="1GiB", plan=None, max_running=4, policy=None, placement=None,
+                              routing_trace=None, max_len=None, max_new_tokens=None, dtype="auto")
+    assert batch_cli._engine(args)[0] == "pipeline"
+    for change in ({"quantize": "int4"}, {"model": "synthetic:tiny-mixtral-int4"}):
+        assert batch_cli._engine(argparse.Namespace(**{**vars(args), **change}))[0] == "continuous"
+
+
 def test_bench_throughput_writes_pipeline_and_baseline_rows(tmp_path, monkeypatch):
     ck = load("synthetic:tiny-mixtral")
     monkeypatch.setattr("moeflow.checkpoint.load", lambda *a, **k: ck)

@@ -33,7 +33,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-context", dest="max_len", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--engine", default="auto", choices=("auto", "continuous", "pipeline"),
                    help="continuous: the serving engine's continuous batching; pipeline: the throughput regime "
-                   "(CPU attention, streamed experts, micro-batches); auto: pipeline with --gpu-memory on a GPU")
+                   "(CPU attention, streamed experts, micro-batches); auto: pipeline with --gpu-memory on a GPU "
+                   "(for dense experts; quantized ones run on continuous)")
     p.add_argument("--plan", help="pipeline plan N,mu,r_w,r_c,attn (default: chosen by the throughput model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     device_flags(p)
@@ -118,8 +119,12 @@ def _engine(args):
     from moeflow.flags import DEFAULT_MODEL
     from moeflow.launch import load_engine
 
+    from moeflow.checkpoint import model_quant
+
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    kind = args.engine if args.engine != "auto" else "pipeline" if args.gpu_memory and cuda else "continuous"
+    dense = model_quant(args.model or DEFAULT_MODEL, args.quantize) is None  # the pipeline streams dense experts
+    kind = args.engine if args.engine != "auto" else "pipeline" if args.gpu_memory and cuda and dense \
+        else "continuous"
     if kind == "continuous":
         if args.plan:
             raise MoeflowError("--plan needs --engine pipeline")
@@ -133,5 +138,5 @@ def _engine(args):
     spec = PipelineSpec(args.model or DEFAULT_MODEL, "cuda" if cuda else "cpu", args.dtype,
                         parse_size(args.gpu_memory) if args.gpu_memory else None, args.plan,
                         prompt_len=max(1, min(512, max_len - gen_len)), gen_len=gen_len, max_len=max_len,
-                        default_n=args.max_running)
+                        default_n=args.max_running, quant=args.quantize)
     return load_pipeline(spec)

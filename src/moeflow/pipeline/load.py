@@ -8,13 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from moeflow import MoeflowError
-from moeflow.checkpoint import load, read_model_config, resolve_device, resolve_dtype
+from moeflow.checkpoint import load, model_quant, read_model_config, resolve_device, resolve_dtype
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import gib
 from moeflow.perf.profile import HardwareProfile
 from moeflow.perf.throughput_model import (PREFILL_CHUNK, PipelineRates, ThroughputPolicy, ThroughputPrediction,
                                            predict_throughput)
-from moeflow.pipeline.plan import check_fits, choose_plan, host_budget, machine_profile, parse_plan
+from moeflow.pipeline.plan import QUANTIZED, check_fits, choose_plan, host_budget, machine_profile, parse_plan
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class PipelineSpec:
     max_len: int = 1024             # prompt + generated tokens of one sequence at most
     default_n: int = 16             # N on the CPU when neither --plan nor --gpu-memory is given
     max_n: int | None = None        # the chosen plan's N at most
+    quant: str | None = None        # --quantize (refused: the pipeline streams bf16/fp16 experts only)
+
 
 
 def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None,
@@ -36,6 +38,9 @@ def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None,
     """The plan and its prediction, checked against the GPU budget and the host memory available (held: bytes
     this process already holds for the plan, a store loaded before planning; cfg: the model's, if loaded;
     profile: the hardware's, default machine_profile())."""
+    quant = model_quant(spec.model, spec.quant)
+    if quant is not None:
+        raise MoeflowError(QUANTIZED.format(quant.name))
     cfg = cfg or read_model_config(spec.model)[1]
     unsupported = [what for what, on in (("latent attention (MLA)", cfg.kv_lora_rank), ("attention sinks",
                    cfg.attention_sinks), ("per-layer windows", cfg.layer_windows), ("expert biases", cfg.expert_bias),

@@ -15,6 +15,9 @@ from moeflow.perf.throughput_model import (PipelineRates, ThroughputPolicy, Thro
                                            host_staging_bytes, predict_throughput, throughput_memory)
 from moeflow.perf.search import HOST_SHARE, _grid, _max_rw
 
+# the one refusal of quantized experts (the plan counts dense bytes; LayerWeights runs dense blocks)
+QUANTIZED = "the pipeline engine streams bf16/fp16 experts; quantized experts ({}) run on --engine continuous"
+
 
 def parse_plan(text: str) -> ThroughputPolicy:
     """`N,mu,r_w,r_c,attn` (attn: cpu or gpu), e.g. 64,16,0.3,0,cpu."""
