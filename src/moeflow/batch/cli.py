@@ -116,10 +116,9 @@ def _engine(args):
     """(engine, the pipeline plan's prediction or None) as --engine asks."""
     import torch
 
+    from moeflow.checkpoint import model_quant
     from moeflow.flags import DEFAULT_MODEL
     from moeflow.launch import load_engine
-
-    from moeflow.checkpoint import model_quant
 
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     dense = model_quant(args.model or DEFAULT_MODEL, args.quantize) is None  # the pipeline streams dense experts

@@ -32,7 +32,6 @@ class PipelineSpec:
     quant: str | None = None        # --quantize (refused: the pipeline streams bf16/fp16 experts only)
 
 
-
 def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None,
              profile: HardwareProfile | None = None) -> tuple[ThroughputPolicy, ThroughputPrediction]:
     """The plan and its prediction, checked against the GPU budget and the host memory available (held: bytes
