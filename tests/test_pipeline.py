@@ -90,13 +90,16 @@ def test_a_filling_batch_takes_prefill_rounds_until_full(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model,dtype", [("tiny-mixtral", "fp32"), ("tiny-qwen3", "fp32"), ("tiny-mixtral", "bf16")])
+@pytest.mark.parametrize("model,dtype", [("tiny-mixtral", "fp32"), ("tiny-qwen3", "fp32"), ("tiny-mixtral", "bf16"),
+                                         ("tiny-mixtral-int4", "fp32")])
 def test_pipeline_on_the_gpu_matches_the_single_request_engine(model, dtype):
-    """Streams, events, pinned copies; in bf16 the experts run as grouped GEMMs, as the reference's do."""
+    """Streams, events, pinned copies; in bf16 the experts run as grouped GEMMs, as the reference's do; int4
+    blocks stream whole layers into the buffers."""
     ck = load(f"synthetic:{model}", device="cuda", dtype=dtype, expert_device="cpu")
     ck.store.pin()
     got, engine = pipeline_tokens(ck, ThroughputPolicy(3, 2, 0.5, 0.0, False))
     assert engine.weights.grouped == (dtype == "bf16")
+    assert engine.weights.whole == (dtype == "bf16" or ck.store.fmt.quantized)
     ref = load(f"synthetic:{model}", device="cuda", dtype=dtype)
     assert got == single_request_tokens(ref)
 
@@ -215,8 +218,11 @@ def test_the_grouped_prefill_rate_is_measured_only_where_it_runs_and_fits():
     (nothing allocated: it returns before)."""
     from moeflow.pipeline.weights import measured_grouped_flops
 
-    assert measured_grouped_flops(8, 2, 64, 32, 64, "cpu", None) is None
-    assert measured_grouped_flops(8, 2, 64, 32, 64, "cuda", 1 << 20) is None  # 1 MiB: returns before touching CUDA
+    from moeflow.quant.format import parse_quant
+
+    for quant in (None, parse_quant("int4")):  # bf16 grouped GEMMs, the quantized fused kernels
+        assert measured_grouped_flops(8, 2, 64, 32, 64, "cpu", None, quant) is None
+        assert measured_grouped_flops(8, 2, 64, 32, 64, "cuda", 1 << 20, quant) is None  # 1 MiB: returns first
 
 
 @pytest.mark.gpu
@@ -227,9 +233,12 @@ def test_the_grouped_prefill_rate_on_the_gpu_gives_its_memory_back():
 
     torch.cuda.synchronize()
     before = torch.cuda.memory_reserved()
-    flops = measured_grouped_flops(16, 4, 1024, 512, 4096, "cuda", 8 << 30, repeats=3)
-    assert flops is not None and 1e11 < flops < 1e16
-    assert torch.cuda.memory_reserved() <= before
+    from moeflow.quant.format import parse_quant
+
+    for quant in (None, parse_quant("int4")):
+        flops = measured_grouped_flops(16, 4, 1024, 512, 4096, "cuda", 8 << 30, quant, repeats=3)
+        assert flops is not None and 1e11 < flops < 1e16
+        assert torch.cuda.memory_reserved() <= before
 
 
 def test_a_gpu_runs_plan_takes_the_kernels_measured_rates(monkeypatch):
@@ -278,21 +287,39 @@ def test_batch_runs_on_the_pipeline_engine(tmp_path, monkeypatch):
         assert body["usage"]["completion_tokens"] == len(seq.output_ids)
 
 
-def test_quantized_experts_are_refused_by_the_pipeline_and_go_to_continuous(tmp_path, monkeypatch, capsys):
-    """The pipeline streams dense experts: quantized ones (--quantize, an -int4 preset, a GPTQ/AWQ store) get one
-    line and exit 2 there, not a crash or bf16 in their place; --engine auto sends them to continuous."""
+@pytest.mark.parametrize("model,quant,plan", [("tiny-mixtral-int4", None, (3, 2, 0.5)),
+                                               ("tiny-qwen3", "int8", (4, 1, 0.0))])
+def test_pipeline_runs_quantized_experts_as_the_single_request_engine(model, quant, plan):
+    """int4/int8 blocks stream as they are (their own bytes) and run through the quantized kernels: the same
+    greedy tokens as the single-request engine on the same quantized store."""
+    ck = load(f"synthetic:{model}", quant=quant)
+    assert ck.store.fmt.quantized
+    N, mu, r_w = plan
+    got, engine = pipeline_tokens(ck, ThroughputPolicy(N, mu, r_w, 0.0, False))
+    assert got == single_request_tokens(ck)
+    streamed = ck.cfg.num_experts - engine.weights.resident
+    assert engine.weights.bytes_h2d >= streamed * ck.store.fmt.block_bytes * len(ck.cfg.moe_layers)
+
+
+def test_batch_runs_quantized_experts_on_the_pipeline_but_auto_keeps_them_on_continuous(tmp_path, monkeypatch):
+    """--engine pipeline loads the experts quantized as asked (--quantize or an -int4 preset): its answers are the
+    single-request engine's on that store; --engine auto sends quantized experts to continuous."""
     import argparse
 
     from moeflow.batch import cli as batch_cli
 
-    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
-    common = ["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
-              "--device", "cpu", "--engine", "pipeline", "--no-progress"]
-    for model in (["synthetic:tiny-mixtral-int4"], ["synthetic:tiny-mixtral", "--quantize", "int4"]):
-        assert main([*common, "--model", *model]) == 2
-        assert "quantized experts (int4-g64) run on --engine continuous" in capsys.readouterr().err
-    with pytest.raises(MoeflowError, match="quantized experts"):  # however the store came to be quantized
-        PipelineEngine(load("synthetic:tiny-mixtral-int4"), ThroughputPolicy(2, 1, 0.0, 0.0, False), 64)
+    lines = [json.dumps({"custom_id": f"r{i}", "url": "/v1/completions",
+                         "body": {"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True}})
+             for i, (p, n) in enumerate(zip(PROMPTS[:3], NEW[:3]))]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    ref = single_request(load("synthetic:tiny-mixtral-int4"))
+    for n, model in enumerate((["synthetic:tiny-mixtral-int4"], ["synthetic:tiny-mixtral", "--quantize", "int4"])):
+        out = tmp_path / f"out{n}.jsonl"
+        assert main(["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--device", "cpu",
+                     "--engine", "pipeline", "--plan", "2,1,0.5,0,cpu", "--no-progress", "--model", *model]) == 0
+        recs = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+        assert [recs[f"r{i}"]["response"]["body"]["choices"][0]["text"] for i in range(3)] == \
+            [s.text for s in ref[:3]]
     monkeypatch.setattr("moeflow.launch.load_engine", lambda args, n: "continuous")
     monkeypatch.setattr("moeflow.pipeline.load.load_pipeline", lambda spec: ("pipeline", None))
     args = argparse.Namespace(model="synthetic:tiny-mixtral", quantize=None, device="cuda", engine="auto",

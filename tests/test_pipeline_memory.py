@@ -138,3 +138,25 @@ def test_the_gpu_peak_stays_within_the_plan():
     engine.generate([list(range(3, 15))] * 8, SamplingParams(max_new_tokens=6, ignore_eos=True))
     engine.close()
     assert torch.cuda.max_memory_allocated() - base + ck.cfg.dense_numel * 2 <= pred.gpu_bytes
+
+
+def test_quantized_experts_are_planned_with_their_own_bytes(monkeypatch):
+    """Mixtral's experts in int4 (about 3.7x fewer bytes than bf16): the host holds those bytes, more experts stay
+    on the GPU at 24 GiB, and the plan predicts more tokens per second; plan_for takes the bytes from the spec's
+    quantization (an -int4 preset)."""
+    from moeflow.pipeline import load as pipeline_load
+    from moeflow.quant.format import expert_bytes, parse_quant
+
+    _, cfg = read_model_config("synthetic:mixtral-8x7b")
+    eb = expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, parse_quant("int4"))
+    pol = ThroughputPolicy(8, 4, 0.0, 0.0, False)
+    saved = throughput_memory(cfg, pol, 172, 128)[1] - throughput_memory(cfg, pol, 172, 128, eb=eb)[1]
+    assert saved == len(cfg.moe_layers) * cfg.num_experts * (cfg.expert_numel * 2 - eb)
+    host, budget = 120 << 30, 24 << 30
+    dense = choose_plan(cfg, reference_profile(), budget, 172, 128, host=host)
+    q = choose_plan(cfg, reference_profile(), budget, 172, 128, host=host, eb=eb)
+    assert q.policy.r_w > 2 * dense.policy.r_w and q.tokens_per_s > dense.tokens_per_s
+    assert q.gpu_bytes <= budget and q.host_bytes <= host
+    monkeypatch.setattr(pipeline_load, "host_budget", lambda held=0: host)
+    spec = PipelineSpec("synthetic:mixtral-8x7b-int4", "cpu", "bf16", budget, prompt_len=172, gen_len=128)
+    assert plan_for(spec, profile=reference_profile())[1] == q

@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--engine", default="auto", choices=("auto", "continuous", "pipeline"),
                    help="continuous: the serving engine's continuous batching; pipeline: the throughput regime "
                    "(CPU attention, streamed experts, micro-batches); auto: pipeline with --gpu-memory on a GPU "
-                   "(for dense experts; quantized ones run on continuous)")
+                   "(for dense experts; quantized ones stay on continuous until measured on a GPU host)")
     p.add_argument("--plan", help="pipeline plan N,mu,r_w,r_c,attn (default: chosen by the throughput model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     device_flags(p)
@@ -121,7 +121,8 @@ def _engine(args):
     from moeflow.launch import load_engine
 
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    dense = model_quant(args.model or DEFAULT_MODEL, args.quantize) is None  # the pipeline streams dense experts
+    # quantized experts run on the pipeline when asked; auto keeps them on continuous until measured on a GPU host
+    dense = model_quant(args.model or DEFAULT_MODEL, args.quantize) is None
     kind = args.engine if args.engine != "auto" else "pipeline" if args.gpu_memory and cuda and dense \
         else "continuous"
     if kind == "continuous":

@@ -48,20 +48,14 @@ class LocalExperts(ExpertBackend):
                 return grouped_experts(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer),
                                        s.fmt)
             return biased_experts(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer), s.cfg)
+        if self.store.fmt.quantized:
+            if d.device.type == "cpu":
+                self.cpu = self.cpu or CpuExperts(fmt=self.store.fmt)
+            return quantized_layer(x, topk_ids, topk_weights, d[self.store.slot[layer]], self.store.fmt,
+                                   self.fused, self.cpu)
         if self.fused and fused_moe.available(x):
-            if self.store.fmt.quantized:
-                blocks = d[self.store.slot[layer]]
-                if x.shape[0] <= triton_int4.GEMV_MAX_TOKENS and qgrouped.gemv_waves(blocks, self.store.fmt):
-                    return qgrouped.gemv_experts(x, topk_ids, topk_weights, blocks, self.store.fmt)
-                return triton_moe.quantized_fused_experts(x, topk_ids, topk_weights, blocks, self.store.fmt)
             return fused_moe.fused_experts(x, topk_ids, topk_weights, self.store.gate_up(layer),
                                            self.store.down_t(layer))
-        if self.store.fmt.quantized:
-            if qgrouped.groupable(d, self.store.fmt, topk_ids.numel()):  # decode: one batched dequantization
-                return qgrouped.entry_experts(x, topk_ids, topk_weights, d[self.store.slot[layer]], self.store.fmt)
-            if (y := self._native(layer, x, topk_ids, topk_weights)) is not None:  # its int4/int8 path
-                return y
-            return quantized_experts(x, topk_ids, topk_weights, d[self.store.slot[layer]], self.store.fmt)
         if self.store.down_transposed and (y := self._native(layer, x, topk_ids, topk_weights)) is not None:
             return y
         gate_up, down_t = self.store.gate_up(layer), self.store.down_t(layer)  # [E, 2I, H], [E, I, H]
@@ -84,6 +78,23 @@ class LocalExperts(ExpertBackend):
     def close(self) -> None:
         if self.cpu is not None:
             self.cpu.close()
+
+
+def quantized_layer(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, blocks: torch.Tensor,
+                    fmt, fused: bool = True, cpu: CpuExperts | None = None) -> torch.Tensor:
+    """One layer's quantized experts, blocks [E, block] on x's device, on x [N, H] -> [N, H]: on CUDA the fused
+    Triton kernels (fused; decode's GEMVs where they take the format), else grouped GEMMs over a batched
+    dequantization; in host memory the native kernel (cpu, where it takes the format); else each expert
+    dequantized (the fallback on any device)."""
+    if fused and triton_moe.available(x, fmt):
+        if x.shape[0] <= triton_int4.GEMV_MAX_TOKENS and qgrouped.gemv_waves(blocks, fmt):
+            return qgrouped.gemv_experts(x, topk_ids, topk_weights, blocks, fmt)
+        return triton_moe.quantized_fused_experts(x, topk_ids, topk_weights, blocks, fmt)
+    if qgrouped.groupable(blocks, fmt, topk_ids.numel()):  # decode: one batched dequantization
+        return qgrouped.entry_experts(x, topk_ids, topk_weights, blocks, fmt)
+    if cpu is not None and blocks.device.type == "cpu" and cpu.uses_native(blocks):  # its int4/int8 path
+        return cpu.layer(blocks, x, topk_ids, topk_weights).to(x.dtype)
+    return quantized_experts(x, topk_ids, topk_weights, blocks, fmt)
 
 
 def fused_runs(store: ExpertStore) -> bool:

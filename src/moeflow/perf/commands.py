@@ -217,7 +217,7 @@ def cmd_plan(args) -> int:
     if args.workload in ("latency", "both"):
         _latency_plan(con, args, name, cfg, profile, budget, hit, quant, world, all_reduce_s)
     if args.workload in ("throughput", "both"):
-        _throughput_plan(con, args, name, cfg, profile, budget)
+        _throughput_plan(con, args, name, cfg, profile, budget, quant)
     if args.roofline:
         from moeflow.perf.roofline import draw, standard_kernels
 
@@ -234,11 +234,9 @@ def _latency_plan(con, args, name, cfg, profile, budget: int, hit, quant, world:
     from rich.table import Table
 
     from moeflow.perf.search import search_latency
-    from moeflow.quant.format import expert_bytes
 
     # a dense block is the config's (biases included); a quantized one the format's
-    eb = (expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant) if quant
-          else cfg.expert_bytes(torch.bfloat16))
+    eb = _quant_bytes(cfg, quant) or cfg.expert_bytes(torch.bfloat16)
     plan = search_latency(cfg, profile, budget, args.prompt_len, args.gen_len, hit, name, expert_bytes=eb)
     if world > 1:
         from moeflow.dist.plan import plan_with_collectives
@@ -279,7 +277,14 @@ def _latency_plan(con, args, name, cfg, profile, budget: int, hit, quant, world:
                  f"{' ...' if len(plan.resident) > 12 else ''}" if args.placement else ""))
 
 
-def _throughput_plan(con, args, name, cfg, profile, budget: int) -> None:
+def _quant_bytes(cfg, quant) -> int | None:
+    """One expert's block in a quantized format (None: dense)."""
+    from moeflow.quant.format import expert_bytes
+
+    return expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant) if quant else None
+
+
+def _throughput_plan(con, args, name, cfg, profile, budget: int, quant=None) -> None:
     """The throughput regime: the best (N, mu, r_w, r_c, attention) plan found and its per-layer terms."""
     from rich.table import Table
 
@@ -288,7 +293,8 @@ def _throughput_plan(con, args, name, cfg, profile, budget: int) -> None:
 
     host = parse_size(args.host_memory) if args.host_memory else None
     try:
-        tp = search_throughput(cfg, profile, budget, args.prompt_len, args.gen_len, host, name)
+        tp = search_throughput(cfg, profile, budget, args.prompt_len, args.gen_len, host, name,
+                               eb=_quant_bytes(cfg, quant))
     except MoeflowError as e:  # beside a latency plan, say why there is no throughput one (host memory)
         if args.workload == "throughput":
             raise

@@ -18,8 +18,8 @@ from moeflow.engine.budget import gib, workspace_bytes
 from moeflow.perf.costs import ExpertCosts
 from moeflow.perf.model import LatencyPrediction, gpu_experts, predict_latency, profiled_expert_costs
 from moeflow.perf.profile import HardwareProfile
-from moeflow.perf.throughput_model import (ThroughputPolicy, ThroughputPrediction, predict_throughput,
-                                           throughput_memory)
+from moeflow.perf.throughput_model import (ThroughputPolicy, ThroughputPrediction, layer_expert_bytes,
+                                           predict_throughput, throughput_memory)
 from moeflow.policy import POLICIES, get_policy
 
 HOST_SHARE = 0.9  # of host memory the planner may use (the OS, Python and the pinned staging keep the rest)
@@ -101,35 +101,38 @@ def _grid(hi: int, ratio: float = 1.5) -> list[int]:
     return sorted(set(out + [hi]))
 
 
-def _max_rw(cfg, pol: ThroughputPolicy, prompt_len, gen_len, gpu_memory, b) -> float | None:
-    """The largest r_w (in steps of 1%) that fits the GPU, or None if even r_w = 0 does not."""
-    full = replace(pol, r_w=1.0)
-    if throughput_memory(cfg, full, prompt_len, gen_len, b)[0] <= gpu_memory:
+def _max_rw(cfg, pol: ThroughputPolicy, prompt_len, gen_len, gpu_memory, b, eb: int | None = None) -> float | None:
+    """The largest r_w (in steps of 1%) that fits the GPU, or None if even r_w = 0 does not (eb: an expert's
+    block bytes, default dense in b)."""
+    def gpu(r_w: float) -> int:
+        return throughput_memory(cfg, replace(pol, r_w=r_w), prompt_len, gen_len, b, eb)[0]
+
+    if gpu(1.0) <= gpu_memory:
         return 1.0
-    g0 = throughput_memory(cfg, replace(pol, r_w=0.0), prompt_len, gen_len, b)[0]
+    g0 = gpu(0.0)
     if g0 > gpu_memory:
         return None
-    w_all = len(cfg.moe_layers) * cfg.num_experts * cfg.expert_numel * b
-    w_layer = cfg.num_experts * cfg.expert_numel * b
-    slope = max(w_all - 2 * w_layer, 1)
+    w_layer = layer_expert_bytes(cfg, b, eb)
+    slope = max(len(cfg.moe_layers) * w_layer - 2 * w_layer, 1)
     r = min(math.floor((gpu_memory - g0) / slope * 100) / 100, 0.99)
-    while r > 0 and throughput_memory(cfg, replace(pol, r_w=r), prompt_len, gen_len, b)[0] > gpu_memory:
+    while r > 0 and gpu(r) > gpu_memory:
         r -= 0.01
     return max(r, 0.0)
 
 
 def search_throughput(cfg: ModelConfig, profile: HardwareProfile, gpu_memory: int, prompt_len: int, gen_len: int,
-                      host_memory: int | None = None, name: str = "model", b: int = 2) -> ThroughputPrediction:
+                      host_memory: int | None = None, name: str = "model", b: int = 2,
+                      eb: int | None = None) -> ThroughputPrediction:
+    """eb: an expert's block bytes (a quantized format's), default dense in b."""
     host = int((host_memory or profile.host_memory) * (1 if host_memory else HOST_SHARE))
-    L = len(cfg.moe_layers)
-    experts = L * cfg.num_experts * cfg.expert_numel * b
+    experts = len(cfg.moe_layers) * layer_expert_bytes(cfg, b, eb)
     seq_kv = (prompt_len + gen_len) * cfg.kv_bytes_per_token(b)
     if experts + seq_kv > host:
         raise MoeflowError(f"{name} does not fit host memory: its experts ({gib(experts)}) and one sequence's KV "
                            f"cache ({gib(seq_kv)}) need {gib(experts + seq_kv)}; {gib(host)} is usable "
                            f"(short by {gib(experts + seq_kv - host)})")
     smallest = ThroughputPolicy(1, 1, 0.0, 0.0, False)
-    g_min = throughput_memory(cfg, smallest, prompt_len, gen_len, b)[0]
+    g_min = throughput_memory(cfg, smallest, prompt_len, gen_len, b, eb)[0]
     if g_min > gpu_memory:
         raise MoeflowError(f"--gpu-memory {gib(gpu_memory)} does not fit {name} in the throughput regime: the "
                            f"non-expert weights ({gib(cfg.dense_numel * b)}), a double buffer for one layer's "
@@ -143,12 +146,12 @@ def search_throughput(cfg: ModelConfig, profile: HardwareProfile, gpu_memory: in
             for attn_gpu in (False, True):
                 for r_c in ([0.0] if not attn_gpu else [i / 4 for i in range(5)]):
                     pol = ThroughputPolicy(N, mu, 0.0, r_c, attn_gpu)
-                    if throughput_memory(cfg, pol, prompt_len, gen_len, b)[1] > host:
+                    if throughput_memory(cfg, pol, prompt_len, gen_len, b, eb)[1] > host:
                         continue
-                    r_w = _max_rw(cfg, pol, prompt_len, gen_len, gpu_memory, b)
+                    r_w = _max_rw(cfg, pol, prompt_len, gen_len, gpu_memory, b, eb)
                     if r_w is None:
                         continue
-                    pred = predict_throughput(cfg, profile, replace(pol, r_w=r_w), prompt_len, gen_len, b)
+                    pred = predict_throughput(cfg, profile, replace(pol, r_w=r_w), prompt_len, gen_len, b, eb=eb)
                     if best is None or pred.tokens_per_s > best.tokens_per_s:
                         best = pred
     if best is None:

@@ -5,7 +5,8 @@ expert weights and r_c of the KV cache on the GPU, attention on the CPU (KV in h
 or on the GPU; the prefill in rounds of chunks.
 
 Legend: L = MoE layers, E = experts, K = experts per token, H = hidden, I = expert FFN width, N = sequences,
-mu = micro-batch, b = bytes per weight.
+mu = micro-batch, b = bytes per weight (dense weights, activations, KV), eb = bytes of one expert's block (a
+quantized format's; default dense in b).
 """
 
 from __future__ import annotations
@@ -62,14 +63,18 @@ LOGITS_ROWS = 256  # sequences whose logits are computed and sampled at once
 STAGED = 4  # a prefill's K/V copies to the host in flight at once (pinned staging, pipeline/engine.py)
 
 
+def layer_expert_bytes(cfg: ModelConfig, b: int, eb: int | None = None) -> int:
+    """One MoE layer's experts in bytes: blocks of eb bytes, else dense in b."""
+    return cfg.num_experts * (eb or cfg.expert_numel * b)
+
+
 def throughput_memory(cfg: ModelConfig, pol: ThroughputPolicy, prompt_len: int, gen_len: int,
-                      b: int = 2) -> tuple[int, int]:
+                      b: int = 2, eb: int | None = None) -> tuple[int, int]:
     """(GPU bytes, host bytes) the policy needs. Host: every expert, the host share of a KV cache of N runs of
     prompt_len + gen_len positions (pipeline/kv.py allocates exactly that) and the staging buffers."""
     from moeflow.engine.budget import workspace_bytes
 
-    L, E = len(cfg.moe_layers), cfg.num_experts
-    w_layer = E * cfg.expert_numel * b
+    L, w_layer = len(cfg.moe_layers), layer_expert_bytes(cfg, b, eb)
     kv = pol.N * (prompt_len + gen_len) * cfg.kv_bytes_per_token(b)
     stream = 0 if pol.r_w >= 1 else 2 * math.ceil(w_layer * (1 - pol.r_w))  # double buffer of one layer
     kv_stage = 0 if (not pol.attn_gpu or pol.r_c >= 1) else \
@@ -130,7 +135,8 @@ def expert_gpu_flops(cfg: ModelConfig, profile: HardwareProfile, b: int) -> floa
 
 
 def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: ThroughputPolicy, prompt_len: int,
-                       gen_len: int, b: int = 2, rates: PipelineRates = PipelineRates()) -> ThroughputPrediction:
+                       gen_len: int, b: int = 2, rates: PipelineRates = PipelineRates(),
+                       eb: int | None = None) -> ThroughputPrediction:
     """rates: the pipeline's kernels measured (pipeline/attention_bench.py, pipeline/weights.py). CPU attention
     reads beside the streamed experts' copies at the shared rate, never above the bus; each micro-batch's call
     pays its fixed part. Prefill's experts run at the grouped calls' measured rate, else at the profile's
@@ -139,7 +145,7 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
     H, I, heads, D = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_attention_heads, cfg.head_dim
     qkv = (heads + 2 * cfg.num_key_value_heads) * D
     kv_tok = cfg.kv_bytes_per_token(b) // cfg.num_hidden_layers  # one token's cache in one layer
-    w_layer = E * cfg.expert_numel * b
+    w_layer = layer_expert_bytes(cfg, b, eb)
     dense = cfg.layer_dense_numel(cfg.moe_layers[0])
     N, mu = pol.N, pol.mu
     n_mb = math.ceil(N / mu)
@@ -154,7 +160,7 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
         N * max(attn_flops / profile.cpu_flops, attn_bytes / attn_rate) + n_mb * rates.attn_call_s
     used = E * (1 - (1 - K / E) ** mu)                       # experts a micro-batch touches
     gpu_flops = 2 * mu * dense + 6 * mu * K * H * I + (mu * attn_flops if pol.attn_gpu else 0)
-    gpu_bytes = dense * b + used * cfg.expert_numel * b + 2 * mu * K * (H + I) * b + \
+    gpu_bytes = dense * b + used * w_layer / E + 2 * mu * K * (H + I) * b + \
         (mu * attn_bytes if pol.attn_gpu else 0)
     terms = {
         "PCIe": max(copy_beside(h2d, profile.h2d_bw, h2d_beside, cpu_s) + n_mb * profile.h2d_latency_s,
@@ -176,12 +182,12 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
     # The experts at the GPU's measured expert rate, not its peak matmul; K/V cross to the host beside the work.
     pf_gpu = (tokens * 2 * dense + N * 2 * prompt_len**2 * heads * D) / profile.gpu_flops + \
         tokens * 6 * K * H * I / (rates.prefill_flops or expert_gpu_flops(cfg, profile, b))
-    expert_reads = 0 if rates.prefill_flops else passes * E * cfg.expert_numel * b
+    expert_reads = 0 if rates.prefill_flops else passes * w_layer
     pf_layer = max(rounds * w_layer * (1 - pol.r_w) / profile.h2d_bw,
                    tokens * kv_tok * (1 - pol.r_c) / profile.d2h_bw,
                    pf_gpu + (passes * dense * b + expert_reads) / profile.gpu_bw)
     prefill_s = cfg.num_hidden_layers * pf_layer
-    gpu_need, host_need = throughput_memory(cfg, pol, prompt_len, gen_len, b)
+    gpu_need, host_need = throughput_memory(cfg, pol, prompt_len, gen_len, b, eb)
     total = prefill_s + (gen_len - 1) * step_s  # the prefill gives each sequence its first token
     return ThroughputPrediction(pol, N * gen_len / total, N / step_s, prefill_s, layer_s, terms,
                                 max(terms, key=terms.get), gpu_need, host_need, rates)

@@ -31,7 +31,6 @@ from moeflow.experts.cpu import physical_cores
 from moeflow.pipeline.attention import cpu_decode_attention
 from moeflow.pipeline.kv import HostKV
 from moeflow.pipeline.native import load as load_native
-from moeflow.pipeline.plan import QUANTIZED
 from moeflow.pipeline.weights import LayerWeights
 
 
@@ -46,8 +45,6 @@ class PipelineEngine(LLMEngine):
                                "is not implemented (use attn=cpu)")
         if any(type(layer.self_attn) is not Attention for layer in ck.model.layers):
             raise MoeflowError(f"the pipeline engine does not support {ck.cfg.model_type}'s attention")
-        if ck.store.fmt.quantized:  # a --quantize'd or published (GPTQ/AWQ) store
-            raise MoeflowError(QUANTIZED.format(ck.store.fmt.spec.name))
         self.ck, self.model, self.tokenizer = ck, ck.model, ck.tokenizer
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -76,6 +73,7 @@ class PipelineEngine(LLMEngine):
 
     def close(self) -> None:
         self.pool.shutdown()
+        self.weights.close()
 
     def _admit(self) -> None:
         # A prefill round takes whole prompts up to PREFILL_GROUP tokens (one prompt alone may exceed it). It

@@ -14,7 +14,8 @@ from moeflow.engine.budget import gib
 from moeflow.perf.profile import HardwareProfile
 from moeflow.perf.throughput_model import (PREFILL_CHUNK, PipelineRates, ThroughputPolicy, ThroughputPrediction,
                                            predict_throughput)
-from moeflow.pipeline.plan import QUANTIZED, check_fits, choose_plan, host_budget, machine_profile, parse_plan
+from moeflow.pipeline.plan import check_fits, choose_plan, host_budget, machine_profile, parse_plan
+from moeflow.quant.format import QuantSpec, expert_bytes
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class PipelineSpec:
     max_len: int = 1024             # prompt + generated tokens of one sequence at most
     default_n: int = 16             # N on the CPU when neither --plan nor --gpu-memory is given
     max_n: int | None = None        # the chosen plan's N at most
-    quant: str | None = None        # --quantize (refused: the pipeline streams bf16/fp16 experts only)
+    quant: str | None = None        # --quantize: int4 or int8 experts (a published GPTQ/AWQ checkpoint's own)
 
 
 def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None,
@@ -37,9 +38,6 @@ def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None,
     """The plan and its prediction, checked against the GPU budget and the host memory available (held: bytes
     this process already holds for the plan, a store loaded before planning; cfg: the model's, if loaded;
     profile: the hardware's, default machine_profile())."""
-    quant = model_quant(spec.model, spec.quant)
-    if quant is not None:
-        raise MoeflowError(QUANTIZED.format(quant.name))
     cfg = cfg or read_model_config(spec.model)[1]
     unsupported = [what for what, on in (("latent attention (MLA)", cfg.kv_lora_rank), ("attention sinks",
                    cfg.attention_sinks), ("per-layer windows", cfg.layer_windows), ("expert biases", cfg.expert_bias),
@@ -48,22 +46,26 @@ def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None,
         raise MoeflowError(f"the pipeline engine does not run {cfg.model_type}'s {', '.join(unsupported)} yet; "
                            "use --engine continuous")
     profile, dtype = profile or machine_profile(), resolve_dtype(spec.dtype, cfg, torch.device(spec.device))
-    b, rates = dtype.itemsize, measured_rates(cfg, spec.device, dtype, spec.gpu_memory)
+    quant = model_quant(spec.model, spec.quant)
+    eb = expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant) if quant else None
+    b, rates = dtype.itemsize, measured_rates(cfg, spec.device, dtype, spec.gpu_memory, quant)
     if spec.plan:
         pol = parse_plan(spec.plan)
     elif spec.gpu_memory is not None:
         pol = choose_plan(cfg, profile, spec.gpu_memory, spec.prompt_len, spec.gen_len, b, spec.max_n,
-                          host_budget(held), rates).policy
+                          host_budget(held), rates, eb).policy
     else:
         pol = ThroughputPolicy(spec.default_n, max(1, spec.default_n // 2), 0.0, 0.0, False)
-    check_fits(cfg, pol, spec.prompt_len, spec.gen_len, spec.gpu_memory, b, host_budget(held))
-    return pol, predict_throughput(cfg, profile, pol, spec.prompt_len, spec.gen_len, b, rates)
+    check_fits(cfg, pol, spec.prompt_len, spec.gen_len, spec.gpu_memory, b, host_budget(held), eb)
+    return pol, predict_throughput(cfg, profile, pol, spec.prompt_len, spec.gen_len, b, rates, eb)
 
 
-def measured_rates(cfg: ModelConfig, device: str, dtype: torch.dtype, gpu_memory: int | None) -> PipelineRates:
+def measured_rates(cfg: ModelConfig, device: str, dtype: torch.dtype, gpu_memory: int | None,
+                   quant: QuantSpec | None = None) -> PipelineRates:
     """The pipeline's kernels on this host at cfg's shapes, timed once (a GPU run only: on the CPU the planner's
-    figures are the profile's): CPU attention's read rate and a call's fixed part, and the prefill's grouped
-    expert calls (bf16, where they run; where one layer's experts fit the GPU budget beside the call's buffers)."""
+    figures are the profile's): CPU attention's read rate and a call's fixed part, and the prefill's expert calls
+    (bf16 grouped GEMMs or the quantized fused kernels, where they run; where one layer's experts fit the GPU
+    budget beside the call's buffers)."""
     from moeflow.experts.cpu import physical_cores
     from moeflow.pipeline.attention_bench import measured_call_s, measured_read_bw
     from moeflow.pipeline.weights import measured_grouped_flops
@@ -75,7 +77,7 @@ def measured_rates(cfg: ModelConfig, device: str, dtype: torch.dtype, gpu_memory
     flops = None
     if dtype == torch.bfloat16:
         flops = measured_grouped_flops(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,
-                                       cfg.expert_intermediate_size, PREFILL_CHUNK, str(dev), gpu_memory)
+                                       cfg.expert_intermediate_size, PREFILL_CHUNK, str(dev), gpu_memory, quant)
     return PipelineRates(measured_read_bw(*shape), measured_call_s(*shape), flops)
 
 
@@ -95,7 +97,7 @@ def load_pipeline(spec: PipelineSpec, quiet: bool = False):
     if not quiet:  # which host the figures are: the reference one until `moeflow profile` has measured this one
         print(f"moeflow: {describe(pred)}; profile: {profile.source or profile.device_name}", file=sys.stderr)
     device = resolve_device(spec.device)
-    ck = load(spec.model, device=device, dtype=spec.dtype, expert_device="cpu", progress=None)
+    ck = load(spec.model, device=device, dtype=spec.dtype, expert_device="cpu", progress=None, quant=spec.quant)
     if device.type == "cuda":
         ck.store.pin()
         torch.cuda.reset_peak_memory_stats(device)

@@ -2,7 +2,8 @@
 
 The first `resident` experts of every layer stay on the GPU; the others are copied, in pages of whole experts,
 into one of two buffers on a copy stream (double buffering: layer i+1 arrives while layer i computes). Every
-block keeps the host layout (down projection transposed), so the same FFN serves host and GPU blocks.
+block keeps the host layout (down projection transposed), so the same FFN serves host and GPU blocks; a
+quantized store's blocks (quant/format.py) stream as they are and run through the quantized layer kernels.
 On the CPU (both tiers on one device) the streams and events are no-ops and the copies plain copies.
 Legend: L = MoE layers, E = experts, R = resident experts per layer, S = streamed (E - R), W = 3IH weights.
 """
@@ -15,8 +16,10 @@ from functools import cache
 
 import torch
 
-from moeflow.experts.local import can_group, grouped_experts, partial_ffn
+from moeflow.experts.cpu import CpuExperts
+from moeflow.experts.local import can_group, grouped_experts, partial_ffn, quantized_layer
 from moeflow.experts.store import ExpertStore, expert_rows
+from moeflow.quant.format import ExpertFormat, QuantSpec
 
 PAGE_BYTES = 64 * 2**20  # one copy call moves at most this much (whole experts)
 # One grouped call's gate/up output [entries, 2I] at most: a prompt round or a large micro-batch runs in chunks
@@ -31,30 +34,56 @@ def grouped_call_tokens(inter: int, top_k: int, itemsize: int) -> int:
 
 @cache
 def measured_grouped_flops(E: int, K: int, H: int, I: int, tokens: int, device: str, budget: int | None,
-                           repeats: int = 5) -> float | None:
-    """FLOP/s of a prefill pass's grouped expert call (bf16, as ffn() makes it: `tokens` or as many as one call
-    takes, routed uniformly), timed on random experts of one layer; their weight reads are in the rate. None where
-    grouped GEMMs do not run, or the layer and the call's buffers would pass the GPU budget."""
-    from moeflow.perf.costs import device_sync, median_s
-
+                           quant: QuantSpec | None = None, repeats: int = 5) -> float | None:
+    """FLOP/s of a prefill pass's expert call (bf16 grouped GEMMs, or quant's fused kernels, as ffn() makes it:
+    `tokens` or as many as one call takes, routed uniformly), timed on random experts of one layer; their weight
+    reads are in the rate. None where it does not run, or the layer and the call's buffers would pass the GPU
+    budget."""
     dev = torch.device(device)
+    fmt = ExpertFormat(I, H, torch.bfloat16, quant)
     n = min(tokens, grouped_call_tokens(I, K, 2))
-    if budget is not None and 3 * I * H * E * 2 + 4 * GROUPED_BYTES + 8 * n * H > budget:
+    if budget is not None and E * fmt.block_bytes + 4 * GROUPED_BYTES + 8 * n * H > budget:
         return None
-    g = torch.Generator(device=dev).manual_seed(0)
-    bf16 = dict(device=dev, dtype=torch.bfloat16)
-    buf = torch.randn(E, 3 * I * H, generator=g, **bf16).mul_(0.02)                         # [E, W] host layout
-    if not can_group(buf):
+    probe = torch.empty(1, H, device=dev, dtype=torch.bfloat16)
+    if not (triton_moe_runs(probe, fmt) if fmt.quantized else can_group(probe)):
         return None
-    args = [torch.randn(n, H, generator=g, **bf16),                                          # x [n, H]
-            torch.rand(n, E, device=dev, generator=g).topk(K, dim=1).indices,                # ids [n, K]
-            torch.full((n, K), 1.0 / K, **bf16),                                             # weights [n, K]
-            buf[:, :2 * I * H].view(-1, 2 * I, H), buf[:, 2 * I * H:].view(-1, I, H)]      # gate_up, down_t
-    s = median_s(lambda: grouped_experts(*args), device_sync(dev), repeats)
-    args.clear()
-    del buf
+    s = _expert_call_s(E, K, n, fmt, dev, repeats)
     torch.cuda.empty_cache()  # the budget's bytes back before the weights load
     return 6 * K * H * I * n / s
+
+
+def _expert_call_s(E: int, K: int, n: int, fmt: ExpertFormat, dev: torch.device, repeats: int) -> float:
+    """Median seconds of ffn()'s call on n tokens routed uniformly over a layer of E random experts."""
+    from moeflow.perf.costs import device_sync, median_s
+
+    I, H = fmt.inter, fmt.hidden
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(n, H, generator=g, device=dev, dtype=torch.bfloat16)                      # [n, H]
+    ids = torch.rand(n, E, device=dev, generator=g).topk(K, dim=1).indices                   # [n, K]
+    w = torch.full((n, K), 1.0 / K, device=dev, dtype=torch.bfloat16)                        # [n, K]
+    buf = random_blocks(E, fmt, dev)                                                          # [E, W] host layout
+    if fmt.quantized:
+        return median_s(lambda: quantized_layer(x, ids, w, buf, fmt), device_sync(dev), repeats)
+    gate_up, down_t = buf[:, :2 * I * H].view(-1, 2 * I, H), buf[:, 2 * I * H:].view(-1, I, H)
+    return median_s(lambda: grouped_experts(x, ids, w, gate_up, down_t), device_sync(dev), repeats)
+
+
+def triton_moe_runs(x: torch.Tensor, fmt: ExpertFormat) -> bool:
+    from moeflow.quant import triton_moe
+
+    return triton_moe.available(x, fmt)
+
+
+def random_blocks(E: int, fmt: ExpertFormat, device: torch.device) -> torch.Tensor:
+    """[E, W] one layer of random experts in fmt's blocks (quantized: one expert repeated, a kernel's time does not
+    depend on the values)."""
+    I, H = fmt.inter, fmt.hidden
+    g = torch.Generator(device=device).manual_seed(0)
+    if not fmt.quantized:
+        return torch.randn(E, 3 * I * H, generator=g, device=device, dtype=fmt.dtype).mul_(0.02)
+    one = torch.empty(fmt.block_numel, dtype=fmt.storage_dtype, device=device)
+    fmt.pack(*(torch.randn(I, H, generator=g, device=device, dtype=fmt.dtype).mul_(0.02) for _ in range(3)), one)
+    return one.expand(E, -1).contiguous()
 
 
 class LayerWeights:
@@ -67,10 +96,14 @@ class LayerWeights:
         for row in range(data.shape[0]):  # layer by layer: a layer's R experts are contiguous, no host copy
             self.res[row].copy_(data[row, :self.resident])                    # [L, R, W]
         S = E - self.resident
-        # Grouped GEMMs (CUDA bf16) want a layer's experts in one [E, W] tensor: each buffer then also takes the
-        # layer's resident experts (a device-to-device copy); elsewhere a buffer holds the streamed ones only.
+        # Grouped GEMMs (CUDA bf16) and the quantized kernels want a layer's experts in one [E, W] tensor: each
+        # buffer then also takes the layer's resident experts (a device-to-device copy); elsewhere a buffer holds
+        # the streamed ones only.
+        self.fmt: ExpertFormat = store.fmt
         self.grouped = can_group(self.res) if grouped is None else grouped
-        rows = E if self.grouped else S
+        self.whole = self.grouped or self.fmt.quantized
+        self.cpu = CpuExperts(fmt=self.fmt) if self.fmt.quantized and device.type == "cpu" else None
+        rows = E if self.whole else S
         self.bufs = [torch.empty((rows, data.shape[-1]), dtype=data.dtype, device=device) for _ in range(2)] \
             if S else []                                                       # 2 x [E or S, W]
         self.per_page = max(1, PAGE_BYTES // max(store.expert_bytes, 1))
@@ -83,6 +116,10 @@ class LayerWeights:
 
     def _event(self):
         return torch.cuda.Event() if self.device.type == "cuda" else None
+
+    def close(self) -> None:
+        if self.cpu is not None:
+            self.cpu.close()
 
     @property
     def nbytes(self) -> int:
@@ -98,7 +135,7 @@ class LayerWeights:
         with stream:
             if self.copy_stream is not None:
                 self.copy_stream.wait_event(self.freed[b])  # the layer two back has finished with it
-            if self.grouped:
+            if self.whole:
                 dst[:R].copy_(self.res[row], non_blocking=True)
                 dst = dst[R:]
             for p in range(0, src.shape[0], self.per_page):
@@ -121,7 +158,7 @@ class LayerWeights:
 
     def block(self, row: int, expert: int) -> torch.Tensor:
         """[W] expert `expert` of layer row `row` on the GPU (acquired first)."""
-        if self.grouped and self.bufs:
+        if self.whole and self.bufs:
             return self.bufs[row % 2][expert]
         if expert < self.resident:
             return self.res[row, expert]
@@ -129,11 +166,14 @@ class LayerWeights:
 
     def ffn(self, row: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """The routed experts of layer row `row` on x [N, H] -> [N, H] (fp32 accumulation)."""
-        if self.grouped:
+        if self.whole:  # in calls of at most grouped_call_tokens tokens, whose buffers the plan counts
             I, (N, H), K = self.inter, x.shape, topk_ids.shape[1]
             buf = self.bufs[row % 2] if self.bufs else self.res[row]          # [E, W] host layout
-            gate_up, down_t = buf[:, :2 * I * H].view(-1, 2 * I, H), buf[:, 2 * I * H:].view(-1, I, H)
             per = grouped_call_tokens(I, K, x.element_size())
+            if self.fmt.quantized:
+                return torch.cat([quantized_layer(x[a:a + per], topk_ids[a:a + per], topk_weights[a:a + per], buf,
+                                                  self.fmt, cpu=self.cpu) for a in range(0, N, per)])
+            gate_up, down_t = buf[:, :2 * I * H].view(-1, 2 * I, H), buf[:, 2 * I * H:].view(-1, I, H)
             return torch.cat([grouped_experts(x[a:a + per], topk_ids[a:a + per], topk_weights[a:a + per], gate_up,
                                               down_t) for a in range(0, N, per)])
         N, K = topk_ids.shape
