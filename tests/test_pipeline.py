@@ -59,6 +59,16 @@ def test_pipeline_matches_the_single_request_engine(model, plan, native):
     assert engine.cpu_attention_bytes == ck.cfg.num_hidden_layers * 2 * positions * row
 
 
+@pytest.mark.parametrize("model_type", ["olmoe", "phimoe", "qwen2_moe"])
+def test_pipeline_runs_the_other_architectures_as_the_single_request_engine(model_type, hf_checkpoint):
+    """OLMoE (q/k norms over the whole projection), Phi-3.5-MoE (LayerNorm, biases, sparsemixer), Qwen2-MoE
+    (the gated shared expert): the attention's own projections feed the CPU attention."""
+    ck = load(hf_checkpoint(model_type)[0])
+    got, engine = pipeline_tokens(ck, ThroughputPolicy(3, 2, 0.5, 0.0, False))
+    assert got == single_request_tokens(ck)
+    assert engine.cpu_attention_s > 0
+
+
 def test_pipeline_prefills_rounds_of_chunks(monkeypatch):
     """Prompts in rounds of at most 20 tokens, each round layer by layer in chunks of at most 8: the same tokens."""
     from moeflow.pipeline import engine as engine_module

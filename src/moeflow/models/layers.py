@@ -196,8 +196,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.n_heads * D if self.qk_whole else D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.n_kv * D if self.qk_whole else D, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttnBatch,
-                kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The projections, q/k norms and RoPE: x [N, H] -> q [N, Hq, D], k and v [N, Hkv, D]."""
         N, D = x.shape[0], self.head_dim
         q, k = self.q_proj(x), self.k_proj(x)      # [N, Hq*D], [N, Hkv*D]
         if hasattr(self, "q_norm") and self.qk_whole:
@@ -205,6 +206,12 @@ class Attention(nn.Module):
         q, k = q.view(N, self.n_heads, D), k.view(N, self.n_kv, D)  # [N, Hq, D], [N, Hkv, D]
         v = self.v_proj(x).view(N, self.n_kv, D)
         q, k = self._norm_rope(q, k, rope)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttnBatch,
+                kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        N, D = x.shape[0], self.head_dim
+        q, k, v = self.project(x, rope)
 
         if kv is None:
             return self.o_proj(self._uncached(q, k, v, batch).reshape(N, self.n_heads * D))

@@ -228,7 +228,7 @@ class PipelineEngine(LLMEngine):
         attn, (k_cache, v_cache) = layer.self_attn, self.cache[i]
         jobs = []
         for sl in mbs:  # every micro-batch's QKV, each handed to the CPU as soon as it is on the host
-            q, k, v = qkv(attn, layer.input_layernorm(x[sl]), (rope[0][sl], rope[1][sl]))
+            q, k, v = attn.project(layer.input_layernorm(x[sl]), (rope[0][sl], rope[1][sl]))
             host = [t.to("cpu", non_blocking=True) for t in (q, k, v)]
             ready = torch.cuda.Event() if dev_is_cuda(x) else None
             if ready is not None:
@@ -259,19 +259,6 @@ class PipelineEngine(LLMEngine):
 
 def dev_is_cuda(x: torch.Tensor) -> bool:
     return x.device.type == "cuda"
-
-
-def qkv(attn: Attention, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The attention's projections, q/k norms and rotary embedding: h [b, H] -> q [b, Hq, D], k/v [b, Hkv, D]."""
-    from moeflow.models.layers import rotate
-
-    n, D = h.shape[0], attn.head_dim
-    q = attn.q_proj(h).view(n, attn.n_heads, D)
-    k = attn.k_proj(h).view(n, attn.n_kv, D)
-    v = attn.v_proj(h).view(n, attn.n_kv, D)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return rotate(q, *rope), rotate(k, *rope), v
 
 
 def split_prompts(seqs: list[Sequence], tokens: int) -> list[list[Sequence]]:

@@ -40,8 +40,8 @@ def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None,
     profile: the hardware's, default machine_profile())."""
     cfg = cfg or read_model_config(spec.model)[1]
     unsupported = [what for what, on in (("latent attention (MLA)", cfg.kv_lora_rank), ("attention sinks",
-                   cfg.attention_sinks), ("per-layer windows", cfg.layer_windows), ("expert biases", cfg.expert_bias),
-                   ("q/k norms over the whole projection", cfg.qk_norm_whole), ("LayerNorm", cfg.layer_norm)) if on]
+                   cfg.attention_sinks), ("per-layer windows", cfg.layer_windows), ("expert biases", cfg.expert_bias))
+                   if on]
     if unsupported:
         raise MoeflowError(f"the pipeline engine does not run {cfg.model_type}'s {', '.join(unsupported)} yet; "
                            "use --engine continuous")
