@@ -69,6 +69,21 @@ def test_pipeline_runs_the_other_architectures_as_the_single_request_engine(mode
     assert engine.cpu_attention_s > 0
 
 
+@pytest.mark.parametrize("native", [None, False])
+def test_pipeline_runs_latent_attention_as_the_single_request_engine(native):
+    """DeepSeek-V2's MLA on the CPU in the latent space: one arena of [latent | rope key] rows per layer, read once
+    for keys and values (native kernel where it builds, else PyTorch); dense first layers, shared experts."""
+    ck = load("synthetic:tiny-deepseek-v2")
+    got, engine = pipeline_tokens(ck, ThroughputPolicy(3, 2, 0.5, 0.0, False), native)
+    assert got == single_request_tokens(ck)
+    cfg = ck.cfg
+    row = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert [tuple(a.shape[1:]) for a in engine.cache.arenas(0)] == [(1, row)]
+    prompt = [len(engine.encode(p)) for p in PROMPTS]
+    positions = sum(p + j for p, n in zip(prompt, NEW) for j in range(1, n))
+    assert engine.cpu_attention_bytes == cfg.num_hidden_layers * positions * row * engine.cache[0][0].element_size()
+
+
 def test_pipeline_prefills_rounds_of_chunks(monkeypatch):
     """Prompts in rounds of at most 20 tokens, each round layer by layer in chunks of at most 8: the same tokens."""
     from moeflow.pipeline import engine as engine_module
@@ -101,10 +116,10 @@ def test_a_filling_batch_takes_prefill_rounds_until_full(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("model,dtype", [("tiny-mixtral", "fp32"), ("tiny-qwen3", "fp32"), ("tiny-mixtral", "bf16"),
-                                         ("tiny-mixtral-int4", "fp32")])
+                                         ("tiny-mixtral-int4", "fp32"), ("tiny-deepseek-v2", "fp32")])
 def test_pipeline_on_the_gpu_matches_the_single_request_engine(model, dtype):
     """Streams, events, pinned copies; in bf16 the experts run as grouped GEMMs, as the reference's do; int4
-    blocks stream whole layers into the buffers."""
+    blocks stream whole layers into the buffers; MLA's latent rows cross to the host and back."""
     ck = load(f"synthetic:{model}", device="cuda", dtype=dtype, expert_device="cpu")
     ck.store.pin()
     got, engine = pipeline_tokens(ck, ThroughputPolicy(3, 2, 0.5, 0.0, False))

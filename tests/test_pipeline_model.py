@@ -89,3 +89,15 @@ def test_prefill_at_the_grouped_calls_measured_rate_reads_no_expert_twice():
     experts_read = 8 * 3 * 256 * 512 * 2  # all 8 experts of a layer, once per pass (one pass here)
     per_layer = tokens * flops / rate - tokens * flops / 1e12 - experts_read / 1e9
     assert got - peak == pytest.approx(4 * per_layer, rel=1e-6)
+
+
+def test_latent_attention_moves_and_reads_its_latent_rows():
+    """DeepSeek's MLA on the CPU: each sequence sends its absorbed query (Hq rows of R + Dr) and one cache row,
+    gets Hq rows back, and reads one arena row of R + Dr per position (keys and values alike)."""
+    cfg = read_model_config("synthetic:tiny-deepseek-v2")[1]
+    Hq, row = cfg.num_attention_heads, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    mla = ThroughputPolicy(N=4, mu=2, r_w=1.0, r_c=0.0, attn_gpu=False)
+    t = predict_throughput(cfg, profile(d2h_bw=1.0, cpu_read_bw=1e15), mla, 96, 64)
+    assert t.terms["PCIe"] == pytest.approx(4 * (Hq + 1) * row * 2 / 1.0)
+    t = predict_throughput(cfg, profile(cpu_read_bw=1.0), mla, 96, 64)
+    assert t.terms["CPU memory bus"] == pytest.approx(4 * 128 * row * 2 / 1.0)  # 4 sequences of 128 positions

@@ -51,15 +51,33 @@ class MlaAttention(nn.Module):
         self.scale = dqk ** -0.5 * softmax_scale_mscale(cfg.rope_scaling)
         self.rotate = rotate_pairs if cfg.rope_interleave else rotate
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttnBatch,
-                kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> q [N, Hq, Dqk] (RoPE on its last Dr), the latent [N, R] (normed) and k_rot [N, Dr]."""
         N = x.shape[0]
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rot = q.view(N, self.n_heads, -1).split([self.dn, self.dr], dim=-1)  # [N, Hq, Dn], [N, Hq, Dr]
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.dr], dim=-1)   # [N, R], [N, Dr]
         latent = self.kv_a_layernorm(latent)
         q = torch.cat((q_nope, self.rotate(q_rot, *rope)), dim=-1)                       # [N, Hq, Dqk]
-        k_rot = self.rotate(k_rot[:, None], *rope)[:, 0]
+        return q, latent, self.rotate(k_rot[:, None], *rope)[:, 0]
+
+    def latent_query(self, q: torch.Tensor) -> torch.Tensor:
+        """q [..., Hq, Dqk] -> [..., Hq, R + Dr]: its no-rope part through kv_b_proj's key part (q_nope W_uk), so
+        that it scores the cached [latent | k_rot] rows directly."""
+        W = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.rank)
+        q_nope, q_rot = q.split([self.dn, self.dr], dim=-1)
+        return torch.cat((torch.einsum("...hd,hdr->...hr", q_nope, W[:, :self.dn]), q_rot), dim=-1)
+
+    def latent_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """The attention's output in the latent space [..., Hq, R] -> per head values [..., Hq, Dv] (W_uv)."""
+        W = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.rank)
+        return torch.einsum("...hr,hvr->...hv", o_lat, W[:, self.dn:])
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttnBatch,
+                kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        N = x.shape[0]
+        q, latent, k_rot = self.project(x, rope)
         with sdpa_backends(x.device):
             if kv is None:
                 o = self._uncached(q, latent, k_rot, batch)
@@ -83,15 +101,13 @@ class MlaAttention(nn.Module):
     def _absorbed(self, q, C, Kr, mask) -> torch.Tensor:
         """One query per sequence against the cached latents: q [B, 1, Hq, Dqk], C [B, Tk, R], Kr [B, Tk, Dr],
         mask [B, 1, 1, Tk] or None -> [B, 1, Hq, Dv]. q_nope . (W_uk c) = (q_nope W_uk) . c, and likewise for V."""
-        W = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.rank)
-        q_nope, q_rot = q[:, 0].split([self.dn, self.dr], dim=-1)                      # [B, Hq, Dn], [B, Hq, Dr]
-        q_lat = torch.einsum("bhd,hdr->bhr", q_nope, W[:, :self.dn])                     # [B, Hq, R]
+        q_lat, q_rot = self.latent_query(q[:, 0]).split([self.rank, self.dr], dim=-1)   # [B, Hq, R], [B, Hq, Dr]
         scores = (torch.einsum("bhr,btr->bht", q_lat, C) + torch.einsum("bhd,btd->bht", q_rot, Kr)) * self.scale
         if mask is not None:
             scores = scores.masked_fill(~mask[:, 0], float("-inf"))                      # [B, Hq, Tk]
         p = torch.softmax(scores.float(), dim=-1).to(C.dtype)
         o_lat = torch.einsum("bht,btr->bhr", p, C)                                       # [B, Hq, R]
-        return torch.einsum("bhr,hvr->bhv", o_lat, W[:, self.dn:])[:, None]              # [B, 1, Hq, Dv]
+        return self.latent_output(o_lat)[:, None]                                        # [B, 1, Hq, Dv]
 
     def _attend(self, q, K, V, mask, causal: bool) -> torch.Tensor:
         """q [B, Tq, Hq, Dqk], K [B, Tk, Hq, Dqk], V [B, Tk, Hq, Dv], mask [B, 1, Tq, Tk] -> [B, Tq, Hq, Dv]."""

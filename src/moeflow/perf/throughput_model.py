@@ -63,6 +63,14 @@ LOGITS_ROWS = 256  # sequences whose logits are computed and sampled at once
 STAGED = 4  # a prefill's K/V copies to the host in flight at once (pinned staging, pipeline/engine.py)
 
 
+def cpu_attention_shape(cfg: ModelConfig) -> tuple[int, int, int, bool]:
+    """The CPU's decode attention: (query heads, KV heads, head dim, K and V one row): the model's heads, or for
+    latent attention (MLA) one KV head of [latent | rope key] rows read as keys and values (pipeline/attention.py)."""
+    if cfg.kv_lora_rank:
+        return cfg.num_attention_heads, 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, True
+    return cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, False
+
+
 def layer_expert_bytes(cfg: ModelConfig, b: int, eb: int | None = None) -> int:
     """One MoE layer's experts in bytes: blocks of eb bytes, else dense in b."""
     return cfg.num_experts * (eb or cfg.expert_numel * b)
@@ -103,7 +111,7 @@ def grouped_call_excess(cfg: ModelConfig, step: int, b: int) -> int:
 def host_staging_bytes(cfg: ModelConfig, n: int, prompt_len: int, b: int = 2) -> int:
     """Host buffers beside the KV cache: one decode layer's q/k/v in and attention out for n sequences (pinned,
     fp32 at most), one prefill pass's K/V on their way to the cache, a few fp32 logits rows being sampled."""
-    heads, kv_heads, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    heads, kv_heads, D, _ = cpu_attention_shape(cfg)
     decode = n * (2 * heads + 2 * kv_heads) * D * 4 * 2       # the layer's buffers and the kernel's fp32 copies
     prefill = min(n * prompt_len, PREFILL_CHUNK) * kv_heads * D * b * STAGED  # K or V of a pass, in flight
     return decode + prefill + 4 * cfg.vocab_size * 4
@@ -142,8 +150,9 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
     pays its fixed part. Prefill's experts run at the grouped calls' measured rate, else at the profile's
     one-expert rate plus a read of every expert per pass."""
     L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok
-    H, I, heads, D = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_attention_heads, cfg.head_dim
-    qkv = (heads + 2 * cfg.num_key_value_heads) * D
+    H, I = cfg.hidden_size, cfg.expert_intermediate_size
+    heads, kv_heads, D, shared = cpu_attention_shape(cfg)
+    qkv = (heads + (1 if shared else 2) * kv_heads) * D     # what goes to the host per sequence
     kv_tok = cfg.kv_bytes_per_token(b) // cfg.num_hidden_layers  # one token's cache in one layer
     w_layer = layer_expert_bytes(cfg, b, eb)
     dense = cfg.layer_dense_numel(cfg.moe_layers[0])
@@ -180,7 +189,7 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
     tokens = N * prompt_len
     passes, rounds = math.ceil(tokens / PREFILL_CHUNK), math.ceil(tokens / PREFILL_GROUP)
     # The experts at the GPU's measured expert rate, not its peak matmul; K/V cross to the host beside the work.
-    pf_gpu = (tokens * 2 * dense + N * 2 * prompt_len**2 * heads * D) / profile.gpu_flops + \
+    pf_gpu = (tokens * 2 * dense + N * 2 * prompt_len**2 * heads * cfg.head_dim) / profile.gpu_flops + \
         tokens * 6 * K * H * I / (rates.prefill_flops or expert_gpu_flops(cfg, profile, b))
     expert_reads = 0 if rates.prefill_flops else passes * w_layer
     pf_layer = max(rounds * w_layer * (1 - pol.r_w) / profile.h2d_bw,

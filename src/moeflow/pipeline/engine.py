@@ -28,7 +28,8 @@ from moeflow.engine.sequence import Sequence, Status
 from moeflow.models.layers import Attention, AttnBatch, SparseMoe
 from moeflow.perf.throughput_model import LOGITS_ROWS, PREFILL_CHUNK, PREFILL_GROUP, STAGED, ThroughputPolicy
 from moeflow.experts.cpu import physical_cores
-from moeflow.pipeline.attention import cpu_decode_attention
+from moeflow.models.mla import MlaAttention
+from moeflow.pipeline.attention import cpu_decode_attention, cpu_form
 from moeflow.pipeline.kv import HostKV
 from moeflow.pipeline.native import load as load_native
 from moeflow.pipeline.weights import LayerWeights
@@ -43,7 +44,7 @@ class PipelineEngine(LLMEngine):
         if plan.attn_gpu:
             raise MoeflowError("the pipeline engine runs attention on the CPU; a plan with attention on the GPU "
                                "is not implemented (use attn=cpu)")
-        if any(type(layer.self_attn) is not Attention for layer in ck.model.layers):
+        if any(type(layer.self_attn) not in (Attention, MlaAttention) for layer in ck.model.layers):
             raise MoeflowError(f"the pipeline engine does not support {ck.cfg.model_type}'s attention")
         self.ck, self.model, self.tokenizer = ck, ck.model, ck.tokenizer
         p = next(self.model.parameters())
@@ -58,6 +59,7 @@ class PipelineEngine(LLMEngine):
         self.plan = plan
         self.weights = LayerWeights(ck.store, self.device, plan.r_w)
         self.rows = [ck.store.slot.get(i) for i in range(ck.cfg.num_hidden_layers)]  # layer -> store row or None
+        self.forms = [cpu_form(layer.self_attn) for layer in ck.model.layers]  # each attention on the CPU
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-attention")
         self.native = load_native() if native is not False else None
         if native and self.native is None:
@@ -167,14 +169,15 @@ class PipelineEngine(LLMEngine):
         cfg, dev = self.ck.cfg, self.device
         chunks = [Chunk(self.model, part, dev, cfg.sliding_window) for part in split_prompts(seqs, PREFILL_CHUNK)]
         B, T = max(len(c.seqs) for c in chunks), max(c.T for c in chunks)
-        scratch = [torch.zeros((B, T, cfg.num_key_value_heads, cfg.head_dim), dtype=self.dtype, device=dev)
-                   for _ in "kv"]                                                 # one chunk's K/V [B, T, Hkv, D]
+        scratch = [torch.zeros((B, T, *shape), dtype=self.dtype, device=dev)
+                   for shape in cfg.kv_token_shapes]          # one chunk's cache as the attention writes it [B, T, ...]
         for i, layer in enumerate(self.model.layers):
             self._prefetch_after(i)
             for c in chunks:
                 c.x = c.x + layer.self_attn(layer.input_layernorm(c.x), c.rope, c.batch, scratch)
-                for arena, kv in zip(self.cache[i], scratch):
-                    self._to_host(c, arena, kv[:len(c.seqs), :c.T][c.valid])  # [N, Hkv, D] in one copy each
+                rows = self.forms[i].rows([kv[:len(c.seqs), :c.T][c.valid] for kv in scratch])
+                for arena, kv in zip(self.cache.arenas(i), rows):
+                    self._to_host(c, arena, kv)  # [N, Hkv, D] (or [N, 1, R + Dr]) in one copy each
                 c.x = c.x + self._mlp(i, layer, layer.post_attention_layernorm(c.x))
             self._done_with(i)
         t = time.perf_counter()
@@ -225,35 +228,37 @@ class PipelineEngine(LLMEngine):
         return x
 
     def _decode_layer(self, i, layer, x, rope, mbs, slots, starts) -> torch.Tensor:
-        attn, (k_cache, v_cache) = layer.self_attn, self.cache[i]
+        form = self.forms[i]
         jobs = []
         for sl in mbs:  # every micro-batch's QKV, each handed to the CPU as soon as it is on the host
-            q, k, v = attn.project(layer.input_layernorm(x[sl]), (rope[0][sl], rope[1][sl]))
-            host = [t.to("cpu", non_blocking=True) for t in (q, k, v)]
+            q, k, v = form.inputs(layer.input_layernorm(x[sl]), (rope[0][sl], rope[1][sl]))
+            host = [t.to("cpu", non_blocking=True) for t in ((q, k) if form.shared_kv else (q, k, v))]
             ready = torch.cuda.Event() if dev_is_cuda(x) else None
             if ready is not None:
                 ready.record()
-            jobs.append(self.pool.submit(self._attend, ready, host, k_cache, v_cache, slots[sl], starts[sl]))
+            jobs.append(self.pool.submit(self._attend, ready, host, i, slots[sl], starts[sl]))
         out = []
         for sl, job in zip(mbs, jobs):  # the GPU's share of micro-batch j while the CPU attends to j+1
             o = job.result().to(x.device, non_blocking=True)                      # [b, Hq, D]
-            h = x[sl] + attn.o_proj(o.reshape(o.shape[0], -1))
+            h = x[sl] + layer.self_attn.o_proj(form.output(o))
             out.append(h + self._mlp(i, layer, layer.post_attention_layernorm(h)))
         return torch.cat(out)
 
-    def _attend(self, ready, host, k_cache, v_cache, slots, starts) -> torch.Tensor:
+    def _attend(self, ready, host, i, slots, starts) -> torch.Tensor:
         if ready is not None:
             ready.synchronize()  # q/k/v have landed in host memory (waiting is not the CPU's work)
         t = time.perf_counter()
-        pinned = self.device.type == "cuda"
-        out = torch.empty(host[0].shape, dtype=host[0].dtype, pin_memory=pinned)  # the native kernel writes here
+        pinned, form, (k_cache, v_cache) = self.device.type == "cuda", self.forms[i], self.cache[i]
+        q, k, v = host if len(host) == 3 else (*host, host[1])  # one row for K and V (MLA)
+        out = torch.empty(q.shape, dtype=q.dtype, pin_memory=pinned)  # the native kernel writes here
         with torch.inference_mode():
-            o = cpu_decode_attention(*host, k_cache, v_cache, slots, starts, self.ck.cfg.sliding_window,
-                                     self.native, self.threads, out)
+            o = cpu_decode_attention(q, k, v, k_cache, v_cache, slots, starts, self.ck.cfg.sliding_window,
+                                     self.native, self.threads, out, form.scale)
         self.cpu_attention_s += time.perf_counter() - t
         w = self.ck.cfg.sliding_window
         positions = sum(min(p + 1, w) if w else p + 1 for p in starts)
-        self.cpu_attention_bytes += 2 * positions * k_cache.stride(0) * k_cache.element_size()  # K and V read
+        reads = 1 if form.shared_kv else 2  # K and V, or the one arena of both
+        self.cpu_attention_bytes += reads * positions * k_cache.stride(0) * k_cache.element_size()
         return o if o is out or not pinned else o.pin_memory()
 
 

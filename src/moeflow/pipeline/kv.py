@@ -1,7 +1,8 @@
 """HostKV: the pipeline's KV cache in host memory, sized for what the batch holds, not N whole contexts.
 
-Per layer one K and one V arena of P positions; each sequence owns one contiguous run of them (its prompt plus
-the tokens it may generate), found first-fit and merged back when it finishes. A run is addressed like a slot
+Per layer one K and one V arena of P positions (one arena of latent rows for MLA, pipeline/attention.py); each
+sequence owns one contiguous run of them (its prompt plus the tokens it may generate), found first-fit and merged
+back when it finishes. A run is addressed like a slot
 whose stride is one position, so the native kernel (csrc/cpu_attention.cpp) reads it as it reads a slot.
 The arenas are touched once when made (zeroed by all cores, with PREFAULT): first writes to fresh pages fault
 each page in, and the prefill's single store thread would pay those faults in its path.
@@ -16,6 +17,7 @@ import time
 import torch
 
 from moeflow.config import ModelConfig
+from moeflow.perf.throughput_model import cpu_attention_shape
 
 # The arenas zeroed when made (all cores take the page faults) rather than touched by the prefill's one store thread
 PREFAULT = True
@@ -24,10 +26,9 @@ PREFAULT = True
 class HostKV:
     def __init__(self, cfg: ModelConfig, positions: int, dtype: torch.dtype, max_seqs: int):
         self.positions, self.max_seqs = positions, max_seqs  # max_seqs: the sequences that run at once
-        shapes = cfg.kv_token_shapes  # (Hkv, D) for K and for V
         t, make = time.perf_counter(), torch.zeros if PREFAULT else torch.empty
-        self.layers = [tuple(make((positions, *s), dtype=dtype) for s in shapes)
-                       for _ in range(cfg.num_hidden_layers)]                # L x 2 x [P, Hkv, D]
+        self.layers = [tuple(make((positions, *s), dtype=dtype) for s in arena_shapes(cfg))
+                       for _ in range(cfg.num_hidden_layers)]                # L x (2 x [P, Hkv, D] or [P, 1, R + Dr])
         self.touch_s = time.perf_counter() - t  # making (and touching) the arenas
         self.free_runs: list[tuple[int, int]] = [(0, positions)]           # (start, length), by start
         self.owned: dict[int, int] = {}                                     # start -> length
@@ -66,4 +67,15 @@ class HostKV:
         runs.insert(i, (start, n))
 
     def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's (K, V) arenas: one arena twice where K and V are the same rows (MLA)."""
+        return self.layers[layer][0], self.layers[layer][-1]
+
+    def arenas(self, layer: int) -> tuple[torch.Tensor, ...]:
         return self.layers[layer]
+
+
+def arena_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], ...]:
+    """One position's shape in each arena of a layer: K and V [Hkv, D]; for latent attention (MLA) one arena of
+    [latent | rope key] rows [1, R + Dr], read as both K and V (the decode attends in the latent space)."""
+    _, kv_heads, D, shared = cpu_attention_shape(cfg)
+    return ((kv_heads, D),) * (1 if shared else 2)

@@ -13,7 +13,7 @@ from moeflow.config import ModelConfig
 from moeflow.engine.budget import gib
 from moeflow.perf.profile import HardwareProfile
 from moeflow.perf.throughput_model import (PREFILL_CHUNK, PipelineRates, ThroughputPolicy, ThroughputPrediction,
-                                           predict_throughput)
+                                           cpu_attention_shape, predict_throughput)
 from moeflow.pipeline.plan import check_fits, choose_plan, host_budget, machine_profile, parse_plan
 from moeflow.quant.format import QuantSpec, expert_bytes
 
@@ -39,9 +39,8 @@ def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None,
     this process already holds for the plan, a store loaded before planning; cfg: the model's, if loaded;
     profile: the hardware's, default machine_profile())."""
     cfg = cfg or read_model_config(spec.model)[1]
-    unsupported = [what for what, on in (("latent attention (MLA)", cfg.kv_lora_rank), ("attention sinks",
-                   cfg.attention_sinks), ("per-layer windows", cfg.layer_windows), ("expert biases", cfg.expert_bias))
-                   if on]
+    unsupported = [what for what, on in (("attention sinks", cfg.attention_sinks), ("per-layer windows",
+                   cfg.layer_windows), ("expert biases", cfg.expert_bias)) if on]
     if unsupported:
         raise MoeflowError(f"the pipeline engine does not run {cfg.model_type}'s {', '.join(unsupported)} yet; "
                            "use --engine continuous")
@@ -73,7 +72,7 @@ def measured_rates(cfg: ModelConfig, device: str, dtype: torch.dtype, gpu_memory
     dev = resolve_device(device)
     if dev.type != "cuda":
         return PipelineRates()
-    shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, physical_cores())
+    shape = (*cpu_attention_shape(cfg)[:3], physical_cores())
     flops = None
     if dtype == torch.bfloat16:
         flops = measured_grouped_flops(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,

@@ -40,10 +40,11 @@ class NativeAttention:
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, runs: torch.Tensor,
                  starts: torch.Tensor, window: int | None, threads: int, k_new: torch.Tensor | None = None,
                  v_new: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                 kernel: str | None = None) -> torch.Tensor:
-        """q [B, Hq, D]; k/v_cache [P, Hkv, D] (contiguous); runs/starts int32 [B]: sequence b's run starts at
-        position runs[b], its new token at runs[b] + starts[b]; k_new/v_new [B, Hkv, D]: written there first
-        (None: already written); out [B, Hq, D] fp32 or bf16 (default fp32) -> out."""
+                 kernel: str | None = None, scale: float | None = None) -> torch.Tensor:
+        """q [B, Hq, D]; k/v_cache [P, Hkv, D] (contiguous; one arena twice where K and V are the same rows);
+        runs/starts int32 [B]: sequence b's run starts at position runs[b], its new token at runs[b] + starts[b];
+        k_new/v_new [B, Hkv, D]: written there first (None: already written); out [B, Hq, D] fp32 or bf16 (default
+        fp32); scale: the scores' (default D^-0.5) -> out."""
         B, Hq, D = q.shape
         q = q if q.dtype in KINDS and q.is_contiguous() else q.float().contiguous()
         out = torch.empty((B, Hq, D), dtype=torch.float32) if out is None else out
@@ -53,7 +54,7 @@ class NativeAttention:
         r = self.lib.attn_decode(KERNELS[kernel or self.best()], threads, *bf16, q.data_ptr(), k_cache.data_ptr(),
                                  v_cache.data_ptr(), *[None if t is None else t.data_ptr() for t in news],
                                  runs.data_ptr(), starts.data_ptr(), window or 0, B, Hq, k_cache.shape[1], D,
-                                 D ** -0.5, out.data_ptr())
+                                 D ** -0.5 if scale is None else scale, out.data_ptr())
         if r != 0:
             raise RuntimeError(f"native CPU attention refused the call ({r})")
         return out
