@@ -59,12 +59,14 @@ def test_pipeline_matches_the_single_request_engine(model, plan, native):
     assert engine.cpu_attention_bytes == ck.cfg.num_hidden_layers * 2 * positions * row
 
 
-@pytest.mark.parametrize("model_type", ["olmoe", "phimoe", "qwen2_moe"])
-def test_pipeline_runs_the_other_architectures_as_the_single_request_engine(model_type, hf_checkpoint):
+@pytest.mark.parametrize("model_type,native", [("olmoe", None), ("phimoe", None), ("qwen2_moe", None),
+                                               ("gpt_oss", None), ("gpt_oss", False)])
+def test_pipeline_runs_the_other_architectures_as_the_single_request_engine(model_type, native, hf_checkpoint):
     """OLMoE (q/k norms over the whole projection), Phi-3.5-MoE (LayerNorm, biases, sparsemixer), Qwen2-MoE
-    (the gated shared expert): the attention's own projections feed the CPU attention."""
+    (the gated shared expert), GPT-OSS (sinks in the CPU attention's softmax, by the native kernel or PyTorch;
+    per-layer windows; biased experts streamed): the attention's own projections feed the CPU attention."""
     ck = load(hf_checkpoint(model_type)[0])
-    got, engine = pipeline_tokens(ck, ThroughputPolicy(3, 2, 0.5, 0.0, False))
+    got, engine = pipeline_tokens(ck, ThroughputPolicy(3, 2, 0.5, 0.0, False), native)
     assert got == single_request_tokens(ck)
     assert engine.cpu_attention_s > 0
 
@@ -82,6 +84,17 @@ def test_pipeline_runs_latent_attention_as_the_single_request_engine(native):
     prompt = [len(engine.encode(p)) for p in PROMPTS]
     positions = sum(p + j for p, n in zip(prompt, NEW) for j in range(1, n))
     assert engine.cpu_attention_bytes == cfg.num_hidden_layers * positions * row * engine.cache[0][0].element_size()
+
+
+def test_pipeline_refuses_longrope_past_its_short_range(hf_checkpoint):
+    """Phi-3.5-MoE's longrope switches scale past original_max_position_embeddings (the continuous engine re-runs
+    such a sequence): the pipeline takes --max-len within it, and says so beyond."""
+    from test_archs import LONGROPE
+
+    ck = load(hf_checkpoint("phimoe", **LONGROPE)[0])
+    with pytest.raises(MoeflowError, match="longrope within its first 40 positions"):
+        PipelineEngine(ck, ThroughputPolicy(2, 1, 0.0, 0.0, False), 64)
+    PipelineEngine(ck, ThroughputPolicy(2, 1, 0.0, 0.0, False), 40).close()
 
 
 def test_pipeline_prefills_rounds_of_chunks(monkeypatch):

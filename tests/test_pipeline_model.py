@@ -101,3 +101,13 @@ def test_latent_attention_moves_and_reads_its_latent_rows():
     assert t.terms["PCIe"] == pytest.approx(4 * (Hq + 1) * row * 2 / 1.0)
     t = predict_throughput(cfg, profile(cpu_read_bw=1.0), mla, 96, 64)
     assert t.terms["CPU memory bus"] == pytest.approx(4 * 128 * row * 2 / 1.0)  # 4 sequences of 128 positions
+
+
+def test_sliding_windows_cut_what_the_cpu_attention_reads():
+    """A model whose every other layer attends to its last 8 positions (GPT-OSS's layout) reads, per layer on
+    average, half of the 128-position context plus half of 8."""
+    from dataclasses import replace
+
+    windowed = replace(TINY, layer_windows=(8, None, 8, None))
+    t, w = (predict_throughput(c, profile(cpu_read_bw=1.0), POL, 96, 64) for c in (TINY, windowed))
+    assert w.terms["CPU memory bus"] == pytest.approx(t.terms["CPU memory bus"] * (8 + 128) / 2 / 128)

@@ -62,6 +62,7 @@ struct Args {
   float scale;
   void* out;                     // [B, Hq, D] fp32 or bf16
   int kv_bf16, q_bf16, out_bf16;
+  const float* sinks;            // [Hq]: a logit per head that joins each softmax and adds no value; or null
 };
 
 }  // namespace
@@ -175,15 +176,16 @@ int attn_features() {
 }
 
 // kernel: 0 scalar, 1 AVX2, 2 AVX-512; *_bf16: that tensor in bf16 (else fp32); k_new/v_new may be null (no
-// write). Returns 0, or -1 on bad arguments.
+// write); sinks [Hq] fp32 or null (GPT-OSS). Returns 0, or -1 on bad arguments.
 int attn_decode(int kernel, int threads, int kv_bf16, int q_bf16, int out_bf16, const void* q, void* k, void* v,
                 const void* k_new, const void* v_new, const int32_t* runs, const int32_t* starts, int window,
-                int B, int Hq, int Hkv, int D, float scale, void* out) {
+                int B, int Hq, int Hkv, int D, float scale, void* out, const float* sinks) {
   if (B < 0 || Hkv <= 0 || Hq % Hkv != 0 || D <= 0 || window < 0 || (k_new == nullptr) != (v_new == nullptr))
     return -1;
   for (int b = 0; b < B; ++b)
     if (starts[b] < 0 || runs[b] < 0) return -1;
-  const Args a{q, k, v, k_new, v_new, runs, starts, window, B, Hq, Hkv, D, scale, out, kv_bf16, q_bf16, out_bf16};
+  const Args a{q, k, v, k_new, v_new, runs, starts, window, B, Hq, Hkv, D, scale, out, kv_bf16, q_bf16, out_bf16,
+               sinks};
   if (kernel == AVX512) avx512::decode(a, threads);
   else if (kernel == AVX2) avx2::decode(a, threads);
   else scalar::decode(a, threads);

@@ -44,6 +44,18 @@ def biased_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
                        lambda e, xe: biased_ffn(xe, gate_up[e], down_t[e], bias[e], cfg))
 
 
+def biased_layer(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
+                 down_t: torch.Tensor, bias: torch.Tensor, fmt: BiasedFormat, cfg: ModelConfig,
+                 grouped: bool) -> torch.Tensor:
+    """One layer's experts (views as biased_experts takes them): grouped GEMMs where asked and the blocks take
+    them, else each expert in PyTorch -> [N, H]."""
+    from moeflow.experts.ffn import grouped_experts
+
+    if grouped and fmt.groupable:
+        return grouped_experts(x, topk_ids, topk_weights, gate_up, down_t, bias, fmt)
+    return biased_experts(x, topk_ids, topk_weights, gate_up, down_t, bias, cfg)
+
+
 class BiasedFormat(ExpertFormat):
     """The block layout of a biased expert (dense, in `dtype`), with the activation's alpha and limit."""
 

@@ -39,15 +39,13 @@ class LocalExperts(ExpertBackend):
                  topk_weights: torch.Tensor) -> torch.Tensor:
         d = self.store.data
         if self.store.cfg.expert_bias:  # GPT-OSS: biases and clamped SwiGLU (experts/biased.py)
-            from moeflow.experts.biased import biased_experts
+            from moeflow.experts.biased import biased_layer
 
             s = self.store
             if (y := self._native(layer, x, topk_ids, topk_weights)) is not None:  # bf16: its biased path
                 return y
-            if (self.grouped or (self.grouped is None and can_group(x))) and s.fmt.groupable:
-                return grouped_experts(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer),
-                                       s.fmt)
-            return biased_experts(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer), s.cfg)
+            return biased_layer(x, topk_ids, topk_weights, s.gate_up(layer), s.down_t(layer), s.bias(layer), s.fmt,
+                                s.cfg, bool(self.grouped or (self.grouped is None and can_group(x))))
         if self.store.fmt.quantized:
             if d.device.type == "cpu":
                 self.cpu = self.cpu or CpuExperts(fmt=self.store.fmt)

@@ -71,6 +71,13 @@ def cpu_attention_shape(cfg: ModelConfig) -> tuple[int, int, int, bool]:
     return cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, False
 
 
+def attended(cfg: ModelConfig, ctx: float) -> float:
+    """Positions a decode step's attention reads in a layer, averaged over the layers: ctx, or the layer's
+    sliding window where shorter (GPT-OSS alternates windowed and full layers)."""
+    windows = cfg.layer_windows or [cfg.sliding_window] * cfg.num_hidden_layers
+    return sum(min(ctx, w) if w else ctx for w in windows) / len(windows)
+
+
 def layer_expert_bytes(cfg: ModelConfig, b: int, eb: int | None = None) -> int:
     """One MoE layer's experts in bytes: blocks of eb bytes, else dense in b."""
     return cfg.num_experts * (eb or cfg.expert_numel * b)
@@ -162,7 +169,8 @@ def predict_throughput(cfg: ModelConfig, profile: HardwareProfile, pol: Throughp
     # Decode, one MoE layer.
     h2d = w_layer * (1 - pol.r_w) + (N * heads * D * b if not pol.attn_gpu else N * ctx * kv_tok * (1 - pol.r_c))
     d2h = N * qkv * b if not pol.attn_gpu else N * kv_tok * (1 - pol.r_c)
-    attn_flops, attn_bytes = 4 * ctx * heads * D, ctx * kv_tok  # per sequence
+    seen = attended(cfg, ctx)                                # positions a layer's attention reads, on average
+    attn_flops, attn_bytes = 4 * seen * heads * D, seen * kv_tok  # per sequence
     cpu_beside, h2d_beside = shared_rates(profile) if pol.r_w < 1 else (profile.cpu_read_bw, profile.h2d_bw)
     attn_rate = min(rates.attn_bw or cpu_beside, cpu_beside)
     cpu_s = 0.0 if pol.attn_gpu else \

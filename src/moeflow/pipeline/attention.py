@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moeflow.models.sinks import sink_attention
 from moeflow.pipeline.native import KINDS, NativeAttention
 
 
@@ -17,19 +18,19 @@ def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
                          v_cache: torch.Tensor, runs: list[int], starts: list[int],
                          window: int | None = None, native: NativeAttention | None = None,
                          threads: int = 1, out: torch.Tensor | None = None,
-                         scale: float | None = None) -> torch.Tensor:
+                         scale: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Write each sequence's new k/v at its position of its run, then attend over the run (the last `window`
     positions): by the native kernel where given (one call, the writes included), else in one PyTorch call
     padded to the longest context.
 
     q [B, Hq, D], k/v [B, Hkv, D], k_cache/v_cache [P, Hkv, D] (host arenas; a run starts at runs[b]);
     out: where the native kernel writes (fp32 or bf16, e.g. pinned for the copy back); scale: the scores' (default
-    D^-0.5) -> [B, Hq, D] in q's dtype."""
+    D^-0.5); sinks [Hq]: a logit per head that joins each softmax (GPT-OSS) -> [B, Hq, D] in q's dtype."""
     if native is not None and native.supports(k_cache):
         if out is None or out.dtype not in KINDS:
             out = torch.empty(q.shape, dtype=q.dtype if q.dtype in KINDS else torch.float32)
         i32 = [torch.tensor(x, dtype=torch.int32) for x in (runs, starts)]
-        return native(q, k_cache, v_cache, *i32, window, threads, k, v, out, scale=scale).to(q.dtype)
+        return native(q, k_cache, v_cache, *i32, window, threads, k, v, out, scale=scale, sinks=sinks).to(q.dtype)
     run, pos = torch.tensor(runs), torch.tensor(starts)
     k_cache[run + pos] = k
     v_cache[run + pos] = v
@@ -40,6 +41,9 @@ def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
     mask = k_pos[None, :] <= pos[:, None]                                     # [B, T]
     if window is not None:
         mask &= pos[:, None] - k_pos[None, :] < window
+    if sinks is not None:  # the sinks' softmax (its scale D^-0.5, as the model's)
+        return sink_attention(q[:, :, None], K.transpose(1, 2), V.transpose(1, 2), mask[:, None, None], False,
+                              sinks)[:, :, 0]
     o = F.scaled_dot_product_attention(q[:, :, None], K.transpose(1, 2), V.transpose(1, 2),
                                        attn_mask=mask[:, None, None], enable_gqa=q.shape[1] != k.shape[1],
                                        scale=scale)
@@ -53,6 +57,7 @@ class HeadsForm:
 
     def __init__(self, attn):
         self.attn, self.scale = attn, None
+        self.sinks = getattr(attn, "sinks", None)  # [Hq] (GPT-OSS) or None
 
     def inputs(self, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [b, H] -> q [b, Hq, D], the new k and v rows [b, Hkv, D]."""
@@ -75,7 +80,7 @@ class LatentForm(HeadsForm):
     shared_kv = True
 
     def __init__(self, attn):
-        self.attn, self.scale = attn, attn.scale
+        self.attn, self.scale, self.sinks = attn, attn.scale, None
 
     def inputs(self, h, rope):
         q, latent, k_rot = self.attn.project(h, rope)

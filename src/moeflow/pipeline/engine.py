@@ -50,6 +50,11 @@ class PipelineEngine(LLMEngine):
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.max_len = min(max_len, ck.cfg.max_position_embeddings)
+        rope = self.model.rotary.table
+        if rope.long_scale is not None and self.max_len > rope.switch_at:  # no re-run at the long scale here
+            raise MoeflowError(f"the pipeline engine runs {ck.cfg.model_type}'s longrope within its first "
+                               f"{rope.switch_at} positions: --max-len {self.max_len} is longer (use --max-len "
+                               f"{rope.switch_at} or --engine continuous)")
         self.cache = HostKV(ck.cfg, max(kv_positions or plan.N * self.max_len, self.max_len), self.dtype,
                             plan.N)
         self.eos = set(ck.eos_ids)
@@ -60,6 +65,8 @@ class PipelineEngine(LLMEngine):
         self.weights = LayerWeights(ck.store, self.device, plan.r_w)
         self.rows = [ck.store.slot.get(i) for i in range(ck.cfg.num_hidden_layers)]  # layer -> store row or None
         self.forms = [cpu_form(layer.self_attn) for layer in ck.model.layers]  # each attention on the CPU
+        windows = ck.cfg.layer_windows  # each layer's sliding window (GPT-OSS alternates), else the model's
+        self.windows = list(windows) if windows else [ck.cfg.sliding_window] * ck.cfg.num_hidden_layers
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeflow-attention")
         self.native = load_native() if native is not False else None
         if native and self.native is None:
@@ -174,7 +181,8 @@ class PipelineEngine(LLMEngine):
         for i, layer in enumerate(self.model.layers):
             self._prefetch_after(i)
             for c in chunks:
-                c.x = c.x + layer.self_attn(layer.input_layernorm(c.x), c.rope, c.batch, scratch)
+                batch = c.batch.for_window(self.windows[i])
+                c.x = c.x + layer.self_attn(layer.input_layernorm(c.x), c.rope, batch, scratch)
                 rows = self.forms[i].rows([kv[:len(c.seqs), :c.T][c.valid] for kv in scratch])
                 for arena, kv in zip(self.cache.arenas(i), rows):
                     self._to_host(c, arena, kv)  # [N, Hkv, D] (or [N, 1, R + Dr]) in one copy each
@@ -252,10 +260,10 @@ class PipelineEngine(LLMEngine):
         q, k, v = host if len(host) == 3 else (*host, host[1])  # one row for K and V (MLA)
         out = torch.empty(q.shape, dtype=q.dtype, pin_memory=pinned)  # the native kernel writes here
         with torch.inference_mode():
-            o = cpu_decode_attention(q, k, v, k_cache, v_cache, slots, starts, self.ck.cfg.sliding_window,
-                                     self.native, self.threads, out, form.scale)
+            o = cpu_decode_attention(q, k, v, k_cache, v_cache, slots, starts, self.windows[i], self.native,
+                                     self.threads, out, form.scale, form.sinks)
         self.cpu_attention_s += time.perf_counter() - t
-        w = self.ck.cfg.sliding_window
+        w = self.windows[i]
         positions = sum(min(p + 1, w) if w else p + 1 for p in starts)
         reads = 1 if form.shared_kv else 2  # K and V, or the one arena of both
         self.cpu_attention_bytes += reads * positions * k_cache.stride(0) * k_cache.element_size()

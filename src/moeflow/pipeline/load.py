@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from moeflow import MoeflowError
 from moeflow.checkpoint import load, model_quant, read_model_config, resolve_device, resolve_dtype
 from moeflow.config import ModelConfig
 from moeflow.engine.budget import gib
@@ -39,11 +38,6 @@ def plan_for(spec: PipelineSpec, held: int = 0, cfg: ModelConfig | None = None,
     this process already holds for the plan, a store loaded before planning; cfg: the model's, if loaded;
     profile: the hardware's, default machine_profile())."""
     cfg = cfg or read_model_config(spec.model)[1]
-    unsupported = [what for what, on in (("attention sinks", cfg.attention_sinks), ("per-layer windows",
-                   cfg.layer_windows), ("expert biases", cfg.expert_bias)) if on]
-    if unsupported:
-        raise MoeflowError(f"the pipeline engine does not run {cfg.model_type}'s {', '.join(unsupported)} yet; "
-                           "use --engine continuous")
     profile, dtype = profile or machine_profile(), resolve_dtype(spec.dtype, cfg, torch.device(spec.device))
     quant = model_quant(spec.model, spec.quant)
     eb = expert_bytes(cfg.expert_intermediate_size, cfg.hidden_size, quant) if quant else None

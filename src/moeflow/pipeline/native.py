@@ -26,7 +26,7 @@ class NativeAttention:
     def __init__(self, path: Path):
         self.lib = lib = ctypes.CDLL(str(path))
         p, i = ctypes.c_void_p, ctypes.c_int
-        lib.attn_decode.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, i, i, i, i, i, ctypes.c_float, p]
+        lib.attn_decode.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, i, i, i, i, i, ctypes.c_float, p, p]
         lib.attn_decode.restype = i
         bits = lib.attn_features()
         self.features = {name for bit, name in ((1, "avx2"), (2, "avx512")) if bits & bit}
@@ -40,21 +40,25 @@ class NativeAttention:
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, runs: torch.Tensor,
                  starts: torch.Tensor, window: int | None, threads: int, k_new: torch.Tensor | None = None,
                  v_new: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                 kernel: str | None = None, scale: float | None = None) -> torch.Tensor:
+                 kernel: str | None = None, scale: float | None = None,
+                 sinks: torch.Tensor | None = None) -> torch.Tensor:
         """q [B, Hq, D]; k/v_cache [P, Hkv, D] (contiguous; one arena twice where K and V are the same rows);
         runs/starts int32 [B]: sequence b's run starts at position runs[b], its new token at runs[b] + starts[b];
         k_new/v_new [B, Hkv, D]: written there first (None: already written); out [B, Hq, D] fp32 or bf16 (default
-        fp32); scale: the scores' (default D^-0.5) -> out."""
+        fp32); scale: the scores' (default D^-0.5); sinks [Hq]: a logit per head in each softmax (GPT-OSS) -> out."""
         B, Hq, D = q.shape
         q = q if q.dtype in KINDS and q.is_contiguous() else q.float().contiguous()
         out = torch.empty((B, Hq, D), dtype=torch.float32) if out is None else out
         news = [None, None] if k_new is None else [t.to(k_cache.dtype).contiguous() for t in (k_new, v_new)]
         assert runs.dtype == starts.dtype == torch.int32 and out.dtype in KINDS and out.is_contiguous()
         bf16 = [int(t.dtype == torch.bfloat16) for t in (k_cache, q, out)]
+        sinks = None if sinks is None else sinks.detach().float().contiguous()
+        assert sinks is None or sinks.shape == (Hq,)
         r = self.lib.attn_decode(KERNELS[kernel or self.best()], threads, *bf16, q.data_ptr(), k_cache.data_ptr(),
                                  v_cache.data_ptr(), *[None if t is None else t.data_ptr() for t in news],
                                  runs.data_ptr(), starts.data_ptr(), window or 0, B, Hq, k_cache.shape[1], D,
-                                 D ** -0.5 if scale is None else scale, out.data_ptr())
+                                 D ** -0.5 if scale is None else scale, out.data_ptr(),
+                                 None if sinks is None else sinks.data_ptr())
         if r != 0:
             raise RuntimeError(f"native CPU attention refused the call ({r})")
         return out

@@ -16,6 +16,7 @@ from functools import cache
 
 import torch
 
+from moeflow.experts.biased import biased_layer
 from moeflow.experts.cpu import CpuExperts
 from moeflow.experts.local import can_group, grouped_experts, partial_ffn, quantized_layer
 from moeflow.experts.store import ExpertStore, expert_rows
@@ -101,8 +102,9 @@ class LayerWeights:
         # the streamed ones only.
         self.fmt: ExpertFormat = store.fmt
         self.grouped = can_group(self.res) if grouped is None else grouped
-        self.whole = self.grouped or self.fmt.quantized
-        self.cpu = CpuExperts(fmt=self.fmt) if self.fmt.quantized and device.type == "cpu" else None
+        self.whole = self.grouped or self.fmt.quantized or self.fmt.biased
+        native = self.fmt.quantized or self.fmt.biased  # the native kernel's formats beyond plain bf16
+        self.cpu = CpuExperts(fmt=self.fmt) if native and device.type == "cpu" else None
         rows = E if self.whole else S
         self.bufs = [torch.empty((rows, data.shape[-1]), dtype=data.dtype, device=device) for _ in range(2)] \
             if S else []                                                       # 2 x [E or S, W]
@@ -167,15 +169,10 @@ class LayerWeights:
     def ffn(self, row: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """The routed experts of layer row `row` on x [N, H] -> [N, H] (fp32 accumulation)."""
         if self.whole:  # in calls of at most grouped_call_tokens tokens, whose buffers the plan counts
-            I, (N, H), K = self.inter, x.shape, topk_ids.shape[1]
             buf = self.bufs[row % 2] if self.bufs else self.res[row]          # [E, W] host layout
-            per = grouped_call_tokens(I, K, x.element_size())
-            if self.fmt.quantized:
-                return torch.cat([quantized_layer(x[a:a + per], topk_ids[a:a + per], topk_weights[a:a + per], buf,
-                                                  self.fmt, cpu=self.cpu) for a in range(0, N, per)])
-            gate_up, down_t = buf[:, :2 * I * H].view(-1, 2 * I, H), buf[:, 2 * I * H:].view(-1, I, H)
-            return torch.cat([grouped_experts(x[a:a + per], topk_ids[a:a + per], topk_weights[a:a + per], gate_up,
-                                              down_t) for a in range(0, N, per)])
+            per = grouped_call_tokens(self.inter, topk_ids.shape[1], x.element_size())
+            return torch.cat([self._layer_call(buf, x[a:a + per], topk_ids[a:a + per], topk_weights[a:a + per])
+                              for a in range(0, x.shape[0], per)])
         N, K = topk_ids.shape
         flat = topk_ids.flatten()
         order = torch.argsort(flat, stable=True)
@@ -191,3 +188,17 @@ class LayerWeights:
             y = partial_ffn(x[tok], *expert_rows(self.block(row, e), self.inter, 0, self.inter))  # [n, H]
             out.index_add_(0, tok, y.float() * w[idx, None].float())
         return out.to(x.dtype)
+
+    def _layer_call(self, buf: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor,
+                    topk_weights: torch.Tensor) -> torch.Tensor:
+        """One call over a layer's experts held whole in buf [E, W] (host layout) -> [N, H]."""
+        fmt, I, H = self.fmt, self.inter, x.shape[1]
+        if fmt.quantized:
+            return quantized_layer(x, topk_ids, topk_weights, buf, fmt, cpu=self.cpu)
+        if self.cpu is not None and self.cpu.uses_native(buf):  # biased bf16 blocks in host memory
+            return self.cpu.layer(buf, x, topk_ids, topk_weights).to(x.dtype)
+        gate_up, down_t = buf[:, :2 * I * H].view(-1, 2 * I, H), buf[:, 2 * I * H:3 * I * H].view(-1, I, H)
+        if fmt.biased:
+            return biased_layer(x, topk_ids, topk_weights, gate_up, down_t, buf[:, 3 * I * H:], fmt, self.store.cfg,
+                                self.grouped)
+        return grouped_experts(x, topk_ids, topk_weights, gate_up, down_t)
