@@ -213,6 +213,36 @@ def test_native_attention_matches_pytorch(dtype):
         native(q[:1], *cache, torch.tensor([0], dtype=torch.int32), torch.tensor([-1], dtype=torch.int32), None, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_attention_takes_latent_rows_sinks_and_its_scale(dtype):
+    """MLA's form (one arena read as K and V, 16 heads on one KV head: the tiled scores, a T not a multiple of the
+    tile) and GPT-OSS's sinks, with a scale of their own: every kernel against PyTorch's fallback."""
+    from moeflow.pipeline.attention import cpu_decode_attention
+    from moeflow.pipeline.native import load as load_native
+
+    native = load_native()
+    if native is None:
+        pytest.skip("no C++ compiler builds the native kernel")
+    g = torch.Generator().manual_seed(1)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    slots, starts = [160, 0, 80], [0, 37, 78]
+    for Hq, Hkv, D, shared, sinks in ((16, 1, 72, True, None), (6, 2, 24, False, torch.randn(6, generator=g))):
+        arena = torch.randn(240, Hkv, D, generator=g).to(dtype)
+        cache = (arena, arena) if shared else (arena, torch.randn(240, Hkv, D, generator=g).to(dtype))
+        q, k = (torch.randn(3, h, D, generator=g).to(dtype) for h in (Hq, Hkv))
+        v = k if shared else torch.randn(3, Hkv, D, generator=g).to(dtype)
+        scale = 0.3 / D ** 0.5 if sinks is None else None  # the sinks' softmax takes the model's D^-0.5
+        ref_cache = [c.clone() for c in cache]
+        ref_cache = (ref_cache[0], ref_cache[0]) if shared else ref_cache
+        ref = cpu_decode_attention(q, k, v, *ref_cache, slots, starts, scale=scale, sinks=sinks)
+        for kernel in ("scalar", *sorted(native.features)):
+            kc = arena.clone()
+            kv = (kc, kc) if shared else (kc, cache[1].clone())
+            got = native(q, *kv, torch.tensor(slots, dtype=torch.int32), torch.tensor(starts, dtype=torch.int32),
+                         None, 2, k, v, torch.empty(q.shape), kernel, scale=scale, sinks=sinks)
+            torch.testing.assert_close(got, ref.float(), **tol)
+
+
 def test_native_attention_keeps_its_threads_across_calls():
     """A call per micro-batch: the kernel's workers start once and wait for the next call (starting threads per
     call cost about as much as a small micro-batch's attention), and calls from two threads at once both stay

@@ -71,6 +71,7 @@ namespace scalar {
 struct Vec {
   using V = float;
   static constexpr int W = 1;
+  static constexpr int TILE = 1;  // K rows per score tile, V vectors per accumulation tile (registers)
   static V zero() { return 0.f; }
   static V set1(float x) { return x; }
   static V load(const float* p) { return *p; }
@@ -98,6 +99,7 @@ namespace avx2 {
 struct Vec {
   using V = __m256;
   static constexpr int W = 8;
+  static constexpr int TILE = 2;  // 4 heads x 2: 8 accumulators of 16 ymm
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
@@ -138,6 +140,7 @@ namespace avx512 {
 struct Vec {
   using V = __m512;
   static constexpr int W = 16;
+  static constexpr int TILE = 4;  // 4 heads x 4: 16 accumulators of 32 zmm
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }

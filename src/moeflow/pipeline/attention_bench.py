@@ -18,8 +18,9 @@ from moeflow.pipeline.native import load
 
 
 def bench(B: int, ctx: int, Hq: int, Hkv: int, D: int, threads: int, repeat: int, kernel: str | None = None,
-          spread: float = 0.5) -> dict:
-    """Sequences of contexts spread evenly over ctx * (1 -/+ spread): time per call and K/V read rate."""
+          spread: float = 0.5, shared: bool = False) -> dict:
+    """Sequences of contexts spread evenly over ctx * (1 -/+ spread): time per call and K/V read rate. shared: K and
+    V one arena (MLA's latent rows, read once)."""
     native = load()
     if native is None:
         raise SystemExit("the native CPU attention kernel could not be built")
@@ -31,6 +32,8 @@ def bench(B: int, ctx: int, Hq: int, Hkv: int, D: int, threads: int, repeat: int
     k_cache, v_cache = (rows[torch.randperm(P) % 4096] for _ in "kv")  # [P, Hkv, D]
     q = torch.randn(B, Hq, D, generator=g).bfloat16()
     k, v = (torch.randn(B, Hkv, D, generator=g).bfloat16() for _ in "kv")
+    if shared:
+        v_cache, v = k_cache, k
     starts = torch.tensor(lens, dtype=torch.int32) - 1
     out = torch.empty(B, Hq, D, dtype=torch.bfloat16)
     native(q, k_cache, v_cache, runs, starts, None, threads, k, v, out, kernel)  # warm: pages, threads
@@ -38,9 +41,10 @@ def bench(B: int, ctx: int, Hq: int, Hkv: int, D: int, threads: int, repeat: int
     for _ in range(repeat):
         native(q, k_cache, v_cache, runs, starts, None, threads, k, v, out, kernel)
     s = (time.perf_counter() - t) / repeat
-    nbytes = 2 * sum(lens) * Hkv * D * 2
-    return {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "threads": threads, "kernel": kernel or native.best(),
-            "ms": s * 1e3, "kv_bytes": nbytes, "gb_per_s": nbytes / s / 1e9}
+    nbytes = (1 if shared else 2) * sum(lens) * Hkv * D * 2
+    return {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "shared": shared, "threads": threads,
+            "kernel": kernel or native.best(), "ms": s * 1e3, "kv_bytes": nbytes, "gb_per_s": nbytes / s / 1e9,
+            "gflop_per_s": 4 * sum(lens) * Hq * D / s / 1e9}
 
 
 def beside_copies(fn, nbytes: int = 1 << 30) -> tuple[object, float]:
@@ -71,12 +75,13 @@ def beside_copies(fn, nbytes: int = 1 << 30) -> tuple[object, float]:
 
 
 @cache
-def measured_read_bw(Hq: int, Hkv: int, D: int, threads: int) -> float | None:
+def measured_read_bw(Hq: int, Hkv: int, D: int, threads: int, shared: bool = False) -> float | None:
     """The kernel's K/V read rate (bytes/s) alone on 256 sequences of 256 to 768 positions (at Mixtral's shape
-    ~0.5 GiB, beyond the caches); None where it cannot be built. Taken once per process, for the planner."""
+    ~0.5 GiB, beyond the caches; where the heads' arithmetic binds, as for MLA's latent rows, that shows in the
+    rate); None where it cannot be built. Taken once per process, for the planner."""
     if load() is None:
         return None
-    return bench(256, 512, Hq, Hkv, D, threads, 3)["gb_per_s"] * 1e9
+    return bench(256, 512, Hq, Hkv, D, threads, 3, shared=shared)["gb_per_s"] * 1e9
 
 
 @cache
@@ -99,7 +104,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=448)
     p.add_argument("--ctx", type=int, default=236, help="average attended positions")
-    p.add_argument("--heads", default="32,8,128", help="Hq,Hkv,D")
+    p.add_argument("--heads", default="32,8,128", help="Hq,Hkv,D (DeepSeek-V2-Lite's latent rows: 16,1,576 --shared)")
+    p.add_argument("--shared", action="store_true", help="K and V one arena (MLA's latent rows)")
     p.add_argument("--threads", default=str(physical_cores()), help="comma-separated thread counts")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--kernel", choices=("scalar", "avx2", "avx512"))
@@ -107,9 +113,9 @@ def main() -> None:
     a = p.parse_args()
     Hq, Hkv, D = (int(x) for x in a.heads.split(","))
     for n in (int(x) for x in a.threads.split(",")):
-        print(json.dumps(bench(a.batch, a.ctx, Hq, Hkv, D, n, a.repeat, a.kernel)))
+        print(json.dumps(bench(a.batch, a.ctx, Hq, Hkv, D, n, a.repeat, a.kernel, shared=a.shared)))
         if a.beside_copies and torch.cuda.is_available():
-            row, h2d = beside_copies(lambda: bench(a.batch, a.ctx, Hq, Hkv, D, n, a.repeat, a.kernel))
+            row, h2d = beside_copies(lambda: bench(a.batch, a.ctx, Hq, Hkv, D, n, a.repeat, a.kernel, shared=a.shared))
             print(json.dumps(row | {"beside_copies_h2d_gb_per_s": h2d / 1e9}))
 
 

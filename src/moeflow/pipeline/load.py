@@ -66,12 +66,13 @@ def measured_rates(cfg: ModelConfig, device: str, dtype: torch.dtype, gpu_memory
     dev = resolve_device(device)
     if dev.type != "cuda":
         return PipelineRates()
-    shape = (*cpu_attention_shape(cfg)[:3], physical_cores())
+    Hq, Hkv, D, shared = cpu_attention_shape(cfg)
     flops = None
     if dtype == torch.bfloat16:
         flops = measured_grouped_flops(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,
                                        cfg.expert_intermediate_size, PREFILL_CHUNK, str(dev), gpu_memory, quant)
-    return PipelineRates(measured_read_bw(*shape), measured_call_s(*shape), flops)
+    cores = physical_cores()
+    return PipelineRates(measured_read_bw(Hq, Hkv, D, cores, shared), measured_call_s(Hq, Hkv, D, cores), flops)
 
 
 def describe(pred: ThroughputPrediction) -> str:
