@@ -27,6 +27,10 @@
 #                requests 200:999, learning on line), lru; needs the server's wheels carried (scripts/gpu_serve.sh)
 #   throughputq  bench throughput: Qwen3-30B-A3B at 16 GiB, generation lengths GEN_LENS (default 64), no baseline;
 #                with MAX_BATCH, the plan's N at most that, then the same N in micro-batches of 128 (--plan)
+#   throughputx  bench throughput of the pipeline's newer paths at GEN_LENS (default 64), beside the serve path:
+#                Mixtral-8x7B int4 at 24 GiB, DeepSeek-V2-Lite at 8 GiB (MLA), GPT-OSS-20B at 12 GiB (sinks,
+#                windows, biased experts); MAX_BATCH caps N (default 1024); then the latent-row attention kernel
+#                alone (DeepSeek-V2-Lite's shape) to see its arithmetic bound
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -93,6 +97,14 @@ sys.exit(main(['bench', 'latency', '--model', 'synthetic:mixtral-8x7b-int4', '--
                      --gen-lens "${GEN_LENS:-64}" --baseline-batches "" --plan "$MAX_BATCH,128,0.16,0,cpu" \
                      --out "$OUT/throughput-qwen3-mu128.json" 2>&1 | tee "$OUT/throughput-qwen3-mu128.log" | tail -3
                  fi ;;
+    throughputx) for cfg in mixtral-8x7b-int4@24GiB deepseek-v2-lite@8GiB gpt-oss-20b@12GiB; do
+                   python3 -m moeflow bench throughput --configs "synthetic:$cfg" --prompts $D/mt_bench.jsonl \
+                     --gen-lens "${GEN_LENS:-64}" --baseline-batches 16 --baseline-tokens 32 \
+                     --max-batch "${MAX_BATCH:-1024}" --out "$OUT/throughput-${cfg%@*}.json" 2>&1 \
+                     | tee "$OUT/throughput-${cfg%@*}.log" | tail -6
+                 done
+                 python3 -m moeflow.pipeline.attention_bench --batch 448 --ctx 236 --heads 16,1,576 --shared \
+                   --threads 16,8 --repeat 5 2>&1 | tee "$OUT/attention-mla.log" | tail -3 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
