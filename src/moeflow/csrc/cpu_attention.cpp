@@ -36,7 +36,7 @@ namespace {
 Pool g_pool("moeflow-attn");
 std::mutex g_pool_lock;  // one call at a time in the pool (callers on several threads take turns)
 
-enum Kernel { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+enum Kernel { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512BF16 = 3 };
 
 inline float bf16_to_f32(uint16_t v) {
   uint32_t u = uint32_t(v) << 16;
@@ -72,6 +72,7 @@ struct Vec {
   using V = float;
   static constexpr int W = 1;
   static constexpr int TILE = 1;  // K rows per score tile, V vectors per accumulation tile (registers)
+  static constexpr bool BF16_DOT = false;  // bf16 scores by vdpbf16ps (avx512bf16::Vec)
   static V zero() { return 0.f; }
   static V set1(float x) { return x; }
   static V load(const float* p) { return *p; }
@@ -100,6 +101,7 @@ struct Vec {
   using V = __m256;
   static constexpr int W = 8;
   static constexpr int TILE = 2;  // 4 heads x 2: 8 accumulators of 16 ymm
+  static constexpr bool BF16_DOT = false;
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
@@ -141,6 +143,7 @@ struct Vec {
   using V = __m512;
   static constexpr int W = 16;
   static constexpr int TILE = 4;  // 4 heads x 4: 16 accumulators of 32 zmm
+  static constexpr bool BF16_DOT = false;
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
@@ -169,16 +172,33 @@ struct Vec {
 }  // namespace avx512
 #pragma GCC pop_options
 
+// AVX-512 with the bf16 dot product: bf16 q . bf16 K rows two products per lane and instruction (exact in fp32),
+// where K/V and q are bf16; the rest as avx512.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
+namespace avx512bf16 {
+struct Vec : avx512::Vec {
+  static constexpr bool BF16_DOT = true;
+  using B = __m512i;  // 32 bf16
+  static B loadb(const uint16_t* p) { return _mm512_loadu_si512(p); }
+  static V dotb(V acc, B a, B b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+};
+#include "cpu_attention_body.inc"
+}  // namespace avx512bf16
+#pragma GCC pop_options
+
 extern "C" {
 
-// Bit 1: AVX2 + FMA, bit 2: AVX-512F.
+// Bit 1: AVX2 + FMA, bit 2: AVX-512F, bit 4: AVX-512 with BF16 (and BW, VL).
 int attn_features() {
   __builtin_cpu_init();
+  const bool bf16 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
   return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0) |
-         (__builtin_cpu_supports("avx512f") ? 2 : 0);
+         (__builtin_cpu_supports("avx512f") ? 2 : 0) | (bf16 ? 4 : 0);
 }
 
-// kernel: 0 scalar, 1 AVX2, 2 AVX-512; *_bf16: that tensor in bf16 (else fp32); k_new/v_new may be null (no
+// kernel: 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 with BF16; *_bf16: that tensor in bf16 (else fp32); k_new/v_new may be null (no
 // write); sinks [Hq] fp32 or null (GPT-OSS). Returns 0, or -1 on bad arguments.
 int attn_decode(int kernel, int threads, int kv_bf16, int q_bf16, int out_bf16, const void* q, void* k, void* v,
                 const void* k_new, const void* v_new, const int32_t* runs, const int32_t* starts, int window,
@@ -189,7 +209,8 @@ int attn_decode(int kernel, int threads, int kv_bf16, int q_bf16, int out_bf16, 
     if (starts[b] < 0 || runs[b] < 0) return -1;
   const Args a{q, k, v, k_new, v_new, runs, starts, window, B, Hq, Hkv, D, scale, out, kv_bf16, q_bf16, out_bf16,
                sinks};
-  if (kernel == AVX512) avx512::decode(a, threads);
+  if (kernel == AVX512BF16) avx512bf16::decode(a, threads);
+  else if (kernel == AVX512) avx512::decode(a, threads);
   else if (kernel == AVX2) avx2::decode(a, threads);
   else scalar::decode(a, threads);
   return 0;

@@ -18,7 +18,7 @@ from moeflow.experts.native import build_library
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SOURCES = [CSRC / "cpu_attention.cpp", CSRC / "cpu_attention_body.inc", CSRC / "cpu_experts_pool.inc"]
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
-KERNELS = {"scalar": 0, "avx2": 1, "avx512": 2}
+KERNELS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
 KINDS = (torch.float32, torch.bfloat16)  # what the kernel reads and writes
 
 
@@ -29,10 +29,10 @@ class NativeAttention:
         lib.attn_decode.argtypes = [i, i, i, i, i, p, p, p, p, p, p, p, i, i, i, i, i, ctypes.c_float, p, p]
         lib.attn_decode.restype = i
         bits = lib.attn_features()
-        self.features = {name for bit, name in ((1, "avx2"), (2, "avx512")) if bits & bit}
+        self.features = {name for bit, name in ((1, "avx2"), (2, "avx512"), (4, "avx512bf16")) if bits & bit}
 
     def best(self) -> str:
-        return next(k for k in ("avx512", "avx2", "scalar") if k == "scalar" or k in self.features)
+        return next(k for k in ("avx512bf16", "avx512", "avx2", "scalar") if k == "scalar" or k in self.features)
 
     def supports(self, k_cache: torch.Tensor) -> bool:
         return k_cache.dtype in KINDS and k_cache.is_contiguous()
@@ -81,11 +81,16 @@ def load() -> NativeAttention | None:
 
 
 def self_checked(native: NativeAttention) -> set[str]:
-    """The vector paths that agree with the scalar one on a small case (GQA, a tail of D, several V blocks)."""
+    """The vector paths that agree with the scalar one on small cases (GQA, a tail of D, several V blocks; 16 heads
+    on one KV head), in fp32 and in bf16."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(3, 6, 40, generator=g)
-    k_cache, v_cache = (torch.randn(600, 2, 40, generator=g) for _ in "kv")
     runs, starts = torch.tensor([0, 200, 400], dtype=torch.int32), torch.tensor([0, 70, 199], dtype=torch.int32)
-    ref = native(q, k_cache, v_cache, runs, starts, None, 1, kernel="scalar")
-    return {f for f in native.features
-            if torch.allclose(native(q, k_cache, v_cache, runs, starts, None, 2, kernel=f), ref, atol=1e-4)}
+    ok = set(native.features)
+    for Hq, Hkv, D in ((6, 2, 40), (16, 1, 72)):
+        q = torch.randn(3, Hq, D, generator=g)
+        k_cache, v_cache = (torch.randn(600, Hkv, D, generator=g) for _ in "kv")
+        for dtype in (torch.float32, torch.bfloat16):
+            args = [t.to(dtype) for t in (q, k_cache, v_cache)]
+            ref = native(*args, runs, starts, None, 1, kernel="scalar")
+            ok = {f for f in ok if torch.allclose(native(*args, runs, starts, None, 2, kernel=f), ref, atol=1e-4)}
+    return ok
