@@ -173,6 +173,34 @@ def test_layer_weights_run_each_layers_experts(grouped, monkeypatch):
     assert len(calls) == (3 * 3 * 2 * len(ck.cfg.moe_layers) if grouped else 0)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_layer_weights_run_int4_experts_through_the_gpu_kernels(tokens):
+    """int4 blocks streamed into the GPU buffers (bf16: decode's GEMVs at few tokens, the fused kernels beyond):
+    the same output as the reference backend with the whole store on the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from moeflow.experts.local import LocalExperts
+    from moeflow.pipeline.weights import LayerWeights
+
+    ck = load("synthetic:tiny-mixtral-int4", device="cuda", dtype="bf16", expert_device="cpu")
+    ck.store.pin()
+    ref = LocalExperts(ck.store.to("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, ck.cfg.hidden_size, generator=g, device="cuda").bfloat16()
+    ids = torch.rand(tokens, ck.cfg.num_experts, generator=g, device="cuda").topk(2, dim=1).indices
+    w = torch.rand(tokens, 2, generator=g, device="cuda")
+    for r_w in (0.0, 0.5):
+        lw = LayerWeights(ck.store, torch.device("cuda"), r_w)
+        assert lw.whole and not lw.grouped
+        for layer in ck.cfg.moe_layers:
+            row = ck.store.slot[layer]
+            lw.acquire(row)
+            torch.testing.assert_close(lw.ffn(row, x, ids, w).float(), ref(layer, x, ids, w).float(),
+                                       rtol=2e-2, atol=2e-2)
+            lw.release(row)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_attention_matches_pytorch(dtype):
     from moeflow.pipeline.attention import cpu_decode_attention
