@@ -177,11 +177,23 @@ struct Vec {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
 namespace avx512bf16 {
+alignas(64) constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 struct Vec : avx512::Vec {
   static constexpr bool BF16_DOT = true;
   using B = __m512i;  // 32 bf16
   static B loadb(const uint16_t* p) { return _mm512_loadu_si512(p); }
   static V dotb(V acc, B a, B b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+  static B interleave(const uint16_t* a, const uint16_t* b) {  // a0 b0 a1 b1 ... a15 b15
+    const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+    return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), ab);
+  }
+  static B pair(const uint16_t* p) {  // (p[0], p[1]) in every 32-bit lane
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+  }
 };
 #include "cpu_attention_body.inc"
 }  // namespace avx512bf16

@@ -82,15 +82,16 @@ def load() -> NativeAttention | None:
 
 def self_checked(native: NativeAttention) -> set[str]:
     """The vector paths that agree with the scalar one on small cases (GQA, a tail of D, several V blocks; 16 heads
-    on one KV head), in fp32 and in bf16."""
+    on one KV head), in fp32 and in bf16 (there within bf16's rounding of the probabilities: the bf16 dot products
+    take them in bf16, as a GPU's attention does)."""
     g = torch.Generator().manual_seed(0)
     runs, starts = torch.tensor([0, 200, 400], dtype=torch.int32), torch.tensor([0, 70, 199], dtype=torch.int32)
     ok = set(native.features)
     for Hq, Hkv, D in ((6, 2, 40), (16, 1, 72)):
         q = torch.randn(3, Hq, D, generator=g)
         k_cache, v_cache = (torch.randn(600, Hkv, D, generator=g) for _ in "kv")
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype, tol in ((torch.float32, dict(rtol=0, atol=1e-4)), (torch.bfloat16, dict(rtol=1e-2, atol=1e-2))):
             args = [t.to(dtype) for t in (q, k_cache, v_cache)]
             ref = native(*args, runs, starts, None, 1, kernel="scalar")
-            ok = {f for f in ok if torch.allclose(native(*args, runs, starts, None, 2, kernel=f), ref, atol=1e-4)}
+            ok = {f for f in ok if torch.allclose(native(*args, runs, starts, None, 2, kernel=f), ref, **tol)}
     return ok
