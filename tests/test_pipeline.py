@@ -86,6 +86,20 @@ def test_pipeline_runs_latent_attention_as_the_single_request_engine(native):
     assert engine.cpu_attention_bytes == cfg.num_hidden_layers * positions * row * engine.cache[0][0].element_size()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["olmoe", "phimoe", "qwen2_moe", "gpt_oss"])
+def test_pipeline_on_the_gpu_runs_the_other_architectures(model_type, hf_checkpoint):
+    """The same on the GPU (fp32): streams and events, q/k/v and the attention's output across PCIe, sinks and
+    windows on the host, biased experts in the GPU buffers."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    path = hf_checkpoint(model_type)[0]
+    ck = load(path, device="cuda", dtype="fp32", expert_device="cpu")
+    ck.store.pin()
+    got, _ = pipeline_tokens(ck, ThroughputPolicy(3, 2, 0.5, 0.0, False))
+    assert got == single_request_tokens(load(path, device="cuda", dtype="fp32"))
+
+
 def test_pipeline_refuses_longrope_past_its_short_range(hf_checkpoint):
     """Phi-3.5-MoE's longrope switches scale past original_max_position_embeddings (the continuous engine re-runs
     such a sequence): the pipeline takes --max-len within it, and says so beyond."""
