@@ -97,6 +97,11 @@ def test_gptq_folder_loads_dequantized_and_requantized(hf_checkpoint, act_order)
     want = quantized_folder(path, "gptq", {"bits": 4, "group_size": G, "desc_act": act_order, "sym": False},
                             act_order)
     check_loaded(path, want)
+    # what the planners count before loading (plan, the pipeline's plan, batch's engine choice) is the store's
+    from moeflow.checkpoint import model_quant
+
+    assert model_quant(path) == load(path, dtype="fp32").store.fmt.spec
+    assert model_quant(path, "int8").bits == 8  # --quantize wins
 
 
 def test_awq_gemm_folder_loads_dequantized_and_requantized(hf_checkpoint):

@@ -121,10 +121,16 @@ def synthetic_quant(name: str, quant: QuantSpec | str | None = None) -> tuple[st
 
 
 def model_quant(spec: str | Path, quant: QuantSpec | str | None = None) -> QuantSpec | None:
-    """The experts' quantization of a model spec: `quant` (--quantize), or a synthetic preset's -int4/-int8."""
+    """The experts' quantization of a model spec, as load() will store them: `quant` (--quantize), a synthetic
+    preset's -int4/-int8, or a GPTQ/AWQ folder's own (its quantization_config)."""
     if str(spec).startswith("synthetic:"):
         return synthetic_quant(str(spec).removeprefix("synthetic:"), quant)[1]
-    return parse_quant(quant) if isinstance(quant, str) or quant is None else quant
+    quant = parse_quant(quant) if isinstance(quant, str) or quant is None else quant
+    path = builtin_path(str(spec).removeprefix("builtin:")) if str(spec).startswith("builtin:") else Path(spec)
+    if quant is None and (path.expanduser() / "config.json").is_file():
+        published = PublishedQuant.read(path.expanduser(), read_config(path.expanduser()))
+        return published.spec() if published else None
+    return quant
 
 
 def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
