@@ -57,7 +57,8 @@ class HeadsForm:
 
     def __init__(self, attn):
         self.attn, self.scale = attn, None
-        self.sinks = getattr(attn, "sinks", None)  # [Hq] (GPT-OSS) or None
+        sinks = getattr(attn, "sinks", None)  # [Hq] (GPT-OSS) or None; the CPU reads a host copy
+        self.sinks = None if sinks is None else sinks.detach().to("cpu", torch.float32)
 
     def inputs(self, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [b, H] -> q [b, Hq, D], the new k and v rows [b, Hkv, D]."""

@@ -52,7 +52,7 @@ class NativeAttention:
         news = [None, None] if k_new is None else [t.to(k_cache.dtype).contiguous() for t in (k_new, v_new)]
         assert runs.dtype == starts.dtype == torch.int32 and out.dtype in KINDS and out.is_contiguous()
         bf16 = [int(t.dtype == torch.bfloat16) for t in (k_cache, q, out)]
-        sinks = None if sinks is None else sinks.detach().float().contiguous()
+        sinks = None if sinks is None else sinks.detach().to("cpu", torch.float32).contiguous()
         assert sinks is None or sinks.shape == (Hq,)
         r = self.lib.attn_decode(KERNELS[kernel or self.best()], threads, *bf16, q.data_ptr(), k_cache.data_ptr(),
                                  v_cache.data_ptr(), *[None if t is None else t.data_ptr() for t in news],
