@@ -160,3 +160,22 @@ def test_quantized_experts_are_planned_with_their_own_bytes(monkeypatch):
     monkeypatch.setattr(pipeline_load, "host_budget", lambda held=0: host)
     spec = PipelineSpec("synthetic:mixtral-8x7b-int4", "cpu", "bf16", budget, prompt_len=172, gen_len=128)
     assert plan_for(spec, profile=reference_profile())[1] == q
+
+
+@pytest.mark.parametrize("model,grouped", [("tiny-mixtral", True), ("tiny-mixtral-int4", None)])
+def test_the_plan_counts_what_layer_weights_hold_on_the_gpu(model, grouped):
+    """Resident experts plus two buffers of a whole layer each (grouped GEMMs and the quantized kernels take a
+    layer's experts as one tensor, the residents copied in beside the streamed): what the plan's GPU bytes
+    count for the expert weights, at the blocks' own bytes."""
+    from moeflow.pipeline.weights import LayerWeights
+
+    ck = load(f"synthetic:{model}", dtype="bf16")
+    eb = ck.store.expert_bytes if ck.store.fmt.quantized else None
+    for r_w in (0.25, 0.5):
+        lw = LayerWeights(ck.store, torch.device("cpu"), r_w, grouped=grouped)
+        assert lw.whole
+        pol = ThroughputPolicy(4, 2, r_w, 0.0, False)
+        with_experts = throughput_memory(ck.cfg, pol, 16, 8, 2, eb)[0]
+        without = throughput_memory(ck.cfg, ThroughputPolicy(4, 2, 1.0, 0.0, False), 16, 8, 2, eb)[0] - \
+            len(ck.cfg.moe_layers) * ck.cfg.num_experts * ck.store.expert_bytes   # r_w = 1: every expert, no buffers
+        assert with_experts - without == lw.nbytes

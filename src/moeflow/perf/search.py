@@ -112,8 +112,7 @@ def _max_rw(cfg, pol: ThroughputPolicy, prompt_len, gen_len, gpu_memory, b, eb: 
     g0 = gpu(0.0)
     if g0 > gpu_memory:
         return None
-    w_layer = layer_expert_bytes(cfg, b, eb)
-    slope = max(len(cfg.moe_layers) * w_layer - 2 * w_layer, 1)
+    slope = max(len(cfg.moe_layers) * layer_expert_bytes(cfg, b, eb), 1)  # the resident share's bytes per unit of r_w
     r = min(math.floor((gpu_memory - g0) / slope * 100) / 100, 0.99)
     while r > 0 and gpu(r) > gpu_memory:
         r -= 0.01
@@ -135,8 +134,8 @@ def search_throughput(cfg: ModelConfig, profile: HardwareProfile, gpu_memory: in
     g_min = throughput_memory(cfg, smallest, prompt_len, gen_len, b, eb)[0]
     if g_min > gpu_memory:
         raise MoeflowError(f"--gpu-memory {gib(gpu_memory)} does not fit {name} in the throughput regime: the "
-                           f"non-expert weights ({gib(cfg.dense_numel * b)}), a double buffer for one layer's "
-                           f"streamed experts and the workspace need {gib(g_min)} (short by {gib(g_min - gpu_memory)})")
+                           f"non-expert weights ({gib(cfg.dense_numel * b)}), two buffers of one layer's "
+                           f"experts and the workspace need {gib(g_min)} (short by {gib(g_min - gpu_memory)})")
     n_max = max(1, (host - experts) // seq_kv)
     best = None
     for N in _grid(n_max):

@@ -91,7 +91,9 @@ def throughput_memory(cfg: ModelConfig, pol: ThroughputPolicy, prompt_len: int, 
 
     L, w_layer = len(cfg.moe_layers), layer_expert_bytes(cfg, b, eb)
     kv = pol.N * (prompt_len + gen_len) * cfg.kv_bytes_per_token(b)
-    stream = 0 if pol.r_w >= 1 else 2 * math.ceil(w_layer * (1 - pol.r_w))  # double buffer of one layer
+    # the double buffer: each holds a whole layer (the resident experts copied in beside the streamed ones, as the
+    # grouped and quantized kernels take one [E, W] tensor, pipeline/weights.py)
+    stream = 0 if pol.r_w >= 1 else 2 * w_layer
     kv_stage = 0 if (not pol.attn_gpu or pol.r_c >= 1) else \
         2 * pol.N * (prompt_len + gen_len) * cfg.kv_bytes_per_token(b) // cfg.num_hidden_layers
     step = max(pol.N, min(pol.N * prompt_len, PREFILL_CHUNK))  # decode holds all N, logits included

@@ -102,8 +102,8 @@ def check_fits(cfg: ModelConfig, pol: ThroughputPolicy, prompt_len: int, gen_len
     gpu, need = throughput_memory(cfg, pol, prompt_len, gen_len, b, eb)
     if gpu_memory is not None and gpu > gpu_memory:
         raise MoeflowError(f"the plan N={pol.N}, mu={pol.mu}, r_w={pol.r_w:.2f} needs {gib(gpu)} of GPU memory "
-                           f"(non-expert weights, {pol.r_w:.0%} of the experts, a double buffer for one layer's "
-                           f"streamed experts, the workspace): --gpu-memory {gib(gpu_memory)} is short by "
+                           f"(non-expert weights, {pol.r_w:.0%} of the experts, two buffers of one layer's "
+                           f"experts, the workspace): --gpu-memory {gib(gpu_memory)} is short by "
                            f"{gib(gpu - gpu_memory)}")
     limit = host_budget() if host is None else host
     if need > limit:
