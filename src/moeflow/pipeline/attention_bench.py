@@ -14,7 +14,7 @@ from functools import cache
 import torch
 
 from moeflow.experts.cpu import physical_cores
-from moeflow.pipeline.native import load
+from moeflow.pipeline.native import KERNELS, load
 
 
 def bench(B: int, ctx: int, Hq: int, Hkv: int, D: int, threads: int, repeat: int, kernel: str | None = None,
@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("--shared", action="store_true", help="K and V one arena (MLA's latent rows)")
     p.add_argument("--threads", default=str(physical_cores()), help="comma-separated thread counts")
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--kernel", choices=("scalar", "avx2", "avx512"))
+    p.add_argument("--kernel", choices=tuple(KERNELS))
     p.add_argument("--beside-copies", action="store_true", help="also with host -> GPU copies running (CUDA)")
     a = p.parse_args()
     Hq, Hkv, D = (int(x) for x in a.heads.split(","))
