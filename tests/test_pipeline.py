@@ -397,6 +397,34 @@ def test_batch_runs_on_the_pipeline_engine(tmp_path, monkeypatch):
         assert body["usage"]["completion_tokens"] == len(seq.output_ids)
 
 
+def test_running_out_of_gpu_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    """A plan whose count falls short meets the allocator's cap (or the device's end): one line naming the plan
+    and the budget, exit 2 from `moeflow batch`, and the results finished before it kept."""
+    from moeflow.pipeline import engine as engine_module
+
+    calls = []
+
+    def hidden(self, seqs):
+        calls.append(len(seqs))
+        if len(calls) > 2:  # the prefill and one decode step go through
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(self, seqs)
+
+    real = engine_module.PipelineEngine._hidden
+    monkeypatch.setattr(engine_module.PipelineEngine, "_hidden", hidden)
+    lines = [json.dumps({"custom_id": f"r{i}", "url": "/v1/completions",
+                         "body": {"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True}})
+             for i, (p, n) in enumerate([("hello", 1), ("the cat", 6)])]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["batch", "--model", "synthetic:tiny-mixtral", "--input", str(tmp_path / "in.jsonl"), "--output",
+                 str(out), "--device", "cpu", "--engine", "pipeline", "--plan", "2,1,0.5,0,cpu",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "plan N=2, mu=1, r_w=0.50 needed more memory than the GPU holds" in err and "Traceback" not in err
+    assert [json.loads(line)["custom_id"] for line in out.read_text().splitlines()] == ["r0"]  # finished: kept
+
+
 @pytest.mark.parametrize("model,quant,plan", [("tiny-mixtral-int4", None, (3, 2, 0.5)),
                                                ("tiny-qwen3", "int8", (4, 1, 0.0))])
 def test_pipeline_runs_quantized_experts_as_the_single_request_engine(model, quant, plan):

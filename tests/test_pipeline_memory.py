@@ -134,9 +134,12 @@ def test_the_gpu_peak_stays_within_the_plan():
     pol, pred = plan_for(spec, held=ck.store.nbytes, cfg=ck.cfg)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()  # the non-expert weights, counted by the plan
-    engine = PipelineEngine(ck, pol, spec.max_len, kv_positions=kv_positions(spec, pol))
+    before = torch.cuda.get_per_process_memory_fraction()
+    engine = PipelineEngine(ck, pol, spec.max_len, kv_positions=kv_positions(spec, pol), gpu_memory=1 << 30)
+    assert torch.cuda.get_per_process_memory_fraction() < before  # the allocator capped at the budget
     engine.generate([list(range(3, 15))] * 8, SamplingParams(max_new_tokens=6, ignore_eos=True))
     engine.close()
+    assert torch.cuda.get_per_process_memory_fraction() == before  # and put back
     assert torch.cuda.max_memory_allocated() - base + ck.cfg.dense_numel * 2 <= pred.gpu_bytes
 
 

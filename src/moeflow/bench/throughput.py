@@ -105,7 +105,7 @@ def pipeline_row(ck, model: str, budget: int, prompts, gen_len: int, args, profi
     # the cycled requests' own runs, when their prompts are longer than the mean on the whole
     positions = max(kv_positions(spec, pol), sum(len(prompts[i % len(prompts)]) + gen_len for i in range(n)))
     _reset_peaks(torch.device(args.device))
-    engine = PipelineEngine(ck, pol, spec.max_len, kv_positions=positions)
+    engine = PipelineEngine(ck, pol, spec.max_len, kv_positions=positions, gpu_memory=budget)
     try:
         elapsed, tokens = _drive(engine, prompts, n, gen_len)
         elapsed += engine.cache.touch_s  # the KV arenas are touched before the run: their time counts in it

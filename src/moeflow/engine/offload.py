@@ -48,7 +48,7 @@ class ProcessSettings:
             self._undo.pop()()
 
 
-def _held_bytes(device: torch.device, own: int) -> int:
+def held_bytes(device: torch.device, own: int) -> int:
     """The allocator's cap counts the whole process. What it already holds beyond this model's weights and KV
     cache (`own`: other tensors, fragments of earlier work that cannot be given back) is not the budget's: the cap
     is raised by it, once the garbage of earlier work is collected and given back (with cuBLAS's workspaces, one
@@ -74,7 +74,7 @@ def attach_offload(ck: Checkpoint, oc: OffloadConfig, kv_bytes: int, step_tokens
     policy = get_policy(oc.policy)
     if oc.expert_maps:
         policy.use_maps(oc.expert_maps, len(cfg.moe_layers), cfg.num_experts)
-    held = _held_bytes(device, ck.dense_bytes + kv_bytes) if device.type == "cuda" else 0
+    held = held_bytes(device, ck.dense_bytes + kv_bytes) if device.type == "cuda" else 0
     trace = load_trace(oc.routing_trace) if oc.routing_trace else None
     trace_bytes = 0
     if trace is not None and device.type == "cuda":  # on the GPU whole: ids, and weights in fp32 (TraceRouting)

@@ -22,7 +22,9 @@ import torch
 
 from moeflow import MoeflowError
 from moeflow.checkpoint import Checkpoint
+from moeflow.engine.budget import gib
 from moeflow.engine.llm_engine import GenerationResponse, LLMEngine
+from moeflow.engine.offload import ProcessSettings, held_bytes
 from moeflow.engine.sampler import sample
 from moeflow.engine.sequence import Sequence, Status
 from moeflow.models.layers import Attention, AttnBatch, SparseMoe
@@ -37,10 +39,11 @@ from moeflow.pipeline.weights import LayerWeights
 
 class PipelineEngine(LLMEngine):
     def __init__(self, ck: Checkpoint, plan: ThroughputPolicy, max_len: int, native: bool | None = None,
-                 kv_positions: int | None = None):
+                 kv_positions: int | None = None, gpu_memory: int | None = None):
         """max_len: prompt + generated tokens of one sequence at most; kv_positions: the host KV cache's
         positions over all sequences (default N x max_len; at least max_len); native: the native CPU attention
-        kernel (None: where it builds; False: PyTorch)."""
+        kernel (None: where it builds; False: PyTorch); gpu_memory: the budget (bytes) the plan fits, which the
+        allocator is capped at on a GPU, as the latency regime's is (the non-expert weights already loaded)."""
         if plan.attn_gpu:
             raise MoeflowError("the pipeline engine runs attention on the CPU; a plan with attention on the GPU "
                                "is not implemented (use attn=cpu)")
@@ -61,7 +64,11 @@ class PipelineEngine(LLMEngine):
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.cuda_graphs, self.graphs, self.graph_pool, self.budget = False, {}, None, None
-        self.plan = plan
+        self.plan, self.gpu_memory, self.process = plan, gpu_memory, ProcessSettings()
+        if gpu_memory is not None and self.device.type == "cuda":  # before the experts' GPU share is allocated
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            held = held_bytes(self.device, ck.dense_bytes)  # what this process holds beyond the budget's weights
+            self.process.cap_memory(min(1.0, (gpu_memory + held) / total), self.device)
         self.weights = LayerWeights(ck.store, self.device, plan.r_w)
         self.rows = [ck.store.slot.get(i) for i in range(ck.cfg.num_hidden_layers)]  # layer -> store row or None
         self.forms = [cpu_form(layer.self_attn) for layer in ck.model.layers]  # each attention on the CPU
@@ -83,6 +90,7 @@ class PipelineEngine(LLMEngine):
     def close(self) -> None:
         self.pool.shutdown()
         self.weights.close()
+        self.process.restore()
 
     def _admit(self) -> None:
         # A prefill round takes whole prompts up to PREFILL_GROUP tokens (one prompt alone may exceed it). It
@@ -114,10 +122,20 @@ class PipelineEngine(LLMEngine):
         seqs = [s for s in self.running if s.num_cached == 0] or list(self.running)
         if not seqs:
             return []
+        try:
+            tokens = self._tokens(seqs)
+        except torch.OutOfMemoryError:
+            p = self.plan
+            budget = f"--gpu-memory {gib(self.gpu_memory)}" if self.gpu_memory is not None else "the GPU"
+            raise MoeflowError(f"the pipeline's plan N={p.N}, mu={p.mu}, r_w={p.r_w:.2f} needed more memory than "
+                               f"{budget} holds (its count fell short): rerun with a smaller --plan") from None
+        return self._postprocess_all(seqs, tokens)
+
+    def _tokens(self, seqs: list[Sequence]) -> list[int]:
         h, tokens = self._hidden(seqs), []                                    # [B, H]
         for a in range(0, len(seqs), LOGITS_ROWS):  # fp32 logits of a whole batch [N, V] would outgrow the workspace
             tokens += sample(self.model.logits(h[a:a + LOGITS_ROWS]), seqs[a:a + LOGITS_ROWS])
-        return self._postprocess_all(seqs, tokens)
+        return tokens
 
     def _retire(self, seq: Sequence) -> None:
         self.running.remove(seq)

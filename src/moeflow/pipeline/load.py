@@ -95,7 +95,8 @@ def load_pipeline(spec: PipelineSpec, quiet: bool = False):
     if device.type == "cuda":
         ck.store.pin()
         torch.cuda.reset_peak_memory_stats(device)
-    return PipelineEngine(ck, pol, spec.max_len, kv_positions=kv_positions(spec, pol)), pred
+    return PipelineEngine(ck, pol, spec.max_len, kv_positions=kv_positions(spec, pol),
+                          gpu_memory=spec.gpu_memory), pred
 
 
 def kv_positions(spec: PipelineSpec, pol: ThroughputPolicy) -> int:
