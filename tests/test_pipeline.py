@@ -490,6 +490,17 @@ def test_bench_throughput_writes_pipeline_and_baseline_rows(tmp_path, monkeypatc
     assert rows[:2] == [pipe, base] and (rows[2]["gen_len"], rows[2]["tokens"]) == (2, 6) and len(rows) == 3
 
 
+def test_bench_throughput_takes_a_quantized_preset_with_fewer_layers(tmp_path):
+    """--layers rebuilds a synthetic preset with fewer layers: an -int4 one keeps its quantization."""
+    out = tmp_path / "tp.json"
+    assert main(["bench", "throughput", "--configs", "synthetic:tiny-mixtral-int4@1GiB", "--device", "cpu",
+                 "--layers", "2", "--gen-lens", "2", "--num-prompts", "2", "--plan", "2,1,0.5,0,cpu",
+                 "--baseline-batches", "", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["engine"], row["layers"], row["tokens"]) == ("pipeline", 2, 4)
+    assert row["host_tensor_bytes"] < 2 * 8 * 3 * 512 * 256 * 4  # int4 blocks, not the fp32 experts of two layers
+
+
 def test_bench_throughput_plans_a_gpu_run_with_this_hosts_profile(monkeypatch):
     """On a GPU the plan's profile is this host's, measured for the model's shape (get_profile: cached after the
     first run), not the built-in reference host's."""

@@ -213,10 +213,12 @@ def _load(model: str, args):
     from moeflow.checkpoint import load
 
     if args.layers and model.startswith("synthetic:"):
+        from moeflow.checkpoint import synthetic_quant
         from moeflow.synthetic import build_synthetic
 
-        return build_synthetic(model.removeprefix("synthetic:"), args.device, None if args.dtype == "auto"
-                               else args.dtype, "cpu", overrides={"num_hidden_layers": args.layers})
+        name, quant = synthetic_quant(model.removeprefix("synthetic:"))  # an -int4 / -int8 preset too
+        return build_synthetic(name, args.device, None if args.dtype == "auto" else args.dtype, "cpu",
+                               overrides={"num_hidden_layers": args.layers}, quant=quant)
     return load(model, device=args.device, dtype=args.dtype, expert_device="cpu", progress=None)
 
 
