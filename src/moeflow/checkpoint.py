@@ -106,9 +106,20 @@ def read_model_config(spec: str | Path) -> tuple[str, ModelConfig]:
             raise MoeflowError(f"unknown synthetic model {name!r}; choose one of {', '.join(PRESETS)}")
         hf = PRESETS[name]
     else:
-        hf = read_config(builtin_path(spec.removeprefix("builtin:")) if spec.startswith("builtin:")
-                         else Path(spec).expanduser())
+        hf = read_config(model_folder(spec))
     return spec, get_architecture(hf.get("model_type")).config(hf)
+
+
+def model_folder(spec: str) -> Path:
+    """The folder of a checkpoint spec: builtin:NAME, or a path."""
+    return builtin_path(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else Path(spec).expanduser()
+
+
+def folder_quant(path: Path, hf: dict, quant: QuantSpec | None) -> tuple[PublishedQuant | None, QuantSpec | None]:
+    """A folder's published quantization (GPTQ / AWQ, read from its config) and the experts' as stored: `quant`
+    (--quantize) where given, else the published one requantized into moeflow's format."""
+    published = PublishedQuant.read(path, hf)
+    return published, quant or (published.spec() if published else None)
 
 
 def synthetic_quant(name: str, quant: QuantSpec | str | None = None) -> tuple[str, QuantSpec | None]:
@@ -126,10 +137,9 @@ def model_quant(spec: str | Path, quant: QuantSpec | str | None = None) -> Quant
     if str(spec).startswith("synthetic:"):
         return synthetic_quant(str(spec).removeprefix("synthetic:"), quant)[1]
     quant = parse_quant(quant) if isinstance(quant, str) or quant is None else quant
-    path = builtin_path(str(spec).removeprefix("builtin:")) if str(spec).startswith("builtin:") else Path(spec)
-    if quant is None and (path.expanduser() / "config.json").is_file():
-        published = PublishedQuant.read(path.expanduser(), read_config(path.expanduser()))
-        return published.spec() if published else None
+    path = model_folder(str(spec))
+    if quant is None and (path / "config.json").is_file():
+        return folder_quant(path, read_config(path), quant)[1]
     return quant
 
 
@@ -147,12 +157,11 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: str | torc
         name, quant = synthetic_quant(spec.removeprefix("synthetic:"), quant)
         return build_synthetic(name, device, dtype, expert_device, quant=quant)
     quant = parse_quant(quant) if isinstance(quant, str) or quant is None else quant
-    path = builtin_path(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else Path(spec).expanduser()
+    path = model_folder(spec)
     hf = read_config(path)
     arch = get_architecture(hf.get("model_type"))
     cfg = arch.config(hf)
-    published = PublishedQuant.read(path, hf)  # GPTQ / AWQ: experts requantized into moeflow's format
-    quant = quant or (published.spec() if published else None)
+    published, quant = folder_quant(path, hf, quant)  # GPTQ / AWQ: experts requantized into moeflow's format
     device = resolve_device(device)
     expert_device = resolve_device(expert_device or device)
     dtype = resolve_dtype(dtype, cfg, device)
