@@ -258,7 +258,8 @@ class PipelineEngine(LLMEngine):
         jobs = []
         for sl in mbs:  # every micro-batch's QKV, each handed to the CPU as soon as it is on the host
             q, k, v = form.inputs(layer.input_layernorm(x[sl]), (rope[0][sl], rope[1][sl]))
-            host = [t.to("cpu", non_blocking=True) for t in ((q, k) if form.shared_kv else (q, k, v))]
+            q_h, k_h = (t.to("cpu", non_blocking=True) for t in (q, k))
+            host = (q_h, k_h, k_h if v is k else v.to("cpu", non_blocking=True))  # one row for K and V: one copy
             ready = torch.cuda.Event() if dev_is_cuda(x) else None
             if ready is not None:
                 ready.record()
@@ -275,7 +276,7 @@ class PipelineEngine(LLMEngine):
             ready.synchronize()  # q/k/v have landed in host memory (waiting is not the CPU's work)
         t = time.perf_counter()
         pinned, form, (k_cache, v_cache) = self.device.type == "cuda", self.forms[i], self.cache[i]
-        q, k, v = host if len(host) == 3 else (*host, host[1])  # one row for K and V (MLA)
+        q, k, v = host
         out = torch.empty(q.shape, dtype=q.dtype, pin_memory=pinned)  # the native kernel writes here
         with torch.inference_mode():
             o = cpu_decode_attention(q, k, v, k_cache, v_cache, slots, starts, self.windows[i], self.native,

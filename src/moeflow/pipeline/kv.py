@@ -2,8 +2,8 @@
 
 Per layer one K and one V arena of P positions (one arena of latent rows for MLA, pipeline/attention.py); each
 sequence owns one contiguous run of them (its prompt plus the tokens it may generate), found first-fit and merged
-back when it finishes. A run is addressed like a slot
-whose stride is one position, so the native kernel (csrc/cpu_attention.cpp) reads it as it reads a slot.
+back when it finishes. A run is addressed like a slot whose stride is one position, so the native kernel
+(csrc/cpu_attention.cpp) reads it as it reads a slot.
 The arenas are touched once when made (zeroed by all cores, with PREFAULT): first writes to fresh pages fault
 each page in, and the prefill's single store thread would pay those faults in its path.
 Legend: P = arena positions, Hkv = KV heads, D = head dim.

@@ -57,16 +57,28 @@ def _expert_call_s(E: int, K: int, n: int, fmt: ExpertFormat, dev: torch.device,
     """Median seconds of ffn()'s call on n tokens routed uniformly over a layer of E random experts."""
     from moeflow.perf.costs import device_sync, median_s
 
-    I, H = fmt.inter, fmt.hidden
     g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(n, H, generator=g, device=dev, dtype=torch.bfloat16)                      # [n, H]
+    x = torch.randn(n, fmt.hidden, generator=g, device=dev, dtype=torch.bfloat16)             # [n, H]
     ids = torch.rand(n, E, device=dev, generator=g).topk(K, dim=1).indices                   # [n, K]
     w = torch.full((n, K), 1.0 / K, device=dev, dtype=torch.bfloat16)                        # [n, K]
     buf = random_blocks(E, fmt, dev)                                                          # [E, W] host layout
+    return median_s(lambda: whole_layer(buf, x, ids, w, fmt), device_sync(dev), repeats)
+
+
+def whole_layer(buf: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                fmt: ExpertFormat, grouped: bool = True, cpu: CpuExperts | None = None, cfg=None) -> torch.Tensor:
+    """One call over a layer's experts held whole in buf [E, W] (host layout) -> [N, H]: quantized blocks by the
+    quantized kernels, biased ones with their biases (cfg: the model's, for their activation), dense ones in
+    grouped GEMMs; in host memory the native kernel (cpu) where it takes the blocks."""
+    I, H = fmt.inter, x.shape[1]
     if fmt.quantized:
-        return median_s(lambda: quantized_layer(x, ids, w, buf, fmt), device_sync(dev), repeats)
-    gate_up, down_t = buf[:, :2 * I * H].view(-1, 2 * I, H), buf[:, 2 * I * H:].view(-1, I, H)
-    return median_s(lambda: grouped_experts(x, ids, w, gate_up, down_t), device_sync(dev), repeats)
+        return quantized_layer(x, topk_ids, topk_weights, buf, fmt, cpu=cpu)
+    if cpu is not None and cpu.uses_native(buf):  # biased bf16 blocks in host memory
+        return cpu.layer(buf, x, topk_ids, topk_weights).to(x.dtype)
+    gate_up, down_t = buf[:, :2 * I * H].view(-1, 2 * I, H), buf[:, 2 * I * H:3 * I * H].view(-1, I, H)
+    if fmt.biased:
+        return biased_layer(x, topk_ids, topk_weights, gate_up, down_t, buf[:, 3 * I * H:], fmt, cfg, grouped)
+    return grouped_experts(x, topk_ids, topk_weights, gate_up, down_t)
 
 
 def triton_moe_runs(x: torch.Tensor, fmt: ExpertFormat) -> bool:
@@ -171,8 +183,8 @@ class LayerWeights:
         if self.whole:  # in calls of at most grouped_call_tokens tokens, whose buffers the plan counts
             buf = self.bufs[row % 2] if self.bufs else self.res[row]          # [E, W] host layout
             per = grouped_call_tokens(self.inter, topk_ids.shape[1], x.element_size())
-            return torch.cat([self._layer_call(buf, x[a:a + per], topk_ids[a:a + per], topk_weights[a:a + per])
-                              for a in range(0, x.shape[0], per)])
+            return torch.cat([whole_layer(buf, x[a:a + per], topk_ids[a:a + per], topk_weights[a:a + per], self.fmt,
+                                          self.grouped, self.cpu, self.store.cfg) for a in range(0, x.shape[0], per)])
         N, K = topk_ids.shape
         flat = topk_ids.flatten()
         order = torch.argsort(flat, stable=True)
@@ -188,17 +200,3 @@ class LayerWeights:
             y = partial_ffn(x[tok], *expert_rows(self.block(row, e), self.inter, 0, self.inter))  # [n, H]
             out.index_add_(0, tok, y.float() * w[idx, None].float())
         return out.to(x.dtype)
-
-    def _layer_call(self, buf: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor,
-                    topk_weights: torch.Tensor) -> torch.Tensor:
-        """One call over a layer's experts held whole in buf [E, W] (host layout) -> [N, H]."""
-        fmt, I, H = self.fmt, self.inter, x.shape[1]
-        if fmt.quantized:
-            return quantized_layer(x, topk_ids, topk_weights, buf, fmt, cpu=self.cpu)
-        if self.cpu is not None and self.cpu.uses_native(buf):  # biased bf16 blocks in host memory
-            return self.cpu.layer(buf, x, topk_ids, topk_weights).to(x.dtype)
-        gate_up, down_t = buf[:, :2 * I * H].view(-1, 2 * I, H), buf[:, 2 * I * H:3 * I * H].view(-1, I, H)
-        if fmt.biased:
-            return biased_layer(x, topk_ids, topk_weights, gate_up, down_t, buf[:, 3 * I * H:], fmt, self.store.cfg,
-                                self.grouped)
-        return grouped_experts(x, topk_ids, topk_weights, gate_up, down_t)
